@@ -1,0 +1,183 @@
+"""Config loading: valid files, overrides, extends, and every kind of bad input with its message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uniremoval.config import KTStage, ablation_flags, config_hash, load_config
+from uniremoval.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def kt_file(tmp_path):
+    return write(tmp_path / "kt.yaml", """
+stage: kt
+name: trial
+optim: {lr: 2.0e-5}
+data:
+  batch_size: 16
+  train:
+    - {name: ots, shards: cache/ots, degradation: haze}
+    - {name: rain1400, shards: [cache/rain/a.tar, cache/rain/b.tar], degradation: rain, weight: 2}
+loss: {a1: 0.5, a2: 0.1, tau: 1.0e-6}
+""")
+
+
+def test_valid_file_resolves_defaults_and_types(kt_file):
+    cfg = load_config(kt_file)
+    assert isinstance(cfg, KTStage)
+    assert cfg.optim.lr == 2e-5
+    assert cfg.data.train[0].shards == ["cache/ots"]  # a single string becomes a list
+    assert cfg.data.train[1].weight == 2.0
+    assert cfg.loss.tau == 1e-6
+    assert cfg.data.degradations == ["haze", "rain", "blur"]
+    assert ablation_flags(cfg) == {"use_icl": True, "use_fcl": True}
+
+
+def test_overrides_apply_last_and_parse_yaml_values(kt_file):
+    cfg = load_config(kt_file, ["optim.lr=1e-4", "data.batch_size=8", "data.train.1.weight=0.5",
+                                "loss.use_fcl=false", "optim.betas=[0.5, 0.999]"])
+    assert cfg.optim.lr == 1e-4
+    assert cfg.data.batch_size == 8
+    assert cfg.data.train[1].weight == 0.5
+    assert cfg.loss.use_fcl is False
+    assert cfg.optim.betas == (0.5, 0.999)
+    assert config_hash(cfg) != config_hash(load_config(kt_file))
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    write(tmp_path / "base.yaml", """
+project: paper
+data: {batch_size: 16, crop_size: 128, degradations: [haze, rain, blur, snow]}
+optim: {lr: 2.0e-5, betas: [0.9, 0.999]}
+""")
+    child = write(tmp_path / "ablation" / "bkt.yaml", """
+extends: ../base.yaml
+stage: kt
+data: {degradations: [haze, rain]}
+loss: {use_icl: false, use_fcl: false}
+""")
+    cfg = load_config(child)
+    assert cfg.project == "paper"
+    assert cfg.data.batch_size == 16 and cfg.data.crop_size == 128  # merged from the base
+    assert cfg.data.degradations == ["haze", "rain"]  # lists replace, they do not append
+    assert ablation_flags(cfg) == {"use_icl": False, "use_fcl": False}
+
+
+def test_shipped_configs_all_load():
+    files = [p for p in (REPO / "configs").rglob("*.yaml") if "stage:" in p.read_text()]
+    assert files, "configs/ should hold stage configs"
+    for path in files:
+        load_config(path)
+
+
+def message(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_unknown_key_names_file_key_and_allowed_keys(kt_file, tmp_path):
+    bad = write(tmp_path / "bad.yaml", "stage: kt\noptim: {lrr: 0.1}\n")
+    msg = message(bad)
+    assert str(bad) in msg and "unknown key 'optim.lrr'" in msg
+    assert "allowed keys here:" in msg and "lr" in msg and "betas" in msg
+
+
+def test_unknown_key_from_override_names_the_override(kt_file):
+    msg = message(kt_file, ["loss.alpha=3"])
+    assert "override 'loss.alpha=3'" in msg and "unknown key 'loss.alpha'" in msg
+
+
+def test_wrong_type_names_key_and_value(kt_file):
+    msg = message(kt_file, ["data.batch_size=many"])
+    assert "key 'data.batch_size'" in msg and "'many'" in msg and "integer" in msg
+
+
+def test_out_of_range_names_key_value_and_bound(tmp_path):
+    bad = write(tmp_path / "neg.yaml", "stage: kt\noptim: {lr: -0.5}\n")
+    msg = message(bad)
+    assert str(bad) in msg and "key 'optim.lr'" in msg and "-0.5" in msg and "greater than 0" in msg
+
+
+def test_out_of_range_in_list_item(kt_file):
+    msg = message(kt_file, ["data.train.0.weight=0"])
+    assert "key 'data.train.0.weight'" in msg and "greater than 0" in msg
+
+
+def test_missing_file(tmp_path):
+    msg = message(tmp_path / "nope.yaml")
+    assert "config file not found" in msg and "nope.yaml" in msg
+
+
+def test_missing_base_file(tmp_path):
+    bad = write(tmp_path / "child.yaml", "extends: base_missing.yaml\nstage: kt\n")
+    assert "base file not found" in message(bad) and "base_missing.yaml" in message(bad)
+
+
+def test_malformed_yaml_gives_line(tmp_path):
+    bad = write(tmp_path / "broken.yaml", "stage: kt\noptim: {lr: 1e-4\ndata: [\n")
+    msg = message(bad)
+    assert "malformed YAML" in msg and str(bad) in msg and "line" in msg
+
+
+def test_missing_or_bad_stage(tmp_path):
+    assert "key 'stage' must be one of" in message(write(tmp_path / "a.yaml", "name: x\n"))
+    assert "'teach'" in message(write(tmp_path / "b.yaml", "stage: teach\n"))
+
+
+def test_wrong_stage_for_command(kt_file):
+    with pytest.raises(ConfigError, match="needs a 'da' config"):
+        load_config(kt_file, stage="da")
+
+
+def test_cross_field_rule(kt_file):
+    msg = message(kt_file, ["data.crop_size=100"])
+    assert "multiple of 8" in msg
+
+
+def test_bad_override_syntax(kt_file):
+    assert "must look like key.sub=value" in message(kt_file, ["optim.lr"])
+    assert "list index" in message(kt_file, ["data.train.7.weight=1"])
+
+
+def test_extends_cycle(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\nstage: kt\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    assert "cycle" in message(tmp_path / "a.yaml")
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "uniremoval", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_config_show_prints_resolved_yaml(kt_file):
+    out = run_cli("config", "show", str(kt_file), "optim.lr=3e-4")
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.0003" in out.stdout and "stage: kt" in out.stdout and "config hash" in out.stdout
+
+
+def test_config_show_bad_input_exit_code_and_message(tmp_path):
+    bad = write(tmp_path / "neg.yaml", "stage: kt\ndata: {batch_size: 0}\n")
+    out = run_cli("config", "show", str(bad))
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: invalid config") and "data.batch_size" in out.stderr
+
+
+@pytest.mark.parametrize("group", [None, "shards", "train", "cache", "eval", "restore", "report", "demo", "config"])
+def test_help_for_every_group(group):
+    out = run_cli(*([group] if group else []), "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout

@@ -1,0 +1,3 @@
+from uniremoval.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The `uniremoval` command line: one entry point, one subcommand group per step of the data flow.
+
+Each group lives in `uniremoval/commands/<group>.py` and exposes `register(subparsers)`, which adds
+its parser and sets `func` to a handler `handler(args) -> int`. Handlers import torch and friends
+lazily, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from uniremoval import __version__
+from uniremoval.errors import UniremovalError
+
+# Order follows the data flow: shards -> train -> cache -> eval/restore -> report.
+GROUPS = ("shards", "train", "cache", "eval", "restore", "report", "demo", "config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uniremoval",
+        description="All-in-one real-world image restoration (Uni-Removal): build shards, train "
+        "teachers, cache them, distil (kt), adapt (da), evaluate, restore, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"uniremoval {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for group in GROUPS:
+        importlib.import_module(f"uniremoval.commands.{group}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UniremovalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,14 @@
+"""`uniremoval cache`: not implemented yet (placeholder registered so the group is listed)."""
+
+from __future__ import annotations
+
+from uniremoval.errors import UniremovalError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("cache", help="(not yet available)", description="Not yet available.")
+    p.set_defaults(func=_not_yet)
+
+
+def _not_yet(args) -> int:
+    raise UniremovalError("'uniremoval cache' is not available yet in this version")

@@ -1,0 +1,526 @@
+"""Typed configuration: one pydantic model per stage, loaded from YAML with `extends` and overrides.
+
+A config file names its stage (`stage: teacher|cache|kt|da|eval`) and may extend one or more base
+files (paths relative to the file). Mappings merge key by key; lists and scalars replace. Dotted
+command-line overrides (`optim.lr=1e-4 data.train.0.weight=2`) apply last, their values parsed as
+YAML. Every error names the file (or override), the dotted key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from uniremoval.errors import ConfigError
+
+DEFAULT_DEGRADATIONS = ["haze", "rain", "blur"]
+CLEAR = "clear"  # the degradation label of clean images (shards of clear photos)
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+Preset = Literal["deblur", "derain", "denoise", "tiny"]
+InputRange = Literal["minus_one_one", "zero_one"]
+
+
+class ModelConfig(Strict):
+    arch: Literal["mprnet"] = "mprnet"
+    preset: Preset = "deblur"
+    # Training in this project uses [-1, 1] images; official MPRNet checkpoints use [0, 1].
+    input_range: InputRange = "minus_one_one"
+    # Weights to start from: our .safetensors or an official MPRNet .pth (DA starts from KT's).
+    init: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+
+class FeatureNetConfig(Strict):
+    """phi, the VGG-19 feature space of the image-grained contrastive losses."""
+
+    weights: Literal["imagenet", "random"] = "imagenet"
+    # A local copy of torchvision's vgg19-dcbb9e9d.pth; None looks in the torch hub cache.
+    path: str | None = None
+    layers: list[str] = Field(default_factory=lambda: ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"])
+    layer_weights: list[float] = Field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0])
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.layers) != len(self.layer_weights):
+            raise ValueError(
+                f"layers has {len(self.layers)} entries but layer_weights has {len(self.layer_weights)}; "
+                "give one weight per layer"
+            )
+        return self
+
+
+class DiscriminatorConfig(Strict):
+    base_channels: int = Field(64, ge=1, le=1024)
+    n_layers: int = Field(3, ge=1, le=6)
+    norm: Literal["instance", "batch", "none"] = "instance"
+    spectral_norm: bool = False
+
+
+class DataSource(Strict):
+    """One dataset: a shard directory (with manifest.json), a glob/brace pattern, or URLs."""
+
+    name: str
+    shards: list[str]
+    degradation: str | None = None
+    weight: float = Field(1.0, gt=0)
+    max_samples: int | None = Field(None, ge=1)
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("shards")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v:
+            raise ValueError("give at least one shard directory, pattern or URL")
+        return v
+
+
+class AugmentConfig(Strict):
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+
+
+class DataConfig(Strict):
+    degradations: list[str] = Field(default_factory=lambda: list(DEFAULT_DEGRADATIONS), min_length=1)
+    train: list[DataSource] = Field(default_factory=list)
+    val: list[DataSource] = Field(default_factory=list)
+    # Real clear images X_C for domain adaptation (any shards of clear photos).
+    clear: list[DataSource] = Field(default_factory=list)
+    batch_size: int = Field(16, ge=1, le=4096)
+    crop_size: int = Field(128, ge=16, le=4096)
+    num_workers: int = Field(4, ge=0, le=256)
+    shuffle_buffer: int = Field(1000, ge=0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    bad_samples: Literal["skip", "fail"] = "skip"
+    pin_memory: bool = True
+    # Pixel size of the pooled-feature grid stored in caches; crops align to it.
+    feature_cell: int = Field(16, ge=1, le=256)
+
+    @field_validator("degradations")
+    @classmethod
+    def _unique_names(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"degradation names must be unique, got {v}")
+        if CLEAR in v:
+            raise ValueError(f"'{CLEAR}' is reserved for clean images and cannot be a degradation type")
+        return v
+
+    @model_validator(mode="after")
+    def _crop_on_grid(self):
+        if self.crop_size % 8:
+            raise ValueError(f"crop_size must be a multiple of 8 (MPRNet's patch split), got {self.crop_size}")
+        return self
+
+
+class OptimConfig(Strict):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(2e-4, gt=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    # None: fused kernels when on CUDA, the default implementation elsewhere.
+    fused: bool | None = None
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v):
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "cosine", "warmup_cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, ge=1)
+    steps_per_epoch: int = Field(1000, ge=1)
+    # Stop early (e.g. a smoke test); None runs epochs * steps_per_epoch.
+    max_steps: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(1000, ge=1)
+    image_every: int = Field(1000, ge=1)
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite: int = Field(50, ge=0)
+    cpu: bool = False
+
+
+class CheckpointConfig(Strict):
+    every_steps: int = Field(1000, ge=1)
+    keep_last: int = Field(2, ge=1)
+    # "auto" continues the newest checkpoint in the output dir; a path continues that one.
+    resume: str | None = None
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI, else the embedded store sqlite:///<cwd>/mlflow.db.
+    uri: str | None = None
+    experiment: str | None = None  # None: the config's `project`
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class TeacherLossConfig(Strict):
+    """MPRNet's own recipe: Charbonnier + edge loss over the three stage outputs."""
+
+    charbonnier_eps: float = Field(1e-3, gt=0)
+    edge_weight: float = Field(0.05, ge=0)
+
+
+class KTLossConfig(Strict):
+    pixel: Literal["l1", "charbonnier"] = "l1"
+    a1: float = Field(0.5, ge=0)
+    a1_decay: float = Field(0.99, gt=0, le=1)
+    a2: float = Field(0.1, ge=0)
+    tau: float = Field(1e-6, gt=0)
+    use_icl: bool = True  # image-grained contrastive term L_ig
+    use_fcl: bool = True  # feature-grained contrastive term L_fg
+    # Negatives are inputs (image level) or other samples' student features (feature level);
+    # detached by default so the loss pulls the anchor rather than pushing the negatives.
+    negatives_grad: bool = False
+    feature_negatives: Literal["all", "other_types"] = "all"
+
+
+class DALossConfig(Strict):
+    gan: Literal["lsgan", "vanilla", "hinge"] = "lsgan"
+    l1: float = Field(0.5, ge=0)
+    l1_decay: float = Field(0.99, gt=0, le=1)
+    l2: float = Field(0.1, ge=0)
+    l3: float = Field(0.1, ge=0)
+    tau: float = Field(1e-6, gt=0)
+    use_gan: bool = True
+    use_idt: bool = True
+    use_eicl: bool = True
+    use_efcl: bool = True
+    negatives_grad: bool = False
+
+
+class TeachersConfig(Strict):
+    # cached: targets and features from cache shards (data.train points at them);
+    # online: teachers run on each batch (data.train points at synthetic shards).
+    mode: Literal["cached", "online"] = "cached"
+    # degradation name -> checkpoint (ours, or an official MPRNet .pth)
+    checkpoints: dict[str, str] = Field(default_factory=dict)
+    preset: Preset | None = None  # None: the student's preset
+
+
+class CacheOutConfig(Strict):
+    out: str = "cache"
+    batch_size: int = Field(1, ge=1)
+
+
+class ValIQAConfig(Strict):
+    """No-reference IQA on held-out real images during domain adaptation."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["piqe"])
+    max_images: int = Field(16, ge=1)
+
+
+class EvalConfig(Strict):
+    checkpoint: str | None = None
+    data: list[DataSource] = Field(default_factory=list)
+    metrics: list[str] = Field(default_factory=lambda: ["brisque", "piqe"])
+    save_images: str | None = None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class StageBase(Strict):
+    project: str = Field("uniremoval", min_length=1)
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    output_dir: str = "outputs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class TeacherStage(StageBase):
+    stage: Literal["teacher"]
+    degradation: str
+    loss: TeacherLossConfig = Field(default_factory=TeacherLossConfig)
+
+
+class CacheStage(StageBase):
+    stage: Literal["cache"]
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
+    cache: CacheOutConfig = Field(default_factory=CacheOutConfig)
+
+
+class KTStage(StageBase):
+    stage: Literal["kt"]
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
+    loss: KTLossConfig = Field(default_factory=KTLossConfig)
+    features: FeatureNetConfig = Field(default_factory=FeatureNetConfig)
+
+
+class DAStage(StageBase):
+    stage: Literal["da"]
+    loss: DALossConfig = Field(default_factory=DALossConfig)
+    features: FeatureNetConfig = Field(default_factory=FeatureNetConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    optim_d: OptimConfig = Field(default_factory=OptimConfig)
+    val_iqa: ValIQAConfig = Field(default_factory=ValIQAConfig)
+
+
+class EvalStage(StageBase):
+    stage: Literal["eval"]
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+StageConfig = Annotated[
+    Union[TeacherStage, CacheStage, KTStage, DAStage, EvalStage], Field(discriminator="stage")
+]
+STAGES = ("teacher", "cache", "kt", "da", "eval")
+_ADAPTER = TypeAdapter(StageConfig)
+_STAGE_MODELS: dict[str, type[StageBase]] = {
+    "teacher": TeacherStage,
+    "cache": CacheStage,
+    "kt": KTStage,
+    "da": DAStage,
+    "eval": EvalStage,
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: d}
+    return {prefix[:-1]: d}
+
+
+def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, Path]]:
+    """Resolve `extends` chains. Returns the merged mapping and, per leaf key, the file that set it."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop("extends", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: key 'extends' must be a file path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    origin: dict[str, Path] = {}
+    for base in bases:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: key 'extends': base file not found: {base_path}")
+        layer, layer_origin = _load_layers(base_path, (*seen, path))
+        merged = _merge(merged, layer)
+        origin.update(layer_origin)
+    merged = _merge(merged, data)
+    origin.update({k: path for k in _flatten(data)})
+    return merged, origin
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1], text)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {text!r}: key '{where}' holds a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts, text)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, parts: list[str], text: str) -> int:
+    where = ".".join(parts)
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override {text!r}: '{where}' needs a list index in 0..{len(node) - 1}, got {part!r}")
+    return int(part)
+
+
+def _allowed_keys(model: type[BaseModel] | None, loc: tuple) -> list[str] | None:
+    """Walk a pydantic model along an error location to list the keys valid there."""
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _model_of(field.annotation)
+    return sorted(model.model_fields) if model is not None else None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Path], overrides: dict[str, str],
+                   path: Path) -> str:
+    model = _STAGE_MODELS.get(stage or "")
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if loc and loc[0] == stage and model is not None:
+            loc = loc[1:]  # the discriminated union prefixes the tag
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        source = next((f"override {overrides[k]!r}" for k in overrides if k == key or key.startswith(k + ".")
+                       or k.startswith(key + ".")), None)
+        if source is None:
+            source = str(next((origin[k] for k in origin if k == key or k.startswith(key + ".")
+                               or key.startswith(k + ".")), path))
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{source}: unknown key '{key}'{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: required key '{key}' is missing")
+        else:
+            value = err.get("input")
+            lines.append(f"{source}: key '{key}': bad value {value!r}: {err['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None):
+    """Load, merge, override and validate a stage config. Raises ConfigError with named keys."""
+    path = Path(path)
+    data, origin = _load_layers(path)
+    override_texts: dict[str, str] = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value, text)
+        override_texts[".".join(parts)] = text
+    if stage is not None:
+        data.setdefault("stage", stage)
+    found = data.get("stage")
+    if found not in STAGES:
+        src = f"override {override_texts['stage']!r}" if "stage" in override_texts else str(path)
+        raise ConfigError(f"{src}: key 'stage' must be one of {', '.join(STAGES)}, got {found!r}")
+    if stage is not None and found != stage:
+        raise ConfigError(f"{path}: this is a '{found}' config, but the command needs a '{stage}' config")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, found, origin, override_texts, path)) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# Fields that change where or how a run is observed, not what it computes.
+_HASH_EXCLUDE = {"tracking", "checkpoint", "output_dir"}
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Short sha256 of the resolved config, ignoring tracking/checkpoint/output locations."""
+    data = {k: v for k, v in config_to_dict(cfg).items() if k not in _HASH_EXCLUDE}
+    data.get("train", {}).pop("max_steps", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def ablation_flags(cfg: BaseModel) -> dict[str, bool]:
+    """The loss switches that identify an ablation row (Tables IV and V)."""
+    loss = getattr(cfg, "loss", None)
+    if isinstance(loss, KTLossConfig):
+        return {"use_icl": loss.use_icl, "use_fcl": loss.use_fcl}
+    if isinstance(loss, DALossConfig):
+        return {k: getattr(loss, k) for k in ("use_gan", "use_idt", "use_eicl", "use_efcl")}
+    return {}

@@ -1,0 +1,167 @@
+"""Frozen teachers for knowledge transfer, and the feature-grid pooling shared by KT and the cache.
+
+Why one module for both: the cache stage stores each teacher's restored image and its
+intermediate feature pooled on a fixed pixel grid; the KT stage must pool the *student's* feature
+in exactly the same way (and, with ``teachers.mode: online``, compute the teacher targets exactly
+as the cache would) or L_fg compares two different things. Both import the functions below.
+
+The grid: average pooling with kernel = stride = ``cell`` pixels, anchored at the top-left, partial
+cells at the bottom/right dropped (``F.avg_pool2d``'s floor mode). A crop whose offset and size are
+multiples of ``cell`` maps exactly onto a sub-grid, so random crops work on cached features.
+
+Teachers are plain frozen modules: ``eval()``, ``requires_grad_(False)``, run under
+``torch.no_grad()``, and never handed to ``accelerator.prepare`` (nor to DeepSpeed), so they are
+neither wrapped in DDP nor sharded, and add no optimiser state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uniremoval.errors import ConfigError
+
+ZERO_ONE = "zero_one"
+MINUS_ONE_ONE = "minus_one_one"
+
+
+def pool_feature(feature: Tensor, cell: int) -> Tensor:
+    """(N, C, H, W) -> (N, C, H // cell, W // cell): mean over each cell x cell block, partial cells dropped.
+
+    Computed in float32 whatever the input dtype (bf16 averages lose precision; the cache stores
+    the result as float16, the student side keeps float32).
+    """
+    if cell < 1:
+        raise ConfigError(f"feature cell must be >= 1 pixel, got {cell}")
+    if feature.ndim != 4:
+        raise ValueError(f"pool_feature expects (N, C, H, W), got shape {tuple(feature.shape)}")
+    h, w = feature.shape[-2:]
+    if h < cell or w < cell:
+        raise ValueError(f"a {w}x{h} feature map holds no full {cell}x{cell} cell; use larger crops or a smaller cell")
+    return F.avg_pool2d(feature.float(), kernel_size=cell, stride=cell)
+
+
+def to_model_range(x: Tensor, input_range: str) -> Tensor:
+    """Training tensors are in [-1, 1]; official MPRNet weights expect [0, 1]."""
+    if input_range == ZERO_ONE:
+        return (x + 1.0) * 0.5
+    if input_range == MINUS_ONE_ONE:
+        return x
+    raise ConfigError(f"unknown input_range {input_range!r}; use {MINUS_ONE_ONE!r} or {ZERO_ONE!r}")
+
+
+def from_model_range(y: Tensor, input_range: str) -> Tensor:
+    if input_range == ZERO_ONE:
+        return y * 2.0 - 1.0
+    if input_range == MINUS_ONE_ONE:
+        return y
+    raise ConfigError(f"unknown input_range {input_range!r}; use {MINUS_ONE_ONE!r} or {ZERO_ONE!r}")
+
+
+def restore_with_feature(model: nn.Module, x: Tensor, input_range: str = MINUS_ONE_ONE) -> tuple[Tensor, Tensor]:
+    """Run an MPRNet-like model on [-1, 1] images: (final image in [-1, 1], full-resolution feature).
+
+    The image is the last stage's output (``images[0]``); the feature is whatever the model returns
+    with ``return_feature=True`` (MPRNet: the stage-3 ORSNet output). Works on a DDP/DeepSpeed-wrapped
+    student too (the wrapper forwards keyword arguments).
+    """
+    images, feature = model(to_model_range(x, input_range), return_feature=True)
+    return from_model_range(images[0], input_range), feature
+
+
+@dataclass
+class Teacher:
+    """One frozen teacher: the network, the range its weights expect, and its checkpoint's identity."""
+
+    degradation: str
+    model: nn.Module
+    input_range: str
+    checkpoint: str
+    sha256: str | None = None
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, cell: int) -> tuple[Tensor, Tensor]:
+        """Teacher image (clamped to [-1, 1], as the cache's lossless PNG holds it) and pooled feature."""
+        image, feature = restore_with_feature(self.model, x, self.input_range)
+        return image.clamp(-1.0, 1.0), pool_feature(feature, cell)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_teachers(
+    checkpoints: Mapping[str, str],
+    degradations: Sequence[str],
+    preset: str,
+    device: torch.device | str = "cpu",
+    input_range: str | None = None,
+) -> dict[str, Teacher]:
+    """Load one frozen teacher per degradation type, in the order of ``degradations``.
+
+    ``checkpoints`` maps degradation name -> checkpoint (ours .safetensors, or an official MPRNet
+    .pth). Every type must have one, and no checkpoint may name an unknown type. ``input_range``
+    None takes the checkpoint's metadata (official .pth files: [0, 1]).
+    """
+    from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint  # heavy: kept lazy
+
+    missing = [d for d in degradations if d not in checkpoints]
+    if missing:
+        raise ConfigError(
+            f"teachers.checkpoints has no entry for degradation(s) {missing}; give one checkpoint per type "
+            f"in {list(degradations)} (e.g. teachers.checkpoints.{missing[0]}=outputs/teacher-{missing[0]}/best.safetensors)"
+        )
+    extra = sorted(set(checkpoints) - set(degradations))
+    if extra:
+        raise ConfigError(
+            f"teachers.checkpoints names {extra}, which are not in data.degradations {list(degradations)}"
+        )
+    teachers: dict[str, Teacher] = {}
+    for name in degradations:
+        path = checkpoints[name]
+        model, meta = load_checkpoint(path, arch="mprnet", preset=preset, map_location=device)
+        rng = input_range or meta.get("input_range", MINUS_ONE_ONE)
+        teachers[name] = Teacher(name, freeze(model), rng, str(meta.get("checkpoint", path)), checkpoint_sha256(path))
+    return teachers
+
+
+@torch.no_grad()
+def teacher_targets(
+    teachers: Mapping[str, Teacher],
+    degradations: Sequence[str],
+    x: Tensor,
+    labels: Tensor,
+    cell: int,
+) -> tuple[Tensor, Tensor]:
+    """Teacher images and pooled features for a mixed batch: sample i goes to the teacher of its type.
+
+    ``labels[i]`` indexes ``degradations``. Each teacher runs once on its sub-batch (a type absent
+    from the batch costs nothing). Returns (N, 3, H, W) images in [-1, 1] and (N, C, H//cell, W//cell)
+    float32 features, in batch order.
+    """
+    images: Tensor | None = None
+    feats: Tensor | None = None
+    labels = labels.to(x.device)
+    for idx, name in enumerate(degradations):
+        rows = (labels == idx).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        img, feat = teachers[name](x.index_select(0, rows), cell)
+        if images is None:
+            images = x.new_empty((x.shape[0], *img.shape[1:]), dtype=img.dtype)
+            feats = x.new_empty((x.shape[0], *feat.shape[1:]), dtype=feat.dtype)
+        images.index_copy_(0, rows, img)
+        feats.index_copy_(0, rows, feat)  # type: ignore[union-attr]
+    if images is None or feats is None:
+        raise ValueError("teacher_targets got an empty batch")
+    known = (labels >= 0) & (labels < len(degradations))
+    if not bool(known.all()):
+        bad = labels[~known].tolist()
+        raise ValueError(f"labels {bad} do not index degradations {list(degradations)}")
+    return images, feats

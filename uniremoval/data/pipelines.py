@@ -1,0 +1,803 @@
+"""WebDataset streams for every stage: teacher, KT, DA (mixed, step-based) and evaluation.
+
+Shards are webdataset tars (see shards/README.md): `input.<ext>`, optional `target.<ext>`,
+`json`, and in cache shards `teacher.png` + `feature.npy`. URLs are opened with webdataset's
+`gopen`, so local paths, `file:`, `http(s)://` (through curl) and `pipe:` commands all work.
+
+How the data is split, and why not `wds.split_by_node` / `wds.split_by_worker`:
+- rank and world size are passed in explicitly (the caller reads them from accelerate's state);
+  webdataset's splitters read torch.distributed globals, and they leave a worker with nothing
+  when there are fewer shards than (ranks x workers), which hangs DDP.
+- `assign_shards` gives each of the W = world_size x num_workers global workers whole shards
+  when there are at least W shards; otherwise workers share a shard and each keeps every m-th
+  sample of it. Either way every sample goes to exactly one worker per pass.
+- Training streams are endless: pass after pass over a freshly permuted shard list (same
+  permutation on every rank, so the split stays disjoint), through a sample shuffle buffer.
+  Each rank yields exactly `steps_per_epoch` batches per epoch (its workers share the count),
+  whatever the shard counts: no rank waits for another in DDP.
+- Never pass these loaders through `accelerator.prepare()` (it hangs or duplicates data); move
+  batches to the device yourself.
+
+Mixing: every training batch holds every degradation type. Per batch, each type gets one slot
+(filled from that type's sources by weight) and the remaining slots are drawn from all sources by
+weight; the slots are then shuffled. The degradation label is the source's type, checked against
+the sample's json.
+
+Bad samples: a sample that does not decode, lacks a required field (a paired dataset without its
+target), or whose sizes disagree is never used. With `bad_samples="skip"` it is counted and each
+training batch carries `bad_samples`, the number skipped by its worker since that worker's
+previous batch (sum them in the training loop); evaluation yields a record with `error` instead.
+With `bad_samples="fail"` a DataError names the shard and the key. A truncated or unreadable
+shard counts as one bad sample (the complete samples before the cut are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from uniremoval.data.transforms import IMAGE_EXTS, decode_feature, decode_image, paired_crop, to_tensor
+from uniremoval.errors import ConfigError, DataError
+
+BadPolicy = Literal["skip", "fail"]
+ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
+CACHE_FIELDS = ("teacher", "feature")
+OPTIONAL_FIELDS = ("target", "teacher", "feature")
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a dataset to shard URLs
+# --------------------------------------------------------------------------------------------
+
+
+def _is_url(s: str) -> bool:
+    return urllib.parse.urlparse(s).scheme in ("http", "https", "file") or s.startswith("pipe:")
+
+
+def _manifest_entries(manifest: dict, where: str) -> list[str]:
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{where}: 'shards' must be a non-empty list; rebuild it with `uniremoval shards build`")
+    out = []
+    for entry in shards:
+        if isinstance(entry, str):
+            out.append(entry)
+        elif isinstance(entry, dict):
+            name = entry.get("path") or entry.get("name") or entry.get("file") or entry.get("url")
+            if not isinstance(name, str):
+                raise DataError(f"{where}: shard entry {entry!r} has no 'path', 'name', 'file' or 'url'")
+            out.append(name)
+        else:
+            raise DataError(f"{where}: shard entry {entry!r} is neither a string nor an object")
+    return out
+
+
+def read_manifest_shards(manifest: str | os.PathLike) -> list[str]:
+    """Shard URLs listed by a `manifest.json` (local path or http(s) URL), in manifest order.
+
+    Relative entries are resolved against the manifest's location.
+    """
+    m = str(manifest)
+    if m.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(m, timeout=60) as resp:
+                data = json.loads(resp.read().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read manifest {m}: {exc}") from exc
+        return [e if _is_url(e) else urllib.parse.urljoin(m, e) for e in _manifest_entries(data, m)]
+    path = Path(m)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"manifest {path} does not exist; build the shards first") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}") from exc
+    return [e if (_is_url(e) or os.path.isabs(e)) else str(path.parent / e) for e in _manifest_entries(data, m)]
+
+
+def resolve_shards(spec: ShardSpec) -> list[str]:
+    """Turn a dataset spec into a list of shard URLs.
+
+    Accepts: a shard directory (its `manifest.json`, else its `*.tar` sorted by name), a
+    `manifest.json` path or URL, an http(s) directory URL ending in `/` (its manifest.json), a
+    brace pattern (`shards/haze-{000000..000009}.tar`), a single tar / URL / `pipe:` command,
+    or a list of any of these.
+    """
+    if isinstance(spec, (list, tuple)):
+        out: list[str] = []
+        for s in spec:
+            out.extend(resolve_shards(s))
+        if not out:
+            raise DataError("empty shard list")
+        return out
+    s = str(spec)
+    if s.startswith("pipe:"):
+        return [s]
+    if s.startswith(("http://", "https://")):
+        if s.endswith("/"):
+            return read_manifest_shards(s + "manifest.json")
+        if s.endswith(".json"):
+            return read_manifest_shards(s)
+        if "{" in s:
+            import braceexpand
+
+            return list(braceexpand.braceexpand(s))
+        return [s]
+    if s.startswith("file:"):
+        s = urllib.request.url2pathname(urllib.parse.urlparse(s).path)
+    if "{" in s:
+        import braceexpand
+
+        out = list(braceexpand.braceexpand(s))
+        missing = [p for p in out if not os.path.exists(p)]
+        if missing:
+            raise DataError(f"shard pattern {s}: {len(missing)} files missing, e.g. {missing[0]}")
+        return out
+    path = Path(s)
+    if path.is_dir():
+        if (path / "manifest.json").exists():
+            return read_manifest_shards(path / "manifest.json")
+        tars = sorted(str(p) for p in path.glob("*.tar"))
+        if not tars:
+            raise DataError(f"{path} holds neither manifest.json nor *.tar shards")
+        return tars
+    if path.suffix == ".json":
+        return read_manifest_shards(path)
+    if not path.exists():
+        raise DataError(f"shard {path} does not exist")
+    return [str(path)]
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting work over ranks and workers
+# --------------------------------------------------------------------------------------------
+
+
+def split_evenly(n: int, rank: int, world_size: int) -> range:
+    """The contiguous block of range(n) owned by `rank`; block sizes differ by at most one."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def assign_shards(n_shards: int, worker: int, n_workers: int) -> list[tuple[int, int, int]]:
+    """Work of global worker `worker` out of `n_workers`: a list of (shard index, stride, offset).
+
+    The worker reads shard `index` and keeps samples i with i % stride == offset. With at least
+    as many shards as workers every worker gets whole shards (stride 1); otherwise the workers are
+    spread over the shards as evenly as possible and the ones sharing a shard interleave its
+    samples. Every sample belongs to exactly one worker.
+    """
+    if n_shards <= 0:
+        raise ValueError("no shards")
+    if n_shards >= n_workers:
+        return [(s, 1, 0) for s in range(worker, n_shards, n_workers)]
+    shard = worker % n_shards
+    sharing = [w for w in range(n_workers) if w % n_shards == shard]
+    return [(shard, len(sharing), sharing.index(worker))]
+
+
+def _worker_id() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading shards
+# --------------------------------------------------------------------------------------------
+
+
+class ShardReadError(Exception):
+    """A shard could not be opened or was cut short (after the samples already yielded)."""
+
+    def __init__(self, url: str, last_key: str | None, cause: BaseException):
+        super().__init__(f"{url} (after key {last_key!r}): {type(cause).__name__}: {cause}")
+        self.url, self.last_key, self.cause = url, last_key, cause
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    # webdataset convention: the key is the path up to the first dot of the base name.
+    d, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext
+
+
+def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) for every complete sample of one shard, in tar order.
+
+    A sample is yielded only once the next key starts or the tar ends cleanly, so a shard cut in
+    the middle of a sample never yields that half sample. Errors raise ShardReadError.
+    """
+    from webdataset import gopen
+
+    key: str | None = None
+    last: str | None = None
+    files: dict[str, bytes] = {}
+    stream = None
+
+    def close_quietly() -> None:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # already failing or abandoned: the first error is the one to report
+                pass
+
+    try:
+        stream = gopen(url, "rb")
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_name(member.name)
+                fh = tar.extractfile(member)
+                data = fh.read() if fh is not None else b""
+                if k != key:
+                    if key is not None:
+                        last = key
+                        yield key, files
+                    key, files = k, {}
+                files[ext] = data
+        stream.close()  # a failed pipe or curl (non-zero exit) raises here, before the last sample
+    except GeneratorExit:  # the consumer stopped early (end of epoch): not an error
+        close_quietly()
+        raise
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        close_quietly()
+        raise ShardReadError(url, last, exc) from exc
+    if key is not None:
+        yield key, files
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding one sample
+# --------------------------------------------------------------------------------------------
+
+
+class BadSample(Exception):
+    """A sample that must not be used; the message says why."""
+
+
+def _find(files: dict[str, bytes], stem: str) -> bytes | None:
+    for ext in IMAGE_EXTS:
+        data = files.get(f"{stem}.{ext}")
+        if data is not None:
+            return data
+    return None
+
+
+def decode_sample(
+    files: dict[str, bytes], require: Sequence[str], optional: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Decode the fields of one raw sample: 'input' always, `require` (else BadSample) and
+    `optional` when present. Images must share one size; a feature grid must be (C, H//c, W//c)
+    for some cell c (checked against the cell by the caller)."""
+    out: dict[str, Any] = {}
+    meta_raw = files.get("json")
+    try:
+        out["meta"] = json.loads(meta_raw) if meta_raw is not None else {}
+    except ValueError as exc:
+        raise BadSample(f"json does not parse: {exc}") from exc
+    data = _find(files, "input")
+    if data is None:
+        raise BadSample(f"no input image (fields: {sorted(files)})")
+    try:
+        out["input"] = decode_image(data)
+    except Exception as exc:  # any decoder error means this one sample is unusable
+        raise BadSample(f"input does not decode: {exc}") from exc
+    h, w = out["input"].shape[:2]
+    for name in (*require, *optional):
+        if name in out:
+            continue
+        raw = files.get("feature.npy") if name == "feature" else _find(files, name)
+        if raw is None:
+            if name in require:
+                raise BadSample(f"missing required '{name}' (fields: {sorted(files)})")
+            continue
+        try:
+            out[name] = decode_feature(raw) if name == "feature" else decode_image(raw)
+        except Exception as exc:
+            raise BadSample(f"{name} does not decode: {exc}") from exc
+        if name != "feature" and out[name].shape[:2] != (h, w):
+            raise BadSample(f"{name} is {out[name].shape[1]}x{out[name].shape[0]}, input is {w}x{h}")
+    return out
+
+
+def _check_grid(sample: dict[str, Any], cell: int) -> None:
+    if "feature" not in sample:
+        return
+    h, w = sample["input"].shape[:2]
+    grid = sample["feature"].shape[1:]
+    if grid != (h // cell, w // cell) or 0 in grid:
+        raise BadSample(f"feature grid {grid} does not match a {w}x{h} image at cell {cell}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training streams
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset feeding a training stream; `degradation` is its label (or 'clear')."""
+
+    name: str
+    shards: tuple[str, ...]
+    degradation: str
+    weight: float = 1.0
+
+
+def make_sources(specs: Iterable[Any]) -> list[Source]:
+    """Accept Source objects or (name, shards, degradation[, weight]) tuples; resolve shards."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, Source):
+            src = spec
+        else:
+            if not 3 <= len(spec) <= 4:
+                raise ConfigError(f"source {spec!r}: expected (name, shards, degradation[, weight])")
+            name, shards, deg = spec[:3]
+            weight = float(spec[3]) if len(spec) == 4 else 1.0
+            src = Source(str(name), tuple(resolve_shards(shards)), str(deg), weight)
+        if not src.weight > 0:
+            raise ConfigError(f"source {src.name}: weight must be > 0, got {src.weight}")
+        if not src.shards:
+            raise ConfigError(f"source {src.name}: no shards")
+        out.append(src)
+    if not out:
+        raise ConfigError("no data sources given")
+    return out
+
+
+class _Counter:
+    """Bad samples skipped in this worker since the last batch it yielded."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) & 0xFFFFFFFF for p in parts])
+
+
+def _fail_or_count(policy: BadPolicy, counter: _Counter, where: str, reason: str) -> None:
+    if policy == "fail":
+        raise DataError(f"bad sample {where}: {reason}. Fix or drop it, or set bad_samples: skip")
+    counter.n += 1
+
+
+@dataclass
+class _StreamSpec:
+    """What one training stream reads and how it crops; pickled into DataLoader workers."""
+
+    require: tuple[str, ...]
+    crop: int | None
+    cell: int
+    augment: bool
+    shuffle_buffer: int
+    bad_samples: BadPolicy
+    clear_from_target: bool = False  # DA clear sources: take a paired sample's target
+
+
+def _source_stream(
+    src: Source,
+    src_index: int,
+    spec: _StreamSpec,
+    seed: int,
+    epoch: int,
+    rank: int,
+    worker: int,
+    gworker: int,
+    n_gworkers: int,
+    counter: _Counter,
+) -> Iterator[dict[str, Any]]:
+    """Endless cropped samples of one source for one global worker."""
+    rng = _rng(seed, 7, src_index, epoch, rank, worker)
+    buffer: list[tuple[str, str, dict[str, bytes]]] = []
+    optional = ("target",) if spec.clear_from_target else ()
+
+    def raw_passes() -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        n = len(src.shards)
+        share_all = False
+        for p in range(1 << 62):
+            # The same permutation on every rank and worker keeps the split disjoint.
+            order = _rng(seed, 11, src_index, epoch, p).permutation(n)
+            # A worker whose share is empty (a shard with fewer samples than the workers sharing
+            # it) reads the whole source instead: a few duplicates beat a rank with no data.
+            work = [(s, 1, 0) for s in range(n)] if share_all else assign_shards(n, gworker, n_gworkers)
+            seen = 0
+            for shard_i, stride, offset in work:
+                url = src.shards[order[shard_i]]
+                try:
+                    for i, (key, files) in enumerate(iter_shard(url)):
+                        if i % stride == offset:
+                            seen += 1
+                            yield url, key, files
+                except ShardReadError as exc:
+                    _fail_or_count(spec.bad_samples, counter, f"in shard {exc.url}", str(exc))
+            if seen == 0:
+                if share_all:
+                    raise DataError(f"source {src.name}: no sample could be read from its shards {list(src.shards)}")
+                share_all = True
+
+    def shuffled() -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        # Raw bytes in the buffer (not decoded arrays): far less memory per slot.
+        for item in raw_passes():
+            if len(buffer) < spec.shuffle_buffer:
+                buffer.append(item)
+                continue
+            j = int(rng.integers(0, len(buffer)))
+            buffer[j], item = item, buffer[j]
+            yield item
+
+    for url, key, files in shuffled():
+        try:
+            s = decode_sample(files, spec.require, optional)
+            _check_grid(s, spec.cell)
+            meta_deg = s["meta"].get("degradation")
+            if spec.clear_from_target:
+                if "target" in s:
+                    s["input"] = s.pop("target")
+                elif meta_deg not in (None, "clear"):
+                    raise BadSample(f"a '{meta_deg}' image without target cannot serve as a clear image")
+            elif meta_deg is not None and meta_deg != src.degradation:
+                raise BadSample(f"json says degradation '{meta_deg}', source {src.name} is '{src.degradation}'")
+        except BadSample as exc:
+            _fail_or_count(spec.bad_samples, counter, f"in shard {url}, key {key}", str(exc))
+            continue
+        images = {k: s[k] for k in ("input", *spec.require) if k != "feature"}
+        crops, grid, _ = paired_crop(images, s.get("feature"), spec.crop, spec.cell, rng, spec.augment)
+        if grid is not None:
+            crops["feature"] = grid
+        crops["key"] = key
+        yield crops
+
+
+class _Mixer:
+    """Per-batch composition: one slot per required type, the rest drawn by source weight."""
+
+    def __init__(self, sources: list[Source], cover: Sequence[str], batch_size: int):
+        self.sources, self.batch_size = sources, batch_size
+        w = np.array([s.weight for s in sources], dtype=np.float64)
+        self.p_all = w / w.sum()
+        self.per_type: list[tuple[np.ndarray, np.ndarray]] = []
+        for d in cover:
+            idx = np.array([i for i, s in enumerate(sources) if s.degradation == d])
+            self.per_type.append((idx, w[idx] / w[idx].sum()))
+        if batch_size < len(cover):
+            raise ConfigError(f"batch size {batch_size} cannot hold one sample of each of {len(cover)} types")
+
+    def plan(self, rng: np.random.Generator) -> list[int]:
+        slots = [int(rng.choice(idx, p=p)) for idx, p in self.per_type]
+        rest = self.batch_size - len(slots)
+        slots += [int(i) for i in rng.choice(len(self.sources), size=rest, p=self.p_all)]
+        rng.shuffle(slots)
+        return slots
+
+
+def _collate(samples: list[dict[str, Any]], fields: Sequence[str]) -> dict[str, Any]:
+    batch: dict[str, Any] = {}
+    for f in fields:
+        if f == "feature":
+            batch[f] = torch.stack([torch.from_numpy(np.ascontiguousarray(s[f])).float() for s in samples])
+        else:
+            batch[f] = torch.stack([to_tensor(s[f]) for s in samples])
+    batch["key"] = [s["key"] for s in samples]
+    return batch
+
+
+class _MixedStreams:
+    """Per-worker state: one lazy stream per source and a mixer (degraded or clear side)."""
+
+    def __init__(self, owner: "MixedBatchDataset", sources: list[Source], cover: Sequence[str], batch_size: int,
+                 spec: _StreamSpec, salt: int, counter: _Counter, epoch: int):
+        worker, n_workers = _worker_id()
+        g, n_g = owner.rank * n_workers + worker, owner.world_size * n_workers
+        self.sources, self.spec = sources, spec
+        self.mixer = _Mixer(sources, cover, batch_size)
+        self.rng = _rng(owner.seed, 3, salt, epoch, owner.rank, worker)
+        self.streams: dict[int, Iterator[dict[str, Any]]] = {}
+        self._make = lambda i: _source_stream(
+            sources[i], salt * 1000 + i, spec, owner.seed, epoch, owner.rank, worker, g, n_g, counter
+        )
+
+    def next_batch(self, labels: dict[str, int] | None) -> dict[str, Any]:
+        plan = self.mixer.plan(self.rng)
+        samples = []
+        for i in plan:
+            if i not in self.streams:
+                self.streams[i] = self._make(i)
+            samples.append(next(self.streams[i]))
+        batch = _collate(samples, ("input", *[f for f in OPTIONAL_FIELDS if f in self.spec.require]))
+        batch["source"] = [self.sources[i].name for i in plan]
+        if labels is not None:
+            batch["degradation"] = torch.tensor([labels[self.sources[i].degradation] for i in plan])
+        return batch
+
+
+class MixedBatchDataset(IterableDataset):
+    """Step-based training batches; `degraded` sources mixed so every batch has every type, and
+    for DA an additional `clear` side. Use through `StepLoader` (which sets the epoch)."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        degradations: Sequence[str],
+        batch_size: int,
+        spec: _StreamSpec,
+        steps_per_epoch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        clear_sources: list[Source] | None = None,
+        clear_batch_size: int | None = None,
+        clear_spec: _StreamSpec | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} outside world of size {world_size}")
+        if steps_per_epoch <= 0:
+            raise ConfigError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+        self.degradations = list(degradations)
+        if len(set(self.degradations)) != len(self.degradations) or not self.degradations:
+            raise ConfigError(f"degradations must be distinct names, got {self.degradations}")
+        for s in sources:
+            if s.degradation not in self.degradations:
+                raise ConfigError(f"source {s.name}: degradation '{s.degradation}' not in {self.degradations}")
+        missing = [d for d in self.degradations if all(s.degradation != d for s in sources)]
+        if missing:
+            raise ConfigError(f"no source for degradation(s) {missing}; every batch must hold every type")
+        _Mixer(sources, self.degradations, batch_size)  # validate batch size early
+        self.sources, self.batch_size, self.spec = sources, batch_size, spec
+        self.steps_per_epoch, self.seed, self.rank, self.world_size = steps_per_epoch, seed, rank, world_size
+        self.clear_sources, self.clear_spec = clear_sources, clear_spec
+        self.clear_batch_size = clear_batch_size or batch_size
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, n_workers = _worker_id()
+        # This worker's share of the rank's steps; the DataLoader round-robins over workers.
+        n_batches = self.steps_per_epoch // n_workers + (worker < self.steps_per_epoch % n_workers)
+        counter = _Counter()
+        labels = {d: i for i, d in enumerate(self.degradations)}
+        degraded = _MixedStreams(self, self.sources, self.degradations, self.batch_size, self.spec, 0, counter,
+                                 self.epoch)
+        clear = None
+        if self.clear_sources is not None:
+            clear = _MixedStreams(self, self.clear_sources, (), self.clear_batch_size, self.clear_spec, 1,
+                                  counter, self.epoch)
+        for _ in range(n_batches):
+            batch = degraded.next_batch(labels)
+            if clear is None:
+                batch["bad_samples"] = counter.take()
+                yield batch
+            else:
+                cb = clear.next_batch(None)
+                yield {"degraded": batch, "clear": cb, "bad_samples": counter.take()}
+
+
+class StepLoader:
+    """A DataLoader over a MixedBatchDataset that yields exactly `steps_per_epoch` batches per
+    epoch on every rank. Each `iter()` is one epoch (epoch number advances; `set_epoch` to resume).
+    """
+
+    def __init__(self, dataset: MixedBatchDataset, num_workers: int, pin_memory: bool = False,
+                 prefetch_factor: int | None = 2, multiprocessing_context: str | None = None):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.dataset.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.epoch = self.epoch
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=False,
+            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
+        )
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n != len(self):  # would desynchronise DDP ranks: fail loudly instead
+            raise RuntimeError(f"loader yielded {n} batches, expected {len(self)}")
+        self.epoch += 1
+
+
+def _stream_spec(require: Sequence[str], crop_size: int | None, cell: int, augment: bool,
+                 shuffle_buffer: int, bad_samples: str, clear_from_target: bool = False) -> _StreamSpec:
+    if bad_samples not in ("skip", "fail"):
+        raise ConfigError(f"bad_samples must be 'skip' or 'fail', got {bad_samples!r}")
+    unknown = set(require) - set(OPTIONAL_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown required field(s) {sorted(unknown)}; choose from {OPTIONAL_FIELDS}")
+    if crop_size is not None and "feature" in require and crop_size % cell:
+        raise ConfigError(f"crop_size {crop_size} must be a multiple of the feature cell {cell}")
+    return _StreamSpec(tuple(require), crop_size, cell, augment, max(1, shuffle_buffer), bad_samples,
+                       clear_from_target)
+
+
+def kt_loader(
+    sources: Sequence[Any],
+    degradations: Sequence[str],
+    batch_size: int,
+    crop_size: int,
+    steps_per_epoch: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    cell: int = 16,
+    bad_samples: BadPolicy = "skip",
+    require: Sequence[str] = ("teacher", "feature"),
+    augment: bool = True,
+    shuffle_buffer: int = 64,
+    pin_memory: bool = False,
+) -> StepLoader:
+    """Mixed training batches for the KT stage (and, with one source and require=('target',),
+    the teacher stage: see `teacher_loader`).
+
+    `sources`: (name, shards, degradation, weight) tuples or Source objects. Each batch is a dict:
+    'input' (B,3,crop,crop) in [-1,1], one entry per required field ('target', 'teacher' as images;
+    'feature' as (B,C,crop/cell,crop/cell) float32), 'degradation' (LongTensor index into
+    `degradations`), 'key', 'source' (lists of str) and 'bad_samples' (int, see module doc).
+    """
+    srcs = make_sources(sources)
+    spec = _stream_spec(require, crop_size, cell, augment, shuffle_buffer, bad_samples)
+    ds = MixedBatchDataset(srcs, degradations, batch_size, spec, steps_per_epoch, seed, rank, world_size)
+    return StepLoader(ds, num_workers, pin_memory)
+
+
+def teacher_loader(
+    shards: ShardSpec,
+    degradation: str,
+    batch_size: int,
+    crop_size: int,
+    steps_per_epoch: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    bad_samples: BadPolicy = "skip",
+    **kw: Any,
+) -> StepLoader:
+    """Paired (input, target) batches of one degradation for training its teacher."""
+    return kt_loader([(degradation, shards, degradation, 1.0)], [degradation], batch_size, crop_size,
+                     steps_per_epoch, num_workers, seed, rank, world_size, bad_samples=bad_samples,
+                     require=("target",), **kw)
+
+
+def da_loader(
+    degraded_sources: Sequence[Any],
+    clear_sources: Sequence[Any],
+    degradations: Sequence[str],
+    batch_size: int,
+    crop_size: int,
+    steps_per_epoch: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    clear_batch_size: int | None = None,
+    bad_samples: BadPolicy = "skip",
+    augment: bool = True,
+    shuffle_buffer: int = 64,
+    pin_memory: bool = False,
+) -> StepLoader:
+    """Per step {'degraded': batch holding every type (as kt_loader, input only),
+    'clear': batch of clear images, 'bad_samples': int}.
+
+    `clear_sources`: (name, shards[, 'clear'[, weight]]) — the degradation field is ignored. A clear
+    sample with a target (a synthetic or real paired set) contributes its target; one without a
+    target is used only if its json says 'clear' (or says nothing).
+    """
+    srcs = make_sources(degraded_sources)
+    clear = []
+    for c in clear_sources:
+        if isinstance(c, Source):
+            clear.append(c)
+        else:
+            name, shards = c[0], c[1]
+            weight = float(c[3]) if len(c) == 4 else 1.0
+            clear.append(Source(str(name), tuple(resolve_shards(shards)), "clear", weight))
+    clear = make_sources(clear)
+    spec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples)
+    cspec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples, clear_from_target=True)
+    ds = MixedBatchDataset(srcs, degradations, batch_size, spec, steps_per_epoch, seed, rank, world_size,
+                           clear_sources=clear, clear_batch_size=clear_batch_size, clear_spec=cspec)
+    return StepLoader(ds, num_workers, pin_memory)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation stream
+# --------------------------------------------------------------------------------------------
+
+
+class EvalStream(IterableDataset):
+    """Every sample of `shards` exactly once across ranks and DataLoader workers, full size.
+
+    Order is deterministic: the shard list's order, then tar order, within each worker; the
+    caller gathers results and sorts by key. Each item: {'key', 'shard', 'meta', 'input'
+    (3,H,W) in [-1,1], 'target' when present (or required)}; with bad_samples='skip' a bad
+    sample yields {'key', 'shard', 'error'} instead, so the report can list it.
+    """
+
+    def __init__(self, shards: ShardSpec, rank: int = 0, world_size: int = 1, require: Sequence[str] = (),
+                 bad_samples: BadPolicy = "skip", as_tensor: bool = True):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} outside world of size {world_size}")
+        if bad_samples not in ("skip", "fail"):
+            raise ConfigError(f"bad_samples must be 'skip' or 'fail', got {bad_samples!r}")
+        self.shards = resolve_shards(shards)
+        self.rank, self.world_size = rank, world_size
+        self.require, self.bad_samples, self.as_tensor = tuple(require), bad_samples, as_tensor
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, n_workers = _worker_id()
+        g, n_g = self.rank * n_workers + worker, self.world_size * n_workers
+        for shard_i, stride, offset in assign_shards(len(self.shards), g, n_g):
+            url = self.shards[shard_i]
+            last = None
+            try:
+                for i, (key, files) in enumerate(iter_shard(url)):
+                    last = key
+                    if i % stride != offset:
+                        continue
+                    yield self._decode(url, key, files)
+            except ShardReadError as exc:
+                if self.bad_samples == "fail":
+                    raise DataError(f"shard {url} is unreadable after key {last!r}: {exc.cause}") from exc
+                yield {"key": None, "shard": url, "error": f"shard unreadable after key {last!r}: {exc.cause}"}
+
+    def _decode(self, url: str, key: str, files: dict[str, bytes]) -> dict[str, Any]:
+        try:
+            s = decode_sample(files, self.require, ("target",))
+        except BadSample as exc:
+            if self.bad_samples == "fail":
+                raise DataError(f"bad sample in shard {url}, key {key}: {exc}") from exc
+            return {"key": key, "shard": url, "error": str(exc)}
+        item: dict[str, Any] = {"key": key, "shard": url, "meta": s["meta"]}
+        for f in ("input", "target"):
+            if f in s:
+                item[f] = to_tensor(s[f]) if self.as_tensor else s[f]
+        return item
+
+
+def _keep(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+def eval_samples(shards: ShardSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 require: Sequence[str] = (), bad_samples: BadPolicy = "skip",
+                 as_tensor: bool = True) -> Iterable[dict[str, Any]]:
+    """Evaluation items for this rank (see EvalStream). With num_workers=0 this is a plain
+    generator (no DataLoader); otherwise a DataLoader with batch_size=None over worker processes.
+    """
+    ds = EvalStream(shards, rank, world_size, require, bad_samples, as_tensor)
+    if num_workers == 0:
+        return ds
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_keep)

@@ -1,0 +1,165 @@
+"""Per-sample transforms: decode, paired crop, dihedral augmentation, scaling to [-1, 1].
+
+Everything here works on numpy arrays (HWC images, CHW feature grids) so that one random window
+and one random flip/rotation can be applied to the input, target, teacher output and cached
+feature grid together. Crop and augment before converting to float: it is cheaper to scale a
+128x128 window than a whole photo.
+
+Feature grids (cache samples) hold the teacher's feature average-pooled over `cell` x `cell`
+pixel cells anchored at the top-left, partial border cells dropped. A crop whose offset and
+size are multiples of `cell` therefore maps exactly onto a sub-grid, and a flip or 90-degree
+rotation of the crop is the same flip or rotation of that sub-grid.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from uniremoval.errors import DataError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "ppm")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes to an RGB HWC array (uint8, or uint16 for 16-bit PNGs).
+
+    Raises ValueError (or a PIL error) when the bytes are not a readable image; callers turn
+    that into a bad-sample count or a DataError naming the shard and key.
+    """
+    from PIL import Image
+
+    # PIL silently drops 16-bit RGB PNGs to 8 bits; read those with OpenCV to keep precision
+    # (the cache stage may store the teacher output as a 16-bit PNG). IHDR bit depth: byte 24.
+    if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16:
+        return _decode_png16(data)
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"decoded image has shape {arr.shape}, expected HxWx3")
+    return arr
+
+
+def _decode_png16(data: bytes) -> np.ndarray:
+    try:
+        import cv2
+    except ImportError as exc:  # pragma: no cover - opencv ships with pyiqa
+        raise DataError("a 16-bit PNG needs OpenCV to decode: pip install opencv-python-headless") from exc
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError("OpenCV could not decode the 16-bit PNG")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    return np.ascontiguousarray(arr[:, :, ::-1])  # OpenCV decodes BGR
+
+
+def decode_feature(data: bytes) -> np.ndarray:
+    """Decode a `feature.npy` payload (float16 (C, H//cell, W//cell)) without allowing pickles."""
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.ndim != 3:
+        raise ValueError(f"feature grid has shape {arr.shape}, expected (C, H//cell, W//cell)")
+    return arr
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HWC uint8/uint16 -> CHW float32 in [-1, 1] (0 -> -1, max -> +1)."""
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+    return t.mul_(2.0 / scale).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class Aug:
+    """One draw of the dihedral augmentation: the 8 symmetries of the square."""
+
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False  # transpose-like quarter turn; with both flips this covers all 8
+
+    @staticmethod
+    def draw(rng: np.random.Generator) -> "Aug":
+        bits = rng.integers(0, 2, size=3)
+        return Aug(bool(bits[0]), bool(bits[1]), bool(bits[2]))
+
+
+def apply_aug(arr: np.ndarray, aug: Aug, channels_first: bool) -> np.ndarray:
+    """Apply `aug` to an HWC image or a CHW grid. The same Aug gives the same geometric map."""
+    h_ax, w_ax = (1, 2) if channels_first else (0, 1)
+    if aug.hflip:
+        arr = np.flip(arr, axis=w_ax)
+    if aug.vflip:
+        arr = np.flip(arr, axis=h_ax)
+    if aug.rot90:
+        arr = np.rot90(arr, k=1, axes=(h_ax, w_ax))
+    return arr
+
+
+def _pad_bottom_right(arr: np.ndarray, h: int, w: int, channels_first: bool) -> np.ndarray:
+    """Mirror-pad (edge included, numpy 'symmetric') at the bottom/right up to at least h x w.
+
+    'symmetric' rather than 'reflect' so that padding a cell-aligned image by whole cells equals
+    padding its pooled grid by whole cells: a mirrored cell has the same average.
+    """
+    ah, aw = (arr.shape[1], arr.shape[2]) if channels_first else (arr.shape[0], arr.shape[1])
+    ph, pw = max(0, h - ah), max(0, w - aw)
+    if ph == 0 and pw == 0:
+        return arr
+    pads = [(0, 0), (0, ph), (0, pw)] if channels_first else [(0, ph), (0, pw), (0, 0)]
+    return np.pad(arr, pads, mode="symmetric")
+
+
+def paired_crop(
+    images: dict[str, np.ndarray],
+    feature: np.ndarray | None,
+    crop: int | None,
+    cell: int,
+    rng: np.random.Generator,
+    augment: bool = True,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple[int, int, Aug]]:
+    """Cut one random window (and draw one augmentation) shared by every image and the grid.
+
+    `images` must all have the same height and width (checked by the caller). Images smaller
+    than the crop are mirror-padded at the bottom/right (documented choice: keeps every sample,
+    and the padded border is a plausible image). With a feature grid the image is first trimmed
+    to the grid's cell-aligned area and the window offset is a multiple of `cell`.
+    `crop=None` keeps the full image (no augmentation either). Returns the crops, the grid crop
+    and (y0, x0, aug) for tests and debugging.
+    """
+    first = next(iter(images.values()))
+    h, w = first.shape[:2]
+    if crop is None:
+        return images, feature, (0, 0, Aug())
+    if feature is not None:
+        if crop % cell:
+            raise DataError(f"crop size {crop} must be a multiple of the feature cell {cell}")
+        gh, gw = feature.shape[1], feature.shape[2]
+        h, w = gh * cell, gw * cell
+        images = {k: v[:h, :w] for k, v in images.items()}
+        if h < crop or w < crop:
+            images = {k: _pad_bottom_right(v, crop, crop, False) for k, v in images.items()}
+            feature = _pad_bottom_right(feature, crop // cell, crop // cell, True)
+            h, w = max(h, crop), max(w, crop)
+        y0 = int(rng.integers(0, (h - crop) // cell + 1)) * cell
+        x0 = int(rng.integers(0, (w - crop) // cell + 1)) * cell
+        feature = feature[:, y0 // cell : (y0 + crop) // cell, x0 // cell : (x0 + crop) // cell]
+    else:
+        if h < crop or w < crop:
+            images = {k: _pad_bottom_right(v, crop, crop, False) for k, v in images.items()}
+            h, w = max(h, crop), max(w, crop)
+        y0 = int(rng.integers(0, h - crop + 1))
+        x0 = int(rng.integers(0, w - crop + 1))
+    out = {k: v[y0 : y0 + crop, x0 : x0 + crop] for k, v in images.items()}
+    aug = Aug.draw(rng) if augment else Aug()
+    out = {k: apply_aug(v, aug, channels_first=False) for k, v in out.items()}
+    if feature is not None:
+        feature = apply_aug(feature, aug, channels_first=True)
+    return out, feature, (y0, x0, aug)

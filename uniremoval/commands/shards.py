@@ -1,14 +1,204 @@
-"""`uniremoval shards`: not implemented yet (placeholder registered so the group is listed)."""
+"""`uniremoval shards build|synth|inspect|verify|merge`: datasets as downloaded -> webdataset shards.
+
+Format and layouts: shards/README.md. Heavy imports stay inside the handlers.
+"""
 
 from __future__ import annotations
 
-from uniremoval.errors import UniremovalError
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+FORMATS = (
+    "reside-its",
+    "reside-ots",
+    "reside-sots",
+    "reside-unpaired",
+    "rain1400",
+    "gopro",
+    "spa",
+    "realblur",
+    "paired-folder",
+    "folder",
+)
+
+
+def _add_writer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for the tars, manifest.json and report.jsonl")
+    p.add_argument("--name", help="dataset name, also the shard file prefix (default: the --out folder name)")
+    p.add_argument(
+        "--split", help="split recorded in each sample (for layouts with split folders: which one)"
+    )
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
+    p.add_argument("--max-samples-per-shard", type=int, default=0, help="cap samples per shard (0: no cap)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)"
+    )
+    p.add_argument("--num-jobs", type=int, default=1, help="cluster array: total number of jobs")
+    p.add_argument("--job-index", type=int, default=0, help="cluster array: this job's index, 0-based")
+    p.add_argument(
+        "--strict", action="store_true", help="fail on the first bad input instead of reporting it"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("shards", help="(not yet available)", description="Not yet available.")
-    p.set_defaults(func=_not_yet)
+    p = subparsers.add_parser(
+        "shards",
+        help="build, synthesize, inspect, verify and merge webdataset shards",
+        description="Turn datasets, as downloaded, into webdataset tar shards with a manifest.",
+    )
+    sub = p.add_subparsers(dest="shards_command", metavar="ACTION")
+    sub.required = True
+
+    b = sub.add_parser("build", help="shards from a dataset in its own layout (see shards/README.md)")
+    b.add_argument("--format", required=True, choices=FORMATS, help="the dataset's layout")
+    b.add_argument("--root", required=True, help="the dataset folder as downloaded")
+    b.add_argument("--degradation", help="degradation name to record (required for paired-folder/folder)")
+    b.add_argument("--domain", choices=("synthetic", "real"), help="override the layout's domain")
+    b.add_argument("--subset", help="reside-sots: indoor|outdoor (default both); realblur: J|R (default J)")
+    b.add_argument("--blur-dir", default="blur", choices=("blur", "blur_gamma"), help="gopro input folder")
+    _add_writer_options(b)
+    b.set_defaults(func=_build)
+
+    s = sub.add_parser("synth", help="synthetic degraded/clean pairs from a folder of clean images")
+    s.add_argument("--clean", required=True, help="folder of clean images (recursive)")
+    s.add_argument("--degradation", required=True, choices=("haze", "rain", "blur"))
+    s.add_argument("--per-image", type=int, default=1, help="degraded versions per clean image")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--params", default="default", help="parameter ranges preset: default | real-like")
+    _add_writer_options(s)
+    s.set_defaults(func=_synth)
+
+    i = sub.add_parser("inspect", help="counts, sizes, resolutions, degradations of a shard folder")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=_inspect)
+
+    v = sub.add_parser("verify", help="checksums, every sample decodes, pairs match in size")
+    v.add_argument("dir")
+    v.add_argument("--workers", type=int, default=1)
+    v.set_defaults(func=_verify)
+
+    m = sub.add_parser("merge", help="combine the per-job manifests of an array build into manifest.json")
+    m.add_argument("dir")
+    m.set_defaults(func=_merge)
 
 
-def _not_yet(args) -> int:
-    raise UniremovalError("'uniremoval shards' is not available yet in this version")
+def _command() -> list[str]:
+    return ["uniremoval", *sys.argv[1:]] if sys.argv and "uniremoval" in sys.argv[0] else list(sys.argv)
+
+
+def _dataset_name(args) -> str:
+    return args.name or Path(args.out).resolve().name
+
+
+def _print_listing_issues(issues, strict: bool) -> None:
+    if issues and not strict:
+        print(
+            f"{len(issues)} input(s) rejected while listing (first: {issues[0].message()})", file=sys.stderr
+        )
+
+
+def _run_writer(args, items, issues, builder, source: dict) -> int:
+    from uniremoval.data.shardwriter import build_shards
+
+    summary = build_shards(
+        items,
+        issues,
+        builder,
+        args.out,
+        dataset=_dataset_name(args),
+        source=source,
+        shard_bytes=int(args.shard_size_mb * 1e6),
+        max_samples=args.max_samples_per_shard,
+        workers=args.workers,
+        strict=args.strict,
+        num_jobs=args.num_jobs,
+        job_index=args.job_index,
+        command=_command(),
+        progress=not args.no_progress,
+    )
+    print(summary.text())
+    if args.num_jobs > 1:
+        print(
+            f"job {args.job_index} of {args.num_jobs} done; after all jobs: uniremoval shards merge {args.out}"
+        )
+    return 0
+
+
+def _build(args) -> int:
+    from uniremoval.data.readers import ReaderOptions, read_dataset
+    from uniremoval.data.shardwriter import FileSampleBuilder
+
+    opts = ReaderOptions(
+        split=args.split,
+        degradation=args.degradation,
+        domain=args.domain,
+        subset=args.subset,
+        blur_dir=args.blur_dir,
+    )
+    result = read_dataset(args.format, args.root, opts)
+    _print_listing_issues(result.issues, args.strict)
+    builder = FileSampleBuilder(root=str(Path(args.root).resolve()), dataset=_dataset_name(args))
+    source = {"format": args.format, "root": str(Path(args.root).resolve())}
+    return _run_writer(args, result.items, result.issues, builder, source)
+
+
+def _synth(args) -> int:
+    from uniremoval.data.synth import SynthSampleBuilder, get_preset, synth_items
+
+    get_preset(args.params)
+    items, issues = synth_items(
+        args.clean, args.degradation, args.per_image, args.split or "train", args.params
+    )
+    _print_listing_issues(issues, args.strict)
+    builder = SynthSampleBuilder(
+        root=str(Path(args.clean).resolve()), dataset=_dataset_name(args), preset=args.params, seed=args.seed
+    )
+    source = {
+        "format": "synth",
+        "root": str(Path(args.clean).resolve()),
+        "degradation": args.degradation,
+        "params": args.params,
+        "seed": args.seed,
+        "per_image": args.per_image,
+    }
+    return _run_writer(args, items, issues, builder, source)
+
+
+def _inspect(args) -> int:
+    from uniremoval.data.manifest import format_inspect, inspect_shards
+
+    info = inspect_shards(args.dir)
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def _verify(args) -> int:
+    from uniremoval.data.manifest import load_manifest, verify_shards
+
+    problems = verify_shards(args.dir, workers=args.workers, progress=True)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s):", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    manifest = load_manifest(args.dir)
+    print(
+        f"{args.dir}: OK, {len(manifest['shards'])} shard(s), {manifest['counts']['total']} samples verified"
+    )
+    return 0
+
+
+def _merge(args) -> int:
+    from uniremoval.data.shardwriter import merge_job_manifests
+
+    merged = merge_job_manifests(args.dir, command=_command())
+    print(
+        f"{args.dir}: merged {merged['plan']['num_jobs']} job manifest(s): {len(merged['shards'])} shard(s), "
+        f"{merged['counts']['total']} samples -> {Path(args.dir) / 'manifest.json'}"
+    )
+    return 0

@@ -1,0 +1,713 @@
+"""One reader per dataset layout, exactly as each dataset is downloaded.
+
+A reader lists (degraded input, clean target) file pairs under `--root` without opening any image:
+decoding and size checks happen later, in the shard writers' worker processes. Every path a reader
+returns is relative to the root and has been checked to stay inside it (no `..`, no absolute path
+elsewhere, no symlink escaping). Problems found while listing (a hazy image whose clear image is
+missing, a list-file entry outside the root) come back as `Issue`s, not exceptions, so one bad file
+does not stop a 300k-image build; `--strict` turns the first one into an error.
+
+The expected layouts are documented with trees in shards/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from uniremoval.errors import ConfigError, DataError
+
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
+DOMAINS = ("synthetic", "real")
+
+
+@dataclass
+class Item:
+    """One sample to be: input (and target) paths relative to the reader's root."""
+
+    input: str
+    target: str | None
+    degradation: str
+    domain: str
+    source: str
+    split: str
+    extra: dict = field(default_factory=dict)
+    key: str = ""
+
+
+@dataclass
+class Issue:
+    """A bad input found while listing or building; goes to the report file."""
+
+    kind: str  # missing_partner | unreadable | truncated | size_mismatch | outside_root | duplicate
+    path: str
+    reason: str
+    partner: str | None = None
+
+    def message(self) -> str:
+        partner = f" (partner {self.partner})" if self.partner else ""
+        return f"{self.kind}: {self.path}{partner}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "partner": self.partner, "reason": self.reason}
+
+
+@dataclass
+class ReaderOptions:
+    split: str | None = None
+    degradation: str | None = None
+    domain: str | None = None
+    subset: str | None = None  # reside-sots: indoor|outdoor; realblur: J|R
+    blur_dir: str = "blur"  # gopro: blur|blur_gamma
+
+
+@dataclass
+class ReadResult:
+    items: list[Item]
+    issues: list[Issue]
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    name: str
+    read: Callable[[Path, ReaderOptions], ReadResult]
+    layout: str  # one line: what the root must contain (used in error messages)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _inside(root_resolved: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root_resolved)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_entry(root: Path, entry: str, base: Path | None = None) -> tuple[str | None, str]:
+    """Map a path written in a list file to a root-relative posix path, or (None, why not).
+
+    Relative entries are taken from `base` (the list file's folder, default the root). A leading
+    `/` is accepted when the absolute path lies inside the root, or when stripping it names a file
+    under `base` (SPA-Data's lists write `/real_test_1000/...` meaning dataset-relative). `..`
+    components are always refused: a dataset never needs them and they are how paths escape.
+    """
+    base = base or root
+    text = entry.strip().replace("\\", "/")
+    parts = PurePosixPath(text).parts
+    if ".." in parts:
+        return None, f"list entry {entry!r} contains '..'; paths must stay inside --root {root}"
+    root_resolved = root.resolve()
+    if text.startswith("/"):
+        absolute = Path(text)
+        if _inside(root_resolved, absolute) and absolute.exists():
+            candidate = absolute
+        else:
+            candidate = base / text.lstrip("/")
+            if not candidate.exists():
+                return None, f"list entry {entry!r} is an absolute path outside --root {root}"
+    else:
+        candidate = base / text.removeprefix("./")
+    if not _inside(root_resolved, candidate):
+        return None, f"list entry {entry!r} resolves outside --root {root}"
+    return candidate.resolve().relative_to(root_resolved).as_posix(), ""
+
+
+def scan_images(root: Path, folder: Path, issues: list[Issue]) -> list[Path]:
+    """All image files under `folder` (recursive, sorted, hidden files skipped, links checked)."""
+    root_resolved = root.resolve()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTS:
+                continue
+            path = Path(dirpath) / name
+            if not _inside(root_resolved, path):
+                issues.append(Issue("outside_root", _rel(root, path), f"links outside --root {root}"))
+                continue
+            found.append(path)
+    return sorted(found)
+
+
+def _child(parent: Path, names: tuple[str, ...]) -> Path | None:
+    """The first existing sub-folder of `parent` among `names` (case-insensitive)."""
+    if not parent.is_dir():
+        return None
+    children = {p.name.lower(): p for p in parent.iterdir() if p.is_dir()}
+    for name in names:
+        if name.lower() in children:
+            return children[name.lower()]
+    return None
+
+
+def _layout_error(reader: str, root: Path, layout: str, found: str = "") -> DataError:
+    extra = f" ({found})" if found else ""
+    return DataError(
+        f"--root {root} does not look like a {reader} dataset{extra}. Expected layout: {layout}. "
+        f"See shards/README.md for the full tree, or use --format paired-folder/folder."
+    )
+
+
+def _require_root(root: Path, reader: str, layout: str) -> None:
+    if not root.is_dir():
+        raise DataError(f"--root {root} is not a folder; the {reader} reader expects: {layout}")
+
+
+def _split_name(name: str) -> str:
+    low = name.lower()
+    if low in ("training", "train", "trainset"):
+        return "train"
+    if low in ("testing", "test", "testset"):
+        return "test"
+    return low
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by several layouts
+
+
+def _index_by_stem(root: Path, files: list[Path], issues: list[Issue]) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for path in files:
+        if path.stem in index:
+            issues.append(
+                Issue("duplicate", _rel(root, path), f"same name as {_rel(root, index[path.stem])}; ignored")
+            )
+            continue
+        index[path.stem] = path
+    return index
+
+
+def _id_pairs(
+    root: Path,
+    degraded_dir: Path,
+    clean_dir: Path,
+    *,
+    id_of: Callable[[str], tuple[str, list[str]]],
+    make: Callable[[str, str, list[str]], Item],
+    issues: list[Issue],
+) -> list[Item]:
+    """Pair every degraded file with the clean file named by its id (RESIDE, DDN style)."""
+    clean = _index_by_stem(root, scan_images(root, clean_dir, issues), issues)
+    items = []
+    for path in scan_images(root, degraded_dir, issues):
+        ident, fields = id_of(path.stem)
+        partner = clean.get(ident)
+        if partner is None:
+            issues.append(
+                Issue(
+                    "missing_partner",
+                    _rel(root, path),
+                    f"no clean image '{ident}.*' in {_rel(root, clean_dir)}/",
+                )
+            )
+            continue
+        items.append(make(_rel(root, path), _rel(root, partner), fields))
+    return items
+
+
+def _split_id(stem: str) -> tuple[str, list[str]]:
+    ident, *fields = stem.split("_")
+    return ident, fields
+
+
+def _haze_extra(fields: list[str]) -> dict:
+    """RESIDE hazy names carry the synthesis parameters after the id."""
+    extra: dict = {"name_fields": fields}
+    try:
+        numbers = [float(f) for f in fields]
+    except ValueError:
+        return extra
+    # OTS / SOTS-outdoor: <id>_<A>_<beta>; ITS: <id>_<k>_<beta> (k = which of the 10 versions).
+    if len(numbers) == 2 and "." in fields[0]:
+        extra.update(airlight=numbers[0], beta=numbers[1])
+    elif len(numbers) == 2:
+        extra.update(variant=int(numbers[0]), beta=numbers[1])
+    elif len(numbers) == 1:
+        extra.update(variant=int(numbers[0]))
+    return extra
+
+
+def _check_domain(opts: ReaderOptions, default: str) -> str:
+    domain = opts.domain or default
+    if domain not in DOMAINS:
+        raise ConfigError(f"--domain {domain!r} is not one of {', '.join(DOMAINS)}")
+    return domain
+
+
+# ---------------------------------------------------------------------------------------------
+# RESIDE
+
+HAZY_NAMES = ("hazy", "haze")
+CLEAR_NAMES = ("clear", "gt", "GT", "clear_images")
+
+
+def _reside_paired(root: Path, opts: ReaderOptions, reader: str, default_split: str) -> ReadResult:
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    hazy, clear = _child(root, HAZY_NAMES), _child(root, CLEAR_NAMES)
+    if hazy is None or clear is None:
+        raise _layout_error(reader, root, spec.layout, "no hazy/ and clear/ folders")
+    issues: list[Issue] = []
+    split = opts.split or default_split
+    degradation = opts.degradation or "haze"
+    domain = _check_domain(opts, "synthetic")
+
+    def make(inp: str, tgt: str, fields: list[str]) -> Item:
+        return Item(inp, tgt, degradation, domain, reader, split, _haze_extra(fields))
+
+    items = _id_pairs(root, hazy, clear, id_of=_split_id, make=make, issues=issues)
+    if not items and not issues:
+        raise _layout_error(reader, root, spec.layout, "no images found")
+    return ReadResult(items, issues)
+
+
+def read_reside_its(root: Path, opts: ReaderOptions) -> ReadResult:
+    return _reside_paired(root, opts, "reside-its", "train")
+
+
+def read_reside_ots(root: Path, opts: ReaderOptions) -> ReadResult:
+    return _reside_paired(root, opts, "reside-ots", "train")
+
+
+def read_reside_sots(root: Path, opts: ReaderOptions) -> ReadResult:
+    reader = "reside-sots"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    if _child(root, HAZY_NAMES) is not None:  # root is one subset folder itself
+        subsets = {root.name.lower(): root}
+    else:
+        subsets = {name: p for name in ("indoor", "outdoor") if (p := _child(root, (name,))) is not None}
+    if opts.subset:
+        if opts.subset not in subsets:
+            raise _layout_error(reader, root, spec.layout, f"no {opts.subset}/ subset")
+        subsets = {opts.subset: subsets[opts.subset]}
+    if not subsets:
+        raise _layout_error(reader, root, spec.layout, "no indoor/ or outdoor/ folder")
+    items: list[Item] = []
+    issues: list[Issue] = []
+    degradation = opts.degradation or "haze"
+    domain = _check_domain(opts, "synthetic")
+    split = opts.split or "test"
+    for subset, folder in sorted(subsets.items()):
+        hazy, clear = _child(folder, HAZY_NAMES), _child(folder, CLEAR_NAMES)
+        if hazy is None or clear is None:
+            raise _layout_error(reader, root, spec.layout, f"{_rel(root, folder) or '.'} lacks hazy/ or gt/")
+
+        def make(inp: str, tgt: str, fields: list[str], subset: str = subset) -> Item:
+            return Item(
+                inp, tgt, degradation, domain, reader, split, {"subset": subset, **_haze_extra(fields)}
+            )
+
+        items += _id_pairs(root, hazy, clear, id_of=_split_id, make=make, issues=issues)
+    if not items and not issues:
+        raise _layout_error(reader, root, spec.layout, "no images found")
+    return ReadResult(items, issues)
+
+
+def read_reside_unpaired(root: Path, opts: ReaderOptions) -> ReadResult:
+    """URHI (a flat folder) and RTTS (JPEGImages/ + Annotations/): real hazy, no ground truth."""
+    reader = "reside-unpaired"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    folder = _child(root, ("JPEGImages",)) or root
+    issues: list[Issue] = []
+    files = scan_images(root, folder, issues)
+    if not files:
+        raise _layout_error(reader, root, spec.layout, "no images found")
+    degradation = opts.degradation or "haze"
+    domain = _check_domain(opts, "real")
+    split = opts.split or "train"
+    # RTTS image ids are the file stems (they match Annotations/<id>.xml): keep them in the json.
+    items = [
+        Item(_rel(root, p), None, degradation, domain, reader, split, {"image_id": p.stem}) for p in files
+    ]
+    return ReadResult(items, issues)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rain1400 (DDN)
+
+SPLIT_DIRS = ("train", "training", "test", "testing")
+
+
+def _split_folders(root: Path, has_layout: Callable[[Path], bool], opts: ReaderOptions) -> dict[str, Path]:
+    """Either the root itself holds the layout (one split, named by --split), or split folders do."""
+    if has_layout(root):
+        return {opts.split or "train": root}
+    found = {}
+    for name in SPLIT_DIRS:
+        folder = _child(root, (name,))
+        if folder is not None and has_layout(folder):
+            found.setdefault(_split_name(folder.name), folder)
+    if opts.split:
+        found = {k: v for k, v in found.items() if k == opts.split}
+    return found
+
+
+def read_rain1400(root: Path, opts: ReaderOptions) -> ReadResult:
+    reader = "rain1400"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+
+    def has_layout(p: Path) -> bool:
+        return _child(p, ("rainy_image",)) is not None and _child(p, ("ground_truth",)) is not None
+
+    splits = _split_folders(root, has_layout, opts)
+    if not splits:
+        raise _layout_error(reader, root, spec.layout, "no rainy_image/ and ground_truth/ folders")
+    degradation = opts.degradation or "rain"
+    domain = _check_domain(opts, "synthetic")
+    items: list[Item] = []
+    issues: list[Issue] = []
+    for split, folder in sorted(splits.items()):
+
+        def make(inp: str, tgt: str, fields: list[str], split: str = split) -> Item:
+            extra = (
+                {"rain_index": int(fields[0])} if fields and fields[0].isdigit() else {"name_fields": fields}
+            )
+            return Item(inp, tgt, degradation, domain, reader, split, extra)
+
+        items += _id_pairs(
+            root,
+            _child(folder, ("rainy_image",)),
+            _child(folder, ("ground_truth",)),
+            id_of=lambda stem: (stem.rsplit("_", 1)[0], stem.rsplit("_", 1)[1:]),
+            make=make,
+            issues=issues,
+        )
+    if not items and not issues:
+        raise _layout_error(reader, root, spec.layout, "no images found")
+    return ReadResult(items, issues)
+
+
+# ---------------------------------------------------------------------------------------------
+# GoPro
+
+
+def _stem_pairs(
+    root: Path,
+    degraded_dir: Path,
+    clean_dir: Path | None,
+    issues: list[Issue],
+    partner_stems: Callable[[str], list[str]] = lambda s: [s],
+) -> list[tuple[str, str | None]]:
+    """Pair files of two folders by file stem (extension may differ)."""
+    clean = _index_by_stem(root, scan_images(root, clean_dir, issues), issues) if clean_dir else {}
+    pairs: list[tuple[str, str | None]] = []
+    for path in scan_images(root, degraded_dir, issues):
+        if clean_dir is None:
+            pairs.append((_rel(root, path), None))
+            continue
+        partner = next((clean[s] for s in partner_stems(path.stem) if s in clean), None)
+        if partner is None:
+            issues.append(
+                Issue("missing_partner", _rel(root, path), f"no '{path.stem}.*' in {_rel(root, clean_dir)}/")
+            )
+            continue
+        pairs.append((_rel(root, path), _rel(root, partner)))
+    return pairs
+
+
+def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
+    reader = "gopro"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    if opts.blur_dir not in ("blur", "blur_gamma"):
+        raise ConfigError(f"--blur-dir {opts.blur_dir!r}: use blur or blur_gamma")
+    base = _child(root, ("GOPRO_Large",)) or root
+    splits = {
+        _split_name(p.name): p
+        for p in sorted(base.iterdir())
+        if p.is_dir() and _split_name(p.name) in ("train", "test")
+    }
+    if opts.split:
+        splits = {k: v for k, v in splits.items() if k == opts.split}
+    if not splits:
+        raise _layout_error(reader, root, spec.layout, "no train/ or test/ folder")
+    degradation = opts.degradation or "blur"
+    domain = _check_domain(opts, "synthetic")
+    items: list[Item] = []
+    issues: list[Issue] = []
+    for split, folder in sorted(splits.items()):
+        for seq in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            blur, sharp = _child(seq, (opts.blur_dir,)), _child(seq, ("sharp",))
+            if blur is None:
+                issues.append(Issue("missing_partner", _rel(root, seq), f"sequence has no {opts.blur_dir}/"))
+                continue
+            if sharp is None:
+                issues.append(Issue("missing_partner", _rel(root, seq), "sequence has no sharp/"))
+                continue
+            for inp, tgt in _stem_pairs(root, blur, sharp, issues):
+                extra = {"sequence": seq.name, "frame": PurePosixPath(inp).stem, "blur_dir": opts.blur_dir}
+                items.append(Item(inp, tgt, degradation, domain, reader, split, extra))
+    if not items and not issues:
+        raise _layout_error(reader, root, spec.layout, "no sequences found")
+    return ReadResult(items, issues)
+
+
+# ---------------------------------------------------------------------------------------------
+# list files (SPA-Data, RealBlur)
+
+
+def _read_pair_list(
+    root: Path, list_file: Path, issues: list[Issue], columns: tuple[int, int | None]
+) -> list[tuple[str, str | None]]:
+    """`input target` (or one column) per line, paths relative to the list file's folder."""
+    pairs: list[tuple[str, str | None]] = []
+    text = list_file.read_text(encoding="utf-8", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{_rel(root, list_file)}:{lineno}"
+        inp_col, tgt_col = columns
+        paths = []
+        for col in (inp_col, tgt_col):
+            if col is None or col >= len(fields):
+                paths.append(None)
+                continue
+            rel, why = resolve_entry(root, fields[col], list_file.parent)
+            if rel is None:
+                issues.append(Issue("outside_root", where, why))
+                break
+            paths.append(rel)
+        else:
+            inp, tgt = paths
+            if inp is None:
+                continue
+            missing = [p for p in (inp, tgt) if p is not None and not (root / p).is_file()]
+            if missing:
+                issues.append(
+                    Issue(
+                        "missing_partner",
+                        inp,
+                        f"listed in {where} but {missing[0]} does not exist",
+                        partner=tgt,
+                    )
+                )
+                continue
+            pairs.append((inp, tgt))
+    return pairs
+
+
+SPA_LISTS = {"real_test_1000.txt": "test", "real_world.txt": "train"}
+SPA_RAIN = ("rain", "rainy", "input")
+SPA_GT = ("gt", "norain", "target")
+
+
+def _spa_partner_stems(stem: str) -> list[str]:
+    # real_test_1000: rain/<n>.png + gt/<n>gt.png; repackaged copies use rain-<n> / norain-<n>.
+    return [stem, f"{stem}gt", f"{stem}_gt", re.sub(r"^rain", "norain", stem)]
+
+
+def read_spa(root: Path, opts: ReaderOptions) -> ReadResult:
+    reader = "spa"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    degradation = opts.degradation or "rain"
+    domain = _check_domain(opts, "real")
+    issues: list[Issue] = []
+    items: list[Item] = []
+    # 1. The official list files, wherever they sit within two levels (Testing/, Training/real_world/).
+    lists = sorted(
+        p for depth in ("*", "*/*", "*/*/*") for p in root.glob(depth) if p.name in SPA_LISTS and p.is_file()
+    )
+    for list_file in lists:
+        split = SPA_LISTS[list_file.name]
+        if opts.split and opts.split != split:
+            continue
+        for inp, tgt in _read_pair_list(root, list_file, issues, (0, 1)):
+            items.append(Item(inp, tgt, degradation, domain, reader, split, {"list": _rel(root, list_file)}))
+    # 2. Without lists: <dir>/rain (+ <dir>/gt) folders, e.g. real_test_1000/rain + real_test_1000/gt.
+    if not lists:
+        rain_dirs = sorted(
+            p
+            for depth in ("*", "*/*", "*/*/*")
+            for p in root.glob(depth)
+            if p.is_dir() and p.name.lower() in SPA_RAIN
+        )
+        for rain in rain_dirs:
+            split = "test" if "test" in _rel(root, rain).lower() else "train"
+            if opts.split and opts.split != split:
+                continue
+            gt = _child(rain.parent, SPA_GT)
+            for inp, tgt in _stem_pairs(root, rain, gt, issues, _spa_partner_stems):
+                items.append(Item(inp, tgt, degradation, domain, reader, split, {}))
+        if not rain_dirs:
+            raise _layout_error(
+                reader, root, spec.layout, "no real_test_1000.txt/real_world.txt and no rain/"
+            )
+    if not items and not issues:
+        raise _layout_error(reader, root, spec.layout, f"no images for split {opts.split}")
+    return ReadResult(items, issues)
+
+
+def read_realblur(root: Path, opts: ReaderOptions) -> ReadResult:
+    reader = "realblur"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    subsets = [opts.subset] if opts.subset else ["J"]
+    if any(s not in ("J", "R") for s in subsets):
+        raise ConfigError(f"--subset {opts.subset!r}: realblur has subsets J and R")
+    splits = [opts.split] if opts.split else ["train", "test"]
+    degradation = opts.degradation or "blur"
+    domain = _check_domain(opts, "real")
+    issues: list[Issue] = []
+    items: list[Item] = []
+    found = []
+    for subset in subsets:
+        for split in splits:
+            list_file = root / f"RealBlur_{subset}_{split}_list.txt"
+            if not list_file.is_file():
+                continue
+            found.append(list_file)
+            # Lines are `gt_path blur_path`: the input (blurred) is the second column.
+            for inp, tgt in _read_pair_list(root, list_file, issues, (1, 0)):
+                items.append(Item(inp, tgt, degradation, domain, reader, split, {"subset": subset}))
+    if not found:
+        raise _layout_error(reader, root, spec.layout, f"no RealBlur_{subsets[0]}_<split>_list.txt")
+    if not items and not issues:
+        raise _layout_error(reader, root, spec.layout, "the list files are empty")
+    return ReadResult(items, issues)
+
+
+# ---------------------------------------------------------------------------------------------
+# generic folders
+
+INPUT_NAMES = ("input", "inputs", "lq")
+TARGET_NAMES = ("target", "targets", "gt")
+
+
+def _need_degradation(opts: ReaderOptions, reader: str) -> str:
+    if not opts.degradation:
+        raise ConfigError(
+            f"--format {reader} needs --degradation (the name of the degradation in these images, "
+            f"e.g. haze, rain, blur, or clear for clean images)"
+        )
+    return opts.degradation
+
+
+def read_paired_folder(root: Path, opts: ReaderOptions) -> ReadResult:
+    reader = "paired-folder"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    degradation = _need_degradation(opts, reader)
+    domain = _check_domain(opts, "synthetic")
+
+    def has_layout(p: Path) -> bool:
+        return _child(p, INPUT_NAMES) is not None and _child(p, TARGET_NAMES) is not None
+
+    splits = _split_folders(root, has_layout, opts)
+    if not splits:
+        raise _layout_error(reader, root, spec.layout, "no input/ and target/ folders")
+    issues: list[Issue] = []
+    items = []
+    for split, folder in sorted(splits.items()):
+        for inp, tgt in _stem_pairs(root, _child(folder, INPUT_NAMES), _child(folder, TARGET_NAMES), issues):
+            items.append(Item(inp, tgt, degradation, domain, reader, split, {}))
+    if not items and not issues:
+        raise _layout_error(reader, root, spec.layout, "no images found")
+    return ReadResult(items, issues)
+
+
+def read_folder(root: Path, opts: ReaderOptions) -> ReadResult:
+    reader = "folder"
+    spec = READERS[reader]
+    _require_root(root, reader, spec.layout)
+    degradation = _need_degradation(opts, reader)
+    domain = _check_domain(opts, "real")
+    issues: list[Issue] = []
+    files = scan_images(root, root, issues)
+    if not files:
+        raise _layout_error(reader, root, spec.layout, "no images found")
+    split = opts.split or "train"
+    return ReadResult([Item(_rel(root, p), None, degradation, domain, reader, split) for p in files], issues)
+
+
+READERS: dict[str, ReaderSpec] = {
+    spec.name: spec
+    for spec in (
+        ReaderSpec("reside-its", read_reside_its, "hazy/<id>_<k>_<beta>.png + clear/<id>.png"),
+        ReaderSpec("reside-ots", read_reside_ots, "hazy/<id>_<A>_<beta>.jpg + clear/<id>.jpg"),
+        ReaderSpec(
+            "reside-sots",
+            read_reside_sots,
+            "indoor/{hazy,gt}/ and/or outdoor/{hazy,gt}/ (hazy <id>_*.*, gt <id>.*)",
+        ),
+        ReaderSpec("reside-unpaired", read_reside_unpaired, "images (URHI), or JPEGImages/*.png (RTTS)"),
+        ReaderSpec(
+            "rain1400", read_rain1400, "[training|testing/]rainy_image/<id>_<k>.jpg + ground_truth/<id>.jpg"
+        ),
+        ReaderSpec(
+            "gopro", read_gopro, "[GOPRO_Large/]{train,test}/<sequence>/{blur,blur_gamma,sharp}/<frame>.png"
+        ),
+        ReaderSpec(
+            "spa",
+            read_spa,
+            "real_test_1000.txt / real_world.txt lists of `rain gt` paths, or <dir>/rain + <dir>/gt",
+        ),
+        ReaderSpec(
+            "realblur", read_realblur, "RealBlur_{J,R}_{train,test}_list.txt with `gt_path blur_path` lines"
+        ),
+        ReaderSpec(
+            "paired-folder", read_paired_folder, "[<split>/]input/<name>.* + [<split>/]target/<name>.*"
+        ),
+        ReaderSpec("folder", read_folder, "any images, recursively (one degradation, or clear)"),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _sanitize(text: str) -> str:
+    return _UNSAFE.sub("_", text).strip("_") or "x"
+
+
+def assign_keys(items: list[Item]) -> list[Item]:
+    """Give every item a `__key__` unique in the dataset, with no dots (webdataset splits there).
+
+    Keys are file stems when those are unique (RTTS keeps its image ids, ITS its hazy names),
+    otherwise the input path without extension, folders joined by `__` (GoPro frames repeat per
+    sequence). Items are sorted by input path first so keys, and therefore shards, are
+    deterministic across runs and array jobs.
+    """
+    items = sorted(items, key=lambda it: (it.split, it.input))
+    stems = [PurePosixPath(it.input).stem for it in items]
+    use_stems = len(set(stems)) == len(stems)
+    seen: set[str] = set()
+    for item, stem in zip(items, stems):
+        if use_stems:
+            base = _sanitize(stem)
+        else:
+            path = PurePosixPath(item.input)
+            base = "__".join(_sanitize(p) for p in (*path.parent.parts, path.stem))
+        key, n = base, 1
+        while key in seen:
+            n += 1
+            key = f"{base}_{n}"
+        seen.add(key)
+        item.key = key
+    return items
+
+
+def read_dataset(fmt: str, root: str | os.PathLike, opts: ReaderOptions) -> ReadResult:
+    """Run the reader for layout `fmt` on `root`; items come back keyed and sorted."""
+    if fmt not in READERS:
+        raise ConfigError(f"--format {fmt!r} is not a known layout; choose one of: {', '.join(READERS)}")
+    result = READERS[fmt].read(Path(root), opts)
+    return ReadResult(assign_keys(result.items), result.issues)

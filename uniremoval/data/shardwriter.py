@@ -1,0 +1,585 @@
+"""Write webdataset tar shards: deterministic plan, worker processes, resume, array jobs, merge.
+
+How a build stays correct when it is interrupted, rerun or split across machines:
+
+1. The plan is a pure function of the listed items (sorted, keyed) and the shard size: item i goes
+   to shard k by cumulative estimated bytes. Every job of an array computes the same plan and
+   takes the shards with k % num_jobs == job_index, so shard names never clash and no sample
+   lands in two shards.
+2. Each shard is written under a temporary name and renamed when complete, then recorded (with
+   its sha256 and a fingerprint of its planned items) in a per-job state file.
+3. A rerun recomputes the plan and skips a shard only if its record has the same fingerprint and
+   the file on disk still has the recorded size and sha256; anything else is rebuilt in full.
+   Leftover temporary files are removed. So an interrupted build, resumed, yields byte-identical
+   shards (tar headers carry no times or owners).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from uniremoval import __version__
+from uniremoval.data.manifest import FORMAT_VERSION, MANIFEST_NAME, image_size, load_manifest
+from uniremoval.data.readers import Issue, Item
+from uniremoval.errors import ConfigError, DataError
+from uniremoval.io import TMP_SUFFIX, atomic_write_json, atomic_write_text, atomic_writer, sha256_file
+
+COUNT_GROUPS = ("degradation", "domain", "split")
+
+
+# ---------------------------------------------------------------------------------------------
+# turning an item into a sample
+
+
+class SampleBuilder(Protocol):
+    """Makes the tar sample of one item (in a worker process); must be picklable."""
+
+    def fingerprint(self) -> str: ...
+
+    def estimate(self, item: Item) -> int: ...
+
+    def build(self, item: Item, cache: dict) -> tuple[dict | None, list[Issue]]: ...
+
+
+def image_ext(path: str) -> str:
+    ext = Path(path).suffix.lower().lstrip(".")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _probe(data: bytes, cache: dict, name: str) -> tuple[tuple[int, int] | None, Issue | None]:
+    """Decode once per file per shard (ITS pairs ten hazy images with one clear image)."""
+    if name in cache:
+        return cache[name]
+    try:
+        result = (image_size(data), None)
+    except ValueError as exc:
+        kind, _, reason = str(exc).partition(": ")
+        result = (None, Issue(kind, name, reason))
+    cache[name] = result
+    return result
+
+
+@dataclass(frozen=True)
+class FileSampleBuilder:
+    """Samples from files on disk: the original encoded bytes, checked to decode and to pair."""
+
+    root: str
+    dataset: str
+
+    def fingerprint(self) -> str:
+        return f"files:{self.dataset}"
+
+    def estimate(self, item: Item) -> int:
+        size = os.path.getsize(os.path.join(self.root, item.input))
+        if item.target:
+            size += os.path.getsize(os.path.join(self.root, item.target))
+        return size + 2048  # tar headers and json
+
+    def _read(self, rel: str, cache: dict) -> tuple[bytes | None, tuple[int, int] | None, Issue | None]:
+        if ("bytes", rel) in cache:
+            data = cache[("bytes", rel)]
+        else:
+            try:
+                data = Path(self.root, rel).read_bytes()
+            except OSError as exc:
+                return None, None, Issue("unreadable", rel, f"cannot read file: {exc}")
+            if rel in cache["shared"]:  # a target used by several inputs in this shard
+                cache[("bytes", rel)] = data
+        hw, issue = _probe(data, cache, rel)
+        return data, hw, issue
+
+    def build(self, item: Item, cache: dict) -> tuple[dict | None, list[Issue]]:
+        data, hw, issue = self._read(item.input, cache)
+        if issue:
+            return None, [issue]
+        sample = {"__key__": item.key, f"input.{image_ext(item.input)}": data}
+        if item.target:
+            tdata, thw, tissue = self._read(item.target, cache)
+            if tissue:
+                return None, [Issue(tissue.kind, tissue.path, tissue.reason, partner=item.input)]
+            if thw != hw:
+                reason = f"input is {hw[0]}x{hw[1]} (HxW) but target is {thw[0]}x{thw[1]}"
+                return None, [Issue("size_mismatch", item.input, reason, partner=item.target)]
+            sample[f"target.{image_ext(item.target)}"] = tdata
+        meta = {
+            "degradation": item.degradation,
+            "domain": item.domain,
+            "source": item.source,
+            "dataset": self.dataset,
+            "split": item.split,
+            "height": hw[0],
+            "width": hw[1],
+            "input_name": item.input,
+            "target_name": item.target,
+            **item.extra,
+        }
+        sample["json"] = meta
+        return sample, []
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    name: str
+    items: list[Item]
+    fingerprint: str = ""
+
+
+def _item_record(item: Item) -> list:
+    return [item.key, item.input, item.target, item.degradation, item.domain, item.split, item.extra]
+
+
+def plan_shards(
+    items: list[Item], builder: SampleBuilder, prefix: str, shard_bytes: int, max_samples: int = 0
+) -> list[ShardPlan]:
+    """Cut the item list into consecutive shards of about `shard_bytes` (and <= max_samples)."""
+    plans: list[ShardPlan] = []
+    current: list[Item] = []
+    size = 0
+    for item in items:
+        est = builder.estimate(item)
+        full = current and (size + est > shard_bytes or (max_samples and len(current) >= max_samples))
+        if full:
+            plans.append(ShardPlan(len(plans), "", current))
+            current, size = [], 0
+        current.append(item)
+        size += est
+    if current:
+        plans.append(ShardPlan(len(plans), "", current))
+    for plan in plans:
+        plan.name = f"{prefix}-{plan.index:06d}.tar"
+        blob = json.dumps([builder.fingerprint(), [_item_record(i) for i in plan.items]], sort_keys=True)
+        plan.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# writing one shard (runs in a worker process)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o444
+    info.mtime = 0  # no time, owner or group: the same items give byte-identical shards
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def sample_members(sample: dict) -> list[tuple[str, bytes]]:
+    key = sample["__key__"]
+    members = []
+    for ext in sorted(k for k in sample if k not in ("__key__", "json")):
+        members.append((f"{key}.{ext}", sample[ext]))
+    members.append((f"{key}.json", json.dumps(sample["json"], sort_keys=True).encode()))
+    return members
+
+
+def _counts_of(metas: Iterable[dict]) -> dict:
+    counts = {g: Counter() for g in COUNT_GROUPS}
+    for meta in metas:
+        for g in COUNT_GROUPS:
+            counts[g][meta[g]] += 1
+    return {g: dict(sorted(c.items())) for g, c in counts.items()}
+
+
+def write_shard(out_dir: str, plan: ShardPlan, builder: SampleBuilder, strict: bool) -> dict:
+    """Build shard `plan` into out_dir; return its record (with the issues of its items)."""
+    path = Path(out_dir) / plan.name
+    target_uses = Counter(i.target for i in plan.items if i.target)
+    # Decoded sizes per file, and the bytes of targets used by several inputs (ITS: 10 hazy per clear).
+    cache: dict = {"shared": {t for t, n in target_uses.items() if n > 1}}
+    issues: list[Issue] = []
+    metas: list[dict] = []
+    with (
+        atomic_writer(path, "wb") as fh,
+        tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar,
+    ):
+        for item in plan.items:
+            sample, bad = builder.build(item, cache)
+            if bad:
+                if strict:
+                    raise DataError(f"{bad[0].message()} (--strict stops at the first bad input)")
+                issues += bad
+                continue
+            for name, data in sample_members(sample):
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            metas.append(sample["json"])
+    record = {
+        "name": plan.name,
+        "index": plan.index,
+        "samples": len(metas),
+        "plan_sha256": plan.fingerprint,
+        "counts": _counts_of(metas),
+        "issues": [{**i.to_dict(), "shard": plan.name} for i in issues],
+    }
+    if not metas:  # every item was bad: no file, but remember the shard is done
+        path.unlink()
+        record.update(bytes=0, sha256="")
+    else:
+        os.chmod(path, 0o644)  # mkstemp creates 0600; shards are read by other users and nodes
+        record.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs, state, manifests
+
+
+def job_tag(job_index: int, num_jobs: int) -> str:
+    return f"job{job_index:03d}of{num_jobs:03d}"
+
+
+def manifest_name(job_index: int, num_jobs: int) -> str:
+    return MANIFEST_NAME if num_jobs == 1 else f"manifest-{job_tag(job_index, num_jobs)}.json"
+
+
+def report_name(job_index: int, num_jobs: int) -> str:
+    return "report.jsonl" if num_jobs == 1 else f"report-{job_tag(job_index, num_jobs)}.jsonl"
+
+
+def _state_path(out_dir: Path, job_index: int, num_jobs: int) -> Path:
+    return out_dir / f".build-state-{job_tag(job_index, num_jobs)}.json"
+
+
+def _known_records(out_dir: Path, job_index: int, num_jobs: int) -> dict[str, dict]:
+    """Shard records from this job's state file, else from a finished manifest (and its report)."""
+    state = _state_path(out_dir, job_index, num_jobs)
+    if state.is_file():
+        try:
+            return json.loads(state.read_text())["shards"]
+        except (ValueError, KeyError, OSError):
+            return {}  # unreadable state: rebuild everything, which is always safe
+    records: dict[str, dict] = {}
+    for mname in (manifest_name(job_index, num_jobs), MANIFEST_NAME):
+        if not (out_dir / mname).is_file():
+            continue
+        try:
+            manifest = load_manifest(out_dir / mname)
+        except DataError:
+            continue
+        report = out_dir / manifest.get("report", "report.jsonl")
+        issues = _read_report(report) if report.is_file() else []
+        for entry in manifest["shards"] + manifest.get("empty_shards", []):
+            if "plan_sha256" in entry:
+                mine = [i for i in issues if i.get("shard") == entry["name"]]
+                records[entry["name"]] = {**entry, "issues": mine}
+        break
+    return records
+
+
+def _read_report(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _is_complete(out_dir: Path, plan: ShardPlan, record: dict | None) -> bool:
+    if not record or record.get("plan_sha256") != plan.fingerprint:
+        return False
+    if record["samples"] == 0:
+        return True
+    path = out_dir / plan.name
+    return path.is_file() and path.stat().st_size == record["bytes"] and sha256_file(path) == record["sha256"]
+
+
+def _remove_temp_files(out_dir: Path, names: set[str]) -> int:
+    """Temporary files of this job's shards left by a killed build (other jobs' are not touched)."""
+    removed = 0
+    pattern = re.compile(r"^\.(.+?)\.[^.]+" + re.escape(TMP_SUFFIX) + "$")
+    for path in out_dir.glob(f".*{TMP_SUFFIX}"):
+        m = pattern.match(path.name)
+        if m and m.group(1) in names:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _sum_counts(records: Iterable[dict]) -> dict:
+    totals = {g: Counter() for g in COUNT_GROUPS}
+    total = 0
+    for r in records:
+        total += r["samples"]
+        for g in COUNT_GROUPS:
+            totals[g].update(r["counts"][g])
+    return {"total": total, **{g: dict(sorted(c.items())) for g, c in totals.items()}}
+
+
+def _issue_counts(issues: list[dict]) -> dict:
+    counts = Counter(i["kind"] for i in issues)
+    return {"total": len(issues), **dict(sorted(counts.items()))}
+
+
+def _manifest_entry(record: dict) -> dict:
+    keys = ("name", "samples", "bytes", "sha256", "plan_sha256", "counts")
+    return {k: record[k] for k in keys}
+
+
+@dataclass
+class BuildSummary:
+    out_dir: Path
+    manifest: Path
+    report: Path
+    shards_built: int
+    shards_skipped: int
+    samples: int
+    bytes: int
+    seconds: float
+    issues: dict
+    counts: dict
+    temp_removed: int = 0
+    stale_removed: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        mbps = self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            (
+                f"{self.out_dir}: {self.shards_built} shard(s) written, {self.shards_skipped} already complete; "
+                f"{self.samples} samples, {self.bytes / 1e6:.1f} MB written in {self.seconds:.1f} s "
+                f"({rate:.1f} samples/s, {mbps:.1f} MB/s)"
+            ),
+            "counts: "
+            + "; ".join(
+                f"{g} " + ", ".join(f"{k} {v}" for k, v in self.counts[g].items()) for g in COUNT_GROUPS
+            )
+            + f"; total {self.counts['total']}",
+        ]
+        if self.issues["total"]:
+            details = ", ".join(f"{k} {v}" for k, v in self.issues.items() if k != "total")
+            lines.append(f"skipped inputs: {self.issues['total']} ({details}); listed in {self.report}")
+        else:
+            lines.append("skipped inputs: none")
+        if self.temp_removed:
+            lines.append(f"removed {self.temp_removed} temporary file(s) of an interrupted build")
+        if self.stale_removed:
+            lines.append(f"removed {len(self.stale_removed)} shard(s) beyond the current plan")
+        lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+def _iter_records(pending, out_dir: Path, builder, strict: bool, workers: int):
+    """Yield shard records as they complete, in-process for one worker, else in spawned processes."""
+    if workers <= 1 or len(pending) <= 1:
+        for plan in pending:
+            yield write_shard(str(out_dir), plan, builder, strict)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # spawn, not fork: the parent may hold threads (tqdm's monitor) and big item lists.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        todo = list(pending)
+        running = set()
+        while todo or running:
+            while todo and len(running) < 2 * workers:  # bounded queue: don't pickle all plans at once
+                running.add(pool.submit(write_shard, str(out_dir), todo.pop(0), builder, strict))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def build_shards(
+    items: list[Item],
+    planning_issues: list[Issue],
+    builder: SampleBuilder,
+    out_dir: str | os.PathLike,
+    *,
+    dataset: str,
+    source: dict,
+    shard_bytes: int,
+    max_samples: int = 0,
+    workers: int = 1,
+    strict: bool = False,
+    num_jobs: int = 1,
+    job_index: int = 0,
+    command: list[str] | None = None,
+    progress: bool = True,
+) -> BuildSummary:
+    """Plan, (re)build this job's shards, and write its manifest and report."""
+    if num_jobs < 1 or not 0 <= job_index < num_jobs:
+        raise ConfigError(f"--job-index {job_index} must be in 0..{num_jobs - 1} (--num-jobs {num_jobs})")
+    if shard_bytes <= 0:
+        raise ConfigError(f"--shard-size-mb must be positive (got {shard_bytes / 1e6:g})")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", dataset):
+        raise ConfigError(f"dataset name {dataset!r}: use letters, digits, '_' and '-' only (--name)")
+    if strict and planning_issues:
+        raise DataError(f"{planning_issues[0].message()} (--strict stops at the first bad input)")
+    if not items:
+        raise DataError("no usable samples: every input was rejected (see the issues above)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    plans = plan_shards(items, builder, dataset, shard_bytes, max_samples)
+    mine = [p for p in plans if p.index % num_jobs == job_index]
+    temp_removed = _remove_temp_files(out, {p.name for p in mine})
+    known = _known_records(out, job_index, num_jobs)
+    records: dict[str, dict] = {}
+    pending = []
+    for plan in mine:
+        if _is_complete(out, plan, known.get(plan.name)):
+            records[plan.name] = known[plan.name]
+        else:
+            pending.append(plan)
+
+    state_path = _state_path(out, job_index, num_jobs)
+
+    def save_state() -> None:
+        atomic_write_json(state_path, {"dataset": dataset, "shards": records})
+
+    from tqdm import tqdm
+
+    sizes = {p.name: len(p.items) for p in mine}
+    bar = tqdm(
+        total=sum(len(p.items) for p in mine),
+        initial=sum(len(p.items) for p in mine if p.name in records),
+        desc=f"shards {dataset}",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    written_bytes = written_samples = 0
+    try:
+        for record in _iter_records(pending, out, builder, strict, workers):
+            records[record["name"]] = record
+            save_state()
+            written_bytes += record["bytes"]
+            written_samples += record["samples"]
+            bar.update(sizes[record["name"]])
+    finally:
+        bar.close()
+        if pending:
+            save_state()
+
+    # Shards numbered past the current plan belong to an older, larger plan: no job owns them now.
+    stale = []
+    for path in out.glob(f"{dataset}-*.tar"):
+        m = re.fullmatch(re.escape(dataset) + r"-(\d{6})\.tar", path.name)
+        if m and int(m.group(1)) >= len(plans):
+            path.unlink()
+            stale.append(path.name)
+
+    ordered = [records[p.name] for p in mine]
+    sample_issues = [i for r in ordered for i in r["issues"]]
+    # Listing problems are found identically by every job: job 0 alone reports them.
+    listing = [i.to_dict() for i in planning_issues] if job_index == 0 else []
+    all_issues = listing + sample_issues
+    report = out / report_name(job_index, num_jobs)
+    atomic_write_text(report, "".join(json.dumps(i, sort_keys=True) + "\n" for i in all_issues))
+    counts = _sum_counts(ordered)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "created_by": {"command": command or list(sys.argv), "version": __version__},
+        "source": source,
+        "shards": [_manifest_entry(r) for r in ordered if r["samples"] > 0],
+        "empty_shards": [_manifest_entry(r) for r in ordered if r["samples"] == 0],
+        "counts": counts,
+        "issues": _issue_counts(all_issues),
+        "report": report.name,
+        "plan": {"num_shards": len(plans), "num_jobs": num_jobs, "job_indices": [job_index]},
+        "complete": True,
+    }
+    mpath = out / manifest_name(job_index, num_jobs)
+    atomic_write_json(mpath, manifest)
+    for path in (mpath, report):
+        os.chmod(path, 0o644)
+    return BuildSummary(
+        out_dir=out,
+        manifest=mpath,
+        report=report,
+        shards_built=len(pending),
+        shards_skipped=len(mine) - len(pending),
+        samples=written_samples,
+        bytes=written_bytes,
+        seconds=time.perf_counter() - start,
+        issues=manifest["issues"],
+        counts=counts,
+        temp_removed=temp_removed,
+        stale_removed=stale,
+    )
+
+
+def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = None) -> dict:
+    """Combine `manifest-jobIIIofNNN.json` (and their reports) into manifest.json + report.jsonl."""
+    out = Path(out_dir)
+    files = sorted(out.glob("manifest-job*of*.json"))
+    if not files:
+        raise DataError(f"no per-job manifests (manifest-jobIIIofNNN.json) in {out}; nothing to merge")
+    parts = [load_manifest(f) for f in files]
+    totals = {p["plan"]["num_jobs"] for p in parts}
+    datasets = {p["dataset"] for p in parts}
+    plans = {p["plan"]["num_shards"] for p in parts}
+    if len(totals) != 1 or len(datasets) != 1 or len(plans) != 1:
+        raise DataError(
+            f"per-job manifests in {out} come from different builds (num_jobs {sorted(totals)}, "
+            f"datasets {sorted(datasets)}, planned shards {sorted(plans)}); remove the stale ones"
+        )
+    num_jobs = totals.pop()
+    have = sorted(i for p in parts for i in p["plan"]["job_indices"])
+    missing = sorted(set(range(num_jobs)) - set(have))
+    if missing:
+        raise DataError(
+            f"{out}: jobs {missing} of {num_jobs} have no manifest yet; run them "
+            f"(--num-jobs {num_jobs} --job-index I) before merging"
+        )
+    if len(have) != len(set(have)):
+        raise DataError(f"{out}: a job index appears in two per-job manifests; remove the stale one")
+    shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["name"])
+    names = [s["name"] for s in shards]
+    if len(names) != len(set(names)):
+        raise DataError(
+            f"{out}: a shard is listed by two jobs; remove the stale per-job manifests and rebuild"
+        )
+    issues = []
+    for p in parts:
+        report = out / p.get("report", "")
+        if p.get("report") and report.is_file():
+            issues += _read_report(report)
+    atomic_write_text(out / "report.jsonl", "".join(json.dumps(i, sort_keys=True) + "\n" for i in issues))
+    merged = {
+        **parts[0],
+        "created_by": {
+            "command": command or list(sys.argv),
+            "version": __version__,
+            "jobs": [p["created_by"] for p in parts],
+        },
+        "shards": shards,
+        "empty_shards": sorted(
+            (s for p in parts for s in p.get("empty_shards", [])), key=lambda s: s["name"]
+        ),
+        "counts": _sum_counts(shards),
+        "issues": _issue_counts(issues),
+        "report": "report.jsonl",
+        "plan": {**parts[0]["plan"], "job_indices": list(range(num_jobs))},
+        "complete": True,
+    }
+    atomic_write_json(out / MANIFEST_NAME, merged)
+    for name in (MANIFEST_NAME, "report.jsonl"):
+        os.chmod(out / name, 0o644)
+    return merged

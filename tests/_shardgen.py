@@ -94,3 +94,61 @@ def write_dataset(
         entries.append({"name": fname, "samples": len(idxs)})
     (out / "manifest.json").write_text(json.dumps({"dataset": name, "shards": entries}))
     return keys
+
+
+def _dihedral(a: np.ndarray) -> list[np.ndarray]:
+    out = []
+    for r in range(4):
+        b = np.rot90(a, r, axes=(0, 1))
+        out += [b, np.flip(b, axis=1)]
+    return out
+
+
+def to_uint8(t) -> np.ndarray:
+    """CHW float tensor in [-1, 1] -> HWC uint8 (exact for 8-bit sources)."""
+    return np.rint((t.numpy().transpose(1, 2, 0) + 1.0) * 127.5).astype(np.int64)
+
+
+def check_batch(batch: dict, degradations: list[str], cell: int | None = None) -> list[str]:
+    """Problems found in a training batch of position-encoded samples (empty list: all good).
+
+    Checks, per sample: the input is a true window of the image up to one of the 8 dihedral
+    maps (cell-aligned when a feature grid is present); target, teacher and feature agree with
+    the input pixel for pixel after the same flips/rotation; the content belongs to the key;
+    the label matches the key's dataset (named after its degradation in these tests).
+    """
+    problems = []
+    for j, key in enumerate(batch["key"]):
+        inp = to_uint8(batch["input"][j])
+        h, w = inp.shape[:2]
+        if not (inp[..., 2] == ident(key)).all():
+            problems.append(f"{key}: input content belongs to another sample")
+        window = None
+        for t in _dihedral(inp):
+            rx, gy = t[..., 0], t[..., 1]
+            if (rx == rx[0, 0] + np.arange(t.shape[1])[None, :]).all() and (
+                gy == gy[0, 0] + np.arange(t.shape[0])[:, None]
+            ).all():
+                window = (int(gy[0, 0]), int(rx[0, 0]))
+                break
+        if window is None:
+            problems.append(f"{key}: input is not a window of the image under any flip/rotation")
+        elif cell and "feature" in batch and (window[0] % cell or window[1] % cell):
+            problems.append(f"{key}: window {window} not aligned to cell {cell}")
+        if "target" in batch:
+            tgt = to_uint8(batch["target"][j])
+            if not ((tgt[..., :2] == 255 - inp[..., :2]).all() and (tgt[..., 2] == inp[..., 2]).all()):
+                problems.append(f"{key}: target crop disagrees with input crop")
+        if "teacher" in batch:
+            tea = to_uint8(batch["teacher"][j])
+            if not ((tea[..., :2] == inp[..., :2]).all() and (tea[..., 2] == 255 - inp[..., 2]).all()):
+                problems.append(f"{key}: teacher crop disagrees with input crop")
+        if "feature" in batch:
+            feat = batch["feature"][j].numpy()
+            if feat.shape != (3, h // cell, w // cell) or not np.allclose(feat, pool(inp, cell), atol=1e-3):
+                problems.append(f"{key}: feature grid disagrees with input crop")
+        if "degradation" in batch:
+            label = degradations[int(batch["degradation"][j])]
+            if not key.startswith(label + "-"):
+                problems.append(f"{key}: labelled {label}")
+    return problems

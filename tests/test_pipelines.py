@@ -1,0 +1,292 @@
+"""Data pipelines: splitting, mixing, aligned crops, bad samples, http/pipe streams, and one real
+two-process launch (torchrun, gloo, two DataLoader workers per rank)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _shardgen import check_batch, ident, pool, position_images, to_uint8, write_dataset  # noqa: E402
+
+from uniremoval.data.pipelines import (  # noqa: E402
+    assign_shards,
+    da_loader,
+    eval_samples,
+    iter_shard,
+    kt_loader,
+    resolve_shards,
+    split_evenly,
+    teacher_loader,
+)
+from uniremoval.data.transforms import decode_image, to_tensor  # noqa: E402
+from uniremoval.errors import ConfigError, DataError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEGS = ["haze", "rain", "blur"]
+SIZES = [(40, 48), (33, 70), (64, 64), (47, 35)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    # Uneven shard counts on purpose: 3, 1 and 5 shards for 4 global workers (2 ranks x 2).
+    write_dataset(root, "haze", "haze", 14, 3, SIZES, cache=True)
+    write_dataset(root, "rain", "rain", 7, 1, SIZES, cache=True)
+    write_dataset(root, "blur", "blur", 23, 5, SIZES, cache=True)
+    write_dataset(root, "evalbad", "haze", 9, 2, SIZES, corrupt=(4,))
+    return root
+
+
+# ---------------------------------------------------------------- splitting
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n_workers", [1, 2, 4, 6])
+def test_assign_shards_every_sample_exactly_once(n_shards, n_workers):
+    samples = {s: 7 + s for s in range(n_shards)}  # shards of different lengths
+    owners = Counter()
+    for g in range(n_workers):
+        for shard, stride, offset in assign_shards(n_shards, g, n_workers):
+            owners.update((shard, i) for i in range(samples[shard]) if i % stride == offset)
+    assert set(owners) == {(s, i) for s, n in samples.items() for i in range(n)}
+    assert set(owners.values()) == {1}
+
+
+def test_split_evenly_covers_range():
+    for n in (0, 1, 7, 10):
+        parts = [split_evenly(n, r, 3) for r in range(3)]
+        assert [i for p in parts for i in p] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_resolve_shards_forms(data, tmp_path):
+    from_manifest = resolve_shards(data / "haze")
+    assert [Path(p).name for p in from_manifest] == [f"haze-{i:06d}.tar" for i in range(3)]
+    assert resolve_shards(str(data / "haze" / "haze-{000000..000002}.tar")) == from_manifest
+    assert resolve_shards([data / "rain", data / "haze" / "manifest.json"]) == resolve_shards(data / "rain") + from_manifest
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "b.tar").write_bytes((data / "rain" / "rain-000000.tar").read_bytes())
+    assert resolve_shards(bare) == [str(bare / "b.tar")]
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_shards(tmp_path / "nope.tar")
+    with pytest.raises(DataError, match="neither manifest.json"):
+        resolve_shards(tmp_path)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_sixteen_bit_png_keeps_precision(tmp_path):
+    import cv2
+
+    img = (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 1000 + 7).astype(np.uint16)
+    ok, buf = cv2.imencode(".png", img[:, :, ::-1])  # cv2 writes BGR
+    assert ok
+    dec = decode_image(buf.tobytes())
+    assert dec.dtype == np.uint16 and (dec == img).all()
+    t = to_tensor(dec)
+    assert torch.allclose(t, torch.from_numpy(img.transpose(2, 0, 1) / 65535.0 * 2 - 1).float(), atol=1e-6)
+
+
+def test_small_images_are_mirror_padded_with_consistent_grid(tmp_path):
+    # 20x23 and 17x40 images, 32 crops: padded; the feature grid is padded by whole mirrored
+    # cells, so it still equals the pooled input crop.
+    write_dataset(tmp_path, "haze", "haze", 4, 1, [(20, 23), (17, 40)], cache=True)
+    ld = kt_loader([("haze", tmp_path / "haze", "haze", 1)], ["haze"], 4, 32, 2, 0, 0, 0, 1,
+                   require=("target", "teacher", "feature"), shuffle_buffer=2)
+    for batch in ld:
+        assert batch["input"].shape == (4, 3, 32, 32) and batch["feature"].shape == (4, 3, 2, 2)
+        for j in range(4):
+            inp = to_uint8(batch["input"][j])
+            assert np.allclose(batch["feature"][j].numpy(), pool(inp, 16), atol=1e-3)
+            assert (to_uint8(batch["target"][j])[..., :2] == 255 - inp[..., :2]).all()
+
+
+# ---------------------------------------------------------------- mixing and alignment (1 process)
+
+
+def test_kt_batches_single_process(data):
+    sources = [(d, data / d, d, w) for d, w in zip(DEGS, (1.0, 3.0, 1.0))]
+    ld = kt_loader(sources, DEGS, 6, 32, 6, 0, seed=3, rank=0, world_size=1,
+                   require=("target", "teacher", "feature"), shuffle_buffer=4)
+    assert len(ld) == 6
+    labels = Counter()
+    first_keys = []
+    for _ in range(2):
+        batches = list(ld)
+        assert len(batches) == 6
+        first_keys.append(batches[0]["key"])
+        for b in batches:
+            assert b["input"].dtype == torch.float32 and b["input"].shape == (6, 3, 32, 32)
+            assert b["input"].min() >= -1 and b["input"].max() <= 1
+            assert set(b["degradation"].tolist()) == {0, 1, 2}
+            assert check_batch(b, DEGS, 16) == []
+            labels.update(b["degradation"].tolist())
+    assert first_keys[0] != first_keys[1]  # epochs reshuffle
+    assert labels[1] > labels[0] and labels[1] > labels[2]  # rain has 3x the weight of the others
+
+
+def test_loader_config_errors(data):
+    src = [(d, data / d, d, 1.0) for d in DEGS]
+    with pytest.raises(ConfigError, match="cannot hold one sample"):
+        kt_loader(src, DEGS, 2, 32, 1, 0, 0, 0, 1)
+    with pytest.raises(ConfigError, match="no source for degradation"):
+        kt_loader(src[:2], DEGS, 4, 32, 1, 0, 0, 0, 1)
+    with pytest.raises(ConfigError, match="multiple of the feature cell"):
+        kt_loader(src, DEGS, 4, 40, 1, 0, 0, 0, 1)
+    with pytest.raises(ConfigError, match="bad_samples"):
+        kt_loader(src, DEGS, 4, 32, 1, 0, 0, 0, 1, bad_samples="ignore")
+
+
+# ---------------------------------------------------------------- bad samples
+
+
+def test_bad_samples_skip_counts_and_fail_names_shard_and_key(tmp_path):
+    # A paired set with one corrupt input and one sample missing its target.
+    write_dataset(tmp_path, "rain", "rain", 6, 2, [(32, 32)], corrupt=(1,), no_target=(4,))
+    keys = [f"rain-{i:05d}" for i in range(6)]
+    ld = teacher_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, seed=0, rank=0, world_size=1, shuffle_buffer=1)
+    seen, bad = set(), 0
+    for b in ld:
+        seen.update(b["key"])
+        bad += b["bad_samples"]
+        assert check_batch(b, ["rain"]) == []
+    assert 4 <= bad <= 6  # 12 good samples = 3 passes of 4 good + 2 bad (one pass may be partial)
+    assert seen == set(keys) - {keys[1], keys[4]}
+
+    with pytest.raises(DataError, match=r"rain-00000[01]\.tar, key rain-0000[14]"):
+        list(teacher_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, 0, 0, 1, bad_samples="fail", shuffle_buffer=1))
+
+    items = list(eval_samples(tmp_path / "rain", require=("target",)))
+    assert sorted(it["key"] for it in items if "error" in it) == [keys[1], keys[4]]
+    assert "missing required 'target'" in next(it["error"] for it in items if it["key"] == keys[4])
+    with pytest.raises(DataError, match=f"key {keys[1]}"):
+        list(eval_samples(tmp_path / "rain", bad_samples="fail"))
+
+
+def test_wrong_label_is_a_bad_sample(tmp_path):
+    write_dataset(tmp_path, "rain", "rain", 3, 1, [(32, 32)])
+    with pytest.raises(DataError, match="json says degradation 'rain'"):
+        list(teacher_loader(tmp_path / "rain", "haze", 2, 32, 1, 0, 0, 0, 1, bad_samples="fail", shuffle_buffer=1))
+
+
+def test_truncated_shard_keeps_complete_samples(tmp_path, data):
+    raw = (data / "rain" / "rain-000000.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = tar.getmembers()
+    third = [m for m in members if m.name.startswith("rain-00002.")]
+    cut = third[1].offset_data + 10  # inside the 3rd sample's 2nd file
+    (tmp_path / "cut.tar").write_bytes(raw[:cut])
+    items = list(eval_samples(tmp_path / "cut.tar"))
+    good = [it["key"] for it in items if "error" not in it]
+    assert good == ["rain-00000", "rain-00001"]
+    assert len(items) == 3 and "unreadable after key 'rain-00001'" in items[-1]["error"]
+    with pytest.raises(DataError, match="cut.tar is unreadable"):
+        list(eval_samples(tmp_path / "cut.tar", bad_samples="fail"))
+
+
+# ---------------------------------------------------------------- DA
+
+
+def test_da_clear_side_uses_targets(data):
+    sources = [(d, data / d, d) for d in DEGS]
+    ld = da_loader(sources, [("clear", data / "haze")], DEGS, 3, 32, 2, 0, 0, 0, 1, clear_batch_size=2,
+                   shuffle_buffer=2)
+    for step in ld:
+        assert set(step["degraded"]["degradation"].tolist()) == {0, 1, 2}
+        assert step["clear"]["input"].shape == (2, 3, 32, 32) and "degradation" not in step["clear"]
+        for j, key in enumerate(step["clear"]["key"]):
+            clear = to_uint8(step["clear"]["input"][j])
+            # targets hold (255 - x, 255 - y): R values fall in the upper range, never the input's
+            assert (clear[..., 2] == ident(key)).all() and clear[..., 0].min() >= 255 - 70
+
+
+# ---------------------------------------------------------------- remote streams
+
+
+def test_stream_over_http_and_pipe(data):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = resolve_shards(f"{base}/blur/")  # the manifest over http, relative entries joined
+        assert urls == [f"{base}/blur/blur-{i:06d}.tar" for i in range(5)]
+        keys = sorted(it["key"] for it in eval_samples(f"{base}/blur/"))
+        assert keys == [f"blur-{i:05d}" for i in range(23)]
+        sources = [(d, f"{base}/{d}/manifest.json", d, 1.0) for d in DEGS]
+        ld = kt_loader(sources, DEGS, 4, 32, 2, 1, 0, 0, 1, require=("target", "teacher", "feature"),
+                       shuffle_buffer=2)
+        batches = list(ld)
+        assert len(batches) == 2 and all(check_batch(b, DEGS, 16) == [] for b in batches)
+        missing = list(eval_samples(f"{base}/blur/blur-000099.tar"))
+        assert len(missing) == 1 and "error" in missing[0]  # curl -f fails on 404: reported, not hung
+    finally:
+        server.shutdown()
+        server.server_close()
+    tar = data / "rain" / "rain-000000.tar"
+    assert [k for k, _ in iter_shard(f"pipe:cat {tar}")] == [f"rain-{i:05d}" for i in range(7)]
+
+
+# ---------------------------------------------------------------- two real processes
+
+
+@pytest.mark.slow
+def test_two_process_launch(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(REPO / "tests" / "dist_pipelines_worker.py"), str(data), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+    # Evaluation: every key exactly once over 2 ranks x 2 workers, full size, bad one reported.
+    for name, n in (("rain", 7), ("blur", 23), ("evalbad", 9)):
+        got = Counter(k for r in ranks for k in r["eval"][name]["keys"])
+        expected = {f"{name}-{i:05d}" for i in range(n)} - ({"evalbad-00004"} if name == "evalbad" else set())
+        assert set(got) == expected and set(got.values()) == {1}, (name, got)
+        assert all(r["eval"][name]["full_size"] for r in ranks)
+        assert all(r["eval"][name]["keys"] for r in ranks)  # both ranks got work
+    assert [k for r in ranks for k in r["eval"]["evalbad"]["errors"]] == ["evalbad-00004"]
+
+    # Training: the same number of steps on both ranks, every epoch; every batch has every type;
+    # every crop aligned across input/target/teacher/feature.
+    for r in ranks:
+        assert r["all_rank_steps"] == [[4, 4], [4, 4]]
+        for ep in r["kt"]:
+            assert ep["steps"] == ep["len"] == 4 and ep["bad"] == 0
+            assert all(t == sorted(DEGS) for t in ep["types"])
+            assert ep["problems"] == []
+        assert len(r["da"]) == 3
+        for step in r["da"]:
+            assert step["types"] == sorted(DEGS)
+            assert step["degraded_shape"] == [5, 3, 32, 32] and step["clear_shape"] == [2, 3, 32, 32]
+    # The ranks read different data: their first batches differ.
+    assert ranks[0]["kt"][0]["keys"][0] != ranks[1]["kt"][0]["keys"][0]

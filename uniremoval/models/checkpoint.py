@@ -1,0 +1,289 @@
+"""Model checkpoints: our safetensors + JSON format, and official MPRNet `.pth` files.
+
+Our format: ``<base>.safetensors`` (weights only; nothing is unpickled on load) and
+``<base>.json`` (arch, preset, model options, input range, step, config hash, caller's meta). The
+JSON is written after the weights, both atomically, so a JSON on disk means complete weights.
+
+Shared parameters (MPRNet's one PReLU seen under many keys) cannot be stored twice in
+safetensors: the file keeps the first key of each alias group, the JSON lists the dropped
+aliases, and loading refills them from the model's own alias structure, so the loaded model still
+has one shared Parameter.
+
+Official files are read with ``torch.load(weights_only=True)``: pickles that would run code or
+build arbitrary objects are refused with a CheckpointError.
+
+Training state for resuming (optimizers, schedulers, RNG) is not stored here.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from uniremoval.errors import CheckpointError, ConfigError
+from uniremoval.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+WEIGHTS_SUFFIX = ".safetensors"
+META_SUFFIX = ".json"
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+INPUT_RANGES = ("minus_one_one", "zero_one")
+_MAX_LISTED = 12
+
+
+def _base(path: str | Path) -> Path:
+    """`run/step_10`, `run/step_10.safetensors` and `run/step_10.json` all name the same checkpoint."""
+    path = Path(path)
+    if path.suffix in (WEIGHTS_SUFFIX, META_SUFFIX):
+        return path.with_suffix("")
+    return path
+
+
+def _with_suffix(base: Path, suffix: str) -> Path:
+    return base.parent / (base.name + suffix)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module  # type: ignore[assignment]
+        else:
+            return model
+
+
+def alias_groups(state: dict[str, Tensor]) -> list[list[str]]:
+    """Keys that refer to the same memory (shared parameters), in state_dict order; groups of >= 2."""
+    groups: dict[tuple, list[str]] = {}
+    for key, t in state.items():
+        if t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.device)
+        groups.setdefault(ident, []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``<path>.safetensors`` then ``<path>.json``; return the weights path.
+
+    ``meta`` may carry ``step``, ``config_hash``, ``input_range`` (default "minus_one_one": our
+    training works on [-1, 1] images) and anything JSON-serialisable.
+    """
+    from safetensors.torch import save as st_save
+
+    base = _base(path)
+    net = unwrap_model(model)
+    state = net.state_dict()
+    dropped: dict[str, str] = {}
+    for keys in alias_groups(state):
+        for dup in keys[1:]:
+            dropped[dup] = keys[0]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k not in dropped}
+
+    record: dict[str, Any] = {"input_range": "minus_one_one", "step": None, "config_hash": None}
+    record.update(meta)
+    record["arch"] = getattr(net, "arch", type(net).__name__)
+    record["preset"] = getattr(net, "preset", None)
+    record["model_kwargs"] = dict(getattr(net, "overrides", {}))
+    record["aliases"] = dropped
+    if record["input_range"] not in INPUT_RANGES:
+        raise CheckpointError(
+            f"save_checkpoint({base}): input_range {record['input_range']!r} must be one of {INPUT_RANGES}"
+        )
+    try:
+        json.dumps(record)
+    except TypeError as exc:
+        raise CheckpointError(f"save_checkpoint({base}): meta is not JSON-serialisable: {exc}") from exc
+
+    weights = _with_suffix(base, WEIGHTS_SUFFIX)
+    atomic_write_bytes(weights, st_save(tensors, metadata={"format": "pt", "arch": str(record["arch"])}))
+    record["weights_sha256"] = sha256_file(weights)
+    atomic_write_json(_with_suffix(base, META_SUFFIX), record)
+    return weights
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of the weights file (ours: the .safetensors; official: the .pth) - the model's identity."""
+    return sha256_file(_resolve_weights(Path(path)))
+
+
+def _resolve_weights(path: Path) -> Path:
+    if path.suffix == META_SUFFIX:
+        path = path.with_suffix(WEIGHTS_SUFFIX)
+    if path.is_file():
+        return path
+    candidate = _with_suffix(path, WEIGHTS_SUFFIX)
+    if candidate.is_file():
+        return candidate
+    raise CheckpointError(f"checkpoint {path} not found (nor {candidate.name} beside it)")
+
+
+def load_checkpoint(
+    path: str | Path,
+    arch: str | None = None,
+    preset: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a checkpoint describes, load it strictly, return ``(model, meta)`` (eval mode).
+
+    Accepts our ``.safetensors`` (with its ``.json``) and official MPRNet ``.pth``/``.pt`` files
+    (``{"state_dict": ...}`` or bare, optional ``module.`` prefix). For official files the preset
+    is inferred from the shapes unless given, and ``meta["input_range"]`` is "zero_one".
+    """
+    from uniremoval.models import build_model
+
+    weights = _resolve_weights(Path(path))
+    if weights.suffix == WEIGHTS_SUFFIX:
+        state, meta = _read_ours(weights)
+        if arch is not None and arch != meta.get("arch"):
+            raise CheckpointError(f"{weights}: holds a {meta.get('arch')!r} model, not {arch!r}")
+        if preset is not None and preset != meta.get("preset"):
+            raise CheckpointError(
+                f"{weights}: was saved from preset {meta.get('preset')!r}, not {preset!r}; "
+                "drop --preset or pass the right one"
+            )
+        try:
+            model = build_model(meta["arch"], meta.get("preset"), **meta.get("model_kwargs", {}))
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise CheckpointError(f"{weights}: its JSON does not describe a buildable model: {exc}") from exc
+    else:
+        state = _read_official(weights)
+        if arch not in (None, "mprnet"):
+            raise CheckpointError(f"{weights}: official .pth files are MPRNet models; --arch {arch} is not")
+        model, meta = _build_for_official(weights, state, preset)
+
+    _load_strict(model, state, weights)
+    model.to(map_location)
+    model.eval()
+    meta["checkpoint"] = str(weights)
+    return model, meta
+
+
+def _read_ours(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    meta_path = weights.with_suffix(META_SUFFIX)
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{weights}: metadata file {meta_path.name} is missing beside it (save_checkpoint writes both; "
+            "copy them together)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata: {exc}") from exc
+    if not isinstance(meta, dict) or "arch" not in meta:
+        raise CheckpointError(f"{meta_path}: checkpoint metadata has no 'arch' field")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+        raise CheckpointError(f"{weights}: truncated or corrupt safetensors file ({exc})") from exc
+    recorded = meta.get("weights_sha256")
+    if recorded and recorded != sha256_file(weights):
+        raise CheckpointError(
+            f"{weights}: the weights do not match {meta_path.name} (sha256 differs): the pair was mixed up "
+            "or one of them was overwritten"
+        )
+    return state, meta
+
+
+def _read_official(weights: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{weights}: refused to load: the file contains pickled code or objects other than tensors "
+            f"(only plain state_dicts are read, with weights_only=True). Detail: {str(exc).splitlines()[0]}"
+        ) from exc
+    except (EOFError, RuntimeError, OSError, ValueError, pickle.PickleError) as exc:
+        raise CheckpointError(f"{weights}: truncated or corrupt checkpoint ({exc})") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{weights}: not a state_dict (expected {{'state_dict': {{name: tensor}}}} or {{name: tensor}})"
+        )
+    prefix = "module."
+    return {(k.removeprefix(prefix)): v for k, v in obj.items()}
+
+
+def _build_for_official(
+    weights: Path, state: dict[str, Tensor], preset: str | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    from uniremoval.models.mprnet_arch import MPRNet, infer_config, preset_and_overrides
+
+    overrides: dict[str, Any] = {}
+    if preset is None:
+        cfg = infer_config({k: tuple(v.shape) for k, v in state.items()})
+        if cfg is None:
+            raise CheckpointError(
+                f"{weights}: not an MPRNet state_dict (no 'shallow_feat1.0.weight'/'tail.weight'); "
+                "pass --preset to get the full list of mismatched keys"
+            )
+        preset, overrides = preset_and_overrides(cfg)
+    try:
+        model = MPRNet(preset, **overrides)
+    except (ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{weights}: {exc}") from exc
+    meta = {
+        "arch": "mprnet",
+        "preset": preset,
+        "model_kwargs": overrides,
+        "input_range": "zero_one",
+        "step": None,
+        "config_hash": None,
+        "source": "official",
+    }
+    return model, meta
+
+
+def _fmt_list(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... (+{more} more)" if more > 0 else "")
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Strict key/shape check (shared-parameter aliases refilled), then load."""
+    expected = model.state_dict()
+    state = dict(state)
+    for keys in alias_groups(expected):
+        present = [k for k in keys if k in state]
+        if not present:
+            continue
+        ref = state[present[0]]
+        for k in present[1:]:
+            if state[k].shape != ref.shape or not torch.equal(state[k], ref):
+                raise CheckpointError(
+                    f"{source}: keys {present[0]} and {k} must hold one shared parameter but differ"
+                )
+        for k in keys:
+            state.setdefault(k, ref)
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"{source}: does not match {type(model).__name__}({getattr(model, 'preset', '')})"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_fmt_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_list(unexpected)}")
+        if mismatched:
+            parts.append(f"mismatched shapes ({len(mismatched)}): {_fmt_list(mismatched)}")
+        parts.append("check --arch/--preset, or that the file is the model you meant")
+        raise CheckpointError("; ".join(parts))
+    bad_dtype = [k for k, v in state.items() if v.is_floating_point() != expected[k].is_floating_point()]
+    if bad_dtype:
+        raise CheckpointError(f"{source}: wrong tensor types for {_fmt_list(bad_dtype)}")
+    model.load_state_dict(state, strict=True)

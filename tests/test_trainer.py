@@ -1,0 +1,160 @@
+"""The shared trainer on a toy stage, one process: schedules, resume, preemption, non-finite losses,
+gradient accumulation. The two-process and kill -9 tests are in test_teacher_cache.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from uniremoval.config import ScheduleConfig, TeacherStage
+from uniremoval.errors import UniremovalError
+from uniremoval.stages.trainer import Stage, Trainer, list_checkpoints, lr_factor, skip_batches
+
+
+def make_cfg(tmp_path: Path, **train) -> TeacherStage:
+    t = dict(epochs=2, steps_per_epoch=5, log_every=2, val_every=5, seed=3)
+    t.update(train)
+    return TeacherStage(stage="teacher", degradation="haze", output_dir=str(tmp_path), name="toy",
+                        train=t, optim={"lr": 0.05}, checkpoint={"every_steps": 3, "keep_last": 2},
+                        tracking={"enabled": False})
+
+
+class ToyStage(Stage):
+    """y = conv(x) fitted to a fixed random conv; batches a function of (epoch, index)."""
+
+    run_name, stage, trainable = "toy", "teacher", ("net",)
+    best_metric = ("val/toy/err", "min")
+
+    def __init__(self, cfg, poison_at: int | None = None, signal_at: int | None = None, batch: int = 4):
+        super().__init__(cfg)
+        self.poison_at, self.signal_at, self.batch = poison_at, signal_at, batch
+        self.seen: list[tuple[int, int]] = []
+        g = torch.Generator().manual_seed(99)
+        self.true_w = torch.randn(3, 3, 3, 3, generator=g) * 0.3
+
+    def build_models(self):
+        return {"net": nn.Conv2d(3, 3, 3, padding=1, bias=False)}
+
+    def data(self, epoch: int, i: int, batch: int | None = None) -> dict:
+        g = torch.Generator().manual_seed(epoch * 1000 + i)
+        x = torch.randn(batch or self.batch, 3, 8, 8, generator=g)
+        return {"input": x, "target": nn.functional.conv2d(x, self.true_w, padding=1), "idx": (epoch, i)}
+
+    def train_batches(self, epoch, start, rank, world_size):
+        n = self.cfg.train.steps_per_epoch * self.cfg.train.grad_accum
+        return skip_batches((self.data(epoch, i) for i in range(n)), start)
+
+    def training_step(self, batch, ctx):
+        self.seen.append(batch["idx"])
+        out = ctx.models["net"](batch["input"])
+        loss = nn.functional.mse_loss(out, batch["target"])
+        if self.poison_at is not None and ctx.step == self.poison_at:
+            loss = loss * float("nan")
+        if self.signal_at is not None and ctx.step == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        ctx.optimize("net", loss, {"mse": loss})
+        return {"mse": loss}
+
+    def validate(self, ctx):
+        b = self.data(999, 0)
+        err = nn.functional.mse_loss(ctx.unwrap("net")(b["input"]), b["target"]).item()
+        s = ctx.all_sum({"err": err, "n": 1.0})
+        return {"val/toy/err": s["err"] / s["n"]}
+
+
+def weights(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["weight"]
+
+
+def test_lr_schedules():
+    wc = ScheduleConfig(name="warmup_cosine", warmup_steps=3, min_lr=1e-6)
+    f = [lr_factor(wc, s, 13, 2e-4) for s in range(14)]
+    assert f[0] == pytest.approx(1 / 3) and f[2] == pytest.approx(1.0) and f[3] == pytest.approx(1.0)
+    assert f[13] == pytest.approx(1e-6 / 2e-4)
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))  # monotone decay after warmup
+    assert lr_factor(ScheduleConfig(name="cosine"), 5, 10, 1.0) == pytest.approx(0.5)
+    assert lr_factor(ScheduleConfig(), 7, 10, 1.0) == 1.0
+
+
+def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
+    ref_stage = ToyStage(make_cfg(tmp_path / "a"))
+    res = Trainer(ref_stage.cfg, ref_stage).fit()
+    assert res.status == "finished" and res.step == 10
+    run = tmp_path / "a" / "toy"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000009", "step-00000010"]
+    assert (run / "net-last.safetensors").is_file() and (run / "net-best.safetensors").is_file()
+    ref = weights(run / "net-last.safetensors")
+    first_val = ToyStage(make_cfg(tmp_path)).data(999, 0)
+    assert res.metrics["val/toy/err"] < nn.functional.mse_loss(first_val["input"] * 0, first_val["target"]).item()
+
+    # Stop after 4 steps (max_steps is not part of the run's identity), then resume to the end.
+    part = ToyStage(make_cfg(tmp_path / "b", max_steps=4))
+    Trainer(part.cfg, part).fit()
+    ck = list_checkpoints(tmp_path / "b" / "toy" / "checkpoints")
+    assert [p.name for p in ck] == ["step-00000003", "step-00000004"]
+    # A checkpoint being written when the process died is a hidden temp folder: ignored.
+    (ck[0].parent / ".step-00000005.tmp").mkdir()
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(ck[1])  # pretend the kill came before step 4 was saved: resume from 3
+    rest = ToyStage(make_cfg(tmp_path / "b"))
+    res2 = Trainer(rest.cfg, rest).fit(resume="auto")
+    assert res2.step == 10
+    assert rest.seen[0] == (0, 3)  # data position: epoch 0, micro-batch 3 (steps 0-2 were seen)
+    assert torch.equal(weights(tmp_path / "b" / "toy" / "net-last.safetensors"), ref)
+
+
+def test_grad_accumulation_matches_large_batch(tmp_path):
+    big = ToyStage(make_cfg(tmp_path / "big", epochs=1, steps_per_epoch=3), batch=8)
+    big.data = lambda e, i, b=None, s=big: ToyStage.data(s, e, i, 8)  # type: ignore[method-assign]
+    Trainer(big.cfg, big).fit()
+
+    class Halves(ToyStage):
+        def train_batches(self, epoch, start, rank, world_size):
+            def gen():
+                for i in range(self.cfg.train.steps_per_epoch):
+                    full = ToyStage.data(self, epoch, i, 8)
+                    for h in (slice(0, 4), slice(4, 8)):
+                        yield {"input": full["input"][h], "target": full["target"][h], "idx": (epoch, i)}
+            return skip_batches(gen(), start)
+
+    acc = Halves(make_cfg(tmp_path / "acc", epochs=1, steps_per_epoch=3, grad_accum=2))
+    Trainer(acc.cfg, acc).fit()
+    assert len(acc.seen) == 6
+    torch.testing.assert_close(weights(tmp_path / "acc/toy/net-last.safetensors"),
+                               weights(tmp_path / "big/toy/net-last.safetensors"), rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_skip_then_stop(tmp_path):
+    st = ToyStage(make_cfg(tmp_path / "s", max_steps=4), poison_at=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = Trainer(st.cfg, st).fit()
+    assert res.nonfinite_skipped == 1 and res.step == 4
+    msgs = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert msgs and "step 2" in msgs[0] and "mse=nan" in msgs[0]
+    assert torch.isfinite(weights(tmp_path / "s/toy/net-last.safetensors")).all()
+
+    st2 = ToyStage(make_cfg(tmp_path / "t", max_steps=4, nonfinite="stop"), poison_at=2)
+    with pytest.raises(UniremovalError, match=r"non-finite loss at step 3.*mse=nan"):
+        Trainer(st2.cfg, st2).fit()
+    st3 = ToyStage(make_cfg(tmp_path / "u", max_steps=4, max_nonfinite=0), poison_at=0)
+    with pytest.raises(UniremovalError, match="max_nonfinite=0"):
+        Trainer(st3.cfg, st3).fit()
+
+
+def test_sigusr1_checkpoints_and_stops(tmp_path, capsys):
+    st = ToyStage(make_cfg(tmp_path), signal_at=5)
+    res = Trainer(st.cfg, st).fit()
+    assert res.status == "preempted" and res.step == 6
+    assert res.checkpoint is not None and res.checkpoint.name == "step-00000006"
+    assert "preempted: checkpoint saved at step 6" in capsys.readouterr().err
+    assert not (tmp_path / "toy" / "net-last.safetensors").exists()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored

@@ -1,0 +1,725 @@
+"""The one trainer every stage runs on (teacher, kt, da), built on accelerate.
+
+The stage contract
+------------------
+A stage is an object (subclass `Stage`) that knows *what* to train; the trainer knows *how*
+(devices, DDP, mixed precision, accumulation, clipping, schedules, checkpoints, resume, signals,
+non-finite losses, logging). A stage provides:
+
+- ``run_name`` / ``stage`` / ``degradation``: how the MLflow run is named and tagged
+  (``teacher-haze``, ``kt``, ``da``).
+- ``build_models() -> dict[str, nn.Module]``: every network it needs, built after seeding.
+- ``trainable``: the names among them that are trained (``("teacher",)``, ``("student",)``,
+  ``("generator", "discriminator")``). Only these are handed to ``accelerator.prepare`` (wrapped
+  in DDP); every other module is frozen (``eval()``, no grads) and only moved to the device.
+- ``optim_config(name)``: the optimiser settings per trained model; default ``cfg.optim``, and
+  ``cfg.optim_d`` for a model named ``discriminator``. Each trained model gets its own optimiser
+  and its own LR schedule from ``cfg.schedule``.
+- ``train_batches(epoch, start, rank, world_size) -> Iterable[dict]``: the micro-batches of one
+  epoch on this rank, starting at micro-batch ``start`` (resume). An epoch is
+  ``steps_per_epoch * grad_accum`` micro-batches; the same count on every rank (no DDP hang).
+  Tensors in the batch are moved to the device by the trainer.
+- ``training_step(batch, ctx) -> dict[str, Tensor | float]``: compute losses and call
+  ``ctx.optimize(name, loss, terms)`` once per optimiser to update (DA alternates
+  ``generator`` then ``discriminator``); return the named terms to log as ``train/<term>``.
+  ``ctx.epoch`` drives per-epoch weight decays (a1 * 0.99 ** epoch). ``ctx.want_images`` is true
+  every ``train.image_every`` steps: call ``ctx.log_images(tag, [input, output, target])`` then.
+- ``validate(ctx) -> dict[str, float]``: runs on ALL ranks under ``torch.no_grad()``; each rank
+  handles its share (``ctx.rank`` / ``ctx.world_size``) and combines with ``ctx.all_sum``. Return
+  metric names as logged, e.g. ``val/<dataset>/psnr``.
+- ``best_metric``: ``("val/<dataset>/psnr", "max")`` to keep a best checkpoint, or None.
+
+One optimiser step ("step") = one optimiser update = ``grad_accum`` micro-batches. Inside
+``training_step``, ``ctx.optimize`` does ``accelerator.backward`` (scaled by accumulation),
+clipping, ``optimizer.step``, the LR schedule and ``zero_grad`` at accumulation boundaries.
+
+DDP notes for stages with two networks (DA): freeze D's parameters with
+``ctx.requires_grad("discriminator", False)`` around the generator's update, and use
+``ctx.unwrap(name)`` for forward passes that must not go through the DDP wrapper (validation,
+D's forward inside the G step).
+
+Layout of a run (``cfg.run_dir`` = output_dir/name)
+---------------------------------------------------
+``checkpoints/step-00000100/``: ``<model>.safetensors`` + ``<model>.json`` (weights, step, config
+hash, MLflow run id), ``state.pt`` (step, optimiser and schedule states, counters, run id: tensors
+and plain types only, loads with ``weights_only=True``), ``rng-rank<r>.pt`` (each rank's RNG).
+Written into a hidden temporary directory and renamed, so a crash mid-write leaves the previous
+checkpoint complete; ``keep_last`` are kept. ``<model>-last`` and ``<model>-best`` (safetensors +
+json) beside them are what later stages load.
+
+Resume (``--resume auto|PATH``) restores weights, optimisers, schedules, counters, RNG, and the data
+position: the epoch and micro-batch index follow from the step (``epoch = step // steps_per_epoch``),
+loaders are re-seeded per epoch, and ``train_batches(epoch, start=...)`` skips the micro-batches
+already seen that epoch, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Preemption: SIGTERM or SIGUSR1 sets a flag; at the next step boundary all ranks agree on it (one
+all-reduce), write a checkpoint and return with ``status == "preempted"`` (the CLI exits 75).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from uniremoval.config import OptimConfig, ScheduleConfig, StageBase, config_hash
+from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
+
+CHECKPOINT_DIR = "checkpoints"
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" (rerun with --resume auto)
+
+
+class NonFiniteLossError(UniremovalError):
+    """A loss became NaN/inf and the config says stop (or too many were skipped)."""
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+class Stage:
+    """Base class of a training stage; see the module docstring for the contract."""
+
+    run_name: str = "stage"
+    stage: str = "stage"
+    degradation: str | None = None
+    trainable: tuple[str, ...] = ()
+    best_metric: tuple[str, Literal["max", "min"]] | None = None
+
+    def __init__(self, cfg: StageBase) -> None:
+        self.cfg = cfg
+
+    def build_models(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def optim_config(self, name: str) -> OptimConfig:
+        if name == "discriminator" and hasattr(self.cfg, "optim_d"):
+            return self.cfg.optim_d  # type: ignore[attr-defined]
+        return self.cfg.optim
+
+    def train_batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], ctx: "TrainContext") -> dict[str, Tensor | float]:
+        raise NotImplementedError
+
+    def validate(self, ctx: "TrainContext") -> dict[str, float]:
+        return {}
+
+    def extra_tags(self) -> dict[str, str]:
+        return {}
+
+    def export_meta(self, name: str) -> dict[str, Any]:
+        """Extra metadata stored with exported weights (e.g. preset, input_range, degradation)."""
+        return {}
+
+
+def skip_batches(batches: Iterable[Any], start: int) -> Iterator[Any]:
+    """Drop the first `start` items (resume inside an epoch: they are decoded, then discarded)."""
+    it = iter(batches)
+    for _ in range(start):
+        try:
+            next(it)
+        except StopIteration:
+            return iter(())
+    return it
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+
+def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int, base_lr: float) -> float:
+    """LR multiplier after `step` optimiser updates.
+
+    constant: 1. cosine: from 1 to min_lr/base_lr over total_steps. warmup_cosine: linear warmup over
+    warmup_steps (from 1/warmup to 1, as MPRNet's GradualWarmupScheduler), then cosine to min_lr.
+    """
+    floor = min(schedule.min_lr / base_lr, 1.0)
+    if schedule.name == "constant":
+        return 1.0
+    warm = schedule.warmup_steps if schedule.name == "warmup_cosine" else 0
+    if step < warm:
+        return (step + 1) / warm
+    span = max(1, total_steps - warm)
+    progress = min(1.0, (step - warm) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: Iterable[nn.Parameter], oc: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = dict(lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+    fused = oc.fused if oc.fused is not None else on_cuda
+    if fused and on_cuda:
+        kwargs["fused"] = True
+    cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
+    return cls(params, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- context
+
+
+@dataclass
+class FitResult:
+    status: Literal["finished", "preempted"]
+    step: int
+    run_id: str | None
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
+
+
+class TrainContext:
+    """What a stage sees during `training_step` and `validate`: models, counters, and callbacks."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self._t = trainer
+
+    # counters -------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimiser updates completed before this micro-batch."""
+        return self._t.step
+
+    @property
+    def epoch(self) -> int:
+        return self._t.step // self._t.cfg.train.steps_per_epoch
+
+    @property
+    def cfg(self) -> StageBase:
+        return self._t.cfg
+
+    @property
+    def accelerator(self):  # noqa: ANN201 (accelerate.Accelerator)
+        return self._t.accelerator
+
+    @property
+    def device(self) -> torch.device:
+        return self._t.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self._t.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self._t.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self._t.accelerator.is_main_process
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        """Trained models as prepared (DDP-wrapped when distributed); frozen ones as they are."""
+        return self._t.models
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self._t.accelerator.unwrap_model(self._t.models[name])
+
+    def requires_grad(self, name: str, flag: bool) -> None:
+        for p in self._t.models[name].parameters():
+            p.requires_grad_(flag)
+
+    # optimisation ---------------------------------------------------------------------------
+    def optimize(self, name: str, loss: Tensor, terms: dict[str, Any] | None = None) -> bool:
+        """Backward `loss` into model `name` and update it at the accumulation boundary.
+
+        Returns False when the update was skipped because a loss was not finite on some rank.
+        """
+        return self._t.optimize(name, loss, terms)
+
+    # logging --------------------------------------------------------------------------------
+    @property
+    def want_images(self) -> bool:
+        t = self._t
+        return t.accelerator.is_main_process and t.tracker is not None and t.step % t.cfg.train.image_every == 0 \
+            and t._images_logged_at != t.step
+
+    def log_images(self, tag: str, images: Sequence[Tensor]) -> None:
+        """Log an (input | output | target) grid of [-1, 1] NCHW tensors (main process only)."""
+        t = self._t
+        if t.tracker is not None and t.accelerator.is_main_process:
+            t.tracker.log_image_grid(tag, images, step=t.step)
+            t._images_logged_at = t.step
+
+    def all_sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum each value over all ranks (validation: sum of scores and counts, then divide)."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        vec = self._t.reduce(vec, "sum")
+        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Runs a Stage: `Trainer(cfg, stage).fit(resume=None|"auto"|path) -> FitResult`."""
+
+    def __init__(self, cfg: StageBase, stage: Stage, accelerator: Any | None = None,
+                 tracker: Any | None = None, handle_signals: bool = True) -> None:
+        self.cfg = cfg
+        self.stage = stage
+        self.accelerator = accelerator if accelerator is not None else build_accelerator(cfg)
+        self.tracker = tracker
+        self.handle_signals = handle_signals
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, Any] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.step = 0
+        self.nonfinite_skipped = 0
+        self.best_value: float | None = None
+        self.run_id: str | None = None
+        self._stop_requested = False
+        self._images_logged_at = -1
+        self._sums: dict[str, float] = {}
+        self._sum_count = 0
+        self.ctx = TrainContext(self)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / CHECKPOINT_DIR
+
+    # ---------------------------------------------------------------- the algorithm box
+    def fit(self, resume: str | None = None) -> FitResult:
+        cfg, acc = self.cfg.train, self.accelerator
+        total = self.total_steps()
+        self.setup()                                   # seed, models, optimisers, schedules
+        self.load(resume)                              # weights, optimisers, RNG, step, run id
+        self.start_tracking()                          # the same MLflow run on resume
+        self._install_signal_handlers()
+        bar = self._progress(total)
+        status: Literal["finished", "preempted"] = "finished"
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < total:
+                epoch, start = divmod(self.step, cfg.steps_per_epoch)
+                batches = iter(self.stage.train_batches(epoch, start * cfg.grad_accum, acc.process_index,
+                                                        acc.num_processes))
+                for _ in range(start, min(cfg.steps_per_epoch, start + total - self.step)):
+                    for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
+                        batch = self._next_batch(batches, epoch, start, micro)
+                        with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), acc.autocast():
+                            terms = self.stage.training_step(batch, self.ctx)
+                        self._accumulate_terms(terms)
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == total:
+                        metrics.update(self.log_train(bar))
+                    if self.step % cfg.val_every == 0 or self.step == total:
+                        metrics.update(self.validate())
+                    preempt = self._agree(self._stop_requested)
+                    if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total or preempt:
+                        self.save_checkpoint()
+                    if preempt:
+                        status = "preempted"
+                        break
+                if status == "preempted":
+                    break
+            if status == "finished":
+                self.export("last")
+        finally:
+            bar.close()
+            self._restore_signal_handlers()
+        if status == "preempted":
+            self._print(f"preempted: checkpoint saved at step {self.step} in {self.latest_checkpoint()}; "
+                        f"continue with --resume auto")
+        if self.tracker is not None:
+            self.tracker.finish("KILLED" if status == "preempted" else "FINISHED")
+        acc.wait_for_everyone()
+        return FitResult(status, self.step, self.run_id, self.latest_checkpoint(), metrics, self.nonfinite_skipped)
+
+    # ---------------------------------------------------------------- setup
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        full = t.epochs * t.steps_per_epoch
+        return min(full, t.max_steps) if t.max_steps is not None else full
+
+    def schedule_horizon(self) -> int:
+        # The schedule spans the full run even when max_steps stops early (max_steps is not
+        # part of the config hash: a smoke test follows the real run's LR curve).
+        return self.cfg.train.epochs * self.cfg.train.steps_per_epoch
+
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        acc = self.accelerator
+        set_seed(self.cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
+        models = self.stage.build_models()
+        missing = [n for n in self.stage.trainable if n not in models]
+        if missing:
+            raise ConfigError(f"stage {self.stage.run_name}: trainable model(s) {missing} not built")
+        on_cuda = acc.device.type == "cuda"
+        for name, model in models.items():
+            if name not in self.stage.trainable:
+                model.to(acc.device).eval().requires_grad_(False)  # frozen: never wrapped
+                self.models[name] = model
+        for name in self.stage.trainable:
+            model = models[name].train()
+            opt = make_optimizer(model.parameters(), self.stage.optim_config(name), on_cuda)
+            model, opt = acc.prepare(model, opt)
+            self.models[name], self.optimizers[name] = model, opt
+            # Not passed through prepare(): accelerate would step it num_processes times per update.
+            base_lr = self.stage.optim_config(name).lr
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+                opt.optimizer, lambda s, b=base_lr: lr_factor(self.cfg.schedule, s, self.schedule_horizon(), b))
+        # Different RNG streams per rank for anything random inside a step (noise, dropout).
+        seed = self.cfg.train.seed + 1000 * acc.process_index
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+
+    def start_tracking(self) -> None:
+        if self.tracker is None and self.cfg.tracking.enabled and self.accelerator.is_main_process:
+            from uniremoval.tracking import start_run
+
+            self.tracker = start_run(self.cfg, run_name=self.stage.run_name, stage=self.stage.stage,
+                                     degradation=self.stage.degradation, run_id=self.run_id,
+                                     extra_tags=self.stage.extra_tags(), run_dir=self.run_dir)
+        if self.tracker is not None:
+            self.run_id = self.tracker.run_id
+
+    # ---------------------------------------------------------------- one update
+    def optimize(self, name: str, loss: Tensor, terms: dict[str, Any] | None) -> bool:
+        acc, opt = self.accelerator, self.optimizers[name]
+        bad = self._nonfinite_terms(loss, terms)
+        if self._agree(bool(bad)):                      # every rank skips together: no DDP hang
+            self._handle_nonfinite(name, bad)
+            opt.zero_grad(set_to_none=True)
+            return False
+        acc.backward(loss)
+        if acc.sync_gradients:
+            clip = self.cfg.train.clip_grad_norm
+            if clip is not None:
+                acc.clip_grad_norm_(self.models[name].parameters(), clip)
+            opt.step()
+            if not getattr(opt, "step_was_skipped", False):  # fp16 overflow: keep the LR where it is
+                self.schedulers[name].step()
+            opt.zero_grad(set_to_none=True)
+        return True
+
+    def _nonfinite_terms(self, loss: Tensor, terms: dict[str, Any] | None) -> dict[str, float]:
+        items = dict(terms or {})
+        items.setdefault("loss", loss)
+        bad = {}
+        for k, v in items.items():
+            val = float(v.detach().float().sum()) if isinstance(v, Tensor) else float(v)
+            if not math.isfinite(val):
+                bad[k] = val
+        return bad
+
+    def _handle_nonfinite(self, name: str, bad: dict[str, float]) -> None:
+        where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
+        msg = (f"non-finite loss at step {self.step + 1} (model {name!r}, rank {self.accelerator.process_index}): "
+               f"{where}")
+        self.nonfinite_skipped += 1
+        limit = self.cfg.train.max_nonfinite
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteLossError(msg + "; stopping (train.nonfinite=stop). Lower optim.lr, enable "
+                                     "train.clip_grad_norm, or use mixed_precision=no.")
+        if self.nonfinite_skipped > limit:
+            raise NonFiniteLossError(f"{msg}; {self.nonfinite_skipped} non-finite updates skipped, more than "
+                                     f"train.max_nonfinite={limit}: stopping")
+        if bad or self.accelerator.is_main_process:
+            warnings.warn(f"{msg}; update skipped ({self.nonfinite_skipped} so far)", RuntimeWarning, stacklevel=3)
+
+    # ---------------------------------------------------------------- logging and validation
+    def _accumulate_terms(self, terms: dict[str, Any]) -> None:
+        for k, v in terms.items():
+            val = float(v.detach().float()) if isinstance(v, Tensor) else float(v)
+            if math.isfinite(val):
+                self._sums[k] = self._sums.get(k, 0.0) + val
+        self._sum_count += 1
+
+    def log_train(self, bar: Any) -> dict[str, float]:
+        """Mean of each term since the last log, averaged over ranks; LRs; skipped count."""
+        keys = sorted(self._sums)
+        local = torch.tensor([self._sums[k] / max(1, self._sum_count) for k in keys] or [0.0],
+                             dtype=torch.float64, device=self.accelerator.device)
+        mean = self.reduce(local, "mean")
+        out = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
+        for name, sched in self.schedulers.items():
+            out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = float(sched.get_last_lr()[0])
+        out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
+        out["train/epoch"] = float(self.ctx.epoch)
+        self._sums, self._sum_count = {}, 0
+        if self.accelerator.is_main_process:
+            shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in out.items() if k in {f"train/{x}" for x in keys[:3]}}
+            bar.set_postfix(shown, refresh=False)
+            if self.tracker is not None:
+                self.tracker.log_metrics(out, step=self.step)
+        return out
+
+    def validate(self) -> dict[str, float]:
+        for name in self.stage.trainable:
+            self.models[name].eval()
+        try:
+            with torch.no_grad():
+                metrics = self.stage.validate(self.ctx)
+        finally:
+            for name in self.stage.trainable:
+                self.models[name].train()
+        if metrics and self.accelerator.is_main_process:
+            if self.tracker is not None:
+                self.tracker.log_metrics(metrics, step=self.step)
+            self._print(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        if self.stage.best_metric is not None and self.stage.best_metric[0] in metrics:
+            key, mode = self.stage.best_metric
+            value = metrics[key]
+            better = self.best_value is None or (value > self.best_value if mode == "max" else value < self.best_value)
+            if better:
+                self.best_value = value
+                self.export("best", extra={"best_metric": key, "best_value": value})
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.ctx.epoch, "config_hash": config_hash(self.cfg),
+                "mlflow_run_id": self.run_id, "stage": self.stage.stage, "run_name": self.stage.run_name,
+                "degradation": self.stage.degradation}
+
+    def _save_weights(self, path: Path, name: str, extra: dict[str, Any] | None = None) -> None:
+        from uniremoval.models.checkpoint import save_checkpoint
+
+        meta = {**self.checkpoint_meta(), **self.stage.export_meta(name), **(extra or {})}
+        save_checkpoint(path, self.accelerator.unwrap_model(self.models[name]), meta)
+
+    def export(self, which: str, extra: dict[str, Any] | None = None) -> None:
+        """`<model>-last` / `<model>-best` weights beside the checkpoints (what later stages load)."""
+        if self.accelerator.is_main_process:
+            for name in self.stage.trainable:
+                self._save_weights(self.run_dir / f"{name}-{which}", name, extra)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        final = self.ckpt_root / f"step-{self.step:08d}"
+        tmp = self.ckpt_root / f".step-{self.step:08d}.tmp"
+        if final.is_dir():  # this step is saved already (preempted right after a periodic save)
+            return final
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        if acc.is_main_process:
+            for name in self.stage.trainable:
+                self._save_weights(tmp / name, name)
+            state = {
+                "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
+                "mlflow_run_id": self.run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            }
+            torch.save(state, tmp / "state.pt")
+            _fsync_dir(tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            os.replace(tmp, final)  # the checkpoint appears complete or not at all
+            _fsync_dir(self.ckpt_root)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(list_checkpoints(self.ckpt_root))
+        for old in steps[: max(0, len(steps) - self.cfg.checkpoint.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = list_checkpoints(self.ckpt_root)
+        return found[-1] if found else None
+
+    def load(self, resume: str | None) -> None:
+        resume = resume if resume is not None else self.cfg.checkpoint.resume
+        if not resume:
+            return
+        path = self.latest_checkpoint() if resume == "auto" else Path(resume)
+        if path is None:
+            self._print(f"--resume auto: no checkpoint in {self.ckpt_root}; starting from step 0")
+            return
+        if not (path / "state.pt").is_file():
+            raise CheckpointError(f"resume checkpoint {path} has no state.pt; give a checkpoints/step-* folder "
+                                  f"of a run, or --resume auto")
+        from safetensors.torch import load_file
+
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        if state.get("config_hash") != config_hash(self.cfg):
+            warnings.warn(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
+                          f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=2)
+        for name in self.stage.trainable:
+            weights = path / f"{name}.safetensors"
+            if not weights.is_file():
+                raise CheckpointError(f"resume checkpoint {path} lacks {weights.name}")
+            load_weights_into(self.accelerator.unwrap_model(self.models[name]), load_file(str(weights)), weights)
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.step = int(state["step"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.best_value = state.get("best_value")
+        self.run_id = state.get("mlflow_run_id")
+        rng = path / f"rng-rank{self.accelerator.process_index}.pt"
+        if rng.is_file() and state.get("world_size") == self.accelerator.num_processes:
+            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        else:
+            warnings.warn(f"resuming {path} on {self.accelerator.num_processes} processes (saved on "
+                          f"{state.get('world_size')}): RNG streams start fresh", RuntimeWarning, stacklevel=2)
+        self._print(f"resumed from {path} at step {self.step}")
+
+    # ---------------------------------------------------------------- signals, agreement, misc
+    def _install_signal_handlers(self) -> None:
+        self._old_handlers: dict[int, Any] = {}
+        if not self.handle_signals or threading_is_not_main():
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                self._old_handlers[sig] = signal.signal(sig, request_stop)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+
+    def reduce(self, tensor: Tensor, op: Literal["sum", "mean", "max"]) -> Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        import torch.distributed as dist
+
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return out / self.accelerator.num_processes if op == "mean" else out
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.reduce(t, "max").item() > 0)
+
+    def _next_batch(self, batches: Iterator[dict[str, Any]], epoch: int, start: int, micro: int) -> dict[str, Any]:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            need = self.cfg.train.steps_per_epoch * self.cfg.train.grad_accum
+            raise DataError(f"the training data of epoch {epoch} ended early (rank {self.accelerator.process_index},"
+                            f" step {self.step}); an epoch needs {need} micro-batches (train.steps_per_epoch x "
+                            f"train.grad_accum)") from None
+        return to_device(batch, self.accelerator.device)
+
+    def _progress(self, total: int) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=self.step, desc=self.stage.run_name, unit="step", dynamic_ncols=True,
+                    disable=not self.accelerator.is_main_process)
+
+    def _print(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def build_accelerator(cfg: StageBase) -> Any:
+    """Accelerator for this config: CPU (gloo) when there is no CUDA or train.cpu is set."""
+    from accelerate import Accelerator
+
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    mp = cfg.train.mixed_precision
+    if cpu and mp == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def load_weights_into(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Strictly load saved weights into an existing model; shared-parameter aliases that
+    save_checkpoint dropped (MPRNet's one PReLU) are refilled from their kept key."""
+    from uniremoval.models.checkpoint import alias_groups
+
+    state = dict(state)
+    for keys in alias_groups(model.state_dict()):
+        present = [k for k in keys if k in state]
+        for k in keys:
+            if present:
+                state.setdefault(k, state[present[0]])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: does not match the model being trained: {str(exc)[:500]}") from None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (step-N folders; hidden .tmp folders are incomplete), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], Tensor):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain types and tensors only, so the file loads with weights_only=True.
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         *state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def threading_is_not_main() -> bool:
+    import threading
+
+    return threading.current_thread() is not threading.main_thread()
+

@@ -87,8 +87,17 @@ def register(subparsers) -> None:
     m.set_defaults(func=_merge)
 
 
-def _command() -> list[str]:
-    return ["uniremoval", *sys.argv[1:]] if sys.argv and "uniremoval" in sys.argv[0] else list(sys.argv)
+def _command(args) -> list[str]:
+    """The command line, rebuilt from the parsed options (also right when called in-process)."""
+    cmd = ["uniremoval", "shards", args.shards_command]
+    for name, value in vars(args).items():
+        if name in ("func", "command", "shards_command") or value is None or value is False:
+            continue
+        if name == "dir":
+            cmd.append(str(value))
+        else:
+            cmd += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return cmd
 
 
 def _dataset_name(args) -> str:
@@ -118,7 +127,7 @@ def _run_writer(args, items, issues, builder, source: dict) -> int:
         strict=args.strict,
         num_jobs=args.num_jobs,
         job_index=args.job_index,
-        command=_command(),
+        command=_command(args),
         progress=not args.no_progress,
     )
     print(summary.text())
@@ -196,7 +205,7 @@ def _verify(args) -> int:
 def _merge(args) -> int:
     from uniremoval.data.shardwriter import merge_job_manifests
 
-    merged = merge_job_manifests(args.dir, command=_command())
+    merged = merge_job_manifests(args.dir, command=_command(args))
     print(
         f"{args.dir}: merged {merged['plan']['num_jobs']} job manifest(s): {len(merged['shards'])} shard(s), "
         f"{merged['counts']['total']} samples -> {Path(args.dir) / 'manifest.json'}"

@@ -1,0 +1,346 @@
+"""Every reader on a tiny tree in its dataset's own layout: build, inspect, verify, and check each
+sample against the tree (pairing, bytes kept as-is, json fields).
+
+Each pair has an id written into its pixels (red channel = id, in both input and target), so a
+sample whose target belongs to another input is caught by looking at the pixels, not the names.
+The helpers here are reused by the other tests/test_shards_*.py files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uniremoval.commands import shards as shards_cmd
+from uniremoval.data.manifest import (
+    inspect_shards,
+    iter_tar_samples,
+    load_manifest,
+    sample_fields,
+    shard_paths,
+    verify_shards,
+)
+
+H, W = 24, 32
+
+
+@dataclass
+class Expected:
+    target: str | None
+    split: str
+    pid: int
+
+
+@dataclass
+class Tree:
+    root: Path
+    expected: dict[str, Expected] = field(default_factory=dict)
+    next_pid: int = 10
+
+    def image(self, rel: str, pid: int, green: int, size: tuple[int, int] = (H, W)) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.zeros((*size, 3), np.uint8)
+        arr[..., 0], arr[..., 1], arr[..., 2] = pid, green, 255 - pid
+        fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+        Image.fromarray(arr).save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        return path
+
+    def new_pid(self) -> int:
+        self.next_pid += 7
+        assert self.next_pid < 250, "tree too large for the pixel ids"
+        return self.next_pid
+
+    def pair(
+        self, inp: str, tgt: str | None, split: str, pid: int | None = None, write_target: bool = True
+    ) -> int:
+        """Degraded `inp` (+ clean `tgt`, written once even if shared) with the same pixel id."""
+        pid = pid if pid is not None else self.new_pid()
+        self.image(inp, pid, 150)
+        if tgt and write_target and not (self.root / tgt).exists():
+            self.image(tgt, pid, 40)
+        self.expected[inp] = Expected(tgt, split, pid)
+        return pid
+
+
+# ---------------------------------------------------------------------------------------------
+# one tree per layout, as each dataset is downloaded (see shards/README.md)
+
+
+def tree_reside_its(root: Path) -> Tree:
+    t = Tree(root)
+    for i in (1, 2, 3):
+        pid = t.new_pid()
+        for k in (1, 2, 3):
+            t.pair(f"hazy/{i}_{k}_0.{80 + k}179.png", f"clear/{i}.png", "train", pid)
+    t.image("clear/99.png", 200, 40)  # a clear image with no hazy version: unused, not an error
+    return t
+
+
+def tree_reside_ots(root: Path) -> Tree:
+    t = Tree(root)
+    for i in ("0001", "0025"):
+        pid = t.new_pid()
+        for a, b in (("0.8", "0.2"), ("1", "0.04")):
+            t.pair(f"hazy/{i}_{a}_{b}.jpg", f"clear/{i}.jpg", "train", pid)
+    return t
+
+
+def tree_reside_sots(root: Path) -> Tree:
+    t = Tree(root)
+    for i in ("1400", "1401"):
+        pid = t.new_pid()
+        for k in (1, 2):
+            t.pair(f"indoor/hazy/{i}_{k}.png", f"indoor/gt/{i}.png", "test", pid)
+    pid = t.new_pid()
+    t.pair("outdoor/hazy/0001_0.8_0.2.jpg", "outdoor/gt/0001.png", "test", pid)
+    return t
+
+
+def tree_reside_unpaired(root: Path) -> Tree:
+    t = Tree(root)  # RTTS
+    for name in ("AM_Bing_211", "BD_Baidu_074", "YT_Google_406"):
+        t.pair(f"JPEGImages/{name}.png", None, "test")
+        (root / "Annotations").mkdir(exist_ok=True)
+        (root / "Annotations" / f"{name}.xml").write_text("<annotation/>")
+    return t
+
+
+def tree_rain1400(root: Path) -> Tree:
+    t = Tree(root)
+    for split, folder, ids in (("train", "training", (1, 2)), ("test", "testing", (901,))):
+        for i in ids:
+            pid = t.new_pid()
+            for k in (1, 2, 14):
+                t.pair(f"{folder}/rainy_image/{i}_{k}.jpg", f"{folder}/ground_truth/{i}.jpg", split, pid)
+    return t
+
+
+def tree_gopro(root: Path) -> Tree:
+    t = Tree(root)
+    for split, seq in (("train", "GOPR0372_07_00"), ("train", "GOPR0374_11_00"), ("test", "GOPR0384_11_00")):
+        for frame in ("000047", "000048"):
+            base = f"GOPRO_Large/{split}/{seq}"
+            pid = t.pair(f"{base}/blur/{frame}.png", f"{base}/sharp/{frame}.png", split)
+            t.image(f"{base}/blur_gamma/{frame}.png", pid, 150)
+    return t
+
+
+def tree_spa(root: Path) -> Tree:
+    """Official lists: Testing/real_test_1000.txt and Training/real_world.txt, dataset-relative with '/'."""
+    t = Tree(root)
+    lines = []
+    for n in ("001", "002"):
+        inp, tgt = f"Testing/real_test_1000/rain/{n}.png", f"Testing/real_test_1000/gt/{n}gt.png"
+        t.pair(inp, tgt, "test")
+        lines.append(f"/real_test_1000/rain/{n}.png /real_test_1000/gt/{n}gt.png")
+    (root / "Testing/real_test_1000.txt").write_text("\n".join(lines) + "\n")
+    lines = []
+    for f in (1, 2):
+        inp, tgt = (
+            f"Training/real_world/000/000-{f}/000-{f}_1_1.png",
+            "Training/real_world_gt/000/000_1_1.png",
+        )
+        t.pair(inp, tgt, "train", pid=60)
+        lines.append(f"/real_world/000/000-{f}/000-{f}_1_1.png /real_world_gt/000/000_1_1.png")
+    (root / "Training/real_world.txt").write_text("\n".join(lines) + "\n")
+    return t
+
+
+def tree_realblur(root: Path) -> Tree:
+    t = Tree(root)
+    base = "RealBlur-J_ECC_IMCORR_centroid_itensity_ref"
+    for split, scenes in (("train", ("scene001", "scene002")), ("test", ("scene230",))):
+        lines = []
+        for scene in scenes:
+            for n in (1, 2):
+                gt, blur = f"{base}/{scene}/gt/gt_{n}.png", f"{base}/{scene}/blur/blur_{n}.png"
+                t.pair(blur, gt, split)
+                lines.append(f"{gt} {blur}")
+        (root / f"RealBlur_J_{split}_list.txt").write_text("\n".join(lines) + "\n")
+    return t
+
+
+def tree_paired_folder(root: Path) -> Tree:
+    t = Tree(root)
+    for name in ("a", "b_1", "c.d"):
+        t.pair(f"input/{name}.png", f"target/{name}.jpg", "train")
+    return t
+
+
+def tree_folder(root: Path) -> Tree:
+    t = Tree(root)
+    for rel in ("x.png", "sub/y.jpg", "sub/deeper/z.PNG"):
+        t.pair(rel, None, "train")
+    return t
+
+
+# format -> (tree maker, extra CLI args, degradation, domain)
+LAYOUTS = {
+    "reside-its": (tree_reside_its, [], "haze", "synthetic"),
+    "reside-ots": (tree_reside_ots, [], "haze", "synthetic"),
+    "reside-sots": (tree_reside_sots, [], "haze", "synthetic"),
+    "reside-unpaired": (tree_reside_unpaired, ["--split", "test"], "haze", "real"),
+    "rain1400": (tree_rain1400, [], "rain", "synthetic"),
+    "gopro": (tree_gopro, [], "blur", "synthetic"),
+    "spa": (tree_spa, [], "rain", "real"),
+    "realblur": (tree_realblur, [], "blur", "real"),
+    "paired-folder": (tree_paired_folder, ["--degradation", "rain"], "rain", "synthetic"),
+    "folder": (tree_folder, ["--degradation", "clear"], "clear", "real"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared with the other shard tests
+
+
+def run_cli(*argv: str) -> int:
+    """`uniremoval shards ...` in-process, through this command group's own parser."""
+    parser = argparse.ArgumentParser(prog="uniremoval")
+    shards_cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shards", *argv])
+    return args.func(args)
+
+
+def build(fmt: str, root: Path, out: Path, *extra: str) -> int:
+    return run_cli(
+        "build",
+        "--format",
+        fmt,
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+    )
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def samples(out: Path) -> list[tuple[str, dict]]:
+    return [s for p in shard_paths(out) for s in iter_tar_samples(p)]
+
+
+def check_samples(out: Path, tree: Tree, fmt: str, degradation: str, domain: str) -> None:
+    """Every expected pair appears exactly once, with its own bytes and its own partner."""
+    seen: dict[str, str] = {}
+    for key, fields in samples(out):
+        assert "." not in key and "/" not in key, key
+        assert key not in seen, f"duplicate key {key}"
+        meta = json.loads(fields["json"])
+        exp = tree.expected[meta["input_name"]]
+        inp, tgt = sample_fields(fields)
+        src = tree.root / meta["input_name"]
+        ext = src.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        assert inp == f"input.{ext}"
+        assert fields[inp] == src.read_bytes(), "input bytes must be the original file's, not re-encoded"
+        a = decode(fields[inp])
+        assert a.shape == (H, W, 3) and (meta["height"], meta["width"]) == (H, W)
+        assert abs(a[..., 0].astype(float).mean() - exp.pid) < 3, (
+            f"{key}: input pixels are not pair {exp.pid}"
+        )
+        if exp.target is None:
+            assert tgt is None and meta["target_name"] is None
+        else:
+            assert meta["target_name"] == exp.target
+            assert fields[tgt] == (tree.root / exp.target).read_bytes()
+            b = decode(fields[tgt])
+            assert abs(b[..., 0].astype(float).mean() - exp.pid) < 3, f"{key}: target belongs to another pair"
+            assert (
+                abs(b[..., 1].astype(float).mean() - 40) < 3 and abs(a[..., 1].astype(float).mean() - 150) < 3
+            )
+        assert (meta["degradation"], meta["domain"], meta["source"], meta["split"]) == (
+            degradation,
+            domain,
+            fmt,
+            exp.split,
+        )
+        seen[key] = meta["input_name"]
+    assert sorted(seen.values()) == sorted(tree.expected)
+
+
+@pytest.mark.parametrize("fmt", list(LAYOUTS))
+def test_layout_build_inspect_verify(tmp_path: Path, fmt: str, capsys) -> None:
+    make, extra, degradation, domain = LAYOUTS[fmt]
+    tree = make(tmp_path / "data")
+    out = tmp_path / "shards" / fmt.replace("-", "_")
+    assert build(fmt, tree.root, out, "--max-samples-per-shard", "4", *extra) == 0
+    check_samples(out, tree, fmt, degradation, domain)
+
+    n = len(tree.expected)
+    manifest = load_manifest(out)
+    assert manifest["counts"]["total"] == n
+    assert manifest["counts"]["degradation"] == {degradation: n}
+    assert manifest["counts"]["domain"] == {domain: n}
+    splits: dict[str, int] = {}
+    for e in tree.expected.values():
+        splits[e.split] = splits.get(e.split, 0) + 1
+    assert manifest["counts"]["split"] == splits
+    assert len(manifest["shards"]) == -(-n // 4)  # tiny files: the sample cap decides
+    assert [s["samples"] for s in manifest["shards"]][:-1] == [4] * (len(manifest["shards"]) - 1)
+    assert manifest["issues"]["total"] == 0
+    assert manifest["created_by"]["version"] and "build" in manifest["created_by"]["command"]
+
+    info = inspect_shards(out)
+    assert info["samples"] == n and info["shards"] == len(manifest["shards"])
+    assert info["paired"] == sum(e.target is not None for e in tree.expected.values())
+    assert info["resolution"]["most_common"] == {f"{W}x{H}": n}
+    assert verify_shards(out) == []
+    capsys.readouterr()
+    assert run_cli("inspect", str(out)) == 0
+    assert f"samples {n}" in capsys.readouterr().out
+    assert run_cli("verify", str(out)) == 0
+
+
+def test_layout_options(tmp_path: Path) -> None:
+    """--split, --subset and --blur-dir select what their layouts offer."""
+    gopro = tree_gopro(tmp_path / "gopro")
+    out = tmp_path / "g"
+    build("gopro", gopro.root, out, "--split", "test", "--blur-dir", "blur_gamma")
+    metas = [json.loads(f["json"]) for _, f in samples(out)]
+    assert len(metas) == 2 and all(m["split"] == "test" and "/blur_gamma/" in m["input_name"] for m in metas)
+
+    sots = tree_reside_sots(tmp_path / "sots")
+    build("reside-sots", sots.root, tmp_path / "s", "--subset", "outdoor")
+    metas = [json.loads(f["json"]) for _, f in samples(tmp_path / "s")]
+    assert [(m["subset"], m["airlight"], m["beta"]) for m in metas] == [("outdoor", 0.8, 0.2)]
+
+    its = tree_reside_its(tmp_path / "its")
+    build("reside-its", its.root, tmp_path / "i")
+    metas = {json.loads(f["json"])["input_name"]: json.loads(f["json"]) for _, f in samples(tmp_path / "i")}
+    assert metas["hazy/2_3_0.83179.png"]["variant"] == 3 and metas["hazy/2_3_0.83179.png"]["beta"] == 0.83179
+
+    rain = tree_rain1400(tmp_path / "rain")
+    build("rain1400", rain.root, tmp_path / "r", "--split", "test")
+    metas = [json.loads(f["json"]) for _, f in samples(tmp_path / "r")]
+    assert sorted(m["rain_index"] for m in metas) == [1, 2, 14] and {m["split"] for m in metas} == {"test"}
+
+
+def test_spa_folder_layout(tmp_path: Path) -> None:
+    """Without list files: real_test_1000/rain + real_test_1000/gt (<n>gt names), and unpaired rain."""
+    tree = Tree(tmp_path / "spa")
+    for n in ("1", "2"):
+        tree.pair(f"real_test_1000/rain/{n}.png", f"real_test_1000/gt/{n}gt.png", "test")
+    tree.pair("train/rain/r1.png", None, "train")
+    out = tmp_path / "o"
+    build("spa", tree.root, out)
+    check_samples(out, tree, "spa", "rain", "real")
+
+
+def test_rtts_keeps_image_ids(tmp_path: Path) -> None:
+    tree = tree_reside_unpaired(tmp_path / "RTTS")
+    build("reside-unpaired", tree.root, tmp_path / "o")
+    got = {k: json.loads(f["json"])["image_id"] for k, f in samples(tmp_path / "o")}
+    assert got == {n: n for n in ("AM_Bing_211", "BD_Baidu_074", "YT_Google_406")}

@@ -215,8 +215,8 @@ def write_shard(out_dir: str, plan: ShardPlan, builder: SampleBuilder, strict: b
     ):
         for item in plan.items:
             sample, bad = builder.build(item, cache)
-            if bad:
-                if strict:
+            if sample is None:
+                if strict and bad:
                     raise DataError(f"{bad[0].message()} (--strict stops at the first bad input)")
                 issues += bad
                 continue

@@ -57,11 +57,11 @@ class HazeRanges(_Ranges):
 
 class RainRanges(_Ranges):
     layers: tuple[int, int] = (1, 2)
-    density: Range = (0.002, 0.012)  # fraction of pixels seeding a streak
+    density: Range = (0.0005, 0.004)  # fraction of pixels seeding a streak
     length: Range = (0.04, 0.12)  # streak length as a fraction of the short side
     angle: Range = (-25.0, 25.0)  # degrees from vertical (shared by layers, +-5 jitter)
     width: Range = (0.4, 1.2)  # gaussian sigma across the streak, pixels
-    intensity: Range = (0.5, 0.9)  # peak streak opacity
+    intensity: Range = (0.25, 0.6)  # peak streak opacity
     veil: Range = (0.0, 0.0)  # uniform brightening from distant rain (accumulation)
 
 
@@ -97,12 +97,12 @@ PRESETS: dict[str, SynthRanges] = {
         ),
         rain=RainRanges(
             layers=(2, 3),
-            density=(0.004, 0.02),
+            density=(0.001, 0.005),
             length=(0.08, 0.25),
             angle=(-40.0, 40.0),
-            width=(0.8, 2.0),
-            intensity=(0.3, 0.7),
-            veil=(0.05, 0.2),
+            width=(0.8, 1.8),
+            intensity=(0.2, 0.5),
+            veil=(0.03, 0.12),
         ),
         blur=BlurRanges(
             kernel_size=(15, 35), length=(0.6, 1.0), anxiety=(0.05, 0.3), defocus_sigma=(0.3, 1.5)
@@ -141,14 +141,23 @@ def _norm01(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
+def _fftconvolve(x: np.ndarray, kernel: np.ndarray, mode: str) -> np.ndarray:
+    """2-D convolution by FFT, 'same' (zero borders) or 'valid' (numpy only: scipy.signal imports slowly)."""
+    h, w = x.shape
+    ky, kx = kernel.shape
+    shape = (h + ky - 1, w + kx - 1)
+    full = np.fft.irfft2(np.fft.rfft2(x, shape) * np.fft.rfft2(kernel, shape), shape)
+    if mode == "valid":
+        return full[ky - 1 : h, kx - 1 : w]
+    return full[ky // 2 : ky // 2 + h, kx // 2 : kx // 2 + w]
+
+
 def _convolve_rgb(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """'same' convolution with reflected borders (no dark frame around blurred images)."""
-    from scipy.signal import fftconvolve
-
     ky, kx = kernel.shape
     py, px = ky // 2, kx // 2
     padded = np.pad(img, ((py, ky - 1 - py), (px, kx - 1 - px), (0, 0)), mode="reflect")
-    return np.stack([fftconvolve(padded[..., c], kernel, mode="valid") for c in range(img.shape[2])], -1)
+    return np.stack([_fftconvolve(padded[..., c], kernel, "valid") for c in range(img.shape[2])], -1)
 
 
 def _splat(kernel: np.ndarray, ys: np.ndarray, xs: np.ndarray, weight: float = 1.0) -> None:
@@ -214,8 +223,6 @@ def _line_kernel(length: float, angle_deg: float, width: float) -> np.ndarray:
 
 
 def add_rain(img: np.ndarray, rng: np.random.Generator, r: RainRanges) -> tuple[np.ndarray, dict]:
-    from scipy.signal import fftconvolve
-
     h, w = img.shape[:2]
     base_angle = _u(rng, r.angle)
     out = img.copy()
@@ -225,7 +232,7 @@ def add_rain(img: np.ndarray, rng: np.random.Generator, r: RainRanges) -> tuple[
         angle = base_angle + float(rng.uniform(-5, 5))
         width, intensity = _u(rng, r.width), _u(rng, r.intensity)
         seeds = (rng.random((h, w)) < density) * rng.uniform(0.5, 1.0, (h, w))
-        streaks = np.clip(fftconvolve(seeds, _line_kernel(length, angle, width), mode="same"), 0.0, 1.0)
+        streaks = np.clip(_fftconvolve(seeds, _line_kernel(length, angle, width), "same"), 0.0, 1.0)
         out = 1 - (1 - out) * (1 - intensity * streaks[..., None])
         layers.append(
             {

@@ -1,0 +1,208 @@
+"""Synthesis: the physics of each degradation, seeding, recorded parameters, and `shards synth`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+from test_shards_layouts import decode, run_cli, samples
+
+from uniremoval.data.manifest import load_manifest, verify_shards
+from uniremoval.data.synth import (
+    PRESETS,
+    BlurRanges,
+    HazeRanges,
+    RainRanges,
+    SynthRanges,
+    encode_image,
+    get_preset,
+    shake_kernel,
+    synthesize,
+)
+from uniremoval.errors import ConfigError, DataError
+
+
+def textured(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:h, 0:w]
+    base = np.stack([xs * 3, ys * 4, (xs + ys) * 2], -1) % 200 + 20
+    return (base + rng.integers(0, 30, base.shape)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("degradation", ["haze", "rain", "blur"])
+@pytest.mark.parametrize("preset", ["default", "real-like"])
+def test_seeded_and_recorded(degradation: str, preset: str) -> None:
+    img = textured()
+    a, pa = synthesize(img, degradation, np.random.default_rng(7), PRESETS[preset])
+    b, pb = synthesize(img, degradation, np.random.default_rng(7), PRESETS[preset])
+    c, pc = synthesize(img, degradation, np.random.default_rng(8), PRESETS[preset])
+    assert a.dtype == np.uint8 and a.shape == img.shape
+    assert np.array_equal(a, b) and pa == pb
+    assert not np.array_equal(a, c) and pa != pc
+    assert np.abs(a.astype(int) - img).mean() > 0.5, "the degradation must be visible"
+    json.dumps(pa)  # parameters are plain JSON
+    if preset == "real-like":
+        assert 55 <= pa["jpeg_quality"] <= 90 and pa["noise_sigma"] > 0
+        data, ext = encode_image(a, pa)
+        assert ext == "jpg" and data[:2] == b"\xff\xd8"
+    else:
+        assert pa["jpeg_quality"] is None and pa["noise_sigma"] == 0
+        data, ext = encode_image(a, pa)
+        assert ext == "png" and np.array_equal(decode(data), a)
+
+
+def test_haze_follows_scattering_model() -> None:
+    ranges = SynthRanges(
+        haze=HazeRanges(
+            beta=(1.2, 1.2),
+            airlight=(0.9, 0.9),
+            airlight_tint=(0, 0),
+            near=(0.2, 0.2),
+            vertical_weight=(1.0, 1.0),
+        )
+    )
+    clean = np.full((40, 30, 3), 51, np.uint8)  # J = 0.2 everywhere: only the depth ramp varies
+    out, p = synthesize(clean, "haze", np.random.default_rng(0), ranges)
+    t_top, t_bottom = np.exp(-1.2 * 1.0), np.exp(-1.2 * 0.2)  # depth 1 at the top, `near` at the bottom
+    expect_top = 0.2 * t_top + 0.9 * (1 - t_top)
+    expect_bottom = 0.2 * t_bottom + 0.9 * (1 - t_bottom)
+    assert abs(out[0].mean() / 255 - expect_top) < 0.02
+    assert abs(out[-1].mean() / 255 - expect_bottom) < 0.02
+    assert np.all(np.diff(out[:, :, 0].mean(axis=1)) <= 0.5), "farther (higher) rows are hazier"
+    assert p["beta"] == 1.2 and p["airlight"] == [0.9, 0.9, 0.9]
+    assert abs(p["transmission_min"] - t_top) < 0.01
+
+
+def test_blur_kernel_is_normalised_and_centred() -> None:
+    rng = np.random.default_rng(3)
+    for size in (9, 17, 31):
+        k = shake_kernel(rng, size, 0.9, 0.2)
+        assert k.shape == (size, size) and k.min() >= 0 and abs(k.sum() - 1) < 1e-9
+        ys, xs = np.mgrid[0:size, 0:size]
+        c = (size - 1) / 2
+        assert abs((k * ys).sum() - c) < 0.6 and abs((k * xs).sum() - c) < 0.6
+    flat = np.full((32, 32, 3), 123, np.uint8)
+    out, p = synthesize(flat, "blur", rng, PRESETS["default"])
+    assert np.abs(out.astype(int) - 123).max() <= 1, "a constant image stays constant (borders reflected)"
+    assert p["kernel_size"] % 2 == 1 and 9 <= p["kernel_size"] <= 25
+    img = textured(64, 64)
+    out, _ = synthesize(img, "blur", rng, SynthRanges(blur=BlurRanges(kernel_size=(15, 15))))
+    assert abs(out.astype(float).mean() - img.astype(float).mean()) < 3
+    assert (
+        np.abs(np.diff(out.astype(float), axis=1)).mean() < np.abs(np.diff(img.astype(float), axis=1)).mean()
+    )
+
+
+def test_rain_only_adds_light_streaks() -> None:
+    img = textured()
+    out, p = synthesize(img, "rain", np.random.default_rng(1), SynthRanges(rain=RainRanges(layers=(2, 2))))
+    assert np.all(out.astype(int) >= img.astype(int) - 1), "screen blending never darkens"
+    assert len(p["layers"]) == 2 and all(0 < layer["coverage"] < 0.6 for layer in p["layers"])
+    assert all(-30 <= layer["angle"] <= 30 for layer in p["layers"])
+
+
+def test_ranges_are_validated() -> None:
+    with pytest.raises(ValidationError, match="beta"):
+        HazeRanges(beta=(2.0, 1.0))
+    with pytest.raises(ValidationError):
+        HazeRanges(betta=(1.0, 2.0))
+    with pytest.raises(ConfigError, match="real-like"):
+        get_preset("realistic")
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        synthesize(np.zeros((8, 8), np.uint8), "haze", np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# `uniremoval shards synth`
+
+
+def clean_dir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate([(48, 64), (40, 40), (56, 32)]):
+        Image.fromarray(textured(h, w, seed=i)).save(root / f"img{i}.png")
+    Image.fromarray(textured(32, 48, seed=9)).save(root / "photo.jpg", quality=90)
+    return root
+
+
+def synth(clean: Path, out: Path, *extra: str) -> int:
+    return run_cli(
+        "synth", "--clean", str(clean), "--out", str(out), "--workers", "1", "--no-progress", *extra
+    )
+
+
+def test_synth_build(tmp_path: Path) -> None:
+    clean = clean_dir(tmp_path / "clean")
+    out = tmp_path / "haze"
+    assert synth(clean, out, "--degradation", "haze", "--per-image", "2", "--seed", "5") == 0
+    got = samples(out)
+    assert len(got) == 8 and len({k for k, _ in got}) == 8
+    for key, fields in got:
+        meta = json.loads(fields["json"])
+        assert key.endswith(("-haze0", "-haze1")) and "." not in key
+        assert (meta["degradation"], meta["domain"], meta["split"]) == ("haze", "synthetic", "train")
+        syn = meta["synthesis"]
+        assert syn["preset"] == "default" and syn["seed"] == 5 and syn["variant"] in (0, 1)
+        assert {"beta", "airlight", "sample_seed"} <= syn.keys()
+        src = clean / meta["target_name"]
+        tgt_ext = "jpg" if src.suffix == ".jpg" else "png"
+        assert fields[f"target.{tgt_ext}"] == src.read_bytes(), "the clean target is the original file"
+        inp = decode(fields["input.png"])
+        assert (
+            inp.shape[:2] == (meta["height"], meta["width"]) == decode(fields[f"target.{tgt_ext}"]).shape[:2]
+        )
+        # reproducible from the recorded seed alone
+        again, _ = synthesize(
+            np.asarray(Image.open(src).convert("RGB")), "haze", np.random.default_rng(syn["sample_seed"])
+        )
+        assert np.array_equal(inp, again)
+    manifest = load_manifest(out)
+    assert manifest["counts"] == {
+        "total": 8,
+        "degradation": {"haze": 8},
+        "domain": {"synthetic": 8},
+        "split": {"train": 8},
+    }
+    assert manifest["source"]["params"] == "default" and verify_shards(out) == []
+
+    same = tmp_path / "same"
+    synth(clean, same, "--degradation", "haze", "--per-image", "2", "--seed", "5", "--name", "haze")
+    assert [s["sha256"] for s in load_manifest(same)["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    other = tmp_path / "other"
+    synth(clean, other, "--degradation", "haze", "--per-image", "2", "--seed", "6", "--name", "haze")
+    assert [s["sha256"] for s in load_manifest(other)["shards"]] != [s["sha256"] for s in manifest["shards"]]
+
+
+def test_synth_real_like_and_bad_clean(tmp_path: Path) -> None:
+    clean = clean_dir(tmp_path / "clean")
+    full = (clean / "img0.png").read_bytes()
+    (clean / "broken.png").write_bytes(full[: len(full) // 3])
+    out = tmp_path / "rain"
+    synth(clean, out, "--degradation", "rain", "--per-image", "2", "--params", "real-like")
+    got = samples(out)
+    assert len(got) == 8
+    assert all("input.jpg" in f and json.loads(f["json"])["synthesis"]["jpeg_quality"] for _, f in got)
+    report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["path"]) for r in report] == [("truncated", "broken.png")]
+    assert load_manifest(out)["issues"] == {"total": 1, "truncated": 1}
+    with pytest.raises(DataError, match=r"truncated: broken\.png"):
+        synth(clean, tmp_path / "blur", "--degradation", "blur", "--strict")
+
+
+def test_synth_on_real_clean_images(tmp_path: Path) -> None:
+    real = Path(__file__).resolve().parents[1] / ".." / "shared" / "realdata" / "clean"
+    if not real.is_dir():
+        pytest.skip("../shared/realdata is not present")
+    img = np.asarray(Image.open(min(real.glob("*.png"))).convert("RGB"))[:128, :128]
+    for d in ("haze", "rain", "blur"):
+        out, _ = synthesize(img, d, np.random.default_rng(0))
+        gray_in, gray_out = img.mean(axis=2), out.astype(float).mean(axis=2)
+        if d == "haze":
+            assert gray_out.std() < gray_in.std(), "haze lowers contrast"
+        if d == "blur":
+            assert np.abs(np.diff(gray_out, axis=0)).mean() < np.abs(np.diff(gray_in, axis=0)).mean()
+        if d == "rain":
+            assert gray_out.mean() > gray_in.mean()

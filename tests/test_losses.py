@@ -17,7 +17,6 @@ from uniremoval.losses.mgcl import DALoss, KTLoss
 from uniremoval.losses.pixel import EdgeLoss, charbonnier_loss, l1_loss, mprnet_stage_loss
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny tensors: on a shared 2-core machine, torch's thread pool makes these tests ~15x slower.
@@ -89,7 +88,9 @@ def test_mask_drops_negatives_and_empty_rows_give_zero() -> None:
     row_both = -math.log(math.e / (math.e + 1 + math.e))
     row_orth = math.log(1 + math.exp(-1))
     mask = torch.tensor([[True, False], [True, True]])
-    assert contrastive_loss(a, pos, neg, 1.0, mask).item() == pytest.approx((row_orth + row_both) / 2, rel=1e-12)
+    assert contrastive_loss(a, pos, neg, 1.0, mask).item() == pytest.approx(
+        (row_orth + row_both) / 2, rel=1e-12
+    )
     # A row with no negatives left contributes exactly 0 and still counts in the mean over N.
     mask = torch.tensor([[False, False], [True, True]])
     assert contrastive_loss(a, pos, neg, 1.0, mask).item() == pytest.approx(row_both / 2, rel=1e-12)
@@ -145,7 +146,9 @@ def test_gradcheck_float64(tau: float, p: int) -> None:
     assert torch.autograd.gradcheck(lambda x, y, z: contrastive_loss(x, y[0], z[1], tau), (a, pos, neg))
 
 
-def _finite_value_and_grads(a: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float, mask=None) -> float:
+def _finite_value_and_grads(
+    a: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float, mask=None
+) -> float:
     leaves = [x.detach().clone().requires_grad_(True) for x in (a, pos, neg)]
     loss = contrastive_loss(*leaves, tau, mask)
     loss.backward()
@@ -182,6 +185,14 @@ def test_half_precision_inputs_are_computed_in_float32() -> None:
     a = torch.randn(3, 8).half()
     loss = contrastive_loss(a, a[:, None], torch.randn(3, 4, 8).half(), 1e-6)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    # Under autocast the matmul would otherwise run in bfloat16; the value must match float32's.
+    g = torch.Generator().manual_seed(9)
+    a, pos, neg = (torch.randn(3, k, 64, generator=g) for k in (1, 2, 5))
+    a = a[:, 0]
+    ref = contrastive_loss(a, pos, neg, 1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = contrastive_loss(a, pos, neg, 1e-3)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +358,9 @@ def test_kt_total_and_ablation_keys() -> None:
     student = TinyNet()
     out, feat = student(degraded)
     labels = torch.tensor([0, 0, 1, 2])
-    full = KTLoss(TinyPhi(), LW, a2=0.1, tau=0.5)(out, teacher_out, degraded, feat, teacher_feat, labels, a1=0.3)
+    full = KTLoss(TinyPhi(), LW, a2=0.1, tau=0.5)(
+        out, teacher_out, degraded, feat, teacher_feat, labels, a1=0.3
+    )
     assert set(full) == {"pixel", "ig", "fg", "total"}
     expected = full["pixel"] + 0.1 * (full["ig"] + 0.3 * full["fg"])
     assert full["total"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -356,7 +369,9 @@ def test_kt_total_and_ablation_keys() -> None:
     assert icl["ig"].item() == pytest.approx(full["ig"].item(), rel=1e-6)
     bkt = KTLoss(None, use_icl=False, use_fcl=False)(out, teacher_out, degraded, None, None, None, 0.3)
     assert set(bkt) == {"pixel", "total"} and bkt["total"].item() == pytest.approx(bkt["pixel"].item())
-    fcl_only = KTLoss(None, use_icl=False, tau=0.5)(out, teacher_out, degraded, feat, teacher_feat, labels, 0.3)
+    fcl_only = KTLoss(None, use_icl=False, tau=0.5)(
+        out, teacher_out, degraded, feat, teacher_feat, labels, 0.3
+    )
     assert set(fcl_only) == {"pixel", "fg", "total"}
     cb = KTLoss(None, use_icl=False, use_fcl=False, pixel="charbonnier")(out, teacher_out, degraded)
     assert cb["pixel"].item() == pytest.approx(charbonnier_loss(out, teacher_out).item())
@@ -382,13 +397,17 @@ def test_kt_feature_negatives_exclude_anchor_and_same_type() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     a, p = flatten_features(sf), flatten_features(tf)[:, None]
     loss_all = KTLoss(None, use_icl=False, tau=0.4).feature_loss(sf, tf, labels)
-    assert loss_all.item() == pytest.approx(contrastive_loss(a, p, a, 0.4, ~torch.eye(4, dtype=torch.bool)).item())
+    assert loss_all.item() == pytest.approx(
+        contrastive_loss(a, p, a, 0.4, ~torch.eye(4, dtype=torch.bool)).item()
+    )
     other = KTLoss(None, use_icl=False, tau=0.4, feature_negatives="other_types").feature_loss(sf, tf, labels)
     mask = labels[:, None] != labels[None, :]
     assert other.item() == pytest.approx(contrastive_loss(a, p, a, 0.4, mask).item())
     assert other.item() != pytest.approx(loss_all.item())
     # one type in the whole batch: nothing to contrast against, the term is 0
-    same = KTLoss(None, use_icl=False, feature_negatives="other_types").feature_loss(sf, tf, torch.zeros(4).long())
+    same = KTLoss(None, use_icl=False, feature_negatives="other_types").feature_loss(
+        sf, tf, torch.zeros(4).long()
+    )
     assert same.item() == 0.0
     with pytest.raises(ValueError, match="labels"):
         KTLoss(None, use_icl=False, feature_negatives="other_types").feature_loss(sf, tf, None)
@@ -408,7 +427,7 @@ def test_kt_config_errors() -> None:
 
 @pytest.mark.parametrize("negatives_grad", [False, True])
 def test_kt_negatives_grad_flag(negatives_grad: bool) -> None:
-    degraded, teacher_out, teacher_feat = _kt_inputs()
+    degraded, teacher_out, _ = _kt_inputs()
     degraded = degraded.clone().requires_grad_(True)
     teacher_out = teacher_out.clone().requires_grad_(True)
     loss = KTLoss(TinyPhi(), LW, tau=0.5, use_fcl=False, negatives_grad=negatives_grad)
@@ -425,7 +444,9 @@ def test_kt_negatives_grad_flag(negatives_grad: bool) -> None:
     KTLoss(None, use_icl=False, tau=0.5, negatives_grad=negatives_grad).feature_loss(sf, tf, None).backward()
     a = sf.detach().clone().requires_grad_(True)
     af = flatten_features(a)
-    contrastive_loss(af, flatten_features(tf)[:, None], af.detach(), 0.5, ~torch.eye(4, dtype=torch.bool)).backward()
+    contrastive_loss(
+        af, flatten_features(tf)[:, None], af.detach(), 0.5, ~torch.eye(4, dtype=torch.bool)
+    ).backward()
     assert torch.allclose(sf.grad, a.grad) == (not negatives_grad)
 
 
@@ -442,7 +463,9 @@ def test_da_total_keys_and_discriminator() -> None:
     restored_clear, feat_clear = student(clear)
     d_fake = torch.randn(4, 1, 3, 3)
     loss = DALoss(TinyPhi(), LW, l2=0.2, l3=0.3, tau=0.5)
-    terms = loss.generator_terms(restored_real, real, restored_clear, clear, feat_real, feat_real, feat_clear, d_fake, 0.4)
+    terms = loss.generator_terms(
+        restored_real, real, restored_clear, clear, feat_real, feat_real, feat_clear, d_fake, 0.4
+    )
     assert set(terms) == {"gan", "idt", "eig", "efg", "total"}
     expected = terms["gan"] + 0.2 * terms["idt"] + 0.3 * (terms["eig"] + 0.4 * terms["efg"])
     assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -450,7 +473,9 @@ def test_da_total_keys_and_discriminator() -> None:
     assert terms["gan"].item() == pytest.approx(generator_loss(d_fake, "lsgan").item())
     # efg: positives = the whole batch of clear features, negatives = other real samples' features
     a, pc = flatten_features(feat_real), flatten_features(feat_clear)
-    efg = contrastive_loss(a, pc[None].expand(4, -1, -1), a[None].expand(4, -1, -1), 0.5, ~torch.eye(4, dtype=torch.bool))
+    efg = contrastive_loss(
+        a, pc[None].expand(4, -1, -1), a[None].expand(4, -1, -1), 0.5, ~torch.eye(4, dtype=torch.bool)
+    )
     assert terms["efg"].item() == pytest.approx(efg.item(), rel=1e-6)
     bda = DALoss(None, use_eicl=False, use_efcl=False).generator_terms(
         restored_real, real, restored_clear, clear, d_fake_logits=d_fake
@@ -461,7 +486,9 @@ def test_da_total_keys_and_discriminator() -> None:
     )
     assert set(eicl) == {"eig", "total"}
     assert eicl["eig"].item() == pytest.approx(terms["eig"].item(), rel=1e-6)
-    d = DALoss(None, use_eicl=False, gan="hinge").discriminator_terms(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5]))
+    d = DALoss(None, use_eicl=False, gan="hinge").discriminator_terms(
+        torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    )
     assert (d["d_real"].item(), d["d_fake"].item(), d["total"].item()) == pytest.approx((0.5, 0.75, 0.625))
 
 
@@ -475,11 +502,18 @@ def test_da_negative_and_positive_grad_flags(grad_flags: bool) -> None:
     feat_real = torch.randn(4, 2, 3, 3, generator=g, requires_grad=True)
     feat_deg = torch.randn(4, 2, 3, 3, generator=g, requires_grad=True)
     feat_clear = torch.randn(3, 2, 3, 3, generator=g, requires_grad=True)
-    loss = DALoss(TinyPhi(), LW, tau=0.5, use_gan=False, use_idt=False,
-                  negatives_grad=grad_flags, positives_grad=grad_flags)
-    loss.generator_terms(restored_real, real, restored_clear, clear, feat_real, feat_deg, feat_clear, None, 0.5)[
-        "total"
-    ].backward()
+    loss = DALoss(
+        TinyPhi(),
+        LW,
+        tau=0.5,
+        use_gan=False,
+        use_idt=False,
+        negatives_grad=grad_flags,
+        positives_grad=grad_flags,
+    )
+    loss.generator_terms(
+        restored_real, real, restored_clear, clear, feat_real, feat_deg, feat_clear, None, 0.5
+    )["total"].backward()
     assert restored_real.grad is not None and feat_real.grad is not None  # anchors always train
     for leaf in (real, feat_deg, restored_clear, feat_clear):
         assert (leaf.grad is not None and leaf.grad.abs().sum() > 0) == grad_flags
@@ -506,12 +540,12 @@ def _optimise(model: nn.Module, loss_fn, steps: int = 30, lr: float = 1e-2) -> t
     return first, last
 
 
-def test_pixel_and_edge_losses_decrease() -> None:
+@pytest.mark.parametrize("fn", [l1_loss, charbonnier_loss, EdgeLoss()], ids=["l1", "charbonnier", "edge"])
+def test_pixel_and_edge_losses_decrease(fn) -> None:
     x, y = _batch(1), _batch(2)
-    for fn in (l1_loss, charbonnier_loss, EdgeLoss()):
-        model = TinyNet()
-        first, last = _optimise(model, lambda: fn(model(x)[0], y))
-        assert last < 0.8 * first, (fn, first, last)
+    model = TinyNet()
+    first, last = _optimise(model, lambda: fn(model(x)[0], y))
+    assert last < 0.8 * first, (first, last)
     model = TinyNet()
     first, last = _optimise(model, lambda: mprnet_stage_loss([model(x)[0], model(x)[0] * 0.5], y)["total"])
     assert last < 0.8 * first
@@ -558,7 +592,9 @@ class TinyD(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(3)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

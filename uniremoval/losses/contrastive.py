@@ -55,7 +55,9 @@ def _cosines(anchor_unit: Tensor, others: Tensor, name: str) -> Tensor:
                 f"{name} has shape {tuple(others.shape)}, expected ({n}, K, {d}) for an anchor of shape ({n}, {d})"
             )
         return torch.einsum("nd,nkd->nk", anchor_unit, safe_normalize(others))
-    raise ValueError(f"{name} must be (K, D) shared by all anchors or (N, K, D); got shape {tuple(others.shape)}")
+    raise ValueError(
+        f"{name} must be (K, D) shared by all anchors or (N, K, D); got shape {tuple(others.shape)}"
+    )
 
 
 def contrastive_loss(
@@ -81,12 +83,22 @@ def contrastive_loss(
         contrast against and contributes exactly 0 (it still counts in the mean over N, so the
         scale of the loss does not jump with the number of such rows).
 
-    Half-precision inputs are computed in float32 (the clamp eps and the 1/tau scale need it).
+    Half-precision inputs are computed in float32, with autocast turned off inside: at tau = 1e-6 a
+    bfloat16 cosine (~4e-3 of rounding) would move the logits by thousands.
     """
+    with torch.autocast(device_type=anchor.device.type, enabled=False):
+        return _contrastive_loss_fp32(anchor, positives, negatives, tau, neg_mask)
+
+
+def _contrastive_loss_fp32(
+    anchor: Tensor, positives: Tensor, negatives: Tensor, tau: float, neg_mask: Tensor | None
+) -> Tensor:
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if anchor.dim() != 2:
-        raise ValueError(f"anchor must be (N, D), got shape {tuple(anchor.shape)}; flatten it with flatten_features")
+        raise ValueError(
+            f"anchor must be (N, D), got shape {tuple(anchor.shape)}; flatten it with flatten_features"
+        )
     if anchor.dtype not in (torch.float32, torch.float64):
         anchor = anchor.float()
     positives = positives.to(anchor.dtype)

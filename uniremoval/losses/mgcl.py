@@ -185,8 +185,15 @@ class KTLoss(nn.Module):
         if self.use_icl:
             assert self.phi is not None  # checked in __init__
             ig = image_level_loss(
-                self.phi, self.layer_weights, student_out, teacher_out, degraded, self.tau,
-                per_anchor_positive=True, positives_grad=False, negatives_grad=self.negatives_grad,
+                self.phi,
+                self.layer_weights,
+                student_out,
+                teacher_out,
+                degraded,
+                self.tau,
+                per_anchor_positive=True,
+                positives_grad=False,
+                negatives_grad=self.negatives_grad,
             )
             terms["ig"] = ig
             contrast = contrast + ig
@@ -197,7 +204,9 @@ class KTLoss(nn.Module):
         terms["total"] = pixel + self.a2 * contrast
         return terms
 
-    def feature_loss(self, student_feat: Tensor | None, teacher_feat: Tensor | None, labels: Tensor | None) -> Tensor:
+    def feature_loss(
+        self, student_feat: Tensor | None, teacher_feat: Tensor | None, labels: Tensor | None
+    ) -> Tensor:
         """L_fg: anchor = student feature, positive = teacher feature, negatives = other samples' student features."""
         if student_feat is None or teacher_feat is None:
             raise ValueError("the feature-level term (use_fcl) needs student_feat and teacher_feat")
@@ -244,7 +253,9 @@ class DALoss(nn.Module):
         if gan not in GAN_KINDS:
             raise ConfigError(f"unknown GAN loss {gan!r}; choose one of {', '.join(GAN_KINDS)}")
         if use_eicl and phi is None:
-            raise ConfigError("the extended image-level contrastive term (use_eicl) needs a feature extractor phi")
+            raise ConfigError(
+                "the extended image-level contrastive term (use_eicl) needs a feature extractor phi"
+            )
         self.phi = phi
         self.layer_weights = tuple(float(w) for w in layer_weights)
         self.l2 = l2
@@ -299,8 +310,15 @@ class DALoss(nn.Module):
         if self.use_eicl:
             assert self.phi is not None  # checked in __init__
             terms["eig"] = image_level_loss(
-                self.phi, self.layer_weights, restored_real, restored_clear, real_degraded, self.tau,
-                per_anchor_positive=False, positives_grad=self.positives_grad, negatives_grad=self.negatives_grad,
+                self.phi,
+                self.layer_weights,
+                restored_real,
+                restored_clear,
+                real_degraded,
+                self.tau,
+                per_anchor_positive=False,
+                positives_grad=self.positives_grad,
+                negatives_grad=self.negatives_grad,
             )
             contrast = contrast + terms["eig"]
         if self.use_efcl:
@@ -310,7 +328,10 @@ class DALoss(nn.Module):
         return terms
 
     def feature_loss(
-        self, feat_restored_real: Tensor | None, feat_degraded: Tensor | None, feat_restored_clear: Tensor | None
+        self,
+        feat_restored_real: Tensor | None,
+        feat_degraded: Tensor | None,
+        feat_restored_clear: Tensor | None,
     ) -> Tensor:
         """L_efg: anchors = features on x_r, positives = all features on x_c, negatives = other samples' x_r features."""
         if feat_restored_real is None or feat_degraded is None or feat_restored_clear is None:

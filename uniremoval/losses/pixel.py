@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 def _check_same_shape(x: Tensor, y: Tensor, what: str) -> None:
     if x.shape != y.shape:
-        raise ValueError(f"{what}: prediction shape {tuple(x.shape)} differs from target shape {tuple(y.shape)}")
+        raise ValueError(
+            f"{what}: prediction shape {tuple(x.shape)} differs from target shape {tuple(y.shape)}"
+        )
 
 
 def l1_loss(x: Tensor, y: Tensor) -> Tensor:

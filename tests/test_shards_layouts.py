@@ -320,7 +320,8 @@ def test_layout_options(tmp_path: Path) -> None:
     its = tree_reside_its(tmp_path / "its")
     build("reside-its", its.root, tmp_path / "i")
     metas = {json.loads(f["json"])["input_name"]: json.loads(f["json"]) for _, f in samples(tmp_path / "i")}
-    assert metas["hazy/2_3_0.83179.png"]["variant"] == 3 and metas["hazy/2_3_0.83179.png"]["beta"] == 0.83179
+    assert metas["hazy/2_3_0.83179.png"]["variant"] == 3
+    assert metas["hazy/2_3_0.83179.png"]["name_fields"] == ["3", "0.83179"]
 
     rain = tree_rain1400(tmp_path / "rain")
     build("rain1400", rain.root, tmp_path / "r", "--split", "test")

@@ -228,12 +228,11 @@ def _haze_extra(fields: list[str]) -> dict:
         numbers = [float(f) for f in fields]
     except ValueError:
         return extra
-    # OTS / SOTS-outdoor: <id>_<A>_<beta>; ITS: <id>_<k>_<beta> (k = which of the 10 versions).
+    # OTS / SOTS-outdoor: <id>_<A>_<beta>. ITS: <id>_<k>_<value>, k = which of the 10 versions;
+    # the RESIDE pages do not name the last field, so it stays only in name_fields.
     if len(numbers) == 2 and "." in fields[0]:
         extra.update(airlight=numbers[0], beta=numbers[1])
-    elif len(numbers) == 2:
-        extra.update(variant=int(numbers[0]), beta=numbers[1])
-    elif len(numbers) == 1:
+    elif numbers and "." not in fields[0]:
         extra.update(variant=int(numbers[0]))
     return extra
 
@@ -638,7 +637,7 @@ def read_folder(root: Path, opts: ReaderOptions) -> ReadResult:
 READERS: dict[str, ReaderSpec] = {
     spec.name: spec
     for spec in (
-        ReaderSpec("reside-its", read_reside_its, "hazy/<id>_<k>_<beta>.png + clear/<id>.png"),
+        ReaderSpec("reside-its", read_reside_its, "hazy/<id>_<k>_<x>.png + clear/<id>.png"),
         ReaderSpec("reside-ots", read_reside_ots, "hazy/<id>_<A>_<beta>.jpg + clear/<id>.jpg"),
         ReaderSpec(
             "reside-sots",

@@ -352,3 +352,60 @@ def test_shard_paths_forms(tmp_path: Path) -> None:
     (out / "its-000004.tar").unlink()
     with pytest.raises(DataError, match="missing"):
         shard_paths(out)
+
+
+def test_all_inputs_rejected_still_writes_report(tmp_path: Path) -> None:
+    tree = Tree(tmp_path / "its")
+    tree.image("hazy/1_1_0.9.png", 1, 1)
+    tree.image("hazy/2_1_0.9.png", 2, 1)
+    (tree.root / "clear").mkdir()
+    with pytest.raises(DataError, match=r"all 2 input\(s\) were rejected; see .*report\.jsonl"):
+        build("reside-its", tree.root, tmp_path / "out")
+    assert len((tmp_path / "out/report.jsonl").read_text().splitlines()) == 2
+
+
+def test_real_cli_exit_codes(tmp_path: Path) -> None:
+    """Through `python -m uniremoval`: 0 on success, 2 with one error line, 1 when verify fails."""
+    import subprocess
+    import sys
+
+    tree = tree_reside_its(tmp_path / "its")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "uniremoval", "shards"]
+    ok = subprocess.run(
+        [
+            *cmd,
+            "build",
+            "--format",
+            "reside-its",
+            "--root",
+            str(tree.root),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--max-samples-per-shard",
+            "3",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "9 samples" in ok.stdout and load_manifest(out)["created_by"]["command"][:4] == [
+        "uniremoval",
+        "shards",
+        "build",
+        "--format",
+    ]
+    bad = subprocess.run(
+        [*cmd, "build", "--format", "gopro", "--root", str(tree.root), "--out", str(tmp_path / "g")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --root") and "gopro" in bad.stderr
+    (out / "out-000001.tar").write_bytes(b"")
+    ver = subprocess.run([*cmd, "verify", str(out)], capture_output=True, text=True, check=False)
+    assert ver.returncode == 1 and "out-000001.tar: 0 bytes" in ver.stderr

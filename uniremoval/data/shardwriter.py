@@ -437,10 +437,14 @@ def build_shards(
         raise ConfigError(f"dataset name {dataset!r}: use letters, digits, '_' and '-' only (--name)")
     if strict and planning_issues:
         raise DataError(f"{planning_issues[0].message()} (--strict stops at the first bad input)")
-    if not items:
-        raise DataError("no usable samples: every input was rejected (see the issues above)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not items:
+        report = out / report_name(job_index, num_jobs)
+        atomic_write_text(
+            report, "".join(json.dumps(i.to_dict(), sort_keys=True) + "\n" for i in planning_issues)
+        )
+        raise DataError(f"no usable samples: all {len(planning_issues)} input(s) were rejected; see {report}")
     start = time.perf_counter()
 
     plans = plan_shards(items, builder, dataset, shard_bytes, max_samples)
@@ -457,8 +461,13 @@ def build_shards(
 
     state_path = _state_path(out, job_index, num_jobs)
 
-    def save_state() -> None:
-        atomic_write_json(state_path, {"dataset": dataset, "shards": records})
+    last_save = [0.0]
+
+    def save_state(force: bool = False) -> None:
+        # Throttled: a record lost to a kill only costs rebuilding that (identical) shard.
+        if force or time.monotonic() - last_save[0] > 2.0:
+            atomic_write_json(state_path, {"dataset": dataset, "shards": records})
+            last_save[0] = time.monotonic()
 
     from tqdm import tqdm
 
@@ -482,7 +491,7 @@ def build_shards(
     finally:
         bar.close()
         if pending:
-            save_state()
+            save_state(force=True)
 
     # Shards numbered past the current plan belong to an older, larger plan: no job owns them now.
     stale = []

@@ -290,3 +290,17 @@ def test_two_process_launch(data, tmp_path):
             assert step["degraded_shape"] == [5, 3, 32, 32] and step["clear_shape"] == [2, 3, 32, 32]
     # The ranks read different data: their first batches differ.
     assert ranks[0]["kt"][0]["keys"][0] != ranks[1]["kt"][0]["keys"][0]
+
+
+def test_decoder_matches_pil_pixel_for_pixel():
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for mode, fmt in [("RGB", "PNG"), ("RGB", "JPEG"), ("RGB", "BMP"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG")]:
+        buf = io.BytesIO()
+        Image.fromarray(img).convert(mode).save(buf, format=fmt)
+        ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        got = decode_image(buf.getvalue())
+        assert got.shape == (20, 30, 3) and (got == ref).all(), (mode, fmt)
+    with pytest.raises(Exception):
+        decode_image(b"definitely not an image")

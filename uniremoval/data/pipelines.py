@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -214,6 +213,80 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
+class TarFormatError(ValueError):
+    """The bytes are not a well-formed tar stream (bad checksum, cut short, empty)."""
+
+
+def _read_exact(stream: Any, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        b = stream.read(n - got)
+        if not b:
+            break
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file in a tar stream, in order.
+
+    A small sequential reader instead of `tarfile` in stream mode: tarfile spends most of the
+    loader's non-decode time parsing pax headers (webdataset's TarWriter writes one per member).
+    Handles ustar prefixes, pax `path`/`size` and GNU long names; checks header checksums; raises
+    TarFormatError on an empty stream or one that ends without its end-of-archive blocks.
+    """
+    pax: dict[str, str] = {}
+    long_name: bytes | None = None
+    first = True
+    while True:
+        hdr = _read_exact(stream, 512)
+        if len(hdr) < 512:
+            raise TarFormatError(
+                "empty shard" if first and not hdr else "tar stream cut short (no end-of-archive)"
+            )
+        first = False
+        if hdr.count(0) == 512:
+            return  # end-of-archive block
+        stored = _octal(hdr[148:156])
+        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise TarFormatError("tar header checksum mismatch (corrupt or not a tar file)")
+        kind = hdr[156:157]
+        size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136])
+        data = _read_exact(stream, size)
+        pad = -size % 512
+        if len(data) < size or len(_read_exact(stream, pad)) < pad:
+            raise TarFormatError("tar stream cut short inside a member")
+        if kind == b"x":  # pax extended header for the next member: records "LEN key=value\n"
+            pax, pos = {}, 0
+            while pos < len(data):
+                length = int(data[pos : data.index(b" ", pos)])
+                key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+                pax[key.decode()] = value.decode("utf-8")
+                pos += length
+            continue
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0")
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            name = hdr[0:100].split(b"\0", 1)[0]
+            if hdr[257:262] == b"ustar":
+                prefix = hdr[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+            if long_name is not None:
+                name = long_name
+            yield pax.get("path") or name.decode("utf-8"), data
+        pax, long_name = {}, None  # directories, links, global headers: skipped
+
+
 def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) for every complete sample of one shard, in tar order.
 
@@ -236,24 +309,23 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     try:
         stream = gopen(url, "rb")
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_name(member.name)
-                fh = tar.extractfile(member)
-                data = fh.read() if fh is not None else b""
-                if k != key:
-                    if key is not None:
-                        last = key
-                        yield key, files
-                    key, files = k, {}
-                files[ext] = data
+        if url.endswith((".tar.gz", ".tgz")):
+            import gzip
+
+            stream = gzip.GzipFile(fileobj=stream)
+        for name, data in tar_members(stream):
+            k, ext = _split_name(name)
+            if k != key:
+                if key is not None:
+                    last = key
+                    yield key, files
+                key, files = k, {}
+            files[ext] = data
         stream.close()  # a failed pipe or curl (non-zero exit) raises here, before the last sample
     except GeneratorExit:  # the consumer stopped early (end of epoch): not an error
         close_quietly()
         raise
-    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError) as exc:
         close_quietly()
         raise ShardReadError(url, last, exc) from exc
     if key is not None:
@@ -491,12 +563,26 @@ class _Mixer:
 
 
 def _collate(samples: list[dict[str, Any]], fields: Sequence[str]) -> dict[str, Any]:
+    # In a DataLoader worker, build the batch straight in shared memory (as default_collate does):
+    # it then crosses to the main process without another copy.
+    shared = get_worker_info() is not None
     batch: dict[str, Any] = {}
     for f in fields:
-        if f == "feature":
-            batch[f] = torch.stack([torch.from_numpy(np.ascontiguousarray(s[f])).float() for s in samples])
-        else:
-            batch[f] = torch.stack([to_tensor(s[f]) for s in samples])
+        first = samples[0][f]
+        shape = (
+            (len(samples), *first.shape)
+            if f == "feature"
+            else (len(samples), first.shape[2], *first.shape[:2])
+        )
+        out = torch.empty(shape, dtype=torch.float32)
+        if shared:
+            out.share_memory_()
+        for j, s in enumerate(samples):
+            if f == "feature":
+                out[j].copy_(torch.from_numpy(np.ascontiguousarray(s[f])))
+            else:
+                to_tensor(s[f], out[j])
+        batch[f] = out
     batch["key"] = [s["key"] for s in samples]
     return batch
 

@@ -409,3 +409,16 @@ def test_real_cli_exit_codes(tmp_path: Path) -> None:
     (out / "out-000001.tar").write_bytes(b"")
     ver = subprocess.run([*cmd, "verify", str(out)], capture_output=True, text=True, check=False)
     assert ver.returncode == 1 and "out-000001.tar: 0 bytes" in ver.stderr
+
+
+def test_changed_file_content_rebuilds_its_shard(tmp_path: Path, capsys) -> None:
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "out"
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4")
+    before = shas(out)
+    tree.image("hazy/3_1_0.1.png", 99, 151)  # same name, new pixels (sample 7: shard 1)
+    capsys.readouterr()
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4")
+    assert "1 shard(s) written, 5 already complete" in capsys.readouterr().out
+    after = shas(out)
+    assert [n for n in before if before[n] != after[n]] == ["out-000001.tar"]

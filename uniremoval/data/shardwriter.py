@@ -49,7 +49,9 @@ class SampleBuilder(Protocol):
 
     def fingerprint(self) -> str: ...
 
-    def estimate(self, item: Item) -> int: ...
+    def plan_info(self, item: Item) -> tuple[int, list]:
+        """(estimated bytes in the shard, signature of the source files: size, mtime...)."""
+        ...
 
     def build(self, item: Item, cache: dict) -> tuple[dict | None, list[Issue]]: ...
 
@@ -82,11 +84,13 @@ class FileSampleBuilder:
     def fingerprint(self) -> str:
         return f"files:{self.dataset}"
 
-    def estimate(self, item: Item) -> int:
-        size = os.path.getsize(os.path.join(self.root, item.input))
-        if item.target:
-            size += os.path.getsize(os.path.join(self.root, item.target))
-        return size + 2048  # tar headers and json
+    def plan_info(self, item: Item) -> tuple[int, list]:
+        size, signature = 2048, []  # 2 kB: tar headers and json
+        for rel in (item.input, item.target) if item.target else (item.input,):
+            st = os.stat(os.path.join(self.root, rel))
+            size += st.st_size
+            signature += [st.st_size, st.st_mtime_ns]
+        return size, signature
 
     def _read(self, rel: str, cache: dict) -> tuple[bytes | None, tuple[int, int] | None, Issue | None]:
         if ("bytes", rel) in cache:
@@ -142,31 +146,51 @@ class ShardPlan:
     fingerprint: str = ""
 
 
-def _item_record(item: Item) -> list:
-    return [item.key, item.input, item.target, item.degradation, item.domain, item.split, item.extra]
+def _item_record(item: Item, signature: list) -> list:
+    return [
+        item.key,
+        item.input,
+        item.target,
+        item.degradation,
+        item.domain,
+        item.split,
+        item.extra,
+        signature,
+    ]
 
 
 def plan_shards(
     items: list[Item], builder: SampleBuilder, prefix: str, shard_bytes: int, max_samples: int = 0
 ) -> list[ShardPlan]:
-    """Cut the item list into consecutive shards of about `shard_bytes` (and <= max_samples)."""
-    plans: list[ShardPlan] = []
-    current: list[Item] = []
+    """Cut the item list into consecutive shards of about `shard_bytes` (and <= max_samples).
+
+    A shard's fingerprint covers its items and their files' sizes and mtimes, so a resumed build
+    rebuilds a shard whose source files changed even when their names did not.
+    """
+    groups: list[list[tuple[Item, list]]] = []
+    current: list[tuple[Item, list]] = []
     size = 0
     for item in items:
-        est = builder.estimate(item)
+        est, signature = builder.plan_info(item)
         full = current and (size + est > shard_bytes or (max_samples and len(current) >= max_samples))
         if full:
-            plans.append(ShardPlan(len(plans), "", current))
+            groups.append(current)
             current, size = [], 0
-        current.append(item)
+        current.append((item, signature))
         size += est
     if current:
-        plans.append(ShardPlan(len(plans), "", current))
-    for plan in plans:
-        plan.name = f"{prefix}-{plan.index:06d}.tar"
-        blob = json.dumps([builder.fingerprint(), [_item_record(i) for i in plan.items]], sort_keys=True)
-        plan.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        groups.append(current)
+    plans = []
+    for index, group in enumerate(groups):
+        blob = json.dumps([builder.fingerprint(), [_item_record(i, sig) for i, sig in group]], sort_keys=True)
+        plans.append(
+            ShardPlan(
+                index,
+                f"{prefix}-{index:06d}.tar",
+                [i for i, _ in group],
+                hashlib.sha256(blob.encode()).hexdigest(),
+            )
+        )
     return plans
 
 

@@ -402,17 +402,18 @@ class SynthSampleBuilder:
         # The ranges themselves are part of it: editing a preset invalidates resumed shards.
         return f"synth:{self.dataset}:{self.preset}:{self.seed}:{get_preset(self.preset).model_dump_json()}"
 
-    def estimate(self, item: Item) -> int:
+    def plan_info(self, item: Item) -> tuple[int, list]:
         from PIL import Image
 
         path = Path(self.root, item.input)
+        st = path.stat()
         try:
-            with Image.open(path) as im:
+            with Image.open(path) as im:  # reads the header only
                 w, h = im.size
         except (OSError, ValueError):  # reported properly when the sample is built
-            return path.stat().st_size
+            w = h = 0
         per_pixel = 1.0 if get_preset(self.preset).noise.jpeg_quality else 2.0
-        return path.stat().st_size + int(h * w * per_pixel) + 2048
+        return st.st_size + int(h * w * per_pixel) + 2048, [st.st_size, st.st_mtime_ns]
 
     def _clean(self, rel: str, cache: dict):
         if ("clean", rel) not in cache:

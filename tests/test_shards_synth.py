@@ -206,3 +206,17 @@ def test_synth_on_real_clean_images(tmp_path: Path) -> None:
             assert np.abs(np.diff(gray_out, axis=0)).mean() < np.abs(np.diff(gray_in, axis=0)).mean()
         if d == "rain":
             assert gray_out.mean() > gray_in.mean()
+
+
+def test_synth_params_file(tmp_path: Path) -> None:
+    clean = clean_dir(tmp_path / "clean")
+    params = tmp_path / "ranges.yaml"
+    params.write_text("haze:\n  beta: [2.0, 2.0]\n  near: [0.5, 0.5]\nnoise:\n  jpeg_quality: [70, 70]\n")
+    out = tmp_path / "out"
+    synth(clean, out, "--degradation", "haze", "--params", str(params))
+    metas = [json.loads(f["json"])["synthesis"] for _, f in samples(out)]
+    assert len(metas) == 4 and all(m["beta"] == 2.0 and m["jpeg_quality"] == 70 for m in metas)
+    assert all(m["preset"] == str(params) for m in metas)
+    params.write_text("haze:\n  beta: [2.0, 1.0]\n")
+    with pytest.raises(ConfigError, match="not valid synthesis ranges"):
+        synth(clean, tmp_path / "o2", "--degradation", "haze", "--params", str(params))

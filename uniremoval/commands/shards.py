@@ -25,6 +25,13 @@ FORMATS = (
 )
 
 
+def _cores() -> int:
+    """Cores this process may use (a cluster job's allocation, not the whole node)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _add_writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the tars, manifest.json and report.jsonl")
     p.add_argument("--name", help="dataset name, also the shard file prefix (default: the --out folder name)")
@@ -34,7 +41,7 @@ def _add_writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
     p.add_argument("--max-samples-per-shard", type=int, default=0, help="cap samples per shard (0: no cap)")
     p.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)"
+        "--workers", type=int, default=_cores(), help="worker processes (default: all usable cores)"
     )
     p.add_argument("--num-jobs", type=int, default=1, help="cluster array: total number of jobs")
     p.add_argument("--job-index", type=int, default=0, help="cluster array: this job's index, 0-based")
@@ -68,7 +75,11 @@ def register(subparsers) -> None:
     s.add_argument("--degradation", required=True, choices=("haze", "rain", "blur"))
     s.add_argument("--per-image", type=int, default=1, help="degraded versions per clean image")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--params", default="default", help="parameter ranges preset: default | real-like")
+    s.add_argument(
+        "--params",
+        default="default",
+        help="parameter ranges: default | real-like | a .json/.yaml file of SynthRanges fields",
+    )
     _add_writer_options(s)
     s.set_defaults(func=_synth)
 
@@ -159,13 +170,17 @@ def _build(args) -> int:
 def _synth(args) -> int:
     from uniremoval.data.synth import SynthSampleBuilder, get_preset, synth_items
 
-    get_preset(args.params)
+    ranges = get_preset(args.params)
     items, issues = synth_items(
         args.clean, args.degradation, args.per_image, args.split or "train", args.params
     )
     _print_listing_issues(issues, args.strict)
     builder = SynthSampleBuilder(
-        root=str(Path(args.clean).resolve()), dataset=_dataset_name(args), preset=args.params, seed=args.seed
+        root=str(Path(args.clean).resolve()),
+        dataset=_dataset_name(args),
+        preset=args.params,
+        seed=args.seed,
+        ranges=ranges,
     )
     source = {
         "format": "synth",

@@ -113,9 +113,22 @@ PRESETS: dict[str, SynthRanges] = {
 
 
 def get_preset(name: str) -> SynthRanges:
-    if name not in PRESETS:
-        raise ConfigError(f"--params {name!r}: choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    """A preset by name, or a JSON/YAML file of ranges (missing fields take the defaults)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name.endswith((".json", ".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"--params {name}: no such file")
+        import yaml
+
+        try:
+            return SynthRanges.model_validate(yaml.safe_load(path.read_text()) or {})
+        except (yaml.YAMLError, ValueError) as exc:
+            raise ConfigError(f"--params {name}: not valid synthesis ranges: {exc}") from exc
+    raise ConfigError(
+        f"--params {name!r}: choose one of {', '.join(PRESETS)}, or a .json/.yaml file of ranges"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,12 +408,13 @@ class SynthSampleBuilder:
 
     root: str
     dataset: str
-    preset: str
+    preset: str  # the name recorded in each sample
     seed: int
+    ranges: SynthRanges
 
     def fingerprint(self) -> str:
         # The ranges themselves are part of it: editing a preset invalidates resumed shards.
-        return f"synth:{self.dataset}:{self.preset}:{self.seed}:{get_preset(self.preset).model_dump_json()}"
+        return f"synth:{self.dataset}:{self.preset}:{self.seed}:{self.ranges.model_dump_json()}"
 
     def plan_info(self, item: Item) -> tuple[int, list]:
         from PIL import Image
@@ -412,7 +426,7 @@ class SynthSampleBuilder:
                 w, h = im.size
         except (OSError, ValueError):  # reported properly when the sample is built
             w = h = 0
-        per_pixel = 1.0 if get_preset(self.preset).noise.jpeg_quality else 2.0
+        per_pixel = 1.0 if self.ranges.noise.jpeg_quality else 2.0
         return st.st_size + int(h * w * per_pixel) + 2048, [st.st_size, st.st_mtime_ns]
 
     def _clean(self, rel: str, cache: dict):
@@ -445,7 +459,7 @@ class SynthSampleBuilder:
         if issue:
             return None, [issue] if item.extra.get("variant", 0) == 0 else []
         s = sample_seed(self.seed, item.key)
-        out, params = synthesize(arr, item.degradation, np.random.default_rng(s), get_preset(self.preset))
+        out, params = synthesize(arr, item.degradation, np.random.default_rng(s), self.ranges)
         encoded, ext = encode_image(out, params)
         meta = {
             "degradation": item.degradation,

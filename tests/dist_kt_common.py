@@ -1,0 +1,156 @@
+"""Synthetic data for the KT/DA tests and their multi-process workers.
+
+Clean images are small piecewise-constant scenes (a colour gradient plus random rectangles and
+discs), so every degradation is visible and measurable; the degradations are simple, known
+stand-ins for the paper's types:
+
+* haze: ``I = J t + A (1 - t)`` with a vertical transmission gradient t in [0.45, 0.75], A = 0.9;
+* rain: bright diagonal streaks added (+0.45), clipped;
+* blur: horizontal motion blur, a 7-pixel box kernel (edge-replicated).
+
+Shards are written directly in the project's shard format (``input.png``, ``target.png``,
+``json``, and a ``manifest.json``), not through ``uniremoval shards``: the tests need a few dozen
+tiny images, and this keeps them independent of the dataset readers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TYPES = ("haze", "rain", "blur")
+
+
+def clean_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A float32 HWC image in [0, 1]."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    c0, c1 = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
+    t = (xs / max(w - 1, 1))[..., None]
+    img = c0 * (1 - t) + c1 * t
+    for _ in range(int(rng.integers(3, 7))):
+        color = rng.uniform(0.0, 1.0, 3)
+        if rng.random() < 0.5:
+            y0, x0 = rng.integers(0, h - 4), rng.integers(0, w - 4)
+            y1, x1 = y0 + rng.integers(4, h // 2 + 4), x0 + rng.integers(4, w // 2 + 4)
+            img[y0:y1, x0:x1] = color
+        else:
+            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, h / 3)
+            img[(ys - cy) ** 2 + (xs - cx) ** 2 < r * r] = color
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def degrade(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[:2]
+    if kind == "haze":
+        t = np.linspace(0.75, 0.45, h, dtype=np.float32)[:, None, None]
+        out = img * t + 0.9 * (1 - t)
+    elif kind == "rain":
+        ys, xs = np.mgrid[0:h, 0:w]
+        mask = np.zeros((h, w), bool)
+        for _ in range(int(rng.integers(5, 9))):
+            c = rng.integers(-h, w)
+            mask |= (np.abs(xs - ys * 0.5 - c) < 0.8) & (rng.random((h, w)) < 0.9)
+        out = img + 0.45 * mask[..., None]
+    elif kind == "blur":
+        pad = np.pad(img, ((0, 0), (3, 3), (0, 0)), mode="edge")
+        out = sum(pad[:, i : i + w] for i in range(7)) / 7.0
+    else:
+        raise ValueError(kind)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def to_u8(img: np.ndarray) -> np.ndarray:
+    return (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def png(img_u8: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img_u8).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_pairs(
+    root: Path,
+    name: str,
+    kind: str,
+    n: int,
+    n_shards: int = 2,
+    size: tuple[int, int] = (32, 32),
+    seed: int = 0,
+    split: str = "train",
+    paired: bool = True,
+    domain: str = "synthetic",
+) -> Path:
+    """Write `root/name/{name}-00000i.tar` + manifest.json; return the directory.
+
+    kind: a degradation type, or "clear" (input = the clean image, no target).
+    """
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    per = [list(range(s, n, n_shards)) for s in range(n_shards)]
+    for s, idxs in enumerate(per):
+        fname = f"{name}-{s:06d}.tar"
+        with tarfile.open(out / fname, "w") as tar:
+            for i in idxs:
+                key = f"{name}-{i:05d}"
+                clean = clean_image(rng, *size)
+                if kind == "clear":
+                    inp, tgt = clean, None
+                else:
+                    inp, tgt = degrade(clean, kind, rng), (clean if paired else None)
+                meta = {"degradation": kind, "domain": domain, "source": name, "split": split,
+                        "height": size[0], "width": size[1]}
+                _add(tar, f"{key}.input.png", png(to_u8(inp)))
+                if tgt is not None:
+                    _add(tar, f"{key}.target.png", png(to_u8(tgt)))
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
+        entries.append({"name": fname, "samples": len(idxs)})
+    (out / "manifest.json").write_text(json.dumps({"dataset": name, "shards": entries}))
+    return out
+
+
+def write_oracle_cache(
+    src: Path, dst: Path, feature_fn, cell: int = 16
+) -> Path:
+    """A cache whose 'teacher' is the clean target itself (a perfect teacher, test-only proxy).
+
+    teacher.png = target, feature.npy = feature_fn(target) pooled on the cell grid (float16), for
+    the learning test, which must not spend minutes training teachers. Everything else (format,
+    loader, crops on the grid) is the real cached path.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((src / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        with tarfile.open(src / entry["name"]) as tin, tarfile.open(dst / entry["name"], "w") as tout:
+            members = {m.name: tin.extractfile(m).read() for m in tin.getmembers()}
+            for mname, data in members.items():
+                _add(tout, mname, data)
+                if mname.endswith(".target.png"):
+                    key = mname[: -len(".target.png")]
+                    _add(tout, f"{key}.teacher.png", data)
+                    target = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.float32) / 255.0
+                    feat = feature_fn(target, cell).astype(np.float16)
+                    buf = io.BytesIO()
+                    np.save(buf, feat)
+                    _add(tout, f"{key}.feature.npy", buf.getvalue())
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10.0 * np.log10(1.0 / max(mse, 1e-12))

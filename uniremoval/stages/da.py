@@ -1,0 +1,249 @@
+"""Domain adaptation (stage 2): the KT student adapts to real degraded photos, without pairs.
+
+Algorithm box, per step:
+
+    x_r        <- a batch of real degraded crops (every type in every batch)
+    x_c        <- a batch of real clear crops (X_C: `data.clear`), independent of x_r
+    G_S(x_r), G_S(x_c), features   <- ONE student pass on [x_r; x_c] (one DDP forward per backward)
+    l1         <- l1_0 * l1_decay ** epoch
+    G step:  L_da = L_gan(D(G_S(x_r))) + l2 |G_S(x_c) - x_c|_1 + l3 (L_eig + l1 L_efg)
+             (D frozen during this update; uniremoval.losses.mgcl.DALoss.generator_terms)
+    D step:  D on [x_c; G_S(x_r).detach()] (one pass), real clear vs restored, LSGAN by default
+    log train/gan, idt, eig, efg, total (generator) and d_real, d_fake, d_total (discriminator)
+
+Validation (every `train.val_every` steps, all ranks): no-reference IQA (`val_iqa.metrics`, PIQE
+by default; lower is better) of the restored held-out real images of each `data.val` set, logged
+as `val/<dataset>/<metric>`, with the unrestored inputs' score once as `val/<dataset>/<metric>_input`
+for reference, and `val/mean/<first metric>` (the best checkpoint's criterion).
+
+The models are named "generator" (the student; its exported weights are `generator-last` /
+`generator-best`) and "discriminator"; each has its own optimiser (`optim`, `optim_d`).
+
+DeepSpeed: this stage trains two networks, and accelerate's DeepSpeed integration makes one engine
+per `prepare` call with one config; training two engines at once is, per accelerate's docs, an
+experimental API with no support for two trained models sharing one plugin. The stage therefore
+refuses DeepSpeed up front and names the launch config to use (DDP: launch/multi_gpu.yaml). The
+student is ~20M parameters at the deblur width: DDP fits on any training GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from uniremoval.config import DAStage
+from uniremoval.errors import ConfigError
+from uniremoval.stages.kt import build_phi, build_student, deepspeed_requested
+from uniremoval.stages.teachers import pool_feature, restore_with_feature
+from uniremoval.stages.trainer import Stage, TrainContext, Trainer, skip_batches
+
+DEEPSPEED_REFUSAL = (
+    "the DA stage trains two models (student and discriminator), which accelerate's DeepSpeed integration "
+    "does not support in one run; launch it with DDP instead: accelerate launch --config_file "
+    "launch/multi_gpu.yaml -m uniremoval train da --config ... (or launch/single_gpu.yaml / launch/multi_node.yaml)"
+)
+
+
+def refuse_deepspeed() -> None:
+    if deepspeed_requested():
+        raise ConfigError(DEEPSPEED_REFUSAL)
+
+
+def make_da_loss(cfg: DAStage, phi: nn.Module | None) -> nn.Module:
+    from uniremoval.losses.mgcl import DALoss
+
+    lc = cfg.loss
+    return DALoss(phi, cfg.features.layer_weights, l2=lc.l2, l3=lc.l3, tau=lc.tau, gan=lc.gan, use_gan=lc.use_gan,
+                  use_idt=lc.use_idt, use_eicl=lc.use_eicl, use_efcl=lc.use_efcl, negatives_grad=lc.negatives_grad,
+                  positives_grad=getattr(lc, "positives_grad", False))
+
+
+def build_discriminator(cfg: DAStage) -> nn.Module:
+    from uniremoval.models import build_model
+
+    d = cfg.discriminator
+    return build_model("patch_discriminator", base_channels=d.base_channels, n_layers=d.n_layers, norm=d.norm,
+                       spectral_norm=d.spectral_norm)
+
+
+class DomainAdaptation(Stage):
+    """The DA stage on the shared trainer (see the module docstring)."""
+
+    run_name = "da"
+    stage = "da"
+
+    def __init__(self, cfg: DAStage) -> None:
+        super().__init__(cfg)
+        self.cfg: DAStage = cfg
+        self.degradations = list(cfg.data.degradations)
+        self.cell = cfg.data.feature_cell
+        # Without the GAN term D gets no signal worth training: it is then not built at all.
+        self.trainable = ("generator", "discriminator") if cfg.loss.use_gan else ("generator",)
+        metric = cfg.val_iqa.metrics[0] if cfg.val_iqa.metrics else None
+        self.best_metric = (f"val/mean/{metric}", "min") if metric else None
+        self.loss_fn: nn.Module | None = None
+        self._iqa: dict[str, Any] = {}
+        self._input_scores: dict[str, float] = {}
+        if not cfg.model.init:
+            raise ConfigError("the DA stage starts from the KT student: set model.init to its weights "
+                              "(e.g. model.init=outputs/kt/student-last.safetensors)")
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: list the real degraded shards of every degradation type")
+        if not cfg.data.clear:
+            raise ConfigError("data.clear is empty: list shards of real clear photos (X_C), e.g. the ground "
+                              "truths of real paired sets")
+        for src in cfg.data.train:
+            if src.degradation is None:
+                raise ConfigError(f"data.train source {src.name!r} needs a degradation (one of {self.degradations})")
+
+    def build_models(self) -> dict[str, nn.Module]:
+        cfg = self.cfg
+        models: dict[str, nn.Module] = {"generator": build_student(cfg)}
+        if cfg.loss.use_gan:
+            models["discriminator"] = build_discriminator(cfg)
+        phi = build_phi(cfg) if cfg.loss.use_eicl else None
+        if phi is not None:
+            models["phi"] = phi
+        self.loss_fn = make_da_loss(cfg, phi)
+        return models
+
+    def train_batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+        from uniremoval.data.pipelines import da_loader
+
+        cfg, d = self.cfg, self.cfg.data
+        aug = d.augment.hflip or d.augment.vflip or d.augment.rot90
+        loader = da_loader(
+            [(s.name, s.shards, s.degradation, s.weight) for s in d.train],
+            [(s.name, s.shards, "clear", s.weight) for s in d.clear],
+            self.degradations, d.batch_size, d.crop_size, cfg.train.steps_per_epoch * cfg.train.grad_accum,
+            d.num_workers, cfg.train.seed, rank, world_size, bad_samples=d.bad_samples, augment=aug,
+            shuffle_buffer=d.shuffle_buffer, pin_memory=d.pin_memory,
+        )
+        loader.set_epoch(epoch)
+        return skip_batches(loader, start)
+
+    def l1(self, epoch: int) -> float:
+        from uniremoval.losses import decayed_weight
+
+        return decayed_weight(self.cfg.loss.l1, self.cfg.loss.l1_decay, epoch)
+
+    def training_step(self, batch: dict[str, Any], ctx: TrainContext) -> dict[str, Tensor | float]:
+        assert self.loss_fn is not None
+        lc = self.cfg.loss
+        xr, xc = batch["degraded"]["input"], batch["clear"]["input"]
+        n = xr.shape[0]
+        # One generator pass over both batches: DDP allows one forward per backward.
+        restored, feat = restore_with_feature(ctx.models["generator"], torch.cat([xr, xc]),
+                                              self.cfg.model.input_range)
+        restored_real, restored_clear = restored[:n], restored[n:]
+        feat_real = feat_clear = None
+        if lc.use_efcl:
+            pooled = pool_feature(feat, self.cell)
+            feat_real, feat_clear = pooled[:n], pooled[n:]
+        l1 = self.l1(ctx.epoch)
+
+        d_fake_for_g = None
+        if lc.use_gan:
+            # D is fixed during G's update: no grads into it, and no DDP wrapper (its own update
+            # below is the one that goes through DDP).
+            ctx.requires_grad("discriminator", False)
+            d_fake_for_g = ctx.unwrap("discriminator")(restored_real)
+        try:
+            g_terms = self.loss_fn.generator_terms(
+                restored_real, xr, restored_clear, xc, feat_real, feat_real, feat_clear, d_fake_for_g, l1=l1)
+            ctx.optimize("generator", g_terms["total"], g_terms)
+        finally:
+            if lc.use_gan:
+                ctx.requires_grad("discriminator", True)
+        logged: dict[str, Tensor | float] = {k: v.detach() for k, v in g_terms.items()}
+
+        if lc.use_gan:
+            # One D pass over [real clear; restored (detached)]: real vs fake, per-sample norms.
+            logits = ctx.models["discriminator"](torch.cat([xc, restored_real.detach()]))
+            d_terms = self.loss_fn.discriminator_terms(logits[: xc.shape[0]], logits[xc.shape[0]:])
+            ctx.optimize("discriminator", d_terms["total"], d_terms)
+            logged.update({"d_real": d_terms["d_real"].detach(), "d_fake": d_terms["d_fake"].detach(),
+                           "d_total": d_terms["total"].detach()})
+        if lc.use_efcl:
+            logged["weight_l1"] = l1
+        if ctx.want_images:
+            ctx.log_images("train", [xr[:4], restored_real[:4].detach(), xc[:4]])
+        return logged
+
+    # ------------------------------------------------------------------ validation
+    def _metric(self, name: str, device: torch.device) -> Any:
+        if name not in self._iqa:
+            from uniremoval.eval import metrics
+
+            self._iqa[name] = metrics.create_nr_metric(name, device=device)
+        return self._iqa[name]
+
+    def validate(self, ctx: TrainContext) -> dict[str, float]:
+        from uniremoval.data.pipelines import eval_samples
+        from uniremoval.eval.restore import restore_tensor
+
+        names = list(self.cfg.val_iqa.metrics)
+        if not self.cfg.data.val or not names:
+            return {}
+        model = ctx.unwrap("generator")
+        out: dict[str, float] = {}
+        firsts: list[float] = []
+        for src in self.cfg.data.val:
+            cap = min(src.max_samples or self.cfg.val_iqa.max_images, self.cfg.val_iqa.max_images)
+            per_rank = math.ceil(cap / ctx.world_size)
+            sums = {f"{m}{suffix}": 0.0 for m in names for suffix in ("", "_input")}
+            sums["n"] = 0.0
+            seen = 0
+            for item in eval_samples(src.shards, ctx.rank, ctx.world_size):
+                if "error" in item:
+                    continue
+                x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)
+                y01 = restore_tensor(model, x01, self.cfg.model.input_range)
+                for m in names:
+                    metric = self._metric(m, ctx.device)
+                    sums[m] += float(metric(y01))
+                    if src.name not in self._input_scores:
+                        sums[f"{m}_input"] += float(metric(x01))
+                sums["n"] += 1
+                seen += 1
+                if seen >= per_rank:
+                    break
+            total = ctx.all_sum(sums)
+            if total["n"] == 0:
+                warnings.warn(f"validation set {src.name} gave no usable images", RuntimeWarning, stacklevel=2)
+                continue
+            for m in names:
+                out[f"val/{src.name}/{m}"] = total[m] / total["n"]
+                key = f"val/{src.name}/{m}_input"
+                if src.name not in self._input_scores:
+                    out[key] = total[f"{m}_input"] / total["n"]
+            self._input_scores.setdefault(src.name, out.get(f"val/{src.name}/{names[0]}_input", float("nan")))
+            firsts.append(out[f"val/{src.name}/{names[0]}"])
+        if firsts:
+            out[f"val/mean/{names[0]}"] = sum(firsts) / len(firsts)
+        return out
+
+    def extra_tags(self) -> dict[str, str]:
+        tags = {"gan": self.cfg.loss.gan, "init": str(self.cfg.model.init)}
+        if self.cfg.loss.use_eicl:
+            tags["vgg_weights"] = self.cfg.features.weights
+        return tags
+
+    def export_meta(self, name: str) -> dict[str, Any]:
+        if name == "generator":
+            return {"input_range": self.cfg.model.input_range, "degradations": self.degradations}
+        return {}
+
+
+def run(cfg: DAStage, args: Any = None) -> int:
+    """`uniremoval train da`: refuse DeepSpeed, fit. Returns the exit code."""
+    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE
+
+    refuse_deepspeed()
+    result = Trainer(cfg, DomainAdaptation(cfg)).fit(resume=getattr(args, "resume", None))
+    return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0

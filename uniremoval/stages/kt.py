@@ -1,0 +1,354 @@
+"""Knowledge transfer (stage 1): one student learns every degradation type from frozen teachers.
+
+Algorithm box, per step (every batch holds every degradation type):
+
+    x, type          <- a mixed batch of synthetic degraded crops
+    G_T(x), f_T(x)   <- the cache (teacher image + pooled feature), or the teachers run online
+    G_S(x), f_S(x)   <- the student; f_S pooled on the cache's grid (`teachers.pool_feature`)
+    a1               <- a1_0 * a1_decay ** epoch
+    L_kt             =  |G_S(x) - G_T(x)|_1 + a2 (L_ig + a1 L_fg)       (uniremoval.losses.mgcl.KTLoss)
+    step the student; log train/pixel, train/ig, train/fg, train/total
+
+Validation (every `train.val_every` steps, on all ranks): PSNR/SSIM of the student on each
+`data.val` set (full images, paired), logged as `val/<dataset>/psnr|ssim`, plus the degraded
+input's own PSNR (`val/<dataset>/psnr_input`) as the baseline, and `val/mean/psnr` (the best
+checkpoint's criterion).
+
+Teachers: with `teachers.mode: cached` (default) the stage never runs a teacher; the cache is
+checked against `teachers.checkpoints` first and a stale one is refused. With `online` the
+teachers are frozen modules on the device (eval, no grad), never given to accelerate or
+DeepSpeed. Online teachers see the *crop* while the cache ran them on the whole image, so near
+crop borders the two differ slightly (a convolutional network's context); both are valid targets.
+
+DeepSpeed (launch/deepspeed_zero2.yaml, deepspeed_zero3.yaml): only the student is prepared, so
+only it becomes a DeepSpeed engine; teachers and VGG-19 stay plain modules. On a machine without
+CUDA the accelerator is built with the gloo backend (see ../shared/STACK.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from uniremoval.config import KTStage
+from uniremoval.errors import ConfigError
+from uniremoval.stages.teachers import (
+    Teacher,
+    freeze,
+    load_teachers,
+    pool_feature,
+    restore_with_feature,
+    teacher_targets,
+)
+from uniremoval.stages.trainer import Stage, TrainContext, Trainer, skip_batches
+
+TEACHER_PREFIX = "teacher_"
+
+
+# --------------------------------------------------------------------------------------------- accelerator
+
+
+def deepspeed_requested() -> bool:
+    """True under `accelerate launch --config_file launch/deepspeed_*.yaml` (or the env it sets)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def build_accelerator(cfg: Any) -> Any:
+    """The trainer's accelerator, or a DeepSpeed one when the launch config asks for DeepSpeed.
+
+    DeepSpeed on a machine without CUDA only works without `cpu=True` and with the gloo backend
+    (accelerate's `cpu=True` silently drops DeepSpeed); DeepSpeedPlugin() reads the zero stage
+    and offload settings from the environment accelerate launch sets.
+    """
+    if not deepspeed_requested():
+        from uniremoval.stages.trainer import build_accelerator as default_accelerator
+
+        return default_accelerator(cfg)
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    if cfg.train.grad_accum != 1:
+        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(cfg.train.grad_accum)
+    plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.train.grad_accum,
+                             gradient_clipping=cfg.train.clip_grad_norm)
+    kwargs: dict[str, Any] = {"deepspeed_plugin": plugin, "mixed_precision": cfg.train.mixed_precision,
+                              "gradient_accumulation_steps": cfg.train.grad_accum}
+    if not torch.cuda.is_available():
+        if cfg.train.mixed_precision == "fp16":
+            raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(**kwargs)
+
+
+def configure_deepspeed(accelerator: Any, micro_batch: int, clip_grad_norm: float | None) -> None:
+    """DeepSpeed needs the per-process micro-batch size; our loaders are not passed to prepare()
+    (see the pipelines' docs), so it cannot infer it: set it before the student is prepared.
+    Clipping is DeepSpeed's job under DeepSpeed; accelerate would fill an unset value with 1.0,
+    so the config's train.clip_grad_norm (None: 0 = off) is written explicitly."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_clipping"] = float(clip_grad_norm) if clip_grad_norm else 0.0
+
+
+def zero_stage(accelerator: Any) -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def build_student(cfg: Any) -> nn.Module:
+    """The student: MPRNet of `model.preset`, from `model.init` when set (ours or an official .pth)."""
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import load_checkpoint
+
+    if not cfg.model.init:
+        return build_model(cfg.model.arch, cfg.model.preset)
+    model, meta = load_checkpoint(cfg.model.init, arch=cfg.model.arch, preset=cfg.model.preset)
+    saved_range = meta.get("input_range", "minus_one_one")
+    if saved_range != cfg.model.input_range:
+        raise ConfigError(
+            f"model.init {cfg.model.init} was trained on {saved_range!r} images but model.input_range is "
+            f"{cfg.model.input_range!r}; set model.input_range={saved_range}"
+        )
+    return model
+
+
+def build_phi(cfg: Any) -> nn.Module:
+    from uniremoval.models.vgg_arch import VGGFeatures
+
+    return freeze(VGGFeatures(cfg.features.layers, weights=cfg.features.weights, path=cfg.features.path))
+
+
+def make_kt_loss(cfg: KTStage, phi: nn.Module | None) -> nn.Module:
+    from uniremoval.losses.mgcl import KTLoss
+
+    lc = cfg.loss
+    return KTLoss(phi, cfg.features.layer_weights, a2=lc.a2, tau=lc.tau, pixel=lc.pixel, use_icl=lc.use_icl,
+                  use_fcl=lc.use_fcl, negatives_grad=lc.negatives_grad, feature_negatives=lc.feature_negatives)
+
+
+def kt_terms(
+    student: nn.Module,
+    loss_fn: nn.Module,
+    batch: dict[str, Any],
+    a1: float,
+    cell: int,
+    input_range: str = "minus_one_one",
+    teachers: dict[str, Teacher] | None = None,
+    degradations: list[str] | None = None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The terms of L_kt on one batch: (terms, student image, teacher image).
+
+    Targets come from the batch (`teacher`, `feature`: the cached path) unless `teachers` is
+    given (the online path). Shared by the training step and the online-vs-cached test.
+    """
+    x, labels = batch["input"], batch["degradation"]
+    if teachers is not None:
+        assert degradations is not None
+        t_img, t_feat = teacher_targets(teachers, degradations, x, labels, cell)
+    else:
+        t_img, t_feat = batch["teacher"], batch.get("feature")
+    s_img, s_feat = restore_with_feature(student, x, input_range)
+    s_pooled = pool_feature(s_feat, cell) if loss_fn.use_fcl else None
+    if s_pooled is not None and t_feat is not None and s_pooled.shape[1:] != t_feat.shape[1:]:
+        raise ConfigError(
+            f"student feature grid {tuple(s_pooled.shape[1:])} != teacher feature grid {tuple(t_feat.shape[1:])}: "
+            "the student and the teachers must share the architecture preset (model.preset / teachers.preset) "
+            "and data.feature_cell must be the cache's cell"
+        )
+    terms = loss_fn(s_img, t_img, x, s_pooled, t_feat, labels, a1)
+    return terms, s_img, t_img
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
+    from uniremoval.eval import metrics
+
+    return float(metrics.psnr(restored01, target01)), float(metrics.ssim(restored01, target01))
+
+
+def _input_psnr(x01: Tensor, target01: Tensor) -> float:
+    from uniremoval.eval import metrics
+
+    return float(metrics.psnr(x01, target01))
+
+
+def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sources: Iterable[Any],
+                    lockstep: bool) -> dict[str, float]:
+    """PSNR/SSIM per paired val set; each rank scores its share, sums are combined over ranks.
+
+    `lockstep` (ZeRO-3): every forward is a collective, so all ranks run the same number of
+    forwards (ranks with fewer images repeat their last one, unscored).
+    """
+    from uniremoval.data.pipelines import eval_samples
+    from uniremoval.eval.restore import restore_tensor
+
+    out: dict[str, float] = {}
+    psnrs: list[float] = []
+    for src in sources:
+        cap = math.ceil(src.max_samples / ctx.world_size) if src.max_samples else None
+        items = []
+        for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",)):
+            if "error" in item:
+                continue
+            items.append(item)
+            if cap is not None and len(items) >= cap:
+                break
+        n_forward = len(items)
+        if lockstep:
+            counts = torch.tensor([float(len(items))], device=ctx.device)
+            import torch.distributed as dist
+
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            n_forward = int(counts.item())
+        sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
+        for i in range(n_forward):
+            item = items[min(i, len(items) - 1)] if items else None
+            x01 = ((item["input"] + 1) * 0.5).unsqueeze(0) if item is not None else torch.zeros(1, 3, 64, 64)
+            y01 = restore_tensor(model, x01.to(ctx.device), input_range)
+            if item is None or i >= len(items):
+                continue
+            t01 = ((item["target"] + 1) * 0.5).unsqueeze(0).to(y01.device)
+            p, s = _psnr_ssim(y01, t01)
+            sums["psnr"] += p
+            sums["ssim"] += s
+            sums["psnr_input"] += _input_psnr(x01.to(y01.device), t01)
+            sums["n"] += 1
+        total = ctx.all_sum(sums)
+        if total["n"] == 0:
+            warnings.warn(f"validation set {src.name} ({src.shards}) gave no usable pairs", RuntimeWarning,
+                          stacklevel=2)
+            continue
+        for k in ("psnr", "ssim", "psnr_input"):
+            out[f"val/{src.name}/{k}"] = total[k] / total["n"]
+        psnrs.append(out[f"val/{src.name}/psnr"])
+    if psnrs:
+        out["val/mean/psnr"] = sum(psnrs) / len(psnrs)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+class KnowledgeTransfer(Stage):
+    """The KT stage on the shared trainer (see the module docstring)."""
+
+    run_name = "kt"
+    stage = "kt"
+    trainable = ("student",)
+    best_metric = ("val/mean/psnr", "max")
+
+    def __init__(self, cfg: KTStage, accelerator: Any | None = None) -> None:
+        super().__init__(cfg)
+        self.cfg: KTStage = cfg
+        self.online = cfg.teachers.mode == "online"
+        self.degradations = list(cfg.data.degradations)
+        self.cell = cfg.data.feature_cell
+        self.accelerator = accelerator
+        self.loss_fn: nn.Module | None = None
+        self.teachers: dict[str, Teacher] = {}
+        for src in cfg.data.train:
+            if src.degradation is None:
+                raise ConfigError(f"data.train source {src.name!r} needs a degradation (one of {self.degradations})")
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: list the cache shards (teachers.mode=cached) or the synthetic "
+                              "shards (teachers.mode=online) of every degradation type")
+
+    def build_models(self) -> dict[str, nn.Module]:
+        cfg = self.cfg
+        if self.accelerator is not None:
+            configure_deepspeed(self.accelerator, cfg.data.batch_size, cfg.train.clip_grad_norm)
+        models: dict[str, nn.Module] = {"student": build_student(cfg)}
+        phi = build_phi(cfg) if cfg.loss.use_icl else None
+        if phi is not None:
+            models["phi"] = phi
+        self.loss_fn = make_kt_loss(cfg, phi)
+        if self.online:
+            preset = cfg.teachers.preset or cfg.model.preset
+            self.teachers = load_teachers(cfg.teachers.checkpoints, self.degradations, preset)
+            for name, t in self.teachers.items():
+                models[TEACHER_PREFIX + name] = t.model  # frozen, moved to the device, never prepared
+        return models
+
+    def train_batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+        from uniremoval.data.pipelines import kt_loader
+
+        cfg, d = self.cfg, self.cfg.data
+        aug = d.augment.hflip or d.augment.vflip or d.augment.rot90
+        loader = kt_loader(
+            [(s.name, s.shards, s.degradation, s.weight) for s in d.train],
+            self.degradations, d.batch_size, d.crop_size, cfg.train.steps_per_epoch * cfg.train.grad_accum,
+            d.num_workers, cfg.train.seed, rank, world_size, cell=self.cell, bad_samples=d.bad_samples,
+            require=() if self.online else ("teacher", "feature"), augment=aug, pin_memory=d.pin_memory,
+            shuffle_buffer=d.shuffle_buffer,
+        )
+        loader.set_epoch(epoch)
+        return skip_batches(loader, start)
+
+    def a1(self, epoch: int) -> float:
+        from uniremoval.losses import decayed_weight
+
+        return decayed_weight(self.cfg.loss.a1, self.cfg.loss.a1_decay, epoch)
+
+    def training_step(self, batch: dict[str, Any], ctx: TrainContext) -> dict[str, Tensor | float]:
+        assert self.loss_fn is not None
+        a1 = self.a1(ctx.epoch)
+        terms, s_img, t_img = kt_terms(
+            ctx.models["student"], self.loss_fn, batch, a1, self.cell, self.cfg.model.input_range,
+            self.teachers if self.online else None, self.degradations,
+        )
+        ctx.optimize("student", terms["total"], terms)
+        if ctx.want_images:
+            ctx.log_images("train", [batch["input"][:4], s_img[:4].detach(), t_img[:4]])
+        logged: dict[str, Tensor | float] = {k: v.detach() for k, v in terms.items()}
+        if self.cfg.loss.use_fcl:
+            logged["weight_a1"] = a1
+        return logged
+
+    def validate(self, ctx: TrainContext) -> dict[str, float]:
+        if not self.cfg.data.val:
+            return {}
+        lockstep = self.accelerator is not None and zero_stage(self.accelerator) == 3
+        model = ctx.models["student"] if lockstep else ctx.unwrap("student")
+        return validate_paired(ctx, model, self.cfg.model.input_range, self.cfg.data.val, lockstep)
+
+    def extra_tags(self) -> dict[str, str]:
+        tags = {"teachers_mode": self.cfg.teachers.mode, "feature_cell": str(self.cell)}
+        if self.cfg.loss.use_icl:
+            tags["vgg_weights"] = self.cfg.features.weights
+        return tags
+
+    def export_meta(self, name: str) -> dict[str, Any]:
+        return {"input_range": self.cfg.model.input_range, "degradations": self.degradations}
+
+
+def check_teacher_cache(cfg: KTStage) -> None:
+    """Refuse a cache built by other teacher weights (or from other source shards)."""
+    from uniremoval.stages import cache
+
+    cache.check_cache(cfg)
+
+
+def run(cfg: KTStage, args: Any = None) -> int:
+    """`uniremoval train kt`: build the accelerator, check the cache, fit. Returns the exit code."""
+    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE
+
+    if cfg.teachers.mode == "cached":
+        check_teacher_cache(cfg)
+    accelerator = build_accelerator(cfg)
+    stage = KnowledgeTransfer(cfg, accelerator)
+    result = Trainer(cfg, stage, accelerator=accelerator).fit(resume=getattr(args, "resume", None))
+    return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0

@@ -332,7 +332,8 @@ def test_patch_discriminator_shape_and_checkpoint(tmp_path: Path, spectral: bool
 def test_vgg_layer_names_match_torchvision() -> None:
     from torchvision.models.vgg import cfgs, make_layers
 
-    tv = make_layers(cfgs["E"])
+    with torch.device("meta"):  # structure only: no memory, no init cost
+        tv = make_layers(cfgs["E"])
     assert len(LAYER_NAMES) == len(tv) == 37
     kinds = {"conv": nn.Conv2d, "relu": nn.ReLU, "pool": nn.MaxPool2d}
     for name, module in zip(LAYER_NAMES, tv):

@@ -221,6 +221,9 @@ class DALossConfig(Strict):
     use_eicl: bool = True
     use_efcl: bool = True
     negatives_grad: bool = False
+    # The student's outputs on clear images act as targets (detached); the identity loss is
+    # what trains the student on clear images.
+    positives_grad: bool = False
 
 
 class TeachersConfig(Strict):

@@ -1,0 +1,18 @@
+"""Suite-wide settings: one torch thread per test process.
+
+The suite runs on small CPUs beside other processes (multi-process launches, servers); tiny conv
+models are 10x+ faster single-threaded there than with threads fighting for two cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

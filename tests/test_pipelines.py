@@ -301,6 +301,8 @@ def test_decoder_matches_pil_pixel_for_pixel():
         Image.fromarray(img).convert(mode).save(buf, format=fmt)
         ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
         got = decode_image(buf.getvalue())
-        assert got.shape == (20, 30, 3) and (got == ref).all(), (mode, fmt)
+        # JPEG: two libjpeg builds may round the IDCT differently by one level
+        tol = 1 if fmt == "JPEG" else 0
+        assert got.shape == (20, 30, 3) and np.abs(got.astype(int) - ref).max() <= tol, (mode, fmt)
     with pytest.raises(Exception):
         decode_image(b"definitely not an image")

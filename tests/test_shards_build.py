@@ -45,12 +45,12 @@ def test_resume_after_interrupt_gives_identical_shards(tmp_path: Path, monkeypat
     real_write = shardwriter.write_shard
     calls = []
 
-    def dying_write(out_dir, plan, builder, strict):
+    def dying_write(out_dir, plan, results, strict):
         calls.append(plan.name)
         if len(calls) == 3:
             (Path(out_dir) / f".{plan.name}.k3j4h5.tmp").write_bytes(b"half a tar")
             raise KeyboardInterrupt
-        return real_write(out_dir, plan, builder, strict)
+        return real_write(out_dir, plan, results, strict)
 
     monkeypatch.setattr(shardwriter, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
@@ -94,20 +94,14 @@ def test_resume_after_interrupt_gives_identical_shards(tmp_path: Path, monkeypat
 
 
 def test_two_workers_match_one(tmp_path: Path) -> None:
+    """Whole shards per worker (6 shards) and sample groups per worker (1 shard): same bytes."""
     tree = big_its(tmp_path / "its")
-    build("reside-its", tree.root, tmp_path / "a", "--max-samples-per-shard", "4", "--name", "its")
-    build(
-        "reside-its",
-        tree.root,
-        tmp_path / "b",
-        "--max-samples-per-shard",
-        "4",
-        "--name",
-        "its",
-        "--workers",
-        "2",
-    )
-    assert shas(tmp_path / "a") == shas(tmp_path / "b")
+    for cap in ("4", "0"):
+        one, two = tmp_path / f"a{cap}", tmp_path / f"b{cap}"
+        build("reside-its", tree.root, one, "--max-samples-per-shard", cap, "--name", "its")
+        build("reside-its", tree.root, two, "--max-samples-per-shard", cap, "--name", "its", "--workers", "2")
+        assert shas(one) == shas(two) and len(shas(one)) == (6 if cap == "4" else 1)
+    check_samples(two, tree, "reside-its", "haze", "synthetic")
 
 
 def test_array_jobs_and_merge(tmp_path: Path, capsys) -> None:

@@ -168,8 +168,21 @@ def test_synth_build(tmp_path: Path) -> None:
     }
     assert manifest["source"]["params"] == "default" and verify_shards(out) == []
 
-    same = tmp_path / "same"
-    synth(clean, same, "--degradation", "haze", "--per-image", "2", "--seed", "5", "--name", "haze")
+    same = tmp_path / "same"  # and with two workers sharing the one shard's samples
+    synth(
+        clean,
+        same,
+        "--degradation",
+        "haze",
+        "--per-image",
+        "2",
+        "--seed",
+        "5",
+        "--name",
+        "haze",
+        "--workers",
+        "2",
+    )
     assert [s["sha256"] for s in load_manifest(same)["shards"]] == [s["sha256"] for s in manifest["shards"]]
     other = tmp_path / "other"
     synth(clean, other, "--degradation", "haze", "--per-image", "2", "--seed", "6", "--name", "haze")

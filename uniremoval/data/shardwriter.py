@@ -26,7 +26,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -195,7 +195,7 @@ def plan_shards(
 
 
 # ---------------------------------------------------------------------------------------------
-# writing one shard (runs in a worker process)
+# building samples and writing shards
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -225,20 +225,52 @@ def _counts_of(metas: Iterable[dict]) -> dict:
     return {g: dict(sorted(c.items())) for g, c in counts.items()}
 
 
-def write_shard(out_dir: str, plan: ShardPlan, builder: SampleBuilder, strict: bool) -> dict:
-    """Build shard `plan` into out_dir; return its record (with the issues of its items)."""
+def _groups(items: list[Item], cap: int = 32) -> list[list[Item]]:
+    """Consecutive items that share a target (ITS: ten hazy images per clear one; synth: the
+    variants of one clean image) go together so the shared file is read and decoded once."""
+    groups: list[list[Item]] = []
+    for item in items:
+        last = groups[-1] if groups else None
+        same = last and len(last) < cap and last[-1].target == item.target
+        if same and (item.target is not None or len(last) < 8):
+            last.append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def build_group(builder: SampleBuilder, group: list[Item]) -> list[tuple[dict | None, list[Issue]]]:
+    """Samples of one group, in order (runs in a worker process or in the main one)."""
+    uses = Counter(i.target for i in group if i.target)
+    # Decoded sizes per file, and the bytes of a target used by several inputs of the group.
+    cache: dict = {"shared": {t for t, n in uses.items() if n > 1}}
+    return [builder.build(item, cache) for item in group]
+
+
+def build_items(builder: SampleBuilder, items: list[Item]) -> Iterator[tuple[dict | None, list[Issue]]]:
+    for group in _groups(items):
+        yield from build_group(builder, group)
+
+
+def build_and_write(out_dir: str, plan: ShardPlan, builder: SampleBuilder, strict: bool) -> dict:
+    """One whole shard in one worker process."""
+    return write_shard(out_dir, plan, build_items(builder, plan.items), strict)
+
+
+def write_shard(
+    out_dir: str, plan: ShardPlan, results: Iterator[tuple[dict | None, list[Issue]]], strict: bool
+) -> dict:
+    """Write the samples of `plan` (taken from `results`, one per item) to out_dir/<name>;
+    return the shard's record, with the issues of its items."""
     path = Path(out_dir) / plan.name
-    target_uses = Counter(i.target for i in plan.items if i.target)
-    # Decoded sizes per file, and the bytes of targets used by several inputs (ITS: 10 hazy per clear).
-    cache: dict = {"shared": {t for t, n in target_uses.items() if n > 1}}
     issues: list[Issue] = []
     metas: list[dict] = []
     with (
         atomic_writer(path, "wb") as fh,
         tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar,
     ):
-        for item in plan.items:
-            sample, bad = builder.build(item, cache)
+        for _ in plan.items:
+            sample, bad = next(results)
             if sample is None:
                 if strict and bad:
                     raise DataError(f"{bad[0].message()} (--strict stops at the first bad input)")
@@ -413,21 +445,49 @@ def pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _iter_records(pending, out_dir: Path, builder, strict: bool, workers: int):
-    """Yield shard records as they complete, in-process for one worker, else in spawned processes."""
-    if workers <= 1 or len(pending) <= 1:
+def _ordered_results(pool, builder: SampleBuilder, plans: list[ShardPlan], window: int) -> Iterator:
+    """Sample results of all `plans`, in order, built group by group in the pool with at most
+    `window` groups in flight (so memory stays bounded when the writer is the slower side)."""
+    from collections import deque
+
+    groups = (g for plan in plans for g in _groups(plan.items))
+    in_flight: deque = deque()
+    for group in groups:
+        in_flight.append(pool.submit(build_group, builder, group))
+        if len(in_flight) >= window:
+            yield from in_flight.popleft().result()
+    while in_flight:
+        yield from in_flight.popleft().result()
+
+
+def _iter_records(
+    pending: list[ShardPlan], out_dir: Path, builder: SampleBuilder, strict: bool, workers: int
+):
+    """Yield shard records as shards complete.
+
+    One worker: everything in this process. At least as many shards as workers: each worker builds
+    and writes whole shards (no image bytes cross processes). Fewer shards (small datasets, synth
+    on a few clean images): workers build groups of samples, this process writes the shards.
+    Either way the bytes are identical.
+    """
+    if workers <= 1 or not pending:
         for plan in pending:
-            yield write_shard(str(out_dir), plan, builder, strict)
+            yield write_shard(str(out_dir), plan, build_items(builder, plan.items), strict)
         return
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     pool = ProcessPoolExecutor(workers, mp_context=pool_context())
     try:
+        if len(pending) < workers:
+            results = _ordered_results(pool, builder, pending, 4 * workers)
+            for plan in pending:
+                yield write_shard(str(out_dir), plan, results, strict)
+            return
         todo = list(pending)
         running = set()
         while todo or running:
             while todo and len(running) < 2 * workers:  # bounded queue: don't pickle all plans at once
-                running.add(pool.submit(write_shard, str(out_dir), todo.pop(0), builder, strict))
+                running.add(pool.submit(build_and_write, str(out_dir), todo.pop(0), builder, strict))
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield fut.result()

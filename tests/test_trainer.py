@@ -90,8 +90,8 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert res.status == "finished" and res.step == 10
     run = tmp_path / "a" / "toy"
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000009", "step-00000010"]
-    assert (run / "net-last.safetensors").is_file() and (run / "net-best.safetensors").is_file()
-    ref = weights(run / "net-last.safetensors")
+    assert (run / "last.safetensors").is_file() and (run / "best.safetensors").is_file()
+    ref = weights(run / "last.safetensors")
     first_val = ToyStage(make_cfg(tmp_path)).data(999, 0)
     assert res.metrics["val/toy/err"] < nn.functional.mse_loss(first_val["input"] * 0, first_val["target"]).item()
 
@@ -108,7 +108,7 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     res2 = Trainer(rest.cfg, rest).fit(resume="auto")
     assert res2.step == 10
     assert rest.seen[0] == (0, 3)  # data position: epoch 0, micro-batch 3 (steps 0-2 were seen)
-    assert torch.equal(weights(tmp_path / "b" / "toy" / "net-last.safetensors"), ref)
+    assert torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"), ref)
 
 
 def test_grad_accumulation_matches_large_batch(tmp_path):
@@ -128,8 +128,8 @@ def test_grad_accumulation_matches_large_batch(tmp_path):
     acc = Halves(make_cfg(tmp_path / "acc", epochs=1, steps_per_epoch=3, grad_accum=2))
     Trainer(acc.cfg, acc).fit()
     assert len(acc.seen) == 6
-    torch.testing.assert_close(weights(tmp_path / "acc/toy/net-last.safetensors"),
-                               weights(tmp_path / "big/toy/net-last.safetensors"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights(tmp_path / "acc/toy/last.safetensors"),
+                               weights(tmp_path / "big/toy/last.safetensors"), rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_skip_then_stop(tmp_path):
@@ -140,7 +140,7 @@ def test_nonfinite_skip_then_stop(tmp_path):
     assert res.nonfinite_skipped == 1 and res.step == 4
     msgs = [str(w.message) for w in caught if "non-finite" in str(w.message)]
     assert msgs and "step 2" in msgs[0] and "mse=nan" in msgs[0]
-    assert torch.isfinite(weights(tmp_path / "s/toy/net-last.safetensors")).all()
+    assert torch.isfinite(weights(tmp_path / "s/toy/last.safetensors")).all()
 
     st2 = ToyStage(make_cfg(tmp_path / "t", max_steps=4, nonfinite="stop"), poison_at=2)
     with pytest.raises(UniremovalError, match=r"non-finite loss at step 3.*mse=nan"):
@@ -156,5 +156,5 @@ def test_sigusr1_checkpoints_and_stops(tmp_path, capsys):
     assert res.status == "preempted" and res.step == 6
     assert res.checkpoint is not None and res.checkpoint.name == "step-00000006"
     assert "preempted: checkpoint saved at step 6" in capsys.readouterr().err
-    assert not (tmp_path / "toy" / "net-last.safetensors").exists()
+    assert not (tmp_path / "toy" / "last.safetensors").exists()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored

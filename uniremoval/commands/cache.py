@@ -1,14 +1,39 @@
-"""`uniremoval cache`: not implemented yet (placeholder registered so the group is listed)."""
+"""`uniremoval cache --config configs/cache.yaml [key=value ...] [--check]`.
+
+Runs every frozen teacher over its degradation's synthetic shards and writes cache shards
+(sample + teacher.png + feature.npy) under `cache.out/<source name>/`. Several processes:
+`accelerate launch --config_file launch/multi_gpu.yaml -m uniremoval cache --config ...`.
+Interrupted? Run the same command again: complete shards are kept.
+"""
 
 from __future__ import annotations
 
-from uniremoval.errors import UniremovalError
-
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("cache", help="(not yet available)", description="Not yet available.")
-    p.set_defaults(func=_not_yet)
+    p = subparsers.add_parser(
+        "cache", help="run the frozen teachers once over the synthetic shards (teacher-output cache)",
+        description="Build (or complete) the teacher-output cache that `train kt` reads.")
+    p.add_argument("--config", required=True, help="cache stage config YAML (e.g. configs/cache.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--check", action="store_true",
+                   help="only verify an existing cache against the config's teachers and sources")
+    p.set_defaults(func=_handler)
 
 
-def _not_yet(args) -> int:
-    raise UniremovalError("'uniremoval cache' is not available yet in this version")
+def _handler(args) -> int:
+    from uniremoval.config import load_config
+
+    cfg = load_config(args.config, args.overrides, stage="cache")
+    if args.check:
+        from pathlib import Path
+
+        from uniremoval.stages.cache import check_cache
+
+        for src in cfg.data.train:
+            folder = Path(cfg.cache.out) / src.name
+            m = check_cache(folder, cfg.teachers.checkpoints, src.shards, cfg.data.feature_cell)
+            print(f"{folder}: ok ({m['counts']['total']} samples, teacher {m['cache']['teacher']['sha256'][:12]})")
+        return 0
+    from uniremoval.stages import cache
+
+    return cache.run(cfg, args)

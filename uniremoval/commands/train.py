@@ -1,14 +1,51 @@
-"""`uniremoval train`: not implemented yet (placeholder registered so the group is listed)."""
+"""`uniremoval train teacher|kt|da --config FILE [key=value ...] [--resume auto|PATH]`.
+
+Run it under `accelerate launch` for several GPUs/processes (see launch/); a plain `uniremoval
+train ...` is one process. Exit status 75 means preempted (SIGTERM/SIGUSR1): a checkpoint was
+written; rerun with `--resume auto`.
+"""
 
 from __future__ import annotations
 
-from uniremoval.errors import UniremovalError
+import argparse
+
+STAGE_HELP = {
+    "teacher": "supervised MPRNet teacher on one degradation's synthetic pairs",
+    "kt": "knowledge transfer: the student learns every degradation from the frozen teachers",
+    "da": "domain adaptation of the student on unpaired real images",
+}
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="(not yet available)", description="Not yet available.")
-    p.set_defaults(func=_not_yet)
+    p = subparsers.add_parser("train", help="train a teacher, the student (kt) or adapt it (da)",
+                              description="Train one stage on the shared trainer (accelerate).")
+    sub = p.add_subparsers(dest="train_stage", metavar="STAGE")
+    sub.required = True
+    for stage, text in STAGE_HELP.items():
+        sp = sub.add_parser(stage, help=text, description=text + ".",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="example: uniremoval train {0} --config configs/{1}.yaml optim.lr=1e-4".format(
+                                stage, "teacher/haze" if stage == "teacher" else stage))
+        sp.add_argument("--config", required=True, help="stage config YAML")
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        sp.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue a run: 'auto' = newest checkpoint in the run dir (start fresh if none), "
+                             "or a checkpoints/step-N folder")
+        sp.set_defaults(func=_handler, stage_name=stage)
 
 
-def _not_yet(args) -> int:
-    raise UniremovalError("'uniremoval train' is not available yet in this version")
+def _handler(args) -> int:
+    from uniremoval.config import load_config
+
+    cfg = load_config(args.config, args.overrides, stage=args.stage_name)
+    if args.stage_name == "teacher":
+        from uniremoval.stages import teacher
+
+        return teacher.run(cfg, args)
+    if args.stage_name == "kt":
+        from uniremoval.stages import kt
+
+        return kt.run(cfg, args)
+    from uniremoval.stages import da
+
+    return da.run(cfg, args)

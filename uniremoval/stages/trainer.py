@@ -44,8 +44,9 @@ Layout of a run (``cfg.run_dir`` = output_dir/name)
 hash, MLflow run id), ``state.pt`` (step, optimiser and schedule states, counters, run id: tensors
 and plain types only, loads with ``weights_only=True``), ``rng-rank<r>.pt`` (each rank's RNG).
 Written into a hidden temporary directory and renamed, so a crash mid-write leaves the previous
-checkpoint complete; ``keep_last`` are kept. ``<model>-last`` and ``<model>-best`` (safetensors +
-json) beside them are what later stages load.
+checkpoint complete; ``keep_last`` are kept. ``last`` and ``best`` (safetensors + json) of the
+first trainable model (``<model>-last`` / ``<model>-best`` for any other) are written in the run
+directory: what later stages load (e.g. ``outputs/teacher-haze/best.safetensors``).
 
 Resume (``--resume auto|PATH``) restores weights, optimisers, schedules, counters, RNG, and the data
 position: the epoch and micro-batch index follow from the step (``epoch = step // steps_per_epoch``),
@@ -500,7 +501,7 @@ class Trainer:
         """`<model>-last` / `<model>-best` weights beside the checkpoints (what later stages load)."""
         if self.accelerator.is_main_process:
             for name in self.stage.trainable:
-                self._save_weights(self.run_dir / f"{name}-{which}", name, extra)
+                self._save_weights(self.run_dir / export_name(self.stage.trainable, name, which), name, extra)
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
@@ -642,6 +643,11 @@ def build_accelerator(cfg: StageBase) -> Any:
     if cpu and mp == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def export_name(trainable: Sequence[str], name: str, which: str) -> str:
+    """`last`/`best` for the stage's primary (first) model, `<model>-last` for any other."""
+    return which if name == trainable[0] else f"{name}-{which}"
 
 
 def load_weights_into(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:

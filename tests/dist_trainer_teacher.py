@@ -1,0 +1,83 @@
+"""Worker for tests/test_teacher_cache.py (not a test module itself).
+
+    python tests/dist_trainer_teacher.py kill CONFIG STEP
+        train a teacher and SIGKILL this very process inside the step after STEP updates.
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_trainer_teacher.py dist CONFIG CACHE_CONFIG OUT
+        two ranks: train the teacher, record each rank's weights and a fixed batch's loss before
+        and after, then build the cache with the trained teacher; OUT/rank<r>.json per rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _kill(config: str, step: int) -> None:
+    from uniremoval.config import load_config
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    class Killed(TeacherTraining):
+        def training_step(self, batch, ctx):
+            if ctx.step == step:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: a real kill -9
+            return super().training_step(batch, ctx)
+
+    cfg = load_config(config, stage="teacher")
+    Trainer(cfg, Killed(cfg)).fit()
+
+
+def _fixed_batch_loss(model: torch.nn.Module, cfg) -> float:
+    from uniremoval.losses.pixel import mprnet_stage_loss
+
+    g = torch.Generator().manual_seed(1234)
+    y = torch.rand(2, 3, 32, 32, generator=g) * 1.6 - 0.8
+    x = y * 0.5 + 0.2  # the fixtures' haze model in [-1, 1] terms
+    with torch.no_grad():
+        return float(mprnet_stage_loss(model(x), y, edge_weight=cfg.loss.edge_weight)["total"])
+
+
+def _dist(config: str, cache_config: str, out: str) -> None:
+    from accelerate.utils import set_seed
+
+    from uniremoval.config import load_config
+    from uniremoval.models import build_model
+    from uniremoval.stages import cache
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    cfg = load_config(config, stage="teacher")
+    set_seed(cfg.train.seed)  # the trainer seeds the same way before building: same initial weights
+    before = _fixed_batch_loss(build_model("mprnet", cfg.model.preset), cfg)
+    trainer = Trainer(cfg, TeacherTraining(cfg))
+    result = trainer.fit()
+    model = trainer.accelerator.unwrap_model(trainer.models["teacher"])
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    after = _fixed_batch_loss(model, cfg)
+    rank = trainer.accelerator.process_index
+    record = {"rank": rank, "world": trainer.accelerator.num_processes, "weights_sha": h.hexdigest(),
+              "loss_before": before, "loss_after": after, "step": result.step, "run_id": result.run_id,
+              "metrics": result.metrics}
+    cache.run(load_config(cache_config, stage="cache"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "kill":
+        _kill(sys.argv[2], int(sys.argv[3]))
+    elif mode == "dist":
+        _dist(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        raise SystemExit(f"unknown mode {mode}")

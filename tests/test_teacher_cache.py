@@ -1,0 +1,248 @@
+"""Teacher training and the teacher-output cache, for real: two CPU processes (accelerate launch),
+a kill -9 in the middle of training then --resume auto, and a cache that KT reads and that is
+refused once stale. Tiny MPRNet, 40x48 images, a handful of steps."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from uniremoval.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_trainer_teacher.py"
+H, W = 40, 48  # not multiples of 8 (the model pads) nor of the 16 px feature cell (partial cells dropped)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, prefix: str, n_shards: int, per_shard: int, split: str, seed: int) -> list[str]:
+    """Synthetic haze-like pairs (a fixed affine map of the clean image), a manifest beside them."""
+    import webdataset as wds
+
+    from uniremoval.io import sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    keys, entries = [], []
+    for s in range(n_shards):
+        name = f"{prefix}-{s:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as tw:
+            for i in range(per_shard):
+                base = rng.uniform(0.1, 0.9, size=(1, 1, 3))
+                clean = np.clip(base + 0.25 * rng.standard_normal((H, W, 3)).cumsum(1) / 6, 0, 1)
+                hazy = clean * 0.5 + 0.35  # in [-1, 1] terms: input = 0.5 * target + 0.2
+                key = f"{prefix}_{s}_{i}"
+                keys.append(key)
+                tw.write({"__key__": key, "input.png": _png((hazy * 255).round().astype(np.uint8)),
+                          "target.png": _png((clean * 255).round().astype(np.uint8)),
+                          "json": {"degradation": "haze", "domain": "synthetic", "source": "test", "split": split,
+                                   "height": H, "width": W}})
+        entries.append({"name": name, "samples": per_shard, "bytes": (folder / name).stat().st_size,
+                        "sha256": sha256_file(folder / name)})
+    n = n_shards * per_shard
+    (folder / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "dataset": prefix, "shards": entries,
+        "counts": {"total": n, "degradation": {"haze": n}, "domain": {"synthetic": n}, "split": {split: n}}}))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tc")
+    train_keys = write_shards(root / "shards" / "syn", "syn", 4, 3, "train", 0)
+    write_shards(root / "shards" / "val", "val", 1, 4, "test", 1)
+    teacher = {
+        "stage": "teacher", "project": "tc", "name": "teacher-haze", "output_dir": str(root / "outputs"),
+        "degradation": "haze", "model": {"preset": "tiny"},
+        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 4,
+                 "train": [{"name": "syn", "shards": str(root / "shards" / "syn"), "degradation": "haze"}],
+                 "val": [{"name": "val", "shards": str(root / "shards" / "val"), "degradation": "haze"}]},
+        "optim": {"lr": 2e-3},
+        "schedule": {"name": "warmup_cosine", "warmup_steps": 2, "min_lr": 1e-5},
+        "train": {"epochs": 2, "steps_per_epoch": 4, "log_every": 2, "val_every": 4, "image_every": 4, "seed": 5},
+        "checkpoint": {"every_steps": 2, "keep_last": 3},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+    }
+    return {"root": root, "teacher": teacher, "train_keys": train_keys}
+
+
+def _write_cfg(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_auto_equals_uninterrupted(workspace):
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import load_config
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    root = workspace["root"]
+    cfg_path = _write_cfg(root / "teacher.yaml", workspace["teacher"])
+    run_dir = root / "outputs" / "teacher-haze"
+    # Killed inside the step after update 5: the step-4 checkpoint is the newest complete one.
+    p = subprocess.run([sys.executable, str(WORKER), "kill", str(cfg_path), "5"], env=_env(), cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-3000:]
+    ckpts = sorted(x.name for x in (run_dir / "checkpoints").iterdir() if not x.name.startswith("."))
+    assert ckpts == ["step-00000002", "step-00000004"]
+    assert not (run_dir / "last.safetensors").exists()
+    first_id = json.loads((run_dir / "checkpoints" / "step-00000004" / "teacher.json").read_text())["mlflow_run_id"]
+    assert first_id
+
+    p = subprocess.run([sys.executable, "-m", "uniremoval", "train", "teacher", "--config", str(cfg_path),
+                        "--resume", "auto"], env=_env(), cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr and "at step 4" in p.stderr
+    last_meta = json.loads((run_dir / "last.json").read_text())
+    assert last_meta["step"] == 8 and last_meta["mlflow_run_id"] == first_id
+    assert last_meta["input_range"] == "minus_one_one" and last_meta["degradation"] == "haze"
+    assert (run_dir / "best.safetensors").is_file()
+
+    # The same run, uninterrupted, in this process.
+    ref_cfg = dict(workspace["teacher"], output_dir=str(root / "ref"), tracking={"enabled": False})
+    cfg = load_config(_write_cfg(root / "ref.yaml", ref_cfg), stage="teacher")
+    Trainer(cfg, TeacherTraining(cfg)).fit()
+    ref = _weights(root / "ref" / "teacher-haze" / "last.safetensors")
+    got = _weights(run_dir / "last.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tc")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'teacher'")
+    assert [r.info.run_id for r in runs] == [first_id]
+    run = runs[0]
+    assert run.info.run_name == "teacher-haze" and run.info.status == "FINISHED"
+    assert run.data.tags["degradation"] == "haze" and run.data.tags["resumed"] == "true"
+    steps = [m.step for m in client.get_metric_history(first_id, "train/total")]
+    assert steps == [2, 4, 6, 8]  # before and after the kill, one run
+    assert {m.step for m in client.get_metric_history(first_id, "val/val/psnr")} == {4, 8}
+    assert run.data.params["model.preset"] == "tiny"
+    arts = [a.path for a in client.list_artifacts(first_id, "images")]
+    assert "images/train-step00000000.png" in arts
+
+
+@pytest.mark.slow
+def test_two_processes_teacher_then_cache(workspace):
+    from uniremoval.config import load_config
+    from uniremoval.data.pipelines import kt_loader
+    from uniremoval.stages import cache as cache_stage
+    from uniremoval.stages.cache import check_cache
+
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate CLI not installed")
+    root = workspace["root"]
+    tcfg = dict(workspace["teacher"], output_dir=str(root / "dist"))
+    teacher_path = root / "dist" / "teacher-haze" / "last.safetensors"
+    ccfg = {"stage": "cache", "project": "tc", "name": "cache", "output_dir": str(root / "dist"),
+            "model": {"preset": "tiny"}, "teachers": {"checkpoints": {"haze": str(teacher_path)}},
+            "data": {"degradations": ["haze"], "feature_cell": 16,
+                     "train": [{"name": "syn", "shards": str(root / "shards" / "syn"), "degradation": "haze"}]},
+            "cache": {"out": str(root / "cache")}, "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}}
+    t_path = _write_cfg(root / "dist_teacher.yaml", tcfg)
+    c_path = _write_cfg(root / "dist_cache.yaml", ccfg)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                        str(WORKER), "dist", str(t_path), str(c_path), str(root / "dist_out")],
+                       env=_env(), cwd=root, capture_output=True, text=True, timeout=480)
+    assert p.returncode == 0, p.stderr[-4000:]
+    r0, r1 = (json.loads((root / "dist_out" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == 2 and r1["world"] == 2 and r0["step"] == r1["step"] == 8
+    assert r0["weights_sha"] == r1["weights_sha"]  # DDP kept the ranks identical
+    assert r0["loss_after"] < 0.8 * r0["loss_before"]  # it learned the haze map
+    assert r0["run_id"] and r1["run_id"] is None  # only the main process talks to MLflow
+    assert r0["metrics"]["val/val/psnr"] == r1["metrics"]["val/val/psnr"]  # gathered, not rank 0's share
+
+    # Every sample exactly once, with the teacher's image and pooled feature.
+    cdir = root / "cache" / "syn"
+    man = check_cache(cdir, {"haze": str(teacher_path)}, str(root / "shards" / "syn"), cell=16)
+    assert man["counts"]["total"] == 12 and len(man["shards"]) == 4
+    from uniremoval.data.manifest import iter_tar_samples
+    from uniremoval.data.transforms import decode_feature, decode_image
+
+    keys = []
+    for entry in man["shards"]:
+        for key, files in iter_tar_samples(cdir / entry["name"]):
+            keys.append(key)
+            assert decode_image(files["teacher.png"]).shape == (H, W, 3)
+            feat = decode_feature(files["feature.npy"])
+            assert feat.dtype == np.float16 and feat.shape == (16, H // 16, W // 16)  # tiny: 12 + 4 channels
+            assert json.loads(files["json"])["teacher_sha256"] == man["cache"]["teacher"]["sha256"]
+            assert "input.png" in files and "target.png" in files
+    assert sorted(keys) == sorted(workspace["train_keys"])
+
+    # The cache matches what the teacher computes in this process.
+    from uniremoval.stages.teachers import load_teachers
+
+    t = load_teachers({"haze": str(teacher_path)}, ["haze"], "tiny")["haze"]
+    key, files = next(iter_tar_samples(cdir / man["shards"][0]["name"]))
+    from uniremoval.data.transforms import to_tensor
+
+    img, feat = t(to_tensor(decode_image(files["input.png"]))[None], 16)
+    cached = to_tensor(decode_image(files["teacher.png"]))
+    assert (cached - img[0]).abs().max() <= 1.0 / 255 + 1e-6
+    torch.testing.assert_close(torch.from_numpy(decode_feature(files["feature.npy"]).astype(np.float32)),
+                               feat[0], rtol=2e-3, atol=2e-3)
+
+    # KT's data path reads it.
+    loader = kt_loader([("syn", str(cdir), "haze", 1.0)], ["haze"], batch_size=2, crop_size=32, steps_per_epoch=2,
+                       num_workers=0, seed=0, rank=0, world_size=1, cell=16)
+    batch = next(iter(loader))
+    assert batch["teacher"].shape == (2, 3, 32, 32) and batch["feature"].shape == (2, 16, 2, 2)
+
+    # Resumable: a second run recomputes nothing (done-records match); a deleted shard is rebuilt.
+    done = sorted(cdir.glob(".*.done.json"))
+    stamps = {d: d.stat().st_mtime_ns for d in done}
+    (cdir / man["shards"][1]["name"]).unlink()
+    cache_stage.run(load_config(c_path, ["tracking.enabled=false"], stage="cache"))
+    changed = [d for d in done if d.stat().st_mtime_ns != stamps[d]]
+    assert [d.name for d in changed] == [f".{man['shards'][1]['name']}.done.json"]
+    assert check_cache(cdir, {"haze": str(teacher_path)})["counts"]["total"] == 12
+
+    # Stale: other teacher weights (the step-4 checkpoint), or changed source shards.
+    other = root / "dist" / "teacher-haze" / "checkpoints" / "step-00000004" / "teacher.safetensors"
+    with pytest.raises(DataError, match=r"stale cache .* built by teacher .* teachers.checkpoints.haze"):
+        check_cache(cdir, {"haze": str(other)})
+    with pytest.raises(DataError, match="not cached"):
+        check_cache(cdir, {"haze": str(teacher_path)}, [str(root / "shards" / "syn"), str(root / "shards" / "val")])
+    src = root / "shards" / "syn"
+    m = json.loads((src / "manifest.json").read_text())
+    m["shards"][0]["sha256"] = "0" * 64  # the source shard was rebuilt since
+    (src / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="changed since it was cached"):
+        check_cache(cdir, {"haze": str(teacher_path)})

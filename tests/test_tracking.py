@@ -1,0 +1,173 @@
+"""MLflow tracking against the embedded sqlite store and a real `mlflow server` that is down at the
+start, comes up, goes down mid-run and comes back: nothing logged is lost."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniremoval.config import KTStage, TeacherStage, config_hash
+from uniremoval.tracking import flatten, image_grid_png, log_eval_run, start_run
+
+MLFLOW = Path(sys.executable).parent / "mlflow"
+
+
+def teacher_cfg(tmp_path: Path, uri: str | None = None) -> TeacherStage:
+    return TeacherStage(stage="teacher", degradation="rain", output_dir=str(tmp_path / "out"), name="t",
+                        project="trk", optim={"lr": 1e-3}, tracking={"uri": uri})
+
+
+def test_flatten_and_grid():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    x = torch.zeros(2, 3, 8, 8)
+    png = image_grid_png([x - 1, x, x + 1])
+    from io import BytesIO
+
+    from PIL import Image
+
+    im = Image.open(BytesIO(png))
+    assert im.size == (24, 16)  # 3 columns of 8 px, 2 rows
+    assert im.getpixel((0, 0)) == (0, 0, 0) and im.getpixel((8, 0)) == (128, 128, 128)
+    assert im.getpixel((23, 15)) == (255, 255, 255)
+
+
+def test_embedded_store(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = teacher_cfg(tmp_path)
+    tr = start_run(cfg, run_name="teacher-rain", stage="teacher", degradation="rain")
+    assert tr is not None and tr.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for s in (10, 20):
+        tr.log_metrics({"train/total": 1.0 / s, "val/rain/psnr": 20.0 + s}, step=s)
+    tr.log_image_grid("train", [torch.zeros(1, 3, 8, 8)] * 3, step=20)
+    tr.finish()
+    # A resumed process continues the same run.
+    tr2 = start_run(cfg, run_name="teacher-rain", stage="teacher", degradation="rain", run_id=tr.run_id)
+    tr2.log_metrics({"train/total": 0.01}, step=30)
+    tr2.finish()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("trk")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "teacher-rain" and run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "teacher" and run.data.tags["degradation"] == "rain"
+    assert run.data.tags["config_hash"] == config_hash(cfg) and run.data.tags["resumed"] == "true"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["degradation"] == "rain"
+    hist = client.get_metric_history(run.info.run_id, "train/total")
+    assert [(m.step, m.value) for m in hist] == [(10, 0.1), (20, 0.05), (30, 0.01)]
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "images"} <= files
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "images")] == ["images/train-step00000020.png"]
+    assert list((tmp_path / "mlruns").rglob("config.yaml"))  # artifacts beside the store
+
+    # Eval helper, and the tag for random VGG weights on a contrastive stage.
+    rid = log_eval_run(cfg, "rtts", {"brisque": 30.5, "eval/rtts/piqe": 40.0})
+    er = client.get_run(rid)
+    assert er.info.run_name == "eval-rtts" and er.data.metrics == {"eval/rtts/brisque": 30.5, "eval/rtts/piqe": 40.0}
+    kt = KTStage(stage="kt", output_dir=str(tmp_path / "out"), features={"weights": "random"},
+                 loss={"use_fcl": False})
+    t3 = start_run(kt, run_name="kt", stage="kt")
+    t3.finish()
+    tags = client.get_run(t3.run_id).data.tags
+    assert tags["vgg_weights"] == "random" and tags["ablation.use_fcl"] == "false"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "ab"), start_new_session=True)
+    deadline = time.time() + 240  # ~9 s on an idle machine; far longer under load
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            break
+    _stop(proc)
+    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its worker
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_server_down_up_down_up_loses_nothing(tmp_path):
+    if not MLFLOW.exists():
+        pytest.skip("mlflow CLI not installed")
+    from mlflow.tracking import MlflowClient
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg = teacher_cfg(tmp_path, uri)
+    # 1. Server down at the start: the run cannot even be created; training goes on.
+    with pytest.warns(RuntimeWarning, match=r"unreachable.*spooled to .*mlflow-spool.jsonl"):
+        tr = start_run(cfg, run_name="teacher-rain", stage="teacher", degradation="rain")
+    assert tr.offline and tr.run_id is None and tr.spool_path.exists()
+    tr.log_metrics({"train/total": 1.0}, step=1)
+    tr.log_image_grid("train", [torch.zeros(1, 3, 8, 8)] * 3, step=1)
+    proc = _start_server(tmp_path, port)
+    try:
+        tr.retry_s = 0.0
+        tr.log_metrics({"train/total": 2.0}, step=2)  # reconnects: creates the run, replays the spool
+        assert not tr.offline and tr.run_id is not None and not tr.spool_path.exists()
+    finally:
+        _stop(proc)
+    # 2. Server gone mid-run.
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        tr.log_metrics({"train/total": 3.0}, step=3)
+    tr.log_metrics({"train/total": 4.0, "val/rain/psnr": 25.0}, step=4)
+    assert tr.offline and tr.spool_path.exists()
+    proc = _start_server(tmp_path, port)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # back online: no warning at finish
+            tr.finish()
+        assert not tr.spool_path.exists()
+        client = MlflowClient(uri)
+        run = client.get_run(tr.run_id)
+        hist = client.get_metric_history(tr.run_id, "train/total")
+        assert [(m.step, m.value) for m in hist] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+        assert run.data.metrics["val/rain/psnr"] == 25.0
+        assert run.data.params["optim.lr"] == "0.001" and run.data.tags["stage"] == "teacher"
+        assert run.info.status == "FINISHED" and run.info.run_name == "teacher-rain"
+        files = {f.path for f in client.list_artifacts(tr.run_id)}
+        assert {"config.yaml", "images"} <= files
+        text = client.download_artifacts(tr.run_id, "config.yaml", str(tmp_path / "dl"))
+        assert "degradation: rain" in Path(text).read_text()
+    finally:
+        _stop(proc)

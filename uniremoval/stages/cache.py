@@ -1,0 +1,377 @@
+"""Cache stage: run each frozen teacher once over its degradation's synthetic shards.
+
+Algorithm box:
+    for each source s in data.train (its `degradation` picks teacher T):
+        for each shard of s assigned to this rank (shard i -> rank i mod world):
+            skip it if its done-record matches (teacher sha256, source sha256, cell)
+            for each sample x: y_T, f_T <- T(x) on the full image (the model pads to 8)
+                write the sample's own fields + teacher.png + feature.npy + json.teacher_sha256
+            rename <shard>.tar.tmp -> <shard>.tar; write its done-record
+    main process: manifest.json per source (shard format + a `cache` section)
+
+Layout: ``<cache.out>/<source name>/<shard name>.tar`` (the source's shard names) with
+``manifest.json`` beside them; KT's ``data.train`` points at ``<cache.out>/<source name>``.
+
+- ``teacher.png``: the teacher's restored image, clamped to [-1, 1], rounded to 8-bit RGB (lossless
+  PNG: what the cache holds is exactly what KT reads).
+- ``feature.npy``: float16 (C, H//cell, W//cell): the teacher's full-resolution feature
+  average-pooled on a ``data.feature_cell`` grid anchored top-left, partial border cells dropped
+  (`uniremoval.stages.teachers.pool_feature`, which KT applies to the student's feature too).
+- ``manifest.json`` ``cache`` section: the teacher checkpoint's path and sha256, its input range,
+  the feature cell, and every source shard with its sha256. `check_cache` refuses a cache whose
+  teacher or sources differ from the config.
+
+Resumable per shard: an interrupted run leaves at most a hidden temporary tar per rank, removed
+on the next run; complete shards (done-record present and matching) are not recomputed. Every
+sample of the sources is written exactly once (whole shards per rank, no sharing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniremoval.config import CacheStage
+from uniremoval.errors import ConfigError, DataError
+from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
+
+CACHE_FORMAT = 1
+DONE_SUFFIX = ".done.json"
+
+
+# ------------------------------------------------------------------------------------- identities
+
+
+def source_sha256(url: str) -> str | None:
+    """sha256 of a source shard: from its dataset manifest when it lists it, else hashed (local
+    files); None for remote URLs (not verifiable without downloading)."""
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    path = Path(url)
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            for entry in json.loads(manifest.read_text()).get("shards", []):
+                if isinstance(entry, dict) and entry.get("name") == path.name and entry.get("sha256"):
+                    return str(entry["sha256"])
+        except (OSError, ValueError):
+            pass
+    return sha256_file(path) if path.is_file() else None
+
+
+def teacher_sha256(path: str) -> str:
+    from uniremoval.models.checkpoint import checkpoint_sha256
+
+    return checkpoint_sha256(path)
+
+
+def _done_path(out_dir: Path, shard_name: str) -> Path:
+    return out_dir / f".{shard_name}{DONE_SUFFIX}"
+
+
+def _is_done(out_dir: Path, shard_name: str, want: dict[str, Any]) -> dict | None:
+    done = _done_path(out_dir, shard_name)
+    tar = out_dir / shard_name
+    if not done.is_file() or not tar.is_file():
+        return None
+    try:
+        rec = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    if any(rec.get(k) != v for k, v in want.items()) or rec.get("bytes") != tar.stat().st_size:
+        return None
+    return rec
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o444, 0  # no time/owner: reproducible bytes
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _png(image_chw: Any) -> bytes:
+    """[-1, 1] (3, H, W) tensor -> 8-bit RGB PNG bytes."""
+    from PIL import Image
+
+    arr = ((image_chw.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: int, device: Any,
+                want: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+    """Write one cache shard for source shard `url`; return its done-record."""
+    import torch
+
+    from uniremoval.data.pipelines import ShardReadError, iter_shard
+    from uniremoval.data.shardwriter import sample_members
+    from uniremoval.data.transforms import decode_image, to_tensor
+
+    path = out_dir / shard_name
+    n, skipped, counts = 0, [], Counter()
+    with atomic_writer(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        try:
+            for key, files in iter_shard(url):
+                input_name = next((k for k in files if k.split(".")[0] == "input"), None)
+                try:
+                    if input_name is None:
+                        raise ValueError(f"no input image (fields: {sorted(files)})")
+                    meta = json.loads(files["json"]) if "json" in files else {}
+                    x = to_tensor(decode_image(files[input_name]))[None].to(device)
+                    with torch.no_grad():
+                        image, feature = teacher(x, cell)
+                except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
+                    skipped.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"[:300]})
+                    continue
+                meta["teacher_sha256"] = want["teacher_sha256"]
+                sample: dict[str, Any] = {"__key__": key, "json": meta}
+                for ext, data in files.items():
+                    if ext != "json" and ext.split(".")[0] not in ("teacher", "feature"):
+                        sample[ext] = data  # the synthetic sample's own bytes, never re-encoded
+                sample["teacher.png"] = _png(image[0])
+                sample["feature.npy"] = _npy(feature[0].cpu().numpy().astype(np.float16))
+                for name, data in sample_members(sample):
+                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                n += 1
+                counts[str(meta.get("split", "unknown"))] += 1
+                if progress is not None:
+                    progress.update(1)
+        except ShardReadError as exc:
+            raise DataError(f"source shard {url} is unreadable ({exc}); rebuild it or drop it from data.train") from exc
+    os.chmod(path, 0o644)
+    rec = {**want, "name": shard_name, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+           "skipped": skipped, "counts": {"split": dict(sorted(counts.items()))}}
+    atomic_write_json(_done_path(out_dir, shard_name), rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------- the stage
+
+
+def _plan(cfg: CacheStage) -> list[dict[str, Any]]:
+    """Every (source, shard) of data.train, in a fixed order shared by all ranks."""
+    from uniremoval.data.pipelines import resolve_shards
+
+    if not cfg.data.train:
+        raise ConfigError("cache: data.train lists no synthetic source to cache")
+    names = [s.name for s in cfg.data.train]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"cache: data.train source names must be unique (they name the cache folders): {names}")
+    items = []
+    for src in cfg.data.train:
+        if src.degradation is None or src.degradation not in cfg.teachers.checkpoints:
+            raise ConfigError(
+                f"cache: source {src.name!r} has degradation {src.degradation!r}, which has no teacher; "
+                f"teachers.checkpoints has {sorted(cfg.teachers.checkpoints)}")
+        urls = resolve_shards(src.shards)
+        shard_names = [Path(u.split("?")[0]).name for u in urls]
+        if len(set(shard_names)) != len(shard_names):
+            raise ConfigError(f"cache: source {src.name!r} has shards with the same file name: {shard_names}")
+        for url, name in zip(urls, shard_names):
+            items.append({"source": src.name, "degradation": src.degradation, "url": url, "name": name})
+    return items
+
+
+def run(cfg: CacheStage, args: Any = None) -> int:
+    """`uniremoval cache`: build (or complete) the teacher-output cache on every rank."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from uniremoval.stages.teachers import load_teachers
+    from uniremoval.stages.trainer import build_accelerator
+
+    acc = build_accelerator(cfg)
+    rank, world = acc.process_index, acc.num_processes
+    out_root = Path(cfg.cache.out)
+    cell = cfg.data.feature_cell
+    items = _plan(cfg)
+    degs = sorted({it["degradation"] for it in items})
+    preset = cfg.teachers.preset or cfg.model.preset
+    teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device)
+    if acc.is_main_process:  # the sources' hashes once, shared with every rank through the plan
+        for it in items:
+            it["source_sha256"] = source_sha256(it["url"])
+    shas = [it.get("source_sha256") for it in items]
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [shas]
+        dist.broadcast_object_list(box, src=0)
+        shas = box[0]
+    for it, sha in zip(items, shas):
+        it["source_sha256"] = sha
+
+    mine = [it for i, it in enumerate(items) if i % world == rank]
+    todo, reused = [], 0
+    for it in mine:
+        out_dir = out_root / it["source"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(f".{it['name']}.*.tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+        want = _want(it, teachers[it["degradation"]], cell)
+        if _is_done(out_dir, it["name"], want):
+            reused += 1
+        else:
+            todo.append((it, want))
+    bar = tqdm(desc=f"cache (rank {rank})", unit="img", disable=not acc.is_main_process, dynamic_ncols=True)
+    for it, want in todo:
+        t = teachers[it["degradation"]]
+        bar.set_postfix_str(f"{it['source']}/{it['name']}", refresh=False)
+        cache_shard(it["url"], out_root / it["source"], it["name"], t, cell, acc.device, want, bar)
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        n = write_manifests(cfg, items, teachers, out_root)
+        print(f"cache: {len(items)} shards in {out_root} ({n} samples); recomputed {len(todo)} on rank 0, "
+              f"reused {reused}", file=sys.stderr)
+    acc.wait_for_everyone()
+    _log_run(cfg, acc, out_root)
+    return 0
+
+
+def _want(it: dict[str, Any], teacher: Any, cell: int) -> dict[str, Any]:
+    return {"cache_format": CACHE_FORMAT, "source_url": it["url"], "source_sha256": it["source_sha256"],
+            "teacher_sha256": teacher.sha256, "cell": cell, "input_range": teacher.input_range}
+
+
+def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapping[str, Any], out_root: Path) -> int:
+    """manifest.json per source folder (readable by the shard tools and pipelines) + a `cache` section."""
+    from uniremoval import __version__
+
+    total = 0
+    for src in cfg.data.train:
+        out_dir = out_root / src.name
+        recs, sources = [], []
+        for it in (i for i in items if i["source"] == src.name):
+            rec = _is_done(out_dir, it["name"], _want(it, teachers[it["degradation"]], cfg.data.feature_cell))
+            if rec is None:
+                raise DataError(f"cache shard {out_dir / it['name']} is missing or incomplete after the run; "
+                                f"rerun `uniremoval cache`")
+            recs.append(rec)
+            sources.append({"url": it["url"], "sha256": it["source_sha256"]})
+        t = teachers[src.degradation]
+        n = sum(r["samples"] for r in recs)
+        total += n
+        split = Counter()
+        for r in recs:
+            split.update(r["counts"]["split"])
+        manifest = {
+            "format_version": 1, "dataset": src.name, "complete": True,
+            "created_by": {"command": ["uniremoval", "cache"], "version": __version__},
+            "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"],
+                        "counts": {"degradation": {src.degradation: r["samples"]}, "domain": {"synthetic": r["samples"]},
+                                   "split": r["counts"]["split"]}} for r in recs],
+            "counts": {"total": n, "degradation": {src.degradation: n}, "domain": {"synthetic": n},
+                       "split": dict(sorted(split.items()))},
+            "issues": {"total": sum(len(r["skipped"]) for r in recs),
+                       "samples": [s | {"shard": r["name"]} for r in recs for s in r["skipped"]][:1000]},
+            "cache": {"format": CACHE_FORMAT, "degradation": src.degradation, "feature_cell": cfg.data.feature_cell,
+                      "teacher": {"checkpoint": str(t.checkpoint), "sha256": t.sha256, "input_range": t.input_range},
+                      "sources": sources},
+        }
+        atomic_write_json(out_dir / "manifest.json", manifest)
+    return total
+
+
+def _log_run(cfg: CacheStage, acc: Any, out_root: Path) -> None:
+    if not acc.is_main_process:
+        return
+    from uniremoval.tracking import start_run
+
+    tracker = start_run(cfg, run_name="cache", stage="cache", run_dir=out_root)
+    if tracker is None:
+        return
+    metrics = {}
+    for src in cfg.data.train:
+        m = json.loads((out_root / src.name / "manifest.json").read_text())
+        metrics[f"cache/{src.name}/samples"] = m["counts"]["total"]
+        metrics[f"cache/{src.name}/skipped"] = m["issues"]["total"]
+        tracker.log_artifact(out_root / src.name / "manifest.json", f"manifests/{src.name}")
+    tracker.log_metrics(metrics, step=0)
+    tracker.finish()
+
+
+# ------------------------------------------------------------------------------------- checking
+
+
+def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
+                sources: Sequence[str] | str | None = None, cell: int | None = None) -> dict[str, Any]:
+    """Refuse (DataError) a cache folder that another teacher or other source shards produced.
+
+    `cache_dir`: one source's cache folder (with manifest.json). `teachers`: degradation ->
+    checkpoint path, as in `teachers.checkpoints`. `sources`: the synthetic shards it must come
+    from (a spec as in data.train); None checks the recorded sources that exist on this machine
+    (a cache moved without its sources is accepted). `cell`: the expected feature cell.
+    Returns the manifest.
+    """
+    from uniremoval.data.pipelines import resolve_shards
+
+    cache_dir = Path(cache_dir)
+    file = cache_dir / "manifest.json"
+    if not file.is_file():
+        raise DataError(f"cache {cache_dir}: no manifest.json; build it with `uniremoval cache --config ...`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cache {file} is not valid JSON ({exc}); rebuild it with `uniremoval cache`") from exc
+    info = manifest.get("cache")
+    if not isinstance(info, dict) or not manifest.get("complete"):
+        raise DataError(f"{cache_dir} is not a complete teacher cache (no 'cache' section); "
+                        f"rebuild it with `uniremoval cache`")
+    deg = info["degradation"]
+    if deg not in teachers:
+        raise DataError(f"cache {cache_dir} holds '{deg}' teacher outputs, but teachers.checkpoints has no '{deg}' "
+                        f"entry (it has {sorted(teachers)})")
+    want = teacher_sha256(teachers[deg])
+    have = info["teacher"]["sha256"]
+    if want != have:
+        raise DataError(
+            f"stale cache {cache_dir}: it was built by teacher {info['teacher']['checkpoint']} (sha256 {have[:12]}), "
+            f"but teachers.checkpoints.{deg} = {teachers[deg]} has sha256 {want[:12]}. Rebuild it with "
+            f"`uniremoval cache --config ...` (or point teachers.checkpoints.{deg} at the teacher that built it)")
+    if cell is not None and info["feature_cell"] != cell:
+        raise DataError(f"cache {cache_dir} pools features on {info['feature_cell']} px cells, the config asks "
+                        f"data.feature_cell={cell}; rebuild the cache or set data.feature_cell={info['feature_cell']}")
+    recorded = {s["url"]: s["sha256"] for s in info["sources"]}
+    if sources is not None:
+        urls = resolve_shards(sources)
+        if sorted(urls) != sorted(recorded):
+            missing = sorted(set(urls) - set(recorded))
+            extra = sorted(set(recorded) - set(urls))
+            raise DataError(f"stale cache {cache_dir}: built from other source shards than the config's "
+                            f"(not cached: {missing[:3]}{'...' if len(missing) > 3 else ''}; cached but no longer "
+                            f"listed: {extra[:3]}{'...' if len(extra) > 3 else ''}); rebuild with `uniremoval cache`")
+    for url, sha in recorded.items():
+        if sha is None or ("://" not in url and not Path(url).exists()):
+            continue
+        now = source_sha256(url)
+        if now != sha:
+            raise DataError(f"stale cache {cache_dir}: source shard {url} changed since it was cached "
+                            f"(sha256 {sha[:12]} -> {str(now)[:12]}); rebuild with `uniremoval cache`")
+    for entry in manifest["shards"]:
+        p = cache_dir / entry["name"]
+        if not p.is_file() or p.stat().st_size != entry["bytes"]:
+            raise DataError(f"cache shard {p} is missing or has another size than manifest.json records; "
+                            f"rerun `uniremoval cache` to complete it")
+    return manifest

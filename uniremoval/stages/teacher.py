@@ -1,0 +1,176 @@
+"""Teacher stage: supervised MPRNet on one degradation's synthetic pairs.
+
+Algorithm box (per optimiser step):
+    x, y   <- a batch of random crops (degraded, clean) of this degradation's shards
+    outs   <- G_T(x)                                # MPRNet's three stage outputs
+    L      <- sum_s Charbonnier(outs_s, y) + 0.05 * sum_s Edge(outs_s, y)
+    update G_T with Adam; LR: MPRNet's warmup + cosine preset (configs/teacher/mprnet_recipe.yaml)
+    every val_every steps: PSNR / SSIM on the val split, every rank its share, gathered;
+    the best PSNR (first val set) is kept as best.safetensors, the end as last.safetensors.
+
+Images are [-1, 1] in the batches; the network sees `model.input_range` ([-1, 1] by default, or
+[0, 1] when fine-tuning an official checkpoint), and that range is written with the weights so
+the cache and KT stages feed the teacher what it was trained on. An official MPRNet `.pth` can
+replace a trained teacher in any later config (teachers.checkpoints: {haze: MPRNet_dehaze.pth}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uniremoval.config import TeacherStage
+from uniremoval.errors import ConfigError
+from uniremoval.stages.teachers import from_model_range, to_model_range
+from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE, Stage, TrainContext, Trainer, skip_batches
+
+
+class TeacherTraining(Stage):
+    stage = "teacher"
+    trainable = ("teacher",)
+
+    def __init__(self, cfg: TeacherStage) -> None:
+        super().__init__(cfg)
+        deg = cfg.degradation
+        self.degradation = deg
+        self.run_name = f"teacher-{deg}"
+        self.sources = [s for s in cfg.data.train if s.degradation in (None, deg)]
+        if not self.sources:
+            names = [f"{s.name} ({s.degradation})" for s in cfg.data.train] or ["none"]
+            raise ConfigError(f"teacher for '{deg}': data.train has no source of that degradation (found: "
+                              f"{', '.join(names)}); add one with degradation: {deg}")
+        self.val_sources = [s for s in cfg.data.val if s.degradation in (None, deg)]
+        self.best_metric = (f"val/{self.val_sources[0].name}/psnr", "max") if self.val_sources else None
+        self.input_range = cfg.model.input_range
+        self._edge: nn.Module | None = None
+
+    # ------------------------------------------------------------------ models and data
+    def build_models(self) -> dict[str, nn.Module]:
+        from uniremoval.models import build_model
+
+        m = self.cfg.model
+        if m.init:
+            from uniremoval.models.checkpoint import load_checkpoint
+
+            model, _ = load_checkpoint(m.init, arch="mprnet")
+        else:
+            model = build_model("mprnet", m.preset)
+        if m.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return {"teacher": model}
+
+    def train_batches(self, epoch: int, start: int, rank: int, world_size: int):
+        from uniremoval.data.pipelines import kt_loader
+
+        c = self.cfg
+        aug = c.data.augment
+        loader = kt_loader(
+            [(s.name, s.shards, self.degradation, s.weight) for s in self.sources], [self.degradation],
+            batch_size=c.data.batch_size, crop_size=c.data.crop_size,
+            steps_per_epoch=c.train.steps_per_epoch * c.train.grad_accum, num_workers=c.data.num_workers,
+            seed=c.train.seed, rank=rank, world_size=world_size, cell=c.data.feature_cell,
+            bad_samples=c.data.bad_samples, require=("target",), augment=aug.hflip or aug.vflip or aug.rot90,
+            shuffle_buffer=c.data.shuffle_buffer, pin_memory=c.data.pin_memory and torch.cuda.is_available())
+        loader.set_epoch(epoch)  # the epoch seeds shard order, shuffling and crops: resumable
+        return skip_batches(loader, start)
+
+    def export_meta(self, name: str) -> dict[str, Any]:
+        return {"input_range": self.input_range, "degradation": self.degradation}
+
+    # ------------------------------------------------------------------ one step
+    def training_step(self, batch: dict[str, Any], ctx: TrainContext) -> dict[str, Tensor]:
+        from uniremoval.losses.pixel import EdgeLoss, mprnet_stage_loss
+
+        if self._edge is None:
+            self._edge = EdgeLoss(self.cfg.loss.charbonnier_eps).to(ctx.device)
+        x = to_model_range(batch["input"], self.input_range)
+        y = to_model_range(batch["target"], self.input_range)
+        outs = ctx.models["teacher"](x)
+        terms = mprnet_stage_loss(outs, y, edge_weight=self.cfg.loss.edge_weight,
+                                  eps=self.cfg.loss.charbonnier_eps, edge_loss=self._edge)
+        ctx.optimize("teacher", terms["total"], terms)
+        if ctx.want_images:
+            ctx.log_images("train", [batch["input"], from_model_range(outs[0].detach(), self.input_range),
+                                     batch["target"]])
+        return terms
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, ctx: TrainContext) -> dict[str, float]:
+        from uniremoval.data.pipelines import eval_samples
+
+        model = ctx.unwrap("teacher")
+        metrics: dict[str, float] = {}
+        for src in self.val_sources:
+            limit = None if src.max_samples is None else -(-src.max_samples // ctx.world_size)
+            sums = {"psnr": 0.0, "ssim": 0.0, "n": 0.0}
+            for i, item in enumerate(eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",))):
+                if limit is not None and i >= limit:
+                    break
+                if "error" in item:
+                    continue
+                x = item["input"][None].to(ctx.device)
+                y = item["target"][None].to(ctx.device)
+                out = from_model_range(model(to_model_range(x, self.input_range))[0], self.input_range)
+                p, s = psnr_ssim(out.float().clamp(-1, 1), y.float())
+                sums["psnr"] += p
+                sums["ssim"] += s
+                sums["n"] += 1
+            total = ctx.all_sum(sums)
+            if total["n"] > 0:
+                metrics[f"val/{src.name}/psnr"] = total["psnr"] / total["n"]
+                metrics[f"val/{src.name}/ssim"] = total["ssim"] / total["n"]
+        return metrics
+
+
+def psnr_ssim(x: Tensor, y: Tensor) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of one image pair in [-1, 1], measured on [0, 1] RGB.
+
+    SSIM: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03,
+    valid region only, averaged over channels (as scikit-image with gaussian_weights=True).
+    """
+    a = (x.clamp(-1, 1) + 1) / 2
+    b = (y.clamp(-1, 1) + 1) / 2
+    mse = F.mse_loss(a, b).item()
+    psnr = 100.0 if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
+    c = a.shape[1]
+    coords = torch.arange(11, dtype=a.dtype, device=a.device) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :]).expand(c, 1, 11, 11)
+    if min(a.shape[-2:]) < 11:
+        return psnr, float("nan")
+
+    def filt(t: Tensor) -> Tensor:
+        return F.conv2d(t, win, groups=c)
+
+    mu_a, mu_b = filt(a), filt(b)
+    va = filt(a * a) - mu_a**2
+    vb = filt(b * b) - mu_b**2
+    cov = filt(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return psnr, ssim.mean().item()
+
+
+def run(cfg: TeacherStage, args: Any) -> int:
+    """`uniremoval train teacher`: train, then say where the weights are."""
+    import sys
+
+    stage = TeacherTraining(cfg)
+    result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
+    if result.status == "preempted":
+        return PREEMPTED_EXIT_CODE
+    trainer_dir = cfg.run_dir
+    if stage.best_metric is not None and (trainer_dir / "best.safetensors").exists():
+        where = f"{trainer_dir / 'best.safetensors'} (best {stage.best_metric[0]}) and {trainer_dir / 'last.safetensors'}"
+    else:
+        where = str(trainer_dir / "last.safetensors")
+    from accelerate.state import PartialState
+
+    if PartialState().is_main_process:
+        print(f"teacher-{cfg.degradation}: {result.step} steps; weights: {where}"
+              + (f"; MLflow run {result.run_id}" if result.run_id else ""), file=sys.stderr)
+    return 0

@@ -1,0 +1,386 @@
+"""MLflow tracking: one run per stage, only the main process talks to MLflow, nothing is dropped.
+
+Where: ``tracking.uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else the embedded store
+``sqlite:///<cwd>/mlflow.db`` with artifacts under ``<cwd>/mlruns`` (browse with
+``mlflow ui --backend-store-uri sqlite:///mlflow.db``). Experiment: ``tracking.experiment`` or
+the config's ``project``. Runs: ``teacher-<type>``, ``cache``, ``kt``, ``da``, ``eval-<dataset>``
+(``tracking.run_name`` overrides), tagged with stage, degradation, ablation flags, config hash,
+git commit, package version (and ``vgg_weights=random`` when phi is untrained). The resolved
+config is logged flattened as params and whole as ``config.yaml``. Metric names:
+``train/<loss>``, ``val/<dataset>/<metric>``, ``eval/<dataset>/<metric>``.
+
+When the server cannot be reached (at the start or mid-run) training goes on: a warning names a
+local spool file (``<run_dir>/mlflow-spool.jsonl``) that receives every call in order, and each
+later call (at most every ``retry_s`` seconds) and ``finish()`` try to replay it, creating the
+run first if it never was. A spool left behind by a crash is replayed by the next tracker for the
+same run directory (``--resume``), or by ``replay_spool(path)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SPOOL_NAME = "mlflow-spool.jsonl"
+SPOOL_FILES = "mlflow-spool-files"
+# MLflow's HTTP client retries a dead server for minutes by default; training cannot wait that long.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else the embedded sqlite store."""
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree this package runs from (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    """{'optim': {'lr': 1e-4}} -> {'optim.lr': '0.0001'} (lists as JSON)."""
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: "{}"}
+    value = json.dumps(d) if isinstance(d, (list, tuple)) else str(d)
+    return {prefix[:-1]: value}
+
+
+def run_tags(cfg: Any, stage: str, degradation: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    from uniremoval import __version__
+    from uniremoval.config import ablation_flags, config_hash
+
+    tags = {"stage": stage, "config_hash": config_hash(cfg), "uniremoval_version": __version__}
+    if degradation:
+        tags["degradation"] = degradation
+    for k, v in ablation_flags(cfg).items():
+        tags[f"ablation.{k}"] = str(v).lower()
+    features = getattr(cfg, "features", None)
+    if features is not None and getattr(features, "weights", None) == "random":
+        tags["vgg_weights"] = "random"  # contrastive terms measured in an untrained feature space
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    tags.update(getattr(cfg.tracking, "tags", {}) or {})
+    tags.update(extra or {})
+    return tags
+
+
+class Tracker:
+    """One MLflow run. All methods swallow connection errors into the spool (see module doc)."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
+                 run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
+                 retry_s: float = 30.0) -> None:
+        for k, v in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = dict(tags)
+        self.run_id = run_id
+        self.retry_s = retry_s
+        self.client = MlflowClient(tracking_uri=uri)
+        spool_root = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
+        self.spool_path = spool_root / SPOOL_NAME
+        self.spool_files = spool_root / SPOOL_FILES
+        self.offline = False
+        self._warned = False
+        self._last_try = 0.0
+        self.new_run = False
+        if self.spool_path.exists():
+            self.offline = True  # a previous process left calls behind: replay them first
+        try:
+            self._ensure_run()
+            if self.offline:
+                self.flush()
+        except Exception as exc:  # noqa: BLE001 (any client error means: tracking is unavailable)
+            self._went_offline(exc)
+
+    # ------------------------------------------------------------------ public API
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._call({"op": "metrics", "metrics": clean, "step": int(step), "ts": int(time.time() * 1000)})
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._call({"op": "params", "params": {k: str(v) for k, v in params.items()}})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call({"op": "text", "text": text, "file": artifact_file})
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._call({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def log_config(self, cfg: Any) -> None:
+        from uniremoval.config import config_to_dict, config_to_yaml
+
+        self.log_params(flatten(config_to_dict(cfg)))
+        self.log_text(config_to_yaml(cfg), "config.yaml")
+
+    def log_image_grid(self, tag: str, images: Sequence[Any], step: int) -> None:
+        """Save an (input | output | target) grid of [-1, 1] NCHW tensors as images/<tag>-step<N>.png."""
+        png = image_grid_png(images)
+        tmp = Path(tempfile.mkdtemp(prefix="uniremoval-grid-"))
+        try:
+            file = tmp / f"{tag}-step{step:08d}.png"
+            file.write_bytes(png)
+            self.log_artifact(file, "images")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def flush(self) -> bool:
+        """Replay the spool; True when nothing is left in it."""
+        self._last_try = time.time()
+        if not self.spool_path.exists():
+            self.offline = False
+            return True
+        lines = self.spool_path.read_text().splitlines()
+        ops = []
+        for line in lines:
+            try:
+                ops.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: lost, never replayed half
+                continue
+        done = 0
+        try:
+            self._ensure_run()
+            for op in ops:
+                self._apply(op)
+                done += 1
+        except Exception as exc:  # noqa: BLE001
+            self._rewrite_spool(ops[done:])
+            self._went_offline(exc)
+            return False
+        self.spool_path.unlink(missing_ok=True)
+        shutil.rmtree(self.spool_files, ignore_errors=True)
+        if self.offline and self._warned:
+            print(f"MLflow at {self.uri} is reachable again: {done} spooled call(s) sent", file=sys.stderr)
+        self.offline = False
+        return True
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call({"op": "terminate", "status": status}, force_retry=True)
+        if self.offline:
+            warnings.warn(f"MLflow at {self.uri} is unreachable: this run's metrics stay in {self.spool_path}; "
+                          f"they are sent on --resume, or with uniremoval.tracking.replay_spool('{self.spool_path}')",
+                          RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ internals
+    def _ensure_run(self) -> None:
+        if self.run_id is not None:
+            return
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                exp_id = self.client.create_experiment(self.experiment, artifact_location=_artifact_root(self.uri))
+            except Exception:  # noqa: BLE001 (created meanwhile by another process)
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+        run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+        self.run_id = run.info.run_id
+        self.new_run = True
+
+    def _call(self, op: dict[str, Any], force_retry: bool = False) -> None:
+        if self.offline:
+            self._spool(op)
+            if force_retry or time.time() - self._last_try >= self.retry_s:
+                self.flush()
+            return
+        try:
+            self._ensure_run()
+            self._apply(op)
+        except Exception as exc:  # noqa: BLE001
+            self._went_offline(exc)
+            self._spool(op)
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param
+
+        kind, run_id = op["op"], self.run_id
+        assert run_id is not None
+        if kind == "metrics":
+            ms = [Metric(k, v, op["ts"], op["step"]) for k, v in op["metrics"].items()]
+            for i in range(0, len(ms), 1000):
+                self.client.log_batch(run_id, metrics=ms[i:i + 1000])
+        elif kind == "params":
+            existing = self.client.get_run(run_id).data.params
+            ps = [Param(k, v[:6000]) for k, v in op["params"].items() if k not in existing]
+            for i in range(0, len(ps), 100):
+                self.client.log_batch(run_id, params=ps[i:i + 100])
+        elif kind == "tags":
+            for k, v in op["tags"].items():
+                self.client.set_tag(run_id, k, v)
+        elif kind == "text":
+            self.client.log_text(run_id, op["text"], op["file"])
+        elif kind == "artifact":
+            self.client.log_artifact(run_id, op["path"], op.get("artifact_path"))
+        elif kind == "running":
+            self.client.update_run(run_id, status="RUNNING")
+        elif kind == "terminate":
+            self.client.set_terminated(run_id, op["status"])
+        else:
+            raise ValueError(f"unknown spooled MLflow call {kind!r}")
+
+    def _spool(self, op: dict[str, Any]) -> None:
+        if op["op"] == "artifact":  # keep a copy: the original is often a temporary file
+            self.spool_files.mkdir(parents=True, exist_ok=True)
+            src = Path(op["path"])
+            dst = self.spool_files / f"{uuid.uuid4().hex[:8]}-{src.name}"
+            shutil.copy2(src, dst)
+            op = {**op, "path": str(dst)}
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool_path, "a") as fh:
+            fh.write(json.dumps({**op, "run_id": self.run_id}) + "\n")
+            fh.flush()
+
+    def _rewrite_spool(self, ops: list[dict[str, Any]]) -> None:
+        from uniremoval.io import atomic_write_text
+
+        atomic_write_text(self.spool_path, "".join(json.dumps(o) + "\n" for o in ops))
+
+    def _went_offline(self, exc: BaseException) -> None:
+        was_offline, self.offline = self.offline, True
+        self._last_try = time.time()
+        if not was_offline or not self._warned:  # warn at each loss of the server, not per call
+            self._warned = True
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            warnings.warn(f"MLflow at {self.uri} is unreachable ({first[:200]}); training continues and "
+                          f"metrics are spooled to {self.spool_path}, sent when the server is back",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _artifact_root(uri: str) -> str | None:
+    # The embedded sqlite store keeps artifacts beside it in ./mlruns; servers choose their own.
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def _spool_run_id(spool_dir: Path) -> str | None:
+    """The run id recorded in a spool left by a previous process, if any."""
+    path = spool_dir / SPOOL_NAME
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            rid = json.loads(line).get("run_id")
+        except json.JSONDecodeError:
+            continue
+        if rid:
+            return rid
+    return None
+
+
+def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = None, run_id: str | None = None,
+              extra_tags: dict[str, str] | None = None, run_dir: str | os.PathLike | None = None,
+              enabled: bool = True) -> Tracker | None:
+    """Open (or, with run_id, continue) the MLflow run of a stage; None when tracking is disabled.
+
+    A new run gets its tags, the flattened config as params and config.yaml. Call on the main
+    process only.
+    """
+    if not enabled or not cfg.tracking.enabled:
+        return None
+    from uniremoval.config import config_hash
+
+    spool_dir = Path(run_dir) if run_dir is not None else Path(cfg.run_dir)
+    run_id = run_id or _spool_run_id(spool_dir)
+    uri = resolve_uri(cfg.tracking.uri)
+    tracker = Tracker(uri, cfg.tracking.experiment or cfg.project, cfg.tracking.run_name or run_name,
+                      run_tags(cfg, stage, degradation, extra_tags), run_id=run_id, spool_dir=spool_dir)
+    if tracker.new_run or (tracker.run_id is None):
+        tracker.log_config(cfg)
+    elif run_id is not None:
+        tracker._call({"op": "running"})  # a preempted run was marked KILLED; it lives on
+        tracker.set_tags({"resumed": "true", "resumed_config_hash": config_hash(cfg)})
+    return tracker
+
+
+def log_eval_run(cfg: Any, dataset: str, metrics: dict[str, float], artifacts: Sequence[str | os.PathLike] = (),
+                 params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                 run_dir: str | os.PathLike | None = None, step: int = 0) -> str | None:
+    """One finished `eval-<dataset>` run: metrics as eval/<dataset>/<metric> (names already
+    starting with 'eval/' are kept), optional params and artifacts (files or folders).
+    Returns the run id (None when tracking is disabled or the run is still only spooled)."""
+    tracker = start_run(cfg, run_name=f"eval-{dataset}", stage="eval", run_dir=run_dir,
+                        extra_tags={"dataset": dataset, **(tags or {})})
+    if tracker is None:
+        return None
+    if params:
+        tracker.log_params(params)
+    named = {k if k.startswith("eval/") else f"eval/{dataset}/{k}": v for k, v in metrics.items()}
+    tracker.log_metrics(named, step=step)
+    for a in artifacts:
+        tracker.log_artifact(a)
+    tracker.finish("FINISHED")
+    return tracker.run_id
+
+
+def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
+    """Send a spool left behind to its run; True when it is empty afterwards."""
+    path = Path(spool_path)
+    run_id = _spool_run_id(path.parent)
+    if run_id is None:
+        raise ValueError(f"{path}: no run id recorded; resume the run instead (--resume auto)")
+    tracker = Tracker(resolve_uri(uri), "unused", "unused", {}, run_id=run_id, spool_dir=path.parent)
+    return tracker.flush()
+
+
+def image_grid_png(images: Sequence[Any], max_rows: int = 4) -> bytes:
+    """Rows = samples (up to max_rows), columns = the given tensors ([-1, 1], NCHW, same H, W)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    cols = []
+    for t in images:
+        t = t.detach().float().cpu()[:max_rows]
+        if t.shape[1] == 1:
+            t = t.expand(-1, 3, -1, -1)
+        cols.append(t[:, :3])
+    h = min(c.shape[2] for c in cols)
+    w = min(c.shape[3] for c in cols)
+    rows = [torch.cat([c[i, :, :h, :w] for c in cols], dim=2) for i in range(min(c.shape[0] for c in cols))]
+    grid = torch.cat(rows, dim=1)
+    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -306,3 +306,9 @@ def test_decoder_matches_pil_pixel_for_pixel():
         assert got.shape == (20, 30, 3) and np.abs(got.astype(int) - ref).max() <= tol, (mode, fmt)
     with pytest.raises(Exception):
         decode_image(b"definitely not an image")
+
+
+def test_all_bad_source_raises_instead_of_hanging(tmp_path):
+    write_dataset(tmp_path, "rain", "rain", 3, 1, [(32, 32)], corrupt=(0, 1, 2))
+    with pytest.raises(DataError, match="bad samples in a row"):
+        list(teacher_loader(tmp_path / "rain", "rain", 2, 32, 1, 0, 0, 0, 1, shuffle_buffer=2))

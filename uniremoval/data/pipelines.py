@@ -482,6 +482,7 @@ def _source_stream(
     rng = _rng(seed, 7, src_index, epoch, rank, worker)
     buffer: list[tuple[str, str, dict[str, bytes]]] = []
     optional = ("target",) if spec.clear_from_target else ()
+    pass_len = [0]  # raw samples in this worker's last full pass, bounds the bad-run check
 
     def raw_passes() -> Iterator[tuple[str, str, dict[str, bytes]]]:
         n = len(src.shards)
@@ -502,6 +503,7 @@ def _source_stream(
                             yield url, key, files
                 except ShardReadError as exc:
                     _fail_or_count(spec.bad_samples, counter, f"in shard {exc.url}", str(exc))
+            pass_len[0] = seen
             if seen == 0:
                 if share_all:
                     raise DataError(f"source {src.name}: no sample could be read from its shards {list(src.shards)}")
@@ -517,6 +519,7 @@ def _source_stream(
             buffer[j], item = item, buffer[j]
             yield item
 
+    bad_run = 0
     for url, key, files in shuffled():
         try:
             s = decode_sample(files, spec.require, optional)
@@ -531,7 +534,14 @@ def _source_stream(
                 raise BadSample(f"json says degradation '{meta_deg}', source {src.name} is '{src.degradation}'")
         except BadSample as exc:
             _fail_or_count(spec.bad_samples, counter, f"in shard {url}, key {key}", str(exc))
+            bad_run += 1
+            # With 'skip', a source whose samples are all bad would spin forever: a hang. Many
+            # passes' worth of bad samples in a row means there is nothing usable.
+            if pass_len[0] and bad_run > 4 * (pass_len[0] + spec.shuffle_buffer) + 16:
+                raise DataError(f"source {src.name}: {bad_run} bad samples in a row and none usable "
+                                f"(last: shard {url}, key {key}: {exc})") from exc
             continue
+        bad_run = 0
         images = {k: s[k] for k in ("input", *spec.require) if k != "feature"}
         crops, grid, _ = paired_crop(images, s.get("feature"), spec.crop, spec.cell, rng, spec.augment)
         if grid is not None:
@@ -829,7 +839,8 @@ class EvalStream(IterableDataset):
     Order is deterministic: the shard list's order, then tar order, within each worker; the
     caller gathers results and sorts by key. Each item: {'key', 'shard', 'meta', 'input'
     (3,H,W) in [-1,1], 'target' when present (or required)}; with bad_samples='skip' a bad
-    sample yields {'key', 'shard', 'error'} instead, so the report can list it.
+    sample yields {'key', 'shard', 'error'} instead, so the report can list it ('key' is None when a
+    whole shard is unreadable). `as_tensor=False` gives HWC uint8/uint16 arrays instead.
     """
 
     def __init__(self, shards: ShardSpec, rank: int = 0, world_size: int = 1, require: Sequence[str] = (),
@@ -869,7 +880,7 @@ class EvalStream(IterableDataset):
         item: dict[str, Any] = {"key": key, "shard": url, "meta": s["meta"]}
         for f in ("input", "target"):
             if f in s:
-                item[f] = to_tensor(s[f]) if self.as_tensor else s[f]
+                item[f] = to_tensor(s[f]) if self.as_tensor else np.ascontiguousarray(s[f])
         return item
 
 

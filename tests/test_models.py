@@ -15,7 +15,13 @@ from uniremoval.errors import CheckpointError, ConfigError
 from uniremoval.models import build_model
 from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from uniremoval.models.discriminator_arch import PatchDiscriminator
-from uniremoval.models.mprnet_arch import MPRNet, infer_config, pad_to_multiple, preset_and_overrides
+from uniremoval.models.mprnet_arch import (
+    MPRNet,
+    feature_channels_of,
+    infer_config,
+    pad_to_multiple,
+    preset_and_overrides,
+)
 from uniremoval.models.vgg_arch import LAYER_NAMES, VGG19_FILE, VGG19_URL, VGGFeatures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +118,8 @@ def test_forward_outputs_feature_and_residual() -> None:
     assert isinstance(images, list) and len(images) == 3
     assert all(im.shape == x.shape for im in images)
     assert feat.shape == (2, model.feature_channels, 32, 32)
-    assert model.feature_channels == 12 + 4
+    assert model.feature_channels == 12 + 4 == feature_channels_of("tiny")
+    assert feature_channels_of("deblur") == 128 and feature_channels_of("derain") == 56
     torch.testing.assert_close(plain[0], images[0])
     # final = tail(feature) + input: the feature is exactly what the output is read from.
     torch.testing.assert_close(images[0], model.tail(feat) + x)
@@ -190,6 +197,18 @@ def test_save_load_roundtrip_keeps_shared_prelu(tmp_path: Path) -> None:
     load_checkpoint(tmp_path / "kt" / "step_10.json")
     assert checkpoint_sha256(tmp_path / "kt" / "step_10") == hashlib.sha256(path.read_bytes()).hexdigest()
     assert meta_file["weights_sha256"] == checkpoint_sha256(path)
+
+
+def test_save_gathered_state_dict(tmp_path: Path) -> None:
+    """A gathered state_dict (ZeRO-3 style: every key its own tensor, `module.` prefix) saves and reloads shared."""
+    model = tiny()
+    gathered = {"module." + k: v.clone() + 1 for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path / "z", model, {}, state_dict=gathered)
+    loaded, _ = load_checkpoint(path)
+    assert len(prelu_modules(loaded)) == 1
+    torch.testing.assert_close(loaded.tail.weight, model.tail.weight + 1)
+    with pytest.raises(CheckpointError, match="keys differ"):
+        save_checkpoint(tmp_path / "bad", model, {}, state_dict={"tail.weight": model.tail.weight})
 
 
 def test_custom_overrides_roundtrip(tmp_path: Path) -> None:

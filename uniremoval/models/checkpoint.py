@@ -58,30 +58,46 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def alias_groups(state: dict[str, Tensor]) -> list[list[str]]:
-    """Keys that refer to the same memory (shared parameters), in state_dict order; groups of >= 2."""
-    groups: dict[tuple, list[str]] = {}
-    for key, t in state.items():
-        if t.numel() == 0:
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.device)
-        groups.setdefault(ident, []).append(key)
+def alias_groups(model: nn.Module) -> list[list[str]]:
+    """State_dict keys that name one shared tensor (e.g. MPRNet's PReLU), in registration order.
+
+    Found from the module structure (the same Parameter object reached by several paths), so it
+    also works for state_dicts gathered from sharded (ZeRO-3) models where storages differ.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(t), []).append(name)
+    for name, t in model.named_buffers(remove_duplicate=False):
+        groups.setdefault(id(t), []).append(name)
     return [keys for keys in groups.values() if len(keys) > 1]
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+def save_checkpoint(
+    path: str | Path, model: nn.Module, meta: dict[str, Any], state_dict: dict[str, Tensor] | None = None
+) -> Path:
     """Write ``<path>.safetensors`` then ``<path>.json``; return the weights path.
 
     ``meta`` may carry ``step``, ``config_hash``, ``input_range`` (default "minus_one_one": our
-    training works on [-1, 1] images) and anything JSON-serialisable.
+    training works on [-1, 1] images) and anything JSON-serialisable. ``state_dict`` replaces
+    ``model.state_dict()`` when the weights had to be gathered first (e.g. DeepSpeed ZeRO-3:
+    ``accelerator.get_state_dict(model)``); ``model`` then only supplies the architecture.
     """
     from safetensors.torch import save as st_save
 
     base = _base(path)
     net = unwrap_model(model)
     state = net.state_dict()
+    if state_dict is not None:
+        if state_dict and all(k.startswith("module.") for k in state_dict):
+            state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        if set(state_dict) != set(state):
+            diff = sorted(set(state_dict) ^ set(state))
+            raise CheckpointError(
+                f"save_checkpoint({base}): state_dict keys differ from the model's: {_fmt_list(diff)}"
+            )
+        state = state_dict
     dropped: dict[str, str] = {}
-    for keys in alias_groups(state):
+    for keys in alias_groups(net):
         for dup in keys[1:]:
             dropped[dup] = keys[0]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k not in dropped}
@@ -265,7 +281,7 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path, hint:
     """Strict key/shape check (shared-parameter aliases refilled), then load."""
     expected = model.state_dict()
     state = dict(state)
-    for keys in alias_groups(expected):
+    for keys in alias_groups(model):
         present = [k for k in keys if k in state]
         if not present:
             continue

@@ -246,6 +246,12 @@ class ORSNet(nn.Module):
         return x
 
 
+def feature_channels_of(preset: str = "deblur", **overrides: object) -> int:
+    """Channels of the L_fg feature for a preset, without building the model."""
+    cfg = replace(PRESETS[preset], **overrides)  # type: ignore[arg-type]
+    return cfg.n_feat + cfg.scale_orsnetfeats
+
+
 def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE) -> tuple[Tensor, int, int]:
     """Pad bottom/right to the next multiple (reflect, as the official demo does); return (x, h, w).
 

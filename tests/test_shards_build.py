@@ -416,3 +416,11 @@ def test_changed_file_content_rebuilds_its_shard(tmp_path: Path, capsys) -> None
     assert "1 shard(s) written, 5 already complete" in capsys.readouterr().out
     after = shas(out)
     assert [n for n in before if before[n] != after[n]] == ["out-000001.tar"]
+
+
+def test_default_out_is_shards_name(tmp_path: Path, monkeypatch) -> None:
+    tree = tree_reside_its(tmp_path / "its")
+    monkeypatch.chdir(tmp_path)
+    run_cli("build", "--format", "reside-its", "--root", str(tree.root), "--workers", "1", "--no-progress")
+    assert load_manifest(tmp_path / "shards/reside-its")["dataset"] == "reside-its"
+    assert (tmp_path / "shards/reside-its/reside-its-000000.tar").is_file()

@@ -33,8 +33,14 @@ def _cores() -> int:
 
 
 def _add_writer_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder for the tars, manifest.json and report.jsonl")
-    p.add_argument("--name", help="dataset name, also the shard file prefix (default: the --out folder name)")
+    p.add_argument(
+        "--out", help="folder for the tars, manifest.json and report.jsonl (default: shards/<name>)"
+    )
+    p.add_argument(
+        "--name",
+        help="dataset name, also the shard file prefix (default: the --out folder name, else the format "
+        "or synth-<degradation>)",
+    )
     p.add_argument(
         "--split", help="split recorded in each sample (for layouts with split folders: which one)"
     )
@@ -112,7 +118,17 @@ def _command(args) -> list[str]:
 
 
 def _dataset_name(args) -> str:
-    return args.name or Path(args.out).resolve().name
+    if args.name:
+        return args.name
+    if args.out:
+        return Path(args.out).resolve().name
+    return args.format if args.shards_command == "build" else f"synth-{args.degradation}"
+
+
+def _resolve_out(args) -> None:
+    """--out defaults to shards/<name> (the project's shards/ folder when run from the repo)."""
+    if not args.out:
+        args.out = str(Path("shards") / _dataset_name(args))
 
 
 def _print_listing_issues(issues, strict: bool) -> None:
@@ -150,6 +166,7 @@ def _run_writer(args, items, issues, builder, source: dict) -> int:
 
 
 def _build(args) -> int:
+    _resolve_out(args)
     from uniremoval.data.readers import ReaderOptions, read_dataset
     from uniremoval.data.shardwriter import FileSampleBuilder
 
@@ -168,6 +185,7 @@ def _build(args) -> int:
 
 
 def _synth(args) -> int:
+    _resolve_out(args)
     from uniremoval.data.synth import SynthSampleBuilder, get_preset, synth_items
 
     ranges = get_preset(args.params)

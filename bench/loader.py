@@ -17,7 +17,7 @@ loader is not slower). Timings are the best of `--repeats` alternating runs.
 from __future__ import annotations
 
 import argparse
-import io
+import functools
 import json
 import os
 import sys
@@ -109,7 +109,7 @@ class FolderPairs:
         inp, tgt = inp[y : y + self.crop, x : x + self.crop], tgt[y : y + self.crop, x : x + self.crop]
         if np.random.rand() < 0.5:
             inp, tgt = inp[:, ::-1], tgt[:, ::-1]
-        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float() / 127.5 - 1  # noqa: E731
+        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float() / 127.5 - 1
         return {"input": to_t(inp), "target": to_t(tgt)}
 
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             best = dict.fromkeys(runs, 0.0)
             for _ in range(args.repeats):  # alternate so machine-load drift hits all alike
                 for name, fn in runs.items():
-                    dt = time_batches(lambda: fn(w), args.batches, args.warmup)
+                    dt = time_batches(functools.partial(fn, w), args.batches, args.warmup)
                     best[name] = max(best[name], args.batches * args.batch / dt)
             a, b, c = best.values()
             print(f"{w:>7} " + " ".join(f"{v:>21.1f}" for v in best.values()) + f"   {c / a:>10.2f}  {c / b:>10.2f}")

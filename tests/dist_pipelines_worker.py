@@ -21,9 +21,9 @@ CELL, CROP, BATCH, STEPS, EPOCHS, WORKERS = 16, 32, 5, 4, 2, 2
 def main(data: Path, out: Path) -> None:
     import torch
     import torch.distributed as dist
+    from _shardgen import check_batch
     from accelerate import PartialState
 
-    from _shardgen import check_batch
     from uniremoval.data.pipelines import da_loader, eval_samples, kt_loader
 
     state = PartialState(cpu=True)  # rank and world come from accelerate, passed explicitly below

@@ -33,13 +33,15 @@ shard counts as one bad sample (the complete samples before the cut are kept).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -209,7 +211,7 @@ class ShardReadError(Exception):
 def _split_name(name: str) -> tuple[str, str]:
     # webdataset convention: the key is the path up to the first dot of the base name.
     d, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
+    stem, _, ext = base.partition(".")
     return (f"{d}/{stem}" if d else stem), ext
 
 
@@ -302,10 +304,8 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     def close_quietly() -> None:
         if stream is not None:
-            try:
+            with contextlib.suppress(Exception):  # already failing or abandoned: report the first error
                 stream.close()
-            except Exception:  # already failing or abandoned: the first error is the one to report
-                pass
 
     try:
         stream = gopen(url, "rb")
@@ -600,7 +600,7 @@ def _collate(samples: list[dict[str, Any]], fields: Sequence[str]) -> dict[str, 
 class _MixedStreams:
     """Per-worker state: one lazy stream per source and a mixer (degraded or clear side)."""
 
-    def __init__(self, owner: "MixedBatchDataset", sources: list[Source], cover: Sequence[str], batch_size: int,
+    def __init__(self, owner: MixedBatchDataset, sources: list[Source], cover: Sequence[str], batch_size: int,
                  spec: _StreamSpec, salt: int, counter: _Counter, epoch: int):
         worker, n_workers = _worker_id()
         g, n_g = owner.rank * n_workers + worker, owner.world_size * n_workers

@@ -104,7 +104,7 @@ class Aug:
     rot90: bool = False  # transpose-like quarter turn; with both flips this covers all 8
 
     @staticmethod
-    def draw(rng: np.random.Generator) -> "Aug":
+    def draw(rng: np.random.Generator) -> Aug:
         bits = rng.integers(0, 2, size=3)
         return Aug(bool(bits[0]), bool(bits[1]), bool(bits[2]))
 

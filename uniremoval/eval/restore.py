@@ -41,16 +41,17 @@ def read_image(path: str | os.PathLike) -> Tensor:
     """Read PNG/JPEG/BMP into a float32 RGB tensor (3, H, W) in [0, 1].
 
     Grayscale is repeated to RGB; an alpha channel is dropped (the colour values are kept as
-    stored, not composited); 16-bit PNGs keep their precision; the EXIF orientation of photos is
-    applied so the result looks as the image is displayed. Raises DataError naming the file.
+    stored, not composited, like PIL's ``convert("RGB")`` in the official MPRNet demo); 16-bit
+    PNGs keep their precision. The pixel array is used as stored: EXIF orientation is not applied
+    (as in the official demo and the dataset readers), so inputs and ground truths stay aligned.
+    Raises DataError naming the file.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img, dtype=np.float32) / (65535.0 if img.mode.startswith("I;16") else 255.0)
                 arr = np.clip(arr, 0.0, 1.0)[..., None].repeat(3, axis=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -38,8 +39,14 @@ def make_dataset(root: Path, pairs: int, size: int) -> None:
         Image.fromarray(clean).save(root / "target" / f"{i:05d}.png", compress_level=1)
 
 
-def run(root: Path, out: Path, workers: int, shard_mb: float) -> tuple[float, float, float, int]:
-    start = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the worker processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run(root: Path, out: Path, workers: int, shard_mb: float) -> tuple[float, float, float, int, float]:
+    start, cpu = time.perf_counter(), _cpu_seconds()
     result = read_dataset("paired-folder", root, ReaderOptions(degradation="rain"))
     summary = build_shards(
         result.items,
@@ -53,8 +60,8 @@ def run(root: Path, out: Path, workers: int, shard_mb: float) -> tuple[float, fl
         progress=False,
     )
     seconds = time.perf_counter() - start
-    shards = summary.shards_built
-    return summary.samples / seconds, summary.bytes / 1e6 / seconds, seconds, shards
+    cpu_ms = (_cpu_seconds() - cpu) / max(summary.samples, 1) * 1e3
+    return summary.samples / seconds, summary.bytes / 1e6 / seconds, seconds, summary.shards_built, cpu_ms
 
 
 def main() -> int:
@@ -68,15 +75,19 @@ def main() -> int:
         root = Path(tmp) / "data"
         make_dataset(root, args.pairs, args.size)
         data_mb = sum(p.stat().st_size for p in root.rglob("*.png")) / 1e6
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(
             f"dataset: {args.pairs} pairs of {args.size}x{args.size} PNG, {data_mb:.1f} MB; "
-            f"{os.cpu_count()} CPU(s) visible"
+            f"{os.cpu_count()} CPU(s) visible, load average {load:.1f} (other work shares the CPUs)"
         )
         results = []
         for w in args.workers:
-            sps, mbps, secs, shards = run(root, Path(tmp) / f"out{w}", w, args.shard_size_mb)
+            sps, mbps, secs, shards, cpu_ms = run(root, Path(tmp) / f"out{w}", w, args.shard_size_mb)
             results.append((w, sps, mbps))
-            print(f"workers={w}: {sps:7.1f} samples/s  {mbps:7.1f} MB/s  ({secs:.2f} s, {shards} shards)")
+            print(
+                f"workers={w}: {sps:7.1f} samples/s  {mbps:7.1f} MB/s  ({secs:.2f} s, {shards} shards, "
+                f"{cpu_ms:.1f} CPU ms/sample)"
+            )
         base = results[0]
         for w, sps, mbps in results[1:]:
             print(

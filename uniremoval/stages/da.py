@@ -87,11 +87,11 @@ class DomainAdaptation(Stage):
         metric = cfg.val_iqa.metrics[0] if cfg.val_iqa.metrics else None
         self.best_metric = (f"val/mean/{metric}", "min") if metric else None
         self.loss_fn: nn.Module | None = None
-        self._iqa: dict[str, Any] = {}
-        self._input_scores: dict[str, float] = {}
+        self._iqa: Any = None
+        self._inputs_scored: set[str] = set()
         if not cfg.model.init:
             raise ConfigError("the DA stage starts from the KT student: set model.init to its weights "
-                              "(e.g. model.init=outputs/kt/student-last.safetensors)")
+                              "(e.g. model.init=outputs/kt/last.safetensors)")
         if not cfg.data.train:
             raise ConfigError("data.train is empty: list the real degraded shards of every degradation type")
         if not cfg.data.clear:
@@ -176,12 +176,12 @@ class DomainAdaptation(Stage):
         return logged
 
     # ------------------------------------------------------------------ validation
-    def _metric(self, name: str, device: torch.device) -> Any:
-        if name not in self._iqa:
-            from uniremoval.eval import metrics
+    def _scorer(self, device: torch.device) -> Any:
+        if self._iqa is None:
+            from uniremoval.eval.metrics import Scorer
 
-            self._iqa[name] = metrics.create_nr_metric(name, device=device)
-        return self._iqa[name]
+            self._iqa = Scorer(list(self.cfg.val_iqa.metrics), device=str(device))
+        return self._iqa
 
     def validate(self, ctx: TrainContext) -> dict[str, float]:
         from uniremoval.data.pipelines import eval_samples
@@ -190,39 +190,37 @@ class DomainAdaptation(Stage):
         names = list(self.cfg.val_iqa.metrics)
         if not self.cfg.data.val or not names:
             return {}
+        scorer = self._scorer(ctx.device)
         model = ctx.unwrap("generator")
         out: dict[str, float] = {}
         firsts: list[float] = []
         for src in self.cfg.data.val:
             cap = min(src.max_samples or self.cfg.val_iqa.max_images, self.cfg.val_iqa.max_images)
             per_rank = math.ceil(cap / ctx.world_size)
-            sums = {f"{m}{suffix}": 0.0 for m in names for suffix in ("", "_input")}
+            with_input = src.name not in self._inputs_scored  # the inputs' scores never change: once
+            sums = {m: 0.0 for m in names} | ({f"{m}_input": 0.0 for m in names} if with_input else {})
             sums["n"] = 0.0
-            seen = 0
             for item in eval_samples(src.shards, ctx.rank, ctx.world_size):
+                if sums["n"] >= per_rank:
+                    break
                 if "error" in item:
                     continue
                 x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)
                 y01 = restore_tensor(model, x01, self.cfg.model.input_range)
-                for m in names:
-                    metric = self._metric(m, ctx.device)
-                    sums[m] += float(metric(y01))
-                    if src.name not in self._input_scores:
-                        sums[f"{m}_input"] += float(metric(x01))
+                for m, v in scorer.score(y01).items():
+                    sums[m] += v[0]
+                if with_input:
+                    for m, v in scorer.score(x01).items():
+                        sums[f"{m}_input"] += v[0]
                 sums["n"] += 1
-                seen += 1
-                if seen >= per_rank:
-                    break
             total = ctx.all_sum(sums)
             if total["n"] == 0:
                 warnings.warn(f"validation set {src.name} gave no usable images", RuntimeWarning, stacklevel=2)
                 continue
-            for m in names:
-                out[f"val/{src.name}/{m}"] = total[m] / total["n"]
-                key = f"val/{src.name}/{m}_input"
-                if src.name not in self._input_scores:
-                    out[key] = total[f"{m}_input"] / total["n"]
-            self._input_scores.setdefault(src.name, out.get(f"val/{src.name}/{names[0]}_input", float("nan")))
+            for k, v in total.items():
+                if k != "n":
+                    out[f"val/{src.name}/{k}"] = v / total["n"]
+            self._inputs_scored.add(src.name)
             firsts.append(out[f"val/{src.name}/{names[0]}"])
         if firsts:
             out[f"val/mean/{names[0]}"] = sum(firsts) / len(firsts)

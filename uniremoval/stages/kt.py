@@ -177,13 +177,13 @@ def kt_terms(
 def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
     from uniremoval.eval import metrics
 
-    return float(metrics.psnr(restored01, target01)), float(metrics.ssim(restored01, target01))
+    return float(metrics.psnr(restored01, target01)[0]), float(metrics.ssim(restored01, target01)[0])
 
 
 def _input_psnr(x01: Tensor, target01: Tensor) -> float:
     from uniremoval.eval import metrics
 
-    return float(metrics.psnr(x01, target01))
+    return float(metrics.psnr(x01, target01)[0])
 
 
 def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sources: Iterable[Any],
@@ -336,10 +336,30 @@ class KnowledgeTransfer(Stage):
 
 
 def check_teacher_cache(cfg: KTStage) -> None:
-    """Refuse a cache built by other teacher weights (or from other source shards)."""
-    from uniremoval.stages import cache
+    """Refuse a cache built by other teacher weights, on another feature grid, or of another type.
 
-    cache.check_cache(cfg)
+    Each data.train source must be a cache folder written by `uniremoval cache` (manifest.json
+    with a 'cache' section); URLs and globs cannot be checked here and are only warned about.
+    """
+    from pathlib import Path
+
+    from uniremoval.stages.cache import check_cache
+
+    for src in cfg.data.train:
+        for spec in src.shards:
+            folder = Path(spec)
+            if folder.is_file() and folder.name == "manifest.json":
+                folder = folder.parent
+            if not folder.is_dir():
+                warnings.warn(f"data.train {src.name}: {spec} is not a cache folder; its teacher identity cannot be "
+                              "checked (teachers.mode=cached expects folders written by `uniremoval cache`)",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            manifest = check_cache(folder, cfg.teachers.checkpoints, None, cfg.data.feature_cell)
+            have = manifest["cache"]["degradation"]
+            if have != src.degradation:
+                raise ConfigError(f"data.train {src.name}: cache {folder} holds '{have}' teacher outputs, but the "
+                                  f"source says degradation '{src.degradation}'")
 
 
 def run(cfg: KTStage, args: Any = None) -> int:

@@ -345,3 +345,16 @@ def test_rtts_keeps_image_ids(tmp_path: Path) -> None:
     build("reside-unpaired", tree.root, tmp_path / "o")
     got = {k: json.loads(f["json"])["image_id"] for k, f in samples(tmp_path / "o")}
     assert got == {n: n for n in ("AM_Bing_211", "BD_Baidu_074", "YT_Google_406")}
+
+
+def test_webdataset_reads_the_shards(tmp_path: Path) -> None:
+    """webdataset itself groups the members into the same samples (keys, `input.png`...)."""
+    wds = pytest.importorskip("webdataset")
+    tree = tree_gopro(tmp_path / "gopro")
+    out = tmp_path / "o"
+    build("gopro", tree.root, out, "--max-samples-per-shard", "4")
+    got = {s["__key__"]: s for s in wds.WebDataset(shard_paths(out), shardshuffle=False)}
+    assert sorted(got) == sorted(k for k, _ in samples(out))
+    for s in got.values():
+        assert {"input.png", "target.png", "json"} <= set(s)
+        assert json.loads(s["json"])["input_name"].endswith(s["__key__"].split("__")[-1] + ".png")

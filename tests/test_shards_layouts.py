@@ -358,3 +358,13 @@ def test_webdataset_reads_the_shards(tmp_path: Path) -> None:
     for s in got.values():
         assert {"input.png", "target.png", "json"} <= set(s)
         assert json.loads(s["json"])["input_name"].endswith(s["__key__"].split("__")[-1] + ".png")
+
+
+def test_urhi_flat_folder(tmp_path: Path) -> None:
+    tree = Tree(tmp_path / "URHI")
+    for rel in ("a.jpg", "b.png", "more/c.jpg"):
+        tree.pair(rel, None, "train")
+    (tree.root / "notes.txt").write_text("not an image")
+    out = tmp_path / "o"
+    build("reside-unpaired", tree.root, out)
+    check_samples(out, tree, "reside-unpaired", "haze", "real")

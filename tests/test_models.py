@@ -125,6 +125,59 @@ def test_forward_outputs_feature_and_residual() -> None:
     torch.testing.assert_close(images[0], model.tail(feat) + x)
 
 
+# Produced by the official implementation (swz30/MPRNet, Deraining/MPRNet.py, run outside this repo) in
+# float64 with the formula weights and input below, tiny widths (12/6/4, 1 CAB per ORB): per output
+# image [final, stage2, stage1]: sum, mean |.|, and pixels (c, y, x) = (0,0,0), (1,7,11), (2,15,23), (0,8,12).
+OFFICIAL_GOLDEN = [
+    (
+        557.077211186546,
+        0.4835894023221101,
+        (0.5268300514262725, 0.4487640565678804, 0.9619860811535828, 0.21075231493707391),
+    ),
+    (
+        557.8640148456017,
+        0.4974229284237148,
+        (0.54790726260745, 0.5429386027840155, 0.9264348113267415, 0.26179205157276186),
+    ),
+    (
+        556.8875001854457,
+        0.4839985234873687,
+        (0.4843177835512893, 0.3731968042076726, 0.9953123612192055, 0.13854322208178274),
+    ),
+]
+
+
+def test_matches_official_implementation_outputs() -> None:
+    import math
+
+    model = MPRNet("tiny").double().eval()
+    weights = {}
+    for i, (k, v) in enumerate(model.state_dict().items()):
+        if v.dim() > 1:
+            t = (
+                torch.sin(torch.arange(v.numel(), dtype=torch.float64) * 0.7 + i)
+                * 0.5
+                / math.sqrt(v[0].numel())
+            )
+            weights[k] = t.view(v.shape)
+        else:
+            weights[k] = torch.tensor([0.2], dtype=torch.float64)  # the shared PReLU
+    model.load_state_dict(weights, strict=True)
+    yy, xx = torch.meshgrid(
+        torch.arange(16.0, dtype=torch.float64), torch.arange(24.0, dtype=torch.float64), indexing="ij"
+    )
+    x = torch.stack(
+        [0.5 + 0.4 * torch.sin(0.3 * xx + 0.2 * yy), 0.5 + 0.4 * torch.cos(0.25 * yy), (xx + yy) / 40]
+    ).unsqueeze(0)
+    with torch.no_grad():
+        outs = model(x)
+    for out, (total, mean_abs, pixels) in zip(outs, OFFICIAL_GOLDEN):
+        assert out.sum().item() == pytest.approx(total, rel=1e-9)
+        assert out.abs().mean().item() == pytest.approx(mean_abs, rel=1e-9)
+        got = [out[0, c, r, q].item() for c, r, q in [(0, 0, 0), (1, 7, 11), (2, 15, 23), (0, 8, 12)]]
+        assert got == pytest.approx(list(pixels), rel=1e-9, abs=1e-12)
+
+
 def test_odd_size_pads_and_crops() -> None:
     model = tiny()
     x = torch.rand(1, 3, 37, 45)

@@ -92,7 +92,8 @@ def handler(args) -> int:
     result = run_eval(opts)
     if result is not None:
         means = "  ".join(f"{m}={v:.4f}" for m, v in result.mean.items())
-        print(f"{result.dataset}: {len(result.images)} images  {means}")
+        split = "+".join(str(n) for n in result.per_rank)
+        print(f"{result.dataset}: {len(result.images)} images on {len(result.per_rank)} process(es) ({split})  {means}")
         if result.run_id:
             print(f"MLflow run: {result.run_id}")
     return 0

@@ -82,6 +82,7 @@ class EvalResult:
     mean: dict[str, float]
     degradation: str | None = None
     run_id: str | None = None
+    per_rank: list[int] = field(default_factory=list)  # images scored by each rank
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "checkpoint": self.checkpoint, "mean": self.mean, "images": self.images}
@@ -274,6 +275,8 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     reader = iter_shards if is_shard_source(opts.data) else iter_folder
     items = reader(opts.data, state.process_index, state.num_processes, need_target)
     records = score_items(items, scorer, restore, opts.batch_size, device, opts.save_images)
+    for r in records:
+        r["_rank"] = state.process_index
 
     if state.num_processes > 1:
         records = gather_object(records)
@@ -281,6 +284,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         state.wait_for_everyone()
         return None
     degradations = {r["_degradation"] for r in records if r.get("_degradation")}
+    ranks = Counter(r["_rank"] for r in records)
     images, mean = summarize(records, metrics)
     if not images:
         raise DataError(f"--data {opts.data}: no images were scored")
@@ -289,6 +293,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         checkpoint=opts.checkpoint if opts.checkpoint.lower() != "none" else "none",
         metrics=metrics, images=images, mean=mean,
         degradation=opts.degradation or (degradations.pop() if len(degradations) == 1 else None),
+        per_rank=[ranks.get(i, 0) for i in range(state.num_processes)],
     )
     write_outputs(result, opts.json_out, opts.csv_out)
     if opts.mlflow:

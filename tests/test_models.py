@@ -305,6 +305,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
     # The payload really does run code under a plain unpickler (so the test can fail).
     probe = tmp_path / "probe"
@@ -436,6 +437,12 @@ def test_vgg_loads_torchvision_weights_from_path(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(feats[0], tv[:2](norm))
         torch.testing.assert_close(feats[1], tv[:7](norm))
+    # Legacy (non-zip) torch files cannot be memory-mapped: they load through the fallback.
+    legacy = tmp_path / "legacy.pth"
+    torch.save(
+        {f"features.{k}": v for k, v in tv.state_dict().items()}, legacy, _use_new_zipfile_serialization=False
+    )
+    torch.testing.assert_close(VGGFeatures(layers=("relu2_1",), path=legacy)(x)[0], feats[1])
 
 
 def test_vgg_missing_weights_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -444,6 +451,10 @@ def test_vgg_missing_weights_says_where(tmp_path: Path, monkeypatch: pytest.Monk
         VGGFeatures()
     msg = str(err.value)
     assert str(tmp_path / "th" / "hub" / "checkpoints" / VGG19_FILE) in msg and VGG19_URL in msg
+    bad = tmp_path / "vgg.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=r"vgg\.pth: cannot read"):
+        VGGFeatures(path=bad)
 
 
 def test_vgg_random_is_frozen_tagged_and_deterministic() -> None:

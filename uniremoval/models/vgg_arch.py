@@ -11,6 +11,7 @@ to put it. ``weights="random"`` gives a fixed-seed random network for tests and 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -109,9 +110,13 @@ class VGGFeatures(nn.Module):
                 "config's VGG weights path to it. Only for tests/demos: weights 'random'."
             )
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated zip, pickled code (refused by weights_only), ...
-            raise CheckpointError(f"{path}: cannot read VGG-19 weights ({exc})") from exc
+            # mmap: the 548 MB file's classifier weights are never read into memory.
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError):
+            try:  # legacy (non-zip) files cannot be memory-mapped
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as exc:  # truncated file, pickled code (refused by weights_only), ...
+                raise CheckpointError(f"{path}: cannot read VGG-19 weights ({exc})") from exc
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         wanted = {}
@@ -126,7 +131,8 @@ class VGGFeatures(nn.Module):
                             f"{path}: {key} has shape {tuple(state[key].shape)}, VGG-19 needs {tuple(getattr(m, p).shape)}"
                         )
                     wanted[f"{i}.{p}"] = state[key]
-        self.features.load_state_dict(wanted, strict=True)
+        # Copy out of the memory map so the file can be closed/replaced.
+        self.features.load_state_dict({k: v.clone() for k, v in wanted.items()}, strict=True)
         self.weights_path = str(path)
 
     def train(self, mode: bool = True) -> VGGFeatures:

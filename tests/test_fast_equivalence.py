@@ -1,0 +1,188 @@
+"""Every speed setting of uniremoval.stages.fast keeps the KT numbers (CPU, tiny MPRNet, 32 px crops).
+
+The reference is the naive path: fp32, contiguous (NCHW) tensors, teachers run online, Adam's
+per-parameter loop. Tolerances, all at the paper's tau = 1e-6 (the hardest case: the contrastive
+terms are hard-max losses of size ~1/tau, so any rounding is magnified by 1e6):
+
+* cached teacher tensors vs online teachers: identical (same computation, rtol 0); the cache's
+  stored form (8-bit PNG teacher image, float16 feature) moves L_pixel by at most 1/255 (half an
+  8-bit step on [-1, 1]) and the contrastive terms by < 1% (measured ~5e-4);
+* channels_last: loss terms rtol 1e-4 (measured ~2e-5), gradients within 1e-4 of each tensor's
+  largest gradient, updated weights within 1% of the learning rate (measured 0.4%);
+* fused / foreach Adam vs the loop: weights within 1e-6 relative after 3 steps;
+* bf16 autocast (only the networks; the contrastive loss stays fp32): loss terms rtol 3e-2
+  (measured 2e-4 .. 8e-3): bf16 keeps 8 mantissa bits.
+
+VGG-19 (random weights) is cut at relu3_1 here to keep the test fast; the layout code is the same
+for every layer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from uniremoval.losses.mgcl import KTLoss
+from uniremoval.models.mprnet_arch import MPRNet
+from uniremoval.models.vgg_arch import VGGFeatures
+from uniremoval.stages import fast
+from uniremoval.stages.kt import kt_terms
+from uniremoval.stages.teachers import Teacher, freeze, teacher_targets
+
+DEGS = ["haze", "rain", "blur"]
+CELL = 16
+TAU = 1e-6
+LR = 2e-5
+LAYERS = ("relu1_1", "relu2_1", "relu3_1")
+WEIGHTS = (1 / 32, 1 / 16, 1 / 8)
+A1 = 0.5
+
+
+def _terms(student, phi, batch, teachers=None):
+    loss = KTLoss(phi, WEIGHTS, tau=TAU)
+    terms, _, _ = kt_terms(student, loss, batch, A1, CELL, teachers=teachers, degradations=DEGS)
+    return terms
+
+
+def _values(terms) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _step(student, phi, batch, optimizer):
+    terms = _terms(student, phi, batch)
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    grads = [p.grad.detach().clone() for p in student.parameters()]
+    optimizer.step()
+    return _values(terms), grads, [p.detach().clone() for p in student.parameters()]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    student = MPRNet("tiny")
+    teachers = {d: Teacher(d, freeze(MPRNet("tiny")), "minus_one_one", f"random-{d}") for d in DEGS}
+    phi = VGGFeatures(LAYERS, weights="random")
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0])
+    t_img, t_feat = teacher_targets(teachers, DEGS, x, labels, CELL)
+    cached = {"input": x, "degradation": labels, "teacher": t_img, "feature": t_feat}
+    # The naive reference: fp32, NCHW, the loop Adam, one step.
+    ref_student = copy.deepcopy(student)
+    opt = torch.optim.Adam(ref_student.parameters(), lr=LR, foreach=False)
+    ref = _step(ref_student, phi, cached, opt)
+    return {"student": student, "teachers": teachers, "phi": phi, "cached": cached, "ref": ref}
+
+
+def _close_terms(got: dict[str, float], want: dict[str, float], rtol: float) -> None:
+    assert set(got) == set(want) == {"pixel", "ig", "fg", "total"}
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=rtol, abs=0), (k, got[k], want[k])
+
+
+def test_cached_targets_equal_online_teachers(setup):
+    online = _values(_terms(setup["student"], setup["phi"], {k: setup["cached"][k] for k in ("input", "degradation")},
+                            teachers=setup["teachers"]))
+    _close_terms(online, setup["ref"][0], rtol=0)
+
+    # What the cache stores: the teacher image as 8-bit PNG levels, the pooled feature as float16.
+    c = setup["cached"]
+    stored = dict(c, teacher=((c["teacher"] + 1) * 127.5).round() / 127.5 - 1, feature=c["feature"].half().float())
+    got = _values(_terms(setup["student"], setup["phi"], stored))
+    assert abs(got["pixel"] - online["pixel"]) <= 1 / 255
+    for k in ("ig", "fg", "total"):
+        assert got[k] == pytest.approx(online[k], rel=1e-2), k
+
+
+def test_channels_last_same_loss_grads_and_step(setup):
+    student = fast.to_channels_last(copy.deepcopy(setup["student"]))
+    phi = fast.to_channels_last(copy.deepcopy(setup["phi"]))
+    assert student.tail.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = fast.to_device(setup["cached"], "cpu", channels_last=True)
+    assert batch["input"].is_contiguous(memory_format=torch.channels_last)
+    assert not batch["input"].is_contiguous()
+    opt = fast.make_adam(student.parameters(), LR, "cpu")
+    values, grads, weights = _step(student, phi, batch, opt)
+    ref_values, ref_grads, ref_weights = setup["ref"]
+    _close_terms(values, ref_values, rtol=1e-4)
+    for g, rg in zip(grads, ref_grads):
+        assert float((g - rg).abs().max()) <= 1e-4 * float(rg.abs().max()) + 1e-30
+    w0 = [p.detach() for p in setup["student"].parameters()]
+    # One Adam step moves each weight by about lr: the two layouts must agree to 1% of that.
+    moved = max(float((rw - w).abs().max()) for rw, w in zip(ref_weights, w0))
+    assert moved == pytest.approx(LR, rel=0.05)
+    diff = max(float((w - rw).abs().max()) for w, rw in zip(weights, ref_weights))
+    assert diff <= 1e-2 * LR
+
+
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}])
+def test_fast_adam_equals_loop(impl):
+    torch.manual_seed(1)
+    shapes = [(12, 3, 3, 3), (12,), (40, 12, 1, 1), (1,)]
+    params = [torch.randn(s) for s in shapes]
+    runs = {}
+    for name, kwargs in (("loop", {"foreach": False}), ("fast", impl)):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = torch.optim.Adam(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) * 1e3  # KT gradients are large (1/tau)
+            opt.step()
+        runs[name] = ps
+    for a, b in zip(runs["fast"], runs["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert fast.adam_impl("cpu") == {"foreach": True}
+    assert fast.adam_impl("cuda") == {"fused": True}
+    assert fast.adam_impl("cuda", fused=False) == {"foreach": True}
+
+
+def test_bf16_autocast_loss_close(setup):
+    student = fast.to_channels_last(copy.deepcopy(setup["student"]))
+    phi = fast.to_channels_last(copy.deepcopy(setup["phi"]))
+    batch = fast.to_device(setup["cached"], "cpu", channels_last=True)
+    dtype = fast.autocast_dtype("bf16", "cpu")
+    assert dtype is torch.bfloat16
+    with torch.no_grad(), fast.autocast("cpu", dtype):
+        _, feature = student(batch["input"], return_feature=True)
+        assert feature.dtype == torch.bfloat16  # autocast really ran the network in bf16
+        values = _values(_terms(student, phi, batch))
+    _close_terms(values, setup["ref"][0], rtol=3e-2)
+    assert values["pixel"] != setup["ref"][0]["pixel"]  # and the numbers did change (not fp32 in disguise)
+
+
+def test_math_flags_restore_and_keep_fp32_matmul():
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+        assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # the loss's cosines stay fp32
+    after = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    assert after == before
+
+
+def test_autocast_dtype_choices():
+    from uniremoval.errors import ConfigError
+
+    assert fast.autocast_dtype("no", "cpu") is None
+    assert fast.autocast_dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        fast.autocast_dtype("fp16", "cpu")
+    with pytest.raises(ConfigError, match="unknown mixed_precision"):
+        fast.autocast_dtype("int8", "cpu")
+    assert isinstance(fast.autocast("cpu", None), type(fast.autocast("cpu", None)))
+
+
+def test_speed_from_config_and_uncompiled(tmp_path):
+    from uniremoval.config import KTStage
+
+    cfg = KTStage.model_validate({"model": {"preset": "tiny", "channels_last": True},
+                                  "train": {"mixed_precision": "bf16"}, "stage": "kt",
+                                  "output_dir": str(tmp_path)})
+    speed = fast.Speed.from_config(cfg, "cpu")
+    assert (speed.dtype, speed.channels_last, speed.compile) == (torch.bfloat16, True, False)
+    model = speed.prepare_model(MPRNet("tiny"))
+    assert model.tail.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.uncompiled(model) is model
+    assert speed.compile_cache == str(tmp_path / "default" / "compile_cache")

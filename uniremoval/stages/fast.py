@@ -1,0 +1,255 @@
+"""Speed settings for training and inference steps, each one keeping the numbers (tests/test_fast_equivalence.py).
+
+One small module so that the trainer, the cache stage and bench/gpu.py switch the same things on
+the same way:
+
+* ``autocast_dtype`` / ``autocast``: bf16 autocast (fp16 only on CUDA). The contrastive loss turns
+  autocast off inside itself (at tau = 1e-6 a bf16 cosine would move its logits by thousands), so
+  only the networks (student, teachers, VGG-19) run in bf16.
+* ``to_channels_last``: NHWC weights and inputs; cuDNN's fastest bf16 convolutions are NHWC, and
+  without it every conv pays a layout transpose. Numbers: same maths, another summation order.
+* ``math_flags``: TF32 for cuDNN *convolutions* only (PyTorch's default), never for fp32 matmuls:
+  the contrastive loss computes its cosines with matmuls in fp32, and TF32's 10-bit mantissa
+  (~1e-3 relative) would move logits cos/tau by ~1e3 at tau = 1e-6. cudnn.benchmark picks the
+  fastest conv algorithm for fixed crop shapes.
+* ``make_adam``: the fused (one kernel for all parameters) Adam/AdamW on CUDA, the multi-tensor
+  ``foreach`` one elsewhere; both are the same update as the per-parameter loop.
+* ``compile_module``: ``torch.compile`` with the inductor cache in a chosen folder (kept across
+  runs on one machine), plus ``save_compile_artifacts`` / ``load_compile_artifacts`` to carry the
+  compiled kernels to a fresh machine (torch's portable "mega-cache"), so the minutes of compile
+  time are paid once per (model, shape, torch version), not once per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from uniremoval.errors import ConfigError
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+# ------------------------------------------------------------------------------------ precision
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for a config's ``train.mixed_precision`` on `device` (None: fp32)."""
+    dev = torch.device(device)
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "bf16":
+        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.mixed_precision=bf16: this GPU has no bf16 support; use fp16 or no")
+        return torch.bfloat16
+    if mixed_precision == "fp16":
+        if dev.type != "cuda":
+            raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+        return torch.float16
+    raise ConfigError(f"unknown mixed_precision {mixed_precision!r}; use 'no', 'bf16' or 'fp16'")
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for `dtype`, or a no-op context for None (full precision)."""
+    dev = torch.device(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def math_flags(cudnn_tf32: bool = True, cudnn_benchmark: bool = True) -> Iterator[None]:
+    """Set the convolution flags for a block and restore the previous ones after it.
+
+    fp32 matmuls stay full precision whatever is asked (see the module docstring): this context
+    also asserts ``torch.backends.cuda.matmul.allow_tf32`` is off while it runs.
+    """
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+         torch.backends.cuda.matmul.allow_tf32) = old
+
+
+# ------------------------------------------------------------------------------------ memory layout
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Convert a module's 4-D parameters and buffers to channels_last in place; returns it."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def channels_last_input(x: Tensor) -> Tensor:
+    """A 4-D batch in channels_last layout (other ranks are returned unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str, channels_last: bool = False) -> dict[str, Any]:
+    """Move a loader batch's tensors to `device` (non-blocking from pinned memory); with channels_last
+    the images go NHWC on the way (feature grids stay as they are: they only enter the loss)."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and k in ("input", "target", "teacher"):
+                v = channels_last_input(v)
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------ optimiser
+
+
+def adam_impl(device: torch.device | str, fused: bool | None = None) -> dict[str, bool]:
+    """The Adam implementation flag for `device`: ``{'fused': True}`` on CUDA (or when asked and
+    supported), else ``{'foreach': True}``. ``fused=False`` forces foreach."""
+    dev = torch.device(device)
+    if fused is None:
+        fused = dev.type == "cuda"
+    if fused and dev.type in ("cuda", "cpu"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def make_adam(
+    params: Iterable[nn.Parameter],
+    lr: float,
+    device: torch.device | str,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    fused: bool | None = None,
+) -> torch.optim.Optimizer:
+    """Adam (or AdamW with ``decoupled``) with the fastest implementation for the device."""
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **adam_impl(device, fused))
+
+
+# ------------------------------------------------------------------------------------ compile
+
+
+def set_compile_cache(cache_dir: str | os.PathLike) -> Path:
+    """Point inductor's on-disk caches (FX graphs, AOTAutograd, Triton kernels) at `cache_dir`.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it needs the cache, so this must run before
+    the first compiled call; an explicit environment setting by the user wins.
+    """
+    path = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def compile_module(
+    module: nn.Module,
+    cache_dir: str | os.PathLike | None = None,
+    mode: str | None = None,
+    dynamic: bool = False,
+) -> nn.Module:
+    """``torch.compile(module)`` with the inductor cache in `cache_dir` (when given).
+
+    ``dynamic=False``: training crops have one shape, so one static graph; a new shape (the last
+    partial batch, a validation image) compiles another, which is why validation and restore use
+    the uncompiled module (``module._orig_mod``). Compilation happens at the first call.
+    """
+    if cache_dir is not None:
+        set_compile_cache(cache_dir)
+    return torch.compile(module, mode=mode, dynamic=dynamic)  # type: ignore[return-value]
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module under a ``torch.compile`` wrapper (itself when not compiled)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def save_compile_artifacts(path: str | os.PathLike) -> int:
+    """Write the compiled artifacts of this process (portable across machines with the same torch
+    and GPU) to `path`; returns the byte size (0 when there is nothing to save)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data, _info = saved
+    from uniremoval.io import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def load_compile_artifacts(path: str | os.PathLike) -> bool:
+    """Pre-load artifacts saved by `save_compile_artifacts`; later compiles of the same graphs are
+    cache hits. A missing file is not an error (False): the first run compiles and saves."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    torch.compiler.load_cache_artifacts(p.read_bytes())
+    return True
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The speed settings of one run, read from a stage config (see `from_config`)."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+    fused: bool | None = None
+    compile_cache: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: torch.device | str) -> Speed:
+        """From ``model.channels_last``, ``model.compile``, ``train.mixed_precision``, ``optim.fused``."""
+        dev = torch.device(device)
+        run_dir = getattr(cfg, "run_dir", None)
+        return cls(
+            device=dev,
+            dtype=autocast_dtype(cfg.train.mixed_precision, dev),
+            channels_last=bool(cfg.model.channels_last),
+            compile=bool(cfg.model.compile),
+            fused=getattr(getattr(cfg, "optim", None), "fused", None),
+            compile_cache=str(Path(run_dir) / "compile_cache") if run_dir else None,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+    def prepare_model(self, module: nn.Module, train: bool = True) -> nn.Module:
+        """Move to the device, set the layout, then compile (when asked). Returns the module to call."""
+        module = module.to(self.device)
+        if self.channels_last:
+            to_channels_last(module)
+        module.train(train)
+        if self.compile:
+            return compile_module(module, self.compile_cache)
+        return module
+
+    def batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return to_device(batch, self.device, self.channels_last)
+
+
+def timed_first_call(fn: Any, *args: Any, sync: bool = True, **kwargs: Any) -> tuple[Any, float]:
+    """Run `fn` once and return (result, seconds), synchronising CUDA so the time is the real one
+    (used to report compile time apart from the steady state)."""
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0

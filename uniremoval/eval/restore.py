@@ -53,7 +53,9 @@ def read_image(path: str | os.PathLike) -> Tensor:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float32) / (65535.0 if img.mode.startswith("I;16") else 255.0)
+                # 16-bit PNGs open as I;16 or (older Pillow) I.
+                sixteen = img.mode.startswith("I;16") or img.format == "PNG"
+                arr = np.asarray(img, dtype=np.float32) / (65535.0 if sixteen else 255.0)
                 arr = np.clip(arr, 0.0, 1.0)[..., None].repeat(3, axis=2)
             elif img.mode == "F":
                 arr = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)[..., None].repeat(3, axis=2)

@@ -30,7 +30,6 @@ from uniremoval.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 WEIGHTS_SUFFIX = ".safetensors"
 META_SUFFIX = ".json"
-OFFICIAL_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 INPUT_RANGES = ("minus_one_one", "zero_one")
 _MAX_LISTED = 12
 

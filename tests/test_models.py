@@ -13,7 +13,7 @@ from torch import nn
 
 from uniremoval.errors import CheckpointError, ConfigError
 from uniremoval.models import build_model
-from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+from uniremoval.models.checkpoint import alias_groups, checkpoint_sha256, load_checkpoint, save_checkpoint
 from uniremoval.models.discriminator_arch import PatchDiscriminator
 from uniremoval.models.mprnet_arch import (
     MPRNet,
@@ -69,6 +69,9 @@ def test_spec_state_dict_loads_strictly_and_counts_match(preset: str, expected: 
     assert not result.missing_keys and not result.unexpected_keys
     # One PReLU shared by every CAB, as in the official model.
     assert len(prelu_modules(model)) == 1
+    groups = alias_groups(model)
+    assert len(groups) == 1 and groups == alias_groups(sd)
+    assert groups[0] == [k for k in sd if k.endswith(".body.1.weight") and sd[k].shape == (1,)]
     assert sum(k.endswith("body.1.weight") for k in sd) > 50
 
 

@@ -57,17 +57,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def alias_groups(model: nn.Module) -> list[list[str]]:
+def alias_groups(source: nn.Module | dict[str, Tensor]) -> list[list[str]]:
     """State_dict keys that name one shared tensor (e.g. MPRNet's PReLU), in registration order.
 
-    Found from the module structure (the same Parameter object reached by several paths), so it
-    also works for state_dicts gathered from sharded (ZeRO-3) models where storages differ.
+    Given a module, found from its structure (one Parameter object reached by several paths), so
+    it also works when state_dicts are gathered from sharded (ZeRO-3) models whose storages
+    differ. Given a state_dict, found from shared storage (what ``model.state_dict()`` keeps).
     """
-    groups: dict[int, list[str]] = {}
-    for name, t in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(t), []).append(name)
-    for name, t in model.named_buffers(remove_duplicate=False):
-        groups.setdefault(id(t), []).append(name)
+    groups: dict[object, list[str]] = {}
+    if isinstance(source, nn.Module):
+        for name, t in source.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(t), []).append(name)
+        for name, t in source.named_buffers(remove_duplicate=False):
+            groups.setdefault(id(t), []).append(name)
+    else:
+        for name, t in source.items():
+            if t.numel() == 0:
+                continue
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.device)
+            groups.setdefault(ident, []).append(name)
     return [keys for keys in groups.values() if len(keys) > 1]
 
 

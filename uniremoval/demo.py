@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from uniremoval.errors import ConfigError, DataError, UniremovalError
 
@@ -104,7 +104,7 @@ def load_plan(config_dir: Path, quick: bool) -> DemoPlan:
         raw = _merge(raw, quick_part)
     try:
         return DemoPlan.model_validate(raw)
-    except Exception as exc:  # pydantic's message names the key
+    except ValidationError as exc:  # pydantic's message names the key
         raise ConfigError(f"{path}: {exc}") from None
 
 
@@ -215,6 +215,7 @@ class Demo:
         self.result = DemoResult(self.workdir, self.tracking_uri, self.plan.project)
         self._t0 = time.perf_counter()
         self._n = 0
+        self._brisque_noted = False
 
     # ---------------------------------------------------------------- helpers
     def path(self, rel: str) -> Path:
@@ -473,7 +474,7 @@ class Demo:
 
     def _eval_steps(self, kt_cfg: Path, da_cfg: Path) -> None:
         rows = self.eval_rows(kt_cfg, da_cfg)
-        metrics = ",".join(self.plan.eval.metrics)
+        metrics = ",".join(self.eval_metrics())
         for kind in ("synth", "real"):
             for deg in self.plan.degradations:
                 ds = f"{kind}_{deg}_test"
@@ -486,6 +487,23 @@ class Demo:
                             "--experiment", self.plan.project]
                     self.step(f"eval {ds} {label}", lambda a=argv, b=base, d=ds, lab=label: self._eval(a, b, d, lab),
                               lambda b=base, c=ckpt, d=ds, lab=label: self._eval_reuse(b, c, d, lab))
+
+    def eval_metrics(self) -> list[str]:
+        """The plan's metrics, plus BRISQUE (the paper's) when its parameter file is available
+        offline; otherwise say so once (PIQE needs no file)."""
+        from uniremoval.eval.iqa_params import MissingIQAParams, find_param_file, iqa_dir
+
+        metrics = list(self.plan.eval.metrics)
+        if "brisque" not in metrics:
+            try:
+                find_param_file("brisque")
+                metrics.insert(0, "brisque")
+            except MissingIQAParams:
+                if not self._brisque_noted:
+                    self._brisque_noted = True
+                    self._say(f"BRISQUE skipped: its parameter file is not in {iqa_dir()} (offline); "
+                              "`uniremoval eval params` says where it goes. PIQE needs none.")
+        return metrics
 
     def _eval(self, argv: list[str], base: Path, ds: str, label: str) -> str:
         import contextlib
@@ -513,58 +531,30 @@ class Demo:
 
     # report
     def _report(self) -> str:
+        """`uniremoval report` over the demo's MLflow experiment (paper-style tables, per-dataset
+        grids, logged as a 'report' run), plus the demo's own summary table and overview grid."""
+        import contextlib
+        import io
+
         from uniremoval.io import atomic_write_text
 
-        table = demo_table(self.result.evals, self.plan.degradations, self.plan.eval.metrics)
+        out_dir = self.path("report")
+        argv = ["report", "--experiment", self.plan.project, "--format", "md", "--tracking-uri", self.tracking_uri,
+                "--out-dir", str(out_dir), "--images", str(self.plan.eval.grid_images), "--log"]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            self.cli(argv)
+        table = demo_table(self.result.evals, self.plan.degradations, self.eval_metrics())
         self.result.table = table
         report = self.path("report.md")
-        parts = ["# uniremoval demo report\n", table, ""]
-        mlflow_md = self._mlflow_report()
-        if mlflow_md:
-            parts += ["## From MLflow (`uniremoval report`)\n", mlflow_md]
-        atomic_write_text(report, "\n".join(parts) + "\n")
+        atomic_write_text(report, "# uniremoval demo\n\nMeans over the held-out test tiles "
+                          "(syn = synthetic domain, real-like = the shifted domain of adaptation).\n\n"
+                          + table + "\n\n## `uniremoval report` (from MLflow)\n\n" + buf.getvalue())
         self.result.report = report
         grid = self.path("grid.png")
         make_grid(self.workdir, self.plan.degradations, self.plan.eval.grid_images, grid)
         self.result.grid = grid
-        self._log_report_artifacts(report, grid)
-        return f"{report.name}, {grid.name}"
-
-    def _mlflow_report(self) -> str:
-        """The paper-style tables, read back from the MLflow store by `uniremoval report`."""
-        import contextlib
-        import io
-
-        from uniremoval.cli import build_parser
-
-        argv = ["report", "--experiment", self.plan.project, "--format", "md"]
-        try:
-            args = build_parser().parse_args(argv + ["--tracking-uri", self.tracking_uri])
-        except SystemExit:
-            return ""
-        buf = io.StringIO()
-        self._say("  $ " + _fmt_cmd(argv, self.workdir) + f" --tracking-uri {self.tracking_uri}")
-        with contextlib.redirect_stdout(buf):
-            rc = args.func(args)
-        return buf.getvalue() if not rc else ""
-
-    def _log_report_artifacts(self, report: Path, grid: Path) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.tracking_uri)
-        exp = client.get_experiment_by_name(self.plan.project)
-        if exp is None:
-            return
-        with _tracking_env(self.tracking_uri):
-            mlflow.set_tracking_uri(self.tracking_uri)
-            run = client.create_run(exp.experiment_id, run_name="demo-report",
-                                    tags={"stage": "report", "mlflow.runName": "demo-report"})
-            client.log_artifact(run.info.run_id, str(report))
-            client.log_artifact(run.info.run_id, str(grid))
-            for step in self.result.steps:
-                client.log_metric(run.info.run_id, f"demo/seconds/{step.name.replace(' ', '/')}", step.seconds)
-            client.set_terminated(run.info.run_id)
+        return f"{report.name}, {grid.name}, {out_dir.name}/"
 
     def _finish(self) -> None:
         took = time.perf_counter() - self._t0
@@ -573,8 +563,8 @@ class Demo:
         self.log(self.result.table)
         self.log("")
         self.log(f"demo finished in {took:.0f}s ({ran} steps ran, {len(self.result.steps) - ran} reused)")
-        self.log(f"  report:     {self.result.report}")
-        self.log(f"  image grid: {self.result.grid}")
+        self.log(f"  report:     {self.result.report} (tables and per-dataset grids: {self.workdir / 'report'})")
+        self.log(f"  image grid: {self.result.grid} (input | KT | KT+DA | target)")
         self.log(f"  configs:    {self.workdir / 'configs'} (rerun any stage with them)")
         self.log("  browse the runs (teachers, cache, kt, da, eval) in MLflow:")
         self.log(f"    mlflow ui --backend-store-uri {self.tracking_uri} "
@@ -599,23 +589,6 @@ def vgg19_weights_file() -> Path:
     import torch
 
     return Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
-
-
-class _tracking_env:
-    """Point MLFLOW_TRACKING_URI at the demo store for the duration (restored afterwards)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri, self.old = uri, None
-
-    def __enter__(self) -> None:
-        self.old = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = self.uri
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = self.old
 
 
 ROW_NAMES = {"input": "degraded input", "kt": "KT student", "da": "KT + DA student"}
@@ -709,11 +682,4 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, clean: bool = False, 
     path = Path(workdir).resolve()
     if clean:
         clean_workdir(path)
-    demo = Demo(path, quick=quick, config_dir=config_dir, log=log)
-    try:
-        return demo.run()
-    except UniremovalError:
-        raise
-    except Exception as exc:  # keep the step context for bugs too
-        print(f"demo: failed after {time.perf_counter() - demo._t0:.0f}s", file=sys.stderr)
-        raise exc
+    return Demo(path, quick=quick, config_dir=config_dir, log=log).run()

@@ -53,6 +53,9 @@ class ImagesPlan(_Strict):
 
 class SynthPlan(_Strict):
     seed: int = 0
+    # `shards synth --params`: a built-in preset name or a ranges file (relative to the config dir)
+    params: str = "default"
+    params_real: str = "real-like"
     per_image: int = Field(3, ge=1)
     per_image_real: int = Field(2, ge=1)
     per_image_test: int = Field(1, ge=1)
@@ -136,6 +139,7 @@ def _tiles(path: Path, short_side: int, tile: int):
 
     with Image.open(path) as im:
         im = im.convert("RGB")
+        im.info.clear()  # no ICC profile etc. in the tiles (libpng warns about some bundled ones)
         w, h = im.size
         s = short_side / min(w, h)
         im = im.resize((max(tile, round(w * s)), max(tile, round(h * s))), Image.LANCZOS)
@@ -298,8 +302,12 @@ class Demo:
         feats = getattr(cfg, "features", None)
         if feats is None or feats.weights != "imagenet" or feats.path:
             return
-        if not vgg19_weights_file().is_file():
+        from uniremoval.models.vgg_arch import default_weights_path
+
+        if not default_weights_path().is_file():
             feats.weights = "random"
+            self._say(f"{cfg.name}: no VGG-19 ImageNet weights at {default_weights_path()}: phi uses fixed random "
+                      "weights (demo only; the run is tagged vgg_weights=random)")
 
     # ---------------------------------------------------------------- steps
     def run(self) -> DemoResult:
@@ -357,10 +365,16 @@ class Demo:
         seed = s.seed * 1000 + (0 if kind == "synth" else 500) + (0 if split == "train" else 250) \
             + self.plan.degradations.index(deg)
         argv = ["shards", "synth", "--clean", str(self.path(f"images/{split}")), "--degradation", deg,
-                "--per-image", str(per), "--seed", str(seed), "--params", "default" if kind == "synth" else "real-like",
+                "--per-image", str(per), "--seed", str(seed), "--params", self._params(s.params if kind == "synth" else s.params_real),
                 "--split", split, "--name", name, "--out", str(self.path(f"shards/{name}")),
                 "--workers", "1", "--no-progress"]
         self.step(f"shards {name}", lambda: self._shards(argv), lambda: self._shards_reuse(name, argv))
+
+    def _params(self, name: str) -> str:
+        """A ranges file named in demo.yaml resolves against the config dir; presets pass through."""
+        if name.endswith((".yaml", ".yml", ".json")) and not Path(name).is_absolute():
+            return str(self.config_dir / name)
+        return name
 
     def _clear_step(self) -> None:
         # X_C, the "real clear photos" of adaptation: the clean train tiles, drawn unpaired
@@ -388,6 +402,10 @@ class Demo:
         m = json.loads(f.read_text())
         if not m.get("complete") or m.get("created_by", {}).get("command", [])[1:] != argv:
             return None
+        if "--params" in argv:  # a ranges file edited since: same command, other samples
+            params = Path(argv[argv.index("--params") + 1])
+            if params.is_file() and params.stat().st_mtime > f.stat().st_mtime:
+                return None
         for s in m["shards"]:
             p = self.path(f"shards/{name}/{s['name']}")
             if not p.is_file() or p.stat().st_size != s["bytes"]:
@@ -583,12 +601,6 @@ def _last_meta(run_dir: Path) -> dict[str, Any] | None:
         return json.loads(j.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def vgg19_weights_file() -> Path:
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
 
 
 ROW_NAMES = {"input": "degraded input", "kt": "KT student", "da": "KT + DA student"}

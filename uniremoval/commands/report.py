@@ -1,14 +1,59 @@
-"""`uniremoval report`: not implemented yet (placeholder registered so the group is listed)."""
+"""`uniremoval report`: paper-style tables (and image grids) from an experiment's MLflow eval runs.
+
+    uniremoval report --experiment NAME [--format md|csv|html] [--tracking-uri URI] [--out-dir DIR]
+
+Rows are models, columns dataset x metric with the better direction (down arrow: lower is better),
+the best value of each column in bold: NR-IQA per degradation (Tables I-III), PSNR/SSIM (Table IV),
+NR-IQA of ablation runs (Table V). With --out-dir the tables and grid-<dataset>.png (the same
+images restored by every model, side by side) are written there; --log also stores them in an
+MLflow run named "report".
+"""
 
 from __future__ import annotations
 
-from uniremoval.errors import UniremovalError
+import argparse
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="(not yet available)", description="Not yet available.")
-    p.set_defaults(func=_not_yet)
+    p = subparsers.add_parser(
+        "report",
+        help="paper-style tables and image grids from MLflow eval runs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--experiment", required=True, help="MLflow experiment holding the eval-<dataset> runs")
+    p.add_argument("--format", default="md", choices=("md", "csv", "html"))
+    p.add_argument(
+        "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
+    )
+    p.add_argument("--out-dir", help="also write report.<format> and grid-<dataset>.png here")
+    p.add_argument("--images", type=int, default=4, help="images per grid (default 4)")
+    p.add_argument("--decimals", type=int, help="digits shown (default: 4 for SSIM, 2 otherwise)")
+    p.add_argument("--log", action="store_true", help="log the --out-dir files to an MLflow run 'report'")
+    p.set_defaults(func=handler)
 
 
-def _not_yet(args) -> int:
-    raise UniremovalError("'uniremoval report' is not available yet in this version")
+def handler(args) -> int:
+    from uniremoval.errors import UniremovalError
+    from uniremoval.eval.report import make_report
+
+    if args.log and not args.out_dir:
+        raise UniremovalError("--log needs --out-dir (the files it logs)")
+    text, grids = make_report(
+        args.experiment, args.format, args.tracking_uri, args.out_dir, args.images, args.decimals
+    )
+    print(text, end="")
+    for g in grids:
+        print(f"image grid: {g}")
+    if args.log:
+        from mlflow.tracking import MlflowClient
+
+        from uniremoval.tracking import resolve_uri
+
+        client = MlflowClient(tracking_uri=resolve_uri(args.tracking_uri))
+        exp = client.get_experiment_by_name(args.experiment)
+        run = client.create_run(exp.experiment_id, run_name="report", tags={"stage": "report"})
+        client.log_artifacts(run.info.run_id, args.out_dir, "report")
+        client.set_terminated(run.info.run_id)
+        print(f"MLflow run: {run.info.run_id}")
+    return 0

@@ -1,0 +1,175 @@
+"""`uniremoval report`: tables from an MLflow store with several runs equal the logged numbers, best
+values are bold in the right direction, ablation tables carry the flags, grids put models side by side."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from uniremoval.cli import main
+from uniremoval.eval.evaluate import EvalOptions, run_eval
+from uniremoval.eval.report import build_tables, collect, render
+
+# model key -> (label, ablation tags, {dataset: {metric: value}}); degradations per dataset.
+RUNS = {
+    "input": ("Hazy", {}, {"RTTS": {"brisque": 37.12345, "piqe": 41.5}, "SOTS": {"psnr": 12.3, "ssim": 0.61234}}),
+    "run-a": ("kt", {"ablation.use_icl": "true", "ablation.use_fcl": "false"},
+              {"RTTS": {"brisque": 25.5, "piqe": 44.25}, "SOTS": {"psnr": 24.75, "ssim": 0.8512}}),
+    "run-b": ("da", {"ablation.use_icl": "true", "ablation.use_fcl": "true"},
+              {"RTTS": {"brisque": 26.0, "piqe": 30.875}, "SOTS": {"psnr": 25.125, "ssim": 0.84}}),
+    "run-c": ("uni", {}, {"SPA": {"brisque": 20.5, "piqe": 35.0}}),
+}
+DEGRADATION = {"RTTS": "haze", "SOTS": "haze", "SPA": "rain"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("proj", artifact_location=str(tmp_path / "art"))
+    t = 1_700_000_000_000
+    # An older evaluation of run-b on RTTS, replaced by the later one below.
+    stale = client.create_run(exp, run_name="eval-RTTS", start_time=t, tags={
+        "stage": "eval", "dataset": "RTTS", "uniremoval.model": "run-b", "uniremoval.label": "da-old",
+        "degradation": "haze"})
+    client.log_metric(stale.info.run_id, "eval/RTTS/brisque", 99.0)
+    client.set_terminated(stale.info.run_id)
+    for key, (label, ablation, per_ds) in RUNS.items():
+        for ds, metrics in per_ds.items():
+            t += 1000
+            run = client.create_run(exp, run_name=f"eval-{ds}", start_time=t, tags={
+                "stage": "eval", "dataset": ds, "uniremoval.model": key, "uniremoval.label": label,
+                "degradation": DEGRADATION[ds], **ablation})
+            for m, v in metrics.items():
+                client.log_metric(run.info.run_id, f"eval/{ds}/{m}", v)
+            client.set_terminated(run.info.run_id)
+    # A training run in the same experiment is not a table row.
+    train = client.create_run(exp, run_name="kt", tags={"stage": "kt"})
+    client.log_metric(train.info.run_id, "eval/RTTS/brisque", 1.0)
+    return uri
+
+
+def _md_tables(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
+    out, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            title = line[4:]
+            out[title] = ([], [])
+        elif line.startswith("|") and title:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not out[title][0]:
+                out[title][0].extend(cells)
+            elif not set(line) <= set("|-"):
+                out[title][1].append(cells)
+    return out
+
+
+def test_markdown_tables_equal_logged_numbers(store, capsys):
+    assert main(["report", "--experiment", "proj", "--tracking-uri", store]) == 0
+    tables = _md_tables(capsys.readouterr().out)
+    assert list(tables) == ["NR-IQA (Tables I-III): haze", "NR-IQA (Tables I-III): rain",
+                            "Synthetic ablation: PSNR/SSIM (Table IV)", "Real ablation: NR-IQA (Table V)"]
+    label_to_key = {v[0]: k for k, v in RUNS.items()}
+    seen = 0
+    for title, (head, rows) in tables.items():
+        for row in rows:
+            key = label_to_key[row[0]]
+            for h, cell in zip(head, row):
+                m = re.fullmatch(r"(\S+) (BRISQUE|PIQE|PSNR|SSIM) ([\u2191\u2193])", h)
+                if not m:
+                    continue
+                ds, metric = m.group(1), m.group(2).lower()
+                logged = RUNS[key][2].get(ds, {}).get(metric)
+                value = cell.strip("*")
+                if logged is None:
+                    assert value == ""
+                    continue
+                assert value == (f"{logged:.4f}" if metric == "ssim" else f"{logged:.2f}"), (title, h, row)
+                assert m.group(3) == ("\u2193" if metric in ("brisque", "piqe") else "\u2191")
+                # Bold exactly where the logged value is the column's best.
+                column = [RUNS[label_to_key[r[0]]][2].get(ds, {}).get(metric) for r in rows]
+                column = [v for v in column if v is not None]
+                best = min(column) if metric in ("brisque", "piqe") else max(column)
+                assert cell.startswith("**") == (logged == best), (title, h, row)
+                seen += 1
+    assert seen == 6 + 2 + 6 + 4  # haze, rain, Table IV, Table V (RTTS only: SPA has no ablated row)
+    # The later evaluation of run-b replaced the earlier one (99.0 is nowhere), and its label is the latest.
+    haze_rows = {r[0] for r in tables["NR-IQA (Tables I-III): haze"][1]}
+    assert haze_rows == {"Hazy", "kt", "da"}
+    # Ablation tables: flags as check marks, only models with flags in Table V.
+    head, rows = tables["Real ablation: NR-IQA (Table V)"]
+    assert head[:3] == ["Method", "use_fcl", "use_icl"]
+    # Rows: inputs first, then models by first evaluation (run-b's stale run came first).
+    assert [r[:3] for r in rows] == [["da", "\u2713", "\u2713"], ["kt", "\u2717", "\u2713"]]
+    assert [r[0] for r in tables["Synthetic ablation: PSNR/SSIM (Table IV)"][1]] == ["Hazy", "da", "kt"]
+
+
+def test_csv_is_full_precision_and_html_bolds_best(store):
+    rows = collect("proj", store)
+    tables = build_tables(rows)
+    text = render(tables, "csv")
+    block = text.split("# NR-IQA (Tables I-III): haze")[1].split("\n\n")[0]
+    recs = list(csv.reader(io.StringIO(block.strip("\n,"))))
+    head = recs[0]
+    for r in recs[1:]:
+        key = {v[0]: k for k, v in RUNS.items()}[r[0]]
+        for h, cell in zip(head[1:], r[1:]):
+            ds, metric = h.split()[0], h.split()[1].lower()
+            assert float(cell) == RUNS[key][2][ds][metric]  # exactly the logged float
+    page = render(tables, "html")
+    assert "<b>25.50</b>" in page and "<b>30.88</b>" in page and "<b>25.1250</b>" not in page
+    assert "<b>0.8512</b>" in page and "<b>25.12</b>" in page  # 25.125 is exact in binary: rounds to even
+    assert page.count("<table>") == 4 and "BRISQUE \u2193" in page and "PSNR \u2191" in page
+    with pytest.raises(Exception, match="no MLflow experiment 'nope'"):
+        collect("nope", store)
+
+
+def test_report_from_real_eval_runs_with_image_grid(tmp_path):
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+
+    data = tmp_path / "data"
+    (data / "target").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        clean = (torch.rand(3, 24, 32, generator=g) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(clean).save(data / "target" / f"im{i}.png")
+        Image.fromarray(255 - clean).save(data / f"im{i}.png")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    ckpt = save_checkpoint(tmp_path / "student", build_model("mprnet", "tiny"), {})
+    results = {}
+    for checkpoint, label in (("none", None), (str(ckpt), "student")):
+        results[label or "input"] = run_eval(EvalOptions(
+            checkpoint, str(data), metrics=["psnr", "ssim"], name="pairs", device="cpu", tracking_uri=uri,
+            experiment="grid", label=label, save_images=str(tmp_path / f"out-{label}")))
+    out = tmp_path / "report"
+    assert main(["report", "--experiment", "grid", "--tracking-uri", uri, "--out-dir", str(out), "--images", "2",
+                 "--format", "csv", "--log"]) == 0
+    text = (out / "report.csv").read_text()
+    recs = {r[0]: r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")}
+    assert recs["method"][1:] == ["pairs PSNR \u2191", "pairs SSIM \u2191"]
+    for label, res in results.items():
+        assert [float(v) for v in recs[label][1:]] == [res.mean["psnr"], res.mean["ssim"]]
+    grid = Image.open(out / "grid-pairs.png")
+    assert grid.height == 18 + 2 * (192 + 4) + 4  # label strip + 2 images
+    assert grid.width == 2 * 256 + 3 * 4  # two models, 24x32 images scaled to height 192
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("grid")
+    report_runs = client.search_runs([exp.experiment_id], "tags.stage = 'report'")
+    assert {a.path for a in client.list_artifacts(report_runs[0].info.run_id, "report")} == {
+        "report/report.csv", "report/grid-pairs.png"}

@@ -1,0 +1,360 @@
+"""Paper-style tables and image grids from the MLflow eval runs of one experiment.
+
+Every `uniremoval eval` run (tag stage=eval) holds `eval/<dataset>/<metric>` and tags naming the
+model it scored (`uniremoval.model`: the training run id, else the checkpoint sha256, else "input"
+for `--checkpoint none`) and its row label (`uniremoval.label`). A report row is one model; a
+column is one dataset x metric; when a model was evaluated on a dataset more than once, its latest
+run counts. Tables:
+
+- NR-IQA (the paper's Tables I-III): BRISQUE/PIQE/NIQE columns, one table per degradation (the
+  eval runs' `degradation` tag), all models;
+- Synthetic ablation (Table IV): PSNR/SSIM columns, models with full-reference scores, with one
+  check-mark column per ablation flag (`ablation.*` tags copied from the training run);
+- Real ablation (Table V): NR-IQA columns, models that carry ablation flags.
+
+Headers carry the better direction (down arrow: lower is better); the best value of each column is
+bold (md: `**x**`, html: `<b>`; csv has full-precision numbers and no markup). Image grids: for each
+dataset, the same images (first `n_images` names common to every model that saved images with
+`--save-images`) side by side, one column per model.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uniremoval.errors import UniremovalError
+from uniremoval.eval.metrics import METRICS
+
+FORMATS = ("md", "csv", "html")
+CHECK, CROSS = "\u2713", "\u2717"
+UP, DOWN = "\u2191", "\u2193"
+
+
+@dataclass
+class ModelRow:
+    key: str
+    label: str
+    ablation: dict[str, str] = field(default_factory=dict)
+    scores: dict[tuple[str, str], float] = field(default_factory=dict)  # (dataset, metric) -> value
+    runs: dict[str, str] = field(default_factory=dict)  # dataset -> eval run id (latest)
+    degradation: dict[str, str] = field(default_factory=dict)  # dataset -> degradation tag
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[tuple[str, str]]  # (dataset, metric)
+    rows: list[ModelRow]
+    flags: list[str] = field(default_factory=list)  # ablation flag columns, before the scores
+
+
+def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
+    """One ModelRow per model evaluated in `experiment`: inputs first, then in order of first evaluation."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.tracking import resolve_uri
+
+    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise UniremovalError(
+            f"no MLflow experiment {experiment!r} at {resolve_uri(tracking_uri)}; "
+            f"experiments there: {names or 'none'}"
+        )
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.stage = 'eval'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50000,
+    )
+    models: dict[str, ModelRow] = {}
+    for run in runs:
+        tags = run.data.tags
+        dataset = tags.get("dataset") or (run.info.run_name or "").removeprefix("eval-")
+        key = tags.get("uniremoval.model") or tags.get("checkpoint_sha256") or run.info.run_id
+        label = tags.get("uniremoval.label") or run.info.run_name or key[:8]
+        row = models.setdefault(key, ModelRow(key, label))
+        row.label = label  # the latest run names the row
+        row.ablation.update(
+            {k.removeprefix("ablation."): v for k, v in tags.items() if k.startswith("ablation.")}
+        )
+        prefix = f"eval/{dataset}/"
+        got = {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        if not got:
+            continue
+        for metric in [m for (d, m) in row.scores if d == dataset]:
+            del row.scores[(dataset, metric)]  # a later run of the same model and dataset replaces it
+        row.scores.update({(dataset, m): v for m, v in got.items()})
+        row.runs[dataset] = run.info.run_id
+        if tags.get("degradation"):
+            row.degradation[dataset] = tags["degradation"]
+    # The unrestored inputs first (the paper's "Hazy/Rainy/Blurry" row), then by first evaluation.
+    return sorted(models.values(), key=lambda r: r.key != "input")
+
+
+def _kind(metric: str) -> str:
+    info = METRICS.get(metric)
+    return info.kind if info else ("fr" if metric.startswith(("psnr", "ssim")) else "nr")
+
+
+def _columns(rows: list[ModelRow], kind: str, datasets: set[str] | None = None) -> list[tuple[str, str]]:
+    order = list(METRICS)
+    cols = {
+        c for r in rows for c in r.scores if _kind(c[1]) == kind and (datasets is None or c[0] in datasets)
+    }
+    return sorted(cols, key=lambda c: (c[0], order.index(c[1]) if c[1] in order else len(order), c[1]))
+
+
+def build_tables(rows: list[ModelRow]) -> list[Table]:
+    tables: list[Table] = []
+    degradation_of: dict[str, str] = {}
+    for r in rows:
+        degradation_of.update(r.degradation)
+    nr_datasets = {d for r in rows for (d, m) in r.scores if _kind(m) == "nr"}
+    groups: dict[str, set[str]] = {}
+    for d in nr_datasets:
+        groups.setdefault(degradation_of.get(d, "all"), set()).add(d)
+    for deg in sorted(groups):
+        cols = _columns(rows, "nr", groups[deg])
+        title = "NR-IQA (Tables I-III)" + ("" if deg == "all" else f": {deg}")
+        tables.append(Table(title, cols, [r for r in rows if any(c in r.scores for c in cols)]))
+    flags = sorted({k for r in rows for k in r.ablation})
+    fr_cols = _columns(rows, "fr")
+    if fr_cols:
+        tables.append(
+            Table(
+                "Synthetic ablation: PSNR/SSIM (Table IV)",
+                fr_cols,
+                [r for r in rows if any(c in r.scores for c in fr_cols)],
+                flags,
+            )
+        )
+    ablated = [r for r in rows if r.ablation]
+    nr_cols = _columns(ablated, "nr")
+    if ablated and nr_cols:
+        tables.append(
+            Table(
+                "Real ablation: NR-IQA (Table V)",
+                nr_cols,
+                [r for r in ablated if any(c in r.scores for c in nr_cols)],
+                flags,
+            )
+        )
+    return tables
+
+
+def _lower_better(metric: str) -> bool:
+    info = METRICS.get(metric)
+    return info.lower_better if info else True
+
+
+def best_values(table: Table) -> dict[tuple[str, str], float]:
+    best = {}
+    for c in table.columns:
+        vals = [r.scores[c] for r in table.rows if c in r.scores and math.isfinite(r.scores[c])]
+        if vals:
+            best[c] = min(vals) if _lower_better(c[1]) else max(vals)
+    return best
+
+
+def _header(col: tuple[str, str]) -> str:
+    dataset, metric = col
+    info = METRICS.get(metric)
+    return f"{dataset} {info.label if info else metric} {DOWN if _lower_better(metric) else UP}"
+
+
+def _fmt(metric: str, v: float, decimals: int | None) -> str:
+    if decimals is None:
+        decimals = 4 if metric.startswith("ssim") else 2
+    return f"{v:.{decimals}f}"
+
+
+def _flag(value: str | None) -> str:
+    if value is None:
+        return ""
+    return (
+        CHECK
+        if value.lower() in ("true", "1", "yes")
+        else CROSS
+        if value.lower() in ("false", "0", "no")
+        else value
+    )
+
+
+def render(tables: list[Table], fmt: str = "md", decimals: int | None = None) -> str:
+    if fmt not in FORMATS:
+        raise UniremovalError(f"--format {fmt!r}: choose one of {FORMATS}")
+    out = io.StringIO()
+    if fmt == "html":
+        out.write(
+            '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>uniremoval report</title>'
+            "<style>table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #999;"
+            "padding:2px 8px;text-align:center}</style></head><body>\n"
+        )
+    for t in tables:
+        best = best_values(t)
+        if fmt == "md":
+            head = ["Method", *t.flags, *map(_header, t.columns)]
+            out.write(f"### {t.title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+            for r in t.rows:
+                cells = [r.label, *(_flag(r.ablation.get(f)) for f in t.flags)]
+                for c in t.columns:
+                    v = r.scores.get(c)
+                    s = "" if v is None else _fmt(c[1], v, decimals)
+                    cells.append(f"**{s}**" if v is not None and v == best.get(c) else s)
+                out.write("| " + " | ".join(cells) + " |\n")
+            out.write("\n")
+        elif fmt == "csv":
+            w = csv.writer(out, lineterminator="\n")
+            w.writerow([f"# {t.title}"])
+            w.writerow(["method", *t.flags, *map(_header, t.columns)])
+            for r in t.rows:
+                w.writerow(
+                    [
+                        r.label,
+                        *(r.ablation.get(f, "") for f in t.flags),
+                        *("" if r.scores.get(c) is None else repr(r.scores[c]) for c in t.columns),
+                    ]
+                )
+            w.writerow([])
+        else:
+            out.write(f'<h3>{html.escape(t.title)}</h3>\n<table>\n<tr><th rowspan="2">Method</th>')
+            for f in t.flags:
+                out.write(f'<th rowspan="2">{html.escape(f)}</th>')
+            datasets = list(dict.fromkeys(d for d, _ in t.columns))
+            for d in datasets:
+                out.write(f'<th colspan="{sum(1 for c in t.columns if c[0] == d)}">{html.escape(d)}</th>')
+            out.write("</tr>\n<tr>")
+            for d, m in t.columns:
+                info = METRICS.get(m)
+                out.write(
+                    f"<th>{html.escape(info.label if info else m)} {DOWN if _lower_better(m) else UP}</th>"
+                )
+            out.write("</tr>\n")
+            for r in t.rows:
+                out.write(f"<tr><td>{html.escape(r.label)}</td>")
+                for f in t.flags:
+                    out.write(f"<td>{html.escape(_flag(r.ablation.get(f)))}</td>")
+                for c in t.columns:
+                    v = r.scores.get(c)
+                    s = "" if v is None else _fmt(c[1], v, decimals)
+                    out.write(
+                        f"<td><b>{s}</b></td>" if v is not None and v == best.get(c) else f"<td>{s}</td>"
+                    )
+                out.write("</tr>\n")
+            out.write("</table>\n")
+    if fmt == "html":
+        out.write("</body></html>\n")
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------- image grids
+
+
+def image_grids(
+    rows: list[ModelRow],
+    out_dir: str | os.PathLike,
+    tracking_uri: str | None = None,
+    n_images: int = 4,
+    cell_height: int = 192,
+) -> list[Path]:
+    """grid-<dataset>.png per dataset that two or more models saved images for."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.tracking import resolve_uri
+
+    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    out_dir = Path(out_dir)
+    written = []
+    datasets = sorted({d for r in rows for d in r.runs})
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in datasets:
+            have: list[tuple[ModelRow, Path]] = []
+            for r in rows:
+                run_id = r.runs.get(d)
+                if run_id is None or not client.list_artifacts(run_id, f"images/{d}"):
+                    continue
+                local = Path(client.download_artifacts(run_id, f"images/{d}", str(Path(tmp) / run_id)))
+                have.append((r, local))
+            if len(have) < 2:
+                continue
+            common = set.intersection(
+                *({p.relative_to(loc).as_posix() for p in loc.rglob("*.png")} for _, loc in have)
+            )
+            names = sorted(common)[:n_images]
+            if not names:
+                continue
+            path = out_dir / f"grid-{_safe(d)}.png"
+            _write_grid(
+                path, [r.label for r, _ in have], [[loc / n for _, loc in have] for n in names], cell_height
+            )
+            written.append(path)
+    return written
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+
+
+def _write_grid(path: Path, labels: list[str], cells: list[list[Path]], cell_height: int) -> None:
+    """Rows of images (one per name), columns per model, with the model labels on top."""
+    from PIL import Image, ImageDraw
+
+    from uniremoval.io import atomic_writer
+
+    pad, head = 4, 18
+    scaled: list[list[Any]] = []
+    for row in cells:
+        imgs = [Image.open(p).convert("RGB") for p in row]
+        scaled.append(
+            [im.resize((max(1, round(im.width * cell_height / im.height)), cell_height)) for im in imgs]
+        )
+    col_w = [max(r[j].width for r in scaled) for j in range(len(labels))]
+    width = sum(col_w) + pad * (len(labels) + 1)
+    height = head + len(scaled) * (cell_height + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for j, label in enumerate(labels):
+        draw.text((x, 3), label[:40], fill="black")
+        y = head
+        for r in scaled:
+            canvas.paste(r[j], (x, y))
+            y += cell_height + pad
+        x += col_w[j] + pad
+    with atomic_writer(path) as fh:
+        canvas.save(fh, format="PNG")
+
+
+def make_report(
+    experiment: str,
+    fmt: str = "md",
+    tracking_uri: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    n_images: int = 4,
+    decimals: int | None = None,
+) -> tuple[str, list[Path]]:
+    """(rendered tables, grid files). With `out_dir`, the tables are also written there."""
+    rows = collect(experiment, tracking_uri)
+    tables = build_tables(rows)
+    if not tables:
+        raise UniremovalError(
+            f"experiment {experiment!r} has no eval runs with scores; run `uniremoval eval` first"
+        )
+    text = render(tables, fmt, decimals)
+    grids: list[Path] = []
+    if out_dir is not None:
+        from uniremoval.io import atomic_write_text
+
+        atomic_write_text(Path(out_dir) / f"report.{fmt}", text)
+        grids = image_grids(rows, out_dir, tracking_uri, n_images)
+    return text, grids

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -113,8 +115,20 @@ class FolderPairs:
         return {"input": to_t(inp), "target": to_t(tgt)}
 
 
-def time_batches(make_iter, n_batches: int, warmup: int) -> float:
-    """Seconds for n_batches after `warmup` batches (worker start-up excluded)."""
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (the DataLoader workers, once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_batches(make_iter, n_batches: int, warmup: int) -> tuple[float, float]:
+    """(wall seconds for n_batches after `warmup` batches, CPU seconds of the whole run).
+
+    Wall time is what training sees but swings with other load on a shared machine; CPU seconds
+    per sample (workers included, start-up and prefetch included) is the steadier cost measure.
+    """
+    gc.collect()
+    cpu0 = _cpu_seconds()
     it = make_iter()
     for _ in range(warmup):
         next(it)
@@ -122,8 +136,10 @@ def time_batches(make_iter, n_batches: int, warmup: int) -> float:
     for _ in range(n_batches):
         next(it)
     dt = time.perf_counter() - t0
+    it.close()  # ends the DataLoader: its workers are joined, so their CPU time is counted
     del it
-    return dt
+    gc.collect()
+    return dt, _cpu_seconds() - cpu0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         def folder_iter(workers: int, decoder: str):
             ds = FolderPairs(folder, args.crop, decoder)
             dl = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True,
-                            persistent_workers=False)
+                            persistent_workers=workers > 0)  # no re-fork per epoch: fair to small sets
 
             def gen():
                 while True:  # epochs back to back, like a training loop
@@ -176,15 +192,21 @@ def main(argv: list[str] | None = None) -> int:
             "folder-cv2 (BasicSR)": lambda w: folder_iter(w, "cv2"),
             "shards (kt_loader)": shard_iter,
         }
-        print(f"{'workers':>7} " + " ".join(f"{k:>21}" for k in runs) + "   shards/PIL  shards/cv2   (samples/s)")
+        print(f"{'':>7} " + " ".join(f"{k:>21}" for k in runs) + "   shards/PIL  shards/cv2")
+        n_all = (args.batches + args.warmup) * args.batch
         for w in args.workers:
-            best = dict.fromkeys(runs, 0.0)
+            wall = dict.fromkeys(runs, 0.0)
+            cpu = dict.fromkeys(runs, 0.0)
             for _ in range(args.repeats):  # alternate so machine-load drift hits all alike
                 for name, fn in runs.items():
-                    dt = time_batches(functools.partial(fn, w), args.batches, args.warmup)
-                    best[name] = max(best[name], args.batches * args.batch / dt)
-            a, b, c = best.values()
-            print(f"{w:>7} " + " ".join(f"{v:>21.1f}" for v in best.values()) + f"   {c / a:>10.2f}  {c / b:>10.2f}")
+                    dt, c = time_batches(functools.partial(fn, w), args.batches, args.warmup)
+                    wall[name] = max(wall[name], args.batches * args.batch / dt)
+                    cpu[name] = max(cpu[name], n_all / c)
+            for label, d in ((f"{w} worker{'s' if w > 1 else ''}: samples/s (wall)", wall),
+                             (f"{w} worker{'s' if w > 1 else ''}: samples/CPU-s", cpu)):
+                a, b, c = d.values()
+                print(f"{label}\n{'':>7} " + " ".join(f"{v:>21.1f}" for v in d.values())
+                      + f"   {c / a:>10.2f}  {c / b:>10.2f}")
     return 0
 
 

@@ -52,7 +52,6 @@ from uniremoval.errors import ConfigError, DataError
 
 BadPolicy = Literal["skip", "fail"]
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
-CACHE_FIELDS = ("teacher", "feature")
 OPTIONAL_FIELDS = ("target", "teacher", "feature")
 
 
@@ -68,7 +67,9 @@ def _is_url(s: str) -> bool:
 def _manifest_entries(manifest: dict, where: str) -> list[str]:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not shards:
-        raise DataError(f"{where}: 'shards' must be a non-empty list; rebuild it with `uniremoval shards build`")
+        raise DataError(
+            f"{where}: 'shards' must be a non-empty list; rebuild it with `uniremoval shards build`"
+        )
     out = []
     for entry in shards:
         if isinstance(entry, str):
@@ -103,7 +104,9 @@ def read_manifest_shards(manifest: str | os.PathLike) -> list[str]:
         raise DataError(f"manifest {path} does not exist; build the shards first") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read manifest {path}: {exc}") from exc
-    return [e if (_is_url(e) or os.path.isabs(e)) else str(path.parent / e) for e in _manifest_entries(data, m)]
+    return [
+        e if (_is_url(e) or os.path.isabs(e)) else str(path.parent / e) for e in _manifest_entries(data, m)
+    ]
 
 
 def resolve_shards(spec: ShardSpec) -> list[str]:
@@ -506,7 +509,9 @@ def _source_stream(
             pass_len[0] = seen
             if seen == 0:
                 if share_all:
-                    raise DataError(f"source {src.name}: no sample could be read from its shards {list(src.shards)}")
+                    raise DataError(
+                        f"source {src.name}: no sample could be read from its shards {list(src.shards)}"
+                    )
                 share_all = True
 
     def shuffled() -> Iterator[tuple[str, str, dict[str, bytes]]]:
@@ -531,15 +536,19 @@ def _source_stream(
                 elif meta_deg not in (None, "clear"):
                     raise BadSample(f"a '{meta_deg}' image without target cannot serve as a clear image")
             elif meta_deg is not None and meta_deg != src.degradation:
-                raise BadSample(f"json says degradation '{meta_deg}', source {src.name} is '{src.degradation}'")
+                raise BadSample(
+                    f"json says degradation '{meta_deg}', source {src.name} is '{src.degradation}'"
+                )
         except BadSample as exc:
             _fail_or_count(spec.bad_samples, counter, f"in shard {url}, key {key}", str(exc))
             bad_run += 1
             # With 'skip', a source whose samples are all bad would spin forever: a hang. Many
             # passes' worth of bad samples in a row means there is nothing usable.
             if pass_len[0] and bad_run > 4 * (pass_len[0] + spec.shuffle_buffer) + 16:
-                raise DataError(f"source {src.name}: {bad_run} bad samples in a row and none usable "
-                                f"(last: shard {url}, key {key}: {exc})") from exc
+                raise DataError(
+                    f"source {src.name}: {bad_run} bad samples in a row and none usable "
+                    f"(last: shard {url}, key {key}: {exc})"
+                ) from exc
             continue
         bad_run = 0
         images = {k: s[k] for k in ("input", *spec.require) if k != "feature"}
@@ -600,8 +609,17 @@ def _collate(samples: list[dict[str, Any]], fields: Sequence[str]) -> dict[str, 
 class _MixedStreams:
     """Per-worker state: one lazy stream per source and a mixer (degraded or clear side)."""
 
-    def __init__(self, owner: MixedBatchDataset, sources: list[Source], cover: Sequence[str], batch_size: int,
-                 spec: _StreamSpec, salt: int, counter: _Counter, epoch: int):
+    def __init__(
+        self,
+        owner: MixedBatchDataset,
+        sources: list[Source],
+        cover: Sequence[str],
+        batch_size: int,
+        spec: _StreamSpec,
+        salt: int,
+        counter: _Counter,
+        epoch: int,
+    ):
         worker, n_workers = _worker_id()
         g, n_g = owner.rank * n_workers + worker, owner.world_size * n_workers
         self.sources, self.spec = sources, spec
@@ -653,7 +671,9 @@ class MixedBatchDataset(IterableDataset):
             raise ConfigError(f"degradations must be distinct names, got {self.degradations}")
         for s in sources:
             if s.degradation not in self.degradations:
-                raise ConfigError(f"source {s.name}: degradation '{s.degradation}' not in {self.degradations}")
+                raise ConfigError(
+                    f"source {s.name}: degradation '{s.degradation}' not in {self.degradations}"
+                )
         missing = [d for d in self.degradations if all(s.degradation != d for s in sources)]
         if missing:
             raise ConfigError(f"no source for degradation(s) {missing}; every batch must hold every type")
@@ -670,12 +690,14 @@ class MixedBatchDataset(IterableDataset):
         n_batches = self.steps_per_epoch // n_workers + (worker < self.steps_per_epoch % n_workers)
         counter = _Counter()
         labels = {d: i for i, d in enumerate(self.degradations)}
-        degraded = _MixedStreams(self, self.sources, self.degradations, self.batch_size, self.spec, 0, counter,
-                                 self.epoch)
+        degraded = _MixedStreams(
+            self, self.sources, self.degradations, self.batch_size, self.spec, 0, counter, self.epoch
+        )
         clear = None
         if self.clear_sources is not None:
-            clear = _MixedStreams(self, self.clear_sources, (), self.clear_batch_size, self.clear_spec, 1,
-                                  counter, self.epoch)
+            clear = _MixedStreams(
+                self, self.clear_sources, (), self.clear_batch_size, self.clear_spec, 1, counter, self.epoch
+            )
         for _ in range(n_batches):
             batch = degraded.next_batch(labels)
             if clear is None:
@@ -691,8 +713,14 @@ class StepLoader:
     epoch on every rank. Each `iter()` is one epoch (epoch number advances; `set_epoch` to resume).
     """
 
-    def __init__(self, dataset: MixedBatchDataset, num_workers: int, pin_memory: bool = False,
-                 prefetch_factor: int | None = 2, multiprocessing_context: str | None = None):
+    def __init__(
+        self,
+        dataset: MixedBatchDataset,
+        num_workers: int,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+        multiprocessing_context: str | None = None,
+    ):
         self.dataset, self.num_workers = dataset, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.multiprocessing_context = multiprocessing_context
@@ -724,8 +752,15 @@ class StepLoader:
         self.epoch += 1
 
 
-def _stream_spec(require: Sequence[str], crop_size: int | None, cell: int, augment: bool,
-                 shuffle_buffer: int, bad_samples: str, clear_from_target: bool = False) -> _StreamSpec:
+def _stream_spec(
+    require: Sequence[str],
+    crop_size: int | None,
+    cell: int,
+    augment: bool,
+    shuffle_buffer: int,
+    bad_samples: str,
+    clear_from_target: bool = False,
+) -> _StreamSpec:
     if bad_samples not in ("skip", "fail"):
         raise ConfigError(f"bad_samples must be 'skip' or 'fail', got {bad_samples!r}")
     unknown = set(require) - set(OPTIONAL_FIELDS)
@@ -733,8 +768,9 @@ def _stream_spec(require: Sequence[str], crop_size: int | None, cell: int, augme
         raise ConfigError(f"unknown required field(s) {sorted(unknown)}; choose from {OPTIONAL_FIELDS}")
     if crop_size is not None and "feature" in require and crop_size % cell:
         raise ConfigError(f"crop_size {crop_size} must be a multiple of the feature cell {cell}")
-    return _StreamSpec(tuple(require), crop_size, cell, augment, max(1, shuffle_buffer), bad_samples,
-                       clear_from_target)
+    return _StreamSpec(
+        tuple(require), crop_size, cell, augment, max(1, shuffle_buffer), bad_samples, clear_from_target
+    )
 
 
 def kt_loader(
@@ -782,9 +818,20 @@ def teacher_loader(
     **kw: Any,
 ) -> StepLoader:
     """Paired (input, target) batches of one degradation for training its teacher."""
-    return kt_loader([(degradation, shards, degradation, 1.0)], [degradation], batch_size, crop_size,
-                     steps_per_epoch, num_workers, seed, rank, world_size, bad_samples=bad_samples,
-                     require=("target",), **kw)
+    return kt_loader(
+        [(degradation, shards, degradation, 1.0)],
+        [degradation],
+        batch_size,
+        crop_size,
+        steps_per_epoch,
+        num_workers,
+        seed,
+        rank,
+        world_size,
+        bad_samples=bad_samples,
+        require=("target",),
+        **kw,
+    )
 
 
 def da_loader(
@@ -823,8 +870,19 @@ def da_loader(
     clear = make_sources(clear)
     spec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples)
     cspec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples, clear_from_target=True)
-    ds = MixedBatchDataset(srcs, degradations, batch_size, spec, steps_per_epoch, seed, rank, world_size,
-                           clear_sources=clear, clear_batch_size=clear_batch_size, clear_spec=cspec)
+    ds = MixedBatchDataset(
+        srcs,
+        degradations,
+        batch_size,
+        spec,
+        steps_per_epoch,
+        seed,
+        rank,
+        world_size,
+        clear_sources=clear,
+        clear_batch_size=clear_batch_size,
+        clear_spec=cspec,
+    )
     return StepLoader(ds, num_workers, pin_memory)
 
 
@@ -843,8 +901,15 @@ class EvalStream(IterableDataset):
     whole shard is unreadable). `as_tensor=False` gives HWC uint8/uint16 arrays instead.
     """
 
-    def __init__(self, shards: ShardSpec, rank: int = 0, world_size: int = 1, require: Sequence[str] = (),
-                 bad_samples: BadPolicy = "skip", as_tensor: bool = True):
+    def __init__(
+        self,
+        shards: ShardSpec,
+        rank: int = 0,
+        world_size: int = 1,
+        require: Sequence[str] = (),
+        bad_samples: BadPolicy = "skip",
+        as_tensor: bool = True,
+    ):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} outside world of size {world_size}")
         if bad_samples not in ("skip", "fail"):
@@ -868,7 +933,11 @@ class EvalStream(IterableDataset):
             except ShardReadError as exc:
                 if self.bad_samples == "fail":
                     raise DataError(f"shard {url} is unreadable after key {last!r}: {exc.cause}") from exc
-                yield {"key": None, "shard": url, "error": f"shard unreadable after key {last!r}: {exc.cause}"}
+                yield {
+                    "key": None,
+                    "shard": url,
+                    "error": f"shard unreadable after key {last!r}: {exc.cause}",
+                }
 
     def _decode(self, url: str, key: str, files: dict[str, bytes]) -> dict[str, Any]:
         try:
@@ -888,9 +957,15 @@ def _keep(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def eval_samples(shards: ShardSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 require: Sequence[str] = (), bad_samples: BadPolicy = "skip",
-                 as_tensor: bool = True) -> Iterable[dict[str, Any]]:
+def eval_samples(
+    shards: ShardSpec,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    require: Sequence[str] = (),
+    bad_samples: BadPolicy = "skip",
+    as_tensor: bool = True,
+) -> Iterable[dict[str, Any]]:
     """Evaluation items for this rank (see EvalStream). With num_workers=0 this is a plain
     generator (no DataLoader); otherwise a DataLoader with batch_size=None over worker processes.
     """

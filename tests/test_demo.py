@@ -1,0 +1,161 @@
+"""`uniremoval demo`: the plan and configs, the bundled images, and the whole pipeline at --quick size.
+
+The end-to-end test runs every stage for real (shards, three teachers, cache, KT, DA, eval,
+report) on a few 48-px tiles, then checks the MLflow store and the files, and that a second run
+reuses everything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from uniremoval.demo import (
+    MARKER,
+    Demo,
+    ImagesPlan,
+    bundled_images,
+    clean_workdir,
+    default_config_dir,
+    demo_table,
+    load_plan,
+    prepare_images,
+    run_demo,
+)
+from uniremoval.errors import UniremovalError
+
+STAGES = ("teacher", "cache", "kt", "da")
+
+
+def test_plan_and_stage_configs_load() -> None:
+    from uniremoval.config import load_config
+
+    cdir = default_config_dir()
+    for quick in (False, True):
+        plan = load_plan(cdir, quick)
+        assert plan.degradations == ["haze", "rain", "blur"]
+        for stage in STAGES:
+            files = ([getattr(plan.stages, stage).format(degradation=d) for d in plan.degradations]
+                     if stage == "teacher" else [getattr(plan.stages, stage)])
+            for f in files:
+                cfg = load_config(cdir / f, plan.overrides.get(stage, []), stage=stage)
+                assert cfg.project == plan.project
+                assert cfg.train.cpu is True
+                assert cfg.model.preset == "tiny"
+    full, quick = load_plan(cdir, False), load_plan(cdir, True)
+    assert quick.images.tile < full.images.tile and len(quick.images.train) < len(full.images.train)
+    # the demo's KT feature grid must equal the cache's, or KT refuses the cache
+    kt = load_config(cdir / full.stages.kt, stage="kt")
+    cache = load_config(cdir / full.stages.cache, stage="cache")
+    assert kt.data.feature_cell == cache.data.feature_cell
+    assert set(kt.teachers.checkpoints) == set(full.degradations) == set(cache.teachers.checkpoints)
+
+
+def test_bundled_images_are_files_and_tile(tmp_path: Path) -> None:
+    found = bundled_images()
+    plan = load_plan(default_config_dir(), quick=False)
+    for name in plan.images.train + plan.images.test:
+        if not name.startswith("sklearn:"):
+            assert found[name].is_file(), name  # inside the installed wheel, no download
+    listing = prepare_images(ImagesPlan(train=["astronaut"], test=["chelsea"], short_side=96, tile=48), tmp_path)
+    # astronaut 512x512 -> 96x96 -> 2x2 tiles; chelsea 451x300 -> 144x96 -> 3x2 tiles
+    assert len(listing["train"]) == 4 and len(listing["test"]) == 6
+    from PIL import Image
+
+    for rel in listing["train"] + listing["test"]:
+        with Image.open(tmp_path / rel) as im:
+            assert im.size == (48, 48) and im.mode == "RGB"
+    assert json.loads((tmp_path / "images.json").read_text())["train"] == listing["train"]
+    with pytest.raises(UniremovalError, match="not in the installed scikit-image"):
+        prepare_images(ImagesPlan(train=["no_such_photo"], test=["chelsea"]), tmp_path / "x")
+
+
+def test_clean_refuses_a_folder_it_did_not_create(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    with pytest.raises(UniremovalError, match="not created by `uniremoval demo`"):
+        clean_workdir(mine)
+    assert (mine / "precious.txt").exists()
+    (mine / MARKER).write_text("")
+    clean_workdir(mine)
+    assert not mine.exists()
+
+
+def test_table_layout() -> None:
+    evals = {"synth_haze_test|input": {"psnr": 14.0}, "synth_haze_test|kt": {"psnr": 19.5}}
+    table = demo_table(evals, ["haze"], ["psnr"])
+    lines = table.splitlines()
+    assert lines[0] == "| row | syn haze psnr↑ | real-like haze psnr↑ |"
+    assert lines[2] == "| degraded input | 14.00 | - |"
+    assert lines[3] == "| KT student | 19.50 | - |"
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end_and_reuse(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "demo"
+    lines: list[str] = []
+    result = run_demo(work, quick=True, log=lines.append)
+    ran = {s.name for s in result.steps if s.status == "ran"}
+    for step in ("images", "shards synth_haze_train", "shards real_blur_test", "shards clear_train",
+                 "teacher-haze", "teacher-rain", "teacher-blur", "cache", "kt", "da",
+                 "eval synth_rain_test kt", "eval real_haze_test da", "report"):
+        assert step in ran, step
+    assert any(line.startswith("[demo ") and "kt: done in" in line for line in lines)  # per-stage timing
+
+    # files
+    for rel in ("report.md", "grid.png", "mlflow.db", "images/images.json", "configs/kt.yaml",
+                "outputs/teacher-haze/last.safetensors", "outputs/kt/last.safetensors",
+                "outputs/da/last.safetensors", "cache/synth_blur_train/manifest.json",
+                "shards/real_rain_train/manifest.json", "eval/real_blur_test/da/scores.json"):
+        assert (work / rel).is_file(), rel
+    report = (work / "report.md").read_text()
+    for row in ("degraded input", "KT student", "KT + DA student"):
+        assert row in report
+    scores = json.loads((work / "eval/synth_haze_test/input/scores.json").read_text())
+    assert set(scores["mean"]) >= {"piqe", "psnr", "ssim"} and len(scores["images"]) == 6
+    from PIL import Image
+
+    with Image.open(work / "grid.png") as grid:
+        assert grid.width == 4 * 48  # input | KT | KT+DA | target
+
+    # the MLflow store: a run per stage, with metrics
+    assert result.tracking_uri == f"sqlite:///{work / 'mlflow.db'}"
+    assert any(f"mlflow ui --backend-store-uri {result.tracking_uri}" in line for line in lines)
+    client = MlflowClient(result.tracking_uri)
+    exp = client.get_experiment_by_name("uniremoval-demo")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_name: dict[str, list] = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    for name in ("teacher-haze", "teacher-rain", "teacher-blur", "cache", "kt", "da"):
+        assert len(by_name.get(name, [])) == 1, (name, sorted(by_name))
+        assert by_name[name][0].info.status == "FINISHED"
+    assert any(k.startswith("train/") for k in by_name["teacher-rain"][0].data.metrics)
+    assert any(k.startswith("val/synth_rain_test/") for k in by_name["teacher-rain"][0].data.metrics)
+    kt_metrics = by_name["kt"][0].data.metrics
+    assert {"train/pixel", "train/ig", "train/fg"} <= set(kt_metrics), sorted(kt_metrics)
+    assert any(k.startswith("train/") for k in by_name["da"][0].data.metrics)
+    assert any(k.startswith("cache/") for k in by_name["cache"][0].data.metrics)
+    evals = [r for r in runs if r.data.tags.get("stage") == "eval"]
+    assert len(evals) == 18  # 6 test sets x (input, KT, DA)
+    keys = {k for r in evals for k in r.data.metrics}
+    for ds in ("synth_haze_test", "real_blur_test"):
+        for metric in ("psnr", "ssim", "piqe"):
+            assert f"eval/{ds}/{metric}" in keys
+    kt_eval = next(r for r in evals if r.info.run_name == "eval-synth_haze_test" and r.data.tags.get("uniremoval.label") == "kt")
+    assert kt_eval.data.metrics["eval/synth_haze_test/psnr"] == pytest.approx(
+        result.evals["synth_haze_test|kt"]["psnr"], abs=1e-6)
+
+    # a second run reuses every step (only the report is redrawn) and trains nothing new
+    again = Demo(work, quick=True, log=lambda _m: None).run()
+    ran_again = [s.name for s in again.steps if s.status == "ran"]
+    assert ran_again == ["report"], ran_again
+    runs2 = client.search_runs([exp.experiment_id], max_results=500)
+    assert sorted(r.info.run_id for r in runs2 if r.data.tags.get("stage") != "report") == \
+        sorted(r.info.run_id for r in runs if r.data.tags.get("stage") != "report")
+    assert again.evals == result.evals

@@ -68,6 +68,15 @@ class ToyStage(Stage):
         return {"val/toy/err": s["err"] / s["n"]}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a shared 2-core machine, 2 OpenMP threads per process made tiny convolutions ~100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def weights(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 

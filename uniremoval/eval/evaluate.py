@@ -26,9 +26,10 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
@@ -68,8 +69,8 @@ class EvalOptions:
 @dataclass
 class Item:
     name: str
-    image: "torch.Tensor"  # (3, H, W) float in [0, 1]
-    target: "torch.Tensor | None"
+    image: torch.Tensor  # (3, H, W) float in [0, 1]
+    target: torch.Tensor | None
     degradation: str | None = None
 
 
@@ -146,7 +147,7 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool) -> Iterator
         yield Item(name, image, target)
 
 
-def _hwc_to_chw01(arr) -> "torch.Tensor":
+def _hwc_to_chw01(arr) -> torch.Tensor:
     import numpy as np
     import torch
 
@@ -175,7 +176,7 @@ def dataset_name(data: str) -> str:
 # ---------------------------------------------------------------------------------- the run
 
 
-def _restorer(opts: EvalOptions, device: "torch.device"):
+def _restorer(opts: EvalOptions, device: torch.device):
     """(restore function on [0,1] batches, checkpoint meta, sha256) for --checkpoint."""
     if opts.checkpoint.lower() == "none":
         return None, {}, None
@@ -185,7 +186,7 @@ def _restorer(opts: EvalOptions, device: "torch.device"):
     model, meta = load_checkpoint(opts.checkpoint, map_location=device)
     input_range = meta.get("input_range", "minus_one_one")
 
-    def restore(x: "torch.Tensor") -> "torch.Tensor":
+    def restore(x: torch.Tensor) -> torch.Tensor:
         return restore_tensor(model, x, input_range, tile=opts.tile, batch_size=opts.batch_size)
 
     return restore, meta, checkpoint_sha256(opts.checkpoint)
@@ -194,9 +195,9 @@ def _restorer(opts: EvalOptions, device: "torch.device"):
 def score_items(
     items: Iterator[Item],
     scorer: Scorer,
-    restore: Callable[["torch.Tensor"], "torch.Tensor"] | None,
+    restore: Callable[[torch.Tensor], torch.Tensor] | None,
     batch_size: int,
-    device: "torch.device",
+    device: torch.device,
     save_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """Per-image records `{"name", metric: value, ...}` for `items`, same-size images batched."""

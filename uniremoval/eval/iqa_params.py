@@ -27,7 +27,6 @@ exists for the MATLAB-calibrated variants: those come from pyiqa's release files
 from __future__ import annotations
 
 import os
-
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +128,7 @@ def pyiqa_model_path(metric: str, path: Path, workdir: str | os.PathLike) -> str
     if path.suffix == ".pth":
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        except Exception as exc:
             raise MissingIQAParams(f"parameter file {path} could not be read as tensors: {exc}") from exc
         _check_svm_tuple(obj, path)
         return str(path)
@@ -281,7 +280,7 @@ def fetch_params(metrics: list[str] | None = None, dest_dir: str | os.PathLike |
             # download_url_to_file writes a temp file and renames it: no half file under the name.
             try:
                 torch.hub.download_url_to_file(url, str(target), progress=False)
-            except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            except Exception as exc:
                 raise UniremovalError(f"could not download {url} to {target}: {exc}") from exc
         with tempfile.TemporaryDirectory() as tmp:
             pyiqa_model_path(m, target, tmp)  # refuse a file that does not load

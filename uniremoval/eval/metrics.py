@@ -66,7 +66,7 @@ def parse_metrics(spec: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def quantize(x: "torch.Tensor") -> "torch.Tensor":
+def quantize(x: torch.Tensor) -> torch.Tensor:
     """Round to the 8-bit grid, so scores are those of the PNG that `--save-images` writes."""
     return (x.clamp(0, 1) * 255).round() / 255
 
@@ -74,7 +74,7 @@ def quantize(x: "torch.Tensor") -> "torch.Tensor":
 # ---------------------------------------------------------------- full-reference: PSNR / SSIM
 
 
-def rgb_to_y255(x: "torch.Tensor") -> "torch.Tensor":
+def rgb_to_y255(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (N, 1, H, W) Y in [16, 235], as MATLAB's rgb2ycbcr on uint8 (rounded)."""
     import torch
 
@@ -82,7 +82,7 @@ def rgb_to_y255(x: "torch.Tensor") -> "torch.Tensor":
     return (16.0 + (x * w).sum(dim=1, keepdim=True)).round()
 
 
-def _prepare(x: "torch.Tensor", y: "torch.Tensor", y_channel: bool, crop_border: int):
+def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int):
     if x.shape != y.shape:
         raise UniremovalError(f"output {tuple(x.shape)} and target {tuple(y.shape)} differ in size")
     x, y = quantize(x.double()), quantize(y.double())
@@ -98,7 +98,7 @@ def _prepare(x: "torch.Tensor", y: "torch.Tensor", y_channel: bool, crop_border:
     return x, y
 
 
-def psnr(x: "torch.Tensor", y: "torch.Tensor", y_channel: bool = False, crop_border: int = 0) -> "torch.Tensor":
+def psnr(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
     """PSNR in dB per image of two (N, 3, H, W) batches in [0, 1]."""
     import torch
 
@@ -107,7 +107,7 @@ def psnr(x: "torch.Tensor", y: "torch.Tensor", y_channel: bool = False, crop_bor
     return torch.where(mse > 0, 10 * torch.log10(255.0**2 / mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=None, device=None) -> "torch.Tensor":
+def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=None, device=None) -> torch.Tensor:
     import torch
 
     r = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
@@ -116,12 +116,12 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=None, device=None
     return w / w.sum()
 
 
-def ssim(x: "torch.Tensor", y: "torch.Tensor", y_channel: bool = False, crop_border: int = 0) -> "torch.Tensor":
+def ssim(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
     """SSIM per image (Gaussian 11/1.5 on [0, 255], valid filtering; RGB = channel mean)."""
     import torch.nn.functional as F
 
     x, y = _prepare(x, y, y_channel, crop_border)
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     if h < 11 or w < 11:
         raise UniremovalError(f"SSIM needs images of at least 11x11 pixels, got {h}x{w}")
     win = _gaussian_window(dtype=x.dtype, device=x.device).expand(c, 1, 11, 11)
@@ -174,7 +174,7 @@ class Scorer:
                     f"drop {m} from --metrics for this dataset"
                 )
 
-    def score(self, out: "torch.Tensor", target: "torch.Tensor | None" = None) -> dict[str, list[float]]:
+    def score(self, out: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, list[float]]:
         """Scores of a batch (N, 3, H, W) in [0, 1]; FR metrics need `target` of the same shape."""
         import torch
 

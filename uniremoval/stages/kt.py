@@ -104,6 +104,59 @@ def zero_stage(accelerator: Any) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
+def base_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's and DeepSpeed's wrappers (ZeRO wraps the client optimizer;
+    its param_groups are the ones whose 'lr' the LR schedule must set)."""
+    inner = getattr(opt, "optimizer", opt)
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner
+
+
+class DeepSpeedTrainer(Trainer):
+    """The shared trainer, with the LR schedule attached to the torch optimizer inside ZeRO's wrapper.
+
+    Trainer.setup gives LambdaLR the prepared optimizer's `.optimizer`, which under DeepSpeed is a
+    DeepSpeedZeroOptimizer (not a torch Optimizer: LambdaLR refuses it). This setup is Trainer.setup
+    with that one line changed; it goes away once trainer.py unwraps the optimizer itself.
+    """
+
+    def setup(self) -> None:
+        import random
+
+        import numpy as np
+        from accelerate.utils import set_seed
+
+        from uniremoval.stages.trainer import lr_factor, make_optimizer
+
+        acc = self.accelerator
+        set_seed(self.cfg.train.seed)
+        models = self.stage.build_models()
+        on_cuda = acc.device.type == "cuda"
+        for name, model in models.items():
+            if name not in self.stage.trainable:
+                model.to(acc.device).eval().requires_grad_(False)  # frozen: never handed to DeepSpeed
+                self.models[name] = model
+        for name in self.stage.trainable:
+            model = models[name].train()
+            opt = make_optimizer(model.parameters(), self.stage.optim_config(name), on_cuda)
+            model, opt = acc.prepare(model, opt)
+            self.models[name], self.optimizers[name] = model, opt
+            base_lr = self.stage.optim_config(name).lr
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+                base_optimizer(opt), lambda s, b=base_lr: lr_factor(self.cfg.schedule, s, self.schedule_horizon(), b))
+        seed = self.cfg.train.seed + 1000 * acc.process_index
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+
+
+def make_trainer(cfg: KTStage, stage: Stage, accelerator: Any) -> Trainer:
+    """DeepSpeedTrainer under DeepSpeed, the plain trainer otherwise."""
+    cls = DeepSpeedTrainer if getattr(accelerator.state, "deepspeed_plugin", None) is not None else Trainer
+    return cls(cfg, stage, accelerator=accelerator)
+
+
 # --------------------------------------------------------------------------------------------- models
 
 
@@ -370,5 +423,5 @@ def run(cfg: KTStage, args: Any = None) -> int:
         check_teacher_cache(cfg)
     accelerator = build_accelerator(cfg)
     stage = KnowledgeTransfer(cfg, accelerator)
-    result = Trainer(cfg, stage, accelerator=accelerator).fit(resume=getattr(args, "resume", None))
+    result = make_trainer(cfg, stage, accelerator).fit(resume=getattr(args, "resume", None))
     return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0

@@ -1,0 +1,68 @@
+"""Worker for the multi-process KT/DA tests: run one stage, then compare the trained weights across ranks.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_kt_worker.py CONFIG OUT_JSON [--resume auto] [k=v ...]
+
+Runs the stage exactly as `uniremoval train kt|da` does (same accelerator choice, cache check and
+trainer), then every rank computes a fingerprint of each trained model's parameters; rank 0 writes
+{status, step, run_id, fingerprints: {model: [[rank0...], [rank1...]]}, deepspeed, zero_stage} to OUT_JSON.
+DeepSpeed is requested the way `accelerate launch --config_file launch/deepspeed_zero2.yaml` does
+it: ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_DEEPSPEED_ZERO_STAGE in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """Sum, absolute sum and a position-weighted sum of all parameters (float64)."""
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()])
+    pos = torch.arange(flat.numel(), dtype=torch.float64) % 9973
+    return torch.stack([flat.sum(), flat.abs().sum(), (flat * pos).sum()])
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    cfg_path, out_json, *rest = argv
+    resume = None
+    if rest[:1] == ["--resume"]:
+        resume, rest = rest[1], rest[2:]
+    from uniremoval.config import load_config
+    from uniremoval.stages import da, kt
+    from uniremoval.stages.trainer import Trainer
+
+    cfg = load_config(cfg_path, rest)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)  # as Trainer.setup: the student is the first model built after seeding
+    initial = fingerprint(kt.build_student(cfg)).tolist()
+    if cfg.stage == "kt":
+        if cfg.teachers.mode == "cached":
+            kt.check_teacher_cache(cfg)
+        acc = kt.build_accelerator(cfg)
+        stage = kt.KnowledgeTransfer(cfg, acc)
+        trainer = kt.make_trainer(cfg, stage, acc)
+    else:
+        da.refuse_deepspeed()
+        stage = da.DomainAdaptation(cfg)
+        trainer = Trainer(cfg, stage)
+    result = trainer.fit(resume=resume)
+    acc = trainer.accelerator
+    prints = {}
+    for name in stage.trainable:
+        fp = fingerprint(acc.unwrap_model(trainer.models[name])).to(acc.device)
+        prints[name] = acc.gather(fp.unsqueeze(0)).cpu().tolist()
+    if acc.is_main_process:
+        with open(out_json, "w") as fh:
+            json.dump({"status": result.status, "step": result.step, "run_id": result.run_id,
+                       "world_size": acc.num_processes, "fingerprints": prints, "initial": initial,
+                       "distributed_type": str(acc.distributed_type), "zero_stage": kt.zero_stage(acc)}, fh)
+    acc.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -334,14 +334,21 @@ def _free_port() -> int:
 def test_two_process_eval_scores_every_image_once(tmp_path):
     data = tmp_path / "data"
     _write_pngs(data, 7, [(48, 64), (40, 40)], seed=3)
+    bad = tmp_path / "bad"
+    _write_pngs(bad, 7, [(48, 64)], seed=4)
+    (bad / "img03.png").write_bytes(b"not an image")  # sorted index 3: rank 1's part
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "uniremoval", "eval", "--checkpoint", "none",
-           "--data", str(data), "--metrics", "piqe,psnr,ssim", "--device", "cpu", "--batch-size", "2",
-           "--json", str(tmp_path / "two.json"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+           "--main_process_port", str(_free_port()), str(REPO / "tests" / "dist_eval_worker.py"), str(tmp_path),
+           str(bad), "eval", "--checkpoint", "none", "--data", str(data), "--metrics", "piqe,psnr,ssim",
+           "--device", "cpu", "--batch-size", "2", "--json", str(tmp_path / "two.json"),
+           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "7 images on 2 process(es) (4+3)" in proc.stdout  # both ranks worked, on disjoint halves
+    # The unreadable image failed the second eval on both ranks (exit 2, no hang), naming the file.
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"good": 0, "bad": 2}] * 2
+    assert "img03.png" in proc.stderr and not (tmp_path / "bad.json").exists()
     two = json.loads((tmp_path / "two.json").read_text())
 
     one = run_eval(EvalOptions("none", str(data), metrics=["piqe", "psnr", "ssim"], device="cpu", batch_size=4,

@@ -275,15 +275,15 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     restore, meta, sha = _restorer(opts, device)
     reader = iter_shards if is_shard_source(opts.data) else iter_folder
     items = reader(opts.data, state.process_index, state.num_processes, need_target)
-    records = score_items(items, scorer, restore, opts.batch_size, device, opts.save_images)
-    for r in records:
-        r["_rank"] = state.process_index
-
-    if state.num_processes > 1:
-        records = gather_object(records)
-    if not state.is_main_process:
-        state.wait_for_everyone()
-        return None
+    if state.num_processes == 1:
+        records = score_items(items, scorer, restore, opts.batch_size, device, opts.save_images)
+        for r in records:
+            r["_rank"] = 0
+    else:
+        records = _score_and_gather(state, gather_object, lambda: score_items(
+            items, scorer, restore, opts.batch_size, device, opts.save_images))
+        if not state.is_main_process:
+            return None  # rank 0 writes and logs; the gather above was the last collective
     degradations = {r["_degradation"] for r in records if r.get("_degradation")}
     ranks = Counter(r["_rank"] for r in records)
     images, mean = summarize(records, metrics)
@@ -299,8 +299,26 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     write_outputs(result, opts.json_out, opts.csv_out)
     if opts.mlflow:
         result.run_id = log_eval_mlflow(result, opts, meta, sha)
-    state.wait_for_everyone()
     return result
+
+
+def _score_and_gather(state, gather_object, score: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Score this rank's part and gather every rank's records. A failure on one rank is gathered
+    too and raised on all of them, so no rank waits forever in the collective."""
+    try:
+        records, error = score(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        records, error = [], exc
+    for r in records:
+        r["_rank"] = state.process_index
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    parts = gather_object([{"rank": state.process_index, "error": msg, "records": records}])
+    if error is not None:
+        raise error
+    failed = [p for p in parts if p["error"]]
+    if failed:
+        raise UniremovalError(f"rank {failed[0]['rank']} failed: {failed[0]['error']}")
+    return [r for p in parts for r in p["records"]]
 
 
 def csv_text(result: EvalResult) -> str:

@@ -1,0 +1,24 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2`: two `uniremoval eval` calls in the same
+two processes (saves a launch): argv[3:] first, then the same on a dataset with an unreadable image,
+which must fail on every rank instead of leaving one waiting. Writes rank<R>.json with both exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from uniremoval.cli import main
+
+torch.set_num_threads(1)
+out, bad_data, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+rc_good = main(args)
+i = args.index("--data")
+bad_args = [*args[:i + 1], bad_data, *args[i + 2:]]
+bad_args[bad_args.index("--json") + 1] = str(out / "bad.json")
+rc_bad = main(bad_args)
+rank = int(os.environ.get("RANK", "0"))
+(out / f"rank{rank}.json").write_text(json.dumps({"good": rc_good, "bad": rc_bad}))

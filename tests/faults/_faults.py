@@ -1,0 +1,142 @@
+"""Shared helpers for the fault suite: tiny shards, configs, CLI subprocesses, kill-at-marker."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+H, W = 40, 48  # not multiples of 8 (MPRNet pads) nor of the 16 px feature cell
+GATE = Path(__file__).resolve().parent / "gate.py"
+
+
+def png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, prefix: str, n_shards: int, per_shard: int, *, degradation: str = "haze",
+                 domain: str = "synthetic", split: str = "train", seed: int = 0, paired: bool = True) -> list[str]:
+    """Haze-like pairs (input = 0.5 * clean + 0.35) in webdataset shards with a manifest. Returns the keys."""
+    import webdataset as wds
+
+    from uniremoval.io import sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    keys, entries = [], []
+    for s in range(n_shards):
+        name = f"{prefix}-{s:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as tw:
+            for i in range(per_shard):
+                base = rng.uniform(0.1, 0.9, size=(1, 1, 3))
+                clean = np.clip(base + 0.25 * rng.standard_normal((H, W, 3)).cumsum(1) / 6, 0, 1)
+                hazy = clean * 0.5 + 0.35
+                key = f"{prefix}_{s}_{i}"
+                keys.append(key)
+                sample: dict[str, Any] = {
+                    "__key__": key, "input.png": png((hazy * 255).round().astype(np.uint8)),
+                    "json": {"degradation": degradation, "domain": domain, "source": "faults", "split": split,
+                             "height": H, "width": W}}
+                if paired:
+                    sample["target.png"] = png((clean * 255).round().astype(np.uint8))
+                tw.write(sample)
+        entries.append({"name": name, "samples": per_shard, "bytes": (folder / name).stat().st_size,
+                        "sha256": sha256_file(folder / name)})
+    n = n_shards * per_shard
+    (folder / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "dataset": prefix, "shards": entries,
+        "counts": {"total": n, "degradation": {degradation: n}, "domain": {domain: n}, "split": {split: n}}}))
+    return keys
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e.setdefault("MKL_NUM_THREADS", "1")
+    e["PYTHONWARNINGS"] = "default"
+    e.update(extra)
+    return e
+
+
+def cli(args: list[str], cwd: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    """`python -m uniremoval ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "uniremoval", *args], cwd=cwd, env=env(**extra_env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kill9_when(args: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 240,
+               **extra_env: str) -> tuple[int, str]:
+    """Start `python -m uniremoval ARGS` in its own process group, poll `ready()` and SIGKILL the whole
+    group (the job and any child, as a scheduler does) the moment it is true.
+
+    Returns (returncode, stderr). Fails if the command ended before the marker appeared."""
+    log = cwd / f".kill9-{os.getpid()}-{time.monotonic_ns()}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "uniremoval", *args], cwd=cwd, env=env(**extra_env),
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{args[:2]} exited ({proc.returncode}) before the kill marker:\n"
+                                         f"{log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{args[:2]}: no kill marker after {timeout} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.01)  # polling interval, not a wait for the job
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    log.unlink()
+    return proc.returncode, text
+
+
+def pick(choices: list[int], what: str) -> int:
+    """A random kill point, printed (pytest shows it on failure) so a failure can be replayed with
+    UNIREMOVAL_FAULT_SEED."""
+    seed = int(os.environ.get("UNIREMOVAL_FAULT_SEED", str(random.SystemRandom().randrange(1 << 30))))
+    value = random.Random(f"{seed}-{what}").choice(choices)
+    print(f"fault seed {seed}: {what} killed at {value}")
+    return value
+
+
+def tar_keys(path: Path) -> list[str]:
+    from uniremoval.data.pipelines import iter_shard
+
+    return [k for k, _ in iter_shard(str(path))]
+
+
+def dataset_keys(folder: Path) -> list[str]:
+    """Every sample key of a shard dataset, through its manifest (duplicates kept)."""
+    m = json.loads((folder / "manifest.json").read_text())
+    keys: list[str] = []
+    for e in m["shards"]:
+        got = tar_keys(folder / e["name"])
+        assert len(got) == e["samples"], f"{e['name']}: {len(got)} samples, manifest says {e['samples']}"
+        keys += got
+    return keys

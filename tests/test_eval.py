@@ -356,6 +356,33 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     assert arts == {f"images/synhaze/{k}.png" for k in keys}
 
 
+def test_eval_config_runs_every_source(tmp_path, capsys):
+    from _shardgen import write_dataset
+
+    from uniremoval.cli import main
+
+    for name, deg in (("syn_rain", "rain"), ("syn_blur", "blur")):
+        write_dataset(tmp_path / "shards", name, deg, n_samples=3, n_shards=1, sizes=[(32, 32)])
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        "stage: eval\nproject: cfgproj\nname: e\neval:\n  checkpoint: none\n  metrics: [psnr, ssim]\n"
+        "  data:\n"
+        f"    - {{name: syn_rain, shards: {tmp_path / 'shards' / 'syn_rain'}, degradation: rain}}\n"
+        f"    - {{name: syn_blur, shards: {tmp_path / 'shards' / 'syn_blur'}}}\n")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    rc = main(["eval", "--config", str(cfg), "--set", "eval.metrics=[psnr]", "--json", str(tmp_path / "s.json"),
+               "--tracking-uri", uri, "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    for name in ("syn_rain", "syn_blur"):
+        js = json.loads((tmp_path / f"s-{name}.json").read_text())
+        assert js["dataset"] == name and list(js["mean"]) == ["psnr"] and len(js["images"]) == 3
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cfgproj").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["eval-syn_blur", "eval-syn_rain"]
+    assert {r.data.tags["dataset"]: r.data.tags.get("degradation") for r in runs} == {"syn_rain": "rain",
+                                                                                     "syn_blur": "blur"}
+
+
 # ---------------------------------------------------------------- two real processes
 
 

@@ -3,6 +3,7 @@
     uniremoval eval --checkpoint FILE|none --data SHARDS_OR_DIR [--name DATASET] \\
         --metrics brisque,piqe,niqe,psnr,ssim [--json OUT] [--csv OUT] [--save-images DIR] \\
         [--device cpu|cuda] [--batch-size N] [--psnr-y] [--crop-border N]
+    uniremoval eval --config configs/ablation/da_kt.yaml [--set eval.metrics=[piqe]]  # every eval.data
     uniremoval eval params                    # where BRISQUE/NIQE parameter files are looked up
     uniremoval eval fetch-params [--metrics]  # download them (needs internet), copy the dir offline
     uniremoval eval import-params --brisque-libsvm allmodel --niqe-npz niqe_pris_params.npz
@@ -30,6 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("action", nargs="?", default="run", choices=ACTIONS,
                    help="run (default): evaluate; params / fetch-params / import-params: IQA parameter files")
     g = p.add_argument_group("evaluation")
+    g.add_argument("--config", help="an eval stage config (stage: eval): its eval.checkpoint, eval.data (each "
+                   "source one run; --json/--csv get '-<name>' added), eval.metrics, eval.save_images, tracking")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override for --config (repeatable)")
     g.add_argument("--checkpoint", help="checkpoint (.safetensors + .json, or official MPRNet .pth), "
                    "or 'none' to score the inputs as they are (the 'Hazy/Rainy/Blurry' rows)")
     g.add_argument("--data", help="shard dataset (dir with manifest.json, tar, pattern, URL) or image folder")
@@ -77,23 +82,79 @@ def handler(args) -> int:
             print(path)
         return 0
 
-    if not args.checkpoint or not args.data:
-        raise UniremovalError("eval needs --checkpoint FILE|none and --data SHARDS_OR_DIR")
     from uniremoval.eval.evaluate import EvalOptions, run_eval
     from uniremoval.eval.metrics import parse_metrics
 
-    opts = EvalOptions(
-        checkpoint=args.checkpoint, data=args.data, metrics=parse_metrics(args.metrics or "brisque,piqe"),
-        name=args.name, json_out=args.json_out, csv_out=args.csv_out, save_images=args.save_images,
-        device=args.device, batch_size=args.batch_size, psnr_y=args.psnr_y, crop_border=args.crop_border,
-        tile=args.tile, iqa_dir=args.iqa_dir, mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, label=args.label, degradation=args.degradation,
-    )
-    result = run_eval(opts)
+    common = {
+        "device": args.device, "batch_size": args.batch_size, "psnr_y": args.psnr_y,
+        "crop_border": args.crop_border, "tile": args.tile, "iqa_dir": args.iqa_dir, "label": args.label,
+    }
+    if args.config:
+        jobs = _config_jobs(args, common)
+    else:
+        if args.overrides:
+            raise UniremovalError("--set needs --config")
+        if not args.checkpoint or not args.data:
+            raise UniremovalError("eval needs --checkpoint FILE|none and --data SHARDS_OR_DIR (or --config FILE)")
+        jobs = [EvalOptions(
+            checkpoint=args.checkpoint, data=args.data, metrics=parse_metrics(args.metrics or "brisque,piqe"),
+            name=args.name, json_out=args.json_out, csv_out=args.csv_out, save_images=args.save_images,
+            mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
+            degradation=args.degradation, **common,
+        )]
+    for opts in jobs:
+        _report(run_eval(opts))
+    return 0
+
+
+def _with_name(path: str | None, name: str, many: bool) -> str | None:
+    """out.json -> out-<name>.json when one command evaluates several datasets."""
+    if path is None or not many:
+        return path
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{name}{p.suffix}"))
+
+
+def _config_jobs(args, common: dict) -> list:
+    from pathlib import Path
+
+    from uniremoval.config import load_config
+    from uniremoval.eval.evaluate import EvalOptions
+    from uniremoval.eval.metrics import parse_metrics
+
+    cfg = load_config(args.config, args.overrides, stage="eval")
+    ev = cfg.eval
+    checkpoint = args.checkpoint or ev.checkpoint
+    if not checkpoint:
+        raise UniremovalError(f"{args.config}: eval.checkpoint is not set; give --checkpoint FILE|none")
+    if args.data:
+        sources = [(args.name, args.data, args.degradation)]
+    else:
+        sources = [(s.name, s.shards if len(s.shards) > 1 else s.shards[0], s.degradation) for s in ev.data]
+    if not sources:
+        raise UniremovalError(f"{args.config}: eval.data lists no dataset; add one or give --data")
+    many = len(sources) > 1
+    metrics = parse_metrics(args.metrics or ev.metrics)
+    jobs = []
+    for name, data, degradation in sources:
+        save = args.save_images or ev.save_images
+        jobs.append(EvalOptions(
+            checkpoint=checkpoint, data=data, metrics=metrics, name=name, degradation=degradation,
+            json_out=_with_name(args.json_out, name or "data", many),
+            csv_out=_with_name(args.csv_out, name or "data", many),
+            save_images=str(Path(save) / name) if (save and name and many) else save,
+            mlflow=cfg.tracking.enabled and not args.no_mlflow, tracking_uri=args.tracking_uri or cfg.tracking.uri,
+            experiment=args.experiment or cfg.tracking.experiment or cfg.project, **common,
+        ))
+    return jobs
+
+
+def _report(result) -> None:
     if result is not None:
         means = "  ".join(f"{m}={v:.4f}" for m, v in result.mean.items())
         split = "+".join(str(n) for n in result.per_rank)
         print(f"{result.dataset}: {len(result.images)} images on {len(result.per_rank)} process(es) ({split})  {means}")
         if result.run_id:
             print(f"MLflow run: {result.run_id}")
-    return 0

@@ -47,7 +47,7 @@ MAX_BUFFERED_BATCHES = 4
 @dataclass
 class EvalOptions:
     checkpoint: str  # a checkpoint file, or "none" to score the inputs as they are
-    data: str
+    data: str | list[str]  # a list: shard specs of one dataset
     metrics: list[str] = field(default_factory=lambda: ["brisque", "piqe"])
     name: str | None = None
     json_out: str | None = None
@@ -92,7 +92,9 @@ class EvalResult:
 # ---------------------------------------------------------------------------------- data sources
 
 
-def is_shard_source(data: str) -> bool:
+def is_shard_source(data: str | list[str]) -> bool:
+    if isinstance(data, (list, tuple)):
+        return True
     p = Path(data)
     if "://" in data or data.startswith("pipe:") or "{" in data or p.suffix in (".tar", ".json"):
         return True
@@ -165,7 +167,9 @@ def iter_shards(data: str, rank: int, world: int, need_target: bool) -> Iterator
         yield Item(str(s["key"]), _hwc_to_chw01(s["input"]), target, meta.get("degradation"))
 
 
-def dataset_name(data: str) -> str:
+def dataset_name(data: str | list[str]) -> str:
+    if isinstance(data, (list, tuple)):
+        data = data[0]
     p = Path(data.rstrip("/"))
     if p.name == "manifest.json" or p.suffix == ".tar":
         p = p.parent
@@ -398,7 +402,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     tracker.log_params({
         "metrics": ",".join(result.metrics), "n_images": len(result.images), "psnr_y": opts.psnr_y,
         "crop_border": opts.crop_border, "batch_size": opts.batch_size, "tile": opts.tile,
-        "data": opts.data, "pyiqa_variants": ",".join(f"{m}={METRICS[m].pyiqa_name}" for m in result.metrics
+        "data": opts.data if isinstance(opts.data, str) else ",".join(opts.data), "pyiqa_variants": ",".join(f"{m}={METRICS[m].pyiqa_name}" for m in result.metrics
                                                       if METRICS[m].pyiqa_name),
     })
     values = {f"eval/{result.dataset}/{m}": v for m, v in result.mean.items() if math.isfinite(v)}

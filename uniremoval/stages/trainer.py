@@ -168,6 +168,25 @@ def make_optimizer(params: Iterable[nn.Parameter], oc: OptimConfig, on_cuda: boo
     return cls(params, **kwargs)
 
 
+class StepSchedule:
+    """Sets an optimiser's LR to base_lr * lr_factor(step); its only state is the step."""
+
+    def __init__(self, optimizer: Any, base_lr: float, schedule: ScheduleConfig, horizon: int) -> None:
+        self.optimizer, self.base_lr, self.schedule, self.horizon = optimizer, base_lr, schedule, horizon
+        self.last_lr = base_lr
+        self.step = 0
+
+    def apply(self, step: int) -> float:
+        self.step = step
+        self.last_lr = self.base_lr * lr_factor(self.schedule, step, self.horizon, self.base_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.last_lr
+        return self.last_lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "base_lr": self.base_lr, "last_lr": self.last_lr}
+
+
 # --------------------------------------------------------------------------------------------- context
 
 
@@ -280,7 +299,7 @@ class Trainer:
         self.handle_signals = handle_signals
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, Any] = {}
-        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.schedulers: dict[str, StepSchedule] = {}
         self.step = 0
         self.nonfinite_skipped = 0
         self.best_value: float | None = None
@@ -331,6 +350,10 @@ class Trainer:
                     break
             if status == "finished":
                 self.export("last")
+        except BaseException:
+            if self.tracker is not None:  # the MLflow run shows the failure instead of RUNNING forever
+                self.tracker.finish("FAILED")
+            raise
         finally:
             bar.close()
             self._restore_signal_handlers()
@@ -357,6 +380,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         acc = self.accelerator
+        self._check_deepspeed()
         set_seed(self.cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
         models = self.stage.build_models()
         missing = [n for n in self.stage.trainable if n not in models]
@@ -372,15 +396,40 @@ class Trainer:
             opt = make_optimizer(model.parameters(), self.stage.optim_config(name), on_cuda)
             model, opt = acc.prepare(model, opt)
             self.models[name], self.optimizers[name] = model, opt
-            # Not passed through prepare(): accelerate would step it num_processes times per update.
-            base_lr = self.stage.optim_config(name).lr
-            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                opt.optimizer, lambda s, b=base_lr: lr_factor(self.cfg.schedule, s, self.schedule_horizon(), b))
+            # Not accelerate's scheduler wrapper (it steps num_processes times per update): the LR
+            # is a pure function of the update count, set before each update (DeepSpeed steps
+            # inside backward), so resuming the step count resumes the schedule.
+            self.schedulers[name] = StepSchedule(opt, self.stage.optim_config(name).lr, self.cfg.schedule,
+                                                 self.schedule_horizon())
+            self.schedulers[name].apply(self.step)
         # Different RNG streams per rank for anything random inside a step (noise, dropout).
         seed = self.cfg.train.seed + 1000 * acc.process_index
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
+
+    @property
+    def deepspeed(self) -> bool:
+        return str(getattr(self.accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+    def _check_deepspeed(self) -> None:
+        if not self.deepspeed:
+            return
+        if len(self.stage.trainable) > 1:
+            raise ConfigError(f"stage {self.stage.run_name} trains {len(self.stage.trainable)} models "
+                              f"({', '.join(self.stage.trainable)}); DeepSpeed through accelerate wraps one. Launch "
+                              f"it with DDP instead (launch/multi_gpu.yaml)")
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            raise ConfigError("DeepSpeed ZeRO-3 shards the parameters, but validation runs each rank on its own "
+                              "share of images with whole weights; use ZeRO-2 (launch/deepspeed_zero2.yaml) or DDP")
+        if plugin is not None:  # our loaders are not prepared: DeepSpeed learns the batch size from the config
+            ds = plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+                ds["train_micro_batch_size_per_gpu"] = self.cfg.data.batch_size
+            clip = self.cfg.train.clip_grad_norm
+            if clip is not None and ds.get("gradient_clipping") in (None, "auto"):
+                ds["gradient_clipping"] = clip
 
     def start_tracking(self) -> None:
         if self.tracker is None and self.cfg.tracking.enabled and self.accelerator.is_main_process:
@@ -400,14 +449,14 @@ class Trainer:
             self._handle_nonfinite(name, bad)
             opt.zero_grad(set_to_none=True)
             return False
+        if acc.sync_gradients:
+            self.schedulers[name].apply(self.step)  # the LR of update number self.step
         acc.backward(loss)
         if acc.sync_gradients:
             clip = self.cfg.train.clip_grad_norm
-            if clip is not None:
+            if clip is not None and not self.deepspeed:  # DeepSpeed clips by its own config
                 acc.clip_grad_norm_(self.models[name].parameters(), clip)
             opt.step()
-            if not getattr(opt, "step_was_skipped", False):  # fp16 overflow: keep the LR where it is
-                self.schedulers[name].step()
             opt.zero_grad(set_to_none=True)
         return True
 
@@ -452,7 +501,7 @@ class Trainer:
         mean = self.reduce(local, "mean")
         out = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
         for name, sched in self.schedulers.items():
-            out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = float(sched.get_last_lr()[0])
+            out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = sched.last_lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
         out["train/epoch"] = float(self.ctx.epoch)
         self._sums, self._sum_count = {}, 0
@@ -515,13 +564,15 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        if self.deepspeed:  # ZeRO shards the optimiser state: every rank writes its part
+            acc.save_state(str(tmp / "deepspeed"))
         if acc.is_main_process:
             for name in self.stage.trainable:
                 self._save_weights(tmp / name, name)
             state = {
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
                 "mlflow_run_id": self.run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
-                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             }
             torch.save(state, tmp / "state.pt")
@@ -556,7 +607,7 @@ class Trainer:
                                   f"of a run, or --resume auto")
         from safetensors.torch import load_file
 
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        state = _read_resume_file(path / "state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
         if state.get("config_hash") != config_hash(self.cfg):
             warnings.warn(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
                           f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=2)
@@ -564,16 +615,21 @@ class Trainer:
             weights = path / f"{name}.safetensors"
             if not weights.is_file():
                 raise CheckpointError(f"resume checkpoint {path} lacks {weights.name}")
-            load_weights_into(self.accelerator.unwrap_model(self.models[name]), load_file(str(weights)), weights)
-            self.optimizers[name].load_state_dict(state["optimizers"][name])
-            self.schedulers[name].load_state_dict(state["schedulers"][name])
+            load_weights_into(self.accelerator.unwrap_model(self.models[name]),
+                              _read_resume_file(weights, lambda f: load_file(str(f))), weights)
+            if not self.deepspeed:
+                self.optimizers[name].load_state_dict(state["optimizers"][name])
+        if self.deepspeed:
+            self.accelerator.load_state(str(path / "deepspeed"))
         self.step = int(state["step"])
+        for sched in self.schedulers.values():
+            sched.apply(self.step)
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.best_value = state.get("best_value")
         self.run_id = state.get("mlflow_run_id")
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
         if rng.is_file() and state.get("world_size") == self.accelerator.num_processes:
-            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+            _set_rng_state(_read_resume_file(rng, lambda f: torch.load(f, map_location="cpu", weights_only=True)))
         else:
             warnings.warn(f"resuming {path} on {self.accelerator.num_processes} processes (saved on "
                           f"{state.get('world_size')}): RNG streams start fresh", RuntimeWarning, stacklevel=2)
@@ -635,13 +691,23 @@ class Trainer:
 
 
 def build_accelerator(cfg: StageBase) -> Any:
-    """Accelerator for this config: CPU (gloo) when there is no CUDA or train.cpu is set."""
+    """Accelerator for this config: CPU (gloo) when there is no CUDA or train.cpu is set.
+
+    Under `accelerate launch` with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED=true) the plugin
+    comes from the launcher; on CPU that needs the gloo backend and no `cpu=True` (which would
+    silently drop DeepSpeed).
+    """
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cpu = cfg.train.cpu or not torch.cuda.is_available()
     mp = cfg.train.mixed_precision
     if cpu and mp == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+        return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
+                           kwargs_handlers=handlers)
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
 
 
@@ -709,6 +775,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _read_resume_file(path: Path, read: Any) -> Any:
+    """One file of a resume checkpoint; a truncated file or a pickle with code is a CheckpointError."""
+    import pickle
+
+    try:
+        return read(path)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused to load: it holds pickled code or objects other than tensors "
+                              f"(read with weights_only=True); resume from another checkpoints/step-* folder "
+                              f"(--resume PATH)") from None
+    except Exception as exc:  # noqa: BLE001 (torch, zipfile and safetensors each raise their own type)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path}: truncated or corrupt ({first}); resume from another checkpoints/step-* "
+                              f"folder (--resume PATH)") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -159,3 +159,17 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert sorted(r.info.run_id for r in runs2 if r.data.tags.get("stage") != "report") == \
         sorted(r.info.run_id for r in runs if r.data.tags.get("stage") != "report")
     assert again.evals == result.evals
+
+
+def test_same_command_ignores_order_and_defaults() -> None:
+    from uniremoval.demo import _same_command
+
+    recorded = ["shards", "synth", "--clean", "/w/images/train", "--degradation", "haze", "--per-image", "1",
+                "--seed", "0", "--params", "/p.yaml", "--out", "/w/shards/s", "--name", "s", "--split", "train",
+                "--shard-size-mb", "256.0", "--workers", "1", "--no-progress"]
+    argv = ["shards", "synth", "--out", "/w/shards/s", "--clean", "/w/images/train", "--degradation", "haze",
+            "--per-image", "1", "--seed", "0", "--params", "/p.yaml", "--split", "train", "--name", "s",
+            "--workers", "1", "--no-progress"]
+    assert _same_command(recorded, argv)
+    assert not _same_command(recorded, [*argv[:-3], "2", "--no-progress"])  # other --workers value
+    assert not _same_command(["shards", "synth", "--bogus"], argv)

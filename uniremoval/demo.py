@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,13 +248,7 @@ class Demo:
 
         self._say("  $ " + _fmt_cmd(argv, self.workdir))
         args = build_parser().parse_args(argv)
-        # sys.argv is what commands record as "the command that built this" (shard manifests)
-        saved = sys.argv
-        sys.argv = ["uniremoval", *argv]
-        try:
-            rc = int(args.func(args) or 0)
-        finally:
-            sys.argv = saved
+        rc = int(args.func(args) or 0)
         if rc != 0:
             raise UniremovalError(f"demo: `{_fmt_cmd(argv, self.workdir)}` exited with status {rc}")
 
@@ -400,7 +393,7 @@ class Demo:
         if not f.is_file() or self.images_rebuilt():
             return None
         m = json.loads(f.read_text())
-        if not m.get("complete") or m.get("created_by", {}).get("command", [])[1:] != argv:
+        if not m.get("complete") or not _same_command(m.get("created_by", {}).get("command", [])[1:], argv):
             return None
         if "--params" in argv:  # a ranges file edited since: same command, other samples
             params = Path(argv[argv.index("--params") + 1])
@@ -590,6 +583,24 @@ class Demo:
 
 
 # ------------------------------------------------------------------------------------------ outputs
+
+
+def _same_command(recorded: list[str], argv: list[str]) -> bool:
+    """Do two `uniremoval ...` argument lists parse to the same options (order, defaults aside)?"""
+    import contextlib
+    import io
+
+    from uniremoval.cli import build_parser
+
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            a, b = vars(parser.parse_args(recorded)), vars(parser.parse_args(argv))
+    except SystemExit:  # an unparsable record (another version's options): rebuild
+        return False
+    a.pop("func", None)
+    b.pop("func", None)
+    return a == b
 
 
 def _last_meta(run_dir: Path) -> dict[str, Any] | None:

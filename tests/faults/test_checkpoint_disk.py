@@ -1,0 +1,317 @@
+"""Unsafe or damaged checkpoints, and a disk that fills up while one is written.
+
+- A pickle with code in it (its __reduce__ would create a marker file), as an official `.pth`, as a
+  teacher in a cache config, and as a resume checkpoint's `state.pt`/RNG file: refused with an
+  `error:` line naming the file, and the marker never appears (nothing executed).
+- Truncated files (exported weights, official `.pth`, a resume checkpoint's `state.pt` or weights):
+  refused with an `error:` line naming the file.
+- ENOSPC while a checkpoint or exported weights are written (injected into the atomic write path,
+  and for real on a small tmpfs when this machine lets us mount one): the write fails, the
+  previous checkpoint is intact and loadable, and `--resume auto` continues from it.
+
+tests/test_models.py pins load_checkpoint's refusals (function level); here: through the CLI and the
+trainer's resume path."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import subprocess
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uniremoval.cli import main
+
+from ._faults import png, write_shards, write_yaml
+
+
+class Payload:
+    """Unpickling this calls open(marker, 'w'): code that creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def teacher_cfg(root: Path, **over) -> dict:
+    cfg = {
+        "stage": "teacher", "project": "faults", "name": "teacher-haze", "output_dir": str(root / "outputs"),
+        "degradation": "haze", "model": {"preset": "tiny"},
+        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 4,
+                 "pin_memory": False,
+                 "train": [{"name": "syn", "shards": str(root / "shards" / "syn"), "degradation": "haze"}]},
+        "optim": {"lr": 2e-3},
+        "train": {"epochs": 1, "steps_per_epoch": 4, "log_every": 2, "val_every": 100, "image_every": 100,
+                  "seed": 5, "cpu": True},
+        "checkpoint": {"every_steps": 2, "keep_last": 3}, "tracking": {"enabled": False},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def fit(cfg_path: Path, max_steps: int, resume: str | None = None):
+    from uniremoval.config import load_config
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    cfg = load_config(cfg_path, [f"train.max_steps={max_steps}"], stage="teacher")
+    return Trainer(cfg, TeacherTraining(cfg)).fit(resume=resume)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A teacher run stopped at step 2: checkpoints/step-00000002 and last.safetensors."""
+    root = tmp_path_factory.mktemp("ckpt")
+    write_shards(root / "shards" / "syn", "syn", 2, 2)
+    cfg_path = write_yaml(root / "teacher.yaml", teacher_cfg(root))
+    res = fit(cfg_path, 2)
+    assert res.step == 2
+    return root
+
+
+def _copy_run(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.copytree(trained / "outputs", tmp_path / "outputs")
+    cfg_path = write_yaml(tmp_path / "teacher.yaml", teacher_cfg(tmp_path, data={
+        **teacher_cfg(tmp_path)["data"], "train": [{"name": "syn", "shards": str(trained / "shards" / "syn"),
+                                                    "degradation": "haze"}]}))
+    return cfg_path, tmp_path / "outputs" / "teacher-haze"
+
+
+def _images(tmp_path: Path) -> Path:
+    d = tmp_path / "imgs"
+    d.mkdir(exist_ok=True)
+    (d / "a.png").write_bytes(png(np.full((32, 32, 3), 100, np.uint8)))
+    return d
+
+
+# ------------------------------------------------------------------------------ code in a pickle
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickle_with_code_refused_everywhere(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(Payload(probe))).close()  # the payload does run code when unpickled
+    assert probe.exists()
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"weight": Payload(marker)}}, evil)
+
+    # 1. eval --checkpoint evil.pth
+    code, err = _run(capsys, ["eval", "--checkpoint", str(evil), "--data", str(_images(tmp_path)),
+                              "--metrics", "piqe", "--no-mlflow"])
+    assert code == 2 and "evil.pth: refused to load" in err and "Traceback" not in err, err
+    # 2. restore --checkpoint evil.pth
+    code, err = _run(capsys, ["restore", "--checkpoint", str(evil), "--input", str(_images(tmp_path)),
+                              "--output", str(tmp_path / "restored")])
+    assert code == 2 and "evil.pth: refused to load" in err, err
+    assert not list((tmp_path / "restored").glob("*.png")) if (tmp_path / "restored").exists() else True
+    # 3. a teacher of the cache stage
+    cache_cfg = {"stage": "cache", "project": "faults", "name": "cache", "output_dir": str(tmp_path / "outputs"),
+                 "model": {"preset": "tiny"}, "teachers": {"checkpoints": {"haze": str(evil)}},
+                 "data": {"degradations": ["haze"], "num_workers": 0,
+                          "train": [{"name": "syn", "shards": str(trained / "shards" / "syn"), "degradation": "haze"}]},
+                 "train": {"cpu": True}, "cache": {"out": str(tmp_path / "cache")}, "tracking": {"enabled": False}}
+    code, err = _run(capsys, ["cache", "--config", str(write_yaml(tmp_path / "cache.yaml", cache_cfg))])
+    assert code == 2 and "evil.pth: refused to load" in err, err
+    assert not list((tmp_path / "cache").rglob("*.tar")) if (tmp_path / "cache").exists() else True
+    # 4. a resume checkpoint whose state.pt (or RNG file) carries code
+    cfg_path, run = _copy_run(trained, tmp_path)
+    ck = run / "checkpoints" / "step-00000002"
+    for victim in ("state.pt", "rng-rank0.pt"):
+        saved = (ck / victim).read_bytes()
+        torch.save({"step": 2, "x": Payload(marker)}, ck / victim)
+        code, err = _run(capsys, ["train", "teacher", "--config", str(cfg_path), "--resume", "auto"])
+        assert code == 2, err
+        assert victim in err and "Traceback" not in err, err
+        (ck / victim).write_bytes(saved)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ truncated files
+
+
+def test_truncated_checkpoints_refused_with_name(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg_path, run = _copy_run(trained, tmp_path)
+    imgs = _images(tmp_path)
+
+    def cut(path: Path, keep: float = 0.5) -> bytes:
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * keep)])
+        return data
+
+    # exported weights read by eval and restore
+    whole = cut(run / "last.safetensors")
+    for argv in (["eval", "--checkpoint", str(run / "last.safetensors"), "--data", str(imgs), "--metrics", "piqe",
+                  "--no-mlflow"],
+                 ["restore", "--checkpoint", str(run / "last.safetensors"), "--input", str(imgs), "--output",
+                  str(tmp_path / "r")]):
+        code, err = _run(capsys, argv)
+        assert code == 2 and "last.safetensors: truncated or corrupt" in err, err
+    (run / "last.safetensors").write_bytes(whole)
+
+    # an official-style .pth cut in half
+    pth = tmp_path / "official.pth"
+    from uniremoval.models import build_model
+
+    torch.save({"state_dict": build_model("mprnet", "tiny").state_dict()}, pth)
+    cut(pth)
+    code, err = _run(capsys, ["eval", "--checkpoint", str(pth), "--data", str(imgs), "--metrics", "piqe",
+                              "--no-mlflow"])
+    assert code == 2 and "official.pth: truncated or corrupt" in err, err
+
+    # the parts of a resume checkpoint
+    ck = run / "checkpoints" / "step-00000002"
+    for victim in ("state.pt", "teacher.safetensors", "rng-rank0.pt"):
+        whole = cut(ck / victim)
+        code, err = _run(capsys, ["train", "teacher", "--config", str(cfg_path), "--resume", "auto"])
+        assert code == 2, err
+        assert f"{victim}" in err and "Traceback" not in err, err
+        (ck / victim).write_bytes(whole)
+
+
+# ------------------------------------------------------------------------------ full disk
+
+
+class _FullDiskFile:
+    """A file whose writes fail with ENOSPC once `budget` bytes are written (a disk filling up)."""
+
+    def __init__(self, fh, budget: int) -> None:
+        self._fh, self._left = fh, budget
+
+    def write(self, data):
+        if len(data) > self._left:
+            self._fh.write(data[: self._left])
+            self._left = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._left -= len(data)
+        return self._fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._fh.__exit__(*exc)
+
+
+def fill_disk_after(monkeypatch, budget: int = 4096) -> None:
+    """Every file written through uniremoval.io.atomic_writer gets `budget` bytes, then ENOSPC."""
+    import uniremoval.io as uio
+
+    fake_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    fake_os.fdopen = lambda fd, mode="r", *a, **k: _FullDiskFile(os.fdopen(fd, mode, *a, **k), budget)
+    monkeypatch.setattr(uio, "os", fake_os)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _assert_intact_then_resume(cfg_path: Path, run: Path) -> None:
+    from uniremoval.models.checkpoint import load_checkpoint
+    from uniremoval.stages.trainer import list_checkpoints
+
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002"]
+    load_checkpoint(run / "checkpoints" / "step-00000002" / "teacher.safetensors")  # loads, sha matches its json
+    load_checkpoint(run / "last.safetensors")
+    res = fit(cfg_path, 4, resume="auto")
+    assert res.status == "finished" and res.step == 4
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000004"]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # no temporary left behind
+
+
+def test_enospc_during_checkpoint_keeps_previous(trained, tmp_path, monkeypatch):
+    cfg_path, run = _copy_run(trained, tmp_path)
+    before = {k: v.clone() for k, v in _weights(run / "checkpoints" / "step-00000002" / "teacher.safetensors").items()}
+    last_before = (run / "last.safetensors").read_bytes()
+    with monkeypatch.context() as m:
+        fill_disk_after(m)
+        with pytest.raises(OSError) as err:
+            fit(cfg_path, 4, resume="auto")
+        assert err.value.errno == errno.ENOSPC
+    assert not (run / "checkpoints" / "step-00000004").exists()
+    got = _weights(run / "checkpoints" / "step-00000002" / "teacher.safetensors")
+    assert all(torch.equal(before[k], got[k]) for k in before)
+    assert (run / "last.safetensors").read_bytes() == last_before
+    _assert_intact_then_resume(cfg_path, run)
+
+
+def test_enospc_during_weight_export_keeps_previous(tmp_path, monkeypatch):
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    a, b = build_model("mprnet", "tiny"), build_model("mprnet", "tiny")
+    save_checkpoint(tmp_path / "last", a, {"step": 1})
+    with monkeypatch.context() as m:
+        fill_disk_after(m, budget=1000)
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(tmp_path / "last", b, {"step": 2})
+    model, meta = load_checkpoint(tmp_path / "last.safetensors")
+    assert meta["step"] == 1
+    ref = a.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.safetensors"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 16 MiB tmpfs (a real disk that fills up); skipped where mounting is not allowed."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN); the injected-ENOSPC tests cover it")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path) -> Path:
+    filler = mnt / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 16))
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_real_full_disk_during_checkpoint(trained, tmpfs, tmp_path):
+    shutil.copytree(trained / "outputs", tmpfs / "outputs")
+    cfg = teacher_cfg(tmpfs)
+    cfg["data"]["train"][0]["shards"] = str(trained / "shards" / "syn")
+    cfg_path = write_yaml(tmp_path / "teacher.yaml", cfg)
+    run = tmpfs / "outputs" / "teacher-haze"
+    filler = _fill(tmpfs)
+    # torch.save reports ENOSPC as a RuntimeError from its zip writer, safetensors/json as OSError
+    with pytest.raises((OSError, RuntimeError)):
+        fit(cfg_path, 4, resume="auto")
+    assert not (run / "checkpoints" / "step-00000004").exists()
+    filler.unlink()  # the operator frees space, then resumes
+    _assert_intact_then_resume(cfg_path, run)

@@ -243,6 +243,9 @@ def test_two_processes_teacher_then_cache(workspace):
     changed = [d for d in done if d.stat().st_mtime_ns != stamps[d]]
     assert [d.name for d in changed] == [f".{man['shards'][1]['name']}.done.json"]
     assert check_cache(cdir, {"haze": str(teacher_path)})["counts"]["total"] == 12
+    from uniremoval.cli import main as cli_main
+
+    assert cli_main(["cache", "--config", str(c_path), "--check"]) == 0
 
     # Stale: other teacher weights (the step-4 checkpoint), or changed source shards.
     other = root / "dist" / "teacher-haze" / "checkpoints" / "step-00000004" / "teacher.safetensors"
@@ -256,3 +259,19 @@ def test_two_processes_teacher_then_cache(workspace):
     (src / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="changed since it was cached"):
         check_cache(cdir, {"haze": str(teacher_path)})
+
+
+def test_psnr_ssim_match_scikit_image():
+    skm = pytest.importorskip("skimage.metrics")
+    from uniremoval.stages.teacher import psnr_ssim
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(1, 3, 40, 48, generator=g) * 2 - 1
+    x = (y + 0.1 * torch.randn(1, 3, 40, 48, generator=g)).clamp(-1, 1)
+    p, s = psnr_ssim(x, y)
+    a = ((x[0] + 1) / 2).permute(1, 2, 0).double().numpy()
+    b = ((y[0] + 1) / 2).permute(1, 2, 0).double().numpy()
+    assert p == pytest.approx(skm.peak_signal_noise_ratio(b, a, data_range=1.0), abs=1e-3)
+    ref = skm.structural_similarity(b, a, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False)
+    assert s == pytest.approx(ref, abs=1e-3)

@@ -160,7 +160,11 @@ def run(cfg: TeacherStage, args: Any) -> int:
     import sys
 
     stage = TeacherTraining(cfg)
-    result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
+    trainer = Trainer(cfg, stage)
+    if trainer.zero_stage == 3:
+        raise ConfigError("the teacher stage validates each rank's share of images with whole weights; DeepSpeed "
+                          "ZeRO-3 shards them: use ZeRO-2 (launch/deepspeed_zero2.yaml) or DDP (launch/multi_gpu.yaml)")
+    result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
         return PREEMPTED_EXIT_CODE
     trainer_dir = cfg.run_dir

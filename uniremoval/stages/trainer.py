@@ -412,6 +412,13 @@ class Trainer:
     def deepspeed(self) -> bool:
         return str(getattr(self.accelerator, "distributed_type", "")).endswith("DEEPSPEED")
 
+    @property
+    def zero_stage(self) -> int:
+        """0 without DeepSpeed. Under ZeRO-3 parameters are sharded: a stage's validation must
+        forward through ctx.models[name] on every rank in lockstep, not ctx.unwrap(name)."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.deepspeed else None
+        return int(plugin.zero_stage) if plugin is not None else 0
+
     def _check_deepspeed(self) -> None:
         if not self.deepspeed:
             return
@@ -420,9 +427,6 @@ class Trainer:
                               f"({', '.join(self.stage.trainable)}); DeepSpeed through accelerate wraps one. Launch "
                               f"it with DDP instead (launch/multi_gpu.yaml)")
         plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is not None and plugin.zero_stage == 3:
-            raise ConfigError("DeepSpeed ZeRO-3 shards the parameters, but validation runs each rank on its own "
-                              "share of images with whole weights; use ZeRO-2 (launch/deepspeed_zero2.yaml) or DDP")
         if plugin is not None:  # our loaders are not prepared: DeepSpeed learns the batch size from the config
             ds = plugin.deepspeed_config
             if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
@@ -449,14 +453,17 @@ class Trainer:
             self._handle_nonfinite(name, bad)
             opt.zero_grad(set_to_none=True)
             return False
-        if acc.sync_gradients:
-            self.schedulers[name].apply(self.step)  # the LR of update number self.step
+        sched = self.schedulers[name]
+        if acc.sync_gradients and hasattr(sched, "apply"):
+            sched.apply(self.step)  # the LR of update number self.step (DeepSpeed steps inside backward)
         acc.backward(loss)
         if acc.sync_gradients:
             clip = self.cfg.train.clip_grad_norm
             if clip is not None and not self.deepspeed:  # DeepSpeed clips by its own config
                 acc.clip_grad_norm_(self.models[name].parameters(), clip)
             opt.step()
+            if not hasattr(sched, "apply") and not getattr(opt, "step_was_skipped", False):
+                sched.step()  # a subclass's torch LR scheduler
             opt.zero_grad(set_to_none=True)
         return True
 
@@ -501,7 +508,8 @@ class Trainer:
         mean = self.reduce(local, "mean")
         out = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
         for name, sched in self.schedulers.items():
-            out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = sched.last_lr
+            lr = sched.last_lr if hasattr(sched, "last_lr") else float(sched.get_last_lr()[0])
+            out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
         out["train/epoch"] = float(self.ctx.epoch)
         self._sums, self._sum_count = {}, 0
@@ -541,16 +549,21 @@ class Trainer:
                 "degradation": self.stage.degradation}
 
     def _save_weights(self, path: Path, name: str, extra: dict[str, Any] | None = None) -> None:
+        """Write one model's weights (main process). Call on EVERY rank: ZeRO-3 gathers here."""
         from uniremoval.models.checkpoint import save_checkpoint
 
-        meta = {**self.checkpoint_meta(), **self.stage.export_meta(name), **(extra or {})}
-        save_checkpoint(path, self.accelerator.unwrap_model(self.models[name]), meta)
+        acc = self.accelerator
+        net = acc.unwrap_model(self.models[name])
+        if self.zero_stage == 3:  # parameters are sharded: gather a full state dict (collective)
+            net = _StateView(net, acc.get_state_dict(self.models[name]))
+        if acc.is_main_process:
+            meta = {**self.checkpoint_meta(), **self.stage.export_meta(name), **(extra or {})}
+            save_checkpoint(path, net, meta)
 
     def export(self, which: str, extra: dict[str, Any] | None = None) -> None:
-        """`<model>-last` / `<model>-best` weights beside the checkpoints (what later stages load)."""
-        if self.accelerator.is_main_process:
-            for name in self.stage.trainable:
-                self._save_weights(self.run_dir / export_name(self.stage.trainable, name, which), name, extra)
+        """`last`/`best` weights beside the checkpoints (what later stages load)."""
+        for name in self.stage.trainable:
+            self._save_weights(self.run_dir / export_name(self.stage.trainable, name, which), name, extra)
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
@@ -566,9 +579,9 @@ class Trainer:
         torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
         if self.deepspeed:  # ZeRO shards the optimiser state: every rank writes its part
             acc.save_state(str(tmp / "deepspeed"))
+        for name in self.stage.trainable:
+            self._save_weights(tmp / name, name)
         if acc.is_main_process:
-            for name in self.stage.trainable:
-                self._save_weights(tmp / name, name)
             state = {
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
                 "mlflow_run_id": self.run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
@@ -615,15 +628,19 @@ class Trainer:
             weights = path / f"{name}.safetensors"
             if not weights.is_file():
                 raise CheckpointError(f"resume checkpoint {path} lacks {weights.name}")
+            if self.deepspeed:
+                continue  # weights and sharded optimiser state come back through load_state below
             load_weights_into(self.accelerator.unwrap_model(self.models[name]),
                               _read_resume_file(weights, lambda f: load_file(str(f))), weights)
-            if not self.deepspeed:
-                self.optimizers[name].load_state_dict(state["optimizers"][name])
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
         if self.deepspeed:
             self.accelerator.load_state(str(path / "deepspeed"))
         self.step = int(state["step"])
-        for sched in self.schedulers.values():
-            sched.apply(self.step)
+        for name, sched in self.schedulers.items():
+            if hasattr(sched, "apply"):
+                sched.apply(self.step)
+            else:  # a subclass's torch LR scheduler
+                sched.load_state_dict(state["schedulers"][name])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.best_value = state.get("best_value")
         self.run_id = state.get("mlflow_run_id")
@@ -709,6 +726,20 @@ def build_accelerator(cfg: StageBase) -> Any:
         return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
                            kwargs_handlers=handlers)
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+class _StateView(nn.Module):
+    """A model stand-in for save_checkpoint whose state_dict is a gathered (ZeRO-3) one."""
+
+    def __init__(self, net: nn.Module, state: dict[str, Tensor]) -> None:
+        super().__init__()
+        self._state = state
+        for attr in ("arch", "preset", "overrides"):
+            if hasattr(net, attr):
+                object.__setattr__(self, attr, getattr(net, attr))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
+        return dict(self._state)
 
 
 def export_name(trainable: Sequence[str], name: str, which: str) -> str:

@@ -154,3 +154,127 @@ def write_oracle_cache(
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 10.0 * np.log10(1.0 / max(mse, 1e-12))
+
+
+# --------------------------------------------------------------------------------------------- workspace
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32  # image side: one 32x32 crop = the whole image, a 2x2 feature grid at cell 16
+
+
+def save_random_mprnet(path: Path, seed: int, preset: str = "tiny") -> Path:
+    """A tiny MPRNet with seeded random weights, saved in our checkpoint format."""
+    import torch
+
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    return save_checkpoint(path, build_model("mprnet", preset), {"step": 0, "input_range": "minus_one_one"})
+
+
+def workspace_paths(root: Path) -> dict:
+    """Where build_workspace puts everything (reading an existing workspace writes nothing)."""
+    root = Path(root)
+    data = root / "data"
+    return {
+        "root": root, "data": data, "clear": data / "clear", "kt_init": root / "kt_student" / "last.safetensors",
+        "syn": {k: data / f"syn_{k}" for k in TYPES}, "val": {k: data / f"val_{k}" for k in TYPES},
+        "real": {k: data / f"real_{k}" for k in TYPES}, "cache": {k: root / "cache" / f"syn_{k}" for k in TYPES},
+        "teachers": {k: root / "teachers" / f"teacher_{k}.safetensors" for k in TYPES},
+    }
+
+
+def build_workspace(root: Path, n_train: int = 6, n_val: int = 3, cache: bool = True) -> dict:
+    """Synthetic train/val pairs per type, clear and 'real' unpaired sets, three tiny random teachers,
+    and (cache=True) their teacher-output cache built by the real cache stage, in one process."""
+    ws = workspace_paths(root)
+    root, data = ws["root"], ws["data"]
+    for i, k in enumerate(TYPES):
+        write_pairs(data, f"syn_{k}", k, n_train, 2, (SIZE, SIZE), seed=10 + i)
+        write_pairs(data, f"val_{k}", k, n_val, 1, (SIZE, SIZE), seed=20 + i, split="test")
+        write_pairs(data, f"real_{k}", k, n_train, 2, (SIZE, SIZE), seed=30 + i, paired=False, domain="real")
+        save_random_mprnet(root / "teachers" / f"teacher_{k}", seed=1 + i)
+    write_pairs(data, "clear", "clear", n_train, 2, (SIZE, SIZE), seed=40)
+    save_random_mprnet(root / "kt_student" / "last", seed=99)  # stands in for a KT student
+    if cache:
+        from uniremoval.config import load_config
+        from uniremoval.stages import cache as cache_stage
+
+        cfg = load_config(REPO / "configs" / "cache.yaml", [
+            "model.preset=tiny", f"output_dir={root}/out", f"cache.out={root}/cache", "data.num_workers=0",
+            "tracking.enabled=false", _teachers(ws), _sources("data.train", ws["syn"], "syn"),
+        ])
+        cache_stage.run(cfg)
+    return ws
+
+
+def _teachers(ws: dict) -> str:
+    return "teachers.checkpoints={" + ", ".join(f"{k}: {p}" for k, p in ws["teachers"].items()) + "}"
+
+
+def _sources(key: str, dirs: dict, prefix: str) -> str:
+    items = ", ".join(f"{{name: {prefix}_{k}, shards: {d}, degradation: {k}}}" for k, d in dirs.items())
+    return f"{key}=[{items}]"
+
+
+def common_overrides(ws: dict, name: str) -> list[str]:
+    root = ws["root"]
+    return [
+        f"name={name}", f"output_dir={root}/out", "model.preset=tiny",
+        "data.batch_size=3", f"data.crop_size={SIZE}", "data.num_workers=0", "data.shuffle_buffer=4",
+        "data.pin_memory=false", "train.epochs=2", "train.steps_per_epoch=2", "train.log_every=1",
+        "train.val_every=2", "train.image_every=100000", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+        "features.weights=random", "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]",
+        f"tracking.uri=sqlite:///{root}/mlflow.db",
+    ]
+
+
+def kt_overrides(ws: dict, name: str, mode: str = "cached") -> list[str]:
+    train = ws["cache"] if mode == "cached" else ws["syn"]
+    return common_overrides(ws, name) + [
+        f"teachers.mode={mode}", _teachers(ws), _sources("data.train", train, "syn"),
+        _sources("data.val", ws["val"], "val"),
+    ]
+
+
+def da_overrides(ws: dict, name: str, init: Path | None = None) -> list[str]:
+    return common_overrides(ws, name) + [
+        f"model.init={init or ws['kt_init']}", _sources("data.train", ws["real"], "real"),
+        f"data.clear=[{{name: clear, shards: {ws['clear']}}}]",
+        "data.val=[" + ", ".join(f"{{name: real_{k}, shards: {d}, degradation: {k}, max_samples: 2}}"
+                                 for k, d in ws["real"].items()) + "]",
+        "discriminator.base_channels=8", "discriminator.n_layers=2", "val_iqa.max_images=2",
+    ]
+
+
+def mlflow_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run: name -> [(step, value), ...] sorted by step."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    keys = client.get_run(run_id).data.metrics.keys()
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+BOOKKEEPING = ("train/lr", "train/nonfinite_skipped", "train/epoch", "train/weight_")
+
+
+def loss_terms(history: dict) -> set[str]:
+    """The train/<term> metrics that are loss terms (not LRs, counters or loss weights)."""
+    return {k.split("/", 1)[1] for k in history if k.startswith("train/") and not k.startswith(BOOKKEEPING)}
+
+
+def run_id_of(run_dir: Path, model: str = "last") -> str:
+    return json.loads((Path(run_dir) / f"{model}.json").read_text())["mlflow_run_id"]
+
+
+def subprocess_env() -> dict:
+    """One thread per process (2 shared cores: more threads only contend), repo on the path."""
+    import os
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        env.pop(k, None)
+    return env

@@ -1,12 +1,15 @@
-"""Worker for the multi-process KT/DA tests: run one stage, then compare the trained weights across ranks.
+"""Worker for the multi-process KT/DA tests: run stages in turn, then compare weights across ranks.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/dist_kt_worker.py CONFIG OUT_JSON [--resume auto] [k=v ...]
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_kt_worker.py OUT_JSON PHASE [PHASE ...]
 
-Runs the stage exactly as `uniremoval train kt|da` does (same accelerator choice, cache check and
-trainer), then every rank computes a fingerprint of each trained model's parameters; rank 0 writes
-{status, step, run_id, fingerprints: {model: [[rank0...], [rank1...]]}, deepspeed, zero_stage} to OUT_JSON.
-DeepSpeed is requested the way `accelerate launch --config_file launch/deepspeed_zero2.yaml` does
-it: ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_DEEPSPEED_ZERO_STAGE in the environment.
+Each PHASE is a JSON object {"config": path, "overrides": [...], "resume": null|"auto"}. A phase
+runs its stage exactly as `uniremoval train kt|da` does (same accelerator choice, cache check and
+trainer); afterwards every rank fingerprints each trained model's parameters. Rank 0 writes a list
+with one record per phase: {stage, status, step, run_id, world_size, fingerprints: {model:
+[per-rank [3 numbers]]}, initial (the student's fingerprint before training), distributed_type,
+zero_stage}. Several phases in one launch keep the number of (slow) launches small.
+DeepSpeed is requested the way `accelerate launch --config_file launch/deepspeed_zero2.yaml` does:
+ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_DEEPSPEED_ZERO_STAGE in the environment.
 """
 
 from __future__ import annotations
@@ -24,19 +27,14 @@ def fingerprint(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([flat.sum(), flat.abs().sum(), (flat * pos).sum()])
 
 
-def main(argv: list[str]) -> int:
-    torch.set_num_threads(1)
-    cfg_path, out_json, *rest = argv
-    resume = None
-    if rest[:1] == ["--resume"]:
-        resume, rest = rest[1], rest[2:]
+def run_phase(phase: dict) -> tuple[dict, object]:
+    from accelerate.utils import set_seed
+
     from uniremoval.config import load_config
     from uniremoval.stages import da, kt
     from uniremoval.stages.trainer import Trainer
 
-    cfg = load_config(cfg_path, rest)
-    from accelerate.utils import set_seed
-
+    cfg = load_config(phase["config"], phase.get("overrides", []))
     set_seed(cfg.train.seed)  # as Trainer.setup: the student is the first model built after seeding
     initial = fingerprint(kt.build_student(cfg)).tolist()
     if cfg.stage == "kt":
@@ -49,18 +47,30 @@ def main(argv: list[str]) -> int:
         da.refuse_deepspeed()
         stage = da.DomainAdaptation(cfg)
         trainer = Trainer(cfg, stage)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=phase.get("resume"))
     acc = trainer.accelerator
     prints = {}
     for name in stage.trainable:
         fp = fingerprint(acc.unwrap_model(trainer.models[name])).to(acc.device)
         prints[name] = acc.gather(fp.unsqueeze(0)).cpu().tolist()
-    if acc.is_main_process:
+    record = {"stage": cfg.stage, "status": result.status, "step": result.step, "run_id": result.run_id,
+              "world_size": acc.num_processes, "fingerprints": prints, "initial": initial,
+              "distributed_type": str(acc.distributed_type), "zero_stage": kt.zero_stage(acc)}
+    return record, acc
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    out_json, *phases = argv
+    records, acc = [], None
+    for text in phases:
+        record, acc = run_phase(json.loads(text))
+        records.append(record)
+    if acc is not None and acc.is_main_process:
         with open(out_json, "w") as fh:
-            json.dump({"status": result.status, "step": result.step, "run_id": result.run_id,
-                       "world_size": acc.num_processes, "fingerprints": prints, "initial": initial,
-                       "distributed_type": str(acc.distributed_type), "zero_stage": kt.zero_stage(acc)}, fh)
-    acc.wait_for_everyone()
+            json.dump(records, fh)
+    if acc is not None:
+        acc.wait_for_everyone()
     return 0
 
 

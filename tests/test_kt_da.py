@@ -1,0 +1,257 @@
+"""Knowledge transfer and domain adaptation: two-process runs with MLflow terms, checkpoints and
+resume; online vs cached teachers; stale caches; DeepSpeed refusal for DA; and a learning test.
+
+The data are generated (tests/dist_kt_common.py): 32x32 synthetic scenes degraded by haze, rain and
+blur, tiny MPRNet teachers with seeded random weights, and their cache built by the real cache
+stage. VGG-19 uses random weights (no ImageNet file offline), two layers, to keep CPU time low.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dist_kt_common import (  # noqa: E402
+    REPO,
+    SIZE,
+    TYPES,
+    build_workspace,
+    da_overrides,
+    kt_overrides,
+    loss_terms,
+    mlflow_history,
+    psnr,
+    subprocess_env,
+    write_oracle_cache,
+    write_pairs,
+)
+
+from uniremoval.config import load_config  # noqa: E402
+from uniremoval.errors import CheckpointError, ConfigError, DataError  # noqa: E402
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+WORKER = str(REPO / "tests" / "dist_kt_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_workspace(tmp_path_factory.mktemp("ktda"))
+
+
+def launch(ws: dict, out: Path, phases: list[dict], timeout: int = 900) -> list[dict]:
+    """Run tests/dist_kt_worker.py on two real CPU processes (see ../shared/STACK.md)."""
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", WORKER, str(out),
+           *[json.dumps(p) for p in phases]]
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=ws["root"], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def assert_same_on_ranks(record: dict) -> None:
+    for name, per_rank in record["fingerprints"].items():
+        assert len(per_rank) == 2
+        np.testing.assert_allclose(per_rank[0], per_rank[1], rtol=0, atol=0, err_msg=name)
+
+
+@pytest.mark.slow
+def test_kt_and_da_on_two_processes_log_terms_checkpoint_and_resume(ws):
+    uri = f"sqlite:///{ws['root']}/mlflow.db"
+    kt_cfg, da_cfg = str(REPO / "configs" / "kt.yaml"), str(REPO / "configs" / "da.yaml")
+    kt_o, da_o = kt_overrides(ws, "kt2p"), da_overrides(ws, "da2p")
+    # Launch 1: both stages stop after 2 of their 4 steps (a checkpoint every 2 steps).
+    first = launch(ws, ws["root"] / "first.json", [
+        {"config": kt_cfg, "overrides": kt_o + ["train.max_steps=2"]},
+        {"config": da_cfg, "overrides": da_o + ["train.max_steps=2"]},
+    ])
+    out = ws["root"] / "out"
+    for rec, run in zip(first, ("kt2p", "da2p")):
+        assert rec["world_size"] == 2 and rec["step"] == 2 and rec["status"] == "finished"
+        assert (out / run / "checkpoints" / "step-00000002" / "state.pt").is_file()
+        assert (out / run / "last.safetensors").is_file()
+        assert_same_on_ranks(rec)
+    assert (out / "da2p" / "discriminator-last.safetensors").is_file()
+    # Launch 2: --resume auto continues each run from step 2 to 4, in the same MLflow run.
+    second = launch(ws, ws["root"] / "second.json", [
+        {"config": kt_cfg, "overrides": kt_o, "resume": "auto"},
+        {"config": da_cfg, "overrides": da_o, "resume": "auto"},
+    ])
+    for a, b in zip(first, second):
+        assert b["step"] == 4 and b["run_id"] == a["run_id"]
+        assert_same_on_ranks(b)
+        for name in a["fingerprints"]:
+            assert a["fingerprints"][name][0] != b["fingerprints"][name][0], f"{name} did not train after resume"
+    assert second[0]["fingerprints"]["student"][0] != second[0]["initial"]
+    assert (out / "kt2p" / "checkpoints" / "step-00000004").is_dir()
+
+    kt_hist = mlflow_history(uri, first[0]["run_id"])
+    assert loss_terms(kt_hist) == {"pixel", "ig", "fg", "total"}
+    for term in ("pixel", "ig", "fg", "total"):
+        # one value per step 1..4: the resumed run neither repeated nor skipped a step
+        assert [s for s, _ in kt_hist[f"train/{term}"]] == [1, 2, 3, 4]
+        assert all(math.isfinite(v) for _, v in kt_hist[f"train/{term}"])
+    for k in TYPES:
+        assert [s for s, _ in kt_hist[f"val/val_{k}/psnr"]] == [2, 4]
+        assert 5.0 < kt_hist[f"val/val_{k}/psnr_input"][0][1] < 40.0
+        assert 0.0 < kt_hist[f"val/val_{k}/ssim"][-1][1] <= 1.0
+    assert [s for s, _ in kt_hist["train/weight_a1"]] == [1, 2, 3, 4]
+    # a1 = 0.5 * 0.99 ** epoch, 2 steps per epoch
+    assert [v for _, v in kt_hist["train/weight_a1"]] == pytest.approx([0.5, 0.495, 0.495, 0.49005])
+
+    da_hist = mlflow_history(uri, first[1]["run_id"])
+    assert loss_terms(da_hist) == {"gan", "idt", "eig", "efg", "total", "d_real", "d_fake", "d_total"}
+    assert [s for s, _ in da_hist["train/gan"]] == [1, 2, 3, 4]
+    for k in TYPES:
+        restored = da_hist[f"val/real_{k}/piqe"]
+        assert [s for s, _ in restored] == [2, 4] and all(0.0 <= v <= 100.0 for _, v in restored)
+        assert len(da_hist[f"val/real_{k}/piqe_input"]) == 1  # the inputs are scored once
+    assert "train/lr_generator" in da_hist and "train/lr_discriminator" in da_hist
+
+
+def test_online_and_cached_teachers_give_the_same_kt_loss(ws):
+    """The same batch, the same student: targets from the cache vs from the teachers run online.
+
+    The cache stores the teacher image as an 8-bit PNG and the pooled feature as float16, so the two
+    agree to quantisation error, not bit for bit. tau = 0.1 here: at the paper's tau = 1e-6 a
+    1e-4 change in a cosine moves a logit by 100, so the contrastive terms cannot be compared at a
+    tolerance (they are computed by the same code either way). Full 32x32 images (crop = image) and
+    no augmentation, so the online teacher sees exactly what the cache's teacher saw.
+    """
+    from uniremoval.data.pipelines import kt_loader
+    from uniremoval.stages import kt
+    from uniremoval.stages.teachers import load_teachers
+
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "eq") + ["loss.tau=0.1"])
+    loader = kt_loader([(s.name, s.shards, s.degradation, 1.0) for s in cfg.data.train], list(TYPES), 6, SIZE, 1,
+                       0, 0, 0, 1, cell=16, augment=False, shuffle_buffer=1)
+    batch = next(iter(loader))
+    assert set(batch["degradation"].tolist()) == {0, 1, 2}  # every type in the batch
+    torch.manual_seed(0)
+    student = kt.build_student(cfg).eval()
+    phi = kt.build_phi(cfg)
+    loss_fn = kt.make_kt_loss(cfg, phi)
+    teachers = load_teachers(cfg.teachers.checkpoints, list(TYPES), "tiny")
+    with torch.no_grad():
+        cached, _, t_cached = kt.kt_terms(student, loss_fn, batch, 0.5, 16)
+        online, _, t_online = kt.kt_terms(student, loss_fn, batch, 0.5, 16, teachers=teachers,
+                                          degradations=list(TYPES))
+    assert (t_cached - t_online).abs().max() <= 1.01 / 127.5  # one 8-bit step in [-1, 1]
+    assert set(cached) == set(online) == {"pixel", "ig", "fg", "total"}
+    for term in cached:
+        assert float(cached[term]) == pytest.approx(float(online[term]), rel=2e-3, abs=2e-3), term
+    # and the comparison is not vacuous: another teacher gives another loss
+    other = load_teachers({k: ws["teachers"]["rain"] for k in TYPES}, list(TYPES), "tiny")
+    with torch.no_grad():
+        wrong, _, _ = kt.kt_terms(student, loss_fn, batch, 0.5, 16, teachers=other, degradations=list(TYPES))
+    assert abs(float(wrong["pixel"]) - float(cached["pixel"])) > 10 * abs(float(online["pixel"]) - float(cached["pixel"]))
+
+
+def test_a_stale_cache_is_refused(ws, tmp_path):
+    from uniremoval.stages import kt
+    from dist_kt_common import save_random_mprnet
+
+    other = save_random_mprnet(tmp_path / "retrained_haze", seed=123)
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "stale") + [f"teachers.checkpoints.haze={other}"])
+    with pytest.raises(DataError, match=r"stale cache .*syn_haze"):
+        kt.run(cfg)
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "stale") + ["data.feature_cell=8"])
+    with pytest.raises(DataError, match="feature_cell"):
+        kt.check_teacher_cache(cfg)
+    # a cache listed under the wrong degradation type
+    o = kt_overrides(ws, "stale")
+    swapped = [x.replace(f"shards: {ws['cache']['haze']}", "SWAP").replace(f"shards: {ws['cache']['rain']}",
+                                                                           f"shards: {ws['cache']['haze']}")
+               .replace("SWAP", f"shards: {ws['cache']['rain']}") for x in o]
+    with pytest.raises(ConfigError, match=r"cache .*syn_rain holds 'rain' teacher outputs, but the source says degradation 'haze'"):
+        kt.check_teacher_cache(load_config(REPO / "configs" / "kt.yaml", swapped))
+
+
+def test_da_refuses_deepspeed_and_names_the_launch_config(ws, monkeypatch):
+    from uniremoval.stages import da
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads"))
+    with pytest.raises(ConfigError, match=r"launch/multi_gpu\.yaml"):
+        da.run(cfg)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(ConfigError, match="model.init"):
+        da.run(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads") + ["model.init=null"]))
+
+
+def test_kt_config_errors_name_the_key(ws):
+    from uniremoval.stages import kt
+    from uniremoval.stages.teachers import load_teachers
+
+    with pytest.raises(ConfigError, match=r"teachers.checkpoints has no entry for degradation\(s\) \['blur'\]"):
+        load_teachers({k: ws["teachers"][k] for k in ("haze", "rain")}, list(TYPES), "tiny")
+    # cached teachers: a student of another width meets the cached feature grid at the first step
+    from uniremoval.data.pipelines import kt_loader
+
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "x") + ["model.preset=derain"])
+    stage = kt.KnowledgeTransfer(cfg)
+    models = stage.build_models()
+    batch = next(iter(kt_loader([(s.name, s.shards, s.degradation) for s in cfg.data.train], list(TYPES), 3, SIZE,
+                                1, 0, 0, 0, 1, shuffle_buffer=1)))
+    with pytest.raises(ConfigError, match=r"model.preset / teachers.preset"):
+        kt.kt_terms(models["student"], stage.loss_fn, batch, 0.5, 16)
+    # online teachers: the tiny teacher checkpoints do not load as the derain preset
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "x", mode="online") + ["model.preset=derain"])
+    with pytest.raises(CheckpointError, match="preset 'tiny', not 'derain'"):
+        kt.KnowledgeTransfer(cfg).build_models()
+
+
+@pytest.mark.slow
+def test_kt_student_learns_every_degradation(tmp_path):
+    """A few hundred CPU steps of the full L_kt (pixel + ICL + FCL) on the cached path, with a perfect
+    teacher (the cache's teacher image = the clean target, documented test-only proxy: training three
+    teachers first would cost minutes). The student's PSNR on held-out pairs of each type must rise
+    well above the degraded input's PSNR."""
+    from uniremoval.stages import kt
+    from uniremoval.stages.teachers import pool_feature
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    feat_net = kt.build_student(load_config(REPO / "configs" / "kt.yaml", ["model.preset=tiny"])).eval()
+
+    def feature_fn(target01: np.ndarray, cell: int) -> np.ndarray:
+        x = torch.from_numpy(target01.transpose(2, 0, 1)).float()[None] * 2 - 1
+        with torch.no_grad():
+            return pool_feature(feat_net(x, return_feature=True)[1], cell)[0].numpy()
+
+    data = tmp_path / "data"
+    train, val = {}, {}
+    for i, k in enumerate(TYPES):
+        src = write_pairs(data, f"syn_{k}", k, 24, 2, (48, 48), seed=100 + i)
+        train[k] = write_oracle_cache(src, tmp_path / "cache" / f"syn_{k}", feature_fn)
+        val[k] = write_pairs(data, f"val_{k}", k, 6, 1, (48, 48), seed=200 + i, split="test")
+    src = ", ".join(f"{{name: syn_{k}, shards: {d}, degradation: {k}}}" for k, d in train.items())
+    vsrc = ", ".join(f"{{name: val_{k}, shards: {d}, degradation: {k}}}" for k, d in val.items())
+    steps = 240
+    cfg = load_config(REPO / "configs" / "kt.yaml", [
+        "name=learn", f"output_dir={tmp_path}/out", "model.preset=tiny", f"data.train=[{src}]", f"data.val=[{vsrc}]",
+        "data.batch_size=6", "data.crop_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
+        "data.pin_memory=false", "optim.lr=2e-3", f"train.epochs={steps // 40}", "train.steps_per_epoch=40",
+        f"train.val_every={steps}", "train.log_every=40", f"checkpoint.every_steps={steps}",
+        "features.weights=random", "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]",
+        "tracking.enabled=false",
+    ])
+    assert cfg.loss.tau == 1e-6 and cfg.loss.use_icl and cfg.loss.use_fcl  # the paper's loss, full MGCL
+    stage = kt.KnowledgeTransfer(cfg)
+    from uniremoval.stages.trainer import Trainer
+
+    result = Trainer(cfg, stage).fit()
+    m = result.metrics
+    report = {k: (round(m[f"val/val_{k}/psnr_input"], 2), round(m[f"val/val_{k}/psnr"], 2)) for k in TYPES}
+    print("KT learning test, PSNR (input, student) per type:", report)
+    for k in TYPES:
+        assert m[f"val/val_{k}/psnr"] > m[f"val/val_{k}/psnr_input"] + 3.0, report

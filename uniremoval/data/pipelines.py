@@ -38,6 +38,7 @@ import json
 import os
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,6 +455,8 @@ def _fail_or_count(policy: BadPolicy, counter: _Counter, where: str, reason: str
     if policy == "fail":
         raise DataError(f"bad sample {where}: {reason}. Fix or drop it, or set bad_samples: skip")
     counter.n += 1
+    # Named once per distinct problem (the warnings registry dedupes repeats over passes).
+    warnings.warn(f"skipped bad sample {where}: {reason} (data.bad_samples=skip)", RuntimeWarning, stacklevel=2)
 
 
 @dataclass

@@ -302,6 +302,7 @@ class Trainer:
         self.schedulers: dict[str, StepSchedule] = {}
         self.step = 0
         self.nonfinite_skipped = 0
+        self.bad_samples = 0  # skipped by the loaders (data.bad_samples=skip), this process
         self.best_value: float | None = None
         self.run_id: str | None = None
         self._stop_requested = False
@@ -331,6 +332,7 @@ class Trainer:
                 for _ in range(start, min(cfg.steps_per_epoch, start + total - self.step)):
                     for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
                         batch = self._next_batch(batches, epoch, start, micro)
+                        self.bad_samples += int(batch.get("bad_samples", 0)) if isinstance(batch, dict) else 0
                         with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), acc.autocast():
                             terms = self.stage.training_step(batch, self.ctx)
                         self._accumulate_terms(terms)
@@ -511,6 +513,8 @@ class Trainer:
             lr = sched.last_lr if hasattr(sched, "last_lr") else float(sched.get_last_lr()[0])
             out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
+        bad = torch.tensor([float(self.bad_samples)], dtype=torch.float64, device=self.accelerator.device)
+        out["train/bad_samples"] = float(self.reduce(bad, "sum").item())  # all ranks, since this process started
         out["train/epoch"] = float(self.ctx.epoch)
         self._sums, self._sum_count = {}, 0
         if self.accelerator.is_main_process:

@@ -1,0 +1,198 @@
+"""Damaged shard data: a truncated tar, a corrupt image inside a shard, a shard listed in the manifest
+but missing, and checksum mismatches (tar header checksum, image payload checksum, manifest sha256).
+
+Each is detected, reported by name (shard file, and key where one sample is bad) and handled by the
+configured policy: `data.bad_samples: skip` goes on and counts (training logs `train/bad_samples`
+and warns with the shard/key), `fail` stops with a DataError naming it. Evaluation always fails
+(a score over a silently smaller test set would be wrong); `shards verify` lists each problem.
+
+Loader-level skip/fail on truncated shards and corrupt images is also pinned in
+tests/test_pipelines.py; here every fault kind goes through verify, the eval CLI, the training
+loader and the teacher trainer."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import pytest
+
+from uniremoval.cli import main
+from uniremoval.errors import DataError
+
+from ._faults import write_shards, write_yaml
+
+FAULTS = ("truncated", "corrupt_image", "missing", "header_checksum", "payload_checksum")
+
+
+def _rewrite(path: Path, change) -> None:
+    """Rewrite a tar member by member; `change(name, data) -> data`."""
+    members = []
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            members.append((m, tf.extractfile(m).read() if m.isfile() else None))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for m, data in members:
+            if data is not None:
+                data = change(m.name, data)
+                m.size = len(data)
+                tf.addfile(m, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def inject(folder: Path, fault: str, index: int = 1) -> tuple[str, str | None]:
+    """Damage shard `index` of the dataset in `folder`; return (shard name, bad key or None)."""
+    shard = folder / f"syn-{index:06d}.tar"
+    if fault == "truncated":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: int(len(data) * 0.6)])
+        return shard.name, None
+    if fault == "missing":
+        shard.unlink()
+        return shard.name, None
+    if fault == "header_checksum":
+        data = bytearray(shard.read_bytes())
+        first = tarfile.open(shard).getmembers()
+        off = first[1].offset  # the second member's header: its name field
+        data[off + 5] ^= 0x01
+        shard.write_bytes(bytes(data))
+        return shard.name, None
+    key = f"syn_{index}_1"
+    if fault == "corrupt_image":
+        _rewrite(shard, lambda n, d: b"\x89PNG\r\n\x1a\n" + b"not an image" * 10 if n == f"{key}.input.png" else d)
+    else:  # payload_checksum: one byte of the compressed pixels flipped (PNG CRC/zlib check fails)
+        def flip(n: str, d: bytes) -> bytes:
+            if n != f"{key}.input.png":
+                return d
+            b = bytearray(d)
+            b[d.find(b"IDAT") + 40] ^= 0xFF
+            return bytes(b)
+
+        _rewrite(shard, flip)
+    return shard.name, key
+
+
+@pytest.fixture
+def damaged(tmp_path, request):
+    fault = request.param
+    folder = tmp_path / "syn"
+    keys = write_shards(folder, "syn", 3, 3)
+    name, key = inject(folder, fault)
+    return {"fault": fault, "folder": folder, "shard": name, "key": key, "keys": keys, "root": tmp_path}
+
+
+def _run(capsys, argv):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.mark.parametrize("damaged", FAULTS, indirect=True)
+def test_verify_names_the_shard(damaged, capsys):
+    code, text = _run(capsys, ["shards", "verify", str(damaged["folder"])])
+    assert code == 1, text
+    assert damaged["shard"] in text
+    if damaged["fault"] == "missing":
+        assert f"{damaged['shard']}: missing" in text
+    else:
+        assert f"{damaged['shard']}: sha256 differs from the manifest" in text
+    if damaged["key"]:
+        assert f"{damaged['shard']}:{damaged['key']}" in text  # the bad sample by key
+    # the undamaged shards are not blamed
+    assert "syn-000000.tar" not in text and "syn-000002.tar" not in text
+
+
+@pytest.mark.parametrize("damaged", FAULTS, indirect=True)
+def test_eval_stream_skip_counts_fail_names(damaged):
+    from uniremoval.data.pipelines import eval_samples
+
+    items = list(eval_samples(str(damaged["folder"]), require=("target",), bad_samples="skip"))
+    good = [i["key"] for i in items if "error" not in i]
+    bad = [i for i in items if "error" in i]
+    assert len(bad) == 1, bad  # one record per fault, naming where
+    assert damaged["shard"] in json.dumps(bad[0], default=str)
+    # every sample outside the damaged shard, each exactly once
+    others = [k for k in damaged["keys"] if not k.startswith("syn_1_")]
+    assert sorted(k for k in good if not k.startswith("syn_1_")) == sorted(others)
+    assert len(good) == len(set(good))
+    with pytest.raises(DataError) as err:
+        list(eval_samples(str(damaged["folder"]), require=("target",), bad_samples="fail"))
+    assert damaged["shard"] in str(err.value)
+    if damaged["key"]:
+        assert damaged["key"] in str(err.value)
+
+
+@pytest.mark.parametrize("damaged", FAULTS, indirect=True)
+def test_training_loader_skip_counts_fail_names(damaged):
+    from uniremoval.data.pipelines import kt_loader
+
+    def loader(policy: str):
+        return kt_loader([("syn", str(damaged["folder"]), "haze", 1.0)], ["haze"], batch_size=2, crop_size=32,
+                         steps_per_epoch=6, num_workers=0, seed=0, rank=0, world_size=1, cell=16,
+                         bad_samples=policy, require=("target",), shuffle_buffer=2)
+
+    batches = list(loader("skip"))
+    assert len(batches) == 6  # the epoch is complete despite the fault
+    assert sum(int(b["bad_samples"]) for b in batches) >= 1
+    assert all("syn_1_1" != k for b in batches for k in b["key"]) if damaged["key"] else True
+    with pytest.raises(DataError) as err:
+        list(loader("fail"))
+    assert damaged["shard"] in str(err.value)
+    if damaged["key"]:
+        assert damaged["key"] in str(err.value)
+
+
+@pytest.mark.parametrize("damaged", ["truncated", "missing", "corrupt_image"], indirect=True)
+def test_eval_cli_fails_naming_the_shard(damaged, capsys, monkeypatch):
+    monkeypatch.chdir(damaged["root"])
+    code, text = _run(capsys, ["eval", "--checkpoint", "none", "--data", str(damaged["folder"]),
+                               "--metrics", "psnr", "--no-mlflow", "--json", str(damaged["root"] / "scores.json")])
+    assert code == 2, text
+    assert text.count("error:") == 1 and damaged["shard"] in text and "Traceback" not in text
+    assert not (damaged["root"] / "scores.json").exists()  # no score over a silently smaller set
+
+
+def _teacher_cfg(root: Path, folder: Path, policy: str) -> Path:
+    return write_yaml(root / f"teacher-{policy}.yaml", {
+        "stage": "teacher", "project": "faults", "name": f"t-{policy}", "output_dir": str(root / "outputs"),
+        "degradation": "haze", "model": {"preset": "tiny"},
+        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 2,
+                 "pin_memory": False, "bad_samples": policy,
+                 "train": [{"name": "syn", "shards": str(folder), "degradation": "haze"}]},
+        "train": {"epochs": 1, "steps_per_epoch": 6, "log_every": 3, "val_every": 100, "cpu": True},
+        "checkpoint": {"every_steps": 100}, "tracking": {"enabled": False}})
+
+
+def test_teacher_training_all_faults_skip_reports_fail_stops(tmp_path):
+    """All five faults in one dataset: skip trains to the end, logs the count and names each shard;
+    fail stops at the first with its name."""
+    from uniremoval.config import load_config
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    folder = tmp_path / "syn"
+    write_shards(folder, "syn", 7, 3)
+    damaged = {fault: inject(folder, fault, i) for i, fault in enumerate(FAULTS, start=1)}  # shards 1-5
+
+    cfg = load_config(_teacher_cfg(tmp_path, folder, "skip"), stage="teacher")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = Trainer(cfg, TeacherTraining(cfg)).fit()
+    assert res.status == "finished" and res.step == 6
+    assert res.metrics["train/bad_samples"] >= len(FAULTS)
+    said = "\n".join(str(w.message) for w in caught)
+    for fault, (shard, key) in damaged.items():
+        assert shard in said, (fault, said[-2000:])
+
+    cfg = load_config(_teacher_cfg(tmp_path, folder, "fail"), stage="teacher")
+    with pytest.raises(DataError) as err:
+        Trainer(cfg, TeacherTraining(cfg)).fit()
+    assert any(shard in str(err.value) for shard, _ in damaged.values())
+    assert "bad_samples: skip" in str(err.value)

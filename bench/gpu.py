@@ -1,0 +1,554 @@
+"""KT-step speed on one device: the naive baseline against our fast path, side by side in one run.
+
+    python3 bench/gpu.py                              # one GPU: deblur MPRNet, batch 16, 128 px crops
+    python3 bench/gpu.py --preset tiny --quick        # CPU smoke run (well under a minute)
+
+Prints ONE JSON object on stdout (progress goes to stderr); `--out FILE` also writes it.
+
+What is timed (each section is independent; a failing one records its error and the rest run):
+
+* ``matmul_peak``: an n x n x n bf16 matmul (8192 on GPU): the ceiling used for the fractions.
+* ``naive``: fp32 eager with PyTorch's default flags (cuDNN TF32 convs, as MPRNet's official
+  training), teachers ONLINE (each sample goes through its type's frozen teacher every step),
+  student forward/backward, all KT losses (L1 + VGG-19 image-level + feature-level contrastive),
+  Adam with PyTorch's default implementation.
+* ``ours``: the same losses with cached teacher targets (tensors, as the cache loader yields
+  them), bf16 autocast on the networks (the contrastive loss stays fp32), channels_last,
+  cudnn.benchmark, fused Adam. ``ours_compiled``: the same plus torch.compile of the student and
+  VGG-19; its compile time is reported apart (``compile_s``) with the steps it takes to pay back.
+* ``flops``: FlopCounterMode over one step of each path; achieved TFLOP/s = flops / step time,
+  and the fraction of the measured bf16 matmul peak (``limit_img_s``: the img/s that peak allows).
+* ``cache_build``: teacher inference on 720p frames (1280x720), fp32 eager vs bf16 +
+  channels_last, plus how far the two outputs are apart in the cache's stored units (8-bit
+  levels of the teacher image, relative error of the pooled feature).
+* ``loader``: the project's `kt_loader` over generated cache-format shards (input.png,
+  teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
+
+Weights are random (no checkpoints needed); speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from uniremoval.stages import fast
+
+DEGS = ["haze", "rain", "blur"]
+CELL = 16
+A1 = 0.5
+
+
+def log(msg: str) -> None:
+    print(f"[gpu.py {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sig(x: float, digits: int = 4) -> float:
+    """Round to `digits` significant digits (CPU smoke runs give tiny TFLOP/s values)."""
+    return float(f"{x:.{digits}g}")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def time_calls(fn: Callable[[int], Any], n: int, device: torch.device, start: int = 0) -> float:
+    """Seconds per call of fn(i) over n calls, synchronised at both ends only."""
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(start + i)
+    sync(device)
+    return (time.perf_counter() - t0) / max(1, n)
+
+
+def section(results: dict[str, Any], name: str) -> contextlib.AbstractContextManager:
+    """Run a section; record its wall time, or its error (and keep going)."""
+
+    @contextlib.contextmanager
+    def run():
+        log(f"{name} ...")
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 (one broken section must not lose the others)
+            results.setdefault(name, {})["error"] = f"{type(exc).__name__}: {exc}"[:800]
+            log(f"{name} FAILED: {exc}\n{traceback.format_exc()}")
+        finally:
+            results.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 1)
+            log(f"{name} done in {time.perf_counter() - t0:.1f} s")
+
+    return run()
+
+
+# ------------------------------------------------------------------------------------ models, data
+
+
+def build_models(preset: str, device: torch.device) -> dict[str, Any]:
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.models.vgg_arch import VGGFeatures
+    from uniremoval.stages.teachers import Teacher, freeze
+
+    torch.manual_seed(0)
+    student = MPRNet(preset)
+    teachers = {d: Teacher(d, freeze(MPRNet(preset)).to(device), "minus_one_one", f"random-{d}") for d in DEGS}
+    phi = VGGFeatures(weights="random")
+    return {"student": student, "teachers": teachers, "phi": phi}
+
+
+def make_batches(n: int, batch: int, crop: int, device: torch.device) -> list[dict[str, Any]]:
+    """`n` distinct batches on the device; each holds every degradation type (as kt_loader's do)."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x = torch.rand(batch, 3, crop, crop, generator=gen) * 2 - 1
+        labels = torch.arange(batch) % len(DEGS)
+        out.append({"input": x.to(device), "degradation": labels.to(device)})
+    return out
+
+
+def add_cached_targets(batches: list[dict[str, Any]], teachers: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cache's targets for each batch (teacher image + pooled feature), computed once, untimed."""
+    from uniremoval.stages.teachers import teacher_targets
+
+    out = []
+    for b in batches:
+        t_img, t_feat = teacher_targets(teachers, DEGS, b["input"], b["degradation"], CELL)
+        out.append({**b, "teacher": t_img, "feature": t_feat})
+    return out
+
+
+def kt_loss(phi: torch.nn.Module) -> torch.nn.Module:
+    from uniremoval.losses.mgcl import KTLoss
+
+    return KTLoss(phi)  # paper values: a2 = 0.1, tau = 1e-6, L1, both contrastive terms
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+def bench_matmul(device: torch.device, n: int, reps: int) -> dict[str, Any]:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    dt = time_calls(lambda i: a @ b, reps, device)
+    return {"n": n, "dtype": "bf16", "tflops": sig(2 * n**3 / dt / 1e12)}
+
+
+def make_step(student, loss_fn, opt, batches, teachers, dtype, clear_grads=True) -> Callable[[int], Any]:
+    from uniremoval.stages.kt import kt_terms
+
+    def step(i: int):
+        batch = batches[i % len(batches)]
+        with fast.autocast(batch["input"].device, dtype):
+            terms, _, _ = kt_terms(student, loss_fn, batch, A1, CELL, teachers=teachers,
+                                   degradations=DEGS if teachers else None)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+        return terms
+
+    return step
+
+
+def count_flops(step: Callable[[int], Any]) -> tuple[float, Any]:
+    """FLOPs of one step (matmuls and convolutions, forward and backward) and the step's terms."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        terms = step(0)
+    return float(counter.get_total_flops()), terms
+
+
+def bench_naive(models, args, device, results) -> None:
+    import copy
+
+    student = copy.deepcopy(models["student"]).to(device).train()
+    phi = copy.deepcopy(models["phi"]).to(device)
+    opt = torch.optim.Adam(student.parameters(), lr=2e-5)  # PyTorch's default implementation
+    batches = make_batches(2, args.batch, args.crop, device)
+    step = make_step(student, kt_loss(phi), opt, batches, models["teachers"], None)
+    reset_peak(device)
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=False):  # PyTorch defaults
+        # The first step (allocator, cuDNN set-up) is timed apart; it also counts the FLOPs.
+        sync(device)
+        t0 = time.perf_counter()
+        flops, terms = count_flops(step) if args.flops else (None, step(0))
+        sync(device)
+        t_first = time.perf_counter() - t0
+        time_calls(step, args.warmup, device, start=1)
+        dt = time_calls(step, args.steps, device, start=1 + args.warmup)
+    terms = {k: float(v.detach()) for k, v in terms.items()}
+    results["naive"] = {
+        "what": "fp32 eager, default flags (cuDNN TF32 convs), teachers online, default Adam",
+        "img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2), "first_step_s": round(t_first, 2),
+        "peak_mem_gib": peak_gib(device), "flops_per_step": flops, "loss_terms": terms,
+    }
+    del student, phi, opt, batches
+    reset_peak(device)
+
+
+def bench_ours(models, args, device, results, compiled: bool) -> None:
+    import copy
+
+    key = "ours_compiled" if compiled else "ours"
+    dtype = fast.autocast_dtype(args.precision, device)
+    student = fast.to_channels_last(copy.deepcopy(models["student"]).to(device)).train()
+    phi = fast.to_channels_last(copy.deepcopy(models["phi"]).to(device))
+    opt = fast.make_adam(student.parameters(), 2e-5, device, fused=None if not args.cpu_fused else True)
+    batches = add_cached_targets(make_batches(2, args.batch, args.crop, device), models["teachers"])
+    batches = [fast.to_device(b, device, channels_last=True) for b in batches]
+    run_student, run_phi = student, phi
+    out: dict[str, Any] = {
+        "what": f"{args.precision} autocast (networks; contrastive loss fp32), channels_last, cudnn.benchmark, "
+                f"{'fused' if 'fused' in fast.adam_impl(device, True if args.cpu_fused else None) else 'foreach'} "
+                "Adam, cached teacher targets" + (f", torch.compile mode={args.compile_mode}" if compiled else ""),
+    }
+    if compiled:
+        cache = Path(args.compile_cache).resolve()
+        out["compile_cache"] = str(cache)
+        if args.compile_artifacts:
+            out["artifacts_loaded"] = fast.load_compile_artifacts(args.compile_artifacts)
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        run_student = fast.compile_module(student, cache, mode=mode)
+        run_phi = fast.compile_module(phi, cache, mode=mode)
+    step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype)
+    reset_peak(device)
+    # The first steps compile (the second one too: the first backward compiles lazily) and let
+    # cudnn.benchmark pick its algorithms: timed apart.
+    # Eager: the first step also counts the FLOPs (the counter cannot see inside compiled code).
+    n_first = 2 if compiled else 1
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+        sync(device)
+        t0 = time.perf_counter()
+        if args.flops and not compiled:
+            out["flops_per_step"], terms = count_flops(step)
+        else:
+            terms = step(0)
+        for i in range(1, n_first):
+            step(i)
+        sync(device)
+        t_first = time.perf_counter() - t0
+        time_calls(step, args.warmup, device, start=n_first)
+        dt = time_calls(step, args.steps, device, start=n_first + args.warmup)
+    out.update({"img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2),
+                "peak_mem_gib": peak_gib(device), f"first_{n_first}_steps_s": round(t_first, 2),
+                "loss_terms": {k: float(v.detach()) for k, v in terms.items()}})
+    if compiled:
+        out["compile_s"] = round(max(0.0, t_first - n_first * dt), 1)
+        if args.compile_artifacts:
+            out["artifacts_saved_bytes"] = fast.save_compile_artifacts(args.compile_artifacts)
+    results[key] = out
+    del student, phi, opt, batches, run_student, run_phi, step
+    if compiled:
+        torch.compiler.reset()
+    reset_peak(device)
+
+
+def bench_cache_build(models, args, device, results) -> None:
+    """Teacher inference on full frames: what `uniremoval cache` does per image."""
+    import copy
+
+    w, h = args.cache_size
+    teacher = models["teachers"][DEGS[-1]]
+    gen = torch.Generator().manual_seed(3)
+    frames = [(torch.rand(1, 3, h, w, generator=gen) * 2 - 1).to(device) for _ in range(2)]
+    out: dict[str, Any] = {"frame": f"{w}x{h}", "frames_timed": args.cache_frames}
+
+    def run(t, dtype, frames_in):
+        def call(i):
+            with torch.no_grad(), fast.autocast(device, dtype):
+                return t(frames_in[i % len(frames_in)], CELL)
+        return call
+
+    reset_peak(device)
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=False):
+        call = run(teacher, None, frames)
+        ref_img, ref_feat = call(0)
+        dt = time_calls(call, args.cache_frames, device)
+    out["fp32_eager"] = {"frames_s": sig(1 / dt), "peak_mem_gib": peak_gib(device)}
+
+    fast_teacher = copy.copy(teacher)
+    fast_teacher.model = fast.to_channels_last(copy.deepcopy(teacher.model))
+    frames_cl = [fast.channels_last_input(f) for f in frames]
+    dtype = fast.autocast_dtype(args.precision, device)
+    reset_peak(device)
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+        call = run(fast_teacher, dtype, frames_cl)
+        img, feat = call(0)
+        dt2 = time_calls(call, args.cache_frames, device)
+    out["ours"] = {"frames_s": sig(1 / dt2), "peak_mem_gib": peak_gib(device),
+                   "what": f"{args.precision} autocast, channels_last, cudnn.benchmark"}
+    out["ratio"] = round(dt / dt2, 2)
+    # Differences in what the cache stores: 8-bit PNG levels and the float16 pooled feature.
+    lv = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round()
+    diff = (lv(img) - lv(ref_img)).abs()
+    out["stored_image_max_level_diff"] = int(diff.max())
+    out["stored_image_frac_levels_differ"] = round(float((diff > 0).float().mean()), 5)
+    out["feature_rel_err"] = float((feat.float() - ref_feat).norm() / ref_feat.norm().clamp_min(1e-30))
+    results["cache_build"] = out
+    del frames, frames_cl, fast_teacher
+
+
+def _png(arr) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_cache_shards(root: Path, per_type: int, size: tuple[int, int], feat_channels: int, per_shard: int) -> dict:
+    """Cache-format shards (input.png, teacher.png, feature.npy float16, json), photo-like images."""
+    import numpy as np
+
+    w, h = size
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    dirs = {}
+    for deg in DEGS:
+        d = root / deg
+        d.mkdir(parents=True)
+        for s in range(math.ceil(per_type / per_shard)):
+            with tarfile.open(d / f"{deg}-{s:06d}.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+                for i in range(s * per_shard, min(per_type, (s + 1) * per_shard)):
+                    f = rng.uniform(1, 6, size=(3, 2))
+                    clean = np.stack([np.sin(f[c, 0] * xx * 6.28) * np.cos(f[c, 1] * yy * 6.28) for c in range(3)], -1)
+                    clean = (clean * 90 + 128 + rng.normal(0, 4, clean.shape)).clip(0, 255).astype(np.uint8)
+                    degraded = (clean * 0.6 + 90 + rng.normal(0, 3, clean.shape)).clip(0, 255).astype(np.uint8)
+                    feat = rng.standard_normal((feat_channels, h // CELL, w // CELL)).astype(np.float16)
+                    buf = io.BytesIO()
+                    np.save(buf, feat, allow_pickle=False)
+                    meta = {"degradation": deg, "domain": "synthetic", "source": "bench", "split": "train",
+                            "height": h, "width": w}
+                    key = f"{deg}-{i:05d}"
+                    members = {"input.png": _png(degraded), "teacher.png": _png(clean), "feature.npy": buf.getvalue(),
+                               "json": json.dumps(meta).encode()}
+                    for ext, data in members.items():
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        dirs[deg] = str(d)
+    return dirs
+
+
+def bench_loader(args, device, results, feat_channels: int) -> None:
+    from uniremoval.data.pipelines import kt_loader
+
+    workers = args.loader_workers if args.loader_workers is not None else usable_cores()
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_shards_") as tmp:
+        t0 = time.perf_counter()
+        dirs = write_cache_shards(Path(tmp), args.loader_per_type, args.loader_size, feat_channels, per_shard=16)
+        gen_s = time.perf_counter() - t0
+        steps = args.loader_batches
+        loader = kt_loader([(d, [p], d, 1.0) for d, p in dirs.items()], DEGS, args.batch, args.crop, steps,
+                           workers, 0, 0, 1, cell=CELL, require=("teacher", "feature"), augment=True,
+                           shuffle_buffer=64, pin_memory=device.type == "cuda")
+        it = iter(loader)
+        t0 = time.perf_counter()
+        first = next(it)
+        t_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = 0
+        for batch in it:
+            if device.type == "cuda":  # what the step does with it: a copy to the device
+                fast.to_device(batch, device, channels_last=True)
+            n += 1
+        sync(device)
+        dt = time.perf_counter() - t0
+    results["loader"] = {
+        "workers": workers, "batch": args.batch, "crop": args.crop, "image": "x".join(map(str, args.loader_size)),
+        "fields": sorted(k for k in first if hasattr(first[k], "shape")),
+        "samples_s": sig(n * args.batch / dt) if n else None, "first_batch_s": round(t_first, 2),
+        "batches_timed": n, "shard_generation_s": round(gen_s, 1), "pin_memory": device.type == "cuda",
+    }
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_size(s: str) -> tuple[int, int]:
+    w, h = (int(v) for v in s.lower().split("x"))
+    return w, h
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="deblur", help="MPRNet preset (deblur: the paper's; tiny: CPU smoke)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per path (default 20 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first two")
+    p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+    p.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "uniremoval_inductor"),
+                   help="inductor cache folder (kept between runs on one machine)")
+    p.add_argument("--compile-artifacts", default=None,
+                   help="file of portable compile artifacts: loaded before compiling when present, saved after")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--cpu-fused", action="store_true", help="fused Adam on CPU too (default: foreach)")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP counter")
+    p.add_argument("--cache-size", type=parse_size, default=None, help="WxH frame for the cache build (1280x720)")
+    p.add_argument("--cache-frames", type=int, default=None)
+    p.add_argument("--loader-workers", type=int, default=None, help="default: one per usable core")
+    p.add_argument("--loader-size", type=parse_size, default=None, help="WxH of the generated shard images")
+    p.add_argument("--loader-per-type", type=int, default=None)
+    p.add_argument("--loader-batches", type=int, default=None)
+    p.add_argument("--skip", default="", help="comma list of sections to skip: "
+                   "matmul,naive,ours,compiled,cache,loader")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 with --quick on CPU, where shared cores make "
+                        "OpenMP threads wait on each other for seconds per step)")
+    p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    args.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    q, gpu = args.quick, args.device.type == "cuda"
+    defaults = {
+        "steps": 2 if q else (20 if gpu else 3), "warmup": 0 if q else (3 if gpu else 1),
+        "compile": gpu and not q, "cache_size": (1280, 720) if not q else (128, 72),
+        "cache_frames": 1 if q else (5 if gpu else 2), "loader_size": (480, 320) if not q else (160, 128),
+        "loader_per_type": 8 if q else 64, "loader_batches": 4 if q else (60 if gpu else 10),
+    }
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if q and not gpu and args.batch == 16 and args.crop == 128:
+        args.batch, args.crop = 3, 32  # one sample per degradation type; 32 px = 2x2 feature cells
+    if args.threads is None and q and not gpu:
+        args.threads = 1
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {
+        "env": {
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "cores": usable_cores(), "cuda": torch.version.cuda,
+        },
+        "settings": {"preset": args.preset, "batch": args.batch, "crop": args.crop, "steps": args.steps,
+                     "warmup": args.warmup, "compile": args.compile, "compile_mode": args.compile_mode,
+                     "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1"},
+    }
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results["env"]["torch_threads"] = torch.get_num_threads()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    models = build_models(args.preset, device)
+    results["settings"]["student_params"] = sum(p.numel() for p in models["student"].parameters())
+
+    if "matmul" not in args.skip:
+        with section(results, "matmul_peak"):
+            n, reps = (8192, 10) if device.type == "cuda" else (512, 3)
+            results["matmul_peak"] = bench_matmul(device, n, reps)
+    if "naive" not in args.skip:
+        with section(results, "naive"):
+            bench_naive(models, args, device, results)
+    if "ours" not in args.skip:
+        with section(results, "ours"):
+            bench_ours(models, args, device, results, compiled=False)
+    if args.compile and "compiled" not in args.skip:
+        with section(results, "ours_compiled"):
+            bench_ours(models, args, device, results, compiled=True)
+    if "cache" not in args.skip:
+        with section(results, "cache_build"):
+            bench_cache_build(models, args, device, results)
+    if "loader" not in args.skip:
+        with section(results, "loader"):
+            bench_loader(args, device, results, models["student"].feature_channels)
+
+    summarise(results, args)
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    text = json.dumps(results, indent=1, default=str)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text, flush=True)
+    return 0
+
+
+def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """The headline numbers: ratio to the naive step, TFLOP/s and the fraction of the matmul peak."""
+    s: dict[str, Any] = {}
+    naive = results.get("naive", {})
+    peak = results.get("matmul_peak", {}).get("tflops")
+    flops_ours = results.get("ours", {}).get("flops_per_step")
+    for key in ("naive", "ours", "ours_compiled"):
+        r = results.get(key, {})
+        if "img_s" not in r:
+            continue
+        flops = r.get("flops_per_step") or (flops_ours if key == "ours_compiled" else None)
+        if flops:
+            tflops = flops / (r["step_ms"] / 1e3) / 1e12
+            r["achieved_tflops"] = sig(tflops)
+            if peak:
+                r["frac_of_bf16_matmul_peak"] = sig(tflops / peak, 3)
+                r["limit_img_s"] = sig(peak * 1e12 / (flops / args.batch))
+        if key != "naive" and naive.get("img_s"):
+            r["ratio_vs_naive"] = round(r["img_s"] / naive["img_s"], 2)
+    comp, eager = results.get("ours_compiled", {}), results.get("ours", {})
+    if comp.get("img_s") and eager.get("img_s") and comp.get("compile_s") is not None:
+        saved = eager["step_ms"] - comp["step_ms"]
+        comp["breakeven_steps"] = math.ceil(comp["compile_s"] * 1e3 / saved) if saved > 0 else None
+    best = max((results.get(k, {}) for k in ("ours", "ours_compiled")), key=lambda r: r.get("img_s") or 0)
+    if best.get("img_s") and naive.get("img_s"):
+        s["naive_img_s"] = naive["img_s"]
+        s["ours_img_s"] = best["img_s"]
+        s["ratio"] = round(best["img_s"] / naive["img_s"], 2)
+        s["goal_ratio"] = 5.0
+        s["frac_of_bf16_matmul_peak"] = best.get("frac_of_bf16_matmul_peak")
+    if "cache_build" in results and "ratio" in results["cache_build"]:
+        s["cache_build_ratio"] = results["cache_build"]["ratio"]
+        s["goal_cache_build_ratio"] = 2.0
+    if results.get("loader", {}).get("samples_s") and best.get("img_s"):
+        s["loader_over_step"] = round(results["loader"]["samples_s"] / best["img_s"], 2)
+    results["summary"] = s
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_trainer import ToyStage, make_cfg  # noqa: E402
+from test_trainer import ToyStage, make_cfg
 
-from uniremoval.stages.trainer import Trainer  # noqa: E402
+from uniremoval.stages.trainer import Trainer
 
 
 def main(out: Path) -> None:

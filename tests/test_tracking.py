@@ -92,11 +92,12 @@ def _free_port() -> int:
 
 
 def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "ab"), start_new_session=True)
+    with open(tmp_path / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     deadline = time.time() + 240  # ~9 s on an idle machine; far longer under load
     while time.time() < deadline:
         try:

@@ -3,6 +3,7 @@ gradient accumulation. The two-process and kill -9 tests are in test_teacher_cac
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import warnings
@@ -18,7 +19,7 @@ from uniremoval.stages.trainer import Stage, Trainer, list_checkpoints, lr_facto
 
 
 def make_cfg(tmp_path: Path, **train) -> TeacherStage:
-    t = dict(epochs=2, steps_per_epoch=5, log_every=2, val_every=5, seed=3)
+    t = {"epochs": 2, "steps_per_epoch": 5, "log_every": 2, "val_every": 5, "seed": 3}
     t.update(train)
     return TeacherStage(stage="teacher", degradation="haze", output_dir=str(tmp_path), name="toy",
                         train=t, optim={"lr": 0.05}, checkpoint={"every_steps": 3, "keep_last": 2},
@@ -88,7 +89,7 @@ def test_lr_schedules():
     f = [lr_factor(wc, s, 13, 2e-4) for s in range(14)]
     assert f[0] == pytest.approx(1 / 3) and f[2] == pytest.approx(1.0) and f[3] == pytest.approx(1.0)
     assert f[13] == pytest.approx(1e-6 / 2e-4)
-    assert all(a >= b for a, b in zip(f[3:], f[4:]))  # monotone decay after warmup
+    assert all(a >= b for a, b in itertools.pairwise(f[3:]))  # monotone decay after warmup
     assert lr_factor(ScheduleConfig(name="cosine"), 5, 10, 1.0) == pytest.approx(0.5)
     assert lr_factor(ScheduleConfig(), 7, 10, 1.0) == 1.0
 

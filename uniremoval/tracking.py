@@ -56,7 +56,7 @@ def git_commit() -> str | None:
     """The commit of the source tree this package runs from (None outside a git checkout)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -205,7 +205,7 @@ class Tracker:
         if exp is None:
             try:
                 exp_id = self.client.create_experiment(self.experiment, artifact_location=_artifact_root(self.uri))
-            except Exception:  # noqa: BLE001 (created meanwhile by another process)
+            except Exception:
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
                     raise

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     for stage, text in STAGE_HELP.items():
         sp = sub.add_parser(stage, help=text, description=text + ".",
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="example: uniremoval train {0} --config configs/{1}.yaml optim.lr=1e-4".format(
+                            epilog="example: uniremoval train {} --config configs/{}.yaml optim.lr=1e-4".format(
                                 stage, "teacher/haze" if stage == "teacher" else stage))
         sp.add_argument("--config", required=True, help="stage config YAML")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

@@ -195,7 +195,6 @@ def _plan(cfg: CacheStage) -> list[dict[str, Any]]:
 
 def run(cfg: CacheStage, args: Any = None) -> int:
     """`uniremoval cache`: build (or complete) the teacher-output cache on every rank."""
-    import torch
     from tqdm.auto import tqdm
 
     from uniremoval.stages.teachers import load_teachers

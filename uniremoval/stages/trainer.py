@@ -114,10 +114,10 @@ class Stage:
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, Any], ctx: "TrainContext") -> dict[str, Tensor | float]:
+    def training_step(self, batch: dict[str, Any], ctx: TrainContext) -> dict[str, Tensor | float]:
         raise NotImplementedError
 
-    def validate(self, ctx: "TrainContext") -> dict[str, float]:
+    def validate(self, ctx: TrainContext) -> dict[str, float]:
         return {}
 
     def extra_tags(self) -> dict[str, str]:
@@ -160,7 +160,7 @@ def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int, base_lr: fl
 
 
 def make_optimizer(params: Iterable[nn.Parameter], oc: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = dict(lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+    kwargs: dict[str, Any] = {"lr": oc.lr, "betas": tuple(oc.betas), "eps": oc.eps, "weight_decay": oc.weight_decay}
     fused = oc.fused if oc.fused is not None else on_cuda
     if fused and on_cuda:
         kwargs["fused"] = True
@@ -203,7 +203,7 @@ class FitResult:
 class TrainContext:
     """What a stage sees during `training_step` and `validate`: models, counters, and callbacks."""
 
-    def __init__(self, trainer: "Trainer") -> None:
+    def __init__(self, trainer: Trainer) -> None:
         self._t = trainer
 
     # counters -------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class TrainContext:
         return self._t.cfg
 
     @property
-    def accelerator(self):  # noqa: ANN201 (accelerate.Accelerator)
+    def accelerator(self):
         return self._t.accelerator
 
     @property
@@ -662,7 +662,7 @@ class Trainer:
         if not self.handle_signals or threading_is_not_main():
             return
 
-        def request_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
+        def request_stop(signum: int, frame: Any) -> None:
             self._stop_requested = True
 
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):

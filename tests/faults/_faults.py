@@ -87,33 +87,56 @@ def cli(args: list[str], cwd: Path, timeout: float = 300, **extra_env: str) -> s
                           capture_output=True, text=True, timeout=timeout)
 
 
-def kill9_when(args: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 240,
-               **extra_env: str) -> tuple[int, str]:
-    """Start `python -m uniremoval ARGS` in its own process group, poll `ready()` and SIGKILL the whole
-    group (the job and any child, as a scheduler does) the moment it is true.
+class Job:
+    """`python -m uniremoval ARGS` in its own process group, stderr to a file, for fault injection."""
 
-    Returns (returncode, stderr). Fails if the command ended before the marker appeared."""
-    log = cwd / f".kill9-{os.getpid()}-{time.monotonic_ns()}.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "uniremoval", *args], cwd=cwd, env=env(**extra_env),
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    def __init__(self, args: list[str], cwd: Path, **extra_env: str) -> None:
+        self.args, self.log = args, cwd / f".job-{os.getpid()}-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "uniremoval", *args], cwd=cwd, env=env(**extra_env),
+                                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def until(self, ready: Callable[[], bool], timeout: float = 300) -> None:
+        """Poll `ready()` (a file the job writes); fail if the job ends or stalls first."""
         deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.args[:2]} exited ({self.proc.returncode}) before the marker:\n"
+                                     f"{self.stderr()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"{self.args[:2]}: no marker after {timeout} s:\n{self.stderr()[-3000:]}")
+            time.sleep(0.01)  # polling interval, not a wait for the job
+
+    def kill(self) -> int:
+        """SIGKILL the whole group (the job and its children, as a scheduler does)."""
         try:
-            while not ready():
-                if proc.poll() is not None:
-                    raise AssertionError(f"{args[:2]} exited ({proc.returncode}) before the kill marker:\n"
-                                         f"{log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{args[:2]}: no kill marker after {timeout} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.01)  # polling interval, not a wait for the job
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    text = log.read_text()
-    log.unlink()
-    return proc.returncode, text
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.proc.wait()
+
+    def wait(self, timeout: float = 300) -> tuple[int, str]:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.args[:2]} still running after {timeout} s:\n{self.stderr()[-3000:]}")
+        return rc, self.stderr()
+
+
+def kill9_when(args: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300,
+               **extra_env: str) -> tuple[int, str]:
+    """Run the job, SIGKILL its process group the moment `ready()` is true; (returncode, stderr)."""
+    job = Job(args, cwd, **extra_env)
+    try:
+        job.until(ready, timeout)
+    finally:
+        rc = job.kill()
+    return rc, job.stderr()
 
 
 def pick(choices: list[int], what: str) -> int:

@@ -78,8 +78,8 @@ def setup():
 
 def _close_terms(got: dict[str, float], want: dict[str, float], rtol: float) -> None:
     assert set(got) == set(want) == {"pixel", "ig", "fg", "total"}
-    for k in want:
-        assert got[k] == pytest.approx(want[k], rel=rtol, abs=0), (k, got[k], want[k])
+    for k, value in want.items():
+        assert got[k] == pytest.approx(value, rel=rtol, abs=0), (k, got[k], value)
 
 
 def test_cached_targets_equal_online_teachers(setup):
@@ -174,7 +174,7 @@ def test_autocast_dtype_choices():
     assert isinstance(fast.autocast("cpu", None), type(fast.autocast("cpu", None)))
 
 
-def test_speed_from_config_and_uncompiled(tmp_path):
+def test_speed_from_config(tmp_path):
     from uniremoval.config import KTStage
 
     cfg = KTStage.model_validate({"model": {"preset": "tiny", "channels_last": True},
@@ -184,5 +184,22 @@ def test_speed_from_config_and_uncompiled(tmp_path):
     assert (speed.dtype, speed.channels_last, speed.compile) == (torch.bfloat16, True, False)
     model = speed.prepare_model(MPRNet("tiny"))
     assert model.tail.weight.is_contiguous(memory_format=torch.channels_last)
-    assert fast.uncompiled(model) is model
     assert speed.compile_cache == str(tmp_path / "default" / "compile_cache")
+
+
+def test_compile_in_place_keeps_keys_and_eager_stance(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch.manual_seed(3)
+    model = MPRNet("tiny")
+    keys = list(model.state_dict())
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        want = model(x)[0]
+    same = fast.compile_module(model, tmp_path / "inductor")
+    assert same is model and type(model) is MPRNet  # checkpoints and wrappers see the plain network
+    assert list(model.state_dict()) == keys
+    assert (tmp_path / "inductor").is_dir()
+    assert fast.set_compile_cache(tmp_path / "other") == (tmp_path / "inductor").resolve()  # env setting wins
+    with torch.no_grad(), fast.eager():  # no compilation here (it would take minutes on this CPU)
+        torch.testing.assert_close(model(x)[0], want, rtol=0, atol=0)
+    assert not fast.load_compile_artifacts(tmp_path / "missing.bin")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,20 +158,23 @@ def compile_module(
     mode: str | None = None,
     dynamic: bool = False,
 ) -> nn.Module:
-    """``torch.compile(module)`` with the inductor cache in `cache_dir` (when given).
+    """Compile `module` in place (``nn.Module.compile``) with the inductor cache in `cache_dir`.
 
-    ``dynamic=False``: training crops have one shape, so one static graph; a new shape (the last
-    partial batch, a validation image) compiles another, which is why validation and restore use
-    the uncompiled module (``module._orig_mod``). Compilation happens at the first call.
+    In place, not ``torch.compile(module)``: the module keeps its class and its state_dict keys
+    (no ``_orig_mod.`` prefix), so checkpoints, DDP/accelerate wrapping and ``unwrap_model`` see the
+    plain network. ``dynamic=False``: training crops have one shape, so one static graph;
+    validation and restore on other image sizes should run under `eager()` rather than recompile
+    per size. Compilation happens at the first call. Returns `module` itself.
     """
     if cache_dir is not None:
         set_compile_cache(cache_dir)
-    return torch.compile(module, mode=mode, dynamic=dynamic)  # type: ignore[return-value]
+    module.compile(mode=mode, dynamic=dynamic)
+    return module
 
 
-def uncompiled(module: nn.Module) -> nn.Module:
-    """The module under a ``torch.compile`` wrapper (itself when not compiled)."""
-    return getattr(module, "_orig_mod", module)
+def eager() -> contextlib.AbstractContextManager:
+    """Run compiled modules eagerly inside this block (validation, restore: shapes that vary)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def save_compile_artifacts(path: str | os.PathLike) -> int:
@@ -241,15 +243,3 @@ class Speed:
 
     def batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         return to_device(batch, self.device, self.channels_last)
-
-
-def timed_first_call(fn: Any, *args: Any, sync: bool = True, **kwargs: Any) -> tuple[Any, float]:
-    """Run `fn` once and return (result, seconds), synchronising CUDA so the time is the real one
-    (used to report compile time apart from the steady state)."""
-    if sync and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if sync and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0

@@ -4,7 +4,8 @@
         train a teacher and SIGKILL this very process inside the step after STEP updates.
     accelerate launch --multi_gpu --num_processes 2 tests/dist_trainer_teacher.py dist CONFIG CACHE_CONFIG OUT
         two ranks: train the teacher, record each rank's weights and a fixed batch's loss before
-        and after, then build the cache with the trained teacher; OUT/rank<r>.json per rank.
+        and after, then build the cache with the trained teacher, then a toy run where one rank
+        alone meets a NaN loss and a SIGUSR1; OUT/rank<r>.json per rank.
 """
 
 from __future__ import annotations
@@ -69,8 +70,31 @@ def _dist(config: str, cache_config: str, out: str) -> None:
               "loss_before": before, "loss_after": after, "step": result.step, "run_id": result.run_id,
               "metrics": result.metrics}
     cache.run(load_config(cache_config, stage="cache"))
+    record.update(_toy_rank_events(Path(out) / "toy", rank))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _toy_rank_events(out: Path, rank: int) -> dict:
+    """Only rank 1 sees a NaN loss (step 2) and only rank 1 gets SIGUSR1 (during step 4): both
+    ranks must skip the same update and stop at the same step, or DDP would hang."""
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_trainer import ToyStage, make_cfg
+
+    from uniremoval.stages.trainer import Trainer
+
+    cfg = make_cfg(out)
+    stage = ToyStage(cfg, poison_at=1 if rank == 1 else None, signal_at=3 if rank == 1 else None)
+    trainer = Trainer(cfg, stage)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = trainer.fit()
+    w = trainer.accelerator.unwrap_model(trainer.models["net"]).weight.detach()
+    return {"toy_status": res.status, "toy_step": res.step, "toy_skipped": res.nonfinite_skipped,
+            "toy_sha": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
+            "toy_warnings": [str(c.message) for c in caught if "non-finite" in str(c.message)]}
 
 
 if __name__ == "__main__":

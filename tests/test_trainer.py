@@ -120,6 +120,15 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert rest.seen[0] == (0, 3)  # data position: epoch 0, micro-batch 3 (steps 0-2 were seen)
     assert torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"), ref)
 
+    # --resume PATH: an explicit checkpoint folder; a folder without training state is refused.
+    again = ToyStage(make_cfg(tmp_path / "c"))
+    res3 = Trainer(again.cfg, again).fit(resume=str(run / "checkpoints" / "step-00000009"))
+    assert again.seen == [(1, 4)] and res3.step == 10  # epoch 1, its last micro-batch
+    assert torch.equal(weights(tmp_path / "c" / "toy" / "last.safetensors"), ref)
+    with pytest.raises(UniremovalError, match="no state.pt"):
+        bad = ToyStage(make_cfg(tmp_path / "d"))
+        Trainer(bad.cfg, bad).fit(resume=str(tmp_path))
+
 
 def test_grad_accumulation_matches_large_batch(tmp_path):
     big = ToyStage(make_cfg(tmp_path / "big", epochs=1, steps_per_epoch=3), batch=8)

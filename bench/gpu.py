@@ -164,7 +164,10 @@ def bench_matmul(device: torch.device, n: int, reps: int) -> dict[str, Any]:
     return {"n": n, "dtype": "bf16", "tflops": sig(2 * n**3 / dt / 1e12)}
 
 
-def make_step(student, loss_fn, opt, batches, teachers, dtype, clear_grads=True) -> Callable[[int], Any]:
+def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool = False) -> Callable[[int], Any]:
+    """One KT training step. `host_syncs` copies what the shared trainer does per step: read every
+    loss term on the host before backward (its non-finite check) and again after the update (its
+    running sums), each read waiting for the GPU to drain."""
     from uniremoval.stages.kt import kt_terms
 
     def step(i: int):
@@ -172,9 +175,13 @@ def make_step(student, loss_fn, opt, batches, teachers, dtype, clear_grads=True)
         with fast.autocast(batch["input"].device, dtype):
             terms, _, _ = kt_terms(student, loss_fn, batch, A1, CELL, teachers=teachers,
                                    degradations=DEGS if teachers else None)
+        if host_syncs:
+            [float(v.detach().float()) for v in terms.values()]
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt.step()
+        if host_syncs:
+            [float(v.detach().float()) for v in terms.values()]
         return terms
 
     return step
@@ -217,10 +224,10 @@ def bench_naive(models, args, device, results) -> None:
     reset_peak(device)
 
 
-def bench_ours(models, args, device, results, compiled: bool) -> None:
+def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool = False) -> None:
     import copy
 
-    key = "ours_compiled" if compiled else "ours"
+    key = "ours_compiled" if compiled else ("ours_trainer_syncs" if host_syncs else "ours")
     dtype = fast.autocast_dtype(args.precision, device)
     student = fast.to_channels_last(copy.deepcopy(models["student"]).to(device)).train()
     phi = fast.to_channels_last(copy.deepcopy(models["phi"]).to(device))
@@ -231,7 +238,8 @@ def bench_ours(models, args, device, results, compiled: bool) -> None:
     out: dict[str, Any] = {
         "what": f"{args.precision} autocast (networks; contrastive loss fp32), channels_last, cudnn.benchmark, "
                 f"{'fused' if 'fused' in fast.adam_impl(device, True if args.cpu_fused else None) else 'foreach'} "
-                "Adam, cached teacher targets" + (f", torch.compile mode={args.compile_mode}" if compiled else ""),
+                "Adam, cached teacher targets" + (f", torch.compile mode={args.compile_mode}" if compiled else "")
+                + (", the trainer's per-step host reads of the loss terms" if host_syncs else ""),
     }
     if compiled:
         cache = Path(args.compile_cache).resolve()
@@ -241,7 +249,7 @@ def bench_ours(models, args, device, results, compiled: bool) -> None:
         mode = None if args.compile_mode == "default" else args.compile_mode
         run_student = fast.compile_module(student, cache, mode=mode)
         run_phi = fast.compile_module(phi, cache, mode=mode)
-    step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype)
+    step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, host_syncs)
     reset_peak(device)
     # The first steps compile (the second one too: the first backward compiles lazily) and let
     # cudnn.benchmark pick its algorithms: timed apart.
@@ -250,7 +258,7 @@ def bench_ours(models, args, device, results, compiled: bool) -> None:
     with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
         sync(device)
         t0 = time.perf_counter()
-        if args.flops and not compiled:
+        if args.flops and not compiled and not host_syncs:
             out["flops_per_step"], terms = count_flops(step)
         else:
             terms = step(0)
@@ -434,29 +442,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-per-type", type=int, default=None)
     p.add_argument("--loader-batches", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of sections to skip: "
-                   "matmul,naive,ours,compiled,cache,loader")
+                   "matmul,naive,ours,syncs,cache,loader,compiled")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 with --quick on CPU, where shared cores make "
                         "OpenMP threads wait on each other for seconds per step)")
+    p.add_argument("--compile-timeout", type=int, default=300,
+                   help="seconds for the compiled step (compile included), run in a child process")
+    p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "loader", "compiled"],
+                   help="run one section only")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # handed on to the compiled-step child
     cuda = torch.cuda.is_available()
     args.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     q, gpu = args.quick, args.device.type == "cuda"
     defaults = {
-        "steps": 2 if q else (20 if gpu else 3), "warmup": 0 if q else (3 if gpu else 1),
+        "steps": 1 if q else (20 if gpu else 3), "warmup": 0 if q else (3 if gpu else 1),
         "compile": gpu and not q, "cache_size": (1280, 720) if not q else (128, 72),
         "cache_frames": 1 if q else (5 if gpu else 2), "loader_size": (480, 320) if not q else (160, 128),
-        "loader_per_type": 8 if q else 64, "loader_batches": 4 if q else (60 if gpu else 10),
+        "loader_per_type": 8 if q else 64, "loader_batches": 4 if q else (200 if gpu else 10),
     }
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if q and not gpu and args.batch == 16 and args.crop == 128:
         args.batch, args.crop = 3, 32  # one sample per degradation type; 32 px = 2x2 feature cells
-    if args.threads is None and q and not gpu:
-        args.threads = 1
+    if q and not gpu:
+        if args.threads is None:
+            args.threads = 1
+        if args.only is None:
+            args.skip = args.skip + ",syncs"  # host syncs cost nothing where the host does the work
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     return args
 
@@ -483,25 +499,48 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(args.preset, device)
     results["settings"]["student_params"] = sum(p.numel() for p in models["student"].parameters())
 
-    if "matmul" not in args.skip:
+    def want(name: str) -> bool:
+        return name not in args.skip and (args.only is None or args.only == name)
+
+    def flush() -> None:  # partial results survive a kill from outside
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    if want("matmul"):
         with section(results, "matmul_peak"):
             n, reps = (8192, 10) if device.type == "cuda" else (512, 3)
             results["matmul_peak"] = bench_matmul(device, n, reps)
-    if "naive" not in args.skip:
+        flush()
+    if want("naive"):
         with section(results, "naive"):
             bench_naive(models, args, device, results)
-    if "ours" not in args.skip:
+        flush()
+    if want("ours"):
         with section(results, "ours"):
             bench_ours(models, args, device, results, compiled=False)
-    if args.compile and "compiled" not in args.skip:
-        with section(results, "ours_compiled"):
-            bench_ours(models, args, device, results, compiled=True)
-    if "cache" not in args.skip:
+        flush()
+    if want("syncs"):
+        with section(results, "ours_trainer_syncs"):
+            bench_ours(models, args, device, results, compiled=False, host_syncs=True)
+        flush()
+    if want("cache"):
         with section(results, "cache_build"):
             bench_cache_build(models, args, device, results)
-    if "loader" not in args.skip:
+        flush()
+    if want("loader"):
         with section(results, "loader"):
             bench_loader(args, device, results, models["student"].feature_channels)
+        flush()
+    if args.only == "compiled":
+        with section(results, "ours_compiled"):
+            bench_ours(models, args, device, results, compiled=True)
+    elif args.compile and want("compiled"):
+        with section(results, "ours_compiled"):
+            del models
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results["ours_compiled"] = compiled_in_subprocess(args)
+        flush()
 
     summarise(results, args)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -512,17 +551,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def compiled_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
+    """The compiled step in a child process with a deadline: a compile that runs long is stopped
+    and reported, and every other number of this run is kept."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_compiled_") as tmp:
+        out = Path(tmp) / "compiled.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--only", "compiled", "--out", str(out)]
+        try:
+            subprocess.run(cmd, timeout=args.compile_timeout, stdout=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"compile + timing did not finish within --compile-timeout {args.compile_timeout} s"}
+        if not out.is_file():
+            return {"error": "the compiled-step process wrote no results (see its log above)"}
+        child = json.loads(out.read_text())
+    res = child.get("ours_compiled", {"error": "no ours_compiled in the child's results"})
+    res["process_s"] = child.get("section_s", {}).get("ours_compiled")
+    return res
+
+
 def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     """The headline numbers: ratio to the naive step, TFLOP/s and the fraction of the matmul peak."""
     s: dict[str, Any] = {}
     naive = results.get("naive", {})
     peak = results.get("matmul_peak", {}).get("tflops")
     flops_ours = results.get("ours", {}).get("flops_per_step")
-    for key in ("naive", "ours", "ours_compiled"):
+    for key in ("naive", "ours", "ours_trainer_syncs", "ours_compiled"):
         r = results.get(key, {})
         if "img_s" not in r:
             continue
-        flops = r.get("flops_per_step") or (flops_ours if key == "ours_compiled" else None)
+        flops = r.get("flops_per_step") or (flops_ours if key != "naive" else None)
         if flops:
             tflops = flops / (r["step_ms"] / 1e3) / 1e12
             r["achieved_tflops"] = sig(tflops)
@@ -545,6 +604,8 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     if "cache_build" in results and "ratio" in results["cache_build"]:
         s["cache_build_ratio"] = results["cache_build"]["ratio"]
         s["goal_cache_build_ratio"] = 2.0
+    if results.get("ours_trainer_syncs", {}).get("img_s") and results.get("ours", {}).get("img_s"):
+        s["trainer_syncs_slowdown"] = round(results["ours"]["img_s"] / results["ours_trainer_syncs"]["img_s"], 3)
     if results.get("loader", {}).get("samples_s") and best.get("img_s"):
         s["loader_over_step"] = round(results["loader"]["samples_s"] / best["img_s"], 2)
     results["summary"] = s

@@ -335,8 +335,13 @@ def _png(arr) -> bytes:
     return buf.getvalue()
 
 
-def write_cache_shards(root: Path, per_type: int, size: tuple[int, int], feat_channels: int, per_shard: int) -> dict:
-    """Cache-format shards (input.png, teacher.png, feature.npy float16, json), photo-like images."""
+def write_cache_shards(root: Path, per_type: int, size: tuple[int, int], feat_channels: int, per_shard: int,
+                       distinct: int = 4) -> dict:
+    """Cache-format shards (input.png, teacher.png, feature.npy float16, json) of photo-like images.
+
+    Only `distinct` samples per type are encoded (PNG encoding is slow) and written again under
+    new keys: decoding costs the same, and the shuffle buffer never sees the repeats side by side.
+    """
     import numpy as np
 
     w, h = size
@@ -344,25 +349,26 @@ def write_cache_shards(root: Path, per_type: int, size: tuple[int, int], feat_ch
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     dirs = {}
     for deg in DEGS:
+        encoded = []
+        for _ in range(min(distinct, per_type)):
+            f = rng.uniform(1, 6, size=(3, 2))
+            clean = np.stack([np.sin(f[c, 0] * xx * 6.28) * np.cos(f[c, 1] * yy * 6.28) for c in range(3)], -1)
+            clean = (clean * 90 + 128 + rng.normal(0, 4, clean.shape)).clip(0, 255).astype(np.uint8)
+            degraded = (clean * 0.6 + 90 + rng.normal(0, 3, clean.shape)).clip(0, 255).astype(np.uint8)
+            feat = rng.standard_normal((feat_channels, h // CELL, w // CELL)).astype(np.float16)
+            buf = io.BytesIO()
+            np.save(buf, feat, allow_pickle=False)
+            meta = {"degradation": deg, "domain": "synthetic", "source": "bench", "split": "train",
+                    "height": h, "width": w}
+            encoded.append({"input.png": _png(degraded), "teacher.png": _png(clean), "feature.npy": buf.getvalue(),
+                            "json": json.dumps(meta).encode()})
         d = root / deg
         d.mkdir(parents=True)
         for s in range(math.ceil(per_type / per_shard)):
             with tarfile.open(d / f"{deg}-{s:06d}.tar", "w", format=tarfile.GNU_FORMAT) as tar:
                 for i in range(s * per_shard, min(per_type, (s + 1) * per_shard)):
-                    f = rng.uniform(1, 6, size=(3, 2))
-                    clean = np.stack([np.sin(f[c, 0] * xx * 6.28) * np.cos(f[c, 1] * yy * 6.28) for c in range(3)], -1)
-                    clean = (clean * 90 + 128 + rng.normal(0, 4, clean.shape)).clip(0, 255).astype(np.uint8)
-                    degraded = (clean * 0.6 + 90 + rng.normal(0, 3, clean.shape)).clip(0, 255).astype(np.uint8)
-                    feat = rng.standard_normal((feat_channels, h // CELL, w // CELL)).astype(np.float16)
-                    buf = io.BytesIO()
-                    np.save(buf, feat, allow_pickle=False)
-                    meta = {"degradation": deg, "domain": "synthetic", "source": "bench", "split": "train",
-                            "height": h, "width": w}
-                    key = f"{deg}-{i:05d}"
-                    members = {"input.png": _png(degraded), "teacher.png": _png(clean), "feature.npy": buf.getvalue(),
-                               "json": json.dumps(meta).encode()}
-                    for ext, data in members.items():
-                        info = tarfile.TarInfo(f"{key}.{ext}")
+                    for ext, data in encoded[i % len(encoded)].items():
+                        info = tarfile.TarInfo(f"{deg}-{i:05d}.{ext}")
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
         dirs[deg] = str(d)

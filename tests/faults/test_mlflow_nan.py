@@ -1,0 +1,203 @@
+"""An MLflow server that dies mid-run, and a NaN injected into a loss.
+
+MLflow: a real `mlflow server` (sqlite) on 127.0.0.1; `train teacher` runs against it through the CLI
+and the server is SIGKILLed the moment the first checkpoint appears. Training goes on to the end and
+says so (naming the spool file), the later metrics land in that local spool (not dropped), and once
+a server is back on the same store `replay_spool` sends them: the run's history is complete and the
+run FINISHED. (tests/test_tracking.py covers the Tracker itself with a server down at start, up,
+down again; here the fault hits a real training job.)
+
+NaN: the real teacher stage with one loss term made NaN at a chosen step: with
+`train.nonfinite: skip` the update is skipped with a warning naming the step and the term, the
+weights stay finite and the count is logged; with `stop` the CLI exits 2 with the step and term.
+(tests/test_trainer.py covers the toy-stage mechanics.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniremoval.cli import main
+
+from ._faults import Job, write_shards, write_yaml
+
+MLFLOW = Path(sys.executable).parent / "mlflow"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server(root: Path, port: int) -> subprocess.Popen:
+    with open(root / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--artifacts-destination", str(root / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 240  # ~9 s idle, far longer on a loaded machine
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            break
+    _kill(proc)
+    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker, no goodbye
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def teacher_cfg(root: Path, **over) -> dict:
+    cfg = {
+        "stage": "teacher", "project": "faults-mlflow", "name": "teacher-haze", "output_dir": str(root / "outputs"),
+        "degradation": "haze", "model": {"preset": "tiny"},
+        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 4,
+                 "pin_memory": False,
+                 "train": [{"name": "syn", "shards": str(root / "shards" / "syn"), "degradation": "haze"}]},
+        "optim": {"lr": 2e-3},
+        "train": {"epochs": 1, "steps_per_epoch": 6, "log_every": 2, "val_every": 100, "image_every": 100,
+                  "seed": 5, "cpu": True},
+        "checkpoint": {"every_steps": 2, "keep_last": 5},
+    }
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_training_continues_metrics_spooled_then_sent(tmp_path):
+    if not MLFLOW.exists():
+        pytest.skip("mlflow CLI not installed")
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.tracking import replay_spool
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 2, 2)
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg_path = write_yaml(tmp_path / "teacher.yaml", teacher_cfg(tmp_path, tracking={"uri": uri}))
+    run_dir = tmp_path / "outputs" / "teacher-haze"
+    spool = run_dir / "mlflow-spool.jsonl"
+
+    server = _server(tmp_path, port)
+    try:
+        job = Job(["train", "teacher", "--config", str(cfg_path)], tmp_path)
+        job.until(lambda: (run_dir / "checkpoints" / "step-00000002").is_dir())
+    finally:
+        _kill(server)
+    rc, err = job.wait()
+    assert rc == 0, err[-3000:]  # training went on to the end
+    assert f"MLflow at {uri} is unreachable" in err and "training continues" in err, err[-3000:]
+    assert f"spooled to {spool}" in err
+    assert f"this run's metrics stay in {spool}" in err  # said again at the end, with what to do
+    meta = json.loads((run_dir / "last.json").read_text())
+    run_id = meta["mlflow_run_id"]
+    assert meta["step"] == 6 and run_id
+
+    ops = [json.loads(line) for line in spool.read_text().splitlines()]
+    spooled = {op["step"]: op["metrics"] for op in ops if op["op"] == "metrics"}
+    assert {4, 6} <= set(spooled)  # logged after the server died: kept locally, not dropped
+    assert all(math.isfinite(v) for v in spooled[6].values()) and "train/total" in spooled[6]
+    assert any(op["op"] == "terminate" and op["status"] == "FINISHED" for op in ops)
+    assert all(op.get("run_id") == run_id for op in ops)
+
+    server = _server(tmp_path, port)  # the server is back, same store
+    try:
+        assert replay_spool(spool, uri) is True
+        assert not spool.exists()
+        client = MlflowClient(uri)
+        steps = [m.step for m in client.get_metric_history(run_id, "train/total")]
+        assert sorted(set(steps)) == [2, 4, 6]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.info.run_name == "teacher-haze"
+        hist = {m.step: m.value for m in client.get_metric_history(run_id, "train/total")}
+        assert hist[6] == pytest.approx(spooled[6]["train/total"])
+    finally:
+        _kill(server)
+
+
+# ------------------------------------------------------------------------------------------- NaN
+
+
+def _poison(monkeypatch, at_step_call: int, term: str) -> None:
+    """Make loss term `term` NaN on the `at_step_call`-th call of the teacher loss (1-based)."""
+    import uniremoval.losses.pixel as pixel
+
+    real = pixel.mprnet_stage_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        terms = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == at_step_call:
+            terms[term] = terms[term] * float("nan")
+            terms["total"] = terms["total"] + terms[term]
+        return terms
+
+    monkeypatch.setattr(pixel, "mprnet_stage_loss", poisoned)
+
+
+@pytest.fixture
+def nan_ws(tmp_path, monkeypatch):
+    write_shards(tmp_path / "shards" / "syn", "syn", 2, 2)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_nan_in_loss_skipped_with_step_and_term(nan_ws, monkeypatch):
+    from safetensors.torch import load_file
+
+    cfg_path = write_yaml(nan_ws / "t.yaml", teacher_cfg(nan_ws, tracking={"enabled": False},
+                                                          train={**teacher_cfg(nan_ws)["train"], "steps_per_epoch": 4}))
+    _poison(monkeypatch, 3, "edge")
+    from uniremoval.config import load_config
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    cfg = load_config(cfg_path, stage="teacher")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = Trainer(cfg, TeacherTraining(cfg)).fit()
+    said = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(said) == 1, said
+    assert "non-finite loss at step 3" in said[0] and "edge=nan" in said[0] and "update skipped" in said[0]
+    assert res.status == "finished" and res.step == 4 and res.nonfinite_skipped == 1
+    assert res.metrics["train/nonfinite_skipped"] == 1.0
+    w = load_file(str(nan_ws / "outputs" / "teacher-haze" / "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values())  # the NaN never reached the weights
+
+
+def test_nan_in_loss_stop_exits_with_step_and_term(nan_ws, monkeypatch, capsys):
+    cfg = teacher_cfg(nan_ws, tracking={"enabled": False})
+    cfg["train"] = {**cfg["train"], "nonfinite": "stop"}
+    cfg_path = write_yaml(nan_ws / "t.yaml", cfg)
+    _poison(monkeypatch, 2, "char")
+    code = main(["train", "teacher", "--config", str(cfg_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert line and "non-finite loss at step 2" in line[0] and "char=nan" in line[0], err[-2000:]
+    assert "train.nonfinite=stop" in line[0]
+    assert not (nan_ws / "outputs" / "teacher-haze" / "last.safetensors").exists()

@@ -55,7 +55,11 @@ class TeacherTraining(Stage):
         if m.init:
             from uniremoval.models.checkpoint import load_checkpoint
 
-            model, _ = load_checkpoint(m.init, arch="mprnet")
+            model, meta = load_checkpoint(m.init, arch="mprnet")
+            saved = meta.get("input_range", "minus_one_one")
+            if saved != self.input_range:  # fine-tuning must feed the range the weights were trained on
+                raise ConfigError(f"model.init {m.init} was trained on {saved!r} images but model.input_range is "
+                                  f"{self.input_range!r}; set model.input_range={saved}")
         else:
             model = build_model("mprnet", m.preset)
         if m.channels_last:

@@ -214,12 +214,20 @@ class _FullDiskFile:
         return self._fh.__exit__(*exc)
 
 
-def fill_disk_after(monkeypatch, budget: int = 4096) -> None:
-    """Every file written through uniremoval.io.atomic_writer gets `budget` bytes, then ENOSPC."""
+def fill_disk_after(monkeypatch, budget: int = 4096, files: int = 0) -> None:
+    """Files written through uniremoval.io.atomic_writer: the first `files` complete, every later one
+    gets `budget` bytes, then ENOSPC (the disk is full)."""
     import uniremoval.io as uio
 
+    opened = {"n": 0}
+
+    def fdopen(fd, mode="r", *a, **k):
+        fh = os.fdopen(fd, mode, *a, **k)
+        opened["n"] += 1
+        return fh if opened["n"] <= files else _FullDiskFile(fh, budget)
+
     fake_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
-    fake_os.fdopen = lambda fd, mode="r", *a, **k: _FullDiskFile(os.fdopen(fd, mode, *a, **k), budget)
+    fake_os.fdopen = fdopen
     monkeypatch.setattr(uio, "os", fake_os)
 
 
@@ -315,3 +323,51 @@ def test_real_full_disk_during_checkpoint(trained, tmpfs, tmp_path):
     assert not (run / "checkpoints" / "step-00000004").exists()
     filler.unlink()  # the operator frees space, then resumes
     _assert_intact_then_resume(cfg_path, run)
+
+
+# ------------------------------------------------------------------------------ full disk, shards
+
+
+def _build(capsys, imgs: Path, out: Path) -> tuple[int, str]:
+    code = main(["shards", "build", "--format", "folder", "--root", str(imgs), "--degradation", "haze", "--out",
+                 str(out), "--max-samples-per-shard", "1", "--workers", "1", "--no-progress"])
+    o = capsys.readouterr()
+    return code, o.out + o.err
+
+
+def test_enospc_during_shard_build(tmp_path, capsys, monkeypatch):
+    from uniremoval.data.manifest import verify_shards
+
+    from ._faults import dataset_keys, tar_keys
+
+    imgs = tmp_path / "raw"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (imgs / f"img{i}.png").write_bytes(png(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)))
+
+    # 1. the disk fills mid-build: the shards written before are complete and readable
+    out = tmp_path / "a"
+    with monkeypatch.context() as m:
+        fill_disk_after(m, budget=2000, files=2)
+        with pytest.raises(OSError) as err:
+            _build(capsys, imgs, out)
+        assert err.value.errno == errno.ENOSPC
+    tars = sorted(p.name for p in out.glob("*.tar"))  # (the builder's state file is written between tars)
+    assert 1 <= len(tars) < 6, tars
+    assert [len(tar_keys(out / t)) for t in tars] == [1] * len(tars)  # each complete and readable
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
+    code, text = _build(capsys, imgs, out)  # space freed: the build completes
+    assert code == 0, text
+    assert len(set(dataset_keys(out))) == 6 and verify_shards(out) == []
+
+    # 2. a rebuild (one input changed) on a full disk: the previous shard and manifest stay intact
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".tar", ".json")}
+    (imgs / "img3.png").write_bytes(png(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)))
+    with monkeypatch.context() as m:
+        fill_disk_after(m, budget=100)
+        with pytest.raises(OSError):
+            _build(capsys, imgs, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".tar", ".json")} == before
+    assert verify_shards(out) == []  # the old dataset is whole and consistent
+    assert not list(out.glob(".*.tmp"))

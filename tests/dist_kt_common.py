@@ -5,8 +5,8 @@ discs), so every degradation is visible and measurable; the degradations are sim
 stand-ins for the paper's types:
 
 * haze: ``I = J t + A (1 - t)`` with a vertical transmission gradient t in [0.45, 0.75], A = 0.9;
-* rain: bright diagonal streaks added (+0.45), clipped;
-* blur: horizontal motion blur, a 7-pixel box kernel (edge-replicated).
+* rain: 8-13 bright diagonal streaks added (+0.6), clipped;
+* blur: horizontal motion blur, an 11-pixel box kernel (edge-replicated).
 
 Shards are written directly in the project's shard format (``input.png``, ``target.png``,
 ``json``, and a ``manifest.json``), not through ``uniremoval shards``: the tests need a few dozen
@@ -52,13 +52,13 @@ def degrade(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     elif kind == "rain":
         ys, xs = np.mgrid[0:h, 0:w]
         mask = np.zeros((h, w), bool)
-        for _ in range(int(rng.integers(5, 9))):
+        for _ in range(int(rng.integers(8, 14))):
             c = rng.integers(-h, w)
-            mask |= (np.abs(xs - ys * 0.5 - c) < 0.8) & (rng.random((h, w)) < 0.9)
-        out = img + 0.45 * mask[..., None]
+            mask |= (np.abs(xs - ys * 0.5 - c) < 1.0) & (rng.random((h, w)) < 0.9)
+        out = img + 0.6 * mask[..., None]
     elif kind == "blur":
-        pad = np.pad(img, ((0, 0), (3, 3), (0, 0)), mode="edge")
-        out = sum(pad[:, i : i + w] for i in range(7)) / 7.0
+        pad = np.pad(img, ((0, 0), (5, 5), (0, 0)), mode="edge")
+        out = sum(pad[:, i : i + w] for i in range(11)) / 11.0
     else:
         raise ValueError(kind)
     return np.clip(out, 0, 1).astype(np.float32)

@@ -15,9 +15,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist_kt_common import REPO, build_workspace, da_overrides, kt_overrides, loss_terms, mlflow_history, run_id_of  # noqa: E402
+from dist_kt_common import (
+    REPO,
+    build_workspace,
+    da_overrides,
+    kt_overrides,
+    loss_terms,
+    mlflow_history,
+    run_id_of,
+)
 
-from uniremoval.config import DAStage, EvalStage, KTStage, ablation_flags, load_config  # noqa: E402
+from uniremoval.config import DAStage, EvalStage, KTStage, ablation_flags, load_config
 
 ABLATION = REPO / "configs" / "ablation"
 G = {"total"}

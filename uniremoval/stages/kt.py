@@ -73,8 +73,6 @@ def build_accelerator(cfg: Any) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    if cfg.train.grad_accum != 1:
-        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(cfg.train.grad_accum)
     plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.train.grad_accum,
                              gradient_clipping=cfg.train.clip_grad_norm)
     kwargs: dict[str, Any] = {"deepspeed_plugin": plugin, "mixed_precision": cfg.train.mixed_precision,

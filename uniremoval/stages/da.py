@@ -16,8 +16,9 @@ by default; lower is better) of the restored held-out real images of each `data.
 as `val/<dataset>/<metric>`, with the unrestored inputs' score once as `val/<dataset>/<metric>_input`
 for reference, and `val/mean/<first metric>` (the best checkpoint's criterion).
 
-The models are named "generator" (the student; its exported weights are `generator-last` /
-`generator-best`) and "discriminator"; each has its own optimiser (`optim`, `optim_d`).
+The models are named "generator" (the student; exported as `<run_dir>/last` and `best`, what
+evaluation and restoration load) and "discriminator" (`discriminator-last`); each has its own
+optimiser (`optim`, `optim_d`) and LR schedule. With `loss.use_gan: false` no discriminator is built.
 
 DeepSpeed: this stage trains two networks, and accelerate's DeepSpeed integration makes one engine
 per `prepare` call with one config; training two engines at once is, per accelerate's docs, an

@@ -242,7 +242,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
                 + (", the trainer's per-step host reads of the loss terms" if host_syncs else ""),
     }
     if compiled:
-        cache = Path(args.compile_cache).resolve()
+        cache = fast.set_compile_cache(args.compile_cache)  # before the artifacts are loaded into it
         out["compile_cache"] = str(cache)
         if args.compile_artifacts:
             out["artifacts_loaded"] = fast.load_compile_artifacts(args.compile_artifacts)

@@ -20,6 +20,7 @@ for every layer.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -174,9 +175,10 @@ def test_autocast_dtype_choices():
     assert isinstance(fast.autocast("cpu", None), type(fast.autocast("cpu", None)))
 
 
-def test_speed_from_config(tmp_path):
+def test_speed_from_config(tmp_path, monkeypatch):
     from uniremoval.config import KTStage
 
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     cfg = KTStage.model_validate({"model": {"preset": "tiny", "channels_last": True},
                                   "train": {"mixed_precision": "bf16"}, "stage": "kt",
                                   "output_dir": str(tmp_path)})
@@ -185,6 +187,8 @@ def test_speed_from_config(tmp_path):
     model = speed.prepare_model(MPRNet("tiny"))
     assert model.tail.weight.is_contiguous(memory_format=torch.channels_last)
     assert speed.compile_cache == str(tmp_path / "default" / "compile_cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's export wins
+    assert fast.Speed.from_config(cfg, "cpu").compile_cache == str(tmp_path / "mine")
 
 
 def test_compile_in_place_keeps_keys_and_eager_stance(tmp_path, monkeypatch):
@@ -199,7 +203,7 @@ def test_compile_in_place_keeps_keys_and_eager_stance(tmp_path, monkeypatch):
     assert same is model and type(model) is MPRNet  # checkpoints and wrappers see the plain network
     assert list(model.state_dict()) == keys
     assert (tmp_path / "inductor").is_dir()
-    assert fast.set_compile_cache(tmp_path / "other") == (tmp_path / "inductor").resolve()  # env setting wins
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "inductor").resolve())
     with torch.no_grad(), fast.eager():  # no compilation here (it would take minutes on this CPU)
         torch.testing.assert_close(model(x)[0], want, rtol=0, atol=0)
     assert not fast.load_compile_artifacts(tmp_path / "missing.bin")

@@ -143,10 +143,12 @@ def make_adam(
 def set_compile_cache(cache_dir: str | os.PathLike) -> Path:
     """Point inductor's on-disk caches (FX graphs, AOTAutograd, Triton kernels) at `cache_dir`.
 
-    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it needs the cache, so this must run before
-    the first compiled call; an explicit environment setting by the user wins.
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` each time it needs the cache, but fills it with its
+    default (``/tmp/torchinductor_<user>``) the first time it looks, so an existing value does not
+    mean the user chose it: this always sets it. Call it before the first compiled call (and
+    before `load_compile_artifacts`). `Speed.from_config` keeps a value the user exported.
     """
-    path = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir).resolve()
+    path = Path(cache_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
@@ -219,13 +221,14 @@ class Speed:
         """From ``model.channels_last``, ``model.compile``, ``train.mixed_precision``, ``optim.fused``."""
         dev = torch.device(device)
         run_dir = getattr(cfg, "run_dir", None)
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or (str(Path(run_dir) / "compile_cache") if run_dir else None)
         return cls(
             device=dev,
             dtype=autocast_dtype(cfg.train.mixed_precision, dev),
             channels_last=bool(cfg.model.channels_last),
             compile=bool(cfg.model.compile),
             fused=getattr(getattr(cfg, "optim", None), "fused", None),
-            compile_cache=str(Path(run_dir) / "compile_cache") if run_dir else None,
+            compile_cache=cache,
         )
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -650,7 +650,8 @@ def make_grid(workdir: Path, degradations: list[str], per_type: int, out: Path) 
                     t = next((v for n, v in fields.items() if n.startswith("target.")), None)
                     if t is not None:
                         targets[key] = t
-            names = sorted(p.name for p in (workdir / "eval" / ds / "input" / "images").glob("*.png"))[:per_type]
+            names = sorted(p.name for p in (workdir / "eval" / ds / "input" / "images").glob("*.png"))
+            names = names[:: max(1, len(names) // per_type)][:per_type]  # spread over the test photos
             for name in names:
                 row = [Image.open(workdir / "eval" / ds / lab / "images" / name).convert("RGB")
                        for lab in ("input", "kt", "da") if (workdir / "eval" / ds / lab / "images" / name).is_file()]

@@ -84,7 +84,7 @@ def env(**extra: str) -> dict[str, str]:
 def cli(args: list[str], cwd: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
     """`python -m uniremoval ARGS` to completion."""
     return subprocess.run([sys.executable, "-m", "uniremoval", *args], cwd=cwd, env=env(**extra_env),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 class Job:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from uniremoval.cli import main
+
 from ._faults import write_yaml
 
 TEACHER = {
@@ -112,8 +113,9 @@ def test_bad_cli_value(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "imgs"
     data.mkdir()
-    from ._faults import png
     import numpy as np
+
+    from ._faults import png
 
     (data / "a.png").write_bytes(png(np.full((32, 32, 3), 128, np.uint8)))
     argv = [a.format(tmp=tmp_path, data=data) for a in argv]

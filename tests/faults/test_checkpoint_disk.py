@@ -290,12 +290,12 @@ def tmpfs(tmp_path):
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+                                           capture_output=True, check=False).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN); the injected-ENOSPC tests cover it")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _fill(mnt: Path) -> Path:

@@ -56,8 +56,8 @@ def inject(folder: Path, fault: str, index: int = 1) -> tuple[str, str | None]:
         return shard.name, None
     if fault == "header_checksum":
         data = bytearray(shard.read_bytes())
-        first = tarfile.open(shard).getmembers()
-        off = first[1].offset  # the second member's header: its name field
+        with tarfile.open(shard) as tf:
+            off = tf.getmembers()[1].offset  # the second member's header: its name field
         data[off + 5] ^= 0x01
         shard.write_bytes(bytes(data))
         return shard.name, None

@@ -143,7 +143,7 @@ def test_server_killed_mid_run_training_continues_metrics_spooled_then_sent(tmp_
 
 def _poison(monkeypatch, at_step_call: int, term: str) -> None:
     """Make loss term `term` NaN on the `at_step_call`-th call of the teacher loss (1-based)."""
-    import uniremoval.losses.pixel as pixel
+    from uniremoval.losses import pixel
 
     real = pixel.mprnet_stage_loss
     calls = {"n": 0}

@@ -238,7 +238,8 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
     out: dict[str, Any] = {
         "what": f"{args.precision} autocast (networks; contrastive loss fp32), channels_last, cudnn.benchmark, "
                 f"{'fused' if 'fused' in fast.adam_impl(device, True if args.cpu_fused else None) else 'foreach'} "
-                "Adam, cached teacher targets" + (f", torch.compile mode={args.compile_mode}" if compiled else "")
+                "Adam, cached teacher targets"
+                + (f", torch.compile backend={args.compile_backend} mode={args.compile_mode}" if compiled else "")
                 + (", the trainer's per-step host reads of the loss terms" if host_syncs else ""),
     }
     if compiled:
@@ -247,8 +248,8 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         if args.compile_artifacts:
             out["artifacts_loaded"] = fast.load_compile_artifacts(args.compile_artifacts)
         mode = None if args.compile_mode == "default" else args.compile_mode
-        run_student = fast.compile_module(student, cache, mode=mode)
-        run_phi = fast.compile_module(phi, cache, mode=mode)
+        run_student = fast.compile_module(student, cache, mode=mode, backend=args.compile_backend)
+        run_phi = fast.compile_module(phi, cache, mode=mode, backend=args.compile_backend)
     step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, host_syncs)
     reset_peak(device)
     # The first steps compile (the second one too: the first backward compiles lazily) and let
@@ -434,6 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (aot_eager: checks tracing on CPU without generating code)")
     p.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "uniremoval_inductor"),
                    help="inductor cache folder (kept between runs on one machine)")
     p.add_argument("--compile-artifacts", default=None,
@@ -560,15 +563,30 @@ def main(argv: list[str] | None = None) -> int:
 def compiled_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
     """The compiled step in a child process with a deadline: a compile that runs long is stopped
     and reported, and every other number of this run is kept."""
+    import signal
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="gpu_bench_compiled_") as tmp:
         out = Path(tmp) / "compiled.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--only", "compiled", "--out", str(out)]
+        # Own process group (not a new session): the child and its compile workers are stopped
+        # together, on the deadline or when this process is told to stop.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, process_group=0)
+
+        def stop_child(*_: Any) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        previous = signal.signal(signal.SIGTERM, lambda *a: (stop_child(), sys.exit(143)))
         try:
-            subprocess.run(cmd, timeout=args.compile_timeout, stdout=subprocess.DEVNULL, check=False)
+            proc.wait(timeout=args.compile_timeout)
         except subprocess.TimeoutExpired:
+            stop_child()
+            proc.wait()
             return {"error": f"compile + timing did not finish within --compile-timeout {args.compile_timeout} s"}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            stop_child()  # compile workers left behind by a finished child
         if not out.is_file():
             return {"error": "the compiled-step process wrote no results (see its log above)"}
         child = json.loads(out.read_text())

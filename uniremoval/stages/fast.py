@@ -159,6 +159,7 @@ def compile_module(
     cache_dir: str | os.PathLike | None = None,
     mode: str | None = None,
     dynamic: bool = False,
+    backend: str = "inductor",
 ) -> nn.Module:
     """Compile `module` in place (``nn.Module.compile``) with the inductor cache in `cache_dir`.
 
@@ -170,7 +171,10 @@ def compile_module(
     """
     if cache_dir is not None:
         set_compile_cache(cache_dir)
-    module.compile(mode=mode, dynamic=dynamic)
+    if backend != "inductor":  # e.g. "aot_eager": traces and splits forward/backward, generates no code
+        module.compile(backend=backend, dynamic=dynamic)
+    else:
+        module.compile(mode=mode, dynamic=dynamic)
     return module
 
 

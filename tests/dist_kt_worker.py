@@ -40,18 +40,23 @@ def run_phase(phase: dict) -> tuple[dict, object]:
     if cfg.stage == "kt":
         if cfg.teachers.mode == "cached":
             kt.check_teacher_cache(cfg)
-        acc = kt.build_accelerator(cfg)
-        stage = kt.KnowledgeTransfer(cfg, acc)
-        trainer = kt.make_trainer(cfg, stage, acc)
+        stage = kt.KnowledgeTransfer(cfg)
     else:
         da.refuse_deepspeed()
         stage = da.DomainAdaptation(cfg)
-        trainer = Trainer(cfg, stage)
+    trainer = Trainer(cfg, stage)
     result = trainer.fit(resume=phase.get("resume"))
     acc = trainer.accelerator
     prints = {}
     for name in stage.trainable:
-        fp = fingerprint(acc.unwrap_model(trainer.models[name])).to(acc.device)
+        model = trainer.models[name]
+        if kt.zero_stage(acc) == 3:  # sharded parameters: gather them on every rank (collective)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                fp = fingerprint(acc.unwrap_model(model)).to(acc.device)
+        else:
+            fp = fingerprint(acc.unwrap_model(model)).to(acc.device)
         prints[name] = acc.gather(fp.unsqueeze(0)).cpu().tolist()
     record = {"stage": cfg.stage, "status": result.status, "step": result.step, "run_id": result.run_id,
               "world_size": acc.num_processes, "fingerprints": prints, "initial": initial,

@@ -106,8 +106,8 @@ def test_kt_and_da_on_two_processes_log_terms_checkpoint_and_resume(ws):
         assert 5.0 < kt_hist[f"val/val_{k}/psnr_input"][0][1] < 40.0
         assert 0.0 < kt_hist[f"val/val_{k}/ssim"][-1][1] <= 1.0
     assert [s for s, _ in kt_hist["train/weight_a1"]] == [1, 2, 3, 4]
-    # a1 = 0.5 * 0.99 ** epoch, 2 steps per epoch
-    assert [v for _, v in kt_hist["train/weight_a1"]] == pytest.approx([0.5, 0.495, 0.495, 0.49005])
+    # a1 = 0.5 * 0.99 ** epoch, 2 steps per epoch: steps 1-2 are epoch 0, steps 3-4 epoch 1
+    assert [v for _, v in kt_hist["train/weight_a1"]] == pytest.approx([0.5, 0.5, 0.495, 0.495])
 
     da_hist = mlflow_history(uri, first[1]["run_id"])
     assert loss_terms(da_hist) == {"gan", "idt", "eig", "efg", "total", "d_real", "d_fake", "d_total"}
@@ -115,7 +115,8 @@ def test_kt_and_da_on_two_processes_log_terms_checkpoint_and_resume(ws):
     for k in TYPES:
         restored = da_hist[f"val/real_{k}/piqe"]
         assert [s for s, _ in restored] == [2, 4] and all(0.0 <= v <= 100.0 for _, v in restored)
-        assert len(da_hist[f"val/real_{k}/piqe_input"]) == 1  # the inputs are scored once
+        # the unrestored inputs are scored once per process (so again after the resume): same value
+        assert len({v for _, v in da_hist[f"val/real_{k}/piqe_input"]}) == 1
     assert "train/lr_generator" in da_hist and "train/lr_discriminator" in da_hist
 
 

@@ -21,8 +21,10 @@ DeepSpeed. Online teachers see the *crop* while the cache ran them on the whole 
 crop borders the two differ slightly (a convolutional network's context); both are valid targets.
 
 DeepSpeed (launch/deepspeed_zero2.yaml, deepspeed_zero3.yaml): only the student is prepared, so
-only it becomes a DeepSpeed engine; teachers and VGG-19 stay plain modules. On a machine without
-CUDA the accelerator is built with the gloo backend (see ../shared/STACK.md).
+only it becomes a DeepSpeed engine; teachers and VGG-19 stay plain modules (the trainer builds the
+DeepSpeed accelerator, gloo on a machine without CUDA, see ../shared/STACK.md). Under ZeRO-3 the
+student's parameters are sharded, so validation forwards through the engine on every rank in
+lockstep.
 """
 
 from __future__ import annotations
@@ -59,100 +61,12 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
-def build_accelerator(cfg: Any) -> Any:
-    """The trainer's accelerator, or a DeepSpeed one when the launch config asks for DeepSpeed.
-
-    DeepSpeed on a machine without CUDA only works without `cpu=True` and with the gloo backend
-    (accelerate's `cpu=True` silently drops DeepSpeed); DeepSpeedPlugin() reads the zero stage
-    and offload settings from the environment accelerate launch sets.
-    """
-    if not deepspeed_requested():
-        from uniremoval.stages.trainer import build_accelerator as default_accelerator
-
-        return default_accelerator(cfg)
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-    plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.train.grad_accum,
-                             gradient_clipping=cfg.train.clip_grad_norm)
-    kwargs: dict[str, Any] = {"deepspeed_plugin": plugin, "mixed_precision": cfg.train.mixed_precision,
-                              "gradient_accumulation_steps": cfg.train.grad_accum}
-    if not torch.cuda.is_available():
-        if cfg.train.mixed_precision == "fp16":
-            raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(**kwargs)
-
-
-def configure_deepspeed(accelerator: Any, micro_batch: int, clip_grad_norm: float | None) -> None:
-    """DeepSpeed needs the per-process micro-batch size; our loaders are not passed to prepare()
-    (see the pipelines' docs), so it cannot infer it: set it before the student is prepared.
-    Clipping is DeepSpeed's job under DeepSpeed; accelerate would fill an unset value with 1.0,
-    so the config's train.clip_grad_norm (None: 0 = off) is written explicitly."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = micro_batch
-    ds["gradient_clipping"] = float(clip_grad_norm) if clip_grad_norm else 0.0
-
-
 def zero_stage(accelerator: Any) -> int:
+    """0 without DeepSpeed; under ZeRO-3 the student's parameters are sharded across ranks."""
+    if not str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
+        return 0
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
-
-
-def base_optimizer(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's and DeepSpeed's wrappers (ZeRO wraps the client optimizer;
-    its param_groups are the ones whose 'lr' the LR schedule must set)."""
-    inner = getattr(opt, "optimizer", opt)
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    return inner
-
-
-class DeepSpeedTrainer(Trainer):
-    """The shared trainer, with the LR schedule attached to the torch optimizer inside ZeRO's wrapper.
-
-    Trainer.setup gives LambdaLR the prepared optimizer's `.optimizer`, which under DeepSpeed is a
-    DeepSpeedZeroOptimizer (not a torch Optimizer: LambdaLR refuses it). This setup is Trainer.setup
-    with that one line changed; it goes away once trainer.py unwraps the optimizer itself.
-    """
-
-    def setup(self) -> None:
-        import random
-
-        import numpy as np
-        from accelerate.utils import set_seed
-
-        from uniremoval.stages.trainer import lr_factor, make_optimizer
-
-        acc = self.accelerator
-        set_seed(self.cfg.train.seed)
-        models = self.stage.build_models()
-        on_cuda = acc.device.type == "cuda"
-        for name, model in models.items():
-            if name not in self.stage.trainable:
-                model.to(acc.device).eval().requires_grad_(False)  # frozen: never handed to DeepSpeed
-                self.models[name] = model
-        for name in self.stage.trainable:
-            model = models[name].train()
-            opt = make_optimizer(model.parameters(), self.stage.optim_config(name), on_cuda)
-            model, opt = acc.prepare(model, opt)
-            self.models[name], self.optimizers[name] = model, opt
-            base_lr = self.stage.optim_config(name).lr
-            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                base_optimizer(opt), lambda s, b=base_lr: lr_factor(self.cfg.schedule, s, self.schedule_horizon(), b))
-        seed = self.cfg.train.seed + 1000 * acc.process_index
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        torch.manual_seed(seed)
-
-
-def make_trainer(cfg: KTStage, stage: Stage, accelerator: Any) -> Trainer:
-    """DeepSpeedTrainer under DeepSpeed, the plain trainer otherwise."""
-    cls = DeepSpeedTrainer if getattr(accelerator.state, "deepspeed_plugin", None) is not None else Trainer
-    return cls(cfg, stage, accelerator=accelerator)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -302,13 +216,12 @@ class KnowledgeTransfer(Stage):
     trainable = ("student",)
     best_metric = ("val/mean/psnr", "max")
 
-    def __init__(self, cfg: KTStage, accelerator: Any | None = None) -> None:
+    def __init__(self, cfg: KTStage) -> None:
         super().__init__(cfg)
         self.cfg: KTStage = cfg
         self.online = cfg.teachers.mode == "online"
         self.degradations = list(cfg.data.degradations)
         self.cell = cfg.data.feature_cell
-        self.accelerator = accelerator
         self.loss_fn: nn.Module | None = None
         self.teachers: dict[str, Teacher] = {}
         for src in cfg.data.train:
@@ -320,8 +233,6 @@ class KnowledgeTransfer(Stage):
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg = self.cfg
-        if self.accelerator is not None:
-            configure_deepspeed(self.accelerator, cfg.data.batch_size, cfg.train.clip_grad_norm)
         models: dict[str, nn.Module] = {"student": build_student(cfg)}
         phi = build_phi(cfg) if cfg.loss.use_icl else None
         if phi is not None:
@@ -372,7 +283,7 @@ class KnowledgeTransfer(Stage):
     def validate(self, ctx: TrainContext) -> dict[str, float]:
         if not self.cfg.data.val:
             return {}
-        lockstep = self.accelerator is not None and zero_stage(self.accelerator) == 3
+        lockstep = zero_stage(ctx.accelerator) == 3
         model = ctx.models["student"] if lockstep else ctx.unwrap("student")
         return validate_paired(ctx, model, self.cfg.model.input_range, self.cfg.data.val, lockstep)
 
@@ -419,7 +330,5 @@ def run(cfg: KTStage, args: Any = None) -> int:
 
     if cfg.teachers.mode == "cached":
         check_teacher_cache(cfg)
-    accelerator = build_accelerator(cfg)
-    stage = KnowledgeTransfer(cfg, accelerator)
-    result = make_trainer(cfg, stage, accelerator).fit(resume=getattr(args, "resume", None))
+    result = Trainer(cfg, KnowledgeTransfer(cfg)).fit(resume=getattr(args, "resume", None))
     return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0

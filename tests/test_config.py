@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from uniremoval.config import KTStage, ablation_flags, config_hash, load_config
 from uniremoval.errors import ConfigError
@@ -77,10 +78,23 @@ loss: {use_icl: false, use_fcl: false}
 
 
 def test_shipped_configs_all_load():
-    files = [p for p in (REPO / "configs").rglob("*.yaml") if "stage:" in p.read_text()]
-    assert files, "configs/ should hold stage configs"
+    """Every shipped stage config resolves. A partial base (extended by others) may only lack required
+    keys that its children fill in."""
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    bases = set()
+    for path in configs:
+        extends = (yaml.safe_load(path.read_text()) or {}).get("extends") or []
+        for base in [extends] if isinstance(extends, str) else extends:
+            bases.add((path.parent / base).resolve())
+    files = [p for p in configs if "stage:" in p.read_text()]
+    assert len(files) >= 15, "configs/ should hold the teacher, cache, kt, da, paper, ablation and demo configs"
     for path in files:
-        load_config(path)
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            lines = str(exc).splitlines()[1:]
+            if path.resolve() not in bases or not all("is missing" in line for line in lines):
+                raise
 
 
 def message(path, overrides=()):

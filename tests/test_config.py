@@ -86,15 +86,17 @@ def test_shipped_configs_all_load():
         extends = (yaml.safe_load(path.read_text()) or {}).get("extends") or []
         for base in [extends] if isinstance(extends, str) else extends:
             bases.add((path.parent / base).resolve())
-    files = [p for p in configs if "stage:" in p.read_text()]
-    assert len(files) >= 15, "configs/ should hold the teacher, cache, kt, da, paper, ablation and demo configs"
-    for path in files:
+    loaded = 0
+    for path in configs:
         try:
             load_config(path)
+            loaded += 1
         except ConfigError as exc:
-            lines = str(exc).splitlines()[1:]
-            if path.resolve() not in bases or not all("is missing" in line for line in lines):
+            lines = str(exc).splitlines()[1:] or [str(exc)]
+            partial = all("is missing" in line or "got None" in line for line in lines)
+            if path.resolve() not in bases or not partial:
                 raise
+    assert loaded >= 15, "configs/ should hold the teacher, cache, kt, da, paper, ablation and demo configs"
 
 
 def message(path, overrides=()):

@@ -92,9 +92,10 @@ def test_shipped_configs_all_load():
             load_config(path)
             loaded += 1
         except ConfigError as exc:
-            lines = str(exc).splitlines()[1:] or [str(exc)]
-            partial = all("is missing" in line or "got None" in line for line in lines)
-            if path.resolve() not in bases or not partial:
+            if "key 'stage' must be one of" in str(exc) and "got None" in str(exc):
+                continue  # not a stage config (e.g. configs/demo/demo.yaml, the demo's own settings)
+            lines = str(exc).splitlines()[1:]
+            if path.resolve() not in bases or not all("is missing" in line for line in lines):
                 raise
     assert loaded >= 15, "configs/ should hold the teacher, cache, kt, da, paper, ablation and demo configs"
 

@@ -217,7 +217,6 @@ class Demo:
         self.tracking_uri = f"sqlite:///{self.workdir / 'mlflow.db'}"
         self.result = DemoResult(self.workdir, self.tracking_uri, self.plan.project)
         self._t0 = time.perf_counter()
-        self._n = 0
         self._brisque_noted = False
 
     # ---------------------------------------------------------------- helpers
@@ -229,7 +228,6 @@ class Demo:
 
     def step(self, name: str, fn: Callable[[], str | None], reuse: Callable[[], str | None] | None = None) -> None:
         """Run `fn` unless `reuse()` says its outputs exist and validate (returns a note)."""
-        self._n += 1
         start = time.perf_counter()
         note = reuse() if reuse else None
         if note is not None:

@@ -120,7 +120,8 @@ def kt_terms(
     """
     x, labels = batch["input"], batch["degradation"]
     if teachers is not None:
-        assert degradations is not None
+        if degradations is None:
+            raise ValueError("kt_terms with online teachers needs the degradation names (labels index them)")
         t_img, t_feat = teacher_targets(teachers, degradations, x, labels, cell)
     else:
         t_img, t_feat = batch["teacher"], batch.get("feature")

@@ -477,3 +477,10 @@ def test_vgg_random_is_frozen_tagged_and_deterministic() -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="relu9_1"):
         VGGFeatures(layers=("relu9_1",), weights="random")
+
+
+def test_identical_weights_give_identical_checkpoint_hashes(tmp_path: Path) -> None:
+    """The cache identifies teachers by file sha256: re-saving the same weights must not change it."""
+    model = tiny(3)
+    hashes = {checkpoint_sha256(save_checkpoint(tmp_path / f"copy{i}", model, {"step": 1})) for i in range(4)}
+    assert len(hashes) == 1

@@ -125,7 +125,9 @@ def save_checkpoint(
         raise CheckpointError(f"save_checkpoint({base}): meta is not JSON-serialisable: {exc}") from exc
 
     weights = _with_suffix(base, WEIGHTS_SUFFIX)
-    atomic_write_bytes(weights, st_save(tensors, metadata={"format": "pt", "arch": str(record["arch"])}))
+    # One metadata key only: safetensors writes metadata in hash-map order, so several keys would give
+    # identical weights different file hashes (and a re-saved teacher would look like another one).
+    atomic_write_bytes(weights, st_save(tensors, metadata={"format": "pt"}))
     record["weights_sha256"] = sha256_file(weights)
     atomic_write_json(_with_suffix(base, META_SUFFIX), record)
     return weights

@@ -433,9 +433,10 @@ class Trainer:
             ds = plugin.deepspeed_config
             if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
                 ds["train_micro_batch_size_per_gpu"] = self.cfg.data.batch_size
-            clip = self.cfg.train.clip_grad_norm
-            if clip is not None and ds.get("gradient_clipping") in (None, "auto"):
-                ds["gradient_clipping"] = clip
+            # "auto" would make accelerate fill in 1.0 and clip silently; follow train.clip_grad_norm.
+            if ds.get("gradient_clipping") in (None, "auto"):
+                clip = self.cfg.train.clip_grad_norm
+                ds["gradient_clipping"] = clip if clip is not None else 0.0
 
     def start_tracking(self) -> None:
         if self.tracker is None and self.cfg.tracking.enabled and self.accelerator.is_main_process:

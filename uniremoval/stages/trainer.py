@@ -59,6 +59,7 @@ all-reduce), write a checkpoint and return with ``status == "preempted"`` (the C
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -78,6 +79,7 @@ from torch import Tensor, nn
 
 from uniremoval.config import OptimConfig, ScheduleConfig, StageBase, config_hash
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
+from uniremoval.stages import fast
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
@@ -383,18 +385,27 @@ class Trainer:
 
         acc = self.accelerator
         self._check_deepspeed()
+        self.speed = fast.Speed.from_config(self.cfg, acc.device)
         set_seed(self.cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
         models = self.stage.build_models()
         missing = [n for n in self.stage.trainable if n not in models]
         if missing:
             raise ConfigError(f"stage {self.stage.run_name}: trainable model(s) {missing} not built")
         on_cuda = acc.device.type == "cuda"
+        if on_cuda:  # fixed crop shapes: let cuDNN pick the fastest kernels (matmul TF32 stays off, see fast.py)
+            torch.backends.cudnn.benchmark = True
         for name, model in models.items():
             if name not in self.stage.trainable:
                 model.to(acc.device).eval().requires_grad_(False)  # frozen: never wrapped
+                if self.speed.channels_last:
+                    fast.to_channels_last(model)
                 self.models[name] = model
         for name in self.stage.trainable:
             model = models[name].train()
+            if self.speed.channels_last:
+                fast.to_channels_last(model)
+            if self.speed.compile:  # in place: state_dict keys and DDP wrapping stay as they are
+                fast.compile_module(model, self.speed.compile_cache)
             opt = make_optimizer(model.parameters(), self.stage.optim_config(name), on_cuda)
             model, opt = acc.prepare(model, opt)
             self.models[name], self.optimizers[name] = model, opt
@@ -530,7 +541,8 @@ class Trainer:
             self.models[name].eval()
         try:
             with torch.no_grad():
-                metrics = self.stage.validate(self.ctx)
+                with fast.eager() if self.speed.compile else contextlib.nullcontext():  # varying sizes
+                    metrics = self.stage.validate(self.ctx)
         finally:
             for name in self.stage.trainable:
                 self.models[name].train()
@@ -696,7 +708,7 @@ class Trainer:
             raise DataError(f"the training data of epoch {epoch} ended early (rank {self.accelerator.process_index},"
                             f" step {self.step}); an epoch needs {need} micro-batches (train.steps_per_epoch x "
                             f"train.grad_accum)") from None
-        return to_device(batch, self.accelerator.device)
+        return to_device(batch, self.accelerator.device, self.speed.channels_last)
 
     def _progress(self, total: int) -> Any:
         from tqdm.auto import tqdm
@@ -777,13 +789,18 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
+IMAGE_KEYS = ("input", "target", "teacher")  # feature grids only enter the loss: left as they are
+
+
+def to_device(obj: Any, device: torch.device, channels_last: bool = False, key: str | None = None) -> Any:
+    """Move a (nested) batch to `device`; with channels_last the image tensors go NHWC on the way."""
     if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
+        obj = obj.to(device, non_blocking=True)
+        return fast.channels_last_input(obj) if channels_last and key in IMAGE_KEYS else obj
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, channels_last, k) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], Tensor):
-        return type(obj)(to_device(v, device) for v in obj)
+        return type(obj)(to_device(v, device, channels_last, key) for v in obj)
     return obj
 
 

@@ -55,6 +55,7 @@ def test_overrides_apply_last_and_parse_yaml_values(kt_file):
     assert cfg.data.train[1].weight == 0.5
     assert cfg.loss.use_fcl is False
     assert cfg.optim.betas == (0.5, 0.999)
+    assert load_config(kt_file, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML's no = False
     assert config_hash(cfg) != config_hash(load_config(kt_file))
 
 

@@ -171,6 +171,12 @@ class TrainConfig(Strict):
     max_nonfinite: int = Field(50, ge=0)
     cpu: bool = False
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        # YAML 1.1 reads a bare `no` (in a file or `train.mixed_precision=no`) as False.
+        return "no" if v is False else v
+
 
 class CheckpointConfig(Strict):
     every_steps: int = Field(1000, ge=1)

@@ -259,7 +259,7 @@ def test_kt_student_learns_every_degradation(tmp_path):
     cfg = load_config(REPO / "configs" / "kt.yaml", [
         "name=learn", f"output_dir={tmp_path}/out", "model.preset=tiny", f"data.train=[{src}]", f"data.val=[{vsrc}]",
         "data.batch_size=6", "data.crop_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
-        "data.pin_memory=false", "optim.lr=2e-3", f"train.epochs={steps // 20}", "train.steps_per_epoch=20",
+        "data.pin_memory=false", "train.mixed_precision=no", "optim.lr=2e-3", f"train.epochs={steps // 20}", "train.steps_per_epoch=20",
         f"train.val_every={steps}", "train.log_every=20", f"checkpoint.every_steps={steps}", "loss.tau=0.1",
         "features.weights=random", "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]",
         "tracking.enabled=false",

@@ -60,6 +60,7 @@ all-reduce), write a checkpoint and return with ``status == "preempted"`` (the C
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -386,6 +387,11 @@ class Trainer:
         acc = self.accelerator
         self._check_deepspeed()
         self.speed = fast.Speed.from_config(self.cfg, acc.device)
+        if self.deepspeed and self.speed.channels_last:
+            # DeepSpeed broadcasts parameters as raw bytes, which needs contiguous (NCHW) storage.
+            warnings.warn("model.channels_last is ignored under DeepSpeed (its parameter broadcast needs "
+                          "contiguous weights); use a DDP launch config for channels_last", stacklevel=2)
+            self.speed = dataclasses.replace(self.speed, channels_last=False)
         set_seed(self.cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
         models = self.stage.build_models()
         missing = [n for n in self.stage.trainable if n not in models]

@@ -95,17 +95,20 @@ def channels_last_input(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def to_device(batch: dict[str, Any], device: torch.device | str, channels_last: bool = False) -> dict[str, Any]:
-    """Move a loader batch's tensors to `device` (non-blocking from pinned memory); with channels_last
-    the images go NHWC on the way (feature grids stay as they are: they only enter the loss)."""
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if isinstance(v, Tensor):
-            v = v.to(device, non_blocking=True)
-            if channels_last and k in ("input", "target", "teacher"):
-                v = channels_last_input(v)
-        out[k] = v
-    return out
+IMAGE_KEYS = ("input", "target", "teacher")  # feature grids only enter the loss: left as they are
+
+
+def to_device(obj: Any, device: torch.device | str, channels_last: bool = False, key: str | None = None) -> Any:
+    """Move a (nested) loader batch's tensors to `device` (non-blocking from pinned memory); with
+    channels_last the image tensors go NHWC on the way. DA batches nest {"degraded": ..., "clear": ...}."""
+    if isinstance(obj, Tensor):
+        obj = obj.to(device, non_blocking=True)
+        return channels_last_input(obj) if channels_last and key in IMAGE_KEYS else obj
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, channels_last, k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], Tensor):
+        return type(obj)(to_device(v, device, channels_last, key) for v in obj)
+    return obj
 
 
 # ------------------------------------------------------------------------------------ optimiser

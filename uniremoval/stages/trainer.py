@@ -546,9 +546,9 @@ class Trainer:
         for name in self.stage.trainable:
             self.models[name].eval()
         try:
-            with torch.no_grad():
-                with fast.eager() if self.speed.compile else contextlib.nullcontext():  # varying sizes
-                    metrics = self.stage.validate(self.ctx)
+            # Validation images vary in size: run compiled models eagerly rather than recompile per size.
+            with torch.no_grad(), fast.eager() if self.speed.compile else contextlib.nullcontext():
+                metrics = self.stage.validate(self.ctx)
         finally:
             for name in self.stage.trainable:
                 self.models[name].train()
@@ -714,7 +714,7 @@ class Trainer:
             raise DataError(f"the training data of epoch {epoch} ended early (rank {self.accelerator.process_index},"
                             f" step {self.step}); an epoch needs {need} micro-batches (train.steps_per_epoch x "
                             f"train.grad_accum)") from None
-        return to_device(batch, self.accelerator.device, self.speed.channels_last)
+        return fast.to_device(batch, self.accelerator.device, self.speed.channels_last)
 
     def _progress(self, total: int) -> Any:
         from tqdm.auto import tqdm
@@ -793,21 +793,6 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
-
-
-IMAGE_KEYS = ("input", "target", "teacher")  # feature grids only enter the loss: left as they are
-
-
-def to_device(obj: Any, device: torch.device, channels_last: bool = False, key: str | None = None) -> Any:
-    """Move a (nested) batch to `device`; with channels_last the image tensors go NHWC on the way."""
-    if isinstance(obj, Tensor):
-        obj = obj.to(device, non_blocking=True)
-        return fast.channels_last_input(obj) if channels_last and key in IMAGE_KEYS else obj
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, channels_last, k) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], Tensor):
-        return type(obj)(to_device(v, device, channels_last, key) for v in obj)
-    return obj
 
 
 def _rng_state() -> dict[str, Any]:

@@ -30,14 +30,9 @@ CALIB = REPO.parent / "shared" / "realdata" / "pyiqa_calibration"
 SOURCES = REPO / ".cache" / "iqa-sources"  # git-ignored; downloads kept between runs
 sys.path.insert(0, str(REPO / "tests"))
 
+from _fixtures import one_torch_thread
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared 2-core machine torch's default thread pool oversubscribes: 10x slower convolutions.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)  # 2 threads on 2 shared cores: 10x+ slower
 
 
 def _env(**extra: str) -> dict[str, str]:

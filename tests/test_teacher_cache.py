@@ -4,7 +4,6 @@ refused once stale. Tiny MPRNet, 40x48 images, a handful of steps."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -17,66 +16,22 @@ import pytest
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _fixtures import H, W, one_torch_thread, write_shards
+
 from uniremoval.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_trainer_teacher.py"
-H, W = 40, 48  # not multiples of 8 (the model pads) nor of the 16 px feature cell (partial cells dropped)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shards(folder: Path, prefix: str, n_shards: int, per_shard: int, split: str, seed: int) -> list[str]:
-    """Synthetic haze-like pairs (a fixed affine map of the clean image), a manifest beside them."""
-    import webdataset as wds
-
-    from uniremoval.io import sha256_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    keys, entries = [], []
-    for s in range(n_shards):
-        name = f"{prefix}-{s:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as tw:
-            for i in range(per_shard):
-                base = rng.uniform(0.1, 0.9, size=(1, 1, 3))
-                clean = np.clip(base + 0.25 * rng.standard_normal((H, W, 3)).cumsum(1) / 6, 0, 1)
-                hazy = clean * 0.5 + 0.35  # in [-1, 1] terms: input = 0.5 * target + 0.2
-                key = f"{prefix}_{s}_{i}"
-                keys.append(key)
-                tw.write({"__key__": key, "input.png": _png((hazy * 255).round().astype(np.uint8)),
-                          "target.png": _png((clean * 255).round().astype(np.uint8)),
-                          "json": {"degradation": "haze", "domain": "synthetic", "source": "test", "split": split,
-                                   "height": H, "width": W}})
-        entries.append({"name": name, "samples": per_shard, "bytes": (folder / name).stat().st_size,
-                        "sha256": sha256_file(folder / name)})
-    n = n_shards * per_shard
-    (folder / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "dataset": prefix, "shards": entries,
-        "counts": {"total": n, "degradation": {"haze": n}, "domain": {"synthetic": n}, "split": {split: n}}}))
-    return keys
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine, 2 OpenMP threads per process made tiny convolutions ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)  # 2 threads on 2 shared cores: ~100x slower
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("tc")
-    train_keys = write_shards(root / "shards" / "syn", "syn", 4, 3, "train", 0)
-    write_shards(root / "shards" / "val", "val", 1, 4, "test", 1)
+    train_keys = write_shards(root / "shards" / "syn", "syn", 4, 3, split="train", seed=0)
+    write_shards(root / "shards" / "val", "val", 1, 4, split="test", seed=1)
     teacher = {
         "stage": "teacher", "project": "tc", "name": "teacher-haze", "output_dir": str(root / "outputs"),
         "degradation": "haze", "model": {"preset": "tiny"},

@@ -4,21 +4,18 @@ start, comes up, then goes away mid-run: nothing logged is lost."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _fixtures import MLFLOW, free_port, start_mlflow_server, stop_server
+
 from uniremoval.config import KTStage, TeacherStage, config_hash
 from uniremoval.tracking import flatten, image_grid_png, log_eval_run, replay_spool, start_run
-
-MLFLOW = Path(sys.executable).parent / "mlflow"
 
 
 def teacher_cfg(tmp_path: Path, uri: str | None = None) -> TeacherStage:
@@ -85,54 +82,13 @@ def test_embedded_store(tmp_path, monkeypatch):
     assert tags["vgg_weights"] == "random" and tags["ablation.use_fcl"] == "false"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    with open(tmp_path / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    deadline = time.time() + 240  # ~9 s on an idle machine; far longer under load
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            break
-    _stop(proc)
-    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its worker
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.slow
 def test_server_down_then_up_then_gone_loses_nothing(tmp_path):
     if not MLFLOW.exists():
         pytest.skip("mlflow CLI not installed")
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cfg = teacher_cfg(tmp_path, uri)
     # 1. Server down at the start: the run cannot even be created; training goes on.
@@ -142,7 +98,7 @@ def test_server_down_then_up_then_gone_loses_nothing(tmp_path):
     tr.log_metrics({"train/total": 1.0}, step=1)
     tr.log_image_grid("train", [torch.zeros(1, 3, 8, 8)] * 3, step=1)
     # 2. The server comes up: the next call creates the run and replays everything, in order.
-    proc = _start_server(tmp_path, port)
+    proc = start_mlflow_server(tmp_path, port)
     try:
         tr.retry_s = 0.0
         tr.log_metrics({"train/total": 2.0}, step=2)
@@ -157,7 +113,7 @@ def test_server_down_then_up_then_gone_loses_nothing(tmp_path):
         text = client.download_artifacts(tr.run_id, "config.yaml", str(tmp_path / "dl"))
         assert "degradation: rain" in Path(text).read_text()
     finally:
-        _stop(proc)
+        stop_server(proc)  # SIGTERM, then SIGKILL after 20 s
     # 3. The server goes away mid-run: a warning, and the calls wait in the spool.
     with pytest.warns(RuntimeWarning, match="unreachable"):
         tr.log_metrics({"train/total": 3.0}, step=3)

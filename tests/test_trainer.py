@@ -6,12 +6,17 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _fixtures import one_torch_thread
 
 from uniremoval.config import ScheduleConfig, TeacherStage
 from uniremoval.errors import UniremovalError
@@ -69,13 +74,7 @@ class ToyStage(Stage):
         return {"val/toy/err": s["err"] / s["n"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine, 2 OpenMP threads per process made tiny convolutions ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)  # 2 threads on 2 shared cores: 10x+ slower
 
 
 def weights(path: Path) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Shared helpers for the fault suite: tiny shards, configs, CLI subprocesses, kill-at-marker."""
+"""Shared helpers for the fault suite: tiny shards (from tests/_fixtures.py), configs, CLI subprocesses,
+kill-at-marker."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -12,57 +12,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Shared with tests/test_teacher_cache.py; re-exported because the fault tests import them from here.
+from _fixtures import png, write_shards  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[2]
-H, W = 40, 48  # not multiples of 8 (MPRNet pads) nor of the 16 px feature cell
 GATE = Path(__file__).resolve().parent / "gate.py"
-
-
-def png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def write_shards(folder: Path, prefix: str, n_shards: int, per_shard: int, *, degradation: str = "haze",
-                 domain: str = "synthetic", split: str = "train", seed: int = 0, paired: bool = True) -> list[str]:
-    """Haze-like pairs (input = 0.5 * clean + 0.35) in webdataset shards with a manifest. Returns the keys."""
-    import webdataset as wds
-
-    from uniremoval.io import sha256_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    keys, entries = [], []
-    for s in range(n_shards):
-        name = f"{prefix}-{s:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as tw:
-            for i in range(per_shard):
-                base = rng.uniform(0.1, 0.9, size=(1, 1, 3))
-                clean = np.clip(base + 0.25 * rng.standard_normal((H, W, 3)).cumsum(1) / 6, 0, 1)
-                hazy = clean * 0.5 + 0.35
-                key = f"{prefix}_{s}_{i}"
-                keys.append(key)
-                sample: dict[str, Any] = {
-                    "__key__": key, "input.png": png((hazy * 255).round().astype(np.uint8)),
-                    "json": {"degradation": degradation, "domain": domain, "source": "faults", "split": split,
-                             "height": H, "width": W}}
-                if paired:
-                    sample["target.png"] = png((clean * 255).round().astype(np.uint8))
-                tw.write(sample)
-        entries.append({"name": name, "samples": per_shard, "bytes": (folder / name).stat().st_size,
-                        "sha256": sha256_file(folder / name)})
-    n = n_shards * per_shard
-    (folder / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "dataset": prefix, "shards": entries,
-        "counts": {"total": n, "degradation": {degradation: n}, "domain": {domain: n}, "split": {split: n}}}))
-    return keys
 
 
 def write_yaml(path: Path, cfg: dict) -> Path:

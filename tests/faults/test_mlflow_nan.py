@@ -16,58 +16,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import MLFLOW, free_port, start_mlflow_server, stop_server  # tests/ is on sys.path (pytest)
 
 from uniremoval.cli import main
 
 from ._faults import Job, write_shards, write_yaml
-
-MLFLOW = Path(sys.executable).parent / "mlflow"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server(root: Path, port: int) -> subprocess.Popen:
-    with open(root / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-             "--artifacts-destination", str(root / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 240  # ~9 s idle, far longer on a loaded machine
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            break
-    _kill(proc)
-    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker, no goodbye
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def teacher_cfg(root: Path, **over) -> dict:
@@ -95,18 +54,18 @@ def test_server_killed_mid_run_training_continues_metrics_spooled_then_sent(tmp_
     from uniremoval.tracking import replay_spool
 
     write_shards(tmp_path / "shards" / "syn", "syn", 2, 2)
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cfg_path = write_yaml(tmp_path / "teacher.yaml", teacher_cfg(tmp_path, tracking={"uri": uri}))
     run_dir = tmp_path / "outputs" / "teacher-haze"
     spool = run_dir / "mlflow-spool.jsonl"
 
-    server = _server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     try:
         job = Job(["train", "teacher", "--config", str(cfg_path)], tmp_path)
         job.until(lambda: (run_dir / "checkpoints" / "step-00000002").is_dir())
     finally:
-        _kill(server)
+        stop_server(server, signal.SIGKILL)  # the server and its worker, no goodbye
     rc, err = job.wait()
     assert rc == 0, err[-3000:]  # training went on to the end
     assert f"MLflow at {uri} is unreachable" in err and "training continues" in err, err[-3000:]
@@ -123,7 +82,7 @@ def test_server_killed_mid_run_training_continues_metrics_spooled_then_sent(tmp_
     assert any(op["op"] == "terminate" and op["status"] == "FINISHED" for op in ops)
     assert all(op.get("run_id") == run_id for op in ops)
 
-    server = _server(tmp_path, port)  # the server is back, same store
+    server = start_mlflow_server(tmp_path, port)  # the server is back, same store
     try:
         assert replay_spool(spool, uri) is True
         assert not spool.exists()
@@ -135,7 +94,7 @@ def test_server_killed_mid_run_training_continues_metrics_spooled_then_sent(tmp_
         hist = {m.step: m.value for m in client.get_metric_history(run_id, "train/total")}
         assert hist[6] == pytest.approx(spooled[6]["train/total"])
     finally:
-        _kill(server)
+        stop_server(server, signal.SIGKILL)  # the server and its worker, no goodbye
 
 
 # ------------------------------------------------------------------------------------------- NaN

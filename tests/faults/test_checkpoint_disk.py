@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from uniremoval.cli import main
+from uniremoval.errors import CheckpointError
 
 from ._faults import png, write_shards, write_yaml
 
@@ -250,15 +251,21 @@ def _assert_intact_then_resume(cfg_path: Path, run: Path) -> None:
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # no temporary left behind
 
 
+def _assert_says_disk_full(message: str, run: Path) -> None:
+    assert "the disk is full" in message and "--resume auto" in message, message
+    assert str(run / "checkpoints" / "step-00000002") in message, message  # the checkpoint that is intact
+
+
 def test_enospc_during_checkpoint_keeps_previous(trained, tmp_path, monkeypatch):
     cfg_path, run = _copy_run(trained, tmp_path)
     before = {k: v.clone() for k, v in _weights(run / "checkpoints" / "step-00000002" / "teacher.safetensors").items()}
     last_before = (run / "last.safetensors").read_bytes()
     with monkeypatch.context() as m:
         fill_disk_after(m)
-        with pytest.raises(OSError) as err:
+        with pytest.raises(CheckpointError) as err:
             fit(cfg_path, 4, resume="auto")
-        assert err.value.errno == errno.ENOSPC
+    _assert_says_disk_full(str(err.value), run)
+    assert err.value.__cause__.errno == errno.ENOSPC
     assert not (run / "checkpoints" / "step-00000004").exists()
     got = _weights(run / "checkpoints" / "step-00000002" / "teacher.safetensors")
     assert all(torch.equal(before[k], got[k]) for k in before)
@@ -317,9 +324,11 @@ def test_real_full_disk_during_checkpoint(trained, tmpfs, tmp_path):
     cfg_path = write_yaml(tmp_path / "teacher.yaml", cfg)
     run = tmpfs / "outputs" / "teacher-haze"
     filler = _fill(tmpfs)
-    # torch.save reports ENOSPC as a RuntimeError from its zip writer, safetensors/json as OSError
-    with pytest.raises((OSError, RuntimeError)):
+    # torch.save reports ENOSPC as a RuntimeError from its zip writer, safetensors/json as OSError:
+    # either way the user reads one message that says the disk is full and what to do
+    with pytest.raises(CheckpointError) as err:
         fit(cfg_path, 4, resume="auto")
+    _assert_says_disk_full(str(err.value), run)
     assert not (run / "checkpoints" / "step-00000004").exists()
     filler.unlink()  # the operator frees space, then resumes
     _assert_intact_then_resume(cfg_path, run)

@@ -196,3 +196,31 @@ def test_teacher_training_all_faults_skip_reports_fail_stops(tmp_path):
         Trainer(cfg, TeacherTraining(cfg)).fit()
     assert any(shard in str(err.value) for shard, _ in damaged.values())
     assert "bad_samples: skip" in str(err.value)
+
+
+def test_bad_sample_count_survives_a_resume(tmp_path):
+    """`train/bad_samples` is the whole run's count: stopping at step 3 and resuming to step 6 logs
+    what one uninterrupted run logs (it is stored in state.pt, not restarted at 0)."""
+    from uniremoval.config import load_config
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    folder = tmp_path / "syn"
+    write_shards(folder, "syn", 7, 3)
+    for i, fault in enumerate(FAULTS, start=1):
+        inject(folder, fault, i)
+
+    def fit(name: str, *overrides: str, resume: str | None = None) -> float:
+        cfg = load_config(_teacher_cfg(tmp_path, folder, "skip"), [f"name={name}", "checkpoint.every_steps=3",
+                                                                   *overrides], stage="teacher")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = Trainer(cfg, TeacherTraining(cfg)).fit(resume=resume)
+        assert res.step == 6 or "train.max_steps=3" in overrides
+        return res.metrics["train/bad_samples"]
+
+    whole = fit("whole")
+    assert whole >= len(FAULTS)
+    first = fit("split", "train.max_steps=3")
+    assert 0 < first < whole  # some faults lie in the second half, so a restart at 0 would be seen
+    assert fit("split", resume="auto") == whole

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import random
@@ -305,7 +306,8 @@ class Trainer:
         self.schedulers: dict[str, StepSchedule] = {}
         self.step = 0
         self.nonfinite_skipped = 0
-        self.bad_samples = 0  # skipped by the loaders (data.bad_samples=skip), this process
+        self.bad_samples = 0  # skipped by the loaders (data.bad_samples=skip), this process, this run
+        self.bad_samples_resumed = 0.0  # all ranks' count up to the checkpoint this run resumed from
         self.best_value: float | None = None
         self.run_id: str | None = None
         self._stop_requested = False
@@ -531,8 +533,7 @@ class Trainer:
             lr = sched.last_lr if hasattr(sched, "last_lr") else float(sched.get_last_lr()[0])
             out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
-        bad = torch.tensor([float(self.bad_samples)], dtype=torch.float64, device=self.accelerator.device)
-        out["train/bad_samples"] = float(self.reduce(bad, "sum").item())  # all ranks, since this process started
+        out["train/bad_samples"] = self.bad_samples_total()
         out["train/epoch"] = float(self.ctx.epoch)
         self._sums, self._sum_count = {}, 0
         if self.accelerator.is_main_process:
@@ -577,24 +578,57 @@ class Trainer:
 
         acc = self.accelerator
         net = acc.unwrap_model(self.models[name])
-        if self.zero_stage == 3:  # parameters are sharded: gather a full state dict (collective)
-            net = _StateView(net, acc.get_state_dict(self.models[name]))
-        if acc.is_main_process:
-            meta = {**self.checkpoint_meta(), **self.stage.export_meta(name), **(extra or {})}
-            save_checkpoint(path, net, meta)
+        meta = {**self.checkpoint_meta(), **self.stage.export_meta(name), **(extra or {})}
+        if self.zero_stage != 3:
+            if acc.is_main_process:
+                save_checkpoint(path, net, meta)
+            return
+        # ZeRO-3 shards every parameter: gather the full ones on all ranks (a collective) for the
+        # length of the save. The module keeps its structure, so shared parameters (MPRNet's one
+        # PReLU) are still recognised as aliases, and the weights keep their training dtype (fp32
+        # master weights are in the optimiser; this does not need stage3_gather_16bit_weights_on_model_save).
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):
+            if acc.is_main_process:
+                save_checkpoint(path, net, meta)
 
     def export(self, which: str, extra: dict[str, Any] | None = None) -> None:
         """`last`/`best` weights beside the checkpoints (what later stages load)."""
         for name in self.stage.trainable:
-            self._save_weights(self.run_dir / export_name(self.stage.trainable, name, which), name, extra)
+            path = self.run_dir / export_name(self.stage.trainable, name, which)
+            try:
+                self._save_weights(path, name, extra)
+            except (OSError, RuntimeError) as exc:
+                if not is_disk_full(exc):
+                    raise
+                raise CheckpointError(
+                    f"exporting {path}.safetensors: the disk is full ({free_space(self.run_dir)} free on "
+                    f"{self.run_dir}). The previous {path.name} weights, if any, are intact. Free some space, "
+                    f"then rerun the same command with --resume auto"
+                ) from exc
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
-        acc = self.accelerator
         final = self.ckpt_root / f"step-{self.step:08d}"
         tmp = self.ckpt_root / f".step-{self.step:08d}.tmp"
         if final.is_dir():  # this step is saved already (preempted right after a periodic save)
             return final
+        previous = self.latest_checkpoint()
+        try:
+            return self._write_checkpoint(final, tmp)
+        except (OSError, RuntimeError) as exc:
+            if not is_disk_full(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # give the partial checkpoint's space back
+            raise CheckpointError(
+                f"checkpoint {final}: the disk is full ({free_space(self.ckpt_root)} free on {self.ckpt_root}). "
+                f"Nothing was replaced: the last complete checkpoint is {previous or 'none (this run had none yet)'}. "
+                f"Free some space, then rerun the same command with --resume auto"
+            ) from exc
+
+    def _write_checkpoint(self, final: Path, tmp: Path) -> Path:
+        acc = self.accelerator
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -604,9 +638,11 @@ class Trainer:
             acc.save_state(str(tmp / "deepspeed"))
         for name in self.stage.trainable:
             self._save_weights(tmp / name, name)
+        bad_samples = self.bad_samples_total()  # a collective: every rank
         if acc.is_main_process:
             state = {
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
+                "bad_samples": bad_samples,
                 "mlflow_run_id": self.run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
@@ -620,6 +656,11 @@ class Trainer:
             self._prune()
         acc.wait_for_everyone()
         return final
+
+    def bad_samples_total(self) -> float:
+        """Samples the loaders skipped, all ranks, over the whole run (resumes included). Collective."""
+        bad = torch.tensor([float(self.bad_samples)], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.reduce(bad, "sum").item()) + self.bad_samples_resumed
 
     def _prune(self) -> None:
         steps = sorted(list_checkpoints(self.ckpt_root))
@@ -665,6 +706,7 @@ class Trainer:
             else:  # a subclass's torch LR scheduler
                 sched.load_state_dict(state["schedulers"][name])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.bad_samples_resumed = float(state.get("bad_samples", 0.0))
         self.best_value = state.get("best_value")
         self.run_id = state.get("mlflow_run_id")
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
@@ -751,18 +793,24 @@ def build_accelerator(cfg: StageBase) -> Any:
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
 
 
-class _StateView(nn.Module):
-    """A model stand-in for save_checkpoint whose state_dict is a gathered (ZeRO-3) one."""
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain, or torch.save's zip writer failing to write (it
+    reports a full disk as a RuntimeError, 'unexpected pos ...' / 'file write failed', no errno)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if isinstance(seen, RuntimeError) and any(s in str(seen) for s in ("unexpected pos", "file write failed")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
-    def __init__(self, net: nn.Module, state: dict[str, Tensor]) -> None:
-        super().__init__()
-        self._state = state
-        for attr in ("arch", "preset", "overrides"):
-            if hasattr(net, attr):
-                object.__setattr__(self, attr, getattr(net, attr))
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
-        return dict(self._state)
+def free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def export_name(trainable: Sequence[str], name: str, which: str) -> str:

@@ -24,6 +24,25 @@ ROOT = Path(__file__).resolve().parents[2]
 GATE = Path(__file__).resolve().parent / "gate.py"
 
 
+def tiny_teacher_cfg(root: Path, *, project: str, steps: int, keep_last: int, tracking: bool = True, **over) -> dict:
+    """A haze teacher run on `root/shards/syn`: tiny MPRNet, 32 px crops, a checkpoint every 2 steps."""
+    cfg = {
+        "stage": "teacher", "project": project, "name": "teacher-haze", "output_dir": str(root / "outputs"),
+        "degradation": "haze", "model": {"preset": "tiny"},
+        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 4,
+                 "pin_memory": False,
+                 "train": [{"name": "syn", "shards": str(root / "shards" / "syn"), "degradation": "haze"}]},
+        "optim": {"lr": 2e-3},
+        "train": {"epochs": 1, "steps_per_epoch": steps, "log_every": 2, "val_every": 100, "image_every": 100,
+                  "seed": 5, "cpu": True},
+        "checkpoint": {"every_steps": 2, "keep_last": keep_last},
+    }
+    if not tracking:
+        cfg["tracking"] = {"enabled": False}
+    cfg.update(over)
+    return cfg
+
+
 def write_yaml(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -29,7 +29,7 @@ import torch
 from uniremoval.cli import main
 from uniremoval.errors import CheckpointError
 
-from ._faults import png, write_shards, write_yaml
+from ._faults import png, tiny_teacher_cfg, write_shards, write_yaml
 
 
 class Payload:
@@ -51,19 +51,7 @@ def _run(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def teacher_cfg(root: Path, **over) -> dict:
-    cfg = {
-        "stage": "teacher", "project": "faults", "name": "teacher-haze", "output_dir": str(root / "outputs"),
-        "degradation": "haze", "model": {"preset": "tiny"},
-        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 4,
-                 "pin_memory": False,
-                 "train": [{"name": "syn", "shards": str(root / "shards" / "syn"), "degradation": "haze"}]},
-        "optim": {"lr": 2e-3},
-        "train": {"epochs": 1, "steps_per_epoch": 4, "log_every": 2, "val_every": 100, "image_every": 100,
-                  "seed": 5, "cpu": True},
-        "checkpoint": {"every_steps": 2, "keep_last": 3}, "tracking": {"enabled": False},
-    }
-    cfg.update(over)
-    return cfg
+    return tiny_teacher_cfg(root, project="faults", steps=4, keep_last=3, tracking=False, **over)
 
 
 def fit(cfg_path: Path, max_steps: int, resume: str | None = None):

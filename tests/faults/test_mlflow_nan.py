@@ -26,23 +26,11 @@ from _fixtures import MLFLOW, free_port, start_mlflow_server, stop_server  # tes
 
 from uniremoval.cli import main
 
-from ._faults import Job, write_shards, write_yaml
+from ._faults import Job, tiny_teacher_cfg, write_shards, write_yaml
 
 
 def teacher_cfg(root: Path, **over) -> dict:
-    cfg = {
-        "stage": "teacher", "project": "faults-mlflow", "name": "teacher-haze", "output_dir": str(root / "outputs"),
-        "degradation": "haze", "model": {"preset": "tiny"},
-        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 4,
-                 "pin_memory": False,
-                 "train": [{"name": "syn", "shards": str(root / "shards" / "syn"), "degradation": "haze"}]},
-        "optim": {"lr": 2e-3},
-        "train": {"epochs": 1, "steps_per_epoch": 6, "log_every": 2, "val_every": 100, "image_every": 100,
-                  "seed": 5, "cpu": True},
-        "checkpoint": {"every_steps": 2, "keep_last": 5},
-    }
-    cfg.update(over)
-    return cfg
+    return tiny_teacher_cfg(root, project="faults-mlflow", steps=6, keep_last=5, **over)
 
 
 @pytest.mark.slow

@@ -178,7 +178,7 @@ def test_extends_cycle(tmp_path):
 
 
 def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "uniremoval", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "uniremoval", *args], check=False, capture_output=True, text=True, cwd=cwd)
 
 
 def test_config_show_prints_resolved_yaml(kt_file):

@@ -12,10 +12,18 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from uniremoval.errors import ConfigError
 
@@ -314,7 +322,7 @@ class EvalStage(StageBase):
 
 
 StageConfig = Annotated[
-    Union[TeacherStage, CacheStage, KTStage, DAStage, EvalStage], Field(discriminator="stage")
+    TeacherStage | CacheStage | KTStage | DAStage | EvalStage, Field(discriminator="stage")
 ]
 STAGES = ("teacher", "cache", "kt", "da", "eval")
 _ADAPTER = TypeAdapter(StageConfig)

@@ -48,7 +48,7 @@ from uniremoval.stages.teachers import (
     restore_with_feature,
     teacher_targets,
 )
-from uniremoval.stages.trainer import Stage, TrainContext, Trainer, skip_batches
+from uniremoval.stages.trainer import Stage, TrainContext, Trainer, skip_batches, zero_stage
 
 TEACHER_PREFIX = "teacher_"
 
@@ -59,14 +59,6 @@ TEACHER_PREFIX = "teacher_"
 def deepspeed_requested() -> bool:
     """True under `accelerate launch --config_file launch/deepspeed_*.yaml` (or the env it sets)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-
-
-def zero_stage(accelerator: Any) -> int:
-    """0 without DeepSpeed; under ZeRO-3 the student's parameters are sharded across ranks."""
-    if not str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
-        return 0
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return int(plugin.zero_stage) if plugin is not None else 0
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -437,8 +437,7 @@ class Trainer:
     def zero_stage(self) -> int:
         """0 without DeepSpeed. Under ZeRO-3 parameters are sharded: a stage's validation must
         forward through ctx.models[name] on every rank in lockstep, not ctx.unwrap(name)."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.deepspeed else None
-        return int(plugin.zero_stage) if plugin is not None else 0
+        return zero_stage(self.accelerator)
 
     def _check_deepspeed(self) -> None:
         if not self.deepspeed:
@@ -791,6 +790,14 @@ def build_accelerator(cfg: StageBase) -> Any:
         return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
                            kwargs_handlers=handlers)
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def zero_stage(accelerator: Any) -> int:
+    """The DeepSpeed ZeRO stage of an Accelerator; 0 without DeepSpeed."""
+    if not str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
+        return 0
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -278,3 +278,45 @@ def subprocess_env() -> dict:
     for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         env.pop(k, None)
     return env
+
+
+# --------------------------------------------------------------------------------------------- learning run
+
+
+def learning_run_config(root: Path, steps: int, val_every: int | None = None, overrides: list[str] = ()):
+    """The KT learning run (tests/test_kt_da.py, bench/kt_learning.py): 24 train pairs of 48x48 per
+    type with a perfect teacher (an oracle cache: teacher image = the clean target; teacher feature =
+    a fixed, seeded tiny MPRNet's feature of it), 6 held-out pairs per type for validation, the tiny
+    preset and the full L_kt. Returns (config, {type: val shard dir})."""
+    import torch
+
+    from uniremoval.config import load_config
+    from uniremoval.stages import kt
+    from uniremoval.stages.teachers import pool_feature
+
+    torch.manual_seed(0)
+    feat_net = kt.build_student(load_config(REPO / "configs" / "kt.yaml", ["model.preset=tiny"])).eval()
+
+    def feature_fn(target01: np.ndarray, cell: int) -> np.ndarray:
+        x = torch.from_numpy(target01.transpose(2, 0, 1)).float()[None] * 2 - 1
+        with torch.no_grad():
+            return pool_feature(feat_net(x, return_feature=True)[1], cell)[0].numpy()
+
+    data = root / "data"
+    train, val = {}, {}
+    for i, k in enumerate(TYPES):
+        src = write_pairs(data, f"syn_{k}", k, 24, 2, (48, 48), seed=100 + i)
+        train[k] = write_oracle_cache(src, root / "cache" / f"syn_{k}", feature_fn)
+        val[k] = write_pairs(data, f"val_{k}", k, 6, 1, (48, 48), seed=200 + i, split="test")
+    src = ", ".join(f"{{name: syn_{k}, shards: {d}, degradation: {k}}}" for k, d in train.items())
+    vsrc = ", ".join(f"{{name: val_{k}, shards: {d}, degradation: {k}}}" for k, d in val.items())
+    cfg = load_config(REPO / "configs" / "kt.yaml", [
+        "name=learn", f"output_dir={root}/out", "model.preset=tiny", f"data.train=[{src}]", f"data.val=[{vsrc}]",
+        "data.batch_size=6", "data.crop_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
+        "data.pin_memory=false", "train.mixed_precision=no", "optim.lr=2e-3", f"train.epochs={-(-steps // 20)}",
+        "train.steps_per_epoch=20", f"train.max_steps={steps}", f"train.val_every={val_every or steps}",
+        "train.log_every=20", f"checkpoint.every_steps={steps}", "loss.tau=0.1", "features.weights=random",
+        "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]", "tracking.enabled=false",
+        *overrides,
+    ])
+    return cfg, val

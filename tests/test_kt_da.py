@@ -27,11 +27,10 @@ from dist_kt_common import (
     build_workspace,
     da_overrides,
     kt_overrides,
+    learning_run_config,
     loss_terms,
     mlflow_history,
     subprocess_env,
-    write_oracle_cache,
-    write_pairs,
 )
 
 from uniremoval.config import load_config
@@ -235,35 +234,10 @@ def test_kt_student_learns_every_degradation(tmp_path):
     lr 2e-5 for 400 epochs; the paper preset keeps its tau.
     """
     from uniremoval.stages import kt
-    from uniremoval.stages.teachers import pool_feature
     from uniremoval.stages.trainer import Trainer
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    feat_net = kt.build_student(load_config(REPO / "configs" / "kt.yaml", ["model.preset=tiny"])).eval()
-
-    def feature_fn(target01: np.ndarray, cell: int) -> np.ndarray:
-        x = torch.from_numpy(target01.transpose(2, 0, 1)).float()[None] * 2 - 1
-        with torch.no_grad():
-            return pool_feature(feat_net(x, return_feature=True)[1], cell)[0].numpy()
-
-    data = tmp_path / "data"
-    train, val = {}, {}
-    for i, k in enumerate(TYPES):
-        src = write_pairs(data, f"syn_{k}", k, 24, 2, (48, 48), seed=100 + i)
-        train[k] = write_oracle_cache(src, tmp_path / "cache" / f"syn_{k}", feature_fn)
-        val[k] = write_pairs(data, f"val_{k}", k, 6, 1, (48, 48), seed=200 + i, split="test")
-    src = ", ".join(f"{{name: syn_{k}, shards: {d}, degradation: {k}}}" for k, d in train.items())
-    vsrc = ", ".join(f"{{name: val_{k}, shards: {d}, degradation: {k}}}" for k, d in val.items())
-    steps = LEARN_STEPS
-    cfg = load_config(REPO / "configs" / "kt.yaml", [
-        "name=learn", f"output_dir={tmp_path}/out", "model.preset=tiny", f"data.train=[{src}]", f"data.val=[{vsrc}]",
-        "data.batch_size=6", "data.crop_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
-        "data.pin_memory=false", "train.mixed_precision=no", "optim.lr=2e-3", f"train.epochs={steps // 20}", "train.steps_per_epoch=20",
-        f"train.val_every={steps}", "train.log_every=20", f"checkpoint.every_steps={steps}", "loss.tau=0.1",
-        "features.weights=random", "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]",
-        "tracking.enabled=false",
-    ])
+    cfg, val = learning_run_config(tmp_path, LEARN_STEPS)
     assert cfg.loss.use_icl and cfg.loss.use_fcl and cfg.loss.a2 == 0.1  # the full MGCL
     from accelerate.utils import set_seed
 

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--val-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--blur", choices=("box", "gaussian"), default="box",
+                    help="the test data's blur: box (as the suite's test) or an invertible gaussian motion blur")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--workdir", type=Path, default=None, help="data and outputs (default: a temporary dir)")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="kt_learning_"))
     overrides = [*args.set] + (["train.cpu=true"] if args.cpu or not torch.cuda.is_available() else [])
-    cfg, _ = learning_run_config(root, args.steps, args.val_every, overrides)
+    cfg, _ = learning_run_config(root, args.steps, args.val_every, overrides, blur=args.blur)
 
     curve: list[dict] = []
     t0 = time.time()
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return metrics
 
     Trainer(cfg, Recorder(cfg)).fit()
-    summary = {"steps": args.steps, "overrides": overrides, "curve": curve,
+    summary = {"steps": args.steps, "blur": args.blur, "overrides": overrides, "curve": curve,
                "gain_db": {k: round(curve[-1][k]["student"] - curve[-1][k]["input"], 2) for k in TYPES} if curve else {}}
     print(json.dumps(summary))
     if args.out:

@@ -44,7 +44,9 @@ def clean_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def degrade(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+def degrade(img: np.ndarray, kind: str, rng: np.random.Generator, blur: str = "box") -> np.ndarray:
+    """blur="box": the 11-px horizontal box (its spectrum has zeros: detail at those frequencies is
+    gone); "gaussian": a horizontal gaussian motion blur, sigma 2.5 px (invertible in principle)."""
     h, w = img.shape[:2]
     if kind == "haze":
         t = np.linspace(0.75, 0.45, h, dtype=np.float32)[:, None, None]
@@ -56,6 +58,10 @@ def degrade(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
             c = rng.integers(-h, w)
             mask |= (np.abs(xs - ys * 0.5 - c) < 1.0) & (rng.random((h, w)) < 0.9)
         out = img + 0.6 * mask[..., None]
+    elif kind == "blur" and blur == "gaussian":
+        from scipy.ndimage import gaussian_filter1d
+
+        out = gaussian_filter1d(img, 2.5, axis=1, mode="nearest")
     elif kind == "blur":
         pad = np.pad(img, ((0, 0), (5, 5), (0, 0)), mode="edge")
         out = sum(pad[:, i : i + w] for i in range(11)) / 11.0
@@ -92,6 +98,7 @@ def write_pairs(
     split: str = "train",
     paired: bool = True,
     domain: str = "synthetic",
+    blur: str = "box",
 ) -> Path:
     """Write `root/name/{name}-00000i.tar` + manifest.json; return the directory.
 
@@ -111,7 +118,7 @@ def write_pairs(
                 if kind == "clear":
                     inp, tgt = clean, None
                 else:
-                    inp, tgt = degrade(clean, kind, rng), (clean if paired else None)
+                    inp, tgt = degrade(clean, kind, rng, blur), (clean if paired else None)
                 meta = {"degradation": kind, "domain": domain, "source": name, "split": split,
                         "height": size[0], "width": size[1]}
                 _add(tar, f"{key}.input.png", png(to_u8(inp)))
@@ -283,7 +290,8 @@ def subprocess_env() -> dict:
 # --------------------------------------------------------------------------------------------- learning run
 
 
-def learning_run_config(root: Path, steps: int, val_every: int | None = None, overrides: list[str] = ()):
+def learning_run_config(root: Path, steps: int, val_every: int | None = None, overrides: list[str] = (),
+                        blur: str = "box"):
     """The KT learning run (tests/test_kt_da.py, bench/kt_learning.py): 24 train pairs of 48x48 per
     type with a perfect teacher (an oracle cache: teacher image = the clean target; teacher feature =
     a fixed, seeded tiny MPRNet's feature of it), 6 held-out pairs per type for validation, the tiny
@@ -305,9 +313,9 @@ def learning_run_config(root: Path, steps: int, val_every: int | None = None, ov
     data = root / "data"
     train, val = {}, {}
     for i, k in enumerate(TYPES):
-        src = write_pairs(data, f"syn_{k}", k, 24, 2, (48, 48), seed=100 + i)
+        src = write_pairs(data, f"syn_{k}", k, 24, 2, (48, 48), seed=100 + i, blur=blur)
         train[k] = write_oracle_cache(src, root / "cache" / f"syn_{k}", feature_fn)
-        val[k] = write_pairs(data, f"val_{k}", k, 6, 1, (48, 48), seed=200 + i, split="test")
+        val[k] = write_pairs(data, f"val_{k}", k, 6, 1, (48, 48), seed=200 + i, split="test", blur=blur)
     src = ", ".join(f"{{name: syn_{k}, shards: {d}, degradation: {k}}}" for k, d in train.items())
     vsrc = ", ".join(f"{{name: val_{k}, shards: {d}, degradation: {k}}}" for k, d in val.items())
     cfg = load_config(REPO / "configs" / "kt.yaml", [

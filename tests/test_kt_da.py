@@ -219,12 +219,17 @@ def test_kt_student_learns_every_degradation(tmp_path):
     teachers first would cost minutes; the teacher feature is a fixed tiny MPRNet's feature of the
     clean image). The student's PSNR on held-out 48x48 pairs must rise well above the degraded input's.
 
-    Measured (300 steps, this file's data; dB, input -> student): haze 14.7 -> 19.3, rain 15.3 ->
-    21.2, blur 22.5 -> 19.9. Blur is NOT beaten in this budget: the untrained student already gives
-    19.6 dB on it (its residual output starts near the input) and a pixel-only run (BKT) reached only
-    21.5 dB after 300 steps; box-blurred flat-shaded scenes keep a high PSNR, and inverting the blur
-    takes a longer run than a CPU test can afford. So the per-type margin is asserted for haze and rain,
-    and blur is asserted not to get worse than the untrained student's; the numbers are printed.
+    Measured (300 steps, this data; dB, input -> student): haze 14.68 -> 18.96, rain 15.26 -> 20.98,
+    blur 22.47 -> 19.82. Blur is NOT beaten, and not for lack of steps alone: the data's blur is an
+    11-px box kernel, whose spectrum has zeros (that detail is gone, not just attenuated).
+    bench/kt_learning.py runs this same setup longer: after 3000 steps haze 23.05 and rain 28.66,
+    blur still 22.06 (< 22.47 input); a tiny MPRNet trained on this blur alone (pixel L1, 300
+    steps) moved it 23.15 -> 23.19 dB, while on a gaussian blur alone (sigma 1.2 px) it gained
+    26.03 -> 28.17 dB. Mixed with haze and rain, though, even that gaussian blur (the bench's
+    `--blur gaussian`, horizontal sigma 2.5 px) stayed below its input after 3000 steps: 24.17 vs
+    24.53 dB (haze 21.38, rain 29.02): at this scale the all-in-one student spends its first
+    thousands of steps on haze and rain. So the per-type margin is asserted for haze and rain, blur is asserted not to end worse than
+    the untrained student, and the numbers are printed.
 
     Temperature: tau = 0.1 and lr = 2e-3 here. With the paper's tau = 1e-6 the contrastive terms are
     ~1e4 times the pixel term (a hard hinge on cosine similarity, blind to scale) and, at the high

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GATE = Path(__file__).resolve().parent / "gate.py"
 
 
-def tiny_teacher_cfg(root: Path, *, project: str, steps: int, keep_last: int, tracking: bool = True, **over) -> dict:
+def tiny_teacher_cfg(root: Path, *, project: str, steps: int, keep_last: int, mlflow: bool = True, **over) -> dict:
     """A haze teacher run on `root/shards/syn`: tiny MPRNet, 32 px crops, a checkpoint every 2 steps."""
     cfg = {
         "stage": "teacher", "project": project, "name": "teacher-haze", "output_dir": str(root / "outputs"),
@@ -37,7 +37,7 @@ def tiny_teacher_cfg(root: Path, *, project: str, steps: int, keep_last: int, tr
                   "seed": 5, "cpu": True},
         "checkpoint": {"every_steps": 2, "keep_last": keep_last},
     }
-    if not tracking:
+    if not mlflow:  # (not `tracking`: callers pass tracking={...} through **over)
         cfg["tracking"] = {"enabled": False}
     cfg.update(over)
     return cfg

@@ -51,7 +51,7 @@ def _run(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def teacher_cfg(root: Path, **over) -> dict:
-    return tiny_teacher_cfg(root, project="faults", steps=4, keep_last=3, tracking=False, **over)
+    return tiny_teacher_cfg(root, project="faults", steps=4, keep_last=3, mlflow=False, **over)
 
 
 def fit(cfg_path: Path, max_steps: int, resume: str | None = None):

@@ -596,16 +596,9 @@ class Trainer:
         """`last`/`best` weights beside the checkpoints (what later stages load)."""
         for name in self.stage.trainable:
             path = self.run_dir / export_name(self.stage.trainable, name, which)
-            try:
+            with disk_full_is_an_error(f"exporting {path}.safetensors", self.run_dir,
+                                       f"The previous {path.name} weights, if any, are intact"):
                 self._save_weights(path, name, extra)
-            except (OSError, RuntimeError) as exc:
-                if not is_disk_full(exc):
-                    raise
-                raise CheckpointError(
-                    f"exporting {path}.safetensors: the disk is full ({free_space(self.run_dir)} free on "
-                    f"{self.run_dir}). The previous {path.name} weights, if any, are intact. Free some space, "
-                    f"then rerun the same command with --resume auto"
-                ) from exc
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
@@ -614,17 +607,9 @@ class Trainer:
         if final.is_dir():  # this step is saved already (preempted right after a periodic save)
             return final
         previous = self.latest_checkpoint()
-        try:
+        intact = f"Nothing was replaced: the last complete checkpoint is {previous or 'none (this run had none yet)'}"
+        with disk_full_is_an_error(f"checkpoint {final}", self.ckpt_root, intact, cleanup=tmp):
             return self._write_checkpoint(final, tmp)
-        except (OSError, RuntimeError) as exc:
-            if not is_disk_full(exc):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # give the partial checkpoint's space back
-            raise CheckpointError(
-                f"checkpoint {final}: the disk is full ({free_space(self.ckpt_root)} free on {self.ckpt_root}). "
-                f"Nothing was replaced: the last complete checkpoint is {previous or 'none (this run had none yet)'}. "
-                f"Free some space, then rerun the same command with --resume auto"
-            ) from exc
 
     def _write_checkpoint(self, final: Path, tmp: Path) -> Path:
         acc = self.accelerator
@@ -818,6 +803,21 @@ def free_space(path: Path) -> str:
         return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
     except OSError:
         return "unknown space"
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(what: str, where: Path, intact: str, cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block into one CheckpointError that says what to do; `cleanup`
+    (a partial temporary folder) is removed first to give its space back. Other errors pass."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise CheckpointError(f"{what}: the disk is full ({free_space(where)} free on {where}). {intact}. "
+                              f"Free some space, then rerun the same command with --resume auto") from exc
 
 
 def export_name(trainable: Sequence[str], name: str, which: str) -> str:

@@ -1,6 +1,6 @@
 """Learning curves of the KT stage: per-type PSNR of the student vs. the degraded input, over steps.
 
-The suite's learning test (tests/test_kt_da.py::test_kt_student_learns_every_degradation) runs 300
+The suite's learning test (tests/test_kt_da.py::test_kt_student_learns_every_degradation) runs 400
 CPU steps; this script runs the same data, oracle teacher and config (tests/dist_kt_common.py,
 `learning_run_config`) for as long as you like and validates every `--val-every` steps, to show how
 far each degradation type gets with more training. It prints one JSON line per validation and a
@@ -8,6 +8,7 @@ final JSON summary (also written to `--out`).
 
     python bench/kt_learning.py --steps 3000 --val-every 500 --out kt_learning.json
     python bench/kt_learning.py --steps 3000 --set data.augment.rot90=false   # any config override
+    python bench/kt_learning.py --steps 3000 --blur box --blur-stripes 0   # box blur, flat scenes
 
 Runs on CUDA when available (`--cpu` to force the CPU); on CPU one step of the tiny preset costs
 about 0.35 s per thread-bound process.
@@ -26,14 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from dist_kt_common import BLUR_SCENE_STRIPES, BLURS  # tests/ is on the path only from here
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--val-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--blur", choices=("box", "gaussian"), default="box",
-                    help="the test data's blur: box (as the suite's test) or an invertible gaussian motion blur")
+    ap.add_argument("--blur", choices=BLURS, default="defocus",
+                    help="the synthetic blur: defocus (the suite's test), horizontal gaussian motion, or an 11-px box")
+    ap.add_argument("--blur-stripes", type=int, default=BLUR_SCENE_STRIPES,
+                    help="striped patches per blur scene (0: flat-shaded blur scenes, like the other types')")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--workdir", type=Path, default=None, help="data and outputs (default: a temporary dir)")
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="kt_learning_"))
     overrides = [*args.set] + (["train.cpu=true"] if args.cpu or not torch.cuda.is_available() else [])
-    cfg, _ = learning_run_config(root, args.steps, args.val_every, overrides, blur=args.blur)
+    cfg, _ = learning_run_config(root, args.steps, args.val_every, overrides, blur=args.blur,
+                                blur_stripes=args.blur_stripes)
 
     curve: list[dict] = []
     t0 = time.time()
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             return metrics
 
     Trainer(cfg, Recorder(cfg)).fit()
-    summary = {"steps": args.steps, "blur": args.blur, "overrides": overrides, "curve": curve,
+    summary = {"steps": args.steps, "blur": args.blur, "blur_stripes": args.blur_stripes, "overrides": overrides, "curve": curve,
                "gain_db": {k: round(curve[-1][k]["student"] - curve[-1][k]["input"], 2) for k in TYPES} if curve else {}}
     print(json.dumps(summary))
     if args.out:

@@ -36,8 +36,8 @@ from dist_kt_common import (
 from uniremoval.config import load_config
 from uniremoval.errors import CheckpointError, ConfigError, DataError
 
-LEARN_STEPS = 300
-LEARN_MARGIN_DB = 3.0
+LEARN_STEPS = 400
+LEARN_MARGIN_DB = {"haze": 3.0, "rain": 3.0, "blur": 1.5}  # dB over the degraded input
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 WORKER = str(REPO / "tests" / "dist_kt_worker.py")
 
@@ -219,17 +219,22 @@ def test_kt_student_learns_every_degradation(tmp_path):
     teachers first would cost minutes; the teacher feature is a fixed tiny MPRNet's feature of the
     clean image). The student's PSNR on held-out 48x48 pairs must rise well above the degraded input's.
 
-    Measured (300 steps, this data; dB, input -> student): haze 14.68 -> 18.96, rain 15.26 -> 20.98,
-    blur 22.47 -> 19.82. Blur is NOT beaten, and not for lack of steps alone: the data's blur is an
-    11-px box kernel, whose spectrum has zeros (that detail is gone, not just attenuated).
-    bench/kt_learning.py runs this same setup longer: after 3000 steps haze 23.05 and rain 28.66,
-    blur still 22.06 (< 22.47 input); a tiny MPRNet trained on this blur alone (pixel L1, 300
-    steps) moved it 23.15 -> 23.19 dB, while on a gaussian blur alone (sigma 1.2 px) it gained
-    26.03 -> 28.17 dB. Mixed with haze and rain, though, even that gaussian blur (the bench's
-    `--blur gaussian`, horizontal sigma 2.5 px) stayed below its input after 3000 steps: 24.17 vs
-    24.53 dB (haze 21.38, rain 29.02): at this scale the all-in-one student spends its first
-    thousands of steps on haze and rain. So the per-type margin is asserted for haze and rain, blur is asserted not to end worse than
-    the untrained student, and the numbers are printed.
+    Measured (400 steps, this data; dB, input -> student): haze 14.68 -> 20.45, rain 15.26 -> 19.46,
+    blur 18.89 -> 21.24. The margins asserted (LEARN_MARGIN_DB) leave about 1 dB of headroom each.
+
+    Blur is the type the all-in-one student learns last, and the data were chosen so that a few
+    hundred steps can show it (tests/dist_kt_common.py): a defocus blur (gaussian, sigma 1.2 px,
+    invertible) on edge-dense scenes, sampled twice as often as haze and rain. What did not work,
+    measured with bench/kt_learning.py and its --blur choices on this setup:
+    - an 11-px horizontal box blur (its spectrum has zeros) on flat-shaded scenes, constant lr, equal
+      weights: 22.47 -> 19.82 at 300 steps, and still 22.06 after 3000 (haze 23.05, rain 28.66);
+    - the same sigma-1.2 defocus on flat-shaded scenes: 25.40 -> 25.68 after 1500 steps (tau 1,
+      blur weight 3, cosine). Flat scenes leave only the shapes' borders to restore: the student's
+      high-frequency error stayed at the input's, while haze and rain reached 23.3 and 25.3;
+    - edge-dense scenes for every type instead of blur only (300 steps, blur weight 3, cosine):
+      blur +1.3 dB, but rain fell to +2.4.
+    With edge-dense blur scenes the student's high-frequency error on blur drops by 2.4 dB in 300
+    steps; what is left is mostly low-frequency colour error shared with the other types.
 
     Temperature: tau = 0.1 and lr = 2e-3 here. With the paper's tau = 1e-6 the contrastive terms are
     ~1e4 times the pixel term (a hard hinge on cosine similarity, blind to scale) and, at the high
@@ -263,8 +268,8 @@ def test_kt_student_learns_every_degradation(tmp_path):
     report = {k: {"input": round(m[f"val/val_{k}/psnr_input"], 2), "untrained": round(before[k], 2),
                   "student": round(m[f"val/val_{k}/psnr"], 2)} for k in TYPES}
     print("KT learning test, PSNR per type:", report)
-    for k in ("haze", "rain"):
-        assert m[f"val/val_{k}/psnr"] > m[f"val/val_{k}/psnr_input"] + LEARN_MARGIN_DB, report
-    assert m["val/val_blur/psnr"] > before["blur"] - 0.5, report
+    for k in TYPES:
+        assert m[f"val/val_{k}/psnr"] > m[f"val/val_{k}/psnr_input"] + LEARN_MARGIN_DB[k], report
+        assert m[f"val/val_{k}/psnr"] > before[k] + LEARN_MARGIN_DB[k], report  # learnt, not a lucky init
     mean_input = sum(m[f"val/val_{k}/psnr_input"] for k in TYPES) / len(TYPES)
-    assert m["val/mean/psnr"] > mean_input + 1.5, report
+    assert m["val/mean/psnr"] > mean_input + 3.0, report

@@ -1,6 +1,6 @@
 """Learning curves of the KT stage: per-type PSNR of the student vs. the degraded input, over steps.
 
-The suite's learning test (tests/test_kt_da.py::test_kt_student_learns_every_degradation) runs 400
+The suite's learning test (tests/test_kt_da.py::test_kt_student_learns_every_degradation) runs 500
 CPU steps; this script runs the same data, oracle teacher and config (tests/dist_kt_common.py,
 `learning_run_config`) for as long as you like and validates every `--val-every` steps, to show how
 far each degradation type gets with more training. It prints one JSON line per validation and a

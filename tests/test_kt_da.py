@@ -36,7 +36,7 @@ from dist_kt_common import (
 from uniremoval.config import load_config
 from uniremoval.errors import CheckpointError, ConfigError, DataError
 
-LEARN_STEPS = 400
+LEARN_STEPS = 500
 LEARN_MARGIN_DB = {"haze": 3.0, "rain": 3.0, "blur": 1.5}  # dB over the degraded input
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 WORKER = str(REPO / "tests" / "dist_kt_worker.py")
@@ -219,8 +219,10 @@ def test_kt_student_learns_every_degradation(tmp_path):
     teachers first would cost minutes; the teacher feature is a fixed tiny MPRNet's feature of the
     clean image). The student's PSNR on held-out 48x48 pairs must rise well above the degraded input's.
 
-    Measured (400 steps, this data; dB, input -> student): haze 14.68 -> 20.45, rain 15.26 -> 19.46,
-    blur 18.89 -> 21.24. The margins asserted (LEARN_MARGIN_DB) leave about 1 dB of headroom each.
+    Measured (500 steps, this data; dB, input -> student): haze 14.68 -> 21.64, rain 15.26 -> 20.41,
+    blur 18.89 -> 21.38. Over train.seed 0-3 the gains were haze +5.3..+7.0, rain +4.0..+5.6, blur
+    +2.0..+2.5 dB, so the margins asserted (LEARN_MARGIN_DB: 3 / 3 / 1.5) hold with at least 0.5 dB to
+    spare (at 400 steps the blur gain fell to +1.7 for seed 2).
 
     Blur is the type the all-in-one student learns last, and the data were chosen so that a few
     hundred steps can show it (tests/dist_kt_common.py): a defocus blur (gaussian, sigma 1.2 px,

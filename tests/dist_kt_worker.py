@@ -7,7 +7,7 @@ runs its stage exactly as `uniremoval train kt|da` does (same accelerator choice
 trainer); afterwards every rank fingerprints each trained model's parameters. Rank 0 writes a list
 with one record per phase: {stage, status, step, run_id, world_size, fingerprints: {model:
 [per-rank [3 numbers]]}, initial (the student's fingerprint before training), distributed_type,
-zero_stage}. Several phases in one launch keep the number of (slow) launches small.
+zero_stage, zero_optimization}. Several phases in one launch keep the number of (slow) launches small.
 DeepSpeed is requested the way `accelerate launch --config_file launch/deepspeed_zero2.yaml` does:
 ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_DEEPSPEED_ZERO_STAGE in the environment.
 """
@@ -25,6 +25,19 @@ def fingerprint(model: torch.nn.Module) -> torch.Tensor:
     flat = torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()])
     pos = torch.arange(flat.numel(), dtype=torch.float64) % 9973
     return torch.stack([flat.sum(), flat.abs().sum(), (flat * pos).sum()])
+
+
+def _zero_optimization(acc) -> dict:
+    """The zero_optimization section DeepSpeed ran with ({} without DeepSpeed)."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return dict(plugin.deepspeed_config.get("zero_optimization", {})) if plugin is not None else {}
+
+
+def _sharded(model) -> list[int]:
+    """[parameters ZeRO-3 partitions across ranks, all parameters] ([0, n] outside ZeRO-3):
+    DeepSpeed keeps parameters under stage3_param_persistence_threshold whole on every rank."""
+    params = list(model.parameters())
+    return [sum(1 for p in params if hasattr(p, "ds_id") and not p.ds_persist), len(params)]
 
 
 def run_phase(phase: dict) -> tuple[dict, object]:
@@ -60,7 +73,9 @@ def run_phase(phase: dict) -> tuple[dict, object]:
         prints[name] = acc.gather(fp.unsqueeze(0)).cpu().tolist()
     record = {"stage": cfg.stage, "status": result.status, "step": result.step, "run_id": result.run_id,
               "world_size": acc.num_processes, "fingerprints": prints, "initial": initial,
-              "distributed_type": str(acc.distributed_type), "zero_stage": kt.zero_stage(acc)}
+              "distributed_type": str(acc.distributed_type), "zero_stage": kt.zero_stage(acc),
+              "zero_optimization": _zero_optimization(acc),
+              "sharded_params": {n: _sharded(trainer.models[n]) for n in stage.trainable}}
     return record, acc
 
 

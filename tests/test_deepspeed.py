@@ -1,9 +1,13 @@
-"""Launch configs, and the KT stage under DeepSpeed ZeRO-2 on two real CPU processes.
+"""Launch configs, and the KT stage under DeepSpeed ZeRO-2 and ZeRO-3 on two real CPU processes.
 
 On CPU, DeepSpeed runs through accelerate only without `cpu=True` and with the gloo backend, under
-`accelerate launch --multi_gpu --num_processes 2` (../shared/STACK.md); the environment variables
-set here are the ones `accelerate launch --config_file launch/deepspeed_zero2.yaml` sets. The first
-run JIT-builds a small DeepSpeed extension (cached in TORCH_EXTENSIONS_DIR).
+`accelerate launch --multi_gpu --num_processes 2` (../shared/STACK.md). ZeRO-2 gets the environment
+variables `accelerate launch --config_file launch/deepspeed_zero2.yaml` sets. ZeRO-3 gets a
+DeepSpeed JSON (what an accelerate config's `deepspeed_config_file` points at) with
+stage3_param_persistence_threshold 0: DeepSpeed keeps every parameter under that many elements
+whole on each rank (default 1e5), and the tiny preset's largest has 5184, so with the default
+nothing at all would be sharded and the gather-on-export path would go untested. The first run
+JIT-builds a small DeepSpeed extension (cached in TORCH_EXTENSIONS_DIR).
 """
 
 from __future__ import annotations
@@ -51,16 +55,40 @@ def test_launch_configs_are_valid_accelerate_configs():
     assert "<address of the rank-0 node>" in text and "<this node's rank" in text
 
 
+def write_zero3_config(path: Path) -> Path:
+    """A DeepSpeed ZeRO-3 JSON that shards every parameter of the tiny student.
+
+    stage3_max_reuse_distance 0: with DeepSpeed's default (1e9 elements) the first step that
+    replays its recorded module trace walks the rest of the trace after each of the tiny MPRNet's
+    ~1000 module calls, a one-off stall of ~60 s on two CPU processes (measured with the default
+    persistence threshold: 6 steps took 155 s, 57 s with 0). The tiny model has no weight worth
+    keeping gathered, so 0 costs nothing here.
+    """
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",  # the trainer fills in data.batch_size
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_max_reuse_distance": 0,
+                              "offload_optimizer": {"device": "none"}, "offload_param": {"device": "none"}},
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_kt_under_deepspeed_on_two_cpu_processes(tmp_path, zero):
     """ZeRO-2 and ZeRO-3: trains, identical parameters on both ranks, exported weights (ZeRO-3:
-    gathered from the shards, MPRNet's shared PReLU kept as one tensor) load without DeepSpeed."""
+    gathered from shards of every parameter, MPRNet's shared PReLU kept as one tensor) load without
+    DeepSpeed."""
     torch.set_num_threads(1)
     ws = build_workspace(tmp_path)
     env = subprocess_env()
-    # what launch/deepspeed_zero{2,3}.yaml set, less zero3_save_16bit_model (exports do not need it)
-    env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(zero))
+    env["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if zero == 2:  # what launch/deepspeed_zero2.yaml sets
+        env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = "2"
+    else:
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(write_zero3_config(tmp_path / "zero3.json"))
     out = tmp_path / "ds.json"
     name = f"ds{zero}"
     phase = {"config": str(REPO / "configs" / "kt.yaml"), "overrides": kt_overrides(ws, name) + ["train.max_steps=3"]}
@@ -72,6 +100,8 @@ def test_kt_under_deepspeed_on_two_cpu_processes(tmp_path, zero):
     (rec,) = json.loads(out.read_text())
     assert rec["distributed_type"].endswith("DEEPSPEED") and rec["zero_stage"] == zero
     assert rec["world_size"] == 2 and rec["step"] == 3 and rec["status"] == "finished"
+    n_sharded, n_params = rec["sharded_params"]["student"]
+    assert n_sharded == (n_params if zero == 3 else 0) and n_params > 100  # ZeRO-3: every one sharded
     per_rank = rec["fingerprints"]["student"]
     np.testing.assert_array_equal(per_rank[0], per_rank[1])  # identical parameters on both ranks
     assert per_rank[0] != rec["initial"]  # and they trained

@@ -582,7 +582,8 @@ class Trainer:
             if acc.is_main_process:
                 save_checkpoint(path, net, meta)
             return
-        # ZeRO-3 shards every parameter: gather the full ones on all ranks (a collective) for the
+        # ZeRO-3 shards the parameters above stage3_param_persistence_threshold: gather the full
+        # ones on all ranks (a collective) for the
         # length of the save. The module keeps its structure, so shared parameters (MPRNet's one
         # PReLU) are still recognised as aliases, and the weights keep their training dtype (fp32
         # master weights are in the optimiser; this does not need stage3_gather_16bit_weights_on_model_save).

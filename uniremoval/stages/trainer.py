@@ -583,10 +583,10 @@ class Trainer:
                 save_checkpoint(path, net, meta)
             return
         # ZeRO-3 shards the parameters above stage3_param_persistence_threshold: gather the full
-        # ones on all ranks (a collective) for the
-        # length of the save. The module keeps its structure, so shared parameters (MPRNet's one
-        # PReLU) are still recognised as aliases, and the weights keep their training dtype (fp32
-        # master weights are in the optimiser; this does not need stage3_gather_16bit_weights_on_model_save).
+        # ones on all ranks (a collective) for the length of the save. The module keeps its
+        # structure, so shared parameters (MPRNet's one PReLU) are still recognised as aliases, and
+        # the weights keep their training dtype (fp32 master weights are in the optimiser; this
+        # does not need stage3_gather_16bit_weights_on_model_save).
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):

@@ -1,5 +1,5 @@
 """Two-process check of the data pipelines, launched by tests/test_pipelines.py with
-`torchrun --nproc_per_node 2 tests/dist_pipelines_worker.py DATA_DIR OUT_DIR`.
+`accelerate launch --multi_gpu --num_processes 2 tests/dist_pipelines_worker.py DATA_DIR OUT_DIR`.
 
 Each rank (gloo, two DataLoader workers) writes OUT_DIR/rank<r>.json with what it saw; the test
 asserts on the union. Every training step does an all_reduce, so ranks running different step
@@ -76,6 +76,14 @@ def main(data: Path, out: Path) -> None:
             "clear_keys": step["clear"]["key"],
         })
     res["da"] = da_steps
+
+    # Disjoint reading across ranks, where it is exact: one source (23 samples in 5 shards, so each
+    # of the 4 global workers has whole shards, 4+ samples) and few enough steps that no worker ends
+    # its share and starts a second pass (passes re-permute the shards, so over a long epoch a
+    # sample can come round on another rank). Each worker reads 3 samples plus a 1-slot buffer.
+    one = kt_loader([("blur", data / "blur", "blur", 1.0)], ["blur"], 3, CROP, 2, WORKERS, seed=3, rank=rank,
+                    world_size=world, cell=CELL, require=("target",), shuffle_buffer=1)
+    res["one_source_keys"] = [k for batch in one for k in batch["key"]]
 
     counts = [None] * world
     dist.all_gather_object(counts, [e["steps"] for e in epochs])

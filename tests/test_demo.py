@@ -171,5 +171,7 @@ def test_same_command_ignores_order_and_defaults() -> None:
             "--per-image", "1", "--seed", "0", "--params", "/p.yaml", "--split", "train", "--name", "s",
             "--workers", "1", "--no-progress"]
     assert _same_command(recorded, argv)
-    assert not _same_command(recorded, [*argv[:-3], "2", "--no-progress"])  # other --workers value
+    assert not _same_command(recorded, [*argv[:-2], "2", "--no-progress"])  # other --workers value
+    assert not _same_command(recorded, [*argv, "--seed", "1"])  # the last --seed wins: another seed
+    assert not _same_command(recorded, [a if a != "haze" else "rain" for a in argv])  # another type
     assert not _same_command(["shards", "synth", "--bogus"], argv)

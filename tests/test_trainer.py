@@ -23,11 +23,11 @@ from uniremoval.errors import UniremovalError
 from uniremoval.stages.trainer import Stage, Trainer, list_checkpoints, lr_factor, skip_batches
 
 
-def make_cfg(tmp_path: Path, **train) -> TeacherStage:
+def make_cfg(tmp_path: Path, optim: dict | None = None, **train) -> TeacherStage:
     t = {"epochs": 2, "steps_per_epoch": 5, "log_every": 2, "val_every": 5, "seed": 3}
     t.update(train)
     return TeacherStage(stage="teacher", degradation="haze", output_dir=str(tmp_path), name="toy",
-                        train=t, optim={"lr": 0.05}, checkpoint={"every_steps": 3, "keep_last": 2},
+                        train=t, optim=optim or {"lr": 0.05}, checkpoint={"every_steps": 3, "keep_last": 2},
                         tracking={"enabled": False})
 
 
@@ -130,7 +130,11 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
 
 
 def test_grad_accumulation_matches_large_batch(tmp_path):
-    big = ToyStage(make_cfg(tmp_path / "big", epochs=1, steps_per_epoch=3), batch=8)
+    # Adam divides by sqrt(v), so a gradient off by a constant factor (a missing 1/grad_accum)
+    # would move the weights alike; eps far above sqrt(v) makes the step proportional to the
+    # gradient, so that factor shows.
+    optim = {"lr": 0.05, "eps": 10.0}
+    big = ToyStage(make_cfg(tmp_path / "big", optim, epochs=1, steps_per_epoch=3), batch=8)
     big.data = lambda e, i, b=None, s=big: ToyStage.data(s, e, i, 8)  # type: ignore[method-assign]
     Trainer(big.cfg, big).fit()
 
@@ -143,7 +147,7 @@ def test_grad_accumulation_matches_large_batch(tmp_path):
                         yield {"input": full["input"][h], "target": full["target"][h], "idx": (epoch, i)}
             return skip_batches(gen(), start)
 
-    acc = Halves(make_cfg(tmp_path / "acc", epochs=1, steps_per_epoch=3, grad_accum=2))
+    acc = Halves(make_cfg(tmp_path / "acc", optim, epochs=1, steps_per_epoch=3, grad_accum=2))
     Trainer(acc.cfg, acc).fit()
     assert len(acc.seen) == 6
     torch.testing.assert_close(weights(tmp_path / "acc/toy/last.safetensors"),
@@ -169,10 +173,12 @@ def test_nonfinite_skip_then_stop(tmp_path):
 
 
 def test_sigusr1_checkpoints_and_stops(tmp_path, capsys):
-    st = ToyStage(make_cfg(tmp_path), signal_at=5)
+    # Stops at step 4: checkpoint.every_steps is 3, so only the signal writes this checkpoint.
+    st = ToyStage(make_cfg(tmp_path), signal_at=3)
     res = Trainer(st.cfg, st).fit()
-    assert res.status == "preempted" and res.step == 6
-    assert res.checkpoint is not None and res.checkpoint.name == "step-00000006"
-    assert "preempted: checkpoint saved at step 6" in capsys.readouterr().err
+    assert res.status == "preempted" and res.step == 4
+    assert res.checkpoint is not None and res.checkpoint.name == "step-00000004"
+    assert {p.name for p in res.checkpoint.iterdir()} >= {"state.pt", "net.safetensors"}
+    assert "preempted: checkpoint saved at step 4" in capsys.readouterr().err
     assert not (tmp_path / "toy" / "last.safetensors").exists()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored

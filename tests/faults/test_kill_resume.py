@@ -72,14 +72,21 @@ def _run_ids(run_dir: Path, model: str) -> set[str]:
 
 
 def kill_then_resume(ws, stage: str, cfg_path: Path, run_dir: Path, model: str) -> dict:
-    """kill -9 after a random checkpoint, resume to the end; returns what each run said."""
+    """kill -9 after a random checkpoint, resume to the end; returns what each run said.
+
+    The checkpoint is one this run writes: a step after any already on disk (the teacher's comes
+    after a SIGTERM that left one), else the kill would land while Python is still starting.
+    """
     root = ws["root"]
-    at = pick([2, 4], f"train {stage}")
+    existing = max(_ckpts(run_dir), default=0)
+    later = [s for s in range(2, STEPS, 2) if s > existing]
+    assert later, f"checkpoints up to step {existing} already exist; none left to kill after (STEPS={STEPS})"
+    at = pick(later, f"train {stage}")
     rc, err1 = kill9_when(["train", stage, "--config", str(cfg_path), "--resume", "auto"], root,
                           _newest_ckpt_at_least(run_dir, at))
     assert rc == -signal.SIGKILL, err1[-3000:]
     newest = _ckpts(run_dir)[-1]
-    assert at <= newest < STEPS, (at, newest)
+    assert existing < at <= newest < STEPS, (existing, at, newest)
     assert not (run_dir / "last.safetensors").exists()
     job = Job(["train", stage, "--config", str(cfg_path), "--resume", "auto"], root)
     rc, err2 = job.wait()

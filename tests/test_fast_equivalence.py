@@ -30,7 +30,7 @@ from uniremoval.models.mprnet_arch import MPRNet
 from uniremoval.models.vgg_arch import VGGFeatures
 from uniremoval.stages import fast
 from uniremoval.stages.kt import kt_terms
-from uniremoval.stages.teachers import Teacher, freeze, teacher_targets
+from uniremoval.stages.teachers import Teacher, freeze
 
 DEGS = ["haze", "rain", "blur"]
 CELL = 16
@@ -68,7 +68,10 @@ def setup():
     phi = VGGFeatures(LAYERS, weights="random")
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     labels = torch.tensor([0, 1, 2, 0])
-    t_img, t_feat = teacher_targets(teachers, DEGS, x, labels, CELL)
+    # The cached targets, built apart from `teacher_targets` (which the online path uses): each
+    # sample through its own type's teacher, one at a time.
+    per_sample = [teachers[DEGS[int(lab)]](x[i:i + 1], CELL) for i, lab in enumerate(labels)]
+    t_img, t_feat = (torch.cat([out[j] for out in per_sample]) for j in (0, 1))
     cached = {"input": x, "degradation": labels, "teacher": t_img, "feature": t_feat}
     # The naive reference: fp32, NCHW, the loop Adam, one step.
     ref_student = copy.deepcopy(student)
@@ -86,7 +89,8 @@ def _close_terms(got: dict[str, float], want: dict[str, float], rtol: float) -> 
 def test_cached_targets_equal_online_teachers(setup):
     online = _values(_terms(setup["student"], setup["phi"], {k: setup["cached"][k] for k in ("input", "degradation")},
                             teachers=setup["teachers"]))
-    _close_terms(online, setup["ref"][0], rtol=0)
+    # Not bit-equal: a conv over 1 sample and over a sub-batch sum in another order (measured 2e-7).
+    _close_terms(online, setup["ref"][0], rtol=1e-5)
 
     # What the cache stores: the teacher image as 8-bit PNG levels, the pooled feature as float16.
     c = setup["cached"]

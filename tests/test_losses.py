@@ -492,8 +492,9 @@ def test_da_total_keys_and_discriminator() -> None:
     assert (d["d_real"].item(), d["d_fake"].item(), d["total"].item()) == pytest.approx((0.5, 0.75, 0.625))
 
 
-@pytest.mark.parametrize("grad_flags", [False, True])
-def test_da_negative_and_positive_grad_flags(grad_flags: bool) -> None:
+@pytest.mark.parametrize("positives_grad", [False, True])
+@pytest.mark.parametrize("negatives_grad", [False, True])
+def test_da_negative_and_positive_grad_flags(positives_grad: bool, negatives_grad: bool) -> None:
     real, clear = _da_inputs()
     real = real.clone().requires_grad_(True)
     restored_real = (real.detach() * 0.9).requires_grad_(True)
@@ -508,15 +509,18 @@ def test_da_negative_and_positive_grad_flags(grad_flags: bool) -> None:
         tau=0.5,
         use_gan=False,
         use_idt=False,
-        negatives_grad=grad_flags,
-        positives_grad=grad_flags,
+        negatives_grad=negatives_grad,
+        positives_grad=positives_grad,
     )
     loss.generator_terms(
         restored_real, real, restored_clear, clear, feat_real, feat_deg, feat_clear, None, 0.5
     )["total"].backward()
     assert restored_real.grad is not None and feat_real.grad is not None  # anchors always train
-    for leaf in (real, feat_deg, restored_clear, feat_clear):
-        assert (leaf.grad is not None and leaf.grad.abs().sum() > 0) == grad_flags
+    # each flag governs its own set: negatives = the real degraded images and their features,
+    # positives = the restored clear images and their features (image and feature level alike)
+    for leaf, flag in ((real, negatives_grad), (feat_deg, negatives_grad),
+                       (restored_clear, positives_grad), (feat_clear, positives_grad)):
+        assert (leaf.grad is not None and leaf.grad.abs().sum() > 0) == flag
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,11 +63,12 @@ CONFIG_CASES = {
 def test_bad_config_one_clean_error_and_nothing_started(case, tmp_path, capsys, monkeypatch):
     change, extra, fragments = CONFIG_CASES[case]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking on: the store would be ./mlflow.db
     if isinstance(change, str):
         path = tmp_path / "teacher.yaml"
         path.write_text(change)
     else:
-        cfg = {**TEACHER, "output_dir": str(tmp_path / "out"), **change}
+        cfg = {**TEACHER, "output_dir": str(tmp_path / "out"), "tracking": {"enabled": True}, **change}
         path = write_yaml(tmp_path / "teacher.yaml", {k: v for k, v in cfg.items() if v is not None})
     code, err = _run(capsys, ["train", "teacher", "--config", str(path), *extra])
     assert code == 2, err

@@ -144,6 +144,17 @@ def test_fast_adam_equals_loop(impl):
     assert fast.adam_impl("cuda", fused=False) == {"foreach": True}
 
 
+def test_trainer_builds_the_fast_adam():
+    from uniremoval.config import OptimConfig
+    from uniremoval.stages.trainer import make_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    opt = make_optimizer(p, OptimConfig(lr=1e-3), on_cuda=False)
+    assert type(opt) is torch.optim.Adam and opt.defaults["foreach"] and not opt.defaults["fused"]
+    opt = make_optimizer(p, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, fused=True), on_cuda=False)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] and opt.defaults["weight_decay"] == 0.1
+
+
 def test_bf16_autocast_loss_close(setup):
     student = fast.to_channels_last(copy.deepcopy(setup["student"]))
     phi = fast.to_channels_last(copy.deepcopy(setup["phi"]))

@@ -146,7 +146,7 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    # None: fused kernels when on CUDA, the default implementation elsewhere.
+    # None: fused kernels on CUDA, multi-tensor foreach elsewhere; true: fused on CPU too.
     fused: bool | None = None
 
     @field_validator("betas")

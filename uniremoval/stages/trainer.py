@@ -164,12 +164,10 @@ def lr_factor(schedule: ScheduleConfig, step: int, total_steps: int, base_lr: fl
 
 
 def make_optimizer(params: Iterable[nn.Parameter], oc: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = {"lr": oc.lr, "betas": tuple(oc.betas), "eps": oc.eps, "weight_decay": oc.weight_decay}
-    fused = oc.fused if oc.fused is not None else on_cuda
-    if fused and on_cuda:
-        kwargs["fused"] = True
-    cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
-    return cls(params, **kwargs)
+    """Adam/AdamW from the config with the fast implementation (`fast.adam_impl`): fused on CUDA,
+    multi-tensor foreach elsewhere, unless `optim.fused` says otherwise."""
+    return fast.make_adam(params, oc.lr, "cuda" if on_cuda else "cpu", betas=tuple(oc.betas), eps=oc.eps,
+                          weight_decay=oc.weight_decay, decoupled=oc.name == "adamw", fused=oc.fused)
 
 
 class StepSchedule:

@@ -93,6 +93,7 @@ def _toy_rank_events(out: Path, rank: int) -> dict:
         res = trainer.fit()
     w = trainer.accelerator.unwrap_model(trainer.models["net"]).weight.detach()
     return {"toy_status": res.status, "toy_step": res.step, "toy_skipped": res.nonfinite_skipped,
+            "toy_checkpoint": sorted(p.name for p in (out / "toy" / "checkpoints").glob("step-*")),
             "toy_sha": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
             "toy_warnings": [str(c.message) for c in caught if "non-finite" in str(c.message)]}
 

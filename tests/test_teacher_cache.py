@@ -156,6 +156,8 @@ def test_two_processes_teacher_then_cache(workspace):
     for r in (r0, r1):
         assert (r["toy_status"], r["toy_step"], r["toy_skipped"]) == ("preempted", 4, 1)
     assert r0["toy_sha"] == r1["toy_sha"]
+    # step 4 is off checkpoint.every_steps=3: that checkpoint is the signal's, written for both ranks
+    assert r0["toy_checkpoint"] == ["step-00000003", "step-00000004"]
     assert any("non-finite loss at step 2" in m and "mse=nan" in m for m in r1["toy_warnings"])
     assert any("on another rank" in m for m in r0["toy_warnings"])
 

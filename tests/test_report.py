@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -169,6 +170,17 @@ def test_report_from_real_eval_runs_with_image_grid(tmp_path):
     grid = Image.open(out / "grid-pairs.png")
     assert grid.height == 18 + 2 * (192 + 4) + 4  # label strip + 2 images
     assert grid.width == 2 * 256 + 3 * 4  # two models, 24x32 images scaled to height 192
+    # The first row's cells are the two models' own outputs for im0, one per column.
+    saved = {}
+    for label, folder in (("input", "out-None"), ("student", "out-student")):
+        (src,) = (tmp_path / folder).rglob("im0.png")
+        saved[label] = np.asarray(Image.open(src).convert("RGB").resize((256, 192)), dtype=np.float64)
+    assert np.abs(saved["input"] - saved["student"]).mean() > 10  # tells the two apart
+    pixels = np.asarray(grid.convert("RGB"), dtype=np.float64)
+    cells = [pixels[18:18 + 192, 4 + j * 260:4 + j * 260 + 256] for j in range(2)]
+    nearest = [min(saved, key=lambda k, c=c: np.abs(c - saved[k]).mean()) for c in cells]
+    assert sorted(nearest) == ["input", "student"], nearest
+    assert all(np.abs(c - saved[k]).mean() < 1 for c, k in zip(cells, nearest))
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("grid")
     report_runs = client.search_runs([exp.experiment_id], "tags.stage = 'report'")

@@ -7,9 +7,10 @@ runs its stage exactly as `uniremoval train kt|da` does (same accelerator choice
 trainer); afterwards every rank fingerprints each trained model's parameters. Rank 0 writes a list
 with one record per phase: {stage, status, step, run_id, world_size, fingerprints: {model:
 [per-rank [3 numbers]]}, initial (the student's fingerprint before training), distributed_type,
-zero_stage, zero_optimization}. Several phases in one launch keep the number of (slow) launches small.
-DeepSpeed is requested the way `accelerate launch --config_file launch/deepspeed_zero2.yaml` does:
-ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_DEEPSPEED_ZERO_STAGE in the environment.
+zero_stage, zero_optimization, sharded_params}. Several phases in one launch keep the number of
+(slow) launches small. DeepSpeed is requested through the environment, as `accelerate launch` does:
+ACCELERATE_USE_DEEPSPEED=true plus ACCELERATE_DEEPSPEED_ZERO_STAGE (launch/deepspeed_zero2.yaml)
+or ACCELERATE_DEEPSPEED_CONFIG_FILE (a DeepSpeed JSON, an accelerate config's deepspeed_config_file).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ runs its stage exactly as `uniremoval train kt|da` does (same accelerator choice
 trainer); afterwards every rank fingerprints each trained model's parameters. Rank 0 writes a list
 with one record per phase: {stage, status, step, run_id, world_size, fingerprints: {model:
 [per-rank [3 numbers]]}, initial (the student's fingerprint before training), distributed_type,
-zero_stage, zero_optimization, sharded_params}. Several phases in one launch keep the number of
+zero_stage, sharded_params}. Several phases in one launch keep the number of
 (slow) launches small. DeepSpeed is requested through the environment, as `accelerate launch` does:
 ACCELERATE_USE_DEEPSPEED=true plus ACCELERATE_DEEPSPEED_ZERO_STAGE (launch/deepspeed_zero2.yaml)
 or ACCELERATE_DEEPSPEED_CONFIG_FILE (a DeepSpeed JSON, an accelerate config's deepspeed_config_file).
@@ -26,12 +26,6 @@ def fingerprint(model: torch.nn.Module) -> torch.Tensor:
     flat = torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()])
     pos = torch.arange(flat.numel(), dtype=torch.float64) % 9973
     return torch.stack([flat.sum(), flat.abs().sum(), (flat * pos).sum()])
-
-
-def _zero_optimization(acc) -> dict:
-    """The zero_optimization section DeepSpeed ran with ({} without DeepSpeed)."""
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    return dict(plugin.deepspeed_config.get("zero_optimization", {})) if plugin is not None else {}
 
 
 def _sharded(model) -> list[int]:
@@ -75,7 +69,6 @@ def run_phase(phase: dict) -> tuple[dict, object]:
     record = {"stage": cfg.stage, "status": result.status, "step": result.step, "run_id": result.run_id,
               "world_size": acc.num_processes, "fingerprints": prints, "initial": initial,
               "distributed_type": str(acc.distributed_type), "zero_stage": kt.zero_stage(acc),
-              "zero_optimization": _zero_optimization(acc),
               "sharded_params": {n: _sharded(trainer.models[n]) for n in stage.trainable}}
     return record, acc
 

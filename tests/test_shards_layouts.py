@@ -323,6 +323,15 @@ def test_layout_options(tmp_path: Path) -> None:
     assert metas["hazy/2_3_0.83179.png"]["variant"] == 3
     assert metas["hazy/2_3_0.83179.png"]["name_fields"] == ["3", "0.83179"]
 
+    # OTS writes A = 1 as "1": still an airlight, not an ITS-style version number.
+    ots = tree_reside_ots(tmp_path / "ots")
+    build("reside-ots", ots.root, tmp_path / "o")
+    metas = {json.loads(f["json"])["input_name"]: json.loads(f["json"]) for _, f in samples(tmp_path / "o")}
+    assert {k: (m["airlight"], m["beta"], "variant" in m) for k, m in metas.items() if "0001" in k} == {
+        "hazy/0001_0.8_0.2.jpg": (0.8, 0.2, False),
+        "hazy/0001_1_0.04.jpg": (1.0, 0.04, False),
+    }
+
     rain = tree_rain1400(tmp_path / "rain")
     build("rain1400", rain.root, tmp_path / "r", "--split", "test")
     metas = [json.loads(f["json"]) for _, f in samples(tmp_path / "r")]

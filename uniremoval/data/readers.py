@@ -221,18 +221,25 @@ def _split_id(stem: str) -> tuple[str, list[str]]:
     return ident, fields
 
 
-def _haze_extra(fields: list[str]) -> dict:
-    """RESIDE hazy names carry the synthesis parameters after the id."""
+def _haze_extra(fields: list[str], outdoor: bool | None = None) -> dict:
+    """RESIDE hazy names carry the synthesis parameters after the id.
+
+    `outdoor`: True for OTS / SOTS-outdoor names, False for ITS / SOTS-indoor, None when the layout
+    does not say (then a dotted first field means an airlight).
+    """
     extra: dict = {"name_fields": fields}
     try:
         numbers = [float(f) for f in fields]
     except ValueError:
         return extra
     # OTS / SOTS-outdoor: <id>_<A>_<beta>. ITS: <id>_<k>_<value>, k = which of the 10 versions;
-    # the RESIDE pages do not name the last field, so it stays only in name_fields.
-    if len(numbers) == 2 and "." in fields[0]:
+    # the RESIDE pages do not name the last field, so it stays only in name_fields. The name alone
+    # cannot tell them apart: OTS writes A = 1 as "1" (0005_1_0.2.jpg), like an ITS k.
+    if outdoor is None:
+        outdoor = "." in fields[0] if fields else False
+    if outdoor and len(numbers) == 2:
         extra.update(airlight=numbers[0], beta=numbers[1])
-    elif numbers and "." not in fields[0]:
+    elif not outdoor and numbers and numbers[0].is_integer():
         extra.update(variant=int(numbers[0]))
     return extra
 
@@ -263,7 +270,8 @@ def _reside_paired(root: Path, opts: ReaderOptions, reader: str, default_split: 
     domain = _check_domain(opts, "synthetic")
 
     def make(inp: str, tgt: str, fields: list[str]) -> Item:
-        return Item(inp, tgt, degradation, domain, reader, split, _haze_extra(fields))
+        extra = _haze_extra(fields, outdoor=reader == "reside-ots")
+        return Item(inp, tgt, degradation, domain, reader, split, extra)
 
     items = _id_pairs(root, hazy, clear, id_of=_split_id, make=make, issues=issues)
     if not items and not issues:
@@ -304,9 +312,9 @@ def read_reside_sots(root: Path, opts: ReaderOptions) -> ReadResult:
             raise _layout_error(reader, root, spec.layout, f"{_rel(root, folder) or '.'} lacks hazy/ or gt/")
 
         def make(inp: str, tgt: str, fields: list[str], subset: str = subset) -> Item:
-            return Item(
-                inp, tgt, degradation, domain, reader, split, {"subset": subset, **_haze_extra(fields)}
-            )
+            outdoor = {"outdoor": True, "indoor": False}.get(subset)
+            extra = {"subset": subset, **_haze_extra(fields, outdoor)}
+            return Item(inp, tgt, degradation, domain, reader, split, extra)
 
         items += _id_pairs(root, hazy, clear, id_of=_split_id, make=make, issues=issues)
     if not items and not issues:

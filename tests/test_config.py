@@ -166,6 +166,24 @@ def test_cross_field_rule(kt_file):
     assert "multiple of 8" in msg
 
 
+def test_rules_across_sections_name_file_key_value_and_allowed(kt_file, tmp_path):
+    # A source's degradation must be a configured type (the loader refused it only after the MLflow
+    # run had started); named in the file that set it.
+    bad = write(tmp_path / "deg.yaml", f"extends: {kt_file}\ndata:\n  degradations: [haze, rain]\n"
+                "  val: [{name: v, shards: s, degradation: hze}]\n")
+    msg = message(bad)
+    assert str(bad) in msg and "'data.val.0.degradation'" in msg and "'hze'" in msg and "['haze', 'rain']" in msg
+    msg = message(kt_file, ["data.train.1.degradation=fog"])
+    assert "override 'data.train.1.degradation=fog'" in msg and "'fog'" in msg
+    # cached teacher features are cropped on the feature grid: crop_size must be a multiple of it
+    msg = message(kt_file, ["data.crop_size=136"])
+    assert "'data.crop_size'" in msg and "136" in msg and "data.feature_cell=16" in msg
+    assert load_config(kt_file, ["data.crop_size=136", "teachers.mode=online"]).data.crop_size == 136
+    # a negative VGG layer weight would make the student maximise that layer's contrastive term
+    msg = message(kt_file, ["features.layer_weights=[-1, 1, 1, 1, 1]"])
+    assert "'features.layer_weights.0'" in msg and "-1" in msg and "greater than or equal to 0" in msg
+
+
 def test_bad_override_syntax(kt_file):
     assert "must look like key.sub=value" in message(kt_file, ["optim.lr"])
     assert "list index" in message(kt_file, ["data.train.7.weight=1"])

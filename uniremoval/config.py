@@ -61,7 +61,9 @@ class FeatureNetConfig(Strict):
     # A local copy of torchvision's vgg19-dcbb9e9d.pth; None looks in the torch hub cache.
     path: str | None = None
     layers: list[str] = Field(default_factory=lambda: ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"])
-    layer_weights: list[float] = Field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0])
+    # >= 0: a negative weight would turn its contrastive term into one the student maximises.
+    layer_weights: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0])
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -464,6 +466,16 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _source_of(key: str, origin: dict[str, Path], overrides: dict[str, str], path: Path) -> str:
+    """The override or file that set dotted `key` (or a section above or below it)."""
+    source = next((f"override {overrides[k]!r}" for k in overrides if k == key or key.startswith(k + ".")
+                   or k.startswith(key + ".")), None)
+    if source is None:
+        source = str(next((origin[k] for k in origin if k == key or k.startswith(key + ".")
+                           or key.startswith(k + ".")), path))
+    return source
+
+
 def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Path], overrides: dict[str, str],
                    path: Path) -> str:
     model = _STAGE_MODELS.get(stage or "")
@@ -473,11 +485,7 @@ def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Pa
         if loc and loc[0] == stage and model is not None:
             loc = loc[1:]  # the discriminated union prefixes the tag
         key = ".".join(str(p) for p in loc) or "(top level)"
-        source = next((f"override {overrides[k]!r}" for k in overrides if k == key or key.startswith(k + ".")
-                       or k.startswith(key + ".")), None)
-        if source is None:
-            source = str(next((origin[k] for k in origin if k == key or k.startswith(key + ".")
-                               or key.startswith(k + ".")), path))
+        source = _source_of(key, origin, overrides, path)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
@@ -508,9 +516,34 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     if stage is not None and found != stage:
         raise ConfigError(f"{path}: this is a '{found}' config, but the command needs a '{stage}' config")
     try:
-        return _ADAPTER.validate_python(data)
+        cfg = _ADAPTER.validate_python(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, found, origin, override_texts, path)) from None
+    bad = _cross_field_errors(cfg)
+    if bad:
+        lines = [f"{_source_of(key, origin, override_texts, path)}: key '{key}': bad value {value!r}: {allowed}"
+                 for key, value, allowed in bad]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    return cfg
+
+
+def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
+    """Checks that span sections, as (dotted key, value, what is allowed). Found here, they stop a
+    run before anything starts; the loaders would only raise them after the MLflow run began."""
+    out: list[tuple[str, Any, str]] = []
+    if not isinstance(cfg, (KTStage, DAStage)):
+        return out  # a teacher trains cfg.degradation; the cache pairs sources with teachers.checkpoints
+    degs = cfg.data.degradations
+    for section in ("train", "val"):
+        for i, src in enumerate(getattr(cfg.data, section)):
+            if src.degradation is not None and src.degradation not in degs:
+                out.append((f"data.{section}.{i}.degradation", src.degradation,
+                            f"must be one of data.degradations {degs}"))
+    if isinstance(cfg, KTStage) and cfg.teachers.mode == "cached" and cfg.data.crop_size % cfg.data.feature_cell:
+        grid = f"must be a multiple of data.feature_cell={cfg.data.feature_cell} (cached teacher features are " \
+            "cropped on that grid)"
+        out.append(("data.crop_size", cfg.data.crop_size, grid))
+    return out
 
 
 def config_to_dict(cfg: BaseModel) -> dict:

@@ -210,6 +210,39 @@ def test_bad_inputs_reported(tmp_path: Path, capsys) -> None:
     assert len((out / "report.jsonl").read_text().splitlines()) == 4
 
 
+def test_dangling_link_and_vanished_file_are_reported(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A broken symlink in the tree, or a file deleted between listing and planning, is a bad input
+    in the report (it used to crash the build with a FileNotFoundError traceback)."""
+    t = Tree(tmp_path / "ds")
+    for name in ("a", "b", "c"):
+        t.pair(f"input/{name}.png", f"target/{name}.png", "train")
+    (t.root / "input/b.png").unlink()
+    (t.root / "input/b.png").symlink_to(t.root / "input/nowhere.png")
+    out = tmp_path / "out"
+    assert build("paired-folder", t.root, out, "--degradation", "rain") == 0
+    report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["path"]) for r in report] == [("unreadable", "input/b.png")]
+    assert "broken link" in report[0]["reason"]
+
+    from uniremoval.data import readers
+
+    listed = readers.read_dataset
+
+    def list_then_delete(*args, **kwargs):
+        result = listed(*args, **kwargs)
+        (t.root / "input/c.png").unlink()
+        return result
+
+    monkeypatch.setattr(readers, "read_dataset", list_then_delete)
+    assert build("paired-folder", t.root, tmp_path / "out2", "--degradation", "rain") == 0
+    report = [json.loads(line) for line in (tmp_path / "out2" / "report.jsonl").read_text().splitlines()]
+    assert sorted((r["kind"], r["path"]) for r in report) == [
+        ("unreadable", "input/b.png"),
+        ("unreadable", "input/c.png"),
+    ]
+    assert load_manifest(tmp_path / "out2")["counts"]["total"] == 1
+
+
 @pytest.mark.parametrize(
     ("remove", "message"),
     [

@@ -135,6 +135,9 @@ def scan_images(root: Path, folder: Path, issues: list[Issue]) -> list[Path]:
             if not _inside(root_resolved, path):
                 issues.append(Issue("outside_root", _rel(root, path), f"links outside --root {root}"))
                 continue
+            if not path.exists():  # a dangling link: os.walk lists it, but it cannot be read
+                issues.append(Issue("unreadable", _rel(root, path), f"broken link to {os.readlink(path)}"))
+                continue
             found.append(path)
     return sorted(found)
 

@@ -87,7 +87,11 @@ class FileSampleBuilder:
     def plan_info(self, item: Item) -> tuple[int, list]:
         size, signature = 2048, []  # 2 kB: tar headers and json
         for rel in (item.input, item.target) if item.target else (item.input,):
-            st = os.stat(os.path.join(self.root, rel))
+            try:
+                st = os.stat(os.path.join(self.root, rel))
+            except OSError:  # gone since listing: `build` reports it as unreadable
+                signature.append(None)
+                continue
             size += st.st_size
             signature += [st.st_size, st.st_mtime_ns]
         return size, signature

@@ -420,12 +420,12 @@ class SynthSampleBuilder:
         from PIL import Image
 
         path = Path(self.root, item.input)
-        st = path.stat()
         try:
+            st = path.stat()
             with Image.open(path) as im:  # reads the header only
                 w, h = im.size
-        except (OSError, ValueError):  # reported properly when the sample is built
-            w = h = 0
+        except (OSError, ValueError):  # gone or not an image: reported when the sample is built
+            return 2048, [None]
         per_pixel = 1.0 if self.ranges.noise.jpeg_quality else 2.0
         return st.st_size + int(h * w * per_pixel) + 2048, [st.st_size, st.st_mtime_ns]
 

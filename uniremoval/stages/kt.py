@@ -293,23 +293,31 @@ class KnowledgeTransfer(Stage):
 def check_teacher_cache(cfg: KTStage) -> None:
     """Refuse a cache built by other teacher weights, on another feature grid, or of another type.
 
-    Each data.train source must be a cache folder written by `uniremoval cache` (manifest.json
-    with a 'cache' section); URLs and globs cannot be checked here and are only warned about.
+    Each data.train source must come from cache folders written by `uniremoval cache` (manifest.json
+    with a 'cache' section): the folder itself, its manifest.json, or local shard files / brace
+    patterns inside it (checked through the folder that holds them). Remote URLs and `pipe:`
+    commands cannot be checked here and are only warned about.
     """
     from pathlib import Path
 
+    from uniremoval.data.pipelines import resolve_shards
     from uniremoval.stages.cache import check_cache
 
     for src in cfg.data.train:
+        folders: list[Path] = []
         for spec in src.shards:
             folder = Path(spec)
             if folder.is_file() and folder.name == "manifest.json":
                 folder = folder.parent
-            if not folder.is_dir():
-                warnings.warn(f"data.train {src.name}: {spec} is not a cache folder; its teacher identity cannot be "
-                              "checked (teachers.mode=cached expects folders written by `uniremoval cache`)",
-                              RuntimeWarning, stacklevel=2)
-                continue
+            if folder.is_dir():
+                folders.append(folder)
+            elif "://" in spec or spec.startswith("pipe:"):
+                warnings.warn(f"data.train {src.name}: {spec} is not a local cache folder; its teacher identity "
+                              "cannot be checked (teachers.mode=cached expects folders written by `uniremoval "
+                              "cache`)", RuntimeWarning, stacklevel=2)
+            else:  # local tar files or a brace pattern: their folder's manifest names the teacher
+                folders.extend(Path(url).parent for url in resolve_shards(spec))
+        for folder in dict.fromkeys(folders):
             manifest = check_cache(folder, cfg.teachers.checkpoints, None, cfg.data.feature_cell)
             have = manifest["cache"]["degradation"]
             if have != src.degradation:

@@ -90,6 +90,9 @@ def test_resolve_shards_forms(data, tmp_path):
     bare.mkdir()
     (bare / "b.tar").write_bytes((data / "rain" / "rain-000000.tar").read_bytes())
     assert resolve_shards(bare) == [str(bare / "b.tar")]
+    (bare / "manifest-job000of002.json").write_text("{}")  # an unmerged array build: maybe half done
+    with pytest.raises(DataError, match="shards merge"):
+        resolve_shards(bare)
     with pytest.raises(DataError, match="does not exist"):
         resolve_shards(tmp_path / "nope.tar")
     with pytest.raises(DataError, match="neither manifest.json"):

@@ -113,7 +113,8 @@ def read_manifest_shards(manifest: str | os.PathLike) -> list[str]:
 def resolve_shards(spec: ShardSpec) -> list[str]:
     """Turn a dataset spec into a list of shard URLs.
 
-    Accepts: a shard directory (its `manifest.json`, else its `*.tar` sorted by name), a
+    Accepts: a shard directory (its `manifest.json`, else its `*.tar` sorted by name; a folder of an
+    array build not yet merged is refused), a
     `manifest.json` path or URL, an http(s) directory URL ending in `/` (its manifest.json), a
     brace pattern (`shards/haze-{000000..000009}.tar`), a single tar / URL / `pipe:` command,
     or a list of any of these.
@@ -152,6 +153,11 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
     if path.is_dir():
         if (path / "manifest.json").exists():
             return read_manifest_shards(path / "manifest.json")
+        if any(path.glob("manifest-job*.json")):  # an array build: its tars may be only some jobs'
+            raise DataError(
+                f"{path} holds per-job manifests but no manifest.json: when every job has finished, "
+                f"run `uniremoval shards merge {path}`"
+            )
         tars = sorted(str(p) for p in path.glob("*.tar"))
         if not tars:
             raise DataError(f"{path} holds neither manifest.json nor *.tar shards")

@@ -184,6 +184,16 @@ def test_rules_across_sections_name_file_key_value_and_allowed(kt_file, tmp_path
     assert "'features.layer_weights.0'" in msg and "-1" in msg and "greater than or equal to 0" in msg
 
 
+def test_da_validation_metrics_are_checked_at_load(tmp_path):
+    # DA builds its IQA scorer at the first validation; a typo, a capital or a metric that needs a
+    # target stopped the run only then (train.val_every steps in), before any checkpoint.
+    da = write(tmp_path / "da.yaml", "stage: da\nval_iqa: {metrics: [piqe, brisque]}\n")
+    assert load_config(da).val_iqa.metrics == ["piqe", "brisque"]
+    for bad in ("piqee", "PIQE", "psnr"):
+        msg = message(da, [f"val_iqa.metrics=[{bad}]"])
+        assert "'val_iqa.metrics'" in msg and bad in msg and "brisque, piqe, niqe" in msg
+
+
 def test_bad_override_syntax(kt_file):
     assert "must look like key.sub=value" in message(kt_file, ["optim.lr"])
     assert "list index" in message(kt_file, ["data.train.7.weight=1"])

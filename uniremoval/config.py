@@ -262,6 +262,19 @@ class ValIQAConfig(Strict):
     metrics: list[str] = Field(default_factory=lambda: ["piqe"])
     max_images: int = Field(16, ge=1)
 
+    @field_validator("metrics")
+    @classmethod
+    def _no_reference(cls, v):
+        # Checked here: the scorer is built at the first validation, train.val_every steps into the run.
+        from uniremoval.eval.metrics import METRICS  # no torch at import: config stays cheap
+
+        allowed = [name for name, info in METRICS.items() if info.kind == "nr"]
+        bad = [name for name in v if name not in allowed]
+        if bad:
+            raise ValueError(f"{bad} not allowed: the real validation images are unpaired, so use no-reference "
+                             f"metrics: {', '.join(allowed)}")
+        return v
+
 
 class EvalConfig(Strict):
     checkpoint: str | None = None

@@ -127,6 +127,16 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(UniremovalError, match="no state.pt"):
         bad = ToyStage(make_cfg(tmp_path / "d"))
         Trainer(bad.cfg, bad).fit(resume=str(tmp_path))
+    # A checkpoint written under DeepSpeed (optimiser state in deepspeed/, none in state.pt) resumed
+    # without it: a named refusal, not a KeyError on the model name.
+    ds_ck = tmp_path / "ds" / "step-00000009"
+    __import__("shutil").copytree(run / "checkpoints" / "step-00000009", ds_ck)
+    state = torch.load(ds_ck / "state.pt", weights_only=True)
+    torch.save({**state, "optimizers": {}}, ds_ck / "state.pt")
+    (ds_ck / "deepspeed").mkdir()
+    with pytest.raises(UniremovalError, match=r"written under DeepSpeed, and this run is launched without it"):
+        bad = ToyStage(make_cfg(tmp_path / "e"))
+        Trainer(bad.cfg, bad).fit(resume=str(ds_ck))
 
 
 def test_grad_accumulation_matches_large_batch(tmp_path):

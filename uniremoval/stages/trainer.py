@@ -668,6 +668,14 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = _read_resume_file(path / "state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        saved_ds = (path / "deepspeed").is_dir()  # DeepSpeed keeps the optimiser state there, DDP in state.pt
+        if saved_ds != self.deepspeed:
+            raise CheckpointError(
+                f"resume checkpoint {path} was written {'under' if saved_ds else 'without'} DeepSpeed, and this "
+                f"run is launched {'without' if saved_ds else 'with'} it: the optimiser state is stored differently. "
+                f"Resume with the launch config that wrote it ("
+                f"{'launch/deepspeed_zero2.yaml or deepspeed_zero3.yaml' if saved_ds else 'DDP: launch/multi_gpu.yaml'}"
+                f"), or start a new run from its weights (model.init={path}/{self.stage.trainable[0]}.safetensors)")
         if state.get("config_hash") != config_hash(self.cfg):
             warnings.warn(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
                           f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=2)

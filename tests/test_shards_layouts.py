@@ -27,6 +27,7 @@ from uniremoval.data.manifest import (
     shard_paths,
     verify_shards,
 )
+from uniremoval.errors import DataError
 
 H, W = 24, 32
 
@@ -336,6 +337,22 @@ def test_layout_options(tmp_path: Path) -> None:
     build("rain1400", rain.root, tmp_path / "r", "--split", "test")
     metas = [json.loads(f["json"]) for _, f in samples(tmp_path / "r")]
     assert sorted(m["rain_index"] for m in metas) == [1, 2, 14] and {m["split"] for m in metas} == {"test"}
+
+
+def test_every_split_folder_is_read(tmp_path: Path) -> None:
+    """paired-folder with train/, val/ and test/: none is dropped unseen, and --split asking for a
+    folder that is not there names the splits that are (val/ was silently skipped)."""
+    t = Tree(tmp_path / "pf")
+    for split, folder in (("train", "train"), ("val", "validation"), ("test", "test")):
+        t.pair(f"{folder}/input/a.png", f"{folder}/target/a.png", split)
+    build("paired-folder", t.root, tmp_path / "o", "--degradation", "rain")
+    check_samples(tmp_path / "o", t, "paired-folder", "rain", "synthetic")
+    build("paired-folder", t.root, tmp_path / "v", "--degradation", "rain", "--split", "val")
+    assert [json.loads(f["json"])["input_name"] for _, f in samples(tmp_path / "v")] == [
+        "validation/input/a.png"
+    ]
+    with pytest.raises(DataError, match="--split dev: .* its splits are test, train, val"):
+        build("paired-folder", t.root, tmp_path / "d", "--degradation", "rain", "--split", "dev")
 
 
 def test_spa_folder_layout(tmp_path: Path) -> None:

@@ -172,6 +172,8 @@ def _split_name(name: str) -> str:
         return "train"
     if low in ("testing", "test", "testset"):
         return "test"
+    if low in ("validation", "valid", "val"):
+        return "val"
     return low
 
 
@@ -348,19 +350,22 @@ def read_reside_unpaired(root: Path, opts: ReaderOptions) -> ReadResult:
 # ---------------------------------------------------------------------------------------------
 # Rain1400 (DDN)
 
-SPLIT_DIRS = ("train", "training", "test", "testing")
-
 
 def _split_folders(root: Path, has_layout: Callable[[Path], bool], opts: ReaderOptions) -> dict[str, Path]:
-    """Either the root itself holds the layout (one split, named by --split), or split folders do."""
+    """Either the root itself holds the layout (one split, named by --split), or split folders do:
+    every sub-folder holding it is a split (training/ -> train, testing/ -> test, val/, ...), so
+    none is dropped unseen."""
     if has_layout(root):
         return {opts.split or "train": root}
-    found = {}
-    for name in SPLIT_DIRS:
-        folder = _child(root, (name,))
-        if folder is not None and has_layout(folder):
+    found: dict[str, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if has_layout(folder):
             found.setdefault(_split_name(folder.name), folder)
     if opts.split:
+        if found and opts.split not in found:
+            raise DataError(
+                f"--split {opts.split}: {root} has no such split folder; its splits are {', '.join(sorted(found))}"
+            )
         found = {k: v for k, v in found.items() if k == opts.split}
     return found
 

@@ -164,6 +164,28 @@ def test_grad_accumulation_matches_large_batch(tmp_path):
                                weights(tmp_path / "big/toy/last.safetensors"), rtol=1e-5, atol=1e-6)
 
 
+def test_nonfinite_micro_batch_drops_its_whole_update(tmp_path):
+    # grad_accum=2: the FIRST micro-batch of step 2 is NaN. The update of that window must be
+    # dropped whole; stepping with the second micro-batch's half gradient would move the weights.
+    class PoisonFirstMicro(ToyStage):
+        calls = 0
+
+        def training_step(self, batch, ctx):
+            self.calls += 1
+            self.poison_at = ctx.step if self.calls == 3 else None
+            return super().training_step(batch, ctx)
+
+    one = ToyStage(make_cfg(tmp_path / "one", max_steps=1, grad_accum=2))
+    Trainer(one.cfg, one).fit()
+    st = PoisonFirstMicro(make_cfg(tmp_path / "two", max_steps=2, grad_accum=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = Trainer(st.cfg, st).fit()
+    assert res.step == 2 and res.nonfinite_skipped == 1 and len(st.seen) == 4
+    torch.testing.assert_close(weights(tmp_path / "two/toy/last.safetensors"),
+                               weights(tmp_path / "one/toy/last.safetensors"), rtol=0, atol=0)
+
+
 def test_nonfinite_skip_then_stop(tmp_path):
     st = ToyStage(make_cfg(tmp_path / "s", max_steps=4), poison_at=1)
     with warnings.catch_warnings(record=True) as caught:

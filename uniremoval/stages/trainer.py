@@ -309,6 +309,7 @@ class Trainer:
         self.best_value: float | None = None
         self.run_id: str | None = None
         self._stop_requested = False
+        self._dropped_window: set[str] = set()  # models whose accumulation window had a non-finite loss
         self._images_logged_at = -1
         self._sums: dict[str, float] = {}
         self._sum_count = 0
@@ -467,10 +468,20 @@ class Trainer:
     # ---------------------------------------------------------------- one update
     def optimize(self, name: str, loss: Tensor, terms: dict[str, Any] | None) -> bool:
         acc, opt = self.accelerator, self.optimizers[name]
+        if name in self._dropped_window:
+            # An earlier micro-batch of this accumulation window was not finite: the whole update
+            # is dropped, not stepped with the rest of the window's gradient. Every rank agreed on
+            # the drop, so every rank skips these backwards alike (no DDP hang).
+            if acc.sync_gradients:
+                self._dropped_window.discard(name)
+                opt.zero_grad(set_to_none=True)
+            return False
         bad = self._nonfinite_terms(loss, terms)
         if self._agree(bool(bad)):                      # every rank skips together: no DDP hang
             self._handle_nonfinite(name, bad)
             opt.zero_grad(set_to_none=True)
+            if not acc.sync_gradients and not self.deepspeed:
+                self._dropped_window.add(name)
             return False
         sched = self.schedulers[name]
         if acc.sync_gradients and hasattr(sched, "apply"):

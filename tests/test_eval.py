@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -145,6 +146,23 @@ def test_converters_on_small_files(tmp_path):
     torch.save({"x": Path("/etc")}, tmp_path / "evil.pth")  # unpickling would build a Path: refused
     with pytest.raises(iqa_params.MissingIQAParams):
         iqa_params.pyiqa_model_path("brisque_live", tmp_path / "evil.pth", tmp_path)
+
+
+def test_damaged_parameter_files_are_named_errors(tmp_path):
+    """A truncated or foreign .mat/.pth (a cut copy, a wrong file) is refused with the file and the fix,
+    not a scipy traceback from inside pyiqa."""
+    import scipy.io
+
+    for metric, name in (("brisque", "brisque_matlab.mat"), ("niqe", "niqe_matlab_params.mat"),
+                         ("niqe_live", "niqe_modelparameters.mat"), ("brisque_live", "brisque_svm_weights.pth")):
+        bad = tmp_path / name
+        bad.write_bytes(b"cut")
+        with pytest.raises(iqa_params.MissingIQAParams, match=rf"{re.escape(str(bad))}.*fetch-params --metrics {metric}"):
+            iqa_params.pyiqa_model_path(metric, bad, tmp_path)
+    scipy.io.savemat(tmp_path / "other.mat", {"something": np.ones(3)})
+    for metric, key in (("brisque", "sv_coef"), ("niqe", "mu_prisparam")):
+        with pytest.raises(iqa_params.MissingIQAParams, match=rf"other\.mat has no .*{key}"):
+            iqa_params.pyiqa_model_path(metric, tmp_path / "other.mat", tmp_path)
 
 
 def test_matlab_brisque_file_reaches_pyiqa_and_fetch_params(tmp_path, monkeypatch):

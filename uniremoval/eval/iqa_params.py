@@ -129,14 +129,52 @@ def pyiqa_model_path(metric: str, path: Path, workdir: str | os.PathLike) -> str
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise MissingIQAParams(f"parameter file {path} could not be read as tensors: {exc}") from exc
+            raise MissingIQAParams(
+                f"parameter file {path} could not be read as tensors ({_reason(exc)}); "
+                f"{_replace_hint(metric)}"
+            ) from exc
         _check_svm_tuple(obj, path)
         return str(path)
     if metric == "brisque" and path.suffix == ".mat":
         out = Path(workdir) / "brisque_matlab_svm.pth"
         _save_svm(*_read_brisque_mat(path), out)
         return str(out)
+    if path.suffix == ".mat":  # NIQE: pyiqa reads these two keys; check them here, with the file named
+        _load_mat(path, metric, ("mu_prisparam", "cov_prisparam"))
     return str(path)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+def _replace_hint(metric: str) -> str:
+    spec = PARAM_SPECS.get(metric)
+    if spec is None:
+        return "replace it"
+    return (f"delete it and put a good copy of '{spec.filename}' there (on a machine with internet: "
+            f"`uniremoval eval fetch-params --metrics {metric}`; {spec.offline_hint})")
+
+
+def _load_mat(path: Path, metric: str, keys: tuple[str, ...]) -> dict:
+    """`scipy.io.loadmat(path)` with `keys` present; a truncated or foreign file is a MissingIQAParams."""
+    import scipy.io
+
+    try:
+        params = scipy.io.loadmat(path)
+    except Exception as exc:  # scipy raises several types for a damaged file
+        raise MissingIQAParams(
+            f"parameter file {path} is not a readable .mat file ({_reason(exc)}); "
+            f"{_replace_hint(metric)}"
+        ) from exc
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise MissingIQAParams(
+            f"parameter file {path} has no {', '.join(map(repr, missing))}; expected pyiqa's "
+            f"{PARAM_SPECS[metric].filename if metric in PARAM_SPECS else 'file'}: {_replace_hint(metric)}"
+        )
+    return params
 
 
 def _check_svm_tuple(obj, path: Path) -> None:
@@ -152,13 +190,9 @@ def _check_svm_tuple(obj, path: Path) -> None:
 
 def _read_brisque_mat(path: Path):
     import numpy as np
-    import scipy.io
 
-    params = scipy.io.loadmat(path)
-    try:
-        return np.ravel(params["sv_coef"]), np.asarray(params["sv"])
-    except KeyError as exc:
-        raise MissingIQAParams(f"{path} has no key {exc}; expected pyiqa's brisque_matlab.mat") from exc
+    params = _load_mat(path, "brisque", ("sv_coef", "sv"))
+    return np.ravel(params["sv_coef"]), np.asarray(params["sv"])
 
 
 def _save_svm(sv_coef, sv, out: Path) -> None:

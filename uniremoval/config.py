@@ -253,7 +253,11 @@ class TeachersConfig(Strict):
 
 class CacheOutConfig(Strict):
     out: str = "cache"
+    # Consecutive samples of one image size share a teacher forward (memory grows with it).
     batch_size: int = Field(1, ge=1)
+    # Autotune convolutions per image size: pays off for fixed-size sources (GoPro 1280x720),
+    # costs a search per new size on sources of many sizes (Rain1400, RESIDE).
+    cudnn_benchmark: bool = False
 
 
 class ValIQAConfig(Strict):

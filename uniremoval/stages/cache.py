@@ -4,7 +4,8 @@ Algorithm box:
     for each source s in data.train (its `degradation` picks teacher T):
         for each shard of s assigned to this rank (shard i -> rank i mod world):
             skip it if its done-record matches (teacher sha256, source sha256, cell)
-            for each sample x: y_T, f_T <- T(x) on the full image (the model pads to 8)
+            for each run of up to cache.batch_size consecutive samples of one image size:
+                y_T, f_T <- T(x) on the full images (the model pads to 8), under train.mixed_precision
                 write the sample's own fields + teacher.png + feature.npy + json.teacher_sha256
             rename <shard>.tar.tmp -> <shard>.tar; write its done-record
     main process: manifest.json per source (shard format + a `cache` section)
@@ -21,6 +22,11 @@ Layout: ``<cache.out>/<source name>/<shard name>.tar`` (the source's shard names
   the feature cell, and every source shard with its sha256. `check_cache` refuses a cache whose
   teacher or sources differ from the config.
 
+Speed: ``train.mixed_precision`` (bf16 autocast), ``model.channels_last`` and
+``cache.batch_size`` (consecutive samples of one size share a forward) apply here as in training;
+``cache.cudnn_benchmark`` autotunes convolutions per image size (for fixed-size sources such as
+GoPro). The precision is part of each shard's done-record, so a cache is never a mix of two.
+
 Resumable per shard: an interrupted run leaves at most a hidden temporary tar per rank, removed
 on the next run; complete shards (done-record present and matching) are not recomputed. Every
 sample of the sources is written exactly once (whole shards per rank, no sharing).
@@ -28,6 +34,7 @@ sample of the sources is written exactly once (whole shards per rank, no sharing
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -119,9 +126,24 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: int, device: Any,
-                want: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-    """Write one cache shard for source shard `url`; return its done-record."""
+def run_teacher(teacher: Any, x: Any, cell: int, speed: Any) -> tuple[Any, Any]:
+    """The teacher on a batch as the cache runs it (`speed`'s autocast and layout); fp32 results."""
+    import torch
+
+    from uniremoval.stages.fast import channels_last_input
+
+    with torch.no_grad(), speed.autocast():
+        image, feature = teacher(channels_last_input(x) if speed.channels_last else x, cell)
+    return image.float(), feature.float()
+
+
+def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: int, speed: Any,
+                want: dict[str, Any], progress: Any = None, batch_size: int = 1) -> dict[str, Any]:
+    """Write one cache shard for source shard `url`; return its done-record.
+
+    Up to `batch_size` consecutive samples of one image size go through the teacher together;
+    samples are written in the source's order either way.
+    """
     import torch
 
     from uniremoval.data.pipelines import ShardReadError, iter_shard
@@ -130,6 +152,43 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
 
     path = out_dir / shard_name
     n, skipped, counts = 0, [], Counter()
+    pending: list[tuple[str, dict[str, bytes], dict[str, Any], Any]] = []  # (key, files, meta, CHW input)
+
+    def skip(key: str, exc: Exception) -> None:
+        skipped.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"[:300]})
+
+    def teacher_each(batch: list) -> list:
+        """Outputs per sample: one forward for the batch; alone again if it fails (isolates a bad one)."""
+        try:
+            image, feature = run_teacher(teacher, torch.stack([b[3] for b in batch]).to(speed.device), cell, speed)
+            return [(image[i], feature[i]) for i in range(len(batch))]
+        except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
+            if len(batch) == 1:
+                skip(batch[0][0], exc)
+                return [None]
+            return [out for b in batch for out in teacher_each([b])]
+
+    def flush(tar: tarfile.TarFile) -> None:
+        nonlocal n
+        for (key, files, meta, _), out in zip(pending, teacher_each(pending) if pending else []):
+            if out is None:
+                continue
+            image, feature = out
+            meta["teacher_sha256"] = want["teacher_sha256"]
+            sample: dict[str, Any] = {"__key__": key, "json": meta}
+            for ext, data in files.items():
+                if ext != "json" and ext.split(".")[0] not in ("teacher", "feature"):
+                    sample[ext] = data  # the synthetic sample's own bytes, never re-encoded
+            sample["teacher.png"] = _png(image)
+            sample["feature.npy"] = _npy(feature.cpu().numpy().astype(np.float16))
+            for name, data in sample_members(sample):
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            n += 1
+            counts[str(meta.get("split", "unknown"))] += 1
+            if progress is not None:
+                progress.update(1)
+        pending.clear()
+
     with atomic_writer(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
         try:
             for key, files in iter_shard(url):
@@ -138,25 +197,14 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
                     if input_name is None:
                         raise ValueError(f"no input image (fields: {sorted(files)})")
                     meta = json.loads(files["json"]) if "json" in files else {}
-                    x = to_tensor(decode_image(files[input_name]))[None].to(device)
-                    with torch.no_grad():
-                        image, feature = teacher(x, cell)
+                    x = to_tensor(decode_image(files[input_name]))
                 except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
-                    skipped.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"[:300]})
+                    skip(key, exc)
                     continue
-                meta["teacher_sha256"] = want["teacher_sha256"]
-                sample: dict[str, Any] = {"__key__": key, "json": meta}
-                for ext, data in files.items():
-                    if ext != "json" and ext.split(".")[0] not in ("teacher", "feature"):
-                        sample[ext] = data  # the synthetic sample's own bytes, never re-encoded
-                sample["teacher.png"] = _png(image[0])
-                sample["feature.npy"] = _npy(feature[0].cpu().numpy().astype(np.float16))
-                for name, data in sample_members(sample):
-                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-                n += 1
-                counts[str(meta.get("split", "unknown"))] += 1
-                if progress is not None:
-                    progress.update(1)
+                if pending and (len(pending) >= batch_size or pending[0][3].shape != x.shape):
+                    flush(tar)
+                pending.append((key, files, meta, x))
+            flush(tar)
         except ShardReadError as exc:
             raise DataError(f"source shard {url} is unreadable ({exc}); rebuild it or drop it from data.train") from exc
     os.chmod(path, 0o644)
@@ -197,6 +245,7 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     """`uniremoval cache`: build (or complete) the teacher-output cache on every rank."""
     from tqdm.auto import tqdm
 
+    from uniremoval.stages import fast
     from uniremoval.stages.teachers import load_teachers
     from uniremoval.stages.trainer import build_accelerator
 
@@ -208,6 +257,11 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     degs = sorted({it["degradation"] for it in items})
     preset = cfg.teachers.preset or cfg.model.preset
     teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device)
+    # Full images of many sizes: eager (a compile per size would cost more than it saves).
+    speed = dataclasses.replace(fast.Speed.from_config(cfg, acc.device), compile=False)
+    if speed.channels_last:
+        for t in teachers.values():
+            fast.to_channels_last(t.model)
     if acc.is_main_process:  # the sources' hashes once, shared with every rank through the plan
         for it in items:
             it["source_sha256"] = source_sha256(it["url"])
@@ -228,16 +282,18 @@ def run(cfg: CacheStage, args: Any = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(f".{it['name']}.*.tmp"):  # left by a killed run
             stale.unlink(missing_ok=True)
-        want = _want(it, teachers[it["degradation"]], cell)
+        want = _want(it, teachers[it["degradation"]], cell, cfg.train.mixed_precision)
         if _is_done(out_dir, it["name"], want):
             reused += 1
         else:
             todo.append((it, want))
     bar = tqdm(desc=f"cache (rank {rank})", unit="img", disable=not acc.is_main_process, dynamic_ncols=True)
-    for it, want in todo:
-        t = teachers[it["degradation"]]
-        bar.set_postfix_str(f"{it['source']}/{it['name']}", refresh=False)
-        cache_shard(it["url"], out_root / it["source"], it["name"], t, cell, acc.device, want, bar)
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=cfg.cache.cudnn_benchmark):
+        for it, want in todo:
+            t = teachers[it["degradation"]]
+            bar.set_postfix_str(f"{it['source']}/{it['name']}", refresh=False)
+            cache_shard(it["url"], out_root / it["source"], it["name"], t, cell, speed, want, bar,
+                        batch_size=cfg.cache.batch_size)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -249,9 +305,10 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     return 0
 
 
-def _want(it: dict[str, Any], teacher: Any, cell: int) -> dict[str, Any]:
+def _want(it: dict[str, Any], teacher: Any, cell: int, precision: str) -> dict[str, Any]:
     return {"cache_format": CACHE_FORMAT, "source_url": it["url"], "source_sha256": it["source_sha256"],
-            "teacher_sha256": teacher.sha256, "cell": cell, "input_range": teacher.input_range}
+            "teacher_sha256": teacher.sha256, "cell": cell, "input_range": teacher.input_range,
+            "precision": precision}
 
 
 def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapping[str, Any], out_root: Path) -> int:
@@ -263,7 +320,8 @@ def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapp
         out_dir = out_root / src.name
         recs, sources = [], []
         for it in (i for i in items if i["source"] == src.name):
-            rec = _is_done(out_dir, it["name"], _want(it, teachers[it["degradation"]], cfg.data.feature_cell))
+            rec = _is_done(out_dir, it["name"], _want(it, teachers[it["degradation"]], cfg.data.feature_cell,
+                                                     cfg.train.mixed_precision))
             if rec is None:
                 raise DataError(f"cache shard {out_dir / it['name']} is missing or incomplete after the run; "
                                 f"rerun `uniremoval cache`")
@@ -287,6 +345,7 @@ def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapp
                        "samples": [s | {"shard": r["name"]} for r in recs for s in r["skipped"]][:1000]},
             "cache": {"format": CACHE_FORMAT, "degradation": src.degradation, "feature_cell": cfg.data.feature_cell,
                       "teacher": {"checkpoint": str(t.checkpoint), "sha256": t.sha256, "input_range": t.input_range},
+                      "precision": cfg.train.mixed_precision,
                       "sources": sources},
         }
         atomic_write_json(out_dir / "manifest.json", manifest)

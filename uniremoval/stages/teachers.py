@@ -87,7 +87,8 @@ class Teacher:
     def __call__(self, x: Tensor, cell: int) -> tuple[Tensor, Tensor]:
         """Teacher image (clamped to [-1, 1], as the cache's lossless PNG holds it) and pooled feature."""
         image, feature = restore_with_feature(self.model, x, self.input_range)
-        return image.clamp(-1.0, 1.0), pool_feature(feature, cell)
+        # Pooled in fp32: under bf16 autocast, averaging a cell in bf16 would round the mean to 8 bits.
+        return image.clamp(-1.0, 1.0), pool_feature(feature.float(), cell)
 
 
 def freeze(model: nn.Module) -> nn.Module:

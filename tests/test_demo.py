@@ -84,6 +84,31 @@ def test_clean_refuses_a_folder_it_did_not_create(tmp_path: Path) -> None:
     assert not mine.exists()
 
 
+def test_commands_are_printed_and_their_output_kept_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With the default logger (print) each step shows its `$ uniremoval ...` line on the console, and a
+    captured command output (the eval summary, the report text) holds nothing of the demo's own log."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "d"
+    for sub in ("input", "target"):
+        (data / sub).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16, 3), 100, np.uint8)).save(data / sub / "a.png")
+    demo = Demo(tmp_path / "work", quick=True)
+    base = tmp_path / "work" / "eval" / "d" / "input"
+    argv = ["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "psnr",
+            "--json", str(base / "scores.json"), "--no-mlflow"]
+    assert demo._eval(argv, base, "d", "input") == "psnr=inf"
+    out = capsys.readouterr().out
+    assert "$ uniremoval eval --checkpoint none" in out and "d: 1 images" not in out
+    buf = io.StringIO()
+    demo.cli(["config", "show", str(default_config_dir() / "kt.yaml")], capture=buf)
+    assert "$ uniremoval config show" in capsys.readouterr().out
+    assert "$ uniremoval" not in buf.getvalue() and "stage: kt" in buf.getvalue()
+
+
 def test_table_layout() -> None:
     evals = {"synth_haze_test|input": {"psnr": 14.0}, "synth_haze_test|kt": {"psnr": 19.5}}
     table = demo_table(evals, ["haze"], ["psnr"])

@@ -16,7 +16,9 @@ run for the test suite.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -240,13 +242,15 @@ class Demo:
         self.result.steps.append(StepLog(name, took, "ran", detail))
         self._say(f"{name}: done in {took:.1f}s" + (f" ({detail})" if detail else ""))
 
-    def cli(self, argv: list[str]) -> None:
-        """Run one `uniremoval ...` command in this process, exactly as a user would type it."""
+    def cli(self, argv: list[str], capture: io.StringIO | None = None) -> None:
+        """Run one `uniremoval ...` command in this process, exactly as a user would type it. With
+        `capture`, the command's standard output goes there (the demo's own lines do not)."""
         from uniremoval.cli import build_parser
 
         self._say("  $ " + _fmt_cmd(argv, self.workdir))
         args = build_parser().parse_args(argv)
-        rc = int(args.func(args) or 0)
+        with contextlib.redirect_stdout(capture) if capture is not None else contextlib.nullcontext():
+            rc = int(args.func(args) or 0)
         if rc != 0:
             raise UniremovalError(f"demo: `{_fmt_cmd(argv, self.workdir)}` exited with status {rc}")
 
@@ -375,12 +379,7 @@ class Demo:
         self.step("shards clear_train", lambda: self._shards(argv), lambda: self._shards_reuse("clear_train", argv))
 
     def _shards(self, argv: list[str]) -> str:
-        import contextlib
-        import io
-
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):  # the builder's summary: condensed into the step line
-            self.cli(argv)
+        self.cli(argv, capture=io.StringIO())  # the builder's summary: condensed into the step line
         out = Path(argv[argv.index("--out") + 1])
         m = json.loads((out / "manifest.json").read_text())
         return f"{m['counts']['total']} samples in {len(m['shards'])} shard(s)"
@@ -515,14 +514,9 @@ class Demo:
         return metrics
 
     def _eval(self, argv: list[str], base: Path, ds: str, label: str) -> str:
-        import contextlib
-        import io
-
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True, exist_ok=True)
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            self.cli(argv)
+        self.cli(argv, capture=io.StringIO())
         return self._record_eval(base, ds, label)
 
     def _record_eval(self, base: Path, ds: str, label: str) -> str:
@@ -542,17 +536,13 @@ class Demo:
     def _report(self) -> str:
         """`uniremoval report` over the demo's MLflow experiment (paper-style tables, per-dataset
         grids, logged as a 'report' run), plus the demo's own summary table and overview grid."""
-        import contextlib
-        import io
-
         from uniremoval.io import atomic_write_text
 
         out_dir = self.path("report")
         argv = ["report", "--experiment", self.plan.project, "--format", "md", "--tracking-uri", self.tracking_uri,
                 "--out-dir", str(out_dir), "--images", str(self.plan.eval.grid_images), "--log"]
         buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            self.cli(argv)
+        self.cli(argv, capture=buf)
         table = demo_table(self.result.evals, self.plan.degradations, self.eval_metrics())
         self.result.table = table
         report = self.path("report.md")

@@ -198,6 +198,19 @@ def test_da_refuses_deepspeed_and_names_the_launch_config(ws, monkeypatch):
         da.run(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads") + ["model.init=null"]))
 
 
+def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, tmp_path):
+    # The scorer is built at the first validation; a missing BRISQUE file must not wait for it.
+    from uniremoval.eval.iqa_params import MissingIQAParams
+    from uniremoval.stages import da
+
+    monkeypatch.setenv("UNIREMOVAL_IQA_DIR", str(tmp_path / "iqa"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "daiqa") + ["val_iqa.metrics=[piqe, brisque]"])
+    with pytest.raises(MissingIQAParams, match=r"metric 'brisque' .* fetch-params"):
+        da.run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
 def test_kt_config_errors_name_the_key(ws):
     from uniremoval.stages import kt
     from uniremoval.stages.teachers import load_teachers

@@ -101,6 +101,13 @@ class DomainAdaptation(Stage):
         for src in cfg.data.train:
             if src.degradation is None:
                 raise ConfigError(f"data.train source {src.name!r} needs a degradation (one of {self.degradations})")
+        # The scorer is built at the first validation, val_every steps in: a missing parameter file
+        # (BRISQUE, NIQE) is named now, before anything starts.
+        from uniremoval.eval.iqa_params import find_param_file, needs_params
+
+        for metric in cfg.val_iqa.metrics:
+            if needs_params(metric):
+                find_param_file(metric)
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg = self.cfg

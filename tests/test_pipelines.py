@@ -331,3 +331,15 @@ def test_training_ranks_read_disjoint_samples(data):
         seen.append({k for b in ld for k in b["key"]})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"rain-{i:05d}" for i in range(7)}
+
+
+def test_short_epochs_reach_every_part_of_a_shard(tmp_path):
+    # Epochs much shorter than a pass (6 of a rank's 30 samples): each epoch must start somewhere
+    # new in the shard, or the same first few samples are read every epoch and the rest never.
+    write_dataset(tmp_path, "rain", "rain", 60, 1, [(32, 32)])
+    seen = []
+    for rank in range(2):
+        ld = teacher_loader(tmp_path / "rain", "rain", 2, 32, 3, 0, seed=0, rank=rank, world_size=2, shuffle_buffer=2)
+        seen.append(Counter(k for _ in range(30) for b in ld for k in b["key"]))
+    assert not seen[0].keys() & seen[1].keys()
+    assert len(seen[0] | seen[1]) >= 50, sorted(seen[0] | seen[1])

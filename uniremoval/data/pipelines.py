@@ -13,8 +13,9 @@ How the data is split, and why not `wds.split_by_node` / `wds.split_by_worker`:
   sample of it. Either way every sample goes to exactly one worker per pass.
 - Training streams are endless: pass after pass over a freshly permuted shard list (same
   permutation on every rank, so the split stays disjoint), through a sample shuffle buffer.
-  Each rank yields exactly `steps_per_epoch` batches per epoch (its workers share the count),
-  whatever the shard counts: no rank waits for another in DDP.
+  Each epoch starts at a random sample of its first local shard, so short epochs still reach
+  every part of every shard. Each rank yields exactly `steps_per_epoch` batches per epoch (its
+  workers share the count), whatever the shard counts: no rank waits for another in DDP.
 - Never pass these loaders through `accelerator.prepare()` (it hangs or duplicates data); move
   batches to the device yourself.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tarfile
 import urllib.parse
 import urllib.request
 import warnings
@@ -342,6 +344,19 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
+def _count_samples(url: str) -> int | None:
+    """Samples in a local uncompressed shard, from its tar headers alone (tarfile seeks past the
+    data); None for URLs, compressed or unreadable shards."""
+    if _is_url(url) or url.endswith((".gz", ".tgz")) or not os.path.isfile(url):
+        return None
+    try:
+        with tarfile.open(url, "r:") as tar:
+            keys = [_split_name(m.name)[0] for m in tar if m.isfile()]
+    except (OSError, tarfile.TarError):
+        return None
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding one sample
 # --------------------------------------------------------------------------------------------
@@ -505,14 +520,30 @@ def _source_stream(
             # A worker whose share is empty (a shard with fewer samples than the workers sharing
             # it) reads the whole source instead: a few duplicates beat a rank with no data.
             work = [(s, 1, 0) for s in range(n)] if share_all else assign_shards(n, gworker, n_gworkers)
+            # (shard, stride, offset, first, end): this worker's samples k = i // stride in [first, end).
+            visits = [(s, stride, offset, 0, 1 << 62) for s, stride, offset in work]
+            if p == 0:
+                # Every epoch is a fresh stream. Starting it at a random sample of its first shard
+                # (and reading that shard's head at the end of the pass) keeps an epoch shorter than
+                # a pass from reading the same head of each shard every epoch, and never the rest.
+                s0, stride, offset = work[0]
+                total = _count_samples(src.shards[order[s0]])
+                mine = max(0, (total or 0) - offset + stride - 1) // stride
+                if mine > 1:
+                    first = int(_rng(seed, 13, src_index, epoch, rank, worker).integers(0, mine))
+                    visits[0] = (s0, stride, offset, first, 1 << 62)
+                    visits.append((s0, stride, offset, 0, first))
             seen = 0
-            for shard_i, stride, offset in work:
+            for shard_i, stride, offset, first, end in visits:
                 url = src.shards[order[shard_i]]
                 try:
                     for i, (key, files) in enumerate(iter_shard(url)):
-                        if i % stride == offset:
-                            seen += 1
-                            yield url, key, files
+                        if i % stride != offset or i // stride < first:
+                            continue
+                        if i // stride >= end:
+                            break
+                        seen += 1
+                        yield url, key, files
                 except ShardReadError as exc:
                     _fail_or_count(spec.bad_samples, counter, f"in shard {exc.url}", str(exc))
             pass_len[0] = seen

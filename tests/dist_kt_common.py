@@ -231,6 +231,9 @@ def build_workspace(root: Path, n_train: int = 6, n_val: int = 3, cache: bool = 
         cfg = load_config(REPO / "configs" / "cache.yaml", [
             "model.preset=tiny", f"output_dir={root}/out", f"cache.out={root}/cache", "data.num_workers=0",
             "tracking.enabled=false", _teachers(ws), _sources("data.train", ws["syn"], "syn"),
+            # fp32 teachers, so the cache equals the online teachers up to its 8-bit PNG (the bf16
+            # default's own tolerance is tests/test_teacher_cache.py's)
+            "train.mixed_precision=no",
         ])
         cache_stage.run(cfg)
     return ws

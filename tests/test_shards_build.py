@@ -309,6 +309,21 @@ def test_folder_needs_degradation(tmp_path: Path) -> None:
         build("folder", tree.root, tmp_path / "o")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-samples-per-shard", "-1"], r"--max-samples-per-shard must be >= 0, 0 for no cap \(got -1\)"),
+    (["--num-jobs", "0"], r"--num-jobs must be >= 1 \(got 0\)"),
+    (["--num-jobs", "2", "--job-index", "2"], r"--job-index 2 must be in 0..1"),
+])
+def test_bad_writer_options_are_named_and_write_nothing(tmp_path: Path, args, message) -> None:
+    from uniremoval.errors import ConfigError
+
+    tree = Tree(tmp_path / "f")
+    tree.image("a.png", 8, 8)
+    with pytest.raises(ConfigError, match=message):
+        build("folder", tree.root, tmp_path / "o", "--degradation", "haze", *args)
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # verify and the manifest API
 

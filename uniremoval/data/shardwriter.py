@@ -517,8 +517,12 @@ def build_shards(
     progress: bool = True,
 ) -> BuildSummary:
     """Plan, (re)build this job's shards, and write its manifest and report."""
-    if num_jobs < 1 or not 0 <= job_index < num_jobs:
+    if num_jobs < 1:
+        raise ConfigError(f"--num-jobs must be >= 1 (got {num_jobs})")
+    if not 0 <= job_index < num_jobs:
         raise ConfigError(f"--job-index {job_index} must be in 0..{num_jobs - 1} (--num-jobs {num_jobs})")
+    if max_samples < 0:
+        raise ConfigError(f"--max-samples-per-shard must be >= 0, 0 for no cap (got {max_samples})")
     if shard_bytes <= 0:
         raise ConfigError(f"--shard-size-mb must be positive (got {shard_bytes / 1e6:g})")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", dataset):

@@ -114,6 +114,31 @@ def test_sixteen_bit_png_keeps_precision(tmp_path):
     assert torch.allclose(t, torch.from_numpy(img.transpose(2, 0, 1) / 65535.0 * 2 - 1).float(), atol=1e-6)
 
 
+def test_sixteen_bit_grey_alpha_png_is_refused_by_name():
+    # PNG colour type 4 (grey + alpha) at 16 bits, written by hand. OpenCV decodes it with swapped
+    # bytes (3 -> 768): refused rather than read wrong. Plain 16-bit grey decodes right.
+    import struct
+    import zlib
+
+    grey = (np.arange(3 * 4).reshape(3, 4) * 5000 + 3).astype(">u2")
+    alpha = np.full((3, 4), 65535, ">u2")
+    rows = np.stack([grey, alpha], axis=2).reshape(3, -1)
+    raw = b"".join(b"\x00" + r.tobytes() for r in rows)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    def png(colour_type: int, body: bytes) -> bytes:
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 16, colour_type, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(body)) + chunk(b"IEND", b""))
+
+    with pytest.raises(ValueError, match="16-bit grey\\+alpha PNG .* save it as 16-bit grey or RGB"):
+        decode_image(png(4, raw))
+    dec = decode_image(png(0, b"".join(b"\x00" + r.tobytes() for r in grey)))
+    assert dec.shape == (3, 4, 3) and dec.dtype == np.uint16
+    assert (dec == grey.astype(np.uint16)[:, :, None]).all()
+
+
 def test_small_images_are_mirror_padded_with_consistent_grid(tmp_path):
     # 20x23 and 17x40 images, 32 crops: padded; the feature grid is padded by whole mirrored
     # cells, so it still equals the pooled input crop.

@@ -64,6 +64,10 @@ def _cv2():
 
 
 def _decode_png16(data: bytes) -> np.ndarray:
+    if data[25] == 4:
+        # Grey + alpha at 16 bits: OpenCV (5.0 here) returns it with swapped bytes (3 reads as 768)
+        # and PIL cuts it to 8 bits, so no decoder here gives the stored values.
+        raise ValueError("16-bit grey+alpha PNG (colour type 4) is not supported: save it as 16-bit grey or RGB")
     cv2 = _cv2()
     if cv2 is None:
         raise DataError("a 16-bit PNG needs OpenCV to decode: pip install opencv-python-headless")

@@ -134,6 +134,22 @@ def synth(clean: Path, out: Path, *extra: str) -> int:
     )
 
 
+def test_synth_scales_sixteen_bit_grey_clean_images(tmp_path: Path) -> None:
+    # The same picture as a 16-bit and as an 8-bit grey PNG, under the same name (same sample
+    # seed): the synthesized inputs match. PIL's convert("RGB") clipped the 16-bit one at 255.
+    grey8 = textured(40, 48, seed=3)[:, :, 0]
+    for depth in (8, 16):
+        (tmp_path / f"c{depth}").mkdir()
+        arr = grey8.astype(np.uint16) * 257 if depth == 16 else grey8
+        Image.fromarray(arr).save(tmp_path / f"c{depth}" / "g.png")
+        assert synth(tmp_path / f"c{depth}", tmp_path / f"o{depth}", "--degradation", "haze", "--seed", "1") == 0
+    (k8, f8), = samples(tmp_path / "o8")
+    (k16, f16), = samples(tmp_path / "o16")
+    assert k8 == k16 and json.loads(f16["json"])["synthesis"] == json.loads(f8["json"])["synthesis"]
+    assert np.array_equal(decode(f16["input.png"]), decode(f8["input.png"]))
+    assert decode(f16["input.png"]).mean() < 250
+
+
 def test_synth_build(tmp_path: Path) -> None:
     clean = clean_dir(tmp_path / "clean")
     out = tmp_path / "haze"

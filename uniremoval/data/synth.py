@@ -356,6 +356,18 @@ def encode_image(img: np.ndarray, params: dict) -> tuple[bytes, str]:
     return buf.getvalue(), "png"
 
 
+def _rgb8(im) -> np.ndarray:
+    """A PIL image as uint8 HxWx3, what `synthesize` takes.
+
+    16-bit grey PNGs open as mode I;16 (or I), and PIL's convert("RGB") clips them at 255 instead
+    of scaling: nearly every pixel turns white. They are scaled to 8 bits here (65535 -> 255).
+    """
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        grey = np.asarray(im).astype(np.float64) / 257.0
+        return np.repeat((np.clip(grey, 0, 255) + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
 def sample_seed(seed: int, key: str) -> int:
     """Per-sample seed from the run seed and the key: the same pair whatever the worker or job."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
@@ -443,7 +455,7 @@ class SynthSampleBuilder:
             try:
                 image_size(data)  # full decode: a truncated file must be reported, not half-used
                 with Image.open(io.BytesIO(data)) as im:
-                    arr = np.asarray(im.convert("RGB"))
+                    arr = _rgb8(im)
             except ValueError as exc:
                 kind, _, reason = str(exc).partition(": ")
                 cache[("clean", rel)] = (None, None, Issue(kind, rel, reason))

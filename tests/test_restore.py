@@ -211,3 +211,8 @@ def test_restore_cli_official_pth_single_file_tiled(tmp_path: Path, capsys: pyte
     assert "would overwrite" in capsys.readouterr().err
     assert main([*args[:4], "derain", *args[5:]]) == 2
     assert "mismatched shapes" in capsys.readouterr().err
+    # --output naming an existing file (e.g. `--output result.png`): a named error, the file untouched.
+    (tmp_path / "result.png").write_bytes(b"keep")
+    assert main([*args[:-2], "--output", str(tmp_path / "result.png")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "result.png").read_bytes() == b"keep"

@@ -56,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         raise UniremovalError("--device cuda: no CUDA device is available here; use --device cpu")
     in_root = Path(args.input)
     out_root = Path(args.output)
+    if out_root.exists() and not out_root.is_dir():
+        raise UniremovalError(
+            f"--output {out_root} is a file, not a folder; give a folder (the restored images are "
+            f"written into it as <name>.png)"
+        )
     files = list_images(in_root)
     if not files:
         raise DataError(f"no PNG/JPEG/BMP images under {in_root}")

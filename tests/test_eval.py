@@ -337,7 +337,7 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     train = client.create_run(exp, run_name="kt", tags={"ablation.use_fcl": "false"})
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ckpt" / "student", build_model("mprnet", "tiny"),
-                           {"mlflow_run_id": train.info.run_id})
+                           {"mlflow_run_id": train.info.run_id, "config_hash": "c0ffee123456"})
 
     opts = EvalOptions(str(ckpt), str(tmp_path / "shards" / "synhaze"), metrics=["psnr", "ssim", "piqe"],
                        json_out=str(tmp_path / "s.json"), save_images=str(tmp_path / "out"), device="cpu",
@@ -365,8 +365,51 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     assert tags["uniremoval.train_run_id"] == train.info.run_id == tags["mlflow.parentRunId"]
     assert tags["uniremoval.label"] == "kt" and tags["ablation.use_fcl"] == "false"
     assert len(tags["checkpoint_sha256"]) == 64
+    # DESIGN: every run carries the config hash and the git commit (here: the scored model's config).
+    from uniremoval.tracking import git_commit
+
+    assert tags["config_hash"] == "c0ffee123456" and tags["git_commit"] == git_commit() is not None
     arts = {a.path for a in client.list_artifacts(res.run_id, "images/synhaze")}
     assert arts == {f"images/synhaze/{k}.png" for k in keys}
+
+
+def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkeypatch):
+    """MLflow unreachable during eval: the training-run lookup gives up in seconds (MLflow's own HTTP
+    defaults retry for ~4 minutes), and the spooled run (never created) is sent later by
+    `replay_spool` alone, under its name, tags, metrics and score files."""
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.tracking import replay_spool
+
+    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    seen = []
+
+    def get_run(self, run_id):
+        seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(MlflowClient, "get_run", get_run)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", build_model("mprnet", "tiny"), {"mlflow_run_id": "0" * 32})
+    _write_pngs(tmp_path / "d", 2, [(32, 32)], seed=0)
+    opts = EvalOptions(str(ckpt), str(tmp_path / "d"), metrics=["psnr"], name="offl", device="cpu",
+                       tracking_uri=f"http://127.0.0.1:{_free_port()}", experiment="offexp")
+    with pytest.warns(RuntimeWarning, match=r"replay_spool\('(.*mlflow-spool\.jsonl)'\)") as rec:
+        res = run_eval(opts)
+    assert seen == ["1"]  # the lookup ran with the short retry policy
+    assert res.run_id is None
+    spool = re.search(r"replay_spool\('(.*?)'\)", str(rec[-1].message)).group(1)
+    monkeypatch.undo()  # the real get_run again
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    assert replay_spool(spool, store) and not Path(spool).exists()
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("offexp").experiment_id])
+    assert run.info.run_name == "eval-offl" and run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "eval" and run.data.tags["uniremoval.train_run_id"] == "0" * 32
+    assert run.data.metrics["eval/offl/psnr"] == pytest.approx(res.mean["psnr"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "scores")} == {
+        "scores/eval-offl.json", "scores/eval-offl.csv"}
 
 
 def test_eval_config_runs_every_source(tmp_path, capsys):

@@ -186,3 +186,14 @@ def test_report_from_real_eval_runs_with_image_grid(tmp_path):
     report_runs = client.search_runs([exp.experiment_id], "tags.stage = 'report'")
     assert {a.path for a in client.list_artifacts(report_runs[0].info.run_id, "report")} == {
         "report/report.csv", "report/grid-pairs.png"}
+
+
+def test_unreachable_server_is_a_named_error(capsys):
+    """A report against a server that is down: one `error:` line naming the URI and what to do, within
+    seconds (not MLflow's minutes of retries, nor a traceback)."""
+    from _fixtures import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert main(["report", "--experiment", "x", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read MLflow at {uri}") and "--tracking-uri" in err

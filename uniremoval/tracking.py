@@ -48,6 +48,16 @@ def resolve_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def mlflow_client(uri: str | None = None):
+    """An MlflowClient for `uri` (see resolve_uri) that gives up on an unreachable server within
+    seconds: MLflow's own HTTP defaults retry for minutes (set the MLFLOW_HTTP_* variables to change)."""
+    for k, v in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
 
@@ -99,17 +109,13 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
                  run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
                  retry_s: float = 30.0) -> None:
-        for k, v in _HTTP_DEFAULTS.items():
-            os.environ.setdefault(k, v)
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags)
         self.run_id = run_id
         self.retry_s = retry_s
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         spool_root = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
         self.spool_path = spool_root / SPOOL_NAME
         self.spool_files = spool_root / SPOOL_FILES
@@ -254,25 +260,33 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         elif kind == "terminate":
             self.client.set_terminated(run_id, op["status"])
+        elif kind == "run":
+            pass  # the identity of a run that did not exist yet: _ensure_run created it
         else:
             raise ValueError(f"unknown spooled MLflow call {kind!r}")
 
     def _spool(self, op: dict[str, Any]) -> None:
         if op["op"] == "artifact":  # keep a copy: the original is often a temporary file
-            self.spool_files.mkdir(parents=True, exist_ok=True)
             src = Path(op["path"])
-            dst = self.spool_files / f"{uuid.uuid4().hex[:8]}-{src.name}"
+            dst = self.spool_files / uuid.uuid4().hex[:8] / src.name  # the artifact keeps its name
+            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
             op = {**op, "path": str(dst)}
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spool_path, "a") as fh:
+            if self.run_id is None and fh.tell() == 0:
+                # No run yet: record what to create, so replay_spool can send the calls on its own.
+                head = {"op": "run", "experiment": self.experiment, "run_name": self.run_name, "tags": self.tags}
+                fh.write(json.dumps({**head, "run_id": None}) + "\n")
             fh.write(json.dumps({**op, "run_id": self.run_id}) + "\n")
             fh.flush()
 
     def _rewrite_spool(self, ops: list[dict[str, Any]]) -> None:
         from uniremoval.io import atomic_write_text
 
-        atomic_write_text(self.spool_path, "".join(json.dumps(o) + "\n" for o in ops))
+        # Stamp the run created meanwhile (if any), so a later replay does not create a second one.
+        atomic_write_text(self.spool_path, "".join(json.dumps({**o, "run_id": o.get("run_id") or self.run_id}) + "\n"
+                                                   for o in ops))
 
     def _went_offline(self, exc: BaseException) -> None:
         was_offline, self.offline = self.offline, True
@@ -356,10 +370,26 @@ def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
     """Send a spool left behind to its run; True when it is empty afterwards."""
     path = Path(spool_path)
     run_id = _spool_run_id(path.parent)
-    if run_id is None:
+    if run_id is not None:
+        tracker = Tracker(resolve_uri(uri), "unused", "unused", {}, run_id=run_id, spool_dir=path.parent)
+        return tracker.flush()
+    head = next((op for op in _read_ops(path) if op.get("op") == "run"), None)
+    if head is None:
         raise ValueError(f"{path}: no run id recorded; resume the run instead (--resume auto)")
-    tracker = Tracker(resolve_uri(uri), "unused", "unused", {}, run_id=run_id, spool_dir=path.parent)
+    # The run was never created (the server was down from the start): create it now, then replay.
+    tracker = Tracker(resolve_uri(uri), head["experiment"], head["run_name"], head.get("tags") or {},
+                      spool_dir=path.parent)
     return tracker.flush()
+
+
+def _read_ops(path: Path) -> list[dict[str, Any]]:
+    ops = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            ops.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return ops
 
 
 def image_grid_png(images: Sequence[Any], max_rows: int = 4) -> bytes:

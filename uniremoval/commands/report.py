@@ -46,11 +46,9 @@ def handler(args) -> int:
     for g in grids:
         print(f"image grid: {g}")
     if args.log:
-        from mlflow.tracking import MlflowClient
+        from uniremoval.tracking import mlflow_client
 
-        from uniremoval.tracking import resolve_uri
-
-        client = MlflowClient(tracking_uri=resolve_uri(args.tracking_uri))
+        client = mlflow_client(args.tracking_uri)
         exp = client.get_experiment_by_name(args.experiment)
         run = client.create_run(exp.experiment_id, run_name="report", tags={"stage": "report"})
         client.log_artifacts(run.info.run_id, args.out_dir, "report")

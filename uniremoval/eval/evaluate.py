@@ -351,18 +351,16 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     """One finished MLflow run `eval-<dataset>` holding `eval/<dataset>/<metric>` (self-contained,
     so it can move to uniremoval.tracking).
 
-    Tags: stage=eval, dataset, checkpoint, checkpoint_sha256, degradation, label, and the training run
-    when the checkpoint's JSON names it (`mlflow_run_id`): `uniremoval.train_run_id`, plus
+    Tags: stage=eval, dataset, checkpoint, checkpoint_sha256, config_hash (the checkpoint's training
+    config), git_commit, degradation, label, and the training run when the checkpoint's JSON names it (`mlflow_run_id`): `uniremoval.train_run_id`, plus
     `mlflow.parentRunId` when it is in the same experiment, and its `ablation.*` tags copied so the
     report can lay out ablation tables. Experiment: --experiment, else the training run's, else
     "uniremoval".
     """
-    from mlflow.tracking import MlflowClient
-
-    from uniremoval.tracking import Tracker, resolve_uri
+    from uniremoval.tracking import Tracker, git_commit, mlflow_client, resolve_uri
 
     uri = resolve_uri(opts.tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)  # gives up on a dead server in seconds, before the Tracker spools
     train_run = None
     train_id = meta.get("mlflow_run_id")
     if train_id:
@@ -387,6 +385,11 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             "uniremoval.model": (train_id or sha or "input")}
     if sha:
         tags["checkpoint_sha256"] = sha
+    if meta.get("config_hash"):
+        tags["config_hash"] = str(meta["config_hash"])  # the scored model's training config
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
     if result.degradation:
         tags["degradation"] = result.degradation
     if train_id:

@@ -58,12 +58,19 @@ class Table:
 
 def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     """One ModelRow per model evaluated in `experiment`: inputs first, then in order of first evaluation."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    from uniremoval.tracking import resolve_uri
+    from uniremoval.tracking import mlflow_client, resolve_uri
 
-    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
-    exp = client.get_experiment_by_name(experiment)
+    client = mlflow_client(tracking_uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except MlflowException as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UniremovalError(
+            f"cannot read MLflow at {resolve_uri(tracking_uri)} ({first}); start that server or point "
+            "--tracking-uri (or $MLFLOW_TRACKING_URI) at the store that holds the eval runs"
+        ) from exc
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise UniremovalError(
@@ -268,11 +275,9 @@ def image_grids(
     cell_height: int = 192,
 ) -> list[Path]:
     """grid-<dataset>.png per dataset that two or more models saved images for."""
-    from mlflow.tracking import MlflowClient
+    from uniremoval.tracking import mlflow_client
 
-    from uniremoval.tracking import resolve_uri
-
-    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    client = mlflow_client(tracking_uri)
     out_dir = Path(out_dir)
     written = []
     datasets = sorted({d for r in rows for d in r.runs})

@@ -321,6 +321,13 @@ def test_folder_layouts(tmp_path):
     assert [(n, t.name if t else None) for n, _, t in folder_pairs(b)] == [("sub/x.jpg", "x.png"), ("y.bmp", None)]
     with pytest.raises(UniremovalError, match="need targets"):
         run_eval(EvalOptions("none", str(b), metrics=["psnr"], mlflow=False, device="cpu"))
+    # a.jpg and a.png would be saved as one a.png (the second overwriting the first): refused up front.
+    Image.new("RGB", (20, 20)).save(b / "input" / "y.png")
+    Image.new("RGB", (20, 20)).save(b / "gt" / "y.png")  # the target of both
+    with pytest.raises(UniremovalError, match=r"'y\.bmp' and 'y\.png' would both be saved as .*y\.png"):
+        run_eval(EvalOptions("none", str(b), metrics=["psnr"], mlflow=False, device="cpu",
+                             save_images=str(tmp_path / "saved")))
+    assert not (tmp_path / "saved").exists()
 
 
 def test_shards_checkpoint_and_mlflow(tmp_path):

@@ -228,7 +228,7 @@ def score_items(
             if save_dir is not None:
                 from uniremoval.eval.restore import write_png
 
-                write_png(Path(save_dir) / Path(it.name).with_suffix(".png"), out[i].cpu())
+                write_png(Path(save_dir) / saved_name(it.name), out[i].cpu())
 
     for it in items:
         h, w = it.image.shape[-2:]
@@ -241,6 +241,22 @@ def score_items(
     for key in list(buckets):
         flush(key)
     return records
+
+
+def saved_name(name: str) -> Path:
+    """Where `--save-images` writes the restored image of `name`, relative to its folder."""
+    return Path(name).with_suffix(".png")
+
+
+def check_saved_names(names: list[str], save_dir: str) -> None:
+    """Refuse two inputs whose restored PNGs would be one file (e.g. a.jpg and a.png), before scoring."""
+    seen: dict[Path, str] = {}
+    for name in names:
+        dst = saved_name(name)
+        if dst in seen:
+            raise DataError(f"{seen[dst]!r} and {name!r} would both be saved as {Path(save_dir) / dst} "
+                            "by --save-images; rename one of them")
+        seen[dst] = name
 
 
 def summarize(records: list[dict[str, Any]], metrics: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -274,6 +290,8 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     device = state.device if want != "cpu" else torch.device("cpu")
 
     need_target = any(METRICS[m].kind == "fr" for m in metrics)
+    if opts.save_images and not is_shard_source(opts.data):
+        check_saved_names([name for name, _, _ in folder_pairs(opts.data)], opts.save_images)
     scorer = Scorer(metrics, device=str(device), iqa_dir=opts.iqa_dir, y_channel=opts.psnr_y,
                     crop_border=opts.crop_border)
     restore, meta, sha = _restorer(opts, device)

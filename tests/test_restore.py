@@ -12,7 +12,7 @@ from torch import nn
 
 from uniremoval.cli import main
 from uniremoval.errors import DataError, UniremovalError
-from uniremoval.eval.restore import read_image, restore_tensor, write_png
+from uniremoval.eval.restore import list_images, read_image, restore_tensor, write_png
 from uniremoval.models.checkpoint import save_checkpoint
 from uniremoval.models.mprnet_arch import MPRNet
 
@@ -61,9 +61,19 @@ def test_read_image_formats(tmp_path: Path) -> None:
         read_image(tmp_path / "g16.png")[2], torch.from_numpy(g16.astype(np.float32)) / 65535
     )
 
+    import cv2
+
+    rgb16 = (np.arange(3 * 4 * 3, dtype=np.uint16).reshape(3, 4, 3) * 1801 + 7).astype(np.uint16)
+    assert cv2.imwrite(str(tmp_path / "c16.png"), rgb16[:, :, ::-1])  # OpenCV writes BGR
+    torch.testing.assert_close(read_image(tmp_path / "c16.png"),  # all 16 bits (Pillow keeps 8)
+                               torch.from_numpy(rgb16.transpose(2, 0, 1).astype(np.float32)) / 65535)
+
     Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
     j = read_image(tmp_path / "a.jpg")
     assert j.shape == (3, 5, 7) and 0 <= j.min() and j.max() <= 1
+    Image.fromarray(rgb).save(tmp_path / "a.tif")  # eval and the shard builders read TIFF too
+    torch.testing.assert_close(read_image(tmp_path / "a.tif"), x)
+    assert {p.suffix for p in list_images(tmp_path)} == {".png", ".bmp", ".jpg", ".tif"}
 
 
 def test_bad_images_raise_data_error(tmp_path: Path) -> None:

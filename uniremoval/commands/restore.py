@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from uniremoval.data.readers import IMAGE_EXTS
     from uniremoval.errors import DataError, UniremovalError
     from uniremoval.eval.restore import list_images, read_image, restore_tensor, write_png
     from uniremoval.models.checkpoint import load_checkpoint
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         )
     files = list_images(in_root)
     if not files:
-        raise DataError(f"no PNG/JPEG/BMP images under {in_root}")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}")
 
     # Plan every output name first: refuse to overwrite an input or to write two inputs to one file.
     plan: list[tuple[Path, Path]] = []

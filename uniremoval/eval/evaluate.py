@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniremoval.data.readers import IMAGE_EXTS
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
 
 if TYPE_CHECKING:
     import torch
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 TARGET_DIRS = ("target", "gt", "groundtruth")
 DEFAULT_EXPERIMENT = "uniremoval"
 # Images held while waiting for same-size partners; beyond this the fullest bucket is scored.
@@ -118,7 +118,7 @@ def folder_pairs(root: str | os.PathLike) -> list[tuple[str, Path, Path | None]]
     in_root = root / "input" if (root / "input").is_dir() else root
     inputs = _images_under(in_root, exclude=tuple(tdirs))
     if not inputs:
-        raise DataError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) found")
+        raise DataError(f"--data {root}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
     targets: dict[str, Path] = {}
     for tdir in tdirs[:1]:
         for t in _images_under(tdir):

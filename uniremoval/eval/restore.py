@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from uniremoval.data.readers import IMAGE_EXTS
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.io import atomic_writer
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 INPUT_RANGES = ("minus_one_one", "zero_one")
 
 
@@ -38,7 +38,7 @@ INPUT_RANGES = ("minus_one_one", "zero_one")
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
-    """Read PNG/JPEG/BMP into a float32 RGB tensor (3, H, W) in [0, 1].
+    """Read an image file (PNG, JPEG, BMP, TIFF, WebP, PPM) into a float32 RGB tensor (3, H, W) in [0, 1].
 
     Grayscale is repeated to RGB; an alpha channel is dropped (the colour values are kept as
     stored, not composited, like PIL's ``convert("RGB")`` in the official MPRNet demo); 16-bit
@@ -50,6 +50,14 @@ def read_image(path: str | os.PathLike) -> Tensor:
 
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[24] == 16 and head[25] in (2, 6):
+            # 16-bit RGB(A): Pillow would read 8 bits of it; the shard decoder keeps all 16.
+            from uniremoval.data.transforms import decode_image
+
+            arr = decode_image(path.read_bytes()).astype(np.float32) / 65535.0
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -99,13 +107,13 @@ def write_png(path: str | os.PathLike, tensor: Tensor) -> Path:
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """A file, or every PNG/JPEG/BMP under a directory (recursive, sorted)."""
+    """A file, or every image (the shard builders' extensions) under a directory (recursive, sorted)."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise DataError(f"input {root} does not exist")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 # ---------------------------------------------------------------------------------------- inference

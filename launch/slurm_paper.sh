@@ -30,7 +30,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-8}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}                  # "a100:8" -> "8"
 STAGES=${STAGES:-"teacher-haze teacher-rain teacher-blur cache kt da eval report"}
 STATE_DIR=${STATE_DIR:-outputs/slurm-state}         # .done markers; delete one to rerun a stage
-EXPERIMENT=${EXPERIMENT:-uniremoval}
+EXPERIMENT=${EXPERIMENT:-uniremoval}                # the MLflow experiment of every stage and the report
 # MLFLOW_TRACKING_URI: set it to your server (http://host:5000); unset = sqlite:///$PWD/mlflow.db.
 # With the sqlite store only rank 0 writes, but keep it on a filesystem with working locks.
 
@@ -105,22 +105,23 @@ for stage in $STAGES; do
     case $stage in
         teacher-*)
             deg=${stage#teacher-}
-            launch "$stage" "$MULTI" train teacher --config "configs/teacher/${deg}.yaml" --resume auto ;;
+            launch "$stage" "$MULTI" train teacher --config "configs/teacher/${deg}.yaml" --resume auto \
+                tracking.experiment="$EXPERIMENT" ;;
         cache)
-            launch cache "$MULTI" cache --config configs/cache.yaml ;;
+            launch cache "$MULTI" cache --config configs/cache.yaml tracking.experiment="$EXPERIMENT" ;;
         kt)
-            launch kt "$MULTI" train kt --config configs/paper/kt.yaml --resume auto ;;
+            launch kt "$MULTI" train kt --config configs/paper/kt.yaml --resume auto tracking.experiment="$EXPERIMENT" ;;
         da)
-            launch da "$MULTI" train da --config configs/paper/da.yaml --resume auto ;;
+            launch da "$MULTI" train da --config configs/paper/da.yaml --resume auto tracking.experiment="$EXPERIMENT" ;;
         eval)
             # the adapted student on the real test sets (no-reference IQA; PSNR/SSIM where GT exists)
             ckpt=outputs/paper-da/last.safetensors
             launch eval-rtts "$MULTI" eval --checkpoint "$ckpt" --data shards/rtts --name rtts \
-                --metrics brisque,piqe
+                --experiment "$EXPERIMENT" --metrics brisque,piqe
             launch eval-spa "$MULTI" eval --checkpoint "$ckpt" --data shards/spa_test --name spa_test \
-                --metrics brisque,piqe,psnr,ssim
+                --experiment "$EXPERIMENT" --metrics brisque,piqe,psnr,ssim
             launch eval-realblur "$MULTI" eval --checkpoint "$ckpt" --data shards/realblur_j_test \
-                --name realblur_j_test --metrics brisque,piqe,psnr,ssim ;;
+                --name realblur_j_test --experiment "$EXPERIMENT" --metrics brisque,piqe,psnr,ssim ;;
         report)
             single report report --experiment "$EXPERIMENT" --format md ;;
         *)

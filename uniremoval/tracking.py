@@ -294,7 +294,7 @@ class Tracker:
         if not was_offline or not self._warned:  # warn at each loss of the server, not per call
             self._warned = True
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(f"MLflow at {self.uri} is unreachable ({first[:200]}); training continues and "
+            warnings.warn(f"MLflow at {self.uri} is unreachable ({first[:200]}); the job continues and "
                           f"metrics are spooled to {self.spool_path}, sent when the server is back",
                           RuntimeWarning, stacklevel=3)
 

@@ -372,6 +372,17 @@ def test_our_checkpoint_needs_its_json(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nothing.pth")
 
 
+def test_preset_mismatch_names_the_setting_to_change(tmp_path: Path) -> None:
+    """A stage names its config key (no --preset option there); the CLI keeps --preset."""
+    from uniremoval.stages.teachers import load_teachers
+
+    path = save_checkpoint(tmp_path / "t", tiny(), {})
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: was saved from preset 'tiny', not 'deblur'; drop --preset"):
+        load_checkpoint(path, preset="deblur")
+    with pytest.raises(CheckpointError, match=r"not 'deblur'; set teachers\.preset=tiny"):
+        load_teachers({"haze": str(path)}, ["haze"], "deblur")
+
+
 def test_weights_and_json_mixed_up(tmp_path: Path) -> None:
     a = save_checkpoint(tmp_path / "a", tiny(0), {})
     b = save_checkpoint(tmp_path / "b", tiny(1), {})
@@ -454,6 +465,7 @@ def test_vgg_missing_weights_says_where(tmp_path: Path, monkeypatch: pytest.Monk
         VGGFeatures()
     msg = str(err.value)
     assert str(tmp_path / "th" / "hub" / "checkpoints" / VGG19_FILE) in msg and VGG19_URL in msg
+    assert f"features.path=/path/to/{VGG19_FILE}" in msg and "features.weights=random" in msg  # the config keys
     bad = tmp_path / "vgg.pth"
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match=r"vgg\.pth: cannot read"):

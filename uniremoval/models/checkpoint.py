@@ -154,12 +154,14 @@ def load_checkpoint(
     arch: str | None = None,
     preset: str | None = None,
     map_location: str | torch.device = "cpu",
+    preset_key: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model a checkpoint describes, load it strictly, return ``(model, meta)`` (eval mode).
 
     Accepts our ``.safetensors`` (with its ``.json``) and official MPRNet ``.pth``/``.pt`` files
     (``{"state_dict": ...}`` or bare, optional ``module.`` prefix). For official files the preset
     is inferred from the shapes unless given, and ``meta["input_range"]`` is "zero_one".
+    ``preset_key`` names the config key that gave ``preset`` (default: the ``--preset`` option).
     """
     from uniremoval.models import build_model
 
@@ -171,7 +173,7 @@ def load_checkpoint(
         if preset is not None and preset != meta.get("preset"):
             raise CheckpointError(
                 f"{weights}: was saved from preset {meta.get('preset')!r}, not {preset!r}; "
-                "drop --preset or pass the right one"
+                + (f"set {preset_key}={meta.get('preset')}" if preset_key else "drop --preset or pass the right one")
             )
         try:
             model = build_model(meta["arch"], meta.get("preset"), **meta.get("model_kwargs", {}))

@@ -106,8 +106,8 @@ class VGGFeatures(nn.Module):
         if not path.is_file():
             raise CheckpointError(
                 f"VGG-19 ImageNet weights not found at {path}. Put torchvision's file {VGG19_FILE} there "
-                f"(downloadable from {VGG19_URL}; default place: $TORCH_HOME/hub/checkpoints/), or set the "
-                "config's VGG weights path to it. Only for tests/demos: weights 'random'."
+                f"(downloadable from {VGG19_URL}; default place: $TORCH_HOME/hub/checkpoints/), or give its "
+                f"place with features.path=/path/to/{VGG19_FILE}. Only for tests/demos: features.weights=random."
             )
         try:
             # mmap: the 548 MB file's classifier weights are never read into memory.

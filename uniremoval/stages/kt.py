@@ -71,7 +71,7 @@ def build_student(cfg: Any) -> nn.Module:
 
     if not cfg.model.init:
         return build_model(cfg.model.arch, cfg.model.preset)
-    model, meta = load_checkpoint(cfg.model.init, arch=cfg.model.arch, preset=cfg.model.preset)
+    model, meta = load_checkpoint(cfg.model.init, arch=cfg.model.arch, preset=cfg.model.preset, preset_key="model.preset")
     saved_range = meta.get("input_range", "minus_one_one")
     if saved_range != cfg.model.input_range:
         raise ConfigError(

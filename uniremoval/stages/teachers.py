@@ -126,7 +126,10 @@ def load_teachers(
     teachers: dict[str, Teacher] = {}
     for name in degradations:
         path = checkpoints[name]
-        model, meta = load_checkpoint(path, arch="mprnet", preset=preset, map_location=device)
+        model, meta = load_checkpoint(
+            path, arch="mprnet", preset=preset, map_location=device,
+            preset_key="teachers.preset",
+        )
         rng = input_range or meta.get("input_range", MINUS_ONE_ONE)
         teachers[name] = Teacher(name, freeze(model), rng, str(meta.get("checkpoint", path)), checkpoint_sha256(path))
     return teachers

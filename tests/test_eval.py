@@ -330,6 +330,16 @@ def test_folder_layouts(tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+def test_unpaired_shards_with_psnr_say_there_is_no_ground_truth(tmp_path):
+    """RTTS-like shards (no targets) scored with PSNR: a named error, not a 'bad sample'."""
+    from _shardgen import write_dataset
+
+    write_dataset(tmp_path / "shards", "rtts", "haze", n_samples=2, n_shards=1, paired=False)
+    with pytest.raises(UniremovalError, match=r"rtts: PSNR/SSIM need targets, but sample .* has none.*--metrics brisque,piqe"):
+        run_eval(EvalOptions("none", str(tmp_path / "shards" / "rtts"), metrics=["piqe", "psnr"], mlflow=False,
+                             device="cpu"))
+
+
 def test_shards_checkpoint_and_mlflow(tmp_path):
     from _shardgen import position_images, write_dataset
 

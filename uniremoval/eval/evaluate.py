@@ -160,9 +160,14 @@ def _hwc_to_chw01(arr) -> torch.Tensor:
 def iter_shards(data: str, rank: int, world: int, need_target: bool) -> Iterator[Item]:
     from uniremoval.data.pipelines import eval_samples
 
-    require = ("target",) if need_target else ()
-    for s in eval_samples(data, rank, world, require=require, bad_samples="fail", as_tensor=False):
+    for s in eval_samples(data, rank, world, bad_samples="fail", as_tensor=False):
         meta = s.get("meta") or {}
+        if need_target and "target" not in s:
+            raise DataError(
+                f"--data {data}: PSNR/SSIM need targets, but sample {s['key']} of {s['shard']} has none; "
+                "an unpaired set (e.g. RTTS, URHI) has no ground truth: score it with no-reference metrics "
+                "only (--metrics brisque,piqe)"
+            )
         target = _hwc_to_chw01(s["target"]) if (need_target and "target" in s) else None
         yield Item(str(s["key"]), _hwc_to_chw01(s["input"]), target, meta.get("degradation"))
 

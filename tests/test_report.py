@@ -81,9 +81,13 @@ def _md_tables(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
     return out
 
 
-def test_markdown_tables_equal_logged_numbers(store, capsys):
+def test_markdown_tables_equal_logged_numbers(store, capsys, tmp_path):
     assert main(["report", "--experiment", "proj", "--tracking-uri", store]) == 0
     tables = _md_tables(capsys.readouterr().out)
+    # --out-dir without saved images: the tables, and a note saying why there is no grid.
+    assert main(["report", "--experiment", "proj", "--tracking-uri", store, "--out-dir", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "no image grid" in err and "--save-images" in err and (tmp_path / "r" / "report.md").is_file()
     assert list(tables) == ["NR-IQA (Tables I-III): haze", "NR-IQA (Tables I-III): rain",
                             "Synthetic ablation: PSNR/SSIM (Table IV)", "Real ablation: NR-IQA (Table V)"]
     label_to_key = {v[0]: k for k, v in RUNS.items()}

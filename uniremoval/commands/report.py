@@ -45,6 +45,11 @@ def handler(args) -> int:
     print(text, end="")
     for g in grids:
         print(f"image grid: {g}")
+    if args.out_dir and not grids:
+        import sys
+
+        print("no image grid: a grid needs the restored images of two or more models on one dataset "
+              "(run their `uniremoval eval` with --save-images DIR)", file=sys.stderr)
     if args.log:
         from uniremoval.tracking import mlflow_client
 

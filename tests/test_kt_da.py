@@ -211,6 +211,22 @@ def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, 
     assert not Path(cfg.run_dir).exists()
 
 
+def test_kt_and_da_say_where_their_weights_are(ws, capsys):
+    """Like `train teacher`, `train kt` and `train da` end with the weights' paths and the MLflow run."""
+    from uniremoval.stages import da, kt
+
+    short = ["train.epochs=1", "train.steps_per_epoch=1", "train.val_every=1", "checkpoint.every_steps=1"]
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "ktsays") + short)
+    assert kt.run(cfg) == 0
+    err = capsys.readouterr().err
+    assert f"ktsays: 1 steps; weights: {cfg.run_dir / 'best.safetensors'} (best val/mean/psnr) and " \
+        f"{cfg.run_dir / 'last.safetensors'}; MLflow run " in err
+    cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dasays", init=cfg.run_dir / "last.safetensors")
+                      + short)
+    assert da.run(cfg) == 0
+    assert f"dasays: 1 steps; weights: {cfg.run_dir}" in capsys.readouterr().err
+
+
 def test_kt_config_errors_name_the_key(ws):
     from uniremoval.stages import kt
     from uniremoval.stages.teachers import load_teachers

@@ -248,8 +248,12 @@ class DomainAdaptation(Stage):
 
 def run(cfg: DAStage, args: Any = None) -> int:
     """`uniremoval train da`: refuse DeepSpeed, fit. Returns the exit code."""
-    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE
+    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE, print_weights
 
     refuse_deepspeed()
-    result = Trainer(cfg, DomainAdaptation(cfg)).fit(resume=getattr(args, "resume", None))
-    return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0
+    stage = DomainAdaptation(cfg)
+    result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
+    if result.status == "preempted":
+        return PREEMPTED_EXIT_CODE
+    print_weights(cfg.name, stage, result, cfg.run_dir)
+    return 0

@@ -327,9 +327,13 @@ def check_teacher_cache(cfg: KTStage) -> None:
 
 def run(cfg: KTStage, args: Any = None) -> int:
     """`uniremoval train kt`: build the accelerator, check the cache, fit. Returns the exit code."""
-    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE
+    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE, print_weights
 
     if cfg.teachers.mode == "cached":
         check_teacher_cache(cfg)
-    result = Trainer(cfg, KnowledgeTransfer(cfg)).fit(resume=getattr(args, "resume", None))
-    return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0
+    stage = KnowledgeTransfer(cfg)
+    result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
+    if result.status == "preempted":
+        return PREEMPTED_EXIT_CODE
+    print_weights(cfg.name, stage, result, cfg.run_dir)
+    return 0

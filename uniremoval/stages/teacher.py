@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from uniremoval.config import TeacherStage
 from uniremoval.errors import ConfigError
 from uniremoval.stages.teachers import from_model_range, to_model_range
-from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE, Stage, TrainContext, Trainer, skip_batches
+from uniremoval.stages.trainer import (
+    PREEMPTED_EXIT_CODE,
+    Stage,
+    TrainContext,
+    Trainer,
+    print_weights,
+    skip_batches,
+)
 
 
 class TeacherTraining(Stage):
@@ -161,8 +168,6 @@ def psnr_ssim(x: Tensor, y: Tensor) -> tuple[float, float]:
 
 def run(cfg: TeacherStage, args: Any) -> int:
     """`uniremoval train teacher`: train, then say where the weights are."""
-    import sys
-
     stage = TeacherTraining(cfg)
     trainer = Trainer(cfg, stage)
     if trainer.zero_stage == 3:
@@ -171,14 +176,5 @@ def run(cfg: TeacherStage, args: Any) -> int:
     result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
         return PREEMPTED_EXIT_CODE
-    trainer_dir = cfg.run_dir
-    if stage.best_metric is not None and (trainer_dir / "best.safetensors").exists():
-        where = f"{trainer_dir / 'best.safetensors'} (best {stage.best_metric[0]}) and {trainer_dir / 'last.safetensors'}"
-    else:
-        where = str(trainer_dir / "last.safetensors")
-    from accelerate.state import PartialState
-
-    if PartialState().is_main_process:
-        print(f"teacher-{cfg.degradation}: {result.step} steps; weights: {where}"
-              + (f"; MLflow run {result.run_id}" if result.run_id else ""), file=sys.stderr)
+    print_weights(f"teacher-{cfg.degradation}", stage, result, cfg.run_dir)
     return 0

@@ -88,6 +88,7 @@ STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" (rerun with --resume auto)
 
 
+
 class NonFiniteLossError(UniremovalError):
     """A loss became NaN/inf and the config says stop (or too many were skipped)."""
 
@@ -200,6 +201,21 @@ class FitResult:
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     nonfinite_skipped: int = 0
+
+
+def print_weights(label: str, stage: Stage, result: FitResult, run_dir: Path) -> None:
+    """One line on stderr (main process): the steps run, where the exported weights are, the MLflow run."""
+    import sys
+
+    from accelerate.state import PartialState
+
+    if stage.best_metric is not None and (run_dir / "best.safetensors").exists():
+        where = f"{run_dir / 'best.safetensors'} (best {stage.best_metric[0]}) and {run_dir / 'last.safetensors'}"
+    else:
+        where = str(run_dir / "last.safetensors")
+    if PartialState().is_main_process:
+        print(f"{label}: {result.step} steps; weights: {where}"
+              + (f"; MLflow run {result.run_id}" if result.run_id else ""), file=sys.stderr)
 
 
 class TrainContext:

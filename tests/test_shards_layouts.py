@@ -312,6 +312,12 @@ def test_layout_options(tmp_path: Path) -> None:
     build("gopro", gopro.root, out, "--split", "test", "--blur-dir", "blur_gamma")
     metas = [json.loads(f["json"]) for _, f in samples(out)]
     assert len(metas) == 2 and all(m["split"] == "test" and "/blur_gamma/" in m["input_name"] for m in metas)
+    # a split the dataset does not have is named as such (GoPro said "no train/ or test/ folder")
+    with pytest.raises(DataError, match=r"--split val: .* has no such split folder; its splits are test, train"):
+        build("gopro", gopro.root, tmp_path / "gv", "--split", "val")
+    realblur = tree_realblur(tmp_path / "realblur")
+    with pytest.raises(DataError, match=r"no RealBlur_R_val_list\.txt"):
+        build("realblur", realblur.root, tmp_path / "rv", "--subset", "R", "--split", "val")
 
     sots = tree_reside_sots(tmp_path / "sots")
     build("reside-sots", sots.root, tmp_path / "s", "--subset", "outdoor")

@@ -446,6 +446,8 @@ def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
         for p in sorted(base.iterdir())
         if p.is_dir() and _split_name(p.name) in ("train", "test")
     }
+    if opts.split and splits and opts.split not in splits:
+        raise DataError(f"--split {opts.split}: {base} has no such split folder; its splits are {', '.join(splits)}")
     if opts.split:
         splits = {k: v for k, v in splits.items() if k == opts.split}
     if not splits:
@@ -591,7 +593,8 @@ def read_realblur(root: Path, opts: ReaderOptions) -> ReadResult:
             for inp, tgt in _read_pair_list(root, list_file, issues, (1, 0)):
                 items.append(Item(inp, tgt, degradation, domain, reader, split, {"subset": subset}))
     if not found:
-        raise _layout_error(reader, root, spec.layout, f"no RealBlur_{subsets[0]}_<split>_list.txt")
+        wanted = " or ".join(f"RealBlur_{subsets[0]}_{split}_list.txt" for split in splits)
+        raise _layout_error(reader, root, spec.layout, f"no {wanted}")
     if not items and not issues:
         raise _layout_error(reader, root, spec.layout, "the list files are empty")
     return ReadResult(items, issues)

@@ -227,3 +227,34 @@ def test_help_for_every_group(group):
     out = run_cli(*([group] if group else []), "--help")
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+
+
+def test_missing_inputs_are_named_before_anything_starts(tmp_path, monkeypatch):
+    """A missing shard folder (validation sets included: they were found only at the first
+    validation), model.init or teacher checkpoint is named with its key and the command that writes it."""
+    from uniremoval.cli import main
+    from uniremoval.config import check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards" / "ots").mkdir(parents=True)
+    cfg = load_config(REPO / "configs" / "teacher" / "haze.yaml")
+    with pytest.raises(ConfigError, match=r"read from .*\n  data\.val\.0 \(sots_outdoor\): shards/sots_outdoor does not "
+                                          r"exist; `uniremoval shards build\|synth \.\.\. --out shards/sots_outdoor` \(README: Data preparation\) writes it$"):
+        check_inputs(cfg)
+    check_inputs(load_config(REPO / "configs" / "teacher" / "haze.yaml",
+                             ["data.val.0.shards=https://host/sots-{000000..000001}.tar"]))  # URLs pass
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(REPO / "configs" / "paper" / "kt.yaml"))
+    assert "data.train.0 (ots): cache/ots does not exist; `uniremoval cache --config configs/cache.yaml`" in str(err.value)
+    assert "teachers.checkpoints.blur: outputs/teacher-blur/best.safetensors does not exist; `uniremoval train " \
+        "teacher --config configs/teacher/blur.yaml` writes it, or set teachers.checkpoints.blur=PATH" in str(err.value)
+    with pytest.raises(ConfigError, match=r"model\.init: outputs/paper-kt/last\.safetensors does not exist; "
+                                          r"`uniremoval train kt` writes it"):
+        check_inputs(load_config(REPO / "configs" / "paper" / "da.yaml"))
+    # the cache checks only the teachers of its sources; the CLI refuses before any run starts (status 2)
+    with pytest.raises(ConfigError) as err:
+        only_haze = "data.train=[{name: ots, shards: shards/ots, degradation: haze}]"
+        check_inputs(load_config(REPO / "configs" / "cache.yaml", [only_haze]))
+    assert "teachers.checkpoints.haze" in str(err.value) and "checkpoints.rain" not in str(err.value)
+    assert main(["train", "da", "--config", str(REPO / "configs" / "paper" / "da.yaml")]) == 2
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

@@ -563,6 +563,45 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
     return out
 
 
+def check_inputs(cfg: StageBase) -> None:
+    """Refuse, before anything starts, a local input of a training or cache stage that is not there:
+    shard folders (data.train/val/clear), model.init and teachers.checkpoints (a missing validation set
+    was found only at the first validation, thousands of steps in). URLs, pipes and patterns pass."""
+    from uniremoval.errors import CheckpointError
+    from uniremoval.models.checkpoint import resolve_weights
+
+    cwd = Path.cwd()
+    missing: list[str] = []
+    for section in ("train", "val", "clear"):
+        for i, src in enumerate(getattr(cfg.data, section)):
+            for spec in (part for entry in src.shards for part in entry.split("::")):
+                if "://" in spec or spec.startswith(("pipe:", "file:")) or any(c in spec for c in "*?[{"):
+                    continue
+                if not Path(spec).exists():
+                    made_by = ("`uniremoval cache --config configs/cache.yaml`" if isinstance(cfg, KTStage)
+                               and section == "train" and cfg.teachers.mode == "cached"
+                               else f"`uniremoval shards build|synth ... --out {spec}` (README: Data preparation)")
+                    missing.append(f"data.{section}.{i} ({src.name}): {spec} does not exist; {made_by} writes it")
+    checkpoints: dict[str, tuple[str, str]] = {}
+    if cfg.model.init:
+        made_by = "`uniremoval train kt`" if isinstance(cfg, DAStage) else "a training stage"
+        checkpoints["model.init"] = (cfg.model.init, made_by)
+    if isinstance(cfg, (CacheStage, KTStage)):
+        used = {src.degradation for src in cfg.data.train} if isinstance(cfg, CacheStage) else set(cfg.teachers.checkpoints)
+        for deg, path in cfg.teachers.checkpoints.items():
+            if deg not in used:
+                continue
+            made_by = f"`uniremoval train teacher --config configs/teacher/{deg}.yaml`"
+            checkpoints[f"teachers.checkpoints.{deg}"] = (path, made_by)
+    for key, (path, made_by) in checkpoints.items():
+        try:
+            resolve_weights(Path(path))
+        except CheckpointError:
+            missing.append(f"{key}: {path} does not exist; {made_by} writes it, or set {key}=PATH")
+    if missing:
+        raise ConfigError(f"missing input(s), relative paths read from {cwd}:\n  " + "\n  ".join(missing))
+
+
 def config_to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
 

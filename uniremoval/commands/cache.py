@@ -21,9 +21,10 @@ def register(subparsers) -> None:
 
 
 def _handler(args) -> int:
-    from uniremoval.config import load_config
+    from uniremoval.config import check_inputs, load_config
 
     cfg = load_config(args.config, args.overrides, stage="cache")
+    check_inputs(cfg)
     if args.check:
         from pathlib import Path
 

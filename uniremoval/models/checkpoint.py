@@ -135,14 +135,17 @@ def save_checkpoint(
 
 def checkpoint_sha256(path: str | Path) -> str:
     """sha256 of the weights file (ours: the .safetensors; official: the .pth) - the model's identity."""
-    return sha256_file(_resolve_weights(Path(path)))
+    return sha256_file(resolve_weights(Path(path)))
 
 
-def _resolve_weights(path: Path) -> Path:
+def resolve_weights(path: Path) -> Path:
+    """The weights file a checkpoint path names (the file, its .json, or its base name)."""
     if path.suffix == META_SUFFIX:
         path = path.with_suffix(WEIGHTS_SUFFIX)
     if path.is_file():
         return path
+    if path.suffix == WEIGHTS_SUFFIX:
+        raise CheckpointError(f"checkpoint {path} not found")
     candidate = _with_suffix(path, WEIGHTS_SUFFIX)
     if candidate.is_file():
         return candidate
@@ -165,7 +168,7 @@ def load_checkpoint(
     """
     from uniremoval.models import build_model
 
-    weights = _resolve_weights(Path(path))
+    weights = resolve_weights(Path(path))
     if weights.suffix == WEIGHTS_SUFFIX:
         state, meta = _read_ours(weights)
         if arch is not None and arch != meta.get("arch"):

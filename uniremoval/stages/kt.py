@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from uniremoval.config import KTStage
+from uniremoval.config import KTStage, check_inputs
 from uniremoval.errors import ConfigError
 from uniremoval.stages.teachers import (
     Teacher,
@@ -329,10 +329,12 @@ def run(cfg: KTStage, args: Any = None) -> int:
     """`uniremoval train kt`: build the accelerator, check the cache, fit. Returns the exit code."""
     from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE, print_weights
 
+    stage = KnowledgeTransfer(cfg)
+    trainer = Trainer(cfg, stage)
+    check_inputs(cfg)
     if cfg.teachers.mode == "cached":
         check_teacher_cache(cfg)
-    stage = KnowledgeTransfer(cfg)
-    result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
+    result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
         return PREEMPTED_EXIT_CODE
     print_weights(cfg.name, stage, result, cfg.run_dir)

@@ -79,7 +79,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uniremoval.config import OptimConfig, ScheduleConfig, StageBase, config_hash
+from uniremoval.config import OptimConfig, ScheduleConfig, StageBase, check_inputs, config_hash
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
 from uniremoval.stages import fast
 
@@ -337,6 +337,7 @@ class Trainer:
     def fit(self, resume: str | None = None) -> FitResult:
         cfg, acc = self.cfg.train, self.accelerator
         total = self.total_steps()
+        check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
         self.start_tracking()                          # the same MLflow run on resume

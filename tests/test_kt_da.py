@@ -233,6 +233,8 @@ def test_kt_config_errors_name_the_key(ws):
 
     with pytest.raises(ConfigError, match=r"teachers.checkpoints has no entry for degradation\(s\) \['blur'\]"):
         load_teachers({k: ws["teachers"][k] for k in ("haze", "rain")}, list(TYPES), "tiny")
+    with pytest.raises(ConfigError, match=r"features.layers: \['relu9_1'\] are not VGG-19 layers"):
+        kt.build_phi(load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "x") + ["features.layers=[relu1_1, relu9_1]"]))
     # cached teachers: a student of another width meets the cached feature grid at the first step
     from uniremoval.data.pipelines import kt_loader
 

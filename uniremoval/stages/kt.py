@@ -82,8 +82,11 @@ def build_student(cfg: Any) -> nn.Module:
 
 
 def build_phi(cfg: Any) -> nn.Module:
-    from uniremoval.models.vgg_arch import VGGFeatures
+    from uniremoval.models.vgg_arch import LAYER_NAMES, VGGFeatures
 
+    unknown = [name for name in cfg.features.layers if name not in LAYER_NAMES]
+    if unknown:
+        raise ConfigError(f"features.layers: {unknown} are not VGG-19 layers; valid names: {', '.join(LAYER_NAMES)}")
     return freeze(VGGFeatures(cfg.features.layers, weights=cfg.features.weights, path=cfg.features.path))
 
 

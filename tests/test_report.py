@@ -145,6 +145,17 @@ def test_csv_is_full_precision_and_html_bolds_best(store):
         collect("nope", store)
 
 
+def test_markdown_escapes_a_pipe_in_names():
+    from uniremoval.eval.report import ModelRow, Table
+
+    row = ModelRow("k", "kt|lr=1e-4", scores={("a|b", "piqe"): 30.0})
+    text = render([Table("t", [("a|b", "piqe")], [row])], "md")
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| Method | a\\|b PIQE") and lines[2].startswith("| kt\\|lr=1e-4 |")
+    # Unescaped pipes split cells: every row keeps the header's cell count.
+    assert len({len(line.replace("\\|", "").split("|")) for line in lines}) == 1
+
+
 def test_report_from_real_eval_runs_with_image_grid(tmp_path):
     from uniremoval.models import build_model
     from uniremoval.models.checkpoint import save_checkpoint

@@ -197,6 +197,11 @@ def _flag(value: str | None) -> str:
     )
 
 
+def _md_cell(text: str) -> str:
+    """A markdown table cell: a '|' in a run or dataset name would split the row."""
+    return str(text).replace("|", "\\|")
+
+
 def render(tables: list[Table], fmt: str = "md", decimals: int | None = None) -> str:
     if fmt not in FORMATS:
         raise UniremovalError(f"--format {fmt!r}: choose one of {FORMATS}")
@@ -211,9 +216,9 @@ def render(tables: list[Table], fmt: str = "md", decimals: int | None = None) ->
         best = best_values(t)
         if fmt == "md":
             head = ["Method", *t.flags, *map(_header, t.columns)]
-            out.write(f"### {t.title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+            out.write(f"### {t.title}\n\n| " + " | ".join(map(_md_cell, head)) + " |\n|" + "---|" * len(head) + "\n")
             for r in t.rows:
-                cells = [r.label, *(_flag(r.ablation.get(f)) for f in t.flags)]
+                cells = [_md_cell(r.label), *(_flag(r.ablation.get(f)) for f in t.flags)]
                 for c in t.columns:
                     v = r.scores.get(c)
                     s = "" if v is None else _fmt(c[1], v, decimals)

@@ -358,6 +358,7 @@ def learning_run_config(root: Path, steps: int, val_every: int | None = None, ov
         "train.steps_per_epoch=20", f"train.max_steps={steps}", f"train.val_every={val_every or steps}",
         "train.log_every=20", f"checkpoint.every_steps={steps}", "loss.tau=0.1", "features.weights=random",
         "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]", "tracking.enabled=false",
+        "teachers.checkpoints={}",  # oracle caches: no teacher checkpoint exists (nor is one read)
         *overrides,
     ])
     return cfg, val

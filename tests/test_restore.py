@@ -189,6 +189,38 @@ def test_restore_cli_dir_with_corrupt_file(tmp_path: Path, capsys: pytest.Captur
     assert (got - expected).abs().max() <= 0.5 / 255 + 1e-6
 
 
+def test_restore_cli_cpu_out_of_memory_skips_with_tile_hint(tmp_path, capsys, monkeypatch) -> None:
+    # The message torch's CPU allocator raises when an image does not fit: that image is skipped
+    # with the --tile hint, the others are restored. Any other RuntimeError still propagates.
+    from uniremoval.eval import restore as restore_mod
+
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, seed in (("big.png", 1), ("small.png", 2)):
+        Image.fromarray(rand_u8(20, 28, seed=seed)).save(src / name)
+    real = restore_mod.restore_tensor
+
+    def fake(model, x, *a, **k):
+        if fake.fail is not None and x.shape[-1] == 28 and fake.calls == 0:
+            fake.calls += 1
+            raise fake.fail
+        return real(model, x, *a, **k)
+
+    fake.fail, fake.calls = RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
+                                         "allocate memory: you tried to allocate 96636764160 bytes."), 0
+    monkeypatch.setattr(restore_mod, "restore_tensor", fake)
+    args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out"),
+            "--device", "cpu"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "big.png: out of memory; try --tile 512" in err and "restored 1 of 2" in err
+    assert (tmp_path / "out" / "small.png").is_file() and not (tmp_path / "out" / "big.png").exists()
+    fake.fail, fake.calls = RuntimeError("some other failure"), 0
+    with pytest.raises(RuntimeError, match="some other failure"):
+        main(args[:-4] + ["--output", str(tmp_path / "out2"), "--device", "cpu"])
+
+
 def test_restore_cli_official_pth_single_file_tiled(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(1)
     model = MPRNet("tiny").eval()

@@ -104,9 +104,20 @@ def run(args: argparse.Namespace) -> int:
             failed.append(str(src))
             torch.cuda.empty_cache()
             tqdm.write(f"skipped: {src}: out of GPU memory; try --tile 512 (or smaller)", file=sys.stderr)
+        except (MemoryError, RuntimeError) as exc:
+            # On CPU an allocation that does not fit is a RuntimeError from torch's allocator.
+            if not isinstance(exc, MemoryError) and not _cpu_out_of_memory(exc):
+                raise
+            failed.append(str(src))
+            tqdm.write(f"skipped: {src}: out of memory; try --tile 512 (or smaller)", file=sys.stderr)
     done = len(plan) - len(failed)
     print(f"restored {done} of {len(plan)} image(s) into {out_root}", file=sys.stderr)
     if failed:
         print(f"failed ({len(failed)}): " + ", ".join(failed), file=sys.stderr)
         return 1
     return 0
+
+
+def _cpu_out_of_memory(exc: RuntimeError) -> bool:
+    """torch's CPU allocator failing: "can't allocate memory" (Linux, macOS), "not enough memory" (Windows)."""
+    return any(text in str(exc) for text in ("can't allocate memory", "not enough memory"))

@@ -19,6 +19,12 @@ checked against `teachers.checkpoints` first and a stale one is refused. With `o
 teachers are frozen modules on the device (eval, no grad), never given to accelerate or
 DeepSpeed. Online teachers see the *crop* while the cache ran them on the whole image, so near
 crop borders the two differ slightly (a convolutional network's context); both are valid targets.
+With flips and rotations on (`data.augment`), a cached sample's teacher image and feature grid
+are flipped or rotated with its input, as a ground-truth pair would be; an online teacher instead
+sees the flipped crop. The images agree as far as the teacher restores a flipped scene as well as
+the original; the pooled features agree only for a flip-equivariant teacher (random weights: 25-32%
+apart; teachers trained with flips, as the MPRNet recipe does: much closer). `data.augment.*: false`
+makes cached and online targets the same crop for crop.
 
 DeepSpeed (launch/deepspeed_zero2.yaml, deepspeed_zero3.yaml): only the student is prepared, so
 only it becomes a DeepSpeed engine; teachers and VGG-19 stay plain modules (the trainer builds the

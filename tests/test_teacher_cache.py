@@ -241,6 +241,47 @@ def _mixed_size_shard(path: Path) -> list[str]:
     return keys
 
 
+def test_cache_done_record_reused_only_when_everything_matches(tmp_path):
+    """A cache shard is reused only when its done-record names the same source, teacher, cell,
+    input range and precision, and its tar is there with the recorded size; otherwise rebuilt."""
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import fast
+    from uniremoval.stages.cache import _done_path, _is_done, _want, cache_shard
+    from uniremoval.stages.teachers import Teacher, freeze
+
+    src = tmp_path / "src.tar"
+    _mixed_size_shard(src)
+    torch.manual_seed(0)
+    teacher = Teacher("haze", freeze(MPRNet("tiny")), "minus_one_one", "random", sha256="ab" * 32)
+    item = {"url": str(src), "source_sha256": "cd" * 32}
+    want = _want(item, teacher, 16, "no")
+    rec = cache_shard(str(src), tmp_path, "c.tar", teacher, 16, fast.Speed(device=torch.device("cpu")), want,
+                      batch_size=3)
+    done, tar = _done_path(tmp_path, "c.tar"), tmp_path / "c.tar"
+    assert json.loads(done.read_text()) == rec and rec["bytes"] == tar.stat().st_size
+    assert _is_done(tmp_path, "c.tar", want) == rec
+    for key, other in (("teacher_sha256", "ef" * 32), ("source_sha256", "00" * 32), ("cell", 8),
+                       ("input_range", "zero_one"), ("precision", "bf16"), ("source_url", str(tmp_path / "x.tar"))):
+        assert _is_done(tmp_path, "c.tar", {**want, key: other}) is None, key
+    # the same, as the stage asks: another teacher (weights or input range), cell, source or precision
+    import dataclasses
+
+    for t, it, cell, prec in ((dataclasses.replace(teacher, sha256="ef" * 32), item, 16, "no"),
+                              (dataclasses.replace(teacher, input_range="zero_one"), item, 16, "no"),
+                              (teacher, {**item, "source_sha256": "00" * 32}, 16, "no"),
+                              (teacher, item, 8, "no"), (teacher, item, 16, "bf16")):
+        assert _is_done(tmp_path, "c.tar", _want(it, t, cell, prec)) is None, (t.sha256, t.input_range, it, cell, prec)
+    data = tar.read_bytes()
+    tar.write_bytes(data[:-512])  # a tar cut short under its final name
+    assert _is_done(tmp_path, "c.tar", want) is None
+    tar.unlink()  # the tar gone, its done-record left
+    assert _is_done(tmp_path, "c.tar", want) is None
+    tar.write_bytes(data)
+    assert _is_done(tmp_path, "c.tar", want) == rec
+    done.write_text(done.read_text()[:20])  # a done-record that does not parse
+    assert _is_done(tmp_path, "c.tar", want) is None
+
+
 def test_cache_batches_same_size_samples_in_source_order(tmp_path):
     from uniremoval.data.manifest import iter_tar_samples
     from uniremoval.data.transforms import decode_feature, decode_image

@@ -340,6 +340,32 @@ def test_unpaired_shards_with_psnr_say_there_is_no_ground_truth(tmp_path):
                              device="cpu"))
 
 
+def test_an_image_scored_twice_is_refused_and_means_are_per_image(tmp_path):
+    """Two shards holding the same keys would count those images twice in the mean: refused, naming
+    a key. One copy: the mean is the plain mean of the per-image scores, each image once."""
+    import shutil
+
+    from _shardgen import position_images, write_dataset
+
+    write_dataset(tmp_path / "s", "d", "haze", n_samples=3, n_shards=1, sizes=[(16, 16), (16, 24)])
+    tar = sorted((tmp_path / "s" / "d").glob("*.tar"))[0]
+    shutil.copy(tar, tmp_path / "copy.tar")
+    with pytest.raises(UniremovalError, match=r"3 image name\(s\) were scored more than once, e\.g\. 'd-0000"):
+        run_eval(EvalOptions("none", [str(tar), str(tmp_path / "copy.tar")], metrics=["psnr"], mlflow=False,
+                             device="cpu"))
+    res = run_eval(EvalOptions("none", [str(tar)], metrics=["psnr", "ssim"], mlflow=False, device="cpu",
+                               batch_size=2))
+    assert [r["name"] for r in res.images] == ["d-00000", "d-00001", "d-00002"]
+    for i, r in enumerate(res.images):  # each image's own score (sizes cycle by sample index)
+        inp, tgt, _ = position_images(r["name"], *[(16, 16), (16, 24)][i % 2])
+        x, y = (torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255 for a in (inp, tgt))
+        assert r["psnr"] == pytest.approx(psnr(x, y).item(), abs=1e-9)
+        assert r["ssim"] == pytest.approx(ssim(x, y).item(), abs=1e-9)
+    assert res.images[0]["psnr"] != pytest.approx(res.images[1]["psnr"])
+    for m in ("psnr", "ssim"):
+        assert res.mean[m] == pytest.approx(sum(r[m] for r in res.images) / 3, rel=1e-12)
+
+
 def test_shards_checkpoint_and_mlflow(tmp_path):
     from _shardgen import position_images, write_dataset
 

@@ -184,6 +184,28 @@ def test_rules_across_sections_name_file_key_value_and_allowed(kt_file, tmp_path
     assert "'features.layer_weights.0'" in msg and "-1" in msg and "greater than or equal to 0" in msg
 
 
+def test_rules_within_a_section_name_key_and_value(kt_file, tmp_path):
+    # one VGG weight per phi layer: a missing weight would silently drop a layer from L_ig
+    msg = message(kt_file, ["features.layers=[relu1_1, relu2_1]", "features.layer_weights=[1.0]"])
+    assert "'features'" in msg and "layers has 2 entries but layer_weights has 1" in msg
+    ok = load_config(kt_file, ["features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]"])
+    assert ok.features.layer_weights == [0.5, 1.0]
+    # degradation types: unique (labels index them), and 'clear' is the clean-image label
+    msg = message(kt_file, ["data.degradations=[haze, rain, haze]"])
+    assert "'data.degradations'" in msg and "must be unique" in msg and "['haze', 'rain', 'haze']" in msg
+    msg = message(kt_file, ["data.degradations=[haze, clear]"])
+    assert "'data.degradations'" in msg and "'clear' is reserved" in msg
+    # Adam's betas in [0, 1)
+    msg = message(kt_file, ["optim.betas=[0.9, 1.0]"])
+    assert "'optim.betas'" in msg and "each beta must be in [0, 1)" in msg
+    assert load_config(kt_file, ["optim.betas=[0.0, 0.99]"]).optim.betas == (0.0, 0.99)
+    # the cross-section degradation rule holds for DA too (its real sets name a type each)
+    da = write(tmp_path / "da.yaml", "stage: da\ndata:\n  degradations: [haze]\n"
+               "  train: [{name: r, shards: s, degradation: rain}]\n")
+    msg = message(da)
+    assert "'data.train.0.degradation'" in msg and "'rain'" in msg and "['haze']" in msg
+
+
 def test_da_validation_metrics_are_checked_at_load(tmp_path):
     # DA builds its IQA scorer at the first validation; a typo, a capital or a metric that needs a
     # target stopped the run only then (train.val_every steps in), before any checkpoint.

@@ -354,7 +354,7 @@ class Trainer:
                     for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
                         batch = self._next_batch(batches, epoch, start, micro)
                         self.bad_samples += int(batch.get("bad_samples", 0)) if isinstance(batch, dict) else 0
-                        with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), acc.autocast():
+                        with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast():
                             terms = self.stage.training_step(batch, self.ctx)
                         self._accumulate_terms(terms)
                     self.step += 1
@@ -445,6 +445,12 @@ class Trainer:
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
 
+    def _autocast(self) -> Any:
+        # Under DeepSpeed accelerate's autocast is a no-op (DeepSpeed's own bf16 mode would hold the
+        # weights in bf16 and fail on fp32 inputs): the engine stays fp32 and the step autocasts
+        # itself, as under DDP (see build_accelerator).
+        return self.speed.autocast() if self.deepspeed else self.accelerator.autocast()
+
     @property
     def deepspeed(self) -> bool:
         return str(getattr(self.accelerator, "distributed_type", "")).endswith("DEEPSPEED")
@@ -471,6 +477,20 @@ class Trainer:
             if ds.get("gradient_clipping") in (None, "auto"):
                 clip = self.cfg.train.clip_grad_norm
                 ds["gradient_clipping"] = clip if clip is not None else 0.0
+            for half in ("bf16", "fp16"):
+                if str((ds.get(half) or {}).get("enabled", False)).lower() == "true":
+                    raise ConfigError(f"the DeepSpeed config enables {half}: its engine would hold the student in "
+                                      f"{half} and fail on fp32 inputs; remove it and set train.mixed_precision=bf16 "
+                                      f"(autocast, weights stay fp32)")
+            # Accumulation: the trainer's loop runs train.grad_accum micro-batches per update; DeepSpeed
+            # must count the same, or it steps more often than the schedule and the logs say.
+            gas, want = ds.get("gradient_accumulation_steps"), self.cfg.train.grad_accum
+            if gas in (None, "auto"):
+                ds["gradient_accumulation_steps"] = want
+            elif int(gas) != want:
+                raise ConfigError(f"the DeepSpeed config has gradient_accumulation_steps={gas}, the stage config "
+                                  f"train.grad_accum={want}: set them equal (or remove the DeepSpeed value, and the "
+                                  f"trainer fills in train.grad_accum)")
 
     def start_tracking(self) -> None:
         if self.tracker is None and self.cfg.tracking.enabled and self.accelerator.is_main_process:
@@ -806,8 +826,22 @@ def build_accelerator(cfg: StageBase) -> Any:
     if cpu and mp == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if mp == "fp16":
+            raise ConfigError("train.mixed_precision=fp16 is not supported under DeepSpeed (its fp16 engine casts "
+                              "the student to half, the frozen teachers and VGG-19 stay fp32); use bf16 or no, "
+                              "or a DDP launch config (launch/multi_gpu.yaml)")
+        # A launch config's deepspeed_config.gradient_accumulation_steps reaches accelerate as this
+        # variable, which overrides the argument below: refuse a mismatch rather than step more often.
+        env_gas = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+        if env_gas not in (None, "", "auto") and int(env_gas) != cfg.train.grad_accum:
+            raise ConfigError(f"the accelerate launch config sets gradient_accumulation_steps={env_gas} "
+                              f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS), the stage config train.grad_accum="
+                              f"{cfg.train.grad_accum}: set them equal, or drop it from the launch config's "
+                              f"deepspeed_config (the trainer then follows train.grad_accum)")
         handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
-        return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
+        # bf16 is the trainer's autocast (Trainer._autocast), not DeepSpeed's bf16 engine, which would
+        # convert the student's weights to bf16 and fail on its fp32 inputs.
+        return Accelerator(mixed_precision="no", gradient_accumulation_steps=cfg.train.grad_accum,
                            kwargs_handlers=handlers)
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
 

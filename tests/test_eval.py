@@ -424,26 +424,25 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
     from uniremoval.models.checkpoint import save_checkpoint
     from uniremoval.tracking import replay_spool
 
+    import time
+
     for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(k, raising=False)
-    seen = []
-
-    def get_run(self, run_id):
-        seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
-        raise OSError("connection refused")
-
-    monkeypatch.setattr(MlflowClient, "get_run", get_run)
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ck" / "student", build_model("mprnet", "tiny"), {"mlflow_run_id": "0" * 32})
     _write_pngs(tmp_path / "d", 2, [(32, 32)], seed=0)
     opts = EvalOptions(str(ckpt), str(tmp_path / "d"), metrics=["psnr"], name="offl", device="cpu",
                        tracking_uri=f"http://127.0.0.1:{_free_port()}", experiment="offexp")
+    # a real HTTP client against a closed loopback port (nothing listens on it)
+    start = time.monotonic()
     with pytest.warns(RuntimeWarning, match=r"replay_spool\('(.*mlflow-spool\.jsonl)'\)") as rec:
         res = run_eval(opts)
-    assert seen == ["1"]  # the lookup ran with the short retry policy
+    elapsed = time.monotonic() - start
+    # measured ~1.3 s on 2 shared cores; MLflow's default retry policy would take minutes
+    assert elapsed < 30, elapsed
     assert res.run_id is None
+    assert any("unreachable" in str(w.message) for w in rec)
     spool = re.search(r"replay_spool\('(.*?)'\)", str(rec[-1].message)).group(1)
-    monkeypatch.undo()  # the real get_run again
     store = f"sqlite:///{tmp_path / 'store.db'}"
     assert replay_spool(spool, store) and not Path(spool).exists()
     client = MlflowClient(store)

@@ -2,6 +2,7 @@
 # The paper pipeline on several nodes, stage by stage, resuming after a requeue:
 #   teachers (haze, rain, blur) -> cache -> kt -> da -> eval (real test sets) -> report
 #
+#   mkdir -p logs                                   # once: Slurm does not create the --output folder
 #   sbatch launch/slurm_paper.sh                    # from the repository root (shared filesystem)
 #   sbatch --nodes 4 launch/slurm_paper.sh          # any node count; GPUS_PER_NODE below
 #   STAGES="kt da" sbatch launch/slurm_paper.sh     # only some stages
@@ -38,9 +39,13 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 export MASTER_ADDR MASTER_PORT
-# torchrun (inside accelerate launch) only forwards TERM/INT/HUP/QUIT to its workers by default:
-# add USR1, and give the workers time to write their checkpoint before it kills them.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# torchrun (inside accelerate launch) only handles TERM/INT/HUP/QUIT by default, and dies on USR1
+# before its workers have written their checkpoint: add USR1 (it then forwards it to the workers),
+# and give them time to checkpoint before it kills them. torchrun's --signals-to-handle is read from
+# PET_SIGNALS_TO_HANDLE (accelerate launch has no flag for it); torchrun overwrites
+# TORCHELASTIC_SIGNALS_TO_HANDLE with that value, so setting only the latter does nothing.
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export TORCHELASTIC_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
@@ -66,7 +71,10 @@ launch() {  # launch NAME LAUNCH_CONFIG ARGS...
         return 0
     fi
     echo "[$(date -Is)] $name: start on $SLURM_NNODES node(s) x $GPUS_PER_NODE GPU(s)"
-    srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    # --cpus-per-task again: srun does not take it from sbatch (Slurm >= 22.05), and the step would
+    # pin all of a node's ranks and loader workers to one core
+    srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} bash -c '
         exec accelerate launch --config_file "$0" \
             --num_machines "$SLURM_NNODES" --num_processes "$1" \
             --machine_rank "$SLURM_NODEID" \

@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per setting; best is kept")
     args = ap.parse_args(argv)
+    if args.images is None and args.crop > args.size:  # the random crop needs room (was: numpy 'high <= 0')
+        ap.error(f"--crop {args.crop} is larger than the synthetic images (--size {args.size})")
 
     import torch
     from torch.utils.data import DataLoader

@@ -122,14 +122,17 @@ for stage in $STAGES; do
         da)
             launch da "$MULTI" train da --config configs/paper/da.yaml --resume auto tracking.experiment="$EXPERIMENT" ;;
         eval)
-            # the adapted student on the real test sets (no-reference IQA; PSNR/SSIM where GT exists)
+            # each real test set twice, as the README's one-GPU pipeline does: the adapted student
+            # (no-reference IQA; PSNR/SSIM where GT exists) and the unrestored input, the report's baseline row
             ckpt=outputs/paper-da/last.safetensors
-            launch eval-rtts "$MULTI" eval --checkpoint "$ckpt" --data shards/rtts --name rtts \
-                --experiment "$EXPERIMENT" --metrics brisque,piqe
-            launch eval-spa "$MULTI" eval --checkpoint "$ckpt" --data shards/spa_test --name spa_test \
-                --experiment "$EXPERIMENT" --metrics brisque,piqe,psnr,ssim
-            launch eval-realblur "$MULTI" eval --checkpoint "$ckpt" --data shards/realblur_j_test \
-                --name realblur_j_test --experiment "$EXPERIMENT" --metrics brisque,piqe,psnr,ssim ;;
+            for set in rtts spa_test realblur_j_test; do
+                metrics=brisque,piqe
+                [[ $set == rtts ]] || metrics+=,psnr,ssim   # RTTS has no ground truth
+                launch "eval-$set" "$MULTI" eval --checkpoint "$ckpt" --data "shards/$set" --name "$set" \
+                    --experiment "$EXPERIMENT" --metrics "$metrics" --label Uni-Removal
+                launch "eval-$set-input" "$MULTI" eval --checkpoint none --data "shards/$set" --name "$set" \
+                    --experiment "$EXPERIMENT" --metrics "$metrics" --label input
+            done ;;
         report)
             single report report --experiment "$EXPERIMENT" --format md ;;
         *)

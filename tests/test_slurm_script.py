@@ -60,8 +60,12 @@ def test_slurm_script_stages_ranks_failure_and_rerun(tmp_path):
                 "train teacher --config configs/teacher/blur.yaml --resume auto",
                 "cache --config configs/cache.yaml", "train kt --config configs/paper/kt.yaml --resume auto",
                 "train da --config configs/paper/da.yaml --resume auto",
-                "eval --checkpoint outputs/paper-da/last.safetensors --data shards/rtts",
-                "eval --checkpoint outputs/paper-da/last.safetensors --data shards/spa_test"]
+                "eval --checkpoint outputs/paper-da/last.safetensors --data shards/rtts --name rtts "
+                "--experiment uniremoval --metrics brisque,piqe --label Uni-Removal",
+                "eval --checkpoint none --data shards/rtts --name rtts --experiment uniremoval "
+                "--metrics brisque,piqe --label input",
+                "eval --checkpoint outputs/paper-da/last.safetensors --data shards/spa_test --name spa_test "
+                "--experiment uniremoval --metrics brisque,piqe,psnr,ssim --label Uni-Removal"]
     assert len(launches) == 2 * len(expected)  # one per node and stage, up to the failure
     for i, stage in enumerate(expected):
         for node in (0, 1):
@@ -72,12 +76,13 @@ def test_slurm_script_stages_ranks_failure_and_rerun(tmp_path):
             assert line.endswith("| gpu-a 24242 SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     state = tmp_path / "outputs" / "slurm-state"
     assert sorted(p.stem for p in state.glob("*.done")) == sorted(
-        ["teacher-haze", "teacher-rain", "teacher-blur", "cache", "kt", "da", "eval-rtts"])
+        ["teacher-haze", "teacher-rain", "teacher-blur", "cache", "kt", "da", "eval-rtts", "eval-rtts-input"])
     # resubmitted: finished stages are skipped, the rest run, report on one process
     r, rec = _run(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     launches = [line for line in rec if line.startswith("accelerate")]
-    assert [line.split("--data ")[1].split()[0] for line in launches] == ["shards/spa_test"] * 2 + [
-        "shards/realblur_j_test"] * 2
+    assert [(line.split("--data ")[1].split()[0], line.split("--label ")[1].split()[0]) for line in launches] == [
+        (f"shards/{s}", label) for s in ("spa_test", "realblur_j_test") for label in ("Uni-Removal", "input")
+        for _node in (0, 1)]
     assert rec[-1] == "uniremoval report --experiment uniremoval --format md"
     assert "all stages done" in r.stdout

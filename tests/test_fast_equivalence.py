@@ -206,6 +206,21 @@ def test_speed_from_config(tmp_path, monkeypatch):
     assert fast.Speed.from_config(cfg, "cpu").compile_cache == str(tmp_path / "mine")
 
 
+def test_compile_refused_up_front_on_a_torch_without_set_stance(tmp_path, monkeypatch):
+    # an older torch (< 2.6) is simulated: it cannot be installed here beside the pinned one
+    from uniremoval.config import KTStage
+    from uniremoval.errors import ConfigError
+
+    cfg = KTStage.model_validate({"model": {"preset": "tiny", "compile": True}, "stage": "kt",
+                                  "output_dir": str(tmp_path)})
+    assert fast.Speed.from_config(cfg, "cpu").compile  # this torch has it
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    with pytest.raises(ConfigError, match=r"model.compile=true needs torch>=2.6.*model.compile=false"):
+        fast.Speed.from_config(cfg, "cpu")
+    cfg_eager = KTStage.model_validate({"model": {"preset": "tiny"}, "stage": "kt", "output_dir": str(tmp_path)})
+    assert not fast.Speed.from_config(cfg_eager, "cpu").compile  # without compile, nothing is asked of torch
+
+
 def test_compile_in_place_keeps_keys_and_eager_stance(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     torch.manual_seed(3)

@@ -181,6 +181,14 @@ def compile_module(
     return module
 
 
+def require_compile_support() -> None:
+    """Refuse ``model.compile`` before training on a torch without ``torch.compiler.set_stance`` (2.6+):
+    validation runs compiled models eagerly with it, and would otherwise fail at the first validation."""
+    if not hasattr(getattr(torch, "compiler", None), "set_stance"):
+        raise ConfigError(f"model.compile=true needs torch>=2.6 (torch.compiler.set_stance); this is torch "
+                          f"{torch.__version__}: upgrade torch or set model.compile=false")
+
+
 def eager() -> contextlib.AbstractContextManager:
     """Run compiled modules eagerly inside this block (validation, restore: shapes that vary)."""
     return torch.compiler.set_stance("force_eager")
@@ -227,6 +235,8 @@ class Speed:
     def from_config(cls, cfg: Any, device: torch.device | str) -> Speed:
         """From ``model.channels_last``, ``model.compile``, ``train.mixed_precision``, ``optim.fused``."""
         dev = torch.device(device)
+        if cfg.model.compile:
+            require_compile_support()
         run_dir = getattr(cfg, "run_dir", None)
         cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or (str(Path(run_dir) / "compile_cache") if run_dir else None)
         return cls(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import sys
 from pathlib import Path
@@ -156,7 +157,7 @@ def test_markdown_escapes_a_pipe_in_names():
     assert len({len(line.replace("\\|", "").split("|")) for line in lines}) == 1
 
 
-def test_report_from_real_eval_runs_with_image_grid(tmp_path):
+def test_report_from_real_eval_runs_with_image_grid(tmp_path, capfd, monkeypatch):
     from uniremoval.models import build_model
     from uniremoval.models.checkpoint import save_checkpoint
 
@@ -175,8 +176,13 @@ def test_report_from_real_eval_runs_with_image_grid(tmp_path):
             checkpoint, str(data), metrics=["psnr", "ssim"], name="pairs", device="cpu", tracking_uri=uri,
             experiment="grid", label=label, save_images=str(tmp_path / f"out-{label}")))
     out = tmp_path / "report"
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    capfd.readouterr()
     assert main(["report", "--experiment", "grid", "--tracking-uri", uri, "--out-dir", str(out), "--images", "2",
                  "--format", "csv", "--log"]) == 0
+    # MLflow's per-download progress bars stay off (the demo printed 18 lines of them per dataset)
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # put back as it was
     text = (out / "report.csv").read_text()
     recs = {r[0]: r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")}
     assert recs["method"][1:] == ["pairs PSNR \u2191", "pairs SSIM \u2191"]

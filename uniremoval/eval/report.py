@@ -284,8 +284,22 @@ def image_grids(
 
     client = mlflow_client(tracking_uri)
     out_dir = Path(out_dir)
-    written = []
     datasets = sorted({d for r in rows for d in r.runs})
+    # MLflow draws a progress bar per download (dozens of lines per report): the report says what it wrote
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        return _grids(client, rows, datasets, out_dir, n_images, cell_height)
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+
+
+def _grids(client: Any, rows: list[ModelRow], datasets: list[str], out_dir: Path, n_images: int,
+           cell_height: int) -> list[Path]:
+    written = []
     with tempfile.TemporaryDirectory() as tmp:
         for d in datasets:
             have: list[tuple[ModelRow, Path]] = []

@@ -348,7 +348,7 @@ def test_an_image_scored_twice_is_refused_and_means_are_per_image(tmp_path):
     from _shardgen import position_images, write_dataset
 
     write_dataset(tmp_path / "s", "d", "haze", n_samples=3, n_shards=1, sizes=[(16, 16), (16, 24)])
-    tar = sorted((tmp_path / "s" / "d").glob("*.tar"))[0]
+    tar = min((tmp_path / "s" / "d").glob("*.tar"))
     shutil.copy(tar, tmp_path / "copy.tar")
     with pytest.raises(UniremovalError, match=r"3 image name\(s\) were scored more than once, e\.g\. 'd-0000"):
         run_eval(EvalOptions("none", [str(tar), str(tmp_path / "copy.tar")], metrics=["psnr"], mlflow=False,
@@ -420,11 +420,11 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
     """MLflow unreachable during eval: the training-run lookup gives up in seconds (MLflow's own HTTP
     defaults retry for ~4 minutes), and the spooled run (never created) is sent later by
     `replay_spool` alone, under its name, tags, metrics and score files."""
+    import time
+
     from uniremoval.models import build_model
     from uniremoval.models.checkpoint import save_checkpoint
     from uniremoval.tracking import replay_spool
-
-    import time
 
     for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(k, raising=False)

@@ -60,12 +60,12 @@ def test_slurm_script_stages_ranks_failure_and_rerun(tmp_path):
                 "train teacher --config configs/teacher/blur.yaml --resume auto",
                 "cache --config configs/cache.yaml", "train kt --config configs/paper/kt.yaml --resume auto",
                 "train da --config configs/paper/da.yaml --resume auto",
-                "eval --checkpoint outputs/paper-da/last.safetensors --data shards/rtts --name rtts "
-                "--experiment uniremoval --metrics brisque,piqe --label Uni-Removal",
-                "eval --checkpoint none --data shards/rtts --name rtts --experiment uniremoval "
-                "--metrics brisque,piqe --label input",
-                "eval --checkpoint outputs/paper-da/last.safetensors --data shards/spa_test --name spa_test "
-                "--experiment uniremoval --metrics brisque,piqe,psnr,ssim --label Uni-Removal"]
+                ("eval --checkpoint outputs/paper-da/last.safetensors --data shards/rtts --name rtts "
+                "--experiment uniremoval --metrics brisque,piqe --label Uni-Removal"),
+                ("eval --checkpoint none --data shards/rtts --name rtts --experiment uniremoval "
+                "--metrics brisque,piqe --label input"),
+                ("eval --checkpoint outputs/paper-da/last.safetensors --data shards/spa_test --name spa_test "
+                "--experiment uniremoval --metrics brisque,piqe,psnr,ssim --label Uni-Removal")]
     assert len(launches) == 2 * len(expected)  # one per node and stage, up to the failure
     for i, stage in enumerate(expected):
         for node in (0, 1):

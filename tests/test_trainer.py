@@ -204,6 +204,31 @@ def test_nonfinite_skip_then_stop(tmp_path):
         Trainer(st3.cfg, st3).fit()
 
 
+def test_temporaries_of_a_killed_job_are_removed_on_restart(tmp_path, capsys):
+    # kill -9 during a preemption checkpoint (a step no periodic save reuses) or during the export
+    # of last/best leaves hidden temporaries no later write overwrites: one model-sized orphan per
+    # kill, over a job's many requeues. The next start removes them, and nothing else.
+    part = ToyStage(make_cfg(tmp_path, max_steps=3))
+    Trainer(part.cfg, part).fit()
+    run = tmp_path / "toy"
+    stale = [run / "checkpoints" / ".step-00000004.tmp", run / ".last.safetensors.k2x9_abc.tmp",
+             run / ".best.json.q1w2e3r4.tmp"]
+    stale[0].mkdir()
+    (stale[0] / "state.pt").write_bytes(b"x" * 1000)
+    for f in stale[1:]:
+        f.write_bytes(b"x")
+    keep = [run / ".mlflow-spool.jsonl.abc123.tmp", run / "notes.tmp", run / ".other.safetensors.abc.tmp"]
+    for f in keep:
+        f.write_bytes(b"k")
+    rest = ToyStage(make_cfg(tmp_path))
+    res = Trainer(rest.cfg, rest).fit(resume="auto")
+    assert res.step == 10 and rest.seen[0] == (0, 3)
+    assert not any(f.exists() for f in stale), [f.name for f in stale if f.exists()]
+    assert all(f.exists() for f in keep)
+    assert "removed 3 temporary" in capsys.readouterr().err
+    assert not list((run / "checkpoints").glob(".*"))
+
+
 def test_sigusr1_checkpoints_and_stops(tmp_path, capsys):
     # Stops at step 4: checkpoint.every_steps is 3, so only the signal writes this checkpoint.
     st = ToyStage(make_cfg(tmp_path), signal_at=3)

@@ -44,7 +44,8 @@ Layout of a run (``cfg.run_dir`` = output_dir/name)
 hash, MLflow run id), ``state.pt`` (step, optimiser and schedule states, counters, run id: tensors
 and plain types only, loads with ``weights_only=True``), ``rng-rank<r>.pt`` (each rank's RNG).
 Written into a hidden temporary directory and renamed, so a crash mid-write leaves the previous
-checkpoint complete; ``keep_last`` are kept. ``last`` and ``best`` (safetensors + json) of the
+checkpoint complete; ``keep_last`` are kept, and the temporaries of a killed job are removed
+when the run starts again. ``last`` and ``best`` (safetensors + json) of the
 first trainable model (``<model>-last`` / ``<model>-best`` for any other) are written in the run
 directory: what later stages load (e.g. ``outputs/teacher-haze/best.safetensors``).
 
@@ -340,6 +341,8 @@ class Trainer:
         check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
+        if acc.is_main_process:                        # what a killed job left half-written
+            self._remove_stale_temporaries()
         self.start_tracking()                          # the same MLflow run on resume
         self._install_signal_handlers()
         bar = self._progress(total)
@@ -698,6 +701,23 @@ class Trainer:
         for old in steps[: max(0, len(steps) - self.cfg.checkpoint.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the temporaries a killed job of this run left behind (main process, before training).
+
+        A kill -9 while a checkpoint or the last/best weights are written leaves a hidden
+        `.step-N.tmp` folder or a `.last.safetensors.<random>.tmp` file. The periodic checkpoint of
+        the same step is rewritten over its folder on resume, but a preemption checkpoint (SIGTERM
+        at any step, then SIGKILL before it was complete) and every export temporary have names no
+        later write reuses: each one would stay, a model's size (with its optimiser state for a
+        checkpoint), for every such kill over a job's many requeues.
+        """
+        removed = remove_stale_temporaries(self.run_dir, [
+            export_name(self.stage.trainable, name, which)
+            for name in self.stage.trainable for which in ("last", "best")])
+        if removed:
+            self._print(f"removed {len(removed)} temporary file(s)/folder(s) left by an interrupted job: "
+                        + ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+
     def latest_checkpoint(self) -> Path | None:
         found = list_checkpoints(self.ckpt_root)
         return found[-1] if found else None
@@ -917,6 +937,34 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+_CKPT_TMP_RE = re.compile(r"^\.step-\d+\.tmp$")
+_FILE_TMP_RE = re.compile(r"^\.(.+?)\.[^.]+\.tmp$")  # uniremoval.io.atomic_writer: .<name>.<random>.tmp
+
+
+def remove_stale_temporaries(run_dir: Path, exports: Sequence[str]) -> list[Path]:
+    """Remove `checkpoints/.step-N.tmp` folders and the atomic-write temporaries of the exported
+    weights `<export>.safetensors|.json` in `run_dir`; anything else is left alone. Only safe while
+    no process of this run is writing (the trainer calls it before the first step). Returns what
+    was removed."""
+    removed: list[Path] = []
+    ckpt_root = Path(run_dir) / CHECKPOINT_DIR
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if _CKPT_TMP_RE.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    from uniremoval.models.checkpoint import META_SUFFIX, WEIGHTS_SUFFIX
+
+    names = {f"{e}{suffix}" for e in exports for suffix in (WEIGHTS_SUFFIX, META_SUFFIX)}
+    if Path(run_dir).is_dir():
+        for p in Path(run_dir).iterdir():
+            m = _FILE_TMP_RE.match(p.name)
+            if m and m.group(1) in names and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return sorted(removed)
 
 
 def _rng_state() -> dict[str, Any]:

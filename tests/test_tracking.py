@@ -129,3 +129,38 @@ def test_server_down_then_up_then_gone_loses_nothing(tmp_path):
     run = store.get_run(tr.run_id)
     assert run.data.metrics["val/rain/psnr"] == 25.0 and run.info.status == "FINISHED"
     assert not tr.spool_path.exists()
+
+
+def test_replay_backs_off_while_the_server_stays_down_and_resets_once_reached(tmp_path, monkeypatch):
+    """A server that stays down is retried after retry_s, then twice as long after each failed retry,
+    capped at max_retry_s (each try costs the training loop an HTTP timeout); reaching it resets."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.tracking import Tracker, mlflow_client
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a refused connection fails at once
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        tr = Tracker(f"http://127.0.0.1:{free_port()}", "backoff", "kt", {"stage": "kt"},
+                     spool_dir=tmp_path, retry_s=30.0, max_retry_s=600.0)
+    assert tr.offline and tr.failed_retries == 0 and tr.retry_wait() == 30.0
+    waits = []
+    for step in range(7):
+        # just before the wait is over: spooled, not retried
+        tr._last_try = time.time() - tr.retry_wait() + 5
+        tr.log_metrics({"train/total": float(step)}, step=2 * step)
+        assert tr.failed_retries == len(waits)
+        # just after it: one retry, which fails and doubles the wait
+        waits.append(tr.retry_wait())
+        tr._last_try = time.time() - tr.retry_wait() - 1
+        tr.log_metrics({"train/total": float(step)}, step=2 * step + 1)
+        assert tr.failed_retries == len(waits) and tr.offline
+    assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, 600.0, 600.0]
+    # the server is reached (here: a store on disk): everything spooled is sent, the wait starts over
+    tr.client = mlflow_client(f"sqlite:///{tmp_path / 'm.db'}")
+    tr._last_try = time.time() - tr.retry_wait() - 1
+    tr.log_metrics({"train/total": 99.0}, step=99)
+    assert not tr.offline and tr.failed_retries == 0 and tr.retry_wait() == 30.0
+    hist = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_metric_history(tr.run_id, "train/total")
+    assert [m.step for m in hist] == list(range(14)) + [99]

@@ -11,8 +11,10 @@ config is logged flattened as params and whole as ``config.yaml``. Metric names:
 
 When the server cannot be reached (at the start or mid-run) training goes on: a warning names a
 local spool file (``<run_dir>/mlflow-spool.jsonl``) that receives every call in order, and each
-later call (at most every ``retry_s`` seconds) and ``finish()`` try to replay it, creating the
-run first if it never was. A spool left behind by a crash is replayed by the next tracker for the
+later call and ``finish()`` try to replay it, creating the run first if it never was. Retries
+back off: ``retry_s`` after the loss, then twice as long after each failed retry, up to
+``max_retry_s`` (10 min), because a server that does not answer costs each try the HTTP timeout,
+paid by the training loop. A spool left behind by a crash is replayed by the next tracker for the
 same run directory (``--resume``), or by ``replay_spool(path)``.
 """
 
@@ -108,13 +110,15 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
                  run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
-                 retry_s: float = 30.0) -> None:
+                 retry_s: float = 30.0, max_retry_s: float = 600.0) -> None:
         self.uri = uri
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags)
         self.run_id = run_id
         self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
+        self.failed_retries = 0  # since the server was last reached: doubles the wait before the next
         self.client = mlflow_client(uri)
         spool_root = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
         self.spool_path = spool_root / SPOOL_NAME
@@ -191,6 +195,7 @@ class Tracker:
             return False
         self.spool_path.unlink(missing_ok=True)
         shutil.rmtree(self.spool_files, ignore_errors=True)
+        self.failed_retries = 0
         if self.offline and self._warned:
             print(f"MLflow at {self.uri} is reachable again: {done} spooled call(s) sent", file=sys.stderr)
         self.offline = False
@@ -225,7 +230,7 @@ class Tracker:
     def _call(self, op: dict[str, Any], force_retry: bool = False) -> None:
         if self.offline:
             self._spool(op)
-            if force_retry or time.time() - self._last_try >= self.retry_s:
+            if force_retry or time.time() - self._last_try >= self.retry_wait():
                 self.flush()
             return
         try:
@@ -234,6 +239,10 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self._went_offline(exc)
             self._spool(op)
+
+    def retry_wait(self) -> float:
+        """Seconds between the last try and the next replay: retry_s, doubled per failed retry, capped."""
+        return min(self.retry_s * 2.0 ** self.failed_retries, max(self.retry_s, self.max_retry_s))
 
     def _apply(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param
@@ -291,6 +300,8 @@ class Tracker:
     def _went_offline(self, exc: BaseException) -> None:
         was_offline, self.offline = self.offline, True
         self._last_try = time.time()
+        if was_offline:
+            self.failed_retries += 1
         if not was_offline or not self._warned:  # warn at each loss of the server, not per call
             self._warned = True
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

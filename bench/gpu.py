@@ -25,6 +25,11 @@ What is timed (each section is independent; a failing one records its error and 
   teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
 
 Weights are random (no checkpoints needed); speed does not depend on them.
+
+Stopped from outside: the JSON (with its summary so far, ``"complete": false``) is rewritten
+after every section, and a SIGTERM (an outer ``timeout``) writes it once more, naming the
+section it cut, and kills the compiled-step child. ``--budget-s`` (400: the device command runs
+this under ``timeout 420``) cuts the compiled step's deadline to what is left of it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from uniremoval.stages import fast
 DEGS = ["haze", "rain", "blur"]
 CELL = 16
 A1 = 0.5
+# What a SIGTERM (the device command's `timeout`) must know: the section running, the compiled-step child.
+_STATE: dict[str, Any] = {"section": None, "child": None}
 
 
 def log(msg: str) -> None:
@@ -97,12 +104,14 @@ def section(results: dict[str, Any], name: str) -> contextlib.AbstractContextMan
     def run():
         log(f"{name} ...")
         t0 = time.perf_counter()
+        _STATE["section"] = name
         try:
             yield
         except Exception as exc:  # noqa: BLE001 (one broken section must not lose the others)
             results.setdefault(name, {})["error"] = f"{type(exc).__name__}: {exc}"[:800]
             log(f"{name} FAILED: {exc}\n{traceback.format_exc()}")
         finally:
+            _STATE["section"] = None
             results.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 1)
             log(f"{name} done in {time.perf_counter() - t0:.1f} s")
 
@@ -158,7 +167,7 @@ def kt_loss(phi: torch.nn.Module) -> torch.nn.Module:
 def bench_matmul(device: torch.device, n: int, reps: int) -> dict[str, Any]:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(2):
+    for _ in range(3):
         a @ b
     dt = time_calls(lambda i: a @ b, reps, device)
     return {"n": n, "dtype": "bf16", "tflops": sig(2 * n**3 / dt / 1e12)}
@@ -224,7 +233,8 @@ def bench_naive(models, args, device, results) -> None:
     reset_peak(device)
 
 
-def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool = False) -> None:
+def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool = False,
+               flush: Callable[[], Any] | None = None) -> None:
     import copy
 
     key = "ours_compiled" if compiled else ("ours_trainer_syncs" if host_syncs else "ours")
@@ -267,6 +277,9 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
             step(i)
         sync(device)
         t_first = time.perf_counter() - t0
+        if flush is not None:  # the compiled child: what it has if the deadline stops it while timing
+            results[key] = {**out, f"first_{n_first}_steps_s": round(t_first, 2), "peak_mem_gib": peak_gib(device)}
+            flush()
         time_calls(step, args.warmup, device, start=n_first)
         dt = time_calls(step, args.steps, device, start=n_first + args.warmup)
     out.update({"img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2),
@@ -399,13 +412,18 @@ def bench_loader(args, device, results, feat_channels: int) -> None:
             if device.type == "cuda":  # what the step does with it: a copy to the device
                 fast.to_device(batch, device, channels_last=True)
             n += 1
+            if time.perf_counter() - t0 > args.loader_max_s:  # slower than expected: enough to measure
+                break
         sync(device)
         dt = time.perf_counter() - t0
+        with contextlib.suppress(Exception):
+            it.close()  # stops the workers now (a loop cut short leaves the generator open)
     results["loader"] = {
         "workers": workers, "batch": args.batch, "crop": args.crop, "image": "x".join(map(str, args.loader_size)),
         "fields": sorted(k for k in first if hasattr(first[k], "shape")),
         "samples_s": sig(n * args.batch / dt) if n else None, "first_batch_s": round(t_first, 2),
-        "batches_timed": n, "shard_generation_s": round(gen_s, 1), "pin_memory": device.type == "cuda",
+        "batches_timed": n, "batches_asked": args.loader_batches, "shard_generation_s": round(gen_s, 1),
+        "pin_memory": device.type == "cuda",
     }
 
 
@@ -458,6 +476,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "OpenMP threads wait on each other for seconds per step)")
     p.add_argument("--compile-timeout", type=int, default=240,
                    help="seconds for the compiled step (compile included), run in a child process")
+    p.add_argument("--budget-s", type=float, default=400,
+                   help="seconds this whole run may take (0: no limit); the compiled step's deadline is cut to "
+                        "what is left of it, so the JSON is complete before an outer `timeout 420` stops the run")
+    p.add_argument("--loader-max-s", type=float, default=60, help="stop timing the loader after this long")
     p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "loader", "compiled"],
                    help="run one section only")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
@@ -466,6 +488,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # handed on to the compiled-step child
     cuda = torch.cuda.is_available()
     args.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if args.device.type == "cuda" and args.device.index is None:
+        # torch.cuda.set_device (and a few other calls) refuse a CUDA device without an index.
+        args.device = torch.device("cuda", torch.cuda.current_device())
     q, gpu = args.quick, args.device.type == "cuda"
     defaults = {
         "steps": 1 if q else (20 if gpu else 3), "warmup": 0 if q else (3 if gpu else 1),
@@ -488,6 +513,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = parse_args(argv)
     device = args.device
     t_start = time.perf_counter()
@@ -496,103 +523,169 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "cores": usable_cores(), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "dev_shm_free_gib": shm_free_gib(),
         },
         "settings": {"preset": args.preset, "batch": args.batch, "crop": args.crop, "steps": args.steps,
                      "warmup": args.warmup, "compile": args.compile, "compile_mode": args.compile_mode,
-                     "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1"},
+                     "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1",
+                     "budget_s": args.budget_s or None},
+        "complete": False,
     }
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
+    def remaining() -> float:
+        return args.budget_s - elapsed() if args.budget_s else math.inf
+
+    def write(final: bool = False) -> str:
+        """The JSON as it stands, with its summary; written to --out after every section (atomically:
+        a kill mid-write leaves the previous version), so a run stopped from outside keeps its numbers."""
+        summarise(results, args)
+        results["total_s"] = round(elapsed(), 1)
+        results["complete"] = final
+        text = json.dumps(results, indent=1, default=str)
+        if args.out:
+            tmp = Path(f"{args.out}.{os.getpid()}.tmp")
+            tmp.write_text(text + "\n")
+            os.replace(tmp, args.out)
+        return text
+
+    main_pid = os.getpid()
+
+    def on_term(signum: int, _frame: Any) -> None:
+        if os.getpid() != main_pid:  # a forked loader worker inherits this handler: it only stops
+            os._exit(128 + signum)
+        stop_child()
+        results["interrupted"] = (f"{signal.Signals(signum).name} after {elapsed():.0f} s, in section "
+                                  f"{_STATE['section']!r}; sections not in section_s did not run")
+        log(results["interrupted"])
+        with contextlib.suppress(Exception):
+            print(write(), flush=True)
+        os._exit(128 + signum)  # not sys.exit: no clean-up that could hang (loader workers, CUDA)
+
+    signal.signal(signal.SIGTERM, on_term)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     results["env"]["torch_threads"] = torch.get_num_threads()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        results["env"]["gpu_mem_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     models = build_models(args.preset, device)
     results["settings"]["student_params"] = sum(p.numel() for p in models["student"].parameters())
+    write()
 
     def want(name: str) -> bool:
         return name not in args.skip and (args.only is None or args.only == name)
 
-    def flush() -> None:  # partial results survive a kill from outside
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
-
     if want("matmul"):
         with section(results, "matmul_peak"):
-            n, reps = (8192, 10) if device.type == "cuda" else (512, 3)
+            n, reps = (8192, 20) if device.type == "cuda" else (512, 3)
             results["matmul_peak"] = bench_matmul(device, n, reps)
-        flush()
+        write()
     if want("naive"):
         with section(results, "naive"):
             bench_naive(models, args, device, results)
-        flush()
+        write()
     if want("ours"):
         with section(results, "ours"):
             bench_ours(models, args, device, results, compiled=False)
-        flush()
+        write()
     if want("syncs"):
         with section(results, "ours_trainer_syncs"):
             bench_ours(models, args, device, results, compiled=False, host_syncs=True)
-        flush()
+        write()
     if want("cache"):
         with section(results, "cache_build"):
             bench_cache_build(models, args, device, results)
-        flush()
+        write()
     if want("loader"):
         with section(results, "loader"):
+            args.loader_max_s = max(5.0, min(args.loader_max_s, remaining() - 120))
             bench_loader(args, device, results, models["student"].feature_channels)
-        flush()
+        write()
     if args.only == "compiled":
         with section(results, "ours_compiled"):
-            bench_ours(models, args, device, results, compiled=True)
+            bench_ours(models, args, device, results, compiled=True, flush=write)
     elif args.compile and want("compiled"):
         with section(results, "ours_compiled"):
             del models
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            results["ours_compiled"] = compiled_in_subprocess(args)
-        flush()
+            # The deadline leaves ~15 s of the budget for stopping the child and the last write.
+            left = remaining() - 15
+            if left < 60:  # too little for a compile: leave the time to the final write
+                results["ours_compiled"] = {"error": f"not run: {remaining():.0f} s left of --budget-s {args.budget_s}"}
+            else:
+                results["ours_compiled"] = compiled_in_subprocess(args, int(min(args.compile_timeout, left)))
+        write()
 
-    summarise(results, args)
-    results["total_s"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(results, indent=1, default=str)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    text = write(final=True)
     print(text, flush=True)
     return 0
 
 
-def compiled_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
-    """The compiled step in a child process with a deadline: a compile that runs long is stopped
-    and reported, and every other number of this run is kept."""
+def shm_free_gib() -> float | None:
+    """Free space of /dev/shm, where DataLoader workers hand their batches over (a small one fails them)."""
+    import shutil
+
+    try:
+        return round(shutil.disk_usage("/dev/shm").free / 2**30, 2)
+    except OSError:
+        return None
+
+
+def stop_child() -> None:
+    """Kill the compiled-step child and its compile workers (its own process group), if one runs."""
     import signal
+
+    proc = _STATE.get("child")
+    if proc is not None:  # the group, even when the child itself has exited: its compile workers may not have
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def compiled_in_subprocess(args: argparse.Namespace, limit: int) -> dict[str, Any]:
+    """The compiled step in a child process with a deadline: a compile that runs long is stopped
+    and reported, and every other number of this run is kept.
+
+    A new interpreter (subprocess, i.e. fork + exec), not multiprocessing's fork: this process has
+    already initialised CUDA, which a forked child could not use.
+    """
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="gpu_bench_compiled_") as tmp:
         out = Path(tmp) / "compiled.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--only", "compiled", "--out", str(out)]
         # Own process group (not a new session): the child and its compile workers are stopped
-        # together, on the deadline or when this process is told to stop.
+        # together, on the deadline or when this process is told to stop (its SIGTERM handler).
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, process_group=0)
-
-        def stop_child(*_: Any) -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-        previous = signal.signal(signal.SIGTERM, lambda *a: (stop_child(), sys.exit(143)))
+        _STATE["child"] = proc
+        error = None
         try:
-            proc.wait(timeout=args.compile_timeout)
+            proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            stop_child()
-            proc.wait()
-            return {"error": f"compile + timing did not finish within --compile-timeout {args.compile_timeout} s"}
+            error = f"compile + timing did not finish within {limit} s (--compile-timeout {args.compile_timeout}"
+            error += ", cut to what --budget-s left)" if limit < args.compile_timeout else ")"
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            stop_child()  # compile workers left behind by a finished child
-        if not out.is_file():
-            return {"error": "the compiled-step process wrote no results (see its log above)"}
-        child = json.loads(out.read_text())
-    res = child.get("ours_compiled", {"error": "no ours_compiled in the child's results"})
+            stop_child()  # on the deadline; else compile workers left behind by a finished child
+            proc.wait()
+            _STATE["child"] = None
+        if error is None and proc.returncode != 0:
+            error = f"the compiled-step process exited with status {proc.returncode} (see its log above)"
+        child = {}
+        if out.is_file():
+            with contextlib.suppress(ValueError):
+                child = json.loads(out.read_text())
+    res = dict(child.get("ours_compiled") or {})
+    if error:  # what the child had when it stopped (e.g. the compile time, without the timing) is kept
+        res["error"] = res.get("error") or error
+    elif not res:
+        res = {"error": "the compiled-step process wrote no results (see its log above)"}
     res["process_s"] = child.get("section_s", {}).get("ours_compiled")
+    res["timeout_s"] = limit
     return res
 
 

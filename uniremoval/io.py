@@ -8,6 +8,7 @@ version intact.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -42,6 +43,15 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def leftover_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files `atomic_writer` left beside `path` when its process was killed mid-write."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = f".{glob.escape(path.name)}.*{TMP_SUFFIX}"
+    return sorted(p for p in path.parent.glob(pattern) if p.is_file())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

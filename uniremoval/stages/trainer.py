@@ -940,7 +940,6 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 _CKPT_TMP_RE = re.compile(r"^\.step-\d+\.tmp$")
-_FILE_TMP_RE = re.compile(r"^\.(.+?)\.[^.]+\.tmp$")  # uniremoval.io.atomic_writer: .<name>.<random>.tmp
 
 
 def remove_stale_temporaries(run_dir: Path, exports: Sequence[str]) -> list[Path]:
@@ -955,13 +954,12 @@ def remove_stale_temporaries(run_dir: Path, exports: Sequence[str]) -> list[Path
             if _CKPT_TMP_RE.match(p.name) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
+    from uniremoval.io import leftover_temporaries
     from uniremoval.models.checkpoint import META_SUFFIX, WEIGHTS_SUFFIX
 
-    names = {f"{e}{suffix}" for e in exports for suffix in (WEIGHTS_SUFFIX, META_SUFFIX)}
-    if Path(run_dir).is_dir():
-        for p in Path(run_dir).iterdir():
-            m = _FILE_TMP_RE.match(p.name)
-            if m and m.group(1) in names and p.is_file():
+    for e in exports:
+        for suffix in (WEIGHTS_SUFFIX, META_SUFFIX):
+            for p in leftover_temporaries(Path(run_dir) / f"{e}{suffix}"):
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return sorted(removed)

@@ -126,3 +126,57 @@ def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+class GatedProxy:
+    """A TCP forwarder to 127.0.0.1:`upstream` that holds every byte while its gate is closed, as a
+    hung or congested MLflow server would. `held` counts chunks that arrived while closed."""
+
+    def __init__(self, upstream: int, port: int = 0) -> None:
+        import threading
+
+        self.upstream = upstream
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self.port = self._listener.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if not self.gate.is_set():
+                    with self._lock:
+                        self.held += 1
+                    self.gate.wait()
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.gate.set()
+        self._listener.close()
+        for s in self._conns:
+            s.close()

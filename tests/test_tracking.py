@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,87 @@ def test_replay_backs_off_while_the_server_stays_down_and_resets_once_reached(tm
     assert not tr.offline and tr.failed_retries == 0 and tr.retry_wait() == 30.0
     hist = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_metric_history(tr.run_id, "train/total")
     assert [m.step for m in hist] == list(range(14)) + [99]
+
+
+def _run_contents(client, run_id: str) -> tuple:
+    run = client.get_run(run_id)
+    hist = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/total")]
+    files = sorted(f.path for f in client.list_artifacts(run_id, "images"))
+    return run.info.status, hist, run.data.params.get("optim.lr"), files
+
+
+def test_background_tracker_sends_the_same_run_as_a_synchronous_one(tmp_path, monkeypatch):
+    """Background mode queues calls for a worker thread; what reaches MLflow (order, params, the
+    artifacts whose temporary files are deleted at once) is what the synchronous tracker sends."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    contents = []
+    for background in (False, True):
+        cfg = teacher_cfg(tmp_path / str(background))
+        tr = start_run(cfg, run_name="teacher-rain", stage="teacher", degradation="rain", background=background)
+        assert (tr._worker is not None) == background
+        for s in range(1, 51):
+            tr.log_metrics({"train/total": 1.0 / s}, step=s)
+        tr.log_image_grid("train", [torch.zeros(1, 3, 8, 8)] * 3, step=50)
+        tr.finish()
+        assert tr._worker is None and not tr.offline and not tr.spool_path.exists()
+        contents.append(_run_contents(MlflowClient(tr.uri), tr.run_id))
+    assert contents[0] == contents[1]
+    status, hist, lr, files = contents[1]
+    assert status == "FINISHED" and hist == [(s, 1.0 / s) for s in range(1, 51)] and lr == "0.001"
+    assert files == ["images/train-step00000050.png"]
+
+
+def test_background_spool_failure_is_raised_to_the_caller(tmp_path, monkeypatch):
+    """An error in the worker (here: the spool cannot be written) is not swallowed: the next call
+    raises it, naming the spool."""
+    from uniremoval.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a refused connection fails at once
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        tr = Tracker(f"http://127.0.0.1:{free_port()}", "e", "kt", {}, spool_dir=tmp_path / "file" / "spool",
+                     background=True)
+    tr.log_metrics({"train/total": 1.0}, step=1)
+    with pytest.raises(RuntimeError, match=r"in the background \(spool .*file/spool/mlflow-spool.jsonl\)"):
+        tr.wait()
+    tr.close()
+
+
+@pytest.mark.slow
+def test_background_tracker_never_waits_for_a_hung_server(tmp_path):
+    """A real `mlflow server` behind a proxy that stops forwarding (a hung server): the training
+    loop's calls return while the worker's request is held; once traffic flows again, finish()
+    delivers every call in order."""
+    from _fixtures import GatedProxy
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    proc = start_mlflow_server(tmp_path, port)
+    proxy = GatedProxy(port)
+    try:
+        cfg = teacher_cfg(tmp_path, f"http://127.0.0.1:{proxy.port}")
+        tr = start_run(cfg, run_name="teacher-rain", stage="teacher", degradation="rain", background=True)
+        tr.wait()
+        assert tr.run_id is not None and not tr.offline
+        proxy.gate.clear()  # the server hangs
+        for s in range(1, 21):
+            tr.log_metrics({"train/total": float(s)}, step=s)
+        tr.log_image_grid("train", [torch.zeros(1, 3, 8, 8)] * 3, step=20)
+        # every call has returned, yet the server has not answered the first of them
+        deadline = time.monotonic() + 30
+        while proxy.held == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.held >= 1 and tr._queue.unfinished_tasks >= 21
+        proxy.gate.set()
+        tr.finish()
+        assert not tr.offline and not tr.spool_path.exists()
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        status, hist, lr, files = _run_contents(client, tr.run_id)
+        assert status == "FINISHED" and hist == [(s, float(s)) for s in range(1, 21)] and lr == "0.001"
+        assert files == ["images/train-step00000020.png"]
+    finally:
+        proxy.close()
+        stop_server(proc)

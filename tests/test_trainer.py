@@ -239,3 +239,49 @@ def test_sigusr1_checkpoints_and_stops(tmp_path, capsys):
     assert "preempted: checkpoint saved at step 4" in capsys.readouterr().err
     assert not (tmp_path / "toy" / "last.safetensors").exists()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+
+
+class ServerComesUpStage(ToyStage):
+    """ToyStage whose MLflow server becomes reachable (a proxy starts listening) at `up_at`."""
+
+    def __init__(self, cfg, upstream: int, port: int, up_at: int):
+        super().__init__(cfg)
+        self.upstream, self.port, self.up_at = upstream, port, up_at
+        self.proxy = None
+
+    def training_step(self, batch, ctx):
+        if ctx.step == self.up_at and self.proxy is None:
+            from _fixtures import GatedProxy
+
+            self.proxy = GatedProxy(self.upstream, port=self.port)
+        return super().training_step(batch, ctx)
+
+
+@pytest.mark.slow
+def test_mlflow_down_at_start_the_run_created_later_is_the_one_reported(tmp_path, monkeypatch):
+    """The server is unreachable when training starts: the run exists only once the spool is replayed
+    (here at the end); the trainer reports that run, which holds every logged step in order."""
+    from _fixtures import free_port, start_mlflow_server, stop_server
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a refused connection fails at once
+    server_port, proxy_port = free_port(), free_port()
+    proc = start_mlflow_server(tmp_path, server_port)
+    st = None
+    try:
+        cfg = make_cfg(tmp_path / "run").model_copy(update={"tracking": make_cfg(tmp_path).tracking.model_copy(
+            update={"enabled": True, "uri": f"http://127.0.0.1:{proxy_port}"})})
+        st = ServerComesUpStage(cfg, server_port, proxy_port, up_at=8)
+        with pytest.warns(RuntimeWarning, match="unreachable"):
+            res = Trainer(cfg, st).fit()
+        assert res.status == "finished" and res.run_id is not None
+        client = MlflowClient(f"http://127.0.0.1:{server_port}")
+        run = client.get_run(res.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["stage"] == "teacher"
+        assert [m.step for m in client.get_metric_history(res.run_id, "train/mse")] == [2, 4, 6, 8, 10]
+        assert [m.step for m in client.get_metric_history(res.run_id, "val/toy/err")] == [5, 10]
+        assert not (tmp_path / "run" / "toy" / "mlflow-spool.jsonl").exists()
+    finally:
+        if st is not None and st.proxy is not None:
+            st.proxy.close()
+        stop_server(proc)

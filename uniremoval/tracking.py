@@ -14,18 +14,25 @@ local spool file (``<run_dir>/mlflow-spool.jsonl``) that receives every call in 
 later call and ``finish()`` try to replay it, creating the run first if it never was. Retries
 back off: ``retry_s`` after the loss, then twice as long after each failed retry, up to
 ``max_retry_s`` (10 min), because a server that does not answer costs each try the HTTP timeout,
-paid by the training loop. A spool left behind by a crash is replayed by the next tracker for the
+paid by whichever thread sends. A spool left behind by a crash is replayed by the next tracker for the
 same run directory (``--resume``), or by ``replay_spool(path)``.
+
+A trainer's tracker sends in the background (``background=True``): each call is queued and a single
+worker thread sends (or spools) the calls in order, so a slow, hung or unreachable server never
+holds the training loop; ``finish()`` waits until every queued call is sent or spooled.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -110,7 +117,7 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
                  run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
-                 retry_s: float = 30.0, max_retry_s: float = 600.0) -> None:
+                 retry_s: float = 30.0, max_retry_s: float = 600.0, background: bool = False) -> None:
         self.uri = uri
         self.experiment = experiment
         self.run_name = run_name
@@ -127,14 +134,20 @@ class Tracker:
         self._warned = False
         self._last_try = 0.0
         self.new_run = False
+        self._queue: queue.Queue | None = None  # background mode: calls waiting for the worker
+        self._worker: threading.Thread | None = None
+        self._worker_error: BaseException | None = None
+        self._staging: Path | None = None  # background mode: copies of artifacts waiting in the queue
         if self.spool_path.exists():
             self.offline = True  # a previous process left calls behind: replay them first
-        try:
+        try:  # in the caller's thread: the run id is known when the constructor returns (checkpoints keep it)
             self._ensure_run()
             if self.offline:
                 self.flush()
         except Exception as exc:  # noqa: BLE001 (any client error means: tracking is unavailable)
             self._went_offline(exc)
+        if background:
+            self._start_worker()
 
     # ------------------------------------------------------------------ public API
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -202,13 +215,65 @@ class Tracker:
         return True
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Terminate the run; in background mode, first wait until every call is sent or spooled."""
         self._call({"op": "terminate", "status": status}, force_retry=True)
+        self.close()
         if self.offline:
             warnings.warn(f"MLflow at {self.uri} is unreachable: this run's metrics stay in {self.spool_path}; "
                           f"they are sent on --resume, or with uniremoval.tracking.replay_spool('{self.spool_path}')",
                           RuntimeWarning, stacklevel=2)
 
+    def wait(self) -> None:
+        """Block until every call made so far is sent to MLflow or spooled (no-op when synchronous)."""
+        if self._queue is not None:
+            self._queue.join()
+        self._raise_worker_error()
+
+    def close(self) -> None:
+        """Send what is queued, then stop the background worker (also run at interpreter exit)."""
+        q, worker = self._queue, self._worker
+        if q is None or worker is None:
+            return
+        q.put(None)
+        worker.join()
+        self._queue = self._worker = None
+        atexit.unregister(self.close)
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        self._raise_worker_error()
+
     # ------------------------------------------------------------------ internals
+    def _start_worker(self) -> None:
+        self._queue = queue.Queue(maxsize=10_000)  # a full queue makes the caller wait rather than grow memory
+        self._staging = Path(tempfile.mkdtemp(prefix="uniremoval-mlflow-"))
+        self._worker = threading.Thread(target=self._work, name="uniremoval-mlflow", daemon=True)
+        self._worker.start()
+        atexit.register(self.close)  # a process that ends without finish() still sends what it queued
+
+    def _work(self) -> None:
+        q = self._queue
+        assert q is not None
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                op, force_retry, staged = item
+                try:
+                    self._send(op, force_retry)
+                except BaseException as exc:  # noqa: BLE001 (e.g. the disk is full while spooling: raised to the caller)
+                    self._worker_error = self._worker_error or exc
+                finally:
+                    if staged is not None:
+                        shutil.rmtree(staged, ignore_errors=True)
+            finally:
+                q.task_done()
+
+    def _raise_worker_error(self) -> None:
+        exc, self._worker_error = self._worker_error, None
+        if exc is not None:
+            raise RuntimeError(f"MLflow tracking failed in the background (spool {self.spool_path}): {exc}") from exc
+
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
@@ -228,6 +293,21 @@ class Tracker:
         self.new_run = True
 
     def _call(self, op: dict[str, Any], force_retry: bool = False) -> None:
+        if self._queue is None:
+            self._send(op, force_retry)
+            return
+        self._raise_worker_error()
+        staged = None
+        if op["op"] == "artifact":  # the caller may delete the file as soon as this returns
+            assert self._staging is not None
+            src = Path(op["path"])
+            staged = self._staging / uuid.uuid4().hex[:12]
+            staged.mkdir()
+            shutil.copy2(src, staged / src.name)
+            op = {**op, "path": str(staged / src.name)}
+        self._queue.put((op, force_retry, staged))
+
+    def _send(self, op: dict[str, Any], force_retry: bool = False) -> None:
         if self.offline:
             self._spool(op)
             if force_retry or time.time() - self._last_try >= self.retry_wait():
@@ -334,11 +414,11 @@ def _spool_run_id(spool_dir: Path) -> str | None:
 
 def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = None, run_id: str | None = None,
               extra_tags: dict[str, str] | None = None, run_dir: str | os.PathLike | None = None,
-              enabled: bool = True) -> Tracker | None:
+              enabled: bool = True, background: bool = False) -> Tracker | None:
     """Open (or, with run_id, continue) the MLflow run of a stage; None when tracking is disabled.
 
     A new run gets its tags, the flattened config as params and config.yaml. Call on the main
-    process only.
+    process only. ``background=True`` sends from a worker thread (training loops; see module doc).
     """
     if not enabled or not cfg.tracking.enabled:
         return None
@@ -348,7 +428,8 @@ def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = Non
     run_id = run_id or _spool_run_id(spool_dir)
     uri = resolve_uri(cfg.tracking.uri)
     tracker = Tracker(uri, cfg.tracking.experiment or cfg.project, cfg.tracking.run_name or run_name,
-                      run_tags(cfg, stage, degradation, extra_tags), run_id=run_id, spool_dir=spool_dir)
+                      run_tags(cfg, stage, degradation, extra_tags), run_id=run_id, spool_dir=spool_dir,
+                      background=background)
     if tracker.new_run or (tracker.run_id is None):
         tracker.log_config(cfg)
     elif run_id is not None:

@@ -389,7 +389,7 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.finish("KILLED" if status == "preempted" else "FINISHED")
         acc.wait_for_everyone()
-        return FitResult(status, self.step, self.run_id, self.latest_checkpoint(), metrics, self.nonfinite_skipped)
+        return FitResult(status, self.step, self.mlflow_run_id, self.latest_checkpoint(), metrics, self.nonfinite_skipped)
 
     # ---------------------------------------------------------------- setup
     def total_steps(self) -> int:
@@ -501,7 +501,8 @@ class Trainer:
 
             self.tracker = start_run(self.cfg, run_name=self.stage.run_name, stage=self.stage.stage,
                                      degradation=self.stage.degradation, run_id=self.run_id,
-                                     extra_tags=self.stage.extra_tags(), run_dir=self.run_dir)
+                                     extra_tags=self.stage.extra_tags(), run_dir=self.run_dir,
+                                     background=True)  # a slow or hung server never holds the GPUs
         if self.tracker is not None:
             self.run_id = self.tracker.run_id
 
@@ -615,9 +616,17 @@ class Trainer:
         return metrics
 
     # ---------------------------------------------------------------- checkpoints
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run's id; when the server was down at the start, the run exists only once the
+        spool is replayed mid-run, so ask the tracker rather than keep the id seen at the start."""
+        if self.tracker is not None and self.tracker.run_id is not None:
+            return self.tracker.run_id
+        return self.run_id
+
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.ctx.epoch, "config_hash": config_hash(self.cfg),
-                "mlflow_run_id": self.run_id, "stage": self.stage.stage, "run_name": self.stage.run_name,
+                "mlflow_run_id": self.mlflow_run_id, "stage": self.stage.stage, "run_name": self.stage.run_name,
                 "degradation": self.stage.degradation}
 
     def _save_weights(self, path: Path, name: str, extra: dict[str, Any] | None = None) -> None:
@@ -677,7 +686,7 @@ class Trainer:
             state = {
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
                 "bad_samples": bad_samples,
-                "mlflow_run_id": self.run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
+                "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             }

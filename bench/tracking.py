@@ -1,0 +1,162 @@
+"""How long MLflow logging holds a training loop: synchronous tracker vs the trainer's background one.
+
+A real `mlflow server` on loopback, reached directly or through a proxy that delays every chunk
+(a remote server) or forwards nothing for a while (a hung or overloaded server). A simulated loop
+of --steps steps (--step-ms each, the time a GPU step leaves the CPU waiting) logs the trainer's
+metric payload every --log-every steps and an image grid every --image-every steps. Prints JSON:
+per case and mode the loop's wall time, the time spent inside tracker calls, and the ratios.
+
+    .venv/bin/python bench/tracking.py            # ~2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import torch
+
+from uniremoval.tracking import Tracker
+
+
+class Proxy:
+    """TCP forwarder to 127.0.0.1:upstream: `delay_s` per chunk; nothing passes while `gate` is clear."""
+
+    def __init__(self, upstream: int, delay_s: float = 0.0) -> None:
+        self.upstream, self.delay_s = upstream, delay_s
+        self.gate = threading.Event()
+        self.gate.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                self.gate.wait()
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.gate.set()
+        self.listener.close()
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("mlflow server did not start")
+
+
+def loop(uri: str, background: bool, args: argparse.Namespace, spool: Path, hang: Proxy | None) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = Tracker(uri, "bench-tracking", f"{'bg' if background else 'sync'}", {"stage": "bench"},
+                     spool_dir=spool, background=background)
+        tr.log_params({f"p{i}": i for i in range(60)})  # the flattened config
+        grid = [torch.rand(4, 3, 128, 128) * 2 - 1] * 3
+        inside = 0.0
+        start = time.perf_counter()
+        for step in range(1, args.steps + 1):
+            if hang is not None and step == args.steps // 4:
+                hang.gate.clear()
+                threading.Timer(args.hang_s, hang.gate.set).start()
+            time.sleep(args.step_ms / 1000)
+            t0 = time.perf_counter()
+            if step % args.log_every == 0:
+                tr.log_metrics({f"train/loss{i}": 1.0 / step for i in range(8)} | {"train/lr": 1e-4}, step=step)
+            if step % args.image_every == 0:
+                tr.log_image_grid("train", grid, step=step)
+            inside += time.perf_counter() - t0
+        loop_s = time.perf_counter() - start
+        t0 = time.perf_counter()
+        tr.finish()
+        finish_s = time.perf_counter() - t0
+    return {"loop_s": round(loop_s, 3), "inside_tracker_s": round(inside, 3), "finish_s": round(finish_s, 3),
+            "offline_at_end": tr.offline}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--step-ms", type=float, default=50.0, help="one training step (about 16 img at 300 img/s)")
+    ap.add_argument("--log-every", type=int, default=20, help="configs/kt.yaml train.log_every")
+    ap.add_argument("--image-every", type=int, default=100)
+    ap.add_argument("--delay-ms", type=float, default=25.0, help="per chunk, each way: a remote server")
+    ap.add_argument("--hang-s", type=float, default=5.0, help="how long the hung server forwards nothing")
+    args = ap.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
+    proc, port = start_server(root)
+    out: dict = {"args": vars(args), "ideal_loop_s": args.steps * args.step_ms / 1000}
+    try:
+        for case, delay, hang in (("loopback", 0.0, False), ("remote", args.delay_ms / 1000, False),
+                                  ("hung", 0.0, True)):
+            res = {}
+            for background in (False, True):
+                proxy = Proxy(port, delay) if (delay or hang) else None
+                uri = f"http://127.0.0.1:{proxy.port if proxy else port}"
+                res["background" if background else "sync"] = loop(uri, background, args,
+                                                                   root / f"{case}-{background}",
+                                                                   proxy if hang else None)
+                if proxy:
+                    proxy.close()
+            s, b = res["sync"], res["background"]
+            res["inside_ratio_sync_over_background"] = round(s["inside_tracker_s"] / max(b["inside_tracker_s"], 1e-6), 1)
+            res["loop_ratio_sync_over_background"] = round(s["loop_s"] / b["loop_s"], 3)
+            out[case] = res
+            print(f"{case}: loop {s['loop_s']:.2f} s sync vs {b['loop_s']:.2f} s background "
+                  f"(ideal {out['ideal_loop_s']:.2f} s); inside tracker {s['inside_tracker_s']:.3f} s vs "
+                  f"{b['inside_tracker_s']:.3f} s", file=sys.stderr)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers (own session)
+        proc.wait(timeout=30)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -209,6 +209,16 @@ def test_two_processes_teacher_then_cache(workspace):
     from uniremoval.cli import main as cli_main
 
     assert cli_main(["cache", "--config", str(c_path), "--check"]) == 0
+    # A rerun trusts a done-record whose tar has the recorded size; `shards verify` re-hashes the
+    # cache (its manifest has the datasets' format) and finds a byte changed in place.
+    from uniremoval.data.manifest import verify_shards
+
+    assert verify_shards(cdir) == []
+    tar = cdir / man["shards"][2]["name"]
+    data = tar.read_bytes()
+    tar.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+    assert any(man["shards"][2]["name"] in p and "sha256" in p for p in verify_shards(cdir))
+    tar.write_bytes(data)
 
     # Stale: other teacher weights (the step-4 checkpoint), or changed source shards.
     other = root / "dist" / "teacher-haze" / "checkpoints" / "step-00000004" / "teacher.safetensors"

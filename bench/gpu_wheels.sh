@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Fetch the wheels bench/gpu.py needs on a lent GPU machine that has torch, numpy, Pillow, PyYAML
-# and accelerate but not pydantic or webdataset (see the device tool's KINDS.md). They land in
+# and accelerate but not pydantic or webdataset (a bare CUDA image with PyTorch). They land in
 # .whl/ (git-ignored); a device call carries `.whl` and starts with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
 # Versions follow this machine's .venv when it exists, so the GPU run uses what the tests passed on.
+# GPU_PYTHON_VERSION (default 3.12) names the GPU machine's Python, for pydantic_core's binary wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

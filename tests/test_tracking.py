@@ -249,3 +249,31 @@ def test_background_tracker_never_waits_for_a_hung_server(tmp_path):
     finally:
         proxy.close()
         stop_server(proc)
+
+
+def test_replay_spool_goes_to_the_recorded_server(tmp_path, monkeypatch):
+    """A spool written for a server is replayed to that server, not to the shell's default store:
+    with the server still down nothing is sent anywhere and the spool stays whole."""
+    from uniremoval.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a refused connection fails at once
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        tr = Tracker(uri, "e", "kt", {"stage": "kt"}, spool_dir=tmp_path / "run")
+        tr.log_metrics({"train/total": 1.0}, step=1)
+        tr.finish()
+    before = tr.spool_path.read_text()
+    assert all(json.loads(x)["uri"] == uri for x in before.splitlines())
+    with pytest.warns(RuntimeWarning, match=f"MLflow at {uri} is unreachable"):
+        assert replay_spool(tr.spool_path) is False
+    assert not (tmp_path / "mlflow.db").exists()
+    assert [json.loads(x)["op"] for x in tr.spool_path.read_text().splitlines()] == ["run", "metrics", "terminate"]
+    # sent elsewhere on request: the run is created there with its name and calls
+    from mlflow.tracking import MlflowClient
+
+    assert replay_spool(tr.spool_path, f"sqlite:///{tmp_path / 'other.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
+    run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
+    assert run.info.run_name == "kt" and run.info.status == "FINISHED" and run.data.metrics == {"train/total": 1.0}

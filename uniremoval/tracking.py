@@ -366,8 +366,9 @@ class Tracker:
             if self.run_id is None and fh.tell() == 0:
                 # No run yet: record what to create, so replay_spool can send the calls on its own.
                 head = {"op": "run", "experiment": self.experiment, "run_name": self.run_name, "tags": self.tags}
-                fh.write(json.dumps({**head, "run_id": None}) + "\n")
-            fh.write(json.dumps({**op, "run_id": self.run_id}) + "\n")
+                fh.write(json.dumps({**head, "run_id": None, "uri": self.uri}) + "\n")
+            # the server is recorded too: replay_spool sends to it, not to wherever the shell points
+            fh.write(json.dumps({**op, "run_id": self.run_id, "uri": self.uri}) + "\n")
             fh.flush()
 
     def _rewrite_spool(self, ops: list[dict[str, Any]]) -> None:
@@ -459,8 +460,11 @@ def log_eval_run(cfg: Any, dataset: str, metrics: dict[str, float], artifacts: S
 
 
 def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
-    """Send a spool left behind to its run; True when it is empty afterwards."""
+    """Send a spool left behind to its run, on the server it was meant for (recorded in the spool;
+    `uri` sends it elsewhere); True when it is empty afterwards."""
     path = Path(spool_path)
+    if uri is None:
+        uri = next((op["uri"] for op in _read_ops(path) if op.get("uri")), None)
     run_id = _spool_run_id(path.parent)
     if run_id is not None:
         tracker = Tracker(resolve_uri(uri), "unused", "unused", {}, run_id=run_id, spool_dir=path.parent)

@@ -179,6 +179,12 @@ def test_rules_across_sections_name_file_key_value_and_allowed(kt_file, tmp_path
     msg = message(kt_file, ["data.crop_size=136"])
     assert "'data.crop_size'" in msg and "136" in msg and "data.feature_cell=16" in msg
     assert load_config(kt_file, ["data.crop_size=136", "teachers.mode=online"]).data.crop_size == 136
+    # DA's PatchGAN halves the crop per layer: a crop it cannot take stops here, not at step 1
+    da = Path(__file__).resolve().parents[1] / "configs" / "paper" / "da.yaml"
+    msg = message(da, ["data.crop_size=16"])
+    assert "'data.crop_size'" in msg and "16" in msg and "at least 24" in msg and "n_layers=3" in msg
+    assert load_config(da, ["data.crop_size=16", "discriminator.n_layers=2"]).data.crop_size == 16
+    assert load_config(da, ["data.crop_size=24"]).data.crop_size == 24
     # a negative VGG layer weight would make the student maximise that layer's contrastive term
     msg = message(kt_file, ["features.layer_weights=[-1, 1, 1, 1, 1]"])
     assert "'features.layer_weights.0'" in msg and "-1" in msg and "greater than or equal to 0" in msg

@@ -14,7 +14,7 @@ from torch import nn
 from uniremoval.errors import CheckpointError, ConfigError
 from uniremoval.models import build_model
 from uniremoval.models.checkpoint import alias_groups, checkpoint_sha256, load_checkpoint, save_checkpoint
-from uniremoval.models.discriminator_arch import PatchDiscriminator
+from uniremoval.models.discriminator_arch import PatchDiscriminator, min_input_size
 from uniremoval.models.mprnet_arch import (
     MPRNet,
     feature_channels_of,
@@ -496,3 +496,15 @@ def test_identical_weights_give_identical_checkpoint_hashes(tmp_path: Path) -> N
     model = tiny(3)
     hashes = {checkpoint_sha256(save_checkpoint(tmp_path / f"copy{i}", model, {"step": 1})) for i in range(4)}
     assert len(hashes) == 1
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3, 4])
+def test_discriminator_min_input_size_is_the_smallest_it_takes(n_layers: int) -> None:
+    """The config check's bound (DA data.crop_size) is exact: a training-mode forward works at it and
+    fails (instance norm over a single value) one pixel below."""
+    d = PatchDiscriminator(base_channels=4, n_layers=n_layers).train()
+    least = min_input_size(n_layers)
+    assert d(torch.zeros(2, 3, least, least)).shape[-2:] == (1, 1)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        d(torch.zeros(2, 3, least - 1, least - 1))
+

@@ -556,6 +556,14 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
             if src.degradation is not None and src.degradation not in degs:
                 out.append((f"data.{section}.{i}.degradation", src.degradation,
                             f"must be one of data.degradations {degs}"))
+    if isinstance(cfg, DAStage):
+        from uniremoval.models.discriminator_arch import min_input_size
+
+        least = min_input_size(cfg.discriminator.n_layers)
+        if cfg.data.crop_size < least:
+            why = (f"must be at least {least} for the PatchGAN discriminator with discriminator.n_layers="
+                   f"{cfg.discriminator.n_layers} (each layer halves the crop; lower n_layers for smaller crops)")
+            out.append(("data.crop_size", cfg.data.crop_size, why))
     if isinstance(cfg, KTStage) and cfg.teachers.mode == "cached" and cfg.data.crop_size % cfg.data.feature_cell:
         grid = f"must be a multiple of data.feature_cell={cfg.data.feature_cell} (cached teacher features are " \
             "cropped on that grid)"

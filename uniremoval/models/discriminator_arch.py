@@ -73,3 +73,13 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) image in [-1, 1] -> (N, 1, h, w) patch logits."""
         return self.model(x)
+
+
+def min_input_size(n_layers: int) -> int:
+    """Smallest square input the discriminator takes: its last normalised map must hold at least
+    2x2 values (instance norm over one value fails) and the head's patch grid at least 1x1.
+
+    Each stride-2 4x4 conv (padding 1) maps s to s // 2, the stride-1 ones s to s - 1, so the last
+    normalised map is s // 2**n_layers - 1 and the logits one less: s // 2**n_layers >= 3."""
+    return 3 * 2**n_layers
+

@@ -365,3 +365,30 @@ def test_psnr_ssim_match_scikit_image():
     ref = skm.structural_similarity(b, a, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
                                     use_sample_covariance=False)
     assert s == pytest.approx(ref, abs=1e-3)
+
+
+def test_cache_refuses_an_out_folder_that_would_overwrite_shards(tmp_path):
+    """cache.out pointing at (or into) the source shards, or at a folder holding a dataset, is refused
+    before anything is written; a folder of its own, or an earlier cache, passes."""
+    from uniremoval.errors import ConfigError
+    from uniremoval.stages.cache import check_out_folders
+
+    src = tmp_path / "shards" / "syn"
+    src.mkdir(parents=True)
+    (src / "syn-000000.tar").write_bytes(b"x" * 512)
+    (src / "manifest.json").write_text(json.dumps({"shards": [], "counts": {}}))
+    items = [{"source": "syn", "url": str(src / "syn-000000.tar"), "name": "syn-000000.tar", "degradation": "haze"}]
+    with pytest.raises(ConfigError, match=r"cache.out=.*shards: the cache of 'syn' would be written to .*shards/syn, "
+                                          r"the folder of the source shards"):
+        check_out_folders(tmp_path / "shards", items)
+    with pytest.raises(ConfigError, match="overlapping the source shards"):
+        check_out_folders(src / "inner", items)
+    other = tmp_path / "other"
+    (other / "syn").mkdir(parents=True)
+    (other / "syn" / "manifest.json").write_text(json.dumps({"shards": [], "counts": {}}))
+    with pytest.raises(ConfigError, match=r"other/syn holds a dataset .*no cache section"):
+        check_out_folders(other, items)
+    (other / "syn" / "manifest.json").write_text(json.dumps({"shards": [], "counts": {}, "cache": {}}))
+    check_out_folders(other, items)  # an earlier cache: completed or rebuilt, as designed
+    check_out_folders(tmp_path / "cache", items)
+    assert (src / "syn-000000.tar").read_bytes() == b"x" * 512

@@ -285,3 +285,32 @@ def test_mlflow_down_at_start_the_run_created_later_is_the_one_reported(tmp_path
         if st is not None and st.proxy is not None:
             st.proxy.close()
         stop_server(proc)
+
+
+def test_a_fresh_run_never_overwrites_another_and_an_unwritable_folder_stops_at_once(tmp_path):
+    """Without --resume, a run folder that already holds weights is refused before anything is
+    trained, and the old run's files are untouched; a folder that cannot be written is refused
+    before the first step rather than at the first checkpoint."""
+    import hashlib
+
+    first = ToyStage(make_cfg(tmp_path))
+    Trainer(first.cfg, first).fit()
+    run = tmp_path / "toy"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+    other = ToyStage(make_cfg(tmp_path, optim={"lr": 0.01}))
+    with pytest.raises(UniremovalError, match=r"toy already holds a run \(checkpoints up to step-00000010\).*"
+                                              r"--resume auto.*another output_dir or name"):
+        Trainer(other.cfg, other).fit()
+    assert other.seen == []
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    # exports alone (checkpoints pruned or copied elsewhere) count too
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(UniremovalError, match=r"already holds a run \(best.safetensors"):
+        Trainer(other.cfg, other).fit()
+    (tmp_path / "file").write_text("x")
+    blocked = ToyStage(make_cfg(tmp_path / "file" / "sub"))
+    with pytest.raises(UniremovalError, match=r"file/sub/toy cannot be written .*set output_dir"):
+        Trainer(blocked.cfg, blocked).fit()
+    assert blocked.seen == []

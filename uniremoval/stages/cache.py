@@ -241,6 +241,28 @@ def _plan(cfg: CacheStage) -> list[dict[str, Any]]:
     return items
 
 
+def check_out_folders(out_root: Path, items: list[dict[str, Any]]) -> None:
+    """Refuse, before anything is written, a cache folder that is (or holds, or lies inside) a source
+    shard folder, or that already holds a dataset rather than a cache: the cache would overwrite it."""
+    sources = {Path(it["url"]).resolve().parent for it in items if Path(it["url"]).is_file()}
+    for name in sorted({it["source"] for it in items}):
+        out_dir = (out_root / name).resolve()
+        for src in sources:
+            if out_dir == src or src in out_dir.parents or out_dir in src.parents:
+                raise ConfigError(f"cache.out={out_root}: the cache of {name!r} would be written to {out_dir}, "
+                                  f"{'the folder of' if out_dir == src else 'overlapping'} the source shards "
+                                  f"{src}; set cache.out to a folder of its own (e.g. cache/)")
+        manifest = out_dir / "manifest.json"
+        if manifest.is_file():
+            try:
+                is_cache = "cache" in json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                is_cache = True  # a damaged cache manifest: rewritten at the end, as after a kill
+            if not is_cache:
+                raise ConfigError(f"cache.out={out_root}: {out_dir} holds a dataset ({manifest} has no cache "
+                                  f"section), which the cache would overwrite; set cache.out to a folder of its own")
+
+
 def run(cfg: CacheStage, args: Any = None) -> int:
     """`uniremoval cache`: build (or complete) the teacher-output cache on every rank."""
     from tqdm.auto import tqdm
@@ -254,6 +276,7 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     out_root = Path(cfg.cache.out)
     cell = cfg.data.feature_cell
     items = _plan(cfg)
+    check_out_folders(out_root, items)
     degs = sorted({it["degradation"] for it in items})
     preset = cfg.teachers.preset or cfg.model.preset
     teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device)

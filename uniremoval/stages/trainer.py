@@ -727,12 +727,35 @@ class Trainer:
             self._print(f"removed {len(removed)} temporary file(s)/folder(s) left by an interrupted job: "
                         + ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
 
+    def _check_run_dir(self, fresh: bool) -> None:
+        """Before anything is trained: the run folder can be written (else the first checkpoint,
+        possibly hours in, would fail), and a fresh run does not overwrite another run's weights."""
+        import tempfile
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.run_dir, prefix=".write-test-"):
+                pass
+        except OSError as exc:
+            raise CheckpointError(f"run folder {self.run_dir} cannot be written ({exc.strerror or exc}); set "
+                                  f"output_dir (or name) to a writable place") from exc
+        if not fresh:
+            return
+        found = list_checkpoints(self.ckpt_root)
+        exports = sorted(self.run_dir.glob("*.safetensors"))
+        if found or exports:
+            what = f"checkpoints up to {found[-1].name}" if found else ", ".join(p.name for p in exports[:3])
+            raise CheckpointError(f"run folder {self.run_dir} already holds a run ({what}); continue it with "
+                                  f"--resume auto, or give this run another output_dir or name (delete the "
+                                  f"folder to start over)")
+
     def latest_checkpoint(self) -> Path | None:
         found = list_checkpoints(self.ckpt_root)
         return found[-1] if found else None
 
     def load(self, resume: str | None) -> None:
         resume = resume if resume is not None else self.cfg.checkpoint.resume
+        self._check_run_dir(fresh=not resume)
         if not resume:
             return
         path = self.latest_checkpoint() if resume == "auto" else Path(resume)

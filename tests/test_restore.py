@@ -258,3 +258,23 @@ def test_restore_cli_official_pth_single_file_tiled(tmp_path: Path, capsys: pyte
     assert main([*args[:-2], "--output", str(tmp_path / "result.png")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "result.png").read_bytes() == b"keep"
+
+
+def test_restore_and_eval_refuse_a_discriminator_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The DA run exports the discriminator beside the student; given by mistake, it would 'restore'
+    a 48x48 image into a 4x4 map of patch logits and score it. Refused, naming the file."""
+    from uniremoval.models.discriminator_arch import PatchDiscriminator
+
+    ckpt = save_checkpoint(tmp_path / "da" / "discriminator-last", PatchDiscriminator(base_channels=4), {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(rand_u8(48, 48, seed=1)).save(src / "one.png")
+    out = tmp_path / "out"
+    rc = main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "discriminator-last.safetensors: holds a 'patch_discriminator' model, which does not " \
+        "restore images" in err
+    assert not out.exists() or not any(out.rglob("*.png"))
+    rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(src), "--metrics", "piqe", "--no-mlflow",
+               "--device", "cpu"])
+    assert rc == 2 and "which does not restore images" in capsys.readouterr().err

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         seen[dst] = src
         plan.append((src, dst))
 
-    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device)
+    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device,
+                                  restorer=True)
     input_range = meta.get("input_range", "minus_one_one")
 
     failed: list[str] = []

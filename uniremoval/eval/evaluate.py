@@ -192,7 +192,7 @@ def _restorer(opts: EvalOptions, device: torch.device):
     from uniremoval.eval.restore import restore_tensor
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
 
-    model, meta = load_checkpoint(opts.checkpoint, map_location=device)
+    model, meta = load_checkpoint(opts.checkpoint, map_location=device, restorer=True)
     input_range = meta.get("input_range", "minus_one_one")
 
     def restore(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 from uniremoval.errors import ConfigError
 
 ARCHS = ("mprnet", "patch_discriminator")
+RESTORERS = ("mprnet",)  # image -> image; the discriminator maps an image to patch logits
 
 
 def build_model(arch: str, preset: str | None = None, **overrides: Any) -> nn.Module:

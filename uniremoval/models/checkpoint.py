@@ -158,6 +158,7 @@ def load_checkpoint(
     preset: str | None = None,
     map_location: str | torch.device = "cpu",
     preset_key: str | None = None,
+    restorer: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model a checkpoint describes, load it strictly, return ``(model, meta)`` (eval mode).
 
@@ -165,12 +166,16 @@ def load_checkpoint(
     (``{"state_dict": ...}`` or bare, optional ``module.`` prefix). For official files the preset
     is inferred from the shapes unless given, and ``meta["input_range"]`` is "zero_one".
     ``preset_key`` names the config key that gave ``preset`` (default: the ``--preset`` option).
+    ``restorer=True`` refuses a model that does not restore images (the DA discriminator).
     """
-    from uniremoval.models import build_model
+    from uniremoval.models import RESTORERS, build_model
 
     weights = resolve_weights(Path(path))
     if weights.suffix == WEIGHTS_SUFFIX:
         state, meta = _read_ours(weights)
+        if restorer and meta.get("arch") not in RESTORERS:
+            raise CheckpointError(f"{weights}: holds a {meta.get('arch')!r} model, which does not restore images; "
+                                  f"give a teacher's or student's weights (e.g. outputs/<run>/last.safetensors)")
         if arch is not None and arch != meta.get("arch"):
             raise CheckpointError(f"{weights}: holds a {meta.get('arch')!r} model, not {arch!r}")
         if preset is not None and preset != meta.get("preset"):

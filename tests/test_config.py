@@ -179,6 +179,11 @@ def test_rules_across_sections_name_file_key_value_and_allowed(kt_file, tmp_path
     msg = message(kt_file, ["data.crop_size=136"])
     assert "'data.crop_size'" in msg and "136" in msg and "data.feature_cell=16" in msg
     assert load_config(kt_file, ["data.crop_size=136", "teachers.mode=online"]).data.crop_size == 136
+    # a misspelt teacher type is refused (the real type's old teacher stayed in use, silently)
+    msg = message(kt_file, ["teachers.checkpoints.hzae=/x"])
+    assert "'teachers.checkpoints.hzae'" in msg and "'/x'" in msg and "names no type of data.degradations" in msg
+    cache = Path(__file__).resolve().parents[1] / "configs" / "cache.yaml"
+    assert "'teachers.checkpoints.hzae'" in message(cache, ["teachers.checkpoints.hzae=/x"])
     # DA's PatchGAN halves the crop per layer: a crop it cannot take stops here, not at step 1
     da = Path(__file__).resolve().parents[1] / "configs" / "paper" / "da.yaml"
     msg = message(da, ["data.crop_size=16"])

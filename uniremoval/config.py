@@ -548,6 +548,11 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
     """Checks that span sections, as (dotted key, value, what is allowed). Found here, they stop a
     run before anything starts; the loaders would only raise them after the MLflow run began."""
     out: list[tuple[str, Any, str]] = []
+    if isinstance(cfg, (KTStage, CacheStage)):  # a misspelt type would leave the real one's old teacher in use
+        for deg, path in cfg.teachers.checkpoints.items():
+            if deg not in cfg.data.degradations:
+                out.append((f"teachers.checkpoints.{deg}", path,
+                            f"names no type of data.degradations {cfg.data.degradations}"))
     if not isinstance(cfg, (KTStage, DAStage)):
         return out  # a teacher trains cfg.degradation; the cache pairs sources with teachers.checkpoints
     degs = cfg.data.degradations

@@ -278,3 +278,52 @@ def test_restore_and_eval_refuse_a_discriminator_checkpoint(tmp_path: Path, caps
     rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(src), "--metrics", "piqe", "--no-mlflow",
                "--device", "cpu"])
     assert rc == 2 and "which does not restore images" in capsys.readouterr().err
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A file where a folder is wanted (or the reverse), or a place under a file, stops each command
+    with one error line naming the option and path, before it restores, scores or writes anything;
+    a file system error met mid-way is one error line too, not a traceback."""
+    import errno
+
+    from uniremoval.io import check_output
+
+    a_file, a_dir = tmp_path / "f.txt", tmp_path / "d"
+    a_file.write_text("keep")
+    a_dir.mkdir()
+    check_output(tmp_path / "new" / "deeper", "--x", folder=True)  # creatable: fine
+    check_output(tmp_path / "new" / "s.json", "--x", folder=False)
+    for path, folder, match in ((a_file, True, r"--x .*f.txt is a file; give a folder"),
+                                (a_dir, False, r"--x .*d is a folder; give a file"),
+                                (a_file / "sub", True, r"f.txt is a file, so no folder can be made there")):
+        with pytest.raises(UniremovalError, match=match):
+            check_output(path, "--x", folder)
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(rand_u8(24, 24, seed=1)).save(src / "one.png")
+    cases = [
+        (["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(a_file / "out"),
+          "--device", "cpu"], "--output"),
+        (["eval", "--checkpoint", str(ckpt), "--data", str(src), "--metrics", "piqe", "--no-mlflow",
+          "--device", "cpu", "--json", str(a_dir)], "--json"),
+        (["eval", "--checkpoint", str(ckpt), "--data", str(src), "--metrics", "piqe", "--no-mlflow",
+          "--device", "cpu", "--save-images", str(a_file)], "--save-images"),
+        (["report", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+          "--out-dir", str(a_file)], "--out-dir"),
+        (["shards", "synth", "--clean", str(src), "--degradation", "haze", "--out", str(a_file / "s")], "--out"),
+    ]
+    for argv, option in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {option} ") and "Traceback" not in "\n".join(err), (argv, err)
+    assert a_file.read_text() == "keep" and list(a_dir.iterdir()) == [] and not (tmp_path / "m.db").exists()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / "one.png"))
+
+    monkeypatch.setattr("uniremoval.eval.restore.write_png", read_only)
+    assert main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: Read-only file system: " in err and "out/one.png" in err and "Traceback" not in err

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except UniremovalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file system refusal met mid-way (full disk, read-only, permissions): no traceback
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        print(f"error: {exc.strerror or exc}{': ' + where if where else ''} (what was finished is kept; "
+              f"fix the cause and rerun: training continues with --resume auto)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -74,3 +74,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_output(path: str | os.PathLike, option: str, folder: bool) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is wanted
+    (or the reverse), or a place whose nearest existing folder is read-only. `option` names the
+    flag or key in the message. Raises UniremovalError."""
+    from uniremoval.errors import UniremovalError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        want, have = ("a folder", "a file") if folder else ("a file", "a folder")
+        raise UniremovalError(f"{option} {path} is {have}; give {want}")
+    probe = path if folder and path.is_dir() else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UniremovalError(f"{option} {path}: {probe} is a file, so no folder can be made there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UniremovalError(f"{option} {path}: {probe} cannot be written (read-only or no permission); "
+                              f"choose a writable place")

@@ -102,6 +102,13 @@ def handler(args) -> int:
             mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
             degradation=args.degradation, **common,
         )]
+    from uniremoval.io import check_output
+
+    for opts in jobs:  # every output checked before hours of scoring, not after
+        for option, path, folder in (("--json", opts.json_out, False), ("--csv", opts.csv_out, False),
+                                     ("--save-images", opts.save_images, True)):
+            if path:
+                check_output(path, option, folder)
     for opts in jobs:
         _report(run_eval(opts))
     return 0

@@ -39,6 +39,10 @@ def handler(args) -> int:
 
     if args.log and not args.out_dir:
         raise UniremovalError("--log needs --out-dir (the files it logs)")
+    if args.out_dir:
+        from uniremoval.io import check_output
+
+        check_output(args.out_dir, "--out-dir", folder=True)
     text, grids = make_report(
         args.experiment, args.format, args.tracking_uri, args.out_dir, args.images, args.decimals
     )

@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
             f"--output {out_root} is a file, not a folder; give a folder (the restored images are "
             f"written into it as <name>.png)"
         )
+    from uniremoval.io import check_output
+
+    check_output(out_root, "--output", folder=True)
     files = list_images(in_root)
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}")

@@ -129,6 +129,9 @@ def _resolve_out(args) -> None:
     """--out defaults to shards/<name> (the project's shards/ folder when run from the repo)."""
     if not args.out:
         args.out = str(Path("shards") / _dataset_name(args))
+    from uniremoval.io import check_output
+
+    check_output(args.out, "--out", folder=True)
 
 
 def _print_listing_issues(issues, strict: bool) -> None:

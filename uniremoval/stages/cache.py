@@ -277,6 +277,9 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     cell = cfg.data.feature_cell
     items = _plan(cfg)
     check_out_folders(out_root, items)
+    from uniremoval.io import check_output
+
+    check_output(out_root, "cache.out", folder=True)
     degs = sorted({it["degradation"] for it in items})
     preset = cfg.teachers.preset or cfg.model.preset
     teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device)

@@ -249,3 +249,29 @@ def test_synth_params_file(tmp_path: Path) -> None:
     params.write_text("haze:\n  beta: [2.0, 1.0]\n")
     with pytest.raises(ConfigError, match="not valid synthesis ranges"):
         synth(clean, tmp_path / "o2", "--degradation", "haze", "--params", str(params))
+
+
+def test_synth_never_builds_over_another_dataset_or_a_running_build(tmp_path: Path) -> None:
+    """An --out that holds another dataset (here: haze, asked for rain) is refused before anything
+    is written; the same build again reuses it; while a build holds the folder, a second one stops
+    naming the holder instead of interleaving with it."""
+    from uniremoval.errors import UniremovalError
+    from uniremoval.io import folder_lock
+
+    clean = clean_dir(tmp_path / "clean")
+    out = tmp_path / "out"
+    assert synth(clean, out, "--degradation", "haze", "--seed", "5") == 0
+    tars = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    manifest = (out / "manifest.json").read_bytes()
+    with pytest.raises(UniremovalError, match=r"--out .*out holds dataset 'out' \(format=synth, root=.*clean, "
+                                              r"degradation=haze\); this command builds 'out' with another "
+                                              r"degradation: choose another --out"):
+        synth(clean, out, "--degradation", "rain", "--seed", "5")
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars
+    assert synth(clean, out, "--degradation", "haze", "--seed", "5") == 0  # the same build: reused
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars
+    with folder_lock(out, ".lock-job0of1", "shards (job 0)"), \
+            pytest.raises(UniremovalError, match=r"out is in use: pid \d+ on .* is writing shards \(job 0\) there"):
+        synth(clean, out, "--degradation", "haze", "--seed", "5")
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars

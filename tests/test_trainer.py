@@ -309,6 +309,17 @@ def test_a_fresh_run_never_overwrites_another_and_an_unwritable_folder_stops_at_
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(UniremovalError, match=r"already holds a run \(best.safetensors"):
         Trainer(other.cfg, other).fit()
+    # a second job on the same run folder while the first runs (here: the lock the first would hold)
+    from uniremoval.io import folder_lock
+
+    again = ToyStage(make_cfg(tmp_path))
+    with folder_lock(run, ".lock", "the run 'toy'"), \
+            pytest.raises(UniremovalError, match=r"toy is in use: pid \d+ on .* is writing the run 'toy' there"):
+        Trainer(again.cfg, again).fit(resume="auto")
+    assert again.seen == []
+    # refusals released the lock: the run goes on (its checkpoints were deleted above: from step 0)
+    res = Trainer(again.cfg, again).fit(resume="auto")
+    assert res.status == "finished" and res.step == 10 and len(again.seen) == 10
     (tmp_path / "file").write_text("x")
     blocked = ToyStage(make_cfg(tmp_path / "file" / "sub"))
     with pytest.raises(UniremovalError, match=r"file/sub/toy cannot be written .*set output_dir"):

@@ -94,3 +94,32 @@ def check_output(path: str | os.PathLike, option: str, folder: bool) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UniremovalError(f"{option} {path}: {probe} cannot be written (read-only or no permission); "
                               f"choose a writable place")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder`/`name` for the block: a second process that would write
+    the same outputs at the same time stops with an error naming the holder, instead of the two
+    interleaving. The lock dies with its process (flock), so a killed job never leaves it stuck;
+    on a file system without flock the block runs unlocked."""
+    import fcntl
+
+    from uniremoval.errors import UniremovalError
+
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:  # closing it releases the lock
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise UniremovalError(f"{Path(folder)} is in use: {holder} is writing {what} there; wait for it to "
+                                  f"end, or choose another folder") from None
+        except OSError:
+            pass  # no flock on this file system (some network mounts): run unlocked
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        yield

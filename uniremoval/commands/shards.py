@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from uniremoval.errors import UniremovalError
+
 FORMATS = (
     "reside-its",
     "reside-ots",
@@ -141,10 +143,46 @@ def _print_listing_issues(issues, strict: bool) -> None:
         )
 
 
+def _check_same_dataset(out: Path, dataset: str, source: dict) -> None:
+    """A folder that already holds another dataset (or a cache) is not rebuilt over: its manifest
+    would be replaced and its tars overwritten or orphaned. The same dataset from the same source
+    (a resumed or repeated build, or more images in the same root) goes on as designed."""
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        have = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return  # damaged: the build rewrites it
+    if not isinstance(have, dict):
+        return
+    if "cache" in have:
+        raise UniremovalError(f"--out {out} holds a teacher cache; choose another --out")
+    theirs = have.get("source") or {}
+    differ = [k for k in ("format", "root", "degradation", "subset") if k in theirs or k in source
+              if str(theirs.get(k)) != str(source.get(k))]
+    if have.get("dataset") != dataset or differ:
+        was = ", ".join(f"{k}={theirs.get(k)}" for k in ("format", "root", "degradation") if theirs.get(k))
+        raise UniremovalError(f"--out {out} holds dataset {have.get('dataset')!r} ({was}); this command builds "
+                              f"{dataset!r}" + (f" with another {', '.join(differ)}" if differ else "")
+                              + ": choose another --out (or delete the folder to replace it)")
+
+
 def _run_writer(args, items, issues, builder, source: dict) -> int:
     from uniremoval.data.shardwriter import build_shards
 
-    summary = build_shards(
+    _check_same_dataset(Path(args.out), _dataset_name(args), source)
+    summary = _write_shards(args, items, issues, builder, source, build_shards)
+    print(summary.text())
+    if args.num_jobs > 1:
+        print(
+            f"job {args.job_index} of {args.num_jobs} done; after all jobs: uniremoval shards merge {args.out}"
+        )
+    return 0
+
+
+def _write_shards(args, items, issues, builder, source: dict, build_shards):
+    return build_shards(
         items,
         issues,
         builder,
@@ -160,12 +198,6 @@ def _run_writer(args, items, issues, builder, source: dict) -> int:
         command=_command(args),
         progress=not args.no_progress,
     )
-    print(summary.text())
-    if args.num_jobs > 1:
-        print(
-            f"job {args.job_index} of {args.num_jobs} done; after all jobs: uniremoval shards merge {args.out}"
-        )
-    return 0
 
 
 def _build(args) -> int:

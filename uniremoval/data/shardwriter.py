@@ -35,7 +35,14 @@ from uniremoval import __version__
 from uniremoval.data.manifest import FORMAT_VERSION, MANIFEST_NAME, image_size, load_manifest
 from uniremoval.data.readers import Issue, Item
 from uniremoval.errors import ConfigError, DataError
-from uniremoval.io import TMP_SUFFIX, atomic_write_json, atomic_write_text, atomic_writer, sha256_file
+from uniremoval.io import (
+    TMP_SUFFIX,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_writer,
+    folder_lock,
+    sha256_file,
+)
 
 COUNT_GROUPS = ("degradation", "domain", "split")
 
@@ -531,107 +538,109 @@ def build_shards(
         raise DataError(f"{planning_issues[0].message()} (--strict stops at the first bad input)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not items:
-        report = out / report_name(job_index, num_jobs)
-        atomic_write_text(
-            report, "".join(json.dumps(i.to_dict(), sort_keys=True) + "\n" for i in planning_issues)
+    # a second process on the same job's outputs (another command, or the same one twice) stops here
+    with folder_lock(out, f".lock-job{job_index}of{num_jobs}", f"shards (job {job_index})"):
+        if not items:
+            report = out / report_name(job_index, num_jobs)
+            atomic_write_text(
+                report, "".join(json.dumps(i.to_dict(), sort_keys=True) + "\n" for i in planning_issues)
+            )
+            raise DataError(f"no usable samples: all {len(planning_issues)} input(s) were rejected; see {report}")
+        start = time.perf_counter()
+
+        plans = plan_shards(items, builder, dataset, shard_bytes, max_samples)
+        mine = [p for p in plans if p.index % num_jobs == job_index]
+        temp_removed = _remove_temp_files(out, {p.name for p in mine})
+        known = _known_records(out, job_index, num_jobs)
+        records: dict[str, dict] = {}
+        pending = []
+        for plan in mine:
+            if _is_complete(out, plan, known.get(plan.name)):
+                records[plan.name] = known[plan.name]
+            else:
+                pending.append(plan)
+
+        state_path = _state_path(out, job_index, num_jobs)
+
+        last_save = [0.0]
+
+        def save_state(force: bool = False) -> None:
+            # Throttled: a record lost to a kill only costs rebuilding that (identical) shard.
+            if force or time.monotonic() - last_save[0] > 2.0:
+                atomic_write_json(state_path, {"dataset": dataset, "shards": records})
+                last_save[0] = time.monotonic()
+
+        from tqdm import tqdm
+
+        sizes = {p.name: len(p.items) for p in mine}
+        bar = tqdm(
+            total=sum(len(p.items) for p in mine),
+            initial=sum(len(p.items) for p in mine if p.name in records),
+            desc=f"shards {dataset}",
+            unit="img",
+            disable=not progress,
+            file=sys.stderr,
         )
-        raise DataError(f"no usable samples: all {len(planning_issues)} input(s) were rejected; see {report}")
-    start = time.perf_counter()
+        written_bytes = written_samples = 0
+        try:
+            for record in _iter_records(pending, out, builder, strict, workers):
+                records[record["name"]] = record
+                save_state()
+                written_bytes += record["bytes"]
+                written_samples += record["samples"]
+                bar.update(sizes[record["name"]])
+        finally:
+            bar.close()
+            if pending:
+                save_state(force=True)
 
-    plans = plan_shards(items, builder, dataset, shard_bytes, max_samples)
-    mine = [p for p in plans if p.index % num_jobs == job_index]
-    temp_removed = _remove_temp_files(out, {p.name for p in mine})
-    known = _known_records(out, job_index, num_jobs)
-    records: dict[str, dict] = {}
-    pending = []
-    for plan in mine:
-        if _is_complete(out, plan, known.get(plan.name)):
-            records[plan.name] = known[plan.name]
-        else:
-            pending.append(plan)
+        # Shards numbered past the current plan belong to an older, larger plan: no job owns them now.
+        stale = []
+        for path in out.glob(f"{dataset}-*.tar"):
+            m = re.fullmatch(re.escape(dataset) + r"-(\d{6})\.tar", path.name)
+            if m and int(m.group(1)) >= len(plans):
+                path.unlink()
+                stale.append(path.name)
 
-    state_path = _state_path(out, job_index, num_jobs)
-
-    last_save = [0.0]
-
-    def save_state(force: bool = False) -> None:
-        # Throttled: a record lost to a kill only costs rebuilding that (identical) shard.
-        if force or time.monotonic() - last_save[0] > 2.0:
-            atomic_write_json(state_path, {"dataset": dataset, "shards": records})
-            last_save[0] = time.monotonic()
-
-    from tqdm import tqdm
-
-    sizes = {p.name: len(p.items) for p in mine}
-    bar = tqdm(
-        total=sum(len(p.items) for p in mine),
-        initial=sum(len(p.items) for p in mine if p.name in records),
-        desc=f"shards {dataset}",
-        unit="img",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    written_bytes = written_samples = 0
-    try:
-        for record in _iter_records(pending, out, builder, strict, workers):
-            records[record["name"]] = record
-            save_state()
-            written_bytes += record["bytes"]
-            written_samples += record["samples"]
-            bar.update(sizes[record["name"]])
-    finally:
-        bar.close()
-        if pending:
-            save_state(force=True)
-
-    # Shards numbered past the current plan belong to an older, larger plan: no job owns them now.
-    stale = []
-    for path in out.glob(f"{dataset}-*.tar"):
-        m = re.fullmatch(re.escape(dataset) + r"-(\d{6})\.tar", path.name)
-        if m and int(m.group(1)) >= len(plans):
-            path.unlink()
-            stale.append(path.name)
-
-    ordered = [records[p.name] for p in mine]
-    sample_issues = [i for r in ordered for i in r["issues"]]
-    # Listing problems are found identically by every job: job 0 alone reports them.
-    listing = [i.to_dict() for i in planning_issues] if job_index == 0 else []
-    all_issues = listing + sample_issues
-    report = out / report_name(job_index, num_jobs)
-    atomic_write_text(report, "".join(json.dumps(i, sort_keys=True) + "\n" for i in all_issues))
-    counts = _sum_counts(ordered)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset": dataset,
-        "created_by": {"command": command or list(sys.argv), "version": __version__},
-        "source": source,
-        "shards": [_manifest_entry(r) for r in ordered if r["samples"] > 0],
-        "empty_shards": [_manifest_entry(r) for r in ordered if r["samples"] == 0],
-        "counts": counts,
-        "issues": _issue_counts(all_issues),
-        "report": report.name,
-        "plan": {"num_shards": len(plans), "num_jobs": num_jobs, "job_indices": [job_index]},
-        "complete": True,
-    }
-    mpath = out / manifest_name(job_index, num_jobs)
-    atomic_write_json(mpath, manifest)
-    for path in (mpath, report):
-        os.chmod(path, 0o644)
-    return BuildSummary(
-        out_dir=out,
-        manifest=mpath,
-        report=report,
-        shards_built=len(pending),
-        shards_skipped=len(mine) - len(pending),
-        samples=written_samples,
-        bytes=written_bytes,
-        seconds=time.perf_counter() - start,
-        issues=manifest["issues"],
-        counts=counts,
-        temp_removed=temp_removed,
-        stale_removed=stale,
-    )
+        ordered = [records[p.name] for p in mine]
+        sample_issues = [i for r in ordered for i in r["issues"]]
+        # Listing problems are found identically by every job: job 0 alone reports them.
+        listing = [i.to_dict() for i in planning_issues] if job_index == 0 else []
+        all_issues = listing + sample_issues
+        report = out / report_name(job_index, num_jobs)
+        atomic_write_text(report, "".join(json.dumps(i, sort_keys=True) + "\n" for i in all_issues))
+        counts = _sum_counts(ordered)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            "created_by": {"command": command or list(sys.argv), "version": __version__},
+            "source": source,
+            "shards": [_manifest_entry(r) for r in ordered if r["samples"] > 0],
+            "empty_shards": [_manifest_entry(r) for r in ordered if r["samples"] == 0],
+            "counts": counts,
+            "issues": _issue_counts(all_issues),
+            "report": report.name,
+            "plan": {"num_shards": len(plans), "num_jobs": num_jobs, "job_indices": [job_index]},
+            "complete": True,
+        }
+        mpath = out / manifest_name(job_index, num_jobs)
+        atomic_write_json(mpath, manifest)
+        for path in (mpath, report):
+            os.chmod(path, 0o644)
+        return BuildSummary(
+            out_dir=out,
+            manifest=mpath,
+            report=report,
+            shards_built=len(pending),
+            shards_skipped=len(mine) - len(pending),
+            samples=written_samples,
+            bytes=written_bytes,
+            seconds=time.perf_counter() - start,
+            issues=manifest["issues"],
+            counts=counts,
+            temp_removed=temp_removed,
+            stale_removed=stale,
+        )
 
 
 def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = None) -> dict:

@@ -332,10 +332,17 @@ class Trainer:
         self._sum_count = 0
         self.ctx = TrainContext(self)
         self.run_dir = Path(cfg.run_dir)
+        self._run_lock: contextlib.ExitStack | None = None  # held by the main process during fit()
         self.ckpt_root = self.run_dir / CHECKPOINT_DIR
 
     # ---------------------------------------------------------------- the algorithm box
     def fit(self, resume: str | None = None) -> FitResult:
+        try:
+            return self._fit(resume)
+        finally:
+            self._unlock_run_dir()  # taken in load(): the run folder is this job's until here
+
+    def _fit(self, resume: str | None) -> FitResult:
         cfg, acc = self.cfg.train, self.accelerator
         total = self.total_steps()
         check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
@@ -739,8 +746,37 @@ class Trainer:
         except OSError as exc:
             raise CheckpointError(f"run folder {self.run_dir} cannot be written ({exc.strerror or exc}); set "
                                   f"output_dir (or name) to a writable place") from exc
-        if not fresh:
-            return
+        self._lock_run_dir()
+        try:
+            if fresh:
+                self._refuse_another_run()
+        except BaseException:
+            self._unlock_run_dir()
+            raise
+
+    def _lock_run_dir(self) -> None:
+        """One job per run folder: a second one (the same command started twice, or another config
+        with the same output_dir/name) stops here rather than interleave checkpoints with the first.
+        The main process holds the lock until fit() ends; every rank learns whether it got it."""
+        from uniremoval.io import folder_lock
+
+        refused: UniremovalError | None = None
+        if self.accelerator.is_main_process:
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(folder_lock(self.run_dir, ".lock", f"the run {self.stage.run_name!r}"))
+                self._run_lock = stack
+            except UniremovalError as exc:
+                refused = exc
+        if self._agree(refused is not None):
+            raise refused or CheckpointError(f"run folder {self.run_dir} is in use by another job (rank 0 says who)")
+
+    def _unlock_run_dir(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.close()
+            self._run_lock = None
+
+    def _refuse_another_run(self) -> None:
         found = list_checkpoints(self.ckpt_root)
         exports = sorted(self.run_dir.glob("*.safetensors"))
         if found or exports:

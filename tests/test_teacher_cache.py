@@ -392,3 +392,22 @@ def test_cache_refuses_an_out_folder_that_would_overwrite_shards(tmp_path):
     check_out_folders(other, items)  # an earlier cache: completed or rebuilt, as designed
     check_out_folders(tmp_path / "cache", items)
     assert (src / "syn-000000.tar").read_bytes() == b"x" * 512
+
+
+def test_a_student_or_another_types_teacher_is_refused_as_a_teacher(tmp_path):
+    """Checkpoints record the stage and type that trained them: the rain teacher given as the haze
+    teacher, or a KT student given as a teacher, is refused naming the key; the right one loads."""
+    from uniremoval.errors import CheckpointError
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.teachers import load_teachers
+
+    model = MPRNet("tiny")
+    rain = save_checkpoint(tmp_path / "teacher-rain" / "last", model, {"stage": "teacher", "degradation": "rain"})
+    student = save_checkpoint(tmp_path / "kt" / "last", model, {"stage": "kt", "degradation": None})
+    with pytest.raises(CheckpointError, match=r"teachers.checkpoints.haze=.*teacher-rain.* is the 'rain' teacher, "
+                                              r"not the 'haze' one; give outputs/teacher-haze/best.safetensors"):
+        load_teachers({"haze": str(rain)}, ["haze"], "tiny")
+    with pytest.raises(CheckpointError, match=r"teachers.checkpoints.haze=.*kt/last.* holds a kt student, not a teacher"):
+        load_teachers({"haze": str(student)}, ["haze"], "tiny")
+    assert load_teachers({"rain": str(rain)}, ["rain"], "tiny")["rain"].degradation == "rain"

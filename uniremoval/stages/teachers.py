@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uniremoval.errors import ConfigError
+from uniremoval.errors import CheckpointError, ConfigError
 
 ZERO_ONE = "zero_one"
 MINUS_ONE_ONE = "minus_one_one"
@@ -130,9 +130,22 @@ def load_teachers(
             path, arch="mprnet", preset=preset, map_location=device,
             preset_key="teachers.preset",
         )
+        _check_teacher_role(name, path, meta)
         rng = input_range or meta.get("input_range", MINUS_ONE_ONE)
         teachers[name] = Teacher(name, freeze(model), rng, str(meta.get("checkpoint", path)), checkpoint_sha256(path))
     return teachers
+
+
+def _check_teacher_role(name: str, path: str, meta: Mapping[str, object]) -> None:
+    """Our checkpoints record the stage and type that trained them: a student, or another type's
+    teacher, given as the `name` teacher would be distilled (or cached) without a word."""
+    stage, trained_on = meta.get("stage"), meta.get("degradation")
+    fix = f"give outputs/teacher-{name}/best.safetensors (or an official MPRNet .pth)"
+    if stage in ("kt", "da"):
+        raise CheckpointError(f"teachers.checkpoints.{name}={path}: holds a {stage} student, not a teacher; {fix}")
+    if stage == "teacher" and trained_on and trained_on != name:
+        raise CheckpointError(f"teachers.checkpoints.{name}={path}: is the {trained_on!r} teacher, not the "
+                              f"{name!r} one; {fix}")
 
 
 @torch.no_grad()

@@ -278,3 +278,25 @@ def test_replay_spool_goes_to_the_recorded_server(tmp_path, monkeypatch):
     client = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
     run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
     assert run.info.run_name == "kt" and run.info.status == "FINISHED" and run.data.metrics == {"train/total": 1.0}
+
+
+def test_a_tracking_uri_mlflow_cannot_open_stops_the_job_at_once(tmp_path, monkeypatch, capsys):
+    """A misspelt scheme used to look like a server that is down: every metric spooled for the whole
+    run. It is refused in the config, on the command line and in $MLFLOW_TRACKING_URI."""
+    from uniremoval.cli import main
+    from uniremoval.config import ConfigError
+    from uniremoval.tracking import check_uri, resolve_uri
+
+    for ok in ("http://h:5000", "https://h", "sqlite:///m.db", "file:///tmp/r", "postgresql+psycopg2://u@db/m",
+               "mlruns"):
+        assert check_uri(ok, "x") == ok
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"tracking.uri\n.*unknown tracking URI scheme 'htp'"):
+        teacher_cfg(tmp_path, "htp://h:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htpp://h")
+    with pytest.raises(ConfigError, match=r"MLFLOW_TRACKING_URI htpp://h: unknown tracking URI scheme 'htpp'"):
+        resolve_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["report", "--experiment", "e", "--tracking-uri", "bogus://x"]) == 2
+    assert "error: tracking URI bogus://x: unknown tracking URI scheme 'bogus'" in capsys.readouterr().err

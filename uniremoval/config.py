@@ -200,6 +200,17 @@ class TrackingConfig(Strict):
     # None: $MLFLOW_TRACKING_URI, else the embedded store sqlite:///<cwd>/mlflow.db.
     uri: str | None = None
     experiment: str | None = None  # None: the config's `project`
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v:
+            from uniremoval.tracking import URI_SCHEMES
+
+            scheme = v.split("://", 1)[0].split("+", 1)[0].lower() if "://" in v else None
+            if scheme is not None and scheme not in URI_SCHEMES:
+                raise ValueError(f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}")
+        return v
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
 
@@ -361,7 +372,9 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); is it a YAML config?") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -47,13 +47,30 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_B
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_uri(uri: str, where: str) -> str:
+    """A tracking URI MLflow can open (a scheme it knows, or a local folder); `where` names the
+    option or key in the error. Found here, a typo stops the job at once instead of spooling every
+    metric to disk for the whole run as if the server were down."""
+    from uniremoval.errors import ConfigError
+
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2://...
+        if scheme not in URI_SCHEMES:
+            raise ConfigError(f"{where} {uri}: unknown tracking URI scheme {scheme!r}; use one of "
+                              f"{', '.join(URI_SCHEMES)} (e.g. http://host:5000 or sqlite:///mlflow.db)")
+    return uri
+
+
 def resolve_uri(uri: str | None = None) -> str:
     """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else the embedded sqlite store."""
     if uri:
-        return uri
+        return check_uri(uri, "tracking URI")
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return check_uri(env, "MLFLOW_TRACKING_URI")
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 

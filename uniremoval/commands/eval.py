@@ -97,14 +97,17 @@ def handler(args) -> int:
         if not args.checkpoint or not args.data:
             raise UniremovalError("eval needs --checkpoint FILE|none and --data SHARDS_OR_DIR (or --config FILE)")
         jobs = [EvalOptions(
-            checkpoint=args.checkpoint, data=args.data, metrics=parse_metrics(args.metrics or "brisque,piqe"),
+            checkpoint=args.checkpoint, data=args.data, metrics=parse_metrics("brisque,piqe" if args.metrics is None else args.metrics),
             name=args.name, json_out=args.json_out, csv_out=args.csv_out, save_images=args.save_images,
             mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
             degradation=args.degradation, **common,
         )]
     from uniremoval.io import check_output
+    from uniremoval.tracking import resolve_uri
 
     for opts in jobs:  # every output checked before hours of scoring, not after
+        if opts.mlflow:
+            resolve_uri(opts.tracking_uri)  # a URI MLflow cannot open
         for option, path, folder in (("--json", opts.json_out, False), ("--csv", opts.csv_out, False),
                                      ("--save-images", opts.save_images, True)):
             if path:
@@ -143,7 +146,7 @@ def _config_jobs(args, common: dict) -> list:
     if not sources:
         raise UniremovalError(f"{args.config}: eval.data lists no dataset; add one or give --data")
     many = len(sources) > 1
-    metrics = parse_metrics(args.metrics or ev.metrics)
+    metrics = parse_metrics(ev.metrics if args.metrics is None else args.metrics)
     jobs = []
     for name, data, degradation in sources:
         save = args.save_images or ev.save_images

@@ -14,6 +14,13 @@ from __future__ import annotations
 import argparse
 
 
+def _decimals(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"digits must be a whole number >= 0, got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "report",
@@ -28,7 +35,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out-dir", help="also write report.<format> and grid-<dataset>.png here")
     p.add_argument("--images", type=int, default=4, help="images per grid (default 4)")
-    p.add_argument("--decimals", type=int, help="digits shown (default: 4 for SSIM, 2 otherwise)")
+    p.add_argument("--decimals", type=_decimals, help="digits shown (default: 4 for SSIM, 2 otherwise)")
     p.add_argument("--log", action="store_true", help="log the --out-dir files to an MLflow run 'report'")
     p.set_defaults(func=handler)
 

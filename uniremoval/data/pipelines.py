@@ -611,7 +611,8 @@ class _Mixer:
             idx = np.array([i for i, s in enumerate(sources) if s.degradation == d])
             self.per_type.append((idx, w[idx] / w[idx].sum()))
         if batch_size < len(cover):
-            raise ConfigError(f"batch size {batch_size} cannot hold one sample of each of {len(cover)} types")
+            raise ConfigError(f"batch size {batch_size} cannot hold one sample of each of {len(cover)} types; "
+                              f"set data.batch_size >= {len(cover)}")
 
     def plan(self, rng: np.random.Generator) -> list[int]:
         slots = [int(rng.choice(idx, p=p)) for idx, p in self.per_type]

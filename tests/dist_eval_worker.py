@@ -4,6 +4,7 @@ which must fail on every rank instead of leaving one waiting. Writes rank<R>.jso
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -15,6 +16,15 @@ from uniremoval.cli import main
 
 torch.set_num_threads(1)
 out, bad_data, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+
+
+@atexit.register  # registered first, so it runs last: after the CLI's own exit handler
+def record_exit_state() -> None:
+    # cli.main destroys the process group at exit (gloo's threads left to finalization could abort)
+    rank = int(os.environ.get("RANK", "0"))
+    (out / f"rank{rank}-exit.json").write_text(json.dumps({"initialized": torch.distributed.is_initialized()}))
+
+
 rc_good = main(args)
 i = args.index("--data")
 bad_args = [*args[:i + 1], bad_data, *args[i + 2:]]

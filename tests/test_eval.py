@@ -508,6 +508,8 @@ def test_two_process_eval_scores_every_image_once(tmp_path):
     assert "7 images on 2 process(es) (4+3)" in proc.stdout  # both ranks worked, on disjoint halves
     # The unreadable image failed the second eval on both ranks (exit 2, no hang), naming the file.
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"good": 0, "bad": 2}] * 2
+    # both ranks left the process group before interpreter finalization (an abort there failed a launch)
+    assert [json.loads((tmp_path / f"rank{r}-exit.json").read_text()) for r in (0, 1)] == [{"initialized": False}] * 2
     assert "img03.png" in proc.stderr and not (tmp_path / "bad.json").exists()
     two = json.loads((tmp_path / "two.json").read_text())
 

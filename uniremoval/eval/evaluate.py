@@ -341,10 +341,13 @@ def _score_and_gather(state, gather_object, score: Callable[[], list[dict[str, A
     msg = None if error is None else f"{type(error).__name__}: {error}"
     parts = gather_object([{"rank": state.process_index, "error": msg, "records": records}])
     if error is not None:
+        error.on_every_rank = True  # type: ignore[attr-defined]  # every rank raises here: see cli.main
         raise error
     failed = [p for p in parts if p["error"]]
     if failed:
-        raise UniremovalError(f"rank {failed[0]['rank']} failed: {failed[0]['error']}")
+        exc = UniremovalError(f"rank {failed[0]['rank']} failed: {failed[0]['error']}")
+        exc.on_every_rank = True  # type: ignore[attr-defined]
+        raise exc
     return [r for p in parts for r in p["records"]]
 
 

@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -29,70 +24,16 @@ import torch
 
 from uniremoval.tracking import Tracker
 
-
-class Proxy:
-    """TCP forwarder to 127.0.0.1:upstream: `delay_s` per chunk; nothing passes while `gate` is clear."""
-
-    def __init__(self, upstream: int, delay_s: float = 0.0) -> None:
-        self.upstream, self.delay_s = upstream, delay_s
-        self.gate = threading.Event()
-        self.gate.set()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                self.gate.wait()
-                if self.delay_s:
-                    time.sleep(self.delay_s)
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.gate.set()
-        self.listener.close()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _fixtures import (  # tests/ is on the path only from here
+    GatedProxy,
+    free_port,
+    start_mlflow_server,
+    stop_server,
+)
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("mlflow server did not start")
-
-
-def loop(uri: str, background: bool, args: argparse.Namespace, spool: Path, hang: Proxy | None) -> dict:
+def loop(uri: str, background: bool, args: argparse.Namespace, spool: Path, hang: GatedProxy | None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr = Tracker(uri, "bench-tracking", f"{'bg' if background else 'sync'}", {"stage": "bench"},
@@ -131,14 +72,15 @@ def main() -> None:
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
-    proc, port = start_server(root)
+    port = free_port()
+    proc = start_mlflow_server(root, port)
     out: dict = {"args": vars(args), "ideal_loop_s": args.steps * args.step_ms / 1000}
     try:
         for case, delay, hang in (("loopback", 0.0, False), ("remote", args.delay_ms / 1000, False),
                                   ("hung", 0.0, True)):
             res = {}
             for background in (False, True):
-                proxy = Proxy(port, delay) if (delay or hang) else None
+                proxy = GatedProxy(port, delay_s=delay) if (delay or hang) else None
                 uri = f"http://127.0.0.1:{proxy.port if proxy else port}"
                 res["background" if background else "sync"] = loop(uri, background, args,
                                                                    root / f"{case}-{background}",
@@ -153,8 +95,7 @@ def main() -> None:
                   f"(ideal {out['ideal_loop_s']:.2f} s); inside tracker {s['inside_tracker_s']:.3f} s vs "
                   f"{b['inside_tracker_s']:.3f} s", file=sys.stderr)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers (own session)
-        proc.wait(timeout=30)
+        stop_server(proc)  # the server and its workers (own session)
     print(json.dumps(out, indent=2))
 
 

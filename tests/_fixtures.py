@@ -130,12 +130,13 @@ def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float 
 
 class GatedProxy:
     """A TCP forwarder to 127.0.0.1:`upstream` that holds every byte while its gate is closed, as a
-    hung or congested MLflow server would. `held` counts chunks that arrived while closed."""
+    hung or congested MLflow server would, and delays each chunk by `delay_s` (a remote server).
+    `held` counts chunks that arrived while closed. Also used by bench/tracking.py."""
 
-    def __init__(self, upstream: int, port: int = 0) -> None:
+    def __init__(self, upstream: int, port: int = 0, delay_s: float = 0.0) -> None:
         import threading
 
-        self.upstream = upstream
+        self.upstream, self.delay_s = upstream, delay_s
         self.gate = threading.Event()
         self.gate.set()
         self.held = 0
@@ -165,6 +166,8 @@ class GatedProxy:
                     with self._lock:
                         self.held += 1
                     self.gate.wait()
+                if self.delay_s:
+                    time.sleep(self.delay_s)
                 dst.sendall(chunk)
         except OSError:
             pass

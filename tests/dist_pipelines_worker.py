@@ -90,6 +90,9 @@ def main(data: Path, out: Path) -> None:
     res["all_rank_steps"] = counts
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
+    from uniremoval.launch import leave_process_group_at_exit
+
+    leave_process_group_at_exit()  # every rank is done: no abort at interpreter finalization
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ lazily, so `--help` stays fast.
 from __future__ import annotations
 
 import argparse
-import atexit
 import importlib
 import sys
 
 from uniremoval import __version__
 from uniremoval.errors import UniremovalError
+from uniremoval.launch import leave_process_group_at_exit
 
 # Order follows the data flow: shards -> train -> cache -> eval/restore -> report.
 GROUPS = ("shards", "train", "cache", "eval", "restore", "report", "demo", "config")
@@ -33,39 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _destroy_process_group() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        try:
-            torch.distributed.barrier()  # every rank is here (see below): none closes its sockets early
-            torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001, S110 - exiting anyway
-            pass
-
-
-def _leave_process_group_at_exit() -> None:
-    """Under `accelerate launch`: destroy the process group at exit, while the interpreter is still
-    alive. Left to interpreter finalization, gloo's worker threads could abort a rank (SIGABRT,
-    'terminate called without an active exception') after it had finished cleanly, failing the whole
-    launch. Registered only when every rank ended the command together: destroying the group while
-    another rank still waits in a collective can hang."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        atexit.unregister(_destroy_process_group)  # once, however many commands ran in this process
-        atexit.register(_destroy_process_group)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = int(args.func(args) or 0)
-        _leave_process_group_at_exit()
+        leave_process_group_at_exit()
         return rc
     except UniremovalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if getattr(exc, "on_every_rank", False):  # an error agreed by every rank (e.g. eval's data)
-            _leave_process_group_at_exit()
+            leave_process_group_at_exit()
         return 2
     except OSError as exc:  # a file system refusal met mid-way (full disk, read-only, permissions): no traceback
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)

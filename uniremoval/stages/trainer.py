@@ -82,6 +82,7 @@ from torch import Tensor, nn
 
 from uniremoval.config import OptimConfig, ScheduleConfig, StageBase, check_inputs, config_hash
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
+from uniremoval.launch import leave_process_group_at_exit
 from uniremoval.stages import fast
 
 CHECKPOINT_DIR = "checkpoints"
@@ -396,6 +397,7 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.finish("KILLED" if status == "preempted" else "FINISHED")
         acc.wait_for_everyone()
+        leave_process_group_at_exit()  # every rank got here: the group can be left cleanly at exit
         return FitResult(status, self.step, self.mlflow_run_id, self.latest_checkpoint(), metrics, self.nonfinite_skipped)
 
     # ---------------------------------------------------------------- setup

@@ -116,6 +116,18 @@ def test_ranges_are_validated() -> None:
         synthesize(np.zeros((8, 8), np.uint8), "haze", np.random.default_rng(0))
 
 
+def test_a_params_file_is_refused_key_by_key_in_one_line(tmp_path: Path) -> None:
+    """A negative blur kernel size raised a numpy traceback mid-build; now the file is refused up front,
+    each bad key on the error line, without pydantic's multi-line dump."""
+    bad = tmp_path / "p.yaml"
+    bad.write_text("blur: {kernel_size: [-3, 5]}\nhaze: {bogus: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        get_preset(str(bad))
+    msg = str(err.value)
+    assert "\n" not in msg and "errors.pydantic.dev" not in msg
+    assert "blur.kernel_size.0: Input should be greater than 0" in msg and "haze.bogus: Extra inputs" in msg
+
+
 # ---------------------------------------------------------------------------------------------
 # `uniremoval shards synth`
 

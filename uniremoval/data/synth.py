@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from uniremoval.data.readers import Issue, Item, assign_keys, scan_images
 from uniremoval.errors import ConfigError, DataError
@@ -66,7 +66,7 @@ class RainRanges(_Ranges):
 
 
 class BlurRanges(_Ranges):
-    kernel_size: tuple[int, int] = (9, 25)  # odd sizes in this range, pixels
+    kernel_size: tuple[PositiveInt, PositiveInt] = (9, 25)  # odd sizes in this range, pixels
     length: Range = (0.5, 1.0)  # trajectory extent as a fraction of the kernel size
     anxiety: Range = (0.0, 0.15)  # strength of random jerks in the camera path
     defocus_sigma: Range = (0.0, 0.0)  # extra gaussian blur, pixels
@@ -121,9 +121,13 @@ def get_preset(name: str) -> SynthRanges:
         if not path.is_file():
             raise ConfigError(f"--params {name}: no such file")
         import yaml
+        from pydantic import ValidationError
 
         try:
             return SynthRanges.model_validate(yaml.safe_load(path.read_text()) or {})
+        except ValidationError as exc:  # one line per bad key, without pydantic's links
+            bad = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"--params {name}: not valid synthesis ranges: {bad}") from None
         except (yaml.YAMLError, ValueError) as exc:
             raise ConfigError(f"--params {name}: not valid synthesis ranges: {exc}") from exc
     raise ConfigError(

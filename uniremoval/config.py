@@ -200,19 +200,18 @@ class TrackingConfig(Strict):
     # None: $MLFLOW_TRACKING_URI, else the embedded store sqlite:///<cwd>/mlflow.db.
     uri: str | None = None
     experiment: str | None = None  # None: the config's `project`
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("uri")
     @classmethod
     def _known_scheme(cls, v: str | None) -> str | None:
-        if v:
-            from uniremoval.tracking import URI_SCHEMES
+        from uniremoval.tracking import uri_problem
 
-            scheme = v.split("://", 1)[0].split("+", 1)[0].lower() if "://" in v else None
-            if scheme is not None and scheme not in URI_SCHEMES:
-                raise ValueError(f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}")
+        problem = uri_problem(v) if v else None
+        if problem:
+            raise ValueError(problem)
         return v
-    run_name: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class TeacherLossConfig(Strict):

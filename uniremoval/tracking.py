@@ -50,17 +50,25 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_B
 URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
+def uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot open `uri` (an unknown scheme), or None; a local folder has no scheme."""
+    if "://" not in uri:
+        return None
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2://...
+    if scheme in URI_SCHEMES:
+        return None
+    return f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}"
+
+
 def check_uri(uri: str, where: str) -> str:
-    """A tracking URI MLflow can open (a scheme it knows, or a local folder); `where` names the
-    option or key in the error. Found here, a typo stops the job at once instead of spooling every
-    metric to disk for the whole run as if the server were down."""
+    """`uri` if MLflow can open it; `where` names the option or variable in the error. Found here, a
+    typo stops the job at once instead of spooling every metric for the whole run as if the server
+    were down."""
     from uniremoval.errors import ConfigError
 
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2://...
-        if scheme not in URI_SCHEMES:
-            raise ConfigError(f"{where} {uri}: unknown tracking URI scheme {scheme!r}; use one of "
-                              f"{', '.join(URI_SCHEMES)} (e.g. http://host:5000 or sqlite:///mlflow.db)")
+    problem = uri_problem(uri)
+    if problem:
+        raise ConfigError(f"{where} {uri}: {problem} (e.g. http://host:5000 or sqlite:///mlflow.db)")
     return uri
 
 

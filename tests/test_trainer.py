@@ -139,6 +139,40 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
         Trainer(bad.cfg, bad).fit(resume=str(ds_ck))
 
 
+
+def test_resume_names_changed_settings_and_refuses_another_model(tmp_path):
+    """A resumed run may change its length or logging (each change named in one warning), not what the
+    checkpoint's weights are: another degradation type, architecture or stage is refused by name, and
+    the checkpoint's own config.yaml resumes it with no warning."""
+    from uniremoval.config import load_config
+
+    part = ToyStage(make_cfg(tmp_path, max_steps=4))
+    Trainer(part.cfg, part).fit()
+    ck = tmp_path / "toy" / "checkpoints" / "step-00000004"
+    saved = load_config(ck / "config.yaml")
+    assert saved == part.cfg
+
+    rain = ToyStage(make_cfg(tmp_path).model_copy(update={"degradation": "rain"}))
+    with pytest.raises(UniremovalError, match=r"trained with another degradation: 'haze' -> 'rain'.*"
+                                              r"step-00000004/config.yaml.*model.init=.*step-00000004/net"):
+        Trainer(rain.cfg, rain).fit(resume="auto")
+    assert rain.seen == []
+    wider = ToyStage(make_cfg(tmp_path).model_copy(update={"model": part.cfg.model.model_copy(
+        update={"preset": "derain"})}))
+    with pytest.raises(UniremovalError, match=r"model.preset: 'deblur' -> 'derain'"):
+        Trainer(wider.cfg, wider).fit(resume=str(ck))
+
+    longer = ToyStage(make_cfg(tmp_path, log_every=3, max_steps=6))
+    with pytest.warns(RuntimeWarning, match=r"with 1 changed setting\(s\): train.log_every: 2 -> 3$"):
+        res = Trainer(longer.cfg, longer).fit(resume="auto")
+    assert res.step == 6 and longer.seen[0] == (0, 4)
+    saved = load_config(tmp_path / "toy" / "checkpoints" / "step-00000006" / "config.yaml")
+    assert saved.train.log_every == 3  # each checkpoint keeps the config that wrote it
+    same = ToyStage(saved.model_copy(update={"train": saved.train.model_copy(update={"max_steps": 8})}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert Trainer(same.cfg, same).fit(resume="auto").step == 8
+
 def test_grad_accumulation_matches_large_batch(tmp_path):
     # Adam divides by sqrt(v), so a gradient off by a constant factor (a missing 1/grad_accum)
     # would move the weights alike; eps far above sqrt(v) makes the step proportional to the

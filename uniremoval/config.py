@@ -647,6 +647,46 @@ def config_hash(cfg: BaseModel) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+# What a resumed run cannot change: the weights and optimiser state it continues belong to this
+# architecture, these degradation types and this stage. Everything else may change with a warning.
+RESUME_FIXED = ("stage", "degradation", "model.arch", "model.preset", "model.input_range", "data.degradations",
+                "discriminator")
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()  # a setting one of two compared configs does not have
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_changes(saved: dict, cfg: BaseModel) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each setting that differs from a checkpoint's config,
+    leaving out what the hash leaves out (where a run is written and observed, max_steps)."""
+    def comparable(data: dict) -> dict[str, Any]:
+        flat = _flatten({k: v for k, v in data.items() if k not in _HASH_EXCLUDE})
+        flat.pop("train.max_steps", None)
+        return flat
+
+    old, new = comparable(saved), comparable(config_to_dict(cfg))
+    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, ABSENT) != new.get(k, ABSENT)]
+
+
+def fixed_on_resume(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in RESUME_FIXED)
+
+
 def ablation_flags(cfg: BaseModel) -> dict[str, bool]:
     """The loss switches that identify an ablation row (Tables IV and V)."""
     loss = getattr(cfg, "loss", None)

@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import math
 import os
 import random
@@ -80,7 +81,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uniremoval.config import OptimConfig, ScheduleConfig, StageBase, check_inputs, config_hash
+from uniremoval.config import (
+    OptimConfig,
+    ScheduleConfig,
+    StageBase,
+    check_inputs,
+    config_changes,
+    config_hash,
+    config_to_dict,
+    config_to_yaml,
+    fixed_on_resume,
+)
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
 from uniremoval.launch import leave_process_group_at_exit
 from uniremoval.stages import fast
@@ -696,10 +707,12 @@ class Trainer:
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
                 "bad_samples": bad_samples,
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
+                "config": json.dumps(config_to_dict(self.cfg)),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             }
             torch.save(state, tmp / "state.pt")
+            (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))  # to read, or to resume with
             _fsync_dir(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -814,9 +827,7 @@ class Trainer:
                 f"Resume with the launch config that wrote it ("
                 f"{'launch/deepspeed_zero2.yaml or deepspeed_zero3.yaml' if saved_ds else 'DDP: launch/multi_gpu.yaml'}"
                 f"), or start a new run from its weights (model.init={path}/{self.stage.trainable[0]}.safetensors)")
-        if state.get("config_hash") != config_hash(self.cfg):
-            warnings.warn(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
-                          f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=2)
+        self._check_resumed_config(path, state)
         for name in self.stage.trainable:
             weights = path / f"{name}.safetensors"
             if not weights.is_file():
@@ -845,6 +856,28 @@ class Trainer:
             warnings.warn(f"resuming {path} on {self.accelerator.num_processes} processes (saved on "
                           f"{state.get('world_size')}): RNG streams start fresh", RuntimeWarning, stacklevel=2)
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _check_resumed_config(self, path: Path, state: dict[str, Any]) -> None:
+        """A resumed run may change its schedule, logging or data paths (named in a warning), not what
+        the weights and optimiser state it continues are: architecture, degradation types, stage."""
+        if state.get("config_hash") == config_hash(self.cfg):
+            return
+        if "config" not in state:  # written before checkpoints kept their config
+            warnings.warn(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
+                          f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=3)
+            return
+        changes = config_changes(json.loads(state["config"]), self.cfg)
+        shown = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
+        fixed = [line for line, (k, _, _) in zip(shown, changes, strict=True) if fixed_on_resume(k)]
+        if fixed:
+            raise CheckpointError(
+                f"resume checkpoint {path} was trained with another {', '.join(fixed)}: its weights and optimiser "
+                f"state belong to that setting. Resume with the config it was written with ({path / 'config.yaml'}), "
+                f"or start a new run (another name) from its weights with "
+                f"model.init={path}/{self.stage.trainable[0]}.safetensors")
+        if shown:
+            warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown),
+                          RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- signals, agreement, misc
     def _install_signal_handlers(self) -> None:

@@ -291,3 +291,19 @@ def test_missing_inputs_are_named_before_anything_starts(tmp_path, monkeypatch):
     assert "teachers.checkpoints.haze" in str(err.value) and "checkpoints.rain" not in str(err.value)
     assert main(["train", "da", "--config", str(REPO / "configs" / "paper" / "da.yaml")]) == 2
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_overrides_may_follow_the_options(capsys):
+    """`train kt --config c.yaml a=1 --resume auto b=2`: argparse alone refused `b=2` (one run of a
+    positional list); every override is kept, in command-line order, and an unknown option is refused."""
+    from uniremoval.cli import build_parser, parse
+
+    parser = build_parser()
+    args = parse(parser, ["train", "kt", "--config", "c.yaml", "optim.lr=1e-4", "--resume", "auto",
+                          "train.epochs=3", "optim.lr=5e-5"])
+    assert args.resume == "auto" and args.overrides == ["optim.lr=1e-4", "train.epochs=3", "optim.lr=5e-5"]
+    args = parse(parser, ["cache", "--config", "c.yaml", "--check", "data.batch_size=2"])
+    assert args.check and args.overrides == ["data.batch_size=2"]
+    with pytest.raises(SystemExit) as exit_:
+        parse(parser, ["train", "kt", "--config", "c.yaml", "--resume", "auto", "a=1", "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus\n" in capsys.readouterr().err

@@ -8,11 +8,13 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shardgen import check_batch, ident, pool, to_uint8, write_dataset
 
 from uniremoval.data.pipelines import (
+    CropPadding,
     assign_shards,
     da_loader,
     eval_samples,
@@ -145,7 +148,9 @@ def test_small_images_are_mirror_padded_with_consistent_grid(tmp_path):
     write_dataset(tmp_path, "haze", "haze", 4, 1, [(20, 23), (17, 40)], cache=True)
     ld = kt_loader([("haze", tmp_path / "haze", "haze", 1)], ["haze"], 4, 32, 2, 0, 0, 0, 1,
                    require=("target", "teacher", "feature"), shuffle_buffer=2)
-    for batch in ld:
+    with pytest.warns(RuntimeWarning, match="mirror-padded"):
+        batches = list(ld)
+    for batch in batches:
         assert batch["input"].shape == (4, 3, 32, 32) and batch["feature"].shape == (4, 3, 2, 2)
         for j in range(4):
             inp = to_uint8(batch["input"][j])
@@ -234,6 +239,65 @@ def test_truncated_shard_keeps_complete_samples(tmp_path, data):
     assert len(items) == 3 and "unreadable after key 'rain-00001'" in items[-1]["error"]
     with pytest.raises(DataError, match="cut.tar is unreadable"):
         list(eval_samples(tmp_path / "cut.tar", bad_samples="fail"))
+
+
+# ---------------------------------------------------------------- images smaller than the crop
+
+
+def _crop_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "mirror-padded" in str(w.message)]
+
+
+def test_images_smaller_than_crop_are_counted_and_named_once(tmp_path):
+    # Even samples are 23x20 (smaller than the 32 crop), odd ones 48x40. One loader per epoch with
+    # the run's CropPadding, as the stages do: one warning for the run, every padded sample counted.
+    write_dataset(tmp_path, "rain", "rain", 6, 2, [(20, 23), (40, 48)])
+    padding = CropPadding()
+    per_batch = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            ld = teacher_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, seed=0, rank=0, world_size=1,
+                                shuffle_buffer=2, padding=padding)
+            ld.set_epoch(epoch)
+            for b in ld:
+                assert "_padded_warning" not in b and b["input"].shape == b["target"].shape == (4, 3, 32, 32)
+                per_batch.append((b["padded_samples"], sum(int(k[-5:]) % 2 == 0 for k in b["key"])))
+    assert [n for n, _ in per_batch] == [small for _, small in per_batch]  # exactly the small ones
+    assert padding.samples == sum(n for n, _ in per_batch) > 0 and padding.warned
+    msgs = _crop_warnings(caught)
+    assert len(msgs) == 1, msgs
+    assert re.search(r"^training crop 32x32 \(data.crop_size=32\) is larger than sample rain-0000[024] of source "
+                     r"rain \(23x20 px, shard \S+/rain/rain-00000[01]\.tar\): its crops are mirror-padded", msgs[0])
+    assert "once per run on rank 0" in msgs[0] and "'padded_samples' counts them" in msgs[0]
+    assert "lower data.crop_size (to 16 or less for this image)" in msgs[0]
+    assert "rebuild the shards from images at least 32 px on each side" in msgs[0]
+
+
+def test_small_cached_images_warn_from_workers(tmp_path):
+    # Two DataLoader workers, two epochs of one loader: the warning crosses to the main process once.
+    # 47x40 cache samples at crop 48, cell 16: the largest crop that fits is 32 (multiple of the cell).
+    write_dataset(tmp_path, "haze", "haze", 4, 2, [(40, 47)], cache=True)
+    ld = kt_loader([("haze", tmp_path / "haze", "haze", 1)], ["haze"], 2, 48, 2, 2, 0, 0, 1,
+                   require=("teacher", "feature"), shuffle_buffer=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = [b["padded_samples"] for _ in range(2) for b in ld]
+    assert counts == [2, 2, 2, 2] and ld.padding.samples == 8
+    msgs = _crop_warnings(caught)
+    assert len(msgs) == 1, msgs
+    assert "(47x40 px" in msgs[0] and "to 32 or less for this image" in msgs[0]
+
+
+def test_no_crop_warning_when_images_are_large_enough(data):
+    # Every image of `data` is at least 32 px on each side: no warning, zero counts, on both DA sides.
+    sources = [(d, data / d, d) for d in DEGS]
+    ld = da_loader(sources, [("clear", data / "haze")], DEGS, 3, 32, 3, 0, 0, 0, 1, clear_batch_size=2,
+                   shuffle_buffer=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        counts = [step["padded_samples"] for step in ld]
+    assert counts == [0, 0, 0] and ld.padding.samples == 0 and not ld.padding.warned
 
 
 # ---------------------------------------------------------------- DA

@@ -30,18 +30,27 @@ training batch carries `bad_samples`, the number skipped by its worker since tha
 previous batch (sum them in the training loop); evaluation yields a record with `error` instead.
 With `bad_samples="fail"` a DataError names the shard and the key. A truncated or unreadable
 shard counts as one bad sample (the complete samples before the cut are kept).
+
+Images smaller than the crop: a training sample whose image is smaller than `crop_size` on either
+side is kept, and its crops are mirror-padded at the bottom/right (`paired_crop`). Padding may be
+meant for a few odd images, but a dataset of small images would train on mirrored borders, so it is
+never silent: each training batch carries `padded_samples`, how many of its samples were padded
+(beside `bad_samples`; sum them in the training loop), and the loader warns once, naming the first
+padded sample, its size, the crop and what to change (`CropPadding`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import os
 import tarfile
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -457,15 +466,70 @@ def make_sources(specs: Iterable[Any]) -> list[Source]:
     return out
 
 
+_PADDED_WARNING = "_padded_warning"  # batch key from worker to StepLoader, removed before the batch is yielded
+
+
 class _Counter:
-    """Bad samples skipped in this worker since the last batch it yielded."""
+    """Per worker, since the last batch it yielded: bad samples skipped (`n`) and samples smaller
+    than the crop (`padded`); and the warning naming the first padded sample, sent with one batch."""
 
     def __init__(self) -> None:
         self.n = 0
+        self.padded = 0
+        self.padded_warning: str | None = None
+        self._warning_sent = False
 
     def take(self) -> int:
         n, self.n = self.n, 0
         return n
+
+    def note_padded(self, warning: Callable[[], str]) -> None:
+        self.padded += 1
+        if self.padded_warning is None and not self._warning_sent:
+            self.padded_warning = warning()
+
+    def put_padded(self, batch: dict[str, Any]) -> None:
+        """Move the padded count (and, once per worker, the warning) into `batch`."""
+        batch["padded_samples"], self.padded = self.padded, 0
+        if self.padded_warning is not None:
+            batch[_PADDED_WARNING], self.padded_warning, self._warning_sent = self.padded_warning, None, True
+
+
+class CropPadding:
+    """Training samples smaller than the crop on this rank: counted, and named in one warning.
+
+    Every training batch carries `padded_samples`; the StepLoader adds them into `samples` and gives
+    the first padded sample's warning (RuntimeWarning) once per CropPadding, in the main process
+    (DataLoader workers send it with a batch). A loader makes its own by default; the stages keep one
+    per run and hand it to each epoch's loader, so a run warns once per rank, not once per epoch.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0  # padded samples this rank read through the loaders given this object
+        self.warned = False
+
+    def update(self, batch: dict[str, Any]) -> None:
+        self.samples += int(batch.get("padded_samples", 0))
+        warning = batch.pop(_PADDED_WARNING, None)
+        if warning is not None and not self.warned:
+            self.warned = True
+            warnings.warn(warning, RuntimeWarning, stacklevel=3)
+
+
+def _padding_warning(src: Source, url: str, key: str, h: int, w: int, spec: _StreamSpec, rank: int) -> str:
+    crop = spec.crop
+    # The largest crop this image holds: MPRNet needs multiples of 8, a cached feature grid its cell.
+    step = math.lcm(8, spec.cell) if "feature" in spec.require else 8
+    fits = min(h, w) // step * step
+    lower = f"lower data.crop_size (to {fits} or less for this image)" if fits >= 16 else "lower data.crop_size"
+    return (
+        f"training crop {crop}x{crop} (data.crop_size={crop}) is larger than sample {key} of source {src.name} "
+        f"({w}x{h} px, shard {url}): its crops are mirror-padded at the bottom/right, as are those of every "
+        f"other training image smaller than the crop. Training goes on; each batch's 'padded_samples' counts "
+        f"them (this warning: once per run on rank {rank}). To train on real pixels only, {lower}, or rebuild "
+        f"the shards from images at least {crop} px on each side (`uniremoval shards inspect <shard folder>` "
+        f"shows the smallest height and width)"
+    )
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -505,7 +569,7 @@ def _source_stream(
     n_gworkers: int,
     counter: _Counter,
 ) -> Iterator[dict[str, Any]]:
-    """Endless cropped samples of one source for one global worker."""
+    """Endless cropped samples of one source for one global worker; padded ones noted in `counter`."""
     rng = _rng(seed, 7, src_index, epoch, rank, worker)
     buffer: list[tuple[str, str, dict[str, bytes]]] = []
     optional = ("target",) if spec.clear_from_target else ()
@@ -591,6 +655,11 @@ def _source_stream(
                 ) from exc
             continue
         bad_run = 0
+        h, w = s["input"].shape[:2]
+        # paired_crop pads exactly these. (A feature grid trims the image to whole cells first, but
+        # the crop is a multiple of the cell, so an image at least crop-sized keeps a crop-sized grid.)
+        if spec.crop is not None and (h < spec.crop or w < spec.crop):
+            counter.note_padded(functools.partial(_padding_warning, src, url, key, h, w, spec, rank))
         images = {k: s[k] for k in ("input", *spec.require) if k != "feature"}
         crops, grid, _ = paired_crop(images, s.get("feature"), spec.crop, spec.cell, rng, spec.augment)
         if grid is not None:
@@ -741,17 +810,17 @@ class MixedBatchDataset(IterableDataset):
             )
         for _ in range(n_batches):
             batch = degraded.next_batch(labels)
-            if clear is None:
-                batch["bad_samples"] = counter.take()
-                yield batch
-            else:
-                cb = clear.next_batch(None)
-                yield {"degraded": batch, "clear": cb, "bad_samples": counter.take()}
+            if clear is not None:
+                batch = {"degraded": batch, "clear": clear.next_batch(None)}
+            batch["bad_samples"] = counter.take()
+            counter.put_padded(batch)
+            yield batch
 
 
 class StepLoader:
     """A DataLoader over a MixedBatchDataset that yields exactly `steps_per_epoch` batches per
     epoch on every rank. Each `iter()` is one epoch (epoch number advances; `set_epoch` to resume).
+    Samples smaller than the crop are counted in `padding` (a CropPadding), which warns once.
     """
 
     def __init__(
@@ -761,10 +830,12 @@ class StepLoader:
         pin_memory: bool = False,
         prefetch_factor: int | None = 2,
         multiprocessing_context: str | None = None,
+        padding: CropPadding | None = None,
     ):
         self.dataset, self.num_workers = dataset, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.multiprocessing_context = multiprocessing_context
+        self.padding = padding if padding is not None else CropPadding()
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -787,6 +858,7 @@ class StepLoader:
         n = 0
         for batch in loader:
             n += 1
+            self.padding.update(batch)
             yield batch
         if n != len(self):  # would desynchronise DDP ranks: fail loudly instead
             raise RuntimeError(f"loader yielded {n} batches, expected {len(self)}")
@@ -830,6 +902,7 @@ def kt_loader(
     augment: bool = True,
     shuffle_buffer: int = 64,
     pin_memory: bool = False,
+    padding: CropPadding | None = None,
 ) -> StepLoader:
     """Mixed training batches for the KT stage (and, with one source and require=('target',),
     the teacher stage: see `teacher_loader`).
@@ -837,12 +910,14 @@ def kt_loader(
     `sources`: (name, shards, degradation, weight) tuples or Source objects. Each batch is a dict:
     'input' (B,3,crop,crop) in [-1,1], one entry per required field ('target', 'teacher' as images;
     'feature' as (B,C,crop/cell,crop/cell) float32), 'degradation' (LongTensor index into
-    `degradations`), 'key', 'source' (lists of str) and 'bad_samples' (int, see module doc).
+    `degradations`), 'key', 'source' (lists of str), 'bad_samples' and 'padded_samples' (ints, see
+    module doc). `padding`: a CropPadding kept over the run's epochs (the warning is given once per
+    CropPadding); a fresh one when None.
     """
     srcs = make_sources(sources)
     spec = _stream_spec(require, crop_size, cell, augment, shuffle_buffer, bad_samples)
     ds = MixedBatchDataset(srcs, degradations, batch_size, spec, steps_per_epoch, seed, rank, world_size)
-    return StepLoader(ds, num_workers, pin_memory)
+    return StepLoader(ds, num_workers, pin_memory, padding=padding)
 
 
 def teacher_loader(
@@ -891,9 +966,11 @@ def da_loader(
     augment: bool = True,
     shuffle_buffer: int = 64,
     pin_memory: bool = False,
+    padding: CropPadding | None = None,
 ) -> StepLoader:
     """Per step {'degraded': batch holding every type (as kt_loader, input only),
-    'clear': batch of clear images, 'bad_samples': int}.
+    'clear': batch of clear images, 'bad_samples': int, 'padded_samples': int (both sides)};
+    `padding` as in kt_loader.
 
     `clear_sources`: (name, shards[, 'clear'[, weight]]) — the degradation field is ignored. A clear
     sample with a target (a synthetic or real paired set) contributes its target; one without a
@@ -924,7 +1001,7 @@ def da_loader(
         clear_batch_size=clear_batch_size,
         clear_spec=cspec,
     )
-    return StepLoader(ds, num_workers, pin_memory)
+    return StepLoader(ds, num_workers, pin_memory, padding=padding)
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,7 +151,8 @@ def paired_crop(
 
     `images` must all have the same height and width (checked by the caller). Images smaller
     than the crop are mirror-padded at the bottom/right (documented choice: keeps every sample,
-    and the padded border is a plausible image). With a feature grid the image is first trimmed
+    and the padded border is a plausible image; the training streams count such samples and warn
+    once, see `pipelines.CropPadding`). With a feature grid the image is first trimmed
     to the grid's cell-aligned area and the window offset is a multiple of `cell`.
     `crop=None` keeps the full image (no augmentation either). Returns the crops, the grid crop
     and (y0, x0, aug) for tests and debugging.

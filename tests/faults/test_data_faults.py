@@ -224,3 +224,26 @@ def test_bad_sample_count_survives_a_resume(tmp_path):
     first = fit("split", "train.max_steps=3")
     assert 0 < first < whole  # some faults lie in the second half, so a restart at 0 would be seen
     assert fit("split", resume="auto") == whole
+
+
+def test_teacher_training_on_images_smaller_than_the_crop_warns_once(tmp_path):
+    """40x48 images and 64-px crops: the run trains on padded crops (nothing is skipped) and says so
+    once, over two epochs, naming a sample, its size and the crop."""
+    from uniremoval.config import load_config
+    from uniremoval.stages.teacher import TeacherTraining
+    from uniremoval.stages.trainer import Trainer
+
+    folder = tmp_path / "syn"
+    write_shards(folder, "syn", 2, 3)
+    cfg = load_config(_teacher_cfg(tmp_path, folder, "skip"),
+                      ["data.crop_size=64", "train.epochs=2", "train.steps_per_epoch=3"], stage="teacher")
+    stage = TeacherTraining(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = Trainer(cfg, stage).fit()
+    assert res.status == "finished" and res.step == 6 and res.metrics["train/bad_samples"] == 0
+    said = [str(w.message) for w in caught if "mirror-padded" in str(w.message)]
+    assert len(said) == 1, said
+    assert "training crop 64x64 (data.crop_size=64) is larger than sample syn_" in said[0]
+    assert "(48x40 px, shard " in said[0] and "to 40 or less for this image" in said[0]
+    assert stage.crop_padding.samples == 6 * 2  # every sample of 6 batches of 2

@@ -83,6 +83,9 @@ class DomainAdaptation(Stage):
         self.cfg: DAStage = cfg
         self.degradations = list(cfg.data.degradations)
         self.cell = cfg.data.feature_cell
+        from uniremoval.data.pipelines import CropPadding
+
+        self.crop_padding = CropPadding()  # images smaller than the crop: counted, warned once a run
         # Without the GAN term D gets no signal worth training: it is then not built at all.
         self.trainable = ("generator", "discriminator") if cfg.loss.use_gan else ("generator",)
         metric = cfg.val_iqa.metrics[0] if cfg.val_iqa.metrics else None
@@ -130,7 +133,7 @@ class DomainAdaptation(Stage):
             [(s.name, s.shards, "clear", s.weight) for s in d.clear],
             self.degradations, d.batch_size, d.crop_size, cfg.train.steps_per_epoch * cfg.train.grad_accum,
             d.num_workers, cfg.train.seed, rank, world_size, bad_samples=d.bad_samples, augment=aug,
-            shuffle_buffer=d.shuffle_buffer, pin_memory=d.pin_memory,
+            shuffle_buffer=d.shuffle_buffer, pin_memory=d.pin_memory, padding=self.crop_padding,
         )
         loader.set_epoch(epoch)
         return skip_batches(loader, start)

@@ -224,6 +224,9 @@ class KnowledgeTransfer(Stage):
         self.online = cfg.teachers.mode == "online"
         self.degradations = list(cfg.data.degradations)
         self.cell = cfg.data.feature_cell
+        from uniremoval.data.pipelines import CropPadding
+
+        self.crop_padding = CropPadding()  # images smaller than the crop: counted, warned once a run
         self.loss_fn: nn.Module | None = None
         self.teachers: dict[str, Teacher] = {}
         for src in cfg.data.train:
@@ -257,7 +260,7 @@ class KnowledgeTransfer(Stage):
             self.degradations, d.batch_size, d.crop_size, cfg.train.steps_per_epoch * cfg.train.grad_accum,
             d.num_workers, cfg.train.seed, rank, world_size, cell=self.cell, bad_samples=d.bad_samples,
             require=() if self.online else ("teacher", "feature"), augment=aug, pin_memory=d.pin_memory,
-            shuffle_buffer=d.shuffle_buffer,
+            shuffle_buffer=d.shuffle_buffer, padding=self.crop_padding,
         )
         loader.set_epoch(epoch)
         return skip_batches(loader, start)

@@ -52,6 +52,9 @@ class TeacherTraining(Stage):
         self.val_sources = [s for s in cfg.data.val if s.degradation in (None, deg)]
         self.best_metric = (f"val/{self.val_sources[0].name}/psnr", "max") if self.val_sources else None
         self.input_range = cfg.model.input_range
+        from uniremoval.data.pipelines import CropPadding
+
+        self.crop_padding = CropPadding()  # images smaller than the crop: counted, warned once a run
         self._edge: nn.Module | None = None
 
     # ------------------------------------------------------------------ models and data
@@ -84,7 +87,8 @@ class TeacherTraining(Stage):
             steps_per_epoch=c.train.steps_per_epoch * c.train.grad_accum, num_workers=c.data.num_workers,
             seed=c.train.seed, rank=rank, world_size=world_size, cell=c.data.feature_cell,
             bad_samples=c.data.bad_samples, require=("target",), augment=aug.hflip or aug.vflip or aug.rot90,
-            shuffle_buffer=c.data.shuffle_buffer, pin_memory=c.data.pin_memory and torch.cuda.is_available())
+            shuffle_buffer=c.data.shuffle_buffer, pin_memory=c.data.pin_memory and torch.cuda.is_available(),
+            padding=self.crop_padding)
         loader.set_epoch(epoch)  # the epoch seeds shard order, shuffling and crops: resumable
         return skip_batches(loader, start)
 

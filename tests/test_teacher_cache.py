@@ -393,6 +393,24 @@ def test_cache_refuses_an_out_folder_that_would_overwrite_shards(tmp_path):
     check_out_folders(tmp_path / "cache", items)
     assert (src / "syn-000000.tar").read_bytes() == b"x" * 512
 
+    # A second cache job on the same cache.out while one runs (here: the lock the first holds) stops
+    # before it loads a teacher or writes a shard, naming the holder.
+    from uniremoval.config import CacheStage
+    from uniremoval.errors import UniremovalError
+    from uniremoval.io import folder_lock
+    from uniremoval.stages import cache
+
+    cfg = CacheStage(stage="cache", data={"train": [{"name": "syn", "shards": str(src / "syn-000000.tar"),
+                                                "degradation": "haze"}]},
+                     teachers={"checkpoints": {"haze": str(tmp_path / "no-such-teacher.safetensors")}},
+                     cache={"out": str(tmp_path / "cache")}, tracking={"enabled": False}, train={"cpu": True})
+    with folder_lock(tmp_path / "cache", ".lock", "a teacher cache"), \
+            pytest.raises(UniremovalError, match=r"cache is in use: pid \d+ on .* is writing a teacher cache there"):
+        cache.run(cfg)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]
+    with pytest.raises(UniremovalError, match="no-such-teacher"):  # unlocked: it goes on to the teachers
+        cache.run(cfg)
+
 
 def test_a_student_or_another_types_teacher_is_refused_as_a_teacher(tmp_path):
     """Checkpoints record the stage and type that trained them: the rain teacher given as the haze

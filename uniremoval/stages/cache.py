@@ -34,6 +34,7 @@ sample of the sources is written exactly once (whole shards per rank, no sharing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -41,14 +42,14 @@ import os
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from uniremoval.config import CacheStage
-from uniremoval.errors import ConfigError, DataError
+from uniremoval.errors import ConfigError, DataError, UniremovalError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
 
 CACHE_FORMAT = 1
@@ -265,21 +266,53 @@ def check_out_folders(out_root: Path, items: list[dict[str, Any]]) -> None:
 
 def run(cfg: CacheStage, args: Any = None) -> int:
     """`uniremoval cache`: build (or complete) the teacher-output cache on every rank."""
-    from tqdm.auto import tqdm
-
-    from uniremoval.stages import fast
-    from uniremoval.stages.teachers import load_teachers
     from uniremoval.stages.trainer import build_accelerator
 
     acc = build_accelerator(cfg)
-    rank, world = acc.process_index, acc.num_processes
     out_root = Path(cfg.cache.out)
-    cell = cfg.data.feature_cell
     items = _plan(cfg)
     check_out_folders(out_root, items)
     from uniremoval.io import check_output
 
     check_output(out_root, "cache.out", folder=True)
+    with _cache_lock(acc, out_root):
+        return _build(cfg, acc, items, out_root)
+
+
+@contextlib.contextmanager
+def _cache_lock(acc: Any, out_root: Path) -> Iterator[None]:
+    """One cache job per cache.out: a second one (the same command started twice) stops here rather
+    than interleave shards with the first. The main process holds the lock; every rank learns why."""
+    from uniremoval.io import folder_lock
+
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if acc.is_main_process:
+            try:
+                stack.enter_context(folder_lock(out_root, ".lock", "a teacher cache"))
+            except UniremovalError as exc:
+                refused = str(exc)
+        if acc.num_processes > 1:
+            import torch.distributed as dist
+
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused is not None:
+            error = UniremovalError(refused)
+            error.on_every_rank = True  # type: ignore[attr-defined]  # see cli.main
+            raise error
+        yield
+
+
+def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Path) -> int:
+    from tqdm.auto import tqdm
+
+    from uniremoval.stages import fast
+    from uniremoval.stages.teachers import load_teachers
+
+    rank, world = acc.process_index, acc.num_processes
+    cell = cfg.data.feature_cell
     degs = sorted({it["degradation"] for it in items})
     preset = cfg.teachers.preset or cfg.model.preset
     teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device)

@@ -298,6 +298,19 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path: Pa
                                 (a_file / "sub", True, r"f.txt is a file, so no folder can be made there")):
         with pytest.raises(UniremovalError, match=match):
             check_output(path, "--x", folder)
+    # create=True makes the folder and writes in it: a full or read-only mount that access() passes
+    check_output(tmp_path / "made" / "here", "--x", folder=True, create=True)
+    assert (tmp_path / "made" / "here").is_dir() and not list((tmp_path / "made" / "here").iterdir())
+    import tempfile
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "NamedTemporaryFile", full)
+        with pytest.raises(UniremovalError, match=r"--x .*made/here cannot be written \(No space left on device\); "
+                                                  r"free some"):
+            check_output(tmp_path / "made" / "here", "--x", folder=True, create=True, fix="free some")
     ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
     src = tmp_path / "in"
     src.mkdir()

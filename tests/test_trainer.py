@@ -356,6 +356,6 @@ def test_a_fresh_run_never_overwrites_another_and_an_unwritable_folder_stops_at_
     assert res.status == "finished" and res.step == 10 and len(again.seen) == 10
     (tmp_path / "file").write_text("x")
     blocked = ToyStage(make_cfg(tmp_path / "file" / "sub"))
-    with pytest.raises(UniremovalError, match=r"file/sub/toy cannot be written .*set output_dir"):
+    with pytest.raises(UniremovalError, match=r"run folder .*file/sub/toy: .*file is a file, so no folder can be made there; set output_dir"):
         Trainer(blocked.cfg, blocked).fit()
     assert blocked.seen == []

@@ -76,10 +76,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_output(path: str | os.PathLike, option: str, folder: bool) -> None:
+def check_output(path: str | os.PathLike, option: str, folder: bool, create: bool = False,
+                 fix: str = "choose a writable place") -> None:
     """Refuse, before any work, an output that cannot be written: a file where a folder is wanted
     (or the reverse), or a place whose nearest existing folder is read-only. `option` names the
-    flag or key in the message. Raises UniremovalError."""
+    flag or key in the message, `fix` says what to do. With `create` (a folder the job makes now
+    anyway) the folder is made and a file written in it, which also catches what access() passes:
+    a read-only or full mount. Raises UniremovalError."""
+    import tempfile
+
     from uniremoval.errors import UniremovalError
 
     path = Path(path)
@@ -90,10 +95,16 @@ def check_output(path: str | os.PathLike, option: str, folder: bool) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UniremovalError(f"{option} {path}: {probe} is a file, so no folder can be made there")
+        raise UniremovalError(f"{option} {path}: {probe} is a file, so no folder can be made there; {fix}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UniremovalError(f"{option} {path}: {probe} cannot be written (read-only or no permission); "
-                              f"choose a writable place")
+        raise UniremovalError(f"{option} {path}: {probe} cannot be written (read-only or no permission); {fix}")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        except OSError as exc:
+            raise UniremovalError(f"{option} {path} cannot be written ({exc.strerror or exc}); {fix}") from exc
 
 
 @contextlib.contextmanager

@@ -274,7 +274,7 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     check_out_folders(out_root, items)
     from uniremoval.io import check_output
 
-    check_output(out_root, "cache.out", folder=True)
+    check_output(out_root, "cache.out", folder=True, create=True)
     with _cache_lock(acc, out_root):
         return _build(cfg, acc, items, out_root)
 

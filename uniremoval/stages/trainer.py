@@ -752,15 +752,10 @@ class Trainer:
     def _check_run_dir(self, fresh: bool) -> None:
         """Before anything is trained: the run folder can be written (else the first checkpoint,
         possibly hours in, would fail), and a fresh run does not overwrite another run's weights."""
-        import tempfile
+        from uniremoval.io import check_output
 
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.run_dir, prefix=".write-test-"):
-                pass
-        except OSError as exc:
-            raise CheckpointError(f"run folder {self.run_dir} cannot be written ({exc.strerror or exc}); set "
-                                  f"output_dir (or name) to a writable place") from exc
+        check_output(self.run_dir, "run folder", folder=True, create=True,
+                     fix="set output_dir (or name) to a writable place")
         self._lock_run_dir()
         try:
             if fresh:

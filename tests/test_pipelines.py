@@ -269,7 +269,7 @@ def test_images_smaller_than_crop_are_counted_and_named_once(tmp_path):
     assert len(msgs) == 1, msgs
     assert re.search(r"^training crop 32x32 \(data.crop_size=32\) is larger than sample rain-0000[024] of source "
                      r"rain \(23x20 px, shard \S+/rain/rain-00000[01]\.tar\): its crops are mirror-padded", msgs[0])
-    assert "once per run on rank 0" in msgs[0] and "'padded_samples' counts them" in msgs[0]
+    assert "once per run on rank 0" in msgs[0] and "counts them (train/padded_samples in MLflow" in msgs[0]
     assert "lower data.crop_size (to 16 or less for this image)" in msgs[0]
     assert "rebuild the shards from images at least 32 px on each side" in msgs[0]
 

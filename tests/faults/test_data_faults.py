@@ -247,3 +247,4 @@ def test_teacher_training_on_images_smaller_than_the_crop_warns_once(tmp_path):
     assert "training crop 64x64 (data.crop_size=64) is larger than sample syn_" in said[0]
     assert "(48x40 px, shard " in said[0] and "to 40 or less for this image" in said[0]
     assert stage.crop_padding.samples == 6 * 2  # every sample of 6 batches of 2
+    assert res.metrics["train/padded_samples"] == 6 * 2  # what the trainer logs, all ranks, the whole run

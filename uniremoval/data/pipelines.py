@@ -525,8 +525,8 @@ def _padding_warning(src: Source, url: str, key: str, h: int, w: int, spec: _Str
     return (
         f"training crop {crop}x{crop} (data.crop_size={crop}) is larger than sample {key} of source {src.name} "
         f"({w}x{h} px, shard {url}): its crops are mirror-padded at the bottom/right, as are those of every "
-        f"other training image smaller than the crop. Training goes on; each batch's 'padded_samples' counts "
-        f"them (this warning: once per run on rank {rank}). To train on real pixels only, {lower}, or rebuild "
+        f"other training image smaller than the crop. Training goes on and counts them (train/padded_samples "
+        f"in MLflow; this warning: once per run on rank {rank}). To train on real pixels only, {lower}, or rebuild "
         f"the shards from images at least {crop} px on each side (`uniremoval shards inspect <shard folder>` "
         f"shows the smallest height and width)"
     )

@@ -98,6 +98,9 @@ from uniremoval.stages import fast
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+# Per-batch counts the loaders report, summed over ranks and logged as train/<name>: samples
+# skipped as unreadable (data.bad_samples=skip), samples smaller than the crop (mirror-padded).
+DATA_COUNTS = ("bad_samples", "padded_samples")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" (rerun with --resume auto)
 
 
@@ -333,8 +336,10 @@ class Trainer:
         self.schedulers: dict[str, StepSchedule] = {}
         self.step = 0
         self.nonfinite_skipped = 0
-        self.bad_samples = 0  # skipped by the loaders (data.bad_samples=skip), this process, this run
-        self.bad_samples_resumed = 0.0  # all ranks' count up to the checkpoint this run resumed from
+        # What the loaders report per batch (DATA_COUNTS), this process, this run; and all ranks'
+        # counts up to the checkpoint this run resumed from.
+        self.data_counts = dict.fromkeys(DATA_COUNTS, 0)
+        self.data_counts_resumed = dict.fromkeys(DATA_COUNTS, 0.0)
         self.best_value: float | None = None
         self.run_id: str | None = None
         self._stop_requested = False
@@ -375,7 +380,7 @@ class Trainer:
                 for _ in range(start, min(cfg.steps_per_epoch, start + total - self.step)):
                     for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
                         batch = self._next_batch(batches, epoch, start, micro)
-                        self.bad_samples += int(batch.get("bad_samples", 0)) if isinstance(batch, dict) else 0
+                        self._count_data(batch)
                         with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast():
                             terms = self.stage.training_step(batch, self.ctx)
                         self._accumulate_terms(terms)
@@ -602,7 +607,7 @@ class Trainer:
             lr = sched.last_lr if hasattr(sched, "last_lr") else float(sched.get_last_lr()[0])
             out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
-        out["train/bad_samples"] = self.bad_samples_total()
+        out.update({f"train/{k}": v for k, v in self.data_counts_total().items()})
         out["train/epoch"] = float(self.ctx.epoch)
         self._sums, self._sum_count = {}, 0
         if self.accelerator.is_main_process:
@@ -701,11 +706,11 @@ class Trainer:
             acc.save_state(str(tmp / "deepspeed"))
         for name in self.stage.trainable:
             self._save_weights(tmp / name, name)
-        bad_samples = self.bad_samples_total()  # a collective: every rank
+        data_counts = self.data_counts_total()  # a collective: every rank
         if acc.is_main_process:
             state = {
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
-                "bad_samples": bad_samples,
+                **data_counts,
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
                 "config": json.dumps(config_to_dict(self.cfg)),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -722,10 +727,17 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def bad_samples_total(self) -> float:
-        """Samples the loaders skipped, all ranks, over the whole run (resumes included). Collective."""
-        bad = torch.tensor([float(self.bad_samples)], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.reduce(bad, "sum").item()) + self.bad_samples_resumed
+    def _count_data(self, batch: Any) -> None:
+        if isinstance(batch, dict):
+            for key in DATA_COUNTS:
+                self.data_counts[key] += int(batch.get(key, 0))
+
+    def data_counts_total(self) -> dict[str, float]:
+        """DATA_COUNTS summed over all ranks and the whole run (resumes included). Collective."""
+        local = torch.tensor([float(self.data_counts[k]) for k in DATA_COUNTS], dtype=torch.float64,
+                             device=self.accelerator.device)
+        summed = self.reduce(local, "sum").tolist()
+        return {k: v + self.data_counts_resumed[k] for k, v in zip(DATA_COUNTS, summed, strict=True)}
 
     def _prune(self) -> None:
         steps = sorted(list_checkpoints(self.ckpt_root))
@@ -841,7 +853,7 @@ class Trainer:
             else:  # a subclass's torch LR scheduler
                 sched.load_state_dict(state["schedulers"][name])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
-        self.bad_samples_resumed = float(state.get("bad_samples", 0.0))
+        self.data_counts_resumed = {k: float(state.get(k, 0.0)) for k in DATA_COUNTS}
         self.best_value = state.get("best_value")
         self.run_id = state.get("mlflow_run_id")
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"

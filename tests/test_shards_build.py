@@ -156,6 +156,52 @@ def test_array_jobs_and_merge(tmp_path: Path, capsys) -> None:
     assert verify_shards(out) == []
 
 
+def one_error(capsys) -> str:
+    """The stderr of a command that failed with one `error:` line (no traceback)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_merge_refuses_missing_shards_and_damaged_job_manifests(tmp_path: Path, capsys) -> None:
+    """A merge that would list missing tars (or read a cut per-job manifest) writes nothing and names
+    the tars, how many, the job manifest that listed them and the job to rerun."""
+    from uniremoval.cli import main
+
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "jobs"
+    opts = ["--max-samples-per-shard", "4", "--name", "its", "--num-jobs", "3"]
+    for job in range(3):
+        build("reside-its", tree.root, out, *opts, "--job-index", str(job))
+    assert main(["shards", "merge", str(out)]) == 0
+    before = {n: (out / n).read_bytes() for n in ("manifest.json", "report.jsonl")}
+    (out / "its-000001.tar").unlink()  # job 1 wrote shards 1 and 4
+    size = (out / "its-000004.tar").stat().st_size
+    (out / "its-000004.tar").write_bytes((out / "its-000004.tar").read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["shards", "merge", str(out)]) == 2
+    err = one_error(capsys)
+    assert (f"{out}: 2 shard(s) listed in per-job manifests are missing or damaged (manifest-job001of003.json "
+            f"lists 2: its-000001.tar (missing), its-000004.tar (1000 bytes, listed with {size}))") in err
+    assert "nothing was merged. Rerun job 1 of 3" in err and "--num-jobs 3 --job-index 1" in err
+    assert {n: (out / n).read_bytes() for n in before} == before  # the last good merge is kept
+    build("reside-its", tree.root, out, *opts, "--job-index", "1")  # what the message says
+    assert main(["shards", "merge", str(out)]) == 0 and verify_shards(out) == []
+
+    job2 = out / "manifest-job002of003.json"
+    job2.write_text(job2.read_text()[:100])  # cut mid-write
+    capsys.readouterr()
+    assert main(["shards", "merge", str(out)]) == 2
+    err = one_error(capsys)
+    assert f"shard manifest {job2} is not valid JSON" in err and "rerun job 2 of 3" in err
+    job2.write_text(json.dumps({"format_version": 1, "dataset": "its", "shards": [], "counts": {}}))
+    assert main(["shards", "merge", str(out)]) == 2
+    assert f"per-job manifest {job2} lacks its plan" in one_error(capsys)
+    for path, what in ((tmp_path / "nope", "does not exist"), (out / "its-000000.tar", "is a file, not a folder")):
+        assert main(["shards", "merge", str(path)]) == 2
+        assert f"error: {path} {what}; `shards merge` takes the shard folder" in one_error(capsys)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad inputs
 

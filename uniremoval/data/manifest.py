@@ -41,8 +41,9 @@ REQUIRED_KEYS = ("format_version", "dataset", "shards", "counts")
 # reading
 
 
-def load_manifest(path: str | os.PathLike) -> dict:
-    """Read `<dir>/manifest.json` (or the manifest file itself); DataError naming the file if bad."""
+def load_manifest(path: str | os.PathLike, fix: str = "rebuild the shards") -> dict:
+    """Read `<dir>/manifest.json` (or the manifest file itself); DataError naming the file if bad.
+    `fix` is what the message tells the user to do about a damaged file."""
     path = Path(path)
     file = path / MANIFEST_NAME if path.is_dir() else path
     if not file.is_file():
@@ -53,19 +54,21 @@ def load_manifest(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"shard manifest {file} is not valid JSON ({exc}); rebuild the shards") from exc
+        raise DataError(f"shard manifest {file} is not valid JSON ({exc}); {fix}") from exc
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(data, dict) or k not in data]
-        raise DataError(f"shard manifest {file} lacks {', '.join(missing)}; rebuild the shards")
+        raise DataError(f"shard manifest {file} lacks {', '.join(missing)}; {fix}")
     if data["format_version"] != FORMAT_VERSION:
         raise DataError(
             f"shard manifest {file} has format_version {data['format_version']!r}; this version reads "
             f"{FORMAT_VERSION}. Rebuild the shards with this version."
         )
+    if not isinstance(data["shards"], list) or not isinstance(data["counts"], dict):
+        raise DataError(f"shard manifest {file}: 'shards' must be a list and 'counts' a mapping; {fix}")
     for i, shard in enumerate(data["shards"]):
         if not isinstance(shard, dict) or not {"name", "samples", "bytes", "sha256"} <= shard.keys():
-            raise DataError(f"shard manifest {file}: entry {i} of 'shards' lacks name/samples/bytes/sha256")
-        if "/" in shard["name"] or shard["name"].startswith(".."):
+            raise DataError(f"shard manifest {file}: entry {i} of 'shards' lacks name/samples/bytes/sha256; {fix}")
+        if not isinstance(shard["name"], str) or "/" in shard["name"] or shard["name"].startswith(".."):
             raise DataError(f"shard manifest {file}: shard name {shard['name']!r} must be a plain file name")
     return data
 

@@ -646,10 +646,20 @@ def build_shards(
 def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = None) -> dict:
     """Combine `manifest-jobIIIofNNN.json` (and their reports) into manifest.json + report.jsonl."""
     out = Path(out_dir)
+    if not out.is_dir():
+        what = "does not exist" if not out.exists() else "is a file, not a folder"
+        raise DataError(f"{out} {what}; `shards merge` takes the shard folder that holds the per-job "
+                        f"manifests (manifest-jobIIIofNNN.json) of an array build")
     files = sorted(out.glob("manifest-job*of*.json"))
     if not files:
         raise DataError(f"no per-job manifests (manifest-jobIIIofNNN.json) in {out}; nothing to merge")
-    parts = [load_manifest(f) for f in files]
+    parts = [load_manifest(f, fix=_rerun_job(f) + " to rewrite it, then merge again") for f in files]
+    for f, p in zip(files, parts):
+        plan = p.get("plan")
+        if not (isinstance(plan, dict) and isinstance(plan.get("num_jobs"), int)
+                and isinstance(plan.get("num_shards"), int) and isinstance(plan.get("job_indices"), list)):
+            raise DataError(f"per-job manifest {f} lacks its plan (num_jobs, num_shards, job_indices); "
+                            f"{_rerun_job(f)} to rewrite it, then merge again")
     totals = {p["plan"]["num_jobs"] for p in parts}
     datasets = {p["dataset"] for p in parts}
     plans = {p["plan"]["num_shards"] for p in parts}
@@ -674,6 +684,7 @@ def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = 
         raise DataError(
             f"{out}: a shard is listed by two jobs; remove the stale per-job manifests and rebuild"
         )
+    _check_job_shards(out, files, parts)
     issues = []
     for p in parts:
         report = out / p.get("report", "")
@@ -685,7 +696,7 @@ def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = 
         "created_by": {
             "command": command or list(sys.argv),
             "version": __version__,
-            "jobs": [p["created_by"] for p in parts],
+            "jobs": [p.get("created_by", {}) for p in parts],
         },
         "shards": shards,
         "empty_shards": sorted(
@@ -701,3 +712,40 @@ def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = 
     for name in (MANIFEST_NAME, "report.jsonl"):
         os.chmod(out / name, 0o644)
     return merged
+
+
+def _rerun_job(*manifests: Path) -> str:
+    """How to rewrite per-job manifests or their shards: rerun their jobs (finished shards are kept)."""
+    jobs = [re.search(r"job(\d+)of(\d+)", m.name) for m in manifests]
+    if not all(jobs):
+        return "rerun their jobs"
+    indices = ", ".join(str(int(m.group(1))) for m in jobs)
+    n = int(jobs[0].group(2))
+    index = indices if len(jobs) == 1 else "I"
+    return (f"rerun job{'s' if len(jobs) > 1 else ''} {indices} of {n} (the same `uniremoval shards build` "
+            f"with --num-jobs {n} --job-index {index}; finished shards are kept)")
+
+
+def _check_job_shards(out: Path, files: list[Path], parts: list[dict]) -> None:
+    """Every tar a per-job manifest lists is there with its size, before manifest.json is written: a
+    merged manifest pointing at missing shards would only fail later, in training."""
+    bad: dict[Path, list[str]] = {}
+    for f, p in zip(files, parts):
+        for s in p["shards"]:
+            path = out / s["name"]
+            if not path.is_file():
+                bad.setdefault(f, []).append(f"{s['name']} (missing)")
+            elif path.stat().st_size != s["bytes"]:
+                bad.setdefault(f, []).append(
+                    f"{s['name']} ({path.stat().st_size} bytes, listed with {s['bytes']})")
+    if not bad:
+        return
+    count = sum(len(v) for v in bad.values())
+
+    def names(v: list[str]) -> str:
+        return ", ".join(v[:5]) + (f" and {len(v) - 5} more" if len(v) > 5 else "")
+
+    where = "; ".join(f"{f.name} lists {len(v)}: {names(v)}" for f, v in bad.items())
+    fix = _rerun_job(*bad)
+    raise DataError(f"{out}: {count} shard(s) listed in per-job manifests are missing or damaged ({where}); "
+                    f"nothing was merged. {fix[0].upper() + fix[1:]}, which rebuilds them, then merge again")

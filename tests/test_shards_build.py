@@ -410,6 +410,62 @@ def test_verify_lists_problems(tmp_path: Path, capsys) -> None:
     assert "problem(s)" in capsys.readouterr().err
 
 
+def test_inspect_and_verify_take_a_folder_or_one_tar_and_name_bad_ones(tmp_path: Path, capsys) -> None:
+    """One tar can be inspected and verified on its own; an empty, cut or foreign file, a missing path
+    and a folder of tars without a manifest are one `error:` line (inspect) or a listed problem (verify
+    of a damaged shard), never a traceback."""
+    from uniremoval.cli import main
+
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "out"
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    tar0 = out / "its-000000.tar"
+    capsys.readouterr()
+    assert main(["shards", "inspect", str(tar0), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["dataset"], info["shards"], info["samples"], info["counts"]["total"]) == ("its", 1, 4, 4)
+    assert info["counts"]["degradation"] == {"haze": 4} and info["bytes"] == tar0.stat().st_size
+    assert main(["shards", "verify", str(tar0)]) == 0
+    assert capsys.readouterr().out == f"{tar0}: OK, 1 shard, 4 samples verified\n"  # checked against the manifest
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(tar0, lone / "x.tar")
+    assert main(["shards", "inspect", str(lone / "x.tar")]) == 0
+    assert capsys.readouterr().out.startswith(f"dataset x  ({lone / 'x.tar'})\n  shards 1, samples 4")
+    assert main(["shards", "verify", str(lone / "x.tar")]) == 0
+    assert "4 samples verified (no manifest beside it lists it: size and sha256 not checked)" in capsys.readouterr().out
+    assert main(["shards", "inspect", str(lone)]) == 2
+    assert (f"error: no shard manifest at {lone / 'manifest.json'}, but 1 .tar file(s) beside it: inspect one "
+            f"with `uniremoval shards inspect {lone / 'x.tar'}`") in one_error(capsys)
+
+    # A 0-byte shard: in its folder, and on its own.
+    size = (out / "its-000002.tar").stat().st_size
+    (out / "its-000002.tar").write_bytes(b"")
+    assert main(["shards", "inspect", str(out)]) == 2
+    err = one_error(capsys)
+    assert f"error: shard {out / 'its-000002.tar'} is 0 bytes, its manifest says {size}" in err
+    assert f"`uniremoval shards verify {out}` lists every problem" in err
+    assert main(["shards", "inspect", str(out / "its-000002.tar")]) == 2
+    assert "is an empty file (0 bytes), not a tar" in one_error(capsys)
+    for target in (out, out / "its-000002.tar"):
+        assert main(["shards", "verify", str(target)]) == 1
+        err = capsys.readouterr().err
+        assert "its-000002.tar: empty file (0 bytes), not a tar" in err and "Traceback" not in err
+    # A tar cut mid-member (tarfile alone would read it as a smaller, valid one).
+    (lone / "x.tar").write_bytes(tar0.read_bytes()[:3000])
+    assert main(["shards", "inspect", str(lone / "x.tar")]) == 2
+    assert "is cut short: 3000 bytes is not a whole number of 512-byte tar blocks" in one_error(capsys)
+    assert main(["shards", "verify", str(lone / "x.tar")]) == 1
+    assert "x.tar: cut short" in capsys.readouterr().err
+    (lone / "notes.txt").write_text("hello")
+    for action in ("inspect", "verify"):
+        assert main(["shards", action, str(tmp_path / "nope")]) == 2
+        assert (f"error: {tmp_path / 'nope'} does not exist; `shards {action}` takes a shard folder (the one "
+                "holding manifest.json) or one .tar shard") in one_error(capsys)
+        assert main(["shards", action, str(lone / "notes.txt")]) == 2
+        assert "is neither a shard folder nor a tar shard" in one_error(capsys)
+
+
 def test_load_manifest_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=str(tmp_path / "manifest.json")):
         load_manifest(tmp_path)

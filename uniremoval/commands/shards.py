@@ -91,13 +91,13 @@ def register(subparsers) -> None:
     _add_writer_options(s)
     s.set_defaults(func=_synth)
 
-    i = sub.add_parser("inspect", help="counts, sizes, resolutions, degradations of a shard folder")
-    i.add_argument("dir")
+    i = sub.add_parser("inspect", help="counts, sizes, resolutions, degradations of a shard folder or one tar")
+    i.add_argument("dir", metavar="DIR|TAR", help="a shard folder (holding manifest.json) or one .tar shard")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=_inspect)
 
     v = sub.add_parser("verify", help="checksums, every sample decodes, pairs match in size")
-    v.add_argument("dir")
+    v.add_argument("dir", metavar="DIR|TAR", help="a shard folder (holding manifest.json) or one .tar shard")
     v.add_argument("--workers", type=int, default=1)
     v.set_defaults(func=_verify)
 
@@ -255,15 +255,23 @@ def _inspect(args) -> int:
 
 
 def _verify(args) -> int:
-    from uniremoval.data.manifest import load_manifest, verify_shards
+    from uniremoval.data.manifest import load_manifest, shard_target, verify_shards, verify_tar
 
-    problems = verify_shards(args.dir, workers=args.workers, progress=True)
+    target, is_tar = shard_target(args.dir, "verify")
+    if is_tar:
+        problems, samples, checked = verify_tar(target)
+    else:
+        problems = verify_shards(target, workers=args.workers, progress=True)
     if problems:
         print(f"{args.dir}: {len(problems)} problem(s):", file=sys.stderr)
         for line in problems:
             print(f"  {line}", file=sys.stderr)
         return 1
-    manifest = load_manifest(args.dir)
+    if is_tar:
+        how = "" if checked else " (no manifest beside it lists it: size and sha256 not checked)"
+        print(f"{args.dir}: OK, 1 shard, {samples} samples verified{how}")
+        return 0
+    manifest = load_manifest(target)
     print(
         f"{args.dir}: OK, {len(manifest['shards'])} shard(s), {manifest['counts']['total']} samples verified"
     )

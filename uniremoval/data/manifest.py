@@ -183,27 +183,47 @@ def sample_fields(fields: dict[str, bytes]) -> tuple[str | None, str | None]:
 
 
 def _verify_one(directory: str, entry: dict) -> tuple[list[str], list[str]]:
-    """Check one shard against its manifest entry; returns (problems, keys)."""
+    """Check one shard against its manifest entry (a lone tar's entry has only its name: no size,
+    checksum or count to compare); returns (problems, keys)."""
     path = Path(directory) / entry["name"]
     name = entry["name"]
     if not path.is_file():
         return [f"{name}: missing"], []
     problems = []
     size = path.stat().st_size
-    if size != entry["bytes"]:
+    if "bytes" in entry and size != entry["bytes"]:
         problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
-    if sha256_file(path) != entry["sha256"]:
+    if "sha256" in entry and sha256_file(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest (corrupt or replaced)")
     keys: list[str] = []
-    try:
-        for key, fields in iter_tar_samples(path):
-            keys.append(key)
-            problems += _verify_sample(name, key, fields)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        problems.append(f"{name}: unreadable tar after {len(keys)} samples ({exc})")
-    if len(keys) != entry["samples"]:
+    if size == 0:
+        problems.append(f"{name}: empty file (0 bytes), not a tar")
+    else:
+        cut = tar_end_problem(path, size)
+        if cut:
+            problems.append(f"{name}: {cut}")
+        try:
+            for key, fields in iter_tar_samples(path):
+                keys.append(key)
+                problems += _verify_sample(name, key, fields)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            problems.append(f"{name}: unreadable tar after {len(keys)} samples ({exc})")
+    if "samples" in entry and len(keys) != entry["samples"]:
         problems.append(f"{name}: {len(keys)} samples, manifest says {entry['samples']}")
     return problems, keys
+
+
+def tar_end_problem(path: Path, size: int) -> str | None:
+    """Why a tar looks cut short, or None. A tar is whole 512-byte blocks ending with two zero blocks;
+    tarfile stops silently at a cut between members, so a cut tar would otherwise read as a smaller one."""
+    if size % 512:
+        return f"cut short: {size} bytes is not a whole number of 512-byte tar blocks"
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 1024))
+        tail = fh.read(1024)
+    if size < 1024 or tail.strip(b"\0"):
+        return "cut short: no end-of-archive blocks at its end"
+    return None
 
 
 def _verify_sample(shard: str, key: str, fields: dict[str, bytes]) -> list[str]:
@@ -241,10 +261,65 @@ def _verify_sample(shard: str, key: str, fields: dict[str, bytes]) -> list[str]:
     return problems
 
 
+def verify_tar(path: str | os.PathLike) -> tuple[list[str], int, bool]:
+    """One tar shard: every sample decodes, pairs match in size, keys are unique; its size, sha256 and
+    count too when a manifest beside it lists it. Returns (problems, samples, checked_against_manifest)."""
+    path = Path(path)
+    entry = _entry_beside(path)
+    problems, keys = _verify_one(str(path.parent), entry or {"name": path.name})
+    if not keys and not problems:
+        problems.append(f"{path.name}: holds no samples")
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            problems.append(f"{path.name}:{key}: duplicate key")
+        seen.add(key)
+    return problems, len(keys), entry is not None
+
+
+def _entry_beside(tar: Path) -> dict | None:
+    """The manifest entry of `tar` in the manifest.json beside it, if one lists it (else None)."""
+    if not (tar.parent / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = load_manifest(tar.parent)
+    except DataError:
+        return None
+    return next((e for e in manifest["shards"] if e["name"] == tar.name), None)
+
+
+def shard_target(path: str | os.PathLike, action: str) -> tuple[Path, bool]:
+    """What `shards inspect|verify PATH` reads: (folder, False) for a shard folder (or its manifest.json),
+    (file, True) for one tar shard; a DataError saying what PATH must be otherwise."""
+    p = Path(path)
+    usage = f"`shards {action}` takes a shard folder (the one holding {MANIFEST_NAME}) or one .tar shard"
+    if not p.exists():
+        raise DataError(f"{p} does not exist; {usage}")
+    if p.is_dir():
+        tars = sorted(p.glob("*.tar"))
+        if not (p / MANIFEST_NAME).exists() and tars and not list(p.glob("manifest-job*.json")):
+            raise DataError(
+                f"no shard manifest at {p / MANIFEST_NAME}, but {len(tars)} .tar file(s) beside it: "
+                f"{action} one with `uniremoval shards {action} {tars[0]}`, or rebuild the folder with "
+                f"`uniremoval shards build`"
+            )
+        return p, False
+    if p.name == MANIFEST_NAME:
+        return p.parent, False
+    if p.suffix == ".tar" or tarfile.is_tarfile(p):
+        return p, True
+    raise DataError(f"{p} is neither a shard folder nor a tar shard; {usage}")
+
+
 def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool = False) -> list[str]:
     """Every listed shard exists with its size and sha256, every sample decodes, pairs match in size,
-    keys are unique, and no unlisted shard lies beside them. Returns the problems (empty = good)."""
+    keys are unique, and no unlisted shard lies beside them. Returns the problems (empty = good).
+    `directory` may also be one tar shard (see verify_tar)."""
     directory = Path(directory)
+    if directory.is_file() and directory.name != MANIFEST_NAME:
+        return verify_tar(directory)[0]
+    if directory.name == MANIFEST_NAME and directory.is_file():
+        directory = directory.parent
     manifest = load_manifest(directory)
     problems: list[str] = []
     if manifest.get("complete") is False:
@@ -293,38 +368,86 @@ def _median(values: list[int]) -> float:
     return float(s[mid]) if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
+def _damaged(path: Path, why: str, directory: Path | None) -> DataError:
+    fix = (f"`uniremoval shards verify {directory}` lists every problem; rerun the `uniremoval shards build` "
+           "that wrote it (damaged shards are rebuilt)" if directory is not None
+           else "rerun the `uniremoval shards build` that wrote it (damaged shards are rebuilt), or delete it")
+    return DataError(f"shard {path} {why}; {fix}")
+
+
+def _sample_metas(path: Path, directory: Path | None) -> Iterator[tuple[dict, dict[str, bytes]]]:
+    """(json metadata, fields) of each sample of one tar; DataError naming the tar when it is unreadable."""
+    n = 0
+    try:
+        for key, fields in iter_tar_samples(path, only_json=True):
+            try:
+                meta = json.loads(fields.get("json") or b"{}")
+                if not isinstance(meta, dict):
+                    raise TypeError("not a JSON object")
+                meta["height"], meta["width"] = int(meta.get("height", 0)), int(meta.get("width", 0))
+            except (ValueError, TypeError) as exc:
+                raise _damaged(path, f"has unreadable json in sample {key!r} ({exc})", directory) from exc
+            n += 1
+            yield meta, fields
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise _damaged(path, f"is not a readable tar after {n} sample(s) ({exc})", directory) from exc
+
+
 def inspect_shards(directory: str | os.PathLike) -> dict:
-    """Counts, sizes, resolutions and degradations, read from the manifest and the samples' json."""
-    directory = Path(directory)
-    manifest = load_manifest(directory)
+    """Counts, sizes, resolutions and degradations, read from the manifest and the samples' json.
+    `directory` may also be one tar shard: its counts then come from its samples alone."""
+    path, is_tar = shard_target(directory, "inspect")
+    if is_tar:
+        size = path.stat().st_size
+        if size == 0:
+            raise _damaged(path, "is an empty file (0 bytes), not a tar: it was cut short", None)
+        cut = tar_end_problem(path, size)
+        if cut:
+            raise _damaged(path, f"is {cut}", None)
+        entry = _entry_beside(path)
+        manifest = load_manifest(path.parent) if entry is not None else {}
+        files = [(path, size)]
+        where = None
+    else:
+        manifest = load_manifest(path)
+        files = []
+        for entry in manifest["shards"]:
+            file = path / entry["name"]
+            if not file.is_file():
+                raise DataError(f"shard {file} listed in the manifest is missing; run `uniremoval shards verify {path}`")
+            size = file.stat().st_size
+            if size != entry["bytes"]:
+                raise _damaged(file, f"is {size} bytes, its manifest says {entry['bytes']}", path)
+            files.append((file, size))
+        where = path
     heights, widths = [], []
     resolutions: Counter = Counter()
     paired = 0
     combos: Counter = Counter()
-    for entry in manifest["shards"]:
-        path = directory / entry["name"]
-        if not path.is_file():
-            raise DataError(f"shard {path} listed in the manifest is missing; run `uniremoval shards verify`")
-        for _key, fields in iter_tar_samples(path, only_json=True):
-            meta = json.loads(fields.get("json") or b"{}")
-            h, w = int(meta.get("height", 0)), int(meta.get("width", 0))
+    groups: dict[str, Counter] = {g: Counter() for g in ("degradation", "domain", "split")}
+    for file, _size in files:
+        for meta, fields in _sample_metas(file, where):
+            h, w = meta["height"], meta["width"]
             heights.append(h)
             widths.append(w)
             resolutions[f"{w}x{h}"] += 1
             paired += sample_fields(fields)[1] is not None
             combos[f"{meta.get('degradation')}/{meta.get('domain')}/{meta.get('split')}"] += 1
-    sizes = [e["bytes"] for e in manifest["shards"]]
+            for g, c in groups.items():
+                c[str(meta.get(g))] += 1
+    sizes = [size for _file, size in files]
     n = len(heights)
+    counts = manifest["counts"] if not is_tar else {"total": n, **{g: dict(sorted(c.items())) for g, c in groups.items()}}
     return {
-        "dataset": manifest["dataset"],
-        "directory": str(directory),
+        "dataset": manifest.get("dataset") or path.stem,
+        "directory": str(path),
         "shards": len(sizes),
         "samples": n,
         "paired": paired,
         "bytes": sum(sizes),
         "shard_bytes": {"min": min(sizes, default=0), "max": max(sizes, default=0)},
         "bytes_per_sample": (sum(sizes) / n) if n else 0.0,
-        "counts": manifest["counts"],
+        "counts": counts,
         "degradation_domain_split": dict(sorted(combos.items())),
         "resolution": {
             "height": {
@@ -339,7 +462,7 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
             },
             "most_common": dict(resolutions.most_common(5)),
         },
-        "issues": manifest.get("issues", {}),
+        "issues": manifest.get("issues", {}) if not is_tar else {},
         "created_by": manifest.get("created_by", {}),
     }
 

@@ -4,6 +4,7 @@ start, comes up, then goes away mid-run: nothing logged is lost."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -300,3 +301,53 @@ def test_a_tracking_uri_mlflow_cannot_open_stops_the_job_at_once(tmp_path, monke
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert main(["report", "--experiment", "e", "--tracking-uri", "bogus://x"]) == 2
     assert "error: tracking URI bogus://x: unknown tracking URI scheme 'bogus'" in capsys.readouterr().err
+
+
+def test_a_sqlite_uri_that_is_not_a_database_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """sqlite:/// on a text file, a folder or below a file used to end in an SQLAlchemy traceback (after
+    the whole evaluation, for eval). Each is refused before any work, naming the file, and the file is
+    left as it was; a store MLflow will not open (a folder store) is one line too."""
+    from pydantic import ValidationError
+
+    from uniremoval.cli import main
+    from uniremoval.config import ConfigError
+    from uniremoval.tracking import check_uri, resolve_uri
+
+    def one_error() -> str:
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for uri, problem in (
+        (f"sqlite:///{text}", (f"{text} exists but is not an SQLite database; choose another path for the "
+                               "MLflow store, or delete that file if it is not needed")),
+        (f"sqlite:///{folder}", (f"{folder} is a folder, not an SQLite database file; name a file in it "
+                                 f"(e.g. sqlite:///{folder / 'mlflow.db'})")),
+        (f"sqlite:///{text}/m.db", f"{text} is a file, so the database {text}/m.db cannot be created"),
+    ):
+        assert main(["report", "--experiment", "e", "--tracking-uri", uri]) == 2
+        assert one_error().startswith(f"error: tracking URI {uri}: {problem}")
+        with pytest.raises(ValidationError, match=r"tracking.uri\n.*" + re.escape(problem)):
+            teacher_cfg(tmp_path, uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(ConfigError, match=re.escape(f"MLFLOW_TRACKING_URI {uri}: {problem}")):
+            resolve_uri(None)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert text.read_text() == "not a database\n" and list(folder.iterdir()) == []
+    # an empty file is a new database, and a real one opens as before
+    (tmp_path / "empty.db").write_bytes(b"")
+    assert check_uri(f"sqlite:///{tmp_path / 'empty.db'}", "x")
+    tr = start_run(teacher_cfg(tmp_path, f"sqlite:///{tmp_path / 'empty.db'}"), run_name="t", stage="teacher")
+    tr.finish()
+    assert (tmp_path / "empty.db").read_bytes().startswith(b"SQLite format 3\x00")
+    assert check_uri(f"sqlite:///{tmp_path / 'empty.db'}", "x")
+    # a folder store: MLflow 3 refuses it unless MLFLOW_ALLOW_FILE_STORE is set (older versions open it)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    capsys.readouterr()
+    assert main(["report", "--experiment", "e", "--tracking-uri", str(tmp_path / "mlruns")]) == 2
+    err = one_error()
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in err or "no MLflow experiment 'e'" in err

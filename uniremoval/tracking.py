@@ -50,25 +50,64 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_B
 URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def uri_problem(uri: str) -> str | None:
-    """Why MLflow cannot open `uri` (an unknown scheme), or None; a local folder has no scheme."""
+    """Why MLflow cannot open `uri` (an unknown scheme, or an sqlite:/// path that is not an SQLite
+    database file), or None; a local folder has no scheme."""
     if "://" not in uri:
         return None
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2://...
-    if scheme in URI_SCHEMES:
+    if scheme not in URI_SCHEMES:
+        return f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}"
+    return _sqlite_problem(uri) if scheme == "sqlite" else None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///PATH`` URI (None for other URIs and in-memory databases)."""
+    if uri[:10].lower() != "sqlite:///":
         return None
-    return f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}"
+    rest = uri[10:].split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def _sqlite_problem(uri: str) -> str | None:
+    """A folder, or a file that is not an SQLite database, where the store's file should be: MLflow's
+    SQLAlchemy store fails on it with a traceback. An empty file is a valid (new) database."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    if path.is_dir():
+        return f"{path} is a folder, not an SQLite database file; name a file in it (e.g. sqlite:///{path / 'mlflow.db'})"
+    if path.is_file():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(SQLITE_HEADER))
+        except OSError:
+            return None  # unreadable: MLflow's own error names the cause
+        if head and head != SQLITE_HEADER:
+            return (f"{path} exists but is not an SQLite database; choose another path for the MLflow store, "
+                    "or delete that file if it is not needed")
+        return None
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, so the database {path} cannot be created; choose another path"
+            break
+    return None
 
 
 def check_uri(uri: str, where: str) -> str:
     """`uri` if MLflow can open it; `where` names the option or variable in the error. Found here, a
     typo stops the job at once instead of spooling every metric for the whole run as if the server
-    were down."""
+    were down, and a path that is not a database stops it before any work instead of at the end."""
     from uniremoval.errors import ConfigError
 
     problem = uri_problem(uri)
     if problem:
-        raise ConfigError(f"{where} {uri}: {problem} (e.g. http://host:5000 or sqlite:///mlflow.db)")
+        example = " (e.g. http://host:5000 or sqlite:///mlflow.db)" if problem.startswith("unknown") else ""
+        raise ConfigError(f"{where} {uri}: {problem}{example}")
     return uri
 
 
@@ -79,7 +118,7 @@ def resolve_uri(uri: str | None = None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return check_uri(env, "MLFLOW_TRACKING_URI")
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return check_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}", "the default tracking store")
 
 
 def mlflow_client(uri: str | None = None):
@@ -89,7 +128,24 @@ def mlflow_client(uri: str | None = None):
         os.environ.setdefault(k, v)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    resolved = resolve_uri(uri)
+    try:
+        return MlflowClient(tracking_uri=resolved)  # a local store is opened here; a server is not contacted
+    except Exception as exc:  # MLflow and SQLAlchemy raise many kinds for a store they cannot open
+        if not _is_local(resolved):
+            raise
+        from uniremoval.errors import UniremovalError
+
+        if "MLFLOW_ALLOW_FILE_STORE" in str(exc):
+            import mlflow
+
+            raise UniremovalError(
+                f"tracking URI {resolved} is a folder store, which MLflow {mlflow.__version__} no longer opens: "
+                "use a database file (e.g. sqlite:///mlflow.db), or set MLFLOW_ALLOW_FILE_STORE=true to keep "
+                "the folder") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UniremovalError(f"cannot open the MLflow store {resolved} ({first}); point the tracking URI "
+                              "(tracking.uri, --tracking-uri or $MLFLOW_TRACKING_URI) at another path") from exc
 
 
 def _is_local(uri: str) -> bool:

@@ -218,3 +218,27 @@ def test_unreachable_server_is_a_named_error(capsys):
     assert main(["report", "--experiment", "x", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot read MLflow at {uri}") and "--tracking-uri" in err
+
+
+def test_images_zero_means_no_grids_and_negative_is_refused(store, tmp_path, capsys):
+    """--images 0 used to print 'no image grid: ... run eval with --save-images' (as if images were
+    missing) and a negative count silently dropped images from the end; 0 now means no grids, quietly,
+    and a negative count is one error line before anything is read or written."""
+    from uniremoval.errors import UniremovalError
+    from uniremoval.eval.report import make_report
+
+    out = tmp_path / "r"
+    for n in ("-1", "-5"):
+        assert main(["report", "--experiment", "proj", "--tracking-uri", store, "--out-dir", str(out),
+                     "--images", n]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --images must be >= 0 (images per grid; 0 for no image grids), got {n}\n"
+    assert not out.exists()
+    with pytest.raises(UniremovalError, match="images per grid must be >= 0"):
+        make_report("proj", tracking_uri=store, out_dir=str(out), n_images=-1)
+    assert main(["report", "--experiment", "proj", "--tracking-uri", store, "--out-dir", str(out), "--images", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "### " in captured.out and "image grid" not in captured.out + captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert main(["report", "--experiment", "proj", "--tracking-uri", store, "--out-dir", str(out)]) == 0
+    assert "no image grid: a grid needs the restored images" in capsys.readouterr().err  # the store has none

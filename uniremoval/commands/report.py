@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
     )
     p.add_argument("--out-dir", help="also write report.<format> and grid-<dataset>.png here")
-    p.add_argument("--images", type=int, default=4, help="images per grid (default 4)")
+    p.add_argument("--images", type=int, default=4, help="images per grid (default 4; 0: no image grids)")
     p.add_argument("--decimals", type=_decimals, help="digits shown (default: 4 for SSIM, 2 otherwise)")
     p.add_argument("--log", action="store_true", help="log the --out-dir files to an MLflow run 'report'")
     p.set_defaults(func=handler)
@@ -44,6 +44,8 @@ def handler(args) -> int:
     from uniremoval.errors import UniremovalError
     from uniremoval.eval.report import make_report
 
+    if args.images < 0:
+        raise UniremovalError(f"--images must be >= 0 (images per grid; 0 for no image grids), got {args.images}")
     if args.log and not args.out_dir:
         raise UniremovalError("--log needs --out-dir (the files it logs)")
     if args.out_dir:
@@ -56,7 +58,7 @@ def handler(args) -> int:
     print(text, end="")
     for g in grids:
         print(f"image grid: {g}")
-    if args.out_dir and not grids:
+    if args.out_dir and not grids and args.images > 0:
         import sys
 
         print("no image grid: a grid needs the restored images of two or more models on one dataset "

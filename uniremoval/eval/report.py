@@ -367,7 +367,10 @@ def make_report(
     n_images: int = 4,
     decimals: int | None = None,
 ) -> tuple[str, list[Path]]:
-    """(rendered tables, grid files). With `out_dir`, the tables are also written there."""
+    """(rendered tables, grid files). With `out_dir`, the tables are also written there, and image
+    grids of `n_images` images each (0: none)."""
+    if n_images < 0:
+        raise UniremovalError(f"images per grid must be >= 0 (0 for no image grids), got {n_images}")
     rows = collect(experiment, tracking_uri)
     tables = build_tables(rows)
     if not tables:
@@ -380,5 +383,6 @@ def make_report(
         from uniremoval.io import atomic_write_text
 
         atomic_write_text(Path(out_dir) / f"report.{fmt}", text)
-        grids = image_grids(rows, out_dir, tracking_uri, n_images)
+        if n_images > 0:
+            grids = image_grids(rows, out_dir, tracking_uri, n_images)
     return text, grids

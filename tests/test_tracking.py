@@ -288,6 +288,7 @@ def test_a_tracking_uri_mlflow_cannot_open_stops_the_job_at_once(tmp_path, monke
     from uniremoval.config import ConfigError
     from uniremoval.tracking import check_uri, resolve_uri
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # folder stores pass where MLflow opens them
     for ok in ("http://h:5000", "https://h", "sqlite:///m.db", "file:///tmp/r", "postgresql+psycopg2://u@db/m",
                "mlruns"):
         assert check_uri(ok, "x") == ok
@@ -346,8 +347,24 @@ def test_a_sqlite_uri_that_is_not_a_database_is_one_error_line(tmp_path, monkeyp
     assert (tmp_path / "empty.db").read_bytes().startswith(b"SQLite format 3\x00")
     assert check_uri(f"sqlite:///{tmp_path / 'empty.db'}", "x")
     # a folder store: MLflow 3 refuses it unless MLFLOW_ALLOW_FILE_STORE is set (older versions open it)
+    # (refused in the config too, so every rank stops at once rather than rank 0 at its first log call)
+    import mlflow.environment_variables
+
+    refuses = hasattr(mlflow.environment_variables, "MLFLOW_ALLOW_FILE_STORE")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     capsys.readouterr()
-    assert main(["report", "--experiment", "e", "--tracking-uri", str(tmp_path / "mlruns")]) == 2
+    store = tmp_path / "folder-store"  # (tmp_path/mlruns holds the artifacts of the sqlite store above)
+    assert main(["report", "--experiment", "e", "--tracking-uri", str(store)]) == 2
     err = one_error()
-    assert "MLFLOW_ALLOW_FILE_STORE=true" in err or "no MLflow experiment 'e'" in err
+    if refuses:
+        assert err.startswith(f"error: tracking URI {store}: a folder store, which MLflow {mlflow.__version__} no "
+                              "longer opens: use a database file (e.g. sqlite:///mlflow.db), or set "
+                              "MLFLOW_ALLOW_FILE_STORE=true to keep the folder"), err
+        for uri in (str(store), store.as_uri()):
+            with pytest.raises(ValidationError, match=r"tracking.uri\n.*a folder store"):
+                teacher_cfg(tmp_path, uri)
+        assert not store.exists()
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert check_uri(str(store), "x") and check_uri(store.as_uri(), "x")
+    assert main(["report", "--experiment", "e", "--tracking-uri", str(store)]) == 2
+    assert "no MLflow experiment 'e'" in one_error()

@@ -56,12 +56,25 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 def uri_problem(uri: str) -> str | None:
     """Why MLflow cannot open `uri` (an unknown scheme, or an sqlite:/// path that is not an SQLite
     database file), or None; a local folder has no scheme."""
-    if "://" not in uri:
-        return None
-    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2://...
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else "file"  # postgresql+psycopg2://
     if scheme not in URI_SCHEMES:
         return f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}"
+    if scheme == "file" and not _file_store_allowed():
+        import mlflow
+
+        return (f"a folder store, which MLflow {mlflow.__version__} no longer opens: use a database file "
+                f"(e.g. sqlite:///mlflow.db), or set MLFLOW_ALLOW_FILE_STORE=true to keep the folder")
     return _sqlite_problem(uri) if scheme == "sqlite" else None
+
+
+def _file_store_allowed() -> bool:
+    """MLflow 3 refuses folder stores unless MLFLOW_ALLOW_FILE_STORE is set; older versions open them.
+    Asked only for a folder URI (importing mlflow takes a second)."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:
+        return True
+    return bool(MLFLOW_ALLOW_FILE_STORE.get())
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -136,13 +149,6 @@ def mlflow_client(uri: str | None = None):
             raise
         from uniremoval.errors import UniremovalError
 
-        if "MLFLOW_ALLOW_FILE_STORE" in str(exc):
-            import mlflow
-
-            raise UniremovalError(
-                f"tracking URI {resolved} is a folder store, which MLflow {mlflow.__version__} no longer opens: "
-                "use a database file (e.g. sqlite:///mlflow.db), or set MLFLOW_ALLOW_FILE_STORE=true to keep "
-                "the folder") from exc
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise UniremovalError(f"cannot open the MLflow store {resolved} ({first}); point the tracking URI "
                               "(tracking.uri, --tracking-uri or $MLFLOW_TRACKING_URI) at another path") from exc

@@ -147,14 +147,10 @@ def _check_same_dataset(out: Path, dataset: str, source: dict) -> None:
     """A folder that already holds another dataset (or a cache) is not rebuilt over: its manifest
     would be replaced and its tars overwritten or orphaned. The same dataset from the same source
     (a resumed or repeated build, or more images in the same root) goes on as designed."""
-    manifest = out / "manifest.json"
-    if not manifest.is_file():
-        return
-    try:
-        have = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return  # damaged: the build rewrites it
-    if not isinstance(have, dict):
+    from uniremoval.data.manifest import existing_manifest
+
+    have = existing_manifest(out)
+    if have is None:
         return
     if "cache" in have:
         raise UniremovalError(f"--out {out} holds a teacher cache; choose another --out")

@@ -41,6 +41,20 @@ REQUIRED_KEYS = ("format_version", "dataset", "shards", "counts")
 # reading
 
 
+def existing_manifest(folder: str | os.PathLike) -> dict | None:
+    """The manifest an output folder already holds, before a build or cache writes there: None when
+    there is none, or when it is damaged (the build rewrites it, as after a kill). A cache's has a
+    "cache" section, a dataset's has none."""
+    file = Path(folder) / MANIFEST_NAME
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def load_manifest(path: str | os.PathLike, fix: str = "rebuild the shards") -> dict:
     """Read `<dir>/manifest.json` (or the manifest file itself); DataError naming the file if bad.
     `fix` is what the message tells the user to do about a damaged file."""

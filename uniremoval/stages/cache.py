@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from uniremoval.config import CacheStage
+from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest
 from uniremoval.errors import ConfigError, DataError, UniremovalError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
 
@@ -253,15 +254,10 @@ def check_out_folders(out_root: Path, items: list[dict[str, Any]]) -> None:
                 raise ConfigError(f"cache.out={out_root}: the cache of {name!r} would be written to {out_dir}, "
                                   f"{'the folder of' if out_dir == src else 'overlapping'} the source shards "
                                   f"{src}; set cache.out to a folder of its own (e.g. cache/)")
-        manifest = out_dir / "manifest.json"
-        if manifest.is_file():
-            try:
-                is_cache = "cache" in json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                is_cache = True  # a damaged cache manifest: rewritten at the end, as after a kill
-            if not is_cache:
-                raise ConfigError(f"cache.out={out_root}: {out_dir} holds a dataset ({manifest} has no cache "
-                                  f"section), which the cache would overwrite; set cache.out to a folder of its own")
+        held = existing_manifest(out_dir)
+        if held is not None and "cache" not in held:
+            raise ConfigError(f"cache.out={out_root}: {out_dir} holds a dataset ({out_dir / MANIFEST_NAME} has no "
+                              f"cache section), which the cache would overwrite; set cache.out to a folder of its own")
 
 
 def run(cfg: CacheStage, args: Any = None) -> int:

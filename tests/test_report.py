@@ -220,6 +220,18 @@ def test_unreachable_server_is_a_named_error(capsys):
     assert err.startswith(f"error: cannot read MLflow at {uri}") and "--tracking-uri" in err
 
 
+def test_a_store_that_does_not_exist_is_named_not_created(tmp_path, capsys, monkeypatch):
+    """MLflow creates an empty database to read from a missing sqlite path, so a report run in the wrong
+    folder said 'no experiment' and left an empty mlflow.db there; it now names the path, creating nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for argv in ([], ["--tracking-uri", f"sqlite:///{tmp_path / 'elsewhere' / 'm.db'}"]):
+        assert main(["report", "--experiment", "x", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: no MLflow store at ") and "--tracking-uri" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_images_zero_means_no_grids_and_negative_is_refused(store, tmp_path, capsys):
     """--images 0 used to print 'no image grid: ... run eval with --save-images' (as if images were
     missing) and a negative count silently dropped images from the end; 0 now means no grids, quietly,

@@ -60,8 +60,14 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     """One ModelRow per model evaluated in `experiment`: inputs first, then in order of first evaluation."""
     from mlflow.exceptions import MlflowException
 
-    from uniremoval.tracking import mlflow_client, resolve_uri
+    from uniremoval.tracking import mlflow_client, resolve_uri, sqlite_path
 
+    store = sqlite_path(resolve_uri(tracking_uri))
+    if store is not None and not store.exists():  # MLflow would create an empty store to read it
+        raise UniremovalError(
+            f"no MLflow store at {store} (nothing was logged there); point --tracking-uri (or "
+            "$MLFLOW_TRACKING_URI) at the store that holds the eval runs, or run the report where they were logged"
+        )
     client = mlflow_client(tracking_uri)
     try:
         exp = client.get_experiment_by_name(experiment)

@@ -287,7 +287,7 @@ def mlflow_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
-BOOKKEEPING = ("train/lr", "train/nonfinite_skipped", "train/bad_samples", "train/epoch", "train/weight_")
+BOOKKEEPING = ("train/lr", "train/nonfinite_skipped", "train/bad_samples", "train/padded_samples", "train/epoch", "train/weight_")
 
 
 def loss_terms(history: dict) -> set[str]:

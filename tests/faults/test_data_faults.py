@@ -195,7 +195,7 @@ def test_teacher_training_all_faults_skip_reports_fail_stops(tmp_path):
     with pytest.raises(DataError) as err:
         Trainer(cfg, TeacherTraining(cfg)).fit()
     assert any(shard in str(err.value) for shard, _ in damaged.values())
-    assert "bad_samples: skip" in str(err.value)
+    assert "set data.bad_samples=skip" in str(err.value)
 
 
 def test_bad_sample_count_survives_a_resume(tmp_path):

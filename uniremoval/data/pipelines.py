@@ -538,7 +538,8 @@ def _rng(*parts: int) -> np.random.Generator:
 
 def _fail_or_count(policy: BadPolicy, counter: _Counter, where: str, reason: str) -> None:
     if policy == "fail":
-        raise DataError(f"bad sample {where}: {reason}. Fix or drop it, or set bad_samples: skip")
+        raise DataError(f"bad sample {where}: {reason}. Fix or drop it (`uniremoval shards verify` lists every "
+                        f"bad sample), or set data.bad_samples=skip to train past it")
     counter.n += 1
     # Named once per distinct problem (the warnings registry dedupes repeats over passes).
     warnings.warn(f"skipped bad sample {where}: {reason} (data.bad_samples=skip)", RuntimeWarning, stacklevel=2)

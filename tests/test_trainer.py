@@ -144,10 +144,17 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path):
     """A resumed run may change its length or logging (each change named in one warning), not what the
     checkpoint's weights are: another degradation type, architecture or stage is refused by name, and
     the checkpoint's own config.yaml resumes it with no warning."""
-    from uniremoval.config import load_config
+    from mlflow.tracking import MlflowClient
 
-    part = ToyStage(make_cfg(tmp_path, max_steps=4))
-    Trainer(part.cfg, part).fit()
+    from uniremoval.config import TrackingConfig, load_config
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def tracked(cfg):
+        return cfg.model_copy(update={"tracking": TrackingConfig(uri=store, experiment="resume")})
+
+    part = ToyStage(tracked(make_cfg(tmp_path, max_steps=4)))
+    run_id = Trainer(part.cfg, part).fit().run_id
     ck = tmp_path / "toy" / "checkpoints" / "step-00000004"
     saved = load_config(ck / "config.yaml")
     assert saved == part.cfg
@@ -162,10 +169,16 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path):
     with pytest.raises(UniremovalError, match=r"model.preset: 'deblur' -> 'derain'"):
         Trainer(wider.cfg, wider).fit(resume=str(ck))
 
-    longer = ToyStage(make_cfg(tmp_path, log_every=3, max_steps=6))
+    longer = ToyStage(tracked(make_cfg(tmp_path, log_every=3, max_steps=6)))
     with pytest.warns(RuntimeWarning, match=r"with 1 changed setting\(s\): train.log_every: 2 -> 3$"):
         res = Trainer(longer.cfg, longer).fit(resume="auto")
     assert res.step == 6 and longer.seen[0] == (0, 4)
+    # the MLflow run (the same one) keeps its params and says what this resume changed
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert res.run_id == run_id and run.data.params["train.log_every"] == "2"
+    assert run.data.tags["resumed_changes"] == "train.log_every: 2 -> 3"
+    assert {f.path for f in client.list_artifacts(run_id)} >= {"config.yaml", "config-resumed-step00000004.yaml"}
     saved = load_config(tmp_path / "toy" / "checkpoints" / "step-00000006" / "config.yaml")
     assert saved.train.log_every == 3  # each checkpoint keeps the config that wrote it
     same = ToyStage(saved.model_copy(update={"train": saved.train.model_copy(update={"max_steps": 8})}))

@@ -340,6 +340,7 @@ class Trainer:
         # counts up to the checkpoint this run resumed from.
         self.data_counts = dict.fromkeys(DATA_COUNTS, 0)
         self.data_counts_resumed = dict.fromkeys(DATA_COUNTS, 0.0)
+        self.resumed_changes: list[str] = []  # settings changed since the checkpoint resumed ("key: old -> new")
         self.best_value: float | None = None
         self.run_id: str | None = None
         self._stop_requested = False
@@ -528,6 +529,11 @@ class Trainer:
                                      degradation=self.stage.degradation, run_id=self.run_id,
                                      extra_tags=self.stage.extra_tags(), run_dir=self.run_dir,
                                      background=True)  # a slow or hung server never holds the GPUs
+            if self.tracker is not None and not self.tracker.new_run and self.resumed_changes:
+                # The run's params are the config it started with (MLflow does not change them):
+                # the settings this resume changed go beside them, as a tag and the config used now.
+                self.tracker.set_tags({"resumed_changes": "; ".join(self.resumed_changes)[:5000]})
+                self.tracker.log_text(config_to_yaml(self.cfg), f"config-resumed-step{self.step:08d}.yaml")
         if self.tracker is not None:
             self.run_id = self.tracker.run_id
 
@@ -883,6 +889,7 @@ class Trainer:
                 f"or start a new run (another name) from its weights with "
                 f"model.init={path}/{self.stage.trainable[0]}.safetensors")
         if shown:
+            self.resumed_changes = shown
             warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown),
                           RuntimeWarning, stacklevel=3)
 

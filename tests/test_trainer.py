@@ -20,7 +20,8 @@ from _fixtures import one_torch_thread
 
 from uniremoval.config import ScheduleConfig, TeacherStage
 from uniremoval.errors import UniremovalError
-from uniremoval.stages.trainer import Stage, Trainer, list_checkpoints, lr_factor, skip_batches
+from uniremoval.stages.run_folder import list_checkpoints
+from uniremoval.stages.trainer import Stage, Trainer, lr_factor, skip_batches
 
 
 def make_cfg(tmp_path: Path, optim: dict | None = None, **train) -> TeacherStage:

@@ -228,7 +228,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _assert_intact_then_resume(cfg_path: Path, run: Path) -> None:
     from uniremoval.models.checkpoint import load_checkpoint
-    from uniremoval.stages.trainer import list_checkpoints
+    from uniremoval.stages.run_folder import list_checkpoints
 
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002"]
     load_checkpoint(run / "checkpoints" / "step-00000002" / "teacher.safetensors")  # loads, sha matches its json

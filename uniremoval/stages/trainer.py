@@ -40,9 +40,11 @@ D's forward inside the G step).
 
 Layout of a run (``cfg.run_dir`` = output_dir/name)
 ---------------------------------------------------
-``checkpoints/step-00000100/``: ``<model>.safetensors`` + ``<model>.json`` (weights, step, config
-hash, MLflow run id), ``state.pt`` (step, optimiser and schedule states, counters, run id: tensors
-and plain types only, loads with ``weights_only=True``), ``rng-rank<r>.pt`` (each rank's RNG).
+(On-disk helpers: run_folder.py.) ``checkpoints/step-00000100/``: ``<model>.safetensors`` +
+``<model>.json`` (weights, step, config hash, MLflow run id), ``state.pt`` (step, optimiser and
+schedule states, counters, run id, the config as JSON: tensors and plain types only, loads with
+``weights_only=True``), ``config.yaml`` (the same config, to read or resume with),
+``rng-rank<r>.pt`` (each rank's RNG).
 Written into a hidden temporary directory and renamed, so a crash mid-write leaves the previous
 checkpoint complete; ``keep_last`` are kept, and the temporaries of a killed job are removed
 when the run starts again. ``last`` and ``best`` (safetensors + json) of the
@@ -53,6 +55,8 @@ Resume (``--resume auto|PATH``) restores weights, optimisers, schedules, counter
 position: the epoch and micro-batch index follow from the step (``epoch = step // steps_per_epoch``),
 loaders are re-seeded per epoch, and ``train_batches(epoch, start=...)`` skips the micro-batches
 already seen that epoch, so a resumed run sees exactly the batches an uninterrupted one would.
+A resume may change settings (each named in a warning and an MLflow tag), not the architecture,
+degradation types, stage or discriminator the saved weights belong to (config.RESUME_FIXED).
 
 Preemption: SIGTERM or SIGUSR1 sets a flag; at the next step boundary all ranks agree on it (one
 all-reduce), write a checkpoint and return with ``status == "preempted"`` (the CLI exits 75).

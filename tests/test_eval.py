@@ -330,6 +330,69 @@ def test_folder_layouts(tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def test_folder_eval_on_real_users_files(tmp_path, capsys):
+    """A paired folder as people have it: macOS's ._<name> and .DS_Store beside the images (not
+    inputs, not 'missing targets'), grey/palette/16-bit/CMYK inputs, a phone photo pair tagged
+    with EXIF orientation 6 (scored upright, and saved upright by --save-images), upper-case
+    extensions. A pair whose orientation tags differ is refused, naming both files; an empty file
+    is one error line naming it (eval fails on bad data)."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "set"
+    for sub in ("input", "target"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    clean = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
+    noisy = (clean + rng.normal(0, 8, clean.shape)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(noisy).convert("L").save(root / "input" / "grey.png")
+    Image.fromarray(clean).convert("L").save(root / "target" / "grey.png")
+    Image.fromarray(noisy).convert("P", palette=Image.ADAPTIVE, colors=32).save(root / "input" / "pal.PNG")
+    Image.fromarray(clean).save(root / "target" / "pal.png")
+    Image.fromarray(noisy[..., 0].astype(np.uint16) * 257).save(root / "input" / "g16.png")
+    Image.fromarray(clean[..., 0].astype(np.uint16) * 257).save(root / "target" / "g16.png")
+    Image.fromarray(noisy).convert("CMYK").save(root / "input" / "cmyk.JPG", quality=95)
+    Image.fromarray(clean).save(root / "target" / "cmyk.png")
+    # The phone pair: pixels stored sideways (24 wide, 32 high), tagged 6: upright it is 32x24.
+    Image.fromarray(np.ascontiguousarray(np.rot90(noisy, 1))).save(root / "input" / "phone.png", exif=_exif(6))
+    Image.fromarray(np.ascontiguousarray(np.rot90(clean, 1))).save(root / "target" / "phone.png", exif=_exif(6))
+    (root / "input" / "._phone.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert [n for n, _, _ in folder_pairs(root)] == ["cmyk.JPG", "g16.png", "grey.png", "pal.PNG", "phone.png"]
+    saved = tmp_path / "saved"
+    res = run_eval(EvalOptions("none", str(root), metrics=["psnr", "ssim"], mlflow=False, device="cpu",
+                               save_images=str(saved)))
+    scores = {r["name"]: r for r in res.images}
+    assert set(scores) == {"cmyk.JPG", "g16.png", "grey.png", "pal.PNG", "phone.png"}
+    assert all(15 < r["psnr"] < 40 and r["ssim"] > 0.3 for r in scores.values()), scores
+    grey = torch.from_numpy(np.array(Image.fromarray(noisy).convert("L"))).float() / 255
+    clean_grey = torch.from_numpy(np.array(Image.fromarray(clean).convert("L"))).float() / 255
+    assert scores["grey.png"]["psnr"] == pytest.approx(psnr(grey[None, None], clean_grey[None, None]).item(), abs=1e-9)
+    assert scores["g16.png"]["psnr"] == pytest.approx(
+        psnr(torch.from_numpy(noisy[None, None, ..., 0] / 255.0), torch.from_numpy(clean[None, None, ..., 0] / 255.0)).item(),
+        abs=1e-6)  # 16-bit scaled to [0, 1], not clipped
+    assert Image.open(saved / "phone.png").size == (32, 24)  # upright, as every viewer shows the input
+    np.testing.assert_array_equal(np.asarray(Image.open(saved / "phone.png")), noisy)
+    # Only one of the pair tagged: as displayed or as stored, one is turned against the other.
+    Image.fromarray(np.ascontiguousarray(np.rot90(clean, 1))).save(root / "target" / "phone.png")
+    with pytest.raises(UniremovalError, match=r"input/phone\.png has EXIF orientation 6 \(rotated 90 degrees "
+                                              r"clockwise for display\) but its target .*target/phone\.png has 1"):
+        run_eval(EvalOptions("none", str(root), metrics=["psnr"], mlflow=False, device="cpu"))
+    # No-reference metrics read no targets: the tags do not matter there.
+    assert len(run_eval(EvalOptions("none", str(root), metrics=["piqe"], mlflow=False, device="cpu")).images) == 5
+    (root / "input" / "zero.png").write_bytes(b"")
+    with pytest.raises(UniremovalError, match=r"input/zero\.png: empty file \(0 bytes\)$"):
+        run_eval(EvalOptions("none", str(root), metrics=["piqe"], mlflow=False, device="cpu"))
+    # A tiny image is named, for SSIM (11x11 window) as for PIQE, not a bare 'got 5x7'.
+    from uniremoval.eval.metrics import Scorer
+
+    with pytest.raises(UniremovalError, match=r"image 't\.png' is 5x7, but ssim needs at least 11x11"):
+        Scorer(["psnr", "ssim"], device="cpu").check_size(5, 7, "t.png")
+
+
 def test_unpaired_shards_with_psnr_say_there_is_no_ground_truth(tmp_path):
     """RTTS-like shards (no targets) scored with PSNR: a named error, not a 'bad sample'."""
     from _shardgen import write_dataset

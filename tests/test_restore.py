@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +341,174 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path: Pa
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "error: Read-only file system: " in err and "out/one.png" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ real users' files
+
+
+def _save_with_orientation(path: Path, stored: np.ndarray, orientation: int, **kw) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), **kw)
+
+
+def test_read_image_applies_exif_orientation_like_every_viewer(tmp_path: Path) -> None:
+    """A phone stores its pixels as the sensor read them and tags how to turn them for display:
+    all eight EXIF orientations come out as PIL's exif_transpose (what viewers show) turns them."""
+    from PIL import ImageOps
+
+    from uniremoval.eval.restore import read_image_oriented
+
+    stored = rand_u8(5, 7, seed=4)
+    for orientation in range(1, 9):
+        path = tmp_path / f"o{orientation}.png"  # lossless, with an eXIf chunk
+        _save_with_orientation(path, stored, orientation)
+        with Image.open(path) as im:
+            shown = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        x, turned = read_image_oriented(path)
+        assert turned == orientation
+        np.testing.assert_array_equal((x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8), shown)
+    # 16-bit grey keeps its precision when turned; a JPEG (the usual phone photo) is turned too.
+    g16 = (np.arange(15, dtype=np.uint16).reshape(3, 5) * 4000 + 3).astype(np.uint16)
+    _save_with_orientation(tmp_path / "g16.png", g16, 6)
+    torch.testing.assert_close(read_image(tmp_path / "g16.png")[0],
+                               torch.from_numpy(np.rot90(g16, -1).astype(np.float32) / 65535))
+    _save_with_orientation(tmp_path / "phone.jpg", rand_u8(16, 24, seed=5), 6, quality=95)
+    assert read_image(tmp_path / "phone.jpg").shape == (3, 24, 16)
+
+
+def test_read_image_colour_modes(tmp_path: Path) -> None:
+    """Palette (with a transparent entry), grey+alpha, CMYK and 16-bit RGB become RGB with the
+    values a viewer shows (alpha dropped, not composited); 16-bit is scaled, not clipped."""
+    rgb = rand_u8(6, 9, seed=6)
+    pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
+    pal.save(tmp_path / "p.png", transparency=0)
+    np.testing.assert_array_equal(to_uint8(read_image(tmp_path / "p.png")), np.asarray(pal.convert("RGB")))
+    la = Image.fromarray(rgb).convert("LA")
+    la.save(tmp_path / "la.png")
+    grey = np.asarray(la)[..., 0]
+    np.testing.assert_array_equal(to_uint8(read_image(tmp_path / "la.png")), np.repeat(grey[..., None], 3, 2))
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg", quality=100)
+    assert np.abs(to_uint8(read_image(tmp_path / "c.jpg")).astype(int) - rgb).mean() < 4  # JPEG loss only
+    import cv2
+
+    rgb16 = rgb.astype(np.uint16) * 257 + 100
+    cv2.imwrite(str(tmp_path / "c16.png"), rgb16[:, :, ::-1])
+    torch.testing.assert_close(read_image(tmp_path / "c16.png"),
+                               torch.from_numpy(rgb16.transpose(2, 0, 1).astype(np.float32) / 65535))
+
+
+def test_read_image_names_what_is_wrong(tmp_path: Path) -> None:
+    """One line per bad file that says what it is: empty, an HTML page saved as .jpg, cut short."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.png: empty file \(0 bytes\)$"):
+        read_image(tmp_path / "empty.png")
+    (tmp_path / "page.jpg").write_text("<html>404 Not Found</html>")
+    with pytest.raises(DataError, match=r"page\.jpg: not an image file: .*starting b'<html>404") as err:
+        read_image(tmp_path / "page.jpg")
+    assert "BytesIO" not in str(err.value) and "\n" not in str(err.value)
+    Image.fromarray(rand_u8(40, 40)).save(tmp_path / "cut.jpg", quality=95)
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.jpg: truncated file"):
+        read_image(tmp_path / "cut.jpg")
+
+
+def test_list_images_skips_hidden_files_and_names_other_formats(tmp_path: Path) -> None:
+    from uniremoval.eval.restore import other_formats_note
+
+    Image.fromarray(rand_u8(4, 4)).save(tmp_path / "a.JPG")
+    (tmp_path / "._a.JPG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")  # AppleDouble
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / ".thumbnails").mkdir()
+    Image.fromarray(rand_u8(4, 4)).save(tmp_path / ".thumbnails" / "a.png")
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(rand_u8(4, 4)).save(tmp_path / "sub" / "b.PNG")
+    (tmp_path / "sub" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    others: list[Path] = []
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, others)] == ["a.JPG", "sub/b.PNG"]
+    assert others == [tmp_path / "sub" / "IMG_0001.HEIC"]
+    assert other_formats_note(others, "restore").startswith("note: restore left out 1 file(s) in a format it "
+                                                            "does not read (.heic): ")
+    # A hidden file named on its own is read: the user asked for it.
+    assert list_images(tmp_path / "._a.JPG") == [tmp_path / "._a.JPG"]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def test_restore_cli_on_a_folder_of_real_users_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What people's folders hold: every kind of image restored to a PNG of its displayed size (a
+    phone photo upright), hidden macOS files ignored, a HEIC named in a note, a bad file named in
+    one line and skipped (exit 1), nothing else lost."""
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    (src / "phone").mkdir(parents=True)
+    rgb = rand_u8(11, 13, seed=7)
+    Image.fromarray(rgb).convert("L").save(src / "grey.png")
+    Image.fromarray(rgb).convert("LA").save(src / "grey_alpha.png")
+    Image.fromarray(np.dstack([rgb, np.zeros((11, 13), np.uint8)]), "RGBA").save(src / "clear.png")
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=8).save(src / "pal.png", transparency=0)
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(src / "g16.png")
+    Image.fromarray(rgb).convert("CMYK").save(src / "cmyk.jpg", quality=95)
+    Image.fromarray(rgb).save(src / "UPPER.JPG", quality=95)
+    Image.fromarray(rgb).save(src / "w.webp")
+    Image.fromarray(rgb).save(src / "t.tif")
+    Image.fromarray(rand_u8(1, 1)).save(src / "dot.png")
+    Image.fromarray(rand_u8(5, 7)).save(src / "tiny.bmp")
+    upright = rand_u8(20, 12, seed=8)
+    _save_with_orientation(src / "phone" / "IMG_0001.jpg", np.ascontiguousarray(np.rot90(upright, 1)), 6, quality=95)
+    (src / "phone" / "._IMG_0001.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (src / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (src / "phone" / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (src / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    rc = main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "skipped: " + str(src / "empty.jpg") + ": empty file (0 bytes)" in err
+    assert "restored 12 of 13 image(s)" in err and "failed (1): " + str(src / "empty.jpg") in err
+    assert "._IMG_0001" not in err and "DS_Store" not in err
+    assert "note: restore left out 1 file(s) in a format it does not read (.heic)" in err
+    sizes = {p.relative_to(out).as_posix(): Image.open(p).size for p in out.rglob("*.png")}
+    assert sizes == {"grey.png": (13, 11), "grey_alpha.png": (13, 11), "clear.png": (13, 11), "pal.png": (13, 11),
+                     "g16.png": (13, 11), "cmyk.png": (13, 11), "UPPER.png": (13, 11), "w.png": (13, 11),
+                     "t.png": (13, 11), "dot.png": (1, 1), "tiny.png": (7, 5), "phone/IMG_0001.png": (12, 20)}
+    assert all(Image.open(p).mode == "RGB" for p in out.rglob("*.png"))
+    # The phone photo is restored upright (12 wide, 20 high as displayed; stored 20 wide): the
+    # written PNG is the model's output on the turned pixels.
+    from uniremoval.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt, restorer=True, map_location="cpu")
+    expected = restore_tensor(model, read_image(src / "phone" / "IMG_0001.jpg").unsqueeze(0), "minus_one_one")[0]
+    got = torch.from_numpy(np.asarray(Image.open(out / "phone" / "IMG_0001.png")).transpose(2, 0, 1).copy()) / 255
+    assert (got - expected).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_restore_cli_says_what_a_large_image_needs(tmp_path: Path, capsys, monkeypatch) -> None:
+    """On the CPU a process that runs out of memory is killed by the kernel (no error, no summary):
+    an image that surely does not fit untiled is skipped, naming what it needs and --tile; with
+    --tile it is restored."""
+    from uniremoval.eval import restore as restore_mod
+
+    model = MPRNet("tiny").eval()
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", model, {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(rand_u8(64, 80, seed=1)).save(src / "big.png")
+    Image.fromarray(rand_u8(16, 16, seed=2)).save(src / "small.png")
+    need = restore_mod.untiled_memory(model, 64, 80)
+    assert restore_mod.untiled_memory(model, 16, 16) < need // 2
+    monkeypatch.setattr(restore_mod, "available_memory", lambda: need // 2)
+    args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"skipped: .*big\.png: 80x64 needs about \d+\.\d GB untiled, \d+\.\d GB is free; rerun with "
+                     r"--tile 512", err), err
+    assert (tmp_path / "out" / "small.png").is_file() and not (tmp_path / "out" / "big.png").exists()
+    assert main([*args, "--output", str(tmp_path / "tiled"), "--tile", "32", "--tile-overlap", "8"]) == 0
+    assert Image.open(tmp_path / "tiled" / "big.png").size == (80, 64)
+    # The estimate is the measured one: tiny MPRNet on a 3000x2000 photo peaked at 6.4 GB (ru_maxrss).
+    assert 5.5 < restore_mod.untiled_memory(model, 2000, 3000) / 2**30 < 6.5
+    assert restore_mod.untiled_memory(nn.Conv2d(3, 3, 3), 2000, 3000) is None  # unknown models: no guess

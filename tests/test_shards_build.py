@@ -498,6 +498,55 @@ def test_shard_paths_forms(tmp_path: Path) -> None:
         shard_paths(out)
 
 
+def test_folder_of_real_users_files(tmp_path: Path, capsys) -> None:
+    """`--format folder` on a folder as people have it: every image kind is packed with its own bytes
+    and decodes to RGB of its stored size (grey, palette, 16-bit, CMYK, WebP, TIFF, upper-case
+    extensions, 1x1 and odd sizes); macOS's ._<name>, .DS_Store and a hidden folder are not
+    inputs; a HEIC, an empty file and an HTML page saved as .jpg are reported by name, each with a
+    reason a person can act on (no Python object in it)."""
+    import cv2
+
+    from uniremoval.data.pipelines import eval_samples
+
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    (root / ".thumbnails").mkdir()
+    rgb = np.random.default_rng(4).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(root / "grey.png")
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16).save(root / "pal.png", transparency=0)
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(root / "g16.png")
+    cv2.imwrite(str(root / "rgb16.png"), (rgb.astype(np.uint16) * 257)[:, :, ::-1])
+    Image.fromarray(rgb).convert("CMYK").save(root / "sub" / "cmyk.JPG", quality=95)
+    Image.fromarray(rgb).save(root / "w.webp", lossless=True)
+    Image.fromarray(rgb).save(root / "t.TIF")
+    Image.fromarray(rgb[:1, :1]).save(root / "dot.png")
+    Image.fromarray(rgb).save(root / ".thumbnails" / "x.png")
+    (root / "._grey.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "IMG_1.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (root / "empty.png").write_bytes(b"")
+    (root / "page.jpg").write_text("<html>404 Not Found</html>")
+    out = tmp_path / "out"
+    assert build("folder", root, out, "--degradation", "clear") == 0
+    assert "skipped inputs: 3 (unreadable 2, unsupported_format 1)" in capsys.readouterr().out
+    report = {r["path"]: (r["kind"], r["reason"]) for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
+    assert report["IMG_1.heic"] == ("unsupported_format", ".heic is not read here; convert it to PNG or JPEG")
+    assert report["empty.png"] == ("unreadable", "empty file (0 bytes)")
+    kind, reason = report["page.jpg"]
+    assert kind == "unreadable" and reason.startswith("not an image file") and "<html>404" in reason
+    assert "BytesIO" not in reason and set(report) == {"IMG_1.heic", "empty.png", "page.jpg"}
+    got = {s["meta"]["input_name"]: s["input"] for s in eval_samples(str(out), 0, 1, bad_samples="fail",
+                                                                     as_tensor=False)}
+    assert sorted(got) == ["dot.png", "g16.png", "grey.png", "pal.png", "rgb16.png", "sub/cmyk.JPG", "t.TIF", "w.webp"]
+    assert all(a.ndim == 3 and a.shape[2] == 3 for a in got.values()) and got["dot.png"].shape == (1, 1, 3)
+    assert got["g16.png"].dtype == np.uint16 and np.array_equal(got["g16.png"][..., 1], rgb[..., 0].astype(np.uint16) * 257)
+    assert np.array_equal(got["rgb16.png"], rgb.astype(np.uint16) * 257)
+    for name in ("t.TIF", "w.webp"):
+        assert np.array_equal(got[name], rgb)
+    assert np.abs(got["sub/cmyk.JPG"].astype(int) - rgb).mean() < 8  # JPEG loss only
+    assert verify_shards(out) == []
+
+
 def test_all_inputs_rejected_still_writes_report(tmp_path: Path) -> None:
     tree = Tree(tmp_path / "its")
     tree.image("hazy/1_1_0.9.png", 1, 1)

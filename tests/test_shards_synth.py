@@ -162,6 +162,43 @@ def test_synth_scales_sixteen_bit_grey_clean_images(tmp_path: Path) -> None:
     assert decode(f16["input.png"]).mean() < 250
 
 
+def test_synth_degrades_the_pixels_the_loaders_decode(tmp_path: Path) -> None:
+    """Clean photos as people have them (CMYK JPEG, palette with transparency, grey+alpha, 16-bit
+    RGB, upper-case extension): each input is synthesized from exactly the pixels the loaders
+    decode the stored target to (`decode_image`), so a pair differs by the degradation only
+    (PIL's CMYK conversion is one level off OpenCV's on most pixels). macOS's ._<name> is not a
+    clean image; a HEIC and an empty file are reported by name and kind."""
+    import cv2
+
+    from uniremoval.data.synth import _rgb8
+    from uniremoval.data.transforms import decode_image
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    rgb = textured(24, 32, seed=9)
+    Image.fromarray(rgb).convert("CMYK").save(clean / "cmyk.JPG", quality=95)
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=32).save(clean / "pal.png", transparency=0)
+    Image.fromarray(rgb).convert("LA").save(clean / "la.png")
+    cv2.imwrite(str(clean / "rgb16.png"), (rgb.astype(np.uint16) * 257 + 7)[:, :, ::-1])
+    (clean / "._cmyk.JPG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (clean / "IMG_1.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (clean / "empty.png").write_bytes(b"")
+    out = tmp_path / "o"
+    assert synth(clean, out, "--degradation", "haze", "--seed", "2") == 0
+    report = {(r["kind"], r["path"]): r["reason"] for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
+    assert report == {("unsupported_format", "IMG_1.HEIC"): ".heic is not read here; convert it to PNG or JPEG",
+                      ("unreadable", "empty.png"): "empty file (0 bytes)"}
+    got = samples(out)
+    assert sorted(json.loads(f["json"])["input_name"] for _, f in got) == ["cmyk.JPG", "la.png", "pal.png", "rgb16.png"]
+    for _, fields in got:
+        meta = json.loads(fields["json"])
+        target = next(v for k, v in fields.items() if k.startswith("target."))
+        assert target == (clean / meta["input_name"]).read_bytes()
+        again, _ = synthesize(_rgb8(decode_image(target)), "haze",
+                              np.random.default_rng(meta["synthesis"]["sample_seed"]))
+        assert np.array_equal(decode(fields["input.png"]), again), meta["input_name"]
+
+
 def test_synth_build(tmp_path: Path) -> None:
     clean = clean_dir(tmp_path / "clean")
     out = tmp_path / "haze"

@@ -1,8 +1,10 @@
 """`uniremoval restore`: restore one image or a folder of images with a checkpoint.
 
-Accepts our checkpoints (.safetensors + .json) and official MPRNet .pth files. Writes one PNG per
-input with the same stem (sub-folders mirrored). Unreadable inputs are reported by name and
-skipped; the exit status is 1 when any failed, after all others are written.
+Accepts our checkpoints (.safetensors + .json) and official MPRNet .pth files. Writes one 8-bit RGB
+PNG per input with the same stem (sub-folders mirrored), the size of the input as it is displayed
+(EXIF orientation applied: see `eval.restore.read_image_oriented`). Hidden files (.DS_Store, macOS's
+._<name>) are not inputs. Unreadable inputs are reported by name and skipped; the exit status is 1
+when any failed, after all others are written.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "restore",
         help="restore images with a checkpoint (ours or an official MPRNet .pth)",
-        description="Restore a PNG/JPEG/BMP image or every such image under a folder; writes PNGs with "
-        "the same stem into --output. Official MPRNet .pth files work on [0, 1] images, ours on [-1, 1]: "
+        description="Restore a PNG/JPEG/BMP/TIFF/WebP/PPM image or every such image under a folder (hidden "
+        "files skipped); writes 8-bit RGB PNGs with the same stem into --output, upright (EXIF orientation "
+        "applied) and the input's size. Official MPRNet .pth files work on [0, 1] images, ours on [-1, 1]: "
         "the checkpoint's metadata decides.",
     )
     p.add_argument(
@@ -49,7 +52,15 @@ def run(args: argparse.Namespace) -> int:
 
     from uniremoval.data.readers import IMAGE_EXTS
     from uniremoval.errors import DataError, UniremovalError
-    from uniremoval.eval.restore import list_images, read_image, restore_tensor, write_png
+    from uniremoval.eval.restore import (
+        available_memory,
+        list_images,
+        other_formats_note,
+        read_image,
+        restore_tensor,
+        untiled_memory,
+        write_png,
+    )
     from uniremoval.models.checkpoint import load_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
     from uniremoval.io import check_output
 
     check_output(out_root, "--output", folder=True)
-    files = list_images(in_root)
+    others: list[Path] = []
+    files = list_images(in_root, others)
+    if others:
+        print(other_formats_note(others, "restore"), file=sys.stderr)
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}")
 
@@ -89,9 +103,19 @@ def run(args: argparse.Namespace) -> int:
     input_range = meta.get("input_range", "minus_one_one")
 
     failed: list[str] = []
+    free = available_memory() if device == "cpu" else None
     for src, dst in tqdm(plan, desc="restore", unit="img", file=sys.stderr):
         try:
             x = read_image(src)
+            h, w = x.shape[-2:]
+            need = untiled_memory(model, h, w) if args.tile is None or (h <= args.tile and w <= args.tile) else None
+            if need is not None and free is not None and need > free:
+                # On the CPU the kernel kills a process that runs out (no error to catch, and this
+                # summary is lost): an image that surely does not fit is skipped, saying what it needs.
+                failed.append(str(src))
+                tqdm.write(f"skipped: {src}: {w}x{h} needs about {_gb(need)} untiled, {_gb(free)} is free; "
+                           "rerun with --tile 512 (or smaller)", file=sys.stderr)
+                continue
             y = restore_tensor(
                 model,
                 x.unsqueeze(0),
@@ -120,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed ({len(failed)}): " + ", ".join(failed), file=sys.stderr)
         return 1
     return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GB"
 
 
 def _cpu_out_of_memory(exc: RuntimeError) -> bool:

@@ -181,8 +181,10 @@ def image_size(data: bytes) -> tuple[int, int]:
             im.load()
             return im.height, im.width
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        kind = "truncated" if "truncat" in str(exc).lower() else "unreadable"
-        raise ValueError(f"{kind}: {type(exc).__name__}: {exc}") from exc
+        from uniremoval.data.transforms import decode_problem
+
+        kind, reason = decode_problem(exc, data)
+        raise ValueError(f"{kind}: {reason}") from exc
 
 
 def sample_fields(fields: dict[str, bytes]) -> tuple[str | None, str | None]:

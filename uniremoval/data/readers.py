@@ -42,7 +42,7 @@ class Item:
 class Issue:
     """A bad input found while listing or building; goes to the report file."""
 
-    kind: str  # missing_partner | unreadable | truncated | size_mismatch | outside_root | duplicate
+    kind: str  # missing_partner | unreadable | truncated | size_mismatch | outside_root | duplicate | unsupported_format
     path: str
     reason: str
     partner: str | None = None
@@ -122,24 +122,60 @@ def resolve_entry(root: Path, entry: str, base: Path | None = None) -> tuple[str
     return candidate.resolve().relative_to(root_resolved).as_posix(), ""
 
 
-def scan_images(root: Path, folder: Path, issues: list[Issue]) -> list[Path]:
-    """All image files under `folder` (recursive, sorted, hidden files skipped, links checked)."""
-    root_resolved = root.resolve()
+def hidden(name: str) -> bool:
+    """A dot-file or dot-folder, never data: .DS_Store, the `._<name>` AppleDouble files macOS
+    leaves beside every file on a FAT/exFAT/network drive or in a zip (they carry the image's
+    extension but hold no image), .git, .thumbnails, .ipynb_checkpoints."""
+    return name.startswith(".")
+
+
+# Image formats people have that no reader here decodes: a folder of them is named in a note, not
+# skipped in silence (an iPhone's HEIC photos, a camera's raw files).
+OTHER_IMAGE_EXTS = frozenset({".heic", ".heif", ".avif", ".gif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3",
+                              ".nef", ".arw", ".raf", ".orf", ".rw2"})
+
+
+def walk_images(folder: Path, skip: tuple[Path, ...] = (), others: list[Path] | None = None) -> list[Path]:
+    """Every file with an image extension (`IMAGE_EXTS`, any case) under `folder`: recursive, sorted,
+    hidden files and folders skipped (`hidden`), folders in `skip` left out. Files in another image
+    format (`OTHER_IMAGE_EXTS`) go to `others` when it is given. The one listing of a folder of
+    images: `shards build`/`synth` (`scan_images`), `restore` and `eval --data FOLDER`."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        base = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not hidden(d) and base / d not in skip)
         for name in filenames:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTS:
+            if hidden(name):
                 continue
-            path = Path(dirpath) / name
-            if not _inside(root_resolved, path):
-                issues.append(Issue("outside_root", _rel(root, path), f"links outside --root {root}"))
-                continue
-            if not path.exists():  # a dangling link: os.walk lists it, but it cannot be read
-                issues.append(Issue("unreadable", _rel(root, path), f"broken link to {os.readlink(path)}"))
-                continue
-            found.append(path)
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_EXTS:
+                found.append(base / name)
+            elif others is not None and suffix in OTHER_IMAGE_EXTS:
+                others.append(base / name)
+    if others is not None:
+        others.sort()
     return sorted(found)
+
+
+def scan_images(root: Path, folder: Path, issues: list[Issue]) -> list[Path]:
+    """All image files under `folder` (`walk_images`: recursive, sorted, hidden files skipped), links
+    checked. A file in a format no reader decodes (HEIC, GIF, raw) is an `unsupported_format` issue."""
+    root_resolved = root.resolve()
+    found: list[Path] = []
+    others: list[Path] = []
+    images = walk_images(folder, others=others)
+    for path in others:
+        issues.append(Issue("unsupported_format", _rel(root, path),
+                            f"{path.suffix.lower()} is not read here; convert it to PNG or JPEG"))
+    for path in images:
+        if not _inside(root_resolved, path):
+            issues.append(Issue("outside_root", _rel(root, path), f"links outside --root {root}"))
+            continue
+        if not path.exists():  # a dangling link: os.walk lists it, but it cannot be read
+            issues.append(Issue("unreadable", _rel(root, path), f"broken link to {os.readlink(path)}"))
+            continue
+        found.append(path)
+    return found
 
 
 def _child(parent: Path, names: tuple[str, ...]) -> Path | None:
@@ -358,7 +394,7 @@ def _split_folders(root: Path, has_layout: Callable[[Path], bool], opts: ReaderO
     if has_layout(root):
         return {opts.split or "train": root}
     found: dict[str, Path] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not hidden(p.name)):
         if has_layout(folder):
             found.setdefault(_split_name(folder.name), folder)
     if opts.split:
@@ -457,7 +493,7 @@ def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
     items: list[Item] = []
     issues: list[Issue] = []
     for split, folder in sorted(splits.items()):
-        for seq in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for seq in sorted(p for p in folder.iterdir() if p.is_dir() and not hidden(p.name)):
             blur, sharp = _child(seq, (opts.blur_dir,)), _child(seq, ("sharp",))
             if blur is None:
                 issues.append(Issue("missing_partner", _rel(root, seq), f"sequence has no {opts.blur_dir}/"))

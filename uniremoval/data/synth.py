@@ -360,16 +360,12 @@ def encode_image(img: np.ndarray, params: dict) -> tuple[bytes, str]:
     return buf.getvalue(), "png"
 
 
-def _rgb8(im) -> np.ndarray:
-    """A PIL image as uint8 HxWx3, what `synthesize` takes.
-
-    16-bit grey PNGs open as mode I;16 (or I), and PIL's convert("RGB") clips them at 255 instead
-    of scaling: nearly every pixel turns white. They are scaled to 8 bits here (65535 -> 255).
-    """
-    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-        grey = np.asarray(im).astype(np.float64) / 257.0
-        return np.repeat((np.clip(grey, 0, 255) + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
-    return np.asarray(im.convert("RGB"))
+def _rgb8(arr: np.ndarray) -> np.ndarray:
+    """A decoded image (`decode_image`: uint8, or uint16 for 16-bit PNGs) as the uint8 HxWx3 that
+    `synthesize` takes: 16-bit values are scaled (65535 -> 255), never clipped at 255."""
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(arr)
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -447,9 +443,8 @@ class SynthSampleBuilder:
 
     def _clean(self, rel: str, cache: dict):
         if ("clean", rel) not in cache:
-            from PIL import Image
-
             from uniremoval.data.manifest import image_size
+            from uniremoval.data.transforms import decode_image
 
             try:
                 data = Path(self.root, rel).read_bytes()
@@ -458,11 +453,16 @@ class SynthSampleBuilder:
                 return cache[("clean", rel)]
             try:
                 image_size(data)  # full decode: a truncated file must be reported, not half-used
-                with Image.open(io.BytesIO(data)) as im:
-                    arr = _rgb8(im)
             except ValueError as exc:
                 kind, _, reason = str(exc).partition(": ")
                 cache[("clean", rel)] = (None, None, Issue(kind, rel, reason))
+                return cache[("clean", rel)]
+            try:
+                # The loaders' decoder: the degraded input is made from exactly the pixels the
+                # target decodes to in training and eval (grey, palette, CMYK, 16-bit alike).
+                arr = _rgb8(decode_image(data))
+            except ValueError as exc:
+                cache[("clean", rel)] = (None, None, Issue("unreadable", rel, str(exc)))
                 return cache[("clean", rel)]
             cache.clear()  # one clean image at a time: its per-image variants are consecutive
             cache[("clean", rel)] = (data, arr, None)

@@ -55,6 +55,62 @@ def decode_image(data: bytes) -> np.ndarray:
     return arr
 
 
+def decode_problem(exc: BaseException, data: bytes) -> tuple[str, str]:
+    """(kind, reason) for image bytes that did not decode, in words a user can act on.
+
+    kind is "truncated" (the file is cut short) or "unreadable"; the reason names an empty file,
+    and for bytes in no image format shows how they start (an HTML error page or a Git LFS pointer
+    saved under an image name reads as such), never a Python object's repr. Shared by the shard
+    builders' report (`manifest.image_size`) and `restore`/`eval` (`eval.restore.read_image`).
+    """
+    if len(data) == 0:
+        return "unreadable", "empty file (0 bytes)"
+    text = str(exc)
+    if "truncat" in text.lower():
+        return "truncated", f"{type(exc).__name__}: {text}"
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "unreadable", f"not an image file: no image format recognised ({len(data)} bytes, starting {data[:24]!r})"
+    return "unreadable", f"{type(exc).__name__}: {text}"
+
+
+# EXIF orientation (tag 274): how the stored pixels are turned for display, as every viewer does.
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS = {1: "upright", 2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down",
+                5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+                8: "rotated 90 degrees counter-clockwise"}
+
+
+def exif_orientation(img) -> int:
+    """The EXIF orientation (1-8) of an open PIL image; 1 (as stored) when absent or invalid."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: show the pixels as stored
+        return 1
+    return value if isinstance(value, int) and value in ORIENTATIONS else 1
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn stored HWC pixels by an EXIF orientation so they stand as displayed (PIL's
+    ``ImageOps.exif_transpose``, on any dtype: 16-bit pixels keep their precision). A view."""
+    if orientation == 2:
+        return arr[:, ::-1]
+    if orientation == 3:
+        return arr[::-1, ::-1]
+    if orientation == 4:
+        return arr[::-1]
+    if orientation == 5:
+        return arr.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(arr, -1)
+    if orientation == 7:
+        return arr[::-1, ::-1].swapaxes(0, 1)
+    if orientation == 8:
+        return np.rot90(arr, 1)
+    return arr
+
+
 def _cv2():
     try:
         import cv2

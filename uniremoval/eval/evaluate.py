@@ -7,6 +7,11 @@ or URL; read with `uniremoval.data.pipelines.eval_samples`) or a folder of image
   extension) under `DIR/target/`;
 - or `DIR/input/...` with targets under `DIR/target/...` (also `gt/`, `groundtruth/`).
 
+Folder images are listed as the shard builders list them (hidden files such as macOS's `._<name>`
+skipped) and read as `restore` reads them (`eval.restore.read_image_oriented`: upright, with EXIF
+orientation applied; a pair whose orientation tags differ is refused). Shards hold the stored
+pixels and are decoded as stored (`data.transforms.decode_image`), as training sees them.
+
 Distribution: under `accelerate launch` every rank scores its part (shards: by shard/sample, see
 `eval_samples`; folders: the sorted file list strided by rank), the per-image records are gathered
 on rank 0, which checks that every image was scored exactly once, writes the JSON/CSV and logs the
@@ -101,22 +106,22 @@ def is_shard_source(data: str | list[str]) -> bool:
     return p.is_dir() and ((p / "manifest.json").is_file() or any(p.glob("*.tar")))
 
 
-def _images_under(root: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
-    out = []
-    for p in root.rglob("*"):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not any(e in p.parents for e in exclude):
-            out.append(p)
-    return sorted(out)
+def _images_under(root: Path, exclude: tuple[Path, ...] = (), others: list[Path] | None = None) -> list[Path]:
+    """The images under `root` as every command lists them (`readers.walk_images`: hidden files skipped)."""
+    from uniremoval.data.readers import walk_images
+
+    return walk_images(root, skip=exclude, others=others)
 
 
-def folder_pairs(root: str | os.PathLike) -> list[tuple[str, Path, Path | None]]:
-    """(name, input, target or None) for a folder dataset, sorted by name (see module doc)."""
+def folder_pairs(root: str | os.PathLike, others: list[Path] | None = None) -> list[tuple[str, Path, Path | None]]:
+    """(name, input, target or None) for a folder dataset, sorted by name (see module doc); input
+    files in formats no reader decodes (HEIC, GIF...) go to `others` when given."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data {root}: not a directory, shard dataset or tar")
     tdirs = [root / d for d in TARGET_DIRS if (root / d).is_dir()]
     in_root = root / "input" if (root / "input").is_dir() else root
-    inputs = _images_under(in_root, exclude=tuple(tdirs))
+    inputs = _images_under(in_root, exclude=tuple(tdirs), others=others)
     if not inputs:
         raise DataError(f"--data {root}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
     targets: dict[str, Path] = {}
@@ -131,9 +136,19 @@ def folder_pairs(root: str | os.PathLike) -> list[tuple[str, Path, Path | None]]
 
 
 def iter_folder(root: str, rank: int, world: int, need_target: bool) -> Iterator[Item]:
-    from uniremoval.eval.restore import read_image
+    """Items of a folder dataset, read upright (`read_image_oriented`). A pair whose EXIF
+    orientations differ is refused: turned as displayed, or as stored, one of them is misaligned."""
+    from uniremoval.data.transforms import ORIENTATIONS
+    from uniremoval.eval.restore import read_image_oriented
 
-    pairs = folder_pairs(root)
+    others: list[Path] = []
+    pairs = folder_pairs(root, others)
+    if others and rank == 0:
+        import sys
+
+        from uniremoval.eval.restore import other_formats_note
+
+        print(other_formats_note(others, "eval"), file=sys.stderr)
     if need_target:
         missing = [n for n, _, t in pairs if t is None]
         if missing:
@@ -142,8 +157,16 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool) -> Iterator
                 f"{missing[0]!r}; put targets of the same name under {root}/target/"
             )
     for name, inp, tgt in pairs[rank::world]:
-        image = read_image(inp)
-        target = read_image(tgt) if (tgt is not None and need_target) else None
+        image, turn = read_image_oriented(inp)
+        target = None
+        if tgt is not None and need_target:
+            target, target_turn = read_image_oriented(tgt)
+            if target_turn != turn:
+                raise DataError(
+                    f"{inp} has EXIF orientation {turn} ({ORIENTATIONS[turn]} for display) but its target {tgt} "
+                    f"has {target_turn} ({ORIENTATIONS[target_turn]}): the pair is misaligned either as displayed "
+                    "or as stored; save both upright without the tag (e.g. PIL's ImageOps.exif_transpose)"
+                )
         if target is not None and target.shape != image.shape:
             raise DataError(f"{tgt}: target is {tuple(target.shape)} but input {inp} is {tuple(image.shape)}")
         yield Item(name, image, target)

@@ -51,7 +51,7 @@ METRICS: dict[str, MetricInfo] = {
     "brisque_live": MetricInfo("brisque_live", "nr", True, "brisque", label="BRISQUE (LIVE)"),
     "niqe_live": MetricInfo("niqe_live", "nr", True, "niqe", min_size=96, label="NIQE (LIVE)"),
     "psnr": MetricInfo("psnr", "fr", False, None, label="PSNR"),
-    "ssim": MetricInfo("ssim", "fr", False, None, label="SSIM"),
+    "ssim": MetricInfo("ssim", "fr", False, None, min_size=11, label="SSIM"),  # its 11x11 window
 }
 
 

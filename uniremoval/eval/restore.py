@@ -20,6 +20,7 @@ trained model. Use the largest tile that fits in memory; without --tile nothing 
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uniremoval.data.readers import IMAGE_EXTS
+from uniremoval.data.readers import walk_images
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.io import atomic_writer
 
@@ -38,30 +39,46 @@ INPUT_RANGES = ("minus_one_one", "zero_one")
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file (PNG, JPEG, BMP, TIFF, WebP, PPM) into a float32 RGB tensor (3, H, W) in [0, 1].
+    """Read an image file (PNG, JPEG, BMP, TIFF, WebP, PPM) into a float32 RGB tensor (3, H, W) in
+    [0, 1], upright as it is displayed: `read_image_oriented` without the orientation."""
+    return read_image_oriented(path)[0]
 
-    Grayscale is repeated to RGB; an alpha channel is dropped (the colour values are kept as
-    stored, not composited, like PIL's ``convert("RGB")`` in the official MPRNet demo); 16-bit
-    PNGs keep their precision. The pixel array is used as stored: EXIF orientation is not applied
-    (as in the official demo and the dataset readers), so inputs and ground truths stay aligned.
-    Raises DataError naming the file.
+
+def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
+    """Read an image file into a float32 RGB tensor (3, H, W) in [0, 1]; return it and the EXIF
+    orientation (1-8, 1: none) that was applied.
+
+    The one reader of image files for `restore` and `eval --data FOLDER`:
+    - EXIF orientation is applied (a phone photo whose pixels are stored sideways, with a tag
+      saying how to turn them, comes out upright as every viewer shows it, so the restored PNG,
+      which carries no tag, is upright too). `eval` refuses a pair whose tags differ.
+    - Grey (L, 16-bit I;16), palette (P), CMYK and YCbCr are converted to RGB; 16-bit PNGs and
+      TIFFs keep their precision (65535 -> 1.0, never clipped at 255).
+    - An alpha channel is dropped, not composited: the colour values are kept as stored, like
+      PIL's ``convert("RGB")`` in the official MPRNet demo and the shard loaders (OpenCV).
+    Raises DataError naming the file and what is wrong with it (missing, empty, not an image,
+    truncated).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from uniremoval.data.transforms import apply_orientation, decode_image, decode_problem, exif_orientation
 
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(26)
-        if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[24] == 16 and head[25] in (2, 6):
-            # 16-bit RGB(A): Pillow would read 8 bits of it; the shard decoder keeps all 16.
-            from uniremoval.data.transforms import decode_image
-
-            arr = decode_image(path.read_bytes()).astype(np.float32) / 65535.0
-            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit PNGs open as I;16 or (older Pillow) I.
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # the whole file: a truncated one is refused here, not half-restored
+            orientation = exif_orientation(img)
+            if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
+                # 16-bit RGB(A): Pillow reads 8 bits of it; the shard decoder keeps all 16.
+                arr = decode_image(data).astype(np.float32) / 65535.0
+            elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit grey PNGs and TIFFs open as I;16 or (older Pillow, PNG) I.
                 sixteen = img.mode.startswith("I;16") or img.format == "PNG"
                 arr = np.asarray(img, dtype=np.float32) / (65535.0 if sixteen else 255.0)
                 arr = np.clip(arr, 0.0, 1.0)[..., None].repeat(3, axis=2)
@@ -72,13 +89,15 @@ def read_image(path: str | os.PathLike) -> Tensor:
                     rgba = img.convert("RGBA")
                     img = Image.merge("RGB", rgba.split()[:3])
                 arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from exc
+    except DataError as exc:  # decode_image: a 16-bit PNG without OpenCV
+        raise DataError(f"{path}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        kind, reason = decode_problem(exc, data)
+        raise DataError(f"{path}: {'truncated file: ' if kind == 'truncated' else ''}{reason}") from exc
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"{path}: empty image")
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    arr = apply_orientation(arr, orientation)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), orientation
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -106,14 +125,66 @@ def write_png(path: str | os.PathLike, tensor: Tensor) -> Path:
     return path
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """A file, or every image (the shard builders' extensions) under a directory (recursive, sorted)."""
+def list_images(root: str | os.PathLike, others: list[Path] | None = None) -> list[Path]:
+    """A file, or every image under a directory as the shard builders list them (`walk_images`:
+    their extensions in any case, recursive, sorted, hidden files and folders such as .DS_Store
+    and macOS's ._<name> skipped). Files in formats no reader decodes (HEIC, GIF, raw) go to
+    `others` when given."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise DataError(f"input {root} does not exist")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return walk_images(root, others=others)
+
+
+def other_formats_note(files: list[Path], command: str) -> str:
+    """One line naming files left out because their format is not read (e.g. an iPhone's HEIC)."""
+    kinds = ", ".join(sorted({p.suffix.lower() for p in files}))
+    shown = ", ".join(str(p) for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return (f"note: {command} left out {len(files)} file(s) in a format it does not read ({kinds}): {shown}; "
+            f"convert them to PNG or JPEG to include them")
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+# Peak memory of an untiled MPRNet forward pass, per pixel and per feature channel (n_feat), fp32 on
+# the CPU (inference mode), measured with ru_maxrss: tiny (n_feat 12) 92-117 bytes at 256-1024 px
+# squares and 3000x2000 (6.4 GB), deblur (n_feat 96) 103-128 at 128-256 px. The low end is used:
+# an image is only refused when it surely does not fit.
+MPRNET_BYTES_PER_PIXEL_PER_FEAT = 90
+
+
+def untiled_memory(model: nn.Module, h: int, w: int) -> int | None:
+    """Bytes an untiled forward pass of `model` needs on an h x w image (a lower estimate), or None
+    when the model is not one whose memory is known (only MPRNet's is)."""
+    cfg = getattr(model, "config", None)
+    n_feat = getattr(cfg, "n_feat", None)
+    if not isinstance(n_feat, int):
+        return None
+    itemsize = next((p.element_size() for p in model.parameters()), 4)
+    ph, pw = h + (-h) % 8, w + (-w) % 8  # padded to a multiple of 8
+    return MPRNET_BYTES_PER_PIXEL_PER_FEAT * n_feat * ph * pw * itemsize // 4
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate on the CPU: MemAvailable, capped by a cgroup (container,
+    Slurm job) limit; None where that cannot be read (not Linux)."""
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if free is not None and limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            free = min(free, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 # ---------------------------------------------------------------------------------------- inference

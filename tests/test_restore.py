@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -504,11 +505,23 @@ def test_restore_cli_says_what_a_large_image_needs(tmp_path: Path, capsys, monke
     args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--device", "cpu"]
     assert main([*args, "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert re.search(r"skipped: .*big\.png: 80x64 needs about \d+\.\d GB untiled, \d+\.\d GB is free; rerun with "
-                     r"--tile 512", err), err
+    assert re.search(r"skipped: .*big\.png: 1 image\(s\) of 80x64 need about \d+\.\d GB untiled, \d+\.\d GB is "
+                     r"free; rerun with --tile 512", err), err
     assert (tmp_path / "out" / "small.png").is_file() and not (tmp_path / "out" / "big.png").exists()
     assert main([*args, "--output", str(tmp_path / "tiled"), "--tile", "32", "--tile-overlap", "8"]) == 0
     assert Image.open(tmp_path / "tiled" / "big.png").size == (80, 64)
     # The estimate is the measured one: tiny MPRNet on a 3000x2000 photo peaked at 6.4 GB (ru_maxrss).
     assert 5.5 < restore_mod.untiled_memory(model, 2000, 3000) / 2**30 < 6.5
     assert restore_mod.untiled_memory(nn.Conv2d(3, 3, 3), 2000, 3000) is None  # unknown models: no guess
+    # eval cannot skip (a score over a smaller test set would be wrong): it stops before restoring,
+    # naming the data and what to change; with --tile it scores every image.
+    scores = tmp_path / "scores.json"
+    args = ["eval", "--checkpoint", str(ckpt), "--data", str(src), "--metrics", "piqe", "--no-mlflow", "--device",
+            "cpu", "--json", str(scores)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: .*in: 1 image\(s\) of 80x64 need about .* untiled, .* free; rerun with --tile 512 "
+                     r"\(or smaller\), or a smaller --batch-size", err), err
+    assert not scores.exists()
+    assert main([*args, "--tile", "48"]) == 0  # (eval overlaps tiles by 32 px)
+    assert sorted(r["name"] for r in json.loads(scores.read_text())["images"]) == ["big.png", "small.png"]

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         other_formats_note,
         read_image,
         restore_tensor,
-        untiled_memory,
+        untiled_shortfall,
         write_png,
     )
     from uniremoval.models.checkpoint import load_checkpoint
@@ -108,13 +108,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             x = read_image(src)
             h, w = x.shape[-2:]
-            need = untiled_memory(model, h, w) if args.tile is None or (h <= args.tile and w <= args.tile) else None
-            if need is not None and free is not None and need > free:
+            short = untiled_shortfall(model, h, w, 1, args.tile, free)
+            if short:
                 # On the CPU the kernel kills a process that runs out (no error to catch, and this
                 # summary is lost): an image that surely does not fit is skipped, saying what it needs.
                 failed.append(str(src))
-                tqdm.write(f"skipped: {src}: {w}x{h} needs about {_gb(need)} untiled, {_gb(free)} is free; "
-                           "rerun with --tile 512 (or smaller)", file=sys.stderr)
+                tqdm.write(f"skipped: {src}: {short}; rerun with --tile 512 (or smaller)", file=sys.stderr)
                 continue
             y = restore_tensor(
                 model,
@@ -144,10 +143,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed ({len(failed)}): " + ", ".join(failed), file=sys.stderr)
         return 1
     return 0
-
-
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.1f} GB"
 
 
 def _cpu_out_of_memory(exc: RuntimeError) -> bool:

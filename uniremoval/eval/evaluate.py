@@ -212,13 +212,19 @@ def _restorer(opts: EvalOptions, device: torch.device):
     """(restore function on [0,1] batches, checkpoint meta, sha256) for --checkpoint."""
     if opts.checkpoint.lower() == "none":
         return None, {}, None
-    from uniremoval.eval.restore import restore_tensor
+    from uniremoval.eval.restore import available_memory, restore_tensor, untiled_shortfall
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
 
     model, meta = load_checkpoint(opts.checkpoint, map_location=device, restorer=True)
     input_range = meta.get("input_range", "minus_one_one")
+    free = available_memory() if device.type == "cpu" else None
 
     def restore(x: torch.Tensor) -> torch.Tensor:
+        # On the CPU the kernel kills a process that runs out, losing every score: stop first,
+        # saying what it needs (a score over a smaller test set would be wrong, so nothing is skipped).
+        short = untiled_shortfall(model, x.shape[-2], x.shape[-1], x.shape[0], opts.tile, free)
+        if short:
+            raise DataError(f"{opts.data}: {short}; rerun with --tile 512 (or smaller), or a smaller --batch-size")
         return restore_tensor(model, x, input_range, tile=opts.tile, batch_size=opts.batch_size)
 
     return restore, meta, checkpoint_sha256(opts.checkpoint)

@@ -167,6 +167,20 @@ def untiled_memory(model: nn.Module, h: int, w: int) -> int | None:
     return MPRNET_BYTES_PER_PIXEL_PER_FEAT * n_feat * ph * pw * itemsize // 4
 
 
+def untiled_shortfall(model: nn.Module, h: int, w: int, batch: int, tile: int | None,
+                      free: int | None) -> str | None:
+    """Why restoring `batch` h x w images untiled surely does not fit in `free` bytes of CPU memory
+    (the kernel would kill the process, with no error to catch), or None. Tiled passes (an image
+    larger than `tile`) are not checked."""
+    if free is None or (tile is not None and (h > tile or w > tile)):
+        return None
+    need = untiled_memory(model, h, w)
+    if need is None or need * batch <= free:
+        return None
+    return (f"{batch} image(s) of {w}x{h} need about {need * batch / 2**30:.1f} GB untiled, "
+            f"{free / 2**30:.1f} GB is free")
+
+
 def available_memory() -> int | None:
     """Bytes this process may still allocate on the CPU: MemAvailable, capped by a cgroup (container,
     Slurm job) limit; None where that cannot be read (not Linux)."""

@@ -26,17 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _shardgen import check_batch, ident, pool, to_uint8, write_dataset
 
-from uniremoval.data.pipelines import (
-    CropPadding,
-    assign_shards,
-    da_loader,
-    eval_samples,
-    iter_shard,
-    kt_loader,
-    resolve_shards,
-    split_evenly,
-    teacher_loader,
-)
+from uniremoval.data.pipelines import CropPadding, da_loader, eval_samples, kt_loader, teacher_loader
+from uniremoval.data.shard_stream import assign_shards, iter_shard, resolve_shards, split_evenly
 from uniremoval.data.transforms import decode_image, to_tensor
 from uniremoval.errors import ConfigError, DataError
 

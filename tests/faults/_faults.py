@@ -127,7 +127,7 @@ def pick(choices: list[int], what: str) -> int:
 
 
 def tar_keys(path: Path) -> list[str]:
-    from uniremoval.data.pipelines import iter_shard
+    from uniremoval.data.shard_stream import iter_shard
 
     return [k for k, _ in iter_shard(str(path))]
 

@@ -148,7 +148,7 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     """
     import torch
 
-    from uniremoval.data.pipelines import ShardReadError, iter_shard
+    from uniremoval.data.shard_stream import ShardReadError, iter_shard
     from uniremoval.data.shardwriter import sample_members
     from uniremoval.data.transforms import decode_image, to_tensor
 
@@ -221,7 +221,7 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
 
 def _plan(cfg: CacheStage) -> list[dict[str, Any]]:
     """Every (source, shard) of data.train, in a fixed order shared by all ranks."""
-    from uniremoval.data.pipelines import resolve_shards
+    from uniremoval.data.shard_stream import resolve_shards
 
     if not cfg.data.train:
         raise ConfigError("cache: data.train lists no synthetic source to cache")
@@ -438,7 +438,7 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
     (a cache moved without its sources is accepted). `cell`: the expected feature cell.
     Returns the manifest.
     """
-    from uniremoval.data.pipelines import resolve_shards
+    from uniremoval.data.shard_stream import resolve_shards
 
     cache_dir = Path(cache_dir)
     file = cache_dir / "manifest.json"

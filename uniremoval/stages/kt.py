@@ -312,7 +312,7 @@ def check_teacher_cache(cfg: KTStage) -> None:
     """
     from pathlib import Path
 
-    from uniremoval.data.pipelines import resolve_shards
+    from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.stages.cache import check_cache
 
     for src in cfg.data.train:

@@ -248,3 +248,34 @@ def test_teacher_training_on_images_smaller_than_the_crop_warns_once(tmp_path):
     assert "(48x40 px, shard " in said[0] and "to 40 or less for this image" in said[0]
     assert stage.crop_padding.samples == 6 * 2  # every sample of 6 batches of 2
     assert res.metrics["train/padded_samples"] == 6 * 2  # what the trainer logs, all ranks, the whole run
+
+
+def test_one_ranks_bad_sample_ends_a_two_process_run_at_once(tmp_path):
+    """DDP: with data.bad_samples=fail, the rank that meets the bad sample stops with its error line,
+    and the launcher ends the other rank (waiting in a collective) instead of the job hanging until a
+    collective timeout; nothing is checkpointed or exported."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from ._faults import env
+
+    folder = tmp_path / "syn"
+    write_shards(folder, "syn", 4, 3)
+    shard, key = inject(folder, "corrupt_image", 1)  # shards 0, 2 go to rank 0 and 1, 3 to rank 1
+    cfg = _teacher_cfg(tmp_path, folder, "fail")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    start = time.monotonic()
+    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                        "-m", "uniremoval", "train", "teacher", "--config", str(cfg)],
+                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
+    took = time.monotonic() - start
+    assert p.returncode != 0, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"bad sample in shard {folder / shard}, key {key}" in errors[0], p.stderr[-3000:]
+    assert re.search(r"exitcode\W+2\b", p.stderr), p.stderr[-3000:]  # torchrun's root cause: our status 2
+    assert took < 120, took  # the barrier timeout would be 30 min
+    run = tmp_path / "outputs" / "t-fail"
+    assert not list(run.glob("checkpoints/step-*")) and not list(run.glob("*.safetensors"))

@@ -27,10 +27,12 @@ def register(subparsers) -> None:
                             epilog="example: uniremoval train {} --config configs/{}.yaml optim.lr=1e-4".format(
                                 stage, "teacher/haze" if stage == "teacher" else stage))
         sp.add_argument("--config", required=True, help="stage config YAML")
-        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides (before or after the options)")
         sp.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue a run: 'auto' = newest checkpoint in the run dir (start fresh if none), "
-                             "or a checkpoints/step-N folder")
+                             "or a checkpoints/step-N folder. Settings may change (each is named), the "
+                             "architecture, degradation types and stage may not")
         sp.set_defaults(func=_handler, stage_name=stage)
 
 

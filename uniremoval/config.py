@@ -396,11 +396,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-4, 'betas': [0.9, 0.99]}} -> {'optim.lr': 1e-4, 'optim.betas': [0.9, 0.99]};
+    an empty mapping stays a value."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_keys(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: d}
     return {prefix[:-1]: d}
 
@@ -427,7 +429,7 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[st
         merged = _merge(merged, layer)
         origin.update(layer_origin)
     merged = _merge(merged, data)
-    origin.update({k: path for k in _flatten(data)})
+    origin.update({k: path for k in flatten_keys(data)})
     return merged, origin
 
 
@@ -661,20 +663,11 @@ class _Absent:
 ABSENT = _Absent()  # a setting one of two compared configs does not have
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
-
-
 def config_changes(saved: dict, cfg: BaseModel) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for each setting that differs from a checkpoint's config,
     leaving out what the hash leaves out (where a run is written and observed, max_steps)."""
     def comparable(data: dict) -> dict[str, Any]:
-        flat = _flatten({k: v for k, v in data.items() if k not in _HASH_EXCLUDE})
+        flat = flatten_keys({k: v for k, v in data.items() if k not in _HASH_EXCLUDE})
         flat.pop("train.max_steps", None)
         return flat
 

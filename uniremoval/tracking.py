@@ -168,15 +168,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, str]:
-    """{'optim': {'lr': 1e-4}} -> {'optim.lr': '0.0001'} (lists as JSON)."""
-    out: dict[str, str] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: "{}"}
-    value = json.dumps(d) if isinstance(d, (list, tuple)) else str(d)
-    return {prefix[:-1]: value}
+def flatten(d: dict) -> dict[str, str]:
+    """{'optim': {'lr': 1e-4}} -> {'optim.lr': '0.0001'}: MLflow params (lists as JSON)."""
+    from uniremoval.config import flatten_keys
+
+    return {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+            for k, v in flatten_keys(d).items()} if d else {}
 
 
 def run_tags(cfg: Any, stage: str, degradation: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:

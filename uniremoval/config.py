@@ -641,11 +641,18 @@ def config_to_yaml(cfg: BaseModel) -> str:
 _HASH_EXCLUDE = {"tracking", "checkpoint", "output_dir"}
 
 
+def _identity(data: dict) -> dict:
+    """What a run computes: a config dict without where it is written and observed, or max_steps
+    (stopping early does not change what is trained)."""
+    out = {k: v for k, v in data.items() if k not in _HASH_EXCLUDE}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k != "max_steps"}
+    return out
+
+
 def config_hash(cfg: BaseModel) -> str:
     """Short sha256 of the resolved config, ignoring tracking/checkpoint/output locations."""
-    data = {k: v for k, v in config_to_dict(cfg).items() if k not in _HASH_EXCLUDE}
-    data.get("train", {}).pop("max_steps", None)
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    blob = json.dumps(_identity(config_to_dict(cfg)), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -666,12 +673,7 @@ ABSENT = _Absent()  # a setting one of two compared configs does not have
 def config_changes(saved: dict, cfg: BaseModel) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for each setting that differs from a checkpoint's config,
     leaving out what the hash leaves out (where a run is written and observed, max_steps)."""
-    def comparable(data: dict) -> dict[str, Any]:
-        flat = flatten_keys({k: v for k, v in data.items() if k not in _HASH_EXCLUDE})
-        flat.pop("train.max_steps", None)
-        return flat
-
-    old, new = comparable(saved), comparable(config_to_dict(cfg))
+    old, new = flatten_keys(_identity(saved)), flatten_keys(_identity(config_to_dict(cfg)))
     return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(old.keys() | new.keys())
             if old.get(k, ABSENT) != new.get(k, ABSENT)]
 

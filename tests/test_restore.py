@@ -525,3 +525,28 @@ def test_restore_cli_says_what_a_large_image_needs(tmp_path: Path, capsys, monke
     assert not scores.exists()
     assert main([*args, "--tile", "48"]) == 0  # (eval overlaps tiles by 32 px)
     assert sorted(r["name"] for r in json.loads(scores.read_text())["images"]) == ["big.png", "small.png"]
+
+
+def test_restore_keeps_the_inputs_rgb_colour_profile(tmp_path: Path) -> None:
+    """A camera's Adobe RGB or a phone's Display P3 photo restored into an untagged PNG would be shown
+    as sRGB (duller or shifted colours): the output carries the input's RGB profile, its pixels are the
+    same as without one, and a profile that does not describe RGB (here Lab) is not copied."""
+    from PIL import ImageCms
+
+    rgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    pixels = rand_u8(24, 32, seed=4)
+    Image.fromarray(pixels).save(src / "tagged.png", icc_profile=rgb)
+    Image.fromarray(pixels).save(src / "plain.png")
+    Image.fromarray(pixels).save(src / "lab.png", icc_profile=lab)
+    out = tmp_path / "out"
+    assert main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "--device",
+                 "cpu"]) == 0
+    opened = {name: Image.open(out / f"{name}.png") for name in ("tagged", "plain", "lab")}
+    assert opened["tagged"].info.get("icc_profile") == rgb
+    assert "icc_profile" not in opened["plain"].info and "icc_profile" not in opened["lab"].info
+    same = [np.asarray(im) for im in opened.values()]
+    assert np.array_equal(same[0], same[1]) and np.array_equal(same[1], same[2])

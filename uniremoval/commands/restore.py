@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         other_formats_note,
         read_image,
         restore_tensor,
+        rgb_icc_profile,
         untiled_shortfall,
         write_png,
     )
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 tile_overlap=args.tile_overlap,
                 batch_size=args.batch_size,
             )
-            write_png(dst, y[0])
+            write_png(dst, y[0], icc_profile=rgb_icc_profile(src))
         except DataError as exc:
             failed.append(str(src))
             tqdm.write(f"skipped: {exc}", file=sys.stderr)

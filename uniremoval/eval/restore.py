@@ -114,15 +114,31 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).cpu().numpy()
 
 
-def write_png(path: str | os.PathLike, tensor: Tensor) -> Path:
-    """Write a [0, 1] image tensor as an 8-bit RGB PNG, atomically."""
+def write_png(path: str | os.PathLike, tensor: Tensor, icc_profile: bytes | None = None) -> Path:
+    """Write a [0, 1] image tensor as an 8-bit RGB PNG, atomically, with `icc_profile` embedded."""
     from PIL import Image
 
     path = Path(path)
     img = Image.fromarray(to_uint8(tensor), mode="RGB")
     with atomic_writer(path, "wb") as fh:
-        img.save(fh, format="PNG")
+        img.save(fh, format="PNG", **({"icc_profile": icc_profile} if icc_profile else {}))
     return path
+
+
+def rgb_icc_profile(path: str | os.PathLike) -> bytes | None:
+    """The RGB colour profile embedded in an image file (a camera's Adobe RGB, a phone's Display
+    P3...), or None. The model restores the stored values as they are (its training data carried no
+    conversion either), so `restore` embeds the input's profile in the output: a viewer then shows
+    the restored photo in the input's colours, not as if its values were sRGB. A grey or CMYK
+    profile (ICC header: colour space at bytes 16-20) does not describe the RGB output: None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            icc = img.info.get("icc_profile")
+    except Exception:  # noqa: BLE001 - read_image names a file that does not open
+        return None
+    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
 
 
 def list_images(root: str | os.PathLike, others: list[Path] | None = None) -> list[Path]:

@@ -498,6 +498,21 @@ def test_shard_paths_forms(tmp_path: Path) -> None:
         shard_paths(out)
 
 
+def _png16_grey_alpha(arr: np.ndarray) -> bytes:
+    """A valid 16-bit grey+alpha PNG (colour type 4), written by hand: no library here writes one."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
 def test_folder_of_real_users_files(tmp_path: Path, capsys) -> None:
     """`--format folder` on a folder as people have it: every image kind is packed with its own bytes
     and decodes to RGB of its stored size (grey, palette, 16-bit, CMYK, WebP, TIFF, upper-case
@@ -526,15 +541,19 @@ def test_folder_of_real_users_files(tmp_path: Path, capsys) -> None:
     (root / "IMG_1.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     (root / "empty.png").write_bytes(b"")
     (root / "page.jpg").write_text("<html>404 Not Found</html>")
+    (root / "la16.png").write_bytes(_png16_grey_alpha(np.full((4, 5, 2), 3, dtype=np.uint16)))
     out = tmp_path / "out"
     assert build("folder", root, out, "--degradation", "clear") == 0
-    assert "skipped inputs: 3 (unreadable 2, unsupported_format 1)" in capsys.readouterr().out
+    assert "skipped inputs: 4 (unreadable 3, unsupported_format 1)" in capsys.readouterr().out
     report = {r["path"]: (r["kind"], r["reason"]) for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
     assert report["IMG_1.heic"] == ("unsupported_format", ".heic is not read here; convert it to PNG or JPEG")
     assert report["empty.png"] == ("unreadable", "empty file (0 bytes)")
     kind, reason = report["page.jpg"]
     assert kind == "unreadable" and reason.startswith("not an image file") and "<html>404" in reason
-    assert "BytesIO" not in reason and set(report) == {"IMG_1.heic", "empty.png", "page.jpg"}
+    assert "BytesIO" not in reason and set(report) == {"IMG_1.heic", "empty.png", "page.jpg", "la16.png"}
+    # PIL reads it at 8 bits and OpenCV with swapped bytes: refused at build, not by the loaders mid-training
+    la16 = "16-bit grey+alpha PNG (colour type 4) is not supported: save it as 16-bit grey or RGB"
+    assert report["la16.png"] == ("unreadable", la16)
     got = {s["meta"]["input_name"]: s["input"] for s in eval_samples(str(out), 0, 1, bad_samples="fail",
                                                                      as_tensor=False)}
     assert sorted(got) == ["dot.png", "g16.png", "grey.png", "pal.png", "rgb16.png", "sub/cmyk.JPG", "t.TIF", "w.webp"]

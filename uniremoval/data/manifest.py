@@ -176,6 +176,11 @@ def image_size(data: bytes) -> tuple[int, int]:
     """Fully decode `data`; return (height, width). Raises ValueError('truncated: ...'/'unreadable: ...')."""
     from PIL import Image
 
+    from uniremoval.data.transforms import unsupported_png
+
+    problem = unsupported_png(data)
+    if problem:  # PIL would read it (at 8 bits): refused here rather than by the loaders mid-training
+        raise ValueError(f"unreadable: {problem}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

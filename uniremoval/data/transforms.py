@@ -119,11 +119,19 @@ def _cv2():
     return cv2
 
 
+def unsupported_png(data: bytes) -> str | None:
+    """Why no decoder here gives a PNG's stored values, or None: grey + alpha at 16 bits (IHDR bit
+    depth at byte 24, colour type at 25), which OpenCV (5.0 here) returns with swapped bytes (3 reads
+    as 768) and PIL cuts to 8 bits. The shard builders refuse it up front, the decoders too."""
+    if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16 and data[25] == 4:
+        return "16-bit grey+alpha PNG (colour type 4) is not supported: save it as 16-bit grey or RGB"
+    return None
+
+
 def _decode_png16(data: bytes) -> np.ndarray:
-    if data[25] == 4:
-        # Grey + alpha at 16 bits: OpenCV (5.0 here) returns it with swapped bytes (3 reads as 768)
-        # and PIL cuts it to 8 bits, so no decoder here gives the stored values.
-        raise ValueError("16-bit grey+alpha PNG (colour type 4) is not supported: save it as 16-bit grey or RGB")
+    problem = unsupported_png(data)
+    if problem:
+        raise ValueError(problem)
     cv2 = _cv2()
     if cv2 is None:
         raise DataError("a 16-bit PNG needs OpenCV to decode: pip install opencv-python-headless")

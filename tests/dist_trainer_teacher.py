@@ -6,6 +6,8 @@
         two ranks: train the teacher, record each rank's weights and a fixed batch's loss before
         and after, then build the cache with the trained teacher, then a toy run where one rank
         alone meets a NaN loss and a SIGUSR1; OUT/rank<r>.json per rank.
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_trainer_teacher.py diskfull CONFIG
+        `uniremoval train teacher` where rank 0 alone meets a full disk at its first checkpoint.
 """
 
 from __future__ import annotations
@@ -98,10 +100,33 @@ def _toy_rank_events(out: Path, rank: int) -> dict:
             "toy_warnings": [str(c.message) for c in caught if "non-finite" in str(c.message)]}
 
 
+def _disk_full_on_rank0(config: str) -> int:
+    """Rank 0's disk fills up while it writes the first checkpoint's state.pt (rank 1's writes go
+    through): the CLI's way of running a teacher, so the error line and exit status are the user's."""
+    import errno
+
+    from uniremoval.cli import main
+
+    # The launcher's RANK, not accelerate's state: a PartialState made here, before the trainer's
+    # Accelerator(cpu=True), would leave each process training alone.
+    if os.environ.get("RANK") == "0":
+        real_save = torch.save
+
+        def full(obj, f, *args, **kwargs):
+            if str(f).endswith("state.pt"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = full
+    return main(["train", "teacher", "--config", config])
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "kill":
         _kill(sys.argv[2], int(sys.argv[3]))
+    elif mode == "diskfull":
+        raise SystemExit(_disk_full_on_rank0(sys.argv[2]))
     elif mode == "dist":
         _dist(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

@@ -368,3 +368,31 @@ def test_enospc_during_shard_build(tmp_path, capsys, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".tar", ".json")} == before
     assert verify_shards(out) == []  # the old dataset is whole and consistent
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_full_disk_on_rank_0_alone_ends_a_two_process_run_at_once(tmp_path):
+    """DDP: rank 0's disk fills up while it writes a checkpoint, rank 1 waits for it in a collective.
+    Rank 0 gives its one error line (the disk is full, resume with --resume auto) and the launcher
+    ends rank 1 at once rather than after a collective timeout; no half-written checkpoint is left."""
+    import re
+    import sys
+    import time
+
+    from ._faults import ROOT, env
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 4, 2)
+    cfg = write_yaml(tmp_path / "teacher.yaml", teacher_cfg(tmp_path))
+    accelerate = Path(sys.executable).parent / "accelerate"
+    start = time.monotonic()
+    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                        str(ROOT / "tests" / "dist_trainer_teacher.py"), "diskfull", str(cfg)],
+                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
+    took = time.monotonic() - start
+    assert p.returncode != 0, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "checkpoint" in errors[0] and "the disk is full" in errors[0], p.stderr[-3000:]
+    assert "--resume auto" in errors[0] and re.search(r"exitcode\W+2\b", p.stderr), p.stderr[-3000:]
+    assert took < 120, took  # a collective timeout would be 30 min
+    ckpts = tmp_path / "outputs" / "teacher-haze" / "checkpoints"
+    assert not list(ckpts.glob("step-*")) and not list(ckpts.glob(".step-*.tmp"))

@@ -1,4 +1,5 @@
-"""Process-group lifetime under `accelerate launch` (torch.distributed, gloo or NCCL).
+"""The ranks of one `accelerate launch` (torch.distributed, gloo or NCCL): how they end, and the
+output-folder lock the main process holds for all of them.
 
 A process group left to interpreter finalization can abort a rank that finished cleanly: gloo's
 worker threads are torn down after the interpreter (SIGABRT, "terminate called without an active
@@ -11,7 +12,10 @@ all ranks raised): a rank that leaves alone while the others wait in a collectiv
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import sys
+from typing import Any
 
 
 def _destroy_process_group() -> None:
@@ -30,3 +34,31 @@ def leave_process_group_at_exit() -> None:
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         atexit.unregister(_destroy_process_group)  # once, however many commands ran in this process
         atexit.register(_destroy_process_group)
+
+
+def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str) -> contextlib.ExitStack:
+    """One job per output folder: the main process takes `folder`/.lock (`io.folder_lock`) and every
+    rank learns whether it got it. Refused, every rank raises the holder's message together (so
+    cli.main lets the process group go cleanly); else the returned stack holds the lock until closed."""
+    from uniremoval.errors import UniremovalError
+    from uniremoval.io import folder_lock
+
+    stack = contextlib.ExitStack()
+    refused = None
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(folder_lock(folder, ".lock", what))
+        except UniremovalError as exc:
+            refused = str(exc)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [refused]
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused is not None:
+        stack.close()
+        error = UniremovalError(refused)
+        error.on_every_rank = True  # type: ignore[attr-defined]  # see cli.main
+        raise error
+    return stack

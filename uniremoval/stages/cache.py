@@ -34,7 +34,6 @@ sample of the sources is written exactly once (whole shards per rank, no sharing
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -42,7 +41,7 @@ import os
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,9 @@ import numpy as np
 
 from uniremoval.config import CacheStage
 from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest
-from uniremoval.errors import ConfigError, DataError, UniremovalError
+from uniremoval.errors import ConfigError, DataError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
+from uniremoval.launch import lock_on_main_process
 
 CACHE_FORMAT = 1
 DONE_SUFFIX = ".done.json"
@@ -271,34 +271,9 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     from uniremoval.io import check_output
 
     check_output(out_root, "cache.out", folder=True, create=True)
-    with _cache_lock(acc, out_root):
+    # One cache job per cache.out: the same command started twice stops here, not interleaving shards.
+    with lock_on_main_process(acc, out_root, "a teacher cache"):
         return _build(cfg, acc, items, out_root)
-
-
-@contextlib.contextmanager
-def _cache_lock(acc: Any, out_root: Path) -> Iterator[None]:
-    """One cache job per cache.out: a second one (the same command started twice) stops here rather
-    than interleave shards with the first. The main process holds the lock; every rank learns why."""
-    from uniremoval.io import folder_lock
-
-    with contextlib.ExitStack() as stack:
-        refused = None
-        if acc.is_main_process:
-            try:
-                stack.enter_context(folder_lock(out_root, ".lock", "a teacher cache"))
-            except UniremovalError as exc:
-                refused = str(exc)
-        if acc.num_processes > 1:
-            import torch.distributed as dist
-
-            box = [refused]
-            dist.broadcast_object_list(box, src=0)
-            refused = box[0]
-        if refused is not None:
-            error = UniremovalError(refused)
-            error.on_every_rank = True  # type: ignore[attr-defined]  # see cli.main
-            raise error
-        yield
 
 
 def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Path) -> int:

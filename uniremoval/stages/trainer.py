@@ -95,7 +95,7 @@ from uniremoval.config import (
     fixed_on_resume,
 )
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
-from uniremoval.launch import leave_process_group_at_exit
+from uniremoval.launch import leave_process_group_at_exit, lock_on_main_process
 from uniremoval.stages import fast
 from uniremoval.stages.run_folder import (
     CHECKPOINT_DIR,
@@ -797,19 +797,8 @@ class Trainer:
     def _lock_run_dir(self) -> None:
         """One job per run folder: a second one (the same command started twice, or another config
         with the same output_dir/name) stops here rather than interleave checkpoints with the first.
-        The main process holds the lock until fit() ends; every rank learns whether it got it."""
-        from uniremoval.io import folder_lock
-
-        refused: UniremovalError | None = None
-        if self.accelerator.is_main_process:
-            stack = contextlib.ExitStack()
-            try:
-                stack.enter_context(folder_lock(self.run_dir, ".lock", f"the run {self.stage.run_name!r}"))
-                self._run_lock = stack
-            except UniremovalError as exc:
-                refused = exc
-        if self._agree(refused is not None):
-            raise refused or CheckpointError(f"run folder {self.run_dir} is in use by another job (rank 0 says who)")
+        The main process holds the lock until fit() ends."""
+        self._run_lock = lock_on_main_process(self.accelerator, self.run_dir, f"the run {self.stage.run_name!r}")
 
     def _unlock_run_dir(self) -> None:
         if self._run_lock is not None:

@@ -477,9 +477,8 @@ class Tracker:
 
 def _artifact_root(uri: str) -> str | None:
     # The embedded sqlite store keeps artifacts beside it in ./mlruns; servers choose their own.
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.parent / "mlruns").resolve().as_uri() if db is not None else None
 
 
 def _spool_run_id(spool_dir: Path) -> str | None:

@@ -289,6 +289,23 @@ def test_gan_values() -> None:
     assert discriminator_loss(zeros, ones, "lsgan").item() == 1.0  # 0.5 * (1 + 1)
     assert generator_loss(zeros, "vanilla").item() == pytest.approx(math.log(2))
     assert discriminator_loss(zeros, zeros, "vanilla").item() == pytest.approx(math.log(2))
+    # Logits away from 0, so that the labels show: softplus(-z) = -log(sigmoid(z)) for "real" (label 1),
+    # softplus(z) = -log(1 - sigmoid(z)) for "fake" (label 0). Swapped labels give other numbers.
+    def softplus(z: float) -> float:
+        return math.log1p(math.exp(z))
+
+    assert generator_loss(torch.tensor([3.0, -1.0]), "vanilla").item() == pytest.approx(
+        (softplus(-3.0) + softplus(1.0)) / 2, rel=1e-6)
+    real, fake = discriminator_parts(torch.tensor([2.0, -0.5]), torch.tensor([-3.0, 1.5]), "vanilla")
+    assert real.item() == pytest.approx((softplus(-2.0) + softplus(0.5)) / 2, rel=1e-6)
+    assert fake.item() == pytest.approx((softplus(-3.0) + softplus(1.5)) / 2, rel=1e-6)
+    # LSGAN parts: (D(real) - 1)^2 and D(fake)^2, means; the total halves their sum (CycleGAN).
+    real, fake = discriminator_parts(torch.tensor([0.5, 3.0]), torch.tensor([0.5, -2.0]), "lsgan")
+    assert (real.item(), fake.item()) == pytest.approx(((0.25 + 4.0) / 2, (0.25 + 4.0) / 2))
+    real, fake = discriminator_parts(torch.tensor([2.0]), torch.tensor([2.0]), "lsgan")
+    assert (real.item(), fake.item()) == pytest.approx((1.0, 4.0))
+    assert discriminator_loss(torch.tensor([2.0]), torch.tensor([2.0]), "lsgan").item() == pytest.approx(2.5)
+    assert generator_loss(torch.tensor([3.0, 0.5]), "lsgan").item() == pytest.approx((4.0 + 0.25) / 2)
     assert generator_loss(torch.tensor([2.0, -1.0]), "hinge").item() == pytest.approx(-0.5)
     real, fake = discriminator_parts(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5]), "hinge")
     assert (real.item(), fake.item()) == pytest.approx((0.5, 0.75))
@@ -362,6 +379,8 @@ def test_kt_total_and_ablation_keys() -> None:
         out, teacher_out, degraded, feat, teacher_feat, labels, a1=0.3
     )
     assert set(full) == {"pixel", "ig", "fg", "total"}
+    # L_pixel = |G_S(x) - G_T(x)|_1 against the teacher's image (not the degraded input)
+    assert full["pixel"].item() == pytest.approx((out - teacher_out).abs().mean().item(), rel=1e-6)
     expected = full["pixel"] + 0.1 * (full["ig"] + 0.3 * full["fg"])
     assert full["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     icl = KTLoss(TinyPhi(), LW, tau=0.5, use_fcl=False)(out, teacher_out, degraded, None, None, None, 0.3)
@@ -477,6 +496,15 @@ def test_da_total_keys_and_discriminator() -> None:
         a, pc[None].expand(4, -1, -1), a[None].expand(4, -1, -1), 0.5, ~torch.eye(4, dtype=torch.bool)
     )
     assert terms["efg"].item() == pytest.approx(efg.item(), rel=1e-6)
+    # eig: per phi layer, anchors = phi(G_S(x_r)), positives = the whole batch phi(G_S(x_c)) shared by
+    # every anchor, negatives = the whole batch phi(x_r) (the real degraded inputs), weighted by LW.
+    phi = TinyPhi()
+    eig = 0.0
+    for w, a_l, p_l, q_l in zip(LW, phi(restored_real), phi(restored_clear), phi(real)):
+        a_l, p_l, q_l = flatten_features(a_l), flatten_features(p_l), flatten_features(q_l)
+        eig += w * _reference(a_l.double().tolist(), [p_l.double().tolist()] * 4, [q_l.double().tolist()] * 4,
+                              0.5, None)
+    assert terms["eig"].item() == pytest.approx(eig, rel=1e-5)
     bda = DALoss(None, use_eicl=False, use_efcl=False).generator_terms(
         restored_real, real, restored_clear, clear, d_fake_logits=d_fake
     )

@@ -429,3 +429,54 @@ def test_a_student_or_another_types_teacher_is_refused_as_a_teacher(tmp_path):
     with pytest.raises(CheckpointError, match=r"teachers.checkpoints.haze=.*kt/last.* holds a kt student, not a teacher"):
         load_teachers({"haze": str(student)}, ["haze"], "tiny")
     assert load_teachers({"rain": str(rain)}, ["rain"], "tiny")["rain"].degradation == "rain"
+
+
+def test_pool_feature_is_the_mean_of_each_cell_on_a_top_left_grid():
+    """Checked against plain loops: cell x cell means, anchored at (0, 0), partial cells dropped; a crop
+    on the grid pools to the matching sub-grid (what lets random crops read cached features)."""
+    from uniremoval.stages.teachers import pool_feature
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 3, 9, 14, generator=g, dtype=torch.float64) + torch.arange(14.0, dtype=torch.float64)
+    got = pool_feature(f, 4)
+    assert got.shape == (2, 3, 2, 3) and got.dtype == torch.float32
+    for n in range(2):
+        for c in range(3):
+            for i in range(2):
+                for j in range(3):
+                    cell = [float(f[n, c, 4 * i + a, 4 * j + b]) for a in range(4) for b in range(4)]
+                    assert float(got[n, c, i, j]) == pytest.approx(sum(cell) / 16, rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(pool_feature(f[..., 4:8, 4:12], 4), got[..., 1:2, 1:3])
+
+
+def test_teacher_targets_route_each_sample_to_its_types_teacher_in_its_range():
+    """Sample i goes to the teacher of labels[i] and comes back in batch order; a [0, 1] teacher
+    (official MPRNet weights) sees (x + 1) / 2 and its output is mapped back to [-1, 1]."""
+    from uniremoval.stages.teachers import Teacher, teacher_targets
+
+    class Affine(torch.nn.Module):
+        """images = [scale * x + shift], feature = x repeated on 2 channels, times scale."""
+
+        def __init__(self, scale: float, shift: float) -> None:
+            super().__init__()
+            self.scale, self.shift = scale, shift
+
+        def forward(self, x, return_feature=False):
+            return [self.scale * x + self.shift], self.scale * x[:, :2]
+
+    x = torch.linspace(-0.9, 0.9, 5 * 3 * 4 * 4).reshape(5, 3, 4, 4)
+    teachers = {"haze": Teacher("haze", Affine(0.5, 0.0), "minus_one_one", "a"),
+                "rain": Teacher("rain", Affine(0.5, 0.25), "zero_one", "b"),
+                "blur": Teacher("blur", Affine(-1.0, 0.0), "minus_one_one", "c")}
+    labels = torch.tensor([2, 0, 1, 0, 2])
+    images, feats = teacher_targets(teachers, ["haze", "rain", "blur"], x, labels, 2)
+    for i, k in enumerate(labels.tolist()):
+        xi = x[i]
+        if k == 0:
+            img, feat = 0.5 * xi, 0.5 * xi[:2]
+        elif k == 1:  # [0, 1] model: in (x + 1) / 2, out y * 2 - 1
+            img, feat = (0.5 * (xi + 1) / 2 + 0.25) * 2 - 1, 0.5 * (xi[:2] + 1) / 2
+        else:
+            img, feat = -xi, -xi[:2]
+        torch.testing.assert_close(images[i], img.clamp(-1, 1))
+        torch.testing.assert_close(feats[i], feat.reshape(2, 2, 2, 2, 2).mean(dim=(2, 4)))

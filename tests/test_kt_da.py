@@ -369,3 +369,139 @@ def test_stop_then_resume_equals_uninterrupted_in_process(ws, stage_name):
         a = load_file(str(ref.run_dir / "discriminator-last.safetensors"))
         b = load_file(str(rest.run_dir / "discriminator-last.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), "discriminator differs after resume"
+
+
+# --------------------------------------------------------------------------------------------- one step, by hand
+
+
+class _Phi(torch.nn.Module):
+    """A fixed two-layer stand-in for VGG-19 (its real weights are not available offline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.register_buffer("w1", torch.randn(4, 3, 3, 3, generator=g) * 0.3)
+        self.register_buffer("w2", torch.randn(5, 4, 3, 3, generator=g) * 0.3)
+
+    def forward(self, x):
+        f1 = torch.relu(torch.nn.functional.conv2d(x, self.w1, padding=1))
+        return [f1, torch.relu(torch.nn.functional.conv2d(f1, self.w2, stride=2, padding=1))]
+
+
+class _Ctx:
+    """The parts of TrainContext a training_step uses; optimize records (model, loss, terms)."""
+
+    def __init__(self, models: dict, epoch: int) -> None:
+        self.models, self.epoch, self.want_images, self.calls = models, epoch, False, []
+
+    def unwrap(self, name):
+        return self.models[name]
+
+    def requires_grad(self, name, flag):
+        self.models[name].requires_grad_(flag)
+
+    def optimize(self, name, loss, terms=None):
+        self.calls.append((name, loss.detach(), dict(terms or {})))
+        return True
+
+
+def _pool(f: torch.Tensor, cell: int) -> torch.Tensor:
+    n, c, h, w = f.shape
+    return f[..., : h // cell * cell, : w // cell * cell].reshape(n, c, h // cell, cell, w // cell, cell).mean((3, 5))
+
+
+def _loop_contrastive(a: torch.Tensor, pos: list, neg: list, tau: float) -> float:
+    """-log(sum_p s / (sum_p s + sum_q s)), s = exp(cos / tau), averaged over anchors; pos[i] / neg[i]
+    are the lists of vectors of anchor i (float64 loops, no library code)."""
+    total = 0.0
+    for i in range(a.shape[0]):
+        cos = lambda u, v: float((u @ v) / (u.norm() * v.norm()))  # noqa: E731
+        sp = sum(math.exp(cos(a[i], p) / tau) for p in pos[i])
+        sn = sum(math.exp(cos(a[i], q) / tau) for q in neg[i])
+        total += -math.log(sp / (sp + sn))
+    return total / a.shape[0]
+
+
+def test_kt_terms_on_a_cached_batch_equal_the_design_formula():
+    """kt_terms on a cached batch: L_pixel against the cached teacher image, L_ig with the degraded
+    inputs as negatives, L_fg on the student's feature average-pooled on the cache's grid, negatives the
+    other samples' pooled features; total = pixel + a2 (ig + a1 fg). Recomputed here in plain torch."""
+    from uniremoval.losses.mgcl import KTLoss
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import kt
+
+    torch.manual_seed(0)
+    student = MPRNet("tiny").double().eval()
+    g = torch.Generator().manual_seed(1)
+    n, cell, tau, a1, a2, lw = 4, 8, 0.5, 0.3, 0.2, (0.25, 1.0)
+    x = (torch.rand(n, 3, 16, 24, generator=g, dtype=torch.float64) * 2 - 1)
+    batch = {"input": x, "degradation": torch.tensor([0, 1, 2, 0]),
+             "teacher": torch.rand(n, 3, 16, 24, generator=g, dtype=torch.float64) * 2 - 1,
+             "feature": torch.randn(n, student.feature_channels, 2, 3, generator=g, dtype=torch.float64)}
+    phi = _Phi().double()
+    loss_fn = KTLoss(phi, lw, a2=a2, tau=tau)
+    with torch.no_grad():
+        terms, s_img, t_img = kt.kt_terms(student, loss_fn, batch, a1, cell)
+        images, feat = student(x, return_feature=True)
+    assert torch.equal(t_img, batch["teacher"]) and torch.equal(s_img, images[0])
+    s = images[0]
+    pixel = (s - batch["teacher"]).abs().mean().item()
+    ig = 0.0
+    for w, fa, fp, fq in zip(lw, phi(s), phi(batch["teacher"]), phi(x)):
+        fa, fp, fq = fa.flatten(1), fp.flatten(1), fq.flatten(1)
+        ig += w * _loop_contrastive(fa, [[fp[i]] for i in range(n)], [list(fq)] * n, tau)
+    sf, tf = _pool(feat, cell).flatten(1), batch["feature"].flatten(1)
+    fg = _loop_contrastive(sf, [[tf[i]] for i in range(n)], [[sf[j] for j in range(n) if j != i] for i in range(n)],
+                           tau)
+    assert terms["pixel"].item() == pytest.approx(pixel, rel=1e-9)
+    assert terms["ig"].item() == pytest.approx(ig, rel=1e-9)
+    assert terms["fg"].item() == pytest.approx(fg, rel=1e-6)  # the student's feature is pooled in float32
+    assert terms["total"].item() == pytest.approx(pixel + a2 * (ig + a1 * fg), rel=1e-6)
+
+
+def test_da_training_step_equals_the_design_formula_and_trains_d_on_clear_vs_restored():
+    """One DA step with a stub context: G's loss is L_gan(D(G(x_r))) + l2 |G(x_c) - x_c|_1 + l3 (L_eig +
+    l1 L_efg) with l1 decayed for the epoch; D's is LSGAN with real = the clear batch, fake = the restored
+    degraded batch. Every number recomputed here from the models' own outputs."""
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import da
+
+    cfg = load_config(REPO / "configs" / "da.yaml", [
+        "model.preset=tiny", "model.channels_last=false", "loss.tau=0.5", "loss.l2=0.2", "loss.l3=0.3",
+        "loss.l1=0.4", "loss.l1_decay=0.5", "data.feature_cell=8", "features.layers=[relu1_1, relu2_1]",
+        "features.layer_weights=[0.25, 1.0]"])
+    stage = da.DomainAdaptation(cfg)
+    phi = _Phi()
+    stage.loss_fn = da.make_da_loss(cfg, phi)
+    torch.manual_seed(0)
+    gen = MPRNet("tiny").eval()
+    disc = torch.nn.Conv2d(3, 1, 4, stride=4)  # a patch "discriminator": one logit per 4x4 block
+    g = torch.Generator().manual_seed(2)
+    xr = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    xc = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    ctx = _Ctx({"generator": gen, "discriminator": disc}, epoch=2)
+    logged = stage.training_step({"degraded": {"input": xr}, "clear": {"input": xc}}, ctx)
+    assert [c[0] for c in ctx.calls] == ["generator", "discriminator"]
+    l1 = 0.4 * 0.5**2
+    assert logged["weight_l1"] == pytest.approx(l1)
+    with torch.no_grad():
+        (yr, *_), fr = gen(xr, return_feature=True)
+        (yc, *_), fc = gen(xc, return_feature=True)
+        d_fake, d_real = disc(yr), disc(xc)
+    gan = ((d_fake - 1) ** 2).mean().item()
+    idt = (yc - xc).abs().mean().item()
+    eig = 0.0
+    for w, fa, fp, fq in zip((0.25, 1.0), phi(yr), phi(yc), phi(xr)):
+        fa, fp, fq = fa.flatten(1), fp.flatten(1), fq.flatten(1)
+        eig += w * _loop_contrastive(fa.double(), [list(fp.double())] * 3, [list(fq.double())] * 3, 0.5)
+    pr, pc = _pool(fr, 8).flatten(1).double(), _pool(fc, 8).flatten(1).double()
+    efg = _loop_contrastive(pr, [list(pc)] * 3, [[pr[j] for j in range(3) if j != i] for i in range(3)], 0.5)
+    _, g_loss, g_terms = ctx.calls[0]
+    for name, want in (("gan", gan), ("idt", idt), ("eig", eig), ("efg", efg)):
+        assert g_terms[name].item() == pytest.approx(want, rel=2e-4, abs=1e-6), name
+    assert g_loss.item() == pytest.approx(gan + 0.2 * idt + 0.3 * (eig + l1 * efg), rel=2e-4)
+    _, d_loss, d_terms = ctx.calls[1]
+    assert d_terms["d_real"].item() == pytest.approx(((d_real - 1) ** 2).mean().item(), rel=1e-5)
+    assert d_terms["d_fake"].item() == pytest.approx((d_fake**2).mean().item(), rel=1e-5)
+    assert d_loss.item() == pytest.approx(0.5 * (((d_real - 1) ** 2).mean() + (d_fake**2).mean()).item(), rel=1e-5)
+    assert all(p.requires_grad for p in disc.parameters())  # D unfrozen again after G's update

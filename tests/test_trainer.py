@@ -373,3 +373,68 @@ def test_a_fresh_run_never_overwrites_another_and_an_unwritable_folder_stops_at_
     with pytest.raises(UniremovalError, match=r"run folder .*file/sub/toy: .*file is a file, so no folder can be made there; set output_dir"):
         Trainer(blocked.cfg, blocked).fit()
     assert blocked.seen == []
+
+
+class ScriptedVal(ToyStage):
+    """ToyStage whose validation metric is scripted per step; `mode` picks the better direction."""
+
+    def __init__(self, cfg, values: dict[int, float], mode: str):
+        super().__init__(cfg)
+        self.values, self.best_metric = values, ("val/toy/err", mode)
+
+    def validate(self, ctx):
+        # steps off the script (the validation when max_steps stops a run) score worst of all
+        return {"val/toy/err": self.values.get(ctx.step, 10.0 if self.best_metric[1] == "min" else 0.0)}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_weights_are_those_of_the_best_validation_and_survive_a_resume(tmp_path, mode):
+    """best.safetensors holds the weights of the step with the best metric (lowest for "min", highest
+    for "max"), not the latest; a resume after the best step keeps comparing against the saved best."""
+    import json
+
+    values = {3: 3.0, 6: 1.0, 9: 2.0} if mode == "min" else {3: 1.0, 6: 3.0, 9: 2.0}
+    opts = {"epochs": 1, "steps_per_epoch": 9, "val_every": 3}
+    st = ScriptedVal(make_cfg(tmp_path / "a", **opts).model_copy(
+        update={"checkpoint": make_cfg(tmp_path).checkpoint.model_copy(update={"keep_last": 5})}), values, mode)
+    Trainer(st.cfg, st).fit()
+    run = tmp_path / "a" / "toy"
+    at6 = weights(run / "checkpoints" / "step-00000006" / "net.safetensors")
+    assert not torch.equal(at6, weights(run / "last.safetensors"))  # the weights moved after step 6
+    assert torch.equal(weights(run / "best.safetensors"), at6)
+    meta = json.loads((run / "best.json").read_text())
+    assert meta["step"] == 6 and meta["best_value"] == 3.0 - 2.0 * (mode == "min")
+    # Stopped at 7 (after the best step), resumed: step 9's value is worse than step 6's, so best stays.
+    part = ScriptedVal(make_cfg(tmp_path / "b", max_steps=7, **opts), values, mode)
+    Trainer(part.cfg, part).fit()
+    assert torch.equal(weights(tmp_path / "b" / "toy" / "best.safetensors"), at6)
+    rest = ScriptedVal(make_cfg(tmp_path / "b", **opts), values, mode)
+    assert Trainer(rest.cfg, rest).fit(resume="auto").step == 9
+    assert torch.equal(weights(tmp_path / "b" / "toy" / "best.safetensors"), at6)
+    assert json.loads((tmp_path / "b" / "toy" / "best.json").read_text())["step"] == 6
+
+
+class NoisyStage(ToyStage):
+    """ToyStage whose step draws from the global torch, numpy and python RNGs (augmentation, dropout)."""
+
+    def training_step(self, batch, ctx):
+        import random
+
+        import numpy as np
+
+        scale = 1.0 + 0.5 * random.random() + 0.5 * float(np.random.rand())
+        batch = dict(batch, input=batch["input"] * scale + 0.3 * torch.randn_like(batch["input"]))
+        return super().training_step(batch, ctx)
+
+
+def test_resume_restores_the_random_streams(tmp_path):
+    """A stage drawing random numbers in its steps: resumed at step 4, the run equals the uninterrupted
+    one only if the checkpoint's RNG states (torch, numpy, python) are restored, not re-seeded."""
+    ref = NoisyStage(make_cfg(tmp_path / "a"))
+    Trainer(ref.cfg, ref).fit()
+    part = NoisyStage(make_cfg(tmp_path / "b", max_steps=4))
+    Trainer(part.cfg, part).fit()
+    rest = NoisyStage(make_cfg(tmp_path / "b"))
+    assert Trainer(rest.cfg, rest).fit(resume="auto").step == 10
+    assert torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"),
+                       weights(tmp_path / "a" / "toy" / "last.safetensors"))

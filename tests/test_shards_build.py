@@ -642,3 +642,103 @@ def test_default_out_is_shards_name(tmp_path: Path, monkeypatch) -> None:
     run_cli("build", "--format", "reside-its", "--root", str(tree.root), "--workers", "1", "--no-progress")
     assert load_manifest(tmp_path / "shards/reside-its")["dataset"] == "reside-its"
     assert (tmp_path / "shards/reside-its/reside-its-000000.tar").is_file()
+
+
+def _save_turned(path: Path, upright: np.ndarray, orientation: int) -> None:
+    """Store `upright` as a camera does: pixels turned, with the EXIF tag that turns them back."""
+    from uniremoval.data.transforms import apply_orientation, inverse_orientation
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = np.ascontiguousarray(apply_orientation(upright, inverse_orientation(orientation)))
+    Image.fromarray(stored).save(path, exif=exif.tobytes())  # PNG with an eXIf chunk: lossless
+
+
+def test_exif_orientation_is_recorded_and_every_reader_turns_pairs_upright(tmp_path: Path, capsys) -> None:
+    """Phone photos keep their bytes; json records their EXIF orientation and the size as displayed,
+    and the loaders, verify and the cache turn input and target upright (as restore and eval on a
+    folder do); a pair whose tags differ is reported by name. The cache's teacher image and feature
+    grid are made from the upright input and stored upright, so a turned photo and the same photo
+    stored upright give the same cache sample."""
+    import torch
+
+    from uniremoval.data.manifest import iter_tar_samples
+    from uniremoval.data.pipelines import BadSample, decode_sample, eval_samples
+    from uniremoval.data.transforms import decode_feature, decode_image
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import fast
+    from uniremoval.stages.cache import _want, cache_shard
+    from uniremoval.stages.teachers import Teacher, freeze
+
+    rng = np.random.default_rng(6)
+    root = tmp_path / "pairs"
+    (root / "input").mkdir(parents=True)
+    (root / "target").mkdir()
+    upright = {n: (rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+               for n in ("flat", "o3", "o6", "o8", "odd")}
+    for name, (inp, tgt) in upright.items():
+        turn = {"flat": 1, "o3": 3, "o6": 6, "o8": 8, "odd": 6}[name]
+        _save_turned(root / "input" / f"{name}.png", inp, turn)
+        _save_turned(root / "target" / f"{name}.png", tgt, 1 if name == "odd" else turn)
+    out = tmp_path / "out"
+    assert build("paired-folder", root, out, "--degradation", "rain") == 0
+    report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["path"], r["partner"]) for r in report] == [
+        ("orientation_mismatch", "input/odd.png", "target/odd.png")]
+    assert report[0]["reason"] == ("input has EXIF orientation 6 (rotated 90 degrees clockwise for display) but target "
+                                   "has 1 (upright); save both with the same orientation")
+    for key, fields in samples(out):
+        meta = json.loads(fields["json"])
+        name = Path(meta["input_name"]).stem
+        assert fields["input.png"] == (root / "input" / f"{name}.png").read_bytes()  # bytes kept
+        assert meta.get("orientation") == {"flat": None, "o3": 3, "o6": 6, "o8": 8}[name]
+        assert (meta["height"], meta["width"]) == (32, 48)  # as displayed
+    got = {s["meta"]["input_name"]: s for s in eval_samples(str(out), require=("target",), bad_samples="fail",
+                                                            as_tensor=False)}
+    assert sorted(got) == ["input/flat.png", "input/o3.png", "input/o6.png", "input/o8.png"]
+    for rel, s in got.items():
+        inp, tgt = upright[Path(rel).stem]
+        assert np.array_equal(s["input"], inp) and np.array_equal(s["target"], tgt), rel
+    assert verify_shards(out) == []
+
+    # A value that is no EXIF orientation is one bad sample, named.
+    (_, fields), = [s for s in samples(out) if json.loads(s[1]["json"]).get("orientation") == 6]
+    with pytest.raises(BadSample, match=r"json orientation 9 is not an EXIF orientation \(an integer 1-8\)"):
+        decode_sample({**fields, "json": json.dumps({**json.loads(fields["json"]), "orientation": 9}).encode()}, ())
+    # and so is a sample whose json is no object, or whose image is not one (said in words, no BytesIO repr)
+    with pytest.raises(BadSample, match=r"^json is a list, not an object$"):
+        decode_sample({**fields, "json": b"[6]"}, ())
+    with pytest.raises(BadSample, match=r"^target does not decode: not an image file: no image format recognised "
+                                        r"\(26 bytes, starting b'<html>404"):
+        decode_sample({**fields, "target.png": b"<html>404 Not Found</html>"}, ("target",))
+
+    # The cache: o6 stored turned vs the same pixels stored upright, through one teacher.
+    src = tmp_path / "src.tar"
+    with tarfile.open(src, "w") as tar:
+        members = []
+        for key, meta_extra, img in (("turned", {"orientation": 6}, (root / "input" / "o6.png").read_bytes()),
+                                     ("upright", {}, png_bytes(upright["o6"][0]))):
+            meta = json.dumps({"degradation": "rain", "split": "train", **meta_extra}).encode()
+            members += [(f"{key}.input.png", img), (f"{key}.json", meta)]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    torch.manual_seed(0)
+    teacher = Teacher("rain", freeze(MPRNet("tiny")), "minus_one_one", "random", sha256="ab" * 32)
+    want = _want({"url": str(src), "source_sha256": "cd" * 32}, teacher, 16, "no")
+    rec = cache_shard(str(src), tmp_path, "c.tar", teacher, 16, fast.Speed(device=torch.device("cpu")), want)
+    assert rec["samples"] == 2 and rec["skipped"] == []
+    cached = dict(iter_tar_samples(tmp_path / "c.tar"))
+    assert np.array_equal(decode_image(cached["turned"]["teacher.png"]), decode_image(cached["upright"]["teacher.png"]))
+    assert np.array_equal(decode_feature(cached["turned"]["feature.npy"]), decode_feature(cached["upright"]["feature.npy"]))
+    assert decode_image(cached["turned"]["teacher.png"]).shape == (32, 48, 3)
+    kt = decode_sample(cached["turned"], ("teacher", "feature"))  # what the KT loader reads
+    assert np.array_equal(kt["input"], upright["o6"][0]) and kt["teacher"].shape == (32, 48, 3)
+    assert kt["feature"].shape[1:] == (2, 3)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()

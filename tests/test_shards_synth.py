@@ -324,3 +324,28 @@ def test_synth_never_builds_over_another_dataset_or_a_running_build(tmp_path: Pa
             pytest.raises(UniremovalError, match=r"out is in use: pid \d+ on .* is writing shards \(job 0\) there"):
         synth(clean, out, "--degradation", "haze", "--seed", "5")
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars
+
+
+def test_synth_degrades_a_turned_photo_upright_and_keeps_its_bytes(tmp_path: Path) -> None:
+    """A clean phone photo stored sideways with EXIF orientation 6: rain is drawn on the picture as
+    displayed (streaks fall down it, not across), the target keeps the photo's bytes, and json
+    `orientation` turns input and target upright together in the loaders."""
+    from uniremoval.data.pipelines import decode_sample
+    from uniremoval.data.transforms import apply_orientation
+
+    upright = textured(40, 56, seed=4)
+    stored = np.ascontiguousarray(apply_orientation(upright, 8))  # what orientation 6 turns back upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    Image.fromarray(stored).save(clean / "IMG_0001.png", exif=exif.tobytes())
+    assert synth(clean, tmp_path / "o", "--degradation", "rain", "--seed", "3") == 0
+    (_, fields), = samples(tmp_path / "o")
+    meta = json.loads(fields["json"])
+    assert meta["orientation"] == 6 and (meta["height"], meta["width"]) == (40, 56)
+    assert fields["target.png"] == (clean / "IMG_0001.png").read_bytes()
+    s = decode_sample(fields, ("target",))
+    assert np.array_equal(s["target"], upright)
+    again, _ = synthesize(upright, "rain", np.random.default_rng(meta["synthesis"]["sample_seed"]))
+    assert np.array_equal(s["input"], again)

@@ -173,10 +173,16 @@ def iter_tar_samples(
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """Fully decode `data`; return (height, width). Raises ValueError('truncated: ...'/'unreadable: ...')."""
+    """Fully decode `data`; return its stored (height, width). Raises ValueError('truncated: ...'/'unreadable: ...')."""
+    return image_probe(data)[0]
+
+
+def image_probe(data: bytes) -> tuple[tuple[int, int], int]:
+    """Fully decode `data`; return its stored (height, width) and its EXIF orientation (1-8, 1 when
+    untagged). Raises ValueError('truncated: ...'/'unreadable: ...')."""
     from PIL import Image
 
-    from uniremoval.data.transforms import unsupported_png
+    from uniremoval.data.transforms import exif_orientation, unsupported_png
 
     problem = unsupported_png(data)
     if problem:  # PIL would read it (at 8 bits): refused here rather than by the loaders mid-training
@@ -184,7 +190,7 @@ def image_size(data: bytes) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return im.height, im.width
+            return (im.height, im.width), exif_orientation(im)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         from uniremoval.data.transforms import decode_problem
 
@@ -248,6 +254,8 @@ def tar_end_problem(path: Path, size: int) -> str | None:
 
 
 def _verify_sample(shard: str, key: str, fields: dict[str, bytes]) -> list[str]:
+    from uniremoval.data.transforms import meta_orientation, upright_size
+
     where = f"{shard}:{key}"
     inp, tgt = sample_fields(fields)
     problems = []
@@ -268,9 +276,15 @@ def _verify_sample(shard: str, key: str, fields: dict[str, bytes]) -> list[str]:
         hw = image_size(fields[inp])
     except ValueError as exc:
         return problems + [f"{where}: {inp} {exc}"]
-    if meta and (meta.get("height"), meta.get("width")) != hw:
+    try:
+        turn = meta_orientation(meta)
+    except ValueError as exc:
+        return problems + [f"{where}: {exc}"]
+    shown = upright_size(hw, turn)  # json height/width are the size as the loaders turn it
+    if meta and (meta.get("height"), meta.get("width")) != shown:
+        turned = f" ({shown[0]}x{shown[1]} turned by its orientation {turn})" if turn >= 5 else ""
         problems.append(
-            f"{where}: {inp} is {hw[0]}x{hw[1]}, json says {meta.get('height')}x{meta.get('width')}"
+            f"{where}: {inp} is {hw[0]}x{hw[1]}{turned}, json says {meta.get('height')}x{meta.get('width')}"
         )
     if tgt is not None:
         try:

@@ -62,7 +62,17 @@ from uniremoval.data.shard_stream import (
     resolve_shards,
     worker_id,
 )
-from uniremoval.data.transforms import IMAGE_EXTS, decode_feature, decode_image, paired_crop, to_tensor
+from uniremoval.data.transforms import (
+    IMAGE_EXTS,
+    ORIENTED_FIELDS,
+    apply_orientation,
+    decode_feature,
+    decode_image,
+    decode_problem,
+    meta_orientation,
+    paired_crop,
+    to_tensor,
+)
 from uniremoval.errors import ConfigError, DataError
 
 BadPolicy = Literal["skip", "fail"]
@@ -90,21 +100,28 @@ def decode_sample(
     files: dict[str, bytes], require: Sequence[str], optional: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Decode the fields of one raw sample: 'input' always, `require` (else BadSample) and
-    `optional` when present. Images must share one size; a feature grid must be (C, H//c, W//c)
-    for some cell c (checked against the cell by the caller)."""
+    `optional` when present; input and target turned upright by the json `orientation`. Images
+    must share one size; a feature grid must be (C, H//c, W//c) for some cell c (checked against
+    the cell by the caller)."""
     out: dict[str, Any] = {}
     meta_raw = files.get("json")
     try:
         out["meta"] = json.loads(meta_raw) if meta_raw is not None else {}
     except ValueError as exc:
         raise BadSample(f"json does not parse: {exc}") from exc
+    if not isinstance(out["meta"], dict):
+        raise BadSample(f"json is a {type(out['meta']).__name__}, not an object")
+    try:
+        turn = meta_orientation(out["meta"])
+    except ValueError as exc:
+        raise BadSample(str(exc)) from exc
     data = _find(files, "input")
     if data is None:
         raise BadSample(f"no input image (fields: {sorted(files)})")
     try:
-        out["input"] = decode_image(data)
+        out["input"] = apply_orientation(decode_image(data), turn)
     except Exception as exc:  # any decoder error means this one sample is unusable
-        raise BadSample(f"input does not decode: {exc}") from exc
+        raise BadSample(f"input does not decode: {decode_problem(exc, data)[1]}") from exc
     h, w = out["input"].shape[:2]
     for name in (*require, *optional):
         if name in out:
@@ -115,9 +132,13 @@ def decode_sample(
                 raise BadSample(f"missing required '{name}' (fields: {sorted(files)})")
             continue
         try:
-            out[name] = decode_feature(raw) if name == "feature" else decode_image(raw)
+            if name == "feature":
+                out[name] = decode_feature(raw)
+            else:
+                out[name] = apply_orientation(decode_image(raw), turn if name in ORIENTED_FIELDS else 1)
         except Exception as exc:
-            raise BadSample(f"{name} does not decode: {exc}") from exc
+            reason = f"{type(exc).__name__}: {exc}" if name == "feature" else decode_problem(exc, raw)[1]
+            raise BadSample(f"{name} does not decode: {reason}") from exc
         if name != "feature" and out[name].shape[:2] != (h, w):
             raise BadSample(f"{name} is {out[name].shape[1]}x{out[name].shape[0]}, input is {w}x{h}")
     return out

@@ -42,7 +42,8 @@ class Item:
 class Issue:
     """A bad input found while listing or building; goes to the report file."""
 
-    kind: str  # missing_partner | unreadable | truncated | size_mismatch | outside_root | duplicate | unsupported_format
+    kind: str  # missing_partner | unreadable | truncated | size_mismatch | orientation_mismatch | outside_root
+    #            | duplicate | unsupported_format
     path: str
     reason: str
     partner: str | None = None

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from uniremoval import __version__
-from uniremoval.data.manifest import FORMAT_VERSION, MANIFEST_NAME, image_size, load_manifest
+from uniremoval.data.manifest import FORMAT_VERSION, MANIFEST_NAME, image_probe, load_manifest
 from uniremoval.data.readers import Issue, Item
 from uniremoval.errors import ConfigError, DataError
 from uniremoval.io import (
@@ -68,12 +68,13 @@ def image_ext(path: str) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
-def _probe(data: bytes, cache: dict, name: str) -> tuple[tuple[int, int] | None, Issue | None]:
-    """Decode once per file per shard (ITS pairs ten hazy images with one clear image)."""
+def _probe(data: bytes, cache: dict, name: str) -> tuple[tuple[tuple[int, int], int] | None, Issue | None]:
+    """((stored height, width), EXIF orientation) or an issue; decoded once per file per shard (ITS
+    pairs ten hazy images with one clear image)."""
     if name in cache:
         return cache[name]
     try:
-        result = (image_size(data), None)
+        result = (image_probe(data), None)
     except ValueError as exc:
         kind, _, reason = str(exc).partition(": ")
         result = (None, Issue(kind, name, reason))
@@ -103,7 +104,7 @@ class FileSampleBuilder:
             signature += [st.st_size, st.st_mtime_ns]
         return size, signature
 
-    def _read(self, rel: str, cache: dict) -> tuple[bytes | None, tuple[int, int] | None, Issue | None]:
+    def _read(self, rel: str, cache: dict) -> tuple[bytes | None, tuple[tuple[int, int], int] | None, Issue | None]:
         if ("bytes", rel) in cache:
             data = cache[("bytes", rel)]
         else:
@@ -113,22 +114,31 @@ class FileSampleBuilder:
                 return None, None, Issue("unreadable", rel, f"cannot read file: {exc}")
             if rel in cache["shared"]:  # a target used by several inputs in this shard
                 cache[("bytes", rel)] = data
-        hw, issue = _probe(data, cache, rel)
-        return data, hw, issue
+        probe, issue = _probe(data, cache, rel)
+        return data, probe, issue
 
     def build(self, item: Item, cache: dict) -> tuple[dict | None, list[Issue]]:
-        data, hw, issue = self._read(item.input, cache)
+        from uniremoval.data.transforms import ORIENTATIONS, upright_size
+
+        data, probe, issue = self._read(item.input, cache)
         if issue:
             return None, [issue]
+        hw, turn = probe
         sample = {"__key__": item.key, f"input.{image_ext(item.input)}": data}
         if item.target:
-            tdata, thw, tissue = self._read(item.target, cache)
+            tdata, tprobe, tissue = self._read(item.target, cache)
             if tissue:
                 return None, [Issue(tissue.kind, tissue.path, tissue.reason, partner=item.input)]
+            thw, tturn = tprobe
+            if tturn != turn:  # as eval refuses such a folder pair: aligned neither as shown nor as stored
+                reason = (f"input has EXIF orientation {turn} ({ORIENTATIONS[turn]} for display) but target has "
+                          f"{tturn} ({ORIENTATIONS[tturn]}); save both with the same orientation")
+                return None, [Issue("orientation_mismatch", item.input, reason, partner=item.target)]
             if thw != hw:
                 reason = f"input is {hw[0]}x{hw[1]} (HxW) but target is {thw[0]}x{thw[1]}"
                 return None, [Issue("size_mismatch", item.input, reason, partner=item.target)]
             sample[f"target.{image_ext(item.target)}"] = tdata
+        hw = upright_size(hw, turn)
         meta = {
             "degradation": item.degradation,
             "domain": item.domain,
@@ -141,6 +151,8 @@ class FileSampleBuilder:
             "target_name": item.target,
             **item.extra,
         }
+        if turn != 1:  # the original bytes are kept; the loaders turn them upright (untagged: no key)
+            meta["orientation"] = turn
         sample["json"] = meta
         return sample, []
 

@@ -443,40 +443,45 @@ class SynthSampleBuilder:
 
     def _clean(self, rel: str, cache: dict):
         if ("clean", rel) not in cache:
-            from uniremoval.data.manifest import image_size
-            from uniremoval.data.transforms import decode_image
+            from uniremoval.data.manifest import image_probe
+            from uniremoval.data.transforms import apply_orientation, decode_image
 
             try:
                 data = Path(self.root, rel).read_bytes()
             except OSError as exc:
-                cache[("clean", rel)] = (None, None, Issue("unreadable", rel, f"cannot read file: {exc}"))
+                cache[("clean", rel)] = (None, None, 1, Issue("unreadable", rel, f"cannot read file: {exc}"))
                 return cache[("clean", rel)]
             try:
-                image_size(data)  # full decode: a truncated file must be reported, not half-used
+                # full decode: a truncated file must be reported, not half-used
+                _, turn = image_probe(data)
             except ValueError as exc:
                 kind, _, reason = str(exc).partition(": ")
-                cache[("clean", rel)] = (None, None, Issue(kind, rel, reason))
+                cache[("clean", rel)] = (None, None, 1, Issue(kind, rel, reason))
                 return cache[("clean", rel)]
             try:
                 # The loaders' decoder: the degraded input is made from exactly the pixels the
-                # target decodes to in training and eval (grey, palette, CMYK, 16-bit alike).
-                arr = _rgb8(decode_image(data))
+                # target decodes to in training and eval (grey, palette, CMYK, 16-bit alike),
+                # upright as displayed, so that rain falls down and haze thickens upwards.
+                arr = np.ascontiguousarray(apply_orientation(_rgb8(decode_image(data)), turn))
             except ValueError as exc:
-                cache[("clean", rel)] = (None, None, Issue("unreadable", rel, str(exc)))
+                cache[("clean", rel)] = (None, None, 1, Issue("unreadable", rel, str(exc)))
                 return cache[("clean", rel)]
             cache.clear()  # one clean image at a time: its per-image variants are consecutive
-            cache[("clean", rel)] = (data, arr, None)
+            cache[("clean", rel)] = (data, arr, turn, None)
         return cache[("clean", rel)]
 
     def build(self, item: Item, cache: dict) -> tuple[dict | None, list[Issue]]:
         from uniremoval.data.shardwriter import image_ext
+        from uniremoval.data.transforms import apply_orientation, inverse_orientation
 
-        data, arr, issue = self._clean(item.input, cache)
+        data, arr, turn, issue = self._clean(item.input, cache)
         if issue:
             return None, [issue] if item.extra.get("variant", 0) == 0 else []
         s = sample_seed(self.seed, item.key)
         out, params = synthesize(arr, item.degradation, np.random.default_rng(s), self.ranges)
-        encoded, ext = encode_image(out, params)
+        # The target keeps its original (EXIF-tagged) bytes: the input is stored turned back the same
+        # way, and json `orientation` turns both upright in the loaders.
+        encoded, ext = encode_image(np.ascontiguousarray(apply_orientation(out, inverse_orientation(turn))), params)
         meta = {
             "degradation": item.degradation,
             "domain": "synthetic",
@@ -495,6 +500,8 @@ class SynthSampleBuilder:
                 **params,
             },
         }
+        if turn != 1:
+            meta["orientation"] = turn
         return {
             "__key__": item.key,
             f"input.{ext}": encoded,

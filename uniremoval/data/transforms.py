@@ -111,6 +111,32 @@ def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr
 
 
+def inverse_orientation(orientation: int) -> int:
+    """The orientation that turns displayed pixels back to stored: the quarter turns swap, the
+    mirrors, the half turn and the transposes undo themselves."""
+    return {6: 8, 8: 6}.get(orientation, orientation)
+
+
+def upright_size(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(height, width) as displayed, from the stored size: orientations 5-8 swap the axes."""
+    return (hw[1], hw[0]) if orientation >= 5 else (hw[0], hw[1])
+
+
+# Shard samples whose input/target files carry an EXIF orientation record it in json (the original
+# bytes are kept); these fields are turned upright when decoded. Fields made from upright pixels
+# (the cache's teacher image and feature grid) are stored upright and never turned.
+ORIENTED_FIELDS = ("input", "target")
+
+
+def meta_orientation(meta: dict) -> int:
+    """A sample's json `orientation` (1, as stored, when absent: shards of untagged files, or built
+    before it was recorded). Raises ValueError for a value that is not an EXIF orientation."""
+    value = meta.get("orientation", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ORIENTATIONS:
+        raise ValueError(f"json orientation {value!r} is not an EXIF orientation (an integer 1-8)")
+    return value
+
+
 def _cv2():
     try:
         import cv2

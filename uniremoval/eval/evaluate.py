@@ -9,8 +9,9 @@ or URL; read with `uniremoval.data.pipelines.eval_samples`) or a folder of image
 
 Folder images are listed as the shard builders list them (hidden files such as macOS's `._<name>`
 skipped) and read as `restore` reads them (`eval.restore.read_image_oriented`: upright, with EXIF
-orientation applied; a pair whose orientation tags differ is refused). Shards hold the stored
-pixels and are decoded as stored (`data.transforms.decode_image`), as training sees them.
+orientation applied; a pair whose orientation tags differ is refused). Shards hold the original
+bytes and are decoded as training sees them (`data.pipelines.decode_sample`: upright by the json
+`orientation` the builders recorded from the same tag).
 
 Distribution: under `accelerate launch` every rank scores its part (shards: by shard/sample, see
 `eval_samples`; folders: the sorted file list strided by rank), the per-image records are gathered
@@ -248,7 +249,7 @@ def score_items(
         batch = buckets.pop(key)
         x = torch.stack([it.image for it in batch]).to(device)
         with torch.no_grad():
-            out = restore(x) if restore is not None else x
+            out = x
         targets = None
         if scorer.needs_target:
             targets = torch.stack([it.target for it in batch]).to(device)
@@ -317,6 +318,11 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.crop_border < 0:
         raise UniremovalError(f"--crop-border must be >= 0, got {opts.crop_border}")
+    from uniremoval.eval.restore import TILE_OVERLAP, tiling_problem
+
+    if problem := tiling_problem(opts.tile, TILE_OVERLAP):
+        raise UniremovalError(f"--tile {opts.tile}: {problem}; eval overlaps tiles by {TILE_OVERLAP} px, so give "
+                              f"--tile {TILE_OVERLAP + 1} or more (e.g. 512)")
     want = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
         raise UniremovalError("--device cuda, but no CUDA device is visible; use --device cpu")

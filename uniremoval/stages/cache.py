@@ -150,7 +150,7 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
 
     from uniremoval.data.shard_stream import ShardReadError, iter_shard
     from uniremoval.data.shardwriter import sample_members
-    from uniremoval.data.transforms import decode_image, to_tensor
+    from uniremoval.data.transforms import apply_orientation, decode_image, meta_orientation, to_tensor
 
     path = out_dir / shard_name
     n, skipped, counts = 0, [], Counter()
@@ -199,7 +199,8 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
                     if input_name is None:
                         raise ValueError(f"no input image (fields: {sorted(files)})")
                     meta = json.loads(files["json"]) if "json" in files else {}
-                    x = to_tensor(decode_image(files[input_name]))
+                    # upright (json `orientation`): the teacher image and grid are stored upright
+                    x = to_tensor(apply_orientation(decode_image(files[input_name]), meta_orientation(meta)))
                 except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
                     skip(key, exc)
                     continue

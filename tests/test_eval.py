@@ -587,3 +587,32 @@ def test_two_process_eval_scores_every_image_once(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].data.metrics["eval/data/piqe"] == pytest.approx(two["mean"]["piqe"])
+
+
+@pytest.mark.parametrize("input_range", ["minus_one_one", "zero_one"])
+def test_scores_and_saved_images_are_the_checkpoints_output_in_its_range(tmp_path, input_range):
+    """eval runs the checkpoint's model in the range its metadata names ([-1, 1] for ours, [0, 1] for
+    official MPRNet weights) and scores exactly that output: recomputed here by hand from the model."""
+    from uniremoval.eval.restore import read_image
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("mprnet", "tiny").eval()
+    ckpt = save_checkpoint(tmp_path / "ck" / "m", model, {"input_range": input_range})
+    _write_pngs(tmp_path / "d", 2, [(32, 40)], seed=5)
+    res = run_eval(EvalOptions(str(ckpt), str(tmp_path / "d"), metrics=["psnr"], mlflow=False, device="cpu",
+                               save_images=str(tmp_path / "out")))
+    for r in res.images:
+        x = read_image(tmp_path / "d" / r["name"])[None]
+        with torch.no_grad():
+            if input_range == "zero_one":
+                y = model(x)[0]
+            else:
+                y = (model(x * 2 - 1)[0] + 1) / 2
+        want = quantize(y)
+        saved = read_image(tmp_path / "out" / r["name"])[None]
+        assert (saved - want).abs().max() <= 1 / 255 + 1e-6  # float noise may flip a rounding
+        assert (saved - x).abs().mean() > 0.01  # the model was applied, not the input copied
+        target = read_image(tmp_path / "d" / "target" / r["name"])[None]
+        assert r["psnr"] == pytest.approx(psnr(saved, target).item(), abs=1e-9)

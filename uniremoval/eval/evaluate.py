@@ -249,7 +249,7 @@ def score_items(
         batch = buckets.pop(key)
         x = torch.stack([it.image for it in batch]).to(device)
         with torch.no_grad():
-            out = x
+            out = restore(x) if restore is not None else x
         targets = None
         if scorer.needs_target:
             targets = torch.stack([it.target for it in batch]).to(device)

@@ -550,3 +550,29 @@ def test_restore_keeps_the_inputs_rgb_colour_profile(tmp_path: Path) -> None:
     assert "icc_profile" not in opened["plain"].info and "icc_profile" not in opened["lab"].info
     same = [np.asarray(im) for im in opened.values()]
     assert np.array_equal(same[0], same[1]) and np.array_equal(same[1], same[2])
+
+
+def test_tile_sizes_that_cannot_tile_are_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    """`--tile 32` met the default 32-px overlap only at the first image, after the model was loaded,
+    with a message naming neither flag (and eval, whose overlap is fixed, gave no way out): both
+    commands now refuse it up front, naming the flags and a value that works."""
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(rand_u8(24, 24, seed=1)).save(src / "one.png")
+    restore = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out"),
+               "--device", "cpu"]
+    for extra, want in ((["--tile", "32"], "--tile 32 with --tile-overlap 32 (the default): the tile must be"),
+                        (["--tile", "16", "--tile-overlap", "16"], "--tile 16 with --tile-overlap 16: "),
+                        (["--tile", "4", "--tile-overlap", "0"], "at least 8 px"),
+                        (["--batch-size", "0"], "--batch-size must be >= 1, got 0")):
+        assert main([*restore, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and want in err and "restore:" not in err, (extra, err)  # no progress bar
+    assert not (tmp_path / "out").exists()
+    assert main([*restore, "--tile", "16", "--tile-overlap", "4"]) == 0
+    evaluate = ["eval", "--checkpoint", str(ckpt), "--data", str(src), "--metrics", "piqe", "--no-mlflow",
+                "--device", "cpu"]
+    assert main([*evaluate, "--tile", "32"]) == 2
+    assert "error: --tile 32: the tile must be at least 8 px and larger than the overlap" in capsys.readouterr().err
+    assert main([*evaluate, "--tile", "33"]) == 0

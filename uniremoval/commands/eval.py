@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="images of the same size scored together")
     g.add_argument("--psnr-y", action="store_true", help="PSNR/SSIM on the Y channel (BT.601) instead of RGB")
     g.add_argument("--crop-border", type=int, default=0, help="pixels cut from each side before PSNR/SSIM")
-    g.add_argument("--tile", type=int, help="restore in tiles of this size (large images, little memory)")
+    g.add_argument("--tile", type=int, help="restore in tiles of this size, more than 32 px (they overlap by 32 px; "
+                   "large images, little memory)")
     g.add_argument("--label", help="row label in reports (default: training run name / checkpoint name)")
     g.add_argument("--degradation", help="degradation tag of the dataset (default: from the shards' json)")
     t = p.add_argument_group("tracking")

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
     p.add_argument("--output", required=True, help="folder for the restored PNGs")
     p.add_argument("--tile", type=int, default=None, help="tile size in px for large images (default: none)")
-    p.add_argument("--tile-overlap", type=int, default=32, help="overlap between tiles in px (default 32)")
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="overlap between tiles in px (default 32; less than --tile)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles (or images) per forward pass (default 4)")
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
@@ -53,17 +54,27 @@ def run(args: argparse.Namespace) -> int:
     from uniremoval.data.readers import IMAGE_EXTS
     from uniremoval.errors import DataError, UniremovalError
     from uniremoval.eval.restore import (
+        TILE_OVERLAP,
         available_memory,
         list_images,
         other_formats_note,
         read_image,
         restore_tensor,
         rgb_icc_profile,
+        tiling_problem,
         untiled_shortfall,
         write_png,
     )
     from uniremoval.models.checkpoint import load_checkpoint
 
+    # Checked before any work: restore_tensor would refuse them only at the first image.
+    overlap = TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
+    if problem := tiling_problem(args.tile, overlap):
+        default = " (the default)" if args.tile_overlap is None else ""
+        raise UniremovalError(f"--tile {args.tile} with --tile-overlap {overlap}{default}: {problem}; "
+                              f"e.g. --tile 512, or a smaller --tile-overlap")
+    if args.batch_size < 1:
+        raise UniremovalError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UniremovalError("--device cuda: no CUDA device is available here; use --device cpu")
@@ -121,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 x.unsqueeze(0),
                 input_range,
                 tile=args.tile,
-                tile_overlap=args.tile_overlap,
+                tile_overlap=overlap,
                 batch_size=args.batch_size,
             )
             write_png(dst, y[0], icc_profile=rgb_icc_profile(src))

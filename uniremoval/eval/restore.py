@@ -33,6 +33,9 @@ from uniremoval.errors import DataError, UniremovalError
 from uniremoval.io import atomic_writer
 
 INPUT_RANGES = ("minus_one_one", "zero_one")
+# px shared by neighbouring tiles: `restore --tile-overlap`'s default and `eval --tile`'s fixed value
+TILE_OVERLAP = 32
+MIN_TILE = 8
 
 
 # ---------------------------------------------------------------------------------------- image I/O
@@ -261,12 +264,22 @@ def _ramp(length: int, overlap: int, lead: bool, trail: bool, device: torch.devi
     return w
 
 
+def tiling_problem(tile: int | None, tile_overlap: int) -> str | None:
+    """Why ``tile``/``tile_overlap`` cannot cut an image into windows (None: they can), so the
+    commands refuse them before loading a model, naming their own flags."""
+    if tile is None:
+        return None
+    if tile < MIN_TILE or not 0 <= tile_overlap < tile:
+        return f"the tile must be at least {MIN_TILE} px and larger than the overlap (0 <= overlap < tile)"
+    return None
+
+
 def restore_tensor(
     model: nn.Module,
     x: Tensor,
     input_range: str,
     tile: int | None = None,
-    tile_overlap: int = 32,
+    tile_overlap: int = TILE_OVERLAP,
     batch_size: int = 4,
 ) -> Tensor:
     """Restore images ``x`` (N, 3, H, W) or (3, H, W) in [0, 1]; returns the same shape in [0, 1].
@@ -280,8 +293,8 @@ def restore_tensor(
         raise UniremovalError(f"input_range {input_range!r} must be one of {INPUT_RANGES}")
     if batch_size < 1:
         raise UniremovalError(f"batch size must be >= 1, got {batch_size}")
-    if tile is not None and (tile < 8 or not 0 <= tile_overlap < tile):
-        raise UniremovalError(f"tile {tile} / overlap {tile_overlap}: need tile >= 8 and 0 <= overlap < tile")
+    if problem := tiling_problem(tile, tile_overlap):
+        raise UniremovalError(f"tile {tile} / overlap {tile_overlap}: {problem}")
     single = x.dim() == 3
     if single:
         x = x.unsqueeze(0)

@@ -138,7 +138,38 @@ def test_csv_is_full_precision_and_html_bolds_best(store):
         for h, cell in zip(head[1:], r[1:]):
             ds, metric = h.split()[0], h.split()[1].lower()
             assert float(cell) == RUNS[key][2][ds][metric]  # exactly the logged float
+    # Every table in the csv: the same columns and rows as the markdown, each logged value exactly once
+    # (a dropped column or row would go unnoticed by the loop above).
+    blocks = {b.split("\n", 1)[0][2:].rstrip(","): list(csv.reader(io.StringIO(b.split("\n", 1)[1])))
+              for b in text.strip().split("\n\n") if b.startswith("# ")}
+    md = {t.title: t for t in tables}
+    assert list(blocks) == list(md) and len(blocks) == 4
+    cells = 0
+    for title, recs in blocks.items():
+        t = md[title]
+        head = recs[0]
+        assert head[0] == "method" and head[1:1 + len(t.flags)] == t.flags
+        metric_head = head[1 + len(t.flags):]
+        assert len(metric_head) == len(t.columns) == len(set(metric_head))
+        assert [r[0] for r in recs[1:]] == [row.label for row in t.rows]
+        for r in recs[1:]:
+            key = {v[0]: k for k, v in RUNS.items()}[r[0]]
+            assert len(r) == len(head)
+            for h, cell in zip(metric_head, r[1 + len(t.flags):]):
+                ds, metric = h.split()[0], h.split()[1].lower()
+                logged = RUNS[key][2].get(ds, {}).get(metric)
+                assert (cell == "") if logged is None else (float(cell) == logged), (title, h, r)
+                cells += logged is not None
+    assert cells == 6 + 2 + 6 + 4  # as in the markdown test
+    assert [h.split()[:2] for h in blocks["NR-IQA (Tables I-III): haze"][0][1:]] == [
+        ["RTTS", "BRISQUE"], ["RTTS", "PIQE"]]
     page = render(tables, "html")
+    # html: every logged value of every table appears, formatted, bold or not
+    for key, (_, _, per_ds) in RUNS.items():
+        for ds, metrics in per_ds.items():
+            for m, v in metrics.items():
+                s = f"{v:.4f}" if m == "ssim" else f"{v:.2f}"
+                assert f"<td>{s}</td>" in page or f"<td><b>{s}</b></td>" in page, (key, ds, m)
     assert "<b>25.50</b>" in page and "<b>30.88</b>" in page and "<b>25.1250</b>" not in page
     assert "<b>0.8512</b>" in page and "<b>25.12</b>" in page  # 25.125 is exact in binary: rounds to even
     assert page.count("<table>") == 4 and "BRISQUE \u2193" in page and "PSNR \u2191" in page

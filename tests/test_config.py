@@ -307,3 +307,29 @@ def test_overrides_may_follow_the_options(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(parser, ["train", "kt", "--config", "c.yaml", "--resume", "auto", "a=1", "--bogus"])
     assert exit_.value.code == 2 and "unrecognized arguments: --bogus\n" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+    """`uniremoval config show FILE | head -1` (or `shards inspect --json | head`): the pipe closes
+    before the output is written. That printed 'error: Broken pipe ... --resume auto' (the file
+    system error handler) or a traceback at exit; now nothing on stderr and SIGPIPE's status."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "uniremoval", "config", "show", str(REPO / "configs/kt.yaml")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the command has imported anything and written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE, err
+    assert err == "", err
+    # A broken pipe that is not stdout's reader leaving stays one error line.
+    from uniremoval import cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    args = cli.build_parser().parse_args(["config", "hash", str(REPO / "configs/kt.yaml")])
+    args.func = broken
+    import unittest.mock
+
+    with unittest.mock.patch.object(cli, "parse", return_value=args):
+        assert cli.main([]) == 2

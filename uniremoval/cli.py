@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
+import signal
 import sys
 
 from uniremoval import __version__
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, argv)
     try:
         rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left (`| head`) shows here, not as a traceback at exit
         leave_process_group_at_exit()
         return rc
     except UniremovalError as exc:
@@ -56,14 +60,37 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(exc, "on_every_rank", False):  # an error agreed by every rank (e.g. eval's data)
             leave_process_group_at_exit()
         return 2
-    except OSError as exc:  # a file system refusal met mid-way (full disk, read-only, permissions): no traceback
-        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
-        print(f"error: {exc.strerror or exc}{': ' + where if where else ''} (what was finished is kept; "
-              f"fix the cause and rerun: training continues with --resume auto)", file=sys.stderr)
-        return 2
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():
+            return _os_error(exc)
+        # `uniremoval shards inspect DIR --json | head`: the reader has what it wanted. Nothing failed,
+        # so no error line; the rest of stdout goes nowhere (else exit's flush fails again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # the status of a tool that SIGPIPE ended, as the shell reports it
+    except OSError as exc:
+        return _os_error(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (poll reports POLLERR on its write end),
+    as opposed to a socket or file that broke mid-way, which is a real error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() on this platform, or stdout has no fd
+        return False
+
+
+def _os_error(exc: OSError) -> int:
+    """A file system refusal met mid-way (full disk, read-only, permissions): one line, no traceback."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+    print(f"error: {exc.strerror or exc}{': ' + where if where else ''} (what was finished is kept; "
+          f"fix the cause and rerun: training continues with --resume auto)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -71,6 +71,21 @@ def test_embedded_store(tmp_path, monkeypatch):
     assert {"config.yaml", "images"} <= files
     assert [f.path for f in client.list_artifacts(run.info.run_id, "images")] == ["images/train-step00000020.png"]
     assert list((tmp_path / "mlruns").rglob("config.yaml"))  # artifacts beside the store
+    # DESIGN: the whole resolved config is logged (it loads back as the run's config), every run
+    # carries the git commit, and the flattened params cover every config key
+    from uniremoval.config import config_to_dict, load_config
+    from uniremoval.tracking import git_commit
+
+    saved = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "dl")))
+    assert load_config(saved) == cfg
+    commit = run.data.tags["git_commit"]  # HEAD may move meanwhile: the tag names a commit of this repo
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and git_commit() is not None
+    import subprocess
+
+    assert subprocess.run(["git", "cat-file", "-t", commit], cwd=Path(__file__).parent, capture_output=True,
+                          text=True).stdout.strip() == "commit"
+    flat = flatten(config_to_dict(cfg))
+    assert {k: run.data.params.get(k) for k in flat} == flat
 
     # Eval helper, and the tag for random VGG weights on a contrastive stage.
     rid = log_eval_run(cfg, "rtts", {"brisque": 30.5, "eval/rtts/piqe": 40.0})

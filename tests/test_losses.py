@@ -645,3 +645,34 @@ def test_gan_losses_decrease(kind: str) -> None:
         fake = TinyNet()(real)[0]
     first, last = _optimise(disc, lambda: discriminator_loss(disc(clear), disc(fake), kind))  # type: ignore[arg-type]
     assert last < 0.8 * first, (first, last)
+
+
+def test_edge_laplacian_matches_a_loop_reference() -> None:
+    """MPRNet's Laplacian, written out with numpy loops: blur (5x5 [.05 .25 .4 .25 .05] outer product,
+    replicate padding), keep even pixels x4 on a zero grid, blur again, subtract from the input."""
+    import numpy as np
+
+    k1 = [0.05, 0.25, 0.4, 0.25, 0.05]
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        h, w = a.shape
+        p = np.pad(a, 2, mode="edge")
+        return np.array([[sum(k1[i] * k1[j] * p[y + i, x + j] for i in range(5) for j in range(5))
+                          for x in range(w)] for y in range(h)])
+
+    img = np.random.default_rng(0).random((7, 6))
+    b = blur(img)
+    up = np.zeros_like(b)
+    up[::2, ::2] = 4 * b[::2, ::2]
+    ref = img - blur(up)
+    got = EdgeLoss().laplacian(torch.from_numpy(img)[None, None].double())[0, 0].numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)  # the kernel buffer is float32
+    # the loss: Charbonnier (eps 1e-3) between the two Laplacians
+    other = np.random.default_rng(1).random((7, 6))
+    b = blur(other)
+    up = np.zeros_like(b)
+    up[::2, ::2] = 4 * b[::2, ::2]
+    d = ref - (other - blur(up))
+    want = np.sqrt(d * d + 1e-6).mean()
+    x, y = (torch.from_numpy(a)[None, None].double() for a in (img, other))
+    assert EdgeLoss()(x, y).item() == pytest.approx(want, rel=1e-6)

@@ -298,6 +298,33 @@ def test_truncated_files(tmp_path: Path) -> None:
         load_checkpoint(ours)
 
 
+def test_files_that_are_no_checkpoint_say_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An HTML page saved as model_deblurring.pth (a failed download) went through torch's unpickler,
+    whose parser raised a bare KeyError: a traceback from `restore`, and 'cannot read VGG-19 weights
+    (174812789)' for features.path. Each is one error naming the file and what it is."""
+    import numpy as np
+    from PIL import Image
+
+    from uniremoval.cli import main
+
+    page = tmp_path / "model_deblurring.pth"
+    page.write_bytes(b"junk\n")  # torch's unpickler: KeyError(174812789)
+    with pytest.raises(CheckpointError, match=r"model_deblurring\.pth: not a PyTorch file \(5 bytes, starting "
+                                              r"b'junk\\n'.*download the checkpoint again"):
+        load_checkpoint(page)
+    memo = tmp_path / "memo.pth"
+    memo.write_bytes(b"\x80\x02h\x05.")  # a pickle that fetches a memo slot it never stored: KeyError
+    with pytest.raises(CheckpointError, match=r"memo\.pth: truncated or corrupt checkpoint \(KeyError: 5\)"):
+        load_checkpoint(memo)
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "a.png")
+    rc = main(["restore", "--checkpoint", str(page), "--input", str(src), "--output", str(tmp_path / "out"),
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "not a PyTorch file" in err and "Traceback" not in err, err
+
+
 class _Payload:
     """Unpickling this calls open(marker, 'w'): it would create the marker file."""
 
@@ -468,7 +495,10 @@ def test_vgg_missing_weights_says_where(tmp_path: Path, monkeypatch: pytest.Monk
     assert f"features.path=/path/to/{VGG19_FILE}" in msg and "features.weights=random" in msg  # the config keys
     bad = tmp_path / "vgg.pth"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(CheckpointError, match=r"vgg\.pth: cannot read"):
+    with pytest.raises(CheckpointError, match=r"vgg\.pth: truncated or corrupt VGG-19 weights file"):
+        VGGFeatures(path=bad)
+    bad.write_bytes(b"<!DOCTYPE html><title>Not Found</title>")  # what a failed download saves
+    with pytest.raises(CheckpointError, match=r"vgg\.pth: not a PyTorch file \(39 bytes, starting b'<!DOCTYPE"):
         VGGFeatures(path=bad)
 
 

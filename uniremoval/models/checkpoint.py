@@ -32,6 +32,8 @@ WEIGHTS_SUFFIX = ".safetensors"
 META_SUFFIX = ".json"
 INPUT_RANGES = ("minus_one_one", "zero_one")
 _MAX_LISTED = 12
+# torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle (protocol >= 2)
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def _base(path: str | Path) -> Path:
@@ -228,16 +230,43 @@ def _read_ours(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state, meta
 
 
-def _read_official(weights: Path) -> dict[str, Tensor]:
+def load_torch_tensors(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` on the CPU of a file that should hold tensors; every way it
+    can be unusable is a CheckpointError naming the file: not a torch.save file at all (a download
+    that saved an HTML error page), pickled code or other objects (refused, never run), truncated or
+    corrupt. torch's unpickler raises whatever its parser meets (KeyError, IndexError...) on junk."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head.startswith(TORCH_FILE_MAGIC):
+        raise CheckpointError(
+            f"{path}: not a PyTorch file ({path.stat().st_size} bytes, starting {head!r}; torch.save writes a zip "
+            f"archive or a pickle): a failed or partial download looks like this; download the {what} again"
+        )
     try:
-        obj = torch.load(str(weights), map_location="cpu", weights_only=True)
+        # A zip archive can be memory-mapped (large files are then read only where needed); legacy cannot.
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=head.startswith(TORCH_FILE_MAGIC[0]))
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{weights}: refused to load: the file contains pickled code or objects other than tensors "
-            f"(only plain state_dicts are read, with weights_only=True). Detail: {str(exc).splitlines()[0]}"
+            f"{path}: refused to load: the file contains pickled code or objects other than tensors "
+            f"(only plain state_dicts are read, with weights_only=True). Detail: {_unpickler_reason(exc)}"
         ) from exc
-    except (EOFError, RuntimeError, OSError, ValueError, pickle.PickleError) as exc:
-        raise CheckpointError(f"{weights}: truncated or corrupt checkpoint ({exc})") from exc
+    except Exception as exc:  # zipfile, torch and its unpickler each raise their own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path}: truncated or corrupt {what} ({type(exc).__name__}: {first})") from exc
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused (its message opens with advice to load unsafely)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0].split(". ")[0] if lines else type(exc).__name__)[:200]
+
+
+def _read_official(weights: Path) -> dict[str, Tensor]:
+    obj = load_torch_tensors(weights)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):

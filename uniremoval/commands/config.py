@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("config", help="show or check a stage configuration",
+    p = subparsers.add_parser("config", help="show a stage configuration, resolved, or its hash",
                               description="Resolve a config file (extends + overrides) and print it.")
     sub = p.add_subparsers(dest="config_command", metavar="ACTION")
     sub.required = True
@@ -13,8 +13,8 @@ def register(subparsers) -> None:
     show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.batch_size=8")
     show.set_defaults(func=_show)
     h = sub.add_parser("hash", help="print the config hash that tags MLflow runs")
-    h.add_argument("file")
-    h.add_argument("overrides", nargs="*")
+    h.add_argument("file", help="a YAML config under configs/")
+    h.add_argument("overrides", nargs="*", help="dotted overrides, as for show")
     h.set_defaults(func=_hash)
 
 

@@ -98,11 +98,11 @@ def register(subparsers) -> None:
 
     v = sub.add_parser("verify", help="checksums, every sample decodes, pairs match in size")
     v.add_argument("dir", metavar="DIR|TAR", help="a shard folder (holding manifest.json) or one .tar shard")
-    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel (default 1)")
     v.set_defaults(func=_verify)
 
     m = sub.add_parser("merge", help="combine the per-job manifests of an array build into manifest.json")
-    m.add_argument("dir")
+    m.add_argument("dir", metavar="DIR", help="the --out folder every job of the array build wrote into")
     m.set_defaults(func=_merge)
 
 

@@ -231,8 +231,9 @@ def test_bad_inputs_reported(tmp_path: Path, capsys) -> None:
     got = {r["kind"]: r for r in report}
     assert set(got) == {"missing_partner", "unreadable", "truncated", "size_mismatch"}
     assert got["missing_partner"]["path"] == "input/orphan.png"
-    assert got["unreadable"]["path"] == "input/garbage.png"
+    assert (got["unreadable"]["path"], got["unreadable"]["partner"]) == ("input/garbage.png", "target/garbage.png")
     assert got["truncated"]["path"] == "input/cut.png" and "truncated" in got["truncated"]["reason"]
+    assert got["truncated"]["partner"] == "target/cut.png"
     assert got["size_mismatch"]["path"] == "input/wide.png" and "24x32" in got["size_mismatch"]["reason"]
     assert got["size_mismatch"]["partner"] == "target/wide.png"
     manifest = load_manifest(out)
@@ -304,7 +305,12 @@ def test_strict_fails_on_first(tmp_path: Path, remove: tuple[str, ...], message:
         (tree.root / f"input/{name}.png").unlink()
     with pytest.raises(DataError, match=message.replace(".", r"\.")):
         build("paired-folder", tree.root, tmp_path / "out", "--degradation", "rain", "--strict")
-    assert not list((tmp_path / "out").glob("*.tar")) if (tmp_path / "out").exists() else True
+    assert not (tmp_path / "out").exists()  # no empty --out left behind
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays, with what it held
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=message.replace(".", r"\.")):
+        build("paired-folder", tree.root, tmp_path / "kept", "--degradation", "rain", "--strict")
+    assert [p.name for p in (tmp_path / "kept").iterdir() if not p.name.startswith(".")] == ["notes.txt"]
 
 
 def test_empty_or_wrong_root_says_expected_layout(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from uniremoval.data.manifest import (
     shard_paths,
     verify_shards,
 )
-from uniremoval.errors import DataError
+from uniremoval.errors import ConfigError, DataError
 
 H, W = 24, 32
 
@@ -323,6 +324,11 @@ def test_layout_options(tmp_path: Path) -> None:
     build("reside-sots", sots.root, tmp_path / "s", "--subset", "outdoor")
     metas = [json.loads(f["json"]) for _, f in samples(tmp_path / "s")]
     assert [(m["subset"], m["airlight"], m["beta"]) for m in metas] == [("outdoor", 0.8, 0.2)]
+    with pytest.raises(ConfigError, match=r"--subset 'middle': reside-sots has subsets indoor and outdoor"):
+        build("reside-sots", sots.root, tmp_path / "s2", "--subset", "middle")
+    shutil.rmtree(sots.root / "indoor")
+    with pytest.raises(DataError, match=r"\(no indoor/ subset; found only outdoor/\)"):
+        build("reside-sots", sots.root, tmp_path / "s3", "--subset", "indoor")
 
     its = tree_reside_its(tmp_path / "its")
     build("reside-its", its.root, tmp_path / "i")

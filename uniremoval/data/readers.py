@@ -338,8 +338,12 @@ def read_reside_sots(root: Path, opts: ReaderOptions) -> ReadResult:
     else:
         subsets = {name: p for name in ("indoor", "outdoor") if (p := _child(root, (name,))) is not None}
     if opts.subset:
+        if opts.subset not in ("indoor", "outdoor"):
+            raise ConfigError(f"--subset {opts.subset!r}: reside-sots has subsets indoor and outdoor")
         if opts.subset not in subsets:
-            raise _layout_error(reader, root, spec.layout, f"no {opts.subset}/ subset")
+            found = (f"found only {', '.join(f'{n}/' for n in sorted(subsets))}" if subsets
+                     else "no indoor/ or outdoor/ folder")
+            raise _layout_error(reader, root, spec.layout, f"no {opts.subset}/ subset; {found}")
         subsets = {opts.subset: subsets[opts.subset]}
     if not subsets:
         raise _layout_error(reader, root, spec.layout, "no indoor/ or outdoor/ folder")

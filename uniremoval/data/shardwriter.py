@@ -27,6 +27,7 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -121,8 +122,8 @@ class FileSampleBuilder:
         from uniremoval.data.transforms import ORIENTATIONS, upright_size
 
         data, probe, issue = self._read(item.input, cache)
-        if issue:
-            return None, [issue]
+        if issue:  # named with its partner, as a bad target is: the report shows which pair was lost
+            return None, [Issue(issue.kind, issue.path, issue.reason, partner=item.target)]
         hw, turn = probe
         sample = {"__key__": item.key, f"input.{image_ext(item.input)}": data}
         if item.target:
@@ -518,6 +519,29 @@ def _iter_records(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextmanager
+def _removed_if_nothing_built(out: Path, lock_name: str, state_path: Path) -> Iterator[None]:
+    """Create `out` for the block; if the block fails and `out` is new and holds only the lock and a
+    state file recording no shard, remove it: a failed build (--strict, Ctrl-C in the first shard)
+    leaves no empty --out behind. Anything else written (a shard, a report) stays."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            try:
+                names = {p.name for p in out.iterdir()}
+                if names <= {lock_name, state_path.name} and not (
+                        state_path.is_file() and json.loads(state_path.read_text()).get("shards")):
+                    for name in names:
+                        (out / name).unlink()
+                    out.rmdir()
+            except (OSError, ValueError):  # best effort: a leftover folder is harmless
+                pass
+        raise
+
+
 def build_shards(
     items: list[Item],
     planning_issues: list[Issue],
@@ -549,9 +573,10 @@ def build_shards(
     if strict and planning_issues:
         raise DataError(f"{planning_issues[0].message()} (--strict stops at the first bad input)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_name = f".lock-job{job_index}of{num_jobs}"
+    state_path = _state_path(out, job_index, num_jobs)
     # a second process on the same job's outputs (another command, or the same one twice) stops here
-    with folder_lock(out, f".lock-job{job_index}of{num_jobs}", f"shards (job {job_index})"):
+    with _removed_if_nothing_built(out, lock_name, state_path), folder_lock(out, lock_name, f"shards (job {job_index})"):
         if not items:
             report = out / report_name(job_index, num_jobs)
             atomic_write_text(
@@ -571,8 +596,6 @@ def build_shards(
                 records[plan.name] = known[plan.name]
             else:
                 pending.append(plan)
-
-        state_path = _state_path(out, job_index, num_jobs)
 
         last_save = [0.0]
 

@@ -94,7 +94,7 @@ def test_lr_schedules():
     assert lr_factor(ScheduleConfig(), 7, 10, 1.0) == 1.0
 
 
-def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
+def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, capsys):
     ref_stage = ToyStage(make_cfg(tmp_path / "a"))
     res = Trainer(ref_stage.cfg, ref_stage).fit()
     assert res.status == "finished" and res.step == 10
@@ -119,6 +119,14 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert res2.step == 10
     assert rest.seen[0] == (0, 3)  # data position: epoch 0, micro-batch 3 (steps 0-2 were seen)
     assert torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"), ref)
+    # Resuming a finished run asks for nothing: said, not silent; a max_steps past the end is named.
+    capsys.readouterr()
+    more = ToyStage(make_cfg(tmp_path / "b", max_steps=12))
+    with pytest.warns(RuntimeWarning, match=r"train\.max_steps=12 is beyond the run's end, train\.epochs x "
+                                            r"train\.steps_per_epoch = 10: it stops at step 10"):
+        assert Trainer(more.cfg, more).fit(resume="auto").step == 10
+    assert "step 10 is already the run's end (10 steps): nothing to train" in capsys.readouterr().err
+    assert more.seen == [] and torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"), ref)
 
     # --resume PATH: an explicit checkpoint folder; a folder without training state is refused.
     again = ToyStage(make_cfg(tmp_path / "c"))
@@ -128,6 +136,9 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(UniremovalError, match="no state.pt"):
         bad = ToyStage(make_cfg(tmp_path / "d"))
         Trainer(bad.cfg, bad).fit(resume=str(tmp_path))
+    with pytest.raises(UniremovalError, match=r"resume checkpoint \S+step-00000099 does not exist; give a "):
+        bad = ToyStage(make_cfg(tmp_path / "d2"))
+        Trainer(bad.cfg, bad).fit(resume=str(run / "checkpoints" / "step-00000099"))
     # A checkpoint written under DeepSpeed (optimiser state in deepspeed/, none in state.pt) resumed
     # without it: a named refusal, not a KeyError on the model name.
     ds_ck = tmp_path / "ds" / "step-00000009"

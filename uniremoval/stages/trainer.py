@@ -378,6 +378,7 @@ class Trainer:
         check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
+        self._check_run_length(total)
         if acc.is_main_process:                        # what a killed job left half-written
             self._remove_stale_temporaries()
         self.start_tracking()                          # the same MLflow run on resume
@@ -434,6 +435,18 @@ class Trainer:
         t = self.cfg.train
         full = t.epochs * t.steps_per_epoch
         return min(full, t.max_steps) if t.max_steps is not None else full
+
+    def _check_run_length(self, total: int) -> None:
+        """Say so when the config asks for steps it will not train: max_steps only stops a run early."""
+        t = self.cfg.train
+        full = t.epochs * t.steps_per_epoch
+        if t.max_steps is not None and t.max_steps > full:
+            warnings.warn(f"train.max_steps={t.max_steps} is beyond the run's end, train.epochs x "
+                          f"train.steps_per_epoch = {full}: it stops at step {full} (max_steps only stops early); "
+                          f"raise train.epochs to train longer", RuntimeWarning, stacklevel=3)
+        if self.step >= total:
+            self._print(f"step {self.step} is already the run's end ({total} steps): nothing to train; raise "
+                        f"train.epochs (or train.max_steps) and --resume auto to train on")
 
     def schedule_horizon(self) -> int:
         # The schedule spans the full run even when max_steps stops early (max_steps is not
@@ -827,6 +840,9 @@ class Trainer:
         if path is None:
             self._print(f"--resume auto: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
+        if not path.exists():
+            raise CheckpointError(f"resume checkpoint {path} does not exist; give a checkpoints/step-* folder "
+                                  f"of a run, or --resume auto")
         if not (path / "state.pt").is_file():
             raise CheckpointError(f"resume checkpoint {path} has no state.pt; give a checkpoints/step-* folder "
                                   f"of a run, or --resume auto")

@@ -14,7 +14,14 @@ from PIL import Image
 from test_shards_layouts import Tree, build, check_samples, run_cli, samples, tree_reside_its
 
 from uniremoval.data import shardwriter
-from uniremoval.data.manifest import expand_braces, load_manifest, shard_paths, verify_shards
+from uniremoval.data.manifest import (
+    expand_braces,
+    format_inspect,
+    inspect_shards,
+    load_manifest,
+    shard_paths,
+    verify_shards,
+)
 from uniremoval.errors import DataError
 from uniremoval.io import sha256_file
 
@@ -706,6 +713,9 @@ def test_exif_orientation_is_recorded_and_every_reader_turns_pairs_upright(tmp_p
         inp, tgt = upright[Path(rel).stem]
         assert np.array_equal(s["input"], inp) and np.array_equal(s["target"], tgt), rel
     assert verify_shards(out) == []
+    info = inspect_shards(out)
+    assert info["turned"] == 3 and "  EXIF orientation: 3 sample(s) stored turned, read upright" in format_inspect(info)
+    assert info["resolution"]["most_common"] == {"48x32": 4}
 
     # A value that is no EXIF orientation is one bad sample, named.
     (_, fields), = [s for s in samples(out) if json.loads(s[1]["json"]).get("orientation") == 6]

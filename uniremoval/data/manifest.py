@@ -457,7 +457,7 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
         where = path
     heights, widths = [], []
     resolutions: Counter = Counter()
-    paired = 0
+    paired = turned = 0
     combos: Counter = Counter()
     groups: dict[str, Counter] = {g: Counter() for g in ("degradation", "domain", "split")}
     for file, _size in files:
@@ -467,6 +467,7 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
             widths.append(w)
             resolutions[f"{w}x{h}"] += 1
             paired += sample_fields(fields)[1] is not None
+            turned += meta.get("orientation", 1) != 1
             combos[f"{meta.get('degradation')}/{meta.get('domain')}/{meta.get('split')}"] += 1
             for g, c in groups.items():
                 c[str(meta.get(g))] += 1
@@ -479,6 +480,7 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
         "shards": len(sizes),
         "samples": n,
         "paired": paired,
+        "turned": turned,  # samples the loaders turn upright by their EXIF orientation
         "bytes": sum(sizes),
         "shard_bytes": {"min": min(sizes, default=0), "max": max(sizes, default=0)},
         "bytes_per_sample": (sum(sizes) / n) if n else 0.0,
@@ -521,6 +523,8 @@ def format_inspect(info: dict) -> str:
         f"width {res['width']['min']}-{res['width']['max']} (median {res['width']['median']:g})"
     )
     lines.append("  most common WxH: " + ", ".join(f"{k} ({v})" for k, v in res["most_common"].items()))
+    if info["turned"]:
+        lines.append(f"  EXIF orientation: {info['turned']} sample(s) stored turned, read upright (sizes as displayed)")
     if info["issues"].get("total"):
         details = ", ".join(f"{k} {v}" for k, v in sorted(info["issues"].items()) if k != "total")
         lines.append(f"  inputs skipped at build: {info['issues']['total']} ({details})")

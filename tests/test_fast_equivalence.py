@@ -199,8 +199,6 @@ def test_speed_from_config(tmp_path, monkeypatch):
                                   "output_dir": str(tmp_path)})
     speed = fast.Speed.from_config(cfg, "cpu")
     assert (speed.dtype, speed.channels_last, speed.compile) == (torch.bfloat16, True, False)
-    model = speed.prepare_model(MPRNet("tiny"))
-    assert model.tail.weight.is_contiguous(memory_format=torch.channels_last)
     assert speed.compile_cache == str(tmp_path / "default" / "compile_cache")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's export wins
     assert fast.Speed.from_config(cfg, "cpu").compile_cache == str(tmp_path / "mine")

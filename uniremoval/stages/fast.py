@@ -27,15 +27,12 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from uniremoval.errors import ConfigError
-
-MixedPrecision = Literal["no", "bf16", "fp16"]
-
 
 # ------------------------------------------------------------------------------------ precision
 
@@ -228,12 +225,11 @@ class Speed:
     dtype: torch.dtype | None = None
     channels_last: bool = False
     compile: bool = False
-    fused: bool | None = None
     compile_cache: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device | str) -> Speed:
-        """From ``model.channels_last``, ``model.compile``, ``train.mixed_precision``, ``optim.fused``."""
+        """From ``model.channels_last``, ``model.compile`` and ``train.mixed_precision``."""
         dev = torch.device(device)
         if cfg.model.compile:
             require_compile_support()
@@ -244,22 +240,8 @@ class Speed:
             dtype=autocast_dtype(cfg.train.mixed_precision, dev),
             channels_last=bool(cfg.model.channels_last),
             compile=bool(cfg.model.compile),
-            fused=getattr(getattr(cfg, "optim", None), "fused", None),
             compile_cache=cache,
         )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
-
-    def prepare_model(self, module: nn.Module, train: bool = True) -> nn.Module:
-        """Move to the device, set the layout, then compile (when asked). Returns the module to call."""
-        module = module.to(self.device)
-        if self.channels_last:
-            to_channels_last(module)
-        module.train(train)
-        if self.compile:
-            return compile_module(module, self.compile_cache)
-        return module
-
-    def batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return to_device(batch, self.device, self.channels_last)

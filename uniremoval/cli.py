@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import sys
+import threading
 
 from uniremoval import __version__
 from uniremoval.errors import UniremovalError
@@ -20,6 +21,18 @@ from uniremoval.launch import leave_process_group_at_exit
 
 # Order follows the data flow: shards -> train -> cache -> eval/restore -> report.
 GROUPS = ("shards", "train", "cache", "eval", "restore", "report", "demo", "config")
+# Commands that SIGTERM (a scheduler's time limit) stops where they are, as Ctrl-C does: the exception
+# unwinds, so temporary files are removed and an open MLflow run is marked KILLED, not RUNNING forever.
+# `train` has its own handler (a checkpoint at the next step boundary).
+SIGTERM_INTERRUPTS = ("cache", "eval", "restore", "report")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised in the main thread, handled everywhere as an interrupt."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +63,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
+    old_term = None
+    if args.command in SIGTERM_INTERRUPTS and threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that left (`| head`) shows here, not as a traceback at exit
@@ -69,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGPIPE  # the status of a tool that SIGPIPE ended, as the shell reports it
     except OSError as exc:
         return _os_error(exc)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        print("terminated (SIGTERM)" if term else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def _stdout_reader_gone() -> bool:

@@ -25,6 +25,7 @@ holds the training loop; ``finish()`` waits until every queued call is sent or s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -36,7 +37,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -475,6 +476,21 @@ class Tracker:
                           RuntimeWarning, stacklevel=3)
 
 
+@contextlib.contextmanager
+def finishing(tracker: Tracker | None, done: str | None = "FINISHED") -> Iterator[Tracker | None]:
+    """Finish `tracker`'s run when the block ends: `done` (None: leave it open), KILLED when
+    interrupted (Ctrl-C, or SIGTERM as cli.main raises it), FAILED on an error; a stopped job never
+    leaves it RUNNING."""
+    try:
+        yield tracker
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker is not None and done is not None:
+        tracker.finish(done)
+
+
 def _artifact_root(uri: str) -> str | None:
     # The embedded sqlite store keeps artifacts beside it in ./mlruns; servers choose their own.
     db = sqlite_path(uri)
@@ -514,11 +530,12 @@ def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = Non
     tracker = Tracker(uri, cfg.tracking.experiment or cfg.project, cfg.tracking.run_name or run_name,
                       run_tags(cfg, stage, degradation, extra_tags), run_id=run_id, spool_dir=spool_dir,
                       background=background)
-    if tracker.new_run or (tracker.run_id is None):
-        tracker.log_config(cfg)
-    elif run_id is not None:
-        tracker._call({"op": "running"})  # a preempted run was marked KILLED; it lives on
-        tracker.set_tags({"resumed": "true", "resumed_config_hash": config_hash(cfg)})
+    with finishing(tracker, done=None):  # stopped while logging the config: not RUNNING forever
+        if tracker.new_run or (tracker.run_id is None):
+            tracker.log_config(cfg)
+        elif run_id is not None:
+            tracker._call({"op": "running"})  # a preempted run was marked KILLED; it lives on
+            tracker.set_tags({"resumed": "true", "resumed_config_hash": config_hash(cfg)})
     return tracker
 
 
@@ -532,13 +549,13 @@ def log_eval_run(cfg: Any, dataset: str, metrics: dict[str, float], artifacts: S
                         extra_tags={"dataset": dataset, **(tags or {})})
     if tracker is None:
         return None
-    if params:
-        tracker.log_params(params)
-    named = {k if k.startswith("eval/") else f"eval/{dataset}/{k}": v for k, v in metrics.items()}
-    tracker.log_metrics(named, step=step)
-    for a in artifacts:
-        tracker.log_artifact(a)
-    tracker.finish("FINISHED")
+    with finishing(tracker):
+        if params:
+            tracker.log_params(params)
+        named = {k if k.startswith("eval/") else f"eval/{dataset}/{k}": v for k, v in metrics.items()}
+        tracker.log_metrics(named, step=step)
+        for a in artifacts:
+            tracker.log_artifact(a)
     return tracker.run_id
 
 

@@ -69,7 +69,11 @@ def handler(args) -> int:
         client = mlflow_client(args.tracking_uri)
         exp = client.get_experiment_by_name(args.experiment)
         run = client.create_run(exp.experiment_id, run_name="report", tags={"stage": "report"})
-        client.log_artifacts(run.info.run_id, args.out_dir, "report")
+        try:
+            client.log_artifacts(run.info.run_id, args.out_dir, "report")
+        except BaseException as exc:  # a stopped upload: the run says so instead of RUNNING forever
+            client.set_terminated(run.info.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
         client.set_terminated(run.info.run_id)
         print(f"MLflow run: {run.info.run_id}")
     return 0

@@ -418,7 +418,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     report can lay out ablation tables. Experiment: --experiment, else the training run's, else
     "uniremoval".
     """
-    from uniremoval.tracking import Tracker, git_commit, mlflow_client, resolve_uri
+    from uniremoval.tracking import Tracker, finishing, git_commit, mlflow_client, resolve_uri
 
     uri = resolve_uri(opts.tracking_uri)
     client = mlflow_client(uri)  # gives up on a dead server in seconds, before the Tracker spools
@@ -463,25 +463,26 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
 
     spool = tempfile.mkdtemp(prefix="uniremoval-eval-spool-")
     tracker = Tracker(uri, experiment, f"eval-{result.dataset}", tags, spool_dir=spool)
-    tracker.log_params({
-        "metrics": ",".join(result.metrics), "n_images": len(result.images), "psnr_y": opts.psnr_y,
-        "crop_border": opts.crop_border, "batch_size": opts.batch_size, "tile": opts.tile,
-        "data": opts.data if isinstance(opts.data, str) else ",".join(opts.data), "pyiqa_variants": ",".join(f"{m}={METRICS[m].pyiqa_name}" for m in result.metrics
-                                                      if METRICS[m].pyiqa_name),
-    })
-    values = {f"eval/{result.dataset}/{m}": v for m, v in result.mean.items() if math.isfinite(v)}
-    tracker.log_metrics(values, step=0)
-    # Score files live in the spool dir: if MLflow is unreachable the spooled upload still finds them.
-    from uniremoval.io import atomic_write_json, atomic_write_text
+    with finishing(tracker):  # an interrupted upload leaves a KILLED run, not a RUNNING one
+        tracker.log_params({
+            "metrics": ",".join(result.metrics), "n_images": len(result.images), "psnr_y": opts.psnr_y,
+            "crop_border": opts.crop_border, "batch_size": opts.batch_size, "tile": opts.tile,
+            "data": opts.data if isinstance(opts.data, str) else ",".join(opts.data),
+            "pyiqa_variants": ",".join(f"{m}={METRICS[m].pyiqa_name}" for m in result.metrics
+                                       if METRICS[m].pyiqa_name),
+        })
+        values = {f"eval/{result.dataset}/{m}": v for m, v in result.mean.items() if math.isfinite(v)}
+        tracker.log_metrics(values, step=0)
+        # Score files live in the spool dir: if MLflow is unreachable the spooled upload still finds them.
+        from uniremoval.io import atomic_write_json, atomic_write_text
 
-    atomic_write_json(Path(spool) / f"eval-{result.dataset}.json", result.to_json())
-    atomic_write_text(Path(spool) / f"eval-{result.dataset}.csv", csv_text(result))
-    tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.json", "scores")
-    tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.csv", "scores")
-    if opts.save_images and tracker.run_id is not None and not tracker.offline:
-        # Tracker spools single files only; a folder goes up in one call when the store is reachable.
-        client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
-    tracker.finish("FINISHED")
+        atomic_write_json(Path(spool) / f"eval-{result.dataset}.json", result.to_json())
+        atomic_write_text(Path(spool) / f"eval-{result.dataset}.csv", csv_text(result))
+        tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.json", "scores")
+        tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.csv", "scores")
+        if opts.save_images and tracker.run_id is not None and not tracker.offline:
+            # Tracker spools single files only; a folder goes up in one call when the store is reachable.
+            client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
     if not tracker.offline:
         shutil.rmtree(spool, ignore_errors=True)
     return tracker.run_id

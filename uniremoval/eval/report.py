@@ -4,7 +4,8 @@ Every `uniremoval eval` run (tag stage=eval) holds `eval/<dataset>/<metric>` and
 model it scored (`uniremoval.model`: the training run id, else the checkpoint sha256, else "input"
 for `--checkpoint none`) and its row label (`uniremoval.label`). A report row is one model; a
 column is one dataset x metric; when a model was evaluated on a dataset more than once, its latest
-run counts. Tables:
+FINISHED run counts (an eval stopped while logging is KILLED or FAILED, or RUNNING after a kill -9,
+its images partly uploaded: never used). Tables:
 
 - NR-IQA (the paper's Tables I-III): BRISQUE/PIQE/NIQE columns, one table per degradation (the
   eval runs' `degradation` tag), all models;
@@ -85,7 +86,7 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
         )
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string="tags.stage = 'eval'",
+        filter_string="tags.stage = 'eval' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"],
         max_results=50000,
     )

@@ -318,14 +318,14 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
             reused += 1
         else:
             todo.append((it, want))
-    bar = tqdm(desc=f"cache (rank {rank})", unit="img", disable=not acc.is_main_process, dynamic_ncols=True)
-    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=cfg.cache.cudnn_benchmark):
+    # `with`: an interrupt closes the bar before cli.main prints its one line, not after it at exit
+    with tqdm(desc=f"cache (rank {rank})", unit="img", disable=not acc.is_main_process, dynamic_ncols=True) as bar, \
+            fast.math_flags(cudnn_tf32=True, cudnn_benchmark=cfg.cache.cudnn_benchmark):
         for it, want in todo:
             t = teachers[it["degradation"]]
             bar.set_postfix_str(f"{it['source']}/{it['name']}", refresh=False)
             cache_shard(it["url"], out_root / it["source"], it["name"], t, cell, speed, want, bar,
                         batch_size=cfg.cache.batch_size)
-    bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
         n = write_manifests(cfg, items, teachers, out_root)
@@ -386,19 +386,19 @@ def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapp
 def _log_run(cfg: CacheStage, acc: Any, out_root: Path) -> None:
     if not acc.is_main_process:
         return
-    from uniremoval.tracking import start_run
+    from uniremoval.tracking import finishing, start_run
 
     tracker = start_run(cfg, run_name="cache", stage="cache", run_dir=out_root)
     if tracker is None:
         return
-    metrics = {}
-    for src in cfg.data.train:
-        m = json.loads((out_root / src.name / "manifest.json").read_text())
-        metrics[f"cache/{src.name}/samples"] = m["counts"]["total"]
-        metrics[f"cache/{src.name}/skipped"] = m["issues"]["total"]
-        tracker.log_artifact(out_root / src.name / "manifest.json", f"manifests/{src.name}")
-    tracker.log_metrics(metrics, step=0)
-    tracker.finish()
+    with finishing(tracker):
+        metrics = {}
+        for src in cfg.data.train:
+            m = json.loads((out_root / src.name / "manifest.json").read_text())
+            metrics[f"cache/{src.name}/samples"] = m["counts"]["total"]
+            metrics[f"cache/{src.name}/skipped"] = m["issues"]["total"]
+            tracker.log_artifact(out_root / src.name / "manifest.json", f"manifests/{src.name}")
+        tracker.log_metrics(metrics, step=0)
 
 
 # ------------------------------------------------------------------------------------- checking

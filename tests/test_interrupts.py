@@ -1,0 +1,196 @@
+"""Ctrl-C (SIGINT) and a scheduler's SIGTERM part-way through eval, restore, cache and report, in real
+processes: one line and status 128+signal (no traceback), no temporary file left beside an output, and
+an MLflow run the job had opened marked KILLED (not RUNNING forever), which `report` then ignores.
+
+The job is stopped at a known point, without sleeps: a wrapper (`_STOP`) replaces one function with
+one that touches a marker file and blocks, and the test signals the process once the marker exists."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGNALS = [pytest.param(signal.SIGINT, "interrupted", id="sigint"),
+           pytest.param(signal.SIGTERM, "terminated (SIGTERM)", id="sigterm")]
+
+# python -c _STOP MODULE ATTR MARKER ARGS...: run the CLI with MODULE.ATTR stopping at MARKER.
+# PARTIAL=1: first write part of the file the call was writing (a PIL save into atomic_writer).
+_STOP = textwrap.dedent("""
+    import importlib, os, sys, time
+    mod, attr, marker = sys.argv[1:4]
+    owner, name = importlib.import_module(mod), attr
+    if "." in attr:
+        cls, name = attr.split(".")
+        owner = getattr(owner, cls)
+    def stop(*a, **k):
+        if os.environ.get("PARTIAL"):
+            a[1].write(b"\\x89PNG partial")
+            a[1].flush()
+        open(marker, "w").close()
+        time.sleep(120)
+    setattr(owner, name, stop)
+    from uniremoval.cli import main
+    sys.exit(main(sys.argv[4:]))
+""")
+
+
+def _stopped(tmp_path: Path, where: str, args: list[str], sig: int, **env: str) -> tuple[int, str]:
+    """Run `uniremoval ARGS` with `where` (module:attr) blocking; send `sig` once it is reached."""
+    mod, attr = where.split(":")
+    marker = tmp_path / "reached"
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    e.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-c", _STOP, mod, attr, str(marker), *args], cwd=tmp_path, env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{where} not reached:\n{proc.communicate()[1][-3000:]}")
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C or a scheduler signals the whole job
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"still running 60 s after signal {sig}")
+    return proc.returncode, err
+
+
+def _one_line(rc: int, err: str, sig: int, line: str) -> None:
+    assert rc == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == line
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _images(folder: Path, n: int, size: int = 24) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("", "target"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / sub / f"im{i}.png")
+    return folder
+
+
+def _runs(db: str, experiment: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name]
+
+
+@pytest.mark.parametrize("sig, line", SIGNALS)
+def test_eval_stopped_while_logging_marks_the_run_killed_and_report_skips_it(tmp_path, sig, line):
+    from uniremoval.errors import UniremovalError
+    from uniremoval.eval.report import make_report
+
+    data = _images(tmp_path / "data", 2)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, err = _stopped(tmp_path, "mlflow.tracking:MlflowClient.log_artifacts",
+                       ["eval", "--checkpoint", "none", "--data", str(data), "--name", "set", "--metrics", "psnr",
+                        "--device", "cpu", "--json", "scores.json", "--save-images", "saved",
+                        "--tracking-uri", db, "--experiment", "stops"], sig)
+    _one_line(rc, err, sig, line)
+    runs = _runs(db, "stops", "eval-set")
+    assert [r.info.status for r in runs] == ["KILLED"]  # was RUNNING forever, its images half uploaded
+    assert "eval/set/psnr" in runs[0].data.metrics
+    assert len(__import__("json").loads((tmp_path / "scores.json").read_text())["images"]) == 2
+    assert not _temporaries(tmp_path / "saved")
+    with pytest.raises(UniremovalError, match="no eval runs with scores"):  # a stopped run is no result
+        make_report("stops", tracking_uri=db)
+
+
+def test_report_log_stopped_while_uploading_marks_the_run_killed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(db)
+    exp = client.create_experiment("rep", artifact_location=(tmp_path / "mlruns").as_uri())
+    for model, value in (("input", 20.0), ("m1", 25.0)):
+        run = client.create_run(exp, run_name="eval-set", tags={"stage": "eval", "dataset": "set",
+                                                                "uniremoval.model": model})
+        client.log_metric(run.info.run_id, "eval/set/psnr", value)
+        client.set_terminated(run.info.run_id)
+    rc, err = _stopped(tmp_path, "mlflow.tracking:MlflowClient.log_artifacts",
+                       ["report", "--experiment", "rep", "--tracking-uri", db, "--out-dir", "out", "--log"],
+                       signal.SIGTERM)
+    _one_line(rc, err, signal.SIGTERM, "terminated (SIGTERM)")
+    assert [r.info.status for r in _runs(db, "rep", "report")] == ["KILLED"]
+    assert "**25.00**" in (tmp_path / "out" / "report.md").read_text()  # written before the upload, complete
+
+
+@pytest.mark.parametrize("sig, line", SIGNALS)
+def test_restore_stopped_mid_write_leaves_no_temporary(tmp_path, sig, line):
+    from PIL import Image
+
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = _images(tmp_path / "in", 2)
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "im0.png")  # an earlier restore's output
+    before = (tmp_path / "out" / "im0.png").read_bytes()
+    rc, err = _stopped(tmp_path, "PIL.Image:Image.save",
+                       ["restore", "--checkpoint", str(ckpt), "--input", str(src / "target"), "--output", "out",
+                        "--device", "cpu"], sig, PARTIAL="1")
+    _one_line(rc, err, sig, line)
+    assert not _temporaries(tmp_path / "out")  # SIGTERM left .im0.png.*.tmp behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["im0.png"]
+    assert (tmp_path / "out" / "im0.png").read_bytes() == before  # the output being replaced is intact
+
+
+@pytest.fixture()
+def cache_cfg(tmp_path):
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _fixtures import write_shards
+
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 2, 2)
+    teacher = save_checkpoint(tmp_path / "teacher-haze" / "last", MPRNet("tiny").eval(),
+                              {"stage": "teacher", "degradation": "haze"})
+    cfg = {"stage": "cache", "project": "stops", "name": "cache", "output_dir": str(tmp_path / "outputs"),
+           "model": {"preset": "tiny"}, "teachers": {"checkpoints": {"haze": str(teacher)}},
+           "data": {"degradations": ["haze"], "feature_cell": 16,
+                    "train": [{"name": "syn", "shards": str(tmp_path / "shards" / "syn"), "degradation": "haze"}]},
+           "train": {"cpu": True}, "cache": {"out": str(tmp_path / "cache"), "batch_size": 1},
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    (tmp_path / "cache.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "cache.yaml"
+
+
+def test_cache_sigterm_mid_shard_removes_its_temporary(tmp_path, cache_cfg):
+    rc, err = _stopped(tmp_path, "uniremoval.stages.cache:run_teacher", ["cache", "--config", str(cache_cfg)],
+                       signal.SIGTERM)
+    _one_line(rc, err, signal.SIGTERM, "terminated (SIGTERM)")
+    out = tmp_path / "cache" / "syn"
+    assert not _temporaries(out)  # the shard being written (SIGTERM left it until the next run)
+    assert not list(out.glob("*.tar")) and not list(out.glob(".*.done.json"))
+
+
+def test_cache_interrupted_while_logging_marks_the_run_killed(tmp_path, cache_cfg):
+    rc, err = _stopped(tmp_path, "mlflow.tracking:MlflowClient.log_artifact", ["cache", "--config", str(cache_cfg)],
+                       signal.SIGINT)
+    _one_line(rc, err, signal.SIGINT, "interrupted")
+    assert [r.info.status for r in _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "stops", "cache")] == ["KILLED"]
+    assert (tmp_path / "cache" / "syn" / "manifest.json").is_file()  # the finished cache is kept

@@ -19,7 +19,7 @@ while ``parameters()`` yields it once. `checkpoint.py` keeps that meaning when s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -246,12 +246,6 @@ class ORSNet(nn.Module):
         return x
 
 
-def feature_channels_of(preset: str = "deblur", **overrides: object) -> int:
-    """Channels of the L_fg feature for a preset, without building the model."""
-    cfg = replace(PRESETS[preset], **overrides)  # type: ignore[arg-type]
-    return cfg.n_feat + cfg.scale_orsnetfeats
-
-
 def pad_to_multiple(x: Tensor, multiple: int = SIZE_MULTIPLE) -> tuple[Tensor, int, int]:
     """Pad bottom/right to the next multiple (reflect, as the official demo does); return (x, h, w).
 
@@ -319,9 +313,6 @@ class MPRNet(nn.Module):
         self.concat12 = _conv(cfg.n_feat * 2, cfg.n_feat, k, b)
         self.concat23 = _conv(cfg.n_feat * 2, cfg.n_feat + cfg.scale_orsnetfeats, k, b)
         self.tail = _conv(cfg.n_feat + cfg.scale_orsnetfeats, cfg.out_c, k, b)
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
 
     def forward(self, x: Tensor, return_feature: bool = False):
         x_pad, h, w = pad_to_multiple(x)

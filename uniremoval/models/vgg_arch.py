@@ -5,8 +5,8 @@ itself. Gradients still flow to the input (the student's output).
 
 Weights: torchvision's ImageNet VGG-19 (``vgg19-dcbb9e9d.pth``), read from a given path or the
 torch hub cache. Nothing is downloaded here: when the file is absent a CheckpointError says where
-to put it. ``weights="random"`` gives a fixed-seed random network for tests and demos only; it sets
-``is_pretrained = False`` so runs can be tagged.
+to put it. ``weights="random"`` gives a fixed-seed random network for tests and demos only
+(``is_pretrained`` is False); the KT and DA stages tag their runs ``vgg_weights`` from the config.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ class VGGFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-        self.weights_path: str | None = None
         if weights == "imagenet":
             self._load_imagenet(Path(path) if path else default_weights_path())
             self.is_pretrained = True
@@ -128,7 +127,6 @@ class VGGFeatures(nn.Module):
                     wanted[f"{i}.{p}"] = state[key]
         # Copy out of the memory map so the file can be closed/replaced.
         self.features.load_state_dict({k: v.clone() for k, v in wanted.items()}, strict=True)
-        self.weights_path = str(path)
 
     def train(self, mode: bool = True) -> VGGFeatures:
         # Frozen feature extractor: stays in eval mode whatever the trainer calls.

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shardgen import check_batch, ident, pool, to_uint8, write_dataset
 
 from uniremoval.data.pipelines import CropPadding, da_loader, eval_samples, kt_loader, teacher_loader
-from uniremoval.data.shard_stream import assign_shards, iter_shard, resolve_shards, split_evenly
+from uniremoval.data.shard_stream import assign_shards, iter_shard, resolve_shards
 from uniremoval.data.transforms import decode_image, to_tensor
 from uniremoval.errors import ConfigError, DataError
 
@@ -66,13 +66,6 @@ def test_assign_shards_every_sample_exactly_once(n_shards, n_workers):
             owners.update((shard, i) for i in range(samples[shard]) if i % stride == offset)
     assert set(owners) == {(s, i) for s, n in samples.items() for i in range(n)}
     assert set(owners.values()) == {1}
-
-
-def test_split_evenly_covers_range():
-    for n in (0, 1, 7, 10):
-        parts = [split_evenly(n, r, 3) for r in range(3)]
-        assert [i for p in parts for i in p] == list(range(n))
-        assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_resolve_shards_forms(data, tmp_path):

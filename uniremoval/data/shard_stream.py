@@ -144,15 +144,6 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def split_evenly(n: int, rank: int, world_size: int) -> range:
-    """The contiguous block of range(n) owned by `rank`; block sizes differ by at most one."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world of size {world_size}")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
-
-
 def assign_shards(n_shards: int, worker: int, n_workers: int) -> list[tuple[int, int, int]]:
     """Work of global worker `worker` out of `n_workers`: a list of (shard index, stride, offset).
 

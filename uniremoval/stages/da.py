@@ -61,7 +61,7 @@ def make_da_loss(cfg: DAStage, phi: nn.Module | None) -> nn.Module:
     lc = cfg.loss
     return DALoss(phi, cfg.features.layer_weights, l2=lc.l2, l3=lc.l3, tau=lc.tau, gan=lc.gan, use_gan=lc.use_gan,
                   use_idt=lc.use_idt, use_eicl=lc.use_eicl, use_efcl=lc.use_efcl, negatives_grad=lc.negatives_grad,
-                  positives_grad=getattr(lc, "positives_grad", False))
+                  positives_grad=lc.positives_grad)
 
 
 def build_discriminator(cfg: DAStage) -> nn.Module:

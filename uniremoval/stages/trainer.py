@@ -283,10 +283,6 @@ class TrainContext:
         return self._t.accelerator.num_processes
 
     @property
-    def is_main(self) -> bool:
-        return self._t.accelerator.is_main_process
-
-    @property
     def models(self) -> dict[str, nn.Module]:
         """Trained models as prepared (DDP-wrapped when distributed); frozen ones as they are."""
         return self._t.models

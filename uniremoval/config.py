@@ -386,11 +386,12 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """A copy of `base` with `over` laid on top: nested mappings merge key by key, anything else replaces."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -426,9 +427,9 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[st
         if not base_path.is_file():
             raise ConfigError(f"{path}: key 'extends': base file not found: {base_path}")
         layer, layer_origin = _load_layers(base_path, (*seen, path))
-        merged = _merge(merged, layer)
+        merged = deep_merge(merged, layer)
         origin.update(layer_origin)
-    merged = _merge(merged, data)
+    merged = deep_merge(merged, data)
     origin.update({k: path for k in flatten_keys(data)})
     return merged, origin
 

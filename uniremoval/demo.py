@@ -17,7 +17,6 @@ run for the test suite.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import os
@@ -85,13 +84,6 @@ class DemoPlan(_Strict):
     overrides: dict[str, list[str]] = Field(default_factory=dict)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def default_config_dir() -> Path:
     """configs/demo of the source tree this package runs from, else ./configs/demo."""
     here = Path(__file__).resolve().parent.parent / "configs" / "demo"
@@ -105,7 +97,9 @@ def load_plan(config_dir: Path, quick: bool) -> DemoPlan:
     raw = yaml.safe_load(path.read_text()) or {}
     quick_part = raw.pop("quick", None) or {}
     if quick:
-        raw = _merge(raw, quick_part)
+        from uniremoval.config import deep_merge
+
+        raw = deep_merge(raw, quick_part)
     try:
         return DemoPlan.model_validate(raw)
     except ValidationError as exc:  # pydantic's message names the key

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _shardgen import check_batch, ident, pool, to_uint8, write_dataset
 
-from uniremoval.data.pipelines import CropPadding, da_loader, eval_samples, kt_loader, teacher_loader
+from uniremoval.data.pipelines import CropPadding, da_loader, eval_samples, kt_loader
 from uniremoval.data.shard_stream import assign_shards, iter_shard, resolve_shards
 from uniremoval.data.transforms import decode_image, to_tensor
 from uniremoval.errors import ConfigError, DataError
@@ -34,6 +34,11 @@ from uniremoval.errors import ConfigError, DataError
 REPO = Path(__file__).resolve().parents[1]
 DEGS = ["haze", "rain", "blur"]
 SIZES = [(40, 48), (33, 70), (64, 64), (47, 35)]
+
+
+def paired_loader(shards, degradation, *args, **kw):
+    """(input, target) batches of one degradation, as the teacher stage reads them."""
+    return kt_loader([(degradation, shards, degradation, 1.0)], [degradation], *args, require=("target",), **kw)
 
 
 def _free_port() -> int:
@@ -185,7 +190,7 @@ def test_bad_samples_skip_counts_and_fail_names_shard_and_key(tmp_path):
     # A paired set with one corrupt input and one sample missing its target.
     write_dataset(tmp_path, "rain", "rain", 6, 2, [(32, 32)], corrupt=(1,), no_target=(4,))
     keys = [f"rain-{i:05d}" for i in range(6)]
-    ld = teacher_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, seed=0, rank=0, world_size=1, shuffle_buffer=1)
+    ld = paired_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, seed=0, rank=0, world_size=1, shuffle_buffer=1)
     seen, bad = set(), 0
     for b in ld:
         seen.update(b["key"])
@@ -195,7 +200,7 @@ def test_bad_samples_skip_counts_and_fail_names_shard_and_key(tmp_path):
     assert seen == set(keys) - {keys[1], keys[4]}
 
     with pytest.raises(DataError, match=r"rain-00000[01]\.tar, key rain-0000[14]"):
-        list(teacher_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, 0, 0, 1, bad_samples="fail", shuffle_buffer=1))
+        list(paired_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, 0, 0, 1, bad_samples="fail", shuffle_buffer=1))
 
     items = list(eval_samples(tmp_path / "rain", require=("target",)))
     assert sorted(it["key"] for it in items if "error" in it) == [keys[1], keys[4]]
@@ -207,7 +212,7 @@ def test_bad_samples_skip_counts_and_fail_names_shard_and_key(tmp_path):
 def test_wrong_label_is_a_bad_sample(tmp_path):
     write_dataset(tmp_path, "rain", "rain", 3, 1, [(32, 32)])
     with pytest.raises(DataError, match="json says degradation 'rain'"):
-        list(teacher_loader(tmp_path / "rain", "haze", 2, 32, 1, 0, 0, 0, 1, bad_samples="fail", shuffle_buffer=1))
+        list(paired_loader(tmp_path / "rain", "haze", 2, 32, 1, 0, 0, 0, 1, bad_samples="fail", shuffle_buffer=1))
 
 
 def test_truncated_shard_keeps_complete_samples(tmp_path, data):
@@ -241,7 +246,7 @@ def test_images_smaller_than_crop_are_counted_and_named_once(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for epoch in range(2):
-            ld = teacher_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, seed=0, rank=0, world_size=1,
+            ld = paired_loader(tmp_path / "rain", "rain", 4, 32, 3, 0, seed=0, rank=0, world_size=1,
                                 shuffle_buffer=2, padding=padding)
             ld.set_epoch(epoch)
             for b in ld:
@@ -393,14 +398,14 @@ def test_decoder_matches_pil_pixel_for_pixel():
 def test_all_bad_source_raises_instead_of_hanging(tmp_path):
     write_dataset(tmp_path, "rain", "rain", 3, 1, [(32, 32)], corrupt=(0, 1, 2))
     with pytest.raises(DataError, match="bad samples in a row"):
-        list(teacher_loader(tmp_path / "rain", "rain", 2, 32, 1, 0, 0, 0, 1, shuffle_buffer=2))
+        list(paired_loader(tmp_path / "rain", "rain", 2, 32, 1, 0, 0, 0, 1, shuffle_buffer=2))
 
 
 def test_training_ranks_read_disjoint_samples(data):
     # One 7-sample shard, 2 ranks: the ranks interleave its samples (4 + 3), never share one.
     seen = []
     for rank in range(2):
-        ld = teacher_loader(data / "rain", "rain", 2, 32, 2, 0, seed=5, rank=rank, world_size=2, shuffle_buffer=1)
+        ld = paired_loader(data / "rain", "rain", 2, 32, 2, 0, seed=5, rank=rank, world_size=2, shuffle_buffer=1)
         seen.append({k for b in ld for k in b["key"]})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"rain-{i:05d}" for i in range(7)}
@@ -412,7 +417,7 @@ def test_short_epochs_reach_every_part_of_a_shard(tmp_path):
     write_dataset(tmp_path, "rain", "rain", 60, 1, [(32, 32)])
     seen = []
     for rank in range(2):
-        ld = teacher_loader(tmp_path / "rain", "rain", 2, 32, 3, 0, seed=0, rank=rank, world_size=2, shuffle_buffer=2)
+        ld = paired_loader(tmp_path / "rain", "rain", 2, 32, 3, 0, seed=0, rank=rank, world_size=2, shuffle_buffer=2)
         seen.append(Counter(k for _ in range(30) for b in ld for k in b["key"]))
     assert not seen[0].keys() & seen[1].keys()
     assert len(seen[0] | seen[1]) >= 50, sorted(seen[0] | seen[1])

@@ -629,8 +629,8 @@ def kt_loader(
     pin_memory: bool = False,
     padding: CropPadding | None = None,
 ) -> StepLoader:
-    """Mixed training batches for the KT stage (and, with one source and require=('target',),
-    the teacher stage: see `teacher_loader`).
+    """Mixed training batches for the KT stage (and, with require=('target',), the teacher stage's
+    paired batches of its one degradation).
 
     `sources`: (name, shards, degradation, weight) tuples or Source objects. Each batch is a dict:
     'input' (B,3,crop,crop) in [-1,1], one entry per required field ('target', 'teacher' as images;
@@ -643,36 +643,6 @@ def kt_loader(
     spec = _stream_spec(require, crop_size, cell, augment, shuffle_buffer, bad_samples)
     ds = MixedBatchDataset(srcs, degradations, batch_size, spec, steps_per_epoch, seed, rank, world_size)
     return StepLoader(ds, num_workers, pin_memory, padding=padding)
-
-
-def teacher_loader(
-    shards: ShardSpec,
-    degradation: str,
-    batch_size: int,
-    crop_size: int,
-    steps_per_epoch: int,
-    num_workers: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    bad_samples: BadPolicy = "skip",
-    **kw: Any,
-) -> StepLoader:
-    """Paired (input, target) batches of one degradation for training its teacher."""
-    return kt_loader(
-        [(degradation, shards, degradation, 1.0)],
-        [degradation],
-        batch_size,
-        crop_size,
-        steps_per_epoch,
-        num_workers,
-        seed,
-        rank,
-        world_size,
-        bad_samples=bad_samples,
-        require=("target",),
-        **kw,
-    )
 
 
 def da_loader(

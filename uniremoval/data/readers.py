@@ -402,13 +402,19 @@ def _split_folders(root: Path, has_layout: Callable[[Path], bool], opts: ReaderO
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not hidden(p.name)):
         if has_layout(folder):
             found.setdefault(_split_name(folder.name), folder)
-    if opts.split:
-        if found and opts.split not in found:
-            raise DataError(
-                f"--split {opts.split}: {root} has no such split folder; its splits are {', '.join(sorted(found))}"
-            )
-        found = {k: v for k, v in found.items() if k == opts.split}
-    return found
+    return _only_split(found, opts, root)
+
+
+def _only_split(splits: dict[str, Path], opts: ReaderOptions, where: Path) -> dict[str, Path]:
+    """`splits` (split name -> folder under `where`) cut to --split when given; a --split that names
+    none of them is refused, listing the ones there are."""
+    if not opts.split:
+        return splits
+    if splits and opts.split not in splits:
+        raise DataError(
+            f"--split {opts.split}: {where} has no such split folder; its splits are {', '.join(sorted(splits))}"
+        )
+    return {k: v for k, v in splits.items() if k == opts.split}
 
 
 def read_rain1400(root: Path, opts: ReaderOptions) -> ReadResult:
@@ -487,10 +493,7 @@ def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
         for p in sorted(base.iterdir())
         if p.is_dir() and _split_name(p.name) in ("train", "test")
     }
-    if opts.split and splits and opts.split not in splits:
-        raise DataError(f"--split {opts.split}: {base} has no such split folder; its splits are {', '.join(splits)}")
-    if opts.split:
-        splits = {k: v for k, v in splits.items() if k == opts.split}
+    splits = _only_split(splits, opts, base)
     if not splits:
         raise _layout_error(reader, root, spec.layout, "no train/ or test/ folder")
     degradation = opts.degradation or "blur"

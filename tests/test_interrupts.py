@@ -179,10 +179,10 @@ def cache_cfg(tmp_path):
     return tmp_path / "cache.yaml"
 
 
-def test_cache_sigterm_mid_shard_removes_its_temporary(tmp_path, cache_cfg):
-    rc, err = _stopped(tmp_path, "uniremoval.stages.cache:run_teacher", ["cache", "--config", str(cache_cfg)],
-                       signal.SIGTERM)
-    _one_line(rc, err, signal.SIGTERM, "terminated (SIGTERM)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])  # USR1: launch/slurm_paper.sh's warning
+def test_cache_stopped_mid_shard_removes_its_temporary(tmp_path, cache_cfg, sig):
+    rc, err = _stopped(tmp_path, "uniremoval.stages.cache:run_teacher", ["cache", "--config", str(cache_cfg)], sig)
+    _one_line(rc, err, sig, f"terminated ({signal.Signals(sig).name})")
     out = tmp_path / "cache" / "syn"
     assert not _temporaries(out)  # the shard being written (SIGTERM left it until the next run)
     assert not list(out.glob("*.tar")) and not list(out.glob(".*.done.json"))

@@ -21,18 +21,24 @@ from uniremoval.launch import leave_process_group_at_exit
 
 # Order follows the data flow: shards -> train -> cache -> eval/restore -> report.
 GROUPS = ("shards", "train", "cache", "eval", "restore", "report", "demo", "config")
-# Commands that SIGTERM (a scheduler's time limit) stops where they are, as Ctrl-C does: the exception
-# unwinds, so temporary files are removed and an open MLflow run is marked KILLED, not RUNNING forever.
-# `train` has its own handler (a checkpoint at the next step boundary).
+# Commands that a scheduler's stop signals end where they are, as Ctrl-C does: the exception unwinds,
+# so temporary files are removed and an open MLflow run is marked KILLED, not RUNNING forever. SIGTERM
+# is the time limit; SIGUSR1 the warning launch/slurm_paper.sh forwards to every process of the step
+# (its default action kills silently). `train` has its own handler (a checkpoint at the next step).
 SIGTERM_INTERRUPTS = ("cache", "eval", "restore", "report")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM raised in the main thread, handled everywhere as an interrupt."""
+    """A stop signal raised in the main thread, handled everywhere as an interrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +69,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
-    old_term = None
+    old_handlers = {}
     if args.command in SIGTERM_INTERRUPTS and threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+        old_handlers = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
     try:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that left (`| head`) shows here, not as a traceback at exit
@@ -86,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return _os_error(exc)
     except KeyboardInterrupt as exc:
-        term = isinstance(exc, Terminated)
-        print("terminated (SIGTERM)" if term else "interrupted", file=sys.stderr)
-        return 128 + (signal.SIGTERM if term else signal.SIGINT)
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"terminated ({signal.Signals(signum).name})" if signum != signal.SIGINT else "interrupted",
+              file=sys.stderr)
+        return 128 + signum
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
 
 
 def _stdout_reader_gone() -> bool:

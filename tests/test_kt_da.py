@@ -415,7 +415,7 @@ def _loop_contrastive(a: torch.Tensor, pos: list, neg: list, tau: float) -> floa
     are the lists of vectors of anchor i (float64 loops, no library code)."""
     total = 0.0
     for i in range(a.shape[0]):
-        cos = lambda u, v: float((u @ v) / (u.norm() * v.norm()))  # noqa: E731
+        cos = lambda u, v: float((u @ v) / (u.norm() * v.norm()))
         sp = sum(math.exp(cos(a[i], p) / tau) for p in pos[i])
         sn = sum(math.exp(cos(a[i], q) / tau) for q in neg[i])
         total += -math.log(sp / (sp + sn))

@@ -449,3 +449,34 @@ def test_resume_restores_the_random_streams(tmp_path):
     assert Trainer(rest.cfg, rest).fit(resume="auto").step == 10
     assert torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"),
                        weights(tmp_path / "a" / "toy" / "last.safetensors"))
+
+
+def test_the_mlflow_run_says_how_training_ended(tmp_path):
+    """Ctrl-C marks the run KILLED (stopped by hand; `--resume auto` continues it), an error FAILED:
+    never RUNNING forever."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import TrackingConfig
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    class Stopping(ToyStage):
+        def __init__(self, cfg, stop: BaseException):
+            super().__init__(cfg)
+            self.stop = stop
+
+        def training_step(self, batch, ctx):
+            if ctx.step == 2:
+                raise self.stop
+            return super().training_step(batch, ctx)
+
+    statuses = {}
+    for name, stop in (("ctrl-c", KeyboardInterrupt()), ("error", RuntimeError("boom"))):
+        cfg = make_cfg(tmp_path / name).model_copy(update={"tracking": TrackingConfig(uri=store, experiment=name)})
+        st = Stopping(cfg, stop)
+        with pytest.raises(type(stop)):
+            Trainer(st.cfg, st).fit()
+        client = MlflowClient(store)
+        (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        statuses[name] = run.info.status
+    assert statuses == {"ctrl-c": "KILLED", "error": "FAILED"}

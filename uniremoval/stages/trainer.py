@@ -410,9 +410,9 @@ class Trainer:
                     break
             if status == "finished":
                 self.export("last")
-        except BaseException:
-            if self.tracker is not None:  # the MLflow run shows the failure instead of RUNNING forever
-                self.tracker.finish("FAILED")
+        except BaseException as exc:
+            if self.tracker is not None:  # the MLflow run shows how it ended instead of RUNNING forever
+                self.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         finally:
             bar.close()

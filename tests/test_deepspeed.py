@@ -1,4 +1,5 @@
-"""Launch configs, and the KT stage under DeepSpeed ZeRO-2 and ZeRO-3 on two real CPU processes.
+"""Launch configs, and the KT stage under DeepSpeed ZeRO-2 and ZeRO-3 (the teacher stage under ZeRO-3)
+on two real CPU processes.
 
 On CPU, DeepSpeed runs through accelerate only without `cpu=True` and with the gloo backend, under
 `accelerate launch --multi_gpu --num_processes 2` (../shared/STACK.md). ZeRO-2 gets the environment
@@ -24,7 +25,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist_kt_common import REPO, build_workspace, kt_overrides, loss_terms, mlflow_history, subprocess_env
+from dist_kt_common import (
+    REPO,
+    _sources,
+    build_workspace,
+    common_overrides,
+    kt_overrides,
+    loss_terms,
+    mlflow_history,
+    subprocess_env,
+)
 
 LAUNCH = REPO / "launch"
 
@@ -116,6 +126,44 @@ def test_kt_under_deepspeed_on_two_cpu_processes(tmp_path, zero):
     hist = mlflow_history(f"sqlite:///{tmp_path}/mlflow.db", rec["run_id"])
     assert loss_terms(hist) == {"pixel", "ig", "fg", "total"}
     assert [s for s, _ in hist["train/total"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_teacher_under_zero3_validates_with_the_gathered_weights(tmp_path):
+    """A teacher under ZeRO-3 (parameters sharded): validation forwards through the engine on both
+    ranks in lockstep, and its PSNR/SSIM are those of the exported weights scored in one process."""
+    torch.set_num_threads(1)
+    ws = build_workspace(tmp_path, cache=False)
+    env = subprocess_env()
+    env["ACCELERATE_USE_DEEPSPEED"] = "true"
+    env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(write_zero3_config(tmp_path / "zero3.json"))
+    overrides = [o for o in common_overrides(ws, "t3") if not o.startswith("features.")] + [
+        _sources("data.train", {"haze": ws["syn"]["haze"]}, "syn"),
+        _sources("data.val", {"haze": ws["val"]["haze"]}, "val"), "train.max_steps=2"]
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "uniremoval",
+           "train", "teacher", "--config", str(REPO / "configs" / "teacher" / "haze.yaml"), *overrides]
+    r = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.models.checkpoint import load_checkpoint
+    from uniremoval.stages.validation import validate_paired
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.stage = 'teacher'")
+    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
+    model, meta = load_checkpoint(tmp_path / "out" / "t3" / "last.safetensors")
+    assert meta["step"] == 2
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), all_sum=dict)
+    src = SimpleNamespace(name="val_haze", shards=str(ws["val"]["haze"]), max_samples=None)
+    alone = validate_paired(ctx, model.eval(), meta.get("input_range", "minus_one_one"), [src], lockstep=False)
+    assert logged.keys() == alone.keys() and "val/val_haze/ssim" in logged
+    for k in alone:
+        assert logged[k] == pytest.approx(alone[k], abs=1e-3), k
 
 
 def test_deepspeed_launch_configs_leave_accumulation_to_the_stage_config(monkeypatch):

@@ -351,20 +351,48 @@ def test_cache_batches_same_size_samples_in_source_order(tmp_path):
     assert levels_moved > 0  # bf16 really ran
 
 
-def test_psnr_ssim_match_scikit_image():
-    skm = pytest.importorskip("skimage.metrics")
-    from uniremoval.stages.teacher import psnr_ssim
+def test_teacher_and_kt_validation_score_as_eval_does(tmp_path):
+    """The one validation of paired sets (teacher and KT stages): each image restored whole in the
+    model's input range, rounded to 8 bits, PSNR by the textbook formula and SSIM as scikit-image's
+    Gaussian SSIM; the input's own PSNR as baseline; every set and their mean PSNR."""
+    from types import SimpleNamespace
 
-    g = torch.Generator().manual_seed(0)
-    y = torch.rand(1, 3, 40, 48, generator=g) * 2 - 1
-    x = (y + 0.1 * torch.randn(1, 3, 40, 48, generator=g)).clamp(-1, 1)
-    p, s = psnr_ssim(x, y)
-    a = ((x[0] + 1) / 2).permute(1, 2, 0).double().numpy()
-    b = ((y[0] + 1) / 2).permute(1, 2, 0).double().numpy()
-    assert p == pytest.approx(skm.peak_signal_noise_ratio(b, a, data_range=1.0), abs=1e-3)
-    ref = skm.structural_similarity(b, a, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False)
-    assert s == pytest.approx(ref, abs=1e-3)
+    skm = pytest.importorskip("skimage.metrics")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fixtures import write_shards
+
+    from uniremoval.data.pipelines import eval_samples
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    write_shards(tmp_path / "a", "a", 1, 3, seed=1)
+    write_shards(tmp_path / "b", "b", 1, 2, seed=2)
+    torch.manual_seed(0)
+    model = MPRNet("tiny").eval()
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), all_sum=dict)
+    sources = [SimpleNamespace(name=n, shards=str(tmp_path / n), max_samples=None) for n in ("a", "b")]
+    got = validate_paired(ctx, model, "zero_one", sources, lockstep=False)
+
+    def u8(t):  # [-1, 1] CHW -> 8-bit HWC, as --save-images writes it
+        return ((t.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).double().numpy()
+
+    want = {}
+    for n in ("a", "b"):
+        rows = []
+        for item in eval_samples(str(tmp_path / n), require=("target",)):
+            with torch.no_grad():
+                out = model(((item["input"] + 1) / 2)[None])[0][0] * 2 - 1  # zero_one: the net sees [0, 1]
+            a, t, x = u8(out), u8(item["target"]), u8(item["input"])
+            rows.append((10 * np.log10(255**2 / ((a - t) ** 2).mean()),
+                         skm.structural_similarity(a, t, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                                   use_sample_covariance=False, data_range=255),
+                         10 * np.log10(255**2 / ((x - t) ** 2).mean())))
+        want.update({f"val/{n}/{k}": float(np.mean([r[i] for r in rows]))
+                     for i, k in enumerate(("psnr", "ssim", "psnr_input"))})
+    want["val/mean/psnr"] = (want["val/a/psnr"] + want["val/b/psnr"]) / 2
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=2e-3), k
 
 
 def test_cache_refuses_an_out_folder_that_would_overwrite_shards(tmp_path):

@@ -35,13 +35,11 @@ lockstep.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from uniremoval.config import KTStage, check_inputs
@@ -55,6 +53,7 @@ from uniremoval.stages.teachers import (
     teacher_targets,
 )
 from uniremoval.stages.trainer import Stage, TrainContext, Trainer, skip_batches, zero_stage
+from uniremoval.stages.validation import validate_paired
 
 TEACHER_PREFIX = "teacher_"
 
@@ -136,75 +135,6 @@ def kt_terms(
         )
     terms = loss_fn(s_img, t_img, x, s_pooled, t_feat, labels, a1)
     return terms, s_img, t_img
-
-
-# --------------------------------------------------------------------------------------------- validation
-
-
-def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
-    from uniremoval.eval import metrics
-
-    return float(metrics.psnr(restored01, target01)[0]), float(metrics.ssim(restored01, target01)[0])
-
-
-def _input_psnr(x01: Tensor, target01: Tensor) -> float:
-    from uniremoval.eval import metrics
-
-    return float(metrics.psnr(x01, target01)[0])
-
-
-def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sources: Iterable[Any],
-                    lockstep: bool) -> dict[str, float]:
-    """PSNR/SSIM per paired val set; each rank scores its share, sums are combined over ranks.
-
-    `lockstep` (ZeRO-3): every forward is a collective, so all ranks run the same number of
-    forwards (ranks with fewer images repeat their last one, unscored).
-    """
-    from uniremoval.data.pipelines import eval_samples
-    from uniremoval.eval.restore import restore_tensor
-
-    out: dict[str, float] = {}
-    psnrs: list[float] = []
-    for src in sources:
-        cap = math.ceil(src.max_samples / ctx.world_size) if src.max_samples else None
-        items = []
-        for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",)):
-            if "error" in item:
-                continue
-            items.append(item)
-            if cap is not None and len(items) >= cap:
-                break
-        n_forward = len(items)
-        if lockstep:
-            counts = torch.tensor([float(len(items))], device=ctx.device)
-            import torch.distributed as dist
-
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-            n_forward = int(counts.item())
-        sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
-        for i in range(n_forward):
-            item = items[min(i, len(items) - 1)] if items else None
-            x01 = ((item["input"] + 1) * 0.5).unsqueeze(0) if item is not None else torch.zeros(1, 3, 64, 64)
-            y01 = restore_tensor(model, x01.to(ctx.device), input_range)
-            if item is None or i >= len(items):
-                continue
-            t01 = ((item["target"] + 1) * 0.5).unsqueeze(0).to(y01.device)
-            p, s = _psnr_ssim(y01, t01)
-            sums["psnr"] += p
-            sums["ssim"] += s
-            sums["psnr_input"] += _input_psnr(x01.to(y01.device), t01)
-            sums["n"] += 1
-        total = ctx.all_sum(sums)
-        if total["n"] == 0:
-            warnings.warn(f"validation set {src.name} ({src.shards}) gave no usable pairs", RuntimeWarning,
-                          stacklevel=2)
-            continue
-        for k in ("psnr", "ssim", "psnr_input"):
-            out[f"val/{src.name}/{k}"] = total[k] / total["n"]
-        psnrs.append(out[f"val/{src.name}/psnr"])
-    if psnrs:
-        out["val/mean/psnr"] = sum(psnrs) / len(psnrs)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- the stage

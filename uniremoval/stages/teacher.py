@@ -5,7 +5,7 @@ Algorithm box (per optimiser step):
     outs   <- G_T(x)                                # MPRNet's three stage outputs
     L      <- sum_s Charbonnier(outs_s, y) + 0.05 * sum_s Edge(outs_s, y)
     update G_T with Adam; LR: MPRNet's warmup + cosine preset (configs/teacher/mprnet_recipe.yaml)
-    every val_every steps: PSNR / SSIM on the val split, every rank its share, gathered;
+    every val_every steps: PSNR / SSIM on the val split (stages/validation.py), every rank its share;
     the best PSNR (first val set) is kept as best.safetensors, the end as last.safetensors.
 
 Images are [-1, 1] in the batches; the network sees `model.input_range` ([-1, 1] by default, or
@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uniremoval.config import TeacherStage
@@ -32,7 +31,9 @@ from uniremoval.stages.trainer import (
     Trainer,
     print_weights,
     skip_batches,
+    zero_stage,
 )
+from uniremoval.stages.validation import validate_paired
 
 
 class TeacherTraining(Stage):
@@ -72,9 +73,7 @@ class TeacherTraining(Stage):
                                   f"{self.input_range!r}; set model.input_range={saved}")
         else:
             model = build_model("mprnet", m.preset)
-        if m.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return {"teacher": model}
+        return {"teacher": model}  # the trainer applies model.channels_last (not under DeepSpeed)
 
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int):
         from uniremoval.data.pipelines import kt_loader
@@ -114,69 +113,17 @@ class TeacherTraining(Stage):
 
     # ------------------------------------------------------------------ validation
     def validate(self, ctx: TrainContext) -> dict[str, float]:
-        from uniremoval.data.pipelines import eval_samples
-
-        model = ctx.unwrap("teacher")
-        metrics: dict[str, float] = {}
-        for src in self.val_sources:
-            limit = None if src.max_samples is None else -(-src.max_samples // ctx.world_size)
-            sums = {"psnr": 0.0, "ssim": 0.0, "n": 0.0}
-            for i, item in enumerate(eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",))):
-                if limit is not None and i >= limit:
-                    break
-                if "error" in item:
-                    continue
-                x = item["input"][None].to(ctx.device)
-                y = item["target"][None].to(ctx.device)
-                out = from_model_range(model(to_model_range(x, self.input_range))[0], self.input_range)
-                p, s = psnr_ssim(out.float().clamp(-1, 1), y.float())
-                sums["psnr"] += p
-                sums["ssim"] += s
-                sums["n"] += 1
-            total = ctx.all_sum(sums)
-            if total["n"] > 0:
-                metrics[f"val/{src.name}/psnr"] = total["psnr"] / total["n"]
-                metrics[f"val/{src.name}/ssim"] = total["ssim"] / total["n"]
-        return metrics
-
-
-def psnr_ssim(x: Tensor, y: Tensor) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of one image pair in [-1, 1], measured on [0, 1] RGB.
-
-    SSIM: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03,
-    valid region only, averaged over channels (as scikit-image with gaussian_weights=True).
-    """
-    a = (x.clamp(-1, 1) + 1) / 2
-    b = (y.clamp(-1, 1) + 1) / 2
-    mse = F.mse_loss(a, b).item()
-    psnr = 100.0 if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
-    c = a.shape[1]
-    coords = torch.arange(11, dtype=a.dtype, device=a.device) - 5
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    win = (g[:, None] * g[None, :]).expand(c, 1, 11, 11)
-    if min(a.shape[-2:]) < 11:
-        return psnr, float("nan")
-
-    def filt(t: Tensor) -> Tensor:
-        return F.conv2d(t, win, groups=c)
-
-    mu_a, mu_b = filt(a), filt(b)
-    va = filt(a * a) - mu_a**2
-    vb = filt(b * b) - mu_b**2
-    cov = filt(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
-    return psnr, ssim.mean().item()
+        # scored as the KT student is (and as `uniremoval eval` scores), so their val/* compare; under
+        # ZeRO-3 the parameters are sharded: forward through the engine, every rank in lockstep
+        lockstep = zero_stage(ctx.accelerator) == 3
+        model = ctx.models["teacher"] if lockstep else ctx.unwrap("teacher")
+        return validate_paired(ctx, model, self.input_range, self.val_sources, lockstep)
 
 
 def run(cfg: TeacherStage, args: Any) -> int:
     """`uniremoval train teacher`: train, then say where the weights are."""
     stage = TeacherTraining(cfg)
     trainer = Trainer(cfg, stage)
-    if trainer.zero_stage == 3:
-        raise ConfigError("the teacher stage validates each rank's share of images with whole weights; DeepSpeed "
-                          "ZeRO-3 shards them: use ZeRO-2 (launch/deepspeed_zero2.yaml) or DDP (launch/multi_gpu.yaml)")
     result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
         return PREEMPTED_EXIT_CODE

@@ -162,8 +162,8 @@ def test_teacher_under_zero3_validates_with_the_gathered_weights(tmp_path):
     src = SimpleNamespace(name="val_haze", shards=str(ws["val"]["haze"]), max_samples=None)
     alone = validate_paired(ctx, model.eval(), meta.get("input_range", "minus_one_one"), [src], lockstep=False)
     assert logged.keys() == alone.keys() and "val/val_haze/ssim" in logged
-    for k in alone:
-        assert logged[k] == pytest.approx(alone[k], abs=1e-3), k
+    for k, value in alone.items():
+        assert logged[k] == pytest.approx(value, abs=1e-3), k
 
 
 def test_deepspeed_launch_configs_leave_accumulation_to_the_stage_config(monkeypatch):

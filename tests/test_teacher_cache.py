@@ -391,8 +391,8 @@ def test_teacher_and_kt_validation_score_as_eval_does(tmp_path):
                      for i, k in enumerate(("psnr", "ssim", "psnr_input"))})
     want["val/mean/psnr"] = (want["val/a/psnr"] + want["val/b/psnr"]) / 2
     assert got.keys() == want.keys()
-    for k in want:
-        assert got[k] == pytest.approx(want[k], abs=2e-3), k
+    for k, value in want.items():
+        assert got[k] == pytest.approx(value, abs=2e-3), k
 
 
 def test_cache_refuses_an_out_folder_that_would_overwrite_shards(tmp_path):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fixtures import MLFLOW, free_port, start_mlflow_server, stop_server
 
 from uniremoval.config import KTStage, TeacherStage, config_hash
-from uniremoval.tracking import flatten, image_grid_png, log_eval_run, replay_spool, start_run
+from uniremoval.tracking import flatten, image_grid_png, replay_spool, start_run
 
 
 def teacher_cfg(tmp_path: Path, uri: str | None = None) -> TeacherStage:
@@ -88,10 +88,7 @@ def test_embedded_store(tmp_path, monkeypatch):
     flat = flatten(config_to_dict(cfg))
     assert {k: run.data.params.get(k) for k in flat} == flat
 
-    # Eval helper, and the tag for random VGG weights on a contrastive stage.
-    rid = log_eval_run(cfg, "rtts", {"brisque": 30.5, "eval/rtts/piqe": 40.0})
-    er = client.get_run(rid)
-    assert er.info.run_name == "eval-rtts" and er.data.metrics == {"eval/rtts/brisque": 30.5, "eval/rtts/piqe": 40.0}
+    # The tag for random VGG weights on a contrastive stage.
     kt = KTStage(stage="kt", output_dir=str(tmp_path / "out"), features={"weights": "random"},
                  loss={"use_fcl": False})
     t3 = start_run(kt, run_name="kt", stage="kt")

@@ -539,26 +539,6 @@ def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = Non
     return tracker
 
 
-def log_eval_run(cfg: Any, dataset: str, metrics: dict[str, float], artifacts: Sequence[str | os.PathLike] = (),
-                 params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                 run_dir: str | os.PathLike | None = None, step: int = 0) -> str | None:
-    """One finished `eval-<dataset>` run: metrics as eval/<dataset>/<metric> (names already
-    starting with 'eval/' are kept), optional params and artifacts (files or folders).
-    Returns the run id (None when tracking is disabled or the run is still only spooled)."""
-    tracker = start_run(cfg, run_name=f"eval-{dataset}", stage="eval", run_dir=run_dir,
-                        extra_tags={"dataset": dataset, **(tags or {})})
-    if tracker is None:
-        return None
-    with finishing(tracker):
-        if params:
-            tracker.log_params(params)
-        named = {k if k.startswith("eval/") else f"eval/{dataset}/{k}": v for k, v in metrics.items()}
-        tracker.log_metrics(named, step=step)
-        for a in artifacts:
-            tracker.log_artifact(a)
-    return tracker.run_id
-
-
 def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
     """Send a spool left behind to its run, on the server it was meant for (recorded in the spool;
     `uri` sends it elsewhere); True when it is empty afterwards."""

@@ -222,7 +222,8 @@ def plan_shards(
 # building samples and writing shards
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+def tar_member(name: str, size: int) -> tarfile.TarInfo:
+    """The header of one tar member as every shard writer here writes it (shards and cache shards)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mode = 0o444
@@ -301,7 +302,7 @@ def write_shard(
                 issues += bad
                 continue
             for name, data in sample_members(sample):
-                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
             metas.append(sample["json"])
     record = {
         "name": plan.name,

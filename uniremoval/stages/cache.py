@@ -77,12 +77,6 @@ def source_sha256(url: str) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def teacher_sha256(path: str) -> str:
-    from uniremoval.models.checkpoint import checkpoint_sha256
-
-    return checkpoint_sha256(path)
-
-
 def _done_path(out_dir: Path, shard_name: str) -> Path:
     return out_dir / f".{shard_name}{DONE_SUFFIX}"
 
@@ -102,14 +96,6 @@ def _is_done(out_dir: Path, shard_name: str, want: dict[str, Any]) -> dict | Non
 
 
 # ------------------------------------------------------------------------------------- writing
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o444, 0  # no time/owner: reproducible bytes
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
 
 
 def _png(image_chw: Any) -> bytes:
@@ -149,7 +135,7 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     import torch
 
     from uniremoval.data.shard_stream import ShardReadError, iter_shard
-    from uniremoval.data.shardwriter import sample_members
+    from uniremoval.data.shardwriter import sample_members, tar_member
     from uniremoval.data.transforms import apply_orientation, decode_image, meta_orientation, to_tensor
 
     path = out_dir / shard_name
@@ -184,7 +170,7 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
             sample["teacher.png"] = _png(image)
             sample["feature.npy"] = _npy(feature.cpu().numpy().astype(np.float16))
             for name, data in sample_members(sample):
-                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
             n += 1
             counts[str(meta.get("split", "unknown"))] += 1
             if progress is not None:
@@ -432,7 +418,9 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
     if deg not in teachers:
         raise DataError(f"cache {cache_dir} holds '{deg}' teacher outputs, but teachers.checkpoints has no '{deg}' "
                         f"entry (it has {sorted(teachers)})")
-    want = teacher_sha256(teachers[deg])
+    from uniremoval.models.checkpoint import checkpoint_sha256
+
+    want = checkpoint_sha256(teachers[deg])
     have = info["teacher"]["sha256"]
     if want != have:
         raise DataError(

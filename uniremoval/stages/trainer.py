@@ -109,6 +109,7 @@ from uniremoval.stages.run_folder import (
     rng_state,
     set_rng_state,
 )
+from uniremoval.tracking import finishing
 
 # Per-batch counts the loaders report, summed over ranks and logged as train/<name>: samples
 # skipped as unreadable (data.bad_samples=skip), samples smaller than the crop (mirror-padded).
@@ -383,37 +384,34 @@ class Trainer:
         status: Literal["finished", "preempted"] = "finished"
         metrics: dict[str, float] = {}
         try:
-            while self.step < total:
-                epoch, start = divmod(self.step, cfg.steps_per_epoch)
-                batches = iter(self.stage.train_batches(epoch, start * cfg.grad_accum, acc.process_index,
-                                                        acc.num_processes))
-                for _ in range(start, min(cfg.steps_per_epoch, start + total - self.step)):
-                    for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
-                        batch = self._next_batch(batches, epoch, start, micro)
-                        self._count_data(batch)
-                        with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast():
-                            terms = self.stage.training_step(batch, self.ctx)
-                        self._accumulate_terms(terms)
-                    self.step += 1
-                    bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == total:
-                        metrics.update(self.log_train(bar))
-                    if self.step % cfg.val_every == 0 or self.step == total:
-                        metrics.update(self.validate())
-                    preempt = self._agree(self._stop_requested)
-                    if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total or preempt:
-                        self.save_checkpoint()
-                    if preempt:
-                        status = "preempted"
+            with finishing(self.tracker, done=None):  # stopped: KILLED (Ctrl-C) or FAILED, never RUNNING
+                while self.step < total:
+                    epoch, start = divmod(self.step, cfg.steps_per_epoch)
+                    batches = iter(self.stage.train_batches(epoch, start * cfg.grad_accum, acc.process_index,
+                                                            acc.num_processes))
+                    for _ in range(start, min(cfg.steps_per_epoch, start + total - self.step)):
+                        for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
+                            batch = self._next_batch(batches, epoch, start, micro)
+                            self._count_data(batch)
+                            with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast():
+                                terms = self.stage.training_step(batch, self.ctx)
+                            self._accumulate_terms(terms)
+                        self.step += 1
+                        bar.update(1)
+                        if self.step % cfg.log_every == 0 or self.step == total:
+                            metrics.update(self.log_train(bar))
+                        if self.step % cfg.val_every == 0 or self.step == total:
+                            metrics.update(self.validate())
+                        preempt = self._agree(self._stop_requested)
+                        if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total or preempt:
+                            self.save_checkpoint()
+                        if preempt:
+                            status = "preempted"
+                            break
+                    if status == "preempted":
                         break
-                if status == "preempted":
-                    break
-            if status == "finished":
-                self.export("last")
-        except BaseException as exc:
-            if self.tracker is not None:  # the MLflow run shows how it ended instead of RUNNING forever
-                self.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
+                if status == "finished":
+                    self.export("last")
         finally:
             bar.close()
             self._restore_signal_handlers()

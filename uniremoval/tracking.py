@@ -476,6 +476,12 @@ class Tracker:
                           RuntimeWarning, stacklevel=3)
 
 
+def stopped_status(exc: BaseException) -> str:
+    """The MLflow status of a run whose job stopped on `exc`: KILLED when interrupted (Ctrl-C, or a
+    scheduler's signal as cli.main raises it), FAILED on an error."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
 @contextlib.contextmanager
 def finishing(tracker: Tracker | None, done: str | None = "FINISHED") -> Iterator[Tracker | None]:
     """Finish `tracker`'s run when the block ends: `done` (None: leave it open), KILLED when
@@ -485,7 +491,7 @@ def finishing(tracker: Tracker | None, done: str | None = "FINISHED") -> Iterato
         yield tracker
     except BaseException as exc:
         if tracker is not None:
-            tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            tracker.finish(stopped_status(exc))
         raise
     if tracker is not None and done is not None:
         tracker.finish(done)

@@ -64,7 +64,7 @@ def handler(args) -> int:
         print("no image grid: a grid needs the restored images of two or more models on one dataset "
               "(run their `uniremoval eval` with --save-images DIR)", file=sys.stderr)
     if args.log:
-        from uniremoval.tracking import mlflow_client
+        from uniremoval.tracking import mlflow_client, stopped_status
 
         client = mlflow_client(args.tracking_uri)
         exp = client.get_experiment_by_name(args.experiment)
@@ -72,7 +72,7 @@ def handler(args) -> int:
         try:
             client.log_artifacts(run.info.run_id, args.out_dir, "report")
         except BaseException as exc:  # a stopped upload: the run says so instead of RUNNING forever
-            client.set_terminated(run.info.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            client.set_terminated(run.info.run_id, stopped_status(exc))
             raise
         client.set_terminated(run.info.run_id)
         print(f"MLflow run: {run.info.run_id}")

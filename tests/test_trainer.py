@@ -480,3 +480,25 @@ def test_the_mlflow_run_says_how_training_ended(tmp_path):
         (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
         statuses[name] = run.info.status
     assert statuses == {"ctrl-c": "KILLED", "error": "FAILED"}
+
+
+def test_a_finished_run_keeps_its_weights_in_mlflow(tmp_path):
+    """tracking.log_weights (default): the run's weights/ holds last and best, byte for byte the
+    exported files; off, they stay on disk only."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import TrackingConfig
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = {}
+    for on in (True, False):
+        cfg = make_cfg(tmp_path / str(on), max_steps=5).model_copy(update={"tracking": TrackingConfig(
+            uri=store, experiment="w", log_weights=on)})
+        st = ToyStage(cfg)
+        ids[on] = Trainer(st.cfg, st).fit().run_id
+    client = MlflowClient(store)
+    listed = sorted(f.path for f in client.list_artifacts(ids[True], "weights"))
+    assert listed == ["weights/best.json", "weights/best.safetensors", "weights/last.json", "weights/last.safetensors"]
+    got = Path(client.download_artifacts(ids[True], "weights/last.safetensors", str(tmp_path / "dl")))
+    assert got.read_bytes() == (tmp_path / "True" / "toy" / "last.safetensors").read_bytes()
+    assert client.list_artifacts(ids[False], "weights") == []

@@ -202,6 +202,8 @@ class TrackingConfig(Strict):
     experiment: str | None = None  # None: the config's `project`
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    # Copy each training run's exported weights (last/best) into its MLflow artifacts (weights/).
+    log_weights: bool = True
 
     @field_validator("uri")
     @classmethod

@@ -412,6 +412,7 @@ class Trainer:
                         break
                 if status == "finished":
                     self.export("last")
+                    self._log_weights()
         finally:
             bar.close()
             self._restore_signal_handlers()
@@ -709,6 +710,19 @@ class Trainer:
                                        f"The previous {path.name} weights, if any, are intact"):
                 self._save_weights(path, name, extra)
         self.accelerator.wait_for_everyone()
+
+    def _log_weights(self) -> None:
+        """The exported weights (last, best: .safetensors and .json) into the run's `weights/`, so the
+        MLflow run holds what it trained (download from the UI, or `mlflow artifacts download`);
+        `tracking.log_weights: false` keeps them on disk only."""
+        if self.tracker is None or not self.cfg.tracking.log_weights:
+            return
+        for name in self.stage.trainable:
+            for which in ("last", "best"):
+                base = self.run_dir / export_name(self.stage.trainable, name, which)
+                for file in (base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")):
+                    if file.is_file():
+                        self.tracker.log_artifact(file, "weights")
 
     def save_checkpoint(self) -> Path:
         final = self.ckpt_root / f"step-{self.step:08d}"

@@ -622,3 +622,44 @@ def test_scores_and_saved_images_are_the_checkpoints_output_in_its_range(tmp_pat
         assert (saved - x).abs().mean() > 0.01  # the model was applied, not the input copied
         target = read_image(tmp_path / "d" / "target" / r["name"])[None]
         assert r["psnr"] == pytest.approx(psnr(saved, target).item(), abs=1e-9)
+
+
+def test_eval_and_restore_take_the_weights_a_run_logged_to_mlflow(tmp_path, monkeypatch, capsys):
+    """--checkpoint runs:/<run id>/weights/last fetches what a training run logged (tracking.log_weights)
+    and scores and restores exactly as the local file does; a wrong run id is one error line naming it."""
+    from uniremoval.cli import main
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    torch.manual_seed(0)
+    local = save_checkpoint(tmp_path / "run" / "last", MPRNet("tiny").eval(), {"step": 3})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("w", artifact_location=(tmp_path / "mlruns").as_uri())
+    rid = client.create_run(exp).info.run_id
+    for f in (local, local.with_suffix(".json")):
+        client.log_artifact(rid, str(f), "weights")
+    data = tmp_path / "data"
+    _write_pngs(data, 2, [(32, 40)], seed=5, noise=0.05)
+    scores = {}
+    for name, ckpt in (("local", str(local)), ("mlflow", f"runs:/{rid}/weights/last")):
+        assert main(["eval", "--checkpoint", ckpt, "--data", str(data), "--metrics", "psnr,ssim", "--device", "cpu",
+                     "--no-mlflow", "--tracking-uri", uri, "--json", str(tmp_path / f"{name}.json")]) == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["mlflow"]["images"] == scores["local"]["images"]
+    assert scores["mlflow"]["checkpoint"] == f"runs:/{rid}/weights/last"  # recorded as given
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name, ckpt in (("local", str(local)), ("mlflow", f"runs:/{rid}/weights/last.safetensors")):
+        assert main(["restore", "--checkpoint", ckpt, "--input", str(data), "--output",
+                     str(tmp_path / f"r-{name}"), "--device", "cpu"]) == 0
+    restored = sorted(p.relative_to(tmp_path / "r-local") for p in (tmp_path / "r-local").rglob("*.png"))
+    assert len(restored) == 4 and sorted(p.relative_to(tmp_path / "r-mlflow")
+                                         for p in (tmp_path / "r-mlflow").rglob("*.png")) == restored
+    for rel in restored:
+        assert (tmp_path / "r-local" / rel).read_bytes() == (tmp_path / "r-mlflow" / rel).read_bytes()
+    capsys.readouterr()
+    assert main(["restore", "--checkpoint", "runs:/0123abcd/weights/last", "--input", str(data),
+                 "--output", str(tmp_path / "r-bad"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint runs:/0123abcd/weights/last: cannot fetch "
+                                               "weights/last.safetensors of run 0123abcd from sqlite:///"), err

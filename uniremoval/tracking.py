@@ -545,6 +545,43 @@ def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = Non
     return tracker
 
 
+RUN_ARTIFACT_PREFIX = "runs:/"
+
+
+@contextlib.contextmanager
+def local_checkpoint(spec: str, tracking_uri: str | None = None) -> Iterator[str]:
+    """A checkpoint path as given, or, for `runs:/<run id>/weights/last` (what a finished training run
+    logs, see Trainer._log_weights), the files fetched from MLflow into a temporary folder that
+    lives for the block: the weights (`.safetensors` with its `.json`, or an official `.pth`)."""
+    if not spec.startswith(RUN_ARTIFACT_PREFIX):
+        yield spec
+        return
+    from uniremoval.errors import CheckpointError
+
+    run_id, _, path = spec[len(RUN_ARTIFACT_PREFIX):].strip("/").partition("/")
+    if not run_id or not path:
+        raise CheckpointError(f"checkpoint {spec}: expected runs:/<run id>/<artifact path>, e.g. "
+                              f"runs:/<run id>/weights/last")
+    if path.endswith((".pth", ".pt")):
+        files = [path]
+    else:
+        base = path.removesuffix(".safetensors").removesuffix(".json")
+        files = [base + ".safetensors", base + ".json"]
+    uri = resolve_uri(tracking_uri)
+    client = mlflow_client(uri)
+    with tempfile.TemporaryDirectory(prefix="uniremoval-checkpoint-") as tmp:
+        local = []
+        for file in files:
+            try:
+                local.append(client.download_artifacts(run_id, file, tmp))
+            except Exception as exc:  # MLflow raises several kinds for a missing run or artifact
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise CheckpointError(f"checkpoint {spec}: cannot fetch {file} of run {run_id} from {uri} "
+                                      f"({first}); check the run id and that the run logged its weights "
+                                      f"(tracking.log_weights), or give a local path") from exc
+        yield local[0]  # the .json lands beside it, where load_checkpoint looks
+
+
 def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
     """Send a spool left behind to its run, on the server it was meant for (recorded in the spool;
     `uri` sends it elsewhere); True when it is empty afterwards."""

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                    "source one run; --json/--csv get '-<name>' added), eval.metrics, eval.save_images, tracking")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override for --config (repeatable)")
-    g.add_argument("--checkpoint", help="checkpoint (.safetensors + .json, or official MPRNet .pth), "
+    g.add_argument("--checkpoint", help="checkpoint (.safetensors + .json, or official MPRNet .pth), the weights a "
+                   "training run logged to MLflow (runs:/<run id>/weights/last, from --tracking-uri), "
                    "or 'none' to score the inputs as they are (the 'Hazy/Rainy/Blurry' rows)")
     g.add_argument("--data", help="shard dataset (dir with manifest.json, tar, pattern, URL) or image folder")
     g.add_argument("--name", help="dataset name for outputs and MLflow metrics (default: the folder name)")

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
         "the checkpoint's metadata decides.",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="our .safetensors (JSON beside it) or an official .pth"
+        "--checkpoint", required=True, help="our .safetensors (JSON beside it), an official .pth, or the weights "
+        "a training run logged to MLflow: runs:/<run id>/weights/last (store: $MLFLOW_TRACKING_URI)"
     )
     p.add_argument(
         "--arch", default=None, help="architecture (default: from the checkpoint; official: mprnet)"
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         write_png,
     )
     from uniremoval.models.checkpoint import load_checkpoint
+    from uniremoval.tracking import local_checkpoint
 
     # Checked before any work: restore_tensor would refuse them only at the first image.
     overlap = TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
@@ -110,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         seen[dst] = src
         plan.append((src, dst))
 
-    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device,
-                                  restorer=True)
+    with local_checkpoint(args.checkpoint) as path:  # a path, or runs:/<id>/weights/last ($MLFLOW_TRACKING_URI)
+        model, meta = load_checkpoint(path, arch=args.arch, preset=args.preset, map_location=device, restorer=True)
     input_range = meta.get("input_range", "minus_one_one")
 
     failed: list[str] = []

@@ -215,8 +215,11 @@ def _restorer(opts: EvalOptions, device: torch.device):
         return None, {}, None
     from uniremoval.eval.restore import available_memory, restore_tensor, untiled_shortfall
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
+    from uniremoval.tracking import local_checkpoint
 
-    model, meta = load_checkpoint(opts.checkpoint, map_location=device, restorer=True)
+    with local_checkpoint(opts.checkpoint, opts.tracking_uri) as path:  # a path, or runs:/<id>/weights/last
+        model, meta = load_checkpoint(path, map_location=device, restorer=True)
+        sha = checkpoint_sha256(path)
     input_range = meta.get("input_range", "minus_one_one")
     free = available_memory() if device.type == "cpu" else None
 
@@ -228,7 +231,7 @@ def _restorer(opts: EvalOptions, device: torch.device):
             raise DataError(f"{opts.data}: {short}; rerun with --tile 512 (or smaller), or a smaller --batch-size")
         return restore_tensor(model, x, input_range, tile=opts.tile, batch_size=opts.batch_size)
 
-    return restore, meta, checkpoint_sha256(opts.checkpoint)
+    return restore, meta, sha
 
 
 def score_items(

@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -36,10 +37,13 @@ def leave_process_group_at_exit() -> None:
         atexit.register(_destroy_process_group)
 
 
-def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str) -> contextlib.ExitStack:
+def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str,
+                         prepare: Callable[[], None] | None = None) -> contextlib.ExitStack:
     """One job per output folder: the main process takes `folder`/.lock (`io.folder_lock`) and every
     rank learns whether it got it. Refused, every rank raises the holder's message together (so
-    cli.main lets the process group go cleanly); else the returned stack holds the lock until closed."""
+    cli.main lets the process group go cleanly); else the returned stack holds the lock until closed.
+    `prepare` runs on the main process once it holds the lock, before the other ranks go on (e.g.
+    clearing what a killed job left in `folder`); a UniremovalError from it is a refusal as well."""
     from uniremoval.errors import UniremovalError
     from uniremoval.io import folder_lock
 
@@ -48,6 +52,8 @@ def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str)
     if accelerator.is_main_process:
         try:
             stack.enter_context(folder_lock(folder, ".lock", what))
+            if prepare is not None:
+                prepare()
         except UniremovalError as exc:
             refused = str(exc)
     if accelerator.num_processes > 1:

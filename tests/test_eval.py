@@ -336,6 +336,49 @@ def test_folder_layouts(tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+def test_save_images_folder_is_replaced_whole_and_never_holds_others_files(tmp_path, capsys):
+    """--save-images DIR is replaced as a whole when a rerun completes, so a DIR holding files eval did
+    not write is refused before scoring (they would be lost), a second eval into DIR while one runs
+    stops, and what a killed eval left (a staging folder, a swap stopped between its two renames) is
+    cleared: the previous set goes back, then is replaced."""
+    from uniremoval.cli import main
+    from uniremoval.io import folder_lock
+
+    data = tmp_path / "d"
+    _write_pngs(data, 2, [(32, 32)], seed=0)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "holiday.png").write_bytes(b"someone's photo")
+    assert main(["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "psnr", "--device", "cpu",
+                 "--no-mlflow", "--save-images", str(mine)]) == 2
+    assert "holds 'holiday.png' that eval did not write there" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["holiday.png"] and not list(tmp_path.glob(".mine.*"))
+
+    saved = tmp_path / "saved"
+    opts = EvalOptions("none", str(data), metrics=["psnr"], mlflow=False, device="cpu", save_images=str(saved))
+    run_eval(opts)
+    first = {p.name: p.read_bytes() for p in saved.iterdir()}
+    assert sorted(first) == [".uniremoval-eval.json", "img00.png", "img01.png"]
+    (saved / "sub").mkdir()
+    (saved / "sub" / "notes.txt").write_text("mine")
+    with pytest.raises(UniremovalError, match=r"holds 'sub/notes\.txt' that eval did not write"):
+        run_eval(opts)
+    assert (saved / "sub" / "notes.txt").read_text() == "mine"
+    (saved / "sub" / "notes.txt").unlink()
+    (saved / "sub").rmdir()
+    with folder_lock(tmp_path / ".saved.eval-staging", ".lock", "a test"), \
+            pytest.raises(UniremovalError, match=r"is in use: pid \d+ .* is writing eval --save-images"):
+        run_eval(opts)
+    # A kill -9 between the swap's two renames: the folder gone, its previous set beside it, a staging folder.
+    os.replace(saved, tmp_path / ".saved.eval-old")
+    (tmp_path / ".saved.eval-staging" / "half.png").write_bytes(b"partial")
+    _write_pngs(data, 2, [(32, 32)], seed=1)
+    run_eval(opts)
+    now = {p.name: p.read_bytes() for p in saved.iterdir()}
+    assert sorted(now) == sorted(first) and now["img00.png"] != first["img00.png"]
+    assert not list(tmp_path.glob(".saved.*"))
+
+
 def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -482,7 +525,8 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
 
     assert tags["config_hash"] == "c0ffee123456" and tags["git_commit"] == git_commit() is not None
     arts = {a.path for a in client.list_artifacts(res.run_id, "images/synhaze")}
-    assert arts == {f"images/synhaze/{k}.png" for k in keys}
+    # the restored images, and the list that marks the folder as one complete eval's (SAVED_MARKER)
+    assert arts == {f"images/synhaze/{k}.png" for k in keys} | {"images/synhaze/.uniremoval-eval.json"}
 
 
 def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkeypatch):
@@ -571,7 +615,7 @@ def test_two_process_eval_scores_every_image_once(tmp_path):
            "--main_process_port", str(_free_port()), str(REPO / "tests" / "dist_eval_worker.py"), str(tmp_path),
            str(bad), "eval", "--checkpoint", "none", "--data", str(data), "--metrics", "piqe,psnr,ssim",
            "--device", "cpu", "--batch-size", "2", "--json", str(tmp_path / "two.json"),
-           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+           "--save-images", str(tmp_path / "saved"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "7 images on 2 process(es) (4+3)" in proc.stdout  # both ranks worked, on disjoint halves
@@ -583,7 +627,15 @@ def test_two_process_eval_scores_every_image_once(tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
 
     one = run_eval(EvalOptions("none", str(data), metrics=["piqe", "psnr", "ssim"], device="cpu", batch_size=4,
-                               mlflow=False))
+                               mlflow=False, save_images=str(tmp_path / "one-saved")))
+    # --save-images: both ranks' images, swapped in once all were written; the failed second eval
+    # (rank 0 had written its part of `bad` before rank 1 failed) left them as they were, no staging.
+    pngs = [f"img{i:02d}.png" for i in range(7)]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [".uniremoval-eval.json", *pngs]
+    assert json.loads((tmp_path / "saved" / ".uniremoval-eval.json").read_text())["images"] == pngs
+    for name in pngs:
+        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "one-saved" / name).read_bytes()
+    assert not list(tmp_path.glob(".*.eval-*"))
     assert [r["name"] for r in two["images"]] == [f"img{i:02d}.png" for i in range(7)]
     for a, b in zip(one.images, two["images"], strict=True):
         assert a["name"] == b["name"]

@@ -24,6 +24,7 @@ SIGNALS = [pytest.param(signal.SIGINT, "interrupted", id="sigint"),
 
 # python -c _STOP MODULE ATTR MARKER ARGS...: run the CLI with MODULE.ATTR stopping at MARKER.
 # PARTIAL=1: first write part of the file the call was writing (a PIL save into atomic_writer).
+# AFTER=N: let the first N calls run as usual, stop in the next one.
 _STOP = textwrap.dedent("""
     import importlib, os, sys, time
     mod, attr, marker = sys.argv[1:4]
@@ -31,7 +32,11 @@ _STOP = textwrap.dedent("""
     if "." in attr:
         cls, name = attr.split(".")
         owner = getattr(owner, cls)
+    original, calls = getattr(owner, name), []
     def stop(*a, **k):
+        if len(calls) < int(os.environ.get("AFTER", "0")):
+            calls.append(1)
+            return original(*a, **k)
         if os.environ.get("PARTIAL"):
             a[1].write(b"\\x89PNG partial")
             a[1].flush()
@@ -76,10 +81,10 @@ def _temporaries(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
-def _images(folder: Path, n: int, size: int = 24) -> Path:
+def _images(folder: Path, n: int, size: int = 24, seed: int = 0) -> Path:
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for sub in ("", "target"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -114,6 +119,39 @@ def test_eval_stopped_while_logging_marks_the_run_killed_and_report_skips_it(tmp
     assert not _temporaries(tmp_path / "saved")
     with pytest.raises(UniremovalError, match="no eval runs with scores"):  # a stopped run is no result
         make_report("stops", tracking_uri=db)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "kill9"])
+def test_eval_rerun_stopped_part_way_keeps_the_previous_saved_images(tmp_path, sig):
+    """A rerun of eval --save-images into the same folder, stopped after its first image was written:
+    the folder still holds exactly the previous set (which the previous scores describe), and the
+    next complete rerun replaces it as a whole, clearing the staging folder a kill -9 left."""
+    import json
+
+    saved, scores = tmp_path / "saved", tmp_path / "scores.json"
+    args = ["eval", "--checkpoint", "none", "--metrics", "psnr", "--device", "cpu", "--batch-size", "1",
+            "--no-mlflow", "--json", str(scores), "--save-images", str(saved)]
+    from uniremoval.cli import main
+
+    assert main([*args, "--data", str(_images(tmp_path / "old", 2))]) == 0
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    assert sorted(before) == [".uniremoval-eval.json", "im0.png", "im1.png"]
+    old_scores = scores.read_text()
+    new = _images(tmp_path / "new", 3, seed=1)  # other pixels, and one image more
+    rc, err = _stopped(tmp_path, "uniremoval.eval.metrics:Scorer.score", [*args, "--data", str(new)], sig, AFTER="1")
+    if sig == signal.SIGKILL:
+        assert rc == -signal.SIGKILL
+        assert (tmp_path / ".saved.eval-staging").is_dir()  # what a kill -9 leaves: hidden, beside the folder
+    else:
+        _one_line(rc, err, sig, "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)")
+        assert not list(tmp_path.glob(".saved.*"))
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # new im0.png was written, elsewhere
+    assert scores.read_text() == old_scores
+    assert main([*args, "--data", str(new)]) == 0
+    assert sorted(p.name for p in saved.iterdir()) == [".uniremoval-eval.json", "im0.png", "im1.png", "im2.png"]
+    assert (saved / "im0.png").read_bytes() != before["im0.png"]
+    assert [r["name"] for r in json.loads(scores.read_text())["images"]] == ["im0.png", "im1.png", "im2.png"]
+    assert not list(tmp_path.glob(".saved.*")) and not _temporaries(saved)
 
 
 def test_report_log_stopped_while_uploading_marks_the_run_killed(tmp_path):

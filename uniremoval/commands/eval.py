@@ -45,7 +45,10 @@ def register(subparsers) -> None:
                    "(original LIVE models), psnr,ssim (need targets). Default for run: brisque,piqe")
     g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, images} here")
     g.add_argument("--csv", dest="csv_out", help="write per-image scores (and a '(mean)' row) here")
-    g.add_argument("--save-images", help="write the restored images as PNG here (and log them to MLflow)")
+    g.add_argument("--save-images", metavar="DIR",
+                   help="write the restored images as PNG here (and log them to MLflow). A rerun replaces DIR's "
+                   "images as a whole when it completes (until then DIR keeps the previous set); DIR must be "
+                   "new, empty, or one eval wrote: a DIR holding other files is refused")
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     g.add_argument("--batch-size", type=int, default=8, help="images of the same size scored together")
     g.add_argument("--psnr-y", action="store_true", help="PSNR/SSIM on the Y channel (BT.601) instead of RGB")
@@ -104,6 +107,7 @@ def handler(args) -> int:
             mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
             degradation=args.degradation, **common,
         )]
+    from uniremoval.eval.evaluate import check_save_dir
     from uniremoval.io import check_output
     from uniremoval.tracking import resolve_uri
 
@@ -114,6 +118,8 @@ def handler(args) -> int:
                                      ("--save-images", opts.save_images, True)):
             if path:
                 check_output(path, option, folder)
+        if opts.save_images:
+            check_save_dir(opts.save_images)
     for opts in jobs:
         _report(run_eval(opts))
     return 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import shutil
@@ -297,6 +298,109 @@ def check_saved_names(names: list[str], save_dir: str) -> None:
         seen[dst] = name
 
 
+SAVED_MARKER = ".uniremoval-eval.json"  # in a --save-images folder: the images one complete eval wrote there
+
+
+def _staging_paths(save_dir: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """(folder, staging, old) for --save-images: the new images are written to the hidden sibling
+    `.<name>.eval-staging` and swapped in when the eval completes; `.<name>.eval-old` holds the
+    previous set for the instant of the swap."""
+    final = Path(save_dir)
+    if final.is_symlink():
+        final = final.resolve()  # swap the folder the link points to, keep the link
+    final = final.absolute()
+    return (final, final.with_name(f".{final.name}.eval-staging"), final.with_name(f".{final.name}.eval-old"))
+
+
+def check_save_dir(save_dir: str | os.PathLike) -> None:
+    """Refuse a --save-images folder that a rerun may not replace as a whole: one holding files no
+    eval wrote there (a folder eval wrote lists its images in SAVED_MARKER), or one whose parent
+    cannot take the staging folder beside it. An empty or missing folder is fine."""
+    final, _, old = _staging_paths(save_dir)
+    if final == final.parent or final in (Path.cwd(), *Path.cwd().parents):
+        raise UniremovalError(f"--save-images {save_dir} is the current folder or one above it; eval replaces "
+                              "the folder as a whole when it completes, so give a folder of its own")
+    if not final.is_dir() and old.is_dir():
+        final = old  # a swap killed half-way: this previous set is put back before the run
+    if final.is_dir():
+        files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_symlink() or not p.is_dir())
+        try:
+            own = set(json.loads((final / SAVED_MARKER).read_text())["images"]) | {SAVED_MARKER, ".lock"}
+        except (OSError, ValueError, KeyError, TypeError):
+            own = set()
+        foreign = [f for f in files if f not in own]
+        if foreign:
+            more = f" and {len(foreign) - 1} other file(s)" if len(foreign) > 1 else ""
+            raise UniremovalError(
+                f"--save-images {save_dir} holds {foreign[0]!r}{more} that eval did not write there (its "
+                f"{SAVED_MARKER} does not list them); a rerun replaces the folder's images as a whole, so move "
+                "them out or give an empty or new folder")
+    parent = final.parent
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UniremovalError(f"--save-images {save_dir}: {parent} cannot be written (read-only or no permission); "
+                              "eval writes the new images beside the folder and swaps them in at the end")
+
+
+class StagedImages:
+    """--save-images DIR, replaced only when the eval completes: every rank writes its images into
+    `staging`; rank 0 swaps it in (`commit`) once all were gathered. The main process holds
+    `staging`/.lock (`launch.lock_on_main_process`) so a second eval into DIR stops, and clears first
+    what a killed eval left: a stale staging folder, or a swap stopped half-way (the previous set
+    goes back). Until the swap DIR is the previous complete set; an eval that does not complete
+    removes its staging folder (a kill -9 leaves it to the next run)."""
+
+    def __init__(self, save_dir: str, state) -> None:
+        from uniremoval.launch import lock_on_main_process
+
+        self.option = save_dir
+        self.final, self.staging, self.old = _staging_paths(save_dir)
+        self.main = state.is_main_process
+        self.committed = False
+        self._lock = lock_on_main_process(state, self.staging, f"eval --save-images {save_dir}", self._prepare)
+
+    def _prepare(self) -> None:
+        """Main process, holding the lock: clear what a killed eval left."""
+        try:
+            if self.old.is_dir():
+                if self.final.exists():
+                    shutil.rmtree(self.old)  # the swap was done, its old set not yet removed
+                else:
+                    os.replace(self.old, self.final)  # the swap stopped between its two renames
+            check_save_dir(self.option)
+            for p in self.staging.iterdir():
+                if p.name != ".lock":
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+        except BaseException as exc:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise UniremovalError(f"--save-images {self.option}: cannot prepare {self.staging} "
+                                      f"({exc.strerror or exc})") from exc
+            raise
+
+    def commit(self, names: list[str], dataset: str) -> None:
+        """Main process, every rank's images written: mark the set complete and swap it in."""
+        from uniremoval.io import atomic_write_json
+        from uniremoval.stages.run_folder import fsync_dir
+
+        atomic_write_json(self.staging / SAVED_MARKER, {"dataset": dataset, "images": sorted(names)})
+        fsync_dir(self.staging)
+        if self.final.exists():
+            os.replace(self.final, self.old)
+        os.replace(self.staging, self.final)
+        self.committed = True
+        (self.final / ".lock").unlink(missing_ok=True)  # the lock guarded the staging folder, now gone
+        shutil.rmtree(self.old, ignore_errors=True)
+        fsync_dir(self.final.parent)
+
+    def close(self) -> None:
+        if self.main and not self.committed:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.close()
+
+
 def summarize(records: list[dict[str, Any]], metrics: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sorted per-image records and the per-metric means; refuses an image scored twice."""
     counts = Counter(r["name"] for r in records)
@@ -314,7 +418,6 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     """Evaluate on every rank; returns the result on the main process, None elsewhere."""
     import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     metrics = parse_metrics(opts.metrics)
     if opts.batch_size < 1:
@@ -340,13 +443,28 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     restore, meta, sha = _restorer(opts, device)
     reader = iter_shards if is_shard_source(opts.data) else iter_folder
     items = reader(opts.data, state.process_index, state.num_processes, need_target)
+    staged = StagedImages(opts.save_images, state) if opts.save_images else None
+    try:
+        return _score_and_write(opts, state, metrics, items, scorer, restore, device, meta, sha, staged)
+    finally:
+        if staged is not None:
+            staged.close()
+
+
+def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterator[Item], scorer: Scorer, restore,
+                     device, meta: dict[str, Any], sha: str | None,
+                     staged: StagedImages | None) -> EvalResult | None:
+    """Score (and gather) every rank's part; on rank 0 swap the saved images in, write and log."""
+    from accelerate.utils import gather_object
+
+    save_dir = str(staged.staging) if staged is not None else None
     if state.num_processes == 1:
-        records = score_items(items, scorer, restore, opts.batch_size, device, opts.save_images)
+        records = score_items(items, scorer, restore, opts.batch_size, device, save_dir)
         for r in records:
             r["_rank"] = 0
     else:
         records = _score_and_gather(state, gather_object, lambda: score_items(
-            items, scorer, restore, opts.batch_size, device, opts.save_images))
+            items, scorer, restore, opts.batch_size, device, save_dir))
         if not state.is_main_process:
             return None  # rank 0 writes and logs; the gather above was the last collective
     degradations = {r["_degradation"] for r in records if r.get("_degradation")}
@@ -361,6 +479,8 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         degradation=opts.degradation or (degradations.pop() if len(degradations) == 1 else None),
         per_rank=[ranks.get(i, 0) for i in range(state.num_processes)],
     )
+    if staged is not None:  # every rank's images are written (gathered above): the new set replaces the old
+        staged.commit([saved_name(r["name"]).as_posix() for r in images], result.dataset)
     write_outputs(result, opts.json_out, opts.csv_out)
     if opts.mlflow:
         result.run_id = log_eval_mlflow(result, opts, meta, sha)

@@ -240,6 +240,44 @@ def test_report_from_real_eval_runs_with_image_grid(tmp_path, capfd, monkeypatch
         "report/report.csv", "report/grid-pairs.png"}
 
 
+def test_rerun_into_the_same_out_dir_keeps_only_this_reports_grids(tmp_path, capsys):
+    """A rerun of `report --out-dir` leaves exactly the grids of the report it wrote: a grid of a
+    dataset no longer in the report, or a grid temporary a killed report left, is removed; every file
+    outside the grid-<dataset>.png pattern stays."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("g", artifact_location=(tmp_path / "art").as_uri())
+    runs = {}
+    for ds in ("A", "B"):
+        for i, model in enumerate(("input", "m1")):
+            run = client.create_run(exp, run_name=f"eval-{ds}", tags={"stage": "eval", "dataset": ds,
+                                                                      "uniremoval.model": model})
+            img = tmp_path / "img" / f"{ds}{model}" / "im0.png"
+            img.parent.mkdir(parents=True)
+            Image.new("RGB", (8, 6), (40 * i, 0, 0)).save(img)
+            client.log_artifact(run.info.run_id, str(img), f"images/{ds}")
+            client.log_metric(run.info.run_id, f"eval/{ds}/psnr", 20.0 + i)
+            client.set_terminated(run.info.run_id)
+            runs.setdefault(ds, []).append(run.info.run_id)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("grid-Old.png", ".grid-A.png.k2x9.tmp", "grid.png", "grid-A.jpg", "notes.txt"):
+        (out / name).write_bytes(b"earlier")
+    others = {"grid.png", "grid-A.jpg", "notes.txt"}  # not the report's grid pattern: never touched
+
+    def report(*extra: str) -> set[str]:
+        assert main(["report", "--experiment", "g", "--tracking-uri", uri, "--out-dir", str(out), *extra]) == 0
+        capsys.readouterr()
+        assert all((out / n).read_bytes() == b"earlier" for n in others)
+        return {p.name for p in out.iterdir()} - others
+
+    assert report("--images", "1") == {"report.md", "grid-A.png", "grid-B.png"}
+    for run_id in runs["B"]:
+        client.delete_run(run_id)  # dataset B is no longer in the report
+    assert report("--images", "1") == {"report.md", "grid-A.png"}
+    assert report("--images", "0") == {"report.md"}
+
+
 def test_unreachable_server_is_a_named_error(capsys):
     """A report against a server that is down: one `error:` line naming the URI and what to do, within
     seconds (not MLflow's minutes of retries, nor a traceback)."""

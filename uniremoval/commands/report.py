@@ -6,7 +6,9 @@ Rows are models, columns dataset x metric with the better direction (down arrow:
 the best value of each column in bold: NR-IQA per degradation (Tables I-III), PSNR/SSIM (Table IV),
 NR-IQA of ablation runs (Table V). With --out-dir the tables and grid-<dataset>.png (the same
 images restored by every model, side by side) are written there; --log also stores them in an
-MLflow run named "report".
+MLflow run named "report". A rerun into the same --out-dir leaves exactly its own grids there: any
+other grid-*.png (a dataset no longer in the report, --images 0) is removed, other files are kept;
+report.<format> is written last.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
     )
-    p.add_argument("--out-dir", help="also write report.<format> and grid-<dataset>.png here")
+    p.add_argument("--out-dir", help="also write report.<format> and grid-<dataset>.png here (grid-*.png files "
+                   "this report did not write are removed from it; nothing else is)")
     p.add_argument("--images", type=int, default=4, help="images per grid (default 4; 0: no image grids)")
     p.add_argument("--decimals", type=_decimals, help="digits shown (default: 4 for SSIM, 2 otherwise)")
     p.add_argument("--log", action="store_true", help="log the --out-dir files to an MLflow run 'report'")

@@ -37,6 +37,7 @@ from uniremoval.eval.metrics import METRICS
 FORMATS = ("md", "csv", "html")
 CHECK, CROSS = "\u2713", "\u2717"
 UP, DOWN = "\u2191", "\u2193"
+GRID_GLOB = "grid-*.png"  # the image grids a report writes in --out-dir: grid-<dataset>.png
 
 
 @dataclass
@@ -324,7 +325,7 @@ def _grids(client: Any, rows: list[ModelRow], datasets: list[str], out_dir: Path
             names = sorted(common)[:n_images]
             if not names:
                 continue
-            path = out_dir / f"grid-{_safe(d)}.png"
+            path = out_dir / GRID_GLOB.replace("*", _safe(d))
             _write_grid(
                 path, [r.label for r, _ in have], [[loc / n for _, loc in have] for n in names], cell_height
             )
@@ -375,7 +376,8 @@ def make_report(
     decimals: int | None = None,
 ) -> tuple[str, list[Path]]:
     """(rendered tables, grid files). With `out_dir`, the tables are also written there, and image
-    grids of `n_images` images each (0: none)."""
+    grids of `n_images` images each (0: none); the grid files there are then exactly this report's
+    (`remove_other_grids`), and report.<fmt> is written last."""
     if n_images < 0:
         raise UniremovalError(f"images per grid must be >= 0 (0 for no image grids), got {n_images}")
     rows = collect(experiment, tracking_uri)
@@ -389,7 +391,29 @@ def make_report(
     if out_dir is not None:
         from uniremoval.io import atomic_write_text
 
-        atomic_write_text(Path(out_dir) / f"report.{fmt}", text)
         if n_images > 0:
             grids = image_grids(rows, out_dir, tracking_uri, n_images)
+        remove_other_grids(out_dir, grids)
+        # Last: a report.<fmt> beside grids of an earlier report means this one did not complete.
+        atomic_write_text(Path(out_dir) / f"report.{fmt}", text)
     return text, grids
+
+
+def remove_other_grids(out_dir: str | os.PathLike, written: list[Path]) -> list[Path]:
+    """Remove the grid files (GRID_GLOB) in `out_dir` that this report did not write: grids of
+    datasets no longer in it, or of an earlier run with --images; and the temporaries of a grid whose
+    writing was killed. Any other file is left alone. Returns what was removed."""
+    from uniremoval.io import TMP_SUFFIX
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    keep = {Path(p).name for p in written}
+    stale = [p for p in out_dir.glob(GRID_GLOB) if p.name not in keep]
+    stale += out_dir.glob(f".{GRID_GLOB}.*{TMP_SUFFIX}")  # atomic_writer's names for a grid being written
+    removed = []
+    for p in sorted(stale):
+        if p.is_file() or p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

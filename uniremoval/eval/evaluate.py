@@ -21,6 +21,9 @@ batch composition beyond float32 rounding (pyiqa's BRISQUE moves by < 0.01 betwe
 and single images).
 
 Restored images are rounded to 8 bits before scoring, so `--save-images` PNGs reproduce the scores.
+`--save-images DIR` is replaced as a whole when the eval completes (`StagedImages`): every rank
+writes into a staging folder beside DIR, rank 0 swaps it in after the gather, so an interrupted
+rerun leaves DIR as the previous run wrote it.
 """
 
 from __future__ import annotations

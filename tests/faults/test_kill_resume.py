@@ -305,7 +305,8 @@ def test_eval_kill9_then_rerun(ws, da):
             "--tracking-uri", ws["db"], "--experiment", "faults"]
     rc, err = kill9_when(args, root, lambda: (gate / "reached").exists())
     assert rc == -signal.SIGKILL, err[-2000:]
-    assert len(list(saved.glob("*.png"))) == g  # the images before the gate, none after
+    # the images before the gate, none after, in the staging folder: `restored` appears only once complete
+    assert len(list((root / ".restored.eval-staging").glob("*.png"))) == g and not saved.exists()
     assert not (root / "eval.json").exists()  # no partial score file
     assert not _runs(ws, "eval")  # and no half MLflow run
     (gate / "open").touch()
@@ -316,6 +317,7 @@ def test_eval_kill9_then_rerun(ws, da):
     names = [im["name"] for im in result["images"]]
     assert len(names) == 4 and len(set(names)) == 4
     assert sorted(p.stem for p in saved.glob("*.png")) == sorted(Path(n).stem for n in names)
+    assert not list(root.glob(".restored.eval-*"))  # the killed run's staging folder was cleared
     runs = _runs(ws, "eval")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["uniremoval.train_run_id"] == json.loads((da["run_dir"] / "last.json").read_text())["mlflow_run_id"]

@@ -4,33 +4,50 @@ The GPU run is made once, on a lent machine, with no chance to fix the script th
 working as the loaders and losses it calls change. No speed is asserted (CPU bf16 is slower than
 fp32); what is asserted is that every section ran, the JSON is whole, and the fast path computes
 the naive path's loss values within the tolerance the GPU run reports against.
+
+The smoke run takes the branches a GPU run takes where CPU allows: fused Adam (``--cpu-fused``) and
+the compiled step in its child process under a deadline (``--compile-backend aot_eager``: dynamo and
+AOT autograd trace the real step, no code is generated). The deadline and a SIGTERM from an outer
+``timeout`` are checked on that child too: each must leave a JSON and no child behind.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from dist_kt_common import REPO, subprocess_env
 
 LOSS_TOLERANCE = 3e-2  # bf16 autocast vs fp32: relative difference of each KT loss term
+GPU_PY = str(REPO / "bench" / "gpu.py")
+# The compiled step alone, traced on CPU (the other sections are covered by the smoke run).
+COMPILED_ONLY = ["--preset", "tiny", "--quick", "--device", "cpu", "--compile", "--compile-backend", "aot_eager",
+                 "--skip", "matmul,naive,ours,cache,loader"]
 
 
 def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    p = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--preset", "tiny", "--quick", "--no-compile",
-                        "--device", "cpu", "--out", str(out)],
+    p = subprocess.run([sys.executable, GPU_PY, "--preset", "tiny", "--quick", "--device", "cpu", "--cpu-fused",
+                        "--compile", "--compile-backend", "aot_eager", "--compile-cache", str(tmp_path / "cc"),
+                        "--out", str(out)],
                        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     printed = json.loads(p.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["complete"] is True
-    for section in ("matmul_peak", "naive", "ours", "cache_build", "loader"):
+    for section in ("matmul_peak", "naive", "ours", "cache_build", "loader", "ours_compiled"):
         assert "error" not in printed[section], (section, printed[section].get("error"))
-    naive, ours = printed["naive"], printed["ours"]
+    naive, ours, compiled = printed["naive"], printed["ours"], printed["ours_compiled"]
+    assert "fused Adam" in ours["what"]  # the optimiser a GPU run uses (under the FLOP counter too)
+    # The compiled step ran in its child process and computed the eager fast path's terms.
+    assert compiled["img_s"] > 0 and compiled["compile_s"] >= 0 and compiled["process_s"] > 0
+    assert "backend=aot_eager" in compiled["what"] and compiled["timeout_s"] > 0
+    assert compiled["loss_terms"] == pytest.approx(ours["loss_terms"], rel=1e-4)
     assert set(naive["loss_terms"]) == set(ours["loss_terms"]) == {"pixel", "ig", "fg", "total"}
     diffs = ours["loss_rel_diff_vs_naive"]
     assert all(0 <= d < LOSS_TOLERANCE for d in diffs.values()), diffs
@@ -44,3 +61,57 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert cache["stored_image_max_level_diff"] <= 8 and cache["feature_rel_err"] < LOSS_TOLERANCE
     loader = printed["loader"]
     assert loader["samples_s"] > 0 and loader["fields"] == ["degradation", "feature", "input", "teacher"]
+
+
+def _gone(pid: int) -> bool:
+    """No such process any more (or only a zombie waiting for whoever adopted it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def _child_pid(line: str) -> int | None:
+    marker = "ours_compiled: child process "
+    return int(line.split(marker, 1)[1].split(",")[0]) if marker in line else None
+
+
+def test_gpu_bench_compiled_step_past_its_deadline_is_stopped_and_reported(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    p = subprocess.run([sys.executable, GPU_PY, *COMPILED_ONLY, "--compile-timeout", "2", "--out", str(out)],
+                       env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = json.loads(p.stdout)
+    assert printed == json.loads(out.read_text()) and printed["complete"] is True
+    compiled = printed["ours_compiled"]
+    assert "did not finish within 2 s" in compiled["error"] and compiled["timeout_s"] == 2
+    pids = [pid for pid in map(_child_pid, p.stderr.splitlines()) if pid]
+    assert len(pids) == 1 and _gone(pids[0])
+
+
+def test_gpu_bench_sigterm_while_the_compiled_step_runs_writes_the_json_and_stops_the_child(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.Popen([sys.executable, GPU_PY, *COMPILED_ONLY, "--out", str(out)], env=subprocess_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = None
+        for line in proc.stderr:  # the parent logs its child's pid once the child is started
+            pid = _child_pid(line)
+            if pid:
+                break
+        assert pid, "the compiled step's child was never started"
+        proc.send_signal(signal.SIGTERM)  # what `timeout` sends
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    written = json.loads(out.read_text())
+    assert json.loads(stdout) == written and written["complete"] is False
+    assert "SIGTERM" in written["interrupted"] and "'ours_compiled'" in written["interrupted"]
+    assert written["ours_compiled"]["error"] == "stopped by SIGTERM"
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid), f"the compiled step's child {pid} outlived its parent"

@@ -179,13 +179,18 @@ def bench_matmul(device: torch.device, n: int, reps: int) -> dict[str, Any]:
     return {"n": n, "dtype": "bf16", "tflops": sig(2 * n**3 / dt / 1e12)}
 
 
-def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool = False) -> Callable[[int], Any]:
+def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool = False,
+              cudagraphs: bool = False) -> Callable[[int], Any]:
     """One KT training step. `host_syncs` copies what the shared trainer does per step: read every
     loss term on the host before backward (its non-finite check) and again after the update (its
-    running sums), each read waiting for the GPU to drain."""
+    running sums), each read waiting for the GPU to drain. `cudagraphs` (compile modes
+    reduce-overhead and max-autotune): each step starts a new CUDA-graph iteration, as torch's
+    CUDA-graph trees ask of a training loop that calls compiled modules several times per step."""
     from uniremoval.stages.kt import kt_terms
 
     def step(i: int):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         batch = batches[i % len(batches)]
         with fast.autocast(batch["input"].device, dtype):
             terms, _, _ = kt_terms(student, loss_fn, batch, A1, CELL, teachers=teachers,
@@ -266,7 +271,9 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         mode = None if args.compile_mode == "default" else args.compile_mode
         run_student = fast.compile_module(student, cache, mode=mode, backend=args.compile_backend)
         run_phi = fast.compile_module(phi, cache, mode=mode, backend=args.compile_backend)
-    step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, host_syncs)
+    cudagraphs = compiled and args.compile_backend == "inductor" and args.compile_mode in ("reduce-overhead",
+                                                                                          "max-autotune")
+    step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, host_syncs, cudagraphs)
     reset_peak(device)
     # The first steps compile (the second one too: the first backward compiles lazily) and let
     # cudnn.benchmark pick its algorithms: timed apart.

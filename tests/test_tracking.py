@@ -381,3 +381,49 @@ def test_a_sqlite_uri_that_is_not_a_database_is_one_error_line(tmp_path, monkeyp
     assert check_uri(str(store), "x") and check_uri(store.as_uri(), "x")
     assert main(["report", "--experiment", "e", "--tracking-uri", str(store)]) == 2
     assert "no MLflow experiment 'e'" in one_error()
+
+
+def test_stages_take_teachers_and_init_weights_a_run_logged_to_mlflow(tmp_path, monkeypatch):
+    """teachers.checkpoints / model.init = runs:/<id>/weights/last: fetched once from the store into
+    $UNIREMOVAL_RUNS_DIR and read from that copy afterwards (with the server gone too); the same
+    weights and identity (sha256) as the local file; a wrong run id is named by its config key."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import check_inputs
+    from uniremoval.errors import ConfigError
+    from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.teachers import load_teachers
+
+    torch.manual_seed(0)
+    local = save_checkpoint(tmp_path / "teacher-haze" / "best", MPRNet("tiny").eval(),
+                            {"stage": "teacher", "degradation": "haze", "preset": "tiny"})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "mlruns").as_uri())
+    rid = client.create_run(exp).info.run_id
+    for f in (local, local.with_suffix(".json")):
+        client.log_artifact(rid, str(f), "weights")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("UNIREMOVAL_RUNS_DIR", str(tmp_path / "runs"))
+    spec = f"runs:/{rid}/weights/best"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    cfg = KTStage(stage="kt", output_dir=str(tmp_path / "out"), model={"preset": "tiny", "init": spec},
+                  data={"degradations": ["haze"], "train": [{"name": "s", "shards": str(shards), "degradation": "haze"}]},
+                  teachers={"mode": "online", "checkpoints": {"haze": spec}})
+    check_inputs(cfg)  # fetched here, before any stage starts
+    assert sorted(p.name for p in (tmp_path / "runs" / rid / "weights").iterdir()) == ["best.json", "best.safetensors"]
+    (tmp_path / "m.db").unlink()  # the store is gone: the copy serves
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    model, meta = load_checkpoint(spec, arch="mprnet", preset="tiny")
+    ref, _ = load_checkpoint(local)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert checkpoint_sha256(spec) == checkpoint_sha256(local) and meta["degradation"] == "haze"
+    (teacher,) = load_teachers({"haze": spec}, ["haze"], "tiny").values()
+    assert teacher.sha256 == checkpoint_sha256(local)
+    bad = cfg.model_copy(update={"teachers": cfg.teachers.model_copy(update={"checkpoints": {
+        "haze": "runs:/0123abcd/weights/best"}})})
+    with pytest.raises(ConfigError, match=r"teachers\.checkpoints\.haze: checkpoint runs:/0123abcd/weights/best: "
+                                          r"cannot fetch weights/best\.safetensors of run 0123abcd from http://"):
+        check_inputs(bad)

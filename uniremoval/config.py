@@ -596,9 +596,11 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
 def check_inputs(cfg: StageBase) -> None:
     """Refuse, before anything starts, a local input of a training or cache stage that is not there:
     shard folders (data.train/val/clear), model.init and teachers.checkpoints (a missing validation set
-    was found only at the first validation, thousands of steps in). URLs, pipes and patterns pass."""
+    was found only at the first validation, thousands of steps in). URLs, pipes and patterns pass;
+    checkpoints a run logged to MLflow (runs:/<id>/weights/last) are fetched."""
     from uniremoval.errors import CheckpointError
     from uniremoval.models.checkpoint import resolve_weights
+    from uniremoval.tracking import is_run_artifact
 
     cwd = Path.cwd()
     missing: list[str] = []
@@ -625,9 +627,10 @@ def check_inputs(cfg: StageBase) -> None:
             checkpoints[f"teachers.checkpoints.{deg}"] = (path, made_by)
     for key, (path, made_by) in checkpoints.items():
         try:
-            resolve_weights(Path(path))
-        except CheckpointError:
-            missing.append(f"{key}: {path} does not exist; {made_by} writes it, or set {key}=PATH")
+            resolve_weights(Path(path))  # runs:/<id>/weights/last: fetched from MLflow here, once
+        except CheckpointError as exc:
+            missing.append(f"{key}: {exc}" if is_run_artifact(path) else
+                           f"{key}: {path} does not exist; {made_by} writes it, or set {key}=PATH")
     if missing:
         raise ConfigError(f"missing input(s), relative paths read from {cwd}:\n  " + "\n  ".join(missing))
 

@@ -546,20 +546,25 @@ def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = Non
 
 
 RUN_ARTIFACT_PREFIX = "runs:/"
+RUNS_DIR_ENV = "UNIREMOVAL_RUNS_DIR"
+DEFAULT_RUNS_DIR = "~/.cache/uniremoval/runs"
 
 
-@contextlib.contextmanager
-def local_checkpoint(spec: str, tracking_uri: str | None = None) -> Iterator[str]:
-    """A checkpoint path as given, or, for `runs:/<run id>/weights/last` (what a finished training run
-    logs, see Trainer._log_weights), the files fetched from MLflow into a temporary folder that
-    lives for the block: the weights (`.safetensors` with its `.json`, or an official `.pth`)."""
-    if not spec.startswith(RUN_ARTIFACT_PREFIX):
-        yield spec
-        return
+def is_run_artifact(spec: str | os.PathLike) -> bool:
+    return str(spec).startswith(RUN_ARTIFACT_PREFIX)
+
+
+def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None) -> Path:
+    """The local weights file of `runs:/<run id>/<artifact path>` (what a finished training run logs:
+    runs:/<id>/weights/last), with its .json (an official .pth alone). Fetched once from MLflow
+    (`tracking_uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db) into $UNIREMOVAL_RUNS_DIR (default
+    ~/.cache/uniremoval/runs)/<run id>/ and read from there afterwards: a run's logged weights do
+    not change, and a node without access to the server uses the copy. Processes fetching at once
+    each download to a temporary name and rename it into place."""
     from uniremoval.errors import CheckpointError
 
     run_id, _, path = spec[len(RUN_ARTIFACT_PREFIX):].strip("/").partition("/")
-    if not run_id or not path:
+    if not run_id or not path or ".." in path.split("/"):
         raise CheckpointError(f"checkpoint {spec}: expected runs:/<run id>/<artifact path>, e.g. "
                               f"runs:/<run id>/weights/last")
     if path.endswith((".pth", ".pt")):
@@ -567,19 +572,24 @@ def local_checkpoint(spec: str, tracking_uri: str | None = None) -> Iterator[str
     else:
         base = path.removesuffix(".safetensors").removesuffix(".json")
         files = [base + ".safetensors", base + ".json"]
-    uri = resolve_uri(tracking_uri)
-    client = mlflow_client(uri)
-    with tempfile.TemporaryDirectory(prefix="uniremoval-checkpoint-") as tmp:
-        local = []
-        for file in files:
-            try:
-                local.append(client.download_artifacts(run_id, file, tmp))
-            except Exception as exc:  # MLflow raises several kinds for a missing run or artifact
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                raise CheckpointError(f"checkpoint {spec}: cannot fetch {file} of run {run_id} from {uri} "
-                                      f"({first}); check the run id and that the run logged its weights "
-                                      f"(tracking.log_weights), or give a local path") from exc
-        yield local[0]  # the .json lands beside it, where load_checkpoint looks
+    root = Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR).expanduser() / run_id
+    local = [root / f for f in files]
+    missing = [(f, dst) for f, dst in zip(files, local) if not dst.is_file()]
+    if missing:
+        uri = resolve_uri(tracking_uri)
+        client = mlflow_client(uri)
+        for file, dst in missing:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".fetch-") as tmp:
+                try:
+                    got = client.download_artifacts(run_id, file, tmp)
+                except Exception as exc:  # MLflow raises several kinds for a missing run or artifact
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    raise CheckpointError(f"checkpoint {spec}: cannot fetch {file} of run {run_id} from {uri} "
+                                          f"({first}); check the run id and that the run logged its weights "
+                                          f"(tracking.log_weights), or give a local path") from exc
+                os.replace(got, dst)
+    return local[0]
 
 
 def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:

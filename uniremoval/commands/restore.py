@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
         write_png,
     )
     from uniremoval.models.checkpoint import load_checkpoint
-    from uniremoval.tracking import local_checkpoint
 
     # Checked before any work: restore_tensor would refuse them only at the first image.
     overlap = TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
@@ -112,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         seen[dst] = src
         plan.append((src, dst))
 
-    with local_checkpoint(args.checkpoint) as path:  # a path, or runs:/<id>/weights/last ($MLFLOW_TRACKING_URI)
-        model, meta = load_checkpoint(path, arch=args.arch, preset=args.preset, map_location=device, restorer=True)
+    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device,
+                                  restorer=True)
     input_range = meta.get("input_range", "minus_one_one")
 
     failed: list[str] = []

@@ -219,11 +219,13 @@ def _restorer(opts: EvalOptions, device: torch.device):
         return None, {}, None
     from uniremoval.eval.restore import available_memory, restore_tensor, untiled_shortfall
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
-    from uniremoval.tracking import local_checkpoint
+    from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
-    with local_checkpoint(opts.checkpoint, opts.tracking_uri) as path:  # a path, or runs:/<id>/weights/last
-        model, meta = load_checkpoint(path, map_location=device, restorer=True)
-        sha = checkpoint_sha256(path)
+    # a path, or the weights a training run logged: runs:/<id>/weights/last, from --tracking-uri's store
+    path = fetch_run_checkpoint(opts.checkpoint, opts.tracking_uri) if is_run_artifact(opts.checkpoint) \
+        else opts.checkpoint
+    model, meta = load_checkpoint(path, map_location=device, restorer=True)
+    sha = checkpoint_sha256(path)
     input_range = meta.get("input_range", "minus_one_one")
     free = available_memory() if device.type == "cpu" else None
 

@@ -141,7 +141,13 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 
 def resolve_weights(path: Path) -> Path:
-    """The weights file a checkpoint path names (the file, its .json, or its base name)."""
+    """The weights file a checkpoint path names (the file, its .json, or its base name), or the local
+    copy of the weights a training run logged to MLflow (runs:/<run id>/weights/last; see
+    `tracking.fetch_run_checkpoint`)."""
+    from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
+
+    if is_run_artifact(path):
+        return fetch_run_checkpoint(str(path))
     if path.suffix == META_SUFFIX:
         path = path.with_suffix(WEIGHTS_SUFFIX)
     if path.is_file():

@@ -84,6 +84,26 @@ def write_shards(folder: Path, prefix: str, n_shards: int, per_shard: int, *, de
     return keys
 
 
+def run_with_logged_weights(root: Path, name: str, meta: dict[str, Any]) -> tuple[Path, str, str]:
+    """A tiny MPRNet saved as `root/run/<name>` and logged as a training run logs it (weights/<name>
+    .safetensors + .json) to a sqlite store under `root`: (local weights file, store URI, run id)."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    torch.manual_seed(0)
+    local = save_checkpoint(root / "run" / name, MPRNet("tiny").eval(), meta)
+    uri = f"sqlite:///{root / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("logged-weights", artifact_location=(root / "mlruns").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    for f in (local, local.with_suffix(".json")):
+        client.log_artifact(run_id, str(f), "weights")
+    return local, uri, run_id
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

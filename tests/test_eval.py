@@ -679,18 +679,11 @@ def test_scores_and_saved_images_are_the_checkpoints_output_in_its_range(tmp_pat
 def test_eval_and_restore_take_the_weights_a_run_logged_to_mlflow(tmp_path, monkeypatch, capsys):
     """--checkpoint runs:/<run id>/weights/last fetches what a training run logged (tracking.log_weights)
     and scores and restores exactly as the local file does; a wrong run id is one error line naming it."""
-    from uniremoval.cli import main
-    from uniremoval.models.checkpoint import save_checkpoint
-    from uniremoval.models.mprnet_arch import MPRNet
+    from _fixtures import run_with_logged_weights
 
-    torch.manual_seed(0)
-    local = save_checkpoint(tmp_path / "run" / "last", MPRNet("tiny").eval(), {"step": 3})
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("w", artifact_location=(tmp_path / "mlruns").as_uri())
-    rid = client.create_run(exp).info.run_id
-    for f in (local, local.with_suffix(".json")):
-        client.log_artifact(rid, str(f), "weights")
+    from uniremoval.cli import main
+
+    local, uri, rid = run_with_logged_weights(tmp_path, "last", {"step": 3})
     data = tmp_path / "data"
     _write_pngs(data, 2, [(32, 40)], seed=5, noise=0.05)
     scores = {}

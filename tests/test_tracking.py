@@ -387,23 +387,15 @@ def test_stages_take_teachers_and_init_weights_a_run_logged_to_mlflow(tmp_path, 
     """teachers.checkpoints / model.init = runs:/<id>/weights/last: fetched once from the store into
     $UNIREMOVAL_RUNS_DIR and read from that copy afterwards (with the server gone too); the same
     weights and identity (sha256) as the local file; a wrong run id is named by its config key."""
-    from mlflow.tracking import MlflowClient
+    from _fixtures import run_with_logged_weights
 
     from uniremoval.config import check_inputs
     from uniremoval.errors import ConfigError
-    from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
-    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
     from uniremoval.stages.teachers import load_teachers
 
-    torch.manual_seed(0)
-    local = save_checkpoint(tmp_path / "teacher-haze" / "best", MPRNet("tiny").eval(),
-                            {"stage": "teacher", "degradation": "haze", "preset": "tiny"})
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("t", artifact_location=(tmp_path / "mlruns").as_uri())
-    rid = client.create_run(exp).info.run_id
-    for f in (local, local.with_suffix(".json")):
-        client.log_artifact(rid, str(f), "weights")
+    local, uri, rid = run_with_logged_weights(tmp_path, "best", {"stage": "teacher", "degradation": "haze",
+                                                                 "preset": "tiny"})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("UNIREMOVAL_RUNS_DIR", str(tmp_path / "runs"))
     spec = f"runs:/{rid}/weights/best"

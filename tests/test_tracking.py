@@ -383,6 +383,28 @@ def test_a_sqlite_uri_that_is_not_a_database_is_one_error_line(tmp_path, monkeyp
     assert "no MLflow experiment 'e'" in one_error()
 
 
+def test_runs_checkpoints_of_a_stage_are_fetched_from_its_tracking_uri(tmp_path, monkeypatch):
+    """teachers.checkpoints = runs:/... is fetched from the store the config's tracking.uri names, not
+    from $MLFLOW_TRACKING_URI/./mlflow.db (where the run is not)."""
+    from _fixtures import run_with_logged_weights
+
+    from uniremoval.config import check_inputs
+
+    _, uri, rid = run_with_logged_weights(tmp_path, "best", {"stage": "teacher", "degradation": "haze",
+                                                              "preset": "tiny"})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("UNIREMOVAL_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    cfg = KTStage(stage="kt", output_dir=str(tmp_path / "out"), model={"preset": "tiny"},
+                  data={"degradations": ["haze"], "train": [{"name": "s", "shards": str(shards), "degradation": "haze"}]},
+                  teachers={"mode": "online", "checkpoints": {"haze": f"runs:/{rid}/weights/best"}},
+                  tracking={"uri": uri})
+    check_inputs(cfg)
+    assert (tmp_path / "runs" / rid / "weights" / "best.safetensors").is_file()
+
+
 def test_stages_take_teachers_and_init_weights_a_run_logged_to_mlflow(tmp_path, monkeypatch):
     """teachers.checkpoints / model.init = runs:/<id>/weights/last: fetched once from the store into
     $UNIREMOVAL_RUNS_DIR and read from that copy afterwards (with the server gone too); the same

@@ -600,7 +600,7 @@ def check_inputs(cfg: StageBase) -> None:
     checkpoints a run logged to MLflow (runs:/<id>/weights/last) are fetched."""
     from uniremoval.errors import CheckpointError
     from uniremoval.models.checkpoint import resolve_weights
-    from uniremoval.tracking import is_run_artifact
+    from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
     cwd = Path.cwd()
     missing: list[str] = []
@@ -627,7 +627,10 @@ def check_inputs(cfg: StageBase) -> None:
             checkpoints[f"teachers.checkpoints.{deg}"] = (path, made_by)
     for key, (path, made_by) in checkpoints.items():
         try:
-            resolve_weights(Path(path))  # runs:/<id>/weights/last: fetched from MLflow here, once
+            if is_run_artifact(path):  # runs:/<id>/weights/last: fetched here, once, from tracking.uri's store
+                fetch_run_checkpoint(path, cfg.tracking.uri)
+            else:
+                resolve_weights(Path(path))
         except CheckpointError as exc:
             missing.append(f"{key}: {exc}" if is_run_artifact(path) else
                            f"{key}: {path} does not exist; {made_by} writes it, or set {key}=PATH")

@@ -758,3 +758,30 @@ def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_a_build_refused_by_the_lock_leaves_the_holders_new_out_alone(tmp_path: Path, monkeypatch) -> None:
+    """Two builds of the same job started together into a new --out: the one refused by the lock
+    (the other created --out between its check and its lock) removes neither the holder's lock file
+    nor the folder the holder is building into."""
+    import fcntl
+
+    from uniremoval.errors import UniremovalError
+
+    tree = bad_tree(tmp_path / "bad")
+    out = tmp_path / "out"
+    real_lock = shardwriter.folder_lock
+    held = []
+
+    def other_process_first(folder, name, what):  # the other build takes the lock just before this one
+        out.mkdir(exist_ok=True)
+        fh = open(out / name, "a+")  # noqa: SIM115 (held until the test ends)
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(fh)
+        return real_lock(folder, name, what)
+
+    monkeypatch.setattr(shardwriter, "folder_lock", other_process_first)
+    with pytest.raises(UniremovalError, match="is in use"):
+        build("paired-folder", tree.root, out, "--degradation", "rain")
+    assert (out / ".lock-job0of1").is_file()  # the holder's lock (and its folder) are still there
+    held[0].close()

@@ -521,12 +521,11 @@ def _iter_records(
 
 
 @contextmanager
-def _removed_if_nothing_built(out: Path, lock_name: str, state_path: Path) -> Iterator[None]:
-    """Create `out` for the block; if the block fails and `out` is new and holds only the lock and a
-    state file recording no shard, remove it: a failed build (--strict, Ctrl-C in the first shard)
-    leaves no empty --out behind. Anything else written (a shard, a report) stays."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+def _removed_if_nothing_built(out: Path, created: bool, lock_name: str, state_path: Path) -> Iterator[None]:
+    """Entered holding the job's lock: if the block fails and `out` is new (`created`: it was not
+    there before this build's lock) and holds only the lock and a state file recording no shard,
+    remove it: a failed build (--strict, Ctrl-C in the first shard) leaves no empty --out behind.
+    Anything else written (a shard, a report) stays; a build refused by the lock removes nothing."""
     try:
         yield
     except BaseException:
@@ -577,7 +576,10 @@ def build_shards(
     lock_name = f".lock-job{job_index}of{num_jobs}"
     state_path = _state_path(out, job_index, num_jobs)
     # a second process on the same job's outputs (another command, or the same one twice) stops here
-    with _removed_if_nothing_built(out, lock_name, state_path), folder_lock(out, lock_name, f"shards (job {job_index})"):
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, lock_name, f"shards (job {job_index})"), \
+            _removed_if_nothing_built(out, created, lock_name, state_path):
         if not items:
             report = out / report_name(job_index, num_jobs)
             atomic_write_text(

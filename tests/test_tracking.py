@@ -441,3 +441,35 @@ def test_stages_take_teachers_and_init_weights_a_run_logged_to_mlflow(tmp_path, 
     with pytest.raises(ConfigError, match=r"teachers\.checkpoints\.haze: checkpoint runs:/0123abcd/weights/best: "
                                           r"cannot fetch weights/best\.safetensors of run 0123abcd from http://"):
         check_inputs(bad)
+
+
+def test_a_runs_copy_follows_weights_a_resumed_run_logged_again(tmp_path, monkeypatch):
+    """A resumed run logs new weights under the same name: an entry point (check_inputs, eval, restore)
+    compares the copy with the run's .json and fetches the new weights; later loads use that copy.
+    With the store out of reach the copy is used, with a warning naming it."""
+    import warnings
+
+    from _fixtures import run_with_logged_weights
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.models.checkpoint import checkpoint_sha256, save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.tracking import fetch_run_checkpoint
+
+    first, uri, rid = run_with_logged_weights(tmp_path, "last", {"step": 10})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    spec = f"runs:/{rid}/weights/last"
+    assert checkpoint_sha256(fetch_run_checkpoint(spec)) == checkpoint_sha256(first)
+    torch.manual_seed(1)
+    second = save_checkpoint(tmp_path / "resumed" / "last", MPRNet("tiny").eval(), {"step": 20})
+    client = MlflowClient(uri)
+    for f in (second, second.with_suffix(".json")):
+        client.log_artifact(rid, str(f), "weights")  # what the resumed run's end logs
+    assert checkpoint_sha256(fetch_run_checkpoint(spec, refresh=False)) == checkpoint_sha256(first)  # not asked
+    assert checkpoint_sha256(fetch_run_checkpoint(spec)) == checkpoint_sha256(second)  # checked: fetched again
+    assert checkpoint_sha256(spec) == checkpoint_sha256(second)  # later loads read the new copy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert checkpoint_sha256(fetch_run_checkpoint(spec)) == checkpoint_sha256(second)
+    assert any(f"checkpoint {spec}: cannot check it against http://127.0.0.1" in str(w.message) for w in seen)

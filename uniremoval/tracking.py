@@ -554,13 +554,18 @@ def is_run_artifact(spec: str | os.PathLike) -> bool:
     return str(spec).startswith(RUN_ARTIFACT_PREFIX)
 
 
-def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None) -> Path:
+def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None, refresh: bool = True) -> Path:
     """The local weights file of `runs:/<run id>/<artifact path>` (what a finished training run logs:
-    runs:/<id>/weights/last), with its .json (an official .pth alone). Fetched once from MLflow
-    (`tracking_uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db) into $UNIREMOVAL_RUNS_DIR (default
-    ~/.cache/uniremoval/runs)/<run id>/ and read from there afterwards: a run's logged weights do
-    not change, and a node without access to the server uses the copy. Processes fetching at once
-    each download to a temporary name and rename it into place."""
+    runs:/<id>/weights/last), with its .json (an official .pth alone), kept in $UNIREMOVAL_RUNS_DIR
+    (default ~/.cache/uniremoval/runs)/<run id>/. The store is `tracking_uri`, else
+    $MLFLOW_TRACKING_URI, else ./mlflow.db.
+
+    `refresh` (the entry points: eval, restore, a stage's check_inputs) compares the copy with what
+    the run holds now (a resumed run logs new weights under the same name): the small .json, or an
+    official file's size; the weights are downloaded again only when they differ. A store that cannot
+    be reached leaves the copy in use, with a warning (a node without access to the server).
+    Without `refresh` (every later load in the same job) the copy is used as it is. Processes fetching
+    at once each download to a temporary name and rename it into place."""
     from uniremoval.errors import CheckpointError
 
     run_id, _, path = spec[len(RUN_ARTIFACT_PREFIX):].strip("/").partition("/")
@@ -574,22 +579,44 @@ def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None) -> Path:
         files = [base + ".safetensors", base + ".json"]
     root = Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR).expanduser() / run_id
     local = [root / f for f in files]
-    missing = [(f, dst) for f, dst in zip(files, local) if not dst.is_file()]
-    if missing:
-        uri = resolve_uri(tracking_uri)
+    have = all(p.is_file() for p in local)
+    if have and not refresh:
+        return local[0]
+    uri = resolve_uri(tracking_uri)
+    try:
         client = mlflow_client(uri)
-        for file, dst in missing:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".fetch-") as tmp:
-                try:
-                    got = client.download_artifacts(run_id, file, tmp)
-                except Exception as exc:  # MLflow raises several kinds for a missing run or artifact
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                    raise CheckpointError(f"checkpoint {spec}: cannot fetch {file} of run {run_id} from {uri} "
-                                          f"({first}); check the run id and that the run logged its weights "
-                                          f"(tracking.log_weights), or give a local path") from exc
-                os.replace(got, dst)
+        if have and _copy_is_current(client, run_id, files, local):
+            return local[0]
+        for file, dst in zip(files, local):
+            _download_into(client, run_id, file, dst)
+    except Exception as exc:  # MLflow raises several kinds for a store, run or artifact it cannot reach
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if have:
+            warnings.warn(f"checkpoint {spec}: cannot check it against {uri} ({first}); using the copy in {root}",
+                          RuntimeWarning, stacklevel=2)
+            return local[0]
+        raise CheckpointError(f"checkpoint {spec}: cannot fetch {files[0]} of run {run_id} from {uri} ({first}); "
+                              f"check the run id and that the run logged its weights (tracking.log_weights), "
+                              f"or give a local path") from exc
     return local[0]
+
+
+def _copy_is_current(client: Any, run_id: str, files: list[str], local: list[Path]) -> bool:
+    """Whether the local copy is what the run holds now: the same .json (it names the step and the
+    run of the weights beside it), or for an official file alone, the same size."""
+    meta = next((i for i, f in enumerate(files) if f.endswith(".json")), None)
+    if meta is None:
+        folder, _, name = files[0].rpartition("/")
+        logged = {Path(i.path).name: i.file_size for i in client.list_artifacts(run_id, folder or None)}
+        return logged.get(name) == local[0].stat().st_size
+    with tempfile.TemporaryDirectory(dir=local[meta].parent, prefix=".fetch-") as tmp:
+        return Path(client.download_artifacts(run_id, files[meta], tmp)).read_bytes() == local[meta].read_bytes()
+
+
+def _download_into(client: Any, run_id: str, file: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".fetch-") as tmp:
+        os.replace(client.download_artifacts(run_id, file, tmp), dst)
 
 
 def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:

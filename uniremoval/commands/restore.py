@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         write_png,
     )
     from uniremoval.models.checkpoint import load_checkpoint
+    from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
     # Checked before any work: restore_tensor would refuse them only at the first image.
     overlap = TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         seen[dst] = src
         plan.append((src, dst))
 
+    if is_run_artifact(args.checkpoint):  # the weights a run logged: fetched, or the copy checked against it
+        fetch_run_checkpoint(args.checkpoint)
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device,
                                   restorer=True)
     input_range = meta.get("input_range", "minus_one_one")

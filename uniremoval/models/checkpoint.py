@@ -146,8 +146,8 @@ def resolve_weights(path: Path) -> Path:
     `tracking.fetch_run_checkpoint`)."""
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
-    if is_run_artifact(path):
-        return fetch_run_checkpoint(str(path))
+    if is_run_artifact(path):  # the copy an entry point fetched (and checked against the run) first
+        return fetch_run_checkpoint(str(path), refresh=False)
     if path.suffix == META_SUFFIX:
         path = path.with_suffix(WEIGHTS_SUFFIX)
     if path.is_file():

@@ -421,6 +421,11 @@ def test_verify_lists_problems(tmp_path: Path, capsys) -> None:
     assert "stray.tar: a tar in the folder that the manifest does not list" in text
     assert run_cli("verify", str(out)) == 1
     assert "problem(s)" in capsys.readouterr().err
+    # a json that parses but is no object is one problem, not an AttributeError traceback
+    from uniremoval.data.manifest import _verify_sample
+
+    assert _verify_sample("x.tar", "k", {"json": b"[]", "input.png": buf.getvalue()}) == [
+        "x.tar:k: json is a list, not an object"]
 
 
 def test_inspect_and_verify_take_a_folder_or_one_tar_and_name_bad_ones(tmp_path: Path, capsys) -> None:

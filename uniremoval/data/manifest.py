@@ -267,6 +267,8 @@ def _verify_sample(shard: str, key: str, fields: dict[str, bytes]) -> list[str]:
             meta = json.loads(fields["json"])
         except ValueError as exc:
             return [f"{where}: json does not parse ({exc})"]
+        if not isinstance(meta, dict):
+            return [f"{where}: json is a {type(meta).__name__}, not an object"]
         for k in ("degradation", "domain", "source", "split", "height", "width"):
             if k not in meta:
                 problems.append(f"{where}: json lacks {k!r}")

@@ -368,7 +368,7 @@ class StagedImages:
         try:
             if self.old.is_dir():
                 if self.final.exists():
-                    shutil.rmtree(self.old)  # the swap was done, its old set not yet removed
+                    shutil.rmtree(self.old, ignore_errors=True)  # the swap was done, its old set not yet removed
                 else:
                     os.replace(self.old, self.final)  # the swap stopped between its two renames
             check_save_dir(self.option)

@@ -134,9 +134,10 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     """
     import torch
 
+    from uniremoval.data.pipelines import decode_sample
     from uniremoval.data.shard_stream import ShardReadError, iter_shard
     from uniremoval.data.shardwriter import sample_members, tar_member
-    from uniremoval.data.transforms import apply_orientation, decode_image, meta_orientation, to_tensor
+    from uniremoval.data.transforms import to_tensor
 
     path = out_dir / shard_name
     n, skipped, counts = 0, [], Counter()
@@ -180,13 +181,11 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     with atomic_writer(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
         try:
             for key, files in iter_shard(url):
-                input_name = next((k for k in files if k.split(".")[0] == "input"), None)
                 try:
-                    if input_name is None:
-                        raise ValueError(f"no input image (fields: {sorted(files)})")
-                    meta = json.loads(files["json"]) if "json" in files else {}
-                    # upright (json `orientation`): the teacher image and grid are stored upright
-                    x = to_tensor(apply_orientation(decode_image(files[input_name]), meta_orientation(meta)))
+                    # the loaders' decoding: the input upright by json `orientation`, so the teacher
+                    # image and grid are stored upright
+                    sample = decode_sample(files, ())
+                    meta, x = sample["meta"], to_tensor(sample["input"])
                 except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
                     skip(key, exc)
                     continue

@@ -434,7 +434,7 @@ class Trainer:
     def _check_run_length(self, total: int) -> None:
         """Say so when the config asks for steps it will not train: max_steps only stops a run early."""
         t = self.cfg.train
-        full = t.epochs * t.steps_per_epoch
+        full = self.schedule_horizon()
         if t.max_steps is not None and t.max_steps > full:
             warnings.warn(f"train.max_steps={t.max_steps} is beyond the run's end, train.epochs x "
                           f"train.steps_per_epoch = {full}: it stops at step {full} (max_steps only stops early); "

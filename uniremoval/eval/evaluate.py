@@ -221,11 +221,10 @@ def _restorer(opts: EvalOptions, device: torch.device):
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
-    # a path, or the weights a training run logged: runs:/<id>/weights/last, from --tracking-uri's store
-    path = fetch_run_checkpoint(opts.checkpoint, opts.tracking_uri) if is_run_artifact(opts.checkpoint) \
-        else opts.checkpoint
-    model, meta = load_checkpoint(path, map_location=device, restorer=True)
-    sha = checkpoint_sha256(path)
+    if is_run_artifact(opts.checkpoint):  # runs:/<id>/weights/last: fetched (or its copy checked) from --tracking-uri
+        fetch_run_checkpoint(opts.checkpoint, opts.tracking_uri)
+    model, meta = load_checkpoint(opts.checkpoint, map_location=device, restorer=True)
+    sha = checkpoint_sha256(opts.checkpoint)
     input_range = meta.get("input_range", "minus_one_one")
     free = available_memory() if device.type == "cpu" else None
 

@@ -18,6 +18,9 @@ What is timed (each section is independent; a failing one records its error and 
   VGG-19; its compile time is reported apart (``compile_s``) with the steps it takes to pay back.
 * ``flops``: FlopCounterMode over one step of each path; achieved TFLOP/s = flops / step time,
   and the fraction of the measured bf16 matmul peak (``limit_img_s``: the img/s that peak allows).
+* ``profile`` (``--profile STEPS``): the eager ``ours`` step under torch.profiler: device-busy ms
+  per step against the timed step (well under it: the step waits on the host), ms per step by kernel
+  kind (convolution, layout transpose, Triton, elementwise...) and the 30 kernels that take the most.
 * ``cache_build``: teacher inference on 720p frames (1280x720), fp32 eager vs bf16 +
   channels_last, plus how far the two outputs are apart in the cache's stored units (8-bit
   levels of the teacher image, relative error of the pooled feature).
@@ -216,6 +219,62 @@ def count_flops(step: Callable[[int], Any]) -> tuple[float, Any]:
     return float(counter.get_total_flops()), terms
 
 
+# Kernel kinds, by the first fragment found in a kernel's lower-cased name (the order matters:
+# cuDNN's layout transposes and Triton's fused kernels before the convolutions they surround).
+KERNEL_KINDS = (
+    ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("triton (fused)", ("triton",)),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "conv", "implicit", "xmma")),
+    ("matmul", ("gemm", "cutlass", "cublas")),
+    ("upsample", ("upsample",)),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+    ("copy", ("copy", "memcpy", "memset", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, frags in KERNEL_KINDS if any(f in low for f in frags)), "other")
+
+
+def profile_calls(step: Callable[[int], Any], n: int, device: torch.device, step_s: float) -> dict[str, Any]:
+    """Where `n` steps spend their device time (CPU ops on CPU): busy ms per step against the timed
+    step, by kernel kind, and the kernels that take the most. A step whose busy time is well under
+    its wall time waits on the host (launches, syncs); one that is busy throughout is kernel-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(i)
+        sync(device)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+
+    def self_us(e: Any) -> float:
+        if cuda:
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+
+    rows = [e for e in prof.key_averages() if e.device_type == kind and self_us(e) > 0]
+    rows.sort(key=self_us, reverse=True)
+    busy_ms = sum(self_us(e) for e in rows) / 1e3 / n
+    kinds: dict[str, float] = {}
+    for e in rows:
+        k = kernel_kind(e.key)
+        kinds[k] = kinds.get(k, 0.0) + self_us(e) / 1e3 / n
+    return {
+        "steps": n, "step_ms": round(step_s * 1e3, 2), "busy_ms_per_step": round(busy_ms, 2),
+        "busy_frac": round(busy_ms / (step_s * 1e3), 3), "launches_per_step": sum(e.count for e in rows) // n,
+        "by_kind_ms": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": e.key[:110], "kind": kernel_kind(e.key), "ms_per_step": round(self_us(e) / 1e3 / n, 3),
+                 "calls_per_step": e.count // n} for e in rows[:30]],
+    }
+
+
 def bench_naive(models, args, device, results) -> None:
     import copy
 
@@ -245,7 +304,7 @@ def bench_naive(models, args, device, results) -> None:
 
 
 def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool = False,
-               flush: Callable[[], Any] | None = None) -> None:
+               flush: Callable[[], Any] | None = None, profile_steps: int = 0) -> None:
     import copy
 
     key = "ours_compiled" if compiled else ("ours_trainer_syncs" if host_syncs else "ours")
@@ -295,6 +354,8 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
             flush()
         time_calls(step, args.warmup, device, start=n_first)
         dt = time_calls(step, args.steps, device, start=n_first + args.warmup)
+        if profile_steps:
+            results["profile"] = profile_calls(step, profile_steps, device, dt)
     out.update({"img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2),
                 "peak_mem_gib": peak_gib(device), f"first_{n_first}_steps_s": round(t_first, 2),
                 "loss_terms": {k: float(v.detach()) for k, v in terms.items()}})
@@ -476,6 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--cpu-fused", action="store_true", help="fused Adam on CPU too (default: foreach)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP counter")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="profile this many eager steps of ours after timing them (JSON key profile)")
     p.add_argument("--cache-size", type=parse_size, default=None, help="WxH frame for the cache build (1280x720)")
     p.add_argument("--cache-frames", type=int, default=None)
     p.add_argument("--loader-workers", type=int, default=None, help="default: one per usable core")
@@ -609,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         write()
     if want("ours"):
         with section(results, "ours"):
-            bench_ours(models, args, device, results, compiled=False)
+            bench_ours(models, args, device, results, compiled=False, profile_steps=args.profile)
         write()
     if want("syncs"):
         with section(results, "ours_trainer_syncs"):

@@ -179,6 +179,20 @@ def test_matches_official_implementation_outputs() -> None:
         assert got == pytest.approx(list(pixels), rel=1e-9, abs=1e-12)
 
 
+def test_batched_patches_keep_samples_apart() -> None:
+    # Stages 1 and 2 stack their patches on the batch dimension: sample i of a batch must come out
+    # as sample i alone (a mixed-up stacking order would swap quarters between images).
+    model = tiny().double().eval()
+    x = torch.rand(3, 3, 24, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        images, feat = model(x, return_feature=True)
+        for i in range(3):
+            alone, alone_feat = model(x[i : i + 1], return_feature=True)
+            for out, ref in zip(images, alone):
+                torch.testing.assert_close(out[i : i + 1], ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(feat[i : i + 1], alone_feat, rtol=1e-12, atol=1e-12)
+
+
 def test_odd_size_pads_and_crops() -> None:
     model = tiny()
     x = torch.rand(1, 3, 37, 45)

@@ -115,11 +115,11 @@ class SAM(nn.Module):
 class DownSample(nn.Module):
     def __init__(self, in_ch: int, s_factor: int) -> None:
         super().__init__()
-        # Bilinear x0.5 (not pooling) then a 1x1 conv, as in the official layout (`down.1.weight`).
-        self.down = nn.Sequential(
-            nn.Upsample(scale_factor=0.5, mode="bilinear", align_corners=False),
-            nn.Conv2d(in_ch, in_ch + s_factor, 1, bias=False),
-        )
+        # The official bilinear x0.5 (align_corners=False) samples each output pixel at the centre
+        # of a 2x2 block with weights 1/4: exactly a 2x2 average pool (sides are even: multiples of
+        # 8 / 2), which is cheaper and whose backward scatters without atomics. Then a 1x1 conv, as
+        # in the official layout (`down.1.weight`).
+        self.down = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(in_ch, in_ch + s_factor, 1, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(x)
@@ -325,33 +325,23 @@ class MPRNet(nn.Module):
         return images
 
     def _forward_padded(self, x3_img: Tensor) -> tuple[list[Tensor], Tensor]:
-        H, W = x3_img.shape[-2:]
-        h2, w2 = H // 2, W // 2
-        # Stage 2 sees two half patches (top/bottom), stage 1 four quarter patches.
-        x2top_img, x2bot_img = x3_img[:, :, :h2, :], x3_img[:, :, h2:, :]
-        quarters = (
-            x2top_img[..., :w2],
-            x2top_img[..., w2:],
-            x2bot_img[..., :w2],
-            x2bot_img[..., w2:],
-        )
+        # Stage 2 sees two half patches (top/bottom), stage 1 four quarter patches. The patches of
+        # a stage go through its networks together, stacked on the batch dimension ([top; bottom],
+        # [top-left; top-right; bottom-left; bottom-right]): every layer works per sample, so this is
+        # the official per-patch computation, in one call with N x patches samples instead of one
+        # call per patch (a quarter of the kernel launches in stage 1, each on 4x the pixels).
+        halves_img = torch.cat(_split(x3_img, 2), 0)  # [top; bottom]
+        quarters_img = torch.cat(_split(halves_img, 3), 0)  # [left of each half; right of each half]
 
-        # ---- Stage 1: encode each quarter, join left/right, decode each half.
-        feats1 = [self.stage1_encoder(self.shallow_feat1(q)) for q in quarters]
-        feat1_top = [torch.cat((a, b), 3) for a, b in zip(feats1[0], feats1[1])]
-        feat1_bot = [torch.cat((a, b), 3) for a, b in zip(feats1[2], feats1[3])]
-        res1_top = self.stage1_decoder(feat1_top)
-        res1_bot = self.stage1_decoder(feat1_bot)
-        x2top_sam, stage1_top = self.sam12(res1_top[0], x2top_img)
-        x2bot_sam, stage1_bot = self.sam12(res1_bot[0], x2bot_img)
-        stage1_img = torch.cat((stage1_top, stage1_bot), 2)
+        # ---- Stage 1: encode the quarters, join left/right into halves, decode the halves.
+        feat1 = [_join_left_right(f) for f in self.stage1_encoder(self.shallow_feat1(quarters_img))]
+        res1 = self.stage1_decoder(feat1)
+        x2_sam, stage1_halves = self.sam12(res1[0], halves_img)
+        stage1_img = _join_top_bottom(stage1_halves)
 
         # ---- Stage 2: shallow features + SAM features, encoder with CSFF from stage 1.
-        x2top = self.concat12(torch.cat((self.shallow_feat2(x2top_img), x2top_sam), 1))
-        x2bot = self.concat12(torch.cat((self.shallow_feat2(x2bot_img), x2bot_sam), 1))
-        feat2_top = self.stage2_encoder(x2top, feat1_top, res1_top)
-        feat2_bot = self.stage2_encoder(x2bot, feat1_bot, res1_bot)
-        feat2 = [torch.cat((a, b), 2) for a, b in zip(feat2_top, feat2_bot)]
+        x2 = self.concat12(torch.cat((self.shallow_feat2(halves_img), x2_sam), 1))
+        feat2 = [_join_top_bottom(f) for f in self.stage2_encoder(x2, feat1, res1)]
         res2 = self.stage2_decoder(feat2)
         x3_sam, stage2_img = self.sam23(res2[0], x3_img)
 
@@ -360,6 +350,24 @@ class MPRNet(nn.Module):
         feature = self.stage3_orsnet(x3, feat2, res2)
         stage3_img = self.tail(feature)
         return [stage3_img + x3_img, stage2_img, stage1_img], feature
+
+
+def _split(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The first and second half of `x` along `dim` (H or W: multiples of 8, so halves are equal)."""
+    half = x.shape[dim] // 2
+    return x.narrow(dim, 0, half), x.narrow(dim, half, half)
+
+
+def _join_left_right(quarters: Tensor) -> Tensor:
+    """(4N, ...) stacked [left halves; right halves] -> (2N, ...) halves with both sides side by side."""
+    left, right = quarters.chunk(2, 0)
+    return torch.cat((left, right), 3)
+
+
+def _join_top_bottom(halves: Tensor) -> Tensor:
+    """(2N, ...) stacked [top; bottom] -> (N, ...) with the halves one above the other."""
+    top, bottom = halves.chunk(2, 0)
+    return torch.cat((top, bottom), 2)
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> MPRNetConfig | None:

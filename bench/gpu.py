@@ -16,13 +16,16 @@ What is timed (each section is independent; a failing one records its error and 
   them), bf16 autocast on the networks (the contrastive loss stays fp32), channels_last,
   cudnn.benchmark, fused Adam. ``ours_compiled``: the same plus torch.compile of the student and
   VGG-19; its compile time is reported apart (``compile_s``) with the steps it takes to pay back.
+  On a GPU a second child times ``reduce-overhead`` (CUDA graphs: no launch cost per kernel) as
+  ``ours_compiled_reduce_overhead``; ``summary.ours_path`` names the fastest path.
 * ``flops``: FlopCounterMode over one step of each path; achieved TFLOP/s = flops / step time,
   and the fraction of the measured bf16 matmul peak (``limit_img_s``: the img/s that peak allows).
 * ``profile`` (``--profile STEPS``): the eager ``ours`` step under torch.profiler: device-busy ms
   per step against the timed step (well under it: the step waits on the host), ms per step by kernel
   kind (convolution, layout transpose, Triton, elementwise...) and the 30 kernels that take the most.
-* ``cache_build``: teacher inference on 720p frames (1280x720), fp32 eager vs bf16 +
-  channels_last, plus how far the two outputs are apart in the cache's stored units (8-bit
+* ``cache_build``: teacher inference on 720p frames (1280x720): the official inference (fp32 eager,
+  one frame per forward) vs the cache stage's (bf16, channels_last, ``--cache-batch`` 4 frames per
+  forward as configs/cache.yaml's ``cache.batch_size``), plus how far the two outputs are apart in the cache's stored units (8-bit
   levels of the teacher image, relative error of the pooled feature).
 * ``loader``: the project's `kt_loader` over generated cache-format shards (input.png,
   teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
@@ -69,7 +72,8 @@ CELL = 16
 A1 = 0.5
 # What a SIGTERM (the device command's `timeout`) must know: the section running, the compiled-step
 # child and the file it writes; and when the process started (taken by the first main()).
-_STATE: dict[str, Any] = {"section": None, "child": None, "child_out": None, "t_import": _T_IMPORT}
+_STATE: dict[str, Any] = {"section": None, "child": None, "child_out": None, "child_key": None,
+                          "t_import": _T_IMPORT}
 
 
 def log(msg: str) -> None:
@@ -308,6 +312,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
     import copy
 
     key = "ours_compiled" if compiled else ("ours_trainer_syncs" if host_syncs else "ours")
+    mode_name = args.compile_mode[0]  # the compiled-step child runs one mode
     dtype = fast.autocast_dtype(args.precision, device)
     student = fast.to_channels_last(copy.deepcopy(models["student"]).to(device)).train()
     phi = fast.to_channels_last(copy.deepcopy(models["phi"]).to(device))
@@ -319,7 +324,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         "what": f"{args.precision} autocast (networks; contrastive loss fp32), channels_last, cudnn.benchmark, "
                 f"{'fused' if 'fused' in fast.adam_impl(device, True if args.cpu_fused else None) else 'foreach'} "
                 "Adam, cached teacher targets"
-                + (f", torch.compile backend={args.compile_backend} mode={args.compile_mode}" if compiled else "")
+                + (f", torch.compile backend={args.compile_backend} mode={mode_name}" if compiled else "")
                 + (", the trainer's per-step host reads of the loss terms" if host_syncs else ""),
     }
     if compiled:
@@ -327,11 +332,10 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         out["compile_cache"] = str(cache)
         if args.compile_artifacts:
             out["artifacts_loaded"] = fast.load_compile_artifacts(args.compile_artifacts)
-        mode = None if args.compile_mode == "default" else args.compile_mode
+        mode = None if mode_name == "default" else mode_name
         run_student = fast.compile_module(student, cache, mode=mode, backend=args.compile_backend)
         run_phi = fast.compile_module(phi, cache, mode=mode, backend=args.compile_backend)
-    cudagraphs = compiled and args.compile_backend == "inductor" and args.compile_mode in ("reduce-overhead",
-                                                                                          "max-autotune")
+    cudagraphs = compiled and args.compile_backend == "inductor" and mode_name in ("reduce-overhead", "max-autotune")
     step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, host_syncs, cudagraphs)
     reset_peak(device)
     # The first steps compile (the second one too: the first backward compiles lazily) and let
@@ -371,7 +375,9 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
 
 
 def bench_cache_build(models, args, device, results) -> None:
-    """Teacher inference on full frames, through the function `uniremoval cache` runs per batch."""
+    """Teacher inference on full frames, through the function `uniremoval cache` runs per batch:
+    official inference (fp32, one frame per forward) against the cache's settings (configs/cache.yaml:
+    bf16, channels_last, `cache.batch_size` frames of one size per forward: --cache-batch)."""
     import copy
     import dataclasses
 
@@ -380,19 +386,20 @@ def bench_cache_build(models, args, device, results) -> None:
     w, h = args.cache_size
     teacher = models["teachers"][DEGS[-1]]
     gen = torch.Generator().manual_seed(3)
-    frames = [(torch.rand(1, 3, h, w, generator=gen) * 2 - 1).to(device) for _ in range(2)]
-    out: dict[str, Any] = {"frame": f"{w}x{h}", "frames_timed": args.cache_frames}
+    nb = args.cache_batch
+    frames = (torch.rand(2 * nb, 3, h, w, generator=gen) * 2 - 1).to(device)  # two distinct batches of nb
+    out: dict[str, Any] = {"frame": f"{w}x{h}", "frames_timed": args.cache_frames, "ours_batch": nb}
 
-    def run(t, speed):
-        return lambda i: run_teacher(t, frames[i % len(frames)], CELL, speed)
+    def run(t, speed, n):  # call i: frames [i*n, (i+1)*n) of the two batches' worth
+        return lambda i: run_teacher(t, frames[(i * n) % (2 * nb):][:n], CELL, speed)
 
     fp32 = fast.Speed(device=device)  # the official inference: fp32, NCHW, cuDNN TF32 convolutions
     reset_peak(device)
     with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=False):
-        call = run(teacher, fp32)
+        call = run(teacher, fp32, 1)
         ref_img, ref_feat = call(0)
         dt = time_calls(call, args.cache_frames, device)
-    out["fp32_eager"] = {"frames_s": sig(1 / dt), "peak_mem_gib": peak_gib(device)}
+    out["fp32_eager"] = {"frames_s": sig(1 / dt), "peak_mem_gib": peak_gib(device), "batch": 1}
 
     # configs/cache.yaml's settings (one size of frame here, so cache.cudnn_benchmark: true).
     fast_teacher = copy.copy(teacher)
@@ -400,13 +407,15 @@ def bench_cache_build(models, args, device, results) -> None:
     ours = dataclasses.replace(fp32, dtype=fast.autocast_dtype(args.precision, device), channels_last=True)
     reset_peak(device)
     with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
-        call = run(fast_teacher, ours)
+        call = run(fast_teacher, ours, nb)
         img, feat = call(0)
-        dt2 = time_calls(call, args.cache_frames, device)
-    out["ours"] = {"frames_s": sig(1 / dt2), "peak_mem_gib": peak_gib(device),
-                   "what": f"{args.precision} autocast, channels_last, cudnn.benchmark"}
+        calls = max(1, math.ceil(args.cache_frames / nb))
+        dt2 = time_calls(call, calls, device) / nb
+    out["ours"] = {"frames_s": sig(1 / dt2), "peak_mem_gib": peak_gib(device), "batch": nb,
+                   "what": f"{args.precision} autocast, channels_last, cudnn.benchmark, {nb} frames per forward"}
     out["ratio"] = round(dt / dt2, 2)
-    # Differences in what the cache stores: 8-bit PNG levels and the float16 pooled feature.
+    # Differences in what the cache stores: 8-bit PNG levels and the float16 pooled feature (frame 0).
+    img, feat = img[:1], feat[:1]
     lv = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round()
     diff = (lv(img) - lv(ref_img)).abs()
     out["stored_image_max_level_diff"] = int(diff.max())
@@ -511,6 +520,22 @@ def usable_cores() -> int:
 # ------------------------------------------------------------------------------------ main
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def parse_modes(s: str) -> list[str]:
+    modes = [m.strip() for m in s.split(",") if m.strip()]
+    bad = [m for m in modes if m not in COMPILE_MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown compile mode(s) {bad or s!r}; choose from {', '.join(COMPILE_MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def compiled_key(mode: str) -> str:
+    """The JSON key of a compile mode's step: ours_compiled for default, ours_compiled_<mode> else."""
+    return "ours_compiled" if mode == "default" else "ours_compiled_" + mode.replace("-", "_")
+
+
 def parse_size(s: str) -> tuple[int, int]:
     w, h = (int(v) for v in s.lower().split("x"))
     return w, h
@@ -526,8 +551,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--compile", dest="compile", action="store_true", default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+    p.add_argument("--compile-mode", type=parse_modes, default=None,
+                   help=f"comma list of torch.compile modes, each timed in its own child ({', '.join(COMPILE_MODES)}; "
+                        "default: default,reduce-overhead with inductor on a GPU, else default). The first one's "
+                        "key is ours_compiled (ours_compiled_<mode> when it is not default), the others "
+                        "ours_compiled_<mode>")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (aot_eager: checks tracing on CPU without generating code)")
     p.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "uniremoval_inductor"),
@@ -540,7 +568,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="profile this many eager steps of ours after timing them (JSON key profile)")
     p.add_argument("--cache-size", type=parse_size, default=None, help="WxH frame for the cache build (1280x720)")
-    p.add_argument("--cache-frames", type=int, default=None)
+    p.add_argument("--cache-frames", type=int, default=None, help="frames timed per path (default 8 GPU)")
+    p.add_argument("--cache-batch", type=int, default=4,
+                   help="frames per forward in the cache path (configs/cache.yaml cache.batch_size)")
     p.add_argument("--loader-workers", type=int, default=None, help="default: one per usable core")
     p.add_argument("--loader-size", type=parse_size, default=None, help="WxH of the generated shard images")
     p.add_argument("--loader-per-type", type=int, default=None)
@@ -571,12 +601,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {
         "steps": 1 if q else (20 if gpu else 3), "warmup": 0 if q else (3 if gpu else 1),
         "compile": gpu and not q, "cache_size": (1280, 720) if not q else (128, 72),
-        "cache_frames": 1 if q else (5 if gpu else 2), "loader_size": (480, 320) if not q else (160, 128),
+        "cache_frames": 1 if q else (8 if gpu else 2), "loader_size": (480, 320) if not q else (160, 128),
         "loader_per_type": 8 if q else 64, "loader_batches": 4 if q else (200 if gpu else 10),
     }
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.compile_mode is None:  # CUDA graphs need a GPU and inductor; elsewhere one mode is enough
+        args.compile_mode = ["default", "reduce-overhead"] if gpu and args.compile_backend == "inductor" else ["default"]
     if q and not gpu and args.batch == 16 and args.crop == 128:
         args.batch, args.crop = 3, 32  # one sample per degradation type; 32 px = 2x2 feature cells
     if q and not gpu:
@@ -635,13 +667,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.getpid() != main_pid:  # a forked loader worker inherits this handler: it only stops
             os._exit(128 + signum)
         child_out = _STATE["child_out"] if _STATE["child"] is not None else None
+        child_key = _STATE.get("child_key") or "ours_compiled"
         stop_child()
         results["interrupted"] = (f"{signal.Signals(signum).name} after {elapsed():.0f} s, in section "
                                   f"{_STATE['section']!r}; sections not in section_s did not run")
         log(results["interrupted"])
         if child_out is not None:  # the compiled step was running: keep what its child had written
             with contextlib.suppress(Exception):
-                results["ours_compiled"] = child_results(child_out, f"stopped by {signal.Signals(signum).name}")
+                results[child_key] = child_results(child_out, f"stopped by {signal.Signals(signum).name}")
         with contextlib.suppress(Exception):
             print(write(), flush=True)
         os._exit(128 + signum)  # not sys.exit: no clean-up that could hang (loader workers, CUDA)
@@ -691,17 +724,19 @@ def main(argv: list[str] | None = None) -> int:
         with section(results, "ours_compiled"):
             bench_ours(models, args, device, results, compiled=True, flush=write)
     elif args.compile and want("compiled"):
-        with section(results, "ours_compiled"):
-            del models
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            # The deadline leaves ~15 s of the budget for stopping the child and the last write.
-            left = remaining() - 15
-            if left < 60:  # too little for a compile: leave the time to the final write
-                results["ours_compiled"] = {"error": f"not run: {remaining():.0f} s left of --budget-s {args.budget_s}"}
-            else:
-                results["ours_compiled"] = compiled_in_subprocess(args, int(min(args.compile_timeout, left)))
-        write()
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for mode in args.compile_mode:
+            key = compiled_key(mode)
+            with section(results, key):
+                # The deadline leaves ~15 s of the budget for stopping the child and the last write.
+                left = remaining() - 15
+                if left < 60:  # too little for a compile: leave the time to the final write
+                    results[key] = {"error": f"not run: {remaining():.0f} s left of --budget-s {args.budget_s}"}
+                else:
+                    results[key] = compiled_in_subprocess(args, int(min(args.compile_timeout, left)), mode)
+            write()
 
     text = write(final=True)
     print(text, flush=True)
@@ -728,7 +763,7 @@ def stop_child() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def compiled_in_subprocess(args: argparse.Namespace, limit: int) -> dict[str, Any]:
+def compiled_in_subprocess(args: argparse.Namespace, limit: int, mode: str) -> dict[str, Any]:
     """The compiled step in a child process with a deadline: a compile that runs long is stopped
     and reported, and every other number of this run is kept.
 
@@ -739,12 +774,13 @@ def compiled_in_subprocess(args: argparse.Namespace, limit: int) -> dict[str, An
 
     with tempfile.TemporaryDirectory(prefix="gpu_bench_compiled_") as tmp:
         out = Path(tmp) / "compiled.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--only", "compiled", "--out", str(out)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--only", "compiled", "--compile-mode", mode,
+               "--out", str(out)]
         # Own process group (not a new session): the child and its compile workers are stopped
         # together, on the deadline or when this process is told to stop (its SIGTERM handler).
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, process_group=0)
-        _STATE["child"], _STATE["child_out"] = proc, out
-        log(f"ours_compiled: child process {proc.pid}, deadline {limit} s")
+        _STATE["child"], _STATE["child_out"], _STATE["child_key"] = proc, out, compiled_key(mode)
+        log(f"{compiled_key(mode)}: child process {proc.pid}, deadline {limit} s")
         error = None
         try:
             proc.wait(timeout=limit)
@@ -754,7 +790,7 @@ def compiled_in_subprocess(args: argparse.Namespace, limit: int) -> dict[str, An
         finally:
             stop_child()  # on the deadline; else compile workers left behind by a finished child
             proc.wait()
-            _STATE["child"] = _STATE["child_out"] = None
+            _STATE["child"] = _STATE["child_out"] = _STATE["child_key"] = None
         if error is None and proc.returncode != 0:
             error = f"the compiled-step process exited with status {proc.returncode} (see its log above)"
         res = child_results(out, error)
@@ -784,7 +820,8 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     naive = results.get("naive", {})
     peak = results.get("matmul_peak", {}).get("tflops")
     flops_ours = results.get("ours", {}).get("flops_per_step")
-    for key in ("naive", "ours", "ours_trainer_syncs", "ours_compiled"):
+    compiled = sorted(k for k in results if k.startswith("ours_compiled"))
+    for key in ("naive", "ours", "ours_trainer_syncs", *compiled):
         r = results.get(key, {})
         if "img_s" not in r:
             continue
@@ -803,14 +840,17 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
             r["loss_rel_diff_vs_naive"] = {
                 k: sig(abs(v - naive["loss_terms"][k]) / max(abs(naive["loss_terms"][k]), 1e-30), 3)
                 for k, v in r["loss_terms"].items() if k in naive["loss_terms"]}
-    comp, eager = results.get("ours_compiled", {}), results.get("ours", {})
-    if comp.get("img_s") and eager.get("img_s") and comp.get("compile_s") is not None:
-        saved = eager["step_ms"] - comp["step_ms"]
-        comp["breakeven_steps"] = math.ceil(comp["compile_s"] * 1e3 / saved) if saved > 0 else None
-    best = max((results.get(k, {}) for k in ("ours", "ours_compiled")), key=lambda r: r.get("img_s") or 0)
+    eager = results.get("ours", {})
+    for comp in (results[k] for k in compiled):
+        if comp.get("img_s") and eager.get("img_s") and comp.get("compile_s") is not None:
+            saved = eager["step_ms"] - comp["step_ms"]
+            comp["breakeven_steps"] = math.ceil(comp["compile_s"] * 1e3 / saved) if saved > 0 else None
+    best_key = max(("ours", *compiled), key=lambda k: results.get(k, {}).get("img_s") or 0)
+    best = results.get(best_key, {})
     if best.get("img_s") and naive.get("img_s"):
         s["naive_img_s"] = naive["img_s"]
         s["ours_img_s"] = best["img_s"]
+        s["ours_path"] = best_key
         s["ratio"] = round(best["img_s"] / naive["img_s"], 2)
         s["goal_ratio"] = 5.0
         s["frac_of_bf16_matmul_peak"] = best.get("frac_of_bf16_matmul_peak")

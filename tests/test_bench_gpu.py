@@ -34,7 +34,7 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, GPU_PY, "--preset", "tiny", "--quick", "--device", "cpu", "--cpu-fused",
                         "--compile", "--compile-backend", "aot_eager", "--compile-cache", str(tmp_path / "cc"),
-                        "--out", str(out)],
+                        "--profile", "2", "--out", str(out)],
                        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     printed = json.loads(p.stdout)
@@ -59,8 +59,48 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert naive["flops_per_step"] > 0 and ours["flops_per_step"] > 0
     cache = printed["cache_build"]
     assert cache["stored_image_max_level_diff"] <= 8 and cache["feature_rel_err"] < LOSS_TOLERANCE
+    assert cache["ours"]["batch"] == 4 and cache["fp32_eager"]["batch"] == 1  # configs/cache.yaml vs official
     loader = printed["loader"]
     assert loader["samples_s"] > 0 and loader["fields"] == ["degradation", "feature", "input", "teacher"]
+    # The profile of the eager fast step: CPU ops here (kernels on a GPU), split by kind.
+    prof = printed["profile"]
+    assert prof["steps"] == 2 and 0 < prof["busy_ms_per_step"] and prof["launches_per_step"] > 0
+    assert prof["by_kind_ms"]["convolution"] > 0 and len(prof["top"]) == 30
+    assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms_per_step"], rel=0.01)
+
+
+def _gpu_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", GPU_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
+    import argparse
+
+    gpu = _gpu_module()
+    assert gpu.parse_modes("default, reduce-overhead,default") == ["default", "reduce-overhead"]
+    with pytest.raises(argparse.ArgumentTypeError, match="fast"):
+        gpu.parse_modes("default,fast")
+    assert gpu.compiled_key("default") == "ours_compiled"
+    assert gpu.compiled_key("reduce-overhead") == "ours_compiled_reduce_overhead"
+    terms = {"total": 1.0}
+    results = {
+        "naive": {"img_s": 50.0, "step_ms": 320.0, "loss_terms": terms},
+        "ours": {"img_s": 100.0, "step_ms": 160.0, "loss_terms": {"total": 1.01}},
+        "ours_compiled": {"img_s": 125.0, "step_ms": 128.0, "compile_s": 32.0, "loss_terms": terms},
+        "ours_compiled_reduce_overhead": {"img_s": 160.0, "step_ms": 100.0, "compile_s": 60.0, "loss_terms": terms},
+    }
+    gpu.summarise(results, argparse.Namespace(batch=16))
+    s = results["summary"]
+    assert s["ours_path"] == "ours_compiled_reduce_overhead" and s["ours_img_s"] == 160.0 and s["ratio"] == 3.2
+    assert results["ours_compiled"]["breakeven_steps"] == 1000  # 32 s / (160 - 128) ms
+    assert results["ours_compiled_reduce_overhead"]["breakeven_steps"] == 1000  # 60 s / 60 ms
+    assert results["ours_compiled_reduce_overhead"]["ratio_vs_naive"] == 3.2
+    assert results["ours"]["loss_rel_diff_vs_naive"]["total"] == pytest.approx(0.01)
 
 
 def _gone(pid: int) -> bool:

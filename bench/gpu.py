@@ -188,12 +188,14 @@ def bench_matmul(device: torch.device, n: int, reps: int) -> dict[str, Any]:
 
 def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool = False,
               cudagraphs: bool = False) -> Callable[[int], Any]:
-    """One KT training step. `host_syncs` copies what the shared trainer does per step: read every
-    loss term on the host before backward (its non-finite check) and again after the update (its
-    running sums), each read waiting for the GPU to drain. `cudagraphs` (compile modes
+    """One KT training step. `host_syncs` adds what the shared trainer does per step around it:
+    one host read of every loss term before backward (its non-finite check: the step's one wait
+    for the GPU) and the running sums of the terms, kept on the device. `cudagraphs` (compile modes
     reduce-overhead and max-autotune): each step starts a new CUDA-graph iteration, as torch's
     CUDA-graph trees ask of a training loop that calls compiled modules several times per step."""
     from uniremoval.stages.kt import kt_terms
+
+    sums: dict[str, Any] = {}
 
     def step(i: int):
         if cudagraphs:
@@ -202,13 +204,15 @@ def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool 
         with fast.autocast(batch["input"].device, dtype):
             terms, _, _ = kt_terms(student, loss_fn, batch, A1, CELL, teachers=teachers,
                                    degradations=DEGS if teachers else None)
-        if host_syncs:
-            [float(v.detach().float()) for v in terms.values()]
+        if host_syncs:  # as Trainer._nonfinite_terms
+            torch.stack([v.detach().float().sum() for v in terms.values()]).tolist()
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt.step()
-        if host_syncs:
-            [float(v.detach().float()) for v in terms.values()]
+        if host_syncs:  # as Trainer._accumulate_terms
+            for k, v in terms.items():
+                v = v.detach().double().sum()
+                sums[k] = sums.get(k, 0.0) + torch.where(torch.isfinite(v), v, torch.zeros_like(v))
         return terms
 
     return step
@@ -325,7 +329,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
                 f"{'fused' if 'fused' in fast.adam_impl(device, True if args.cpu_fused else None) else 'foreach'} "
                 "Adam, cached teacher targets"
                 + (f", torch.compile backend={args.compile_backend} mode={mode_name}" if compiled else "")
-                + (", the trainer's per-step host reads of the loss terms" if host_syncs else ""),
+                + (", the trainer's per-step loss read and running sums" if host_syncs else ""),
     }
     if compiled:
         cache = fast.set_compile_cache(args.compile_cache)  # before the artifacts are loaded into it

@@ -502,3 +502,42 @@ def test_a_finished_run_keeps_its_weights_in_mlflow(tmp_path):
     got = Path(client.download_artifacts(ids[True], "weights/last.safetensors", str(tmp_path / "dl")))
     assert got.read_bytes() == (tmp_path / "True" / "toy" / "last.safetensors").read_bytes()
     assert client.list_artifacts(ids[False], "weights") == []
+
+
+def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch):
+    """A host read of a device tensor waits for the GPU to drain: the trainer does one per update
+    (its non-finite check of every term at once) and keeps the logged running sums on the device,
+    reading them at log steps only. bench/gpu.py's ours_trainer_syncs times exactly this."""
+    import math
+
+    reads: list[str] = []
+    trainer_file = Trainer.__init__.__code__.co_filename
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer_file:
+                reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+
+    class Counted(ToyStage):
+        def training_step(self, batch, ctx):
+            per_step.append(len(reads))
+            return super().training_step(batch, ctx)
+
+    per_step: list[int] = []
+    cfg = make_cfg(tmp_path, log_every=4, val_every=100)
+    res = Trainer(cfg, Counted(cfg)).fit()
+    assert res.status == "finished" and res.step == 10
+    deltas = [b - a for a, b in zip(per_step, per_step[1:])]  # reads of steps 1..9 (the 10th ends the run)
+    logged = {4, 8}  # steps that end with a log: one more read (the means, all terms at once)
+    assert deltas == [1 + (s in logged) for s in range(1, 10)], deltas
+    logged_mse = res.metrics["train/mse"]
+    assert math.isfinite(logged_mse) and logged_mse > 0
+

@@ -353,9 +353,13 @@ class Trainer:
         self.best_value: float | None = None
         self.run_id: str | None = None
         self._stop_requested = False
+        self._stop_seen = False  # agreed by every rank (several processes: see _agree_update)
+        self._agreed_at = -1  # the step whose optimize() last agreed (self.step before it moved on)
         self._dropped_window: set[str] = set()  # models whose accumulation window had a non-finite loss
         self._images_logged_at = -1
-        self._sums: dict[str, float] = {}
+        # Running sums of the loss terms since the last log, kept on the device (reading them every
+        # step would make the host wait for the GPU to drain, step after step): read at log time.
+        self._sums: dict[str, Tensor | float] = {}
         self._sum_count = 0
         self.ctx = TrainContext(self)
         self.run_dir = Path(cfg.run_dir)
@@ -402,7 +406,7 @@ class Trainer:
                             metrics.update(self.log_train(bar))
                         if self.step % cfg.val_every == 0 or self.step == total:
                             metrics.update(self.validate())
-                        preempt = self._agree(self._stop_requested)
+                        preempt = self._stop_agreed()
                         if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total or preempt:
                             self.save_checkpoint()
                         if preempt:
@@ -569,7 +573,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
             return False
         bad = self._nonfinite_terms(loss, terms)
-        if self._agree(bool(bad)):                      # every rank skips together: no DDP hang
+        if self._agree_update(bool(bad)):               # every rank skips together: no DDP hang
             self._handle_nonfinite(name, bad)
             opt.zero_grad(set_to_none=True)
             if not acc.sync_gradients and not self.deepspeed:
@@ -590,14 +594,17 @@ class Trainer:
         return True
 
     def _nonfinite_terms(self, loss: Tensor, terms: dict[str, Any] | None) -> dict[str, float]:
+        """The terms that are not finite, by name. All tensor terms are read in one device-to-host
+        copy: the one wait for the GPU of a training step (the forward must finish before its loss
+        can be checked, and the check must come before the update)."""
         items = dict(terms or {})
         items.setdefault("loss", loss)
-        bad = {}
-        for k, v in items.items():
-            val = float(v.detach().float().sum()) if isinstance(v, Tensor) else float(v)
-            if not math.isfinite(val):
-                bad[k] = val
-        return bad
+        tensors = {k: v for k, v in items.items() if isinstance(v, Tensor)}
+        values = {k: float(v) for k, v in items.items() if not isinstance(v, Tensor)}
+        if tensors:
+            read = torch.stack([v.detach().float().sum() for v in tensors.values()]).tolist()
+            values.update(zip(tensors, read))
+        return {k: v for k, v in values.items() if not math.isfinite(v)}
 
     def _handle_nonfinite(self, name: str, bad: dict[str, float]) -> None:
         where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
@@ -616,17 +623,23 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging and validation
     def _accumulate_terms(self, terms: dict[str, Any]) -> None:
+        """Add each finite term to its running sum, on the device (no host read: see `_sums`)."""
         for k, v in terms.items():
-            val = float(v.detach().float()) if isinstance(v, Tensor) else float(v)
-            if math.isfinite(val):
-                self._sums[k] = self._sums.get(k, 0.0) + val
+            if isinstance(v, Tensor):
+                v = v.detach().double().sum()
+                add: Tensor | float = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+            else:
+                add = float(v) if math.isfinite(float(v)) else 0.0
+            self._sums[k] = self._sums.get(k, 0.0) + add
         self._sum_count += 1
 
     def log_train(self, bar: Any) -> dict[str, float]:
         """Mean of each term since the last log, averaged over ranks; LRs; skipped count."""
         keys = sorted(self._sums)
-        local = torch.tensor([self._sums[k] / max(1, self._sum_count) for k in keys] or [0.0],
-                             dtype=torch.float64, device=self.accelerator.device)
+        dev = self.accelerator.device
+        local = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float64, device=dev).reshape(())
+                             for k in keys]) / max(1, self._sum_count) if keys else torch.zeros(1, dtype=torch.float64,
+                                                                                                 device=dev)
         mean = self.reduce(local, "mean")
         out = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
         for name, sched in self.schedulers.items():
@@ -773,9 +786,10 @@ class Trainer:
 
     def data_counts_total(self) -> dict[str, float]:
         """DATA_COUNTS summed over all ranks and the whole run (resumes included). Collective."""
-        local = torch.tensor([float(self.data_counts[k]) for k in DATA_COUNTS], dtype=torch.float64,
-                             device=self.accelerator.device)
-        summed = self.reduce(local, "sum").tolist()
+        summed = [float(self.data_counts[k]) for k in DATA_COUNTS]
+        if self.accelerator.num_processes > 1:  # one process: host counts, no device round trip
+            local = torch.tensor(summed, dtype=torch.float64, device=self.accelerator.device)
+            summed = self.reduce(local, "sum").tolist()
         return {k: v + self.data_counts_resumed[k] for k, v in zip(DATA_COUNTS, summed, strict=True)}
 
     def _prune(self) -> None:
@@ -945,9 +959,32 @@ class Trainer:
         return out / self.accelerator.num_processes if op == "mean" else out
 
     def _agree(self, flag: bool) -> bool:
-        """True on every rank if it is true on any rank."""
+        """True on every rank if it is true on any rank (one process: the flag, no device round trip)."""
+        if self.accelerator.num_processes == 1:
+            return flag
         t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.reduce(t, "max").item() > 0)
+
+    def _agree_update(self, nonfinite: bool) -> bool:
+        """Whether any rank saw a non-finite loss (every rank then skips the update). The same
+        collective carries the stop request (SIGTERM/SIGUSR1): with several processes a step costs
+        one agreement, not a second all-reduce and host wait at its end (`_stop_agreed`)."""
+        if self.accelerator.num_processes == 1:
+            return nonfinite
+        t = torch.tensor([float(nonfinite), float(self._stop_requested)], device=self.accelerator.device)
+        bad, stop = self.reduce(t, "max").tolist()
+        self._stop_seen = self._stop_seen or stop > 0
+        self._agreed_at = self.step
+        return bad > 0
+
+    def _stop_agreed(self) -> bool:
+        """Whether every rank stops after this step: one process reads its flag; several use what the
+        step's update agreed (`_agree_update`), or agree now if no update of this step did."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_requested
+        if self._agreed_at != self.step - 1:  # no optimize() in this step (the counter moved after it)
+            self._stop_seen = self._stop_seen or self._agree(self._stop_requested)
+        return self._stop_seen
 
     def _next_batch(self, batches: Iterator[dict[str, Any]], epoch: int, start: int, micro: int) -> dict[str, Any]:
         try:

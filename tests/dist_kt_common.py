@@ -253,7 +253,7 @@ def common_overrides(ws: dict, name: str) -> list[str]:
     return [
         f"name={name}", f"output_dir={root}/out", "model.preset=tiny",
         "data.batch_size=3", f"data.crop_size={SIZE}", "data.num_workers=0", "data.shuffle_buffer=4",
-        "data.pin_memory=false", "train.mixed_precision=no", "model.channels_last=true", "train.epochs=2", "train.steps_per_epoch=2", "train.log_every=1",
+        "data.pin_memory=false", "model.compile=false", "train.mixed_precision=no", "model.channels_last=true", "train.epochs=2", "train.steps_per_epoch=2", "train.log_every=1",
         "train.val_every=2", "train.image_every=100000", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
         "features.weights=random", "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]",
         f"tracking.uri=sqlite:///{root}/mlflow.db",
@@ -353,7 +353,7 @@ def learning_run_config(root: Path, steps: int, val_every: int | None = None, ov
     cfg = load_config(REPO / "configs" / "kt.yaml", [
         "name=learn", f"output_dir={root}/out", "model.preset=tiny", f"data.train=[{src}]", f"data.val=[{vsrc}]",
         "data.batch_size=6", "data.crop_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
-        "data.pin_memory=false", "train.mixed_precision=no", "optim.lr=2e-3", "schedule.name=warmup_cosine", "schedule.warmup_steps=20",
+        "data.pin_memory=false", "model.compile=false", "train.mixed_precision=no", "optim.lr=2e-3", "schedule.name=warmup_cosine", "schedule.warmup_steps=20",
         f"train.epochs={-(-steps // 20)}",
         "train.steps_per_epoch=20", f"train.max_steps={steps}", f"train.val_every={val_every or steps}",
         "train.log_every=20", f"checkpoint.every_steps={steps}", "loss.tau=0.1", "features.weights=random",

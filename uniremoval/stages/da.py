@@ -77,6 +77,7 @@ class DomainAdaptation(Stage):
 
     run_name = "da"
     stage = "da"
+    compiled_frozen = ("phi",)  # VGG-19 on the crops of every step
 
     def __init__(self, cfg: DAStage) -> None:
         super().__init__(cfg)

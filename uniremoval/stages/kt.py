@@ -146,6 +146,7 @@ class KnowledgeTransfer(Stage):
     run_name = "kt"
     stage = "kt"
     trainable = ("student",)
+    compiled_frozen = ("phi",)  # VGG-19 on three crop batches a step; the teachers (online) see varying batches
     best_metric = ("val/mean/psnr", "max")
 
     def __init__(self, cfg: KTStage) -> None:

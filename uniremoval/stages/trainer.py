@@ -132,6 +132,9 @@ class Stage:
     stage: str = "stage"
     degradation: str | None = None
     trainable: tuple[str, ...] = ()
+    # Frozen models compiled with the trainable ones under model.compile: those called on the
+    # training crops' fixed shape every step (VGG-19), not those whose batch varies (online teachers).
+    compiled_frozen: tuple[str, ...] = ()
     best_metric: tuple[str, Literal["max", "min"]] | None = None
 
     def __init__(self, cfg: StageBase) -> None:
@@ -476,6 +479,8 @@ class Trainer:
                 model.to(acc.device).eval().requires_grad_(False)  # frozen: never wrapped
                 if self.speed.channels_last:
                     fast.to_channels_last(model)
+                if self.speed.compile and name in self.stage.compiled_frozen:
+                    fast.compile_module(model, self.speed.compile_cache)
                 self.models[name] = model
         for name in self.stage.trainable:
             model = models[name].train()

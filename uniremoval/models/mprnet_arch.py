@@ -128,13 +128,18 @@ class DownSample(nn.Module):
 class UpSample(nn.Module):
     def __init__(self, in_ch: int, s_factor: int) -> None:
         super().__init__()
+        # Official layout: bilinear x2, then a 1x1 conv (`up.1.weight`).
         self.up = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             nn.Conv2d(in_ch + s_factor, in_ch, 1, bias=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.up(x)
+        # Run in the other order: a 1x1 conv mixes channels pixel by pixel and the bilinear x2 mixes
+        # pixels channel by channel with weights summing to 1, so the two commute exactly. Conv
+        # first works on a quarter of the pixels and leaves fewer channels to up-sample.
+        upsample, conv = self.up
+        return upsample(conv(x))
 
 
 class SkipUpSample(UpSample):

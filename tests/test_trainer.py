@@ -544,17 +544,20 @@ def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch):
 
 def test_model_compile_compiles_the_trainable_and_the_listed_frozen_models(tmp_path, monkeypatch):
     """model.compile: the trainable models and the stage's `compiled_frozen` ones (VGG-19 in KT/DA)
-    go through fast.compile_module in place; other frozen models stay eager. The run still trains."""
+    go through fast.compile_module in place, in model.compile_mode; other frozen models stay eager.
+    A CUDA-graph mode marks every micro-batch as a new graph iteration. The run still trains."""
     from uniremoval.stages import fast
 
-    compiled: list[str] = []
+    compiled: list[tuple[str, str | None]] = []
     real = fast.compile_module
 
-    def record(module, cache_dir=None, **kw):
-        compiled.append(next(n for n, m in built.items() if m is module))
+    def record(module, cache_dir=None, mode=None, **kw):
+        compiled.append((next(n for n, m in built.items() if m is module), mode))
         return real(module, cache_dir, backend="eager")  # dynamo traces; no code generated on this CPU
 
     monkeypatch.setattr(fast, "compile_module", record)
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
 
     class WithFrozen(ToyStage):
         compiled_frozen = ("features",)
@@ -564,7 +567,10 @@ def test_model_compile_compiles_the_trainable_and_the_listed_frozen_models(tmp_p
             return dict(built)
 
     built: dict[str, nn.Module] = {}
-    cfg = make_cfg(tmp_path).model_copy(update={"model": make_cfg(tmp_path).model.model_copy(update={"compile": True})})
+    base = make_cfg(tmp_path, grad_accum=2)
+    cfg = base.model_copy(update={"model": base.model.model_copy(update={"compile": True,
+                                                                        "compile_mode": "reduce-overhead"})})
     res = Trainer(cfg, WithFrozen(cfg)).fit()
-    assert sorted(compiled) == ["features", "net"]
+    assert sorted(compiled) == [("features", "reduce-overhead"), ("net", "reduce-overhead")]
+    assert len(marks) == 10 * 2  # 10 updates of 2 micro-batches
     assert res.status == "finished" and res.metrics["val/toy/err"] < 1.0

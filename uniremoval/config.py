@@ -52,6 +52,9 @@ class ModelConfig(Strict):
     init: str | None = None
     channels_last: bool = False
     compile: bool = False
+    # torch.compile's mode: reduce-overhead and max-autotune replay CUDA graphs (no per-kernel launch
+    # cost); bench/gpu.py times default and reduce-overhead side by side on a GPU.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
 
 
 class FeatureNetConfig(Strict):

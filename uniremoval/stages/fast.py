@@ -154,6 +154,10 @@ def set_compile_cache(cache_dir: str | os.PathLike) -> Path:
     return path
 
 
+# torch.compile modes whose compiled code replays CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def compile_module(
     module: nn.Module,
     cache_dir: str | os.PathLike | None = None,
@@ -226,6 +230,7 @@ class Speed:
     channels_last: bool = False
     compile: bool = False
     compile_cache: str | None = None
+    compile_mode: str = "default"
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device | str) -> Speed:
@@ -241,7 +246,19 @@ class Speed:
             channels_last=bool(cfg.model.channels_last),
             compile=bool(cfg.model.compile),
             compile_cache=cache,
+            compile_mode=cfg.model.compile_mode,
         )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
+
+    def compile_model(self, module: nn.Module) -> nn.Module:
+        """`compile_module` with this run's cache folder and mode."""
+        mode = None if self.compile_mode == "default" else self.compile_mode
+        return compile_module(module, self.compile_cache, mode=mode)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Compiled modules replay CUDA graphs: a training loop marks each iteration's start
+        (`torch.compiler.cudagraph_mark_step_begin`) so that outputs of the last one may be reused."""
+        return self.compile and self.compile_mode in CUDA_GRAPH_MODES

@@ -400,6 +400,8 @@ class Trainer:
                         for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
                             batch = self._next_batch(batches, epoch, start, micro)
                             self._count_data(batch)
+                            if self.speed.cuda_graphs:  # a new graph iteration: the last one's outputs are used up
+                                torch.compiler.cudagraph_mark_step_begin()
                             with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast():
                                 terms = self.stage.training_step(batch, self.ctx)
                             self._accumulate_terms(terms)
@@ -480,14 +482,14 @@ class Trainer:
                 if self.speed.channels_last:
                     fast.to_channels_last(model)
                 if self.speed.compile and name in self.stage.compiled_frozen:
-                    fast.compile_module(model, self.speed.compile_cache)
+                    self.speed.compile_model(model)
                 self.models[name] = model
         for name in self.stage.trainable:
             model = models[name].train()
             if self.speed.channels_last:
                 fast.to_channels_last(model)
             if self.speed.compile:  # in place: state_dict keys and DDP wrapping stay as they are
-                fast.compile_module(model, self.speed.compile_cache)
+                self.speed.compile_model(model)
             opt = make_optimizer(model.parameters(), self.stage.optim_config(name), on_cuda)
             model, opt = acc.prepare(model, opt)
             self.models[name], self.optimizers[name] = model, opt

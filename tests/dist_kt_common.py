@@ -253,7 +253,8 @@ def common_overrides(ws: dict, name: str) -> list[str]:
     return [
         f"name={name}", f"output_dir={root}/out", "model.preset=tiny",
         "data.batch_size=3", f"data.crop_size={SIZE}", "data.num_workers=0", "data.shuffle_buffer=4",
-        "data.pin_memory=false", "model.compile=false", "train.mixed_precision=no", "model.channels_last=true", "train.epochs=2", "train.steps_per_epoch=2", "train.log_every=1",
+        "data.pin_memory=false", "model.compile=false", "train.mixed_precision=no", "model.channels_last=true",
+        "train.epochs=2", "train.steps_per_epoch=2", "train.log_every=1",
         "train.val_every=2", "train.image_every=100000", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
         "features.weights=random", "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.5, 1.0]",
         f"tracking.uri=sqlite:///{root}/mlflow.db",

@@ -468,6 +468,12 @@ class Trainer:
             warnings.warn("model.channels_last is ignored under DeepSpeed (its parameter broadcast needs "
                           "contiguous weights); use a DDP launch config for channels_last", stacklevel=2)
             self.speed = dataclasses.replace(self.speed, channels_last=False)
+        if self.deepspeed and self.speed.compile:
+            # ZeRO fetches and releases parameters with hooks around each module, which torch.compile
+            # would trace into; not measured or tested here, so DeepSpeed runs eagerly.
+            warnings.warn("model.compile is ignored under DeepSpeed (untested with ZeRO's parameter hooks); use a "
+                          "DDP launch config to compile", stacklevel=2)
+            self.speed = dataclasses.replace(self.speed, compile=False)
         set_seed(self.cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
         models = self.stage.build_models()
         missing = [n for n in self.stage.trainable if n not in models]

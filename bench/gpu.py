@@ -20,12 +20,14 @@ What is timed (each section is independent; a failing one records its error and 
   ``ours_compiled_reduce_overhead``; ``summary.ours_path`` names the fastest path.
 * ``flops``: FlopCounterMode over one step of each path; achieved TFLOP/s = flops / step time,
   and the fraction of the measured bf16 matmul peak (``limit_img_s``: the img/s that peak allows).
-* ``profile`` (``--profile STEPS``): the eager ``ours`` step under torch.profiler: device-busy ms
-  per step against the timed step (well under it: the step waits on the host), ms per step by kernel
-  kind (convolution, layout transpose, Triton, elementwise...) and the 30 kernels that take the most.
+* ``profile`` (``--profile STEPS``, inside ``ours`` and each compiled path): the step under
+  torch.profiler: device-busy ms per step against the timed step (well under it: the step waits on
+  the host), ms per step by kernel kind (convolution, layout transpose, Triton, elementwise...) and
+  the 30 kernels that take the most.
 * ``cache_build``: teacher inference on 720p frames (1280x720): the official inference (fp32 eager,
   one frame per forward) vs the cache stage's (bf16, channels_last, ``--cache-batch`` 4 frames per
-  forward as configs/cache.yaml's ``cache.batch_size``), plus how far the two outputs are apart in the cache's stored units (8-bit
+  forward as configs/cache.yaml's ``cache.batch_size``), plus how far the two outputs are apart in
+  the cache's stored units (8-bit
   levels of the teacher image, relative error of the pooled feature).
 * ``loader``: the project's `kt_loader` over generated cache-format shards (input.png,
   teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
@@ -364,9 +366,9 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         dt = time_calls(step, args.steps, device, start=n_first + args.warmup)
         if profile_steps:
             try:  # the profiler (CUPTI) may be refused on a machine: the timing above still counts
-                results["profile"] = profile_calls(step, profile_steps, device, dt)
+                out["profile"] = profile_calls(step, profile_steps, device, dt)
             except Exception as exc:  # noqa: BLE001
-                results["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+                out["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
                 log(f"profile FAILED: {exc}")
     out.update({"img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2),
                 "peak_mem_gib": peak_gib(device), f"first_{n_first}_steps_s": round(t_first, 2),
@@ -574,7 +576,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-fused", action="store_true", help="fused Adam on CPU too (default: foreach)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP counter")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="profile this many eager steps of ours after timing them (JSON key profile)")
+                   help="profile this many steps of ours and of each compiled path after timing them "
+                        "(JSON key profile inside each path's entry)")
     p.add_argument("--cache-size", type=parse_size, default=None, help="WxH frame for the cache build (1280x720)")
     p.add_argument("--cache-frames", type=int, default=None, help="frames timed per path (default 8 GPU)")
     p.add_argument("--cache-batch", type=int, default=4,
@@ -730,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         write()
     if args.only == "compiled":
         with section(results, "ours_compiled"):
-            bench_ours(models, args, device, results, compiled=True, flush=write)
+            bench_ours(models, args, device, results, compiled=True, flush=write, profile_steps=args.profile)
     elif args.compile and want("compiled"):
         del models
         if device.type == "cuda":

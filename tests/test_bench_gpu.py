@@ -63,7 +63,8 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     loader = printed["loader"]
     assert loader["samples_s"] > 0 and loader["fields"] == ["degradation", "feature", "input", "teacher"]
     # The profile of the eager fast step: CPU ops here (kernels on a GPU), split by kind.
-    prof = printed["profile"]
+    prof = ours["profile"]
+    assert compiled["profile"]["steps"] == 2 and compiled["profile"]["busy_ms_per_step"] > 0  # in the child
     assert prof["steps"] == 2 and 0 < prof["busy_ms_per_step"] and prof["launches_per_step"] > 0
     assert prof["by_kind_ms"]["convolution"] > 0 and len(prof["top"]) == 30
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms_per_step"], rel=0.01)

@@ -379,6 +379,39 @@ def test_save_images_folder_is_replaced_whole_and_never_holds_others_files(tmp_p
     assert not list(tmp_path.glob(".saved.*"))
 
 
+def test_scores_are_written_right_after_the_image_swap_and_the_old_set_goes_last(tmp_path, monkeypatch):
+    """Between swapping the new images in and writing the score files nothing slow happens (the
+    previous set is removed after the scores); a failing score write still leaves no old set behind."""
+    from uniremoval.eval import evaluate
+
+    data, saved, out = tmp_path / "d", tmp_path / "saved", tmp_path / "scores.json"
+    _write_pngs(data, 2, [(32, 32)], seed=0)
+    opts = EvalOptions("none", str(data), metrics=["psnr"], mlflow=False, device="cpu", save_images=str(saved),
+                       json_out=str(out))
+    run_eval(opts)
+    first = (saved / "img00.png").read_bytes()
+    _write_pngs(data, 2, [(32, 32)], seed=1)
+    real, seen = evaluate.write_outputs, {}
+
+    def write(result, json_out, csv_out):
+        seen["new images in place"] = (saved / "img00.png").read_bytes() != first
+        seen["old set still beside"] = (tmp_path / ".saved.eval-old" / "img00.png").read_bytes() == first
+        return real(result, json_out, csv_out)
+
+    monkeypatch.setattr(evaluate, "write_outputs", write)
+    run_eval(opts)
+    assert seen == {"new images in place": True, "old set still beside": True}
+    assert not list(tmp_path.glob(".saved.*")) and json.loads(out.read_text())["mean"]["psnr"] > 0
+
+    def full_disk(result, json_out, csv_out):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_outputs", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        run_eval(opts)
+    assert not list(tmp_path.glob(".saved.*"))  # the swap happened; its old set is still removed
+
+
 def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation

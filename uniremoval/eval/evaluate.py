@@ -385,7 +385,10 @@ class StagedImages:
             raise
 
     def commit(self, names: list[str], dataset: str) -> None:
-        """Main process, every rank's images written: mark the set complete and swap it in."""
+        """Main process, every rank's images written: mark the set complete and swap it in (two
+        renames). The previous set stays in `old` until `close`: removing many images takes a while,
+        and the score files are written first, so a kill leaves new images beside old scores only
+        for the moment of that write (the next eval into DIR removes a left-over `old`)."""
         from uniremoval.io import atomic_write_json
         from uniremoval.stages.run_folder import fsync_dir
 
@@ -396,12 +399,15 @@ class StagedImages:
         os.replace(self.staging, self.final)
         self.committed = True
         (self.final / ".lock").unlink(missing_ok=True)  # the lock guarded the staging folder, now gone
-        shutil.rmtree(self.old, ignore_errors=True)
-        fsync_dir(self.final.parent)
 
     def close(self) -> None:
+        from uniremoval.stages.run_folder import fsync_dir
+
         if self.main and not self.committed:
             shutil.rmtree(self.staging, ignore_errors=True)
+        elif self.main and self.old.exists():
+            shutil.rmtree(self.old, ignore_errors=True)
+            fsync_dir(self.final.parent)
         self._lock.close()
 
 

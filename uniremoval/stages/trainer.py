@@ -650,9 +650,10 @@ class Trainer:
         """Mean of each term since the last log, averaged over ranks; LRs; skipped count."""
         keys = sorted(self._sums)
         dev = self.accelerator.device
-        local = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float64, device=dev).reshape(())
-                             for k in keys]) / max(1, self._sum_count) if keys else torch.zeros(1, dtype=torch.float64,
-                                                                                                 device=dev)
+        local = torch.zeros(1, dtype=torch.float64, device=dev)  # ranks reduce the same shape even with no terms
+        if keys:  # one read of every running sum (device tensors, or floats for host terms)
+            sums = [torch.as_tensor(self._sums[k], dtype=torch.float64, device=dev).reshape(()) for k in keys]
+            local = torch.stack(sums) / max(1, self._sum_count)
         mean = self.reduce(local, "mean")
         out = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
         for name, sched in self.schedulers.items():

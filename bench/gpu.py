@@ -341,7 +341,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         mode = None if mode_name == "default" else mode_name
         run_student = fast.compile_module(student, cache, mode=mode, backend=args.compile_backend)
         run_phi = fast.compile_module(phi, cache, mode=mode, backend=args.compile_backend)
-    cudagraphs = compiled and args.compile_backend == "inductor" and mode_name in ("reduce-overhead", "max-autotune")
+    cudagraphs = compiled and args.compile_backend == "inductor" and mode_name in fast.CUDA_GRAPH_MODES
     step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, host_syncs, cudagraphs)
     reset_peak(device)
     # The first steps compile (the second one too: the first backward compiles lazily) and let
@@ -530,7 +530,7 @@ def usable_cores() -> int:
 # ------------------------------------------------------------------------------------ main
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+COMPILE_MODES = fast.COMPILE_MODES
 
 
 def parse_modes(s: str) -> list[str]:

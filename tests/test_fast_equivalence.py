@@ -178,6 +178,15 @@ def test_math_flags_restore_and_keep_fp32_matmul():
     assert after == before
 
 
+def test_config_compile_modes_are_the_ones_fast_knows():
+    import typing
+
+    from uniremoval.config import ModelConfig
+
+    modes = typing.get_args(ModelConfig.model_fields["compile_mode"].annotation)
+    assert modes == fast.COMPILE_MODES and set(fast.CUDA_GRAPH_MODES) <= set(modes)
+
+
 def test_autocast_dtype_choices():
     from uniremoval.errors import ConfigError
 

@@ -154,7 +154,8 @@ def set_compile_cache(cache_dir: str | os.PathLike) -> Path:
     return path
 
 
-# torch.compile modes whose compiled code replays CUDA graphs.
+# torch.compile's modes (model.compile_mode lists the same), and those whose code replays CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 

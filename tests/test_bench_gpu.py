@@ -156,3 +156,21 @@ def test_gpu_bench_sigterm_while_the_compiled_step_runs_writes_the_json_and_stop
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(pid), f"the compiled step's child {pid} outlived its parent"
+
+
+def test_gpu_run_script_runs_the_bench_into_its_out_folder(tmp_path: Path) -> None:
+    """bench/gpu_run.sh, the one device call: here with no wheel folder (the venv has the packages)."""
+    import os
+
+    env = subprocess_env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # its python3: this one
+    env["WHEELS"] = str(tmp_path / "no-wheels")
+    out = tmp_path / "out"
+    p = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), str(out), "--preset", "tiny", "--quick",
+                        "--device", "cpu", "--skip", "loader,cache"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    result = json.loads((out / "gpu.json").read_text())
+    assert result["complete"] is True and result["settings"]["budget_s"] == 400
+    assert result["ours"]["profile"]["steps"] == 3  # the script asks for the profile
+    assert "naive done" in (out / "gpu.log").read_text()

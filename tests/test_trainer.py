@@ -542,12 +542,13 @@ def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch):
     assert math.isfinite(logged_mse) and logged_mse > 0
 
 
-def test_model_compile_compiles_the_trainable_and_the_listed_frozen_models(tmp_path, monkeypatch):
+def test_model_compile_compiles_the_trainable_and_the_listed_frozen_models(tmp_path, monkeypatch, capsys):
     """model.compile: the trainable models and the stage's `compiled_frozen` ones (VGG-19 in KT/DA)
     go through fast.compile_module in place, in model.compile_mode; other frozen models stay eager.
     A CUDA-graph mode marks every micro-batch as a new graph iteration. The run still trains."""
     from uniremoval.stages import fast
 
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # compiling sets it: restored after the test
     compiled: list[tuple[str, str | None]] = []
     real = fast.compile_module
 
@@ -572,5 +573,8 @@ def test_model_compile_compiles_the_trainable_and_the_listed_frozen_models(tmp_p
                                                                         "compile_mode": "reduce-overhead"})})
     res = Trainer(cfg, WithFrozen(cfg)).fit()
     assert sorted(compiled) == [("features", "reduce-overhead"), ("net", "reduce-overhead")]
+    err = capsys.readouterr().err  # the silent minutes of the first step are announced
+    assert "model.compile: net, features compile at the first step(s) (mode reduce-overhead;" in err
+    assert str((tmp_path / "toy" / "compile_cache").resolve()) in err
     assert len(marks) == 10 * 2  # 10 updates of 2 micro-batches
     assert res.status == "finished" and res.metrics["val/toy/err"] < 1.0

@@ -505,6 +505,11 @@ class Trainer:
             self.schedulers[name] = StepSchedule(opt, self.stage.optim_config(name).lr, self.cfg.schedule,
                                                  self.schedule_horizon())
             self.schedulers[name].apply(self.step)
+        if self.speed.compile:
+            names = [*self.stage.trainable, *(n for n in self.stage.compiled_frozen if n in models)]
+            self._print(f"model.compile: {', '.join(names)} compile at the first step(s) (mode "
+                        f"{self.speed.compile_mode}; minutes on a GPU, kernels cached in "
+                        f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'the inductor cache')} for later runs)")
         # Different RNG streams per rank for anything random inside a step (noise, dropout).
         seed = self.cfg.train.seed + 1000 * acc.process_index
         random.seed(seed)

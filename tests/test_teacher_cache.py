@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +350,56 @@ def test_cache_batches_same_size_samples_in_source_order(tmp_path):
         fa, fb = (decode_feature(f["feature.npy"]).astype(np.float32) for f in (a, b))
         assert np.linalg.norm(fa - fb) / np.linalg.norm(fa) < 0.02  # measured: 0.006
     assert levels_moved > 0  # bf16 really ran
+
+
+def test_cache_with_encoder_threads_writes_the_same_bytes(tmp_path, monkeypatch):
+    """cache.workers: inputs decoded ahead by a thread and outputs PNG-encoded by a pool while the
+    teacher runs; the shard (sizes that change, an undecodable sample) is byte for byte the serial
+    one, with the same record. A source shard cut short still fails as a DataError naming it, and the
+    threads are gone afterwards."""
+    import threading
+
+    from uniremoval.errors import DataError
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import fast
+    from uniremoval.stages.cache import _want, cache_shard
+    from uniremoval.stages.teachers import Teacher, freeze
+
+    src = tmp_path / "src.tar"
+    _mixed_size_shard(src)
+    torch.manual_seed(0)
+    teacher = Teacher("haze", freeze(MPRNet("tiny")), "minus_one_one", "random", sha256="ab" * 32)
+    want = _want({"url": str(src), "source_sha256": "cd" * 32}, teacher, 16, "no")
+    cpu = fast.Speed(device=torch.device("cpu"))
+    recs = {}
+    for workers in (0, 3):
+        d = tmp_path / f"w{workers}"
+        d.mkdir()
+        recs[workers] = cache_shard(str(src), d, "c.tar", teacher, 16, cpu, want, batch_size=2, workers=workers)
+    assert (tmp_path / "w0" / "c.tar").read_bytes() == (tmp_path / "w3" / "c.tar").read_bytes()
+    assert recs[0] == recs[3] and recs[0]["samples"] == 5 and [x["key"] for x in recs[0]["skipped"]] == ["mix_4"]
+
+    # cache.png_level: any zlib level stores the same pixels (PNG is lossless); only the bytes differ.
+    from uniremoval.data.manifest import iter_tar_samples
+    from uniremoval.data.transforms import decode_image
+
+    (tmp_path / "l9").mkdir()
+    cache_shard(str(src), tmp_path / "l9", "c.tar", teacher, 16, cpu, want, batch_size=2, workers=2, png_level=9)
+    fast_png, small_png = (list(iter_tar_samples(tmp_path / d / "c.tar")) for d in ("w0", "l9"))
+    assert [k for k, _ in fast_png] == [k for k, _ in small_png]
+    for (_, a), (_, b) in zip(fast_png, small_png):
+        np.testing.assert_array_equal(decode_image(a["teacher.png"]), decode_image(b["teacher.png"]))
+        assert a["feature.npy"] == b["feature.npy"]
+    assert sum(len(b["teacher.png"]) for _, b in small_png) < sum(len(a["teacher.png"]) for _, a in fast_png)
+
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    (tmp_path / "cut").mkdir()
+    with pytest.raises(DataError, match=r"cut\.tar is unreadable"):
+        cache_shard(str(cut), tmp_path / "cut", "c.tar", teacher, 16, cpu, want, batch_size=2, workers=3)
+    assert not list((tmp_path / "cut").iterdir())  # nothing half-written
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("cache-decode", "cache-encode"))]
 
 
 def test_teacher_and_kt_validation_score_as_eval_does(tmp_path):

@@ -98,20 +98,23 @@ def _is_done(out_dir: Path, shard_name: str, want: dict[str, Any]) -> dict | Non
 # ------------------------------------------------------------------------------------- writing
 
 
-def _png(image_chw: Any) -> bytes:
-    """[-1, 1] (3, H, W) tensor -> 8-bit RGB PNG bytes."""
-    from PIL import Image
-
-    arr = ((image_chw.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return buf.getvalue()
+def _uint8_hwc(image_chw: Any) -> np.ndarray:
+    """[-1, 1] (3, H, W) tensor -> (H, W, 3) uint8 array; on the tensor's device, so a GPU image
+    crosses to the host as 1 byte per value."""
+    return ((image_chw.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+def _encode(image_hwc: np.ndarray, feature: np.ndarray, png_level: int) -> tuple[bytes, bytes]:
+    """The stored bytes of one teacher output (an encoder thread's job: PNG and zlib release the GIL)."""
+    from uniremoval.data.transforms import encode_png
+
+    return encode_png(image_hwc, png_level), _npy(feature.astype(np.float16))
 
 
 def run_teacher(teacher: Any, x: Any, cell: int, speed: Any) -> tuple[Any, Any]:
@@ -125,26 +128,99 @@ def run_teacher(teacher: Any, x: Any, cell: int, speed: Any) -> tuple[Any, Any]:
     return image.float(), feature.float()
 
 
+class _Ahead:
+    """Items of `it` produced by a background thread, up to `depth` ahead of the consumer (the next
+    inputs decode while the teacher runs). The producer's exception is raised to the consumer at
+    the point it happened; `close` stops the producer."""
+
+    _END = object()
+
+    def __init__(self, it: Any, depth: int) -> None:
+        import queue
+        import threading
+
+        self._queue: Any = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), name="cache-decode", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it: Any) -> None:
+        try:
+            for item in it:
+                if not self._put((item, None)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put((self._END, exc))
+            return
+        self._put((self._END, None))
+
+    def __iter__(self) -> Any:
+        while True:
+            item, exc = self._queue.get()
+            if exc is not None:
+                raise exc
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: int, speed: Any,
-                want: dict[str, Any], progress: Any = None, batch_size: int = 1) -> dict[str, Any]:
+                want: dict[str, Any], progress: Any = None, batch_size: int = 1, workers: int = 0,
+                png_level: int | None = None) -> dict[str, Any]:
     """Write one cache shard for source shard `url`; return its done-record.
 
     Up to `batch_size` consecutive samples of one image size go through the teacher together;
-    samples are written in the source's order either way.
+    samples are written in the source's order either way. With `workers` > 0 the CPU work runs
+    beside the teacher instead of between its batches: a thread decodes the next inputs, and
+    `workers` threads PNG-encode the last outputs while the next batch runs. The shard's bytes are
+    the same either way (tests/test_teacher_cache.py). `png_level`: the teacher PNG's zlib level
+    (lossless at any; None: the bulk default, `transforms.BULK_PNG_LEVEL`).
     """
+    import collections
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import torch
 
     from uniremoval.data.pipelines import decode_sample
     from uniremoval.data.shard_stream import ShardReadError, iter_shard
     from uniremoval.data.shardwriter import sample_members, tar_member
-    from uniremoval.data.transforms import to_tensor
+    from uniremoval.data.transforms import BULK_PNG_LEVEL, to_tensor
 
+    level = BULK_PNG_LEVEL if png_level is None else png_level
     path = out_dir / shard_name
     n, skipped, counts = 0, [], Counter()
     pending: list[tuple[str, dict[str, bytes], dict[str, Any], Any]] = []  # (key, files, meta, CHW input)
+    encoding: collections.deque = collections.deque()  # (key, files, meta, Future of (png, npy)), source order
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="cache-encode") if workers > 0 else None
 
     def skip(key: str, exc: Exception) -> None:
         skipped.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"[:300]})
+
+    def decoded() -> Any:
+        """(key, files, meta, CHW input, None) per source sample, or (key, ..., the exception)."""
+        for key, files in iter_shard(url):
+            try:
+                # the loaders' decoding: the input upright by json `orientation`, so the teacher
+                # image and grid are stored upright
+                sample = decode_sample(files, ())
+                yield key, files, sample["meta"], to_tensor(sample["input"]), None
+            except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
+                yield key, files, None, None, exc
 
     def teacher_each(batch: list) -> list:
         """Outputs per sample: one forward for the batch; alone again if it fails (isolates a bad one)."""
@@ -157,44 +233,61 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
                 return [None]
             return [out for b in batch for out in teacher_each([b])]
 
-    def flush(tar: tarfile.TarFile) -> None:
+    def write_encoded(tar: tarfile.TarFile, wait: bool) -> None:
+        """Append the encoded samples to the tar in source order: those ready (all with `wait`)."""
         nonlocal n
-        for (key, files, meta, _), out in zip(pending, teacher_each(pending) if pending else []):
-            if out is None:
-                continue
-            image, feature = out
+        while encoding and (wait or encoding[0][3].done()):
+            key, files, meta, job = encoding.popleft()
+            png, npy = job.result()
             meta["teacher_sha256"] = want["teacher_sha256"]
             sample: dict[str, Any] = {"__key__": key, "json": meta}
             for ext, data in files.items():
                 if ext != "json" and ext.split(".")[0] not in ("teacher", "feature"):
                     sample[ext] = data  # the synthetic sample's own bytes, never re-encoded
-            sample["teacher.png"] = _png(image)
-            sample["feature.npy"] = _npy(feature.cpu().numpy().astype(np.float16))
+            sample["teacher.png"] = png
+            sample["feature.npy"] = npy
             for name, data in sample_members(sample):
                 tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
             n += 1
             counts[str(meta.get("split", "unknown"))] += 1
             if progress is not None:
                 progress.update(1)
-        pending.clear()
 
-    with atomic_writer(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        try:
-            for key, files in iter_shard(url):
-                try:
-                    # the loaders' decoding: the input upright by json `orientation`, so the teacher
-                    # image and grid are stored upright
-                    sample = decode_sample(files, ())
-                    meta, x = sample["meta"], to_tensor(sample["input"])
-                except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
-                    skip(key, exc)
-                    continue
-                if pending and (len(pending) >= batch_size or pending[0][3].shape != x.shape):
-                    flush(tar)
-                pending.append((key, files, meta, x))
-            flush(tar)
-        except ShardReadError as exc:
-            raise DataError(f"source shard {url} is unreadable ({exc}); rebuild it or drop it from data.train") from exc
+    def flush(tar: tarfile.TarFile) -> None:
+        for (key, files, meta, _), out in zip(pending, teacher_each(pending) if pending else []):
+            if out is None:
+                continue
+            image, feature = out
+            args = (_uint8_hwc(image), feature.cpu().numpy(), level)  # host copies: the teacher's batch is done
+            if pool is not None:
+                job = pool.submit(_encode, *args)
+            else:
+                job = Future()
+                job.set_result(_encode(*args))
+            encoding.append((key, files, meta, job))
+        pending.clear()
+        write_encoded(tar, wait=False)
+
+    source = _Ahead(decoded(), depth=2 * batch_size) if workers > 0 else None
+    try:
+        with atomic_writer(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            try:
+                for key, files, meta, x, exc in (source if source is not None else decoded()):
+                    if exc is not None:
+                        skip(key, exc)
+                        continue
+                    if pending and (len(pending) >= batch_size or pending[0][3].shape != x.shape):
+                        flush(tar)
+                    pending.append((key, files, meta, x))
+                flush(tar)
+                write_encoded(tar, wait=True)
+            except ShardReadError as exc:
+                raise DataError(f"source shard {url} is unreadable ({exc}); rebuild it or drop it from data.train") from exc
+    finally:
+        if source is not None:
+            source.close()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     os.chmod(path, 0o644)
     rec = {**want, "name": shard_name, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path),
            "skipped": skipped, "counts": {"split": dict(sorted(counts.items()))}}
@@ -310,7 +403,7 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
             t = teachers[it["degradation"]]
             bar.set_postfix_str(f"{it['source']}/{it['name']}", refresh=False)
             cache_shard(it["url"], out_root / it["source"], it["name"], t, cell, speed, want, bar,
-                        batch_size=cfg.cache.batch_size)
+                        batch_size=cfg.cache.batch_size, workers=cfg.cache.workers, png_level=cfg.cache.png_level)
     acc.wait_for_everyone()
     if acc.is_main_process:
         n = write_manifests(cfg, items, teachers, out_root)

@@ -349,15 +349,16 @@ def synthesize(
 
 
 def encode_image(img: np.ndarray, params: dict) -> tuple[bytes, str]:
-    """PNG, or JPEG at params['jpeg_quality']; returns (bytes, extension)."""
+    """PNG (at the bulk zlib level), or JPEG at params['jpeg_quality']; returns (bytes, extension)."""
     from PIL import Image
+
+    from uniremoval.data.transforms import encode_png
 
     buf = io.BytesIO()
     if params.get("jpeg_quality"):
         Image.fromarray(img).save(buf, "JPEG", quality=int(params["jpeg_quality"]))
         return buf.getvalue(), "jpg"
-    Image.fromarray(img).save(buf, "PNG")
-    return buf.getvalue(), "png"
+    return encode_png(img), "png"
 
 
 def _rgb8(arr: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from uniremoval.data.transforms import encode_png
 from uniremoval.stages import fast
 
 DEGS = ["haze", "rain", "blur"]
@@ -432,15 +433,60 @@ def bench_cache_build(models, args, device, results) -> None:
     out["stored_image_frac_levels_differ"] = round(float((diff > 0).float().mean()), 5)
     out["feature_rel_err"] = float((feat.float() - ref_feat).norm() / ref_feat.norm().clamp_min(1e-30))
     results["cache_build"] = out
+    if args.cache_stage_frames:
+        out["stage"] = bench_cache_stage(fast_teacher, ours, args)
     del fast_teacher
 
 
-def _png(arr) -> bytes:
-    from PIL import Image
+def bench_cache_stage(teacher, speed, args) -> dict[str, Any]:
+    """`uniremoval cache` end to end on one source shard of photo-like frames: decode, teacher, PNG
+    encode, tar write. Serial (cache.workers 0) against encoder threads beside the teacher
+    (configs/cache.yaml), which must write the same bytes."""
+    from uniremoval.stages.cache import _want, cache_shard
 
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    w, h = args.cache_size
+    n = args.cache_stage_frames
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_cache_") as tmp:
+        src = Path(tmp) / "src.tar"
+        frames = [encode_png(f) for f in photo_like_frames(min(n, 4), w, h)]  # a few, repeated: encoding is slow
+        with tarfile.open(src, "w", format=tarfile.GNU_FORMAT) as tar:
+            for i in range(n):
+                for ext, data in (("input.png", frames[i % len(frames)]),
+                                  ("json", json.dumps({"degradation": "blur", "split": "train"}).encode())):
+                    info = tarfile.TarInfo(f"f{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        want = _want({"url": str(src), "source_sha256": "0" * 64}, teacher, CELL, args.precision)
+        res: dict[str, Any] = {"frames": n, "batch": args.cache_batch}
+        shas = {}
+        with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+            for label, workers in (("serial", 0), ("threads", args.cache_stage_workers)):
+                d = Path(tmp) / label
+                d.mkdir()
+                t0 = time.perf_counter()
+                rec = cache_shard(str(src), d, "c.tar", teacher, CELL, speed, want, batch_size=args.cache_batch,
+                                  workers=workers)
+                dt = time.perf_counter() - t0
+                res[f"{label}_frames_s"] = sig(rec["samples"] / dt)
+                shas[label] = rec["sha256"]
+        res["workers"] = args.cache_stage_workers
+        res["same_bytes"] = shas["serial"] == shas["threads"]
+        res["ratio"] = round(res["threads_frames_s"] / res["serial_frames_s"], 2)
+    return res
+
+
+def photo_like_frames(k: int, w: int, h: int, seed: int = 5) -> list:
+    """`k` smooth colour images with noise (uint8 HxWx3): PNG sizes and decode times of photos."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    out = []
+    for _ in range(k):
+        f = rng.uniform(1, 6, size=(3, 2))
+        img = np.stack([np.sin(f[c, 0] * xx * 6.28) * np.cos(f[c, 1] * yy * 6.28) for c in range(3)], -1)
+        out.append((img * 90 + 128 + rng.normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8))
+    return out
 
 
 def write_cache_shards(root: Path, per_type: int, size: tuple[int, int], feat_channels: int, per_shard: int,
@@ -454,21 +500,18 @@ def write_cache_shards(root: Path, per_type: int, size: tuple[int, int], feat_ch
 
     w, h = size
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     dirs = {}
-    for deg in DEGS:
+    for t, deg in enumerate(DEGS):
         encoded = []
-        for _ in range(min(distinct, per_type)):
-            f = rng.uniform(1, 6, size=(3, 2))
-            clean = np.stack([np.sin(f[c, 0] * xx * 6.28) * np.cos(f[c, 1] * yy * 6.28) for c in range(3)], -1)
-            clean = (clean * 90 + 128 + rng.normal(0, 4, clean.shape)).clip(0, 255).astype(np.uint8)
+        for clean in photo_like_frames(min(distinct, per_type), w, h, seed=t):
             degraded = (clean * 0.6 + 90 + rng.normal(0, 3, clean.shape)).clip(0, 255).astype(np.uint8)
             feat = rng.standard_normal((feat_channels, h // CELL, w // CELL)).astype(np.float16)
             buf = io.BytesIO()
             np.save(buf, feat, allow_pickle=False)
             meta = {"degradation": deg, "domain": "synthetic", "source": "bench", "split": "train",
                     "height": h, "width": w}
-            encoded.append({"input.png": _png(degraded), "teacher.png": _png(clean), "feature.npy": buf.getvalue(),
+            encoded.append({"input.png": encode_png(degraded), "teacher.png": encode_png(clean),
+                            "feature.npy": buf.getvalue(),
                             "json": json.dumps(meta).encode()})
         d = root / deg
         d.mkdir(parents=True)
@@ -582,6 +625,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-frames", type=int, default=None, help="frames timed per path (default 8 GPU)")
     p.add_argument("--cache-batch", type=int, default=4,
                    help="frames per forward in the cache path (configs/cache.yaml cache.batch_size)")
+    p.add_argument("--cache-stage-frames", type=int, default=None,
+                   help="frames for the end-to-end cache stage timing (cache_build.stage; 0 skips it)")
+    p.add_argument("--cache-stage-workers", type=int, default=2,
+                   help="encoder threads of the threaded cache stage (configs/cache.yaml cache.workers)")
     p.add_argument("--loader-workers", type=int, default=None, help="default: one per usable core")
     p.add_argument("--loader-size", type=parse_size, default=None, help="WxH of the generated shard images")
     p.add_argument("--loader-per-type", type=int, default=None)
@@ -612,7 +659,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {
         "steps": 1 if q else (20 if gpu else 3), "warmup": 0 if q else (3 if gpu else 1),
         "compile": gpu and not q, "cache_size": (1280, 720) if not q else (128, 72),
-        "cache_frames": 1 if q else (8 if gpu else 2), "loader_size": (480, 320) if not q else (160, 128),
+        "cache_frames": 1 if q else (8 if gpu else 2), "cache_stage_frames": 6 if q else (32 if gpu else 8), "loader_size": (480, 320) if not q else (160, 128),
         "loader_per_type": 8 if q else 64, "loader_batches": 4 if q else (200 if gpu else 10),
     }
     for k, v in defaults.items():

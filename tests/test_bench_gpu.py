@@ -60,6 +60,8 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     cache = printed["cache_build"]
     assert cache["stored_image_max_level_diff"] <= 8 and cache["feature_rel_err"] < LOSS_TOLERANCE
     assert cache["ours"]["batch"] == 4 and cache["fp32_eager"]["batch"] == 1  # configs/cache.yaml vs official
+    stage = cache["stage"]  # the cache stage end to end: threads write the serial run's bytes
+    assert stage["same_bytes"] is True and stage["serial_frames_s"] > 0 and stage["threads_frames_s"] > 0
     loader = printed["loader"]
     assert loader["samples_s"] > 0 and loader["fields"] == ["degradation", "feature", "input", "teacher"]
     # The profile of the eager fast step: CPU ops here (kernels on a GPU), split by kind.

@@ -29,6 +29,9 @@ What is timed (each section is independent; a failing one records its error and 
   forward as configs/cache.yaml's ``cache.batch_size``), plus how far the two outputs are apart in
   the cache's stored units (8-bit
   levels of the teacher image, relative error of the pooled feature).
+* ``eval``: `uniremoval eval`'s two costs on 720p frames: the restore (fp32, as eval runs the
+  model) and the no-reference score (PIQE through pyiqa on the same device): ``score_over_restore``
+  above 1 means the metric never holds eval up.
 * ``loader``: the project's `kt_loader` over generated cache-format shards (input.png,
   teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
 
@@ -438,6 +441,38 @@ def bench_cache_build(models, args, device, results) -> None:
     del fast_teacher
 
 
+def bench_eval(models, args, device, results) -> None:
+    """`uniremoval eval` on real-image sized frames: the restore (fp32, as eval runs the model) against
+    the no-reference score (PIQE through pyiqa, on the same device; BRISQUE needs a parameter file
+    that cannot be fetched here). `score_over_restore` > 1: the metric never holds eval up."""
+    import copy
+
+    from uniremoval.eval.metrics import Scorer
+    from uniremoval.eval.restore import restore_tensor
+
+    w, h = args.cache_size
+    n = args.eval_frames
+    model = copy.deepcopy(models["student"]).to(device).eval()
+    x = torch.stack([torch.from_numpy(f).permute(2, 0, 1).float() / 255
+                     for f in photo_like_frames(n, w, h, seed=9)]).to(device)
+    out: dict[str, Any] = {"frame": f"{w}x{h}", "frames": n, "batch": args.eval_batch, "metric": "piqe"}
+    b = args.eval_batch
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=False):  # eval's settings: fp32, shapes vary
+        restore_tensor(model, x[:b], "minus_one_one", batch_size=b)  # warm-up (allocator, cuDNN set-up)
+        sync(device)
+        t0 = time.perf_counter()
+        restored = restore_tensor(model, x, "minus_one_one", batch_size=b)
+        sync(device)
+        dt = time.perf_counter() - t0
+    out["restore_frames_s"] = sig(n / dt)
+    scorer = Scorer(["piqe"], device=str(device))
+    scorer.score(restored[:b])  # warm-up
+    t_score = time_calls(lambda i: [scorer.score(r) for r in torch.split(restored, b)], 1, device)
+    out["score_images_s"] = sig(n / t_score)
+    out["score_over_restore"] = round(out["score_images_s"] / out["restore_frames_s"], 2)
+    results["eval"] = out
+
+
 def bench_cache_stage(teacher, speed, args) -> dict[str, Any]:
     """`uniremoval cache` end to end on one source shard of photo-like frames: decode, teacher, PNG
     encode, tar write. Serial (cache.workers 0) against encoder threads beside the teacher
@@ -627,6 +662,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="frames per forward in the cache path (configs/cache.yaml cache.batch_size)")
     p.add_argument("--cache-stage-frames", type=int, default=None,
                    help="frames for the end-to-end cache stage timing (cache_build.stage; 0 skips it)")
+    p.add_argument("--eval-frames", type=int, default=None, help="frames restored and scored (eval section)")
+    p.add_argument("--eval-batch", type=int, default=4, help="eval's --batch-size")
     p.add_argument("--cache-stage-workers", type=int, default=2,
                    help="encoder threads of the threaded cache stage (configs/cache.yaml cache.workers)")
     p.add_argument("--loader-workers", type=int, default=None, help="default: one per usable core")
@@ -634,7 +671,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-per-type", type=int, default=None)
     p.add_argument("--loader-batches", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of sections to skip: "
-                   "matmul,naive,ours,syncs,cache,loader,compiled")
+                   "matmul,naive,ours,syncs,cache,eval,loader,compiled")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 with --quick on CPU, where shared cores make "
                         "OpenMP threads wait on each other for seconds per step)")
@@ -644,7 +681,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds this whole run may take (0: no limit); the compiled step's deadline is cut to "
                         "what is left of it, so the JSON is complete before an outer `timeout 420` stops the run")
     p.add_argument("--loader-max-s", type=float, default=60, help="stop timing the loader after this long")
-    p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "loader", "compiled"],
+    p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "eval", "loader", "compiled"],
                    help="run one section only")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -659,7 +696,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {
         "steps": 1 if q else (20 if gpu else 3), "warmup": 0 if q else (3 if gpu else 1),
         "compile": gpu and not q, "cache_size": (1280, 720) if not q else (128, 72),
-        "cache_frames": 1 if q else (8 if gpu else 2), "cache_stage_frames": 6 if q else (32 if gpu else 8), "loader_size": (480, 320) if not q else (160, 128),
+        "cache_frames": 1 if q else (8 if gpu else 2), "cache_stage_frames": 6 if q else (32 if gpu else 8),
+        "eval_frames": 4 if q else (16 if gpu else 4), "loader_size": (480, 320) if not q else (160, 128),
         "loader_per_type": 8 if q else 64, "loader_batches": 4 if q else (200 if gpu else 10),
     }
     for k, v in defaults.items():
@@ -772,6 +810,10 @@ def main(argv: list[str] | None = None) -> int:
     if want("cache"):
         with section(results, "cache_build"):
             bench_cache_build(models, args, device, results)
+        write()
+    if want("eval"):
+        with section(results, "eval"):
+            bench_eval(models, args, device, results)
         write()
     if want("loader"):
         with section(results, "loader"):

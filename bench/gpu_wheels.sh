@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PYVER=${GPU_PYTHON_VERSION:-3.12}
-NAMES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions webdataset braceexpand)
+# pyiqa (pure Python) for the eval section: the image has its dependencies that PIQE imports.
+NAMES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions webdataset braceexpand pyiqa)
 
 pins=()
 for name in "${NAMES[@]}"; do

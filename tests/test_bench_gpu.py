@@ -40,7 +40,7 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     printed = json.loads(p.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["complete"] is True
-    for section in ("matmul_peak", "naive", "ours", "cache_build", "loader", "ours_compiled"):
+    for section in ("matmul_peak", "naive", "ours", "cache_build", "eval", "loader", "ours_compiled"):
         assert "error" not in printed[section], (section, printed[section].get("error"))
     naive, ours, compiled = printed["naive"], printed["ours"], printed["ours_compiled"]
     assert "fused Adam" in ours["what"]  # the optimiser a GPU run uses (under the FLOP counter too)
@@ -62,6 +62,9 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert cache["ours"]["batch"] == 4 and cache["fp32_eager"]["batch"] == 1  # configs/cache.yaml vs official
     stage = cache["stage"]  # the cache stage end to end: threads write the serial run's bytes
     assert stage["same_bytes"] is True and stage["serial_frames_s"] > 0 and stage["threads_frames_s"] > 0
+    ev = printed["eval"]
+    assert ev["restore_frames_s"] > 0 and ev["score_images_s"] > 0 and ev["metric"] == "piqe"
+    assert ev["score_over_restore"] == pytest.approx(ev["score_images_s"] / ev["restore_frames_s"], rel=0.02)
     loader = printed["loader"]
     assert loader["samples_s"] > 0 and loader["fields"] == ["degradation", "feature", "input", "teacher"]
     # The profile of the eager fast step: CPU ops here (kernels on a GPU), split by kind.

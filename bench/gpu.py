@@ -957,6 +957,12 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     if "cache_build" in results and "ratio" in results["cache_build"]:
         s["cache_build_ratio"] = results["cache_build"]["ratio"]
         s["goal_cache_build_ratio"] = 2.0
+    stage = results.get("cache_build", {}).get("stage", {})
+    if stage.get("threads_frames_s") and results["cache_build"].get("ours", {}).get("frames_s"):
+        # ~1: the cache stage runs at its teacher's speed (decode and encode hidden beside it)
+        s["cache_stage_over_teacher"] = round(stage["threads_frames_s"] / results["cache_build"]["ours"]["frames_s"], 2)
+    if results.get("eval", {}).get("score_over_restore"):
+        s["eval_score_over_restore"] = results["eval"]["score_over_restore"]
     if results.get("ours_trainer_syncs", {}).get("img_s") and results.get("ours", {}).get("img_s"):
         s["trainer_syncs_slowdown"] = round(results["ours"]["img_s"] / results["ours_trainer_syncs"]["img_s"], 3)
     if results.get("loader", {}).get("samples_s") and best.get("img_s"):

@@ -14,7 +14,8 @@ What is timed (each section is independent; a failing one records its error and 
   Adam with PyTorch's default implementation.
 * ``ours``: the same losses with cached teacher targets (tensors, as the cache loader yields
   them), bf16 autocast on the networks (the contrastive loss stays fp32), channels_last,
-  cudnn.benchmark, fused Adam. ``ours_compiled``: the same plus torch.compile of the student and
+  cudnn.benchmark, fused Adam; ``student_fwd_bwd_ms`` times the network alone (the rest of the step
+  is losses, VGG-19 and Adam). ``ours_compiled``: the same plus torch.compile of the student and
   VGG-19; its compile time is reported apart (``compile_s``) with the steps it takes to pay back.
   On a GPU a second child times ``reduce-overhead`` (CUDA graphs: no launch cost per kernel) as
   ``ours_compiled_reduce_overhead``; ``summary.ours_path`` names the fastest path.
@@ -368,6 +369,19 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
             flush()
         time_calls(step, args.warmup, device, start=n_first)
         dt = time_calls(step, args.steps, device, start=n_first + args.warmup)
+        if not compiled and not host_syncs:
+            # The network alone (forward + backward of the student, no KT loss, no VGG-19, no update):
+            # what the step costs beyond it is the losses' and the optimiser's.
+            def student_only(i: int) -> None:
+                x = batches[i % len(batches)]["input"]
+                with fast.autocast(x.device, dtype):
+                    images, feature = student(x, return_feature=True)
+                    loss = images[0].float().mean() + feature.float().mean()
+                loss.backward()
+
+            time_calls(student_only, 1, device)
+            out["student_fwd_bwd_ms"] = round(time_calls(student_only, args.steps, device) * 1e3, 2)
+            opt.zero_grad(set_to_none=True)
         if profile_steps:
             try:  # the profiler (CUPTI) may be refused on a machine: the timing above still counts
                 out["profile"] = profile_calls(step, profile_steps, device, dt)
@@ -957,6 +971,10 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     if "cache_build" in results and "ratio" in results["cache_build"]:
         s["cache_build_ratio"] = results["cache_build"]["ratio"]
         s["goal_cache_build_ratio"] = 2.0
+    eager = results.get("ours", {})
+    if eager.get("student_fwd_bwd_ms") and eager.get("step_ms"):
+        # the eager step's share spent in the student network itself (the rest: losses, VGG-19, Adam)
+        s["student_share_of_step"] = round(eager["student_fwd_bwd_ms"] / eager["step_ms"], 2)
     stage = results.get("cache_build", {}).get("stage", {})
     if stage.get("threads_frames_s") and results["cache_build"].get("ours", {}).get("frames_s"):
         # ~1: the cache stage runs at its teacher's speed (decode and encode hidden beside it)

@@ -62,6 +62,7 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert cache["ours"]["batch"] == 4 and cache["fp32_eager"]["batch"] == 1  # configs/cache.yaml vs official
     stage = cache["stage"]  # the cache stage end to end: threads write the serial run's bytes
     assert stage["same_bytes"] is True and stage["serial_frames_s"] > 0 and stage["threads_frames_s"] > 0
+    assert ours["student_fwd_bwd_ms"] > 0 and s["student_share_of_step"] > 0
     assert s["cache_stage_over_teacher"] > 0 and s["eval_score_over_restore"] == printed["eval"]["score_over_restore"]
     ev = printed["eval"]
     assert ev["restore_frames_s"] > 0 and ev["score_images_s"] > 0 and ev["metric"] == "piqe"

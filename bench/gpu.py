@@ -240,12 +240,13 @@ KERNEL_KINDS = (
     ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose")),
     ("triton (fused)", ("triton",)),
     ("optimizer", ("adam", "multi_tensor")),
-    ("convolution", ("fprop", "dgrad", "wgrad", "conv", "implicit", "xmma")),
+    # cuDNN names its convolutions sm90_xmma_fprop_implicit_gemm... (not "conv": "convert" would match)
+    ("convolution", ("fprop", "dgrad", "wgrad", "implicit", "conv2d", "convolution", "cudnn")),
     ("matmul", ("gemm", "cutlass", "cublas")),
     ("upsample", ("upsample",)),
     ("reduction", ("reduce",)),
     ("elementwise", ("elementwise", "vectorized", "unrolled")),
-    ("copy", ("copy", "memcpy", "memset", "cat")),
+    ("copy", ("copy", "memcpy", "memset", "catarray")),
 )
 
 

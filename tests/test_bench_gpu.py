@@ -90,6 +90,15 @@ def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
     import argparse
 
     gpu = _gpu_module()
+    # Kernel names as CUDA 13 / cuDNN 9 spell them on Hopper: a GEMM is not a convolution.
+    assert gpu.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert gpu.kernel_kind("sm90_xmma_wgrad_implicit_gemm_indexed_bf16bf16") == "convolution"
+    assert gpu.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert gpu.kernel_kind("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>") == "layout transpose"
+    assert gpu.kernel_kind("triton_per_fused_add_mean_mul_sigmoid_0") == "triton (fused)"
+    assert gpu.kernel_kind("void at::native::vectorized_elementwise_kernel<4, prelu>") == "elementwise"
+    assert gpu.kernel_kind("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float4>") == "copy"
+    assert gpu.kernel_kind("void at::native::reduce_kernel<512, 1, scatter_gather>") == "reduction"
     assert gpu.parse_modes("default, reduce-overhead,default") == ["default", "reduce-overhead"]
     with pytest.raises(argparse.ArgumentTypeError, match="fast"):
         gpu.parse_modes("default,fast")

@@ -419,7 +419,7 @@ def bench_cache_build(models, args, device, results) -> None:
     frames = (torch.rand(2 * nb, 3, h, w, generator=gen) * 2 - 1).to(device)  # two distinct batches of nb
     out: dict[str, Any] = {"frame": f"{w}x{h}", "frames_timed": args.cache_frames, "ours_batch": nb}
 
-    def run(t, speed, n):  # call i: frames [i*n, (i+1)*n) of the two batches' worth
+    def run(t, speed, n):  # call i: the n frames from (i * n) mod 2nb (each call other data than the last)
         return lambda i: run_teacher(t, frames[(i * n) % (2 * nb):][:n], CELL, speed)
 
     fp32 = fast.Speed(device=device)  # the official inference: fp32, NCHW, cuDNN TF32 convolutions

@@ -144,7 +144,7 @@ class UpSample(nn.Module):
 
 class SkipUpSample(UpSample):
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:  # type: ignore[override]
-        return self.up(x) + skip
+        return super().forward(x) + skip
 
 
 class Encoder(nn.Module):

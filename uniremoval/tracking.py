@@ -650,11 +650,9 @@ def _read_ops(path: Path) -> list[dict[str, Any]]:
 
 def image_grid_png(images: Sequence[Any], max_rows: int = 4) -> bytes:
     """Rows = samples (up to max_rows), columns = the given tensors ([-1, 1], NCHW, same H, W)."""
-    import io
-
-    import numpy as np
     import torch
-    from PIL import Image
+
+    from uniremoval.data.transforms import encode_png
 
     cols = []
     for t in images:
@@ -667,6 +665,4 @@ def image_grid_png(images: Sequence[Any], max_rows: int = 4) -> bytes:
     rows = [torch.cat([c[i, :, :h, :w] for c in cols], dim=2) for i in range(min(c.shape[0] for c in cols))]
     grid = torch.cat(rows, dim=1)
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_png(arr, level=6)  # a few small grids per run: PIL's default, the smaller file

@@ -623,14 +623,12 @@ def usable_cores() -> int:
 # ------------------------------------------------------------------------------------ main
 
 
-COMPILE_MODES = fast.COMPILE_MODES
-
-
 def parse_modes(s: str) -> list[str]:
     modes = [m.strip() for m in s.split(",") if m.strip()]
-    bad = [m for m in modes if m not in COMPILE_MODES]
+    bad = [m for m in modes if m not in fast.COMPILE_MODES]
     if bad or not modes:
-        raise argparse.ArgumentTypeError(f"unknown compile mode(s) {bad or s!r}; choose from {', '.join(COMPILE_MODES)}")
+        raise argparse.ArgumentTypeError(f"unknown compile mode(s) {bad or s!r}; "
+                                         f"choose from {', '.join(fast.COMPILE_MODES)}")
     return list(dict.fromkeys(modes))
 
 
@@ -655,7 +653,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", dest="compile", action="store_true", default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-mode", type=parse_modes, default=None,
-                   help=f"comma list of torch.compile modes, each timed in its own child ({', '.join(COMPILE_MODES)}; "
+                   help=f"comma list of torch.compile modes, each timed in its own child ({', '.join(fast.COMPILE_MODES)}; "
                         "default: default,reduce-overhead with inductor on a GPU, else default). The first one's "
                         "key is ours_compiled (ours_compiled_<mode> when it is not default), the others "
                         "ours_compiled_<mode>")

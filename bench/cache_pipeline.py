@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from uniremoval.stages import fast
 from uniremoval.data.transforms import BULK_PNG_LEVEL, encode_png
+from uniremoval.stages import fast
 from uniremoval.stages.cache import _want, cache_shard
 from uniremoval.stages.teachers import pool_feature
 

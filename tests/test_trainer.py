@@ -535,7 +535,7 @@ def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, log_every=4, val_every=100)
     res = Trainer(cfg, Counted(cfg)).fit()
     assert res.status == "finished" and res.step == 10
-    deltas = [b - a for a, b in zip(per_step, per_step[1:])]  # reads of steps 1..9 (the 10th ends the run)
+    deltas = [b - a for a, b in itertools.pairwise(per_step)]  # reads of steps 1..9 (the 10th ends the run)
     logged = {4, 8}  # steps that end with a log: one more read (the means, all terms at once)
     assert deltas == [1 + (s in logged) for s in range(1, 10)], deltas
     logged_mse = res.metrics["train/mse"]

@@ -559,3 +559,59 @@ def test_teacher_targets_route_each_sample_to_its_types_teacher_in_its_range():
             img, feat = -xi, -xi[:2]
         torch.testing.assert_close(images[i], img.clamp(-1, 1))
         torch.testing.assert_close(feats[i], feat.reshape(2, 2, 2, 2, 2).mean(dim=(2, 4)))
+
+
+def test_cache_compiles_its_teachers_under_model_compile(tmp_path, monkeypatch, capsys):
+    """model.compile in the cache stage: each teacher goes through fast.compile_module (in
+    model.compile_mode) and the cache holds the bytes an eager run writes. CUDA-graph modes, whose
+    replays reuse output memory the encoder threads still read, are refused when the config loads."""
+    from pydantic import ValidationError
+
+    from uniremoval.config import CacheStage
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import cache, fast
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 1, 5, seed=3)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "teacher-haze" / "best", MPRNet("tiny"), {"stage": "teacher", "degradation": "haze"})
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # compiling sets it: restored after the test
+    compiled: list[tuple[type, str | None]] = []
+    real = fast.compile_module
+
+    def record(module, cache_dir=None, mode=None, **kw):
+        compiled.append((type(module), mode))
+        return real(module, cache_dir, backend="eager")  # dynamo traces; no code generated on this CPU
+
+    monkeypatch.setattr(fast, "compile_module", record)
+
+    def cfg(out: str, **model) -> CacheStage:
+        return CacheStage(stage="cache", output_dir=str(tmp_path / "outputs"),
+                          model={"preset": "tiny", "channels_last": True, **model},
+                          data={"degradations": ["haze"], "feature_cell": 8,
+                                "train": [{"name": "syn", "shards": str(tmp_path / "shards" / "syn"),
+                                           "degradation": "haze"}]},
+                          teachers={"checkpoints": {"haze": str(ckpt)}},
+                          cache={"out": str(tmp_path / out), "batch_size": 2}, tracking={"enabled": False},
+                          train={"cpu": True})
+
+    assert cache.run(cfg("eager")) == 0 and compiled == []
+    assert cache.run(cfg("compiled", compile=True, compile_mode="max-autotune-no-cudagraphs")) == 0
+    assert compiled == [(MPRNet, "max-autotune-no-cudagraphs")]
+    assert "model.compile: the teachers compile at their first batch of each shape" in capsys.readouterr().err
+    tars = sorted(p.name for p in (tmp_path / "eager" / "syn").glob("*.tar"))
+    assert tars == ["syn-000000.tar"]
+    for name in tars:
+        assert (tmp_path / "compiled" / "syn" / name).read_bytes() == (tmp_path / "eager" / "syn" / name).read_bytes()
+    for mode in fast.CUDA_GRAPH_MODES:
+        with pytest.raises(ValidationError, match=f"model.compile_mode={mode} replays CUDA graphs.*compile_mode=default"):
+            cfg("x", compile=True, compile_mode=mode)
+    cfg("x", compile=False, compile_mode="reduce-overhead")  # not compiled: the mode is never used
+    from uniremoval.config import load_config
+    from uniremoval.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:  # as the CLI reports it: the message, not the whole config
+        load_config(ROOT / "configs" / "cache.yaml", ["model.compile=true", "model.compile_mode=reduce-overhead"])
+    assert str(err.value) == (f"invalid config:\n  {ROOT / 'configs' / 'cache.yaml'}: model.compile_mode=reduce-overhead replays CUDA "
+                              "graphs, which the cache does not use; set model.compile_mode=default (or "
+                              "max-autotune-no-cudagraphs)")

@@ -43,6 +43,10 @@ Preset = Literal["deblur", "derain", "denoise", "tiny"]
 InputRange = Literal["minus_one_one", "zero_one"]
 
 
+# torch.compile modes whose compiled code replays CUDA graphs (stages/fast.py uses the same tuple).
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 class ModelConfig(Strict):
     arch: Literal["mprnet"] = "mprnet"
     preset: Preset = "deblur"
@@ -339,6 +343,16 @@ class CacheStage(StageBase):
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     cache: CacheOutConfig = Field(default_factory=CacheOutConfig)
 
+    @model_validator(mode="after")
+    def _no_cuda_graphs(self):
+        # A replayed graph writes each batch's outputs into the same memory, while the encoder
+        # threads still read the previous batch's: refused rather than copied (graphs save launch
+        # time, which full frames do not spend).
+        if self.model.compile and self.model.compile_mode in CUDA_GRAPH_COMPILE_MODES:
+            raise ValueError(f"model.compile_mode={self.model.compile_mode} replays CUDA graphs, which the cache "
+                             "does not use; set model.compile_mode=default (or max-autotune-no-cudagraphs)")
+        return self
+
 
 class KTStage(StageBase):
     stage: Literal["kt"]
@@ -535,6 +549,8 @@ def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Pa
             lines.append(f"{source}: unknown key '{key}'{hint}")
         elif err["type"] == "missing":
             lines.append(f"{source}: required key '{key}' is missing")
+        elif not loc:  # a check across sections: its message names the keys, the whole config is no help
+            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
         else:
             value = err.get("input")
             lines.append(f"{source}: key '{key}': bad value {value!r}: {err['msg']}")

@@ -24,8 +24,9 @@ Layout: ``<cache.out>/<source name>/<shard name>.tar`` (the source's shard names
 
 Speed: ``train.mixed_precision`` (bf16 autocast), ``model.channels_last`` and
 ``cache.batch_size`` (consecutive samples of one size share a forward) apply here as in training;
-``cache.cudnn_benchmark`` autotunes convolutions per image size (for fixed-size sources such as
-GoPro). The precision is part of each shard's done-record, so a cache is never a mix of two. The
+``cache.cudnn_benchmark`` autotunes convolutions per image size and ``model.compile`` compiles each
+teacher per batch shape: both pay off on large fixed-size sources (SPA's patches, GoPro), and cost
+a search or a compile per new size on sources of many sizes (RESIDE, Rain1400). The precision is part of each shard's done-record, so a cache is never a mix of two. The
 CPU work runs beside the teacher: a thread decodes the next inputs and ``cache.workers`` threads
 PNG-encode the last outputs (at zlib ``cache.png_level``, lossless at any level), the tar written in
 source order, byte for byte what a serial run writes.
@@ -37,7 +38,6 @@ sample of the sources is written exactly once (whole shards per rank, no sharing
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -369,11 +369,16 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
     degs = sorted({it["degradation"] for it in items})
     preset = cfg.teachers.preset or cfg.model.preset
     teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device)
-    # Full images of many sizes: eager (a compile per size would cost more than it saves).
-    speed = dataclasses.replace(fast.Speed.from_config(cfg, acc.device), compile=False)
-    if speed.channels_last:
-        for t in teachers.values():
+    speed = fast.Speed.from_config(cfg, acc.device)
+    for t in teachers.values():
+        if speed.channels_last:
             fast.to_channels_last(t.model)
+        if speed.compile:  # one graph per batch shape: for fixed-size sources (see the module's docstring)
+            speed.compile_model(t.model)
+    if speed.compile and acc.is_main_process:
+        print(f"model.compile: the teachers compile at their first batch of each shape (mode {speed.compile_mode}; "
+              f"a minute or more on a GPU, kernels cached in {speed.compile_cache or 'the inductor default'})",
+              file=sys.stderr)
     if acc.is_main_process:  # the sources' hashes once, shared with every rank through the plan
         for it in items:
             it["source_sha256"] = source_sha256(it["url"])

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from uniremoval.config import CUDA_GRAPH_COMPILE_MODES
 from uniremoval.errors import ConfigError
 
 # ------------------------------------------------------------------------------------ precision
@@ -156,7 +157,7 @@ def set_compile_cache(cache_dir: str | os.PathLike) -> Path:
 
 # torch.compile's modes (model.compile_mode lists the same), and those whose code replays CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = CUDA_GRAPH_COMPILE_MODES
 
 
 def compile_module(

@@ -17,8 +17,9 @@ What is timed (each section is independent; a failing one records its error and 
   cudnn.benchmark, fused Adam; ``student_fwd_bwd_ms`` times the network alone (the rest of the step
   is losses, VGG-19 and Adam). ``ours_compiled``: the same plus torch.compile of the student and
   VGG-19; its compile time is reported apart (``compile_s``) with the steps it takes to pay back.
-  On a GPU a second child times ``reduce-overhead`` (CUDA graphs: no launch cost per kernel) as
-  ``ours_compiled_reduce_overhead``; ``summary.ours_path`` names the fastest path.
+  On a GPU a last child times ``reduce-overhead`` (CUDA graphs: no launch cost per kernel) as
+  ``ours_compiled_reduce_overhead``, when the budget left exceeds what the first mode's child took;
+  ``summary.ours_path`` names the fastest path.
 * ``flops``: FlopCounterMode over one step of each path; achieved TFLOP/s = flops / step time,
   and the fraction of the measured bf16 matmul peak (``limit_img_s``: the img/s that peak allows).
 * ``profile`` (``--profile STEPS``, inside ``ours`` and each compiled path): the step under
@@ -30,6 +31,10 @@ What is timed (each section is independent; a failing one records its error and 
   forward as configs/cache.yaml's ``cache.batch_size``), plus how far the two outputs are apart in
   the cache's stored units (8-bit
   levels of the teacher image, relative error of the pooled feature).
+* ``cache_compiled`` (with the compile; a child under the deadline, after the KT step's first
+  mode): the cache's teacher inference with the teacher compiled (`uniremoval cache` under
+  ``model.compile``), its ``compile_s`` apart and the frames that pay it back (``breakeven_frames``);
+  ``summary.cache_build_path`` names the faster of the two.
 * ``eval``: `uniremoval eval`'s two costs on 720p frames: the restore (fp32, as eval runs the
   model) and the no-reference score (PIQE through pyiqa on the same device): ``score_over_restore``
   above 1 means the metric never holds eval up.
@@ -79,7 +84,7 @@ CELL = 16
 A1 = 0.5
 # What a SIGTERM (the device command's `timeout`) must know: the section running, the compiled-step
 # child and the file it writes; and when the process started (taken by the first main()).
-_STATE: dict[str, Any] = {"section": None, "child": None, "child_out": None, "child_key": None,
+_STATE: dict[str, Any] = {"section": None, "child": None, "child_out": None, "child_key": None, "child_src": None,
                           "t_import": _T_IMPORT}
 
 
@@ -446,17 +451,67 @@ def bench_cache_build(models, args, device, results) -> None:
     out["ours"] = {"frames_s": sig(1 / dt2), "peak_mem_gib": peak_gib(device), "batch": nb,
                    "what": f"{args.precision} autocast, channels_last, cudnn.benchmark, {nb} frames per forward"}
     out["ratio"] = round(dt / dt2, 2)
-    # Differences in what the cache stores: 8-bit PNG levels and the float16 pooled feature (frame 0).
-    img, feat = img[:1], feat[:1]
-    lv = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round()
-    diff = (lv(img) - lv(ref_img)).abs()
-    out["stored_image_max_level_diff"] = int(diff.max())
-    out["stored_image_frac_levels_differ"] = round(float((diff > 0).float().mean()), 5)
-    out["feature_rel_err"] = float((feat.float() - ref_feat).norm() / ref_feat.norm().clamp_min(1e-30))
+    out.update(stored_diff(img[:1], feat[:1], ref_img, ref_feat))
     results["cache_build"] = out
     if args.cache_stage_frames:
         out["stage"] = bench_cache_stage(fast_teacher, ours, args)
     del fast_teacher
+
+
+def stored_diff(img, feat, ref_img, ref_feat) -> dict[str, Any]:
+    """How far two teacher outputs are apart in what the cache stores: 8-bit PNG levels of the image
+    and the relative error of the (float16-stored) pooled feature."""
+    levels = lambda t: ((t.float().clamp(-1, 1) + 1) * 127.5).round()
+    diff = (levels(img) - levels(ref_img)).abs()
+    return {"stored_image_max_level_diff": int(diff.max()),
+            "stored_image_frac_levels_differ": round(float((diff > 0).float().mean()), 5),
+            "feature_rel_err": float((feat.float() - ref_feat).norm() / ref_feat.norm().clamp_min(1e-30))}
+
+
+def bench_cache_compiled(models, args, device, results, flush: Callable[[], Any]) -> None:
+    """The cache's teacher inference (as ``cache_build``'s ``ours``: same frames, batch, precision)
+    with the teacher compiled, as `uniremoval cache` does under ``model.compile``. Run in a child
+    process under a deadline (the compile takes minutes); ``compile_s`` is reported apart."""
+    import copy
+    import dataclasses
+
+    from uniremoval.stages.cache import run_teacher
+
+    w, h = args.cache_size
+    teacher = models["teachers"][DEGS[-1]]
+    gen = torch.Generator().manual_seed(3)  # bench_cache_build's frames
+    nb = args.cache_batch
+    frames = (torch.rand(2 * nb, 3, h, w, generator=gen) * 2 - 1).to(device)
+    mode_name = args.compile_mode[0]
+    fp32 = fast.Speed(device=device)
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=False):
+        ref_img, ref_feat = run_teacher(teacher, frames[:1], CELL, fp32)  # what the stored values are compared to
+    fast_teacher = copy.copy(teacher)
+    fast_teacher.model = fast.to_channels_last(copy.deepcopy(teacher.model))
+    cache = fast.set_compile_cache(args.compile_cache)
+    fast.compile_module(fast_teacher.model, cache, mode=None if mode_name == "default" else mode_name,
+                        backend=args.compile_backend)
+    ours = dataclasses.replace(fp32, dtype=fast.autocast_dtype(args.precision, device), channels_last=True)
+    call = lambda i: run_teacher(fast_teacher, frames[(i * nb) % (2 * nb):][:nb], CELL, ours)
+    out: dict[str, Any] = {"frame": f"{w}x{h}", "batch": nb, "compile_cache": str(cache),
+                           "what": f"as cache_build.ours, the teacher compiled (backend={args.compile_backend} "
+                                   f"mode={mode_name})"}
+    reset_peak(device)
+    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+        sync(device)
+        t0 = time.perf_counter()
+        img, feat = call(0)
+        sync(device)
+        t_first = time.perf_counter() - t0
+        results["cache_compiled"] = {**out, "first_call_s": round(t_first, 2)}
+        flush()  # kept if the deadline stops the timing
+        calls = max(1, math.ceil(args.cache_frames / nb))
+        time_calls(call, 1, device, start=1)
+        dt = time_calls(call, calls, device, start=2) / nb
+    out.update({"frames_s": sig(1 / dt), "peak_mem_gib": peak_gib(device), "first_call_s": round(t_first, 2),
+                "compile_s": round(max(0.0, t_first - nb * dt), 1),
+                **stored_diff(img[:1], feat[:1], ref_img, ref_feat)})
+    results["cache_compiled"] = out
 
 
 def bench_eval(models, args, device, results) -> None:
@@ -697,7 +752,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds this whole run may take (0: no limit); the compiled step's deadline is cut to "
                         "what is left of it, so the JSON is complete before an outer `timeout 420` stops the run")
     p.add_argument("--loader-max-s", type=float, default=60, help="stop timing the loader after this long")
-    p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "eval", "loader", "compiled"],
+    p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "eval", "loader", "compiled",
+                                                   "cache_compiled"],
                    help="run one section only")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -786,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         log(results["interrupted"])
         if child_out is not None:  # the compiled step was running: keep what its child had written
             with contextlib.suppress(Exception):
-                results[child_key] = child_results(child_out, f"stopped by {signal.Signals(signum).name}")
+                results[child_key] = child_results(child_out, f"stopped by {signal.Signals(signum).name}",
+                                                   _STATE.get("child_src") or "ours_compiled")
         with contextlib.suppress(Exception):
             print(write(), flush=True)
         os._exit(128 + signum)  # not sys.exit: no clean-up that could hang (loader workers, CUDA)
@@ -839,19 +896,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "compiled":
         with section(results, "ours_compiled"):
             bench_ours(models, args, device, results, compiled=True, flush=write, profile_steps=args.profile)
-    elif args.compile and want("compiled"):
+    elif args.only == "cache_compiled":
+        with section(results, "cache_compiled"):
+            bench_cache_compiled(models, args, device, results, flush=write)
+    elif args.compile:
         del models
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for mode in args.compile_mode:
-            key = compiled_key(mode)
+        # Each compile in a child process under a deadline, the most telling first: the KT step in
+        # the first mode, then the cache's teacher, then the KT step's other modes.
+        jobs = [("compiled", m) for m in args.compile_mode[:1] if want("compiled")]
+        jobs += [("cache_compiled", args.compile_mode[0])] if want("cache") and want("cache_compiled") else []
+        jobs += [("compiled", m) for m in args.compile_mode[1:] if want("compiled")]
+        for only, mode in jobs:
+            key = compiled_key(mode) if only == "compiled" else only
             with section(results, key):
                 # The deadline leaves ~15 s of the budget for stopping the child and the last write.
                 left = remaining() - 15
+                took = results.get("ours_compiled", {}).get("process_s") if only == "compiled" else None
                 if left < 60:  # too little for a compile: leave the time to the final write
                     results[key] = {"error": f"not run: {remaining():.0f} s left of --budget-s {args.budget_s}"}
+                elif took and left < took:  # another mode of the same step: it would not finish either
+                    results[key] = {"error": f"not run: {left:.0f} s left of --budget-s {args.budget_s}, the "
+                                             f"default mode's child took {took:.0f} s"}
                 else:
-                    results[key] = compiled_in_subprocess(args, int(min(args.compile_timeout, left)), mode)
+                    results[key] = compiled_in_subprocess(args, int(min(args.compile_timeout, left)), mode, only)
             write()
 
     text = write(final=True)
@@ -879,9 +948,10 @@ def stop_child() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def compiled_in_subprocess(args: argparse.Namespace, limit: int, mode: str) -> dict[str, Any]:
-    """The compiled step in a child process with a deadline: a compile that runs long is stopped
-    and reported, and every other number of this run is kept.
+def compiled_in_subprocess(args: argparse.Namespace, limit: int, mode: str, only: str = "compiled") -> dict[str, Any]:
+    """A compiled section (`only`: the KT step "compiled" or the cache's teacher "cache_compiled") in
+    a child process with a deadline: a compile that runs long is stopped and reported, and every
+    other number of this run is kept.
 
     A new interpreter (subprocess, i.e. fork + exec), not multiprocessing's fork: this process has
     already initialised CUDA, which a forked child could not use.
@@ -890,13 +960,15 @@ def compiled_in_subprocess(args: argparse.Namespace, limit: int, mode: str) -> d
 
     with tempfile.TemporaryDirectory(prefix="gpu_bench_compiled_") as tmp:
         out = Path(tmp) / "compiled.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--only", "compiled", "--compile-mode", mode,
+        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--only", only, "--compile-mode", mode,
                "--out", str(out)]
+        key = compiled_key(mode) if only == "compiled" else only
         # Own process group (not a new session): the child and its compile workers are stopped
         # together, on the deadline or when this process is told to stop (its SIGTERM handler).
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, process_group=0)
-        _STATE["child"], _STATE["child_out"], _STATE["child_key"] = proc, out, compiled_key(mode)
-        log(f"{compiled_key(mode)}: child process {proc.pid}, deadline {limit} s")
+        _STATE["child"], _STATE["child_out"], _STATE["child_key"] = proc, out, key
+        _STATE["child_src"] = CHILD_KEYS[only]
+        log(f"{key}: child process {proc.pid}, deadline {limit} s")
         error = None
         try:
             proc.wait(timeout=limit)
@@ -909,24 +981,29 @@ def compiled_in_subprocess(args: argparse.Namespace, limit: int, mode: str) -> d
             _STATE["child"] = _STATE["child_out"] = _STATE["child_key"] = None
         if error is None and proc.returncode != 0:
             error = f"the compiled-step process exited with status {proc.returncode} (see its log above)"
-        res = child_results(out, error)
+        res = child_results(out, error, CHILD_KEYS[only])
     res["timeout_s"] = limit
     return res
 
 
-def child_results(out: Path, error: str | None) -> dict[str, Any]:
-    """The compiled step's entry from the child's JSON file; on an `error` (deadline, crash, SIGTERM)
-    what the child had written when it stopped (e.g. the compile time, without the timing) is kept."""
+# The key under which a child (--only X) writes its section in its own JSON.
+CHILD_KEYS = {"compiled": "ours_compiled", "cache_compiled": "cache_compiled"}
+
+
+def child_results(out: Path, error: str | None, src_key: str = "ours_compiled") -> dict[str, Any]:
+    """A compiled section's entry (`src_key`) from the child's JSON file; on an `error` (deadline,
+    crash, SIGTERM) what the child had written when it stopped (e.g. the compile time, without the
+    timing) is kept."""
     child: dict[str, Any] = {}
     if out.is_file():
         with contextlib.suppress(ValueError, OSError):
             child = json.loads(out.read_text())
-    res = dict(child.get("ours_compiled") or {})
+    res = dict(child.get(src_key) or {})
     if error:
         res["error"] = res.get("error") or error
     elif not res:
         res = {"error": "the compiled-step process wrote no results (see its log above)"}
-    res["process_s"] = child.get("section_s", {}).get("ours_compiled")
+    res["process_s"] = child.get("section_s", {}).get(src_key)
     return res
 
 
@@ -970,9 +1047,19 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
         s["ratio"] = round(best["img_s"] / naive["img_s"], 2)
         s["goal_ratio"] = 5.0
         s["frac_of_bf16_matmul_peak"] = best.get("frac_of_bf16_matmul_peak")
-    if "cache_build" in results and "ratio" in results["cache_build"]:
-        s["cache_build_ratio"] = results["cache_build"]["ratio"]
+    cb, cc = results.get("cache_build", {}), results.get("cache_compiled", {})
+    if "ratio" in cb:
+        s["cache_build_ratio"] = cb["ratio"]
+        s["cache_build_path"] = "cache_build.ours"
         s["goal_cache_build_ratio"] = 2.0
+        fp32, eager = cb.get("fp32_eager", {}).get("frames_s"), cb.get("ours", {}).get("frames_s")
+        if cc.get("frames_s") and fp32 and eager:
+            cc["ratio_vs_fp32"] = round(cc["frames_s"] / fp32, 2)
+            saved = 1 / eager - 1 / cc["frames_s"]  # seconds per frame
+            if cc.get("compile_s") is not None:
+                cc["breakeven_frames"] = math.ceil(round(cc["compile_s"] / saved, 6)) if saved > 0 else None
+            if cc["frames_s"] > eager:
+                s["cache_build_ratio"], s["cache_build_path"] = cc["ratio_vs_fp32"], "cache_compiled"
     eager = results.get("ours", {})
     if eager.get("student_fwd_bwd_ms") and eager.get("step_ms"):
         # the eager step's share spent in the student network itself (the rest: losses, VGG-19, Adam)

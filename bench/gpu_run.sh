@@ -3,7 +3,7 @@
 #   bash bench/gpu_wheels.sh                       # here, once: pydantic/webdataset wheels into .whl/
 #   bash bench/gpu_run.sh "$OUT"                   # there (carry .whl): JSON and log land in $OUT
 # Installs the carried wheels into /tmp/site (the GPU image has torch but not pydantic or
-# webdataset), then runs bench/gpu.py with every section, both compile modes and the profile,
+# webdataset), then runs bench/gpu.py with every section, the compiles and the profile,
 # inside the 8-minute budget (`--budget-s 400` under `timeout 420`). Extra arguments go to
 # bench/gpu.py. WHEELS names another wheel folder; with none there the installed packages are used.
 set -uo pipefail

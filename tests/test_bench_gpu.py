@@ -40,7 +40,7 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     printed = json.loads(p.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["complete"] is True
-    for section in ("matmul_peak", "naive", "ours", "cache_build", "eval", "loader", "ours_compiled"):
+    for section in ("matmul_peak", "naive", "ours", "cache_build", "eval", "loader", "ours_compiled", "cache_compiled"):
         assert "error" not in printed[section], (section, printed[section].get("error"))
     naive, ours, compiled = printed["naive"], printed["ours"], printed["ours_compiled"]
     assert "fused Adam" in ours["what"]  # the optimiser a GPU run uses (under the FLOP counter too)
@@ -60,6 +60,15 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     cache = printed["cache_build"]
     assert cache["stored_image_max_level_diff"] <= 8 and cache["feature_rel_err"] < LOSS_TOLERANCE
     assert cache["ours"]["batch"] == 4 and cache["fp32_eager"]["batch"] == 1  # configs/cache.yaml vs official
+    # The cache's teacher compiled, in its own child: the same stored values within the bf16 tolerance.
+    cc = printed["cache_compiled"]
+    assert "backend=aot_eager" in cc["what"] and cc["batch"] == 4 and cc["process_s"] > 0 and cc["timeout_s"] > 0
+    assert cc["frames_s"] > 0 and cc["compile_s"] >= 0 and cc["first_call_s"] > 0
+    assert cc["stored_image_max_level_diff"] <= 8 and cc["feature_rel_err"] < LOSS_TOLERANCE
+    assert cc["ratio_vs_fp32"] == pytest.approx(cc["frames_s"] / cache["fp32_eager"]["frames_s"], abs=0.011)
+    faster = cc["frames_s"] > cache["ours"]["frames_s"]
+    assert s["cache_build_path"] == ("cache_compiled" if faster else "cache_build.ours")
+    assert s["cache_build_ratio"] == (cc["ratio_vs_fp32"] if faster else cache["ratio"])
     stage = cache["stage"]  # the cache stage end to end: threads write the serial run's bytes
     assert stage["same_bytes"] is True and stage["serial_frames_s"] > 0 and stage["threads_frames_s"] > 0
     assert ours["student_fwd_bwd_ms"] > 0 and s["student_share_of_step"] > 0
@@ -111,8 +120,12 @@ def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
         "ours_compiled": {"img_s": 125.0, "step_ms": 128.0, "compile_s": 32.0, "loss_terms": terms},
         "ours_compiled_reduce_overhead": {"img_s": 160.0, "step_ms": 100.0, "compile_s": 60.0, "loss_terms": terms},
     }
+    results["cache_build"] = {"fp32_eager": {"frames_s": 5.0}, "ours": {"frames_s": 9.0}, "ratio": 1.8}
+    results["cache_compiled"] = {"frames_s": 10.0, "compile_s": 50.0}
     gpu.summarise(results, argparse.Namespace(batch=16))
     s = results["summary"]
+    assert s["cache_build_path"] == "cache_compiled" and s["cache_build_ratio"] == 2.0
+    assert results["cache_compiled"]["breakeven_frames"] == 4500  # 50 s / (1/9 - 1/10) s per frame
     assert s["ours_path"] == "ours_compiled_reduce_overhead" and s["ours_img_s"] == 160.0 and s["ratio"] == 3.2
     assert results["ours_compiled"]["breakeven_steps"] == 1000  # 32 s / (160 - 128) ms
     assert results["ours_compiled_reduce_overhead"]["breakeven_steps"] == 1000  # 60 s / 60 ms

@@ -193,6 +193,62 @@ def test_batched_patches_keep_samples_apart() -> None:
             torch.testing.assert_close(feat[i : i + 1], alone_feat, rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_upsampling_is_the_official_bilinear_without_a_scatter() -> None:
+    """Under torch.compile, UpSample's bilinear x2 is a gather stencil: the official values (float64,
+    forward and every gradient, odd and even sides, channels-last kept), and the traced forward and
+    backward graphs hold no up-sampling op, whose decomposition scatters its gradient with atomics."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+    from uniremoval.models.mprnet_arch import upsample2x
+
+    ops: set[str] = set()
+
+    def record(gm, example_inputs):  # traces as inductor would (AOT forward + backward), runs as traced
+        def keep(graph, _inputs):
+            ops.update(str(n.target) for n in graph.graph.nodes)
+            return make_boxed_func(graph.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    gen = torch.Generator().manual_seed(3)
+    for shape, channels_last in (((2, 5, 3, 7), False), ((2, 4, 6, 8), True)):
+        x = torch.randn(*shape, dtype=torch.float64, generator=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        g = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], dtype=torch.float64, generator=gen)
+        ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        out = torch.compile(upsample2x, backend=record, fullgraph=True)(x)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                                   rtol=0, atol=1e-13)
+        torch._dynamo.reset()
+    # bf16 (autocast's conv outputs): computed in fp32 and rounded once, as PyTorch's kernel does.
+    from uniremoval.models.mprnet_arch import upsample2x_stencil
+
+    xb = torch.randn(2, 16, 10, 12, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.interpolate(xb, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample2x_stencil(xb), ref, rtol=8e-3, atol=0)  # one bf16 rounding (exact here)
+
+    model = tiny().double()
+    x = torch.rand(2, 3, 24, 32, dtype=torch.float64, generator=gen)
+    grads = []
+    for compiled in (False, True):
+        m = tiny().double()
+        m.load_state_dict(model.state_dict())
+        if compiled:
+            m.compile(backend=record)
+        images, feat = m(x, return_feature=True)
+        loss = images[0].square().mean() + feat.square().mean()
+        grads.append((loss.detach(), torch.autograd.grad(loss, list(m.parameters()))))
+    torch._dynamo.reset()
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=0)
+    for a, b in zip(*(g for _, g in grads)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert ops and not [op for op in ops if "upsample" in op or "index_put" in op or "scatter" in op]
+
+
 def test_odd_size_pads_and_crops() -> None:
     model = tiny()
     x = torch.rand(1, 3, 37, 45)

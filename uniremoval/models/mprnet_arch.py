@@ -125,6 +125,41 @@ class DownSample(nn.Module):
         return self.down(x)
 
 
+def _upsample2x_axis(x: Tensor, dim: int) -> Tensor:
+    """Bilinear x2 along `dim` (align_corners=False): output 2i is 0.75 x[i] + 0.25 x[i-1], output
+    2i+1 is 0.75 x[i] + 0.25 x[i+1], the sample past each border being the border one."""
+    n = x.shape[dim]
+    prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+    after = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+    even, odd = x * 0.75 + prev * 0.25, x * 0.75 + after * 0.25
+    shape = list(x.shape)
+    shape[dim] = 2 * n
+    return torch.stack([even, odd], dim + 1).reshape(shape)
+
+
+def upsample2x(x: Tensor) -> Tensor:
+    """Bilinear x2 with align_corners=False (the official ``nn.Upsample``), on N x C x H x W.
+
+    Eager: PyTorch's kernel. Under torch.compile: the same maths as a two-tap stencil per axis
+    (bilinear is separable; the weights 1/4, 3/4 are exact in binary). Inductor decomposes the
+    native op so that its backward scatters into the input gradient with atomic adds (four
+    ``index_put`` with accumulate); the stencil's backward is a gather that fuses with its
+    neighbours. Channels-last in, channels-last out (the next convolution's layout).
+    """
+    if not torch.compiler.is_compiling():
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    return upsample2x_stencil(x)
+
+
+def upsample2x_stencil(x: Tensor) -> Tensor:
+    """`upsample2x`'s compiled form (callable eagerly too: bench/gpu.py times both). At least fp32
+    inside, rounded once at the end as PyTorch's kernel does (under bf16 autocast the input is bf16; the
+    compiled kernel upcasts in registers, so this costs no memory traffic)."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = _upsample2x_axis(_upsample2x_axis(x.to(torch.promote_types(x.dtype, torch.float32)), 3), 2).to(x.dtype)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
 class UpSample(nn.Module):
     def __init__(self, in_ch: int, s_factor: int) -> None:
         super().__init__()
@@ -138,8 +173,8 @@ class UpSample(nn.Module):
         # Run in the other order: a 1x1 conv mixes channels pixel by pixel and the bilinear x2 mixes
         # pixels channel by channel with weights summing to 1, so the two commute exactly. Conv
         # first works on a quarter of the pixels and leaves fewer channels to up-sample.
-        upsample, conv = self.up
-        return upsample(conv(x))
+        _, conv = self.up  # the nn.Upsample keeps the official layout (`up.1.weight`); upsample2x is its maths
+        return upsample2x(conv(x))
 
 
 class SkipUpSample(UpSample):

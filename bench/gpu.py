@@ -38,6 +38,9 @@ What is timed (each section is independent; a failing one records its error and 
 * ``eval``: `uniremoval eval`'s two costs on 720p frames: the restore (fp32, as eval runs the
   model) and the no-reference score (PIQE through pyiqa on the same device): ``score_over_restore``
   above 1 means the metric never holds eval up.
+* ``upsample``: MPRNet's bilinear x2 forward + backward at the shapes one student step runs it, ms
+  per step for PyTorch's kernel and for the gather stencil the model runs under torch.compile, each
+  eager and compiled (``compiled_native_over_stencil``: what the stencil saves the compiled step).
 * ``loader``: the project's `kt_loader` over generated cache-format shards (input.png,
   teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
 
@@ -458,6 +461,58 @@ def bench_cache_build(models, args, device, results) -> None:
     del fast_teacher
 
 
+def bench_upsample(models, args, device, results) -> None:
+    """MPRNet's bilinear x2 (UpSample) forward + backward at the shapes the student runs it in one
+    step, summed per step: PyTorch's kernel eager, the op compiled (inductor's decomposition, whose
+    backward scatters with atomic adds), and the gather stencil compiled (what the model runs under
+    torch.compile: `mprnet_arch.upsample2x`) and eager. bf16, channels_last, as the fast step."""
+    import copy
+    from collections import Counter
+
+    import torch.nn.functional as F
+
+    from uniremoval.models.mprnet_arch import UpSample, upsample2x_stencil
+
+    dtype = fast.autocast_dtype(args.precision, device)
+    student = fast.to_channels_last(copy.deepcopy(models["student"]).to(device))
+    shapes: Counter = Counter()
+    hooks = [m.register_forward_hook(lambda mod, inp, out: shapes.update([tuple(out.shape[:2]) + tuple(inp[0].shape[2:])]))
+             for m in student.modules() if isinstance(m, UpSample)]
+    x = make_batches(1, args.batch, args.crop, device)[0]["input"].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fast.autocast(device, dtype):
+        student(x)
+    for h in hooks:
+        h.remove()
+    del student
+
+    def native(t):
+        return F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
+
+    paths = {"eager_native": (native, False), "eager_stencil": (upsample2x_stencil, False)}
+    if args.compile:
+        paths.update({"compiled_native": (native, True), "compiled_stencil": (upsample2x_stencil, True)})
+    out: dict[str, Any] = {"calls_per_forward": sum(shapes.values()),
+                           "shapes": {"x".join(map(str, k)): v for k, v in sorted(shapes.items())}}
+    gen = torch.Generator().manual_seed(4)
+    for name, (fn, compiled) in paths.items():
+        total = 0.0
+        for (n, c, h, w), count in shapes.items():
+            t = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+            t.requires_grad_(True)
+            g = torch.randn(n, c, 2 * h, 2 * w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+            f = torch.compile(fn, dynamic=False, backend=args.compile_backend) if compiled else fn
+            call = lambda i, f=f, t=t, g=g: torch.autograd.grad(f(t), t, g)
+            time_calls(call, 2, device)  # compile, cuDNN/allocator warm-up
+            total += time_calls(call, max(3, args.steps), device) * count
+        out[f"{name}_ms_per_step"] = round(total * 1e3, 3)
+        if compiled:
+            torch.compiler.reset()
+    if "compiled_stencil_ms_per_step" in out:
+        out["compiled_native_over_stencil"] = round(out["compiled_native_ms_per_step"]
+                                                    / max(out["compiled_stencil_ms_per_step"], 1e-9), 2)
+    results["upsample"] = out
+
+
 def stored_diff(img, feat, ref_img, ref_feat) -> dict[str, Any]:
     """How far two teacher outputs are apart in what the cache stores: 8-bit PNG levels of the image
     and the relative error of the (float16-stored) pooled feature."""
@@ -742,7 +797,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-per-type", type=int, default=None)
     p.add_argument("--loader-batches", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of sections to skip: "
-                   "matmul,naive,ours,syncs,cache,eval,loader,compiled")
+                   "matmul,naive,ours,syncs,cache,eval,upsample,loader,compiled,cache_compiled")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 with --quick on CPU, where shared cores make "
                         "OpenMP threads wait on each other for seconds per step)")
@@ -753,7 +808,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "what is left of it, so the JSON is complete before an outer `timeout 420` stops the run")
     p.add_argument("--loader-max-s", type=float, default=60, help="stop timing the loader after this long")
     p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "eval", "loader", "compiled",
-                                                   "cache_compiled"],
+                                                   "cache_compiled", "upsample"],
                    help="run one section only")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -887,6 +942,10 @@ def main(argv: list[str] | None = None) -> int:
     if want("eval"):
         with section(results, "eval"):
             bench_eval(models, args, device, results)
+        write()
+    if want("upsample"):
+        with section(results, "upsample"):
+            bench_upsample(models, args, device, results)
         write()
     if want("loader"):
         with section(results, "loader"):

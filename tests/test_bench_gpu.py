@@ -40,7 +40,8 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     printed = json.loads(p.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["complete"] is True
-    for section in ("matmul_peak", "naive", "ours", "cache_build", "eval", "loader", "ours_compiled", "cache_compiled"):
+    for section in ("matmul_peak", "naive", "ours", "cache_build", "eval", "upsample", "loader", "ours_compiled",
+                    "cache_compiled"):
         assert "error" not in printed[section], (section, printed[section].get("error"))
     naive, ours, compiled = printed["naive"], printed["ours"], printed["ours_compiled"]
     assert "fused Adam" in ours["what"]  # the optimiser a GPU run uses (under the FLOP counter too)
@@ -76,6 +77,16 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     ev = printed["eval"]
     assert ev["restore_frames_s"] > 0 and ev["score_images_s"] > 0 and ev["metric"] == "piqe"
     assert ev["score_over_restore"] == pytest.approx(ev["score_images_s"] / ev["restore_frames_s"], rel=0.02)
+    # MPRNet up-samples 10 times per forward: 2 in stage 1's decoder (on the 2N halves), 2 in stage
+    # 2's and 6 in the ORSNet (on the N whole images).
+    ups = printed["upsample"]
+    assert ups["calls_per_forward"] == 10 == sum(ups["shapes"].values())
+    by_batch = {}
+    for k, v in ups["shapes"].items():
+        by_batch[int(k.split("x")[0])] = by_batch.get(int(k.split("x")[0]), 0) + v
+    assert by_batch == {6: 2, 3: 8}  # batch 3
+    for path in ("eager_native", "eager_stencil", "compiled_native", "compiled_stencil"):
+        assert ups[f"{path}_ms_per_step"] > 0, path
     loader = printed["loader"]
     assert loader["samples_s"] > 0 and loader["fields"] == ["degradation", "feature", "input", "teacher"]
     # The profile of the eager fast step: CPU ops here (kernels on a GPU), split by kind.

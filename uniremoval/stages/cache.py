@@ -26,10 +26,11 @@ Speed: ``train.mixed_precision`` (bf16 autocast), ``model.channels_last`` and
 ``cache.batch_size`` (consecutive samples of one size share a forward) apply here as in training;
 ``cache.cudnn_benchmark`` autotunes convolutions per image size and ``model.compile`` compiles each
 teacher per batch shape: both pay off on large fixed-size sources (SPA's patches, GoPro), and cost
-a search or a compile per new size on sources of many sizes (RESIDE, Rain1400). The precision is part of each shard's done-record, so a cache is never a mix of two. The
-CPU work runs beside the teacher: a thread decodes the next inputs and ``cache.workers`` threads
-PNG-encode the last outputs (at zlib ``cache.png_level``, lossless at any level), the tar written in
-source order, byte for byte what a serial run writes.
+a search or a compile per new size on sources of many sizes (RESIDE, Rain1400). The precision is
+part of each shard's done-record, so a cache is never a mix of two. The CPU work runs beside the
+teacher: a thread decodes the next inputs and ``cache.workers`` threads PNG-encode the last outputs
+(at zlib ``cache.png_level``, lossless at any level), the tar written in source order, byte for
+byte what a serial run writes.
 
 Resumable per shard: an interrupted run leaves at most a hidden temporary tar per rank, removed
 on the next run; complete shards (done-record present and matching) are not recomputed. Every

@@ -146,9 +146,16 @@ def upsample2x(x: Tensor) -> Tensor:
     ``index_put`` with accumulate); the stencil's backward is a gather that fuses with its
     neighbours. Channels-last in, channels-last out (the next convolution's layout).
     """
-    if not torch.compiler.is_compiling():
+    if not _compiling():
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     return upsample2x_stencil(x)
+
+
+def _compiling() -> bool:
+    # torch.compiler.is_compiling is torch 2.3+; model.compile needs 2.6+ (fast.require_compile_support),
+    # so an older torch only ever runs the model eagerly.
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def upsample2x_stencil(x: Tensor) -> Tensor:

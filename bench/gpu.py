@@ -972,12 +972,11 @@ def main(argv: list[str] | None = None) -> int:
             with section(results, key):
                 # The deadline leaves ~15 s of the budget for stopping the child and the last write.
                 left = remaining() - 15
-                took = results.get("ours_compiled", {}).get("process_s") if only == "compiled" else None
-                if left < 60:  # too little for a compile: leave the time to the final write
-                    results[key] = {"error": f"not run: {remaining():.0f} s left of --budget-s {args.budget_s}"}
-                elif took and left < took:  # another mode of the same step: it would not finish either
-                    results[key] = {"error": f"not run: {left:.0f} s left of --budget-s {args.budget_s}, the "
-                                             f"default mode's child took {took:.0f} s"}
+                first = compiled_key(args.compile_mode[0])
+                took = results.get(first, {}).get("process_s") if only == "compiled" and key != first else None
+                why_not = skip_reason(left, args.budget_s, took, args.compile_mode[0])
+                if why_not:
+                    results[key] = {"error": why_not}
                 else:
                     results[key] = compiled_in_subprocess(args, int(min(args.compile_timeout, left)), mode, only)
             write()
@@ -1005,6 +1004,16 @@ def stop_child() -> None:
     if proc is not None:  # the group, even when the child itself has exited: its compile workers may not have
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def skip_reason(left: float, budget_s: float, took: float | None, first_mode: str) -> str | None:
+    """Why a compile child is not started with `left` seconds of the budget to go (None: start it).
+    `took`: what the first mode's child of the same step took (another mode compiles as long)."""
+    if left < 60:  # too little for any compile: the time goes to the final write
+        return f"not run: {left + 15:.0f} s left of --budget-s {budget_s}"
+    if took and left < took:
+        return f"not run: {left:.0f} s left of --budget-s {budget_s}, the {first_mode} mode's child took {took:.0f} s"
+    return None
 
 
 def compiled_in_subprocess(args: argparse.Namespace, limit: int, mode: str, only: str = "compiled") -> dict[str, Any]:
@@ -1037,7 +1046,7 @@ def compiled_in_subprocess(args: argparse.Namespace, limit: int, mode: str, only
         finally:
             stop_child()  # on the deadline; else compile workers left behind by a finished child
             proc.wait()
-            _STATE["child"] = _STATE["child_out"] = _STATE["child_key"] = None
+            _STATE["child"] = _STATE["child_out"] = _STATE["child_key"] = _STATE["child_src"] = None
         if error is None and proc.returncode != 0:
             error = f"the compiled-step process exited with status {proc.returncode} (see its log above)"
         res = child_results(out, error, CHILD_KEYS[only])

@@ -144,6 +144,16 @@ def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
     assert results["ours"]["loss_rel_diff_vs_naive"]["total"] == pytest.approx(0.01)
 
 
+def test_gpu_bench_skips_a_compile_the_budget_cannot_hold() -> None:
+    gpu = _gpu_module()
+    assert gpu.skip_reason(200.0, 400, None, "default") is None  # the first mode: as long as a minute is left
+    assert gpu.skip_reason(45.0, 400, None, "default") == "not run: 60 s left of --budget-s 400"
+    # another mode of the same step, with less left than the first one's child took
+    assert gpu.skip_reason(100.0, 400, 130.0, "default") == ("not run: 100 s left of --budget-s 400, the default "
+                                                             "mode's child took 130 s")
+    assert gpu.skip_reason(140.0, 400, 130.0, "default") is None
+
+
 def _gone(pid: int) -> bool:
     """No such process any more (or only a zombie waiting for whoever adopted it)."""
     try:

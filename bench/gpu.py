@@ -414,51 +414,61 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
     reset_peak(device)
 
 
-def bench_cache_build(models, args, device, results) -> None:
-    """Teacher inference on full frames, through the function `uniremoval cache` runs per batch:
-    official inference (fp32, one frame per forward) against the cache's settings (configs/cache.yaml:
-    bf16, channels_last, `cache.batch_size` frames of one size per forward: --cache-batch)."""
+def cache_setup(models, args, device) -> Any:
+    """What the cache sections share: the blur teacher as the official inference runs it (fp32,
+    NCHW, cuDNN TF32 convolutions), a channels-last copy with the cache's settings (configs/cache.yaml:
+    bf16), and two distinct batches of --cache-batch frames; ``run(t, speed, n)`` is the call i that
+    feeds `t` the n frames from (i * n) mod 2nb (each call other data than the last)."""
     import copy
     import dataclasses
+    from types import SimpleNamespace
 
     from uniremoval.stages.cache import run_teacher
 
     w, h = args.cache_size
-    teacher = models["teachers"][DEGS[-1]]
-    gen = torch.Generator().manual_seed(3)
     nb = args.cache_batch
-    frames = (torch.rand(2 * nb, 3, h, w, generator=gen) * 2 - 1).to(device)  # two distinct batches of nb
-    out: dict[str, Any] = {"frame": f"{w}x{h}", "frames_timed": args.cache_frames, "ours_batch": nb}
+    gen = torch.Generator().manual_seed(3)
+    frames = (torch.rand(2 * nb, 3, h, w, generator=gen) * 2 - 1).to(device)
+    teacher = models["teachers"][DEGS[-1]]
+    fast_teacher = copy.copy(teacher)
+    fast_teacher.model = fast.to_channels_last(copy.deepcopy(teacher.model))
+    fp32 = fast.Speed(device=device)
+    ours = dataclasses.replace(fp32, dtype=fast.autocast_dtype(args.precision, device), channels_last=True)
 
-    def run(t, speed, n):  # call i: the n frames from (i * n) mod 2nb (each call other data than the last)
+    def run(t, speed, n):
         return lambda i: run_teacher(t, frames[(i * n) % (2 * nb):][:n], CELL, speed)
 
-    fp32 = fast.Speed(device=device)  # the official inference: fp32, NCHW, cuDNN TF32 convolutions
+    return SimpleNamespace(teacher=teacher, fast_teacher=fast_teacher, fp32=fp32, ours=ours, nb=nb, run=run,
+                           frame=f"{w}x{h}")
+
+
+def bench_cache_build(models, args, device, results) -> None:
+    """Teacher inference on full frames, through the function `uniremoval cache` runs per batch:
+    official inference (fp32, one frame per forward) against the cache's settings (configs/cache.yaml:
+    bf16, channels_last, `cache.batch_size` frames of one size per forward: --cache-batch)."""
+    c = cache_setup(models, args, device)
+    out: dict[str, Any] = {"frame": c.frame, "frames_timed": args.cache_frames, "ours_batch": c.nb}
     reset_peak(device)
     with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=False):
-        call = run(teacher, fp32, 1)
+        call = c.run(c.teacher, c.fp32, 1)
         ref_img, ref_feat = call(0)
         dt = time_calls(call, args.cache_frames, device)
     out["fp32_eager"] = {"frames_s": sig(1 / dt), "peak_mem_gib": peak_gib(device), "batch": 1}
 
     # configs/cache.yaml's settings (one size of frame here, so cache.cudnn_benchmark: true).
-    fast_teacher = copy.copy(teacher)
-    fast_teacher.model = fast.to_channels_last(copy.deepcopy(teacher.model))
-    ours = dataclasses.replace(fp32, dtype=fast.autocast_dtype(args.precision, device), channels_last=True)
     reset_peak(device)
     with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
-        call = run(fast_teacher, ours, nb)
+        call = c.run(c.fast_teacher, c.ours, c.nb)
         img, feat = call(0)
-        calls = max(1, math.ceil(args.cache_frames / nb))
-        dt2 = time_calls(call, calls, device) / nb
-    out["ours"] = {"frames_s": sig(1 / dt2), "peak_mem_gib": peak_gib(device), "batch": nb,
-                   "what": f"{args.precision} autocast, channels_last, cudnn.benchmark, {nb} frames per forward"}
+        calls = max(1, math.ceil(args.cache_frames / c.nb))
+        dt2 = time_calls(call, calls, device) / c.nb
+    out["ours"] = {"frames_s": sig(1 / dt2), "peak_mem_gib": peak_gib(device), "batch": c.nb,
+                   "what": f"{args.precision} autocast, channels_last, cudnn.benchmark, {c.nb} frames per forward"}
     out["ratio"] = round(dt / dt2, 2)
     out.update(stored_diff(img[:1], feat[:1], ref_img, ref_feat))
     results["cache_build"] = out
     if args.cache_stage_frames:
-        out["stage"] = bench_cache_stage(fast_teacher, ours, args)
-    del fast_teacher
+        out["stage"] = bench_cache_stage(c.fast_teacher, c.ours, args)
 
 
 def bench_upsample(models, args, device, results) -> None:
@@ -527,28 +537,15 @@ def bench_cache_compiled(models, args, device, results, flush: Callable[[], Any]
     """The cache's teacher inference (as ``cache_build``'s ``ours``: same frames, batch, precision)
     with the teacher compiled, as `uniremoval cache` does under ``model.compile``. Run in a child
     process under a deadline (the compile takes minutes); ``compile_s`` is reported apart."""
-    import copy
-    import dataclasses
-
-    from uniremoval.stages.cache import run_teacher
-
-    w, h = args.cache_size
-    teacher = models["teachers"][DEGS[-1]]
-    gen = torch.Generator().manual_seed(3)  # bench_cache_build's frames
-    nb = args.cache_batch
-    frames = (torch.rand(2 * nb, 3, h, w, generator=gen) * 2 - 1).to(device)
+    c = cache_setup(models, args, device)
     mode_name = args.compile_mode[0]
-    fp32 = fast.Speed(device=device)
     with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=False):
-        ref_img, ref_feat = run_teacher(teacher, frames[:1], CELL, fp32)  # what the stored values are compared to
-    fast_teacher = copy.copy(teacher)
-    fast_teacher.model = fast.to_channels_last(copy.deepcopy(teacher.model))
+        ref_img, ref_feat = c.run(c.teacher, c.fp32, 1)(0)  # what the stored values are compared to
     cache = fast.set_compile_cache(args.compile_cache)
-    fast.compile_module(fast_teacher.model, cache, mode=None if mode_name == "default" else mode_name,
+    fast.compile_module(c.fast_teacher.model, cache, mode=None if mode_name == "default" else mode_name,
                         backend=args.compile_backend)
-    ours = dataclasses.replace(fp32, dtype=fast.autocast_dtype(args.precision, device), channels_last=True)
-    call = lambda i: run_teacher(fast_teacher, frames[(i * nb) % (2 * nb):][:nb], CELL, ours)
-    out: dict[str, Any] = {"frame": f"{w}x{h}", "batch": nb, "compile_cache": str(cache),
+    call = c.run(c.fast_teacher, c.ours, c.nb)
+    out: dict[str, Any] = {"frame": c.frame, "batch": c.nb, "compile_cache": str(cache),
                            "what": f"as cache_build.ours, the teacher compiled (backend={args.compile_backend} "
                                    f"mode={mode_name})"}
     reset_peak(device)
@@ -560,11 +557,11 @@ def bench_cache_compiled(models, args, device, results, flush: Callable[[], Any]
         t_first = time.perf_counter() - t0
         results["cache_compiled"] = {**out, "first_call_s": round(t_first, 2)}
         flush()  # kept if the deadline stops the timing
-        calls = max(1, math.ceil(args.cache_frames / nb))
+        calls = max(1, math.ceil(args.cache_frames / c.nb))
         time_calls(call, 1, device, start=1)
-        dt = time_calls(call, calls, device, start=2) / nb
+        dt = time_calls(call, calls, device, start=2) / c.nb
     out.update({"frames_s": sig(1 / dt), "peak_mem_gib": peak_gib(device), "first_call_s": round(t_first, 2),
-                "compile_s": round(max(0.0, t_first - nb * dt), 1),
+                "compile_s": round(max(0.0, t_first - c.nb * dt), 1),
                 **stored_diff(img[:1], feat[:1], ref_img, ref_feat)})
     results["cache_compiled"] = out
 

@@ -20,12 +20,16 @@ What is timed (each section is independent; a failing one records its error and 
   On a GPU a last child times ``reduce-overhead`` (CUDA graphs: no launch cost per kernel) as
   ``ours_compiled_reduce_overhead``, when the budget left exceeds what the first mode's child took;
   ``summary.ours_path`` names the fastest path.
-* ``flops``: FlopCounterMode over one step of each path; achieved TFLOP/s = flops / step time,
-  and the fraction of the measured bf16 matmul peak (``limit_img_s``: the img/s that peak allows).
+* ``flops``: FlopCounterMode over one step of each path (``flops_by_kind``: convolution, matmul);
+  achieved TFLOP/s = flops / step time, and the fraction of the measured bf16 matmul peak
+  (``limit_img_s``: the img/s that peak allows).
 * ``profile`` (``--profile STEPS``, inside ``ours`` and each compiled path): the step under
   torch.profiler: device-busy ms per step against the timed step (well under it: the step waits on
-  the host), ms per step by kernel kind (convolution, layout transpose, Triton, elementwise...) and
-  the 30 kernels that take the most.
+  the host), ms per step by kernel kind (convolution, layout transpose, Triton, elementwise...),
+  each kind's own TFLOP/s (``tflops_by_kind``) and the 30 kernels that take the most.
+* ``summary``: the ratio and the goal, what the goal asks (``tflops_needed_for_goal``: the rate the
+  whole step would have to sustain) and what the convolutions allow as the fastest path runs them
+  (``conv_bound_img_s``, ``conv_bound_ratio``: the step were every other kernel free).
 * ``cache_build``: teacher inference on 720p frames (1280x720): the official inference (fp32 eager,
   one frame per forward) vs the cache stage's (bf16, channels_last, ``--cache-batch`` 4 frames per
   forward as configs/cache.yaml's ``cache.batch_size``), plus how far the two outputs are apart in
@@ -233,13 +237,19 @@ def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool 
     return step
 
 
-def count_flops(step: Callable[[int], Any]) -> tuple[float, Any]:
-    """FLOPs of one step (matmuls and convolutions, forward and backward) and the step's terms."""
+def count_flops(step: Callable[[int], Any]) -> tuple[float, dict[str, float], Any]:
+    """FLOPs of one step (matmuls and convolutions, forward and backward), the same split by kind
+    ("convolution", "matmul": the profile's kernel kinds, so that a kind's TFLOP/s can be read off
+    its device time) and the step's terms."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         terms = step(0)
-    return float(counter.get_total_flops()), terms
+    by_kind: dict[str, float] = {}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        kind = "convolution" if "conv" in str(op) else "matmul"  # aten.convolution(_backward) | mm, addmm, bmm...
+        by_kind[kind] = by_kind.get(kind, 0.0) + float(flops)
+    return float(counter.get_total_flops()), by_kind, terms
 
 
 # Kernel kinds, by the first fragment found in a kernel's lower-cased name (the order matters:
@@ -313,7 +323,7 @@ def bench_naive(models, args, device, results) -> None:
         # The first step (allocator, cuDNN's algorithm search) is timed apart; it also counts the FLOPs.
         sync(device)
         t0 = time.perf_counter()
-        flops, terms = count_flops(step) if args.flops else (None, step(0))
+        flops, flops_by_kind, terms = count_flops(step) if args.flops else (None, None, step(0))
         sync(device)
         t_first = time.perf_counter() - t0
         time_calls(step, args.warmup, device, start=1)
@@ -323,7 +333,8 @@ def bench_naive(models, args, device, results) -> None:
         "what": "fp32 eager, the official train.py's flags (cuDNN TF32 convs, cudnn.benchmark), teachers online, "
                 "default Adam",
         "img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2), "first_step_s": round(t_first, 2),
-        "peak_mem_gib": peak_gib(device), "flops_per_step": flops, "loss_terms": terms,
+        "peak_mem_gib": peak_gib(device), "flops_per_step": flops, "flops_by_kind": flops_by_kind,
+        "loss_terms": terms,
     }
     del student, phi, opt, batches
     reset_peak(device)
@@ -368,7 +379,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         sync(device)
         t0 = time.perf_counter()
         if args.flops and not compiled and not host_syncs:
-            out["flops_per_step"], terms = count_flops(step)
+            out["flops_per_step"], out["flops_by_kind"], terms = count_flops(step)
         else:
             terms = step(0)
         for i in range(1, n_first):
@@ -1078,6 +1089,7 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     naive = results.get("naive", {})
     peak = results.get("matmul_peak", {}).get("tflops")
     flops_ours = results.get("ours", {}).get("flops_per_step")
+    flops_by_kind_ours = results.get("ours", {}).get("flops_by_kind")
     compiled = sorted(k for k in results if k.startswith("ours_compiled"))
     for key in ("naive", "ours", "ours_trainer_syncs", *compiled):
         r = results.get(key, {})
@@ -1092,6 +1104,13 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
                 r["limit_img_s"] = sig(peak * 1e12 / (flops / args.batch))
         if key != "naive" and naive.get("img_s"):
             r["ratio_vs_naive"] = round(r["img_s"] / naive["img_s"], 2)
+        by_flops = r.get("flops_by_kind") or (flops_by_kind_ours if key != "naive" else None)
+        by_ms = r.get("profile", {}).get("by_kind_ms", {})
+        if by_flops and by_ms:
+            # each kind's own rate: its FLOPs over its kernels' device time (the whole step's rate
+            # above also pays for every memory-bound kernel and every gap)
+            r["profile"]["tflops_by_kind"] = {k: sig(by_flops[k] / (by_ms[k] / 1e3) / 1e12)
+                                              for k in by_flops if by_ms.get(k)}
         if key != "naive" and naive.get("loss_terms") and r.get("loss_terms"):
             # Same first batch, same initial weights, same teacher targets: the terms must agree
             # within the bf16 tolerance of tests/test_fast_equivalence.py (3e-2).
@@ -1112,6 +1131,19 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
         s["ratio"] = round(best["img_s"] / naive["img_s"], 2)
         s["goal_ratio"] = 5.0
         s["frac_of_bf16_matmul_peak"] = best.get("frac_of_bf16_matmul_peak")
+        if flops_ours:
+            # What reaching the goal asks: the rate the whole step would have to sustain, and the
+            # bound the convolutions set as they run now (the step's img/s were every other kernel free).
+            per_img = flops_ours / args.batch
+            s["tflops_needed_for_goal"] = sig(s["goal_ratio"] * naive["img_s"] * per_img / 1e12)
+            if peak:
+                s["needed_frac_of_bf16_matmul_peak"] = sig(s["tflops_needed_for_goal"] / peak, 3)
+            conv_tflops = best.get("profile", {}).get("tflops_by_kind", {}).get("convolution")
+            conv_flops = (flops_by_kind_ours or {}).get("convolution")
+            if conv_tflops and conv_flops:
+                s["conv_tflops"] = conv_tflops
+                s["conv_bound_img_s"] = sig(conv_tflops * 1e12 / (conv_flops / args.batch))
+                s["conv_bound_ratio"] = round(s["conv_bound_img_s"] / naive["img_s"], 2)
     cb, cc = results.get("cache_build", {}), results.get("cache_compiled", {})
     if "ratio" in cb:
         s["cache_build_ratio"] = cb["ratio"]

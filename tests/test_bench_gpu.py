@@ -58,6 +58,11 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     s = printed["summary"]
     assert s["ratio"] == pytest.approx(s["ours_img_s"] / s["naive_img_s"], abs=0.011) and s["goal_ratio"] == 5.0
     assert naive["flops_per_step"] > 0 and ours["flops_per_step"] > 0
+    for r in (naive, ours):  # the split by kind adds up; the networks' convolutions are nearly all of it
+        assert sum(r["flops_by_kind"].values()) == pytest.approx(r["flops_per_step"])
+        assert r["flops_by_kind"]["convolution"] > 0.9 * r["flops_per_step"]
+    assert s["tflops_needed_for_goal"] == pytest.approx(
+        5 * s["naive_img_s"] * ours["flops_per_step"] / printed["settings"]["batch"] / 1e12, rel=1e-3)
     cache = printed["cache_build"]
     assert cache["stored_image_max_level_diff"] <= 8 and cache["feature_rel_err"] < LOSS_TOLERANCE
     assert cache["ours"]["batch"] == 4 and cache["fp32_eager"]["batch"] == 1  # configs/cache.yaml vs official
@@ -94,6 +99,8 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert compiled["profile"]["steps"] == 2 and compiled["profile"]["busy_ms_per_step"] > 0  # in the child
     assert prof["steps"] == 2 and 0 < prof["busy_ms_per_step"] and prof["launches_per_step"] > 0
     assert prof["by_kind_ms"]["convolution"] > 0 and len(prof["top"]) == 30
+    assert prof["tflops_by_kind"]["convolution"] == pytest.approx(
+        ours["flops_by_kind"]["convolution"] / prof["by_kind_ms"]["convolution"] / 1e9, rel=1e-3)
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms_per_step"], rel=0.01)
 
 
@@ -127,9 +134,13 @@ def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
     terms = {"total": 1.0}
     results = {
         "naive": {"img_s": 50.0, "step_ms": 320.0, "loss_terms": terms},
-        "ours": {"img_s": 100.0, "step_ms": 160.0, "loss_terms": {"total": 1.01}},
+        "ours": {"img_s": 100.0, "step_ms": 160.0, "loss_terms": {"total": 1.01}, "flops_per_step": 16e12,
+                 "flops_by_kind": {"convolution": 15.2e12, "matmul": 0.8e12}},
         "ours_compiled": {"img_s": 125.0, "step_ms": 128.0, "compile_s": 32.0, "loss_terms": terms},
-        "ours_compiled_reduce_overhead": {"img_s": 160.0, "step_ms": 100.0, "compile_s": 60.0, "loss_terms": terms},
+        "ours_compiled_reduce_overhead": {"img_s": 160.0, "step_ms": 100.0, "compile_s": 60.0, "loss_terms": terms,
+                                          "profile": {"by_kind_ms": {"convolution": 76.0, "matmul": 2.0,
+                                                                     "triton (fused)": 15.0}}},
+        "matmul_peak": {"tflops": 787.0},
     }
     results["cache_build"] = {"fp32_eager": {"frames_s": 5.0}, "ours": {"frames_s": 9.0}, "ratio": 1.8}
     results["cache_compiled"] = {"frames_s": 10.0, "compile_s": 50.0}
@@ -142,6 +153,13 @@ def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
     assert results["ours_compiled_reduce_overhead"]["breakeven_steps"] == 1000  # 60 s / 60 ms
     assert results["ours_compiled_reduce_overhead"]["ratio_vs_naive"] == 3.2
     assert results["ours"]["loss_rel_diff_vs_naive"]["total"] == pytest.approx(0.01)
+    # What the goal asks and what the convolutions allow: 1 TFLOP an image, 5 x 50 img/s -> 250 TFLOP/s;
+    # the convolutions' 15.2 TFLOP in 76 ms of kernels -> 200 TFLOP/s -> 210.5 img/s at most.
+    assert results["ours_compiled_reduce_overhead"]["profile"]["tflops_by_kind"] == {"convolution": 200.0,
+                                                                                       "matmul": 400.0}
+    assert results["ours_compiled_reduce_overhead"]["achieved_tflops"] == 160.0
+    assert s["tflops_needed_for_goal"] == 250.0 and s["needed_frac_of_bf16_matmul_peak"] == 0.318
+    assert s["conv_tflops"] == 200.0 and s["conv_bound_img_s"] == 210.5 and s["conv_bound_ratio"] == 4.21
 
 
 def test_gpu_bench_skips_a_compile_the_budget_cannot_hold() -> None:

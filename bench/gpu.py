@@ -19,7 +19,8 @@ What is timed (each section is independent; a failing one records its error and 
   VGG-19; its compile time is reported apart (``compile_s``) with the steps it takes to pay back.
   On a GPU a last child times ``reduce-overhead`` (CUDA graphs: no launch cost per kernel) as
   ``ours_compiled_reduce_overhead``, when the budget left exceeds what the first mode's child took;
-  ``summary.ours_path`` names the fastest path.
+  ``summary.ours_path`` names the fastest path. ``--inductor KEY=VALUE`` sets a torch._inductor.config
+  option for every compile (``settings.inductor``; each compiled path's ``what`` names it).
 * ``flops``: FlopCounterMode over one step of each path (``flops_by_kind``: convolution, matmul);
   achieved TFLOP/s = flops / step time, and the fraction of the measured bf16 matmul peak
   (``limit_img_s``: the img/s that peak allows).
@@ -358,6 +359,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
                 f"{'fused' if 'fused' in fast.adam_impl(device, True if args.cpu_fused else None) else 'foreach'} "
                 "Adam, cached teacher targets"
                 + (f", torch.compile backend={args.compile_backend} mode={mode_name}" if compiled else "")
+                + (inductor_what(results) if compiled else "")
                 + (", the trainer's per-step loss read and running sums" if host_syncs else ""),
     }
     if compiled:
@@ -558,7 +560,7 @@ def bench_cache_compiled(models, args, device, results, flush: Callable[[], Any]
     call = c.run(c.fast_teacher, c.ours, c.nb)
     out: dict[str, Any] = {"frame": c.frame, "batch": c.nb, "compile_cache": str(cache),
                            "what": f"as cache_build.ours, the teacher compiled (backend={args.compile_backend} "
-                                   f"mode={mode_name})"}
+                                   f"mode={mode_name}{inductor_what(results)})"}
     reset_peak(device)
     with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
         sync(device)
@@ -758,6 +760,41 @@ def compiled_key(mode: str) -> str:
     return "ours_compiled" if mode == "default" else "ours_compiled_" + mode.replace("-", "_")
 
 
+def parse_inductor_option(s: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for torch._inductor.config (VALUE a Python literal, else a string)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, raw = s.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--inductor takes KEY=VALUE (e.g. conv_1x1_as_mm=True), got {s!r}")
+    if not hasattr(inductor_config, key):
+        raise argparse.ArgumentTypeError(f"--inductor {key}: torch._inductor.config has no option {key!r} "
+                                         f"(torch {torch.__version__})")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return key, value
+
+
+def apply_inductor_options(options: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set the --inductor options in this process (a compiled child parses the same argv) and return
+    them as inductor reads them back."""
+    import torch._inductor.config as inductor_config
+
+    for key, value in options:
+        setattr(inductor_config, key, value)
+    return {key: getattr(inductor_config, key) for key, _ in options}
+
+
+def inductor_what(results: dict[str, Any]) -> str:
+    """The --inductor options as this process's inductor holds them, for a compiled path's "what"."""
+    return "".join(f", inductor {k}={v!r}" for k, v in results.get("settings", {}).get("inductor", {}).items())
+
+
 def parse_size(s: str) -> tuple[int, int]:
     w, h = (int(v) for v in s.lower().split("x"))
     return w, h
@@ -784,6 +821,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="inductor cache folder (kept between runs on one machine)")
     p.add_argument("--compile-artifacts", default=None,
                    help="file of portable compile artifacts: loaded before compiling when present, saved after")
+    p.add_argument("--inductor", type=parse_inductor_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="set a torch._inductor.config option for every compile of the run (repeatable), e.g. "
+                        "conv_1x1_as_mm=True or coordinate_descent_tuning=True; recorded under settings.inductor")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--cpu-fused", action="store_true", help="fused Adam on CPU too (default: foreach)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP counter")
@@ -869,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"preset": args.preset, "batch": args.batch, "crop": args.crop, "steps": args.steps,
                      "warmup": args.warmup, "compile": args.compile, "compile_mode": args.compile_mode,
                      "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1",
-                     "budget_s": args.budget_s or None},
+                     "budget_s": args.budget_s or None, "inductor": apply_inductor_options(args.inductor)},
         "complete": False,
     }
 

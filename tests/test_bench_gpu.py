@@ -34,7 +34,7 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, GPU_PY, "--preset", "tiny", "--quick", "--device", "cpu", "--cpu-fused",
                         "--compile", "--compile-backend", "aot_eager", "--compile-cache", str(tmp_path / "cc"),
-                        "--profile", "2", "--out", str(out)],
+                        "--profile", "2", "--inductor", "conv_1x1_as_mm=True", "--out", str(out)],
                        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     printed = json.loads(p.stdout)
@@ -49,6 +49,11 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert compiled["img_s"] > 0 and compiled["compile_s"] >= 0 and compiled["process_s"] > 0
     assert "backend=aot_eager" in compiled["what"] and compiled["timeout_s"] > 0
     assert compiled["loss_terms"] == pytest.approx(ours["loss_terms"], rel=1e-4)
+    # --inductor reaches both compiled children, as their inductor reads it back
+    assert printed["settings"]["inductor"] == {"conv_1x1_as_mm": True}
+    assert "inductor conv_1x1_as_mm=True" in compiled["what"]
+    assert "inductor conv_1x1_as_mm=True" in printed["cache_compiled"]["what"]
+    assert "inductor" not in ours["what"]
     assert set(naive["loss_terms"]) == set(ours["loss_terms"]) == {"pixel", "ig", "fg", "total"}
     diffs = ours["loss_rel_diff_vs_naive"]
     assert all(0 <= d < LOSS_TOLERANCE for d in diffs.values()), diffs
@@ -160,6 +165,19 @@ def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
     assert results["ours_compiled_reduce_overhead"]["achieved_tflops"] == 160.0
     assert s["tflops_needed_for_goal"] == 250.0 and s["needed_frac_of_bf16_matmul_peak"] == 0.318
     assert s["conv_tflops"] == 200.0 and s["conv_bound_img_s"] == 210.5 and s["conv_bound_ratio"] == 4.21
+
+
+def test_gpu_bench_inductor_options_are_checked_against_torch() -> None:
+    import argparse
+
+    gpu = _gpu_module()
+    assert gpu.parse_inductor_option("conv_1x1_as_mm=True") == ("conv_1x1_as_mm", True)
+    assert gpu.parse_inductor_option(" max_autotune_gemm_backends = ATEN,TRITON") == (
+        "max_autotune_gemm_backends", "ATEN,TRITON")  # not a literal: kept as the string
+    with pytest.raises(argparse.ArgumentTypeError, match="has no option 'conv_1x1_as_matmul'"):
+        gpu.parse_inductor_option("conv_1x1_as_matmul=True")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        gpu.parse_inductor_option("conv_1x1_as_mm")
 
 
 def test_gpu_bench_skips_a_compile_the_budget_cannot_hold() -> None:

@@ -898,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     # The first main() of the process counts its imports too; a later one (in-process use) starts now.
     t_start = _STATE.pop("t_import", None) or time.perf_counter()
+    inductor = apply_inductor_options(args.inductor)  # before any compile, here and in each child
     results: dict[str, Any] = {
         "env": {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
@@ -909,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"preset": args.preset, "batch": args.batch, "crop": args.crop, "steps": args.steps,
                      "warmup": args.warmup, "compile": args.compile, "compile_mode": args.compile_mode,
                      "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1",
-                     "budget_s": args.budget_s or None, "inductor": apply_inductor_options(args.inductor)},
+                     "budget_s": args.budget_s or None, "inductor": inductor},
         "complete": False,
     }
 

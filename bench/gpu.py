@@ -21,6 +21,8 @@ What is timed (each section is independent; a failing one records its error and 
   ``ours_compiled_reduce_overhead``, when the budget left exceeds what the first mode's child took;
   ``summary.ours_path`` names the fastest path. ``--inductor KEY=VALUE`` sets a torch._inductor.config
   option for every compile (``settings.inductor``; each compiled path's ``what`` names it).
+  ``--cudnn-benchmark-limit N`` lets cudnn.benchmark try N algorithms per convolution shape on our
+  paths (0: all of them; torch's default is 10); the naive baseline keeps the official default.
 * ``flops``: FlopCounterMode over one step of each path (``flops_by_kind``: convolution, matmul);
   achieved TFLOP/s = flops / step time, and the fraction of the measured bf16 matmul peak
   (``limit_img_s``: the img/s that peak allows).
@@ -72,7 +74,7 @@ import tarfile
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -354,10 +356,10 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
     batches = add_cached_targets(make_batches(2, args.batch, args.crop, device), models["teachers"])
     batches = [fast.to_device(b, device, channels_last=True) for b in batches]
     run_student, run_phi = student, phi
+    adam = "fused" if "fused" in fast.adam_impl(device, True if args.cpu_fused else None) else "foreach"
     out: dict[str, Any] = {
-        "what": f"{args.precision} autocast (networks; contrastive loss fp32), channels_last, cudnn.benchmark, "
-                f"{'fused' if 'fused' in fast.adam_impl(device, True if args.cpu_fused else None) else 'foreach'} "
-                "Adam, cached teacher targets"
+        "what": f"{args.precision} autocast (networks; contrastive loss fp32), channels_last, "
+                f"{benchmark_what(args)}, {adam} Adam, cached teacher targets"
                 + (f", torch.compile backend={args.compile_backend} mode={mode_name}" if compiled else "")
                 + (inductor_what(results) if compiled else "")
                 + (", the trainer's per-step loss read and running sums" if host_syncs else ""),
@@ -377,7 +379,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
     # cudnn.benchmark pick its algorithms: timed apart.
     # Eager: the first step also counts the FLOPs (the counter cannot see inside compiled code).
     n_first = 2 if compiled else 1
-    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+    with ours_flags(args):
         sync(device)
         t0 = time.perf_counter()
         if args.flops and not compiled and not host_syncs:
@@ -470,13 +472,13 @@ def bench_cache_build(models, args, device, results) -> None:
 
     # configs/cache.yaml's settings (one size of frame here, so cache.cudnn_benchmark: true).
     reset_peak(device)
-    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+    with ours_flags(args):
         call = c.run(c.fast_teacher, c.ours, c.nb)
         img, feat = call(0)
         calls = max(1, math.ceil(args.cache_frames / c.nb))
         dt2 = time_calls(call, calls, device) / c.nb
     out["ours"] = {"frames_s": sig(1 / dt2), "peak_mem_gib": peak_gib(device), "batch": c.nb,
-                   "what": f"{args.precision} autocast, channels_last, cudnn.benchmark, {c.nb} frames per forward"}
+                   "what": f"{args.precision} autocast, channels_last, {benchmark_what(args)}, {c.nb} frames per forward"}
     out["ratio"] = round(dt / dt2, 2)
     out.update(stored_diff(img[:1], feat[:1], ref_img, ref_feat))
     results["cache_build"] = out
@@ -562,7 +564,7 @@ def bench_cache_compiled(models, args, device, results, flush: Callable[[], Any]
                            "what": f"as cache_build.ours, the teacher compiled (backend={args.compile_backend} "
                                    f"mode={mode_name}{inductor_what(results)})"}
     reset_peak(device)
-    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+    with ours_flags(args):
         sync(device)
         t0 = time.perf_counter()
         img, feat = call(0)
@@ -632,7 +634,7 @@ def bench_cache_stage(teacher, speed, args) -> dict[str, Any]:
         want = _want({"url": str(src), "source_sha256": "0" * 64}, teacher, CELL, args.precision)
         res: dict[str, Any] = {"frames": n, "batch": args.cache_batch}
         shas = {}
-        with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+        with ours_flags(args):
             for label, workers in (("serial", 0), ("threads", args.cache_stage_workers)):
                 d = Path(tmp) / label
                 d.mkdir()
@@ -795,6 +797,33 @@ def inductor_what(results: dict[str, Any]) -> str:
     return "".join(f", inductor {k}={v!r}" for k, v in results.get("settings", {}).get("inductor", {}).items())
 
 
+@contextlib.contextmanager
+def ours_flags(args: argparse.Namespace) -> Iterator[None]:
+    """Our paths' convolution flags (cuDNN TF32, cudnn.benchmark) and, with --cudnn-benchmark-limit,
+    how many algorithms the benchmark tries per shape; the previous limit is restored after."""
+    old = torch.backends.cudnn.benchmark_limit
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
+    try:
+        with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark_limit = old
+
+
+def benchmark_what(args: argparse.Namespace) -> str:
+    """cudnn.benchmark as our paths run it, for their "what"."""
+    n = args.cudnn_benchmark_limit
+    return "cudnn.benchmark" + ("" if n is None else f" (benchmark_limit={n}{': all algorithms' if n == 0 else ''})")
+
+
+def non_negative_int(s: str) -> int:
+    n = int(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
+    return n
+
+
 def parse_size(s: str) -> tuple[int, int]:
     w, h = (int(v) for v in s.lower().split("x"))
     return w, h
@@ -824,6 +853,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inductor", type=parse_inductor_option, action="append", default=[], metavar="KEY=VALUE",
                    help="set a torch._inductor.config option for every compile of the run (repeatable), e.g. "
                         "conv_1x1_as_mm=True or coordinate_descent_tuning=True; recorded under settings.inductor")
+    p.add_argument("--cudnn-benchmark-limit", type=non_negative_int, default=None, metavar="N",
+                   help="algorithms cudnn.benchmark tries per convolution shape on our paths (0: every one; "
+                        "default: torch's, 10); the naive baseline keeps torch's default, as the official code")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--cpu-fused", action="store_true", help="fused Adam on CPU too (default: foreach)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP counter")
@@ -910,7 +942,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"preset": args.preset, "batch": args.batch, "crop": args.crop, "steps": args.steps,
                      "warmup": args.warmup, "compile": args.compile, "compile_mode": args.compile_mode,
                      "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1",
-                     "budget_s": args.budget_s or None, "inductor": inductor},
+                     "budget_s": args.budget_s or None, "inductor": inductor,
+                     "cudnn_benchmark_limit": {"ours": args.cudnn_benchmark_limit
+                                               if args.cudnn_benchmark_limit is not None
+                                               else torch.backends.cudnn.benchmark_limit,
+                                               "naive": torch.backends.cudnn.benchmark_limit}},
         "complete": False,
     }
 

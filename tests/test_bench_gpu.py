@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from dist_kt_common import REPO, subprocess_env
 
 LOSS_TOLERANCE = 3e-2  # bf16 autocast vs fp32: relative difference of each KT loss term
@@ -34,7 +35,8 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, GPU_PY, "--preset", "tiny", "--quick", "--device", "cpu", "--cpu-fused",
                         "--compile", "--compile-backend", "aot_eager", "--compile-cache", str(tmp_path / "cc"),
-                        "--profile", "2", "--inductor", "conv_1x1_as_mm=True", "--out", str(out)],
+                        "--profile", "2", "--inductor", "conv_1x1_as_mm=True", "--cudnn-benchmark-limit", "0",
+                        "--out", str(out)],
                        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     printed = json.loads(p.stdout)
@@ -54,6 +56,11 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert "inductor conv_1x1_as_mm=True" in compiled["what"]
     assert "inductor conv_1x1_as_mm=True" in printed["cache_compiled"]["what"]
     assert "inductor" not in ours["what"]
+    # --cudnn-benchmark-limit: our paths only; the naive baseline keeps torch's default, as the official code
+    assert printed["settings"]["cudnn_benchmark_limit"] == {"ours": 0, "naive": torch.backends.cudnn.benchmark_limit}
+    for what in (ours["what"], compiled["what"], printed["cache_build"]["ours"]["what"]):
+        assert "cudnn.benchmark (benchmark_limit=0: all algorithms)" in what, what
+    assert "benchmark_limit" not in naive["what"]
     assert set(naive["loss_terms"]) == set(ours["loss_terms"]) == {"pixel", "ig", "fg", "total"}
     diffs = ours["loss_rel_diff_vs_naive"]
     assert all(0 <= d < LOSS_TOLERANCE for d in diffs.values()), diffs
@@ -178,6 +185,22 @@ def test_gpu_bench_inductor_options_are_checked_against_torch() -> None:
         gpu.parse_inductor_option("conv_1x1_as_matmul=True")
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
         gpu.parse_inductor_option("conv_1x1_as_mm")
+
+
+def test_gpu_bench_cudnn_benchmark_limit_is_set_for_our_paths_only() -> None:
+    import argparse
+
+    gpu = _gpu_module()
+    default = torch.backends.cudnn.benchmark_limit
+    args = gpu.parse_args(["--device", "cpu", "--cudnn-benchmark-limit", "0"])
+    with gpu.ours_flags(args):
+        assert torch.backends.cudnn.benchmark_limit == 0 and torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark_limit == default  # restored: the naive path runs with torch's
+    with gpu.ours_flags(gpu.parse_args(["--device", "cpu"])):
+        assert torch.backends.cudnn.benchmark_limit == default
+    assert gpu.benchmark_what(args) == "cudnn.benchmark (benchmark_limit=0: all algorithms)"
+    with pytest.raises(argparse.ArgumentTypeError, match="integer >= 0, got -1"):
+        gpu.non_negative_int("-1")
 
 
 def test_gpu_bench_skips_a_compile_the_budget_cannot_hold() -> None:

@@ -931,6 +931,9 @@ def main(argv: list[str] | None = None) -> int:
     # The first main() of the process counts its imports too; a later one (in-process use) starts now.
     t_start = _STATE.pop("t_import", None) or time.perf_counter()
     inductor = apply_inductor_options(args.inductor)  # before any compile, here and in each child
+    naive_limit = torch.backends.cudnn.benchmark_limit
+    with ours_flags(args):
+        ours_limit = torch.backends.cudnn.benchmark_limit
     results: dict[str, Any] = {
         "env": {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
@@ -943,10 +946,7 @@ def main(argv: list[str] | None = None) -> int:
                      "warmup": args.warmup, "compile": args.compile, "compile_mode": args.compile_mode,
                      "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1",
                      "budget_s": args.budget_s or None, "inductor": inductor,
-                     "cudnn_benchmark_limit": {"ours": args.cudnn_benchmark_limit
-                                               if args.cudnn_benchmark_limit is not None
-                                               else torch.backends.cudnn.benchmark_limit,
-                                               "naive": torch.backends.cudnn.benchmark_limit}},
+                     "cudnn_benchmark_limit": {"ours": ours_limit, "naive": naive_limit}},
         "complete": False,
     }
 

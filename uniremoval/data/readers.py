@@ -114,8 +114,10 @@ def resolve_entry(root: Path, entry: str, base: Path | None = None) -> tuple[str
             candidate = absolute
         else:
             candidate = base / text.lstrip("/")
-            if not candidate.exists():
+            if not candidate.exists() and absolute.exists():
                 return None, f"list entry {entry!r} is an absolute path outside --root {root}"
+            # Neither exists: a dataset-relative entry naming a missing file, which the caller
+            # reports as missing_partner (every SPA line starts with '/').
     else:
         candidate = base / text.removeprefix("./")
     if not _inside(root_resolved, candidate):
@@ -142,9 +144,22 @@ def walk_images(folder: Path, skip: tuple[Path, ...] = (), others: list[Path] | 
     format (`OTHER_IMAGE_EXTS`) go to `others` when it is given. The one listing of a folder of
     images: `shards build`/`synth` (`scan_images`), `restore` and `eval --data FOLDER`."""
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    # Linked folders are followed (their files are then checked like any link, `scan_images`);
+    # a folder reached twice (a link to an ancestor or to a sibling) is listed once.
+    seen = {Path(folder).resolve()}
+
+    def first_visit(path: Path) -> bool:
+        real = path.resolve()
+        if real in seen:
+            return False
+        seen.add(real)
+        return True
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         base = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not hidden(d) and base / d not in skip)
+        dirnames[:] = sorted(
+            d for d in dirnames if not hidden(d) and base / d not in skip and first_visit(base / d)
+        )
         for name in filenames:
             if hidden(name):
                 continue
@@ -464,20 +479,48 @@ def _stem_pairs(
     issues: list[Issue],
     partner_stems: Callable[[str], list[str]] = lambda s: [s],
 ) -> list[tuple[str, str | None]]:
-    """Pair files of two folders by file stem (extension may differ)."""
-    clean = _index_by_stem(root, scan_images(root, clean_dir, issues), issues) if clean_dir else {}
+    """Pair files of two folders by path without extension: `input/a/001.png` with `target/a/001.*`.
+
+    A clean folder without the sub-folders (`target/001.png`) pairs by stem alone when exactly one
+    clean file has it. Several candidates (`001.png` and `001.jpg`, or `a/001` and `b/001` for an
+    input elsewhere) are never guessed between: the input is reported as a `duplicate`. So are
+    degraded files with the same path and another extension (`a.png`, `a.jpg`).
+    """
+    degraded = scan_images(root, degraded_dir, issues)
+    if clean_dir is None:
+        return [(_rel(root, path), None) for path in degraded]
+    by_path: dict[str, list[Path]] = {}
+    by_stem: dict[str, list[Path]] = {}
+    for path in scan_images(root, clean_dir, issues):
+        by_path.setdefault(path.relative_to(clean_dir).with_suffix("").as_posix(), []).append(path)
+        by_stem.setdefault(path.stem, []).append(path)
     pairs: list[tuple[str, str | None]] = []
-    for path in scan_images(root, degraded_dir, issues):
-        if clean_dir is None:
-            pairs.append((_rel(root, path), None))
+    same_name: dict[str, list[Path]] = {}
+    for path in degraded:
+        same_name.setdefault(path.relative_to(degraded_dir).with_suffix("").as_posix(), []).append(path)
+    for path in degraded:
+        sub = path.parent.relative_to(degraded_dir)
+        own = (sub / path.stem).as_posix()
+        if len(same_name[own]) > 1:
+            others = ", ".join(_rel(root, o) for o in same_name[own] if o != path)
+            issues.append(Issue("duplicate", _rel(root, path),
+                                f"same name as {others} but another extension; rename or remove one"))
             continue
-        partner = next((clean[s] for s in partner_stems(path.stem) if s in clean), None)
-        if partner is None:
+        stems = partner_stems(path.stem)
+        candidates = next((by_path[k] for s in stems if (k := (sub / s).as_posix()) in by_path), None)
+        if candidates is None:
+            candidates = next((by_stem[s] for s in stems if s in by_stem), [])
+        if not candidates:
             issues.append(
-                Issue("missing_partner", _rel(root, path), f"no '{path.stem}.*' in {_rel(root, clean_dir)}/")
+                Issue("missing_partner", _rel(root, path), f"no '{own}.*' in {_rel(root, clean_dir)}/")
             )
             continue
-        pairs.append((_rel(root, path), _rel(root, partner)))
+        if len(candidates) > 1:
+            names = ", ".join(_rel(root, c) for c in candidates)
+            issues.append(Issue("duplicate", _rel(root, path),
+                                f"several clean images could be its partner ({names}); keep one of them"))
+            continue
+        pairs.append((_rel(root, path), _rel(root, candidates[0])))
     return pairs
 
 

@@ -383,6 +383,16 @@ def test_bad_writer_options_are_named_and_write_nothing(tmp_path: Path, args, me
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["build", "verify"])
+def test_workers_below_one_are_refused_by_the_parser(tmp_path: Path, command: str, capsys) -> None:
+    args = (["build", "--format", "folder", "--root", str(tmp_path), "--degradation", "haze"]
+            if command == "build" else ["verify", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(*args, "--workers", "-1")
+    assert stop.value.code == 2
+    assert "--workers: must be a whole number >= 1 (processes), got '-1'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # verify and the manifest API
 
@@ -790,3 +800,154 @@ def test_a_build_refused_by_the_lock_leaves_the_holders_new_out_alone(tmp_path: 
         build("paired-folder", tree.root, out, "--degradation", "rain")
     assert (out / ".lock-job0of1").is_file()  # the holder's lock (and its folder) are still there
     held[0].close()
+
+
+def test_paired_folder_pairs_by_path_and_never_guesses(tmp_path: Path) -> None:
+    """Sub-folders repeating file names pair folder by folder; a flat target/ pairs by a unique stem;
+    an input with two possible targets, or inputs differing only in extension, are reported as
+    duplicates and left out, never paired with whichever sorts first."""
+    tree = Tree(tmp_path / "pf")
+    for scene in ("scene1", "scene2"):
+        tree.pair(f"input/{scene}/001.png", f"target/{scene}/001.png", "train")
+    tree.pair("input/light/flat.png", "target/flat.png", "train")  # flat target, unique stem
+    tree.image("input/two.png", 90, 150)
+    tree.image("target/two.jpg", 90, 40)
+    tree.image("target/two.png", 91, 40)
+    tree.image("input/dup.png", 92, 150)
+    tree.image("input/dup.jpg", 93, 150)
+    tree.image("target/dup.png", 92, 40)
+    tree.image("input/scene3/001.png", 94, 150)  # 001 exists in scene1/ and scene2/ only
+    out = tmp_path / "out"
+    build("paired-folder", tree.root, out, "--degradation", "rain")
+    check_samples(out, tree, "paired-folder", "rain", "synthetic")
+    report = {r["path"]: r for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
+    assert {p: r["kind"] for p, r in report.items()} == {
+        "input/dup.jpg": "duplicate", "input/dup.png": "duplicate", "input/two.png": "duplicate",
+        "input/scene3/001.png": "duplicate"}
+    assert "target/two.jpg, target/two.png" in report["input/two.png"]["reason"]
+    assert "target/scene1/001.png, target/scene2/001.png" in report["input/scene3/001.png"]["reason"]
+
+
+def test_folders_linked_into_the_root_are_read_and_loops_end(tmp_path: Path) -> None:
+    """A linked folder is walked like a real one (its files, if they lie outside --root, reported one
+    by one), and a link back to an ancestor does not loop."""
+    outside = Tree(tmp_path / "elsewhere")
+    outside.image("far/a.png", 1, 1)
+    tree = Tree(tmp_path / "photos")
+    tree.pair("x.png", None, "train")
+    tree.pair("real/y.png", None, "train")
+    (tree.root / "also").symlink_to(tree.root / "real")  # the same folder twice: read once
+    (tree.root / "real/loop").symlink_to(tree.root)
+    (tree.root / "far").symlink_to(outside.root / "far")
+    out = tmp_path / "out"
+    build("folder", tree.root, out, "--degradation", "clear")
+    report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["path"]) for r in report] == [("outside_root", "far/a.png")]
+    check_samples(out, tree, "folder", "clear", "real")
+
+
+def test_spa_list_entry_for_a_missing_file_is_missing_not_outside(tmp_path: Path) -> None:
+    """SPA writes every entry with a leading '/': one naming a file the download lacks is a
+    missing_partner, not a path 'outside --root'."""
+    tree = Tree(tmp_path / "spa")
+    tree.pair("Testing/real_test_1000/rain/1.png", "Testing/real_test_1000/gt/1gt.png", "test")
+    (tree.root / "Testing/real_test_1000.txt").write_text(
+        "/real_test_1000/rain/1.png /real_test_1000/gt/1gt.png\n/real_test_1000/rain/4.png /real_test_1000/gt/4gt.png\n")
+    out = tmp_path / "out"
+    build("spa", tree.root, out)
+    (issue,) = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert (issue["kind"], issue["path"]) == ("missing_partner", "Testing/real_test_1000/rain/4.png")
+    assert "Testing/real_test_1000.txt:2" in issue["reason"]
+    check_samples(out, tree, "spa", "rain", "real")
+
+
+def test_rebuilding_another_split_or_subset_into_the_same_out_is_refused(tmp_path: Path) -> None:
+    from uniremoval.errors import UniremovalError
+
+    tree = Tree(tmp_path / "pf")
+    for split in ("train", "test"):
+        tree.pair(f"{split}/input/a.png", f"{split}/target/a.png", split)
+    out = tmp_path / "out"
+    build("paired-folder", tree.root, out, "--degradation", "rain", "--split", "train")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UniremovalError, match=r"holds dataset 'out' \(format=paired-folder, root=.*pf, "
+                                              r"degradation=rain, split=train\); .* with another split"):
+        build("paired-folder", tree.root, out, "--degradation", "rain", "--split", "test")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert build("paired-folder", tree.root, out, "--degradation", "rain", "--split", "train") == 0
+
+
+def test_merge_refuses_jobs_built_from_other_options_or_other_files(tmp_path: Path) -> None:
+    """Each job plans every shard from its own listing: jobs run with another --degradation, or after
+    the folder changed, planned another dataset, and merging them would mix the two."""
+    tree = Tree(tmp_path / "photos")
+    for i in range(6):
+        tree.pair(f"p{i}.png", None, "train")
+
+    def job(index: int, *extra: str) -> int:
+        return build("folder", tree.root, out, "--max-samples-per-shard", "2", "--num-jobs", "2",
+                     "--job-index", str(index), *extra)
+
+    out = tmp_path / "mixed"
+    job(0, "--degradation", "rain")
+    with pytest.raises(Exception, match=r"holds dataset 'mixed' .* with another degradation"):
+        job(1, "--degradation", "clear")  # refused at once: job 0's manifest says rain
+    out = tmp_path / "changed"
+    job(0, "--degradation", "haze")
+    (tree.root / "p0.png").unlink()
+    tree.expected.pop("p0.png")
+    tree.pair("q9.png", None, "train")
+    job(1, "--degradation", "haze")
+    with pytest.raises(DataError, match=r"built with different input files .*nothing was merged"):
+        run_cli("merge", str(out))
+    assert not (out / "manifest.json").exists()
+    job(0, "--degradation", "haze")  # rerun with the folder as it now is
+    assert run_cli("merge", str(out)) == 0
+    check_samples(out, tree, "folder", "haze", "real")
+
+
+def test_a_build_where_every_input_fails_to_decode_fails(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "zero.png").write_bytes(b"")
+    (root / "page.jpg").write_bytes(b"<html>not an image</html>")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"no usable samples: all 2 input\(s\) failed to decode or pair "
+                                        r"\(2 reported\); see .*report\.jsonl"):
+        build("folder", root, out, "--degradation", "haze")
+    assert not (out / "manifest.json").exists()
+    assert {json.loads(line)["kind"] for line in (out / "report.jsonl").read_text().splitlines()} == {"unreadable"}
+
+
+def test_training_refuses_a_folder_with_missing_shards_or_an_unfinished_build(tmp_path: Path, monkeypatch) -> None:
+    """A stream over part of a dataset must not pass for one over all of it."""
+    from uniremoval.data.shard_stream import resolve_shards
+
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "out"
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    assert len(resolve_shards(out)) == 6
+    (out / "its-000003.tar").unlink()
+    with pytest.raises(DataError, match=r"1 of the 6 shard\(s\) listed in .*manifest\.json are missing, "
+                                        r"e\.g\. .*its-000003\.tar; rerun"):
+        resolve_shards(out)
+
+    # A rebuild stopped after one shard (a source file changed): the old manifest is gone with it.
+    (tree.root / "clear/1.png").write_bytes((tree.root / "clear/2.png").read_bytes())
+    real_write, calls = shardwriter.write_shard, []
+
+    def dying_write(out_dir, plan, results, strict):
+        calls.append(plan.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(out_dir, plan, results, strict)
+
+    monkeypatch.setattr(shardwriter, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match=r"holds an unfinished build .* rerun the `uniremoval shards build`"):
+        resolve_shards(out)
+    monkeypatch.setattr(shardwriter, "write_shard", real_write)
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    assert len(resolve_shards(out)) == 6 and verify_shards(out) == []

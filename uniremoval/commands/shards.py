@@ -34,6 +34,16 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (processes), got {text!r}")
+    return value
+
+
 def _add_writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", help="folder for the tars, manifest.json and report.jsonl (default: shards/<name>)"
@@ -49,7 +59,7 @@ def _add_writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
     p.add_argument("--max-samples-per-shard", type=int, default=0, help="cap samples per shard (0: no cap)")
     p.add_argument(
-        "--workers", type=int, default=_cores(), help="worker processes (default: all usable cores)"
+        "--workers", type=_workers, default=_cores(), help="worker processes (default: all usable cores)"
     )
     p.add_argument("--num-jobs", type=int, default=1, help="cluster array: total number of jobs")
     p.add_argument("--job-index", type=int, default=0, help="cluster array: this job's index, 0-based")
@@ -98,7 +108,7 @@ def register(subparsers) -> None:
 
     v = sub.add_parser("verify", help="checksums, every sample decodes, pairs match in size")
     v.add_argument("dir", metavar="DIR|TAR", help="a shard folder (holding manifest.json) or one .tar shard")
-    v.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel (default 1)")
+    v.add_argument("--workers", type=_workers, default=1, help="processes checking shards in parallel (default 1)")
     v.set_defaults(func=_verify)
 
     m = sub.add_parser("merge", help="combine the per-job manifests of an array build into manifest.json")
@@ -149,19 +159,23 @@ def _check_same_dataset(out: Path, dataset: str, source: dict) -> None:
     (a resumed or repeated build, or more images in the same root) goes on as designed."""
     from uniremoval.data.manifest import existing_manifest
 
-    have = existing_manifest(out)
-    if have is None:
-        return
-    if "cache" in have:
-        raise UniremovalError(f"--out {out} holds a teacher cache; choose another --out")
-    theirs = have.get("source") or {}
-    differ = [k for k in ("format", "root", "degradation", "subset") if k in theirs or k in source
-              if str(theirs.get(k)) != str(source.get(k))]
-    if have.get("dataset") != dataset or differ:
-        was = ", ".join(f"{k}={theirs.get(k)}" for k in ("format", "root", "degradation") if theirs.get(k))
-        raise UniremovalError(f"--out {out} holds dataset {have.get('dataset')!r} ({was}); this command builds "
-                              f"{dataset!r}" + (f" with another {', '.join(differ)}" if differ else "")
-                              + ": choose another --out (or delete the folder to replace it)")
+    # manifest.json, or the per-job manifests of an array build not merged yet
+    for folder in [out, *sorted(out.glob("manifest-job*of*.json"))] if out.is_dir() else [out]:
+        have = existing_manifest(folder)
+        if have is None:
+            continue
+        if "cache" in have:
+            raise UniremovalError(f"--out {out} holds a teacher cache; choose another --out")
+        theirs = have.get("source") or {}
+        # Keys a manifest of an older version lacks are not compared.
+        differ = [k for k in source if k in theirs and str(theirs[k]) != str(source[k])]
+        if have.get("dataset") != dataset or differ:
+            shown = dict.fromkeys(["format", "root", "degradation", *differ])
+            was = ", ".join(f"{k}={theirs[k]}" for k in shown if theirs.get(k) is not None)
+            raise UniremovalError(
+                f"--out {out} holds dataset {have.get('dataset')!r} ({was}); this command builds "
+                f"{dataset!r}" + (f" with another {', '.join(differ)}" if differ else "")
+                + ": choose another --out (or delete the folder to replace it)")
 
 
 def _run_writer(args, items, issues, builder, source: dict) -> int:
@@ -211,7 +225,10 @@ def _build(args) -> int:
     result = read_dataset(args.format, args.root, opts)
     _print_listing_issues(result.issues, args.strict)
     builder = FileSampleBuilder(root=str(Path(args.root).resolve()), dataset=_dataset_name(args))
-    source = {"format": args.format, "root": str(Path(args.root).resolve())}
+    # Every option that changes which samples are built: a rerun differing in one is another dataset.
+    source = {"format": args.format, "root": str(Path(args.root).resolve()), "split": args.split,
+              "subset": args.subset, "degradation": args.degradation, "domain": args.domain,
+              "blur_dir": args.blur_dir}
     return _run_writer(args, result.items, result.issues, builder, source)
 
 
@@ -235,6 +252,7 @@ def _synth(args) -> int:
         "format": "synth",
         "root": str(Path(args.clean).resolve()),
         "degradation": args.degradation,
+        "split": args.split or "train",
         "params": args.params,
         "seed": args.seed,
         "per_image": args.per_image,

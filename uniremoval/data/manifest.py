@@ -12,8 +12,9 @@ Format (version 1), beside the tars:
      "issues": {"total": 3, "missing_partner": 3}, "report": "report.jsonl",
      "plan": {"num_shards": 18, "num_jobs": 1, "job_indices": [0]}, "complete": true}
 
-`load_manifest` and `shard_paths` are what training pipelines use; `verify_shards` and
-`inspect_shards` back `uniremoval shards verify|inspect`.
+`load_manifest` and `shard_paths` read a finished folder from Python (training pipelines resolve
+their `shards:` with `shard_stream.resolve_shards`, which applies the same checks); `verify_shards`
+and `inspect_shards` back `uniremoval shards verify|inspect`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ REQUIRED_KEYS = ("format_version", "dataset", "shards", "counts")
 def existing_manifest(folder: str | os.PathLike) -> dict | None:
     """The manifest an output folder already holds, before a build or cache writes there: None when
     there is none, or when it is damaged (the build rewrites it, as after a kill). A cache's has a
-    "cache" section, a dataset's has none."""
-    file = Path(folder) / MANIFEST_NAME
+    "cache" section, a dataset's has none. A manifest file itself (an array job's) is read as is."""
+    file = Path(folder) if Path(folder).is_file() else Path(folder) / MANIFEST_NAME
     if not file.is_file():
         return None
     try:
@@ -363,16 +364,17 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
         problems.append(f"{directory / MANIFEST_NAME}: build not complete; rerun shards build")
     entries = manifest["shards"]
     results: list[tuple[list[str], list[str]]] = []
+    from tqdm import tqdm
+
     if workers > 1 and len(entries) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         from uniremoval.data.shardwriter import pool_context
 
         with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
-            results = list(pool.map(_verify_one, [str(directory)] * len(entries), entries))
+            done = pool.map(_verify_one, [str(directory)] * len(entries), entries)
+            results = list(tqdm(done, total=len(entries), desc="verify", unit="shard", disable=not progress))
     else:
-        from tqdm import tqdm
-
         for entry in tqdm(entries, desc="verify", unit="shard", disable=not progress):
             results.append(_verify_one(str(directory), entry))
     seen: dict[str, str] = {}
@@ -386,6 +388,9 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
             seen[key] = entry["name"]
     if total != manifest["counts"].get("total", total):
         problems.append(f"manifest counts.total is {manifest['counts'].get('total')}, shards hold {total}")
+    if total == 0:
+        problems.append(f"{directory / MANIFEST_NAME}: no samples at all; its report ({manifest.get('report')}) "
+                        f"says why each input was rejected")
     listed = {e["name"] for e in entries}
     for path in sorted(directory.glob("*.tar")):
         if path.name not in listed:
@@ -406,9 +411,9 @@ def _median(values: list[int]) -> float:
 
 
 def _damaged(path: Path, why: str, directory: Path | None) -> DataError:
-    fix = (f"`uniremoval shards verify {directory}` lists every problem; rerun the `uniremoval shards build` "
-           "that wrote it (damaged shards are rebuilt)" if directory is not None
-           else "rerun the `uniremoval shards build` that wrote it (damaged shards are rebuilt), or delete it")
+    rerun = "rerun the `uniremoval shards build` (or `synth`) command that wrote it (damaged shards are rebuilt)"
+    fix = (f"`uniremoval shards verify {directory}` lists every problem; {rerun}" if directory is not None
+           else f"{rerun}, or delete it")
     return DataError(f"shard {path} {why}; {fix}")
 
 

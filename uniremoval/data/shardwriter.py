@@ -170,6 +170,12 @@ class ShardPlan:
     fingerprint: str = ""
 
 
+def plan_fingerprint(plans: list[ShardPlan]) -> str:
+    """One fingerprint of a whole plan (every job's shards): the jobs of an array build agree on it
+    exactly when they listed the same inputs with the same options."""
+    return hashlib.sha256("\n".join(p.fingerprint for p in plans).encode()).hexdigest()
+
+
 def _item_record(item: Item, signature: list) -> list:
     return [
         item.key,
@@ -594,7 +600,12 @@ def build_shards(
         known = _known_records(out, job_index, num_jobs)
         records: dict[str, dict] = {}
         pending = []
-        for plan in mine:
+        from tqdm import tqdm
+
+        # A resumed build re-hashes every finished shard (minutes for a large dataset): shown.
+        checking = tqdm(mine, desc=f"check finished shards of {dataset}", unit="shard", file=sys.stderr,
+                        disable=not progress or not known)
+        for plan in checking:
             if _is_complete(out, plan, known.get(plan.name)):
                 records[plan.name] = known[plan.name]
             else:
@@ -608,7 +619,12 @@ def build_shards(
                 atomic_write_json(state_path, {"dataset": dataset, "shards": records})
                 last_save[0] = time.monotonic()
 
-        from tqdm import tqdm
+        if pending:
+            # The manifests on disk describe the shards about to be replaced: a stream reading them
+            # mid-build would mix old and new. The state file keeps the finished shards' records.
+            save_state(force=True)
+            for name in {manifest_name(job_index, num_jobs), MANIFEST_NAME}:
+                (out / name).unlink(missing_ok=True)
 
         sizes = {p.name: len(p.items) for p in mine}
         bar = tqdm(
@@ -648,6 +664,9 @@ def build_shards(
         report = out / report_name(job_index, num_jobs)
         atomic_write_text(report, "".join(json.dumps(i, sort_keys=True) + "\n" for i in all_issues))
         counts = _sum_counts(ordered)
+        if num_jobs == 1 and counts["total"] == 0:  # one job of several may hold only bad inputs
+            raise DataError(f"no usable samples: all {len(items)} input(s) failed to decode or pair "
+                            f"({len(all_issues)} reported); see {report}")
         manifest = {
             "format_version": FORMAT_VERSION,
             "dataset": dataset,
@@ -658,7 +677,8 @@ def build_shards(
             "counts": counts,
             "issues": _issue_counts(all_issues),
             "report": report.name,
-            "plan": {"num_shards": len(plans), "num_jobs": num_jobs, "job_indices": [job_index]},
+            "plan": {"num_shards": len(plans), "num_jobs": num_jobs, "job_indices": [job_index],
+                     "sha256": plan_fingerprint(plans)},
             "complete": True,
         }
         mpath = out / manifest_name(job_index, num_jobs)
@@ -706,6 +726,20 @@ def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = 
             f"per-job manifests in {out} come from different builds (num_jobs {sorted(totals)}, "
             f"datasets {sorted(datasets)}, planned shards {sorted(plans)}); remove the stale ones"
         )
+    # Every job plans all shards from the same listing: a job run with other options (--root,
+    # --degradation, ...) or after the input folder changed planned another dataset.
+    for what, of in (("options", lambda p: json.dumps(p.get("source"), sort_keys=True)),
+                     ("input files", lambda p: p["plan"].get("sha256"))):
+        groups: dict[str, list[str]] = {}
+        for f, p in zip(files, parts):
+            groups.setdefault(of(p), []).append(f.name)
+        if len(groups) > 1:
+            listed = "; ".join(", ".join(names) for names in groups.values())
+            raise DataError(
+                f"per-job manifests in {out} were built with different {what} (groups: {listed}); nothing "
+                f"was merged. Rerun every job with the same command (finished shards that still match are "
+                f"kept), then merge again"
+            )
     num_jobs = totals.pop()
     have = sorted(i for p in parts for i in p["plan"]["job_indices"])
     missing = sorted(set(range(num_jobs)) - set(have))
@@ -728,6 +762,8 @@ def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = 
         report = out / p.get("report", "")
         if p.get("report") and report.is_file():
             issues += _read_report(report)
+    if sum(p["counts"]["total"] for p in parts) == 0:
+        raise DataError(f"{out}: no job wrote a usable sample (see its report-job*.jsonl); nothing was merged")
     atomic_write_text(out / "report.jsonl", "".join(json.dumps(i, sort_keys=True) + "\n" for i in issues))
     merged = {
         **parts[0],

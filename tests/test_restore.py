@@ -576,3 +576,89 @@ def test_tile_sizes_that_cannot_tile_are_refused_before_any_work(tmp_path: Path,
     assert main([*evaluate, "--tile", "32"]) == 2
     assert "error: --tile 32: the tile must be at least 8 px and larger than the overlap" in capsys.readouterr().err
     assert main([*evaluate, "--tile", "33"]) == 0
+
+
+# ------------------------------------------------------------------------ what restore may overwrite
+
+
+def test_restore_never_overwrites_an_input_or_a_file_it_did_not_write(tmp_path: Path, capsys) -> None:
+    """An --output inside --input that holds an input of the same name, or a user's own file where
+    an output goes, stops restore before any work; its own outputs of an earlier run are replaced."""
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(rand_u8(16, 16, seed=1)).save(src / "x.jpg")
+    Image.fromarray(rand_u8(16, 16, seed=2)).save(src / "sub" / "x.png")  # also an input
+    before = {p: p.read_bytes() for p in src.rglob("*.*")}
+
+    def restore(inp: Path, out: Path) -> int:
+        return main(["restore", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
+                     "--device", "cpu"])
+
+    assert restore(src, src / "sub") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: --output .*in/sub would overwrite the input .*in/sub/x\.png \(with the restored "
+                     r".*in/x\.jpg\); choose a folder outside --input", err), err
+    assert {p: p.read_bytes() for p in src.rglob("*.*")} == before
+
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.fromarray(rand_u8(8, 8, seed=3)).save(out / "x.png")  # the user's own file, not restore's
+    mine = (out / "x.png").read_bytes()
+    assert restore(src / "x.jpg", out) == 2
+    assert re.search(r"--output .*out already holds 1 file\(s\) that restore did not write and would "
+                     r"replace: .*out/x\.png; choose another --output", capsys.readouterr().err)
+    assert (out / "x.png").read_bytes() == mine
+    (out / "x.png").unlink()
+    assert restore(src / "x.jpg", out) == 0
+    first = (out / "x.png").read_bytes()
+    assert Image.open(out / "x.png").info["Software"] == "uniremoval restore"
+    mtime = (out / "x.png").stat().st_mtime_ns
+    assert restore(src / "x.jpg", out) == 0  # a rerun replaces restore's own output
+    assert (out / "x.png").read_bytes() == first and (out / "x.png").stat().st_mtime_ns != mtime
+
+    assert restore(src / "x.jpg", tmp_path / "x_restored.png") == 2
+    assert re.search(r"--output .*x_restored\.png names an image file, but it is the folder", capsys.readouterr().err)
+    assert not (tmp_path / "x_restored.png").exists()
+
+
+def test_read_image_beyond_pillows_pixel_limit_and_sixteen_bit_files(tmp_path: Path, monkeypatch) -> None:
+    """Pillow refuses images over its decompression-bomb limit; here the limit is the free memory,
+    named with the file when an image exceeds it. 16-bit RGB TIFFs keep 16 bits; a 16-bit grey+alpha
+    PNG, read by no decoder here as stored, is refused by name."""
+    import cv2
+    from PIL import Image as PILImage
+
+    from uniremoval.eval import restore as restore_mod
+
+    rgb = rand_u8(40, 30, seed=4)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 1200 px is > 2x: Pillow alone would refuse
+    with pytest.raises(PILImage.DecompressionBombError):
+        PILImage.open(tmp_path / "big.png")
+    x = read_image(tmp_path / "big.png")
+    np.testing.assert_array_equal(to_uint8(x), rgb)
+    assert PILImage.MAX_IMAGE_PIXELS == 100  # lifted only around the open
+    monkeypatch.setattr(restore_mod, "available_memory", lambda: 1200 * restore_mod.BYTES_PER_PIXEL - 1)
+    with pytest.raises(DataError, match=r"big\.png: 30x40 pixels need about 0\.0 GiB to restore, more than the "
+                                        r"0\.0 GiB free here; downscale or crop it"):
+        read_image(tmp_path / "big.png")
+    monkeypatch.undo()
+
+    rgb16 = (np.arange(3 * 4 * 3, dtype=np.uint16).reshape(3, 4, 3) * 1801 + 7).astype(np.uint16)
+    assert cv2.imwrite(str(tmp_path / "c16.tif"), rgb16[:, :, ::-1])  # OpenCV writes BGR
+    assert PILImage.open(tmp_path / "c16.tif").mode == "RGB"  # what Pillow alone would read: 8 bits
+    torch.testing.assert_close(read_image(tmp_path / "c16.tif"),
+                               torch.from_numpy(rgb16.transpose(2, 0, 1).astype(np.float32)) / 65535)
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:  # a colour-type-4 16-bit PNG, written by hand
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(4 * 4) for _ in range(3))  # 4 px of 16-bit grey + 16-bit alpha
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 16, 4, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    (tmp_path / "ga16.png").write_bytes(png)
+    with pytest.raises(DataError, match=r"ga16\.png: 16-bit grey\+alpha PNG \(colour type 4\) is not supported"):
+        read_image(tmp_path / "ga16.png")

@@ -3,7 +3,8 @@
 Accepts our checkpoints (.safetensors + .json) and official MPRNet .pth files. Writes one 8-bit RGB
 PNG per input with the same stem (sub-folders mirrored), the size of the input as it is displayed
 (EXIF orientation applied: see `eval.restore.read_image_oriented`). Hidden files (.DS_Store, macOS's
-._<name>) are not inputs. Unreadable inputs are reported by name and skipped; the exit status is 1
+._<name>) are not inputs. Nothing but restore's own earlier outputs is ever overwritten (they carry
+a PNG text chunk, `eval.restore.WRITTEN_BY`). Unreadable inputs are reported by name and skipped; the exit status is 1
 when any failed, after all others are written.
 """
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         tiling_problem,
         untiled_shortfall,
         write_png,
+        written_by_restore,
     )
     from uniremoval.models.checkpoint import load_checkpoint
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
@@ -87,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
             f"--output {out_root} is a file, not a folder; give a folder (the restored images are "
             f"written into it as <name>.png)"
         )
+    if not out_root.exists() and out_root.suffix.lower() in IMAGE_EXTS:
+        raise UniremovalError(
+            f"--output {out_root} names an image file, but it is the folder the restored images are "
+            f"written into (as <name>.png): give a folder, e.g. --output {out_root.parent / 'restored'}"
+        )
     from uniremoval.io import check_output
 
     check_output(out_root, "--output", folder=True)
@@ -97,20 +104,33 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}")
 
-    # Plan every output name first: refuse to overwrite an input or to write two inputs to one file.
+    # Plan every output name first: refuse to overwrite any input (an --output inside the input
+    # folder may hold some), a file restore did not write, or to write two inputs to one file.
     plan: list[tuple[Path, Path]] = []
     seen: dict[Path, Path] = {}
+    inputs = {src.resolve(): src for src in files}
+    foreign: list[Path] = []
     for src in files:
         rel = src.relative_to(in_root).with_suffix(".png") if in_root.is_dir() else Path(src.stem + ".png")
         dst = out_root / rel
-        if dst.resolve() == src.resolve():
+        if dst.resolve() in inputs:
             raise UniremovalError(
-                f"--output {out_root} would overwrite the input {src}; choose another folder"
+                f"--output {out_root} would overwrite the input {inputs[dst.resolve()]} (with the restored "
+                f"{src}); choose a folder outside --input"
             )
         if dst in seen:
             raise UniremovalError(f"{seen[dst]} and {src} would both be written to {dst}; rename one of them")
+        if dst.exists() and not written_by_restore(dst):
+            foreign.append(dst)
         seen[dst] = src
         plan.append((src, dst))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UniremovalError(
+            f"--output {out_root} already holds {len(foreign)} file(s) that restore did not write and would "
+            f"replace: {', '.join(map(str, foreign[:3]))}{more}; choose another --output or move them "
+            f"(restore's own outputs from an earlier run are replaced without asking)"
+        )
 
     if is_run_artifact(args.checkpoint):  # the weights a run logged: fetched, or the copy checked against it
         fetch_run_checkpoint(args.checkpoint)

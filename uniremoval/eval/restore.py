@@ -20,8 +20,11 @@ trained model. Use the largest tile that fits in memory; without --tile nothing 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,11 @@ from uniremoval.errors import DataError, UniremovalError
 from uniremoval.io import atomic_writer
 
 INPUT_RANGES = ("minus_one_one", "zero_one")
+# What restore holds per pixel of an image: the decoded file, the float32 input and output, the
+# 8-bit copy written. An image needing more than the free memory is refused by name before decoding.
+BYTES_PER_PIXEL = 32
+# The PNG text chunk that marks restore's outputs: a rerun may replace them, nothing else.
+WRITTEN_BY = ("Software", "uniremoval restore")
 # px shared by neighbouring tiles: `restore --tile-overlap`'s default and `eval --tile`'s fixed value
 TILE_OVERLAP = 32
 MIN_TILE = 8
@@ -47,6 +55,47 @@ def read_image(path: str | os.PathLike) -> Tensor:
     return read_image_oriented(path)[0]
 
 
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def open_image(data: bytes | None, path: Path) -> Iterator:
+    """PIL's image of `data`, of any size this machine can hold. Pillow refuses files over ~179 MP
+    as possible decompression bombs; a panorama or a stitched scan is a user's real photo, so the
+    limit here is the free memory instead, checked from the header before any pixel is decoded
+    (a DataError without the file's name: the caller adds it). `data` is the file's bytes when the caller has read them, else None (the file is opened)."""
+    from PIL import Image
+
+    with _PIXEL_LIMIT_LOCK:  # Pillow's limit is a module global: lifted only around this open
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(io.BytesIO(data) if data is not None else path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        width, height = img.size
+        free = available_memory()
+        if free is not None and width * height * BYTES_PER_PIXEL > free:
+            raise DataError(f"{width}x{height} pixels need about "
+                            f"{width * height * BYTES_PER_PIXEL / 2**30:.1f} GiB to restore, more than the "
+                            f"{free / 2**30:.1f} GiB free here; downscale or crop it, or use a larger machine")
+        yield img
+
+
+def _decode_tiff16(data: bytes) -> np.ndarray:
+    """A 16-bit RGB(A) TIFF at full precision (Pillow opens it as 8-bit RGB): through OpenCV."""
+    from uniremoval.data.transforms import _cv2
+
+    cv2 = _cv2()
+    if cv2 is None:
+        raise DataError("a 16-bit RGB TIFF needs OpenCV to decode at full precision: "
+                        "pip install opencv-python-headless")
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[2] < 3:
+        raise DataError("OpenCV could not decode this 16-bit TIFF; save it as a 16-bit PNG")
+    return np.ascontiguousarray(arr[:, :, 2::-1])  # BGR(A) -> RGB
+
+
 def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
     """Read an image file into a float32 RGB tensor (3, H, W) in [0, 1]; return it and the EXIF
     orientation (1-8, 1: none) that was applied.
@@ -56,7 +105,9 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
       saying how to turn them, comes out upright as every viewer shows it, so the restored PNG,
       which carries no tag, is upright too). `eval` refuses a pair whose tags differ.
     - Grey (L, 16-bit I;16), palette (P), CMYK and YCbCr are converted to RGB; 16-bit PNGs and
-      TIFFs keep their precision (65535 -> 1.0, never clipped at 255).
+      TIFFs keep their precision (65535 -> 1.0, never clipped at 255). A 16-bit grey+alpha PNG,
+      which no decoder here reads right, is refused by name (`transforms.unsupported_png`).
+    - Any size that fits in the free memory (`open_image`), not only Pillow's ~179 MP.
     - An alpha channel is dropped, not composited: the colour values are kept as stored, like
       PIL's ``convert("RGB")`` in the official MPRNet demo and the shard loaders (OpenCV).
     Raises DataError naming the file and what is wrong with it (missing, empty, not an image,
@@ -64,7 +115,13 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
     """
     from PIL import Image
 
-    from uniremoval.data.transforms import apply_orientation, decode_image, decode_problem, exif_orientation
+    from uniremoval.data.transforms import (
+        apply_orientation,
+        decode_image,
+        decode_problem,
+        exif_orientation,
+        unsupported_png,
+    )
 
     path = Path(path)
     try:
@@ -73,13 +130,17 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
         raise DataError(f"{path}: file not found") from exc
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if problem := unsupported_png(data):
+        raise DataError(f"{path}: {problem}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data, path) as img:
             img.load()  # the whole file: a truncated one is refused here, not half-restored
             orientation = exif_orientation(img)
             if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
                 # 16-bit RGB(A): Pillow reads 8 bits of it; the shard decoder keeps all 16.
                 arr = decode_image(data).astype(np.float32) / 65535.0
+            elif img.format == "TIFF" and img.mode in ("RGB", "RGBA") and 16 in (img.tag_v2.get(258) or ()):
+                arr = _decode_tiff16(data).astype(np.float32) / 65535.0
             elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit grey PNGs and TIFFs open as I;16 or (older Pillow, PNG) I.
                 sixteen = img.mode.startswith("I;16") or img.format == "PNG"
@@ -92,7 +153,7 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
                     rgba = img.convert("RGBA")
                     img = Image.merge("RGB", rgba.split()[:3])
                 arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except DataError as exc:  # decode_image: a 16-bit PNG without OpenCV
+    except DataError as exc:  # too large for memory, or a 16-bit file without OpenCV
         raise DataError(f"{path}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
         kind, reason = decode_problem(exc, data)
@@ -120,12 +181,26 @@ def to_uint8(x: Tensor) -> np.ndarray:
 def write_png(path: str | os.PathLike, tensor: Tensor, icc_profile: bytes | None = None) -> Path:
     """Write a [0, 1] image tensor as an 8-bit RGB PNG, atomically, with `icc_profile` embedded."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
     img = Image.fromarray(to_uint8(tensor), mode="RGB")
+    info = PngInfo()
+    info.add_text(*WRITTEN_BY)
     with atomic_writer(path, "wb") as fh:
-        img.save(fh, format="PNG", **({"icc_profile": icc_profile} if icc_profile else {}))
+        img.save(fh, format="PNG", pnginfo=info, **({"icc_profile": icc_profile} if icc_profile else {}))
     return path
+
+
+def written_by_restore(path: str | os.PathLike) -> bool:
+    """Whether an existing file is a PNG that `write_png` wrote (its text chunk says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get(WRITTEN_BY[0]) == WRITTEN_BY[1]
+    except Exception:  # noqa: BLE001 - anything that does not open is not ours
+        return False
 
 
 def rgb_icc_profile(path: str | os.PathLike) -> bytes | None:
@@ -134,10 +209,8 @@ def rgb_icc_profile(path: str | os.PathLike) -> bytes | None:
     conversion either), so `restore` embeds the input's profile in the output: a viewer then shows
     the restored photo in the input's colours, not as if its values were sRGB. A grey or CMYK
     profile (ICC header: colour space at bytes 16-20) does not describe the RGB output: None."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as img:
+        with open_image(None, Path(path)) as img:
             icc = img.info.get("icc_profile")
     except Exception:  # noqa: BLE001 - read_image names a file that does not open
         return None

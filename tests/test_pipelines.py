@@ -421,3 +421,23 @@ def test_short_epochs_reach_every_part_of_a_shard(tmp_path):
         seen.append(Counter(k for _ in range(30) for b in ld for k in b["key"]))
     assert not seen[0].keys() & seen[1].keys()
     assert len(seen[0] | seen[1]) >= 50, sorted(seen[0] | seen[1])
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process(data):
+    """The terminal sends Ctrl-C to every process of the group: a worker it killed would fail the
+    main process's next fetch before training could write its checkpoint. Workers ignore it."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    ld = paired_loader(data / "haze", "haze", 2, 32, 4, 2, 0, 0, 1)
+    batches = iter(ld)
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    assert len(list(batches)) == 3

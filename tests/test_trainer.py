@@ -366,8 +366,12 @@ def test_a_fresh_run_never_overwrites_another_and_an_unwritable_folder_stops_at_
     import shutil
 
     shutil.rmtree(run / "checkpoints")
-    with pytest.raises(UniremovalError, match=r"already holds a run \(best.safetensors"):
-        Trainer(other.cfg, other).fit()
+    for resume in (None, "auto"):  # nothing to continue: --resume auto must not overwrite them either
+        with pytest.raises(UniremovalError, match=r"holds the weights of an earlier run \(best.safetensors.*\) "
+                                                  r"but no checkpoint to continue it from; give this run another"):
+            Trainer(other.cfg, other).fit(resume=resume)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.glob("*.*"))} == {
+        p: h for p, h in before.items() if p.parent == run and p.suffix != ".lock"}
     # a second job on the same run folder while the first runs (here: the lock the first would hold)
     from uniremoval.io import folder_lock
 
@@ -376,7 +380,9 @@ def test_a_fresh_run_never_overwrites_another_and_an_unwritable_folder_stops_at_
             pytest.raises(UniremovalError, match=r"toy is in use: pid \d+ on .* is writing the run 'toy' there"):
         Trainer(again.cfg, again).fit(resume="auto")
     assert again.seen == []
-    # refusals released the lock: the run goes on (its checkpoints were deleted above: from step 0)
+    # refusals released the lock: the run goes on (checkpoints and weights deleted: from step 0)
+    for exported in [*run.glob("*.safetensors"), *run.glob("*.json")]:
+        exported.unlink()
     res = Trainer(again.cfg, again).fit(resume="auto")
     assert res.status == "finished" and res.step == 10 and len(again.seen) == 10
     (tmp_path / "file").write_text("x")
@@ -578,3 +584,101 @@ def test_model_compile_compiles_the_trainable_and_the_listed_frozen_models(tmp_p
     assert str((tmp_path / "toy" / "compile_cache").resolve()) in err
     assert len(marks) == 10 * 2  # 10 updates of 2 micro-batches
     assert res.status == "finished" and res.metrics["val/toy/err"] < 1.0
+
+
+class CtrlC(ToyStage):
+    """ToyStage that presses Ctrl-C (SIGINT to itself) `times` times during step `at`."""
+
+    def __init__(self, cfg, at: int, times: int = 1):
+        super().__init__(cfg)
+        self.at, self.times = at, times
+
+    def training_step(self, batch, ctx):
+        if ctx.step == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().training_step(batch, ctx)
+
+
+def test_ctrl_c_writes_a_checkpoint_after_the_step_and_a_second_one_stops_at_once(tmp_path, capsys):
+    """One Ctrl-C is a stop at the step's end with a checkpoint (exit 130, not the scheduler's 75:
+    nothing should requeue it); the steps since the last periodic checkpoint are kept."""
+    st = CtrlC(make_cfg(tmp_path), at=3)
+    res = Trainer(st.cfg, st).fit()
+    assert (res.status, res.step, res.stop_signal, res.exit_code) == ("preempted", 4, signal.SIGINT, 130)
+    assert res.checkpoint is not None and res.checkpoint.name == "step-00000004"  # every_steps is 3
+    err = capsys.readouterr().err
+    assert "Ctrl-C: a checkpoint is written after step 4, then the run stops" in err
+    assert "interrupted: checkpoint saved at step 4" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    again = ToyStage(make_cfg(tmp_path))
+    assert Trainer(again.cfg, again).fit(resume="auto").step == 10 and again.seen[0] == (0, 4)
+
+    twice = CtrlC(make_cfg(tmp_path / "b"), at=3, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(twice.cfg, twice).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "b/toy/checkpoints")] == ["step-00000003"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_non_finite_validation_is_never_the_best(tmp_path):
+    """A model whose output went NaN scores PSNR inf (or NaN): as "best" no later validation could
+    replace it."""
+    import json
+
+    st = ScriptedVal(make_cfg(tmp_path), {5: float("inf"), 10: 0.5}, "max")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(st.cfg, st).fit()
+    assert any("val/toy/err=inf is not finite" in str(w.message) for w in caught)
+    best = json.loads((tmp_path / "toy/best.json").read_text())
+    assert (best["step"], best["best_value"]) == (10, 0.5)
+
+
+def test_logged_loss_means_leave_skipped_steps_out(tmp_path):
+    """A window of two steps whose second was skipped (NaN loss) logs the first step's loss, not
+    half of it."""
+    one = ToyStage(make_cfg(tmp_path / "one", max_steps=1, log_every=1))
+    first = Trainer(one.cfg, one).fit().metrics["train/mse"]
+    two = ToyStage(make_cfg(tmp_path / "two", max_steps=2, log_every=2), poison_at=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = Trainer(two.cfg, two).fit()
+    assert res.nonfinite_skipped == 1 and res.metrics["train/mse"] == pytest.approx(first, rel=1e-12)
+    all_bad = ToyStage(make_cfg(tmp_path / "three", max_steps=1, log_every=1), poison_at=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = Trainer(all_bad.cfg, all_bad).fit()
+    assert "train/mse" not in res.metrics and res.metrics["train/nonfinite_skipped"] == 1
+
+
+def test_the_progress_bar_shows_the_totals_first():
+    from uniremoval.stages.trainer import progress_terms
+
+    assert progress_terms(["fg", "ig", "pixel", "total"]) == ["total", "fg", "ig", "pixel"]
+    assert progress_terms(["d_fake", "d_real", "d_total", "efg", "eig", "gan", "idt", "total"]) == [
+        "total", "d_total", "d_fake", "d_real"]
+    assert progress_terms(["mse"]) == ["mse"]
+
+
+def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_path, capsys):
+    """--resume PATH of another run's checkpoint continues its state under this run's name, but as a
+    new MLflow run tagged with where it came from: the other run's metrics and weights stay its own."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import TrackingConfig
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = TrackingConfig(uri=store, experiment="fork")
+    a = ToyStage(make_cfg(tmp_path / "a").model_copy(update={"tracking": tracking}))
+    ra = Trainer(a.cfg, a).fit()
+    source = tmp_path / "a/toy/checkpoints/step-00000009"
+    b = ToyStage(make_cfg(tmp_path / "b").model_copy(update={"tracking": tracking}))
+    rb = Trainer(b.cfg, b).fit(resume=str(source))
+    assert rb.step == 10 and b.seen == [(1, 4)] and rb.run_id != ra.run_id
+    assert f"continuing {source} (another run's checkpoint) as the new run 'toy'" in capsys.readouterr().err
+    client = MlflowClient(store)
+    tags = client.get_run(rb.run_id).data.tags
+    assert (tags["resumed_from"], tags["resumed_from_run"]) == (str(source), ra.run_id)
+    assert [m.step for m in client.get_metric_history(ra.run_id, "val/toy/err")] == [5, 10]
+    assert [m.step for m in client.get_metric_history(rb.run_id, "val/toy/err")] == [10]

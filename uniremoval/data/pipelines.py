@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -579,6 +580,7 @@ class StepLoader:
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,
             multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
+            worker_init_fn=leave_ctrl_c_to_the_main_process,
         )
         n = 0
         for batch in loader:
@@ -785,4 +787,12 @@ def eval_samples(
     ds = EvalStream(shards, rank, world_size, require, bad_samples, as_tensor)
     if num_workers == 0:
         return ds
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_keep)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_keep,
+                      worker_init_fn=leave_ctrl_c_to_the_main_process)
+
+
+def leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
+    """A loader worker ignores SIGINT. The terminal sends Ctrl-C to every process of the group; a
+    worker it killed would make the main process's next fetch fail ("worker exited unexpectedly")
+    before training could write its checkpoint. The main process ends its workers when it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

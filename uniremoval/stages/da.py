@@ -252,12 +252,12 @@ class DomainAdaptation(Stage):
 
 def run(cfg: DAStage, args: Any = None) -> int:
     """`uniremoval train da`: refuse DeepSpeed, fit. Returns the exit code."""
-    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE, print_weights
+    from uniremoval.stages.trainer import print_weights
 
     refuse_deepspeed()
     stage = DomainAdaptation(cfg)
     result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
-        return PREEMPTED_EXIT_CODE
+        return result.exit_code
     print_weights(cfg.name, stage, result, cfg.run_dir)
     return 0

@@ -270,7 +270,7 @@ def check_teacher_cache(cfg: KTStage) -> None:
 
 def run(cfg: KTStage, args: Any = None) -> int:
     """`uniremoval train kt`: build the accelerator, check the cache, fit. Returns the exit code."""
-    from uniremoval.stages.trainer import PREEMPTED_EXIT_CODE, print_weights
+    from uniremoval.stages.trainer import print_weights
 
     stage = KnowledgeTransfer(cfg)
     trainer = Trainer(cfg, stage)
@@ -279,6 +279,6 @@ def run(cfg: KTStage, args: Any = None) -> int:
         check_teacher_cache(cfg)
     result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
-        return PREEMPTED_EXIT_CODE
+        return result.exit_code
     print_weights(cfg.name, stage, result, cfg.run_dir)
     return 0

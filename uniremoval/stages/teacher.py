@@ -25,7 +25,6 @@ from uniremoval.config import TeacherStage
 from uniremoval.errors import ConfigError
 from uniremoval.stages.teachers import from_model_range, to_model_range
 from uniremoval.stages.trainer import (
-    PREEMPTED_EXIT_CODE,
     Stage,
     TrainContext,
     Trainer,
@@ -126,6 +125,6 @@ def run(cfg: TeacherStage, args: Any) -> int:
     trainer = Trainer(cfg, stage)
     result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
-        return PREEMPTED_EXIT_CODE
+        return result.exit_code
     print_weights(f"teacher-{cfg.degradation}", stage, result, cfg.run_dir)
     return 0

@@ -60,6 +60,9 @@ degradation types, stage or discriminator the saved weights belong to (config.RE
 
 Preemption: SIGTERM or SIGUSR1 sets a flag; at the next step boundary all ranks agree on it (one
 all-reduce), write a checkpoint and return with ``status == "preempted"`` (the CLI exits 75).
+Ctrl-C (SIGINT) does the same (exit 130), so an interactive stop keeps the steps since the last
+periodic checkpoint; a second Ctrl-C stops at once. Loader workers ignore SIGINT (pipelines.py), so
+the terminal's Ctrl-C, sent to every process of the group, does not break the loader mid-step.
 """
 
 from __future__ import annotations
@@ -233,6 +236,15 @@ class FitResult:
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     nonfinite_skipped: int = 0
+    stop_signal: int | None = None  # what stopped a preempted run (SIGTERM, SIGUSR1, SIGINT)
+
+    @property
+    def exit_code(self) -> int:
+        """0 finished; a stop by Ctrl-C: 130, as the shell reports an interrupt; a scheduler's stop:
+        PREEMPTED_EXIT_CODE (requeue scripts rerun it; an interactive stop must not be rerun)."""
+        if self.status == "finished":
+            return 0
+        return 128 + signal.SIGINT if self.stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE
 
 
 def print_weights(label: str, stage: Stage, result: FitResult, run_dir: Path) -> None:
@@ -356,6 +368,8 @@ class Trainer:
         self.best_value: float | None = None
         self.run_id: str | None = None
         self._stop_requested = False
+        self._stop_signal: int | None = None
+        self.resumed_from_other_run: tuple[Path, str | None] | None = None  # --resume PATH of another run
         self._stop_seen = False  # agreed by every rank (several processes: see _agree_update)
         self._agreed_at = -1  # the step whose optimize() last agreed (self.step before it moved on)
         self._dropped_window: set[str] = set()  # models whose accumulation window had a non-finite loss
@@ -363,7 +377,7 @@ class Trainer:
         # Running sums of the loss terms since the last log, kept on the device (reading them every
         # step would make the host wait for the GPU to drain, step after step): read at log time.
         self._sums: dict[str, Tensor | float] = {}
-        self._sum_count = 0
+        self._counts: dict[str, Tensor | float] = {}  # finite values in each sum (skipped steps' are not)
         self.ctx = TrainContext(self)
         self.run_dir = Path(cfg.run_dir)
         self._run_lock: contextlib.ExitStack | None = None  # held by the main process during fit()
@@ -426,13 +440,15 @@ class Trainer:
             bar.close()
             self._restore_signal_handlers()
         if status == "preempted":
-            self._print(f"preempted: checkpoint saved at step {self.step} in {self.latest_checkpoint()}; "
+            how = "interrupted" if self._stop_signal == signal.SIGINT else "preempted"
+            self._print(f"{how}: checkpoint saved at step {self.step} in {self.latest_checkpoint()}; "
                         f"continue with --resume auto")
         if self.tracker is not None:
             self.tracker.finish("KILLED" if status == "preempted" else "FINISHED")
         acc.wait_for_everyone()
         leave_process_group_at_exit()  # every rank got here: the group can be left cleanly at exit
-        return FitResult(status, self.step, self.mlflow_run_id, self.latest_checkpoint(), metrics, self.nonfinite_skipped)
+        return FitResult(status, self.step, self.mlflow_run_id, self.latest_checkpoint(), metrics,
+                         self.nonfinite_skipped, self._stop_signal if status == "preempted" else None)
 
     # ---------------------------------------------------------------- setup
     def total_steps(self) -> int:
@@ -567,9 +583,13 @@ class Trainer:
         if self.tracker is None and self.cfg.tracking.enabled and self.accelerator.is_main_process:
             from uniremoval.tracking import start_run
 
+            tags = self.stage.extra_tags()
+            if self.resumed_from_other_run is not None:  # a new run that continues another one's state
+                path, other = self.resumed_from_other_run
+                tags = {**tags, "resumed_from": str(path), **({"resumed_from_run": other} if other else {})}
             self.tracker = start_run(self.cfg, run_name=self.stage.run_name, stage=self.stage.stage,
                                      degradation=self.stage.degradation, run_id=self.run_id,
-                                     extra_tags=self.stage.extra_tags(), run_dir=self.run_dir,
+                                     extra_tags=tags, run_dir=self.run_dir,
                                      background=True)  # a slow or hung server never holds the GPUs
             if self.tracker is not None and not self.tracker.new_run and self.resumed_changes:
                 # The run's params are the config it started with (MLflow does not change them):
@@ -641,35 +661,42 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging and validation
     def _accumulate_terms(self, terms: dict[str, Any]) -> None:
-        """Add each finite term to its running sum, on the device (no host read: see `_sums`)."""
+        """Add each finite term to its running sum and count it, on the device (no host read: see
+        `_sums`). A non-finite value (a skipped step's) is left out of both, so the logged mean is
+        over the steps that had one, not pulled towards 0."""
         for k, v in terms.items():
             if isinstance(v, Tensor):
                 v = v.detach().double().sum()
-                add: Tensor | float = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+                finite = torch.isfinite(v)
+                add: Tensor | float = torch.where(finite, v, torch.zeros_like(v))
+                one: Tensor | float = finite.double()
             else:
-                add = float(v) if math.isfinite(float(v)) else 0.0
+                one = 1.0 if math.isfinite(float(v)) else 0.0
+                add = float(v) if one else 0.0
             self._sums[k] = self._sums.get(k, 0.0) + add
-        self._sum_count += 1
+            self._counts[k] = self._counts.get(k, 0.0) + one
 
     def log_train(self, bar: Any) -> dict[str, float]:
-        """Mean of each term since the last log, averaged over ranks; LRs; skipped count."""
+        """Mean of each term since the last log over all ranks' finite values; LRs; skipped count.
+        A term with no finite value in the window is not logged (MLflow takes no NaN)."""
         keys = sorted(self._sums)
         dev = self.accelerator.device
         local = torch.zeros(1, dtype=torch.float64, device=dev)  # ranks reduce the same shape even with no terms
-        if keys:  # one read of every running sum (device tensors, or floats for host terms)
-            sums = [torch.as_tensor(self._sums[k], dtype=torch.float64, device=dev).reshape(()) for k in keys]
-            local = torch.stack(sums) / max(1, self._sum_count)
-        mean = self.reduce(local, "mean")
-        out = {f"train/{k}": float(v) for k, v in zip(keys, mean.tolist())}
+        if keys:  # one read of every running sum and count (device tensors, or floats for host terms)
+            local = torch.stack([torch.as_tensor(d[k], dtype=torch.float64, device=dev).reshape(())
+                                 for d in (self._sums, self._counts) for k in keys])
+        total = self.reduce(local, "sum").tolist()
+        sums, counts = total[:len(keys)], total[len(keys):]
+        out = {f"train/{k}": s / n for k, s, n in zip(keys, sums, counts) if n > 0}
         for name, sched in self.schedulers.items():
             lr = sched.last_lr if hasattr(sched, "last_lr") else float(sched.get_last_lr()[0])
             out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
         out.update({f"train/{k}": v for k, v in self.data_counts_total().items()})
         out["train/epoch"] = float(self.ctx.epoch)
-        self._sums, self._sum_count = {}, 0
+        self._sums, self._counts = {}, {}
         if self.accelerator.is_main_process:
-            shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in out.items() if k in {f"train/{x}" for x in keys[:3]}}
+            shown = {k: f"{out[f'train/{k}']:.4g}" for k in progress_terms(keys) if f"train/{k}" in out}
             bar.set_postfix(shown, refresh=False)
             if self.tracker is not None:
                 self.tracker.log_metrics(out, step=self.step)
@@ -692,7 +719,12 @@ class Trainer:
         if self.stage.best_metric is not None and self.stage.best_metric[0] in metrics:
             key, mode = self.stage.best_metric
             value = metrics[key]
-            better = self.best_value is None or (value > self.best_value if mode == "max" else value < self.best_value)
+            # A NaN output scores inf or NaN: never the best (nothing after it could beat inf).
+            better = math.isfinite(value) and (self.best_value is None or (
+                value > self.best_value if mode == "max" else value < self.best_value))
+            if not math.isfinite(value) and self.accelerator.is_main_process:
+                warnings.warn(f"step {self.step}: {key}={value} is not finite (the model's output is not?); "
+                              f"best.safetensors is left as it was", RuntimeWarning, stacklevel=2)
             if better:
                 self.best_value = value
                 self.export("best", extra={"best_metric": key, "best_value": value})
@@ -862,11 +894,15 @@ class Trainer:
     def _refuse_another_run(self) -> None:
         found = list_checkpoints(self.ckpt_root)
         exports = sorted(self.run_dir.glob("*.safetensors"))
-        if found or exports:
-            what = f"checkpoints up to {found[-1].name}" if found else ", ".join(p.name for p in exports[:3])
-            raise CheckpointError(f"run folder {self.run_dir} already holds a run ({what}); continue it with "
-                                  f"--resume auto, or give this run another output_dir or name (delete the "
-                                  f"folder to start over)")
+        if found:
+            raise CheckpointError(f"run folder {self.run_dir} already holds a run (checkpoints up to "
+                                  f"{found[-1].name}); continue it with --resume auto, or give this run another "
+                                  f"output_dir or name (delete the folder to start over)")
+        if exports:  # weights of a run stopped before its first checkpoint: nothing to continue
+            raise CheckpointError(f"run folder {self.run_dir} holds the weights of an earlier run "
+                                  f"({', '.join(p.name for p in exports[:3])}) but no checkpoint to continue it "
+                                  f"from; give this run another output_dir or name, or move those files away "
+                                  f"(or delete the folder) to start over")
 
     def latest_checkpoint(self) -> Path | None:
         found = list_checkpoints(self.ckpt_root)
@@ -879,6 +915,7 @@ class Trainer:
             return
         path = self.latest_checkpoint() if resume == "auto" else Path(resume)
         if path is None:
+            self._refuse_another_run()  # exported weights without a checkpoint are not overwritten
             self._print(f"--resume auto: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
         if not path.exists():
@@ -920,6 +957,12 @@ class Trainer:
         self.data_counts_resumed = {k: float(state.get(k, 0.0)) for k in DATA_COUNTS}
         self.best_value = state.get("best_value")
         self.run_id = state.get("mlflow_run_id")
+        if path.resolve().parent != self.ckpt_root.resolve():
+            # Another run's checkpoint continued in this folder: a run of its own in MLflow (tagged
+            # resumed_from), or the other run's metrics and logged weights would be overwritten.
+            self.resumed_from_other_run = (path, self.run_id)
+            self.run_id = None
+            self._print(f"continuing {path} (another run's checkpoint) as the new run {self.stage.run_name!r}")
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
         if rng.is_file() and state.get("world_size") == self.accelerator.num_processes:
             set_rng_state(read_resume_file(rng, lambda f: torch.load(f, map_location="cpu", weights_only=True)))
@@ -959,10 +1002,20 @@ class Trainer:
 
         def request_stop(signum: int, frame: Any) -> None:
             self._stop_requested = True
+            self._stop_signal = self._stop_signal or signum
+
+        def interrupt(signum: int, frame: Any) -> None:
+            request_stop(signum, frame)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+            if self.accelerator.is_main_process:
+                print(f"\nCtrl-C: a checkpoint is written after step {self.step + 1}, then the run stops; "
+                      f"Ctrl-C again to stop at once (losing the steps since the last checkpoint)",
+                      file=sys.stderr, flush=True)
 
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
             if sig is not None:
                 self._old_handlers[sig] = signal.signal(sig, request_stop)
+        self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
 
     def _restore_signal_handlers(self) -> None:
         for sig, handler in getattr(self, "_old_handlers", {}).items():
@@ -1062,6 +1115,13 @@ def build_accelerator(cfg: StageBase) -> Any:
         return Accelerator(mixed_precision="no", gradient_accumulation_steps=cfg.train.grad_accum,
                            kwargs_handlers=handlers)
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def progress_terms(keys: Sequence[str], limit: int = 4) -> list[str]:
+    """The loss terms the progress bar shows: the totals first (KT's `total`, DA's `total` and
+    `d_total`), then the others in name order, at most `limit`."""
+    totals = [k for k in keys if k == "total" or k.endswith("_total")]
+    return (sorted(totals, key=lambda k: (k != "total", k)) + [k for k in keys if k not in totals])[:limit]
 
 
 def zero_stage(accelerator: Any) -> int:

@@ -6,6 +6,7 @@ baseline), and `val/mean/psnr` over the sets."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Iterable
@@ -23,6 +24,14 @@ def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
     return float(metrics.psnr(restored01, target01)[0]), float(metrics.ssim(restored01, target01)[0])
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def _input_psnr(x01: Tensor, target01: Tensor) -> float:
     from uniremoval.eval import metrics
 
@@ -34,8 +43,14 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     """PSNR/SSIM per paired val set; each rank scores its share, sums are combined over ranks.
 
     `lockstep` (ZeRO-3): every forward is a collective, so all ranks run the same number of
-    forwards (ranks with fewer images repeat their last one, unscored).
+    forwards (ranks out of images repeat their last one, unscored; they agree image by image).
+    Images are decoded as they are scored, never held all at once (a full GoPro test set is ~24 GB
+    of float pairs); the main process shows a progress bar per set.
     """
+    import sys
+
+    from tqdm import tqdm
+
     from uniremoval.data.pipelines import eval_samples
     from uniremoval.eval.restore import restore_tensor
 
@@ -43,33 +58,34 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     psnrs: list[float] = []
     for src in sources:
         cap = math.ceil(src.max_samples / ctx.world_size) if src.max_samples else None
-        items = []
-        for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",)):
-            if "error" in item:
-                continue
-            items.append(item)
-            if cap is not None and len(items) >= cap:
-                break
-        n_forward = len(items)
-        if lockstep:
-            counts = torch.tensor([float(len(items))], device=ctx.device)
-            import torch.distributed as dist
-
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-            n_forward = int(counts.item())
+        usable = (item for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",))
+                  if "error" not in item)
+        items = itertools.islice(usable, cap)
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
-        for i in range(n_forward):
-            item = items[min(i, len(items) - 1)] if items else None
-            x01 = ((item["input"] + 1) * 0.5).unsqueeze(0) if item is not None else torch.zeros(1, 3, 64, 64)
+        bar = tqdm(desc=f"val {src.name}", total=cap, unit="img", leave=False, file=sys.stderr,
+                   disable=ctx.rank != 0)
+        last = None
+        while True:
+            item = next(items, None)
+            if lockstep:  # one more forward on every rank while any rank has an image left
+                if not _any_rank(item is not None, ctx.device):
+                    break
+            elif item is None:
+                break
+            x = item if item is not None else last
+            x01 = ((x["input"] + 1) * 0.5).unsqueeze(0) if x is not None else torch.zeros(1, 3, 64, 64)
             y01 = restore_tensor(model, x01.to(ctx.device), input_range)
-            if item is None or i >= len(items):
+            if item is None:
                 continue
+            last = item
             t01 = ((item["target"] + 1) * 0.5).unsqueeze(0).to(y01.device)
             p, s = _psnr_ssim(y01, t01)
             sums["psnr"] += p
             sums["ssim"] += s
             sums["psnr_input"] += _input_psnr(x01.to(y01.device), t01)
             sums["n"] += 1
+            bar.update(1)
+        bar.close()
         total = ctx.all_sum(sums)
         if total["n"] == 0:
             warnings.warn(f"validation set {src.name} ({src.shards}) gave no usable pairs", RuntimeWarning,

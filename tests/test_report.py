@@ -323,3 +323,82 @@ def test_images_zero_means_no_grids_and_negative_is_refused(store, tmp_path, cap
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
     assert main(["report", "--experiment", "proj", "--tracking-uri", store, "--out-dir", str(out)]) == 0
     assert "no image grid: a grid needs the restored images" in capsys.readouterr().err  # the store has none
+
+
+def test_each_weights_file_is_its_own_row_with_its_training_run(tmp_path, capsys):
+    """`best` and `last` of one training run (and a modified copy keeping its mlflow_run_id) were one
+    row keyed by the training run id, the later eval replacing the earlier's scores. A row is now one
+    weights file (sha256); the training run stays with the row, the checkpoint name tells rows with
+    the training run's label apart; old runs without the sha256 are still read by uniremoval.model."""
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ck", artifact_location=str(tmp_path / "art"))
+    train = client.create_run(exp, run_name="kt", tags={"stage": "kt"}).info.run_id
+    data = tmp_path / "data"
+    (data / "target").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        clean = (torch.rand(3, 24, 32, generator=g) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(clean).save(data / "target" / f"im{i}.png")
+        Image.fromarray(255 - clean).save(data / f"im{i}.png")
+    torch.manual_seed(0)
+    model = build_model("mprnet", "tiny")
+    means = {}
+    for name in ("best", "last"):
+        if name == "last":
+            with torch.no_grad():
+                next(model.parameters()).add_(0.5)  # other weights, same training run
+        ckpt = save_checkpoint(tmp_path / "kt" / name, model, {"mlflow_run_id": train})
+        means[name] = run_eval(EvalOptions(str(ckpt), str(data), metrics=["psnr"], name="pairs", device="cpu",
+                                           tracking_uri=uri, experiment="ck")).mean["psnr"]
+    assert means["best"] != means["last"]
+    # An eval logged before this change: keyed by uniremoval.model (no checkpoint_sha256 tag).
+    old = client.create_run(exp, run_name="eval-pairs", tags={"stage": "eval", "dataset": "pairs",
+                                                              "uniremoval.model": "old-run", "uniremoval.label": "old"})
+    client.log_metric(old.info.run_id, "eval/pairs/psnr", 7.5)
+    client.set_terminated(old.info.run_id)
+    assert main(["report", "--experiment", "ck", "--tracking-uri", uri, "--format", "csv"]) == 0
+    out = capsys.readouterr()
+    recs = {r[0]: r[1:] for r in csv.reader(io.StringIO(out.out)) if r and not r[0].startswith("#")}
+    assert recs == {"method": ["pairs PSNR \u2191"], "kt (best)": [repr(means["best"])],
+                    "kt (last)": [repr(means["last"])], "old": ["7.5"]}
+    assert "warning:" not in out.err
+    rows = collect("ck", uri)
+    assert [(r.label, r.train_run, r.scores) for r in rows] == [
+        ("kt", train, {("pairs", "psnr"): means["best"]}), ("kt", train, {("pairs", "psnr"): means["last"]}),
+        ("old", None, {("pairs", "psnr"): 7.5})]
+    assert len({r.key for r in rows}) == 3 and all(len(r.key) == 64 for r in rows[:2])
+
+
+def test_rows_take_each_datasets_label_and_conflicting_labels_warn(tmp_path, capsys):
+    """`eval --checkpoint none --label Hazy` on a haze set and `--label Rainy` on a rain set: the haze
+    table said "Rainy" (the latest run named the row). Each table now shows the label of the runs on
+    its datasets; one model's runs on one dataset with different labels: the latest, and a warning."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("lab", artifact_location=str(tmp_path / "art"))
+    t = 1_700_000_000_000
+    for i, (ds, deg, label, value) in enumerate((("RTTS", "haze", "Hazy input", 40.0), ("SPA", "rain", "Rainy", 30.0),
+                                                  ("RTTS", "haze", "Hazy", 41.0), ("SOTS", "haze", "Hazy", 42.0),
+                                                  ("SPA", "rain", "Uni", 20.0))):
+        model = "sha-uni" if label == "Uni" else "input"
+        run = client.create_run(exp, run_name=f"eval-{ds}", start_time=t + i, tags={
+            "stage": "eval", "dataset": ds, "degradation": deg, "uniremoval.model": model, "uniremoval.label": label})
+        client.log_metric(run.info.run_id, f"eval/{ds}/piqe", value)
+        client.set_terminated(run.info.run_id)
+    assert main(["report", "--experiment", "lab", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr()
+    tables = _md_tables(out.out)
+    assert tables["NR-IQA (Tables I-III): haze"][1] == [["Hazy", "**41.00**", "**42.00**"]]
+    assert tables["NR-IQA (Tables I-III): rain"][1] == [["Rainy", "30.00"], ["Uni", "**20.00**"]]
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [("warning: model input on RTTS: its eval runs carry different labels ('Hazy input', 'Hazy'); "
+                         "the latest, 'Hazy', is shown (rerun that eval with --label to choose)")]
+    # A table over several degradations shows each distinct label once.
+    from uniremoval.eval.report import ModelRow, display_labels
+
+    row = ModelRow("input", "Rainy", labels={"RTTS": "Hazy", "SOTS": "Hazy", "SPA": "Rainy"})
+    assert display_labels([row], ["RTTS", "SOTS", "SPA"]) == ["Hazy / Rainy"]

@@ -311,6 +311,18 @@ class EvalConfig(Strict):
     metrics: list[str] = Field(default_factory=lambda: ["brisque", "piqe"])
     save_images: str | None = None
 
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v):
+        # Checked here, so the error names the key (and the file or --set override) like any other.
+        from uniremoval.errors import UniremovalError
+        from uniremoval.eval.metrics import parse_metrics  # no torch at import: config stays cheap
+
+        try:
+            return parse_metrics(v)
+        except UniremovalError as exc:
+            raise ValueError(str(exc)) from None
+
 
 # --------------------------------------------------------------------------- stages
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -517,7 +518,9 @@ class Demo:
         return self._record_eval(base, ds, label)
 
     def _record_eval(self, base: Path, ds: str, label: str) -> str:
-        mean = json.loads((base / "scores.json").read_text())["mean"]
+        # eval's JSON writes an undefined mean as null and an infinite one as "inf" (float() reads it)
+        mean = {k: math.nan if v is None else float(v)
+                for k, v in json.loads((base / "scores.json").read_text())["mean"].items()}
         self.result.evals[f"{ds}|{label}"] = mean
         return "  ".join(f"{k}={v:.3f}" for k, v in mean.items())
 

@@ -15,7 +15,8 @@ later call and ``finish()`` try to replay it, creating the run first if it never
 back off: ``retry_s`` after the loss, then twice as long after each failed retry, up to
 ``max_retry_s`` (10 min), because a server that does not answer costs each try the HTTP timeout,
 paid by whichever thread sends. A spool left behind by a crash is replayed by the next tracker for the
-same run directory (``--resume``), or by ``replay_spool(path)``.
+same run directory (``--resume``), or by ``replay_spool(path)``; an eval's, by ``uniremoval eval
+replay FOLDER`` (the command its warning gives: ``Tracker(replay_hint=...)``).
 
 A trainer's tracker sends in the background (``background=True``): each call is queued and a single
 worker thread sends (or spools) the calls in order, so a slow, hung or unreachable server never
@@ -202,8 +203,11 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
                  run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
-                 retry_s: float = 30.0, max_retry_s: float = 600.0, background: bool = False) -> None:
+                 retry_s: float = 30.0, max_retry_s: float = 600.0, background: bool = False,
+                 replay_hint: str | None = None) -> None:
         self.uri = uri
+        # How the user sends the spool later, when the job ends offline (default: --resume or replay_spool)
+        self.replay_hint = replay_hint
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags)
@@ -304,8 +308,9 @@ class Tracker:
         self._call({"op": "terminate", "status": status}, force_retry=True)
         self.close()
         if self.offline:
-            warnings.warn(f"MLflow at {self.uri} is unreachable: this run's metrics stay in {self.spool_path}; "
-                          f"they are sent on --resume, or with uniremoval.tracking.replay_spool('{self.spool_path}')",
+            how = (f"send them with `{self.replay_hint}` once it is reachable" if self.replay_hint else
+                   f"they are sent on --resume, or with uniremoval.tracking.replay_spool('{self.spool_path}')")
+            warnings.warn(f"MLflow at {self.uri} is unreachable: this run's metrics stay in {self.spool_path}; {how}",
                           RuntimeWarning, stacklevel=2)
 
     def wait(self) -> None:
@@ -471,8 +476,9 @@ class Tracker:
         if not was_offline or not self._warned:  # warn at each loss of the server, not per call
             self._warned = True
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            later = f"`{self.replay_hint}` sends them later" if self.replay_hint else "sent when the server is back"
             warnings.warn(f"MLflow at {self.uri} is unreachable ({first[:200]}); the job continues and "
-                          f"metrics are spooled to {self.spool_path}, sent when the server is back",
+                          f"metrics are spooled to {self.spool_path}, {later}",
                           RuntimeWarning, stacklevel=3)
 
 
@@ -622,20 +628,25 @@ def _download_into(client: Any, run_id: str, file: str, dst: Path) -> None:
 def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
     """Send a spool left behind to its run, on the server it was meant for (recorded in the spool;
     `uri` sends it elsewhere); True when it is empty afterwards."""
+    return send_spool(spool_path, uri)[0]
+
+
+def send_spool(spool_path: str | os.PathLike, uri: str | None = None) -> tuple[bool, Tracker]:
+    """replay_spool, also returning the tracker that sent it (its run_id, client)."""
     path = Path(spool_path)
     if uri is None:
         uri = next((op["uri"] for op in _read_ops(path) if op.get("uri")), None)
     run_id = _spool_run_id(path.parent)
     if run_id is not None:
         tracker = Tracker(resolve_uri(uri), "unused", "unused", {}, run_id=run_id, spool_dir=path.parent)
-        return tracker.flush()
+        return tracker.flush(), tracker
     head = next((op for op in _read_ops(path) if op.get("op") == "run"), None)
     if head is None:
         raise ValueError(f"{path}: no run id recorded; resume the run instead (--resume auto)")
     # The run was never created (the server was down from the start): create it now, then replay.
     tracker = Tracker(resolve_uri(uri), head["experiment"], head["run_name"], head.get("tags") or {},
                       spool_dir=path.parent)
-    return tracker.flush()
+    return tracker.flush(), tracker
 
 
 def _read_ops(path: Path) -> list[dict[str, Any]]:

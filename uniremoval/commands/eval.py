@@ -7,6 +7,18 @@
     uniremoval eval params                    # where BRISQUE/NIQE parameter files are looked up
     uniremoval eval fetch-params [--metrics]  # download them (needs internet), copy the dir offline
     uniremoval eval import-params --brisque-libsvm allmodel --niqe-npz niqe_pris_params.npz
+    uniremoval eval replay FOLDER [--tracking-uri URI]  # send an eval that ran while MLflow was unreachable
+
+Scores: --json {dataset, checkpoint, mean, undefined, images}, --csv per-image rows, a '(mean)' and
+an '(undefined)' row. A metric undefined for an image (NIQE/BRISQUE of a flat, constant image) is
+named in a warning, is null in the JSON and empty in the CSV, and left out of the mean, which is over
+the other images; 'undefined' counts them per metric (MLflow: eval_undefined/<dataset>/<metric>).
+PSNR of an image identical to its target is inf, written "inf" (JSON has no infinity; float() reads
+it), and makes the mean inf.
+
+MLflow unreachable: the run is spooled to a folder mlflow-spool-eval-<dataset>-* beside --json
+(else --csv, else in ~/.cache/uniremoval/eval-spool); the warning names it, and
+`uniremoval eval replay FOLDER` sends it (with the --save-images folder) once the server is back.
 
 Multi-GPU / multi-process: `accelerate launch [--multi_gpu --num_processes N] -m uniremoval eval ...`;
 every image is scored exactly once and rank 0 writes the outputs.
@@ -18,7 +30,7 @@ import argparse
 
 from uniremoval.errors import UniremovalError
 
-ACTIONS = ("run", "params", "fetch-params", "import-params")
+ACTIONS = ("run", "params", "fetch-params", "import-params", "replay")
 
 
 def register(subparsers) -> None:
@@ -29,7 +41,10 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("action", nargs="?", default="run", choices=ACTIONS,
-                   help="run (default): evaluate; params / fetch-params / import-params: IQA parameter files")
+                   help="run (default): evaluate; params / fetch-params / import-params: IQA parameter files; "
+                   "replay FOLDER: send an eval spooled while MLflow was unreachable")
+    p.add_argument("spool", nargs="?", metavar="FOLDER",
+                   help="replay: the mlflow-spool-eval-* folder the eval's warning named")
     g = p.add_argument_group("evaluation")
     g.add_argument("--config", help="an eval stage config (stage: eval): its eval.checkpoint, eval.data (each "
                    "source one run; --json/--csv get '-<name>' added), eval.metrics, eval.save_images, tracking")
@@ -43,8 +58,10 @@ def register(subparsers) -> None:
     g.add_argument("--metrics", default=None,
                    help="comma list of brisque,piqe,niqe (MATLAB-calibrated), brisque_live,niqe_live "
                    "(original LIVE models), psnr,ssim (need targets). Default for run: brisque,piqe")
-    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, images} here")
-    g.add_argument("--csv", dest="csv_out", help="write per-image scores (and a '(mean)' row) here")
+    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, undefined, images} here (an undefined "
+                   "score is null, an infinite PSNR \"inf\"; see above)")
+    g.add_argument("--csv", dest="csv_out", help="write per-image scores, a '(mean)' and an '(undefined)' row here "
+                   "(a path other than --json)")
     g.add_argument("--save-images", metavar="DIR",
                    help="write the restored images as PNG here (and log them to MLflow). A rerun replaces DIR's "
                    "images as a whole when it completes (until then DIR keeps the previous set); DIR must be "
@@ -72,6 +89,15 @@ def register(subparsers) -> None:
 def handler(args) -> int:
     from uniremoval.eval import iqa_params
 
+    if args.spool and args.action != "replay":
+        raise UniremovalError(f"unexpected argument {args.spool!r}: only `eval replay FOLDER` takes a folder")
+    if args.action == "replay":
+        from uniremoval.eval.evaluate import replay
+
+        if not args.spool:
+            raise UniremovalError("eval replay needs the spool FOLDER its warning named (mlflow-spool-eval-*)")
+        print(f"MLflow run: {replay(args.spool, args.tracking_uri)}")
+        return 0
     if args.action == "params":
         print(iqa_params.describe(args.iqa_dir))
         return 0
@@ -107,11 +133,12 @@ def handler(args) -> int:
             mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
             degradation=args.degradation, **common,
         )]
-    from uniremoval.eval.evaluate import check_save_dir
+    from uniremoval.eval.evaluate import check_distinct_outputs, check_save_dir
     from uniremoval.io import check_output
     from uniremoval.tracking import resolve_uri
 
     for opts in jobs:  # every output checked before hours of scoring, not after
+        check_distinct_outputs(opts.json_out, opts.csv_out)
         if opts.mlflow:
             resolve_uri(opts.tracking_uri)  # a URI MLflow cannot open
         for option, path, folder in (("--json", opts.json_out, False), ("--csv", opts.csv_out, False),
@@ -171,7 +198,8 @@ def _config_jobs(args, common: dict) -> list:
 
 def _report(result) -> None:
     if result is not None:
-        means = "  ".join(f"{m}={v:.4f}" for m, v in result.mean.items())
+        means = "  ".join(f"{m}={v:.4f}" + (f" ({len(result.undefined[m])} undefined)"
+                                             if result.undefined.get(m) else "") for m, v in result.mean.items())
         split = "+".join(str(n) for n in result.per_rank)
         print(f"{result.dataset}: {len(result.images)} images on {len(result.per_rank)} process(es) ({split})  {means}")
         if result.run_id:

@@ -2,7 +2,11 @@
 
     uniremoval report --experiment NAME [--format md|csv|html] [--tracking-uri URI] [--out-dir DIR]
 
-Rows are models, columns dataset x metric with the better direction (down arrow: lower is better),
+Rows are models, one per weights file (sha256; `best` and `last` of a training run are two, named
+"kt (best)", "kt (last)" when they share a label) and "input" for `eval --checkpoint none`; a row
+shows in each table the label its eval runs on that table's datasets carry (Hazy in the haze table,
+Rainy in the rain table; different labels of one model on one dataset: the latest, with a warning).
+Columns are dataset x metric with the better direction (down arrow: lower is better),
 the best value of each column in bold: NR-IQA per degradation (Tables I-III), PSNR/SSIM (Table IV),
 NR-IQA of ablation runs (Table V). With --out-dir the tables and grid-<dataset>.png (the same
 images restored by every model, side by side) are written there; --log also stores them in an

@@ -21,9 +21,19 @@ batch composition beyond float32 rounding (pyiqa's BRISQUE moves by < 0.01 betwe
 and single images).
 
 Restored images are rounded to 8 bits before scoring, so `--save-images` PNGs reproduce the scores.
+
 `--save-images DIR` is replaced as a whole when the eval completes (`StagedImages`): every rank
 writes into a staging folder beside DIR, rank 0 swaps it in after the gather, so an interrupted
 rerun leaves DIR as the previous run wrote it.
+
+Undefined and infinite scores: a metric can be undefined for an image (NIQE/BRISQUE of a flat,
+constant image: their natural-scene statistics divide by a zero variance). Such an image is named
+in a `warning:` line, its score is null in the JSON and empty in the CSV, the dataset mean is
+over the images where the metric is defined (null if none), and the count of the others is
+written: JSON `undefined`, CSV `(undefined)` row, MLflow `eval_undefined/<dataset>/<metric>`.
+PSNR of an image identical to its target is +inf, kept as such: the JSON holds the string "inf"
+(`float()` reads it; JSON has no infinity) as does the CSV, and the mean is then inf too (MLflow
+stores inf as the largest float, which the report shows as inf).
 """
 
 from __future__ import annotations
@@ -33,8 +43,10 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,13 +102,29 @@ class EvalResult:
     checkpoint: str
     metrics: list[str]
     images: list[dict[str, Any]]
-    mean: dict[str, float]
+    mean: dict[str, float]  # over the images where the metric is defined; NaN when it is for none
     degradation: str | None = None
     run_id: str | None = None
     per_rank: list[int] = field(default_factory=list)  # images scored by each rank
+    undefined: dict[str, list[str]] = field(default_factory=dict)  # metric -> images it is undefined for (NaN)
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "checkpoint": self.checkpoint, "mean": self.mean, "images": self.images}
+        """The --json content, valid JSON: an undefined score is null, an infinite one "inf" (module doc)."""
+        return {"dataset": self.dataset, "checkpoint": self.checkpoint,
+                "mean": {m: json_score(v) for m, v in self.mean.items()},
+                "undefined": {m: len(self.undefined.get(m, [])) for m in self.metrics},
+                "images": [{k: json_score(v) if k in self.mean else v for k, v in r.items()} for r in self.images]}
+
+
+def json_score(v: float) -> float | str | None:
+    """A score as valid JSON: NaN (undefined) -> null, +-inf -> "inf"/"-inf" (float() reads both back)."""
+    if math.isnan(v):
+        return None
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def json_text(result: EvalResult) -> str:
+    return json.dumps(result.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 # ---------------------------------------------------------------------------------- data sources
@@ -411,8 +439,11 @@ class StagedImages:
         self._lock.close()
 
 
-def summarize(records: list[dict[str, Any]], metrics: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sorted per-image records and the per-metric means; refuses an image scored twice."""
+def summarize(records: list[dict[str, Any]], metrics: list[str]
+              ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, list[str]]]:
+    """Sorted per-image records, the per-metric means over the images where the metric is defined
+    (not NaN; an inf counts and makes the mean inf), and the images where it is not; refuses an
+    image scored twice."""
     counts = Counter(r["name"] for r in records)
     dup = [n for n, c in counts.items() if c > 1]
     if dup:
@@ -420,8 +451,31 @@ def summarize(records: list[dict[str, Any]], metrics: list[str]) -> tuple[list[d
                         "names (folder paths or shard keys) must be unique within a dataset")
     images = sorted(({k: v for k, v in r.items() if not k.startswith("_")} for r in records),
                     key=lambda r: r["name"])
-    mean = {m: (math.fsum(r[m] for r in images) / len(images)) if images else math.nan for m in metrics}
-    return images, mean
+    mean, undefined = {}, {}
+    for m in metrics:
+        values = [r[m] for r in images if not math.isnan(r[m])]
+        undefined[m] = [r["name"] for r in images if math.isnan(r[m])]
+        if any(math.isinf(v) for v in values):
+            mean[m] = math.fsum(values)  # inf (fsum raises on inf - inf; only PSNR is infinite, always +inf)
+        else:
+            mean[m] = math.fsum(values) / len(values) if values else math.nan
+    return images, mean, undefined
+
+
+def undefined_warnings(result: EvalResult, shown: int = 10) -> list[str]:
+    """One `warning:` line per metric that is undefined for some images, naming them."""
+    lines = []
+    for m, names in result.undefined.items():
+        if not names:
+            continue
+        listed = ", ".join(repr(n) for n in names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown
+                                                            else "")
+        rest = len(result.images) - len(names)
+        mean = f"its mean is over the other {rest} image(s)" if rest else "it has no mean"
+        lines.append(f"warning: {result.dataset}: {m} is undefined for {len(names)} of {len(result.images)} "
+                     f"image(s): {listed}; {mean}, and the count is written (JSON 'undefined', CSV "
+                     f"'(undefined)' row, MLflow eval_undefined/{result.dataset}/{m})")
+    return lines
 
 
 def run_eval(opts: EvalOptions) -> EvalResult | None:
@@ -430,6 +484,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     from accelerate import PartialState
 
     metrics = parse_metrics(opts.metrics)
+    check_distinct_outputs(opts.json_out, opts.csv_out)
     if opts.batch_size < 1:
         raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.crop_border < 0:
@@ -479,7 +534,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
             return None  # rank 0 writes and logs; the gather above was the last collective
     degradations = {r["_degradation"] for r in records if r.get("_degradation")}
     ranks = Counter(r["_rank"] for r in records)
-    images, mean = summarize(records, metrics)
+    images, mean, undefined = summarize(records, metrics)
     if not images:
         raise DataError(f"--data {opts.data}: no images were scored")
     result = EvalResult(
@@ -487,8 +542,12 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
         checkpoint=opts.checkpoint if opts.checkpoint.lower() != "none" else "none",
         metrics=metrics, images=images, mean=mean,
         degradation=opts.degradation or (degradations.pop() if len(degradations) == 1 else None),
-        per_rank=[ranks.get(i, 0) for i in range(state.num_processes)],
+        per_rank=[ranks.get(i, 0) for i in range(state.num_processes)], undefined=undefined,
     )
+    import sys
+
+    for line in undefined_warnings(result):
+        print(line, file=sys.stderr)
     if staged is not None:  # every rank's images are written (gathered above): the new set replaces the old
         staged.commit([saved_name(r["name"]).as_posix() for r in images], result.dataset)
     write_outputs(result, opts.json_out, opts.csv_out)
@@ -520,22 +579,35 @@ def _score_and_gather(state, gather_object, score: Callable[[], list[dict[str, A
 
 
 def csv_text(result: EvalResult) -> str:
+    """Per-image scores (full precision; an undefined one empty, an infinite one "inf"), then the
+    `(mean)` row and the `(undefined)` row (images where the metric is undefined, left out of the mean)."""
+    def cell(v: float) -> str:
+        return "" if math.isnan(v) else repr(v)
+
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["name", *result.metrics])
     for r in result.images:
-        w.writerow([r["name"], *(repr(r[m]) for m in result.metrics)])
-    w.writerow(["(mean)", *(repr(result.mean[m]) for m in result.metrics)])
+        w.writerow([r["name"], *(cell(r[m]) for m in result.metrics)])
+    w.writerow(["(mean)", *(cell(result.mean[m]) for m in result.metrics)])
+    w.writerow(["(undefined)", *(len(result.undefined.get(m, [])) for m in result.metrics)])
     return buf.getvalue()
 
 
 def write_outputs(result: EvalResult, json_out: str | None, csv_out: str | None) -> None:
-    from uniremoval.io import atomic_write_json, atomic_write_text
+    from uniremoval.io import atomic_write_text
 
     if json_out:
-        atomic_write_json(json_out, result.to_json())
+        atomic_write_text(json_out, json_text(result))
     if csv_out:
         atomic_write_text(csv_out, csv_text(result))
+
+
+def check_distinct_outputs(json_out: str | None, csv_out: str | None) -> None:
+    """Refuse --json and --csv naming one file (the CSV would overwrite the JSON), before any work."""
+    if json_out and csv_out and Path(json_out).resolve() == Path(csv_out).resolve():
+        raise UniremovalError(f"--json {json_out} and --csv {csv_out} are the same file (the CSV would replace the "
+                              "JSON); give two paths, e.g. scores.json and scores.csv")
 
 
 # ---------------------------------------------------------------------------------- MLflow
@@ -546,10 +618,16 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     so it can move to uniremoval.tracking).
 
     Tags: stage=eval, dataset, checkpoint, checkpoint_sha256, config_hash (the checkpoint's training
-    config), git_commit, degradation, label, and the training run when the checkpoint's JSON names it (`mlflow_run_id`): `uniremoval.train_run_id`, plus
-    `mlflow.parentRunId` when it is in the same experiment, and its `ablation.*` tags copied so the
-    report can lay out ablation tables. Experiment: --experiment, else the training run's, else
-    "uniremoval".
+    config), git_commit, degradation, label, `uniremoval.model` (the report's row: the weights'
+    sha256, or "input" for --checkpoint none; `best` and `last` of one training run are two models),
+    and the training run when the checkpoint's JSON names it (`mlflow_run_id`):
+    `uniremoval.train_run_id`, plus `mlflow.parentRunId` when it is in the same experiment, and its
+    `ablation.*` tags copied so the report can lay out ablation tables. Experiment: --experiment,
+    else the training run's, else "uniremoval".
+
+    When MLflow cannot be reached the run is spooled to a folder `mlflow-spool-eval-<dataset>-*`
+    beside --json (else --csv, else in ~/.cache/uniremoval/eval-spool), kept until sent; the
+    warning gives the command that sends it (`uniremoval eval replay FOLDER`).
     """
     from uniremoval.tracking import Tracker, finishing, git_commit, mlflow_client, resolve_uri
 
@@ -576,7 +654,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         else:
             label = Path(result.checkpoint).stem
     tags = {"stage": "eval", "dataset": result.dataset, "checkpoint": result.checkpoint, "uniremoval.label": label,
-            "uniremoval.model": (train_id or sha or "input")}
+            "uniremoval.model": sha or "input"}
     if sha:
         tags["checkpoint_sha256"] = sha
     if meta.get("config_hash"):
@@ -594,9 +672,11 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         if exp is not None and exp.experiment_id == train_run.info.experiment_id:
             tags["mlflow.parentRunId"] = train_id
 
-    spool = tempfile.mkdtemp(prefix="uniremoval-eval-spool-")
-    tracker = Tracker(uri, experiment, f"eval-{result.dataset}", tags, spool_dir=spool)
-    with finishing(tracker):  # an interrupted upload leaves a KILLED run, not a RUNNING one
+    spool = spool_folder(opts, result.dataset)  # made by the Tracker only if it spools
+    tracker = Tracker(uri, experiment, f"eval-{result.dataset}", tags, spool_dir=spool,
+                      replay_hint=f"uniremoval eval replay {shlex.quote(str(spool))}")
+    # finishing: an interrupted upload leaves a KILLED run, not a RUNNING one
+    with finishing(tracker), tempfile.TemporaryDirectory(prefix="uniremoval-eval-") as tmp:
         tracker.log_params({
             "metrics": ",".join(result.metrics), "n_images": len(result.images), "psnr_y": opts.psnr_y,
             "crop_border": opts.crop_border, "batch_size": opts.batch_size, "tile": opts.tile,
@@ -604,18 +684,74 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             "pyiqa_variants": ",".join(f"{m}={METRICS[m].pyiqa_name}" for m in result.metrics
                                        if METRICS[m].pyiqa_name),
         })
-        values = {f"eval/{result.dataset}/{m}": v for m, v in result.mean.items() if math.isfinite(v)}
+        # An inf mean (PSNR of identical images) is logged: MLflow stores it as the largest float.
+        values = {f"eval/{result.dataset}/{m}": v for m, v in result.mean.items() if not math.isnan(v)}
+        values.update({f"eval_undefined/{result.dataset}/{m}": float(len(result.undefined.get(m, [])))
+                       for m in result.metrics})
         tracker.log_metrics(values, step=0)
-        # Score files live in the spool dir: if MLflow is unreachable the spooled upload still finds them.
-        from uniremoval.io import atomic_write_json, atomic_write_text
+        # Temporary score files: when MLflow is unreachable the Tracker spools a copy of each.
+        from uniremoval.io import atomic_write_json
 
-        atomic_write_json(Path(spool) / f"eval-{result.dataset}.json", result.to_json())
-        atomic_write_text(Path(spool) / f"eval-{result.dataset}.csv", csv_text(result))
-        tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.json", "scores")
-        tracker.log_artifact(Path(spool) / f"eval-{result.dataset}.csv", "scores")
+        for name, text in ((f"eval-{result.dataset}.json", json_text(result)),
+                           (f"eval-{result.dataset}.csv", csv_text(result))):
+            (Path(tmp) / name).write_text(text)
+            tracker.log_artifact(Path(tmp) / name, "scores")
         if opts.save_images and tracker.run_id is not None and not tracker.offline:
             # Tracker spools single files only; a folder goes up in one call when the store is reachable.
             client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
-    if not tracker.offline:
-        shutil.rmtree(spool, ignore_errors=True)
+        elif opts.save_images:  # `eval replay` uploads the folder after the spooled calls
+            atomic_write_json(Path(spool) / SPOOL_IMAGES, {"folder": str(Path(opts.save_images).absolute()),
+                                                          "artifact_path": f"images/{result.dataset}"})
+    return tracker.run_id
+
+
+SPOOL_PREFIX = "mlflow-spool-eval-"
+SPOOL_IMAGES = "save-images.json"  # in an eval spool: the --save-images folder to upload on replay
+SPOOL_ROOT = "~/.cache/uniremoval/eval-spool"  # an eval's spool when it writes neither --json nor --csv
+
+
+def spool_folder(opts: EvalOptions, dataset: str) -> Path:
+    """Where this eval's MLflow spool goes if MLflow is unreachable (not created here), kept until
+    sent: beside --json (else --csv), where the user looks for the eval's results, else in
+    SPOOL_ROOT. A new name per eval: a Tracker replays what it finds in its spool folder into its
+    own run."""
+    out = opts.json_out or opts.csv_out
+    root = Path(out).absolute().parent if out else Path(SPOOL_ROOT).expanduser()
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in dataset)
+    return root / f"{SPOOL_PREFIX}{safe}-{uuid.uuid4().hex[:8]}"
+
+
+def replay(spool: str | os.PathLike, tracking_uri: str | None = None) -> str | None:
+    """`uniremoval eval replay FOLDER`: send what an eval spooled while MLflow was unreachable (to
+    the server recorded in the spool, or `tracking_uri`), upload its --save-images folder if it was
+    given, and remove the spool folder. Returns the run id; raises when MLflow is still unreachable."""
+    import warnings
+
+    from uniremoval.tracking import SPOOL_NAME, send_spool
+
+    folder = Path(spool)
+    if folder.name == SPOOL_NAME:
+        folder = folder.parent
+    if not (folder / SPOOL_NAME).is_file():
+        raise UniremovalError(f"{spool}: no {SPOOL_NAME} there; give the folder the eval's warning named "
+                              f"({SPOOL_PREFIX}<dataset>-*), or it was sent already")
+    with warnings.catch_warnings():  # the error below says it once, without the tracker's own warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sent, tracker = send_spool(folder / SPOOL_NAME, tracking_uri)
+    if not sent or tracker.run_id is None:
+        raise UniremovalError(f"MLflow at {tracker.uri} is still unreachable; {folder} is kept: run "
+                              f"`uniremoval eval replay {shlex.quote(str(folder))}` again later (or add "
+                              "--tracking-uri URI to send it to another server)")
+    images = folder / SPOOL_IMAGES
+    if images.is_file():
+        spec = json.loads(images.read_text())
+        if Path(spec["folder"]).is_dir():
+            tracker.client.log_artifacts(tracker.run_id, spec["folder"], spec["artifact_path"])
+        else:
+            import sys
+
+            print(f"warning: {spec['folder']} (--save-images) is gone; run {tracker.run_id} has no images",
+                  file=sys.stderr)
+    if folder.name.startswith(SPOOL_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
     return tracker.run_id

@@ -111,6 +111,32 @@ def find_param_file(metric: str, explicit_dir: str | os.PathLike | None = None) 
     )
 
 
+def find_param_files(metrics: list[str], explicit_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """{metric: parameter file} for `metrics`; one MissingIQAParams naming every missing file (a
+    user copying files over from a machine with internet should learn the whole list at once)."""
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for metric in metrics:
+        try:
+            found[metric] = find_param_file(metric, explicit_dir)
+        except MissingIQAParams:
+            missing.append(metric)
+    if len(missing) == 1:
+        find_param_file(missing[0], explicit_dir)  # its own message, with the offline hint
+    if missing:
+        dirs = lookup_dirs(explicit_dir)
+        files = "; ".join(f"'{PARAM_SPECS[m].filename}' for {m} (pyiqa '{PARAM_SPECS[m].pyiqa_name}'"
+                          f"{'' if PARAM_SPECS[m].offline_hint.startswith('no ') else '; ' + PARAM_SPECS[m].offline_hint})"
+                          for m in missing)
+        raise MissingIQAParams(
+            f"{len(missing)} IQA parameter files are missing: {files}. None is in {dirs[0]} (set --iqa-dir or "
+            f"${IQA_DIR_ENV} to use another directory) nor in pyiqa's cache {dirs[1]}. On a machine with internet "
+            f"run `uniremoval eval fetch-params --iqa-dir DIR --metrics {','.join(missing)}` and copy DIR to this "
+            f"machine as {dirs[0]} (or anywhere, named with --iqa-dir)."
+        )
+    return found
+
+
 def needs_params(metric: str) -> bool:
     return metric in PARAM_SPECS
 

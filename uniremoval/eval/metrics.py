@@ -123,7 +123,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border:
     x, y = _prepare(x, y, y_channel, crop_border)
     _, c, h, w = x.shape
     if h < 11 or w < 11:
-        raise UniremovalError(f"SSIM needs images of at least 11x11 pixels, got {h}x{w}")
+        cropped = f" after --crop-border {crop_border} (from {h + 2 * crop_border}x{w + 2 * crop_border})" \
+            if crop_border else ""
+        raise UniremovalError(f"SSIM needs images of at least 11x11 pixels, got {h}x{w}{cropped}")
     win = _gaussian_window(dtype=x.dtype, device=x.device).expand(c, 1, 11, 11)
 
     def filt(t):
@@ -166,13 +168,24 @@ class Scorer:
         return [n for n in self.names if METRICS[n].kind == "fr"]
 
     def check_size(self, height: int, width: int, name: str) -> None:
+        """Refuse an image too small for a metric before it is scored, naming it; PSNR/SSIM see it
+        after --crop-border, so the message says when the crop is what makes it too small."""
         for m in self.names:
             need = METRICS[m].min_size
-            if min(height, width) < need:
+            crop = self.crop_border if METRICS[m].kind == "fr" else 0
+            least = max(need, 1)  # PSNR needs a pixel left after the crop
+            if min(height, width) - 2 * crop >= least:
+                continue
+            if crop and min(height, width) >= least:
+                left = "nothing" if min(height, width) <= 2 * crop else f"{height - 2 * crop}x{width - 2 * crop}"
                 raise UniremovalError(
-                    f"image '{name}' is {height}x{width}, but {m} needs at least {need}x{need}; "
-                    f"drop {m} from --metrics for this dataset"
-                )
+                    f"image '{name}' is {height}x{width}; --crop-border {crop} leaves {left} of it, but {m} needs "
+                    f"at least {least}x{least}: lower --crop-border to {(min(height, width) - least) // 2} or less, "
+                    f"or drop {m} from --metrics")
+            raise UniremovalError(
+                f"image '{name}' is {height}x{width}, but {m} needs at least {need}x{need}; "
+                f"drop {m} from --metrics for this dataset"
+            )
 
     def score(self, out: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, list[float]]:
         """Scores of a batch (N, 3, H, W) in [0, 1]; FR metrics need `target` of the same shape."""
@@ -182,7 +195,7 @@ class Scorer:
         res: dict[str, list[float]] = {}
         with torch.no_grad():
             for name, metric in self._nr.items():
-                res[name] = metric(out).reshape(-1).double().cpu().tolist()
+                res[name] = _nr_scores(metric, out)
             fr = self.needs_target
             if fr:
                 if target is None:
@@ -195,12 +208,27 @@ class Scorer:
         return {n: res[n] for n in self.names}
 
 
+def _nr_scores(metric, batch: torch.Tensor) -> list[float]:
+    """One pyiqa score per image; NaN where the metric is undefined for the image. pyiqa's NIQE
+    fails the whole batch on a flat (constant) image (its feature covariance is NaN, so the SVD in
+    pinv does not converge), where BRISQUE returns NaN: a failing batch is scored image by image and
+    only the images that fail get NaN (the caller names them)."""
+    import torch
+
+    try:
+        return metric(batch).reshape(-1).double().cpu().tolist()
+    except torch.linalg.LinAlgError:
+        if len(batch) == 1:
+            return [math.nan]
+        return [v for i in range(len(batch)) for v in _nr_scores(metric, batch[i : i + 1])]
+
+
 def _build_pyiqa(names: list[str], device: str, iqa_dir: str | None) -> dict:
     """Create pyiqa metrics without letting pyiqa download anything."""
     from uniremoval.eval import iqa_params
 
-    # Resolve every file first, so a missing one is reported before the slow pyiqa import.
-    paths = {n: iqa_params.find_param_file(n, iqa_dir) for n in names if iqa_params.needs_params(n)}
+    # Resolve every file first, so the missing ones are reported (all in one error) before the slow pyiqa import.
+    paths = iqa_params.find_param_files([n for n in names if iqa_params.needs_params(n)], iqa_dir)
     import pyiqa
 
     metrics = {}

@@ -1,11 +1,21 @@
 """Paper-style tables and image grids from the MLflow eval runs of one experiment.
 
 Every `uniremoval eval` run (tag stage=eval) holds `eval/<dataset>/<metric>` and tags naming the
-model it scored (`uniremoval.model`: the training run id, else the checkpoint sha256, else "input"
-for `--checkpoint none`) and its row label (`uniremoval.label`). A report row is one model; a
-column is one dataset x metric; when a model was evaluated on a dataset more than once, its latest
-FINISHED run counts (an eval stopped while logging is KILLED or FAILED, or RUNNING after a kill -9,
-its images partly uploaded: never used). Tables:
+model it scored and its row label (`uniremoval.label`). A report row is one model: one weights file
+(tag `checkpoint_sha256`), so `best` and `last` of one training run (its id stays in
+`uniremoval.train_run_id`) are two rows; "input" for `--checkpoint none`; runs without the sha256
+are keyed by `uniremoval.model` (older runs: the training run id). A column is one dataset x
+metric; when a model was evaluated on a dataset more than once, its latest FINISHED run counts (an
+eval stopped while logging is KILLED or FAILED, or RUNNING after a kill -9, its images partly
+uploaded: never used).
+
+Labels are per dataset: a row shows, in each table, the label of its runs on that table's datasets
+(the input row is "Hazy" in the haze table and "Rainy" in the rain table; distinct labels within one
+table are joined with " / "). Runs of one model on one dataset with different labels: the latest
+counts, with a warning. Rows that would show the same label get their checkpoint's name added
+("kt (best)", "kt (last)"). A mean that left out images where the metric is undefined (eval's
+`eval_undefined/<dataset>/<metric>`) is warned about; an infinite PSNR (MLflow stores it as the
+largest float) is shown as inf. Warnings go to stderr as `warning:` lines. Tables:
 
 - NR-IQA (the paper's Tables I-III): BRISQUE/PIQE/NIQE columns, one table per degradation (the
   eval runs' `degradation` tag), all models;
@@ -26,7 +36,9 @@ import html
 import io
 import math
 import os
+import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +54,20 @@ GRID_GLOB = "grid-*.png"  # the image grids a report writes in --out-dir: grid-<
 
 @dataclass
 class ModelRow:
-    key: str
-    label: str
+    key: str  # checkpoint sha256, "input", or (older runs) uniremoval.model
+    label: str  # the latest run's label; tables show `labels` of their datasets
     ablation: dict[str, str] = field(default_factory=dict)
     scores: dict[tuple[str, str], float] = field(default_factory=dict)  # (dataset, metric) -> value
     runs: dict[str, str] = field(default_factory=dict)  # dataset -> eval run id (latest)
     degradation: dict[str, str] = field(default_factory=dict)  # dataset -> degradation tag
+    labels: dict[str, str] = field(default_factory=dict)  # dataset -> label of the run counted there
+    train_run: str | None = None  # the training run of the weights (uniremoval.train_run_id)
+    checkpoint: str | None = None  # the checkpoint path or runs:/ URI last evaluated
+
+    def label_for(self, datasets: list[str]) -> str:
+        """The label shown over `datasets`: their runs' labels, distinct ones joined with " / "."""
+        found = list(dict.fromkeys(self.labels[d] for d in datasets if d in self.labels))
+        return " / ".join(found) if found else self.label
 
 
 @dataclass
@@ -92,28 +112,74 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
         max_results=50000,
     )
     models: dict[str, ModelRow] = {}
+    seen_labels: dict[tuple[str, str], list[str]] = {}  # (model, dataset) -> labels of its runs, in order
+    undefined: dict[tuple[str, str], dict[str, int]] = {}  # (model, dataset) -> metric -> images left out
     for run in runs:
         tags = run.data.tags
         dataset = tags.get("dataset") or (run.info.run_name or "").removeprefix("eval-")
-        key = tags.get("uniremoval.model") or tags.get("checkpoint_sha256") or run.info.run_id
+        # The weights are the model (best and last of one training run are two); runs without the
+        # sha256 (--checkpoint none: "input") are keyed as they were logged.
+        key = tags.get("checkpoint_sha256") or tags.get("uniremoval.model") or run.info.run_id
         label = tags.get("uniremoval.label") or run.info.run_name or key[:8]
         row = models.setdefault(key, ModelRow(key, label))
-        row.label = label  # the latest run names the row
+        row.label = label  # the latest run names the row where no dataset's label applies
+        row.train_run = tags.get("uniremoval.train_run_id") or row.train_run
+        row.checkpoint = tags.get("checkpoint") or row.checkpoint
         row.ablation.update(
             {k.removeprefix("ablation."): v for k, v in tags.items() if k.startswith("ablation.")}
         )
         prefix = f"eval/{dataset}/"
-        got = {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        got = {k[len(prefix) :]: _from_mlflow(v) for k, v in run.data.metrics.items() if k.startswith(prefix)}
         if not got:
             continue
         for metric in [m for (d, m) in row.scores if d == dataset]:
             del row.scores[(dataset, metric)]  # a later run of the same model and dataset replaces it
         row.scores.update({(dataset, m): v for m, v in got.items()})
         row.runs[dataset] = run.info.run_id
+        row.labels[dataset] = label  # the latest run on this dataset names the row in its tables
+        seen_labels.setdefault((key, dataset), []).append(label)
+        uprefix = f"eval_undefined/{dataset}/"
+        undefined[(key, dataset)] = {k[len(uprefix):]: int(v) for k, v in run.data.metrics.items()
+                                     if k.startswith(uprefix) and v > 0}
         if tags.get("degradation"):
             row.degradation[dataset] = tags["degradation"]
+    for (key, dataset), labels in seen_labels.items():
+        if len(set(labels)) > 1:
+            distinct = ", ".join(repr(x) for x in dict.fromkeys(labels))
+            _warn(f"model {_model_name(models[key])} on {dataset}: its eval runs carry different labels ({distinct}); "
+                  f"the latest, {labels[-1]!r}, is shown (rerun that eval with --label to choose)")
+    for (key, dataset), counts in undefined.items():
+        for metric, n in counts.items():
+            _warn(f"{models[key].labels.get(dataset, key)} on {dataset}: {metric} was undefined for {n} image(s) "
+                  "(e.g. flat images); the mean shown is over the other images")
     # The unrestored inputs first (the paper's "Hazy/Rainy/Blurry" row), then by first evaluation.
     return sorted(models.values(), key=lambda r: r.key != "input")
+
+
+def _from_mlflow(v: float) -> float:
+    """MLflow stores +-inf as +-the largest float: back to inf (a PSNR of identical images)."""
+    return math.copysign(math.inf, v) if abs(v) >= sys.float_info.max else v
+
+
+def _model_name(row: ModelRow) -> str:
+    return "input" if row.key == "input" else (f"{row.key[:12]} ({Path(row.checkpoint).name})" if row.checkpoint
+                                               else row.key[:12])
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def display_labels(rows: list[ModelRow], datasets: list[str]) -> list[str]:
+    """The labels of `rows` over `datasets`; rows that would share one get their checkpoint's name
+    (best, last), else the first 8 digits of their key, added so every row can be told apart."""
+    labels = [r.label_for(datasets) for r in rows]
+    for attempt in (lambda r: Path(r.checkpoint).stem if r.checkpoint and r.key != "input" else None,
+                    lambda r: r.key[:8]):
+        counts = Counter(labels)
+        labels = [f"{lab} ({extra})" if counts[lab] > 1 and (extra := attempt(r)) else lab
+                  for lab, r in zip(labels, rows)]
+    return labels
 
 
 def _kind(metric: str) -> str:
@@ -175,7 +241,7 @@ def _lower_better(metric: str) -> bool:
 def best_values(table: Table) -> dict[tuple[str, str], float]:
     best = {}
     for c in table.columns:
-        vals = [r.scores[c] for r in table.rows if c in r.scores and math.isfinite(r.scores[c])]
+        vals = [r.scores[c] for r in table.rows if c in r.scores and not math.isnan(r.scores[c])]
         if vals:
             best[c] = min(vals) if _lower_better(c[1]) else max(vals)
     return best
@@ -222,11 +288,12 @@ def render(tables: list[Table], fmt: str = "md", decimals: int | None = None) ->
         )
     for t in tables:
         best = best_values(t)
+        labels = display_labels(t.rows, list(dict.fromkeys(d for d, _ in t.columns)))
         if fmt == "md":
             head = ["Method", *t.flags, *map(_header, t.columns)]
             out.write(f"### {t.title}\n\n| " + " | ".join(map(_md_cell, head)) + " |\n|" + "---|" * len(head) + "\n")
-            for r in t.rows:
-                cells = [_md_cell(r.label), *(_flag(r.ablation.get(f)) for f in t.flags)]
+            for r, label in zip(t.rows, labels):
+                cells = [_md_cell(label), *(_flag(r.ablation.get(f)) for f in t.flags)]
                 for c in t.columns:
                     v = r.scores.get(c)
                     s = "" if v is None else _fmt(c[1], v, decimals)
@@ -237,10 +304,10 @@ def render(tables: list[Table], fmt: str = "md", decimals: int | None = None) ->
             w = csv.writer(out, lineterminator="\n")
             w.writerow([f"# {t.title}"])
             w.writerow(["method", *t.flags, *map(_header, t.columns)])
-            for r in t.rows:
+            for r, label in zip(t.rows, labels):
                 w.writerow(
                     [
-                        r.label,
+                        label,
                         *(r.ablation.get(f, "") for f in t.flags),
                         *("" if r.scores.get(c) is None else repr(r.scores[c]) for c in t.columns),
                     ]
@@ -260,8 +327,8 @@ def render(tables: list[Table], fmt: str = "md", decimals: int | None = None) ->
                     f"<th>{html.escape(info.label if info else m)} {DOWN if _lower_better(m) else UP}</th>"
                 )
             out.write("</tr>\n")
-            for r in t.rows:
-                out.write(f"<tr><td>{html.escape(r.label)}</td>")
+            for r, label in zip(t.rows, labels):
+                out.write(f"<tr><td>{html.escape(label)}</td>")
                 for f in t.flags:
                     out.write(f"<td>{html.escape(_flag(r.ablation.get(f)))}</td>")
                 for c in t.columns:
@@ -327,7 +394,8 @@ def _grids(client: Any, rows: list[ModelRow], datasets: list[str], out_dir: Path
                 continue
             path = out_dir / GRID_GLOB.replace("*", _safe(d))
             _write_grid(
-                path, [r.label for r, _ in have], [[loc / n for _, loc in have] for n in names], cell_height
+                path, display_labels([r for r, _ in have], [d]), [[loc / n for _, loc in have] for n in names],
+                cell_height
             )
             written.append(path)
     return written

@@ -333,3 +333,33 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
 
     with unittest.mock.patch.object(cli, "parse", return_value=args):
         assert cli.main([]) == 2
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, kt_file):
+    """PyYAML keeps the last of two equal keys and drops the first without a word: two `optim:`
+    sections lost the first one's learning rate."""
+    dup = write(tmp_path / "dup.yaml", f"extends: {kt_file}\noptim:\n  lr: 0.0005\noptim:\n  weight_decay: 0.01\n")
+    msg = message(dup)
+    assert str(dup) in msg and "line 4" in msg and "key 'optim' appears twice in one mapping (first at line 2)" in msg
+    nested = write(tmp_path / "nested.yaml", f"extends: {kt_file}\ntrain: {{steps_per_epoch: 5, steps_per_epoch: 50}}\n")
+    assert "key 'steps_per_epoch' appears twice" in message(nested)
+
+
+def test_a_run_name_cannot_leave_output_dir(kt_file):
+    for name in ("..", "."):
+        msg = message(kt_file, [f"name={name}"])
+        assert "key 'name'" in msg and f"'{name}'" in msg
+    assert load_config(kt_file, ["name=run.v2"]).name == "run.v2"
+
+
+def test_section_rules_name_the_key_not_the_whole_section(kt_file):
+    msg = message(kt_file, ["data.crop_size=100"])
+    assert "key 'data.crop_size': bad value 100: Value error, crop_size must be a multiple of 8" in msg
+    assert "'train':" not in msg  # the data section's other values are not dumped
+    msg = message(kt_file, ["features.layers=[relu1_1, relu2_1]", "features.layer_weights=[1.0]"])
+    assert "section 'features': layers has 2 entries but layer_weights has 1" in msg and "'weights':" not in msg
+
+
+def test_an_override_yaml_read_as_a_number_says_to_quote_it(kt_file):
+    msg = message(kt_file, ["name=2024"])
+    assert "key 'name': bad value 2024" in msg and "quote the text, e.g. name='\"2024\"'" in msg

@@ -78,6 +78,10 @@ def test_psnr_ssim_match_references():
     # PSNR on RGB: the textbook formula on [0, 255].
     mse = ((x.double() - y.double()) * 255).pow(2).mean(dim=(1, 2, 3))
     assert torch.allclose(psnr(x, y), 10 * torch.log10(255**2 / mse), atol=1e-9)
+    # identical images: inf; an output gone NaN: NaN, never a perfect inf that would become "best"
+    broken = x.clone()
+    broken[1] = float("nan")
+    assert psnr(y, y).isinf().all() and psnr(broken, y)[1].isnan() and psnr(broken, y)[0].isfinite()
     # PSNR-Y uses MATLAB's rounded uint8 Y: differs from unrounded Y by a few thousandths of a dB only.
     ry = pyiqa.create_metric("psnry", device="cpu", color_space="ycbcr")(x, y).flatten().double()
     assert (psnr(x, y, y_channel=True) - ry).abs().max() < 0.02

@@ -606,3 +606,17 @@ def test_discriminator_min_input_size_is_the_smallest_it_takes(n_layers: int) ->
     with pytest.raises(ValueError, match="more than 1 spatial element"):
         d(torch.zeros(2, 3, least - 1, least - 1))
 
+
+
+def test_checkpoint_errors_from_a_config_key_name_the_key_not_a_cli_option(tmp_path: Path) -> None:
+    """A training config's model.init or teachers.checkpoints has no --preset option to point at."""
+    sd = MPRNet("tiny").state_dict()
+    sd.pop("tail.weight")
+    torch.save({"state_dict": sd}, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): tail\.weight.*check model\.preset, or that"):
+        load_checkpoint(tmp_path / "cut.pth", preset="tiny", preset_key="model.preset")
+    with pytest.raises(CheckpointError, match=r"check --arch/--preset, or that"):
+        load_checkpoint(tmp_path / "cut.pth", preset="tiny")
+    torch.save({"state_dict": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"not an MPRNet state_dict .*; set teachers\.preset to get"):
+        load_checkpoint(tmp_path / "other.pth", preset_key="teachers.preset")

@@ -142,11 +142,12 @@ class DataConfig(Strict):
             raise ValueError(f"'{CLEAR}' is reserved for clean images and cannot be a degradation type")
         return v
 
-    @model_validator(mode="after")
-    def _crop_on_grid(self):
-        if self.crop_size % 8:
-            raise ValueError(f"crop_size must be a multiple of 8 (MPRNet's patch split), got {self.crop_size}")
-        return self
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_on_grid(cls, v):
+        if v % 8:
+            raise ValueError(f"crop_size must be a multiple of 8 (MPRNet's patch split), got {v}")
+        return v
 
 
 class OptimConfig(Strict):
@@ -339,6 +340,14 @@ class StageBase(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _a_folder_of_its_own(cls, v):
+        # The run's folder under output_dir: `.` and `..` would put it in or above output_dir.
+        if v in (".", ".."):
+            raise ValueError(f"{v!r} is not a run folder name: the run would be written outside output_dir/<name>")
+        return v
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -404,11 +413,28 @@ _STAGE_MODELS: dict[str, type[StageBase]] = {
 # --------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last one
+    and drops the other without a word (two `optim:` sections lose the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key]}); "
+                    f"keep one of them", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe: a SafeLoader
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); is it a YAML config?") from None
     except yaml.YAMLError as exc:
@@ -561,11 +587,19 @@ def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Pa
             lines.append(f"{source}: unknown key '{key}'{hint}")
         elif err["type"] == "missing":
             lines.append(f"{source}: required key '{key}' is missing")
-        elif not loc:  # a check across sections: its message names the keys, the whole config is no help
-            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
+        elif not loc or isinstance(err.get("input"), dict):
+            # a check across keys of the config or of a section: its message names the keys, and the
+            # whole section's values are no help
+            where = f"section '{key}': " if loc else ""
+            lines.append(f"{source}: {where}{err['msg'].removeprefix('Value error, ')}")
         else:
             value = err.get("input")
-            lines.append(f"{source}: key '{key}': bad value {value!r}: {err['msg']}")
+            hint = ""
+            if err["type"] == "string_type" and source.startswith("override"):
+                # YAML read the override's text as a number or bool: quoting keeps it text
+                hint = f" (the override was read as YAML, giving {type(value).__name__} {value!r}: quote the " \
+                       f"text, e.g. {key}='\"{overrides.get(key, '').split('=', 1)[-1]}\"')"
+            lines.append(f"{source}: key '{key}': bad value {value!r}: {err['msg']}{hint}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -99,12 +99,13 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
-    """PSNR in dB per image of two (N, 3, H, W) batches in [0, 1]."""
+    """PSNR in dB per image of two (N, 3, H, W) batches in [0, 1]: inf for identical images, NaN
+    when either holds a NaN (a model whose output went NaN must not score a perfect inf)."""
     import torch
 
     x, y = _prepare(x, y, y_channel, crop_border)
     mse = ((x - y) ** 2).mean(dim=(1, 2, 3))
-    return torch.where(mse > 0, 10 * torch.log10(255.0**2 / mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
+    return torch.where(mse == 0, torch.full_like(mse, math.inf), 10 * torch.log10(255.0**2 / mse.clamp_min(1e-300)))
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=None, device=None) -> torch.Tensor:

@@ -199,9 +199,10 @@ def load_checkpoint(
         state = _read_official(weights)
         if arch not in (None, "mprnet"):
             raise CheckpointError(f"{weights}: official .pth files are MPRNet models; --arch {arch} is not")
-        model, meta = _build_for_official(weights, state, preset)
+        model, meta = _build_for_official(weights, state, preset, preset_key)
 
-    _load_strict(model, state, weights, hint=_preset_hint(state))
+    _load_strict(model, state, weights, hint=_preset_hint(state),
+                 fix=f"check {preset_key}" if preset_key else "check --arch/--preset")
     model.to(map_location)
     model.eval()
     meta["checkpoint"] = str(weights)
@@ -284,7 +285,7 @@ def _read_official(weights: Path) -> dict[str, Tensor]:
 
 
 def _build_for_official(
-    weights: Path, state: dict[str, Tensor], preset: str | None
+    weights: Path, state: dict[str, Tensor], preset: str | None, preset_key: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     from uniremoval.models.mprnet_arch import MPRNet, infer_config, preset_and_overrides
 
@@ -294,7 +295,7 @@ def _build_for_official(
         if cfg is None:
             raise CheckpointError(
                 f"{weights}: not an MPRNet state_dict (no 'shallow_feat1.0.weight'/'tail.weight'); "
-                "pass --preset to get the full list of mismatched keys"
+                f"{'set ' + preset_key if preset_key else 'pass --preset'} to get the full list of mismatched keys"
             )
         preset, overrides = preset_and_overrides(cfg)
     try:
@@ -331,7 +332,8 @@ def _fmt_list(items: list[str]) -> str:
     return shown + (f", ... (+{more} more)" if more > 0 else "")
 
 
-def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path, hint: str = "") -> None:
+def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path, hint: str = "",
+                 fix: str = "check --arch/--preset") -> None:
     """Strict key/shape check (shared-parameter aliases refilled), then load."""
     expected = model.state_dict()
     state = dict(state)
@@ -365,7 +367,7 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path, hint:
             parts.append(f"mismatched shapes ({len(mismatched)}): {_fmt_list(mismatched)}")
         if hint:
             parts.append(hint)
-        parts.append("check --arch/--preset, or that the file is the model you meant")
+        parts.append(f"{fix}, or that the file is the model you meant")
         raise CheckpointError("; ".join(parts))
     bad_dtype = [k for k, v in state.items() if v.is_floating_point() != expected[k].is_floating_point()]
     if bad_dtype:

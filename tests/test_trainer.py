@@ -673,12 +673,17 @@ def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_
     a = ToyStage(make_cfg(tmp_path / "a").model_copy(update={"tracking": tracking}))
     ra = Trainer(a.cfg, a).fit()
     source = tmp_path / "a/toy/checkpoints/step-00000009"
-    b = ToyStage(make_cfg(tmp_path / "b").model_copy(update={"tracking": tracking}))
-    rb = Trainer(b.cfg, b).fit(resume=str(source))
+    b = ToyStage(make_cfg(tmp_path / "b", optim={"lr": 0.01}).model_copy(update={"tracking": tracking}))
+    with pytest.warns(RuntimeWarning, match=r"1 changed setting\(s\): optim.lr: 0.05 -> 0.01"):
+        rb = Trainer(b.cfg, b).fit(resume=str(source))
     assert rb.step == 10 and b.seen == [(1, 4)] and rb.run_id != ra.run_id
     assert f"continuing {source} (another run's checkpoint) as the new run 'toy'" in capsys.readouterr().err
     client = MlflowClient(store)
     tags = client.get_run(rb.run_id).data.tags
     assert (tags["resumed_from"], tags["resumed_from_run"]) == (str(source), ra.run_id)
+    assert tags["resumed_changes"] == "optim.lr: 0.05 -> 0.01"  # a new run still says what changed
     assert [m.step for m in client.get_metric_history(ra.run_id, "val/toy/err")] == [5, 10]
     assert [m.step for m in client.get_metric_history(rb.run_id, "val/toy/err")] == [10]
+    # with tracking off, no run is reported (the checkpoint's id is not this job's run)
+    c = ToyStage(make_cfg(tmp_path / "c"))
+    assert Trainer(c.cfg, c).fit(resume=str(source)).run_id is None

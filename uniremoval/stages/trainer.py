@@ -447,7 +447,10 @@ class Trainer:
             self.tracker.finish("KILLED" if status == "preempted" else "FINISHED")
         acc.wait_for_everyone()
         leave_process_group_at_exit()  # every rank got here: the group can be left cleanly at exit
-        return FitResult(status, self.step, self.mlflow_run_id, self.latest_checkpoint(), metrics,
+        # The run this job logged to: none with tracking off (the checkpoint's id is kept for a resume
+        # that turns tracking back on, not reported as if this job had logged there).
+        run_id = self.mlflow_run_id if self.cfg.tracking.enabled else None
+        return FitResult(status, self.step, run_id, self.latest_checkpoint(), metrics,
                          self.nonfinite_skipped, self._stop_signal if status == "preempted" else None)
 
     # ---------------------------------------------------------------- setup
@@ -591,9 +594,10 @@ class Trainer:
                                      degradation=self.stage.degradation, run_id=self.run_id,
                                      extra_tags=tags, run_dir=self.run_dir,
                                      background=True)  # a slow or hung server never holds the GPUs
-            if self.tracker is not None and not self.tracker.new_run and self.resumed_changes:
-                # The run's params are the config it started with (MLflow does not change them):
-                # the settings this resume changed go beside them, as a tag and the config used now.
+            if self.tracker is not None and self.resumed_changes:
+                # The run's params are the config it started with (MLflow does not change them), also
+                # when it is created only now from a spool kept while the server was down: the
+                # settings this resume changed go beside them, as a tag and the config used now.
                 self.tracker.set_tags({"resumed_changes": "; ".join(self.resumed_changes)[:5000]})
                 self.tracker.log_text(config_to_yaml(self.cfg), f"config-resumed-step{self.step:08d}.yaml")
         if self.tracker is not None:

@@ -505,3 +505,47 @@ def test_da_training_step_equals_the_design_formula_and_trains_d_on_clear_vs_res
     assert d_terms["d_fake"].item() == pytest.approx((d_fake**2).mean().item(), rel=1e-5)
     assert d_loss.item() == pytest.approx(0.5 * (((d_real - 1) ** 2).mean() + (d_fake**2).mean()).item(), rel=1e-5)
     assert all(p.requires_grad for p in disc.parameters())  # D unfrozen again after G's update
+
+
+def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path):
+    """NIQE/BRISQUE are undefined (NaN) for a flat image, as `uniremoval eval` leaves them out: one
+    such image must not turn every DA validation into NaN (nothing would then be `best`)."""
+    import math
+    import warnings
+
+    from _fixtures import write_shards
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import da
+
+    write_shards(tmp_path / "val", "val", 1, 4, domain="real", paired=False)
+    cfg = load_config(REPO / "configs" / "da.yaml", [
+        "model.preset=tiny", f"data.val=[{{name: v, shards: {tmp_path / 'val'}, degradation: haze}}]",
+        "val_iqa.metrics=[piqe]", "val_iqa.max_images=4"])
+    stage = da.DomainAdaptation(cfg)
+
+    class Scorer:  # the 2nd image restored is "flat": its score is undefined
+        calls = 0
+
+        def score(self, batch):
+            Scorer.calls += 1
+            return {"piqe": [math.nan if Scorer.calls == 3 else float(Scorer.calls)]}
+
+    class Ctx:
+        rank, world_size, device = 0, 1, torch.device("cpu")
+
+        def unwrap(self, name):
+            return MPRNet("tiny").eval()
+
+        def all_sum(self, values):
+            return dict(values)
+
+    stage._iqa = Scorer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = stage.validate(Ctx())
+    # calls alternate restored (1, 3, 5, 7) and input (2, 4, 6, 8) scores; call 3 (restored) is NaN
+    assert out["val/v/piqe"] == pytest.approx((1 + 5 + 7) / 3)
+    assert out["val/v/piqe_input"] == pytest.approx((2 + 4 + 6 + 8) / 4)
+    assert out["val/mean/piqe"] == out["val/v/piqe"]
+    assert any("piqe is undefined for 1 of 4 image(s)" in str(w.message) for w in caught)

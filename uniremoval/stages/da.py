@@ -210,8 +210,10 @@ class DomainAdaptation(Stage):
             cap = min(src.max_samples or self.cfg.val_iqa.max_images, self.cfg.val_iqa.max_images)
             per_rank = math.ceil(cap / ctx.world_size)
             with_input = src.name not in self._inputs_scored  # the inputs' scores never change: once
-            sums = {m: 0.0 for m in names} | ({f"{m}_input": 0.0 for m in names} if with_input else {})
-            sums["n"] = 0.0
+            keys = names + ([f"{m}_input" for m in names] if with_input else [])
+            # Per score: its sum and how many images it is defined for (NIQE/BRISQUE of a flat image
+            # is NaN, as in `uniremoval eval`: left out of the mean, not poisoning it).
+            sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0}
             for item in eval_samples(src.shards, ctx.rank, ctx.world_size):
                 if sums["n"] >= per_rank:
                     break
@@ -219,19 +221,24 @@ class DomainAdaptation(Stage):
                     continue
                 x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)
                 y01 = restore_tensor(model, x01, self.cfg.model.input_range)
-                for m, v in scorer.score(y01).items():
-                    sums[m] += v[0]
+                scores = {m: v[0] for m, v in scorer.score(y01).items()}
                 if with_input:
-                    for m, v in scorer.score(x01).items():
-                        sums[f"{m}_input"] += v[0]
+                    scores |= {f"{m}_input": v[0] for m, v in scorer.score(x01).items()}
+                for k, v in scores.items():
+                    if not math.isnan(v):
+                        sums[k] += v
+                        sums[f"{k}#n"] += 1
                 sums["n"] += 1
             total = ctx.all_sum(sums)
             if total["n"] == 0:
                 warnings.warn(f"validation set {src.name} gave no usable images", RuntimeWarning, stacklevel=2)
                 continue
-            for k, v in total.items():
-                if k != "n":
-                    out[f"val/{src.name}/{k}"] = v / total["n"]
+            for k in keys:
+                if total[f"{k}#n"] < total["n"] and ctx.rank == 0:
+                    warnings.warn(f"validation set {src.name}: {k} is undefined for {int(total['n'] - total[f'{k}#n'])} "
+                                  f"of {int(total['n'])} image(s) (flat images); averaged over the others",
+                                  RuntimeWarning, stacklevel=2)
+                out[f"val/{src.name}/{k}"] = total[k] / total[f"{k}#n"] if total[f"{k}#n"] else math.nan
             self._inputs_scored.add(src.name)
             firsts.append(out[f"val/{src.name}/{names[0]}"])
         if firsts:

@@ -183,7 +183,13 @@ def test_restore_stopped_mid_write_leaves_no_temporary(tmp_path, sig, line):
     ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
     src = _images(tmp_path / "in", 2)
     (tmp_path / "out").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "im0.png")  # an earlier restore's output
+    from PIL.PngImagePlugin import PngInfo
+
+    from uniremoval.eval.restore import WRITTEN_BY
+
+    mark = PngInfo()
+    mark.add_text(*WRITTEN_BY)
+    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "im0.png", pnginfo=mark)  # an earlier restore's output
     before = (tmp_path / "out" / "im0.png").read_bytes()
     rc, err = _stopped(tmp_path, "PIL.Image:Image.save",
                        ["restore", "--checkpoint", str(ckpt), "--input", str(src / "target"), "--output", "out",

@@ -919,26 +919,23 @@ def test_a_build_where_every_input_fails_to_decode_fails(tmp_path: Path, capsys)
     assert {json.loads(line)["kind"] for line in (out / "report.jsonl").read_text().splitlines()} == {"unreadable"}
 
 
-def test_training_refuses_a_folder_with_missing_shards_or_an_unfinished_build(tmp_path: Path, monkeypatch) -> None:
-    """A stream over part of a dataset must not pass for one over all of it."""
+def test_training_refuses_an_unfinished_build(tmp_path: Path, monkeypatch) -> None:
+    """A stream over the finished shards of a stopped build must not pass for one over the dataset.
+    (A listed shard missing on disk is data.bad_samples' business: tests/faults.)"""
     from uniremoval.data.shard_stream import resolve_shards
 
     tree = big_its(tmp_path / "its")
     out = tmp_path / "out"
     build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
     assert len(resolve_shards(out)) == 6
-    (out / "its-000003.tar").unlink()
-    with pytest.raises(DataError, match=r"1 of the 6 shard\(s\) listed in .*manifest\.json are missing, "
-                                        r"e\.g\. .*its-000003\.tar; rerun"):
-        resolve_shards(out)
 
-    # A rebuild stopped after one shard (a source file changed): the old manifest is gone with it.
+    # A rebuild (a source file changed) stopped in the shard it rewrites: the old manifest is gone.
     (tree.root / "clear/1.png").write_bytes((tree.root / "clear/2.png").read_bytes())
     real_write, calls = shardwriter.write_shard, []
 
     def dying_write(out_dir, plan, results, strict):
         calls.append(plan.name)
-        if len(calls) == 2:
+        if len(calls) == 1:
             raise KeyboardInterrupt
         return real_write(out_dir, plan, results, strict)
 

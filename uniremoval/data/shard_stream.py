@@ -75,26 +75,18 @@ def read_manifest_shards(manifest: str | os.PathLike) -> list[str]:
         raise DataError(f"manifest {path} does not exist; build the shards first") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read manifest {path}: {exc}") from exc
-    shards = [
+    # A listed shard missing on disk is not refused here: the streams skip it as a bad sample, named
+    # in a warning and counted (data.bad_samples=skip), or stop on it (fail); see pipelines.py.
+    return [
         e if (_is_url(e) or os.path.isabs(e)) else str(path.parent / e) for e in _manifest_entries(data, m)
     ]
-    # A local shard the manifest lists but the folder lacks would be skipped by a training stream
-    # as one bad sample: a run on part of a dataset that looks like a run on all of it.
-    missing = [s for s in shards if not _is_url(s) and not os.path.isfile(s)]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of the {len(shards)} shard(s) listed in {path} are missing, e.g. {missing[0]}; "
-            f"rerun the command that built them (finished shards are kept), then `uniremoval shards verify "
-            f"{path.parent}`"
-        )
-    return shards
 
 
 def resolve_shards(spec: ShardSpec) -> list[str]:
     """Turn a dataset spec into a list of shard URLs.
 
-    Accepts: a shard directory (its `manifest.json`, whose local shards must all be there, else its
-    `*.tar` sorted by name; an unfinished build or an array build not yet merged is refused), a
+    Accepts: a shard directory (its `manifest.json`, else its `*.tar` sorted by name; an unfinished
+    build or an array build not yet merged is refused), a
     `manifest.json` path or URL, an http(s) directory URL ending in `/` (its manifest.json), a
     brace pattern (`shards/haze-{000000..000009}.tar`), a single tar / URL / `pipe:` command,
     or a list of any of these.

@@ -343,6 +343,10 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, kt_file):
     assert str(dup) in msg and "line 4" in msg and "key 'optim' appears twice in one mapping (first at line 2)" in msg
     nested = write(tmp_path / "nested.yaml", f"extends: {kt_file}\ntrain: {{steps_per_epoch: 5, steps_per_epoch: 50}}\n")
     assert "key 'steps_per_epoch' appears twice" in message(nested)
+    # YAML anchors and merge keys still work: a merged key given again is an override, not a duplicate
+    merged = write(tmp_path / "merged.yaml", f"extends: {kt_file}\ndata:\n  val:\n"
+                   "    - &v {name: a, shards: s, degradation: haze}\n    - {<<: *v, name: b}\n")
+    assert [(v.name, v.degradation) for v in load_config(merged).data.val] == [("a", "haze"), ("b", "haze")]
 
 
 def test_a_run_name_cannot_leave_output_dir(kt_file):

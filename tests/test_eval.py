@@ -926,3 +926,27 @@ def test_an_eval_spool_without_json_or_csv_goes_to_a_named_folder(tmp_path, monk
     assert a.name.startswith("mlflow-spool-eval-haze_test-")
     assert not (tmp_path / "home").exists()  # made only by a Tracker that spools
     assert spool_folder(EvalOptions("none", "d", csv_out=str(tmp_path / "o" / "s.csv")), "x").parent == tmp_path / "o"
+
+
+def test_a_checkpoint_whose_output_is_nan_gets_no_mean(tmp_path, capsys):
+    """A diverged checkpoint restores NaN: its images are not "undefined" like a flat image's NIQE,
+    to be averaged away; every mean is null and a warning says the checkpoint is broken."""
+    from uniremoval.cli import main
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+
+    data = tmp_path / "d"
+    _write_pngs(data, 2, [(32, 40)], seed=4)
+    model = build_model("mprnet", "tiny")
+    with torch.no_grad():
+        model.tail.weight.fill_(float("nan"))
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", model, {"step": 1})
+    out = tmp_path / "s.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--metrics", "psnr,piqe",
+                 "--json", str(out), "--device", "cpu", "--no-mlflow"]) == 0
+    err = capsys.readouterr().err
+    assert "the restored output holds NaN or inf for 2 of 2 image(s) ('img00.png', 'img01.png'): the checkpoint " \
+           "is broken" in err and "is undefined for" not in err
+    js = _strict_json(out.read_text())
+    assert js["mean"] == {"psnr": None, "piqe": None}
+    assert all(r["psnr"] is None and r["piqe"] is None for r in js["images"])

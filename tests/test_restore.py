@@ -595,11 +595,19 @@ def test_restore_never_overwrites_an_input_or_a_file_it_did_not_write(tmp_path: 
         return main(["restore", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
                      "--device", "cpu"])
 
+    assert restore(src, src) == 2
+    assert re.search(r"error: --output .*in would overwrite the input .*in/x\.jpg|error: --output .*in would "
+                     r"overwrite the input .*in/sub/x\.png", capsys.readouterr().err)
+    # An --output inside --input is not read as input; a user's file there is not replaced either.
     assert restore(src, src / "sub") == 2
-    err = capsys.readouterr().err
-    assert re.search(r"error: --output .*in/sub would overwrite the input .*in/sub/x\.png \(with the restored "
-                     r".*in/x\.jpg\); choose a folder outside --input", err), err
+    assert re.search(r"--output .*in/sub already holds 1 file\(s\) that restore did not write and would "
+                     r"replace: .*in/sub/x\.png", capsys.readouterr().err)
     assert {p: p.read_bytes() for p in src.rglob("*.*")} == before
+    (src / "sub" / "x.png").unlink()
+    for _ in range(2):  # a rerun into an --output inside --input: its own outputs are not inputs
+        assert restore(src, src / "restored") == 0
+        assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png")) == ["restored/x.png"]
+    capsys.readouterr()
 
     out = tmp_path / "out"
     out.mkdir()
@@ -638,7 +646,12 @@ def test_read_image_beyond_pillows_pixel_limit_and_sixteen_bit_files(tmp_path: P
         PILImage.open(tmp_path / "big.png")
     x = read_image(tmp_path / "big.png")
     np.testing.assert_array_equal(to_uint8(x), rgb)
-    assert PILImage.MAX_IMAGE_PIXELS == 100  # lifted only around the open
+    Image.fromarray(rgb).save(tmp_path / "big.tif")  # TIFF checks the limit again when it decodes
+    np.testing.assert_array_equal(to_uint8(read_image(tmp_path / "big.tif")), rgb)
+    write_png(tmp_path / "ours.png", x)  # restore's own large output is still recognised as its own
+    assert restore_mod.written_by_restore(tmp_path / "ours.png")
+    assert not restore_mod.written_by_restore(tmp_path / "big.png")
+    assert PILImage.MAX_IMAGE_PIXELS == 100  # lifted only around the open and decode
     monkeypatch.setattr(restore_mod, "available_memory", lambda: 1200 * restore_mod.BYTES_PER_PIXEL - 1)
     with pytest.raises(DataError, match=r"big\.png: 30x40 pixels need about 0\.0 GiB to restore, more than the "
                                         r"0\.0 GiB free here; downscale or crop it"):

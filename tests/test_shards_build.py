@@ -816,16 +816,18 @@ def test_paired_folder_pairs_by_path_and_never_guesses(tmp_path: Path) -> None:
     tree.image("input/dup.png", 92, 150)
     tree.image("input/dup.jpg", 93, 150)
     tree.image("target/dup.png", 92, 40)
-    tree.image("input/scene3/001.png", 94, 150)  # 001 exists in scene1/ and scene2/ only
+    tree.image("input/scene3/001.png", 94, 150)  # 001 exists in scene1/ and scene2/ only: no partner
+    tree.image("input/scene4/002.png", 95, 150)
+    tree.image("target/scene5/002.png", 95, 40)  # the only 002, but in another sequence: no partner
     out = tmp_path / "out"
     build("paired-folder", tree.root, out, "--degradation", "rain")
     check_samples(out, tree, "paired-folder", "rain", "synthetic")
     report = {r["path"]: r for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
     assert {p: r["kind"] for p, r in report.items()} == {
         "input/dup.jpg": "duplicate", "input/dup.png": "duplicate", "input/two.png": "duplicate",
-        "input/scene3/001.png": "duplicate"}
+        "input/scene3/001.png": "missing_partner", "input/scene4/002.png": "missing_partner"}
     assert "target/two.jpg, target/two.png" in report["input/two.png"]["reason"]
-    assert "target/scene1/001.png, target/scene2/001.png" in report["input/scene3/001.png"]["reason"]
+    assert "no 'scene4/002.*' in target/" in report["input/scene4/002.png"]["reason"]
 
 
 def test_folders_linked_into_the_root_are_read_and_loops_end(tmp_path: Path) -> None:
@@ -875,6 +877,12 @@ def test_rebuilding_another_split_or_subset_into_the_same_out_is_refused(tmp_pat
         build("paired-folder", tree.root, out, "--degradation", "rain", "--split", "test")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert build("paired-folder", tree.root, out, "--degradation", "rain", "--split", "train") == 0
+    # what the options select is compared, defaults filled in: on a root with only a train split,
+    # no --split and --split train build the same dataset
+    flat = Tree(tmp_path / "flat")
+    flat.pair("input/a.png", "target/a.png", "train")
+    build("paired-folder", flat.root, tmp_path / "f", "--degradation", "rain")
+    assert build("paired-folder", flat.root, tmp_path / "f", "--degradation", "rain", "--split", "train") == 0
 
 
 def test_merge_refuses_jobs_built_from_other_options_or_other_files(tmp_path: Path) -> None:

@@ -600,15 +600,15 @@ class CtrlC(ToyStage):
         return super().training_step(batch, ctx)
 
 
-def test_ctrl_c_writes_a_checkpoint_after_the_step_and_a_second_one_stops_at_once(tmp_path, capsys):
+def test_ctrl_c_writes_a_checkpoint_after_the_step_and_a_second_one_stops_at_once(tmp_path, capfd):
     """One Ctrl-C is a stop at the step's end with a checkpoint (exit 130, not the scheduler's 75:
     nothing should requeue it); the steps since the last periodic checkpoint are kept."""
     st = CtrlC(make_cfg(tmp_path), at=3)
     res = Trainer(st.cfg, st).fit()
     assert (res.status, res.step, res.stop_signal, res.exit_code) == ("preempted", 4, signal.SIGINT, 130)
     assert res.checkpoint is not None and res.checkpoint.name == "step-00000004"  # every_steps is 3
-    err = capsys.readouterr().err
-    assert "Ctrl-C: a checkpoint is written after step 4, then the run stops" in err
+    err = capfd.readouterr().err
+    assert "Ctrl-C: a checkpoint is written when the current step ends, then the run stops" in err
     assert "interrupted: checkpoint saved at step 4" in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     again = ToyStage(make_cfg(tmp_path))
@@ -664,6 +664,8 @@ def test_the_progress_bar_shows_the_totals_first():
 def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_path, capsys):
     """--resume PATH of another run's checkpoint continues its state under this run's name, but as a
     new MLflow run tagged with where it came from: the other run's metrics and weights stay its own."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
     from uniremoval.config import TrackingConfig
@@ -673,10 +675,13 @@ def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_
     a = ToyStage(make_cfg(tmp_path / "a").model_copy(update={"tracking": tracking}))
     ra = Trainer(a.cfg, a).fit()
     source = tmp_path / "a/toy/checkpoints/step-00000009"
-    b = ToyStage(make_cfg(tmp_path / "b", optim={"lr": 0.01}).model_copy(update={"tracking": tracking}))
+    # its one validation scores far worse than a's best: still this run's best (a's is not its own)
+    b = ScriptedVal(make_cfg(tmp_path / "b", optim={"lr": 0.01}).model_copy(update={"tracking": tracking}),
+                    {10: 1e9}, "min")
     with pytest.warns(RuntimeWarning, match=r"1 changed setting\(s\): optim.lr: 0.05 -> 0.01"):
         rb = Trainer(b.cfg, b).fit(resume=str(source))
     assert rb.step == 10 and b.seen == [(1, 4)] and rb.run_id != ra.run_id
+    assert json.loads((tmp_path / "b/toy/best.json").read_text())["step"] == 10  # its own best, not a's
     assert f"continuing {source} (another run's checkpoint) as the new run 'toy'" in capsys.readouterr().err
     client = MlflowClient(store)
     tags = client.get_run(rb.run_id).data.tags

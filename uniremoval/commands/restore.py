@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(out_root, "--output", folder=True)
     others: list[Path] = []
-    files = list_images(in_root, others)
+    files = list_images(in_root, others, skip=out_root)  # a rerun does not restore its own outputs
     if others:
         print(other_formats_note(others, "restore"), file=sys.stderr)
     if not files:

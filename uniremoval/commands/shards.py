@@ -225,9 +225,18 @@ def _build(args) -> int:
     result = read_dataset(args.format, args.root, opts)
     _print_listing_issues(result.issues, args.strict)
     builder = FileSampleBuilder(root=str(Path(args.root).resolve()), dataset=_dataset_name(args))
-    # Every option that changes which samples are built: a rerun differing in one is another dataset.
-    source = {"format": args.format, "root": str(Path(args.root).resolve()), "split": args.split,
-              "subset": args.subset, "degradation": args.degradation, "domain": args.domain,
+    # What the options selected, as the reader resolved them (its defaults filled in): a rerun that
+    # selects another split, subset, degradation or domain is another dataset; `--split train` on a
+    # root that has only train is the same one.
+    def selected(values) -> str | None:
+        found = sorted({str(v) for v in values if v is not None})
+        return ",".join(found) or None
+
+    items = result.items
+    source = {"format": args.format, "root": str(Path(args.root).resolve()),
+              "split": selected(i.split for i in items),
+              "subset": selected(i.extra.get("subset") for i in items) or args.subset,
+              "degradation": selected(i.degradation for i in items), "domain": selected(i.domain for i in items),
               "blur_dir": args.blur_dir}
     return _run_writer(args, result.items, result.issues, builder, source)
 

@@ -481,9 +481,11 @@ def _stem_pairs(
 ) -> list[tuple[str, str | None]]:
     """Pair files of two folders by path without extension: `input/a/001.png` with `target/a/001.*`.
 
-    A clean folder without the sub-folders (`target/001.png`) pairs by stem alone when exactly one
-    clean file has it. Several candidates (`001.png` and `001.jpg`, or `a/001` and `b/001` for an
-    input elsewhere) are never guessed between: the input is reported as a `duplicate`. So are
+    A clean file directly in the clean folder (`target/001.png`) also pairs by stem with an input in
+    a sub-folder, when it is the only one with that stem; a clean file in another sub-folder never
+    does (`input/A/001` without `target/A/001` is a missing partner, not `target/B/001`'s). Several
+    candidates (`001.png` and `001.jpg`) are never guessed between: the input is reported as a
+    `duplicate`. So are
     degraded files with the same path and another extension (`a.png`, `a.jpg`).
     """
     degraded = scan_images(root, degraded_dir, issues)
@@ -493,7 +495,8 @@ def _stem_pairs(
     by_stem: dict[str, list[Path]] = {}
     for path in scan_images(root, clean_dir, issues):
         by_path.setdefault(path.relative_to(clean_dir).with_suffix("").as_posix(), []).append(path)
-        by_stem.setdefault(path.stem, []).append(path)
+        if path.parent == clean_dir:  # only a flat clean folder pairs by stem alone
+            by_stem.setdefault(path.stem, []).append(path)
     pairs: list[tuple[str, str | None]] = []
     same_name: dict[str, list[Path]] = {}
     for path in degraded:

@@ -33,7 +33,9 @@ over the images where the metric is defined (null if none), and the count of the
 written: JSON `undefined`, CSV `(undefined)` row, MLflow `eval_undefined/<dataset>/<metric>`.
 PSNR of an image identical to its target is +inf, kept as such: the JSON holds the string "inf"
 (`float()` reads it; JSON has no infinity) as does the CSV, and the mean is then inf too (MLflow
-stores inf as the largest float, which the report shows as inf).
+stores inf as the largest float, which the report shows as inf). A restored image that holds NaN
+or inf is not "undefined" but a broken checkpoint (a diverged run): its scores are null, and every
+mean of the dataset is null too, with a warning naming the images.
 """
 
 from __future__ import annotations
@@ -289,10 +291,17 @@ def score_items(
         targets = None
         if scorer.needs_target:
             targets = torch.stack([it.target for it in batch]).to(device)
+        # A restored image holding NaN/inf (a diverged checkpoint) has no score: flagged, so it is not
+        # averaged away like a flat image's undefined NIQE, and zeroed for the metrics (pyiqa refuses NaN).
+        broken = (~torch.isfinite(out)).flatten(1).any(1).tolist() if restore is not None else [False] * len(batch)
+        if any(broken):
+            out = torch.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
         scores = scorer.score(out, targets)
         for i, it in enumerate(batch):
             rec: dict[str, Any] = {"name": it.name}
-            rec.update({m: float(v[i]) for m, v in scores.items()})
+            rec.update({m: math.nan if broken[i] else float(v[i]) for m, v in scores.items()})
+            if broken[i]:
+                rec["_broken_output"] = True
             if it.degradation:
                 rec["_degradation"] = it.degradation
             records.append(rec)
@@ -537,6 +546,14 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
     images, mean, undefined = summarize(records, metrics)
     if not images:
         raise DataError(f"--data {opts.data}: no images were scored")
+    broken = sorted(r["name"] for r in records if r.get("_broken_output"))
+    if broken:  # not a property of some images but of the model: no mean describes it
+        mean = dict.fromkeys(mean, math.nan)
+        import sys
+
+        print(f"warning: {opts.data}: the restored output holds NaN or inf for {len(broken)} of {len(images)} "
+              f"image(s) ({', '.join(map(repr, broken[:5]))}{' ...' if len(broken) > 5 else ''}): the checkpoint "
+              f"is broken (a diverged training run?); every mean is left undefined (null)", file=sys.stderr)
     result = EvalResult(
         dataset=opts.name or dataset_name(opts.data),
         checkpoint=opts.checkpoint if opts.checkpoint.lower() != "none" else "none",
@@ -546,7 +563,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
     )
     import sys
 
-    for line in undefined_warnings(result):
+    for line in undefined_warnings(result) if not broken else []:  # broken: said above, no mean at all
         print(line, file=sys.stderr)
     if staged is not None:  # every rank's images are written (gathered above): the new set replaces the old
         staged.commit([saved_name(r["name"]).as_posix() for r in images], result.dataset)
@@ -702,6 +719,11 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         elif opts.save_images:  # `eval replay` uploads the folder after the spooled calls
             atomic_write_json(Path(spool) / SPOOL_IMAGES, {"folder": str(Path(opts.save_images).absolute()),
                                                           "artifact_path": f"images/{result.dataset}"})
+    if (Path(spool) / SPOOL_IMAGES).is_file() and not tracker.offline and tracker.run_id is not None:
+        # The server came back while finish() sent the spool: the images go up now, not never.
+        client = tracker.client
+        client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
+        shutil.rmtree(spool, ignore_errors=True)
     return tracker.run_id
 
 

@@ -59,26 +59,34 @@ _PIXEL_LIMIT_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def open_image(data: bytes | None, path: Path) -> Iterator:
+def open_image(data: bytes | None, path: Path, load: bool = True) -> Iterator:
     """PIL's image of `data`, of any size this machine can hold. Pillow refuses files over ~179 MP
     as possible decompression bombs; a panorama or a stitched scan is a user's real photo, so the
     limit here is the free memory instead, checked from the header before any pixel is decoded
-    (a DataError without the file's name: the caller adds it). `data` is the file's bytes when the caller has read them, else None (the file is opened)."""
+    (a DataError without the file's name: the caller adds it). `data` is the file's bytes when the
+    caller has read them, else None (the file is opened). `load` decodes the pixels before the
+    limit is put back (TIFF checks it again when it decodes); False gives the header only."""
     from PIL import Image
 
-    with _PIXEL_LIMIT_LOCK:  # Pillow's limit is a module global: lifted only around this open
+    with _PIXEL_LIMIT_LOCK:  # Pillow's limit is a module global: lifted only around this open and decode
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             img = Image.open(io.BytesIO(data) if data is not None else path)
+            try:
+                width, height = img.size
+                free = available_memory()
+                if free is not None and width * height * BYTES_PER_PIXEL > free:
+                    raise DataError(f"{width}x{height} pixels need about "
+                                    f"{width * height * BYTES_PER_PIXEL / 2**30:.1f} GiB to restore, more than the "
+                                    f"{free / 2**30:.1f} GiB free here; downscale or crop it, or use a larger machine")
+                if load:
+                    img.load()  # the whole file: a truncated one is refused here, not half-restored
+            except BaseException:
+                img.close()
+                raise
         finally:
             Image.MAX_IMAGE_PIXELS = saved
     with img:
-        width, height = img.size
-        free = available_memory()
-        if free is not None and width * height * BYTES_PER_PIXEL > free:
-            raise DataError(f"{width}x{height} pixels need about "
-                            f"{width * height * BYTES_PER_PIXEL / 2**30:.1f} GiB to restore, more than the "
-                            f"{free / 2**30:.1f} GiB free here; downscale or crop it, or use a larger machine")
         yield img
 
 
@@ -134,7 +142,6 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
         raise DataError(f"{path}: {problem}")
     try:
         with open_image(data, path) as img:
-            img.load()  # the whole file: a truncated one is refused here, not half-restored
             orientation = exif_orientation(img)
             if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
                 # 16-bit RGB(A): Pillow reads 8 bits of it; the shard decoder keeps all 16.
@@ -193,14 +200,26 @@ def write_png(path: str | os.PathLike, tensor: Tensor, icc_profile: bytes | None
 
 
 def written_by_restore(path: str | os.PathLike) -> bool:
-    """Whether an existing file is a PNG that `write_png` wrote (its text chunk says so)."""
-    from PIL import Image
+    """Whether an existing file is a PNG that `write_png` wrote: its text chunk, which PIL writes
+    before the pixels, says so. Read from the chunks, any size, without decoding the image."""
+    import struct
 
+    mark = b"\0".join(s.encode("latin-1") for s in WRITTEN_BY)
     try:
-        with Image.open(path) as img:
-            return img.format == "PNG" and img.info.get(WRITTEN_BY[0]) == WRITTEN_BY[1]
-    except Exception:  # noqa: BLE001 - anything that does not open is not ours
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while len(head := fh.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND"):
+                    return False
+                body = fh.read(length)
+                fh.seek(4, os.SEEK_CUR)  # the chunk's CRC
+                if kind == b"tEXt" and body == mark:
+                    return True
+    except OSError:
         return False
+    return False
 
 
 def rgb_icc_profile(path: str | os.PathLike) -> bytes | None:
@@ -210,24 +229,29 @@ def rgb_icc_profile(path: str | os.PathLike) -> bytes | None:
     the restored photo in the input's colours, not as if its values were sRGB. A grey or CMYK
     profile (ICC header: colour space at bytes 16-20) does not describe the RGB output: None."""
     try:
-        with open_image(None, Path(path)) as img:
+        with open_image(None, Path(path), load=False) as img:
             icc = img.info.get("icc_profile")
     except Exception:  # noqa: BLE001 - read_image names a file that does not open
         return None
     return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
 
 
-def list_images(root: str | os.PathLike, others: list[Path] | None = None) -> list[Path]:
+def list_images(root: str | os.PathLike, others: list[Path] | None = None,
+                skip: str | os.PathLike | None = None) -> list[Path]:
     """A file, or every image under a directory as the shard builders list them (`walk_images`:
     their extensions in any case, recursive, sorted, hidden files and folders such as .DS_Store
     and macOS's ._<name> skipped). Files in formats no reader decodes (HEIC, GIF, raw) go to
-    `others` when given."""
+    `others` when given. A folder `skip` inside `root` (restore's --output there) is left out."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise DataError(f"input {root} does not exist")
-    return walk_images(root, others=others)
+    inside: tuple[Path, ...] = ()
+    if skip is not None:
+        with contextlib.suppress(ValueError):  # not inside root: nothing to leave out
+            inside = (root / Path(skip).resolve().relative_to(root.resolve()),)
+    return walk_images(root, skip=inside, others=others)
 
 
 def other_formats_note(files: list[Path], command: str) -> str:

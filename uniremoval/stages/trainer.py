@@ -685,7 +685,9 @@ class Trainer:
         A term with no finite value in the window is not logged (MLflow takes no NaN)."""
         keys = sorted(self._sums)
         dev = self.accelerator.device
-        local = torch.zeros(1, dtype=torch.float64, device=dev)  # ranks reduce the same shape even with no terms
+        # Every rank reduces the same shape: a stage's training_step returns the same terms on every
+        # rank (its loss terms), so the keys, and with none every rank sends the one zero below.
+        local = torch.zeros(1, dtype=torch.float64, device=dev)
         if keys:  # one read of every running sum and count (device tensors, or floats for host terms)
             local = torch.stack([torch.as_tensor(d[k], dtype=torch.float64, device=dev).reshape(())
                                  for d in (self._sums, self._counts) for k in keys])
@@ -966,6 +968,7 @@ class Trainer:
             # resumed_from), or the other run's metrics and logged weights would be overwritten.
             self.resumed_from_other_run = (path, self.run_id)
             self.run_id = None
+            self.best_value = None  # this run's best is its own: the first validation writes best.*
             self._print(f"continuing {path} (another run's checkpoint) as the new run {self.stage.run_name!r}")
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
         if rng.is_file() and state.get("world_size") == self.accelerator.num_processes:
@@ -1012,9 +1015,12 @@ class Trainer:
             request_stop(signum, frame)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
             if self.accelerator.is_main_process:
-                print(f"\nCtrl-C: a checkpoint is written after step {self.step + 1}, then the run stops; "
-                      f"Ctrl-C again to stop at once (losing the steps since the last checkpoint)",
-                      file=sys.stderr, flush=True)
+                # os.write, not print: the handler may interrupt a write to stderr (the progress bar's),
+                # and a buffered write from inside it would raise "reentrant call".
+                with contextlib.suppress(OSError, ValueError):
+                    os.write(sys.stderr.fileno(), b"\nCtrl-C: a checkpoint is written when the current step ends, "
+                             b"then the run stops; Ctrl-C again to stop at once (losing the steps since the last "
+                             b"checkpoint)\n")
 
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
             if sig is not None:

@@ -188,17 +188,22 @@ def test_markdown_escapes_a_pipe_in_names():
     assert len({len(line.replace("\\|", "").split("|")) for line in lines}) == 1
 
 
+def inverted_pairs(data: Path, n: int) -> Path:
+    """A folder dataset of `n` random 24x32 targets (target/im<i>.png) and their negatives as inputs."""
+    (data / "target").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        clean = (torch.rand(3, 24, 32, generator=g) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(clean).save(data / "target" / f"im{i}.png")
+        Image.fromarray(255 - clean).save(data / f"im{i}.png")
+    return data
+
+
 def test_report_from_real_eval_runs_with_image_grid(tmp_path, capfd, monkeypatch):
     from uniremoval.models import build_model
     from uniremoval.models.checkpoint import save_checkpoint
 
-    data = tmp_path / "data"
-    (data / "target").mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        clean = (torch.rand(3, 24, 32, generator=g) * 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(clean).save(data / "target" / f"im{i}.png")
-        Image.fromarray(255 - clean).save(data / f"im{i}.png")
+    data = inverted_pairs(tmp_path / "data", 3)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     ckpt = save_checkpoint(tmp_path / "student", build_model("mprnet", "tiny"), {})
     results = {}
@@ -337,13 +342,7 @@ def test_each_weights_file_is_its_own_row_with_its_training_run(tmp_path, capsys
     client = MlflowClient(uri)
     exp = client.create_experiment("ck", artifact_location=str(tmp_path / "art"))
     train = client.create_run(exp, run_name="kt", tags={"stage": "kt"}).info.run_id
-    data = tmp_path / "data"
-    (data / "target").mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        clean = (torch.rand(3, 24, 32, generator=g) * 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(clean).save(data / "target" / f"im{i}.png")
-        Image.fromarray(255 - clean).save(data / f"im{i}.png")
+    data = inverted_pairs(tmp_path / "data", 2)
     torch.manual_seed(0)
     model = build_model("mprnet", "tiny")
     means = {}

@@ -40,6 +40,25 @@ def big_its(root: Path) -> Tree:
     return t
 
 
+def build_killed_at(monkeypatch, nth: int, tree: Tree, out: Path, leave_temporary: bool = False) -> None:
+    """`shards build` of `tree` (ITS, <= 4 samples a shard) interrupted as it starts writing its
+    `nth` shard (Ctrl-C), optionally leaving that shard's half-written temporary behind."""
+    real_write, calls = shardwriter.write_shard, []
+
+    def dying_write(out_dir, plan, results, strict):
+        calls.append(plan.name)
+        if len(calls) == nth:
+            if leave_temporary:
+                (Path(out_dir) / f".{plan.name}.k3j4h5.tmp").write_bytes(b"half a tar")
+            raise KeyboardInterrupt
+        return real_write(out_dir, plan, results, strict)
+
+    with monkeypatch.context() as m:
+        m.setattr(shardwriter, "write_shard", dying_write)
+        with pytest.raises(KeyboardInterrupt):
+            build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+
+
 def test_resume_after_interrupt_gives_identical_shards(tmp_path: Path, monkeypatch, capsys) -> None:
     tree = big_its(tmp_path / "its")
     ref = tmp_path / "ref"
@@ -49,22 +68,9 @@ def test_resume_after_interrupt_gives_identical_shards(tmp_path: Path, monkeypat
 
     # A build killed after two shards: the third shard's temporary file is left behind.
     out = tmp_path / "out"
-    real_write = shardwriter.write_shard
-    calls = []
-
-    def dying_write(out_dir, plan, results, strict):
-        calls.append(plan.name)
-        if len(calls) == 3:
-            (Path(out_dir) / f".{plan.name}.k3j4h5.tmp").write_bytes(b"half a tar")
-            raise KeyboardInterrupt
-        return real_write(out_dir, plan, results, strict)
-
-    monkeypatch.setattr(shardwriter, "write_shard", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    build_killed_at(monkeypatch, 3, tree, out, leave_temporary=True)
     assert not (out / "manifest.json").exists()
     assert sorted(p.name for p in out.glob("*.tar")) == ["its-000000.tar", "its-000001.tar"]
-    monkeypatch.setattr(shardwriter, "write_shard", real_write)
 
     capsys.readouterr()
     build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
@@ -939,20 +945,9 @@ def test_training_refuses_an_unfinished_build(tmp_path: Path, monkeypatch) -> No
 
     # A rebuild (a source file changed) stopped in the shard it rewrites: the old manifest is gone.
     (tree.root / "clear/1.png").write_bytes((tree.root / "clear/2.png").read_bytes())
-    real_write, calls = shardwriter.write_shard, []
-
-    def dying_write(out_dir, plan, results, strict):
-        calls.append(plan.name)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return real_write(out_dir, plan, results, strict)
-
-    monkeypatch.setattr(shardwriter, "write_shard", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    build_killed_at(monkeypatch, 1, tree, out)
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match=r"holds an unfinished build .* rerun the `uniremoval shards build`"):
         resolve_shards(out)
-    monkeypatch.setattr(shardwriter, "write_shard", real_write)
     build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
     assert len(resolve_shards(out)) == 6 and verify_shards(out) == []

@@ -367,3 +367,11 @@ def test_section_rules_name_the_key_not_the_whole_section(kt_file):
 def test_an_override_yaml_read_as_a_number_says_to_quote_it(kt_file):
     msg = message(kt_file, ["name=2024"])
     assert "key 'name': bad value 2024" in msg and "quote the text, e.g. name='\"2024\"'" in msg
+
+
+def test_a_boolean_is_not_a_number(kt_file):
+    """pydantic's lax mode reads `true` as 1: `data.batch_size=true` trained with batches of one."""
+    msg = message(kt_file, ["data.batch_size=true"])
+    assert "override 'data.batch_size=true': section 'data': batch_size=true is a boolean; give a number" in msg
+    assert "lr=false is a boolean" in message(kt_file, ["optim.lr=false"])
+    assert load_config(kt_file, ["train.cpu=true"]).train.cpu is True  # booleans stay booleans

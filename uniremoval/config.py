@@ -32,9 +32,23 @@ CLEAR = "clear"  # the degradation label of clean images (shards of clear photos
 
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and a
+    boolean is not a number (pydantic's lax mode reads `data.batch_size=true` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data):
+        if isinstance(data, dict):
+            for key, v in data.items():
+                field = cls.model_fields.get(key)
+                if not isinstance(v, bool) or field is None:
+                    continue
+                kinds = set(getattr(field.annotation, "__args__", ()) or ()) | {field.annotation}
+                if kinds & {int, float} and bool not in kinds:
+                    raise ValueError(f"{key}={str(v).lower()} is a boolean; give a number")
+        return data
 
 
 # --------------------------------------------------------------------------- sections

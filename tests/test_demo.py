@@ -79,6 +79,14 @@ def test_clean_refuses_a_folder_it_did_not_create(tmp_path: Path) -> None:
     with pytest.raises(UniremovalError, match="not created by `uniremoval demo`"):
         clean_workdir(mine)
     assert (mine / "precious.txt").exists()
+    # nor does a run make the user's folder its own (it replaced and deleted files there, and then
+    # --clean deleted the whole folder): refused before anything is written
+    (mine / "images").mkdir()
+    (mine / "images" / "holiday.jpg").write_text("photo")
+    with pytest.raises(UniremovalError, match=r"--workdir .*mine holds files that `uniremoval demo` did not create"):
+        Demo(mine, quick=True, log=lambda _m: None).run()
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
+        "images", "images/holiday.jpg", "precious.txt"]
     (mine / MARKER).write_text("")
     clean_workdir(mine)
     assert not mine.exists()

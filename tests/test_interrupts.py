@@ -165,7 +165,7 @@ def test_report_log_stopped_while_uploading_marks_the_run_killed(tmp_path):
                                                                 "uniremoval.model": model})
         client.log_metric(run.info.run_id, "eval/set/psnr", value)
         client.set_terminated(run.info.run_id)
-    rc, err = _stopped(tmp_path, "mlflow.tracking:MlflowClient.log_artifacts",
+    rc, err = _stopped(tmp_path, "mlflow.tracking:MlflowClient.log_artifact",
                        ["report", "--experiment", "rep", "--tracking-uri", db, "--out-dir", "out", "--log"],
                        signal.SIGTERM)
     _one_line(rc, err, signal.SIGTERM, "terminated (SIGTERM)")

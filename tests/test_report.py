@@ -212,12 +212,17 @@ def test_report_from_real_eval_runs_with_image_grid(tmp_path, capfd, monkeypatch
             checkpoint, str(data), metrics=["psnr", "ssim"], name="pairs", device="cpu", tracking_uri=uri,
             experiment="grid", label=label, save_images=str(tmp_path / f"out-{label}")))
     out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file: never uploaded")
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     capfd.readouterr()
     assert main(["report", "--experiment", "grid", "--tracking-uri", uri, "--out-dir", str(out), "--images", "2",
                  "--format", "csv", "--log"]) == 0
+    printed = capfd.readouterr()
     # MLflow's per-download progress bars stay off (the demo printed 18 lines of them per dataset)
-    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "Downloading artifacts" not in printed.err
+    assert printed.out == (out / "report.csv").read_text()  # stdout is the CSV alone: `> r.csv` works
+    assert "image grid: " in printed.err and "MLflow run: " in printed.err
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # put back as it was
     text = (out / "report.csv").read_text()
     recs = {r[0]: r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")}

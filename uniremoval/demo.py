@@ -304,6 +304,11 @@ class Demo:
 
     # ---------------------------------------------------------------- steps
     def run(self) -> DemoResult:
+        # The demo replaces and deletes files of its own under the work directory (images/, configs/,
+        # report.md ...) and --clean deletes the folder: only a new or empty folder becomes its own.
+        if self.workdir.is_dir() and not (self.workdir / MARKER).is_file() and any(self.workdir.iterdir()):
+            raise UniremovalError(f"--workdir {self.workdir} holds files that `uniremoval demo` did not create (no "
+                                  f"{MARKER} file); give a new or empty folder, e.g. --workdir demo_workspace")
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / MARKER).write_text("created by `uniremoval demo`; `uniremoval demo --clean` deletes this folder\n")
         p = self.plan

@@ -18,6 +18,7 @@ report.<format> is written last.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _decimals(text: str) -> int:
@@ -62,12 +63,12 @@ def handler(args) -> int:
     text, grids = make_report(
         args.experiment, args.format, args.tracking_uri, args.out_dir, args.images, args.decimals
     )
-    print(text, end="")
-    for g in grids:
-        print(f"image grid: {g}")
-    if args.out_dir and not grids and args.images > 0:
-        import sys
+    import sys
 
+    print(text, end="")  # stdout holds the report alone (`--format csv > r.csv`); the rest goes to stderr
+    for g in grids:
+        print(f"image grid: {g}", file=sys.stderr)
+    if args.out_dir and not grids and args.images > 0:
         print("no image grid: a grid needs the restored images of two or more models on one dataset "
               "(run their `uniremoval eval` with --save-images DIR)", file=sys.stderr)
     if args.log:
@@ -76,11 +77,12 @@ def handler(args) -> int:
         client = mlflow_client(args.tracking_uri)
         exp = client.get_experiment_by_name(args.experiment)
         run = client.create_run(exp.experiment_id, run_name="report", tags={"stage": "report"})
-        try:
-            client.log_artifacts(run.info.run_id, args.out_dir, "report")
+        try:  # what this report wrote, not whatever else the folder holds
+            for path in [Path(args.out_dir) / f"report.{args.format}", *grids]:
+                client.log_artifact(run.info.run_id, str(path), "report")
         except BaseException as exc:  # a stopped upload: the run says so instead of RUNNING forever
             client.set_terminated(run.info.run_id, stopped_status(exc))
             raise
         client.set_terminated(run.info.run_id)
-        print(f"MLflow run: {run.info.run_id}")
+        print(f"MLflow run: {run.info.run_id}", file=sys.stderr)
     return 0

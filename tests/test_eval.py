@@ -950,3 +950,23 @@ def test_a_checkpoint_whose_output_is_nan_gets_no_mean(tmp_path, capsys):
     js = _strict_json(out.read_text())
     assert js["mean"] == {"psnr": None, "piqe": None}
     assert all(r["psnr"] is None and r["piqe"] is None for r in js["images"])
+
+
+def test_import_params_names_a_wrong_file_in_one_line(tmp_path, capsys):
+    """A binary file given as the libsvm text model, or anything but an .npz as the NIQE file, was
+    a traceback (UnicodeDecodeError, numpy's pickle message); a missing file's line spoke of training."""
+    from uniremoval.cli import main
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 4)
+    for option, message in (("--brisque-libsvm", "not a text file; expected the LIVE BRISQUE libsvm model"),
+                            ("--niqe-npz", "not a numpy .npz file; expected basicsr's niqe_pris_params.npz")):
+        assert main(["eval", "import-params", "--iqa-dir", str(tmp_path / "iqa"), option, str(junk)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option} {junk}: {message}") and err.count("\n") == 1, err
+    np.savez(tmp_path / "w.npz", mu_pris_param=np.zeros(3))
+    assert main(["eval", "import-params", "--iqa-dir", str(tmp_path / "iqa"), "--niqe-npz", str(tmp_path / "w.npz")]) == 2
+    assert "has no cov_pris_param; expected" in capsys.readouterr().err
+    assert main(["eval", "import-params", "--iqa-dir", str(tmp_path / "iqa"), "--niqe-npz", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "No such file or directory" in err and "nope" in err and "--resume" not in err

@@ -84,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError as exc:
         if not _stdout_reader_gone():
-            return _os_error(exc)
+            return _os_error(exc, args.command)
         # `uniremoval shards inspect DIR --json | head`: the reader has what it wanted. Nothing failed,
         # so no error line; the rest of stdout goes nowhere (else exit's flush fails again).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE  # the status of a tool that SIGPIPE ended, as the shell reports it
     except OSError as exc:
-        return _os_error(exc)
+        return _os_error(exc, args.command)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         print(f"terminated ({signal.Signals(signum).name})" if signum != signal.SIGINT else "interrupted",
@@ -112,11 +112,13 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
-def _os_error(exc: OSError) -> int:
-    """A file system refusal met mid-way (full disk, read-only, permissions): one line, no traceback."""
+def _os_error(exc: OSError, command: str | None = None) -> int:
+    """A file system refusal met mid-way (full disk, read-only, permissions, a missing file): one
+    line, no traceback; the --resume hint only where it applies (training)."""
     where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+    rerun = "rerun: training continues with --resume auto" if command == "train" else "rerun"
     print(f"error: {exc.strerror or exc}{': ' + where if where else ''} (what was finished is kept; "
-          f"fix the cause and rerun: training continues with --resume auto)", file=sys.stderr)
+          f"fix the cause and {rerun})", file=sys.stderr)
     return 2
 
 

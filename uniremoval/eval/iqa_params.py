@@ -246,7 +246,12 @@ def convert_libsvm_brisque(allmodel_path: str | os.PathLike, out: str | os.PathL
     coefs: list[float] = []
     rows: list[np.ndarray] = []
     in_sv = False
-    for lineno, line in enumerate(src.read_text().splitlines(), 1):
+    try:
+        text = src.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UniremovalError(f"--brisque-libsvm {src}: not a text file; expected the LIVE BRISQUE libsvm model "
+                              f"`allmodel` (text: a header, then SV and one support vector per line)") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -289,11 +294,17 @@ def convert_basicsr_niqe(npz_path: str | os.PathLike, out: str | os.PathLike) ->
 
     from uniremoval.io import atomic_writer
 
-    data = np.load(npz_path)
+    expected = "expected basicsr's niqe_pris_params.npz (arrays mu_pris_param and cov_pris_param)"
     try:
-        mu, cov = np.asarray(data["mu_pris_param"], np.float64), np.asarray(data["cov_pris_param"], np.float64)
-    except KeyError as exc:
-        raise UniremovalError(f"{npz_path} has no key {exc}; expected basicsr's niqe_pris_params.npz") from exc
+        data = np.load(npz_path, allow_pickle=False)
+    except (ValueError, OSError) as exc:  # not an .npz/.npy (numpy names pickles and garbage alike)
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise UniremovalError(f"--niqe-npz {npz_path}: not a numpy .npz file; {expected}") from None
+    missing = [k for k in ("mu_pris_param", "cov_pris_param") if not hasattr(data, "files") or k not in data.files]
+    if missing:
+        raise UniremovalError(f"--niqe-npz {npz_path} has no {' or '.join(missing)}; {expected}")
+    mu, cov = np.asarray(data["mu_pris_param"], np.float64), np.asarray(data["cov_pris_param"], np.float64)
     if cov.shape != (mu.size, mu.size):
         raise UniremovalError(f"{npz_path}: mu has {mu.size} entries but cov is {cov.shape}")
     out = Path(out)

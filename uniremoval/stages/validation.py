@@ -24,14 +24,6 @@ def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
     return float(metrics.psnr(restored01, target01)[0]), float(metrics.ssim(restored01, target01)[0])
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
-
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def _input_psnr(x01: Tensor, target01: Tensor) -> float:
     from uniremoval.eval import metrics
 
@@ -68,7 +60,7 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
         while True:
             item = next(items, None)
             if lockstep:  # one more forward on every rank while any rank has an image left
-                if not _any_rank(item is not None, ctx.device):
+                if ctx.all_sum({"left": float(item is not None)})["left"] == 0:
                     break
             elif item is None:
                 break

@@ -951,3 +951,28 @@ def test_training_refuses_an_unfinished_build(tmp_path: Path, monkeypatch) -> No
         resolve_shards(out)
     build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
     assert len(resolve_shards(out)) == 6 and verify_shards(out) == []
+
+
+def test_inspect_of_a_tar_of_other_files_says_they_are_not_samples(tmp_path: Path, capsys) -> None:
+    """A tar of some other project's files (no json, no input image) is summarised with a warning
+    and counted under `foreign`, not shown as samples of degradation None without a word."""
+    import tarfile
+
+    from uniremoval.cli import main
+
+    foreign = tmp_path / "photos.tar"
+    with tarfile.open(foreign, "w") as tar:
+        for name in ("a.jpg", "b.jpg", "notes.txt"):
+            src = tmp_path / name
+            src.write_bytes(b"x" * 10)
+            tar.add(src, arcname=name)
+    assert main(["shards", "inspect", str(foreign), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["samples"], info["foreign"]) == (3, 3)
+    assert main(["shards", "inspect", str(foreign)]) == 0
+    assert (f"WARNING: 3 sample(s) lack a json or an input image, so they are not uniremoval samples "
+            f"(the loaders skip or refuse them): run `uniremoval shards verify {foreign}`") in capsys.readouterr().out
+    tree = big_its(tmp_path / "its")
+    build("reside-its", tree.root, tmp_path / "out", "--max-samples-per-shard", "4", "--name", "its")
+    info = inspect_shards(tmp_path / "out")
+    assert info["foreign"] == 0 and "WARNING" not in format_inspect(info)

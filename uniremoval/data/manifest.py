@@ -464,7 +464,7 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
         where = path
     heights, widths = [], []
     resolutions: Counter = Counter()
-    paired = turned = 0
+    paired = turned = foreign = 0
     combos: Counter = Counter()
     groups: dict[str, Counter] = {g: Counter() for g in ("degradation", "domain", "split")}
     for file, _size in files:
@@ -475,6 +475,8 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
             resolutions[f"{w}x{h}"] += 1
             paired += sample_fields(fields)[1] is not None
             turned += meta.get("orientation", 1) != 1
+            # every sample the writers make has a json; one without is not ours (or damaged)
+            foreign += "json" not in fields or sample_fields(fields)[0] is None
             combos[f"{meta.get('degradation')}/{meta.get('domain')}/{meta.get('split')}"] += 1
             for g, c in groups.items():
                 c[str(meta.get(g))] += 1
@@ -488,6 +490,7 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
         "samples": n,
         "paired": paired,
         "turned": turned,  # samples the loaders turn upright by their EXIF orientation
+        "foreign": foreign,  # samples without a json or an input image: not uniremoval samples
         "bytes": sum(sizes),
         "shard_bytes": {"min": min(sizes, default=0), "max": max(sizes, default=0)},
         "bytes_per_sample": (sum(sizes) / n) if n else 0.0,
@@ -532,6 +535,10 @@ def format_inspect(info: dict) -> str:
     lines.append("  most common WxH: " + ", ".join(f"{k} ({v})" for k, v in res["most_common"].items()))
     if info["turned"]:
         lines.append(f"  EXIF orientation: {info['turned']} sample(s) stored turned, read upright (sizes as displayed)")
+    if info["foreign"]:
+        lines.append(f"  WARNING: {info['foreign']} sample(s) lack a json or an input image, so they are not "
+                     f"uniremoval samples (the loaders skip or refuse them): run `uniremoval shards verify "
+                     f"{info['directory']}` to list them")
     if info["issues"].get("total"):
         details = ", ".join(f"{k} {v}" for k, v in sorted(info["issues"].items()) if k != "total")
         lines.append(f"  inputs skipped at build: {info['issues']['total']} ({details})")

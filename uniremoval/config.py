@@ -633,6 +633,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     found = data.get("stage")
     if found not in STAGES:
         src = f"override {override_texts['stage']!r}" if "stage" in override_texts else str(path)
+        if found is None:  # a base file (configs/base.yaml) that stage configs extend
+            raise ConfigError(f"{path} has no 'stage' key, so it is no stage config (a base file that stage "
+                              f"configs `extends:`?): give a file with `stage: {'|'.join(STAGES)}`, such as "
+                              f"configs/kt.yaml, or add the key")
         raise ConfigError(f"{src}: key 'stage' must be one of {', '.join(STAGES)}, got {found!r}")
     if stage is not None and found != stage:
         raise ConfigError(f"{path}: this is a '{found}' config, but the command needs a '{stage}' config")

@@ -102,6 +102,27 @@ def test_quantize_makes_scores_those_of_the_saved_png(tmp_path):
 # ---------------------------------------------------------------- offline parameter files
 
 
+def test_eval_params_marks_a_cut_or_foreign_file_unusable(tmp_path, monkeypatch):
+    """`eval params` loads each file it finds, as eval would: a cut file is UNUSABLE with the reason,
+    not listed as present; a good file and an absent one read as before."""
+    import numpy as np
+    import scipy.io
+
+    iqa = tmp_path / "iqa"
+    iqa.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (iqa / "brisque_svm_weights.pth").write_bytes(b"PK\x03\x04 cut short")
+    scipy.io.savemat(iqa / "niqe_modelparameters.mat", {"mu_prisparam": np.zeros((1, 36)),
+                                                       "cov_prisparam": np.eye(36)})
+    lines = iqa_params.describe(iqa).splitlines()
+    rows = {line.split()[0]: line for line in lines[2:6]}
+    assert rows["brisque_live"].endswith(f"UNUSABLE {iqa / 'brisque_svm_weights.pth'}")
+    assert rows["niqe_live"].endswith(str(iqa / "niqe_modelparameters.mat")) and "UNUSABLE" not in rows["niqe_live"]
+    assert rows["brisque"].endswith("MISSING") and rows["niqe"].endswith("MISSING")
+    assert lines[6].startswith(f"  brisque_live: parameter file {iqa / 'brisque_svm_weights.pth'} could not be "
+                               "read as tensors") and "fetch-params --metrics brisque_live" in lines[6]
+
+
 def test_missing_parameter_file_error_names_file_and_dirs(tmp_path, monkeypatch, capsys):
     from uniremoval.cli import main
 

@@ -368,10 +368,19 @@ def describe(explicit_dir: str | os.PathLike | None = None) -> str:
               else f"the default; --iqa-dir or ${IQA_DIR_ENV} choose another")
     lines = [f"uniremoval IQA dir: {iqa_dir(explicit_dir)} ({source})",
              f"pyiqa cache:        {pyiqa_cache_dir()}"]
-    for m, spec in PARAM_SPECS.items():
-        try:
-            where = str(find_param_file(m, explicit_dir))
-        except MissingIQAParams:
-            where = "MISSING"
-        lines.append(f"  {m:<13} {spec.filename:<26} {where}")
-    return "\n".join(lines)
+    unusable = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m, spec in PARAM_SPECS.items():
+            try:
+                path = find_param_file(m, explicit_dir)
+            except MissingIQAParams:
+                lines.append(f"  {m:<13} {spec.filename:<26} MISSING")
+                continue
+            try:  # a cut or foreign file is there but unusable: eval would refuse it
+                pyiqa_model_path(m, path, tmp)
+            except MissingIQAParams as exc:
+                unusable.append(f"  {m}: {exc}")
+                lines.append(f"  {m:<13} {spec.filename:<26} UNUSABLE {path}")
+            else:
+                lines.append(f"  {m:<13} {spec.filename:<26} {path}")
+    return "\n".join(lines + unusable)

@@ -39,9 +39,13 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A write or fsync that fails (a full disk) names no file: the error line would say "No
+            # space left on device" and not which output, nor on which disk. Name the file it replaces.
+            exc.filename = str(path)
         raise
 
 

@@ -370,6 +370,42 @@ def test_enospc_during_shard_build(tmp_path, capsys, monkeypatch):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_enospc_during_cache_names_the_shard_and_keeps_the_previous(tmp_path, capsys, monkeypatch):
+    """A disk that fills while a cache shard is rewritten (new teacher weights): one error line that
+    names the shard (a tar's own write error names no file), and the previous shard, its done-record
+    and the manifest stay as they were; with space again the rerun completes the cache."""
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.stages.cache import check_cache
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 2, 1)
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append(save_checkpoint(tmp_path / f"teacher{seed}", build_model("mprnet", "tiny"),
+                                        {"stage": "teacher", "degradation": "haze", "preset": "tiny",
+                                         "input_range": "minus_one_one"}))
+    cfg = write_yaml(tmp_path / "cache.yaml", {
+        "stage": "cache", "project": "faults", "model": {"preset": "tiny"},
+        "teachers": {"checkpoints": {"haze": str(teachers[0])}},
+        "data": {"degradations": ["haze"], "train": [{"name": "syn", "shards": str(tmp_path / "shards" / "syn"),
+                                                      "degradation": "haze"}]},
+        "cache": {"out": str(tmp_path / "cache"), "workers": 0}, "tracking": {"enabled": False}})
+    assert _run(capsys, ["cache", "--config", str(cfg)])[0] == 0
+    out = tmp_path / "cache" / "syn"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with monkeypatch.context() as m:
+        fill_disk_after(m, budget=1000)
+        code, text = _run(capsys, ["cache", "--config", str(cfg), f"teachers.checkpoints.haze={teachers[1]}"])
+    error = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(error) == 1 and "Traceback" not in text, text
+    assert "No space left on device" in error[0] and str(out / "syn-000000.tar") in error[0], error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, no temporary left
+    check_cache(out, {"haze": str(teachers[0])})
+    assert _run(capsys, ["cache", "--config", str(cfg), f"teachers.checkpoints.haze={teachers[1]}"])[0] == 0
+    check_cache(out, {"haze": str(teachers[1])})
+
+
 def test_a_full_disk_on_rank_0_alone_ends_a_two_process_run_at_once(tmp_path):
     """DDP: rank 0's disk fills up while it writes a checkpoint, rank 1 waits for it in a collective.
     Rank 0 gives its one error line (the disk is full, resume with --resume auto) and the launcher

@@ -32,6 +32,7 @@ data:
   train:
     - {name: ots, shards: cache/ots, degradation: haze}
     - {name: rain1400, shards: [cache/rain/a.tar, cache/rain/b.tar], degradation: rain, weight: 2}
+    - {name: gopro, shards: cache/gopro, degradation: blur}
 loss: {a1: 0.5, a2: 0.1, tau: 1.0e-6}
 """)
 
@@ -378,3 +379,27 @@ def test_a_boolean_is_not_a_number(kt_file):
     assert "override 'data.batch_size=true': section 'data': batch_size=true is a boolean; give a number" in msg
     assert "lr=false is a boolean" in message(kt_file, ["optim.lr=false"])
     assert load_config(kt_file, ["train.cpu=true"]).train.cpu is True  # booleans stay booleans
+
+
+def test_every_batch_holding_every_type_is_checked_at_load(kt_file, tmp_path, monkeypatch):
+    """KT and DA put one sample of each type in every batch: a batch smaller than the number of types,
+    or a type no data.train source supplies, was refused by the loader only after the run folder and
+    a FAILED MLflow run were made. Now the config names the key, value and what to set."""
+    train = ", ".join(f"{{name: {d}, shards: cache/{d}, degradation: {d}}}" for d in ("haze", "rain", "blur", "snow"))
+    four = ["data.degradations=[haze, rain, blur, snow]", f"data.train=[{train}]"]
+    assert load_config(kt_file, [*four, "data.batch_size=4"]).data.batch_size == 4
+    msg = message(kt_file, [*four, "data.batch_size=3"])
+    assert "override 'data.batch_size=3'" in msg and "'data.batch_size'" in msg and "bad value 3" in msg
+    assert "at least the number of types" in msg and "(4)" in msg
+    msg = message(kt_file, ["data.degradations=[haze, rain, blur, snow]"])
+    assert "'data.train'" in msg and "no source for ['snow']" in msg and "degradation: snow" in msg
+    da = write(tmp_path / "da.yaml", "stage: da\ndata:\n  degradations: [haze, rain]\n  batch_size: 1\n"
+               "  train: [{name: r, shards: s, degradation: rain}]\n")
+    msg = message(da)
+    assert "'data.batch_size'" in msg and "'data.train'" in msg and "no source for ['haze']" in msg
+    # the CLI stops before any run folder or MLflow store exists
+    from uniremoval.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "kt", "--config", str(kt_file), *four, "data.batch_size=3"]) == 2
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

@@ -669,6 +669,18 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
             if src.degradation is not None and src.degradation not in degs:
                 out.append((f"data.{section}.{i}.degradation", src.degradation,
                             f"must be one of data.degradations {degs}"))
+    # Every batch holds one sample of each type (pipelines._Mixer): found here rather than by the
+    # loader, which raised it only after the run folder and a FAILED MLflow run were made.
+    if cfg.data.batch_size < len(degs):
+        least = (f"must be at least the number of types in data.degradations {degs} ({len(degs)}): every batch "
+                 "holds one sample of each (data.batch_size is per process)")
+        out.append(("data.batch_size", cfg.data.batch_size, least))
+    covered = {src.degradation for src in cfg.data.train}
+    missing = [d for d in degs if d not in covered]
+    if cfg.data.train and missing:
+        fix = (f"has no source for {missing} of data.degradations {degs}; every batch holds every type: add a "
+               f"source with degradation: {missing[0]}, or drop it from data.degradations")
+        out.append(("data.train", [src.name for src in cfg.data.train], fix))
     if isinstance(cfg, DAStage):
         from uniremoval.models.discriminator_arch import min_input_size
 

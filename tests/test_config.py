@@ -403,3 +403,34 @@ def test_every_batch_holding_every_type_is_checked_at_load(kt_file, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert main(["train", "kt", "--config", str(kt_file), *four, "data.batch_size=3"]) == 2
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_shard_folder_of_another_degradation_is_named_before_anything_starts(tmp_path, monkeypatch):
+    """A source pointed at another type's shards (rain shards as 'snow'): the cache ran the snow teacher
+    over rain images and labelled its manifest snow, validation scored rain as snow, and training
+    skipped thousands of samples before giving up; each silently or late. Refused from the manifest."""
+    import json
+
+    from uniremoval.config import check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    for name, deg in (("rain_train", "rain"), ("snow_train", "snow"), ("rain_test", "rain")):
+        (tmp_path / "shards" / name).mkdir(parents=True)
+        (tmp_path / "shards" / name / "manifest.json").write_text(json.dumps(
+            {"dataset": name, "shards": [], "counts": {"total": 3, "degradation": {deg: 3}}}))
+    teacher = write(tmp_path / "t.yaml", "stage: teacher\ndegradation: snow\ndata:\n  degradations: [snow]\n"
+                    "  train: [{name: snow_train, shards: shards/snow_train}]\n"
+                    "  val: [{name: snow_test, shards: shards/rain_test, degradation: snow}]\n")
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(teacher))
+    msg = str(err.value)
+    assert "data.val.0 (snow_test): shards/rain_test holds 3 rain sample(s)" in msg and "no 'snow' one" in msg
+    assert "data.train" not in msg  # the train source (no degradation: the teacher's own) matches
+    with pytest.raises(ConfigError, match=r"data\.train\.0 \(snow_train\): shards/rain_train holds 3 rain"):
+        check_inputs(load_config(teacher, ["data.train.0.shards=shards/rain_train"]))
+    check_inputs(load_config(teacher, ["data.val.0.shards=shards/snow_train"]))
+    cache = write(tmp_path / "c.yaml", "stage: cache\ndata:\n  degradations: [snow]\n"
+                  "  train: [{name: snow_train, shards: shards/rain_train, degradation: snow}]\n"
+                  "teachers: {checkpoints: {snow: t.safetensors}}\n")
+    with pytest.raises(ConfigError, match=r"data\.train\.0 \(snow_train\): shards/rain_train holds 3 rain"):
+        check_inputs(load_config(cache))

@@ -696,11 +696,28 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
     return out
 
 
+def _other_degradation(cfg: StageBase, src: DataSource, folder: Path) -> str | None:
+    """What is wrong when a shard folder's manifest counts no sample of the source's degradation:
+    the cache ran that type's teacher over another type's images (and labelled them so), and
+    validation scored them under the wrong name, both silently; training skipped every sample."""
+    from uniremoval.data.manifest import existing_manifest
+
+    want = src.degradation or (cfg.degradation if isinstance(cfg, TeacherStage) else None)
+    manifest = existing_manifest(folder) if want and folder.is_dir() else None
+    held = ((manifest or {}).get("counts") or {}).get("degradation")
+    if not isinstance(held, dict) or not held or want in held:
+        return None
+    types = sorted(held)
+    return (f"holds {', '.join(f'{n} {d}' for d, n in sorted(held.items()))} sample(s) (its manifest.json), no "
+            f"'{want}' one; give the '{want}' shards, or degradation: {types[0]} if these are the ones meant")
+
+
 def check_inputs(cfg: StageBase) -> None:
     """Refuse, before anything starts, a local input of a training or cache stage that is not there:
     shard folders (data.train/val/clear), model.init and teachers.checkpoints (a missing validation set
-    was found only at the first validation, thousands of steps in). URLs, pipes and patterns pass;
-    checkpoints a run logged to MLflow (runs:/<id>/weights/last) are fetched."""
+    was found only at the first validation, thousands of steps in), and a shard folder whose manifest
+    holds no sample of its source's degradation. URLs, pipes and patterns pass; checkpoints a run
+    logged to MLflow (runs:/<id>/weights/last) are fetched."""
     from uniremoval.errors import CheckpointError
     from uniremoval.models.checkpoint import resolve_weights
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
@@ -717,6 +734,8 @@ def check_inputs(cfg: StageBase) -> None:
                                and section == "train" and cfg.teachers.mode == "cached"
                                else f"`uniremoval shards build|synth ... --out {spec}` (README: Data preparation)")
                     missing.append(f"data.{section}.{i} ({src.name}): {spec} does not exist; {made_by} writes it")
+                elif wrong := _other_degradation(cfg, src, Path(spec)):
+                    missing.append(f"data.{section}.{i} ({src.name}): {spec} {wrong}")
     checkpoints: dict[str, tuple[str, str]] = {}
     if cfg.model.init:
         made_by = "`uniremoval train kt`" if isinstance(cfg, DAStage) else "a training stage"
@@ -738,7 +757,7 @@ def check_inputs(cfg: StageBase) -> None:
             missing.append(f"{key}: {exc}" if is_run_artifact(path) else
                            f"{key}: {path} does not exist; {made_by} writes it, or set {key}=PATH")
     if missing:
-        raise ConfigError(f"missing input(s), relative paths read from {cwd}:\n  " + "\n  ".join(missing))
+        raise ConfigError(f"missing or mismatched input(s), relative paths read from {cwd}:\n  " + "\n  ".join(missing))
 
 
 def config_to_dict(cfg: BaseModel) -> dict:

@@ -434,3 +434,16 @@ def test_a_shard_folder_of_another_degradation_is_named_before_anything_starts(t
                   "teachers: {checkpoints: {snow: t.safetensors}}\n")
     with pytest.raises(ConfigError, match=r"data\.train\.0 \(snow_train\): shards/rain_train holds 3 rain"):
         check_inputs(load_config(cache))
+
+
+def test_a_teacher_source_of_no_known_type_is_refused(tmp_path):
+    """A teacher leaves out other types' sources (one list may serve every teacher): a misspelt
+    type dropped that source, or the only validation set (no best.safetensors), without a word."""
+    teacher = write(tmp_path / "t.yaml", "stage: teacher\ndegradation: snow\ndata:\n  degradations: [haze, snow]\n"
+                    "  train: [{name: s, shards: shards/s, degradation: snow}, {name: h, shards: shards/h, "
+                    "degradation: haze}]\n  val: [{name: v, shards: shards/v, degradation: snow}]\n")
+    assert [s.name for s in load_config(teacher).data.train] == ["s", "h"]  # another known type: left out
+    msg = message(teacher, ["data.val.0.degradation=snwo"])
+    assert "'data.val.0.degradation'" in msg and "'snwo'" in msg and "['snow', 'haze']" in msg
+    msg = message(teacher, ["data.train.1.degradation=hzae"])
+    assert "'data.train.1.degradation'" in msg and "'hzae'" in msg

@@ -661,6 +661,16 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
             if deg not in cfg.data.degradations:
                 out.append((f"teachers.checkpoints.{deg}", path,
                             f"names no type of data.degradations {cfg.data.degradations}"))
+    if isinstance(cfg, TeacherStage):
+        # A teacher leaves out the sources of other types (one list may serve every teacher), so a
+        # misspelt type dropped that source, or the only validation set (then no best.safetensors), silently.
+        known = [cfg.degradation, *(d for d in cfg.data.degradations if d != cfg.degradation)]
+        for section in ("train", "val"):
+            for i, src in enumerate(getattr(cfg.data, section)):
+                if src.degradation is not None and src.degradation not in known:
+                    why = (f"names neither the teacher's degradation nor a type of data.degradations: one of "
+                           f"{known} (a teacher leaves other types' sources out)")
+                    out.append((f"data.{section}.{i}.degradation", src.degradation, why))
     if not isinstance(cfg, (KTStage, DAStage)):
         return out  # a teacher trains cfg.degradation; the cache pairs sources with teachers.checkpoints
     degs = cfg.data.degradations

@@ -447,3 +447,20 @@ def test_a_teacher_source_of_no_known_type_is_refused(tmp_path):
     assert "'data.val.0.degradation'" in msg and "'snwo'" in msg and "['snow', 'haze']" in msg
     msg = message(teacher, ["data.train.1.degradation=hzae"])
     assert "'data.train.1.degradation'" in msg and "'hzae'" in msg
+
+
+def test_a_missing_teacher_of_a_new_type_names_no_config_that_does_not_exist(tmp_path, monkeypatch):
+    """configs/teacher/ has haze, rain and blur: a 'snow' teacher's hint named configs/teacher/snow.yaml."""
+    from uniremoval.config import check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    train = ", ".join(f"{{name: {d}, shards: https://h/{d}.tar, degradation: {d}}}" for d in ("haze", "snow"))
+    cfg = load_config(REPO / "configs" / "kt.yaml", [
+        "data.degradations=[haze, snow]", f"data.train=[{train}]", "data.val=[]",
+        "teachers.checkpoints={haze: t/haze.safetensors, snow: t/snow.safetensors}"])
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg)
+    msg = str(err.value)
+    assert "configs/teacher/snow.yaml" not in msg and "`degradation: snow`" in msg
+    assert "teachers.checkpoints.haze: t/haze.safetensors does not exist; `uniremoval train teacher --config " \
+        "configs/teacher/haze.yaml` writes it" in msg

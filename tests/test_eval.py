@@ -642,6 +642,34 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
         "images/offl/img00.png", "images/offl/img01.png", "images/offl/.uniremoval-eval.json"}
 
 
+def test_eval_replay_leaves_out_images_a_later_eval_replaced(tmp_path, monkeypatch, capsys):
+    """An eval spooled offline, then a second eval into the same --save-images folder: replay sends
+    the first eval's scores but not the folder, which now holds the second eval's images."""
+    from uniremoval.cli import main
+
+    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    _write_pngs(tmp_path / "d", 2, [(32, 32)], seed=0)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    opts = EvalOptions("none", str(tmp_path / "d"), metrics=["psnr"], name="offl", device="cpu",
+                       tracking_uri=dead, experiment="offexp", json_out=str(tmp_path / "res" / "s.json"),
+                       save_images=str(tmp_path / "out"))
+    with pytest.warns(RuntimeWarning):
+        run_eval(opts)
+    (spool,) = (tmp_path / "res").glob("mlflow-spool-eval-offl-*")
+    assert main(["eval", "--checkpoint", "none", "--data", str(tmp_path / "d"), "--metrics", "psnr",
+                 "--save-images", str(tmp_path / "out"), "--no-mlflow", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["eval", "replay", str(spool), "--tracking-uri", store]) == 0
+    out, err = capsys.readouterr()
+    run_id = out.split("MLflow run: ")[1].strip()
+    assert (f"warning: {tmp_path / 'out'} (--save-images) now holds another eval's images (its "
+            f".uniremoval-eval.json differs); run {run_id} has no images") in err
+    client = MlflowClient(store)
+    assert {a.path for a in client.list_artifacts(run_id)} == {"scores"} and not spool.exists()
+
+
 def test_eval_config_runs_every_source(tmp_path, capsys):
     from _shardgen import write_dataset
 

@@ -429,7 +429,9 @@ class StagedImages:
         from uniremoval.io import atomic_write_json
         from uniremoval.stages.run_folder import fsync_dir
 
-        atomic_write_json(self.staging / SAVED_MARKER, {"dataset": dataset, "images": sorted(names)})
+        # eval_id tells this set from a later eval's of the same names (`eval replay` uploads only its own)
+        atomic_write_json(self.staging / SAVED_MARKER, {"dataset": dataset, "images": sorted(names),
+                                                       "eval_id": uuid.uuid4().hex})
         fsync_dir(self.staging)
         if self.final.exists():
             os.replace(self.final, self.old)
@@ -718,13 +720,22 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
         elif opts.save_images:  # `eval replay` uploads the folder after the spooled calls
             atomic_write_json(Path(spool) / SPOOL_IMAGES, {"folder": str(Path(opts.save_images).absolute()),
-                                                          "artifact_path": f"images/{result.dataset}"})
+                                                          "artifact_path": f"images/{result.dataset}",
+                                                          "eval_id": saved_eval_id(opts.save_images)})
     if (Path(spool) / SPOOL_IMAGES).is_file() and not tracker.offline and tracker.run_id is not None:
         # The server came back while finish() sent the spool: the images go up now, not never.
         client = tracker.client
         client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
         shutil.rmtree(spool, ignore_errors=True)
     return tracker.run_id
+
+
+def saved_eval_id(folder: str | os.PathLike) -> str | None:
+    """The id of the eval whose complete image set `folder` holds (its SAVED_MARKER), or None."""
+    try:
+        return json.loads((Path(folder) / SAVED_MARKER).read_text()).get("eval_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 SPOOL_PREFIX = "mlflow-spool-eval-"
@@ -766,14 +777,18 @@ def replay(spool: str | os.PathLike, tracking_uri: str | None = None) -> str | N
                               "--tracking-uri URI to send it to another server)")
     images = folder / SPOOL_IMAGES
     if images.is_file():
-        spec = json.loads(images.read_text())
-        if Path(spec["folder"]).is_dir():
-            tracker.client.log_artifacts(tracker.run_id, spec["folder"], spec["artifact_path"])
-        else:
-            import sys
+        import sys
 
+        spec = json.loads(images.read_text())
+        if not Path(spec["folder"]).is_dir():
             print(f"warning: {spec['folder']} (--save-images) is gone; run {tracker.run_id} has no images",
                   file=sys.stderr)
+        elif spec.get("eval_id") and saved_eval_id(spec["folder"]) != spec["eval_id"]:
+            # a later eval replaced the folder: its images would go up under this eval's scores
+            print(f"warning: {spec['folder']} (--save-images) now holds another eval's images (its "
+                  f"{SAVED_MARKER} differs); run {tracker.run_id} has no images", file=sys.stderr)
+        else:
+            tracker.client.log_artifacts(tracker.run_id, spec["folder"], spec["artifact_path"])
     if folder.name.startswith(SPOOL_PREFIX):
         shutil.rmtree(folder, ignore_errors=True)
     return tracker.run_id

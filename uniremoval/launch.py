@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -68,3 +70,41 @@ def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str,
         error.on_every_rank = True  # type: ignore[attr-defined]  # see cli.main
         raise error
     return stack
+
+
+def same_on_every_rank(num_processes: int, value: Any, what: str, fix: str,
+                       explain: Callable[[Any, Any], str] | None = None) -> None:
+    """Refuse, on every rank together, a `value` (json-able) that differs between the ranks: each
+    rank acts on its own copy, so a different file list split by rank index reads some files twice
+    and others never, and a different config trains each replica its own way. `what` names it,
+    `fix` says what to do, `explain(rank 0's value, the other's)` how they differ. One small
+    collective (a digest per rank); the values themselves are gathered only on a mismatch."""
+    if num_processes < 2:
+        return
+    from accelerate.utils import gather_object
+
+    from uniremoval.errors import UniremovalError
+
+    blob = json.dumps(value, sort_keys=True, default=str).encode()
+    digests = gather_object([hashlib.sha256(blob).hexdigest()])
+    if len(set(digests)) == 1:
+        return
+    values = gather_object([value])  # every rank saw the mismatch, so every rank joins this one too
+    rank = next(r for r, d in enumerate(digests) if d != digests[0])
+    how = explain(values[0], values[rank]) if explain is not None else ""
+    error = UniremovalError(f"rank {rank} and rank 0 see different {what}{': ' + how if how else ''}; {fix}")
+    error.on_every_rank = True  # type: ignore[attr-defined]  # every rank raises here: see cli.main
+    raise error
+
+
+def listing_difference(ours: list[str], theirs: list[str]) -> str:
+    """How a rank's file list differs from rank 0's, for `same_on_every_rank`."""
+    only0, only_r = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if not only0 and not only_r:
+        return f"the same {len(ours)} file(s) in another order"
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "") if names else "none"
+
+    return f"{len(ours)} vs {len(theirs)} file(s); only rank 0 sees {few(only0)}; only the other sees {few(only_r)}"
+

@@ -55,7 +55,7 @@ from uniremoval.config import CacheStage
 from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest
 from uniremoval.errors import ConfigError, DataError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
-from uniremoval.launch import lock_on_main_process
+from uniremoval.launch import listing_difference, lock_on_main_process, same_on_every_rank
 
 CACHE_FORMAT = 1
 DONE_SUFFIX = ".done.json"
@@ -357,6 +357,11 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     acc = build_accelerator(cfg)
     out_root = Path(cfg.cache.out)
     items = _plan(cfg)
+    # Shard i is rank i mod world's in each rank's own plan: plans that differ (a shard one node does
+    # not see) would leave shards uncached on every rerun, or cache one under another's source hash.
+    same_on_every_rank(acc.num_processes, [f"{it['source']}: {it['url']}" for it in items], "source shards",
+                       "every process must see the same files (a shared file system, or the same copy on every "
+                       "node); nothing was cached", listing_difference)
     check_out_folders(out_root, items)
     from uniremoval.io import check_output
 

@@ -1019,3 +1019,33 @@ def test_import_params_names_a_wrong_file_in_one_line(tmp_path, capsys):
     assert main(["eval", "import-params", "--iqa-dir", str(tmp_path / "iqa"), "--niqe-npz", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "No such file or directory" in err and "nope" in err and "--resume" not in err
+
+
+def test_a_degradation_the_samples_do_not_hold_is_refused_and_an_unseen_type_is_warned(tmp_path, capsys):
+    """`--degradation snow` on rain shards tagged the run snow, so the report filed rain scores in the
+    snow table; refused (from the manifest, before scoring; from the json for a bare tar). Weights
+    trained on other types than the data's are scored, with a warning naming both."""
+    from _shardgen import write_dataset
+
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+
+    for name, deg in (("rain_test", "rain"), ("snow_test", "snow")):
+        write_dataset(tmp_path / "shards", name, deg, n_samples=2, n_shards=1, sizes=[(32, 32)])
+    rain = tmp_path / "shards" / "rain_test"
+    for data in (str(rain), str(min(rain.glob("*.tar")))):
+        with pytest.raises(UniremovalError, match=r"--degradation snow: the samples of --data .* are \['rain'\] \(their "
+                                                  r"json\), no 'snow' one; drop --degradation"):
+            run_eval(EvalOptions("none", data, metrics=["psnr"], mlflow=False, device="cpu", degradation="snow"))
+    assert run_eval(EvalOptions("none", str(rain), metrics=["psnr"], mlflow=False, device="cpu",
+                                degradation="rain")).degradation == "rain"
+    ckpt = save_checkpoint(tmp_path / "kt" / "last", build_model("mprnet", "tiny"),
+                           {"stage": "kt", "degradations": ["haze", "rain"]})
+    capsys.readouterr()
+    run_eval(EvalOptions(str(ckpt), str(rain), metrics=["psnr"], mlflow=False, device="cpu"))
+    assert "warning" not in capsys.readouterr().err
+    res = run_eval(EvalOptions(str(ckpt), str(tmp_path / "shards" / "snow_test"), metrics=["psnr"], mlflow=False,
+                               device="cpu"))
+    err = capsys.readouterr().err
+    assert res.degradation == "snow" and len(res.images) == 2
+    assert f"warning: snow_test is 'snow' data, but {ckpt} was trained on ['haze', 'rain'] only" in err

@@ -489,6 +489,26 @@ def undefined_warnings(result: EvalResult, shown: int = 10) -> list[str]:
     return lines
 
 
+def degradation_conflict(opts: EvalOptions, held: set[str] | list[str]) -> str | None:
+    """The error when --degradation names no type the samples' json holds: the run would be tagged,
+    and the report would file its scores (rain shards in the snow table), under the wrong type."""
+    if not opts.degradation or not held or opts.degradation in held:
+        return None
+    return (f"--degradation {opts.degradation}: the samples of --data {opts.data} are {sorted(held)} (their json), "
+            f"no '{opts.degradation}' one; drop --degradation (the json's type is used) or give the "
+            f"'{opts.degradation}' data")
+
+
+def untrained_type_warning(result: EvalResult, meta: dict[str, Any]) -> str | None:
+    """A warning when the scored weights were trained on other types than the data's (their JSON's
+    `degradations`, or a teacher's `degradation`): legitimate (a generalisation test), but never silent."""
+    trained = meta.get("degradations") or ([meta["degradation"]] if meta.get("degradation") else None)
+    if not result.degradation or not trained or result.degradation in trained:
+        return None
+    return (f"warning: {result.dataset} is '{result.degradation}' data, but {result.checkpoint} was trained on "
+            f"{list(trained)} only (its JSON): these are scores on a type the model never saw")
+
+
 def run_eval(opts: EvalOptions) -> EvalResult | None:
     """Evaluate on every rank; returns the result on the main process, None elsewhere."""
     import torch
@@ -511,6 +531,12 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     state = PartialState(cpu=(want == "cpu"))
     device = state.device if want != "cpu" else torch.device("cpu")
 
+    if is_shard_source(opts.data) and isinstance(opts.data, str) and Path(opts.data).is_dir():
+        from uniremoval.data.manifest import existing_manifest
+
+        counts = ((existing_manifest(opts.data) or {}).get("counts") or {}).get("degradation")
+        if isinstance(counts, dict) and (problem := degradation_conflict(opts, list(counts))):
+            raise DataError(problem)  # known from the manifest: before any image is scored
     need_target = any(METRICS[m].kind == "fr" for m in metrics)
     if opts.save_images and not is_shard_source(opts.data):
         check_saved_names([name for name, _, _ in folder_pairs(opts.data)], opts.save_images)
@@ -555,6 +581,8 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
         if not state.is_main_process:
             return None  # rank 0 writes and logs; the gather above was the last collective
     degradations = {r["_degradation"] for r in records if r.get("_degradation")}
+    if problem := degradation_conflict(opts, degradations):  # shards without a manifest (URLs, patterns)
+        raise DataError(problem)
     ranks = Counter(r["_rank"] for r in records)
     images, mean, undefined = summarize(records, metrics)
     if not images:
@@ -578,6 +606,8 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
 
     for line in undefined_warnings(result) if not broken else []:  # broken: said above, no mean at all
         print(line, file=sys.stderr)
+    if warning := untrained_type_warning(result, meta):
+        print(warning, file=sys.stderr)
     if staged is not None:  # every rank's images are written (gathered above): the new set replaces the old
         staged.commit([saved_name(r["name"]).as_posix() for r in images], result.dataset)
     write_outputs(result, opts.json_out, opts.csv_out)

@@ -406,3 +406,23 @@ def test_rows_take_each_datasets_label_and_conflicting_labels_warn(tmp_path, cap
 
     row = ModelRow("input", "Rainy", labels={"RTTS": "Hazy", "SOTS": "Hazy", "SPA": "Rainy"})
     assert display_labels([row], ["RTTS", "SOTS", "SPA"]) == ["Hazy / Rainy"]
+
+
+def test_one_dataset_name_over_different_data_warns(tmp_path, capsys):
+    """eval names a folder dataset after its last part: raw/snow/test and raw/haze/test are both "test",
+    and the report's one column showed only each model's latest, silently. The same folder given from
+    another working directory (shards/rtts, /data/shards/rtts) is one dataset: no warning."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("names", artifact_location=str(tmp_path / "art"))
+    for i, (ds, data) in enumerate((("test", "raw/snow/test"), ("test", "raw/haze/test/"),
+                                    ("rtts", "shards/rtts"), ("rtts", "/data/shards/rtts"))):
+        run = client.create_run(exp, run_name=f"eval-{ds}", start_time=1_700_000_000_000 + i, tags={
+            "stage": "eval", "dataset": ds, "uniremoval.model": "input", "uniremoval.label": "input"})
+        client.log_param(run.info.run_id, "data", data)
+        client.log_metric(run.info.run_id, f"eval/{ds}/piqe", 30.0 + i)
+        client.set_terminated(run.info.run_id)
+    assert main(["report", "--experiment", "names", "--tracking-uri", uri]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [("warning: dataset 'test' names eval runs on different --data (raw/snow/test, raw/haze/test/): "
+                         "its column shows each model's latest of them; rerun those evals with --name to tell them apart")]

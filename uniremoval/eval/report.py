@@ -114,6 +114,7 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     models: dict[str, ModelRow] = {}
     seen_labels: dict[tuple[str, str], list[str]] = {}  # (model, dataset) -> labels of its runs, in order
     undefined: dict[tuple[str, str], dict[str, int]] = {}  # (model, dataset) -> metric -> images left out
+    scored: dict[str, dict[tuple[str, ...], str]] = {}  # dataset -> the --data its runs read (last 2 parts)
     for run in runs:
         tags = run.data.tags
         dataset = tags.get("dataset") or (run.info.run_name or "").removeprefix("eval-")
@@ -143,11 +144,19 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
                                      if k.startswith(uprefix) and v > 0}
         if tags.get("degradation"):
             row.degradation[dataset] = tags["degradation"]
+        if data := run.data.params.get("data"):  # by its last two parts: one folder seen from two cwds is one
+            scored.setdefault(dataset, {})[Path(os.path.normpath(data)).parts[-2:]] = data
     for (key, dataset), labels in seen_labels.items():
         if len(set(labels)) > 1:
             distinct = ", ".join(repr(x) for x in dict.fromkeys(labels))
             _warn(f"model {_model_name(models[key])} on {dataset}: its eval runs carry different labels ({distinct}); "
                   f"the latest, {labels[-1]!r}, is shown (rerun that eval with --label to choose)")
+    for dataset, datas in scored.items():
+        # eval names a folder dataset after its last part: raw/snow/test and raw/haze/test are both
+        # "test", and one column held whichever each model scored last, with no word.
+        if len(datas) > 1:
+            _warn(f"dataset {dataset!r} names eval runs on different --data ({', '.join(datas.values())}): its "
+                  f"column shows each model's latest of them; rerun those evals with --name to tell them apart")
     for (key, dataset), counts in undefined.items():
         for metric, n in counts.items():
             _warn(f"{models[key].labels.get(dataset, key)} on {dataset}: {metric} was undefined for {n} image(s) "

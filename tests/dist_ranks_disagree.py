@@ -1,8 +1,9 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` (tests/faults/test_data_faults.py): the
 ranks of one job disagree on their inputs, as when one node's mount lags or holds another copy.
-Rank 1 does not see the shard `argv[2]` (its shard listing drops it). Then, in the same two
-processes (saves a launch): `uniremoval eval` and `uniremoval cache` on the shards; OUT/rank<R>.json
-records each exit status."""
+Rank 1 does not see the shard `argv[2]` (its shard listing drops it) and reads `argv[3]` (key=value)
+as an extra override of the training config. Then, in the same two processes (saves launches):
+`uniremoval eval` and `uniremoval cache` on the shards, and `uniremoval train teacher` with the
+override; OUT/rank<R>.json records each exit status."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from uniremoval.cli import main
 from uniremoval.data import shard_stream
 
 torch.set_num_threads(1)
-out, hidden = Path(sys.argv[1]), sys.argv[2]
-eval_args, cache_cfg = json.loads(sys.argv[3]), sys.argv[4]
+out, hidden, override = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+eval_args, cache_cfg, teacher_cfg = json.loads(sys.argv[4]), sys.argv[5], sys.argv[6]
 rank = int(os.environ["RANK"])  # the launcher's: no accelerate state before the commands make theirs
 if rank == 1:
     listed = shard_stream.resolve_shards
@@ -28,4 +29,5 @@ if rank == 1:
 
     shard_stream.resolve_shards = resolve_without_hidden
 codes = {"eval": main(eval_args), "cache": main(["cache", "--config", cache_cfg])}
+codes["train"] = main(["train", "teacher", "--config", teacher_cfg, *([override] if rank == 1 else [])])
 (out / f"rank{rank}.json").write_text(json.dumps(codes))

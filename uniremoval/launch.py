@@ -108,3 +108,16 @@ def listing_difference(ours: list[str], theirs: list[str]) -> str:
 
     return f"{len(ours)} vs {len(theirs)} file(s); only rank 0 sees {few(only0)}; only the other sees {few(only_r)}"
 
+
+def config_difference(ours: dict, theirs: dict) -> str:
+    """The settings in which a rank's resolved config differs from rank 0's, for `same_on_every_rank`."""
+    from uniremoval.config import flatten_keys
+
+    a, b = flatten_keys(ours), flatten_keys(theirs)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    shown = [f"{k}={a.get(k)!r} on rank 0, {b.get(k)!r} on the other" for k in keys[:3]]
+    return "; ".join(shown) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+SAME_CONFIG_FIX = ("every process must read the same config file and overrides (a shared file system, the same "
+                   "copy on every node, and no per-node values in the command line)")

@@ -281,11 +281,12 @@ def test_one_ranks_bad_sample_ends_a_two_process_run_at_once(tmp_path):
     assert not list(run.glob("checkpoints/step-*")) and not list(run.glob("*.safetensors"))
 
 
-def test_ranks_that_see_different_shards_are_refused(tmp_path):
-    """Two processes that list different shards (a node whose mount lags): each rank splits its own
-    list by rank index, so eval scored some images twice and others never (a mean over 9 of 12
-    images, exit 0), and the cache never completed (`rerun`, forever). Every rank now stops before
-    any work with one error line that names the difference."""
+def test_ranks_that_see_different_shards_or_configs_are_refused(tmp_path):
+    """Two processes that disagree on their inputs (a node whose mount lags, another copy of a
+    config): each rank splits its own shard list by rank index, so eval scored some images twice and
+    others never (a mean over 9 of 12 images, exit 0), the cache never completed (`rerun`, forever),
+    and training averaged the gradients of replicas with another lr. Every rank now stops before any
+    work with one error line that names the difference."""
     import subprocess
     import sys
 
@@ -294,12 +295,14 @@ def test_ranks_that_see_different_shards_are_refused(tmp_path):
     from uniremoval.models import build_model
     from uniremoval.models.checkpoint import save_checkpoint
 
-    from ._faults import ROOT, env
+    from ._faults import ROOT, env, tiny_teacher_cfg
 
     folder = tmp_path / "syn"
     write_shards(folder, "syn", 4, 3)
     eval_args = ["eval", "--checkpoint", "none", "--data", str(folder), "--metrics", "psnr", "--device", "cpu",
                  "--json", str(tmp_path / "scores.json"), "--no-mlflow"]
+    teacher = tiny_teacher_cfg(tmp_path, project="faults", steps=2, keep_last=1, mlflow=False)
+    teacher["data"]["train"][0]["shards"] = str(folder)
     torch.manual_seed(0)
     weights = save_checkpoint(tmp_path / "teacher", build_model("mprnet", "tiny"), {
         "stage": "teacher", "degradation": "haze", "preset": "tiny", "input_range": "minus_one_one"})
@@ -312,15 +315,19 @@ def test_ranks_that_see_different_shards_are_refused(tmp_path):
     p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                         str(ROOT / "tests" / "dist_ranks_disagree.py"), str(tmp_path), "syn-000003.tar",
-                        json.dumps(eval_args), str(cache)],
+                        "optim.lr=0.5", json.dumps(eval_args), str(cache),
+                        str(write_yaml(tmp_path / "teacher.yaml", teacher))],
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     codes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert codes == [{"eval": 2, "cache": 2}] * 2, p.stderr[-3000:]
+    assert codes == [{"eval": 2, "cache": 2, "train": 2}] * 2, p.stderr[-3000:]
     # each rank's error line, for each command (the two ranks' lines may share a line of stderr)
     only0 = f"only rank 0 sees {folder / 'syn-000003.tar'}; only the other sees none"
     assert p.stderr.count(f"error: rank 1 and rank 0 see different files in --data {folder}: 4 vs 3 file(s); "
                           f"{only0}") == 2, p.stderr[-3000:]
     assert p.stderr.count("error: rank 1 and rank 0 see different source shards: 4 vs 3 file(s); "
                           f"only rank 0 sees syn: {folder / 'syn-000003.tar'}") == 2, p.stderr[-3000:]
+    assert p.stderr.count("error: rank 1 and rank 0 see different configs: optim.lr=0.002 on rank 0, "
+                          "0.5 on the other") == 2, p.stderr[-3000:]
     assert not (tmp_path / "scores.json").exists() and not list(tmp_path.glob("cache/syn/*.tar"))
+    assert not (tmp_path / "outputs" / "teacher-haze").exists()

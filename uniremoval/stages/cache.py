@@ -51,11 +51,17 @@ from typing import Any
 
 import numpy as np
 
-from uniremoval.config import CacheStage
+from uniremoval.config import CacheStage, config_to_dict
 from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest
 from uniremoval.errors import ConfigError, DataError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
-from uniremoval.launch import listing_difference, lock_on_main_process, same_on_every_rank
+from uniremoval.launch import (
+    SAME_CONFIG_FIX,
+    config_difference,
+    listing_difference,
+    lock_on_main_process,
+    same_on_every_rank,
+)
 
 CACHE_FORMAT = 1
 DONE_SUFFIX = ".done.json"
@@ -356,6 +362,7 @@ def run(cfg: CacheStage, args: Any = None) -> int:
 
     acc = build_accelerator(cfg)
     out_root = Path(cfg.cache.out)
+    same_on_every_rank(acc.num_processes, config_to_dict(cfg), "configs", SAME_CONFIG_FIX, config_difference)
     items = _plan(cfg)
     # Shard i is rank i mod world's in each rank's own plan: plans that differ (a shard one node does
     # not see) would leave shards uncached on every rerun, or cache one under another's source hash.

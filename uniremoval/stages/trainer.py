@@ -98,7 +98,13 @@ from uniremoval.config import (
     fixed_on_resume,
 )
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
-from uniremoval.launch import leave_process_group_at_exit, lock_on_main_process
+from uniremoval.launch import (
+    SAME_CONFIG_FIX,
+    config_difference,
+    leave_process_group_at_exit,
+    lock_on_main_process,
+    same_on_every_rank,
+)
 from uniremoval.stages import fast
 from uniremoval.stages.run_folder import (
     CHECKPOINT_DIR,
@@ -394,8 +400,17 @@ class Trainer:
         cfg, acc = self.cfg.train, self.accelerator
         total = self.total_steps()
         check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
+        # DDP averages the gradients of replicas that each read their own config: one that differs (a
+        # file edited while the nodes started) would train with its own lr, crop or losses unnoticed.
+        same_on_every_rank(acc.num_processes, config_to_dict(self.cfg), "configs", SAME_CONFIG_FIX,
+                           config_difference)
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
+        # --resume auto picks the newest checkpoint each rank lists: a run folder seen differently
+        # (a lagging mount) would resume the replicas at different steps.
+        same_on_every_rank(acc.num_processes, self.step, "resume steps",
+                           "every process must see the same run folder (a shared file system)",
+                           lambda a, b: f"step {a} on rank 0, step {b} on the other")
         self._check_run_length(total)
         if acc.is_main_process:                        # what a killed job left half-written
             self._remove_stale_temporaries()

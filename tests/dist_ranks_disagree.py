@@ -2,8 +2,8 @@
 ranks of one job disagree on their inputs, as when one node's mount lags or holds another copy.
 Rank 1 does not see the shard `argv[2]` (its shard listing drops it) and reads `argv[3]` (key=value)
 as an extra override of the training config. Then, in the same two processes (saves launches):
-`uniremoval eval` and `uniremoval cache` on the shards, and `uniremoval train teacher` with the
-override; OUT/rank<R>.json records each exit status."""
+`uniremoval eval` and `uniremoval cache` on the shards, `uniremoval train teacher` with the
+override, then without it (the shard listing alone differs); OUT/rank<R>.json records each exit status."""
 
 from __future__ import annotations
 
@@ -30,4 +30,5 @@ if rank == 1:
     shard_stream.resolve_shards = resolve_without_hidden
 codes = {"eval": main(eval_args), "cache": main(["cache", "--config", cache_cfg])}
 codes["train"] = main(["train", "teacher", "--config", teacher_cfg, *([override] if rank == 1 else [])])
+codes["train_shards"] = main(["train", "teacher", "--config", teacher_cfg])  # same config, one shard fewer
 (out / f"rank{rank}.json").write_text(json.dumps(codes))

@@ -82,6 +82,24 @@ def read_manifest_shards(manifest: str | os.PathLike) -> list[str]:
     ]
 
 
+def listed_shards(data: Any) -> list[str]:
+    """`data.<section>.<i>: <shard>` for every shard each source of a DataConfig lists, a local one
+    not on disk marked `(missing)`, a source that cannot be listed by its error: what one rank
+    reads, to compare across ranks (`launch.same_on_every_rank`) before a multi-process run starts."""
+    out: list[str] = []
+    for section in ("train", "val", "clear"):
+        for i, src in enumerate(getattr(data, section, None) or []):
+            key = f"data.{section}.{i}"
+            try:
+                urls = resolve_shards(src.shards)
+            except DataError as exc:  # kept in the list: a rank raising alone would leave the others waiting
+                out.append(f"{key}: cannot be listed ({exc})")
+                continue
+            local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+            out.extend(f"{key}: {u}{'' if u not in local or os.path.exists(u) else ' (missing)'}" for u in urls)
+    return out
+
+
 def resolve_shards(spec: ShardSpec) -> list[str]:
     """Turn a dataset spec into a list of shard URLs.
 

@@ -97,11 +97,13 @@ from uniremoval.config import (
     config_to_yaml,
     fixed_on_resume,
 )
+from uniremoval.data.shard_stream import listed_shards
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
 from uniremoval.launch import (
     SAME_CONFIG_FIX,
     config_difference,
     leave_process_group_at_exit,
+    listing_difference,
     lock_on_main_process,
     same_on_every_rank,
 )
@@ -404,6 +406,12 @@ class Trainer:
         # file edited while the nodes started) would train with its own lr, crop or losses unnoticed.
         same_on_every_rank(acc.num_processes, config_to_dict(self.cfg), "configs", SAME_CONFIG_FIX,
                            config_difference)
+        # Each rank streams its share of its own listing: a shard one node lacks skews the mix, and
+        # validation scores some images twice and others never.
+        if acc.num_processes > 1:  # (listing a URL source fetches its manifest: not for nothing)
+            same_on_every_rank(acc.num_processes, listed_shards(self.cfg.data), "shard files",
+                               "every process must see the same files (a shared file system, or the same copy "
+                               "on every node); nothing was trained", listing_difference)
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
         # --resume auto picks the newest checkpoint each rank lists: a run folder seen differently

@@ -1,13 +1,14 @@
 """The cache stage's CPU side with and without encoder threads, side by side (runs on CPU).
 
-    python bench/cache_pipeline.py [--frames 24] [--size 1280x720] [--workers 2]
+    python bench/cache_pipeline.py [--frames 24] [--size 1280x720] [--workers 2] [--repeats 3]
 
 `uniremoval cache` decodes each input, runs the teacher, PNG-encodes the teacher image and writes
 the tar. On a GPU the teacher takes ~0.1 s a 720p frame and the CPU work about as long, so done in
 between the teacher's batches it leaves the GPU idle half the time. This times `cache_shard` with a
 stand-in teacher that costs nothing (the limit a fast GPU approaches), serial (`cache.workers: 0`)
 against decoding and encoding in threads (`cache.workers`), checks the two shards are the same
-bytes, and prints frames/s and the ratio as JSON.
+bytes, and prints frames/s and the ratio as JSON. Each side runs once untimed (warm-up), then
+`--repeats` times, the two sides alternating; the medians are printed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -48,8 +50,21 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--png-level", type=int, default=BULK_PNG_LEVEL, help="zlib level of the stored PNGs")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side (median kept)")
     args = p.parse_args()
-    w, h = (int(v) for v in args.size.split("x"))
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        p.error(f"--size must be WIDTHxHEIGHT, e.g. 1280x720 (got {args.size!r})")
+    if w < 16 or h < 16:
+        p.error(f"--size must be at least 16x16, the feature grid's cell (got {args.size})")
+    for name in ("frames", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.workers < 1:
+        p.error("--workers must be at least 1 (the threaded side; the serial side has none)")
+    if not 0 <= args.png_level <= 9:
+        p.error(f"--png-level is a zlib level, 0 to 9 (got {args.png_level})")
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu import photo_like_frames
@@ -68,16 +83,24 @@ def main() -> int:
         speed = fast.Speed(device=torch.device("cpu"))
         out: dict = {"frames": args.frames, "size": args.size, "batch": args.batch, "workers": args.workers,
                      "png_level": args.png_level}
-        shas = {}
-        for label, workers in (("serial", 0), ("threads", args.workers)):
-            d = Path(tmp) / label
-            d.mkdir()
-            t0 = time.perf_counter()
-            rec = cache_shard(str(src), d, "c.tar", teacher, 16, speed, want, batch_size=args.batch, workers=workers,
-                              png_level=args.png_level)
-            out[f"{label}_frames_s"] = round(rec["samples"] / (time.perf_counter() - t0), 2)
-            shas[label] = rec["sha256"]
-    out["same_bytes"] = shas["serial"] == shas["threads"]
+        shas: dict[str, set] = {"serial": set(), "threads": set()}
+        times: dict[str, list[float]] = {"serial": [], "threads": []}
+        # one untimed run per side first (imports, thread start-up, page cache), then alternate the
+        # sides so load drift on a shared machine hits both alike
+        for i in range(1 + args.repeats):
+            for label, workers in (("serial", 0), ("threads", args.workers)):
+                d = Path(tmp) / f"{label}{i}"
+                d.mkdir()
+                t0 = time.perf_counter()
+                rec = cache_shard(str(src), d, "c.tar", teacher, 16, speed, want, batch_size=args.batch,
+                                  workers=workers, png_level=args.png_level)
+                if i:
+                    times[label].append(rec["samples"] / (time.perf_counter() - t0))
+                shas[label].add(rec["sha256"])
+        for label, v in times.items():
+            out[f"{label}_frames_s"] = round(statistics.median(v), 2)
+    out["repeats"] = args.repeats
+    out["same_bytes"] = len(shas["serial"] | shas["threads"]) == 1  # every run, both sides
     out["ratio"] = round(out["threads_frames_s"] / out["serial_frames_s"], 2)
     print(json.dumps(out))
     return 0 if out["same_bytes"] else 1

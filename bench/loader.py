@@ -154,8 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per setting; best is kept")
     args = ap.parse_args(argv)
+    for name in ("n", "size", "crop", "batch", "batches", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
+    if args.warmup < 0 or min(args.workers) < 0:
+        ap.error("--warmup and --workers must not be negative")
     if args.images is None and args.crop > args.size:  # the random crop needs room (was: numpy 'high <= 0')
         ap.error(f"--crop {args.crop} is larger than the synthetic images (--size {args.size})")
+    if args.images is not None and not ((args.images / "input").is_dir() and (args.images / "target").is_dir()):
+        ap.error(f"--images {args.images} needs input/ and target/ folders (same file names)")
+    n_pairs = args.n if args.images is None else len(list((args.images / "input").iterdir()))
+    if n_pairs < args.batch:  # the folder loader drops the last partial batch: an empty epoch loops forever
+        ap.error(f"{n_pairs} image pair(s) make no full batch of --batch {args.batch}")
 
     import torch
     from torch.utils.data import DataLoader

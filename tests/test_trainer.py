@@ -513,7 +513,7 @@ def test_a_finished_run_keeps_its_weights_in_mlflow(tmp_path):
 def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch):
     """A host read of a device tensor waits for the GPU to drain: the trainer does one per update
     (its non-finite check of every term at once) and keeps the logged running sums on the device,
-    reading them at log steps only. bench/gpu.py's ours_trainer_syncs times exactly this."""
+    reading them at log and checkpoint steps only. bench/gpu.py's ours_trainer_syncs times exactly this."""
     import math
 
     reads: list[str] = []
@@ -543,7 +543,8 @@ def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch):
     assert res.status == "finished" and res.step == 10
     deltas = [b - a for a, b in itertools.pairwise(per_step)]  # reads of steps 1..9 (the 10th ends the run)
     logged = {4, 8}  # steps that end with a log: one more read (the means, all terms at once)
-    assert deltas == [1 + (s in logged) for s in range(1, 10)], deltas
+    saved = {3, 6, 9}  # and with a checkpoint (which copies the weights off the device anyway): the log window
+    assert deltas == [1 + (s in logged) + (s in saved) for s in range(1, 10)], deltas
     logged_mse = res.metrics["train/mse"]
     assert math.isfinite(logged_mse) and logged_mse > 0
 
@@ -692,3 +693,36 @@ def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_
     # with tracking off, no run is reported (the checkpoint's id is not this job's run)
     c = ToyStage(make_cfg(tmp_path / "c"))
     assert Trainer(c.cfg, c).fit(resume=str(source)).run_id is None
+
+
+class _Recorder:
+    """A tracker that keeps what log_metrics got, as (step, metrics)."""
+
+    run_id = None
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def __getattr__(self, name):  # finish, set_tags, log_text, log_artifact...: nothing to keep
+        return lambda *a, **k: None
+
+
+def test_a_resumed_run_logs_the_same_training_means_as_an_uninterrupted_one(tmp_path):
+    """Preempted after step 6 of a 4-step log window, then resumed: the mean logged at step 8 is over
+    steps 5-8 as in the uninterrupted run (it was over 7-8 only: the window's sums were lost)."""
+    def mse_log(root, signal_at=None, resume=None):
+        stage = ToyStage(make_cfg(root, log_every=4), signal_at=signal_at)
+        rec = _Recorder()
+        res = Trainer(stage.cfg, stage, tracker=rec).fit(resume=resume)
+        return res, {s: m["train/mse"] for s, m in rec.logged if "train/mse" in m}
+
+    _, ref = mse_log(tmp_path / "a")
+    assert sorted(ref) == [4, 8, 10]
+    first, part = mse_log(tmp_path / "b", signal_at=5)
+    assert first.status == "preempted" and first.step == 6 and sorted(part) == [4]
+    res, rest = mse_log(tmp_path / "b", resume="auto")
+    assert res.step == 10 and sorted(rest) == [8, 10]
+    assert part[4] == ref[4] and rest[8] == pytest.approx(ref[8], rel=1e-12) and rest[10] == pytest.approx(ref[10], rel=1e-12)

@@ -703,9 +703,8 @@ class Trainer:
             self._sums[k] = self._sums.get(k, 0.0) + add
             self._counts[k] = self._counts.get(k, 0.0) + one
 
-    def log_train(self, bar: Any) -> dict[str, float]:
-        """Mean of each term since the last log over all ranks' finite values; LRs; skipped count.
-        A term with no finite value in the window is not logged (MLflow takes no NaN)."""
+    def _log_window(self) -> dict[str, tuple[float, float]]:
+        """Each term's sum and count of finite values since the last log, over all ranks. Collective."""
         keys = sorted(self._sums)
         dev = self.accelerator.device
         # Every rank reduces the same shape: a stage's training_step returns the same terms on every
@@ -715,8 +714,14 @@ class Trainer:
             local = torch.stack([torch.as_tensor(d[k], dtype=torch.float64, device=dev).reshape(())
                                  for d in (self._sums, self._counts) for k in keys])
         total = self.reduce(local, "sum").tolist()
-        sums, counts = total[:len(keys)], total[len(keys):]
-        out = {f"train/{k}": s / n for k, s, n in zip(keys, sums, counts) if n > 0}
+        return {k: (s, n) for k, s, n in zip(keys, total[:len(keys)], total[len(keys):])}
+
+    def log_train(self, bar: Any) -> dict[str, float]:
+        """Mean of each term since the last log over all ranks' finite values; LRs; skipped count.
+        A term with no finite value in the window is not logged (MLflow takes no NaN)."""
+        window = self._log_window()
+        keys = list(window)
+        out = {f"train/{k}": s / n for k, (s, n) in window.items() if n > 0}
         for name, sched in self.schedulers.items():
             lr = sched.last_lr if hasattr(sched, "last_lr") else float(sched.get_last_lr()[0])
             out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
@@ -839,10 +844,14 @@ class Trainer:
         for name in self.stage.trainable:
             self._save_weights(tmp / name, name)
         data_counts = self.data_counts_total()  # a collective: every rank
+        # The terms summed since the last log (collective): a resume continues the window, so the mean
+        # logged at the next log step is over the same steps as in an uninterrupted run, not only
+        # those after the resume.
+        window = self._log_window()
         if acc.is_main_process:
             state = {
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
-                **data_counts,
+                **data_counts, "log_window": {k: [s, n] for k, (s, n) in window.items()},
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
                 "config": json.dumps(config_to_dict(self.cfg)),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -984,6 +993,12 @@ class Trainer:
                 sched.load_state_dict(state["schedulers"][name])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.data_counts_resumed = {k: float(state.get(k, 0.0)) for k in DATA_COUNTS}
+        # The log window's all-rank sums go to the main process; the other ranks hold zeros for the
+        # same terms, so every rank reduces the same shape at the next log.
+        window = state.get("log_window") or {}
+        main = self.accelerator.is_main_process
+        self._sums = {k: float(v[0]) if main else 0.0 for k, v in window.items()}
+        self._counts = {k: float(v[1]) if main else 0.0 for k, v in window.items()}
         self.best_value = state.get("best_value")
         self.run_id = state.get("mlflow_run_id")
         if path.resolve().parent != self.ckpt_root.resolve():

@@ -198,6 +198,24 @@ def test_da_refuses_deepspeed_and_names_the_launch_config(ws, monkeypatch):
         da.run(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads") + ["model.init=null"]))
 
 
+@pytest.mark.parametrize("change", ["loss.use_gan=false", "loss.gan=hinge"])
+def test_da_resume_refuses_another_gan_loss(tmp_path, change):
+    """A DA checkpoint holds D_S and its optimiser, trained for one GAN objective: a resume without the
+    GAN term dropped them (and a later resume with it failed on the missing discriminator file), one
+    with another loss.gan continued them under another objective; both now refused by name."""
+    from uniremoval.config import config_to_dict
+    from uniremoval.stages.trainer import Stage, Trainer
+
+    base = ["model.init=k.safetensors", "train.cpu=true", f"output_dir={tmp_path}"]
+    saved = load_config(REPO / "configs" / "da.yaml", base)
+    cfg = load_config(REPO / "configs" / "da.yaml", [*base, change])
+    stage = Stage(cfg)
+    stage.trainable = ("generator", "discriminator")
+    state = {"config_hash": "other", "config": json.dumps(config_to_dict(saved))}
+    with pytest.raises(CheckpointError, match=rf"trained with another {change.split('=')[0]}: "):
+        Trainer(cfg, stage)._check_resumed_config(tmp_path, state)
+
+
 def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, tmp_path):
     # The scorer is built at the first validation; a missing BRISQUE file must not wait for it.
     from uniremoval.eval.iqa_params import MissingIQAParams

@@ -803,8 +803,10 @@ def config_hash(cfg: BaseModel) -> str:
 
 # What a resumed run cannot change: the weights and optimiser state it continues belong to this
 # architecture, these degradation types and this stage. Everything else may change with a warning.
+# DA's loss.use_gan decides whether a discriminator and its optimiser are trained at all, loss.gan the
+# objective its weights and optimiser state were trained for (and the run's `gan` tag).
 RESUME_FIXED = ("stage", "degradation", "model.arch", "model.preset", "model.input_range", "data.degradations",
-                "discriminator")
+                "discriminator", "loss.use_gan", "loss.gan")
 
 
 class _Absent:

@@ -12,7 +12,9 @@ per case and mode the loop's wall time, the time spent inside tracker calls, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -70,33 +72,49 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=25.0, help="per chunk, each way: a remote server")
     ap.add_argument("--hang-s", type=float, default=5.0, help="how long the hung server forwards nothing")
     args = ap.parse_args()
+    for name in ("steps", "log_every", "image_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("step_ms", "delay_ms", "hang_s"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must not be negative")
 
     root = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     port = free_port()
-    proc = start_mlflow_server(root, port)
     out: dict = {"args": vars(args), "ideal_loop_s": args.steps * args.step_ms / 1000}
-    try:
-        for case, delay, hang in (("loopback", 0.0, False), ("remote", args.delay_ms / 1000, False),
-                                  ("hung", 0.0, True)):
-            res = {}
-            for background in (False, True):
-                proxy = GatedProxy(port, delay_s=delay) if (delay or hang) else None
-                uri = f"http://127.0.0.1:{proxy.port if proxy else port}"
-                res["background" if background else "sync"] = loop(uri, background, args,
-                                                                   root / f"{case}-{background}",
-                                                                   proxy if hang else None)
-                if proxy:
-                    proxy.close()
-            s, b = res["sync"], res["background"]
-            res["inside_ratio_sync_over_background"] = round(s["inside_tracker_s"] / max(b["inside_tracker_s"], 1e-6), 1)
-            res["loop_ratio_sync_over_background"] = round(s["loop_s"] / b["loop_s"], 3)
-            out[case] = res
-            print(f"{case}: loop {s['loop_s']:.2f} s sync vs {b['loop_s']:.2f} s background "
-                  f"(ideal {out['ideal_loop_s']:.2f} s); inside tracker {s['inside_tracker_s']:.3f} s vs "
-                  f"{b['inside_tracker_s']:.3f} s", file=sys.stderr)
-    finally:
-        stop_server(proc)  # the server and its workers (own session)
+    # MLflow prints "View run ..." lines on stdout when a run ends: keep stdout the JSON alone
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            proc = start_mlflow_server(root, port)
+            try:
+                run_cases(args, root, port, out)
+            finally:
+                stop_server(proc)  # the server and its workers (own session)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)  # its store, artifacts and spools (was left in /tmp)
     print(json.dumps(out, indent=2))
+
+
+def run_cases(args: argparse.Namespace, root: Path, port: int, out: dict) -> None:
+    """Each case, sync then background, into `out`."""
+    for case, delay, hang in (("loopback", 0.0, False), ("remote", args.delay_ms / 1000, False),
+                              ("hung", 0.0, True)):
+        res = {}
+        for background in (False, True):
+            proxy = GatedProxy(port, delay_s=delay) if (delay or hang) else None
+            uri = f"http://127.0.0.1:{proxy.port if proxy else port}"
+            res["background" if background else "sync"] = loop(uri, background, args,
+                                                               root / f"{case}-{background}",
+                                                               proxy if hang else None)
+            if proxy:
+                proxy.close()
+        s, b = res["sync"], res["background"]
+        res["inside_ratio_sync_over_background"] = round(s["inside_tracker_s"] / max(b["inside_tracker_s"], 1e-6), 1)
+        res["loop_ratio_sync_over_background"] = round(s["loop_s"] / max(b["loop_s"], 1e-9), 3)
+        out[case] = res
+        print(f"{case}: loop {s['loop_s']:.2f} s sync vs {b['loop_s']:.2f} s background "
+              f"(ideal {out['ideal_loop_s']:.2f} s); inside tracker {s['inside_tracker_s']:.3f} s vs "
+              f"{b['inside_tracker_s']:.3f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -464,3 +464,17 @@ def test_a_missing_teacher_of_a_new_type_names_no_config_that_does_not_exist(tmp
     assert "configs/teacher/snow.yaml" not in msg and "`degradation: snow`" in msg
     assert "teachers.checkpoints.haze: t/haze.safetensors does not exist; `uniremoval train teacher --config " \
         "configs/teacher/haze.yaml` writes it" in msg
+
+
+def test_a_da_loss_without_any_weighted_term_is_refused():
+    """No term of L_da on, or each one's weight 0: the first backward tracebacked after the run started,
+    or the run trained nothing, silently. Refused at load; one weighted term is enough."""
+    da = Path(__file__).resolve().parents[1] / "configs" / "da.yaml"
+    off = ["loss.use_gan=false", "loss.use_idt=false", "loss.use_eicl=false", "loss.use_efcl=false"]
+    for overrides in (off, ["loss.use_gan=false", "loss.l2=0", "loss.l3=0"],
+                      ["loss.use_gan=false", "loss.use_idt=false", "loss.use_eicl=false", "loss.l1=0"]):
+        with pytest.raises(ConfigError, match=r"key 'loss': .*leaves no term of L_da with a weight"):
+            load_config(da, overrides)
+    for one_on in ("loss.use_gan=true", "loss.use_idt=true", "loss.use_eicl=true", "loss.use_efcl=true"):
+        assert load_config(da, [*off, one_on]).stage == "da"
+    assert load_config(da, ["loss.l2=0", "loss.l3=0"]).loss.use_gan  # the GAN term has no weight of its own

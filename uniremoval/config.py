@@ -692,6 +692,15 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
                f"source with degradation: {missing[0]}, or drop it from data.degradations")
         out.append(("data.train", [src.name for src in cfg.data.train], fix))
     if isinstance(cfg, DAStage):
+        # The student's loss must hold a term with a weight: with none the first backward raised a
+        # traceback after the run started; with weights of 0 the run trained nothing, silently.
+        lc = cfg.loss
+        if not (lc.use_gan or (lc.use_idt and lc.l2 > 0)
+                or (lc.l3 > 0 and (lc.use_eicl or (lc.use_efcl and lc.l1 > 0)))):
+            terms = {k: getattr(lc, k) for k in ("use_gan", "use_idt", "use_eicl", "use_efcl", "l1", "l2", "l3")}
+            why = ("leaves no term of L_da with a weight, so nothing would train: turn on use_gan, or use_idt "
+                   "with l2 > 0, or use_eicl/use_efcl with l3 > 0 (and l1 > 0 for use_efcl)")
+            out.append(("loss", terms, why))
         from uniremoval.models.discriminator_arch import min_input_size
 
         least = min_input_size(cfg.discriminator.n_layers)

@@ -206,7 +206,7 @@ def test_da_resume_refuses_another_gan_loss(tmp_path, change):
     from uniremoval.config import config_to_dict
     from uniremoval.stages.trainer import Stage, Trainer
 
-    base = ["model.init=k.safetensors", "train.cpu=true", f"output_dir={tmp_path}"]
+    base = ["model.init=k.safetensors", "train.cpu=true", "train.mixed_precision=no", f"output_dir={tmp_path}"]
     saved = load_config(REPO / "configs" / "da.yaml", base)
     cfg = load_config(REPO / "configs" / "da.yaml", [*base, change])
     stage = Stage(cfg)

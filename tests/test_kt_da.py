@@ -216,6 +216,30 @@ def test_da_resume_refuses_another_gan_loss(tmp_path, change):
         Trainer(cfg, stage)._check_resumed_config(tmp_path, state)
 
 
+def test_da_refuses_an_init_that_never_learnt_every_type(tmp_path):
+    """model.init of the haze teacher (or a student of fewer types) was adapted as if it were the KT
+    student, silently; refused by name when the models are built (before the run folder or MLflow)."""
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.stages import da
+
+    net = build_model("mprnet", "tiny")
+    save_checkpoint(tmp_path / "teacher", net, {"stage": "teacher", "degradation": "haze"})
+    save_checkpoint(tmp_path / "kt2", net, {"stage": "kt", "degradations": ["haze", "rain"]})
+    save_checkpoint(tmp_path / "kt", net, {"stage": "kt", "degradations": ["haze", "rain", "blur"]})
+    base = ["model.preset=tiny", "loss.use_eicl=false", "train.cpu=true", f"output_dir={tmp_path}"]
+
+    def build(init):
+        cfg = load_config(REPO / "configs" / "da.yaml", [*base, f"model.init={tmp_path / init}.safetensors"])
+        return da.DomainAdaptation(cfg).build_models()
+
+    with pytest.raises(ConfigError, match=r"is the 'haze' teacher; .* \(it lacks \['rain', 'blur'\]\): give the KT"):
+        build("teacher")
+    with pytest.raises(ConfigError, match=r"is a kt student of \['haze', 'rain'\]; .*it lacks \['blur'\]"):
+        build("kt2")
+    assert "generator" in build("kt")
+
+
 def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, tmp_path):
     # The scorer is built at the first validation; a missing BRISQUE file must not wait for it.
     from uniremoval.eval.iqa_params import MissingIQAParams

@@ -115,7 +115,7 @@ class DomainAdaptation(Stage):
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg = self.cfg
-        models: dict[str, nn.Module] = {"generator": build_student(cfg)}
+        models: dict[str, nn.Module] = {"generator": build_student(cfg, self._check_init)}
         if cfg.loss.use_gan:
             models["discriminator"] = build_discriminator(cfg)
         phi = build_phi(cfg) if cfg.loss.use_eicl else None
@@ -123,6 +123,20 @@ class DomainAdaptation(Stage):
             models["phi"] = phi
         self.loss_fn = make_da_loss(cfg, phi)
         return models
+
+    def _check_init(self, meta: dict[str, Any]) -> None:
+        """model.init must restore every type DA adapts: a teacher (one type) or a student of other types
+        would start the all-in-one adaptation from a model that never learnt the others, silently."""
+        stage = meta.get("stage")
+        trained = meta.get("degradations") or ([meta["degradation"]] if meta.get("degradation") else None)
+        if stage is None or trained is None:  # an official .pth, or weights without a record: trusted
+            return
+        lacking = [d for d in self.degradations if d not in trained]
+        if lacking:
+            what = f"the {trained[0]!r} teacher" if stage == "teacher" else f"a {stage} student of {trained}"
+            raise ConfigError(f"model.init {self.cfg.model.init} is {what}; DA adapts a student of every type in "
+                              f"data.degradations {self.degradations} (it lacks {lacking}): give the KT student "
+                              f"(e.g. model.init=outputs/kt/last.safetensors)")
 
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
         from uniremoval.data.pipelines import da_loader

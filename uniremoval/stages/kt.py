@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -69,8 +69,9 @@ def deepspeed_requested() -> bool:
 # --------------------------------------------------------------------------------------------- models
 
 
-def build_student(cfg: Any) -> nn.Module:
-    """The student: MPRNet of `model.preset`, from `model.init` when set (ours or an official .pth)."""
+def build_student(cfg: Any, check_init: Callable[[dict[str, Any]], None] | None = None) -> nn.Module:
+    """The student: MPRNet of `model.preset`, from `model.init` when set (ours or an official .pth);
+    `check_init` is given the init checkpoint's metadata (a stage's own check of where it comes from)."""
     from uniremoval.models import build_model
     from uniremoval.models.checkpoint import load_checkpoint
 
@@ -83,6 +84,8 @@ def build_student(cfg: Any) -> nn.Module:
             f"model.init {cfg.model.init} was trained on {saved_range!r} images but model.input_range is "
             f"{cfg.model.input_range!r}; set model.input_range={saved_range}"
         )
+    if check_init is not None:
+        check_init(meta)
     return model
 
 

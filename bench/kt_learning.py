@@ -41,21 +41,36 @@ def main(argv: list[str] | None = None) -> int:
                     help="striped patches per blur scene (0: flat-shaded blur scenes, like the other types')")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    ap.add_argument("--workdir", type=Path, default=None, help="data and outputs (default: a temporary dir)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="data and outputs, kept (default: a temporary dir, removed at the end)")
     ap.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     args = ap.parse_args(argv)
+    for name in ("steps", "val_every", "threads"):  # --val-every 0 trained 3000 steps validating never
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.blur_stripes < 0:
+        ap.error("--blur-stripes must not be negative")
+    if args.workdir is not None:
+        return run(args, ap, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="kt_learning_") as tmp:  # ~6 MB of data and checkpoints a run
+        return run(args, ap, Path(tmp))
 
+
+def run(args: argparse.Namespace, ap: argparse.ArgumentParser, root: Path) -> int:
     import torch
     from dist_kt_common import TYPES, learning_run_config
 
+    from uniremoval.errors import UniremovalError
     from uniremoval.stages import kt
     from uniremoval.stages.trainer import Trainer
 
     torch.set_num_threads(args.threads)
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="kt_learning_"))
     overrides = [*args.set] + (["train.cpu=true"] if args.cpu or not torch.cuda.is_available() else [])
-    cfg, _ = learning_run_config(root, args.steps, args.val_every, overrides, blur=args.blur,
-                                blur_stripes=args.blur_stripes)
+    try:
+        cfg, _ = learning_run_config(root, args.steps, args.val_every, overrides, blur=args.blur,
+                                    blur_stripes=args.blur_stripes)
+    except UniremovalError as exc:  # a bad --set override
+        ap.error(str(exc))
 
     curve: list[dict] = []
     t0 = time.time()

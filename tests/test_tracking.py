@@ -80,6 +80,7 @@ def test_embedded_store(tmp_path, monkeypatch):
     assert load_config(saved) == cfg
     if git_commit() is not None:  # a git checkout (not an unpacked source archive)
         commit = run.data.tags["git_commit"]  # HEAD may move meanwhile: the tag names a commit of this repo
+        assert run.data.tags["git_dirty"] in ("true", "false")
         assert re.fullmatch(r"[0-9a-f]{40}", commit)
         import subprocess
 
@@ -473,3 +474,27 @@ def test_a_runs_copy_follows_weights_a_resumed_run_logged_again(tmp_path, monkey
         warnings.simplefilter("always")
         assert checkpoint_sha256(fetch_run_checkpoint(spec)) == checkpoint_sha256(second)
     assert any(f"checkpoint {spec}: cannot check it against http://127.0.0.1" in str(w.message) for w in seen)
+
+
+def test_git_dirty_says_whether_tracked_source_differs_from_its_commit(tmp_path):
+    """A run tagged with a commit may have run edited code: `git_dirty` tells, from the tracked files
+    of the source folder only (an untracked scratch file is no edit of the code that ran)."""
+    import subprocess
+
+    from uniremoval.tracking import git_dirty
+
+    assert git_dirty(tmp_path) is None  # no checkout: no tag at all
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "a.py").write_text("x = 1\n")
+    (repo / "notes.txt").write_text("n\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    assert git_dirty(repo / "pkg") is False
+    (repo / "pkg" / "scratch.py").write_text("y = 2\n")
+    (repo / "notes.txt").write_text("edited outside the package\n")
+    assert git_dirty(repo / "pkg") is False
+    (repo / "pkg" / "a.py").write_text("x = 2\n")
+    assert git_dirty(repo / "pkg") is True

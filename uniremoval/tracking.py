@@ -170,6 +170,28 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def git_dirty(source: str | os.PathLike | None = None) -> bool | None:
+    """Whether the tracked files of the package's source (`source`, default this package's folder)
+    differ from the commit `git_commit` names: a run tagged with a commit may have run other code.
+    None outside a git checkout."""
+    where = Path(source) if source is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=where,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def git_tags() -> dict[str, str]:
+    """`git_commit` and `git_dirty` ("true" when the package's tracked source has uncommitted edits)."""
+    commit = git_commit()
+    if not commit:
+        return {}
+    dirty = git_dirty()
+    return {"git_commit": commit, **({} if dirty is None else {"git_dirty": str(dirty).lower()})}
+
+
 def flatten(d: dict) -> dict[str, str]:
     """{'optim': {'lr': 1e-4}} -> {'optim.lr': '0.0001'}: MLflow params (lists as JSON)."""
     from uniremoval.config import flatten_keys
@@ -190,9 +212,7 @@ def run_tags(cfg: Any, stage: str, degradation: str | None = None, extra: dict[s
     features = getattr(cfg, "features", None)
     if features is not None and getattr(features, "weights", None) == "random":
         tags["vgg_weights"] = "random"  # contrastive terms measured in an untrained feature space
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
+    tags.update(git_tags())
     tags.update(getattr(cfg.tracking, "tags", {}) or {})
     tags.update(extra or {})
     return tags

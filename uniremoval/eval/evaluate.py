@@ -678,7 +678,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     so it can move to uniremoval.tracking).
 
     Tags: stage=eval, dataset, checkpoint, checkpoint_sha256, config_hash (the checkpoint's training
-    config), git_commit, degradation, label, `uniremoval.model` (the report's row: the weights'
+    config), git_commit (and git_dirty), degradation, label, `uniremoval.model` (the report's row: the weights'
     sha256, or "input" for --checkpoint none; `best` and `last` of one training run are two models),
     and the training run when the checkpoint's JSON names it (`mlflow_run_id`):
     `uniremoval.train_run_id`, plus `mlflow.parentRunId` when it is in the same experiment, and its
@@ -689,7 +689,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     beside --json (else --csv, else in ~/.cache/uniremoval/eval-spool), kept until sent; the
     warning gives the command that sends it (`uniremoval eval replay FOLDER`).
     """
-    from uniremoval.tracking import Tracker, finishing, git_commit, mlflow_client, resolve_uri
+    from uniremoval.tracking import Tracker, finishing, git_tags, mlflow_client, resolve_uri
 
     uri = resolve_uri(opts.tracking_uri)
     client = mlflow_client(uri)  # gives up on a dead server in seconds, before the Tracker spools
@@ -719,9 +719,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         tags["checkpoint_sha256"] = sha
     if meta.get("config_hash"):
         tags["config_hash"] = str(meta["config_hash"])  # the scored model's training config
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
+    tags.update(git_tags())
     if result.degradation:
         tags["degradation"] = result.degradation
     if train_id:

@@ -576,6 +576,7 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     assert {k: run.data.metrics[f"eval/synhaze/{k}"] for k in js["mean"]} == pytest.approx(js["mean"], abs=1e-12)
     tags = run.data.tags
     assert tags["stage"] == "eval" and tags["dataset"] == "synhaze" and tags["degradation"] == "haze"
+    assert tags["domain"] == "synthetic"  # the samples' json: the report's Table IV takes synthetic sets
     assert tags["uniremoval.train_run_id"] == train.info.run_id == tags["mlflow.parentRunId"]
     assert tags["uniremoval.label"] == "kt" and tags["ablation.use_fcl"] == "false"
     assert len(tags["checkpoint_sha256"]) == 64 and tags["uniremoval.model"] == tags["checkpoint_sha256"]

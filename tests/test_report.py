@@ -426,3 +426,20 @@ def test_one_dataset_name_over_different_data_warns(tmp_path, capsys):
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [("warning: dataset 'test' names eval runs on different --data (raw/snow/test, raw/haze/test/): "
                          "its column shows each model's latest of them; rerun those evals with --name to tell them apart")]
+
+
+def test_real_paired_sets_get_their_own_psnr_table():
+    """Table IV is the synthetic ablation: a real paired set (eval's `domain: real`, as SPA or
+    RealBlur-J shards say in their json) gets a table of its own; a set without the tag (a folder)
+    stays in Table IV."""
+    from uniremoval.eval.report import ModelRow
+
+    kt = ModelRow("k", "kt", scores={("SOTS", "psnr"): 24.0, ("RealBlurJ", "psnr"): 27.5, ("folder", "psnr"): 20.0},
+                  domain={"SOTS": "synthetic", "RealBlurJ": "real"})
+    inp = ModelRow("input", "input", scores={("RealBlurJ", "psnr"): 26.0}, domain={"RealBlurJ": "real"})
+    tables = {t.title: t for t in build_tables([kt, inp])}
+    assert list(tables) == ["Synthetic ablation: PSNR/SSIM (Table IV)", "Real paired sets: PSNR/SSIM"]
+    assert tables["Synthetic ablation: PSNR/SSIM (Table IV)"].columns == [("SOTS", "psnr"), ("folder", "psnr")]
+    assert [r.key for r in tables["Synthetic ablation: PSNR/SSIM (Table IV)"].rows] == ["k"]
+    assert tables["Real paired sets: PSNR/SSIM"].columns == [("RealBlurJ", "psnr")]
+    assert [r.key for r in tables["Real paired sets: PSNR/SSIM"].rows] == ["k", "input"]

@@ -96,6 +96,7 @@ class Item:
     image: torch.Tensor  # (3, H, W) float in [0, 1]
     target: torch.Tensor | None
     degradation: str | None = None
+    domain: str | None = None  # the samples' json `domain` (synthetic, real); None for a folder
 
 
 @dataclass
@@ -106,6 +107,7 @@ class EvalResult:
     images: list[dict[str, Any]]
     mean: dict[str, float]  # over the images where the metric is defined; NaN when it is for none
     degradation: str | None = None
+    domain: str | None = None  # synthetic or real when every sample says the same (the report's tables)
     run_id: str | None = None
     per_rank: list[int] = field(default_factory=list)  # images scored by each rank
     undefined: dict[str, list[str]] = field(default_factory=dict)  # metric -> images it is undefined for (NaN)
@@ -227,7 +229,7 @@ def iter_shards(data: str, rank: int, world: int, need_target: bool) -> Iterator
                 "only (--metrics brisque,piqe)"
             )
         target = _hwc_to_chw01(s["target"]) if (need_target and "target" in s) else None
-        yield Item(str(s["key"]), _hwc_to_chw01(s["input"]), target, meta.get("degradation"))
+        yield Item(str(s["key"]), _hwc_to_chw01(s["input"]), target, meta.get("degradation"), meta.get("domain"))
 
 
 def dataset_name(data: str | list[str]) -> str:
@@ -304,6 +306,8 @@ def score_items(
                 rec["_broken_output"] = True
             if it.degradation:
                 rec["_degradation"] = it.degradation
+            if it.domain:
+                rec["_domain"] = it.domain
             records.append(rec)
             if save_dir is not None:
                 from uniremoval.eval.restore import write_png
@@ -581,6 +585,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
         if not state.is_main_process:
             return None  # rank 0 writes and logs; the gather above was the last collective
     degradations = {r["_degradation"] for r in records if r.get("_degradation")}
+    domains = {r.get("_domain") for r in records}  # a None among them (no json domain): no domain tag
     if problem := degradation_conflict(opts, degradations):  # shards without a manifest (URLs, patterns)
         raise DataError(problem)
     ranks = Counter(r["_rank"] for r in records)
@@ -600,6 +605,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
         checkpoint=opts.checkpoint if opts.checkpoint.lower() != "none" else "none",
         metrics=metrics, images=images, mean=mean,
         degradation=opts.degradation or (degradations.pop() if len(degradations) == 1 else None),
+        domain=domains.pop() if len(domains) == 1 else None,
         per_rank=[ranks.get(i, 0) for i in range(state.num_processes)], undefined=undefined,
     )
     import sys
@@ -678,7 +684,8 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     so it can move to uniremoval.tracking).
 
     Tags: stage=eval, dataset, checkpoint, checkpoint_sha256, config_hash (the checkpoint's training
-    config), git_commit (and git_dirty), degradation, label, `uniremoval.model` (the report's row: the weights'
+    config), git_commit (and git_dirty), degradation, domain (synthetic|real, from the samples' json),
+    label, `uniremoval.model` (the report's row: the weights'
     sha256, or "input" for --checkpoint none; `best` and `last` of one training run are two models),
     and the training run when the checkpoint's JSON names it (`mlflow_run_id`):
     `uniremoval.train_run_id`, plus `mlflow.parentRunId` when it is in the same experiment, and its
@@ -722,6 +729,8 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     tags.update(git_tags())
     if result.degradation:
         tags["degradation"] = result.degradation
+    if result.domain:
+        tags["domain"] = result.domain
     if train_id:
         tags["uniremoval.train_run_id"] = train_id
     if train_run is not None:

@@ -20,7 +20,9 @@ largest float) is shown as inf. Warnings go to stderr as `warning:` lines. Table
 - NR-IQA (the paper's Tables I-III): BRISQUE/PIQE/NIQE columns, one table per degradation (the
   eval runs' `degradation` tag), all models;
 - Synthetic ablation (Table IV): PSNR/SSIM columns, models with full-reference scores, with one
-  check-mark column per ablation flag (`ablation.*` tags copied from the training run);
+  check-mark column per ablation flag (`ablation.*` tags copied from the training run); datasets
+  whose eval runs carry `domain: real` (real paired sets such as SPA, RealBlur-J) go to a table of
+  their own, "Real paired sets: PSNR/SSIM";
 - Real ablation (Table V): NR-IQA columns, models that carry ablation flags.
 
 Headers carry the better direction (down arrow: lower is better); the best value of each column is
@@ -60,6 +62,7 @@ class ModelRow:
     scores: dict[tuple[str, str], float] = field(default_factory=dict)  # (dataset, metric) -> value
     runs: dict[str, str] = field(default_factory=dict)  # dataset -> eval run id (latest)
     degradation: dict[str, str] = field(default_factory=dict)  # dataset -> degradation tag
+    domain: dict[str, str] = field(default_factory=dict)  # dataset -> domain tag (synthetic, real)
     labels: dict[str, str] = field(default_factory=dict)  # dataset -> label of the run counted there
     train_run: str | None = None  # the training run of the weights (uniremoval.train_run_id)
     checkpoint: str | None = None  # the checkpoint path or runs:/ URI last evaluated
@@ -144,6 +147,8 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
                                      if k.startswith(uprefix) and v > 0}
         if tags.get("degradation"):
             row.degradation[dataset] = tags["degradation"]
+        if tags.get("domain"):
+            row.domain[dataset] = tags["domain"]
         if data := run.data.params.get("data"):  # by its last two parts: one folder seen from two cwds is one
             scored.setdefault(dataset, {})[Path(os.path.normpath(data)).parts[-2:]] = data
     for (key, dataset), labels in seen_labels.items():
@@ -218,16 +223,18 @@ def build_tables(rows: list[ModelRow]) -> list[Table]:
         title = "NR-IQA (Tables I-III)" + ("" if deg == "all" else f": {deg}")
         tables.append(Table(title, cols, [r for r in rows if any(c in r.scores for c in cols)]))
     flags = sorted({k for r in rows for k in r.ablation})
-    fr_cols = _columns(rows, "fr")
-    if fr_cols:
-        tables.append(
-            Table(
-                "Synthetic ablation: PSNR/SSIM (Table IV)",
-                fr_cols,
-                [r for r in rows if any(c in r.scores for c in fr_cols)],
-                flags,
-            )
-        )
+    # Table IV is on synthetic sets; a real paired set (SPA, RealBlur-J: eval's `domain` tag) has its own
+    # table. Datasets without the tag (folders) stay in Table IV, as before the tag existed.
+    domain_of: dict[str, str] = {}
+    for r in rows:
+        domain_of.update(r.domain)
+    fr_all = {d for r in rows for (d, m) in r.scores if _kind(m) == "fr"}
+    real_fr = {d for d in fr_all if domain_of.get(d) == "real"}
+    for title, datasets in (("Synthetic ablation: PSNR/SSIM (Table IV)", fr_all - real_fr),
+                            ("Real paired sets: PSNR/SSIM", real_fr)):
+        fr_cols = _columns(rows, "fr", datasets)
+        if fr_cols:
+            tables.append(Table(title, fr_cols, [r for r in rows if any(c in r.scores for c in fr_cols)], flags))
     ablated = [r for r in rows if r.ablation]
     nr_cols = _columns(ablated, "nr")
     if ablated and nr_cols:

@@ -208,3 +208,15 @@ def test_same_command_ignores_order_and_defaults() -> None:
     assert not _same_command(recorded, [*argv, "--seed", "1"])  # the last --seed wins: another seed
     assert not _same_command(recorded, [a if a != "haze" else "rain" for a in argv])  # another type
     assert not _same_command(["shards", "synth", "--bogus"], argv)
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_threads_below_one_are_refused_by_the_parser(tmp_path: Path, threads: str, capsys) -> None:
+    """--threads 0 silently meant every core and -1 ended in torch's traceback (exit 1)."""
+    from uniremoval.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--workdir", str(tmp_path / "w"), "--quick", "--threads", threads])
+    assert exc.value.code == 2
+    assert "--threads: must be a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -13,6 +13,13 @@ import os
 DEFAULT_WORKDIR = "demo_workspace"  # = uniremoval.demo.DEFAULT_WORKDIR (not imported: --help stays fast)
 
 
+def _threads(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (threads), got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="run the whole method end to end on a tiny embedded dataset (CPU, minutes)",
@@ -23,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smaller run (fewer images, steps and pixels) for tests and a first look")
     p.add_argument("--config-dir", help="folder with demo.yaml and the stage configs (default: configs/demo)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_threads, default=None,
                    help="torch CPU threads (default: all cores); lower it on a busy machine")
     p.set_defaults(func=handler)
 

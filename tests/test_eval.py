@@ -814,6 +814,27 @@ def test_eval_and_restore_take_the_weights_a_run_logged_to_mlflow(tmp_path, monk
                                                "weights/last.safetensors of run 0123abcd from sqlite:///"), err
 
 
+def test_restore_takes_tracking_uri_as_eval_does(tmp_path, monkeypatch, capsys):
+    """restore --checkpoint runs:/... read its store only from $MLFLOW_TRACKING_URI: --tracking-uri, which
+    eval takes for the same checkpoint, was an unrecognized argument."""
+    from _fixtures import run_with_logged_weights
+
+    from uniremoval.cli import main
+
+    local, uri, rid = run_with_logged_weights(tmp_path, "last", {"step": 3})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    _write_pngs(data, 1, [(32, 40)], seed=5, noise=0.05)
+    for name, ckpt in (("local", str(local)), ("mlflow", f"runs:/{rid}/weights/last")):
+        assert main(["restore", "--checkpoint", ckpt, "--tracking-uri", uri, "--input", str(data),
+                     "--output", str(tmp_path / f"r-{name}"), "--device", "cpu"]) == 0
+    restored = sorted(p.relative_to(tmp_path / "r-local") for p in (tmp_path / "r-local").rglob("*.png"))
+    assert restored
+    for rel in restored:
+        assert (tmp_path / "r-local" / rel).read_bytes() == (tmp_path / "r-mlflow" / rel).read_bytes()
+
+
 # ---------------------------------------------------------------- undefined scores, option clashes
 
 

@@ -24,8 +24,10 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--checkpoint", required=True, help="our .safetensors (JSON beside it), an official .pth, or the weights "
-        "a training run logged to MLflow: runs:/<run id>/weights/last (store: $MLFLOW_TRACKING_URI)"
+        "a training run logged to MLflow: runs:/<run id>/weights/last (store: --tracking-uri)"
     )
+    p.add_argument("--tracking-uri", help="MLflow URI of a runs:/ --checkpoint (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///./mlflow.db)")
     p.add_argument(
         "--arch", default=None, help="architecture (default: from the checkpoint; official: mprnet)"
     )
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     if is_run_artifact(args.checkpoint):  # the weights a run logged: fetched, or the copy checked against it
-        fetch_run_checkpoint(args.checkpoint)
+        fetch_run_checkpoint(args.checkpoint, args.tracking_uri)
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device,
                                   restorer=True)
     input_range = meta.get("input_range", "minus_one_one")

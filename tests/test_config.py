@@ -259,6 +259,24 @@ def test_config_show_bad_input_exit_code_and_message(tmp_path):
     assert out.stderr.startswith("error: invalid config") and "data.batch_size" in out.stderr
 
 
+def test_set_overrides_work_in_every_command_that_takes_a_config(kt_file, tmp_path, capsys):
+    """`eval --config F --set k=v` is how eval spells an override; train, cache and config refused
+    --set as an unrecognized argument. They take it too, applied after the key=value ones."""
+    from uniremoval.cli import main
+
+    assert main(["config", "show", str(kt_file), "optim.lr=1e-4", "--set", "optim.lr=3e-4",
+                 "--set", "data.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0003" in out and "batch_size: 8" in out
+    assert main(["config", "hash", str(kt_file), "--set", "optim.lr=3e-4"]) == 0
+    assert capsys.readouterr().out == f"{config_hash(load_config(kt_file, ['optim.lr=3e-4']))}\n"
+    cache = write(tmp_path / "cache.yaml", "stage: cache\n")
+    for argv in (["train", "kt", "--config", str(kt_file)], ["cache", "--config", str(cache)]):
+        assert main([*argv, "--set", "optim.lr=abc"]) == 2  # the override reached the config, nothing ran
+        err = capsys.readouterr().err
+        assert err.startswith("error: invalid config") and "override 'optim.lr=abc'" in err, err
+
+
 @pytest.mark.parametrize("group", [None, "shards", "train", "cache", "eval", "restore", "report", "demo", "config"])
 def test_help_for_every_group(group):
     out = run_cli(*([group] if group else []), "--help")

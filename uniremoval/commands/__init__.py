@@ -1,0 +1,16 @@
+"""The `uniremoval` command groups (one module each); shared option helpers below."""
+
+from __future__ import annotations
+
+
+def add_overrides(p, text: str = "dotted config overrides, e.g. optim.lr=1e-4 (before or after the options)") -> None:
+    """Dotted key=value overrides, positional as in `config show`, or `--set KEY=VALUE` as `eval` spells them."""
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=text)
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="one dotted override (repeatable; the spelling `eval --config` takes), applied after "
+                   "the key=value ones")
+
+
+def overrides(args) -> list[str]:
+    """Every override of the command line: the key=value ones, then each --set."""
+    return [*args.overrides, *getattr(args, "set_overrides", [])]

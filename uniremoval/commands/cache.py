@@ -8,13 +8,15 @@ Interrupted? Run the same command again: complete shards are kept.
 
 from __future__ import annotations
 
+from uniremoval.commands import add_overrides, overrides
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "cache", help="run the frozen teachers once over the synthetic shards (teacher-output cache)",
         description="Build (or complete) the teacher-output cache that `train kt` reads.")
     p.add_argument("--config", required=True, help="cache stage config YAML (e.g. configs/cache.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    add_overrides(p)
     p.add_argument("--check", action="store_true",
                    help="only verify an existing cache against the config's teachers and sources")
     p.set_defaults(func=_handler)
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
 def _handler(args) -> int:
     from uniremoval.config import check_inputs, load_config
 
-    cfg = load_config(args.config, args.overrides, stage="cache")
+    cfg = load_config(args.config, overrides(args), stage="cache")
     check_inputs(cfg)
     if args.check:
         from pathlib import Path

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from uniremoval.commands import add_overrides, overrides
+
 STAGE_HELP = {
     "teacher": "supervised MPRNet teacher on one degradation's synthetic pairs",
     "kt": "knowledge transfer: the student learns every degradation from the frozen teachers",
@@ -27,8 +29,7 @@ def register(subparsers) -> None:
                             epilog="example: uniremoval train {} --config configs/{}.yaml optim.lr=1e-4".format(
                                 stage, "teacher/haze" if stage == "teacher" else stage))
         sp.add_argument("--config", required=True, help="stage config YAML")
-        sp.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides (before or after the options)")
+        add_overrides(sp)
         sp.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue a run: 'auto' = newest checkpoint in the run dir (start fresh if none), "
                              "or a checkpoints/step-N folder. Settings may change (each is named), the "
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
 def _handler(args) -> int:
     from uniremoval.config import load_config
 
-    cfg = load_config(args.config, args.overrides, stage=args.stage_name)
+    cfg = load_config(args.config, overrides(args), stage=args.stage_name)
     if args.stage_name == "teacher":
         from uniremoval.stages import teacher
 

@@ -444,6 +444,19 @@ def test_verify_lists_problems(tmp_path: Path, capsys) -> None:
         "x.tar:k: json is a list, not an object"]
 
 
+def test_verify_takes_no_progress_as_build_does(tmp_path: Path, capsys) -> None:
+    """`shards verify` always drew its progress bar on stderr; --no-progress (as build and synth take
+    it) leaves stderr empty for a log."""
+    tree = tree_reside_its(tmp_path / "its")
+    build("reside-its", tree.root, tmp_path / "out")
+    capsys.readouterr()
+    assert run_cli("verify", str(tmp_path / "out"), "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and ": OK, " in captured.out
+    assert run_cli("verify", str(tmp_path / "out")) == 0
+    assert "verify" in capsys.readouterr().err  # the bar, by default
+
+
 def test_inspect_and_verify_take_a_folder_or_one_tar_and_name_bad_ones(tmp_path: Path, capsys) -> None:
     """One tar can be inspected and verified on its own; an empty, cut or foreign file, a missing path
     and a folder of tars without a manifest are one `error:` line (inspect) or a listed problem (verify

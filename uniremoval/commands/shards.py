@@ -109,6 +109,7 @@ def register(subparsers) -> None:
     v = sub.add_parser("verify", help="checksums, every sample decodes, pairs match in size")
     v.add_argument("dir", metavar="DIR|TAR", help="a shard folder (holding manifest.json) or one .tar shard")
     v.add_argument("--workers", type=_workers, default=1, help="processes checking shards in parallel (default 1)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=_verify)
 
     m = sub.add_parser("merge", help="combine the per-job manifests of an array build into manifest.json")
@@ -284,7 +285,7 @@ def _verify(args) -> int:
     if is_tar:
         problems, samples, checked = verify_tar(target)
     else:
-        problems = verify_shards(target, workers=args.workers, progress=True)
+        problems = verify_shards(target, workers=args.workers, progress=not args.no_progress)
     if problems:
         print(f"{args.dir}: {len(problems)} problem(s):", file=sys.stderr)
         for line in problems:

@@ -284,6 +284,35 @@ def test_help_for_every_group(group):
     assert "usage:" in out.stdout
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    """Each option and argument of every command and action has a help text (synth's --degradation and
+    --seed and report's --format had none), and one whose default is not None names it."""
+    import argparse
+
+    from uniremoval.cli import build_parser
+
+    def parsers(p, path):
+        yield path, p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from parsers(child, [*path, name])
+
+    missing = []
+    for path, p in parsers(build_parser(), ["uniremoval"]):
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            text = action.help or ""
+            if not text:
+                missing.append(f"{' '.join(path)} {name}: no help")
+            elif (action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text
+                  and action.option_strings):
+                missing.append(f"{' '.join(path)} {name}: default {action.default!r} not named")
+    assert not missing, "\n".join(missing)
+
+
 def test_missing_inputs_are_named_before_anything_starts(tmp_path, monkeypatch):
     """A missing shard folder (validation sets included: they were found only at the first
     validation), model.init or teacher checkpoint is named with its key and the command that writes it."""

@@ -67,11 +67,11 @@ def register(subparsers) -> None:
                    "images as a whole when it completes (until then DIR keeps the previous set); DIR must be "
                    "new, empty, or one eval wrote: a DIR holding other files is refused")
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    g.add_argument("--batch-size", type=int, default=8, help="images of the same size scored together")
+    g.add_argument("--batch-size", type=int, default=8, help="images of the same size scored together (default 8)")
     g.add_argument("--psnr-y", action="store_true", help="PSNR/SSIM on the Y channel (BT.601) instead of RGB")
-    g.add_argument("--crop-border", type=int, default=0, help="pixels cut from each side before PSNR/SSIM")
+    g.add_argument("--crop-border", type=int, default=0, help="pixels cut from each side before PSNR/SSIM (default 0)")
     g.add_argument("--tile", type=int, help="restore in tiles of this size, more than 32 px (they overlap by 32 px; "
-                   "large images, little memory)")
+                   "large images, little memory; default: untiled)")
     g.add_argument("--label", help="row label in reports (default: training run name / checkpoint name)")
     g.add_argument("--degradation", help="degradation tag of the dataset (default: from the shards' json)")
     t = p.add_argument_group("tracking")

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--experiment", required=True, help="MLflow experiment holding the eval-<dataset> runs")
-    p.add_argument("--format", default="md", choices=("md", "csv", "html"))
+    p.add_argument("--format", default="md", choices=("md", "csv", "html"),
+                   help="table format on stdout and in --out-dir (default md)")
     p.add_argument(
         "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
     )

@@ -54,15 +54,16 @@ def _add_writer_options(p: argparse.ArgumentParser) -> None:
         "or synth-<degradation>)",
     )
     p.add_argument(
-        "--split", help="split recorded in each sample (for layouts with split folders: which one)"
+        "--split", help="split recorded in each sample (for layouts with split folders: which one; "
+        "default: each split the layout has, or its own, see shards/README.md; synth: train)"
     )
-    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
     p.add_argument("--max-samples-per-shard", type=int, default=0, help="cap samples per shard (0: no cap)")
     p.add_argument(
         "--workers", type=_workers, default=_cores(), help="worker processes (default: all usable cores)"
     )
-    p.add_argument("--num-jobs", type=int, default=1, help="cluster array: total number of jobs")
-    p.add_argument("--job-index", type=int, default=0, help="cluster array: this job's index, 0-based")
+    p.add_argument("--num-jobs", type=int, default=1, help="cluster array: total number of jobs (default 1)")
+    p.add_argument("--job-index", type=int, default=0, help="cluster array: this job's index, 0-based (default 0)")
     p.add_argument(
         "--strict", action="store_true", help="fail on the first bad input instead of reporting it"
     )
@@ -82,21 +83,21 @@ def register(subparsers) -> None:
     b.add_argument("--format", required=True, choices=FORMATS, help="the dataset's layout")
     b.add_argument("--root", required=True, help="the dataset folder as downloaded")
     b.add_argument("--degradation", help="degradation name to record (required for paired-folder/folder)")
-    b.add_argument("--domain", choices=("synthetic", "real"), help="override the layout's domain")
+    b.add_argument("--domain", choices=("synthetic", "real"), help="override the layout's domain (default: the layout's, see shards/README.md)")
     b.add_argument("--subset", help="reside-sots: indoor|outdoor (default both); realblur: J|R (default J)")
-    b.add_argument("--blur-dir", default="blur", choices=("blur", "blur_gamma"), help="gopro input folder")
+    b.add_argument("--blur-dir", default="blur", choices=("blur", "blur_gamma"), help="gopro input folder (default blur)")
     _add_writer_options(b)
     b.set_defaults(func=_build)
 
     s = sub.add_parser("synth", help="synthetic degraded/clean pairs from a folder of clean images")
     s.add_argument("--clean", required=True, help="folder of clean images (recursive)")
-    s.add_argument("--degradation", required=True, choices=("haze", "rain", "blur"))
-    s.add_argument("--per-image", type=int, default=1, help="degraded versions per clean image")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--degradation", required=True, choices=("haze", "rain", "blur"), help="the degradation synthesized")
+    s.add_argument("--per-image", type=int, default=1, help="degraded versions per clean image (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the degradations (default 0)")
     s.add_argument(
         "--params",
         default="default",
-        help="parameter ranges: default | real-like | a .json/.yaml file of SynthRanges fields",
+        help="parameter ranges: default | real-like | a .json/.yaml file of SynthRanges fields (default: default)",
     )
     _add_writer_options(s)
     s.set_defaults(func=_synth)

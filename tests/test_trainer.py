@@ -152,6 +152,48 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, capsys):
 
 
 
+def test_deepspeed_resume_refuses_another_zero_stage_or_process_count(tmp_path, monkeypatch):
+    """DeepSpeed partitions its optimiser state by ZeRO stage and process count: a checkpoint resumed
+    under another stage or --num_processes is refused by name (it failed inside load_state with a bare
+    AssertionError, or ZeRORuntimeException). The trainer's DeepSpeed switches are faked: the refusal
+    comes before anything DeepSpeed loads (the two-process runs are tests/test_deepspeed.py's)."""
+    import shutil
+
+    part = ToyStage(make_cfg(tmp_path, max_steps=3))
+    Trainer(part.cfg, part).fit()
+    ck = tmp_path / "toy" / "checkpoints" / "step-00000003"
+    state = torch.load(ck / "state.pt", weights_only=True)
+    assert state["zero_stage"] == 0 and state["world_size"] == 1
+
+    def ds_checkpoint(name, **saved):
+        folder = tmp_path / name / "step-00000003"
+        shutil.copytree(ck, folder)
+        torch.save({**state, "optimizers": {}, **saved}, folder / "state.pt")
+        (folder / "deepspeed" / "pytorch_model").mkdir(parents=True)
+        return folder
+
+    def resume_under(stage, folder):
+        monkeypatch.setattr(Trainer, "deepspeed", property(lambda self: True))
+        monkeypatch.setattr(Trainer, "zero_stage", property(lambda self: stage))
+        run = ToyStage(make_cfg(tmp_path / f"resume-{folder.parent.name}"))
+        with pytest.raises(UniremovalError) as err:
+            Trainer(run.cfg, run).load(str(folder))
+        return str(err.value)
+
+    msg = resume_under(3, ds_checkpoint("z2", zero_stage=2))
+    assert "written under DeepSpeed with ZeRO stage 2, this run 3" in msg
+    assert "model.init=" in msg and msg.endswith("step-00000003/net.safetensors")
+    msg = resume_under(2, ds_checkpoint("z2n2", zero_stage=2, world_size=2))
+    assert "with 2 processes, this run 1" in msg and "--num_processes 2" in msg
+    # written before checkpoints kept the stage: ZeRO-3's per-rank model files tell it apart
+    old = ds_checkpoint("z3old")
+    old_state = torch.load(old / "state.pt", weights_only=True)
+    del old_state["zero_stage"]
+    torch.save(old_state, old / "state.pt")
+    (old / "deepspeed" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt").touch()
+    assert "ZeRO stage 3, this run 2" in resume_under(2, old)
+
+
 def test_resume_names_changed_settings_and_refuses_another_model(tmp_path):
     """A resumed run may change its length or logging (each change named in one warning), not what the
     checkpoint's weights are: another degradation type, architecture or stage is refused by name, and

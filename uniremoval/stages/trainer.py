@@ -853,6 +853,7 @@ class Trainer:
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
                 **data_counts, "log_window": {k: [s, n] for k, (s, n) in window.items()},
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
+                "zero_stage": self.zero_stage,  # a resume must load deepspeed/ under the same stage
                 "config": json.dumps(config_to_dict(self.cfg)),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
@@ -973,6 +974,8 @@ class Trainer:
                 f"Resume with the launch config that wrote it ("
                 f"{'launch/deepspeed_zero2.yaml or deepspeed_zero3.yaml' if saved_ds else 'DDP: launch/multi_gpu.yaml'}"
                 f"), or start a new run from its weights (model.init={path}/{self.stage.trainable[0]}.safetensors)")
+        if self.deepspeed:
+            self._check_deepspeed_resume(path, state)
         self._check_resumed_config(path, state)
         for name in self.stage.trainable:
             weights = path / f"{name}.safetensors"
@@ -1015,6 +1018,26 @@ class Trainer:
             warnings.warn(f"resuming {path} on {self.accelerator.num_processes} processes (saved on "
                           f"{state.get('world_size')}): RNG streams start fresh", RuntimeWarning, stacklevel=2)
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _check_deepspeed_resume(self, path: Path, state: dict[str, Any]) -> None:
+        """DeepSpeed loads its optimiser state only under the ZeRO stage and process count that wrote it
+        (else a bare AssertionError or ZeRORuntimeException from inside load_state): refuse by name."""
+        saved = state.get("zero_stage")
+        if saved is None:  # written before checkpoints kept it: ZeRO-3 names its files per rank
+            saved = 3 if any((path / "deepspeed").rglob("zero_pp_rank_*_model_states.pt")) else 2
+            same = (saved == 3) == (self.zero_stage == 3)
+        else:
+            same = int(saved) == self.zero_stage
+        world = state.get("world_size")
+        changes = ([] if same else [f"ZeRO stage {saved}, this run {self.zero_stage}"]) + (
+            [f"{world} processes, this run {self.accelerator.num_processes}"]
+            if world is not None and int(world) != self.accelerator.num_processes else [])
+        if changes:
+            raise CheckpointError(
+                f"resume checkpoint {path} was written under DeepSpeed with {'; '.join(changes)}: DeepSpeed "
+                f"partitions the optimiser state by both and cannot load it otherwise. Resume with the launch "
+                f"config and --num_processes {world} that wrote it, or start a new run (another name) from its "
+                f"weights with model.init={path}/{self.stage.trainable[0]}.safetensors")
 
     def _check_resumed_config(self, path: Path, state: dict[str, Any]) -> None:
         """A resumed run may change its schedule, logging or data paths (named in a warning), not what

@@ -219,3 +219,42 @@ def test_zero2_launch_config_matches_ddp_with_accumulation_and_bf16(tmp_path):
     # bf16 autocast differs in detail (accelerate also casts DDP's outputs to fp32); two extra
     # updates would roughly double the distance moved
     np.testing.assert_allclose(moved_ds, moved_ddp, rtol=0.1)
+
+
+def test_deepspeed_config_batch_and_clipping_follow_the_stage_config():
+    """The stage config decides the per-process batch and clipping under DeepSpeed as under DDP: "auto"
+    (or no value) is filled in from data.batch_size / train.clip_grad_norm, a different value is refused
+    by name. A DeepSpeed JSON's gradient_clipping: 1.0 replaced train.clip_grad_norm silently (a KT run
+    with the default, no clipping, was clipped at 1.0), and its train_micro_batch_size_per_gpu was
+    ignored by the loaders."""
+    from types import SimpleNamespace
+
+    from uniremoval.config import ConfigError, load_config
+    from uniremoval.stages.trainer import Trainer
+
+    cfg = load_config(REPO / "configs" / "kt.yaml", ["data.batch_size=3", "train.grad_accum=2"])
+    assert cfg.train.clip_grad_norm is None
+
+    def check(ds: dict, cfg=cfg, processes: int = 2) -> dict:
+        plugin = SimpleNamespace(deepspeed_config=ds)
+        fake = SimpleNamespace(deepspeed=True, cfg=cfg, stage=SimpleNamespace(trainable=("student",), run_name="kt"),
+                               accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin),
+                                                           num_processes=processes))
+        Trainer._check_deepspeed(fake)
+        return ds
+
+    filled = check({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "train_batch_size": "auto"})
+    assert filled["train_micro_batch_size_per_gpu"] == 3 and filled["gradient_clipping"] == 0.0
+    assert filled["gradient_accumulation_steps"] == 2
+    assert check({"gradient_clipping": 0, "train_micro_batch_size_per_gpu": 3, "train_batch_size": 12})
+    clipped = cfg.model_copy(update={"train": cfg.train.model_copy(update={"clip_grad_norm": 0.5})})
+    assert check({"gradient_clipping": 0.5}, clipped)["gradient_clipping"] == 0.5
+    assert check({}, clipped)["gradient_clipping"] == 0.5
+    with pytest.raises(ConfigError, match=r"gradient_clipping=1\.0, the stage config train\.clip_grad_norm=None"):
+        check({"gradient_clipping": 1.0})
+    with pytest.raises(ConfigError, match=r"gradient_clipping=1\.0, the stage config train\.clip_grad_norm=0\.5"):
+        check({"gradient_clipping": 1.0}, clipped)
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=8, the stage config data\.batch_size=3"):
+        check({"train_micro_batch_size_per_gpu": 8})
+    with pytest.raises(ConfigError, match=r"train_batch_size=16, .* = 3 x 2 x 2 = 12"):
+        check({"train_batch_size": 16})

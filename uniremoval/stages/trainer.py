@@ -584,12 +584,25 @@ class Trainer:
         plugin = self.accelerator.state.deepspeed_plugin
         if plugin is not None:  # our loaders are not prepared: DeepSpeed learns the batch size from the config
             ds = plugin.deepspeed_config
-            if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
-                ds["train_micro_batch_size_per_gpu"] = self.cfg.data.batch_size
+            # The stage config decides the batch and the clipping, as under DDP: "auto" is filled in, a
+            # DeepSpeed value that differs is refused (the loaders never read DeepSpeed's batch, and its
+            # gradient_clipping replaced train.clip_grad_norm silently).
+            batch, clip = self.cfg.data.batch_size, self.cfg.train.clip_grad_norm
+            micro = ds.get("train_micro_batch_size_per_gpu")
+            if micro in (None, "auto"):
+                ds["train_micro_batch_size_per_gpu"] = batch
+            elif int(micro) != batch:
+                raise ConfigError(f"the DeepSpeed config has train_micro_batch_size_per_gpu={micro}, the stage config "
+                                  f"data.batch_size={batch} (per process): set them equal (or set the DeepSpeed "
+                                  f"value to auto, and the trainer fills in data.batch_size)")
             # "auto" would make accelerate fill in 1.0 and clip silently; follow train.clip_grad_norm.
-            if ds.get("gradient_clipping") in (None, "auto"):
-                clip = self.cfg.train.clip_grad_norm
+            gc = ds.get("gradient_clipping")
+            if gc in (None, "auto"):
                 ds["gradient_clipping"] = clip if clip is not None else 0.0
+            elif float(gc) != (clip or 0.0):
+                raise ConfigError(f"the DeepSpeed config has gradient_clipping={gc}, the stage config "
+                                  f"train.clip_grad_norm={clip}: set them equal (or set the DeepSpeed value to "
+                                  f"auto, and the trainer follows train.clip_grad_norm; 0 there is no clipping)")
             for half in ("bf16", "fp16"):
                 if str((ds.get(half) or {}).get("enabled", False)).lower() == "true":
                     raise ConfigError(f"the DeepSpeed config enables {half}: its engine would hold the student in "
@@ -604,6 +617,11 @@ class Trainer:
                 raise ConfigError(f"the DeepSpeed config has gradient_accumulation_steps={gas}, the stage config "
                                   f"train.grad_accum={want}: set them equal (or remove the DeepSpeed value, and the "
                                   f"trainer fills in train.grad_accum)")
+            total, n = ds.get("train_batch_size"), self.accelerator.num_processes
+            if total not in (None, "auto") and int(total) != batch * want * n:
+                raise ConfigError(f"the DeepSpeed config has train_batch_size={total}, the stage config gives "
+                                  f"data.batch_size x train.grad_accum x processes = {batch} x {want} x {n} = "
+                                  f"{batch * want * n}: set it to auto (or remove it), or change those")
 
     def start_tracking(self) -> None:
         if self.tracker is None and self.cfg.tracking.enabled and self.accelerator.is_main_process:

@@ -835,6 +835,37 @@ def test_restore_takes_tracking_uri_as_eval_does(tmp_path, monkeypatch, capsys):
         assert (tmp_path / "r-local" / rel).read_bytes() == (tmp_path / "r-mlflow" / rel).read_bytes()
 
 
+def test_scores_go_to_stdout_or_a_stream_without_replacing_it(tmp_path, monkeypatch, capsys):
+    """`--json -` wrote a file named '-', and --json/--csv naming a stream (a FIFO, /dev/stdout) renamed a
+    regular file over it (as root, /dev/stdout itself). '-' is stdout (the summary line then goes to
+    stderr, so `| python -m json.tool` works); a stream is written through and stays what it was."""
+    import os
+    import stat
+    import threading
+
+    from uniremoval.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    _write_pngs(data, 2, [(32, 40)], seed=5, noise=0.05)
+    argv = ["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "psnr", "--device", "cpu", "--no-mlflow"]
+    capsys.readouterr()
+    assert main([*argv, "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["dataset"] == "data" and "data: 2 images" in err
+    assert not (tmp_path / "-").exists()
+    fifo = tmp_path / "scores.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert main([*argv, "--csv", str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still the FIFO, not a file renamed over it
+    assert got and got[0].splitlines()[0] == "name,psnr" and "(mean)" in got[0]
+    assert "data: 2 images" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- undefined scores, option clashes
 
 

@@ -12,6 +12,8 @@ import glob
 import hashlib
 import json
 import os
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +22,54 @@ from typing import IO
 TMP_SUFFIX = ".tmp"
 
 
+def is_stream(path: str | os.PathLike) -> bool:
+    """`-` (stdout), or an existing output that is no plain file: /dev/stdout, /dev/null, a FIFO
+    (`--json >(jq .)`), a terminal. Such a path is written through, never renamed over (as root a
+    rename replaced /dev/stdout itself with a regular file)."""
+    if str(path) == "-":
+        return True
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return False
+    # /dev/stdout, /dev/fd/N, /proc/self/fd/N: links to an open descriptor, even when it is a file
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or str(p.absolute()).startswith(("/dev/", "/proc/"))
+
+
+def is_stdout(path: str | os.PathLike | None) -> bool:
+    """`-`, or a path naming this process's standard output (/dev/stdout, /dev/fd/1, ...)."""
+    if path is None or str(path) == "-":
+        return path is not None
+    try:
+        return is_stream(path) and os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # stdout closed, or no descriptor (captured)
+        return False
+
+
+@contextlib.contextmanager
+def _stream_writer(path: str | os.PathLike, mode: str) -> Iterator[IO]:
+    sys.stdout.flush()  # what was printed before comes first
+    if is_stdout(path):  # through sys.stdout, so that one offset serves both (`> file`)
+        yield sys.stdout.buffer if "b" in mode else sys.stdout
+        sys.stdout.flush()
+        return
+    # appended, not truncated: `--json /dev/stdout > log` keeps what was printed before it
+    with open(path, mode.replace("w", "a")) as fh:
+        yield fh
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success fsync and rename it over `path`.
 
-    On any exception the temporary file is removed and `path` is untouched.
+    On any exception the temporary file is removed and `path` is untouched. A stream (see
+    is_stream) is written to directly.
     """
+    if is_stream(path):
+        with _stream_writer(path, mode) as fh:
+            yield fh
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -91,6 +135,10 @@ def check_output(path: str | os.PathLike, option: str, folder: bool, create: boo
 
     from uniremoval.errors import UniremovalError
 
+    if not folder and is_stream(path):  # stdout, /dev/null, a FIFO: written through
+        if str(path) != "-" and not os.access(path, os.W_OK):
+            raise UniremovalError(f"{option} {path} cannot be written (no permission); {fix}")
+        return
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         want, have = ("a folder", "a file") if folder else ("a file", "a folder")

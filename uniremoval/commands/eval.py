@@ -58,10 +58,11 @@ def register(subparsers) -> None:
     g.add_argument("--metrics", default=None,
                    help="comma list of brisque,piqe,niqe (MATLAB-calibrated), brisque_live,niqe_live "
                    "(original LIVE models), psnr,ssim (need targets). Default for run: brisque,piqe")
-    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, undefined, images} here (an undefined "
-                   "score is null, an infinite PSNR \"inf\"; see above)")
+    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, undefined, images} here ('-': "
+                   "stdout, the summary line then goes to stderr; an undefined score is null, an infinite PSNR "
+                   "\"inf\"; see above)")
     g.add_argument("--csv", dest="csv_out", help="write per-image scores, a '(mean)' and an '(undefined)' row here "
-                   "(a path other than --json)")
+                   "(a path other than --json; '-': stdout)")
     g.add_argument("--save-images", metavar="DIR",
                    help="write the restored images as PNG here (and log them to MLflow). A rerun replaces DIR's "
                    "images as a whole when it completes (until then DIR keeps the previous set); DIR must be "
@@ -134,7 +135,7 @@ def handler(args) -> int:
             degradation=args.degradation, **common,
         )]
     from uniremoval.eval.evaluate import check_distinct_outputs, check_save_dir
-    from uniremoval.io import check_output
+    from uniremoval.io import check_output, is_stdout
     from uniremoval.tracking import resolve_uri
 
     for opts in jobs:  # every output checked before hours of scoring, not after
@@ -148,7 +149,7 @@ def handler(args) -> int:
         if opts.save_images:
             check_save_dir(opts.save_images)
     for opts in jobs:
-        _report(run_eval(opts))
+        _report(run_eval(opts), to_stdout=not (is_stdout(opts.json_out) or is_stdout(opts.csv_out)))
     return 0
 
 
@@ -156,6 +157,9 @@ def _with_name(path: str | None, name: str, many: bool) -> str | None:
     """out.json -> out-<name>.json when one command evaluates several datasets."""
     if path is None or not many:
         return path
+    if path == "-":
+        raise UniremovalError("--json/--csv - (stdout) holds one dataset's scores; this config evaluates several: "
+                              "give a file name (each dataset gets '-<name>' added)")
     from pathlib import Path
 
     p = Path(path)
@@ -196,11 +200,16 @@ def _config_jobs(args, common: dict) -> list:
     return jobs
 
 
-def _report(result) -> None:
+def _report(result, to_stdout: bool = True) -> None:
+    """The summary line (and MLflow run id) on stdout, or on stderr when stdout holds --json/--csv -."""
+    import sys
+
+    out = sys.stdout if to_stdout else sys.stderr
     if result is not None:
         means = "  ".join(f"{m}={v:.4f}" + (f" ({len(result.undefined[m])} undefined)"
                                              if result.undefined.get(m) else "") for m, v in result.mean.items())
         split = "+".join(str(n) for n in result.per_rank)
-        print(f"{result.dataset}: {len(result.images)} images on {len(result.per_rank)} process(es) ({split})  {means}")
+        print(f"{result.dataset}: {len(result.images)} images on {len(result.per_rank)} process(es) ({split})  {means}",
+              file=out)
         if result.run_id:
-            print(f"MLflow run: {result.run_id}")
+            print(f"MLflow run: {result.run_id}", file=out)

@@ -796,7 +796,9 @@ def spool_folder(opts: EvalOptions, dataset: str) -> Path:
     sent: beside --json (else --csv), where the user looks for the eval's results, else in
     SPOOL_ROOT. A new name per eval: a Tracker replays what it finds in its spool folder into its
     own run."""
-    out = opts.json_out or opts.csv_out
+    from uniremoval.io import is_stream
+
+    out = next((o for o in (opts.json_out, opts.csv_out) if o and not is_stream(o)), None)  # not beside /dev/stdout
     root = Path(out).absolute().parent if out else Path(SPOOL_ROOT).expanduser()
     safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in dataset)
     return root / f"{SPOOL_PREFIX}{safe}-{uuid.uuid4().hex[:8]}"

@@ -193,6 +193,11 @@ def test_da_refuses_deepspeed_and_names_the_launch_config(ws, monkeypatch):
     cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads"))
     with pytest.raises(ConfigError, match=r"launch/multi_gpu\.yaml"):
         da.run(cfg)
+    # accelerate itself takes only "true": with "1" the launch runs as DDP, which DA supports
+    from uniremoval.stages.trainer import deepspeed_requested
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "1")
+    assert not deepspeed_requested()
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     with pytest.raises(ConfigError, match="model.init"):
         da.run(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads") + ["model.init=null"]))

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from uniremoval.config import DAStage
 from uniremoval.errors import ConfigError
-from uniremoval.stages.kt import build_phi, build_student, deepspeed_requested
+from uniremoval.stages.kt import build_phi, build_student
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
-from uniremoval.stages.trainer import Stage, TrainContext, Trainer, skip_batches
+from uniremoval.stages.trainer import Stage, TrainContext, Trainer, deepspeed_requested, skip_batches
 
 DEEPSPEED_REFUSAL = (
     "the DA stage trains two models (student and discriminator), which accelerate's DeepSpeed integration "

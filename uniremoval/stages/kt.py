@@ -35,7 +35,6 @@ lockstep.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,11 +58,6 @@ TEACHER_PREFIX = "teacher_"
 
 
 # --------------------------------------------------------------------------------------------- accelerator
-
-
-def deepspeed_requested() -> bool:
-    """True under `accelerate launch --config_file launch/deepspeed_*.yaml` (or the env it sets)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -1171,6 +1171,12 @@ class Trainer:
 # --------------------------------------------------------------------------------------------- helpers
 
 
+def deepspeed_requested() -> bool:
+    """True under `accelerate launch --config_file launch/deepspeed_*.yaml` (the env it sets). Only
+    "true", as accelerate reads it: a "1" would run as DDP, so DA must not refuse it as DeepSpeed."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def build_accelerator(cfg: StageBase) -> Any:
     """Accelerator for this config: CPU (gloo) when there is no CUDA or train.cpu is set.
 
@@ -1185,7 +1191,7 @@ def build_accelerator(cfg: StageBase) -> Any:
     mp = cfg.train.mixed_precision
     if cpu and mp == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if deepspeed_requested():
         if mp == "fp16":
             raise ConfigError("train.mixed_precision=fp16 is not supported under DeepSpeed (its fp16 engine casts "
                               "the student to half, the frozen teachers and VGG-19 stay fp32); use bf16 or no, "

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -33,8 +34,20 @@ def is_stream(path: str | os.PathLike) -> bool:
         mode = p.stat().st_mode
     except OSError:
         return False
-    # /dev/stdout, /dev/fd/N, /proc/self/fd/N: links to an open descriptor, even when it is a file
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or str(p.absolute()).startswith(("/dev/", "/proc/"))
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or _names_a_descriptor(p)
+
+
+def _names_a_descriptor(path: Path) -> bool:
+    """/dev/stdout, /dev/fd/N, /proc/self/fd/N: a link to an open descriptor, a stream even when
+    stdout is redirected to a plain file. A plain file elsewhere under /dev (/dev/shm) is not."""
+    name = str(path.absolute())
+    for _ in range(8):  # /dev/stdout -> /proc/self/fd/1: a short chain of links
+        if re.fullmatch(r"/(dev|proc/[^/]+)/fd/\d+", name):
+            return True
+        if not os.path.islink(name):
+            return False
+        name = os.path.normpath(os.path.join(os.path.dirname(name), os.readlink(name)))
+    return False
 
 
 def is_stdout(path: str | os.PathLike | None) -> bool:
@@ -86,7 +99,9 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:
+        # (errno None: an OSError of a one-argument message raised inside the block, e.g. Pillow's
+        # "image file is truncated"; a filename would turn its text into "[Errno None] None: ...")
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
             # A write or fsync that fails (a full disk) names no file: the error line would say "No
             # space left on device" and not which output, nor on which disk. Name the file it replaces.
             exc.filename = str(path)

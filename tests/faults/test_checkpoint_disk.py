@@ -15,10 +15,12 @@ trainer's resume path."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import shutil
 import subprocess
+import tempfile
 import types
 from pathlib import Path
 
@@ -432,3 +434,27 @@ def test_a_full_disk_on_rank_0_alone_ends_a_two_process_run_at_once(tmp_path):
     assert took < 120, took  # a collective timeout would be 30 min
     ckpts = tmp_path / "outputs" / "teacher-haze" / "checkpoints"
     assert not list(ckpts.glob("step-*")) and not list(ckpts.glob(".step-*.tmp"))
+
+
+def test_atomic_writes_replace_plain_files_under_dev_and_keep_other_errors_as_they_are(tmp_path):
+    """Only a descriptor link (/dev/stdout, /dev/fd/N) or a non-file is a stream: a plain file under
+    /dev/shm (a common output_dir) is replaced as anywhere else, not appended to. And an OSError
+    with no errno raised while writing (Pillow's "image file is truncated") keeps its text; only a
+    write error gets the file named."""
+    from uniremoval.io import atomic_write_json, atomic_writer, is_stream
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    target = Path(tempfile.mkdtemp(dir=shm)) / "weights.json"
+    try:
+        atomic_write_json(target, {"a": 1})
+        atomic_write_json(target, {"a": 2})
+        assert json.loads(target.read_text()) == {"a": 2} and not is_stream(target)
+    finally:
+        shutil.rmtree(target.parent)
+    assert is_stream("/dev/stdout") and is_stream("/dev/fd/1") and is_stream("-")
+    with pytest.raises(OSError) as err, atomic_writer(tmp_path / "x.tar") as fh:
+        fh.write(b"x")
+        raise OSError("image file is truncated")
+    assert str(err.value) == "image file is truncated" and not list(tmp_path.iterdir())

@@ -273,8 +273,9 @@ def test_one_ranks_bad_sample_ends_a_two_process_run_at_once(tmp_path):
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
     took = time.monotonic() - start
     assert p.returncode != 0, p.stderr[-3000:]
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and f"bad sample in shard {folder / shard}, key {key}" in errors[0], p.stderr[-3000:]
+    # one error line, from the rank that met the sample (counted in the whole text: the other rank's
+    # traceback may share a line of stderr with it)
+    assert p.stderr.count(f"error: bad sample in shard {folder / shard}, key {key}") == 1, p.stderr[-3000:]
     assert re.search(r"exitcode\W+2\b", p.stderr), p.stderr[-3000:]  # torchrun's root cause: our status 2
     assert took < 120, took  # the barrier timeout would be 30 min
     run = tmp_path / "outputs" / "t-fail"

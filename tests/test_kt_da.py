@@ -167,9 +167,10 @@ def test_a_stale_cache_is_refused(ws, tmp_path):
     with pytest.raises(DataError, match=r"stale cache .*syn_haze"):
         kt.run(cfg)
     # the same cache listed as its shard files (a brace pattern, one tar) is checked through its folder
-    haze, rain = ws["cache"]["haze"], ws["cache"]["rain"]
+    haze, rain, blur = ws["cache"]["haze"], ws["cache"]["rain"], ws["cache"]["blur"]
     files = ["data.train=[{name: h, shards: '" + str(haze / "syn_haze-{000000..000001}.tar") + "', degradation: haze}, "
-             f"{{name: r, shards: {rain / 'syn_rain-000000.tar'}, degradation: rain}}]"]
+             f"{{name: r, shards: {rain / 'syn_rain-000000.tar'}, degradation: rain}}, "
+             f"{{name: b, shards: {blur}, degradation: blur}}]"]
     kt.check_teacher_cache(load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "stale") + files))
     with pytest.raises(DataError, match=r"stale cache .*syn_haze"):
         kt.check_teacher_cache(load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "stale") + files

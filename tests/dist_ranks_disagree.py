@@ -3,7 +3,8 @@ ranks of one job disagree on their inputs, as when one node's mount lags or hold
 Rank 1 does not see the shard `argv[2]` (its shard listing drops it) and reads `argv[3]` (key=value)
 as an extra override of the training config. Then, in the same two processes (saves launches):
 `uniremoval eval` and `uniremoval cache` on the shards, `uniremoval train teacher` with the
-override, then without it (the shard listing alone differs); OUT/rank<R>.json records each exit status."""
+override, then without it (the shard listing alone differs), then `eval` once more with rank 1 unable
+to list the data at all; OUT/rank<R>.json records each exit status."""
 
 from __future__ import annotations
 
@@ -31,4 +32,12 @@ if rank == 1:
 codes = {"eval": main(eval_args), "cache": main(["cache", "--config", cache_cfg])}
 codes["train"] = main(["train", "teacher", "--config", teacher_cfg, *([override] if rank == 1 else [])])
 codes["train_shards"] = main(["train", "teacher", "--config", teacher_cfg])  # same config, one shard fewer
+if rank == 1:  # the data cannot be listed on this rank alone (a mount missing on one node)
+    from uniremoval.errors import DataError
+
+    def unlisted(spec, *args, **kwargs):
+        raise DataError(f"{spec} is not mounted here")
+
+    shard_stream.resolve_shards = unlisted
+codes["eval_unlisted"] = main(eval_args)  # every rank stops with the error; none waits for the other
 (out / f"rank{rank}.json").write_text(json.dumps(codes))

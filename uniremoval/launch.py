@@ -97,6 +97,27 @@ def same_on_every_rank(num_processes: int, value: Any, what: str, fix: str,
     raise error
 
 
+SAME_FILES_FIX = "every process must see the same files (a shared file system, or the same copy on every node)"
+
+
+def agreed_listing(num_processes: int, make: Callable[[], Any], key: Callable[[Any], list[str]], what: str,
+                   fix: str) -> Any:
+    """`make()` on every rank (a file listing or a plan of work split by rank index), refused on every
+    rank together unless `key(result)` is the same on all (`same_on_every_rank`). An error of `make`
+    (a folder missing on one node) stands in that rank's listing and is raised after the comparison:
+    a rank that raised alone would leave the others waiting in the collective."""
+    from uniremoval.errors import UniremovalError
+
+    try:
+        result, error, listing = make(), None, None
+    except UniremovalError as exc:
+        result, error, listing = None, exc, [f"(cannot be listed: {exc})"]
+    same_on_every_rank(num_processes, listing if error is not None else key(result), what, fix, listing_difference)
+    if error is not None:
+        raise error
+    return result
+
+
 def listing_difference(ours: list[str], theirs: list[str]) -> str:
     """How a rank's file list differs from rank 0's, for `same_on_every_rank`."""
     only0, only_r = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))

@@ -321,7 +321,7 @@ def test_ranks_that_see_different_shards_or_configs_are_refused(tmp_path):
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     codes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert codes == [{"eval": 2, "cache": 2, "train": 2, "train_shards": 2}] * 2, p.stderr[-3000:]
+    assert codes == [{"eval": 2, "cache": 2, "train": 2, "train_shards": 2, "eval_unlisted": 2}] * 2, p.stderr[-3000:]
     # each rank's error line, for each command (the two ranks' lines may share a line of stderr)
     only0 = f"only rank 0 sees {folder / 'syn-000003.tar'}; only the other sees none"
     assert p.stderr.count(f"error: rank 1 and rank 0 see different files in --data {folder}: 4 vs 3 file(s); "
@@ -332,5 +332,8 @@ def test_ranks_that_see_different_shards_or_configs_are_refused(tmp_path):
                           "0.5 on the other") == 2, p.stderr[-3000:]
     assert p.stderr.count("error: rank 1 and rank 0 see different shard files: 4 vs 3 file(s); only rank 0 sees "
                           f"data.train.0: {folder / 'syn-000003.tar'}; only the other sees none") == 2, p.stderr[-3000:]
+    assert p.stderr.count(f"error: rank 1 and rank 0 see different files in --data {folder}: 4 vs 1 file(s); only "
+                          f"rank 0 sees {folder / 'syn-000000.tar'}") == 2, p.stderr[-3000:]
+    assert f"only the other sees (cannot be listed: {folder} is not mounted here)" in p.stderr
     assert not (tmp_path / "scores.json").exists() and not list(tmp_path.glob("cache/syn/*.tar"))
     assert not (tmp_path / "outputs" / "teacher-haze").exists()

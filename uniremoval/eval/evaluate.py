@@ -552,13 +552,11 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         # Each rank scores every n-th shard (or image) of its own listing: listings that differ (a node
         # whose mount lags, a copy missing a file) would score some images twice and others never.
         from uniremoval.data.shard_stream import resolve_shards
-        from uniremoval.launch import listing_difference, same_on_every_rank
+        from uniremoval.launch import SAME_FILES_FIX, agreed_listing
 
-        listing = (resolve_shards(opts.data) if is_shard_source(opts.data)
-                   else [name for name, _, _ in folder_pairs(opts.data)])
-        same_on_every_rank(state.num_processes, listing, f"files in --data {opts.data}",
-                           "every process must see the same files (a shared file system, or the same copy on "
-                           "every node); nothing was scored", listing_difference)
+        agreed_listing(state.num_processes, lambda: (resolve_shards(opts.data) if is_shard_source(opts.data)
+                                                     else [name for name, _, _ in folder_pairs(opts.data)]),
+                       list, f"files in --data {opts.data}", SAME_FILES_FIX + "; nothing was scored")
     items = reader(opts.data, state.process_index, state.num_processes, need_target)
     staged = StagedImages(opts.save_images, state) if opts.save_images else None
     try:

@@ -57,8 +57,9 @@ from uniremoval.errors import ConfigError, DataError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
 from uniremoval.launch import (
     SAME_CONFIG_FIX,
+    SAME_FILES_FIX,
+    agreed_listing,
     config_difference,
-    listing_difference,
     lock_on_main_process,
     same_on_every_rank,
 )
@@ -363,12 +364,11 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     acc = build_accelerator(cfg)
     out_root = Path(cfg.cache.out)
     same_on_every_rank(acc.num_processes, config_to_dict(cfg), "configs", SAME_CONFIG_FIX, config_difference)
-    items = _plan(cfg)
     # Shard i is rank i mod world's in each rank's own plan: plans that differ (a shard one node does
     # not see) would leave shards uncached on every rerun, or cache one under another's source hash.
-    same_on_every_rank(acc.num_processes, [f"{it['source']}: {it['url']}" for it in items], "source shards",
-                       "every process must see the same files (a shared file system, or the same copy on every "
-                       "node); nothing was cached", listing_difference)
+    items = agreed_listing(acc.num_processes, lambda: _plan(cfg),
+                           lambda plan: [f"{it['source']}: {it['url']}" for it in plan], "source shards",
+                           SAME_FILES_FIX + "; nothing was cached")
     check_out_folders(out_root, items)
     from uniremoval.io import check_output
 

@@ -101,9 +101,10 @@ from uniremoval.data.shard_stream import listed_shards
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
 from uniremoval.launch import (
     SAME_CONFIG_FIX,
+    SAME_FILES_FIX,
+    agreed_listing,
     config_difference,
     leave_process_group_at_exit,
-    listing_difference,
     lock_on_main_process,
     same_on_every_rank,
 )
@@ -401,17 +402,17 @@ class Trainer:
     def _fit(self, resume: str | None) -> FitResult:
         cfg, acc = self.cfg.train, self.accelerator
         total = self.total_steps()
-        check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
         # DDP averages the gradients of replicas that each read their own config: one that differs (a
         # file edited while the nodes started) would train with its own lr, crop or losses unnoticed.
+        # Compared before check_inputs, which would raise on one rank alone (the others would wait).
         same_on_every_rank(acc.num_processes, config_to_dict(self.cfg), "configs", SAME_CONFIG_FIX,
                            config_difference)
         # Each rank streams its share of its own listing: a shard one node lacks skews the mix, and
         # validation scores some images twice and others never.
         if acc.num_processes > 1:  # (listing a URL source fetches its manifest: not for nothing)
-            same_on_every_rank(acc.num_processes, listed_shards(self.cfg.data), "shard files",
-                               "every process must see the same files (a shared file system, or the same copy "
-                               "on every node); nothing was trained", listing_difference)
+            agreed_listing(acc.num_processes, lambda: listed_shards(self.cfg.data), list, "shard files",
+                           SAME_FILES_FIX + "; nothing was trained")
+        check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
         # --resume auto picks the newest checkpoint each rank lists: a run folder seen differently
@@ -971,6 +972,11 @@ class Trainer:
         if not resume:
             return
         path = self.latest_checkpoint() if resume == "auto" else Path(resume)
+        # Every rank must load the same checkpoint (DeepSpeed's load_state is a collective): a run
+        # folder one node sees differently (a lagging mount) is refused here, before any of it is read.
+        same_on_every_rank(self.accelerator.num_processes, None if path is None else str(path), "resume checkpoints",
+                           "every process must see the same run folder (a shared file system)",
+                           lambda a, b: f"{a or 'none'} on rank 0, {b or 'none'} on the other")
         if path is None:
             self._refuse_another_run()  # exported weights without a checkpoint are not overwritten
             self._print(f"--resume auto: no checkpoint in {self.ckpt_root}; starting from step 0")

@@ -176,8 +176,10 @@ def git_dirty(source: str | os.PathLike | None = None) -> bool | None:
     None outside a git checkout."""
     where = Path(source) if source is not None else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=where,
-                             capture_output=True, text=True, timeout=10, check=False)
+        # --no-optional-locks: a status refreshes the index under .git/index.lock, which would make
+        # the user's own concurrent `git commit` in this checkout fail
+        out = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                             cwd=where, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None

@@ -864,6 +864,17 @@ def test_scores_go_to_stdout_or_a_stream_without_replacing_it(tmp_path, monkeypa
     assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still the FIFO, not a file renamed over it
     assert got and got[0].splitlines()[0] == "name,psnr" and "(mean)" in got[0]
     assert "data: 2 images" in capsys.readouterr().out
+    # both to stdout would run together: refused before any work; /dev/null twice replaces nothing
+    assert main([*argv, "--json", "-", "--csv", "-"]) == 2
+    assert "--json - and --csv - both go to stdout" in capsys.readouterr().err
+    assert main([*argv, "--json", "/dev/null", "--csv", "/dev/null"]) == 0
+    # several datasets (a `stage: eval` config) cannot share one stream: no '-<name>' to add to it
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"stage: eval\nname: e\neval:\n  checkpoint: none\n  metrics: [psnr]\n  data:\n"
+                   f"    - {{name: a, shards: {data}}}\n    - {{name: b, shards: {data}}}\n")
+    assert main(["eval", "--config", str(cfg), "--json", str(fifo), "--no-mlflow", "--device", "cpu"]) == 2
+    assert f"--json/--csv {fifo} (a stream) holds one dataset's scores" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and not list(tmp_path.glob("scores-*"))
 
 
 # ---------------------------------------------------------------- undefined scores, option clashes

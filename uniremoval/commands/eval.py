@@ -157,9 +157,11 @@ def _with_name(path: str | None, name: str, many: bool) -> str | None:
     """out.json -> out-<name>.json when one command evaluates several datasets."""
     if path is None or not many:
         return path
-    if path == "-":
-        raise UniremovalError("--json/--csv - (stdout) holds one dataset's scores; this config evaluates several: "
-                              "give a file name (each dataset gets '-<name>' added)")
+    from uniremoval.io import is_stream
+
+    if is_stream(path):  # -, /dev/stdout, a FIFO: no name to add '-<name>' to
+        raise UniremovalError(f"--json/--csv {path} (a stream) holds one dataset's scores; this config evaluates "
+                              "several: give a file name (each dataset gets '-<name>' added)")
     from pathlib import Path
 
     p = Path(path)

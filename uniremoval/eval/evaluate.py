@@ -668,7 +668,15 @@ def write_outputs(result: EvalResult, json_out: str | None, csv_out: str | None)
 
 
 def check_distinct_outputs(json_out: str | None, csv_out: str | None) -> None:
-    """Refuse --json and --csv naming one file (the CSV would overwrite the JSON), before any work."""
+    """Refuse --json and --csv naming one file (the CSV would overwrite the JSON), or both stdout
+    (`-`, /dev/stdout: the two would run together), before any work. /dev/null twice is fine."""
+    from uniremoval.io import is_stdout, is_stream
+
+    if json_out and csv_out and is_stdout(json_out) and is_stdout(csv_out):
+        raise UniremovalError(f"--json {json_out} and --csv {csv_out} both go to stdout, where the two would run "
+                              "together; send one of them to a file")
+    if json_out and csv_out and is_stream(json_out) and is_stream(csv_out):
+        return  # /dev/null, or two descriptors: nothing is replaced
     if json_out and csv_out and Path(json_out).resolve() == Path(csv_out).resolve():
         raise UniremovalError(f"--json {json_out} and --csv {csv_out} are the same file (the CSV would replace the "
                               "JSON); give two paths, e.g. scores.json and scores.csv")

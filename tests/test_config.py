@@ -497,10 +497,16 @@ def test_a_teacher_source_of_no_known_type_is_refused(tmp_path):
 
 
 def test_a_missing_teacher_of_a_new_type_names_no_config_that_does_not_exist(tmp_path, monkeypatch):
-    """configs/teacher/ has haze, rain and blur: a 'snow' teacher's hint named configs/teacher/snow.yaml."""
+    """configs/teacher/ has haze, rain and blur: a 'snow' teacher's hint named configs/teacher/snow.yaml.
+    The hint's config is looked up where its command reads it, in the working directory (a pip install
+    has no configs/ beside the package; a user's own configs/teacher/snow.yaml counts)."""
+    import shutil
+
     from uniremoval.config import check_inputs
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "teacher").mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "teacher" / "haze.yaml", tmp_path / "configs" / "teacher" / "haze.yaml")
     train = ", ".join(f"{{name: {d}, shards: https://h/{d}.tar, degradation: {d}}}" for d in ("haze", "snow"))
     cfg = load_config(REPO / "configs" / "kt.yaml", [
         "data.degradations=[haze, snow]", f"data.train=[{train}]", "data.val=[]",
@@ -511,6 +517,9 @@ def test_a_missing_teacher_of_a_new_type_names_no_config_that_does_not_exist(tmp
     assert "configs/teacher/snow.yaml" not in msg and "`degradation: snow`" in msg
     assert "teachers.checkpoints.haze: t/haze.safetensors does not exist; `uniremoval train teacher --config " \
         "configs/teacher/haze.yaml` writes it" in msg
+    (tmp_path / "configs" / "teacher" / "snow.yaml").write_text("stage: teacher\ndegradation: snow\n")
+    with pytest.raises(ConfigError, match="`uniremoval train teacher --config configs/teacher/snow.yaml` writes it"):
+        check_inputs(cfg)
 
 
 def test_a_da_loss_without_any_weighted_term_is_refused():

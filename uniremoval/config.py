@@ -764,8 +764,9 @@ def check_inputs(cfg: StageBase) -> None:
         for deg, path in cfg.teachers.checkpoints.items():
             if deg not in used:
                 continue
-            # configs/ ships teachers for haze, rain and blur only: another type needs a config of its own
-            shipped = (Path(__file__).resolve().parents[1] / "configs" / "teacher" / f"{deg}.yaml").is_file()
+            # configs/ ships teachers for haze, rain and blur only: another type needs a config of its own.
+            # Looked up where the command below reads it: relative to the working directory.
+            shipped = (Path("configs") / "teacher" / f"{deg}.yaml").is_file()
             made_by = (f"`uniremoval train teacher --config configs/teacher/{deg}.yaml`" if shipped else
                        f"`uniremoval train teacher` with a config of `degradation: {deg}` and its shards (e.g. a "
                        f"copy of configs/teacher/haze.yaml)")

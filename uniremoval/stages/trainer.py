@@ -588,22 +588,21 @@ class Trainer:
             # The stage config decides the batch and the clipping, as under DDP: "auto" is filled in, a
             # DeepSpeed value that differs is refused (the loaders never read DeepSpeed's batch, and its
             # gradient_clipping replaced train.clip_grad_norm silently).
-            batch, clip = self.cfg.data.batch_size, self.cfg.train.clip_grad_norm
-            micro = ds.get("train_micro_batch_size_per_gpu")
-            if micro in (None, "auto"):
-                ds["train_micro_batch_size_per_gpu"] = batch
-            elif int(micro) != batch:
-                raise ConfigError(f"the DeepSpeed config has train_micro_batch_size_per_gpu={micro}, the stage config "
-                                  f"data.batch_size={batch} (per process): set them equal (or set the DeepSpeed "
-                                  f"value to auto, and the trainer fills in data.batch_size)")
+            batch, clip, want = self.cfg.data.batch_size, self.cfg.train.clip_grad_norm, self.cfg.train.grad_accum
+
+            def follow(key: str, stage_key: str, value: Any, fill: float, note: str = "") -> None:
+                """DeepSpeed's `key` follows the stage config's `stage_key`: unset or auto gets `fill`."""
+                got = ds.get(key)
+                if got in (None, "auto"):
+                    ds[key] = fill
+                elif float(got) != fill:
+                    raise ConfigError(f"the DeepSpeed config has {key}={got}, the stage config {stage_key}={value}"
+                                      f"{note}: set them equal (or set the DeepSpeed value to auto, and the trainer "
+                                      f"fills in {stage_key})")
+
+            follow("train_micro_batch_size_per_gpu", "data.batch_size", batch, batch, " (per process)")
             # "auto" would make accelerate fill in 1.0 and clip silently; follow train.clip_grad_norm.
-            gc = ds.get("gradient_clipping")
-            if gc in (None, "auto"):
-                ds["gradient_clipping"] = clip if clip is not None else 0.0
-            elif float(gc) != (clip or 0.0):
-                raise ConfigError(f"the DeepSpeed config has gradient_clipping={gc}, the stage config "
-                                  f"train.clip_grad_norm={clip}: set them equal (or set the DeepSpeed value to "
-                                  f"auto, and the trainer follows train.clip_grad_norm; 0 there is no clipping)")
+            follow("gradient_clipping", "train.clip_grad_norm", clip, clip or 0.0, " (None or 0: no clipping)")
             for half in ("bf16", "fp16"):
                 if str((ds.get(half) or {}).get("enabled", False)).lower() == "true":
                     raise ConfigError(f"the DeepSpeed config enables {half}: its engine would hold the student in "
@@ -611,13 +610,7 @@ class Trainer:
                                       f"(autocast, weights stay fp32)")
             # Accumulation: the trainer's loop runs train.grad_accum micro-batches per update; DeepSpeed
             # must count the same, or it steps more often than the schedule and the logs say.
-            gas, want = ds.get("gradient_accumulation_steps"), self.cfg.train.grad_accum
-            if gas in (None, "auto"):
-                ds["gradient_accumulation_steps"] = want
-            elif int(gas) != want:
-                raise ConfigError(f"the DeepSpeed config has gradient_accumulation_steps={gas}, the stage config "
-                                  f"train.grad_accum={want}: set them equal (or remove the DeepSpeed value, and the "
-                                  f"trainer fills in train.grad_accum)")
+            follow("gradient_accumulation_steps", "train.grad_accum", want, want)
             total, n = ds.get("train_batch_size"), self.accelerator.num_processes
             if total not in (None, "auto") and int(total) != batch * want * n:
                 raise ConfigError(f"the DeepSpeed config has train_batch_size={total}, the stage config gives "

@@ -316,11 +316,15 @@ def test_every_option_of_every_command_says_what_it_does():
 def test_missing_inputs_are_named_before_anything_starts(tmp_path, monkeypatch):
     """A missing shard folder (validation sets included: they were found only at the first
     validation), model.init or teacher checkpoint is named with its key and the command that writes it."""
+    import shutil
+
     from uniremoval.cli import main
     from uniremoval.config import check_inputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards" / "ots").mkdir(parents=True)
+    # a project folder holding the shipped teacher configs (the hint names them where its command reads them)
+    shutil.copytree(REPO / "configs" / "teacher", tmp_path / "configs" / "teacher")
     cfg = load_config(REPO / "configs" / "teacher" / "haze.yaml")
     with pytest.raises(ConfigError, match=r"read from .*\n  data\.val\.0 \(sots_outdoor\): shards/sots_outdoor does not "
                                           r"exist; `uniremoval shards build\|synth \.\.\. --out shards/sots_outdoor` \(README: Data preparation\) writes it$"):

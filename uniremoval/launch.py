@@ -110,7 +110,7 @@ def agreed_listing(num_processes: int, make: Callable[[], Any], key: Callable[[A
 
     try:
         result, error, listing = make(), None, None
-    except UniremovalError as exc:
+    except (UniremovalError, OSError) as exc:  # OSError: a folder this rank may not read
         result, error, listing = None, exc, [f"(cannot be listed: {exc})"]
     same_on_every_rank(num_processes, listing if error is not None else key(result), what, fix, listing_difference)
     if error is not None:

@@ -719,12 +719,11 @@ def _other_degradation(cfg: StageBase, src: DataSource, folder: Path) -> str | N
     """What is wrong when a shard folder's manifest counts no sample of the source's degradation:
     the cache ran that type's teacher over another type's images (and labelled them so), and
     validation scored them under the wrong name, both silently; training skipped every sample."""
-    from uniremoval.data.manifest import existing_manifest
+    from uniremoval.data.manifest import manifest_degradations
 
     want = src.degradation or (cfg.degradation if isinstance(cfg, TeacherStage) else None)
-    manifest = existing_manifest(folder) if want and folder.is_dir() else None
-    held = ((manifest or {}).get("counts") or {}).get("degradation")
-    if not isinstance(held, dict) or not held or want in held:
+    held = manifest_degradations(folder) if want and folder.is_dir() else None
+    if held is None or want in held:
         return None
     types = sorted(held)
     return (f"holds {', '.join(f'{n} {d}' for d, n in sorted(held.items()))} sample(s) (its manifest.json), no "

@@ -140,5 +140,11 @@ def config_difference(ours: dict, theirs: dict) -> str:
     return "; ".join(shown) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-SAME_CONFIG_FIX = ("every process must read the same config file and overrides (a shared file system, the same "
-                   "copy on every node, and no per-node values in the command line)")
+def same_config_on_every_rank(num_processes: int, cfg: Any) -> None:
+    """Refuse a stage config that differs between the ranks (another copy of the file, a per-node
+    override): DDP would average the gradients of replicas that each train their own way."""
+    from uniremoval.config import config_to_dict
+
+    same_on_every_rank(num_processes, config_to_dict(cfg), "configs", "every process must read the same config "
+                       "file and overrides (a shared file system, the same copy on every node, and no per-node "
+                       "values in the command line)", config_difference)

@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+
+
+def whole_number(least: int, unit: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `least` (of `unit`), else one usage error naming both."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least} ({unit}), got {text!r}")
+        return value
+
+    return parse
+
 
 def add_overrides(p, text: str = "dotted config overrides, e.g. optim.lr=1e-4 (before or after the options)") -> None:
     """Dotted key=value overrides, positional as in `config show`, or `--set KEY=VALUE` as `eval` spells them."""

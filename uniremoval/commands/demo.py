@@ -10,14 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from uniremoval.commands import whole_number
+
 DEFAULT_WORKDIR = "demo_workspace"  # = uniremoval.demo.DEFAULT_WORKDIR (not imported: --help stays fast)
-
-
-def _threads(text: str) -> int:
-    value = int(text) if text.isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (threads), got {text!r}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -30,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smaller run (fewer images, steps and pixels) for tests and a first look")
     p.add_argument("--config-dir", help="folder with demo.yaml and the stage configs (default: configs/demo)")
-    p.add_argument("--threads", type=_threads, default=None,
+    p.add_argument("--threads", type=whole_number(1, "threads"), default=None,
                    help="torch CPU threads (default: all cores); lower it on a busy machine")
     p.set_defaults(func=handler)
 

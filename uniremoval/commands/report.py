@@ -20,12 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _decimals(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"digits must be a whole number >= 0, got {text!r}")
-    return value
+from uniremoval.commands import whole_number
 
 
 def register(subparsers) -> None:
@@ -44,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--out-dir", help="also write report.<format> and grid-<dataset>.png here (grid-*.png files "
                    "this report did not write are removed from it; nothing else is)")
     p.add_argument("--images", type=int, default=4, help="images per grid (default 4; 0: no image grids)")
-    p.add_argument("--decimals", type=_decimals, help="digits shown (default: 4 for SSIM, 2 otherwise)")
+    p.add_argument("--decimals", type=whole_number(0, "digits"), help="digits shown (default: 4 for SSIM, 2 otherwise)")
     p.add_argument("--log", action="store_true", help="log the --out-dir files to an MLflow run 'report'")
     p.set_defaults(func=handler)
 

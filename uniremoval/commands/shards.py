@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from uniremoval.commands import whole_number
 from uniremoval.errors import UniremovalError
 
 FORMATS = (
@@ -34,14 +35,7 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (processes), got {text!r}")
-    return value
+_workers = whole_number(1, "processes")
 
 
 def _add_writer_options(p: argparse.ArgumentParser) -> None:

@@ -42,6 +42,12 @@ REQUIRED_KEYS = ("format_version", "dataset", "shards", "counts")
 # reading
 
 
+def manifest_degradations(folder: str | os.PathLike) -> dict[str, int] | None:
+    """{degradation: samples} a shard folder's manifest counts, or None (no manifest, or no counts)."""
+    held = ((existing_manifest(folder) or {}).get("counts") or {}).get("degradation")
+    return held if isinstance(held, dict) and held else None
+
+
 def existing_manifest(folder: str | os.PathLike) -> dict | None:
     """The manifest an output folder already holds, before a build or cache writes there: None when
     there is none, or when it is damaged (the build rewrites it, as after a kill). A cache's has a

@@ -536,10 +536,10 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     device = state.device if want != "cpu" else torch.device("cpu")
 
     if is_shard_source(opts.data) and isinstance(opts.data, str) and Path(opts.data).is_dir():
-        from uniremoval.data.manifest import existing_manifest
+        from uniremoval.data.manifest import manifest_degradations
 
-        counts = ((existing_manifest(opts.data) or {}).get("counts") or {}).get("degradation")
-        if isinstance(counts, dict) and (problem := degradation_conflict(opts, list(counts))):
+        counts = manifest_degradations(opts.data)
+        if counts and (problem := degradation_conflict(opts, list(counts))):
             raise DataError(problem)  # known from the manifest: before any image is scored
     need_target = any(METRICS[m].kind == "fr" for m in metrics)
     if opts.save_images and not is_shard_source(opts.data):

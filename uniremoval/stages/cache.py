@@ -51,18 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from uniremoval.config import CacheStage, config_to_dict
+from uniremoval.config import CacheStage
 from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest
 from uniremoval.errors import ConfigError, DataError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
-from uniremoval.launch import (
-    SAME_CONFIG_FIX,
-    SAME_FILES_FIX,
-    agreed_listing,
-    config_difference,
-    lock_on_main_process,
-    same_on_every_rank,
-)
+from uniremoval.launch import SAME_FILES_FIX, agreed_listing, lock_on_main_process, same_config_on_every_rank
 
 CACHE_FORMAT = 1
 DONE_SUFFIX = ".done.json"
@@ -363,7 +356,7 @@ def run(cfg: CacheStage, args: Any = None) -> int:
 
     acc = build_accelerator(cfg)
     out_root = Path(cfg.cache.out)
-    same_on_every_rank(acc.num_processes, config_to_dict(cfg), "configs", SAME_CONFIG_FIX, config_difference)
+    same_config_on_every_rank(acc.num_processes, cfg)
     # Shard i is rank i mod world's in each rank's own plan: plans that differ (a shard one node does
     # not see) would leave shards uncached on every rerun, or cache one under another's source hash.
     items = agreed_listing(acc.num_processes, lambda: _plan(cfg),

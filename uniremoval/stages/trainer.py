@@ -100,12 +100,11 @@ from uniremoval.config import (
 from uniremoval.data.shard_stream import listed_shards
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
 from uniremoval.launch import (
-    SAME_CONFIG_FIX,
     SAME_FILES_FIX,
     agreed_listing,
-    config_difference,
     leave_process_group_at_exit,
     lock_on_main_process,
+    same_config_on_every_rank,
     same_on_every_rank,
 )
 from uniremoval.stages import fast
@@ -405,8 +404,7 @@ class Trainer:
         # DDP averages the gradients of replicas that each read their own config: one that differs (a
         # file edited while the nodes started) would train with its own lr, crop or losses unnoticed.
         # Compared before check_inputs, which would raise on one rank alone (the others would wait).
-        same_on_every_rank(acc.num_processes, config_to_dict(self.cfg), "configs", SAME_CONFIG_FIX,
-                           config_difference)
+        same_config_on_every_rank(acc.num_processes, self.cfg)
         # Each rank streams its share of its own listing: a shard one node lacks skews the mix, and
         # validation scores some images twice and others never.
         if acc.num_processes > 1:  # (listing a URL source fetches its manifest: not for nothing)
@@ -415,11 +413,6 @@ class Trainer:
         check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
-        # --resume auto picks the newest checkpoint each rank lists: a run folder seen differently
-        # (a lagging mount) would resume the replicas at different steps.
-        same_on_every_rank(acc.num_processes, self.step, "resume steps",
-                           "every process must see the same run folder (a shared file system)",
-                           lambda a, b: f"step {a} on rank 0, step {b} on the other")
         self._check_run_length(total)
         if acc.is_main_process:                        # what a killed job left half-written
             self._remove_stale_temporaries()

@@ -406,3 +406,25 @@ def test_urhi_flat_folder(tmp_path: Path) -> None:
     out = tmp_path / "o"
     build("reside-unpaired", tree.root, out)
     check_samples(out, tree, "reside-unpaired", "haze", "real")
+
+
+def test_id_layouts_never_guess_between_same_named_files(tmp_path: Path) -> None:
+    """RESIDE/DDN pair by id as paired-folder pairs by name: a hazy image whose id names two clear
+    files (`clear/2.png`, `clear/2.jpg`) is a duplicate, not paired with whichever sorts first, and
+    two hazy files differing only in extension are duplicates, not two samples (both were built)."""
+    tree = Tree(tmp_path / "ITS")
+    tree.pair("hazy/1_2_0.9.png", "clear/1.png", "train")
+    tree.image("hazy/2_1_0.9.png", 90, 150)
+    tree.image("clear/2.png", 90, 40)
+    tree.image("clear/2.jpg", 91, 40)
+    tree.image("hazy/3_1_0.9.png", 92, 150)
+    tree.image("hazy/3_1_0.9.jpg", 92, 150)
+    tree.image("clear/3.png", 92, 40)
+    out = tmp_path / "out"
+    build("reside-its", tree.root, out)
+    check_samples(out, tree, "reside-its", "haze", "synthetic")
+    report = {r["path"]: r for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
+    assert {p: r["kind"] for p, r in report.items()} == {
+        "hazy/2_1_0.9.png": "duplicate", "hazy/3_1_0.9.jpg": "duplicate", "hazy/3_1_0.9.png": "duplicate"}
+    assert "clear/2.jpg, clear/2.png" in report["hazy/2_1_0.9.png"]["reason"]
+    assert [k for k, _ in samples(out)] == ["1_2_0_9"]  # keys stay the stems

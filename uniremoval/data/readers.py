@@ -233,18 +233,6 @@ def _split_name(name: str) -> str:
 # helpers shared by several layouts
 
 
-def _index_by_stem(root: Path, files: list[Path], issues: list[Issue]) -> dict[str, Path]:
-    index: dict[str, Path] = {}
-    for path in files:
-        if path.stem in index:
-            issues.append(
-                Issue("duplicate", _rel(root, path), f"same name as {_rel(root, index[path.stem])}; ignored")
-            )
-            continue
-        index[path.stem] = path
-    return index
-
-
 def _id_pairs(
     root: Path,
     degraded_dir: Path,
@@ -254,13 +242,28 @@ def _id_pairs(
     make: Callable[[str, str, list[str]], Item],
     issues: list[Issue],
 ) -> list[Item]:
-    """Pair every degraded file with the clean file named by its id (RESIDE, DDN style)."""
-    clean = _index_by_stem(root, scan_images(root, clean_dir, issues), issues)
+    """Pair every degraded file with the clean file named by its id (RESIDE, DDN style).
+
+    As `_stem_pairs`, nothing is guessed: a degraded file whose id names several clean files
+    (`clear/2.png` and `clear/2.jpg`), or two degraded files differing only in extension
+    (`hazy/1_1_0.9.png` and `.jpg`), are reported as `duplicate` and left out."""
+    clean: dict[str, list[Path]] = {}
+    for path in scan_images(root, clean_dir, issues):
+        clean.setdefault(path.stem, []).append(path)
+    degraded = scan_images(root, degraded_dir, issues)
+    same_name: dict[Path, list[Path]] = {}
+    for path in degraded:
+        same_name.setdefault(path.with_suffix(""), []).append(path)
     items = []
-    for path in scan_images(root, degraded_dir, issues):
+    for path in degraded:
+        if len(same_name[path.with_suffix("")]) > 1:
+            others = ", ".join(_rel(root, o) for o in same_name[path.with_suffix("")] if o != path)
+            issues.append(Issue("duplicate", _rel(root, path),
+                                f"same name as {others} but another extension; rename or remove one"))
+            continue
         ident, fields = id_of(path.stem)
-        partner = clean.get(ident)
-        if partner is None:
+        partners = clean.get(ident, [])
+        if not partners:
             issues.append(
                 Issue(
                     "missing_partner",
@@ -269,7 +272,12 @@ def _id_pairs(
                 )
             )
             continue
-        items.append(make(_rel(root, path), _rel(root, partner), fields))
+        if len(partners) > 1:
+            names = ", ".join(_rel(root, c) for c in partners)
+            issues.append(Issue("duplicate", _rel(root, path),
+                                f"several clean images could be its partner ({names}); keep one of them"))
+            continue
+        items.append(make(_rel(root, path), _rel(root, partners[0]), fields))
     return items
 
 

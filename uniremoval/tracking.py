@@ -136,6 +136,15 @@ def resolve_uri(uri: str | None = None) -> str:
     return check_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}", "the default tracking store")
 
 
+def set_terminated(client: Any, run_id: str, status: str | None = None) -> None:
+    """client.set_terminated, with the "View run ... at" links MLflow prints for a tracking server sent
+    to stderr: it writes them to stdout, which `eval --json -` and `report --format csv > r.csv` keep
+    for their data alone. (A trainer's background worker calls this only while the main thread waits
+    in finish(), so the swap of sys.stdout moves no other output.)"""
+    with contextlib.redirect_stdout(sys.stderr):
+        client.set_terminated(run_id, status)
+
+
 def mlflow_client(uri: str | None = None):
     """An MlflowClient for `uri` (see resolve_uri) that gives up on an unreachable server within
     seconds: MLflow's own HTTP defaults retry for minutes (set the MLFLOW_HTTP_* variables to change)."""
@@ -460,7 +469,7 @@ class Tracker:
         elif kind == "running":
             self.client.update_run(run_id, status="RUNNING")
         elif kind == "terminate":
-            self.client.set_terminated(run_id, op["status"])
+            set_terminated(self.client, run_id, op["status"])
         elif kind == "run":
             pass  # the identity of a run that did not exist yet: _ensure_run created it
         else:

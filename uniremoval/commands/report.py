@@ -68,7 +68,7 @@ def handler(args) -> int:
         print("no image grid: a grid needs the restored images of two or more models on one dataset "
               "(run their `uniremoval eval` with --save-images DIR)", file=sys.stderr)
     if args.log:
-        from uniremoval.tracking import mlflow_client, stopped_status
+        from uniremoval.tracking import mlflow_client, set_terminated, stopped_status
 
         client = mlflow_client(args.tracking_uri)
         exp = client.get_experiment_by_name(args.experiment)
@@ -77,8 +77,8 @@ def handler(args) -> int:
             for path in [Path(args.out_dir) / f"report.{args.format}", *grids]:
                 client.log_artifact(run.info.run_id, str(path), "report")
         except BaseException as exc:  # a stopped upload: the run says so instead of RUNNING forever
-            client.set_terminated(run.info.run_id, stopped_status(exc))
+            set_terminated(client, run.info.run_id, stopped_status(exc))
             raise
-        client.set_terminated(run.info.run_id)
+        set_terminated(client, run.info.run_id)
         print(f"MLflow run: {run.info.run_id}", file=sys.stderr)
     return 0

@@ -989,3 +989,56 @@ def test_inspect_of_a_tar_of_other_files_says_they_are_not_samples(tmp_path: Pat
     build("reside-its", tree.root, tmp_path / "out", "--max-samples-per-shard", "4", "--name", "its")
     info = inspect_shards(tmp_path / "out")
     assert info["foreign"] == 0 and "WARNING" not in format_inspect(info)
+
+
+def test_pool_workers_end_with_a_killed_main_process(tmp_path: Path) -> None:
+    """A build killed with SIGKILL/SIGTERM (`kill PID`, the OOM killer) left its forked workers
+    waiting forever, holding the folder lock: every rerun was refused as "in use" by a dead pid."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from uniremoval.io import folder_lock
+
+    # build_shards with 2 workers, each blocked in its first sample (after saying its pid)
+    script = (
+        "import os, sys, time\n"
+        "from uniremoval.data.readers import Item\n"
+        "from uniremoval.data.shardwriter import build_shards\n"
+        "class Slow:\n"
+        "    def fingerprint(self): return 'slow'\n"
+        "    def plan_info(self, item): return 1, []\n"
+        "    def build(self, item, cache):\n"
+        "        os.write(1, b'%d\\n' % os.getpid())\n"
+        "        time.sleep(60)\n"
+        "items = [Item(f'{i}.png', None, 'haze', 'real', 'x', 'train', key=str(i)) for i in range(4)]\n"
+        "build_shards(items, [], Slow(), sys.argv[1], dataset='x', source={}, shard_bytes=10**6,\n"
+        "             max_samples=1, workers=2, progress=False)\n"
+    )
+    main = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(main.stdout.readline()) for _ in range(2)]
+    finally:
+        main.kill()
+        main.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/status").is_file() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+    try:
+        deadline = time.monotonic() + 5
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, workers)), "pool workers outlived their killed main process"
+        with folder_lock(tmp_path, ".lock-job0of1", "shards"):  # free again: a rerun may start
+            pass
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -373,11 +373,9 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
     from tqdm import tqdm
 
     if workers > 1 and len(entries) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from uniremoval.data.shardwriter import worker_pool
 
-        from uniremoval.data.shardwriter import pool_context
-
-        with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
+        with worker_pool(workers) as pool:
             done = pool.map(_verify_one, [str(directory)] * len(entries), entries)
             results = list(tqdm(done, total=len(entries), desc="verify", unit="shard", disable=not progress))
     else:

@@ -476,6 +476,30 @@ def pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the process that started it is gone. Pool workers
+    otherwise outlive a main process that was killed (`kill PID`, SIGKILL, the OOM killer): they
+    wait on their task queue forever, and forked ones keep the shard folder's lock (the flock is
+    shared with them), so every rerun is refused as "in use" by a process that no longer exists."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def worker_pool(workers: int):
+    """The process pool of `shards build`/`synth` and `verify`: `pool_context`, workers that end with
+    this process."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
+
+
 def _ordered_results(pool, builder: SampleBuilder, plans: list[ShardPlan], window: int) -> Iterator:
     """Sample results of all `plans`, in order, built group by group in the pool with at most
     `window` groups in flight (so memory stays bounded when the writer is the slower side)."""
@@ -505,9 +529,9 @@ def _iter_records(
         for plan in pending:
             yield write_shard(str(out_dir), plan, build_items(builder, plan.items), strict)
         return
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    pool = ProcessPoolExecutor(workers, mp_context=pool_context())
+    pool = worker_pool(workers)
     try:
         if len(pending) < workers:
             results = _ordered_results(pool, builder, pending, 4 * workers)

@@ -428,3 +428,37 @@ def test_id_layouts_never_guess_between_same_named_files(tmp_path: Path) -> None
         "hazy/2_1_0.9.png": "duplicate", "hazy/3_1_0.9.jpg": "duplicate", "hazy/3_1_0.9.png": "duplicate"}
     assert "clear/2.jpg, clear/2.png" in report["hazy/2_1_0.9.png"]["reason"]
     assert [k for k, _ in samples(out)] == ["1_2_0_9"]  # keys stay the stems
+
+
+def test_listing_resolves_each_folder_once_not_each_file(tmp_path: Path, monkeypatch) -> None:
+    """SPA-Data lists 638k pairs: resolving every entry's path (4 realpath calls, each a system call
+    per path component) kept a build silent for minutes before its first progress bar. Folders are
+    resolved once; a file itself only when it is a link, so links are still checked."""
+    import os
+
+    from uniremoval.data import readers
+
+    tree = Tree(tmp_path / "SPA")
+    lines = []
+    for f in range(3):
+        for x in range(20):
+            inp, gt = f"real_world/000/000-{f}/000-{f}_{x}_1.png", f"real_world_gt/000/000_{x}_1.png"
+            tree.pair(f"Training/{inp}", f"Training/{gt}", "train", pid=20 + x)
+            lines.append(f"/{inp} /{gt}")
+    (tree.root / "Training/real_world.txt").write_text("\n".join(lines) + "\n")
+    outside = Tree(tmp_path / "elsewhere")
+    outside.image("far.png", 30, 150)
+    (tree.root / "Training/real_world/000/000-0/000-0_0_1.png").unlink()
+    (tree.root / "Training/real_world/000/000-0/000-0_0_1.png").symlink_to(outside.root / "far.png")
+    del tree.expected["Training/real_world/000/000-0/000-0_0_1.png"]
+    calls = []
+    real = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    result = readers.read_dataset("spa", tree.root, readers.ReaderOptions())
+    monkeypatch.undo()
+    assert len(calls) < 20, f"{len(calls)} realpath calls for {len(lines)} list lines"
+    assert sorted(i.input for i in result.items) == sorted(tree.expected)
+    assert [(i.kind, i.path) for i in result.issues] == [("outside_root", "Training/real_world.txt:1")]
+    out = tmp_path / "o"
+    build("spa", tree.root, out)
+    check_samples(out, tree, "spa", "rain", "real")

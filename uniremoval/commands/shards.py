@@ -218,6 +218,8 @@ def _build(args) -> int:
         subset=args.subset,
         blur_dir=args.blur_dir,
     )
+    if not args.no_progress:  # listing a large dataset takes a while before any bar shows
+        print(f"listing {args.root} as {args.format} ...", file=sys.stderr, flush=True)
     result = read_dataset(args.format, args.root, opts)
     _print_listing_issues(result.issues, args.strict)
     builder = FileSampleBuilder(root=str(Path(args.root).resolve()), dataset=_dataset_name(args))

@@ -218,9 +218,19 @@ def _build(args) -> int:
         subset=args.subset,
         blur_dir=args.blur_dir,
     )
-    if not args.no_progress:  # listing a large dataset takes a while before any bar shows
-        print(f"listing {args.root} as {args.format} ...", file=sys.stderr, flush=True)
-    result = read_dataset(args.format, args.root, opts)
+    # Listing a large dataset (SPA-Data: 638k list lines) takes a while before any bar shows: said
+    # when it does (a quick listing, or a failing one, prints nothing more than its result).
+    import threading
+
+    note = threading.Timer(3.0, lambda: print(f"listing {args.root} as {args.format} ...", file=sys.stderr,
+                                              flush=True))
+    note.daemon = True
+    if not args.no_progress:
+        note.start()
+    try:
+        result = read_dataset(args.format, args.root, opts)
+    finally:
+        note.cancel()
     _print_listing_issues(result.issues, args.strict)
     builder = FileSampleBuilder(root=str(Path(args.root).resolve()), dataset=_dataset_name(args))
     # What the options selected, as the reader resolved them (its defaults filled in): a rerun that

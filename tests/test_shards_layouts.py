@@ -462,3 +462,23 @@ def test_listing_resolves_each_folder_once_not_each_file(tmp_path: Path, monkeyp
     out = tmp_path / "o"
     build("spa", tree.root, out)
     check_samples(out, tree, "spa", "rain", "real")
+
+
+def test_a_cut_list_line_is_reported_not_unpaired_or_dropped(tmp_path: Path) -> None:
+    """A list line holding one path (a list file cut short) became an unpaired sample in SPA's paired
+    test set, and was dropped unseen by RealBlur (gt column first); both are now missing_partner."""
+    spa = tree_spa(tmp_path / "spa")
+    test_list = spa.root / "Testing/real_test_1000.txt"
+    test_list.write_text(test_list.read_text() + "/real_test_1000/rain/9.png\n")
+    spa.image("Testing/real_test_1000/rain/9.png", 99, 150)
+    build("spa", spa.root, tmp_path / "s")
+    check_samples(tmp_path / "s", spa, "spa", "rain", "real")
+    realblur = tree_realblur(tmp_path / "rb")
+    train_list = realblur.root / "RealBlur_J_train_list.txt"
+    train_list.write_text(train_list.read_text() + "RealBlur-J_ECC_IMCORR_centroid_itensity_ref/scene001/gt/gt_9.png\n")
+    build("realblur", realblur.root, tmp_path / "r")
+    check_samples(tmp_path / "r", realblur, "realblur", "blur", "real")
+    for out, where in (("s", "Testing/real_test_1000.txt:3"), ("r", "RealBlur_J_train_list.txt:5")):
+        (issue,) = map(json.loads, (tmp_path / out / "report.jsonl").read_text().splitlines())
+        assert (issue["kind"], issue["path"]) == ("missing_partner", where)
+        assert "holds 1 path(s) where 2 are expected" in issue["reason"]

@@ -600,9 +600,10 @@ def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
 
 
 def _read_pair_list(
-    root: Path, list_file: Path, issues: list[Issue], columns: tuple[int, int | None]
+    root: Path, list_file: Path, issues: list[Issue], columns: tuple[int, int | None], line_format: str
 ) -> list[tuple[str, str | None]]:
-    """`input target` (or one column) per line, paths relative to the list file's folder."""
+    """`input target` (or one column) per line, paths relative to the list file's folder;
+    `line_format` names the columns in messages."""
     pairs: list[tuple[str, str | None]] = []
     real_paths = RealPaths(root)
     text = list_file.read_text(encoding="utf-8", errors="replace")
@@ -612,6 +613,11 @@ def _read_pair_list(
             continue
         where = f"{_rel(root, list_file)}:{lineno}"
         inp_col, tgt_col = columns
+        needed = max(c for c in columns if c is not None) + 1
+        if len(fields) < needed:  # a cut line: never an unpaired sample, nor dropped unseen
+            issues.append(Issue("missing_partner", where, f"the line holds {len(fields)} path(s) where {needed} are "
+                                f"expected ({line_format}); fix or remove it (is the list file cut short?)"))
+            continue
         paths = []
         for col in (inp_col, tgt_col):
             if col is None or col >= len(fields):
@@ -667,7 +673,7 @@ def read_spa(root: Path, opts: ReaderOptions) -> ReadResult:
         split = SPA_LISTS[list_file.name]
         if opts.split and opts.split != split:
             continue
-        for inp, tgt in _read_pair_list(root, list_file, issues, (0, 1)):
+        for inp, tgt in _read_pair_list(root, list_file, issues, (0, 1), "`rainy gt`"):
             items.append(Item(inp, tgt, degradation, domain, reader, split, {"list": _rel(root, list_file)}))
     # 2. Without lists: <dir>/rain (+ <dir>/gt) folders, e.g. real_test_1000/rain + real_test_1000/gt.
     if not lists:
@@ -713,7 +719,7 @@ def read_realblur(root: Path, opts: ReaderOptions) -> ReadResult:
                 continue
             found.append(list_file)
             # Lines are `gt_path blur_path`: the input (blurred) is the second column.
-            for inp, tgt in _read_pair_list(root, list_file, issues, (1, 0)):
+            for inp, tgt in _read_pair_list(root, list_file, issues, (1, 0), "`gt_path blur_path`"):
                 items.append(Item(inp, tgt, degradation, domain, reader, split, {"subset": subset}))
     if not found:
         wanted = " or ".join(f"RealBlur_{subsets[0]}_{split}_list.txt" for split in splits)

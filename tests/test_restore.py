@@ -675,3 +675,36 @@ def test_read_image_beyond_pillows_pixel_limit_and_sixteen_bit_files(tmp_path: P
     (tmp_path / "ga16.png").write_bytes(png)
     with pytest.raises(DataError, match=r"ga16\.png: 16-bit grey\+alpha PNG \(colour type 4\) is not supported"):
         read_image(tmp_path / "ga16.png")
+
+
+def test_restore_into_the_input_folder_reruns_and_names_every_name_clash(tmp_path: Path, capsys) -> None:
+    """--output the --input folder: a rerun replaces the PNGs the first run wrote beside the photos
+    (it read them as inputs, each its own output, and refused to run); inputs that share a stem
+    (x.jpg, x.tif) are all named in one error, not one pair per attempt."""
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(rand_u8(12, 16, seed=1)).save(src / "x.jpg")
+    Image.fromarray(rand_u8(12, 16, seed=2)).save(src / "sub" / "y.jpg")
+
+    def restore() -> int:
+        return main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(src),
+                     "--device", "cpu"])
+
+    for _ in range(2):
+        assert restore() == 0, capsys.readouterr().err
+        assert "restored 2 of 2" in capsys.readouterr().err
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*")) == [
+        "sub/y.jpg", "sub/y.png", "x.jpg", "x.png"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(rand_u8(12, 16, seed=3)).save(other / f"{stem}.jpg")
+        Image.fromarray(rand_u8(12, 16, seed=4)).save(other / f"{stem}.tif")
+    out = tmp_path / "out"
+    assert main(["restore", "--checkpoint", str(ckpt), "--input", str(other), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: 2 pair\(s\) of inputs would be written to one output .*a\.jpg and .*a\.tif -> "
+                     r".*out/a\.png; .*b\.jpg and .*b\.tif -> .*out/b\.png; rename one of each pair", err), err
+    assert not out.exists()

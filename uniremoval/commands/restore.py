@@ -101,10 +101,18 @@ def run(args: argparse.Namespace) -> int:
     check_output(out_root, "--output", folder=True)
     others: list[Path] = []
     files = list_images(in_root, others, skip=out_root)  # a rerun does not restore its own outputs
+    own: set[Path] = set()
+    if in_root.is_dir():
+        # --output the --input folder itself (restored PNGs beside the photos): the PNGs an earlier run
+        # wrote there are its outputs, to be replaced, not inputs (each would be its own output).
+        out_real = out_root.resolve()
+        own = {f for f in files if f.resolve().is_relative_to(out_real) and written_by_restore(f)}
+        files = [f for f in files if f not in own]
     if others:
         print(other_formats_note(others, "restore"), file=sys.stderr)
     if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}")
+        earlier = f" (its {len(own)} PNG(s) written by an earlier restore are not inputs)" if own else ""
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}{earlier}")
 
     # Plan every output name first: refuse to overwrite any input (an --output inside the input
     # folder may hold some), a file restore did not write, or to write two inputs to one file.
@@ -112,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     seen: dict[Path, Path] = {}
     inputs = {src.resolve(): src for src in files}
     foreign: list[Path] = []
+    clashes: list[str] = []
     for src in files:
         rel = src.relative_to(in_root).with_suffix(".png") if in_root.is_dir() else Path(src.stem + ".png")
         dst = out_root / rel
@@ -120,12 +129,18 @@ def run(args: argparse.Namespace) -> int:
                 f"--output {out_root} would overwrite the input {inputs[dst.resolve()]} (with the restored "
                 f"{src}); choose a folder outside --input"
             )
-        if dst in seen:
-            raise UniremovalError(f"{seen[dst]} and {src} would both be written to {dst}; rename one of them")
+        if dst in seen:  # photo.jpg and photo.tif: every such pair is named at once, not one per run
+            clashes.append(f"{seen[dst]} and {src} -> {dst}")
+            continue
         if dst.exists() and not written_by_restore(dst):
             foreign.append(dst)
         seen[dst] = src
         plan.append((src, dst))
+    if clashes:
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        raise UniremovalError(
+            f"{len(clashes)} pair(s) of inputs would be written to one output (restore writes <name>.png): "
+            f"{'; '.join(clashes[:3])}{more}; rename one of each pair")
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UniremovalError(

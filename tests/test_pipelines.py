@@ -91,6 +91,24 @@ def test_resolve_shards_forms(data, tmp_path):
         resolve_shards(tmp_path)
 
 
+def test_resolve_shards_reads_globs_joined_specs_and_pipe_braces(data):
+    """A glob and `a::b` (which check_inputs lets through, and shard_paths reads) were taken for one
+    file name ("does not exist"), and braces in a `pipe:` command were not expanded (webdataset's
+    idiom `pipe:curl .../x-{000000..000009}.tar`): the shell got one command naming no file."""
+    haze = resolve_shards(data / "haze")
+    assert resolve_shards(str(data / "haze" / "*.tar")) == haze
+    assert resolve_shards(f"{data / 'rain'}::{data / 'haze'}") == resolve_shards(data / "rain") + haze
+    with pytest.raises(DataError, match="no file matches"):
+        resolve_shards(str(data / "haze" / "*.nope"))
+    pipes = resolve_shards(f"pipe:cat {data / 'haze'}/haze-{{000000..000002}}.tar")
+    assert pipes == [f"pipe:cat {p}" for p in haze]
+    assert [k for u in pipes for k, _ in iter_shard(u)] == [k for u in haze for k, _ in iter_shard(u)]
+    from uniremoval.eval.evaluate import dataset_name, is_shard_source
+
+    joined = f"{data / 'rain'}::{data / 'haze'}"  # `eval --data a::b` took it for an image folder
+    assert is_shard_source(joined) and dataset_name(joined) == "rain"
+
+
 # ---------------------------------------------------------------- transforms
 
 

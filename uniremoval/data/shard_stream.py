@@ -10,6 +10,7 @@ and `pipe:` commands all work. See pipelines.py's docstring for why the split is
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tarfile
@@ -106,8 +107,9 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
     Accepts: a shard directory (its `manifest.json`, else its `*.tar` sorted by name; an unfinished
     build or an array build not yet merged is refused), a
     `manifest.json` path or URL, an http(s) directory URL ending in `/` (its manifest.json), a
-    brace pattern (`shards/haze-{000000..000009}.tar`), a single tar / URL / `pipe:` command,
-    or a list of any of these.
+    brace pattern (`shards/haze-{000000..000009}.tar`, also inside a `pipe:` command or a URL), a
+    glob (`shards/haze/*.tar`), a single tar / URL / `pipe:` command, or a list of any of these (also
+    joined with `::`).
     """
     if isinstance(spec, (list, tuple)):
         out: list[str] = []
@@ -117,8 +119,12 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
             raise DataError("empty shard list")
         return out
     s = str(spec)
-    if s.startswith("pipe:"):
-        return [s]
+    if "::" in s:  # several specs in one string, as shard_paths and check_inputs read them
+        return resolve_shards(s.split("::"))
+    if s.startswith("pipe:"):  # braces expand to one command per shard, as webdataset reads a pipe: URL
+        import braceexpand
+
+        return list(braceexpand.braceexpand(s))
     if s.startswith(("http://", "https://")):
         if s.endswith("/"):
             return read_manifest_shards(s + "manifest.json")
@@ -131,6 +137,13 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
         return [s]
     if s.startswith("file:"):
         s = urllib.request.url2pathname(urllib.parse.urlparse(s).path)
+    if glob.has_magic(s) and not os.path.exists(s):  # a glob (shards/its/*.tar), as shard_paths takes
+        import braceexpand
+
+        out = sorted(p for part in braceexpand.braceexpand(s) for p in glob.glob(part))
+        if not out:
+            raise DataError(f"shard pattern {s}: no file matches")
+        return out
     if "{" in s:
         import braceexpand
 

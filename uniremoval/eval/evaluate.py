@@ -138,7 +138,7 @@ def is_shard_source(data: str | list[str]) -> bool:
     if isinstance(data, (list, tuple)):
         return True
     p = Path(data)
-    if "://" in data or data.startswith("pipe:") or "{" in data or p.suffix in (".tar", ".json"):
+    if "://" in data or data.startswith("pipe:") or "{" in data or "::" in data or p.suffix in (".tar", ".json"):
         return True
     return p.is_dir() and ((p / "manifest.json").is_file() or any(p.glob("*.tar")))
 
@@ -235,7 +235,7 @@ def iter_shards(data: str, rank: int, world: int, need_target: bool) -> Iterator
 def dataset_name(data: str | list[str]) -> str:
     if isinstance(data, (list, tuple)):
         data = data[0]
-    p = Path(data.rstrip("/"))
+    p = Path(data.split("::")[0].rstrip("/"))  # several joined specs: named after the first, as a list
     if p.name == "manifest.json" or p.suffix == ".tar":
         p = p.parent
     name = p.name or "dataset"

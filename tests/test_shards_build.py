@@ -1042,3 +1042,40 @@ def test_pool_workers_end_with_a_killed_main_process(tmp_path: Path) -> None:
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _killed(*_args):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KilledBuilder:
+    def fingerprint(self) -> str:
+        return "killed"
+
+    def plan_info(self, item) -> tuple[int, list]:
+        return 1, []
+
+    def build(self, item, cache):
+        _killed()
+
+
+@pytest.mark.parametrize("shards", [1, 4])  # fewer shards than workers (the main process writes), or more
+def test_a_killed_worker_is_one_error_line_saying_what_to_do(tmp_path: Path, monkeypatch, shards: int) -> None:
+    """A worker killed mid-build (the OOM killer, on large images) was a BrokenProcessPool traceback."""
+    from uniremoval.data import manifest
+    from uniremoval.data.readers import Item
+
+    items = [Item(f"{i}.png", None, "haze", "real", "x", "train", key=str(i)) for i in range(4)]
+    with pytest.raises(DataError, match=r"a worker process of `shards build` ended abruptly .* rerun the same "
+                                        r"command to go on, with fewer --workers if memory ran out"):
+        shardwriter.build_shards(items, [], _KilledBuilder(), tmp_path / "o", dataset="x", source={},
+                                 shard_bytes=10**6, max_samples=4 // shards, workers=2, progress=False)
+    if shards == 4:  # verify's pool too
+        tree = big_its(tmp_path / "its")
+        build("reside-its", tree.root, tmp_path / "v", "--max-samples-per-shard", "8")
+        monkeypatch.setattr(manifest, "_verify_one", _killed)
+        with pytest.raises(DataError, match=r"`shards verify` ended abruptly"):
+            verify_shards(tmp_path / "v", workers=2)

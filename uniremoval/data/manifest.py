@@ -373,11 +373,16 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
     from tqdm import tqdm
 
     if workers > 1 and len(entries) > 1:
-        from uniremoval.data.shardwriter import worker_pool
+        from concurrent.futures.process import BrokenProcessPool
+
+        from uniremoval.data.shardwriter import worker_died, worker_pool
 
         with worker_pool(workers) as pool:
             done = pool.map(_verify_one, [str(directory)] * len(entries), entries)
-            results = list(tqdm(done, total=len(entries), desc="verify", unit="shard", disable=not progress))
+            try:
+                results = list(tqdm(done, total=len(entries), desc="verify", unit="shard", disable=not progress))
+            except BrokenProcessPool as exc:
+                raise worker_died("shards verify", "nothing was checked to the end: rerun it") from exc
     else:
         for entry in tqdm(entries, desc="verify", unit="shard", disable=not progress):
             results.append(_verify_one(str(directory), entry))

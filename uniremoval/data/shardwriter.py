@@ -500,6 +500,13 @@ def worker_pool(workers: int):
                                initargs=(os.getpid(),))
 
 
+def worker_died(command: str, then: str) -> DataError:
+    """The error for a pool whose worker was killed (BrokenProcessPool): most often the kernel's
+    out-of-memory killer, on large images with many --workers."""
+    return DataError(f"a worker process of `{command}` ended abruptly (killed: out of memory? `dmesg` tells); "
+                     f"{then}, with fewer --workers if memory ran out")
+
+
 def _ordered_results(pool, builder: SampleBuilder, plans: list[ShardPlan], window: int) -> Iterator:
     """Sample results of all `plans`, in order, built group by group in the pool with at most
     `window` groups in flight (so memory stays bounded when the writer is the slower side)."""
@@ -530,6 +537,7 @@ def _iter_records(
             yield write_shard(str(out_dir), plan, build_items(builder, plan.items), strict)
         return
     from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     pool = worker_pool(workers)
     try:
@@ -546,6 +554,8 @@ def _iter_records(
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield fut.result()
+    except BrokenProcessPool as exc:
+        raise worker_died("shards build", "the shards finished so far are kept: rerun the same command to go on") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -482,3 +482,14 @@ def test_a_cut_list_line_is_reported_not_unpaired_or_dropped(tmp_path: Path) -> 
         (issue,) = map(json.loads, (tmp_path / out / "report.jsonl").read_text().splitlines())
         assert (issue["kind"], issue["path"]) == ("missing_partner", where)
         assert "holds 1 path(s) where 2 are expected" in issue["reason"]
+
+
+def test_a_list_saved_with_a_bom_and_crlf_keeps_its_first_pair(tmp_path: Path) -> None:
+    """A list file re-saved by a Windows editor (UTF-8 BOM, CRLF) lost its first pair as a
+    missing_partner naming a path that looked right (the BOM glued to it)."""
+    realblur = tree_realblur(tmp_path / "rb")
+    for lst in realblur.root.glob("*_list.txt"):
+        lst.write_bytes(b"\xef\xbb\xbf" + lst.read_text().replace("\n", "\r\n").encode())
+    build("realblur", realblur.root, tmp_path / "r")
+    check_samples(tmp_path / "r", realblur, "realblur", "blur", "real")
+    assert (tmp_path / "r" / "report.jsonl").read_text() == ""

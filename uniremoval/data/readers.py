@@ -606,7 +606,8 @@ def _read_pair_list(
     `line_format` names the columns in messages."""
     pairs: list[tuple[str, str | None]] = []
     real_paths = RealPaths(root)
-    text = list_file.read_text(encoding="utf-8", errors="replace")
+    # utf-8-sig: a list saved by a Windows editor starts with a BOM, which would glue to its first path
+    text = list_file.read_text(encoding="utf-8-sig", errors="replace")
     for lineno, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:

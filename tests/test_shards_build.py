@@ -1079,3 +1079,38 @@ def test_a_killed_worker_is_one_error_line_saying_what_to_do(tmp_path: Path, mon
         monkeypatch.setattr(manifest, "_verify_one", _killed)
         with pytest.raises(DataError, match=r"`shards verify` ended abruptly"):
             verify_shards(tmp_path / "v", workers=2)
+
+
+@pytest.mark.parametrize(("workers", "cap"), [(1, 0), (2, 0), (2, 3)])
+def test_progress_moves_within_a_shard(tmp_path: Path, monkeypatch, workers: int, cap: int) -> None:
+    """The bar moved once per finished shard: a test set that fits one 256 MB shard (Rain1400's,
+    SOTS') sat at 0% for the whole build. Where this process writes, it moves per sample; where
+    workers write whole shards (cap 3: 3 shards), per shard; the total is right either way."""
+    import tqdm
+
+    updates: list[int] = []
+
+    class Bar:
+        def __init__(self, *args, total=None, initial=0, disable=False, **kwargs):
+            self.iterable = args[0] if args else None
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n=1):
+            if self.iterable is None:
+                updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "o"
+    run_cli("build", "--format", "reside-its", "--root", str(tree.root), "--out", str(out), "--workers",
+            str(workers), *(["--max-samples-per-shard", str(cap)] if cap else []))
+    assert sum(updates) == 21
+    if cap:
+        assert max(updates) == 3
+    else:
+        assert max(updates) == 1 and updates.count(1) == 21

@@ -522,19 +522,27 @@ def _ordered_results(pool, builder: SampleBuilder, plans: list[ShardPlan], windo
         yield from in_flight.popleft().result()
 
 
+def _ticking(results: Iterator, tick) -> Iterator:
+    for result in results:
+        tick()  # before the yield: write_shard takes no result past a shard's last one
+        yield result
+
+
 def _iter_records(
-    pending: list[ShardPlan], out_dir: Path, builder: SampleBuilder, strict: bool, workers: int
+    pending: list[ShardPlan], out_dir: Path, builder: SampleBuilder, strict: bool, workers: int,
+    tick=lambda: None,
 ):
     """Yield shard records as shards complete.
 
     One worker: everything in this process. At least as many shards as workers: each worker builds
     and writes whole shards (no image bytes cross processes). Fewer shards (small datasets, synth
     on a few clean images): workers build groups of samples, this process writes the shards.
-    Either way the bytes are identical.
+    Either way the bytes are identical. Where this process writes, `tick()` is called per sample
+    taken, so progress moves within a shard (a 256 MB shard may be a whole test set).
     """
     if workers <= 1 or not pending:
         for plan in pending:
-            yield write_shard(str(out_dir), plan, build_items(builder, plan.items), strict)
+            yield write_shard(str(out_dir), plan, _ticking(build_items(builder, plan.items), tick), strict)
         return
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -542,7 +550,7 @@ def _iter_records(
     pool = worker_pool(workers)
     try:
         if len(pending) < workers:
-            results = _ordered_results(pool, builder, pending, 4 * workers)
+            results = _ticking(_ordered_results(pool, builder, pending, 4 * workers), tick)
             for plan in pending:
                 yield write_shard(str(out_dir), plan, results, strict)
             return
@@ -670,13 +678,20 @@ def build_shards(
             file=sys.stderr,
         )
         written_bytes = written_samples = 0
+        ticked = [0]  # samples of the shard being written that the bar already shows
+
+        def tick() -> None:
+            ticked[0] += 1
+            bar.update(1)
+
         try:
-            for record in _iter_records(pending, out, builder, strict, workers):
+            for record in _iter_records(pending, out, builder, strict, workers, tick):
                 records[record["name"]] = record
                 save_state()
                 written_bytes += record["bytes"]
                 written_samples += record["samples"]
-                bar.update(sizes[record["name"]])
+                bar.update(sizes[record["name"]] - ticked[0])
+                ticked[0] = 0
         finally:
             bar.close()
             if pending:

@@ -209,6 +209,8 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path):
 
     part = ToyStage(tracked(make_cfg(tmp_path, max_steps=4)))
     run_id = Trainer(part.cfg, part).fit().run_id
+    # the batches follow the process count, which the config does not hold: the run records it
+    assert MlflowClient(store).get_run(run_id).data.tags["world_size"] == "1"
     ck = tmp_path / "toy" / "checkpoints" / "step-00000004"
     saved = load_config(ck / "config.yaml")
     assert saved == part.cfg
@@ -239,6 +241,37 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert Trainer(same.cfg, same).fit(resume="auto").step == 8
+
+
+def test_a_resume_says_when_the_batches_change(tmp_path):
+    """The batch sequence follows the process count and data.num_workers (each rank and loader worker
+    streams its own share of the shards): a resume that changes either says the batches are no longer
+    an uninterrupted run's (0 and 1 workers read alike: no such note), and a changed process count
+    goes into the run's resumed_changes tag (its world_size tag: test_resume_names_changed_settings...)."""
+
+    def cfg(workers: int, max_steps: int):
+        c = make_cfg(tmp_path, max_steps=max_steps)
+        return c.model_copy(update={"data": c.data.model_copy(update={"num_workers": workers})})
+
+    first = ToyStage(cfg(0, 3))
+    Trainer(first.cfg, first).fit()
+    same = ToyStage(cfg(1, 4))
+    with pytest.warns(RuntimeWarning, match=r"data.num_workers: 0 -> 1$"):
+        Trainer(same.cfg, same).fit(resume="auto")
+    more = ToyStage(cfg(2, 5))
+    with pytest.warns(RuntimeWarning, match=r"data.num_workers: 1 -> 2\. data.num_workers decides which samples"):
+        Trainer(more.cfg, more).fit(resume="auto")
+    # a checkpoint written by two processes, resumed on one
+    ck = tmp_path / "toy" / "checkpoints" / "step-00000005"
+    state = torch.load(ck / "state.pt", weights_only=True)
+    torch.save({**state, "world_size": 2}, ck / "state.pt")
+    fewer = ToyStage(cfg(2, 6))
+    trainer = Trainer(fewer.cfg, fewer)
+    with pytest.warns(RuntimeWarning, match=r"on 1 processes \(saved on 2\): RNG streams start fresh, and from here "
+                                            r"on the batches are not those of an uninterrupted run on 2"):
+        trainer.fit(resume="auto")
+    assert trainer.resumed_changes == ["processes: 2 -> 1"]
+
 
 def test_grad_accumulation_matches_large_batch(tmp_path):
     # Adam divides by sqrt(v), so a gradient off by a constant factor (a missing 1/grad_accum)

@@ -614,7 +614,9 @@ class Trainer:
         if self.tracker is None and self.cfg.tracking.enabled and self.accelerator.is_main_process:
             from uniremoval.tracking import start_run
 
-            tags = self.stage.extra_tags()
+            # The batches follow the process count (each rank reads its own share of the shards; the
+            # global batch is processes x data.batch_size), which the config does not hold.
+            tags = {"world_size": str(self.accelerator.num_processes), **self.stage.extra_tags()}
             if self.resumed_from_other_run is not None:  # a new run that continues another one's state
                 path, other = self.resumed_from_other_run
                 tags = {**tags, "resumed_from": str(path), **({"resumed_from_run": other} if other else {})}
@@ -1022,11 +1024,21 @@ class Trainer:
             self.best_value = None  # this run's best is its own: the first validation writes best.*
             self._print(f"continuing {path} (another run's checkpoint) as the new run {self.stage.run_name!r}")
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
-        if rng.is_file() and state.get("world_size") == self.accelerator.num_processes:
+        saved_world, world = state.get("world_size"), self.accelerator.num_processes
+        if rng.is_file() and saved_world == world:
             set_rng_state(read_resume_file(rng, lambda f: torch.load(f, map_location="cpu", weights_only=True)))
+        elif saved_world is not None and saved_world != world:
+            # Not only the RNG: each rank streams its own share of the shards, so the batches (and the
+            # global batch, processes x data.batch_size) follow the process count. The run's MLflow tag
+            # world_size keeps the count it started with; resumed_changes says this one.
+            self.resumed_changes.append(f"processes: {saved_world} -> {world}")
+            warnings.warn(f"resuming {path} on {world} processes (saved on {saved_world}): RNG streams start fresh, "
+                          f"and from here on the batches are not those of an uninterrupted run on {saved_world} "
+                          f"(each process reads its own share of the shards; the global batch is now {world} x "
+                          f"data.batch_size)", RuntimeWarning, stacklevel=2)
         else:
-            warnings.warn(f"resuming {path} on {self.accelerator.num_processes} processes (saved on "
-                          f"{state.get('world_size')}): RNG streams start fresh", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"resuming {path}: it has no RNG state for rank {self.accelerator.process_index} "
+                          f"({rng.name}): RNG streams start fresh", RuntimeWarning, stacklevel=2)
         self._print(f"resumed from {path} at step {self.step}")
 
     def _check_deepspeed_resume(self, path: Path, state: dict[str, Any]) -> None:
@@ -1069,7 +1081,15 @@ class Trainer:
                 f"model.init={path}/{self.stage.trainable[0]}.safetensors")
         if shown:
             self.resumed_changes = shown
-            warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown),
+            note = ""
+            workers = [(old, new) for k, old, new in changes if k == "data.num_workers"]
+            if workers and all(isinstance(v, int) for v in workers[0]) and max(1, workers[0][0]) != max(1, workers[0][1]):
+                # Each loader worker streams its own share of the shards with its own shuffle: the batch
+                # sequence follows the worker count (0 and 1 read alike), as it follows the seed.
+                note = (". data.num_workers decides which samples each batch holds (every loader worker reads its "
+                        "own share of the shards), so from here on the batches are not those of an uninterrupted "
+                        "run with either count; resume with the old count to continue the same sequence")
+            warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown) + note,
                           RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- signals, agreement, misc

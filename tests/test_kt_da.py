@@ -30,6 +30,7 @@ from dist_kt_common import (
     learning_run_config,
     loss_terms,
     mlflow_history,
+    run_id_of,
     subprocess_env,
 )
 
@@ -269,10 +270,19 @@ def test_kt_and_da_say_where_their_weights_are(ws, capsys):
     err = capsys.readouterr().err
     assert f"ktsays: 1 steps; weights: {cfg.run_dir / 'best.safetensors'} (best val/mean/psnr) and " \
         f"{cfg.run_dir / 'last.safetensors'}; MLflow run " in err
-    cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dasays", init=cfg.run_dir / "last.safetensors")
-                      + short)
+    # The params name the teachers' and init's paths, whose files later runs replace: the runs' tags
+    # keep the sha256 of the weights they learnt from
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.models.checkpoint import checkpoint_sha256
+
+    client, kt_last = MlflowClient(cfg.tracking.uri), cfg.run_dir / "last.safetensors"
+    tags = client.get_run(run_id_of(cfg.run_dir)).data.tags
+    assert {k: tags.get(f"teacher_sha256.{k}") for k in TYPES} == {k: checkpoint_sha256(ws["teachers"][k]) for k in TYPES}
+    cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dasays", init=kt_last) + short)
     assert da.run(cfg) == 0
     assert f"dasays: 1 steps; weights: {cfg.run_dir}" in capsys.readouterr().err
+    assert client.get_run(run_id_of(cfg.run_dir)).data.tags["init_sha256"] == checkpoint_sha256(kt_last)
 
 
 def test_kt_config_errors_name_the_key(ws):

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from uniremoval.config import DAStage
 from uniremoval.errors import ConfigError
-from uniremoval.stages.kt import build_phi, build_student
+from uniremoval.stages.kt import build_phi, build_student, weights_sha256
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
 from uniremoval.stages.trainer import Stage, TrainContext, Trainer, deepspeed_requested, skip_batches
 
@@ -261,6 +261,9 @@ class DomainAdaptation(Stage):
 
     def extra_tags(self) -> dict[str, str]:
         tags = {"gan": self.cfg.loss.gan, "init": str(self.cfg.model.init)}
+        init = weights_sha256(self.cfg.model.init)  # the path's file may be replaced later (a resumed KT run)
+        if init:
+            tags["init_sha256"] = init
         if self.cfg.loss.use_eicl:
             tags["vgg_weights"] = self.cfg.features.weights
         return tags

@@ -42,7 +42,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from uniremoval.config import KTStage, check_inputs
-from uniremoval.errors import ConfigError
+from uniremoval.errors import CheckpointError, ConfigError
 from uniremoval.stages.teachers import (
     Teacher,
     freeze,
@@ -78,6 +78,19 @@ def build_student(cfg: Any, check_init: Callable[[dict[str, Any]], None] | None 
     if check_init is not None:
         check_init(meta)
     return model
+
+
+def weights_sha256(spec: str | None) -> str | None:
+    """sha256 of the weights a checkpoint setting names (as eval's checkpoint_sha256 tag), for a run's
+    lineage tags; None when unset or unreadable (the stage itself reports a missing file)."""
+    if not spec:
+        return None
+    from uniremoval.models.checkpoint import checkpoint_sha256
+
+    try:
+        return checkpoint_sha256(spec)
+    except (CheckpointError, OSError):
+        return None
 
 
 def build_phi(cfg: Any) -> nn.Module:
@@ -221,6 +234,17 @@ class KnowledgeTransfer(Stage):
         tags = {"teachers_mode": self.cfg.teachers.mode, "feature_cell": str(self.cell)}
         if self.cfg.loss.use_icl:
             tags["vgg_weights"] = self.cfg.features.weights
+        # The params hold only the teachers' and init's paths, whose files a retrained or resumed run
+        # replaces (best.safetensors): the sha256 says which weights this run learnt from. A cached run's
+        # cache was checked to come from these very files (check_teacher_cache).
+        for name in self.degradations:
+            t = self.teachers.get(name)
+            sha = t.sha256 if t is not None else weights_sha256(self.cfg.teachers.checkpoints.get(name))
+            if sha:
+                tags[f"teacher_sha256.{name}"] = sha
+        init = weights_sha256(self.cfg.model.init)
+        if init:
+            tags["init_sha256"] = init
         return tags
 
     def export_meta(self, name: str) -> dict[str, Any]:

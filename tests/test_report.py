@@ -428,6 +428,27 @@ def test_one_dataset_name_over_different_data_warns(tmp_path, capsys):
                          "its column shows each model's latest of them; rerun those evals with --name to tell them apart")]
 
 
+def test_a_later_eval_without_an_earlier_runs_metrics_warns(tmp_path, capsys):
+    """Re-scoring a set with `--metrics piqe` after `--metrics piqe,psnr,ssim` blanked that model's
+    PSNR/SSIM cells (the latest run counts), with no word: a warning now names them."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("drop", artifact_location=str(tmp_path / "art"))
+    for i, metrics in enumerate(({"piqe": 30.0, "psnr": 20.0, "ssim": 0.5}, {"piqe": 31.0}, {"piqe": 32.0})):
+        run = client.create_run(exp, run_name="eval-SOTS", start_time=1_700_000_000_000 + i, tags={
+            "stage": "eval", "dataset": "SOTS", "degradation": "haze", "uniremoval.model": "sha-kt",
+            "uniremoval.label": "kt"})
+        for m, v in metrics.items():
+            client.log_metric(run.info.run_id, f"eval/SOTS/{m}", v)
+        client.set_terminated(run.info.run_id)
+    assert main(["report", "--experiment", "drop", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr()
+    assert _md_tables(out.out)["NR-IQA (Tables I-III): haze"][1] == [["kt", "**32.00**"]]
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [("warning: kt on SOTS: its latest eval run has no psnr, ssim, which an earlier run had; the "
+                         "report shows the latest run only (rerun that eval with --metrics piqe,psnr,ssim)")]
+
+
 def test_real_paired_sets_get_their_own_psnr_table():
     """Table IV is the synthetic ablation: a real paired set (eval's `domain: real`, as SPA or
     RealBlur-J shards say in their json) gets a table of its own; a set without the tag (a folder)

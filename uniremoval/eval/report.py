@@ -118,6 +118,7 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     seen_labels: dict[tuple[str, str], list[str]] = {}  # (model, dataset) -> labels of its runs, in order
     undefined: dict[tuple[str, str], dict[str, int]] = {}  # (model, dataset) -> metric -> images left out
     scored: dict[str, dict[tuple[str, ...], str]] = {}  # dataset -> the --data its runs read (last 2 parts)
+    had: dict[tuple[str, str], dict[str, None]] = {}  # (model, dataset) -> every metric its runs logged
     for run in runs:
         tags = run.data.tags
         dataset = tags.get("dataset") or (run.info.run_name or "").removeprefix("eval-")
@@ -138,6 +139,7 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
             continue
         for metric in [m for (d, m) in row.scores if d == dataset]:
             del row.scores[(dataset, metric)]  # a later run of the same model and dataset replaces it
+        had.setdefault((key, dataset), {}).update(dict.fromkeys(got))
         row.scores.update({(dataset, m): v for m, v in got.items()})
         row.runs[dataset] = run.info.run_id
         row.labels[dataset] = label  # the latest run on this dataset names the row in its tables
@@ -156,6 +158,12 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
             distinct = ", ".join(repr(x) for x in dict.fromkeys(labels))
             _warn(f"model {_model_name(models[key])} on {dataset}: its eval runs carry different labels ({distinct}); "
                   f"the latest, {labels[-1]!r}, is shown (rerun that eval with --label to choose)")
+    for (key, dataset), metrics in had.items():
+        # ...the metrics it did not compute included: say so, or their cells go blank with no word
+        if missing := [m for m in metrics if (dataset, m) not in models[key].scores]:
+            _warn(f"{models[key].labels.get(dataset, key)} on {dataset}: its latest eval run has no "
+                  f"{', '.join(missing)}, which an earlier run had; the report shows the latest run only "
+                  f"(rerun that eval with --metrics {','.join(metrics)})")
     for dataset, datas in scored.items():
         # eval names a folder dataset after its last part: raw/snow/test and raw/haze/test are both
         # "test", and one column held whichever each model scored last, with no word.

@@ -1139,3 +1139,27 @@ def test_a_degradation_the_samples_do_not_hold_is_refused_and_an_unseen_type_is_
     err = capsys.readouterr().err
     assert res.degradation == "snow" and len(res.images) == 2
     assert f"warning: snow_test is 'snow' data, but {ckpt} was trained on ['haze', 'rain'] only" in err
+
+
+def test_eval_shows_its_progress_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    """An eval of thousands of photos ran for hours without a sign of life: on a terminal, rank 0
+    draws a bar over its images (total known for a folder); piped or captured stderr stays clean."""
+    import io
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / f"{i}.png")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    opts = EvalOptions(checkpoint="none", data=str(data), metrics=["piqe"], mlflow=False)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    run_eval(opts)
+    assert re.search(r"eval photos: .*\d/3 ", term.getvalue()), term.getvalue()
+    monkeypatch.undo()
+    run_eval(opts)
+    assert "eval photos" not in capsys.readouterr().err

@@ -558,12 +558,33 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
                                                      else [name for name, _, _ in folder_pairs(opts.data)]),
                        list, f"files in --data {opts.data}", SAME_FILES_FIX + "; nothing was scored")
     items = reader(opts.data, state.process_index, state.num_processes, need_target)
+    if state.is_main_process:
+        items = _with_progress(items, opts, state.num_processes)
     staged = StagedImages(opts.save_images, state) if opts.save_images else None
     try:
         return _score_and_write(opts, state, metrics, items, scorer, restore, device, meta, sha, staged)
     finally:
         if staged is not None:
             staged.close()
+
+
+def _with_progress(items: Iterator[Item], opts: EvalOptions, world: int) -> Iterator[Item]:
+    """Rank 0's items behind a progress bar on stderr (a test set of thousands of photos restores for
+    hours, silently otherwise), on a terminal only: logs and captured output stay as they were. Its
+    total is rank 0's share of a folder, or a single process's manifest count of shards."""
+    import sys
+
+    from tqdm import tqdm
+
+    total = None
+    if not is_shard_source(opts.data):
+        total = len(folder_pairs(opts.data)[::world])
+    elif world == 1 and isinstance(opts.data, str) and Path(opts.data).is_dir():
+        from uniremoval.data.manifest import manifest_degradations
+
+        total = sum((manifest_degradations(opts.data) or {}).values()) or None
+    name = opts.name or dataset_name(opts.data)
+    yield from tqdm(items, total=total, desc=f"eval {name}", unit="img", file=sys.stderr, disable=None, leave=False)
 
 
 def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterator[Item], scorer: Scorer, restore,

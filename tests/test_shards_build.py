@@ -1114,3 +1114,21 @@ def test_progress_moves_within_a_shard(tmp_path: Path, monkeypatch, workers: int
         assert max(updates) == 3
     else:
         assert max(updates) == 1 and updates.count(1) == 21
+
+
+def test_a_rerun_that_lists_no_usable_input_leaves_the_built_folder_alone(tmp_path: Path) -> None:
+    """Rerun over a root whose clean folder went missing (an unmounted disk): every input is rejected
+    while listing. It was refused as building 'another split, degradation, domain' (no such option
+    was given), and a first-time empty build's path would have overwritten the good report."""
+    tree = big_its(tmp_path / "its")
+    tree.image("hazy/8_1_0.1.png", 200, 150)  # one rejected input: the report has a line to keep
+    out = tmp_path / "o"
+    build("reside-its", tree.root, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    shutil.move(tree.root / "clear", tmp_path / "clear-elsewhere")
+    (tree.root / "clear").mkdir()  # the mount point, empty
+    with pytest.raises(DataError, match=r"all 22 input\(s\) were rejected while listing \(first: missing_partner: "
+                                        r"hazy/1_1_0\.1\.png.*\); .*/o was left as its last build made it"):
+        build("reside-its", tree.root, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
+    assert verify_shards(out) == []

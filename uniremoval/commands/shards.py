@@ -177,7 +177,8 @@ def _check_same_dataset(out: Path, dataset: str, source: dict) -> None:
 def _run_writer(args, items, issues, builder, source: dict) -> int:
     from uniremoval.data.shardwriter import build_shards
 
-    _check_same_dataset(Path(args.out), _dataset_name(args), source)
+    if items:  # with none, nothing is written over the folder (build_shards says why): no other dataset
+        _check_same_dataset(Path(args.out), _dataset_name(args), source)
     summary = _write_shards(args, items, issues, builder, source, build_shards)
     print(summary.text())
     if args.num_jobs > 1:

@@ -629,6 +629,11 @@ def build_shards(
     with folder_lock(out, lock_name, f"shards (job {job_index})"), \
             _removed_if_nothing_built(out, created, lock_name, state_path):
         if not items:
+            built = [n for n in (manifest_name(job_index, num_jobs), MANIFEST_NAME) if (out / n).is_file()]
+            if built:  # a finished build's report stays with its shards (a root whose clean folders are gone)
+                first = f" (first: {planning_issues[0].message()})" if planning_issues else ""
+                raise DataError(f"no usable samples: all {len(planning_issues)} input(s) were rejected while "
+                                f"listing{first}; {out} was left as its last build made it")
             report = out / report_name(job_index, num_jobs)
             atomic_write_text(
                 report, "".join(json.dumps(i.to_dict(), sort_keys=True) + "\n" for i in planning_issues)

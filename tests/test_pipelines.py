@@ -109,6 +109,16 @@ def test_resolve_shards_reads_globs_joined_specs_and_pipe_braces(data):
     assert is_shard_source(joined) and dataset_name(joined) == "rain"
 
 
+def test_eval_names_the_current_folder_after_itself(data, monkeypatch):
+    """`eval --data .` (or `--data x.tar` in the folder) was named "dataset", not after the folder."""
+    from uniremoval.eval.evaluate import dataset_name
+
+    monkeypatch.chdir(data / "haze")
+    assert dataset_name(".") == dataset_name("./") == dataset_name("haze-000000.tar") == "haze"
+    monkeypatch.chdir(data / "haze" / "..")
+    assert dataset_name("haze/..") == data.name and dataset_name("pipe:cat x.tar") == "dataset"  # not the cwd
+
+
 # ---------------------------------------------------------------- transforms
 
 

@@ -238,6 +238,8 @@ def dataset_name(data: str | list[str]) -> str:
     p = Path(data.split("::")[0].rstrip("/"))  # several joined specs: named after the first, as a list
     if p.name == "manifest.json" or p.suffix == ".tar":
         p = p.parent
+    if p.name in ("", "..") and "://" not in data and not data.startswith("pipe:"):
+        p = p.resolve()  # `--data .` (or a shard in it) is named after the folder, not "dataset"
     name = p.name or "dataset"
     return name.split("{")[0].rstrip("-_") or "dataset"
 

@@ -273,6 +273,32 @@ def test_a_resume_says_when_the_batches_change(tmp_path):
     assert trainer.resumed_changes == ["processes: 2 -> 1"]
 
 
+def test_a_resume_names_weights_replaced_under_the_same_path(tmp_path):
+    """A stage's other weights (KT's teachers) are recorded in each checkpoint by sha256: a resume
+    after one was replaced under the same path (the config is unchanged) names it, rather than going
+    on silently with another teacher; unchanged ones resume without a word."""
+
+    class WithTeacher(ToyStage):
+        teacher_sha = {"teachers.checkpoints.haze": "a" * 64}
+
+        def weights_identity(self):
+            return dict(self.teacher_sha)
+
+    first = WithTeacher(make_cfg(tmp_path, max_steps=3))
+    Trainer(first.cfg, first).fit()
+    same = WithTeacher(make_cfg(tmp_path, max_steps=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Trainer(same.cfg, same).fit(resume="auto")
+    other = WithTeacher(make_cfg(tmp_path, max_steps=5))
+    other.teacher_sha = {"teachers.checkpoints.haze": "b" * 64}
+    trainer = Trainer(other.cfg, other)
+    with pytest.warns(RuntimeWarning, match=r"step-00000004: teachers.checkpoints.haze: weights sha256 aaaaaaaaaaaa "
+                                            r"-> bbbbbbbbbbbb\. These are not the weights the checkpoint was trained"):
+        trainer.fit(resume="auto")
+    assert trainer.resumed_changes == ["teachers.checkpoints.haze: weights sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb"]
+
+
 def test_grad_accumulation_matches_large_batch(tmp_path):
     # Adam divides by sqrt(v), so a gradient off by a constant factor (a missing 1/grad_accum)
     # would move the weights alike; eps far above sqrt(v) makes the step proportional to the

@@ -167,6 +167,7 @@ class KnowledgeTransfer(Stage):
         self.crop_padding = CropPadding()  # images smaller than the crop: counted, warned once a run
         self.loss_fn: nn.Module | None = None
         self.teachers: dict[str, Teacher] = {}
+        self._identity: dict[str, str] | None = None  # weights_identity, computed once
         for src in cfg.data.train:
             if src.degradation is None:
                 raise ConfigError(f"data.train source {src.name!r} needs a degradation (one of {self.degradations})")
@@ -237,15 +238,23 @@ class KnowledgeTransfer(Stage):
         # The params hold only the teachers' and init's paths, whose files a retrained or resumed run
         # replaces (best.safetensors): the sha256 says which weights this run learnt from. A cached run's
         # cache was checked to come from these very files (check_teacher_cache).
-        for name in self.degradations:
-            t = self.teachers.get(name)
-            sha = t.sha256 if t is not None else weights_sha256(self.cfg.teachers.checkpoints.get(name))
-            if sha:
-                tags[f"teacher_sha256.{name}"] = sha
+        for key, sha in self.weights_identity().items():
+            tags[f"teacher_sha256.{key.rsplit('.', 1)[1]}"] = sha
         init = weights_sha256(self.cfg.model.init)
         if init:
             tags["init_sha256"] = init
         return tags
+
+    def weights_identity(self) -> dict[str, str]:
+        if self._identity is None:  # hashed once a run (online teachers: when they were loaded)
+            ids = {}
+            for name in self.degradations:
+                t = self.teachers.get(name)
+                sha = t.sha256 if t is not None else weights_sha256(self.cfg.teachers.checkpoints.get(name))
+                if sha:
+                    ids[f"teachers.checkpoints.{name}"] = sha
+            self._identity = ids
+        return self._identity
 
     def export_meta(self, name: str) -> dict[str, Any]:
         return {"input_range": self.cfg.model.input_range, "degradations": self.degradations}

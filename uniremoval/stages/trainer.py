@@ -171,6 +171,12 @@ class Stage:
     def extra_tags(self) -> dict[str, str]:
         return {}
 
+    def weights_identity(self) -> dict[str, str]:
+        """sha256 of the weights the stage reads besides its own (KT's teachers), keyed by the setting
+        that names them. Each checkpoint keeps it, so a resume notices a file replaced under the same
+        path (a retrained teacher), which the config cannot show. Called on the main process."""
+        return {}
+
     def export_meta(self, name: str) -> dict[str, Any]:
         """Extra metadata stored with exported weights (e.g. preset, input_range, degradation)."""
         return {}
@@ -860,6 +866,7 @@ class Trainer:
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
                 **data_counts, "log_window": {k: [s, n] for k, (s, n) in window.items()},
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
+                "weights_sha256": self.stage.weights_identity(),  # optional: older checkpoints lack it
                 "zero_stage": self.zero_stage,  # a resume must load deepspeed/ under the same stage
                 "config": json.dumps(config_to_dict(self.cfg)),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -989,6 +996,8 @@ class Trainer:
         if self.deepspeed:
             self._check_deepspeed_resume(path, state)
         self._check_resumed_config(path, state)
+        if self.accelerator.is_main_process:
+            self._check_resumed_weights(path, state)
         for name in self.stage.trainable:
             weights = path / f"{name}.safetensors"
             if not weights.is_file():
@@ -1090,6 +1099,20 @@ class Trainer:
                         "own share of the shards), so from here on the batches are not those of an uninterrupted "
                         "run with either count; resume with the old count to continue the same sequence")
             warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown) + note,
+                          RuntimeWarning, stacklevel=3)
+
+    def _check_resumed_weights(self, path: Path, state: dict[str, Any]) -> None:
+        """Name the weights read besides the run's own (KT's teachers) whose file changed since the
+        checkpoint, under the same setting or not: the run goes on learning from the new ones."""
+        saved = state.get("weights_sha256") or {}
+        now = self.stage.weights_identity() if saved else {}
+        changed = [f"{k}: weights sha256 {saved[k][:12]} -> {now[k][:12]}" for k in sorted(saved)
+                   if k in now and now[k] != saved[k]]
+        if changed:
+            self.resumed_changes.extend(changed)
+            warnings.warn(f"resuming {path}: {'; '.join(changed)}. These are not the weights the checkpoint "
+                          f"was trained with (a file replaced under the same path, e.g. a retrained teacher): the run "
+                          f"goes on learning from the new ones; to continue it as it was, put the old file back",
                           RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- signals, agreement, misc

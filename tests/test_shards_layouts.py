@@ -493,3 +493,18 @@ def test_a_list_saved_with_a_bom_and_crlf_keeps_its_first_pair(tmp_path: Path) -
     build("realblur", realblur.root, tmp_path / "r")
     check_samples(tmp_path / "r", realblur, "realblur", "blur", "real")
     assert (tmp_path / "r" / "report.jsonl").read_text() == ""
+
+
+def test_split_folders_are_never_read_in_part(tmp_path: Path) -> None:
+    """A root holding input/+target/ and also test/input/+test/target/ read only the root's pairs,
+    and val/ beside validation/ read only the first: the other pairs were dropped unseen."""
+    t = Tree(tmp_path / "pf")
+    t.pair("input/a.png", "target/a.png", "train")
+    t.pair("test/input/b.png", "test/target/b.png", "test")
+    with pytest.raises(DataError, match=r"holds the layout itself and in sub-folders \(test/\)"):
+        build("paired-folder", t.root, tmp_path / "o", "--degradation", "rain")
+    t2 = Tree(tmp_path / "rain")
+    t2.pair("val/rainy_image/1_1.jpg", "val/ground_truth/1.jpg", "val")
+    t2.pair("validation/rainy_image/2_1.jpg", "validation/ground_truth/2.jpg", "val")
+    with pytest.raises(DataError, match=r"val/ and validation/ are both the val split"):
+        build("rain1400", t2.root, tmp_path / "r")

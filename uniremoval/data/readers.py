@@ -442,13 +442,22 @@ def read_reside_unpaired(root: Path, opts: ReaderOptions) -> ReadResult:
 def _split_folders(root: Path, has_layout: Callable[[Path], bool], opts: ReaderOptions) -> dict[str, Path]:
     """Either the root itself holds the layout (one split, named by --split), or split folders do:
     every sub-folder holding it is a split (training/ -> train, testing/ -> test, val/, ...), so
-    none is dropped unseen."""
+    none is dropped unseen: a root holding the layout and split folders too, or two folders naming
+    one split (val/ and validation/), is refused rather than read in part."""
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and not hidden(p.name) and has_layout(p)]
     if has_layout(root):
+        if subs:
+            raise DataError(f"--root {root} holds the layout itself and in sub-folders "
+                            f"({', '.join(f'{p.name}/' for p in subs)}): which is the dataset is unclear; "
+                            f"point --root at one of them, or move the root's own folders into a split folder")
         return {opts.split or "train": root}
     found: dict[str, Path] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not hidden(p.name)):
-        if has_layout(folder):
-            found.setdefault(_split_name(folder.name), folder)
+    for folder in subs:
+        split = _split_name(folder.name)
+        if split in found:
+            raise DataError(f"--root {root}: {found[split].name}/ and {folder.name}/ are both the {split} split; "
+                            f"merge them into one folder or move one out of --root")
+        found[split] = folder
     return _only_split(found, opts, root)
 
 

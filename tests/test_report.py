@@ -464,3 +464,24 @@ def test_real_paired_sets_get_their_own_psnr_table():
     assert [r.key for r in tables["Synthetic ablation: PSNR/SSIM (Table IV)"].rows] == ["k"]
     assert tables["Real paired sets: PSNR/SSIM"].columns == [("RealBlurJ", "psnr")]
     assert [r.key for r in tables["Real paired sets: PSNR/SSIM"].rows] == ["k", "input"]
+
+
+def test_models_trained_against_another_store_keep_their_run_names(tmp_path, capsys):
+    """Students trained against a local mlflow.db and evaluated on another store: each eval was
+    labelled by its file's stem, 'last' for every model, and the report showed
+    'last (last) (32953b25)'; the training run's name the checkpoint records labels them now."""
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / "a.png")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for seed, name in enumerate(("kt", "da")):
+        torch.manual_seed(seed)
+        ckpt = save_checkpoint(tmp_path / name / "last", MPRNet("tiny").eval(),
+                               {"run_name": name, "mlflow_run_id": f"{seed}" * 32})  # a run this store lacks
+        run_eval(EvalOptions(str(ckpt), str(data), metrics=["piqe"], device="cpu", tracking_uri=uri,
+                             experiment="proj", degradation="rain"))
+    table = render(build_tables(collect("proj", uri)), "csv")
+    assert [row[0] for row in csv.reader(io.StringIO(table)) if row][2:] == ["kt", "da"], table

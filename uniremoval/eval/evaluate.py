@@ -747,6 +747,10 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             label = "input"
         elif train_run is not None and train_run.info.run_name:
             label = train_run.info.run_name
+        elif meta.get("run_name"):
+            # The training run is in another store (trained against a local mlflow.db, evaluated on the
+            # team's server): its name as the checkpoint recorded it, not "last" for every model.
+            label = str(meta["run_name"])
         else:
             label = Path(result.checkpoint).stem
     tags = {"stage": "eval", "dataset": result.dataset, "checkpoint": result.checkpoint, "uniremoval.label": label,

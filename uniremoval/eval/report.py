@@ -199,7 +199,7 @@ def display_labels(rows: list[ModelRow], datasets: list[str]) -> list[str]:
     for attempt in (lambda r: Path(r.checkpoint).stem if r.checkpoint and r.key != "input" else None,
                     lambda r: r.key[:8]):
         counts = Counter(labels)
-        labels = [f"{lab} ({extra})" if counts[lab] > 1 and (extra := attempt(r)) else lab
+        labels = [f"{lab} ({extra})" if counts[lab] > 1 and (extra := attempt(r)) and extra != lab else lab
                   for lab, r in zip(labels, rows)]
     return labels
 

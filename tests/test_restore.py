@@ -249,6 +249,7 @@ def test_restore_cli_official_pth_single_file_tiled(tmp_path: Path, capsys: pyte
     got = torch.from_numpy(np.asarray(Image.open(out / "photo.png")).transpose(2, 0, 1).copy()).float() / 255
     assert (got - expected).abs().max() <= 0.5 / 255 + 1e-6
     # Writing over the inputs is refused; a wrong preset is a named error (exit status 2).
+    Image.fromarray(rand_u8(8, 8, seed=4)).save(tmp_path / "out" / "mine.png")  # the user's, not restore's
     assert (
         main(["restore", "--checkpoint", str(pth), "--input", str(tmp_path), "--output", str(tmp_path)]) == 2
     )
@@ -691,9 +692,11 @@ def test_restore_into_the_input_folder_reruns_and_names_every_name_clash(tmp_pat
         return main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(src),
                      "--device", "cpu"])
 
-    for _ in range(2):
+    for run in range(2):
         assert restore() == 0, capsys.readouterr().err
-        assert "restored 2 of 2" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "restored 2 of 2" in err
+        assert ("note: restore left out 2 PNG(s) in --output that an earlier restore wrote" in err) == (run == 1)
     assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*")) == [
         "sub/y.jpg", "sub/y.png", "x.jpg", "x.png"]
 

@@ -103,13 +103,16 @@ def run(args: argparse.Namespace) -> int:
     files = list_images(in_root, others, skip=out_root)  # a rerun does not restore its own outputs
     own: set[Path] = set()
     if in_root.is_dir():
-        # --output the --input folder itself (restored PNGs beside the photos): the PNGs an earlier run
-        # wrote there are its outputs, to be replaced, not inputs (each would be its own output).
-        out_real = out_root.resolve()
-        own = {f for f in files if f.resolve().is_relative_to(out_real) and written_by_restore(f)}
+        # --output the --input folder itself (restored PNGs beside the photos): a PNG an earlier run
+        # wrote there would be its own output; it is that run's output, to be replaced, not an input.
+        own = {f for f in files if f.suffix.lower() == ".png" and
+               (out_root / f.relative_to(in_root)).resolve() == f.resolve() and written_by_restore(f)}
         files = [f for f in files if f not in own]
     if others:
         print(other_formats_note(others, "restore"), file=sys.stderr)
+    if own:
+        print(f"note: restore left out {len(own)} PNG(s) in --output that an earlier restore wrote (e.g. "
+              f"{min(own)}): they are its outputs, replaced by this run, not inputs", file=sys.stderr)
     if not files:
         earlier = f" (its {len(own)} PNG(s) written by an earlier restore are not inputs)" if own else ""
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}{earlier}")

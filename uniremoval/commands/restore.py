@@ -160,6 +160,15 @@ def run(args: argparse.Namespace) -> int:
 
     failed: list[str] = []
     free = available_memory() if device == "cpu" else None
+    tiles_bar: list = []  # the bar over the current image's tiles, once it has more than one batch
+
+    def on_tiles(done: int, total: int) -> None:
+        if total <= args.batch_size:
+            return
+        if not tiles_bar:
+            tiles_bar.append(tqdm(total=total, desc="  tiles", unit="tile", file=sys.stderr, leave=False))
+        tiles_bar[0].update(done - tiles_bar[0].n)
+
     for src, dst in tqdm(plan, desc="restore", unit="img", file=sys.stderr):
         try:
             x = read_image(src)
@@ -178,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
                 tile=args.tile,
                 tile_overlap=overlap,
                 batch_size=args.batch_size,
+                on_tiles=on_tiles,
             )
             write_png(dst, y[0], icc_profile=rgb_icc_profile(src))
         except DataError as exc:
@@ -193,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
                 raise
             failed.append(str(src))
             tqdm.write(f"skipped: {src}: out of memory; try --tile 512 (or smaller)", file=sys.stderr)
+        finally:
+            if tiles_bar:
+                tiles_bar.pop().close()
     done = len(plan) - len(failed)
     print(f"restored {done} of {len(plan)} image(s) into {out_root}", file=sys.stderr)
     if failed:

@@ -1163,3 +1163,28 @@ def test_eval_shows_its_progress_on_a_terminal_only(tmp_path, monkeypatch, capsy
     monkeypatch.undo()
     run_eval(opts)
     assert "eval photos" not in capsys.readouterr().err
+
+
+def test_brisque_of_an_image_under_7_px_is_a_named_error(tmp_path, monkeypatch, capsys):
+    """pyiqa's BRISQUE (both variants) failed with a traceback (IndexError in its half-size resize,
+    AssertionError at 1x1) on an image with a side under 7 px; eval names the image instead, before
+    scoring, as for PIQE and NIQE. Parameter values are made up: the check is on sizes only."""
+    import scipy.io
+
+    from uniremoval.cli import main
+
+    rng = np.random.default_rng(0)
+    iqa = tmp_path / "iqa"
+    iqa.mkdir()
+    scipy.io.savemat(iqa / "brisque_matlab.mat", {"sv": rng.normal(size=(5, 36)), "sv_coef": rng.normal(size=(5, 1))})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = tmp_path / "photos"
+    data.mkdir()
+    Image.fromarray(rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)).save(data / "a.png")
+    Image.fromarray(rng.integers(0, 256, (40, 6, 3), dtype=np.uint8)).save(data / "thin.png")
+    args = ["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "brisque", "--iqa-dir", str(iqa),
+            "--no-mlflow"]
+    assert main(args) == 2
+    assert "error: image 'thin.png' is 40x6, but brisque needs at least 7x7" in capsys.readouterr().err
+    (data / "thin.png").unlink()
+    assert main(args) == 0  # 7 px is enough

@@ -45,10 +45,12 @@ class MetricInfo:
 
 
 METRICS: dict[str, MetricInfo] = {
-    "brisque": MetricInfo("brisque", "nr", True, "brisque_matlab", label="BRISQUE"),
+    # BRISQUE's second scale is a MATLAB-style half-size resize whose reflect padding fails (an
+    # IndexError, an AssertionError at 1x1) on a side under 7 px.
+    "brisque": MetricInfo("brisque", "nr", True, "brisque_matlab", min_size=7, label="BRISQUE"),
     "piqe": MetricInfo("piqe", "nr", True, "piqe", min_size=16, label="PIQE"),
     "niqe": MetricInfo("niqe", "nr", True, "niqe_matlab", min_size=96, label="NIQE"),
-    "brisque_live": MetricInfo("brisque_live", "nr", True, "brisque", label="BRISQUE (LIVE)"),
+    "brisque_live": MetricInfo("brisque_live", "nr", True, "brisque", min_size=7, label="BRISQUE (LIVE)"),
     "niqe_live": MetricInfo("niqe_live", "nr", True, "niqe", min_size=96, label="NIQE (LIVE)"),
     "psnr": MetricInfo("psnr", "fr", False, None, label="PSNR"),
     "ssim": MetricInfo("ssim", "fr", False, None, min_size=11, label="SSIM"),  # its 11x11 window

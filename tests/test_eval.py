@@ -1188,3 +1188,25 @@ def test_brisque_of_an_image_under_7_px_is_a_named_error(tmp_path, monkeypatch, 
     assert "error: image 'thin.png' is 40x6, but brisque needs at least 7x7" in capsys.readouterr().err
     (data / "thin.png").unlink()
     assert main(args) == 0  # 7 px is enough
+
+
+def test_save_images_inside_data_are_not_test_images_on_a_rerun(tmp_path, capsys):
+    """`eval --data photos --save-images photos/restored`: the rerun scored its own earlier outputs
+    too (4 images instead of 2, nested restored/restored); an eval's saved folder under --data is
+    left out with a note, while --data naming such a folder itself still scores it."""
+    from uniremoval.cli import main
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    args = ["eval", "--checkpoint", "none", "--metrics", "piqe", "--no-mlflow"]
+    for run in range(2):
+        assert main([*args, "--data", str(data), "--save-images", str(data / "restored")]) == 0
+        captured = capsys.readouterr()
+        assert "photos: 2 images" in captured.out
+        assert ("note: eval left out 1 folder(s) under --data" in captured.err) == (run == 1)
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png")) == [
+        "0.png", "1.png", "restored/0.png", "restored/1.png"]
+    assert main([*args, "--data", str(data / "restored")]) == 0
+    assert "restored: 2 images" in capsys.readouterr().out

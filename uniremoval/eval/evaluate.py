@@ -158,7 +158,7 @@ def folder_pairs(root: str | os.PathLike, others: list[Path] | None = None) -> l
         raise DataError(f"--data {root}: not a directory, shard dataset or tar")
     tdirs = [root / d for d in TARGET_DIRS if (root / d).is_dir()]
     in_root = root / "input" if (root / "input").is_dir() else root
-    inputs = _images_under(in_root, exclude=tuple(tdirs), others=others)
+    inputs = _images_under(in_root, exclude=tuple(tdirs) + saved_folders(in_root), others=others)
     if not inputs:
         raise DataError(f"--data {root}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
     targets: dict[str, Path] = {}
@@ -172,20 +172,31 @@ def folder_pairs(root: str | os.PathLike, others: list[Path] | None = None) -> l
     return out
 
 
+def saved_folders(root: Path) -> tuple[Path, ...]:
+    """Folders under `root` (not root itself) that an eval's --save-images wrote (SAVED_MARKER): the
+    restored images of an earlier run, never test images (`--save-images DATA/restored` made a rerun
+    score 2N images, its own outputs among them, and nest restored/restored)."""
+    return tuple(sorted(m.parent for m in root.rglob(SAVED_MARKER) if m.parent != root and m.is_file()))
+
+
 def iter_folder(root: str, rank: int, world: int, need_target: bool) -> Iterator[Item]:
     """Items of a folder dataset, read upright (`read_image_oriented`). A pair whose EXIF
     orientations differ is refused: turned as displayed, or as stored, one of them is misaligned."""
+    import sys
+
     from uniremoval.data.transforms import ORIENTATIONS
     from uniremoval.eval.restore import read_image_oriented
 
     others: list[Path] = []
     pairs = folder_pairs(root, others)
     if others and rank == 0:
-        import sys
-
         from uniremoval.eval.restore import other_formats_note
 
         print(other_formats_note(others, "eval"), file=sys.stderr)
+    in_root = Path(root) / "input" if (Path(root) / "input").is_dir() else Path(root)
+    if rank == 0 and (saved := saved_folders(in_root)):
+        print(f"note: eval left out {len(saved)} folder(s) under --data {root} that an earlier eval's "
+              f"--save-images wrote (e.g. {saved[0]}): restored images, not test images", file=sys.stderr)
     if need_target:
         missing = [n for n, _, t in pairs if t is None]
         if missing:

@@ -279,10 +279,10 @@ def test_a_resume_names_weights_replaced_under_the_same_path(tmp_path):
     on silently with another teacher; unchanged ones resume without a word."""
 
     class WithTeacher(ToyStage):
-        teacher_sha = {"teachers.checkpoints.haze": "a" * 64}
+        teacher = "a" * 64
 
         def weights_identity(self):
-            return dict(self.teacher_sha)
+            return {"teachers.checkpoints.haze": self.teacher}
 
     first = WithTeacher(make_cfg(tmp_path, max_steps=3))
     Trainer(first.cfg, first).fit()
@@ -291,7 +291,7 @@ def test_a_resume_names_weights_replaced_under_the_same_path(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         Trainer(same.cfg, same).fit(resume="auto")
     other = WithTeacher(make_cfg(tmp_path, max_steps=5))
-    other.teacher_sha = {"teachers.checkpoints.haze": "b" * 64}
+    other.teacher = "b" * 64
     trainer = Trainer(other.cfg, other)
     with pytest.warns(RuntimeWarning, match=r"step-00000004: teachers.checkpoints.haze: weights sha256 aaaaaaaaaaaa "
                                             r"-> bbbbbbbbbbbb\. These are not the weights the checkpoint was trained"):

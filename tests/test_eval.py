@@ -1210,3 +1210,31 @@ def test_save_images_inside_data_are_not_test_images_on_a_rerun(tmp_path, capsys
         "0.png", "1.png", "restored/0.png", "restored/1.png"]
     assert main([*args, "--data", str(data / "restored")]) == 0
     assert "restored: 2 images" in capsys.readouterr().out
+
+
+def test_a_too_small_or_non_image_file_stops_eval_before_anything_is_restored(tmp_path, monkeypatch):
+    """eval stops at an image too small for a metric, or a file that is no image; found while scoring
+    (file z_* sorts last), that came after restoring every image before it: hours of a test set."""
+    import uniremoval.eval.restore as restore_mod
+    from uniremoval.errors import DataError
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    restored = []
+    real = restore_mod.restore_tensor
+    monkeypatch.setattr(restore_mod, "restore_tensor", lambda *a, **k: restored.append(1) or real(*a, **k))
+    opts = EvalOptions(str(ckpt), str(data), metrics=["piqe"], device="cpu", batch_size=1, mlflow=False)
+
+    Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(data / "z_thin.png")
+    with pytest.raises(UniremovalError, match=r"image 'z_thin\.png' is 8x40, but piqe needs at least 16x16"):
+        run_eval(opts)
+    (data / "z_thin.png").unlink()
+    (data / "z_page.jpg").write_text("<html><body>404</body></html>")
+    with pytest.raises(DataError, match=r"z_page\.jpg: not an image file"):
+        run_eval(opts)
+    assert restored == []

@@ -41,6 +41,7 @@ mean of the dataset is null too, with a warning naming the images.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -179,9 +180,31 @@ def saved_folders(root: Path) -> tuple[Path, ...]:
     return tuple(sorted(m.parent for m in root.rglob(SAVED_MARKER) if m.parent != root and m.is_file()))
 
 
-def iter_folder(root: str, rank: int, world: int, need_target: bool) -> Iterator[Item]:
+def check_headers(pairs: list[tuple[str, Path, Path | None]], need_target: bool,
+                  check_size: Callable[[int, int, str], None]) -> None:
+    """Refuse, before anything is restored, an image too small for a metric or a file that is no
+    image at all (an HTML page saved as .jpg, an empty file): eval stops at either, and found while
+    scoring it did so after every image before it (hours into a test set). Headers only (a
+    truncated file is still found when it is decoded)."""
+    from uniremoval.eval.restore import open_image, read_image_oriented
+
+    for name, inp, tgt in pairs:
+        for path in (inp, tgt) if (need_target and tgt is not None) else (inp,):
+            try:
+                with open_image(None, path, load=False) as img:
+                    width, height = img.size
+            except Exception:  # noqa: BLE001 - the reader names what is wrong with the file
+                read_image_oriented(path)
+                continue
+            if path == inp:
+                check_size(height, width, name)
+
+
+def iter_folder(root: str, rank: int, world: int, need_target: bool,
+                check_size: Callable[[int, int, str], None] | None = None) -> Iterator[Item]:
     """Items of a folder dataset, read upright (`read_image_oriented`). A pair whose EXIF
-    orientations differ is refused: turned as displayed, or as stored, one of them is misaligned."""
+    orientations differ is refused: turned as displayed, or as stored, one of them is misaligned.
+    With `check_size` (the scorer's), this rank's files are checked first (`check_headers`)."""
     import sys
 
     from uniremoval.data.transforms import ORIENTATIONS
@@ -204,6 +227,8 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool) -> Iterator
                 f"--data {root}: PSNR/SSIM need targets, none found for {len(missing)} image(s), e.g. "
                 f"{missing[0]!r}; put targets of the same name under {root}/target/"
             )
+    if check_size is not None:
+        check_headers(pairs[rank::world], need_target, check_size)
     for name, inp, tgt in pairs[rank::world]:
         image, turn = read_image_oriented(inp)
         target = None
@@ -560,7 +585,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     scorer = Scorer(metrics, device=str(device), iqa_dir=opts.iqa_dir, y_channel=opts.psnr_y,
                     crop_border=opts.crop_border)
     restore, meta, sha = _restorer(opts, device)
-    reader = iter_shards if is_shard_source(opts.data) else iter_folder
+    reader = iter_shards if is_shard_source(opts.data) else functools.partial(iter_folder, check_size=scorer.check_size)
     if state.num_processes > 1:
         # Each rank scores every n-th shard (or image) of its own listing: listings that differ (a node
         # whose mount lags, a copy missing a file) would score some images twice and others never.

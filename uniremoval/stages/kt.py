@@ -239,7 +239,7 @@ class KnowledgeTransfer(Stage):
         # replaces (best.safetensors): the sha256 says which weights this run learnt from. A cached run's
         # cache was checked to come from these very files (check_teacher_cache).
         for key, sha in self.weights_identity().items():
-            tags[f"teacher_sha256.{key.rsplit('.', 1)[1]}"] = sha
+            tags[f"teacher_sha256.{key.removeprefix('teachers.checkpoints.')}"] = sha
         init = weights_sha256(self.cfg.model.init)
         if init:
             tags["init_sha256"] = init

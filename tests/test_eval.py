@@ -1238,3 +1238,16 @@ def test_a_too_small_or_non_image_file_stops_eval_before_anything_is_restored(tm
     with pytest.raises(DataError, match=r"z_page\.jpg: not an image file"):
         run_eval(opts)
     assert restored == []
+
+
+def test_saved_image_names_survive_mlflows_http_artifact_store():
+    """MLflow's HTTP artifact store (mlflow server) cut 'photo #2.png' to 'photo ' and 'x?.png' to 'x',
+    and decoded 'p%20q' to 'p q': --save-images names carry '_' for '#', '?' and '%' (measured on
+    mlflow 3.17 with --artifacts-destination); two inputs that meet on one name are refused."""
+    from uniremoval.errors import DataError
+    from uniremoval.eval.evaluate import check_saved_names, saved_name
+
+    assert saved_name("sub dir/photo #2?.jpg") == Path("sub dir/photo _2_.png")
+    assert saved_name("p%20q.JPG") == Path("p_20q.png") and saved_name("ünï.png") == Path("ünï.png")
+    with pytest.raises(DataError, match=r"'x#1\.jpg' and 'x_1\.png' would both be saved as out/x_1\.png"):
+        check_saved_names(["x#1.jpg", "x_1.png"], "out")

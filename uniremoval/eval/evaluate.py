@@ -365,9 +365,15 @@ def score_items(
     return records
 
 
+# MLflow's HTTP artifact store cuts a path at '#' or '?' and decodes '%20' (MLflow 3.x: 'photo #2.png'
+# was stored as 'photo ', and 'x#1.png', 'x#2.png' as one file): saved images carry '_' for them.
+_ARTIFACT_UNSAFE = str.maketrans({"#": "_", "?": "_", "%": "_"})
+
+
 def saved_name(name: str) -> Path:
-    """Where `--save-images` writes the restored image of `name`, relative to its folder."""
-    return Path(name).with_suffix(".png")
+    """Where `--save-images` writes the restored image of `name`, relative to its folder (also its
+    MLflow artifact path: '#', '?' and '%' become '_')."""
+    return Path(name.translate(_ARTIFACT_UNSAFE)).with_suffix(".png")
 
 
 def check_saved_names(names: list[str], save_dir: str) -> None:

@@ -626,3 +626,27 @@ def test_cache_compiles_its_teachers_under_model_compile(tmp_path, monkeypatch, 
     assert str(err.value) == (f"invalid config:\n  {ROOT / 'configs' / 'cache.yaml'}: model.compile_mode=reduce-overhead replays CUDA "
                               "graphs, which the cache does not use; set model.compile_mode=default (or "
                               "max-autotune-no-cudagraphs)")
+
+
+def test_teacher_model_init_of_another_preset_is_refused_naming_model_preset(tmp_path):
+    """Fine-tuning a teacher from model.init checks model.preset against the file (as KT's student
+    does): the file's preset was taken silently, so a run logged as model.preset=derain trained and
+    exported a tiny MPRNet that the cache then refused under teachers.preset=derain."""
+    from uniremoval.config import TeacherStage
+    from uniremoval.errors import CheckpointError
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.teacher import TeacherTraining
+
+    init = save_checkpoint(tmp_path / "teacher-haze" / "best", MPRNet("tiny"), {"stage": "teacher", "degradation": "haze"})
+
+    def stage(preset: str) -> TeacherTraining:
+        cfg = TeacherStage(stage="teacher", degradation="snow", output_dir=str(tmp_path), tracking={"enabled": False},
+                           model={"preset": preset, "init": str(init)},
+                           data={"degradations": ["snow"], "train": [{"name": "s", "shards": "x", "degradation": "snow"}]})
+        return TeacherTraining(cfg)
+
+    with pytest.raises(CheckpointError, match=r"teacher-haze/best.safetensors: was saved from preset 'tiny', not "
+                                              r"'derain'; set model.preset=tiny"):
+        stage("derain").build_models()
+    assert stage("tiny").build_models()["teacher"].preset == "tiny"

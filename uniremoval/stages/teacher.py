@@ -65,7 +65,10 @@ class TeacherTraining(Stage):
         if m.init:
             from uniremoval.models.checkpoint import load_checkpoint
 
-            model, meta = load_checkpoint(m.init, arch="mprnet")
+            # model.preset is checked against the file, as KT's student does: a preset taken silently
+            # from the file left the run training (and exporting) another architecture than its config
+            # logs, which the cache and KT then refuse under teachers.preset, a whole run later.
+            model, meta = load_checkpoint(m.init, arch="mprnet", preset=m.preset, preset_key="model.preset")
             saved = meta.get("input_range", "minus_one_one")
             if saved != self.input_range:  # fine-tuning must feed the range the weights were trained on
                 raise ConfigError(f"model.init {m.init} was trained on {saved!r} images but model.input_range is "

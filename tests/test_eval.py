@@ -1251,3 +1251,24 @@ def test_saved_image_names_survive_mlflows_http_artifact_store():
     assert saved_name("p%20q.JPG") == Path("p_20q.png") and saved_name("ünï.png") == Path("ünï.png")
     with pytest.raises(DataError, match=r"'x#1\.jpg' and 'x_1\.png' would both be saved as out/x_1\.png"):
         check_saved_names(["x#1.jpg", "x_1.png"], "out")
+
+
+def test_a_dataset_name_mlflow_refuses_is_cleaned_or_refused_before_scoring(tmp_path, capsys):
+    """A folder 'photos (2024)' named the dataset, and MLflow refuses '(' in the metric name
+    eval/<dataset>/<metric>: the run was spooled as if the server were down, and its replay failed
+    the same way forever. The folder's name is cleaned; a --name MLflow refuses stops eval first."""
+    from uniremoval.cli import main
+
+    data = tmp_path / "photos (2024)"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / "a.png")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "piqe", "--tracking-uri", uri]
+    assert main(args) == 0
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("uniremoval").experiment_id])
+    assert [(r.info.status, sorted(r.data.metrics)) for r in runs] == [
+        ("FINISHED", ["eval/photos _2024_/piqe", "eval_undefined/photos _2024_/piqe"])]
+    capsys.readouterr()
+    assert main([*args, "--name", "RTTS (test)"]) == 2
+    assert "error: --name 'RTTS (test)': MLflow metric names (eval/<name>/<metric>) cannot hold ( )" in \
+        capsys.readouterr().err

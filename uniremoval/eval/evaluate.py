@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -277,7 +278,13 @@ def dataset_name(data: str | list[str]) -> str:
     if p.name in ("", "..") and "://" not in data and not data.startswith("pipe:"):
         p = p.resolve()  # `--data .` (or a shard in it) is named after the folder, not "dataset"
     name = p.name or "dataset"
-    return name.split("{")[0].rstrip("-_") or "dataset"
+    # MLflow refuses a metric key (eval/<dataset>/<metric>) holding '(' or '#' (a folder "RTTS (test)"):
+    # the run was then spooled as if the server were down, and its replay failed the same way forever.
+    return MLFLOW_KEY_UNSAFE.sub("_", name.split("{")[0].rstrip("-_")) or "dataset"
+
+
+# What MLflow allows in a metric name, besides letters and digits (mlflow.utils.validation).
+MLFLOW_KEY_UNSAFE = re.compile(r"[^\w\-. :/]")
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -563,6 +570,10 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     from accelerate import PartialState
 
     metrics = parse_metrics(opts.metrics)
+    if opts.mlflow and opts.name and (bad := sorted(set(MLFLOW_KEY_UNSAFE.findall(opts.name)))):
+        raise UniremovalError(f"--name {opts.name!r}: MLflow metric names (eval/<name>/<metric>) cannot hold "
+                              f"{' '.join(bad)}; use letters, digits, spaces and _ - . : /, e.g. "
+                              f"--name {MLFLOW_KEY_UNSAFE.sub('_', opts.name)!r}")
     check_distinct_outputs(opts.json_out, opts.csv_out)
     if opts.batch_size < 1:
         raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")

@@ -650,3 +650,23 @@ def test_teacher_model_init_of_another_preset_is_refused_naming_model_preset(tmp
                                               r"'derain'; set model.preset=tiny"):
         stage("derain").build_models()
     assert stage("tiny").build_models()["teacher"].preset == "tiny"
+
+
+def test_a_run_folder_given_as_a_teacher_is_named_as_a_folder_not_as_missing(tmp_path):
+    """teachers.checkpoints.snow=outputs/teacher-snow (the run folder, not its best.safetensors) was
+    reported as "does not exist" although it does; now the folder and its weights files are named."""
+    from uniremoval.config import CacheStage, check_inputs
+    from uniremoval.errors import ConfigError
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    run = tmp_path / "outputs" / "teacher-snow"
+    save_checkpoint(run / "best", MPRNet("tiny"), {"stage": "teacher", "degradation": "snow"})
+    write_shards(tmp_path / "snow", "snow", 1, 1, degradation="snow")
+    cfg = CacheStage(stage="cache", output_dir=str(tmp_path), tracking={"enabled": False}, model={"preset": "tiny"},
+                     teachers={"checkpoints": {"snow": str(run)}},
+                     data={"degradations": ["snow"], "train": [{"name": "s", "shards": str(tmp_path / "snow"),
+                                                                "degradation": "snow"}]})
+    with pytest.raises(ConfigError, match=r"teachers.checkpoints.snow: checkpoint .*teacher-snow is a folder, not a "
+                                          r"weights file; give one of its weights files: .*teacher-snow/best.safetensors"):
+        check_inputs(cfg)

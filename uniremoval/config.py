@@ -777,7 +777,8 @@ def check_inputs(cfg: StageBase) -> None:
             else:
                 resolve_weights(Path(path))
         except CheckpointError as exc:
-            missing.append(f"{key}: {exc}" if is_run_artifact(path) else
+            # a path that is there (a folder) is not "missing": say what resolve_weights found
+            missing.append(f"{key}: {exc}" if is_run_artifact(path) or Path(path).exists() else
                            f"{key}: {path} does not exist; {made_by} writes it, or set {key}=PATH")
     if missing:
         raise ConfigError(f"missing or mismatched input(s), relative paths read from {cwd}:\n  " + "\n  ".join(missing))

@@ -152,6 +152,11 @@ def resolve_weights(path: Path) -> Path:
         path = path.with_suffix(WEIGHTS_SUFFIX)
     if path.is_file():
         return path
+    if path.is_dir():  # a run folder (outputs/teacher-haze) or a checkpoints/step-* folder
+        inside = sorted(p.name for p in path.glob(f"*{WEIGHTS_SUFFIX}"))
+        raise CheckpointError(f"checkpoint {path} is a folder, not a weights file; give "
+                              + (f"one of its weights files: {', '.join(str(path / n) for n in inside[:4])}"
+                                 if inside else "a .safetensors (or official .pth) file"))
     if path.suffix == WEIGHTS_SUFFIX:
         raise CheckpointError(f"checkpoint {path} not found")
     candidate = _with_suffix(path, WEIGHTS_SUFFIX)

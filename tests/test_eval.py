@@ -1234,6 +1234,12 @@ def test_a_too_small_or_non_image_file_stops_eval_before_anything_is_restored(tm
     with pytest.raises(UniremovalError, match=r"image 'z_thin\.png' is 8x40, but piqe needs at least 16x16"):
         run_eval(opts)
     (data / "z_thin.png").unlink()
+    turned = Image.Exif()
+    turned[0x0112] = 6  # stored 40 wide, shown 8 wide: named as shown, as the scoring loop names it
+    Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(data / "z_turned.jpg", exif=turned.tobytes())
+    with pytest.raises(UniremovalError, match=r"image 'z_turned\.jpg' is 40x8, but piqe"):
+        run_eval(opts)
+    (data / "z_turned.jpg").unlink()
     (data / "z_page.jpg").write_text("<html><body>404</body></html>")
     with pytest.raises(DataError, match=r"z_page\.jpg: not an image file"):
         run_eval(opts)

@@ -187,6 +187,7 @@ def check_headers(pairs: list[tuple[str, Path, Path | None]], need_target: bool,
     image at all (an HTML page saved as .jpg, an empty file): eval stops at either, and found while
     scoring it did so after every image before it (hours into a test set). Headers only (a
     truncated file is still found when it is decoded)."""
+    from uniremoval.data.transforms import exif_orientation
     from uniremoval.eval.restore import open_image, read_image_oriented
 
     for name, inp, tgt in pairs:
@@ -194,6 +195,8 @@ def check_headers(pairs: list[tuple[str, Path, Path | None]], need_target: bool,
             try:
                 with open_image(None, path, load=False) as img:
                     width, height = img.size
+                    if exif_orientation(img) >= 5:  # turned a quarter: named as displayed
+                        width, height = height, width
             except Exception:  # noqa: BLE001 - the reader names what is wrong with the file
                 read_image_oriented(path)
                 continue

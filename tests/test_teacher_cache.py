@@ -670,3 +670,22 @@ def test_a_run_folder_given_as_a_teacher_is_named_as_a_folder_not_as_missing(tmp
     with pytest.raises(ConfigError, match=r"teachers.checkpoints.snow: checkpoint .*teacher-snow is a folder, not a "
                                           r"weights file; give one of its weights files: .*teacher-snow/best.safetensors"):
         check_inputs(cfg)
+
+
+def test_a_teacher_of_another_preset_is_refused_naming_its_entry_and_the_retraining(tmp_path):
+    """One teacher of k trained with another model.preset: the error named neither the
+    teachers.checkpoints entry nor a fix that works (it said set teachers.preset=<its preset>,
+    which the other teachers then refused in turn)."""
+    from uniremoval.errors import CheckpointError
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.teachers import load_teachers
+
+    haze = save_checkpoint(tmp_path / "teacher-haze" / "best", MPRNet("tiny"), {"stage": "teacher", "degradation": "haze"})
+    snow = save_checkpoint(tmp_path / "teacher-snow" / "best", MPRNet("derain"), {"stage": "teacher", "degradation": "snow"})
+    with pytest.raises(CheckpointError, match=r"teachers.checkpoints.snow=.*teacher-snow/best.safetensors: is a "
+                                              r"'derain' MPRNet, .* preset 'tiny' .*retrain this teacher with "
+                                              r"model.preset=tiny"):
+        load_teachers({"haze": str(haze), "snow": str(snow)}, ["haze", "snow"], "tiny")
+    with pytest.raises(CheckpointError, match=r"^teachers.checkpoints.haze: .*nope.safetensors not found"):
+        load_teachers({"haze": str(tmp_path / "nope.safetensors")}, ["haze"], "tiny")

@@ -126,14 +126,41 @@ def load_teachers(
     teachers: dict[str, Teacher] = {}
     for name in degradations:
         path = checkpoints[name]
-        model, meta = load_checkpoint(
-            path, arch="mprnet", preset=preset, map_location=device,
-            preset_key="teachers.preset",
-        )
+        _check_teacher_preset(name, path, preset)
+        try:
+            model, meta = load_checkpoint(
+                path, arch="mprnet", preset=preset, map_location=device,
+                preset_key="teachers.preset",
+            )
+        except CheckpointError as exc:  # k teachers: say which entry
+            raise CheckpointError(f"teachers.checkpoints.{name}: {exc}") from exc
         _check_teacher_role(name, path, meta)
         rng = input_range or meta.get("input_range", MINUS_ONE_ONE)
         teachers[name] = Teacher(name, freeze(model), rng, str(meta.get("checkpoint", path)), checkpoint_sha256(path))
     return teachers
+
+
+def _check_teacher_preset(name: str, path: str, preset: str) -> None:
+    """Our checkpoint of another preset than the teachers': refused naming the entry and what to
+    retrain. load_checkpoint alone advised `teachers.preset=<its preset>`, which every other teacher
+    (and KT's student, whose architecture the teachers share) then refused in turn."""
+    import json
+    from pathlib import Path
+
+    from uniremoval.models.checkpoint import META_SUFFIX, WEIGHTS_SUFFIX, resolve_weights
+
+    try:
+        weights = resolve_weights(Path(path))
+        saved = json.loads(weights.with_suffix(META_SUFFIX).read_text()).get("preset") \
+            if weights.suffix == WEIGHTS_SUFFIX else None
+    except (CheckpointError, OSError, ValueError, AttributeError):
+        return  # official .pth, or unreadable: load_checkpoint says what is wrong
+    if saved is not None and saved != preset:
+        raise CheckpointError(
+            f"teachers.checkpoints.{name}={path}: is a {saved!r} MPRNet, but every teacher shares one architecture "
+            f"with the others and the student: preset {preset!r} (teachers.preset, else model.preset); retrain this "
+            f"teacher with model.preset={preset}, or use {saved!r} throughout (model.preset={saved} and a {saved!r} "
+            f"teacher for every type)")
 
 
 def _check_teacher_role(name: str, path: str, meta: Mapping[str, object]) -> None:

@@ -159,8 +159,8 @@ def _check_teacher_preset(name: str, path: str, preset: str) -> None:
         raise CheckpointError(
             f"teachers.checkpoints.{name}={path}: is a {saved!r} MPRNet, but every teacher shares one architecture "
             f"with the others and the student: preset {preset!r} (teachers.preset, else model.preset); retrain this "
-            f"teacher with model.preset={preset}, or use {saved!r} throughout (model.preset={saved} and a {saved!r} "
-            f"teacher for every type)")
+            f"teacher with model.preset={preset}, or use {saved!r} throughout (model.preset={saved}, teachers.preset "
+            f"null or {saved}, and a {saved!r} teacher for every type)")
 
 
 def _check_teacher_role(name: str, path: str, meta: Mapping[str, object]) -> None:

@@ -689,3 +689,21 @@ def test_a_teacher_of_another_preset_is_refused_naming_its_entry_and_the_retrain
         load_teachers({"haze": str(haze), "snow": str(snow)}, ["haze", "snow"], "tiny")
     with pytest.raises(CheckpointError, match=r"^teachers.checkpoints.haze: .*nope.safetensors not found"):
         load_teachers({"haze": str(tmp_path / "nope.safetensors")}, ["haze"], "tiny")
+
+
+def test_a_cache_of_other_types_extends_the_shipped_config_dropping_its_teachers_with_null(tmp_path):
+    """configs/cache.yaml names haze/rain/blur teachers; mappings merge, so a config of haze and a
+    custom type extending it kept rain and blur and was refused, with no way to drop them (null was
+    refused as not a string). Now `null` drops an inherited entry, and the refusal says so."""
+    from uniremoval.config import load_config
+    from uniremoval.errors import ConfigError
+
+    cfg_file = _write_cfg(tmp_path / "cache.yaml", {
+        "extends": str(ROOT / "configs" / "cache.yaml"),
+        "teachers": {"checkpoints": {"haze": "t/haze.safetensors", "snow": "t/snow.safetensors"}},
+        "data": {"degradations": ["haze", "snow"], "train": [{"name": "s", "shards": "s", "degradation": "snow"}]}})
+    with pytest.raises(ConfigError, match=r"teachers.checkpoints.rain.*names no type of data.degradations "
+                                          r"\['haze', 'snow'\]; drop the entry .*teachers.checkpoints.rain=null"):
+        load_config(cfg_file)
+    cfg = load_config(cfg_file, ["teachers.checkpoints.rain=null", "teachers.checkpoints.blur=null"])
+    assert cfg.teachers.checkpoints == {"haze": "t/haze.safetensors", "snow": "t/snow.safetensors"}

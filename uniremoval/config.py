@@ -280,9 +280,16 @@ class TeachersConfig(Strict):
     # cached: targets and features from cache shards (data.train points at them);
     # online: teachers run on each batch (data.train points at synthetic shards).
     mode: Literal["cached", "online"] = "cached"
-    # degradation name -> checkpoint (ours, or an official MPRNet .pth)
-    checkpoints: dict[str, str] = Field(default_factory=dict)
+    # degradation name -> checkpoint (ours, or an official MPRNet .pth); null drops an entry a base
+    # file set (mappings merge: a config of other types extending configs/cache.yaml had no other way
+    # to leave out its rain and blur teachers, and was refused)
+    checkpoints: dict[str, str | None] = Field(default_factory=dict)
     preset: Preset | None = None  # None: the student's preset
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _drop_nulls(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        return {k: p for k, p in v.items() if p is not None}
 
 
 class CacheOutConfig(Strict):
@@ -660,7 +667,8 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
         for deg, path in cfg.teachers.checkpoints.items():
             if deg not in cfg.data.degradations:
                 out.append((f"teachers.checkpoints.{deg}", path,
-                            f"names no type of data.degradations {cfg.data.degradations}"))
+                            (f"names no type of data.degradations {cfg.data.degradations}; drop the entry (one "
+                             f"a base file sets: teachers.checkpoints.{deg}=null)")))
     if isinstance(cfg, TeacherStage):
         # A teacher leaves out the sources of other types (one list may serve every teacher), so a
         # misspelt type dropped that source, or the only validation set (then no best.safetensors), silently.

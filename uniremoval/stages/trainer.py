@@ -766,11 +766,14 @@ class Trainer:
         if self.stage.best_metric is not None and self.stage.best_metric[0] in metrics:
             key, mode = self.stage.best_metric
             value = metrics[key]
-            # A NaN output scores inf or NaN: never the best (nothing after it could beat inf).
+            # Never the best: NaN (an output gone NaN scores NaN), nor inf (nothing after it could beat
+            # it; a mean PSNR is inf as soon as one image is restored exactly, whatever the others score).
             better = math.isfinite(value) and (self.best_value is None or (
                 value > self.best_value if mode == "max" else value < self.best_value))
             if not math.isfinite(value) and self.accelerator.is_main_process:
-                warnings.warn(f"step {self.step}: {key}={value} is not finite (the model's output is not?); "
+                why = ("the model's output is not finite?" if math.isnan(value) else
+                       "one image restored exactly makes a mean PSNR inf, whatever the others score")
+                warnings.warn(f"step {self.step}: {key}={value} is not finite ({why}); "
                               f"best.safetensors is left as it was", RuntimeWarning, stacklevel=2)
             if better:
                 self.best_value = value

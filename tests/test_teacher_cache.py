@@ -707,3 +707,19 @@ def test_a_cache_of_other_types_extends_the_shipped_config_dropping_its_teachers
         load_config(cfg_file)
     cfg = load_config(cfg_file, ["teachers.checkpoints.rain=null", "teachers.checkpoints.blur=null"])
     assert cfg.teachers.checkpoints == {"haze": "t/haze.safetensors", "snow": "t/snow.safetensors"}
+
+
+@pytest.mark.parametrize("names", [["mean", "b"], ["a", "a"]])
+def test_validation_sets_named_mean_or_twice_are_refused(tmp_path, names):
+    """Each set logs val/<name>/psnr and val/mean/psnr is the mean over the sets: a set named
+    "mean" had its PSNR overwritten by that mean (and best.safetensors chose by the mean, not the
+    first set), and a second set of one name overwrote the first's scores, silently."""
+    from uniremoval.config import load_config
+    from uniremoval.errors import ConfigError
+
+    val = [{"name": n, "shards": "v", "degradation": "snow"} for n in names]
+    cfg_file = _write_cfg(tmp_path / "t.yaml", {
+        "stage": "teacher", "degradation": "snow", "tracking": {"enabled": False},
+        "data": {"degradations": ["snow"], "train": [{"name": "s", "shards": "s", "degradation": "snow"}], "val": val}})
+    with pytest.raises(ConfigError, match=r"key 'data.val'.*(may not be named 'mean'|\['a'\] are given twice)"):
+        load_config(cfg_file)

@@ -156,6 +156,21 @@ class DataConfig(Strict):
             raise ValueError(f"'{CLEAR}' is reserved for clean images and cannot be a degradation type")
         return v
 
+    @field_validator("val")
+    @classmethod
+    def _val_names(cls, v):
+        # Each set logs val/<name>/psnr, and val/mean/psnr is the mean over the sets: a set named
+        # "mean", or two of one name, overwrote another's score, and best.safetensors followed it.
+        names = [s.name for s in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"validation set name(s) {twice} are given twice; each set logs val/<name>/*, so "
+                             f"give each a name of its own")
+        if "mean" in names:
+            raise ValueError("a validation set may not be named 'mean': val/mean/psnr is the mean over the sets; "
+                             "rename it")
+        return v
+
     @field_validator("crop_size")
     @classmethod
     def _crop_on_grid(cls, v):

@@ -64,12 +64,65 @@ def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str,
         box = [refused]
         dist.broadcast_object_list(box, src=0)
         refused = box[0]
+    if refused is None and accelerator.num_processes > 1:
+        try:
+            _every_rank_sees(accelerator, folder, what)
+        except UniremovalError:
+            stack.close()
+            raise
     if refused is not None:
         stack.close()
         error = UniremovalError(refused)
         error.on_every_rank = True  # type: ignore[attr-defined]  # see cli.main
         raise error
     return stack
+
+
+SEE_WAIT_S = 10.0  # how long a rank re-lists an output folder before it says it does not see it
+
+
+def _every_rank_sees(accelerator: Any, folder: str | os.PathLike, what: str) -> None:
+    """Refuse, on every rank together, a `folder` (made by the main process) that another rank does
+    not see: without a shared file system a node writes its part of each checkpoint, cache shard or
+    eval image into a folder of its own disk, and the job fails at its first checkpoint, hours in, or
+    loses that node's outputs. The main process writes a marker file (closed, so NFS clients see it);
+    each rank looks for it, re-listing the folder for up to SEE_WAIT_S (NFS caches directory entries)
+    only when it is not there at once. One collective on success (gather_object)."""
+    import secrets
+    import time
+    from pathlib import Path
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from uniremoval.errors import UniremovalError
+
+    folder = Path(folder)
+    box = [f".rank-check-{secrets.token_hex(6)}" if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        (folder / box[0]).write_text(os.uname().nodename)
+    broadcast_object_list(box, from_process=0)
+    marker = folder / box[0]
+    deadline = time.monotonic() + SEE_WAIT_S
+    seen = marker.exists()
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with contextlib.suppress(OSError):
+            os.listdir(folder)  # revalidates the NFS client's cached listing
+        seen = marker.exists()
+    views = gather_object([(seen, os.uname().nodename)])
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        rank, host = blind[0]
+        others = f" (and {len(blind) - 1} more rank(s))" if len(blind) > 1 else ""
+        error = UniremovalError(
+            f"rank {rank} on {host}{others} does not see {folder}, where rank 0 on {views[0][1]} writes {what}: "
+            f"every rank writes its part of the outputs (checkpoint RNG state, cache shards, eval images) "
+            f"there, so every node must see the same output paths; put the output folder on a file system "
+            f"every node mounts at the same path")
+        error.on_every_rank = True  # type: ignore[attr-defined]  # see cli.main
+        raise error
 
 
 def same_on_every_rank(num_processes: int, value: Any, what: str, fix: str,

@@ -1,0 +1,66 @@
+"""Several nodes: what a job needs of them and how it fails when they differ. The collectives are
+stubbed (one process plays one rank of two); the real two-node runs are described in launch/README.md."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from uniremoval import launch
+from uniremoval.errors import UniremovalError
+
+
+def _rank(monkeypatch, main: bool, views_of_others: list, marker: str = ".rank-check-x") -> dict:
+    """Play one rank of two: rank 0 (main) or rank 1. `views_of_others` is what the other rank
+    reports (seen, host); the collectives hand out the marker's name and gather the views."""
+    import accelerate.utils
+    import torch.distributed
+
+    got = {}
+
+    def broadcast(box, from_process=0):
+        got["marker"] = box[0] if main else marker
+        box[0] = got["marker"]
+        return box
+
+    def gather(obj):
+        got["mine"] = obj[0]
+        return [obj[0], *views_of_others] if main else [*views_of_others, obj[0]]
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda box, src=0: box)  # the lock's refusal
+    monkeypatch.setattr(launch, "SEE_WAIT_S", 0.2)
+    return got
+
+
+def test_a_rank_that_does_not_see_the_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    # Two nodes without a shared file system: rank 1's output folder is another (empty) one. Before,
+    # the run trained until its first checkpoint, where rank 1 failed with a RuntimeError traceback
+    # ("Parent directory .../checkpoints/.step-00000002.tmp does not exist") and the job died hours in.
+    got = _rank(monkeypatch, main=False, views_of_others=[(True, "node-a")])
+    acc = types.SimpleNamespace(is_main_process=False, num_processes=2)
+    with pytest.raises(UniremovalError, match=r"rank 1 on .* does not see .*run, where rank 0 on node-a writes the run 'kt'") as exc:
+        launch.lock_on_main_process(acc, tmp_path / "run", "the run 'kt'")
+    assert exc.value.on_every_rank  # every rank raises together (cli.main leaves the process group)
+    assert "same output paths" in str(exc.value)
+    assert got["mine"][0] is False
+
+
+def test_the_main_rank_names_the_rank_that_is_blind_and_leaves_no_marker(tmp_path, monkeypatch):
+    got = _rank(monkeypatch, main=True, views_of_others=[(False, "node-b")])
+    acc = types.SimpleNamespace(is_main_process=True, num_processes=2)
+    with pytest.raises(UniremovalError, match=r"rank 1 on node-b does not see"):
+        launch.lock_on_main_process(acc, tmp_path / "run", "the run 'kt'")
+    assert got["mine"][0] is True  # rank 0 sees its own marker...
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # ...and removes it
+
+
+def test_a_shared_output_folder_passes(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".rank-check-x").write_text("node-a")  # rank 0's marker, seen through the shared folder
+    got = _rank(monkeypatch, main=False, views_of_others=[(True, "node-a")])
+    acc = types.SimpleNamespace(is_main_process=False, num_processes=2)
+    launch.lock_on_main_process(acc, tmp_path / "run", "the run 'kt'").close()
+    assert got["mine"][0] is True

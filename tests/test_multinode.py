@@ -1,5 +1,6 @@
 """Several nodes: what a job needs of them and how it fails when they differ. The collectives are
-stubbed (one process plays one rank of two); the real two-node runs are described in launch/README.md."""
+stubbed (one process plays one rank of two); two simulated nodes were run
+by hand (README: "Several nodes")."""
 
 from __future__ import annotations
 

@@ -723,3 +723,16 @@ def test_validation_sets_named_mean_or_twice_are_refused(tmp_path, names):
         "data": {"degradations": ["snow"], "train": [{"name": "s", "shards": "s", "degradation": "snow"}], "val": val}})
     with pytest.raises(ConfigError, match=r"key 'data.val'.*(may not be named 'mean'|\['a'\] are given twice)"):
         load_config(cfg_file)
+
+
+def test_a_warmup_longer_than_the_run_is_refused(tmp_path):
+    """MPRNet's recipe (warmup 1500 = 3 x 500 steps per epoch) kept with fewer steps per epoch: the
+    run was all warmup, the LR rising towards optim.lr and never decaying, silently."""
+    from uniremoval.config import load_config
+    from uniremoval.errors import ConfigError
+
+    recipe = ROOT / "configs" / "teacher" / "blur.yaml"
+    with pytest.raises(ConfigError, match=r"key 'schedule.warmup_steps': bad value 1500: is longer than the run, "
+                                          r"train.epochs x train.steps_per_epoch = 1000 steps: .*lower it"):
+        load_config(recipe, ["train.steps_per_epoch=4"])
+    assert load_config(recipe, ["train.steps_per_epoch=4", "schedule.warmup_steps=12"]).schedule.warmup_steps == 12

@@ -678,6 +678,15 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
     """Checks that span sections, as (dotted key, value, what is allowed). Found here, they stop a
     run before anything starts; the loaders would only raise them after the MLflow run began."""
     out: list[tuple[str, Any, str]] = []
+    sch, t = cfg.schedule, cfg.train
+    horizon = t.epochs * t.steps_per_epoch  # the schedule's span (Trainer.schedule_horizon)
+    if sch.name == "warmup_cosine" and sch.warmup_steps > horizon:
+        # e.g. MPRNet's recipe (1500 = 3 x 500) kept with fewer steps per epoch: the LR only ever rose,
+        # never reaching optim.lr nor decaying, silently
+        out.append(("schedule.warmup_steps", sch.warmup_steps,
+                    (f"is longer than the run, train.epochs x train.steps_per_epoch = {horizon} steps: the LR "
+                     f"would never reach optim.lr nor decay; lower it (MPRNet's recipe: 3 x train.steps_per_epoch"
+                     + (f" = {3 * t.steps_per_epoch})" if 3 * t.steps_per_epoch < horizon else ")"))))
     if isinstance(cfg, (KTStage, CacheStage)):  # a misspelt type would leave the real one's old teacher in use
         for deg, path in cfg.teachers.checkpoints.items():
             if deg not in cfg.data.degradations:

@@ -736,3 +736,20 @@ def test_a_warmup_longer_than_the_run_is_refused(tmp_path):
                                           r"train.epochs x train.steps_per_epoch = 1000 steps: .*lower it"):
         load_config(recipe, ["train.steps_per_epoch=4"])
     assert load_config(recipe, ["train.steps_per_epoch=4", "schedule.warmup_steps=12"]).schedule.warmup_steps == 12
+
+
+def test_an_unpaired_validation_set_says_why_it_scored_nothing(tmp_path):
+    """A teacher validated on an unpaired set (no target) found out only as "gave no usable pairs",
+    thousands of steps in, with no reason and no word that best.safetensors would not be written
+    (which configs/cache.yaml then reads)."""
+    from types import SimpleNamespace
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    write_shards(tmp_path / "u", "u", 1, 2, paired=False)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), all_sum=dict)
+    src = SimpleNamespace(name="u", shards=str(tmp_path / "u"), max_samples=None)
+    with pytest.warns(RuntimeWarning, match=r"validation set u .* gave no usable pairs; 2 sample\(s\) left out, e\.g\. "
+                                            r"u_0_0: missing required 'target'.* no best.safetensors"):
+        assert validate_paired(ctx, MPRNet("tiny").eval(), "minus_one_one", [src], lockstep=False) == {}

@@ -50,8 +50,9 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     psnrs: list[float] = []
     for src in sources:
         cap = math.ceil(src.max_samples / ctx.world_size) if src.max_samples else None
+        skipped: list[dict[str, Any]] = []  # why samples were left out (an unpaired set: no target)
         usable = (item for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",))
-                  if "error" not in item)
+                  if "error" not in item or skipped.append(item))  # append() is None: the item is left out
         items = itertools.islice(usable, cap)
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
         bar = tqdm(desc=f"val {src.name}", total=cap, unit="img", leave=False, file=sys.stderr,
@@ -80,8 +81,11 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
         bar.close()
         total = ctx.all_sum(sums)
         if total["n"] == 0:
-            warnings.warn(f"validation set {src.name} ({src.shards}) gave no usable pairs", RuntimeWarning,
-                          stacklevel=2)
+            why = (f"; {len(skipped)} sample(s) left out, e.g. {skipped[0].get('key')}: {skipped[0]['error']}"
+                   if skipped else "")
+            warnings.warn(f"validation set {src.name} ({src.shards}) gave no usable pairs{why}; validation needs "
+                          f"paired shards (input + target), and without a score no best.safetensors is chosen by it",
+                          RuntimeWarning, stacklevel=2)
             continue
         for k in ("psnr", "ssim", "psnr_input"):
             out[f"val/{src.name}/{k}"] = total[k] / total["n"]

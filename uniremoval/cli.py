@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGPIPE  # the status of a tool that SIGPIPE ended, as the shell reports it
     except OSError as exc:
         return _os_error(exc, args.command)
+    except RuntimeError as exc:
+        if not _lost_peer(exc):
+            raise
+        rerun = "the same command with --resume auto" if args.command == "train" else "the same command"
+        print(f"error: this process lost contact with another process of the job (a node or process died, "
+              f"or the network failed): {str(exc).strip().splitlines()[0]}; its own error, if any, is in its "
+              f"node's log. What was finished is kept: rerun {rerun} on every node", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         print(f"terminated ({signal.Signals(signum).name})" if signum != signal.SIGINT else "interrupted",
@@ -110,6 +118,21 @@ def _stdout_reader_gone() -> bool:
         return any(ev & select.POLLERR for _, ev in poller.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll() on this platform, or stdout has no fd
         return False
+
+
+# gloo's words for a peer whose process ended (its sockets closed) in the middle of a collective
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+             "remote process exited")  # ...and NCCL's (ncclRemoteError)
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another rank is gone: a torch.distributed network or
+    store error (the rendezvous store raises those), or gloo's or NCCL's words for it. Not a bug
+    here, so one line rather than a traceback (which torchrun prints again for the launcher)."""
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    kinds = tuple(getattr(dist, k) for k in ("DistNetworkError", "DistStoreError")
+                  if hasattr(dist, k))
+    return isinstance(exc, kinds) or any(m in str(exc) for m in LOST_PEER)
 
 
 def _os_error(exc: OSError, command: str | None = None) -> int:

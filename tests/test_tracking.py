@@ -295,6 +295,45 @@ def test_replay_spool_goes_to_the_recorded_server(tmp_path, monkeypatch):
     assert run.info.run_name == "kt" and run.info.status == "FINISHED" and run.data.metrics == {"train/total": 1.0}
 
 
+def test_a_name_mlflow_refuses_is_left_out_not_taken_for_an_outage(tmp_path, monkeypatch):
+    """MLflow refuses some names ('(' in a metric or tag name). That refusal was taken for a server
+    that is down: every later call of the run was spooled, and the spool's replay failed on the same
+    call forever (the run stayed RUNNING, with no metric). Only the refused name is left out now, live
+    and on replay of a spool written while the server was down."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    live = f"sqlite:///{tmp_path / 'live.db'}"
+    tr = Tracker(live, "e", "eval-x", {}, spool_dir=tmp_path / "live")
+    with pytest.warns(RuntimeWarning, match=r"refused the metric 'eval/x \(1\)/piqe'.*left out"):
+        tr.log_metrics({"eval/x/psnr": 20.0, "eval/x (1)/piqe": 30.0}, step=0)
+    tr.log_metrics({"eval/x/ssim": 0.5}, step=0)
+    tr.finish()
+    assert not tr.offline and not tr.spool_path.exists()
+    run = MlflowClient(live).get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"eval/x/psnr": 20.0, "eval/x/ssim": 0.5}
+
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        tr = Tracker(down, "e", "kt", {}, spool_dir=tmp_path / "run")
+    tr.log_metrics({"train/total": 1.0, "train/bad(x)": 2.0}, step=1)
+    tr.set_tags({"ok_tag": "1", "bad(tag)": "2"})
+    tr.log_metrics({"train/total": 0.5}, step=2)
+    with pytest.warns(RuntimeWarning, match="stay in"):
+        tr.finish()
+    later = f"sqlite:///{tmp_path / 'later.db'}"
+    with pytest.warns(RuntimeWarning, match="refused the") as caught:
+        assert replay_spool(tr.spool_path, later)
+    assert {str(w.message).split("'")[1] for w in caught if "refused" in str(w.message)} == {"train/bad(x)", "bad(tag)"}
+    client = MlflowClient(later)
+    run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["ok_tag"] == "1" and "bad(tag)" not in run.data.tags
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/total")] == [1.0, 0.5]
+
+
 def test_a_tracking_uri_mlflow_cannot_open_stops_the_job_at_once(tmp_path, monkeypatch, capsys):
     """A misspelt scheme used to look like a server that is down: every metric spooled for the whole
     run. It is refused in the config, on the command line and in $MLFLOW_TRACKING_URI."""

@@ -18,6 +18,10 @@ paid by whichever thread sends. A spool left behind by a crash is replayed by th
 same run directory (``--resume``), or by ``replay_spool(path)``; an eval's, by ``uniremoval eval
 replay FOLDER`` (the command its warning gives: ``Tracker(replay_hint=...)``).
 
+A call the server answers with a refusal (HTTP 400: a metric or tag name MLflow does not accept, a
+value too long) is not an outage: retrying cannot help, and spooled it would block every later call.
+The refused names are left out with one warning each; the rest of the call and of the run is sent.
+
 A trainer's tracker sends in the background (``background=True``): each call is queued and a single
 worker thread sends (or spools) the calls in order, so a slow, hung or unreachable server never
 holds the training loop; ``finish()`` waits until every queued call is sent or spooled.
@@ -252,6 +256,7 @@ class Tracker:
         self.spool_files = spool_root / SPOOL_FILES
         self.offline = False
         self._warned = False
+        self._refused_warned: set[str] = set()  # names whose refusal was already reported
         self._last_try = 0.0
         self.new_run = False
         self._queue: queue.Queue | None = None  # background mode: calls waiting for the worker
@@ -320,7 +325,7 @@ class Tracker:
         try:
             self._ensure_run()
             for op in ops:
-                self._apply(op)
+                self._apply_or_leave_out(op)
                 done += 1
         except Exception as exc:  # noqa: BLE001
             self._rewrite_spool(ops[done:])
@@ -436,10 +441,42 @@ class Tracker:
             return
         try:
             self._ensure_run()
-            self._apply(op)
+            self._apply_or_leave_out(op)
         except Exception as exc:  # noqa: BLE001
             self._went_offline(exc)
             self._spool(op)
+
+    def _apply_or_leave_out(self, op: dict[str, Any]) -> None:
+        """Apply `op`; what the server refuses is left out with a warning (see the module doc). A
+        refused batch of metrics, params or tags is sent again one name at a time, so that only the
+        refused names are lost. Any other error propagates: the caller spools."""
+        try:
+            self._apply(op)
+            return
+        except Exception as exc:
+            if not _refused(exc):
+                raise
+            whole_refusal = exc
+        field = _NAMED_FIELDS.get(op["op"])
+        if field is None:  # one text, artifact or status: nothing to split
+            self._warn_refused(op["op"], op.get("file") or op.get("path") or op["op"], whole_refusal)
+            return
+        for name, value in op[field].items():
+            try:
+                self._apply({**op, field: {name: value}})
+            except Exception as exc:
+                if not _refused(exc):
+                    raise
+                self._warn_refused(op["op"], name, exc)
+
+    def _warn_refused(self, kind: str, name: str, exc: BaseException) -> None:
+        if name in self._refused_warned:
+            return
+        self._refused_warned.add(name)
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        what = {"metrics": "metric", "params": "param", "tags": "tag"}.get(kind, kind)
+        warnings.warn(f"MLflow at {self.uri} refused the {what} {name!r} ({why[:300]}); it is left out, the rest "
+                      f"of the run is logged", RuntimeWarning, stacklevel=4)
 
     def retry_wait(self) -> float:
         """Seconds between the last try and the next replay: retry_s, doubled per failed retry, capped."""
@@ -511,6 +548,20 @@ class Tracker:
             warnings.warn(f"MLflow at {self.uri} is unreachable ({first[:200]}); the job continues and "
                           f"metrics are spooled to {self.spool_path}, {later}",
                           RuntimeWarning, stacklevel=3)
+
+
+# The calls that carry several named values, and the field that holds them.
+_NAMED_FIELDS = {"metrics": "metrics", "params": "params", "tags": "tags"}
+
+
+def _refused(exc: BaseException) -> bool:
+    """The server (or MLflow's own check before sending) refused the call as invalid (HTTP 400);
+    an unreachable, failing or overloaded server is an outage instead (5xx, 429, connection errors)."""
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        return False
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() == 400
 
 
 def stopped_status(exc: BaseException) -> str:

@@ -467,6 +467,19 @@ def test_our_checkpoint_needs_its_json(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nothing.pth")
 
 
+def test_a_base_name_beside_a_folder_of_that_name_still_names_its_weights(tmp_path: Path) -> None:
+    """`m` with m.safetensors and a folder m/ beside it named the weights file before folders were
+    refused as checkpoints; it still does (only a folder with no such file is refused)."""
+    from uniremoval.models.checkpoint import resolve_weights
+
+    path = save_checkpoint(tmp_path / "m", tiny(), {})
+    (tmp_path / "m").mkdir()
+    assert resolve_weights(tmp_path / "m") == path
+    (tmp_path / "d").mkdir()
+    with pytest.raises(CheckpointError, match=r"d is a folder, not a weights file"):
+        resolve_weights(tmp_path / "d")
+
+
 def test_preset_mismatch_names_the_setting_to_change(tmp_path: Path) -> None:
     """A stage names its config key (no --preset option there); the CLI keeps --preset."""
     from uniremoval.stages.teachers import load_teachers

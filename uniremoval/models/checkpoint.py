@@ -152,7 +152,9 @@ def resolve_weights(path: Path) -> Path:
         path = path.with_suffix(WEIGHTS_SUFFIX)
     if path.is_file():
         return path
-    if path.is_dir():  # a run folder (outputs/teacher-haze) or a checkpoints/step-* folder
+    # a run folder (outputs/teacher-haze) or a checkpoints/step-* folder, unless the base name also
+    # names a weights file beside it (m/ and m.safetensors: the file, as before folders were refused)
+    if path.is_dir() and not _with_suffix(path, WEIGHTS_SUFFIX).is_file():
         inside = sorted(p.name for p in path.glob(f"*{WEIGHTS_SUFFIX}"))
         raise CheckpointError(f"checkpoint {path} is a folder, not a weights file; give "
                               + (f"one of its weights files: {', '.join(str(path / n) for n in inside[:4])}"

@@ -238,3 +238,21 @@ def test_cache_interrupted_while_logging_marks_the_run_killed(tmp_path, cache_cf
     _one_line(rc, err, signal.SIGINT, "interrupted")
     assert [r.info.status for r in _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "stops", "cache")] == ["KILLED"]
     assert (tmp_path / "cache" / "syn" / "manifest.json").is_file()  # the finished cache is kept
+
+
+def test_a_lost_peer_error_without_a_message_is_still_one_line(monkeypatch, capsys):
+    """torch.distributed's network and store errors count as a lost peer whatever they say; one raised
+    with no message ended in an IndexError traceback while cli.main built its error line."""
+    import torch.distributed as dist
+
+    from uniremoval import cli
+
+    def lost(args):
+        raise dist.DistStoreError()
+
+    args = cli.parse(cli.build_parser(), ["shards", "inspect", "x"])
+    args.func = lost
+    monkeypatch.setattr(cli, "parse", lambda parser, argv: args)
+    assert cli.main([]) == 1
+    assert "lost contact with another process of the job (a node or process died, or the network failed): " \
+           "DistStoreError; " in capsys.readouterr().err

@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if not _lost_peer(exc):
             raise
         rerun = "the same command with --resume auto" if args.command == "train" else "the same command"
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # a DistStoreError may say nothing
         print(f"error: this process lost contact with another process of the job (a node or process died, "
-              f"or the network failed): {str(exc).strip().splitlines()[0]}; its own error, if any, is in its "
+              f"or the network failed): {cause}; its own error, if any, is in its "
               f"node's log. What was finished is kept: rerun {rerun} on every node", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

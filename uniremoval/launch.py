@@ -79,6 +79,7 @@ def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str,
 
 
 SEE_WAIT_S = 10.0  # how long a rank re-lists an output folder before it says it does not see it
+MARKER_PREFIX = ".rank-check-"
 
 
 def _every_rank_sees(accelerator: Any, folder: str | os.PathLike, what: str) -> None:
@@ -97,10 +98,19 @@ def _every_rank_sees(accelerator: Any, folder: str | os.PathLike, what: str) -> 
     from uniremoval.errors import UniremovalError
 
     folder = Path(folder)
-    box = [f".rank-check-{secrets.token_hex(6)}" if accelerator.is_main_process else None]
+    box: list[Any] = [None]
     if accelerator.is_main_process:
-        (folder / box[0]).write_text(os.uname().nodename)
+        box = [f"{MARKER_PREFIX}{secrets.token_hex(6)}"]
+        try:
+            (folder / box[0]).write_text(os.uname().nodename)
+        except OSError as exc:  # a full disk: said on every rank, else the others wait in the broadcast
+            box = [(f"rank 0 cannot write in {folder} ({exc.strerror or exc}); free space there or choose "
+                    f"another output folder")]
     broadcast_object_list(box, from_process=0)
+    if not box[0].startswith(MARKER_PREFIX):  # rank 0's error instead of the marker's name
+        error = UniremovalError(box[0])
+        error.on_every_rank = True  # type: ignore[attr-defined]  # see cli.main
+        raise error
     marker = folder / box[0]
     deadline = time.monotonic() + SEE_WAIT_S
     seen = marker.exists()

@@ -430,6 +430,26 @@ def test_id_layouts_never_guess_between_same_named_files(tmp_path: Path) -> None
     assert [k for k, _ in samples(out)] == ["1_2_0_9"]  # keys stay the stems
 
 
+def test_id_pairing_makes_no_path_objects_per_file(tmp_path: Path, monkeypatch) -> None:
+    """RESIDE OTS has 300k hazy files: three Path.with_suffix calls per file (to find files differing
+    only in extension) doubled the pairing time (224k files: 2.1 s -> 4.8 s); a string key is made
+    once per file instead."""
+    from pathlib import PurePath
+
+    from uniremoval.data import readers
+
+    tree = Tree(tmp_path / "ITS")
+    for i in range(1, 31):
+        tree.pair(f"hazy/{i}_1_0.9.png", f"clear/{i}.png", "train")
+    calls = []
+    real = PurePath.with_suffix
+    monkeypatch.setattr(PurePath, "with_suffix", lambda self, s: calls.append(self) or real(self, s))
+    result = readers.read_dataset("reside-its", tree.root, readers.ReaderOptions())
+    monkeypatch.undo()
+    assert len(result.items) == 30 and not result.issues
+    assert len(calls) < 30, f"{len(calls)} with_suffix calls for 30 files"
+
+
 def test_listing_resolves_each_folder_once_not_each_file(tmp_path: Path, monkeypatch) -> None:
     """SPA-Data lists 638k pairs: resolving every entry's path (4 realpath calls, each a system call
     per path component) kept a build silent for minutes before its first progress bar. Folders are

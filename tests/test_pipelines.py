@@ -109,6 +109,19 @@ def test_resolve_shards_reads_globs_joined_specs_and_pipe_braces(data):
     assert is_shard_source(joined) and dataset_name(joined) == "rain"
 
 
+def test_an_ipv6_shard_url_is_not_split_as_joined_specs(data):
+    """`::` joins shard specs, but an IPv6 host holds it too: `eval --data http://[::1]:8000/shards/haze/`
+    was split into 'http://[' and '1]:8000/...' ("shard 1]:8000/shards/haze does not exist") and
+    named '_'; training's shard_paths split it alike."""
+    from uniremoval.data.manifest import shard_paths, split_specs
+    from uniremoval.eval.evaluate import dataset_name
+
+    url = "http://[::1]:8000/shards/haze-{000000..000001}.tar"
+    assert split_specs(url) == [url] and dataset_name("http://[::1]:8000/shards/haze/") == "haze"
+    assert resolve_shards(url) == shard_paths(url) == [url.replace("{000000..000001}", f"00000{i}") for i in (0, 1)]
+    assert split_specs(f"{url}::http://[fe80::2]/x.tar::{data}") == [url, "http://[fe80::2]/x.tar", str(data)]
+
+
 def test_eval_names_the_current_folder_after_itself(data, monkeypatch):
     """`eval --data .` (or `--data x.tar` in the folder) was named "dataset", not after the folder."""
     from uniremoval.eval.evaluate import dataset_name

@@ -768,6 +768,7 @@ def check_inputs(cfg: StageBase) -> None:
     was found only at the first validation, thousands of steps in), and a shard folder whose manifest
     holds no sample of its source's degradation. URLs, pipes and patterns pass; checkpoints a run
     logged to MLflow (runs:/<id>/weights/last) are fetched."""
+    from uniremoval.data.manifest import split_specs
     from uniremoval.errors import CheckpointError
     from uniremoval.models.checkpoint import resolve_weights
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
@@ -776,7 +777,7 @@ def check_inputs(cfg: StageBase) -> None:
     missing: list[str] = []
     for section in ("train", "val", "clear"):
         for i, src in enumerate(getattr(cfg.data, section)):
-            for spec in (part for entry in src.shards for part in entry.split("::")):
+            for spec in (part for entry in src.shards for part in split_specs(entry)):
                 if "://" in spec or spec.startswith(("pipe:", "file:")) or any(c in spec for c in "*?[{"):
                     continue
                 if not Path(spec).exists():

@@ -110,6 +110,15 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for opt in options for out in expand_braces(head + opt + tail)]
 
 
+# `::` joins several shard specs, except inside the brackets of an IPv6 host (http://[::1]:8000/...)
+_SPEC_SEP = re.compile(r"::(?![^\[\]]*\])")
+
+
+def split_specs(text: str) -> list[str]:
+    """The shard specs joined with `::` in `text` (one when none is)."""
+    return _SPEC_SEP.split(text)
+
+
 def shard_paths(spec: str | os.PathLike) -> list[str]:
     """Shard URLs/paths from a shard folder (manifest order), a glob, a brace pattern or URLs.
 
@@ -117,8 +126,8 @@ def shard_paths(spec: str | os.PathLike) -> list[str]:
     are passed through with only brace expansion. Several specs may be joined with `::`.
     """
     text = os.fspath(spec)
-    if "::" in text:
-        return [p for part in text.split("::") for p in shard_paths(part)]
+    if len(parts := split_specs(text)) > 1:
+        return [p for part in parts for p in shard_paths(part)]
     if text.startswith(URL_PREFIXES):
         return expand_braces(text)
     path = Path(text)

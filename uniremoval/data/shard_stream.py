@@ -22,6 +22,7 @@ from typing import Any
 
 from torch.utils.data import get_worker_info
 
+from uniremoval.data.manifest import split_specs
 from uniremoval.errors import DataError
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
@@ -119,8 +120,8 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
             raise DataError("empty shard list")
         return out
     s = str(spec)
-    if "::" in s:  # several specs in one string, as shard_paths and check_inputs read them
-        return resolve_shards(s.split("::"))
+    if len(parts := split_specs(s)) > 1:  # several specs in one string, as shard_paths and check_inputs do
+        return resolve_shards(parts)
     if s.startswith("pipe:"):  # braces expand to one command per shard, as webdataset reads a pipe: URL
         import braceexpand
 

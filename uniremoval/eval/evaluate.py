@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniremoval.data.manifest import split_specs
 from uniremoval.data.readers import IMAGE_EXTS
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
@@ -140,7 +141,7 @@ def is_shard_source(data: str | list[str]) -> bool:
     if isinstance(data, (list, tuple)):
         return True
     p = Path(data)
-    if "://" in data or data.startswith("pipe:") or "{" in data or "::" in data or p.suffix in (".tar", ".json"):
+    if "://" in data or data.startswith("pipe:") or "{" in data or len(split_specs(data)) > 1 or p.suffix in (".tar", ".json"):
         return True
     return p.is_dir() and ((p / "manifest.json").is_file() or any(p.glob("*.tar")))
 
@@ -275,7 +276,7 @@ def iter_shards(data: str, rank: int, world: int, need_target: bool) -> Iterator
 def dataset_name(data: str | list[str]) -> str:
     if isinstance(data, (list, tuple)):
         data = data[0]
-    p = Path(data.split("::")[0].rstrip("/"))  # several joined specs: named after the first, as a list
+    p = Path(split_specs(data)[0].rstrip("/"))  # several joined specs: named after the first, as a list
     if p.name == "manifest.json" or p.suffix == ".tar":
         p = p.parent
     if p.name in ("", "..") and "://" not in data and not data.startswith("pipe:"):

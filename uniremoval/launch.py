@@ -88,7 +88,8 @@ def _every_rank_sees(accelerator: Any, folder: str | os.PathLike, what: str) -> 
     eval image into a folder of its own disk, and the job fails at its first checkpoint, hours in, or
     loses that node's outputs. The main process writes a marker file (closed, so NFS clients see it);
     each rank looks for it, re-listing the folder for up to SEE_WAIT_S (NFS caches directory entries)
-    only when it is not there at once. One collective on success (gather_object)."""
+    only when it is not there at once. Two collectives: the marker's name (or rank 0's error) out,
+    every rank's view back."""
     import secrets
     import time
     from pathlib import Path

@@ -709,11 +709,12 @@ def test_a_cache_of_other_types_extends_the_shipped_config_dropping_its_teachers
     assert cfg.teachers.checkpoints == {"haze": "t/haze.safetensors", "snow": "t/snow.safetensors"}
 
 
-@pytest.mark.parametrize("names", [["mean", "b"], ["a", "a"]])
+@pytest.mark.parametrize("names", [["mean", "b"], ["a", "a"], ["Rain100L (test)"]])
 def test_validation_sets_named_mean_or_twice_are_refused(tmp_path, names):
     """Each set logs val/<name>/psnr and val/mean/psnr is the mean over the sets: a set named
     "mean" had its PSNR overwritten by that mean (and best.safetensors chose by the mean, not the
-    first set), and a second set of one name overwrote the first's scores, silently."""
+    first set), and a second set of one name overwrote the first's scores, silently. A name MLflow
+    refuses ('(' in it) was scored at every validation and never logged."""
     from uniremoval.config import load_config
     from uniremoval.errors import ConfigError
 
@@ -721,7 +722,8 @@ def test_validation_sets_named_mean_or_twice_are_refused(tmp_path, names):
     cfg_file = _write_cfg(tmp_path / "t.yaml", {
         "stage": "teacher", "degradation": "snow", "tracking": {"enabled": False},
         "data": {"degradations": ["snow"], "train": [{"name": "s", "shards": "s", "degradation": "snow"}], "val": val}})
-    with pytest.raises(ConfigError, match=r"key 'data.val'.*(may not be named 'mean'|\['a'\] are given twice)"):
+    with pytest.raises(ConfigError, match=r"key 'data.val'.*(may not be named 'mean'|\['a'\] are given twice|"
+                                          r"'Rain100L \(test\)' holds \( \), which MLflow refuses.*'Rain100L _test_')"):
         load_config(cfg_file)
 
 

@@ -311,10 +311,17 @@ def test_a_name_mlflow_refuses_is_left_out_not_taken_for_an_outage(tmp_path, mon
     with pytest.warns(RuntimeWarning, match=r"refused the metric 'eval/x \(1\)/piqe'.*left out"):
         tr.log_metrics({"eval/x/psnr": 20.0, "eval/x (1)/piqe": 30.0}, step=0)
     tr.log_metrics({"eval/x/ssim": 0.5}, step=0)
+    sent = []
+    real_apply = tr._apply
+    tr._apply = lambda op: (sent.append(op), real_apply(op))  # what reaches MLflow from here on
+    tr.log_metrics({"eval/x (1)/piqe": 31.0, "eval/x/niqe": 4.0}, step=1)
+    assert [op["metrics"] for op in sent] == [{"eval/x/niqe": 4.0}]  # the refused name is not sent again
+    tr._apply = real_apply
     tr.finish()
     assert not tr.offline and not tr.spool_path.exists()
     run = MlflowClient(live).get_run(tr.run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics == {"eval/x/psnr": 20.0, "eval/x/ssim": 0.5}
+    assert run.info.status == "FINISHED" and run.data.metrics == {"eval/x/psnr": 20.0, "eval/x/ssim": 0.5,
+                                                                  "eval/x/niqe": 4.0}
 
     down = f"http://127.0.0.1:{free_port()}"
     with pytest.warns(RuntimeWarning, match="unreachable"):

@@ -169,6 +169,14 @@ class DataConfig(Strict):
         if "mean" in names:
             raise ValueError("a validation set may not be named 'mean': val/mean/psnr is the mean over the sets; "
                              "rename it")
+        from uniremoval.tracking import MLFLOW_NAME_UNSAFE
+
+        # MLflow refuses such a name in val/<name>/<metric>: the set would be scored and never logged.
+        for n in names:
+            if bad := sorted(set(MLFLOW_NAME_UNSAFE.findall(n))):
+                raise ValueError(f"validation set name {n!r} holds {' '.join(bad)}, which MLflow refuses in "
+                                 f"val/<name>/<metric>; use letters, digits, spaces and _ - . : /, e.g. "
+                                 f"{MLFLOW_NAME_UNSAFE.sub('_', n)!r}")
         return v
 
     @field_validator("crop_size")

@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -256,7 +257,7 @@ class Tracker:
         self.spool_files = spool_root / SPOOL_FILES
         self.offline = False
         self._warned = False
-        self._refused_warned: set[str] = set()  # names whose refusal was already reported
+        self._refused: set[tuple[str, str]] = set()  # (call, name) the server refused: never sent again
         self._last_try = 0.0
         self.new_run = False
         self._queue: queue.Queue | None = None  # background mode: calls waiting for the worker
@@ -450,6 +451,11 @@ class Tracker:
         """Apply `op`; what the server refuses is left out with a warning (see the module doc). A
         refused batch of metrics, params or tags is sent again one name at a time, so that only the
         refused names are lost. Any other error propagates: the caller spools."""
+        field = _NAMED_FIELDS.get(op["op"])
+        if field is not None and self._refused:  # a name refused once (each validation's) is not tried again
+            op = {**op, field: {k: v for k, v in op[field].items() if (op["op"], k) not in self._refused}}
+            if not op[field]:
+                return
         try:
             self._apply(op)
             return
@@ -457,7 +463,6 @@ class Tracker:
             if not _refused(exc):
                 raise
             whole_refusal = exc
-        field = _NAMED_FIELDS.get(op["op"])
         if field is None:  # one text, artifact or status: nothing to split
             self._warn_refused(op["op"], op.get("file") or op.get("path") or op["op"], whole_refusal)
             return
@@ -470,9 +475,9 @@ class Tracker:
                 self._warn_refused(op["op"], name, exc)
 
     def _warn_refused(self, kind: str, name: str, exc: BaseException) -> None:
-        if name in self._refused_warned:
+        if (kind, name) in self._refused:
             return
-        self._refused_warned.add(name)
+        self._refused.add((kind, name))
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = {"metrics": "metric", "params": "param", "tags": "tag"}.get(kind, kind)
         warnings.warn(f"MLflow at {self.uri} refused the {what} {name!r} ({why[:300]}); it is left out, the rest "
@@ -549,6 +554,9 @@ class Tracker:
                           f"metrics are spooled to {self.spool_path}, {later}",
                           RuntimeWarning, stacklevel=3)
 
+
+# What MLflow refuses in a metric, param or tag name, besides letters and digits (mlflow.utils.validation).
+MLFLOW_NAME_UNSAFE = re.compile(r"[^\w\-. :/]")
 
 # The calls that carry several named values, and the field that holds them.
 _NAMED_FIELDS = {"metrics": "metrics", "params": "params", "tags": "tags"}

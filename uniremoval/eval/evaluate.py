@@ -46,7 +46,6 @@ import io
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -61,6 +60,7 @@ from uniremoval.data.manifest import split_specs
 from uniremoval.data.readers import IMAGE_EXTS
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
+from uniremoval.tracking import MLFLOW_NAME_UNSAFE
 
 if TYPE_CHECKING:
     import torch
@@ -284,11 +284,9 @@ def dataset_name(data: str | list[str]) -> str:
     name = p.name or "dataset"
     # MLflow refuses a metric key (eval/<dataset>/<metric>) holding '(' or '#' (a folder "RTTS (test)"):
     # the run was then spooled as if the server were down, and its replay failed the same way forever.
-    return MLFLOW_KEY_UNSAFE.sub("_", name.split("{")[0].rstrip("-_")) or "dataset"
+    return MLFLOW_NAME_UNSAFE.sub("_", name.split("{")[0].rstrip("-_")) or "dataset"
 
 
-# What MLflow allows in a metric name, besides letters and digits (mlflow.utils.validation).
-MLFLOW_KEY_UNSAFE = re.compile(r"[^\w\-. :/]")
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -574,10 +572,10 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     from accelerate import PartialState
 
     metrics = parse_metrics(opts.metrics)
-    if opts.mlflow and opts.name and (bad := sorted(set(MLFLOW_KEY_UNSAFE.findall(opts.name)))):
+    if opts.mlflow and opts.name and (bad := sorted(set(MLFLOW_NAME_UNSAFE.findall(opts.name)))):
         raise UniremovalError(f"--name {opts.name!r}: MLflow metric names (eval/<name>/<metric>) cannot hold "
                               f"{' '.join(bad)}; use letters, digits, spaces and _ - . : /, e.g. "
-                              f"--name {MLFLOW_KEY_UNSAFE.sub('_', opts.name)!r}")
+                              f"--name {MLFLOW_NAME_UNSAFE.sub('_', opts.name)!r}")
     check_distinct_outputs(opts.json_out, opts.csv_out)
     if opts.batch_size < 1:
         raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")

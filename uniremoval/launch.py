@@ -58,6 +58,11 @@ def lock_on_main_process(accelerator: Any, folder: str | os.PathLike, what: str,
                 prepare()
         except UniremovalError as exc:
             refused = str(exc)
+        except OSError as exc:
+            if accelerator.num_processes == 1:
+                raise
+            # Raised here alone, it would leave the other ranks waiting in the broadcast below.
+            refused = f"rank 0 cannot take {what} in {folder} ({exc}); free space or fix the folder, then rerun"
     if accelerator.num_processes > 1:
         import torch.distributed as dist
 

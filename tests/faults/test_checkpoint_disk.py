@@ -483,3 +483,26 @@ def test_a_full_disk_at_the_output_folder_check_is_an_error_on_every_rank(tmp_pa
     with pytest.raises(UniremovalError, match=r"rank 0 cannot write in") as exc:
         launch._every_rank_sees(types.SimpleNamespace(is_main_process=False, num_processes=2), tmp_path / "run", "x")
     assert exc.value.on_every_rank
+
+
+def test_a_full_disk_at_the_output_folder_lock_is_an_error_on_every_rank(tmp_path, monkeypatch):
+    """ENOSPC while rank 0 takes the folder's lock (or clears what a killed job left there) raised an
+    OSError on rank 0 alone, before the broadcast the other ranks wait in: they hung. Rank 0 now sends
+    it as the refusal every rank raises; a single process keeps the OSError itself."""
+    import torch.distributed as dist
+
+    from uniremoval import launch
+    from uniremoval.errors import UniremovalError
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    sent = []
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src=0: sent.append(box[0]))
+    acc = types.SimpleNamespace(is_main_process=True, num_processes=2)
+    with pytest.raises(UniremovalError, match=r"rank 0 cannot take the run 'kt' in .*No space left") as exc:
+        launch.lock_on_main_process(acc, tmp_path, "the run 'kt'", prepare=full)
+    assert exc.value.on_every_rank and sent == [str(exc.value)]
+    with pytest.raises(OSError, match="No space left"):
+        launch.lock_on_main_process(types.SimpleNamespace(is_main_process=True, num_processes=1), tmp_path, "x",
+                                    prepare=full)

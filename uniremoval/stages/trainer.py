@@ -772,7 +772,8 @@ class Trainer:
                 value > self.best_value if mode == "max" else value < self.best_value))
             if not math.isfinite(value) and self.accelerator.is_main_process:
                 why = ("the model's output is not finite?" if math.isnan(value) else
-                       "one image restored exactly makes a mean PSNR inf, whatever the others score")
+                       "one image restored exactly makes a mean PSNR inf, whatever the others score"
+                       if key.endswith("psnr") else "one image scored inf makes the mean inf, whatever the others score")
                 warnings.warn(f"step {self.step}: {key}={value} is not finite ({why}); "
                               f"best.safetensors is left as it was", RuntimeWarning, stacklevel=2)
             if better:
@@ -1049,8 +1050,9 @@ class Trainer:
                           f"(each process reads its own share of the shards; the global batch is now {world} x "
                           f"data.batch_size)", RuntimeWarning, stacklevel=2)
         else:
-            warnings.warn(f"resuming {path}: it has no RNG state for rank {self.accelerator.process_index} "
-                          f"({rng.name}): RNG streams start fresh", RuntimeWarning, stacklevel=2)
+            why = (f"it has no RNG state for rank {self.accelerator.process_index} ({rng.name})" if not rng.is_file()
+                   else "it does not record the process count it was saved on, so its RNG files may be another's")
+            warnings.warn(f"resuming {path}: {why}: RNG streams start fresh", RuntimeWarning, stacklevel=2)
         self._print(f"resumed from {path} at step {self.step}")
 
     def _check_deepspeed_resume(self, path: Path, state: dict[str, Any]) -> None:

@@ -451,7 +451,7 @@ class Tracker:
         """Apply `op`; what the server refuses is left out with a warning (see the module doc). A
         refused batch of metrics, params or tags is sent again one name at a time, so that only the
         refused names are lost. Any other error propagates: the caller spools."""
-        field = _NAMED_FIELDS.get(op["op"])
+        field = op["op"] if op["op"] in _NAMED_OPS else None
         if field is not None and self._refused:  # a name refused once (each validation's) is not tried again
             op = {**op, field: {k: v for k, v in op[field].items() if (op["op"], k) not in self._refused}}
             if not op[field]:
@@ -558,8 +558,8 @@ class Tracker:
 # What MLflow refuses in a metric, param or tag name, besides letters and digits (mlflow.utils.validation).
 MLFLOW_NAME_UNSAFE = re.compile(r"[^\w\-. :/]")
 
-# The calls that carry several named values, and the field that holds them.
-_NAMED_FIELDS = {"metrics": "metrics", "params": "params", "tags": "tags"}
+# The calls that carry several named values, each in the field of the call's own name.
+_NAMED_OPS = ("metrics", "params", "tags")
 
 
 def _refused(exc: BaseException) -> bool:

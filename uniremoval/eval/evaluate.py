@@ -287,8 +287,6 @@ def dataset_name(data: str | list[str]) -> str:
     return MLFLOW_NAME_UNSAFE.sub("_", name.split("{")[0].rstrip("-_")) or "dataset"
 
 
-
-
 # ---------------------------------------------------------------------------------- the run
 
 

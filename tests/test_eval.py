@@ -1141,6 +1141,54 @@ def test_a_degradation_the_samples_do_not_hold_is_refused_and_an_unseen_type_is_
     assert f"warning: snow_test is 'snow' data, but {ckpt} was trained on ['haze', 'rain'] only" in err
 
 
+def test_a_wrong_degradation_of_url_shards_is_refused_from_their_manifest_before_any_is_read(tmp_path):
+    """A local shard folder's --degradation was checked against its manifest before scoring, but
+    shards given as URLs (a dataset URL, brace URLs, `pipe:curl URL`) or as a local brace pattern
+    were all downloaded, restored and scored before the same refusal. Their manifest (fetched for
+    a URL) now says it first: no tar is requested."""
+    import functools
+    import http.server
+    import threading
+
+    from _fixtures import free_port
+
+    from uniremoval.cli import main
+
+    src = tmp_path / "src"
+    for sub in ("input", "target"):
+        (src / sub).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((24, 24, 3), 60 * i + (sub == "target") * 9, np.uint8)).save(src / sub / f"{i}.png")
+    www = tmp_path / "www"
+    assert main(["shards", "build", "--format", "paired-folder", "--root", str(src), "--degradation", "rain",
+                 "--out", str(www / "rain_test"), "--max-samples-per-shard", "1", "--workers", "1",
+                 "--no-progress"]) == 0
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()),
+                                             functools.partial(Handler, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/rain_test"
+    tars = "rain_test-{000000..000001}.tar"
+    try:
+        for data in (f"{base}/", f"{base}/{tars}", f"pipe:curl -s {base}/{tars}", str(www / "rain_test" / tars)):
+            asked.clear()
+            with pytest.raises(UniremovalError, match=r"--degradation snow: the samples of --data .* are "
+                                                      r"\['rain'\] \(their json\), no 'snow' one"):
+                run_eval(EvalOptions("none", data, metrics=["piqe"], mlflow=False, device="cpu", degradation="snow"))
+            assert all(p.endswith("/manifest.json") for p in asked), (data, asked)
+        res = run_eval(EvalOptions("none", f"{base}/{tars}", metrics=["piqe"], mlflow=False, device="cpu",
+                                   degradation="rain"))
+        assert len(res.images) == 2 and res.degradation == "rain"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_eval_shows_its_progress_on_a_terminal_only(tmp_path, monkeypatch, capsys):
     """An eval of thousands of photos ran for hours without a sign of life: on a terminal, rank 0
     draws a bar over its images (total known for a folder); piped or captured stderr stays clean."""

@@ -48,6 +48,87 @@ def manifest_degradations(folder: str | os.PathLike) -> dict[str, int] | None:
     return held if isinstance(held, dict) and held else None
 
 
+def source_degradations(spec: str | os.PathLike | list | tuple) -> dict[str, int] | None:
+    """{degradation: samples} of a shard source, from its manifest(s) alone, before any sample is read:
+    a folder or manifest.json (local or http(s), fetched) by its counts, single shards (tars, brace
+    patterns, globs, http(s) URLs, `pipe:curl ... URL` commands) by their entries in the manifest.json
+    beside them; several specs (a list, or joined with `::`) together. None when that is not known (no
+    manifest or no counts, a shard its manifest does not list, a fetch that fails, s3://, a pipe: command
+    without one http(s) URL): eval then checks the samples' json as it scores them."""
+    parts = list(spec) if isinstance(spec, (list, tuple)) else split_specs(os.fspath(spec))
+    if len(parts) > 1:
+        total: Counter = Counter()
+        for part in parts:
+            if (held := source_degradations(part)) is None:
+                return None
+            total.update(held)
+        return dict(total) or None
+    if not parts:
+        return None
+    text = os.fspath(parts[0])
+    if text.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        text = url2pathname(urlparse(text).path)
+    if text.startswith(("http://", "https://")):
+        if text.endswith(("/", ".json")):  # a dataset URL: its manifest, as training lists it
+            url = text + MANIFEST_NAME if text.endswith("/") else text
+            return _degradation_counts(((_fetch_json(url) or {}).get("counts") or {}).get("degradation"))
+        return _shard_degradations(expand_braces(text))
+    if text.startswith("pipe:"):  # `pipe:curl -s http://host/ds/ds-{000000..000009}.tar`: one URL per command
+        urls = [re.findall(r"https?://[^\s'\"|;&<>()]+", cmd) for cmd in expand_braces(text)]
+        return _shard_degradations([u[0] for u in urls]) if all(len(u) == 1 for u in urls) else None
+    if text.startswith(URL_PREFIXES):
+        return None
+    path = Path(text)
+    if path.is_dir() or (path.suffix == ".json" and path.is_file()):
+        return manifest_degradations(path)
+    try:
+        return _shard_degradations(shard_paths(text))
+    except DataError:  # a missing shard: the reader names it
+        return None
+
+
+def _degradation_counts(held: object) -> dict[str, int] | None:
+    ok = isinstance(held, dict) and held and all(isinstance(n, int) for n in held.values())
+    return held if ok else None
+
+
+def _fetch_json(url: str) -> dict | None:
+    """A small JSON document (a manifest) at an http(s) URL, or None when it cannot be read."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            data = json.loads(resp.read().decode("utf-8"))
+    except (OSError, ValueError):  # URLError and HTTPError are OSErrors
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _shard_degradations(shards: list[str]) -> dict[str, int] | None:
+    """Summed per-shard degradation counts of `shards` (paths or URLs) from the manifest.json beside
+    each, or None when one is not listed with its counts."""
+    total: Counter = Counter()
+    manifests: dict[str, dict | None] = {}
+    for shard in shards:
+        folder, _, name = shard.rpartition("/")
+        if folder not in manifests:
+            if "://" in shard:
+                manifests[folder] = _fetch_json(f"{folder}/{MANIFEST_NAME}")
+            else:
+                manifests[folder] = existing_manifest(Path(folder or ".") / MANIFEST_NAME)
+        entries = (manifests[folder] or {}).get("shards")
+        entry = next((e for e in entries if isinstance(e, dict) and e.get("name") == name), None) \
+            if isinstance(entries, list) else None
+        held = _degradation_counts(((entry or {}).get("counts") or {}).get("degradation"))
+        if held is None:
+            return None
+        total.update(held)
+    return dict(total) or None
+
+
 def existing_manifest(folder: str | os.PathLike) -> dict | None:
     """The manifest an output folder already holds, before a build or cache writes there: None when
     there is none, or when it is damaged (the build rewrites it, as after a kill). A cache's has a

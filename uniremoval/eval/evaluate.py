@@ -554,6 +554,18 @@ def degradation_conflict(opts: EvalOptions, held: set[str] | list[str]) -> str |
             f"'{opts.degradation}' data")
 
 
+def refuse_wrong_degradation(opts: EvalOptions) -> None:
+    """`degradation_conflict` from the shards' manifest(s) (a URL's fetched), before any image is
+    restored or scored; sources whose manifest does not say are checked from the json as they are."""
+    if not opts.degradation or not is_shard_source(opts.data):
+        return
+    from uniremoval.data.manifest import source_degradations
+
+    held = source_degradations(opts.data)
+    if held and (problem := degradation_conflict(opts, list(held))):
+        raise DataError(problem)
+
+
 def untrained_type_warning(result: EvalResult, meta: dict[str, Any]) -> str | None:
     """A warning when the scored weights were trained on other types than the data's (their JSON's
     `degradations`, or a teacher's `degradation`): legitimate (a generalisation test), but never silent."""
@@ -590,12 +602,22 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     state = PartialState(cpu=(want == "cpu"))
     device = state.device if want != "cpu" else torch.device("cpu")
 
-    if is_shard_source(opts.data) and isinstance(opts.data, str) and Path(opts.data).is_dir():
-        from uniremoval.data.manifest import manifest_degradations
+    if state.num_processes > 1:
+        # Each rank scores every n-th shard (or image) of its own listing: listings that differ (a node
+        # whose mount lags, a copy missing a file) would score some images twice and others never. The
+        # manifest check stands in the listing: a rank that refused alone would leave the others waiting.
+        from uniremoval.data.shard_stream import resolve_shards
+        from uniremoval.launch import SAME_FILES_FIX, agreed_listing
 
-        counts = manifest_degradations(opts.data)
-        if counts and (problem := degradation_conflict(opts, list(counts))):
-            raise DataError(problem)  # known from the manifest: before any image is scored
+        def listing() -> list[str]:
+            refuse_wrong_degradation(opts)
+            return (resolve_shards(opts.data) if is_shard_source(opts.data)
+                    else [name for name, _, _ in folder_pairs(opts.data)])
+
+        agreed_listing(state.num_processes, listing, list, f"files in --data {opts.data}",
+                       SAME_FILES_FIX + "; nothing was scored")
+    else:
+        refuse_wrong_degradation(opts)
     need_target = any(METRICS[m].kind == "fr" for m in metrics)
     if opts.save_images and not is_shard_source(opts.data):
         check_saved_names([name for name, _, _ in folder_pairs(opts.data)], opts.save_images)
@@ -603,15 +625,6 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
                     crop_border=opts.crop_border)
     restore, meta, sha = _restorer(opts, device)
     reader = iter_shards if is_shard_source(opts.data) else functools.partial(iter_folder, check_size=scorer.check_size)
-    if state.num_processes > 1:
-        # Each rank scores every n-th shard (or image) of its own listing: listings that differ (a node
-        # whose mount lags, a copy missing a file) would score some images twice and others never.
-        from uniremoval.data.shard_stream import resolve_shards
-        from uniremoval.launch import SAME_FILES_FIX, agreed_listing
-
-        agreed_listing(state.num_processes, lambda: (resolve_shards(opts.data) if is_shard_source(opts.data)
-                                                     else [name for name, _, _ in folder_pairs(opts.data)]),
-                       list, f"files in --data {opts.data}", SAME_FILES_FIX + "; nothing was scored")
     items = reader(opts.data, state.process_index, state.num_processes, need_target)
     if state.is_main_process:
         items = _with_progress(items, opts, state.num_processes)
@@ -660,7 +673,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
             return None  # rank 0 writes and logs; the gather above was the last collective
     degradations = {r["_degradation"] for r in records if r.get("_degradation")}
     domains = {r.get("_domain") for r in records}  # a None among them (no json domain): no domain tag
-    if problem := degradation_conflict(opts, degradations):  # shards without a manifest (URLs, patterns)
+    if problem := degradation_conflict(opts, degradations):  # shards whose manifest does not count them
         raise DataError(problem)
     ranks = Counter(r["_rank"] for r in records)
     images, mean, undefined = summarize(records, metrics)

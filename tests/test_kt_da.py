@@ -247,6 +247,33 @@ def test_da_refuses_an_init_that_never_learnt_every_type(tmp_path):
     assert "generator" in build("kt")
 
 
+def test_da_refuses_a_clear_source_of_unpaired_degraded_photos_before_building_models(ws, monkeypatch):
+    """data.clear given an unpaired set of hazy photos (URHI/RTTS-like: no target, json 'haze') has no
+    image the clear stream can use; it failed at step 1 ('bad samples in a row'), after the models were
+    built (and compiled on a GPU). Refused by check_inputs, naming the source and what to give; a paired
+    set (its targets) and clear photos pass."""
+    from uniremoval.config import check_inputs
+    from uniremoval.stages import da
+
+    def cfg_with(clear) -> object:
+        return load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "daclear") + [
+            "tracking.enabled=false", "train.cpu=true", f"data.clear=[{{name: urhi, shards: {clear}}}]"])
+
+    def no_models(self):
+        raise AssertionError("models were built for a run whose clear source has no clear image")
+
+    monkeypatch.setattr(da.DomainAdaptation, "build_models", no_models)
+    unpaired = ws["real"]["haze"]
+    cfg = cfg_with(unpaired)
+    with pytest.raises(ConfigError, match=rf"data.clear.0 \(urhi\): {unpaired} holds 6 haze image\(s\) without a "
+                                          r"target, and no clear one: .* `uniremoval shards build --format folder "
+                                          r"--degradation clear`"):
+        da.run(cfg)
+    assert not Path(cfg.run_dir).exists()
+    for usable in (ws["clear"], ws["syn"]["rain"], min(Path(ws["syn"]["blur"]).glob("*.tar"))):
+        check_inputs(cfg_with(usable))
+
+
 def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, tmp_path):
     # The scorer is built at the first validation; a missing BRISQUE file must not wait for it.
     from uniremoval.eval.iqa_params import MissingIQAParams

@@ -770,11 +770,51 @@ def _other_degradation(cfg: StageBase, src: DataSource, folder: Path) -> str | N
             f"'{want}' one; give the '{want}' shards, or degradation: {types[0]} if these are the ones meant")
 
 
+def _no_clear_image(spec: str) -> str | None:
+    """What is wrong when a local DA clear source (data.clear) holds no sample the clear stream can
+    use: it takes a paired sample's target, or an unpaired image whose json says 'clear' (or nothing);
+    an unpaired set of degraded photos (RTTS, URHI) gave none, found only at step 1 after the models
+    were built (and compiled). Stops at the first usable sample (read from tar headers and json)."""
+    import tarfile
+    from collections import Counter
+
+    from uniremoval.data.manifest import iter_tar_samples, sample_fields
+    from uniremoval.data.shard_stream import resolve_shards
+    from uniremoval.errors import DataError
+
+    try:
+        shards = [s for s in resolve_shards(spec) if "://" not in s and Path(s).is_file()]
+    except DataError:  # an unfinished build, no tars: the stream names it
+        return None
+    held: Counter = Counter()
+    for shard in shards:
+        try:
+            for _key, fields in iter_tar_samples(shard, only_json=True):
+                try:
+                    meta = json.loads(fields.get("json") or b"{}")
+                except ValueError:
+                    meta = {}
+                kind = meta.get("degradation") if isinstance(meta, dict) else None
+                if sample_fields(fields)[1] is not None or kind in (None, CLEAR):
+                    return None
+                held[str(kind)] += 1
+        except (OSError, tarfile.TarError, EOFError):  # a damaged shard: the stream names it
+            return None
+    if not held:
+        return None
+    types = ", ".join(f"{n} {d}" for d, n in sorted(held.items()))
+    return (f"holds {types} image(s) without a target, and no clear one: DA takes X_C from clear photos or a "
+            f"paired set's targets; give shards built with `uniremoval shards build --format folder --degradation "
+            f"clear` (README: Data preparation) or a paired set (e.g. shards/spa), and put real degraded photos "
+            f"in data.train")
+
+
 def check_inputs(cfg: StageBase) -> None:
     """Refuse, before anything starts, a local input of a training or cache stage that is not there:
     shard folders (data.train/val/clear), model.init and teachers.checkpoints (a missing validation set
     was found only at the first validation, thousands of steps in), and a shard folder whose manifest
-    holds no sample of its source's degradation. URLs, pipes and patterns pass; checkpoints a run
+    holds no sample of its source's degradation, or (DA's data.clear) no clear image nor target. URLs,
+    pipes and patterns pass; checkpoints a run
     logged to MLflow (runs:/<id>/weights/last) are fetched."""
     from uniremoval.data.manifest import split_specs
     from uniremoval.errors import CheckpointError
@@ -793,7 +833,8 @@ def check_inputs(cfg: StageBase) -> None:
                                and section == "train" and cfg.teachers.mode == "cached"
                                else f"`uniremoval shards build|synth ... --out {spec}` (README: Data preparation)")
                     missing.append(f"data.{section}.{i} ({src.name}): {spec} does not exist; {made_by} writes it")
-                elif wrong := _other_degradation(cfg, src, Path(spec)):
+                elif wrong := (_other_degradation(cfg, src, Path(spec)) or
+                               (_no_clear_image(spec) if section == "clear" and isinstance(cfg, DAStage) else None)):
                     missing.append(f"data.{section}.{i} ({src.name}): {spec} {wrong}")
     checkpoints: dict[str, tuple[str, str]] = {}
     if cfg.model.init:

@@ -208,16 +208,24 @@ def bench_matmul(device: torch.device, n: int, reps: int) -> dict[str, Any]:
     return {"n": n, "dtype": "bf16", "tflops": sig(2 * n**3 / dt / 1e12)}
 
 
-def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool = False,
+# What the shared trainer adds around a step (`trainer_check` of make_step): its non-finite check
+# as a device flag that the fused Adam reads and the host reads a step later, or as a host read of
+# every term before the backward (the trainer's way for other optimisers); and the running sums.
+TRAINER_CHECKS = ("device", "host")
+
+
+def make_step(student, loss_fn, opt, batches, teachers, dtype, trainer_check: str | None = None,
               cudagraphs: bool = False) -> Callable[[int], Any]:
-    """One KT training step. `host_syncs` adds what the shared trainer does per step around it:
-    one host read of every loss term before backward (its non-finite check: the step's one wait
-    for the GPU) and the running sums of the terms, kept on the device. `cudagraphs` (compile modes
-    reduce-overhead and max-autotune): each step starts a new CUDA-graph iteration, as torch's
+    """One KT training step. `trainer_check` ("device" or "host", see TRAINER_CHECKS) adds what
+    Trainer.optimize and Trainer._accumulate_terms do per step around it. `cudagraphs` (compile
+    modes reduce-overhead and max-autotune): each step starts a new CUDA-graph iteration, as torch's
     CUDA-graph trees ask of a training loop that calls compiled modules several times per step."""
     from uniremoval.stages.kt import kt_terms
 
     sums: dict[str, Any] = {}
+    pending: list[fast.HostCopy] = []
+    if trainer_check == "device" and not fast.skips_on_device(opt):
+        raise SystemExit("the device check needs the fused Adam (--cpu-fused on CPU)")
 
     def step(i: int):
         if cudagraphs:
@@ -226,12 +234,21 @@ def make_step(student, loss_fn, opt, batches, teachers, dtype, host_syncs: bool 
         with fast.autocast(batch["input"].device, dtype):
             terms, _, _ = kt_terms(student, loss_fn, batch, A1, CELL, teachers=teachers,
                                    degradations=DEGS if teachers else None)
-        if host_syncs:  # as Trainer._nonfinite_terms
-            torch.stack([v.detach().float().sum() for v in terms.values()]).tolist()
+        values = torch.stack([v.detach().float().sum() for v in terms.values()]) if trainer_check else None
+        if trainer_check == "host":  # as Trainer._nonfinite_terms: the host waits for the forward
+            values.tolist()
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
+        if trainer_check == "device":  # as Trainer._optimize_on_device_check
+            flags = (~torch.isfinite(values)).any().float()
+            opt.found_inf = torch.stack([flags, torch.zeros_like(flags)])[0]
         opt.step()
-        if host_syncs:  # as Trainer._accumulate_terms
+        opt.found_inf = None
+        if trainer_check == "device":  # the last step's flags are read once this one is queued
+            while pending:
+                pending.pop().get().tolist()
+            pending.append(fast.HostCopy(torch.cat([flags.reshape(1), values])))
+        if trainer_check:  # as Trainer._accumulate_terms
             for k, v in terms.items():
                 v = v.detach().double().sum()
                 sums[k] = sums.get(k, 0.0) + torch.where(torch.isfinite(v), v, torch.zeros_like(v))
@@ -343,11 +360,13 @@ def bench_naive(models, args, device, results) -> None:
     reset_peak(device)
 
 
-def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool = False,
+def bench_ours(models, args, device, results, compiled: bool, trainer_check: str | None = None,
                flush: Callable[[], Any] | None = None, profile_steps: int = 0) -> None:
+    """Our KT step. Compiled, it is timed with what the trainer does around it (its own non-finite
+    check), so `ours_compiled` is the trainer's step; eager, bare (`ours`) and with either check."""
     import copy
 
-    key = "ours_compiled" if compiled else ("ours_trainer_syncs" if host_syncs else "ours")
+    key = "ours_compiled" if compiled else (f"ours_trainer_{trainer_check}_check" if trainer_check else "ours")
     mode_name = args.compile_mode[0]  # the compiled-step child runs one mode
     dtype = fast.autocast_dtype(args.precision, device)
     student = fast.to_channels_last(copy.deepcopy(models["student"]).to(device)).train()
@@ -357,12 +376,14 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
     batches = [fast.to_device(b, device, channels_last=True) for b in batches]
     run_student, run_phi = student, phi
     adam = "fused" if "fused" in fast.adam_impl(device, True if args.cpu_fused else None) else "foreach"
+    if compiled:  # the check the trainer would pick for this optimiser
+        trainer_check = "device" if fast.skips_on_device(opt) else "host"
     out: dict[str, Any] = {
         "what": f"{args.precision} autocast (networks; contrastive loss fp32), channels_last, "
                 f"{benchmark_what(args)}, {adam} Adam, cached teacher targets"
                 + (f", torch.compile backend={args.compile_backend} mode={mode_name}" if compiled else "")
                 + (inductor_what(results) if compiled else "")
-                + (", the trainer's per-step loss read and running sums" if host_syncs else ""),
+                + (f", the trainer's {trainer_check}-side non-finite check and running sums" if trainer_check else ""),
     }
     if compiled:
         cache = fast.set_compile_cache(args.compile_cache)  # before the artifacts are loaded into it
@@ -373,7 +394,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
         run_student = fast.compile_module(student, cache, mode=mode, backend=args.compile_backend)
         run_phi = fast.compile_module(phi, cache, mode=mode, backend=args.compile_backend)
     cudagraphs = compiled and args.compile_backend == "inductor" and mode_name in fast.CUDA_GRAPH_MODES
-    step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, host_syncs, cudagraphs)
+    step = make_step(run_student, kt_loss(run_phi), opt, batches, None, dtype, trainer_check, cudagraphs)
     reset_peak(device)
     # The first steps compile (the second one too: the first backward compiles lazily) and let
     # cudnn.benchmark pick its algorithms: timed apart.
@@ -382,7 +403,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
     with ours_flags(args):
         sync(device)
         t0 = time.perf_counter()
-        if args.flops and not compiled and not host_syncs:
+        if args.flops and not compiled and not trainer_check:
             out["flops_per_step"], out["flops_by_kind"], terms = count_flops(step)
         else:
             terms = step(0)
@@ -395,7 +416,7 @@ def bench_ours(models, args, device, results, compiled: bool, host_syncs: bool =
             flush()
         time_calls(step, args.warmup, device, start=n_first)
         dt = time_calls(step, args.steps, device, start=n_first + args.warmup)
-        if not compiled and not host_syncs:
+        if not compiled and not trainer_check:
             # The network alone (forward + backward of the student, no KT loss, no VGG-19, no update):
             # what the step costs beyond it is the losses' and the optimiser's.
             def student_only(i: int, batches=batches, student=student) -> None:  # bound: deleted below
@@ -1016,10 +1037,13 @@ def main(argv: list[str] | None = None) -> int:
         with section(results, "ours"):
             bench_ours(models, args, device, results, compiled=False, profile_steps=args.profile)
         write()
-    if want("syncs"):
-        with section(results, "ours_trainer_syncs"):
-            bench_ours(models, args, device, results, compiled=False, host_syncs=True)
-        write()
+    if want("syncs"):  # the trainer's two ways to check a step's losses, eager
+        for check in TRAINER_CHECKS:
+            if check == "device" and "fused" not in fast.adam_impl(device, True if args.cpu_fused else None):
+                continue
+            with section(results, f"ours_trainer_{check}_check"):
+                bench_ours(models, args, device, results, compiled=False, trainer_check=check)
+            write()
     if want("cache"):
         with section(results, "cache_build"):
             bench_cache_build(models, args, device, results)
@@ -1168,7 +1192,7 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
     flops_ours = results.get("ours", {}).get("flops_per_step")
     flops_by_kind_ours = results.get("ours", {}).get("flops_by_kind")
     compiled = sorted(k for k in results if k.startswith("ours_compiled"))
-    for key in ("naive", "ours", "ours_trainer_syncs", *compiled):
+    for key in ("naive", "ours", *(f"ours_trainer_{c}_check" for c in TRAINER_CHECKS), *compiled):
         r = results.get(key, {})
         if "img_s" not in r:
             continue
@@ -1244,8 +1268,11 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
         s["cache_stage_over_teacher"] = round(stage["threads_frames_s"] / results["cache_build"]["ours"]["frames_s"], 2)
     if results.get("eval", {}).get("score_over_restore"):
         s["eval_score_over_restore"] = results["eval"]["score_over_restore"]
-    if results.get("ours_trainer_syncs", {}).get("img_s") and results.get("ours", {}).get("img_s"):
-        s["trainer_syncs_slowdown"] = round(results["ours"]["img_s"] / results["ours_trainer_syncs"]["img_s"], 3)
+    bare = results.get("ours", {}).get("img_s")
+    for check in TRAINER_CHECKS:  # what the trainer's bookkeeping costs the eager step (1.0: nothing)
+        with_check = results.get(f"ours_trainer_{check}_check", {}).get("img_s")
+        if bare and with_check:
+            s[f"trainer_{check}_check_slowdown"] = round(bare / with_check, 3)
     if results.get("loader", {}).get("samples_s") and best.get("img_s"):
         s["loader_over_step"] = round(results["loader"]["samples_s"] / best["img_s"], 2)
     results["summary"] = s

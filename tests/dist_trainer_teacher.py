@@ -73,11 +73,13 @@ def _dist(config: str, cache_config: str, out: str) -> None:
               "metrics": result.metrics}
     cache.run(load_config(cache_config, stage="cache"))
     record.update(_toy_rank_events(Path(out) / "toy", rank))
+    # The same with torch's fused Adam: the skip and the stop are agreed on the device, read a step late.
+    record.update(_toy_rank_events(Path(out) / "fused", rank, {"lr": 0.05, "fused": True}, prefix="fused"))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def _toy_rank_events(out: Path, rank: int) -> dict:
+def _toy_rank_events(out: Path, rank: int, optim: dict | None = None, prefix: str = "toy") -> dict:
     """Only rank 1 sees a NaN loss (step 2) and only rank 1 gets SIGUSR1 (during step 4): both
     ranks must skip the same update and stop at the same step, or DDP would hang."""
     import warnings
@@ -87,17 +89,18 @@ def _toy_rank_events(out: Path, rank: int) -> dict:
 
     from uniremoval.stages.trainer import Trainer
 
-    cfg = make_cfg(out)
+    cfg = make_cfg(out, optim)
     stage = ToyStage(cfg, poison_at=1 if rank == 1 else None, signal_at=3 if rank == 1 else None)
     trainer = Trainer(cfg, stage)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = trainer.fit()
     w = trainer.accelerator.unwrap_model(trainer.models["net"]).weight.detach()
-    return {"toy_status": res.status, "toy_step": res.step, "toy_skipped": res.nonfinite_skipped,
-            "toy_checkpoint": sorted(p.name for p in (out / "toy" / "checkpoints").glob("step-*")),
-            "toy_sha": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
-            "toy_warnings": [str(c.message) for c in caught if "non-finite" in str(c.message)]}
+    return {f"{prefix}_status": res.status, f"{prefix}_step": res.step, f"{prefix}_skipped": res.nonfinite_skipped,
+            f"{prefix}_checkpoint": sorted(p.name for p in (out / "toy" / "checkpoints").glob("step-*")),
+            f"{prefix}_sha": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
+            f"{prefix}_deferred": trainer._defer_check,
+            f"{prefix}_warnings": [str(c.message) for c in caught if "non-finite" in str(c.message)]}
 
 
 def _disk_full_on_rank0(config: str) -> int:

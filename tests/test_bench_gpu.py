@@ -50,6 +50,8 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     # The compiled step ran in its child process and computed the eager fast path's terms.
     assert compiled["img_s"] > 0 and compiled["compile_s"] >= 0 and compiled["process_s"] > 0
     assert "backend=aot_eager" in compiled["what"] and compiled["timeout_s"] > 0
+    # ... timed with the trainer's own bookkeeping: the fused Adam's device-side non-finite check
+    assert "the trainer's device-side non-finite check" in compiled["what"]
     assert compiled["loss_terms"] == pytest.approx(ours["loss_terms"], rel=1e-4)
     # --inductor reaches both compiled children, as their inductor reads it back
     assert printed["settings"]["inductor"] == {"conv_1x1_as_mm": True}

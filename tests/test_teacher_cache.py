@@ -153,14 +153,18 @@ def test_two_processes_teacher_then_cache(workspace):
     assert r0["loss_after"] < 0.9 * r0["loss_before"]  # it learns the haze map (0.813 -> 0.709 here)
     assert r0["run_id"] and r1["run_id"] is None  # only the main process talks to MLflow
     assert r0["metrics"]["val/val/psnr"] == r1["metrics"]["val/val/psnr"]  # gathered, not rank 0's share
-    # One rank's NaN and one rank's SIGUSR1: both ranks skip the same update and stop together.
-    for r in (r0, r1):
-        assert (r["toy_status"], r["toy_step"], r["toy_skipped"]) == ("preempted", 4, 1)
-    assert r0["toy_sha"] == r1["toy_sha"]
-    # step 4 is off checkpoint.every_steps=3: that checkpoint is the signal's, written for both ranks
-    assert r0["toy_checkpoint"] == ["step-00000003", "step-00000004"]
-    assert any("non-finite loss at step 2" in m and "mse=nan" in m for m in r1["toy_warnings"])
-    assert any("on another rank" in m for m in r0["toy_warnings"])
+    # One rank's NaN and one rank's SIGUSR1: both ranks skip the same update and stop together, with
+    # the host check (foreach Adam) and with the device check (fused Adam; step 4 logs, which reads
+    # its flags, so the stop comes at the same step).
+    assert (r0["toy_deferred"], r0["fused_deferred"]) == (False, True)
+    for p in ("toy", "fused"):
+        for r in (r0, r1):
+            assert (r[f"{p}_status"], r[f"{p}_step"], r[f"{p}_skipped"]) == ("preempted", 4, 1), p
+        assert r0[f"{p}_sha"] == r1[f"{p}_sha"]
+        # step 4 is off checkpoint.every_steps=3: that checkpoint is the signal's, written for both ranks
+        assert r0[f"{p}_checkpoint"] == ["step-00000003", "step-00000004"]
+        assert any("non-finite loss at step 2" in m and "mse=nan" in m for m in r1[f"{p}_warnings"])
+        assert any("on another rank" in m for m in r0[f"{p}_warnings"])
 
     # Every sample exactly once, with the teacher's image and pooled feature.
     cdir = root / "cache" / "syn"

@@ -612,9 +612,10 @@ def test_a_finished_run_keeps_its_weights_in_mlflow(tmp_path):
 
 
 def test_the_loop_reads_the_device_once_per_step(tmp_path, monkeypatch):
-    """A host read of a device tensor waits for the GPU to drain: the trainer does one per update
-    (its non-finite check of every term at once) and keeps the logged running sums on the device,
-    reading them at log and checkpoint steps only. bench/gpu.py's ours_trainer_syncs times exactly this."""
+    """A host read of a device tensor waits for the GPU to drain: with an optimiser that cannot skip
+    an update on a device flag (foreach Adam, the CPU default) the trainer does one per update (its
+    non-finite check of every term at once) and keeps the logged running sums on the device, reading
+    them at log and checkpoint steps only. bench/gpu.py's ours_trainer_host_check times exactly this."""
     import math
 
     reads: list[str] = []
@@ -864,3 +865,78 @@ def test_a_resumed_run_logs_the_same_training_means_as_an_uninterrupted_one(tmp_
     res, rest = mse_log(tmp_path / "b", resume="auto")
     assert res.step == 10 and sorted(rest) == [8, 10]
     assert part[4] == ref[4] and rest[8] == pytest.approx(ref[8], rel=1e-12) and rest[10] == pytest.approx(ref[10], rel=1e-12)
+
+
+FUSED = {"lr": 0.05, "fused": True}  # torch's fused Adam on CPU: the trainer's device-side non-finite check
+
+
+def _fit_collecting_warnings(stage):
+    trainer = Trainer(stage.cfg, stage)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = trainer.fit()
+    return trainer, res, [str(w.message) for w in caught if "non-finite" in str(w.message)]
+
+
+def test_device_side_check_skips_the_same_updates_as_the_host_check(tmp_path, monkeypatch):
+    """With the fused optimiser the non-finite check is a device flag the kernel reads (no host wait
+    before the backward): the run must end bit-identical to the host check's, skip and warn the same."""
+    from uniremoval.stages import fast
+
+    device = ToyStage(make_cfg(tmp_path / "device", FUSED, max_steps=6), poison_at=1)
+    trainer, res, msgs = _fit_collecting_warnings(device)
+    assert trainer._defer_check and res.nonfinite_skipped == 1 and res.step == 6
+    with monkeypatch.context() as m:
+        m.setattr(fast, "skips_on_device", lambda opt: False)
+        host = ToyStage(make_cfg(tmp_path / "host", FUSED, max_steps=6), poison_at=1)
+        host_trainer, host_res, host_msgs = _fit_collecting_warnings(host)
+    assert not host_trainer._defer_check and host_res.nonfinite_skipped == 1
+    assert msgs == host_msgs and "step 2" in msgs[0] and "mse=nan" in msgs[0]
+    torch.testing.assert_close(weights(tmp_path / "device/toy/last.safetensors"),
+                               weights(tmp_path / "host/toy/last.safetensors"), rtol=0, atol=0)
+    # The skipped update left Adam's state as it was: its step count is one less than the steps run.
+    opt = trainer.optimizers["net"]
+    assert [float(s["step"]) for s in opt.state.values()] == [5.0]
+
+
+def test_device_side_check_drops_a_whole_accumulation_window(tmp_path):
+    class PoisonFirstMicro(ToyStage):
+        calls = 0
+
+        def training_step(self, batch, ctx):
+            self.calls += 1
+            self.poison_at = ctx.step if self.calls == 3 else None
+            return super().training_step(batch, ctx)
+
+    one = ToyStage(make_cfg(tmp_path / "one", FUSED, max_steps=1, grad_accum=2))
+    Trainer(one.cfg, one).fit()
+    two = PoisonFirstMicro(make_cfg(tmp_path / "two", FUSED, max_steps=2, grad_accum=2))
+    _, res, msgs = _fit_collecting_warnings(two)
+    assert res.step == 2 and res.nonfinite_skipped == 1 and len(two.seen) == 4
+    assert len(msgs) == 1 and "step 2" in msgs[0] and "mse=nan" in msgs[0]
+    torch.testing.assert_close(weights(tmp_path / "two/toy/last.safetensors"),
+                               weights(tmp_path / "one/toy/last.safetensors"), rtol=0, atol=0)
+
+
+def test_device_side_check_is_read_a_step_late_and_still_stops(tmp_path):
+    """An update's flag stays on the device through its own step and is read at the end of the next
+    (or at a log or checkpoint, which read them all); nonfinite=stop and max_nonfinite still stop."""
+
+    class Watching(ToyStage):
+        def training_step(self, batch, ctx):
+            pending.append([u.step for u in ctx._t._pending])
+            return super().training_step(batch, ctx)
+
+    pending: list[list[int]] = []
+    cfg = make_cfg(tmp_path / "w", FUSED, log_every=4, val_every=100)  # checkpoints at 3, 6, 9
+    res = Trainer(cfg, Watching(cfg)).fit()
+    assert res.step == 10
+    # Before update s+1 runs, update s is still unread unless step s ended with a log or a checkpoint.
+    assert pending == [[]] + [[] if s in {3, 4, 6, 8, 9} else [s] for s in range(1, 10)], pending
+
+    st = ToyStage(make_cfg(tmp_path / "t", FUSED, max_steps=6, nonfinite="stop"), poison_at=2)
+    with pytest.raises(UniremovalError, match=r"non-finite loss at step 3.*mse=nan"):
+        Trainer(st.cfg, st).fit()
+    st3 = ToyStage(make_cfg(tmp_path / "u", FUSED, max_steps=4, max_nonfinite=0), poison_at=0)
+    with pytest.raises(UniremovalError, match="max_nonfinite=0"):
+        Trainer(st3.cfg, st3).fit()

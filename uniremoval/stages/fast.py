@@ -13,7 +13,9 @@ the same way:
   (~1e-3 relative) would move logits cos/tau by ~1e3 at tau = 1e-6. cudnn.benchmark picks the
   fastest conv algorithm for fixed crop shapes.
 * ``make_adam``: the fused (one kernel for all parameters) Adam/AdamW on CUDA, the multi-tensor
-  ``foreach`` one elsewhere; both are the same update as the per-parameter loop.
+  ``foreach`` one elsewhere; both are the same update as the per-parameter loop. The fused one can
+  also leave an update out on a device flag (``skips_on_device``), which with ``HostCopy`` lets the
+  trainer check a step's losses for inf/NaN without making the host wait for the GPU every step.
 * ``compile_module``: ``torch.compile`` with the inductor cache in a chosen folder (kept across
   runs on one machine), plus ``save_compile_artifacts`` / ``load_compile_artifacts`` to carry the
   compiled kernels to a fresh machine (torch's portable "mega-cache"), so the minutes of compile
@@ -136,6 +138,36 @@ def make_adam(
     """Adam (or AdamW with ``decoupled``) with the fastest implementation for the device."""
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **adam_impl(device, fused))
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether `optimizer` (or the one accelerate wraps) can leave an update out on a device flag:
+    torch's fused Adam/AdamW read their ``found_inf`` tensor inside the kernel, and at 1.0 keep the
+    weights, both moments and the step count as they were (GradScaler's mechanism)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused"))
+
+
+class HostCopy:
+    """A copy of a device tensor to the host, started now and read later. On CUDA it goes to pinned
+    memory behind an event, so reading it waits for the work queued before the copy only, not for
+    what the host has queued since (``.item()`` would wait for all of it)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        tensor = tensor.detach()
+        self._event: Any = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.clone()
+
+    def get(self) -> Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
 
 
 # ------------------------------------------------------------------------------------ compile

@@ -58,8 +58,17 @@ already seen that epoch, so a resumed run sees exactly the batches an uninterrup
 A resume may change settings (each named in a warning and an MLflow tag), not the architecture,
 degradation types, stage or discriminator the saved weights belong to (config.RESUME_FIXED).
 
+Non-finite losses: an update whose loss terms are inf/NaN on any rank is skipped on every rank
+(``train.nonfinite``). With torch's fused Adam (the default on CUDA) the skip happens on the device:
+the step's terms become a flag the fused kernel reads (``found_inf``), and the host reads that flag
+one step later, when the GPU is past it, so no step waits for the GPU to drain before its backward
+(the skipped count, warning or ``nonfinite=stop`` follow one step late; logs and checkpoints read
+every flag first). Other optimisers, fp16's GradScaler and DeepSpeed check on the host before the
+backward, one device read per update.
+
 Preemption: SIGTERM or SIGUSR1 sets a flag; at the next step boundary all ranks agree on it (one
-all-reduce), write a checkpoint and return with ``status == "preempted"`` (the CLI exits 75).
+all-reduce; on the device with the non-finite flag, so read one step later), write a checkpoint
+and return with ``status == "preempted"`` (the CLI exits 75).
 Ctrl-C (SIGINT) does the same (exit 130), so an interactive stop keeps the steps since the last
 periodic checkpoint; a second Ctrl-C stops at once. Loader workers ignore SIGINT (pipelines.py), so
 the terminal's Ctrl-C, sent to every process of the group, does not break the loader mid-step.
@@ -131,6 +140,17 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" (rerun with --resume 
 
 class NonFiniteLossError(UniremovalError):
     """A loss became NaN/inf and the config says stop (or too many were skipped)."""
+
+
+@dataclass
+class PendingUpdate:
+    """An update whose non-finite check is still on the device (see the module docstring).
+    `values` holds [agreed skip, agreed stop, then each micro-batch's terms in `parts` order]."""
+
+    step: int  # the update's number, as messages give it (1 = the first update)
+    name: str  # the model it updated
+    parts: list[tuple[list[str], dict[str, float]]]  # per micro-batch: tensor term names, non-finite host terms
+    values: fast.HostCopy
 
 
 # --------------------------------------------------------------------------------------------- stage
@@ -325,12 +345,11 @@ class TrainContext:
             p.requires_grad_(flag)
 
     # optimisation ---------------------------------------------------------------------------
-    def optimize(self, name: str, loss: Tensor, terms: dict[str, Any] | None = None) -> bool:
-        """Backward `loss` into model `name` and update it at the accumulation boundary.
-
-        Returns False when the update was skipped because a loss was not finite on some rank.
-        """
-        return self._t.optimize(name, loss, terms)
+    def optimize(self, name: str, loss: Tensor, terms: dict[str, Any] | None = None) -> None:
+        """Backward `loss` into model `name` and update it at the accumulation boundary. An update
+        whose loss or `terms` are not finite on some rank is left out on every rank (counted and
+        warned about by the trainer, a step later where the check runs on the device)."""
+        self._t.optimize(name, loss, terms)
 
     # logging --------------------------------------------------------------------------------
     @property
@@ -387,6 +406,9 @@ class Trainer:
         self._stop_seen = False  # agreed by every rank (several processes: see _agree_update)
         self._agreed_at = -1  # the step whose optimize() last agreed (self.step before it moved on)
         self._dropped_window: set[str] = set()  # models whose accumulation window had a non-finite loss
+        self._defer_check = False  # set in setup(): the non-finite check runs on the device, read a step late
+        self._window: dict[str, list[tuple[list[str], Tensor, dict[str, float]]]] = {}  # terms per micro-batch
+        self._pending: list[PendingUpdate] = []  # updates whose device flags the host has not read yet
         self._images_logged_at = -1
         # Running sums of the loss terms since the last log, kept on the device (reading them every
         # step would make the host wait for the GPU to drain, step after step): read at log time.
@@ -443,6 +465,7 @@ class Trainer:
                                 terms = self.stage.training_step(batch, self.ctx)
                             self._accumulate_terms(terms)
                         self.step += 1
+                        self._read_update_flags(before=self.step)  # the last step's: the GPU is past them
                         bar.update(1)
                         if self.step % cfg.log_every == 0 or self.step == total:
                             metrics.update(self.log_train(bar))
@@ -456,6 +479,7 @@ class Trainer:
                             break
                     if status == "preempted":
                         break
+                self._read_update_flags()  # (a log or checkpoint at the last step read them already)
                 if status == "finished":
                     self.export("last")
                     self._log_weights()
@@ -547,6 +571,9 @@ class Trainer:
             self.schedulers[name] = StepSchedule(opt, self.stage.optim_config(name).lr, self.cfg.schedule,
                                                  self.schedule_horizon())
             self.schedulers[name].apply(self.step)
+        # fp16's GradScaler sets the fused optimiser's skip flag itself; DeepSpeed steps inside its engine.
+        self._defer_check = (not self.deepspeed and getattr(acc, "scaler", None) is None
+                             and all(fast.skips_on_device(o) for o in self.optimizers.values()))
         if self.speed.compile:
             names = [*self.stage.trainable, *(n for n in self.stage.compiled_frozen if n in models)]
             self._print(f"model.compile: {', '.join(names)} compile at the first step(s) (mode "
@@ -640,7 +667,10 @@ class Trainer:
             self.run_id = self.tracker.run_id
 
     # ---------------------------------------------------------------- one update
-    def optimize(self, name: str, loss: Tensor, terms: dict[str, Any] | None) -> bool:
+    def optimize(self, name: str, loss: Tensor, terms: dict[str, Any] | None) -> None:
+        if self._defer_check:
+            self._optimize_on_device_check(name, loss, terms)
+            return
         acc, opt = self.accelerator, self.optimizers[name]
         if name in self._dropped_window:
             # An earlier micro-batch of this accumulation window was not finite: the whole update
@@ -649,15 +679,20 @@ class Trainer:
             if acc.sync_gradients:
                 self._dropped_window.discard(name)
                 opt.zero_grad(set_to_none=True)
-            return False
+            return
         bad = self._nonfinite_terms(loss, terms)
         if self._agree_update(bool(bad)):               # every rank skips together: no DDP hang
-            self._handle_nonfinite(name, bad)
+            self._handle_nonfinite(name, bad, self.step + 1)
             opt.zero_grad(set_to_none=True)
             if not acc.sync_gradients and not self.deepspeed:
                 self._dropped_window.add(name)
-            return False
-        sched = self.schedulers[name]
+            return
+        self._apply_update(name, loss)
+
+    def _apply_update(self, name: str, loss: Tensor, skip: Tensor | None = None) -> None:
+        """Backward, and at the accumulation boundary clip, step and zero the gradients. `skip`: the
+        fused optimiser's device flag (1.0 leaves the update out)."""
+        acc, opt, sched = self.accelerator, self.optimizers[name], self.schedulers[name]
         if acc.sync_gradients and hasattr(sched, "apply"):
             sched.apply(self.step)  # the LR of update number self.step (DeepSpeed steps inside backward)
         acc.backward(loss)
@@ -665,11 +700,67 @@ class Trainer:
             clip = self.cfg.train.clip_grad_norm
             if clip is not None and not self.deepspeed:  # DeepSpeed clips by its own config
                 acc.clip_grad_norm_(self.models[name].parameters(), clip)
-            opt.step()
+            inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper steps the torch optimiser
+            inner.found_inf = skip
+            try:
+                opt.step()
+            finally:
+                inner.found_inf = None
             if not hasattr(sched, "apply") and not getattr(opt, "step_was_skipped", False):
                 sched.step()  # a subclass's torch LR scheduler
             opt.zero_grad(set_to_none=True)
-        return True
+
+    def _optimize_on_device_check(self, name: str, loss: Tensor, terms: dict[str, Any] | None) -> None:
+        """`optimize` with the non-finite check on the device: every micro-batch is backpropagated
+        (a NaN gradient is harmless when its update is left out), the window's flag is agreed by all
+        ranks with an all-reduce the host does not wait for, and the fused optimiser leaves the
+        update out on it. The host reads the flags a step later (`_read_update_flags`)."""
+        acc = self.accelerator
+        items = dict(terms or {})
+        items.setdefault("loss", loss)
+        keys = [k for k, v in items.items() if isinstance(v, Tensor)]
+        values = torch.stack([items[k].detach().float().sum() for k in keys])
+        host_bad = {k: float(v) for k, v in items.items()
+                    if not isinstance(v, Tensor) and not math.isfinite(float(v))}
+        self._window.setdefault(name, []).append((keys, values, host_bad))
+        if not acc.sync_gradients:
+            self._apply_update(name, loss)
+            return
+        window = self._window.pop(name)
+        bad = torch.stack([(~torch.isfinite(v)).any() for _, v, _ in window]).any().float()
+        if any(h for _, _, h in window):
+            bad = torch.ones_like(bad)
+        flags = torch.stack([bad, torch.full_like(bad, float(self._stop_requested))])
+        if acc.num_processes > 1:  # every rank skips the same update and stops after the same step
+            flags = self.reduce(flags, "max")
+            self._agreed_at = self.step
+        self._apply_update(name, loss, skip=flags[0])
+        self._pending.append(PendingUpdate(self.step + 1, name, [(k, h) for k, _, h in window],
+                                           fast.HostCopy(torch.cat([flags, *(v for _, v, _ in window)]))))
+
+    def _read_update_flags(self, before: int | None = None) -> None:
+        """Read the device flags of the updates numbered below `before` (all with None): count and
+        report the skipped ones (`_handle_nonfinite`), note an agreed stop. Updates of the step just
+        queued stay pending, so the host does not wait for the GPU to finish them."""
+        keep: list[PendingUpdate] = []
+        for update in self._pending:
+            if before is not None and update.step >= before:
+                keep.append(update)
+                continue
+            values = update.values.get().tolist()
+            skipped, stop = values[0] > 0, values[1] > 0
+            self._stop_seen = self._stop_seen or stop
+            if skipped:
+                bad: dict[str, float] = {}
+                at = 2
+                for keys, host_bad in update.parts:  # the first micro-batch that had one names it
+                    bad = {k: v for k, v in zip(keys, values[at:at + len(keys)]) if not math.isfinite(v)}
+                    bad.update(host_bad)
+                    at += len(keys)
+                    if bad:
+                        break
+                self._handle_nonfinite(update.name, bad, update.step)
+        self._pending = keep
 
     def _nonfinite_terms(self, loss: Tensor, terms: dict[str, Any] | None) -> dict[str, float]:
         """The terms that are not finite, by name. All tensor terms are read in one device-to-host
@@ -684,9 +775,9 @@ class Trainer:
             values.update(zip(tensors, read))
         return {k: v for k, v in values.items() if not math.isfinite(v)}
 
-    def _handle_nonfinite(self, name: str, bad: dict[str, float]) -> None:
+    def _handle_nonfinite(self, name: str, bad: dict[str, float], step: int) -> None:
         where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
-        msg = (f"non-finite loss at step {self.step + 1} (model {name!r}, rank {self.accelerator.process_index}): "
+        msg = (f"non-finite loss at step {step} (model {name!r}, rank {self.accelerator.process_index}): "
                f"{where}")
         self.nonfinite_skipped += 1
         limit = self.cfg.train.max_nonfinite
@@ -733,6 +824,7 @@ class Trainer:
         """Mean of each term since the last log over all ranks' finite values; LRs; skipped count.
         A term with no finite value in the window is not logged (MLflow takes no NaN)."""
         window = self._log_window()
+        self._read_update_flags()  # the skipped count is logged: every update's flag, now
         keys = list(window)
         out = {f"train/{k}": s / n for k, (s, n) in window.items() if n > 0}
         for name, sched in self.schedulers.items():
@@ -846,6 +938,7 @@ class Trainer:
             return final
         previous = self.latest_checkpoint()
         intact = f"Nothing was replaced: the last complete checkpoint is {previous or 'none (this run had none yet)'}"
+        self._read_update_flags()  # the state saved counts every skipped update
         with disk_full_is_an_error(f"checkpoint {final}", self.ckpt_root, intact, cleanup=tmp):
             return self._write_checkpoint(final, tmp)
 
@@ -1180,7 +1273,8 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether every rank stops after this step: one process reads its flag; several use what the
-        step's update agreed (`_agree_update`), or agree now if no update of this step did."""
+        step's update agreed (`_agree_update`; with the device check, what the last step's agreed,
+        read at this step's start), or agree now if no update of this step did."""
         if self.accelerator.num_processes == 1:
             return self._stop_requested
         if self._agreed_at != self.step - 1:  # no optimize() in this step (the counter moved after it)

@@ -115,8 +115,8 @@ def test_kt_and_da_on_two_processes_log_terms_checkpoint_and_resume(ws):
     for k in TYPES:
         restored = da_hist[f"val/real_{k}/piqe"]
         assert [s for s, _ in restored] == [2, 4] and all(0.0 <= v <= 100.0 for _, v in restored)
-        # the unrestored inputs are scored once per process (so again after the resume): same value
-        assert len({v for _, v in da_hist[f"val/real_{k}/piqe_input"]}) == 1
+        # the unrestored inputs are scored once per MLflow run: not again after the resume
+        assert [s for s, _ in da_hist[f"val/real_{k}/piqe_input"]] == [2]
     assert "train/lr_generator" in da_hist and "train/lr_discriminator" in da_hist
 
 
@@ -272,6 +272,46 @@ def test_da_refuses_a_clear_source_of_unpaired_degraded_photos_before_building_m
     assert not Path(cfg.run_dir).exists()
     for usable in (ws["clear"], ws["syn"]["rain"], min(Path(ws["syn"]["blur"]).glob("*.tar"))):
         check_inputs(cfg_with(usable))
+
+
+def test_a_resumed_da_run_does_not_log_the_input_scores_its_mlflow_run_holds(ws, tmp_path):
+    """val/<set>/piqe_input (the degraded inputs' score, a reference logged once) was logged again by
+    every --resume auto of the run: the process forgot it had. The checkpoint's generator.json says
+    which sets' inputs the MLflow run holds; a new MLflow run (another run's checkpoint, or tracking
+    off before) and a set changed since (other images or metrics) log them."""
+    import json
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import da
+
+    class Ctx:
+        rank, world_size, device = 0, 1, torch.device("cpu")
+
+        def unwrap(self, name):
+            return MPRNet("tiny").eval()
+
+        def all_sum(self, values):
+            return dict(values)
+
+    def validated(name: str, start_step: int, *extra: str) -> dict:
+        cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, name) + [
+            f"output_dir={tmp_path}", "val_iqa.max_images=1", "train.steps_per_epoch=2", *extra])
+        stage = da.DomainAdaptation(cfg)
+        stage.train_batches(*divmod(start_step, 2), 0, 1)  # what the trainer calls first: where it starts
+        return {k for k in stage.validate(Ctx()) if k.endswith("_input")}, stage
+
+    inputs = {f"val/real_{k}/piqe_input" for k in ("haze", "rain", "blur")}
+    first, stage = validated("dainp", 0)
+    assert first == inputs
+    step2 = tmp_path / "dainp" / "checkpoints" / "step-00000002"
+    step2.mkdir(parents=True)  # what the trainer writes after step 2's validation (the run's id, the stage's meta)
+    (step2 / "generator.json").write_text(json.dumps({"mlflow_run_id": "r1", **stage.export_meta("generator")}))
+    assert validated("dainp", 2)[0] == set()  # --resume auto at step 2: the run holds them
+    changed = f"data.val=[{{name: real_haze, shards: {ws['real']['haze']}, degradation: haze, max_samples: 2}}]"
+    assert validated("dainp", 2, "val_iqa.max_images=2", changed)[0] == {"val/real_haze/piqe_input"}
+    assert validated("other", 2)[0] == inputs  # another run's checkpoint continued: a new MLflow run
+    (step2 / "generator.json").write_text(json.dumps({"mlflow_run_id": None, **stage.export_meta("generator")}))
+    assert validated("dainp", 2)[0] == inputs  # tracking was off: the new MLflow run holds none
 
 
 def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, tmp_path):

@@ -814,8 +814,7 @@ def check_inputs(cfg: StageBase) -> None:
     shard folders (data.train/val/clear), model.init and teachers.checkpoints (a missing validation set
     was found only at the first validation, thousands of steps in), and a shard folder whose manifest
     holds no sample of its source's degradation, or (DA's data.clear) no clear image nor target. URLs,
-    pipes and patterns pass; checkpoints a run
-    logged to MLflow (runs:/<id>/weights/last) are fetched."""
+    pipes and patterns pass; checkpoints a run logged to MLflow (runs:/<id>/weights/last) are fetched."""
     from uniremoval.data.manifest import split_specs
     from uniremoval.errors import CheckpointError
     from uniremoval.models.checkpoint import resolve_weights

@@ -349,6 +349,47 @@ def test_da_clear_side_uses_targets(data):
 # ---------------------------------------------------------------- remote streams
 
 
+def test_a_pipe_command_that_ends_after_the_tar_is_read_whole_is_not_an_error(data):
+    """`pipe:curl -s URL` (webdataset's own form) failed about one read in two on a real shard: the
+    reader stopped at the tar's first end-of-archive block and closed the pipe, so curl, still
+    writing the record padding after it, exited 23 (write error) and the shard was refused (eval) or
+    skipped with its last sample (training). Here the tar ends in 256 KiB of zero blocks (as `tar -b 512`
+    pads) sent after a pause: curl writes them once the reader is done, every time, not one time in two."""
+    import shutil
+    import time
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    tar = data / "rain" / "rain-000000.tar"
+    body = tar.read_bytes() + bytes(256 * 1024)
+    with tarfile.open(tar) as tf:
+        last = tf.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512 + 512  # through the first end-of-archive block
+    assert not body[end - 512:].strip(b"\0")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:end])
+            self.wfile.flush()
+            time.sleep(0.3)
+            self.wfile.write(body[end:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"pipe:curl -s http://127.0.0.1:{server.server_address[1]}/rain-000000.tar"
+        assert [k for k, _ in iter_shard(url)] == [f"rain-{i:05d}" for i in range(7)]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_stream_over_http_and_pipe(data):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data))
     handler.log_message = lambda *a, **k: None

@@ -331,6 +331,10 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     yield key, files
                 key, files = k, {}
             files[ext] = data
+        # The tar ends at its first end-of-archive block; the rest (the second block, the record's
+        # padding) is read too: a `pipe:curl` closed before curl wrote it failed with exit 23.
+        while stream.read(1 << 16):
+            pass
         stream.close()  # a failed pipe or curl (non-zero exit) raises here, before the last sample
     except GeneratorExit:  # the consumer stopped early (end of epoch): not an error
         close_quietly()

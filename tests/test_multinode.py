@@ -102,3 +102,21 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     cli = _cli_raising(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes"):
         cli.main([])
+
+
+def test_an_error_every_rank_lists_alike_is_raised_on_every_rank_together(monkeypatch):
+    """agreed_listing raised the error every rank's listing held (eval's wrong --degradation, refused
+    from the manifest) unmarked, after a collective: cli.main then left the process group unclean
+    and a rank aborted (SIGABRT) instead of exiting 2. Marked on_every_rank, as the other refusals."""
+    import accelerate.utils
+
+    from uniremoval.errors import DataError
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: [obj[0], obj[0]])  # rank 1 agrees
+
+    def make():
+        raise DataError("--degradation snow: the samples of --data x are ['rain']")
+
+    with pytest.raises(DataError, match="--degradation snow") as exc:
+        launch.agreed_listing(2, make, list, "files in --data x", launch.SAME_FILES_FIX)
+    assert getattr(exc.value, "on_every_rank", False)

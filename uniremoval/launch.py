@@ -183,6 +183,8 @@ def agreed_listing(num_processes: int, make: Callable[[], Any], key: Callable[[A
         result, error, listing = None, exc, [f"(cannot be listed: {exc})"]
     same_on_every_rank(num_processes, listing if error is not None else key(result), what, fix, listing_difference)
     if error is not None:
+        # the listings agreed, so every rank holds this same error: each leaves the process group cleanly
+        error.on_every_rank = True  # type: ignore[union-attr]  # see cli.main
         raise error
     return result
 

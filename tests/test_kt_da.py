@@ -276,11 +276,9 @@ def test_da_refuses_a_clear_source_of_unpaired_degraded_photos_before_building_m
 
 def test_a_resumed_da_run_does_not_log_the_input_scores_its_mlflow_run_holds(ws, tmp_path):
     """val/<set>/piqe_input (the degraded inputs' score, a reference logged once) was logged again by
-    every --resume auto of the run: the process forgot it had. The checkpoint's generator.json says
-    which sets' inputs the MLflow run holds; a new MLflow run (another run's checkpoint, or tracking
-    off before) and a set changed since (other images or metrics) log them."""
-    import json
-
+    every --resume auto of the run: the process forgot it had. The stage's state in each checkpoint
+    says which sets' inputs the MLflow run holds; a new MLflow run (another run's checkpoint, or
+    tracking off before) and a set changed since (other images or metrics) log them."""
     from uniremoval.models.mprnet_arch import MPRNet
     from uniremoval.stages import da
 
@@ -293,25 +291,23 @@ def test_a_resumed_da_run_does_not_log_the_input_scores_its_mlflow_run_holds(ws,
         def all_sum(self, values):
             return dict(values)
 
-    def validated(name: str, start_step: int, *extra: str) -> dict:
-        cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, name) + [
-            f"output_dir={tmp_path}", "val_iqa.max_images=1", "train.steps_per_epoch=2", *extra])
+    def validated(state: dict | None, same_run: bool, *extra: str) -> tuple[set, da.DomainAdaptation]:
+        cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dainp") + [
+            f"output_dir={tmp_path}", "val_iqa.max_images=1", *extra])
         stage = da.DomainAdaptation(cfg)
-        stage.train_batches(*divmod(start_step, 2), 0, 1)  # what the trainer calls first: where it starts
+        if state is not None:  # what Trainer.load gives it from the checkpoint's state.pt
+            stage.load_state_dict(state, same_mlflow_run=same_run)
         return {k for k in stage.validate(Ctx()) if k.endswith("_input")}, stage
 
     inputs = {f"val/real_{k}/piqe_input" for k in ("haze", "rain", "blur")}
-    first, stage = validated("dainp", 0)
+    first, stage = validated(None, False)
     assert first == inputs
-    step2 = tmp_path / "dainp" / "checkpoints" / "step-00000002"
-    step2.mkdir(parents=True)  # what the trainer writes after step 2's validation (the run's id, the stage's meta)
-    (step2 / "generator.json").write_text(json.dumps({"mlflow_run_id": "r1", **stage.export_meta("generator")}))
-    assert validated("dainp", 2)[0] == set()  # --resume auto at step 2: the run holds them
+    saved = stage.state_dict()
+    assert validated(saved, True)[0] == set()  # --resume auto of the same MLflow run: it holds them
     changed = f"data.val=[{{name: real_haze, shards: {ws['real']['haze']}, degradation: haze, max_samples: 2}}]"
-    assert validated("dainp", 2, "val_iqa.max_images=2", changed)[0] == {"val/real_haze/piqe_input"}
-    assert validated("other", 2)[0] == inputs  # another run's checkpoint continued: a new MLflow run
-    (step2 / "generator.json").write_text(json.dumps({"mlflow_run_id": None, **stage.export_meta("generator")}))
-    assert validated("dainp", 2)[0] == inputs  # tracking was off: the new MLflow run holds none
+    assert validated(saved, True, "val_iqa.max_images=2", changed)[0] == {"val/real_haze/piqe_input"}
+    assert validated(saved, False)[0] == inputs  # another run's checkpoint, or tracking was off: a new run
+    assert validated({}, True)[0] == inputs  # a checkpoint written before the stage kept a state
 
 
 def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, tmp_path):

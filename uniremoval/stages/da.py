@@ -14,8 +14,8 @@ Algorithm box, per step:
 Validation (every `train.val_every` steps, all ranks): no-reference IQA (`val_iqa.metrics`, PIQE
 by default; lower is better) of the restored held-out real images of each `data.val` set, logged
 as `val/<dataset>/<metric>`, with the unrestored inputs' score once as `val/<dataset>/<metric>_input`
-for reference (once per MLflow run: the generator's checkpoint JSON keeps which sets' it holds, so a
-`--resume auto` does not log it again), and `val/mean/<first metric>` (the best checkpoint's criterion).
+for reference (once per MLflow run: each checkpoint keeps which sets' it holds, so a `--resume auto`
+does not log it again), and `val/mean/<first metric>` (the best checkpoint's criterion).
 
 The models are named "generator" (the student; exported as `<run_dir>/last` and `best`, what
 evaluation and restoration load) and "discriminator" (`discriminator-last`); each has its own
@@ -95,10 +95,8 @@ class DomainAdaptation(Stage):
         self.loss_fn: nn.Module | None = None
         self._iqa: Any = None
         # val set name -> fingerprint of what its inputs' scores were logged for (see _input_fingerprint);
-        # a resume of this run takes it back from the checkpoint it continues (_inputs_of_checkpoint)
+        # kept in each checkpoint (state_dict) for a resume that logs on into the same MLflow run
         self._inputs_scored: dict[str, str] = {}
-        self._started = False  # train_batches was called: the step this process starts at is known
-        self._resumed_inputs: dict[str, str] | None = None  # read then; taken (agreed) at the next validation
         if not cfg.model.init:
             raise ConfigError("the DA stage starts from the KT student: set model.init to its weights "
                               "(e.g. model.init=outputs/kt/last.safetensors)")
@@ -147,10 +145,6 @@ class DomainAdaptation(Stage):
         from uniremoval.data.pipelines import da_loader
 
         cfg, d = self.cfg, self.cfg.data
-        if not self._started:  # the first call of this process: the step it starts at
-            self._started = True
-            self._resumed_inputs = self._inputs_of_checkpoint(epoch * cfg.train.steps_per_epoch +
-                                                              start // cfg.train.grad_accum)
         aug = d.augment.hflip or d.augment.vflip or d.augment.rot90
         loader = da_loader(
             [(s.name, s.shards, s.degradation, s.weight) for s in d.train],
@@ -211,25 +205,6 @@ class DomainAdaptation(Stage):
         return logged
 
     # ------------------------------------------------------------------ validation
-    def _inputs_of_checkpoint(self, step: int) -> dict[str, str]:
-        """The input scores logged to the MLflow run before `step`, from the generator's JSON in this
-        run's checkpoint of that step (the one a resume of this run continues; written after that
-        step's validation). Nothing for a fresh start, for another run's checkpoint (a new MLflow run,
-        which has none yet), or for a checkpoint whose run had no MLflow run (tracking off)."""
-        import json
-        from pathlib import Path
-
-        from uniremoval.stages.run_folder import CHECKPOINT_DIR
-
-        if step <= 0:
-            return {}
-        try:  # the trainer's checkpoint folder of that step, as it names it
-            meta = json.loads((Path(self.cfg.run_dir) / CHECKPOINT_DIR / f"step-{step:08d}" / "generator.json").read_text())
-        except (OSError, ValueError):  # none: another run's checkpoint continued here
-            return {}
-        logged = meta.get("val_inputs_logged") if isinstance(meta, dict) and meta.get("mlflow_run_id") else None
-        return {str(k): str(v) for k, v in logged.items()} if isinstance(logged, dict) else {}
-
     def _input_fingerprint(self, src: Any) -> str:
         """What a set's input scores depend on: its images (shards, how many) and the metrics."""
         import hashlib
@@ -240,17 +215,6 @@ class DomainAdaptation(Stage):
 
     def _val_cap(self, src: Any) -> int:
         return min(src.max_samples or self.cfg.val_iqa.max_images, self.cfg.val_iqa.max_images)
-
-    def _take_resumed_inputs(self, ctx: TrainContext) -> None:
-        """At the first validation of this process: the input scores the resumed MLflow run holds,
-        for the sets as configured now, taken only where every rank read them (one all_sum over the
-        config's sets, the same keys on every rank), so that every rank scores the same keys."""
-        resumed, self._resumed_inputs = self._resumed_inputs or {}, None
-        fingerprints = {src.name: self._input_fingerprint(src) for src in self.cfg.data.val}
-        held = {name: float(resumed.get(name) == fp) for name, fp in fingerprints.items()}
-        if ctx.world_size > 1:
-            held = ctx.all_sum(held)
-        self._inputs_scored.update({n: fingerprints[n] for n, v in held.items() if v >= ctx.world_size})
 
     def _scorer(self, device: torch.device) -> Any:
         if self._iqa is None:
@@ -266,8 +230,6 @@ class DomainAdaptation(Stage):
         names = list(self.cfg.val_iqa.metrics)
         if not self.cfg.data.val or not names:
             return {}
-        if self._resumed_inputs is not None:  # every rank alike: a collective when there are several
-            self._take_resumed_inputs(ctx)
         scorer = self._scorer(ctx.device)
         model = ctx.unwrap("generator")
         out: dict[str, float] = {}
@@ -325,10 +287,17 @@ class DomainAdaptation(Stage):
 
     def export_meta(self, name: str) -> dict[str, Any]:
         if name == "generator":
-            # val_inputs_logged: which sets' input scores this MLflow run holds (read back on resume)
-            return {"input_range": self.cfg.model.input_range, "degradations": self.degradations,
-                    **({"val_inputs_logged": dict(self._inputs_scored)} if self._inputs_scored else {})}
+            return {"input_range": self.cfg.model.input_range, "degradations": self.degradations}
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_inputs_logged": dict(self._inputs_scored)}
+
+    def load_state_dict(self, state: dict[str, Any], same_mlflow_run: bool) -> None:
+        # A new MLflow run (another run's checkpoint continued, or tracking was off) holds no input score.
+        logged = state.get("val_inputs_logged")
+        if same_mlflow_run and isinstance(logged, dict):
+            self._inputs_scored = {str(k): str(v) for k, v in logged.items()}
 
 
 def run(cfg: DAStage, args: Any = None) -> int:

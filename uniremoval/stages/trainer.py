@@ -201,6 +201,15 @@ class Stage:
         """Extra metadata stored with exported weights (e.g. preset, input_range, degradation)."""
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the stage itself must carry across a resume (plain types: `state.pt` loads with
+        weights_only), saved in each checkpoint from the main process."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], same_mlflow_run: bool) -> None:
+        """Take back `state_dict()` on resume, on every rank. `same_mlflow_run`: the run logs on into
+        the MLflow run that checkpoint's run logged to (not another run's checkpoint, not tracking off)."""
+
 
 def skip_batches(batches: Iterable[Any], start: int) -> Iterator[Any]:
     """Drop the first `start` items (resume inside an epoch: they are decoded, then discarded)."""
@@ -964,6 +973,7 @@ class Trainer:
                 **data_counts, "log_window": {k: [s, n] for k, (s, n) in window.items()},
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
                 "weights_sha256": self.stage.weights_identity(),  # optional: older checkpoints lack it
+                "stage_state": self.stage.state_dict(),  # optional too
                 "zero_stage": self.zero_stage,  # a resume must load deepspeed/ under the same stage
                 "config": json.dumps(config_to_dict(self.cfg)),
                 "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -1129,6 +1139,7 @@ class Trainer:
             self.run_id = None
             self.best_value = None  # this run's best is its own: the first validation writes best.*
             self._print(f"continuing {path} (another run's checkpoint) as the new run {self.stage.run_name!r}")
+        self.stage.load_state_dict(state.get("stage_state") or {}, same_mlflow_run=self.run_id is not None)
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
         saved_world, world = state.get("world_size"), self.accelerator.num_processes
         if rng.is_file() and saved_world == world:

@@ -23,6 +23,11 @@ What is timed (each section is independent; a failing one records its error and 
   option for every compile (``settings.inductor``; each compiled path's ``what`` names it).
   ``--cudnn-benchmark-limit N`` lets cudnn.benchmark try N algorithms per convolution shape on our
   paths (0: all of them; torch's default is 10); the naive baseline keeps the official default.
+* ``ours_trainer_device_check`` / ``ours_trainer_host_check`` (GPU): the eager step with what the
+  trainer does around it, with either of its non-finite checks (``summary.trainer_*_check_slowdown``).
+  ``trainer``: the project's Trainer itself running the KT stage on the same batches, eager
+  (``vs_ours_trainer_check``: its img/s over that written-out step; 1 means the timed steps are
+  what training runs).
 * ``flops``: FlopCounterMode over one step of each path (``flops_by_kind``: convolution, matmul);
   achieved TFLOP/s = flops / step time, and the fraction of the measured bf16 matmul peak
   (``limit_img_s``: the img/s that peak allows).
@@ -759,6 +764,68 @@ def bench_loader(args, device, results, feat_channels: int) -> None:
     }
 
 
+def bench_trainer(models, args, device, results) -> None:
+    """The project's Trainer running the KT stage's own training_step, eager, with configs/kt.yaml's
+    settings for speed (bf16, channels_last, fused Adam on CUDA): accelerate, `optimize` and its
+    non-finite check, the running sums, the progress bar, each batch's copy from pinned host memory.
+    Fed the batches `ours` uses instead of the loader (timed on its own in `loader`), no validation or
+    MLflow. `vs_ours_trainer_check`, its img/s over the same work written out in make_step, says
+    whether that step (and so each compiled path, timed that way) is what training runs."""
+    import copy
+    import tempfile
+
+    from uniremoval.config import load_config
+    from uniremoval.stages import trainer as trainer_mod
+    from uniremoval.stages.kt import KnowledgeTransfer
+
+    first = 1 + args.warmup  # the first step (cudnn.benchmark's search) is left out too
+    steps = first + args.steps + 1  # the window: from the start of step `first` to that of the last
+    marks: list[float] = []
+    host_batches = [{k: v.cpu().pin_memory() if device.type == "cuda" else v.cpu() for k, v in b.items()}
+                    for b in add_cached_targets(make_batches(2, args.batch, args.crop, device), models["teachers"])]
+
+    class BenchKT(KnowledgeTransfer):
+        def build_models(self):
+            student, phi = copy.deepcopy(models["student"]), copy.deepcopy(models["phi"])
+            self.loss_fn = kt_loss(phi)  # the bench's KT loss (paper values), on the phi the trainer moves
+            return {"student": student, "phi": phi}
+
+        def train_batches(self, epoch, start, rank, world_size):
+            return (host_batches[i % len(host_batches)] for i in range(start, steps))
+
+        def training_step(self, batch, ctx):
+            if ctx.step in (first, steps - 1):  # the timed window: whole steps between two syncs
+                sync(device)
+                marks.append(time.perf_counter())
+            return super().training_step(batch, ctx)
+
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_trainer_") as tmp:
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "kt.yaml", [
+            f"output_dir={tmp}", "tracking.enabled=false", "model.compile=false", f"model.preset={args.preset}",
+            f"train.mixed_precision={args.precision}", f"train.max_steps={steps}", f"data.batch_size={args.batch}",
+            f"data.crop_size={args.crop}", f"data.feature_cell={CELL}", "data.val=[]", f"train.cpu={device.type != 'cuda'}",
+            f"optim.fused={'null' if not args.cpu_fused else 'true'}"])
+        real_check, benchmark = trainer_mod.check_inputs, torch.backends.cudnn.benchmark
+        trainer_mod.check_inputs = lambda cfg: None  # the config's shard folders are not read here
+        try:
+            # stdout is the JSON's: the trainer's lines go to stderr with the progress
+            with ours_flags(args), contextlib.redirect_stdout(sys.stderr):
+                trainer = trainer_mod.Trainer(cfg, BenchKT(cfg), handle_signals=False)
+                fit = trainer.fit()
+        finally:  # the trainer turns cudnn.benchmark on for good: the later baselines keep theirs
+            trainer_mod.check_inputs, torch.backends.cudnn.benchmark = real_check, benchmark
+    dt = (marks[1] - marks[0]) / args.steps
+    check = "device" if trainer._defer_check else "host"
+    out = {"what": f"uniremoval's Trainer on the KT stage (configs/kt.yaml, eager), {check}-side non-finite check",
+           "img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2), "steps": fit.step,
+           "steps_timed": args.steps, "peak_mem_gib": peak_gib(device)}
+    mimic = results.get(f"ours_trainer_{check}_check", {}).get("img_s")
+    if mimic:
+        out["vs_ours_trainer_check"] = round(out["img_s"] / mimic, 3)
+    results["trainer"] = out
+    del trainer
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -898,7 +965,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-per-type", type=int, default=None)
     p.add_argument("--loader-batches", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of sections to skip: "
-                   "matmul,naive,ours,syncs,cache,eval,upsample,loader,compiled,cache_compiled")
+                   "matmul,naive,ours,syncs,trainer,cache,eval,upsample,loader,compiled,cache_compiled")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 with --quick on CPU, where shared cores make "
                         "OpenMP threads wait on each other for seconds per step)")
@@ -908,7 +975,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds this whole run may take (0: no limit); the compiled step's deadline is cut to "
                         "what is left of it, so the JSON is complete before an outer `timeout 420` stops the run")
     p.add_argument("--loader-max-s", type=float, default=60, help="stop timing the loader after this long")
-    p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "cache", "eval", "loader", "compiled",
+    p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "trainer", "cache", "eval", "loader", "compiled",
                                                    "cache_compiled", "upsample"],
                    help="run one section only")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
@@ -1044,6 +1111,10 @@ def main(argv: list[str] | None = None) -> int:
             with section(results, f"ours_trainer_{check}_check"):
                 bench_ours(models, args, device, results, compiled=False, trainer_check=check)
             write()
+    if want("trainer"):
+        with section(results, "trainer"):
+            bench_trainer(models, args, device, results)
+        write()
     if want("cache"):
         with section(results, "cache_build"):
             bench_cache_build(models, args, device, results)

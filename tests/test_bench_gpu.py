@@ -42,8 +42,8 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     printed = json.loads(p.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["complete"] is True
-    for section in ("matmul_peak", "naive", "ours", "cache_build", "eval", "upsample", "loader", "ours_compiled",
-                    "cache_compiled"):
+    for section in ("matmul_peak", "naive", "ours", "trainer", "cache_build", "eval", "upsample", "loader",
+                    "ours_compiled", "cache_compiled"):
         assert "error" not in printed[section], (section, printed[section].get("error"))
     naive, ours, compiled = printed["naive"], printed["ours"], printed["ours_compiled"]
     assert "fused Adam" in ours["what"]  # the optimiser a GPU run uses (under the FLOP counter too)
@@ -52,6 +52,10 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert "backend=aot_eager" in compiled["what"] and compiled["timeout_s"] > 0
     # ... timed with the trainer's own bookkeeping: the fused Adam's device-side non-finite check
     assert "the trainer's device-side non-finite check" in compiled["what"]
+    # The project's Trainer itself ran the KT stage's step on those batches (with the device check)
+    assert printed["trainer"]["img_s"] > 0 and printed["trainer"]["steps"] == printed["trainer"]["steps_timed"] + 2 + \
+        printed["settings"]["warmup"]
+    assert "device-side non-finite check" in printed["trainer"]["what"]
     assert compiled["loss_terms"] == pytest.approx(ours["loss_terms"], rel=1e-4)
     # --inductor reaches both compiled children, as their inductor reads it back
     assert printed["settings"]["inductor"] == {"conv_1x1_as_mm": True}

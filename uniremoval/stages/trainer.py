@@ -1284,8 +1284,8 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether every rank stops after this step: one process reads its flag; several use what the
-        step's update agreed (`_agree_update`; with the device check, what the last step's agreed,
-        read at this step's start), or agree now if no update of this step did."""
+        step's update agreed (`_agree_update`; with the device check, what the last step's update
+        agreed, read once this step's is queued), or agree now if no update of this step did."""
         if self.accelerator.num_processes == 1:
             return self._stop_requested
         if self._agreed_at != self.step - 1:  # no optimize() in this step (the counter moved after it)

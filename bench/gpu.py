@@ -27,7 +27,8 @@ What is timed (each section is independent; a failing one records its error and 
   trainer does around it, with either of its non-finite checks (``summary.trainer_*_check_slowdown``).
   ``trainer``: the project's Trainer itself running the KT stage on the same batches, eager
   (``vs_ours_trainer_check``: its img/s over that written-out step; 1 means the timed steps are
-  what training runs).
+  what training runs; on a GPU ``host_waits_per_step``: the host waits for the GPU that torch's
+  sync debug mode reports in its timed steps, and ``host_waits_at`` where).
 * ``flops``: FlopCounterMode over one step of each path (``flops_by_kind``: convolution, matmul);
   achieved TFLOP/s = flops / step time, and the fraction of the measured bf16 matmul peak
   (``limit_img_s``: the img/s that peak allows).
@@ -79,6 +80,7 @@ import tarfile
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -772,7 +774,6 @@ def bench_trainer(models, args, device, results) -> None:
     MLflow. `vs_ours_trainer_check`, its img/s over the same work written out in make_step, says
     whether that step (and so each compiled path, timed that way) is what training runs."""
     import copy
-    import tempfile
 
     from uniremoval.config import load_config
     from uniremoval.stages import trainer as trainer_mod
@@ -794,9 +795,14 @@ def bench_trainer(models, args, device, results) -> None:
             return (host_batches[i % len(host_batches)] for i in range(start, steps))
 
         def training_step(self, batch, ctx):
+            cuda = device.type == "cuda"
+            if ctx.step == steps - 1 and cuda:
+                torch.cuda.set_sync_debug_mode(0)  # the window's closing sync is the bench's, not counted
             if ctx.step in (first, steps - 1):  # the timed window: whole steps between two syncs
                 sync(device)
                 marks.append(time.perf_counter())
+            if ctx.step == first and cuda:
+                torch.cuda.set_sync_debug_mode("warn")  # each host wait for the GPU in the window warns
             return super().training_step(batch, ctx)
 
     with tempfile.TemporaryDirectory(prefix="gpu_bench_trainer_") as tmp:
@@ -809,16 +815,27 @@ def bench_trainer(models, args, device, results) -> None:
         trainer_mod.check_inputs = lambda cfg: None  # the config's shard folders are not read here
         try:
             # stdout is the JSON's: the trainer's lines go to stderr with the progress
-            with ours_flags(args), contextlib.redirect_stdout(sys.stderr):
+            with ours_flags(args), contextlib.redirect_stdout(sys.stderr), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 trainer = trainer_mod.Trainer(cfg, BenchKT(cfg), handle_signals=False)
                 fit = trainer.fit()
         finally:  # the trainer turns cudnn.benchmark on for good: the later baselines keep theirs
             trainer_mod.check_inputs, torch.backends.cudnn.benchmark = real_check, benchmark
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    waits = [w for w in caught if "synchronizing" in str(w.message)]
+    for w in caught:
+        if w not in waits:  # the trainer's own warnings, shown as they would be
+            log(f"trainer warning: {w.message}")
     dt = (marks[1] - marks[0]) / args.steps
     check = "device" if trainer._defer_check else "host"
     out = {"what": f"uniremoval's Trainer on the KT stage (configs/kt.yaml, eager), {check}-side non-finite check",
            "img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2), "steps": fit.step,
            "steps_timed": args.steps, "peak_mem_gib": peak_gib(device)}
+    if device.type == "cuda":  # torch's sync debug mode over the window (a log step's read included)
+        out["host_waits_per_step"] = round(len(waits) / args.steps, 3)
+        out["host_waits_at"] = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in waits})[:10]
     mimic = results.get(f"ours_trainer_{check}_check", {}).get("img_s")
     if mimic:
         out["vs_ours_trainer_check"] = round(out["img_s"] / mimic, 3)

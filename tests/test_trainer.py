@@ -324,17 +324,20 @@ def test_grad_accumulation_matches_large_batch(tmp_path):
                                weights(tmp_path / "big/toy/last.safetensors"), rtol=1e-5, atol=1e-6)
 
 
+class PoisonFirstMicro(ToyStage):
+    """NaN in the first micro-batch of step 2 (its third call, with grad_accum=2)."""
+
+    calls = 0
+
+    def training_step(self, batch, ctx):
+        self.calls += 1
+        self.poison_at = ctx.step if self.calls == 3 else None
+        return super().training_step(batch, ctx)
+
+
 def test_nonfinite_micro_batch_drops_its_whole_update(tmp_path):
     # grad_accum=2: the FIRST micro-batch of step 2 is NaN. The update of that window must be
     # dropped whole; stepping with the second micro-batch's half gradient would move the weights.
-    class PoisonFirstMicro(ToyStage):
-        calls = 0
-
-        def training_step(self, batch, ctx):
-            self.calls += 1
-            self.poison_at = ctx.step if self.calls == 3 else None
-            return super().training_step(batch, ctx)
-
     one = ToyStage(make_cfg(tmp_path / "one", max_steps=1, grad_accum=2))
     Trainer(one.cfg, one).fit()
     st = PoisonFirstMicro(make_cfg(tmp_path / "two", max_steps=2, grad_accum=2))
@@ -900,14 +903,6 @@ def test_device_side_check_skips_the_same_updates_as_the_host_check(tmp_path, mo
 
 
 def test_device_side_check_drops_a_whole_accumulation_window(tmp_path):
-    class PoisonFirstMicro(ToyStage):
-        calls = 0
-
-        def training_step(self, batch, ctx):
-            self.calls += 1
-            self.poison_at = ctx.step if self.calls == 3 else None
-            return super().training_step(batch, ctx)
-
     one = ToyStage(make_cfg(tmp_path / "one", FUSED, max_steps=1, grad_accum=2))
     Trainer(one.cfg, one).fit()
     two = PoisonFirstMicro(make_cfg(tmp_path / "two", FUSED, max_steps=2, grad_accum=2))

@@ -487,6 +487,26 @@ def test_a_shard_folder_of_another_degradation_is_named_before_anything_starts(t
         check_inputs(load_config(cache))
 
 
+def test_clear_shards_given_as_a_degraded_da_source_point_to_data_clear(tmp_path, monkeypatch):
+    """Clear photos in DA's data.train: the refusal said `degradation: clear if these are the ones meant`,
+    no type DA trains (refused next as not in data.degradations); it now says where clear photos go."""
+    import json
+
+    from uniremoval.config import check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards" / "photos").mkdir(parents=True)
+    (tmp_path / "shards" / "photos" / "manifest.json").write_text(json.dumps(
+        {"dataset": "photos", "shards": [], "counts": {"total": 2, "degradation": {"clear": 2}}}))
+    da = write(tmp_path / "da.yaml", "stage: da\ndata:\n  degradations: [haze]\n  batch_size: 1\n"
+               "  train: [{name: h, shards: shards/photos, degradation: haze}]\n")
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(da))
+    msg = str(err.value)
+    assert "data.train.0 (h): shards/photos holds 2 clear sample(s)" in msg and "data.clear" in msg
+    assert "degradation: clear" not in msg
+
+
 def test_a_teacher_source_of_no_known_type_is_refused(tmp_path):
     """A teacher leaves out other types' sources (one list may serve every teacher): a misspelt
     type dropped that source, or the only validation set (no best.safetensors), without a word."""

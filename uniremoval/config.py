@@ -765,9 +765,12 @@ def _other_degradation(cfg: StageBase, src: DataSource, folder: Path) -> str | N
     held = manifest_degradations(folder) if want and folder.is_dir() else None
     if held is None or want in held:
         return None
-    types = sorted(held)
-    return (f"holds {', '.join(f'{n} {d}' for d, n in sorted(held.items()))} sample(s) (its manifest.json), no "
-            f"'{want}' one; give the '{want}' shards, or degradation: {types[0]} if these are the ones meant")
+    holds = f"holds {', '.join(f'{n} {d}' for d, n in sorted(held.items()))} sample(s) (its manifest.json), no '{want}' one"
+    if set(held) == {CLEAR}:
+        # 'degradation: clear' is no type to train: clear photos belong in DA's X_C, not among degraded inputs
+        where = "list them in data.clear (DA's X_C)" if isinstance(cfg, DAStage) else "they are no degraded input"
+        return f"{holds}: these are clear photos ({where}); give the '{want}' shards"
+    return f"{holds}; give the '{want}' shards, or degradation: {min(held)} if these are the ones meant"
 
 
 def _no_clear_image(spec: str) -> str | None:

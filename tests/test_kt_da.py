@@ -321,6 +321,12 @@ def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, 
     with pytest.raises(MissingIQAParams, match=r"metric 'brisque' .* fetch-params"):
         da.run(cfg)
     assert not Path(cfg.run_dir).exists()
+    # a truncated file (an interrupted copy) was only read by the first validation, val_every steps in
+    (tmp_path / "iqa").mkdir()
+    (tmp_path / "iqa" / "brisque_matlab.mat").write_bytes(b"MATLA")
+    with pytest.raises(MissingIQAParams, match=r"brisque_matlab\.mat is not a readable \.mat file"):
+        da.run(cfg)
+    assert not Path(cfg.run_dir).exists()
 
 
 def test_kt_and_da_say_where_their_weights_are(ws, capsys):

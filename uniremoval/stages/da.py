@@ -109,12 +109,16 @@ class DomainAdaptation(Stage):
             if src.degradation is None:
                 raise ConfigError(f"data.train source {src.name!r} needs a degradation (one of {self.degradations})")
         # The scorer is built at the first validation, val_every steps in: a missing parameter file
-        # (BRISQUE, NIQE) is named now, before anything starts.
-        from uniremoval.eval.iqa_params import find_param_file, needs_params
+        # (BRISQUE, NIQE), or a truncated/foreign one, is named now, before anything starts (read as
+        # the scorer reads it, into a scratch folder), not thousands of steps in.
+        import tempfile
 
-        for metric in cfg.val_iqa.metrics:
-            if needs_params(metric):
-                find_param_file(metric)
+        from uniremoval.eval.iqa_params import find_param_file, needs_params, pyiqa_model_path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for metric in cfg.val_iqa.metrics:
+                if needs_params(metric):
+                    pyiqa_model_path(metric, find_param_file(metric), tmp)
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg = self.cfg

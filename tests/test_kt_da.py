@@ -279,17 +279,7 @@ def test_a_resumed_da_run_does_not_log_the_input_scores_its_mlflow_run_holds(ws,
     every --resume auto of the run: the process forgot it had. The stage's state in each checkpoint
     says which sets' inputs the MLflow run holds; a new MLflow run (another run's checkpoint, or
     tracking off before) and a set changed since (other images or metrics) log them."""
-    from uniremoval.models.mprnet_arch import MPRNet
     from uniremoval.stages import da
-
-    class Ctx:
-        rank, world_size, device = 0, 1, torch.device("cpu")
-
-        def unwrap(self, name):
-            return MPRNet("tiny").eval()
-
-        def all_sum(self, values):
-            return dict(values)
 
     def validated(state: dict | None, same_run: bool, *extra: str) -> tuple[set, da.DomainAdaptation]:
         cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dainp") + [
@@ -297,7 +287,7 @@ def test_a_resumed_da_run_does_not_log_the_input_scores_its_mlflow_run_holds(ws,
         stage = da.DomainAdaptation(cfg)
         if state is not None:  # what Trainer.load gives it from the checkpoint's state.pt
             stage.load_state_dict(state, same_mlflow_run=same_run)
-        return {k for k in stage.validate(Ctx()) if k.endswith("_input")}, stage
+        return {k for k in stage.validate(_ValCtx()) if k.endswith("_input")}, stage
 
     inputs = {f"val/real_{k}/piqe_input" for k in ("haze", "rain", "blur")}
     first, stage = validated(None, False)
@@ -532,6 +522,20 @@ class _Ctx:
         return True
 
 
+class _ValCtx:
+    """The parts of the trainer's context a DA validation uses: one process, a fresh tiny generator."""
+
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def unwrap(self, name):
+        from uniremoval.models.mprnet_arch import MPRNet
+
+        return MPRNet("tiny").eval()
+
+    def all_sum(self, values):
+        return dict(values)
+
+
 def _pool(f: torch.Tensor, cell: int) -> torch.Tensor:
     n, c, h, w = f.shape
     return f[..., : h // cell * cell, : w // cell * cell].reshape(n, c, h // cell, cell, w // cell, cell).mean((3, 5))
@@ -642,7 +646,6 @@ def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path):
 
     from _fixtures import write_shards
 
-    from uniremoval.models.mprnet_arch import MPRNet
     from uniremoval.stages import da
 
     write_shards(tmp_path / "val", "val", 1, 4, domain="real", paired=False)
@@ -658,19 +661,10 @@ def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path):
             Scorer.calls += 1
             return {"piqe": [math.nan if Scorer.calls == 3 else float(Scorer.calls)]}
 
-    class Ctx:
-        rank, world_size, device = 0, 1, torch.device("cpu")
-
-        def unwrap(self, name):
-            return MPRNet("tiny").eval()
-
-        def all_sum(self, values):
-            return dict(values)
-
     stage._iqa = Scorer()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = stage.validate(Ctx())
+        out = stage.validate(_ValCtx())
     # calls alternate restored (1, 3, 5, 7) and input (2, 4, 6, 8) scores; call 3 (restored) is NaN
     assert out["val/v/piqe"] == pytest.approx((1 + 5 + 7) / 3)
     assert out["val/v/piqe_input"] == pytest.approx((2 + 4 + 6 + 8) / 4)

@@ -898,9 +898,13 @@ def config_hash(cfg: BaseModel) -> str:
 # What a resumed run cannot change: the weights and optimiser state it continues belong to this
 # architecture, these degradation types and this stage. Everything else may change with a warning.
 # DA's loss.use_gan decides whether a discriminator and its optimiser are trained at all, loss.gan the
-# objective its weights and optimiser state were trained for (and the run's `gan` tag).
+# objective its weights and optimiser state were trained for (and the run's `gan` tag). The other loss
+# switches (ABLATION_SWITCHES) are the run's ablation row (its `ablation.*` tags, which eval copies and
+# the report's Tables IV and V lay out): a resume that turned one on or off went on logging (e.g.
+# train/fg) into a run, and exported weights, still tagged as the other row.
+ABLATION_SWITCHES = ("loss.use_icl", "loss.use_fcl", "loss.use_idt", "loss.use_eicl", "loss.use_efcl")
 RESUME_FIXED = ("stage", "degradation", "model.arch", "model.preset", "model.input_range", "data.degradations",
-                "discriminator", "loss.use_gan", "loss.gan")
+                "discriminator", "loss.use_gan", "loss.gan", *ABLATION_SWITCHES)
 
 
 class _Absent:

@@ -56,7 +56,8 @@ position: the epoch and micro-batch index follow from the step (``epoch = step /
 loaders are re-seeded per epoch, and ``train_batches(epoch, start=...)`` skips the micro-batches
 already seen that epoch, so a resumed run sees exactly the batches an uninterrupted one would.
 A resume may change settings (each named in a warning and an MLflow tag), not the architecture,
-degradation types, stage or discriminator the saved weights belong to (config.RESUME_FIXED).
+degradation types, stage or discriminator the saved weights belong to, nor the loss switches that make
+the run's ablation row (config.RESUME_FIXED).
 
 Non-finite losses: an update whose loss terms are inf/NaN on any rank is skipped on every rank
 (``train.nonfinite``). With torch's fused Adam (the default on CUDA) the skip happens on the device:
@@ -96,6 +97,7 @@ import torch
 from torch import Tensor, nn
 
 from uniremoval.config import (
+    ABLATION_SWITCHES,
     OptimConfig,
     ScheduleConfig,
     StageBase,
@@ -1192,11 +1194,14 @@ class Trainer:
         shown = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
         fixed = [line for line, (k, _, _) in zip(shown, changes, strict=True) if fixed_on_resume(k)]
         if fixed:
+            why = ("its weights and optimiser state belong to that setting"
+                   if any(k not in ABLATION_SWITCHES for k, _, _ in changes if fixed_on_resume(k)) else
+                   "the loss switches are the run's ablation row (its ablation.* tags, Tables IV and V), and "
+                   "weights trained partly under each belong to neither row")
             raise CheckpointError(
-                f"resume checkpoint {path} was trained with another {', '.join(fixed)}: its weights and optimiser "
-                f"state belong to that setting. Resume with the config it was written with ({path / 'config.yaml'}), "
-                f"or start a new run (another name) from its weights with "
-                f"model.init={path}/{self.stage.trainable[0]}.safetensors")
+                f"resume checkpoint {path} was trained with another {', '.join(fixed)}: {why}. Resume with the "
+                f"config it was written with ({path / 'config.yaml'}), or start a new run (another name) from its "
+                f"weights with model.init={path}/{self.stage.trainable[0]}.safetensors")
         if shown:
             self.resumed_changes = shown
             note = ""

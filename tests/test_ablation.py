@@ -1,0 +1,41 @@
+"""The ablation rows (configs/ablation/, README "Reproducing the ablations"): what identifies a row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from uniremoval.config import config_to_dict, load_config
+from uniremoval.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("row", "change"), [
+    ("kt_icl.yaml", "loss.use_fcl=true"),
+    ("kt_bkt.yaml", "loss.use_icl=true"),
+    ("da_bda.yaml", "loss.use_eicl=true"),
+    ("da_bda_eicl_efcl.yaml", "loss.use_efcl=false"),
+    ("da_bda.yaml", "loss.use_idt=false"),
+])
+def test_resume_refuses_another_ablation_row(tmp_path, row, change):
+    """`--resume auto` of the +ICL row with loss.use_fcl=true went on (a warning only) in the same MLflow
+    run, still tagged ablation.use_fcl=false, logging train/fg and exporting weights that eval then
+    copied the false tag onto: Table IV showed a model partly trained with L_fg as the row without it.
+    A loss switch is now fixed on resume, as the architecture is."""
+    from uniremoval.stages.trainer import Stage, Trainer
+
+    base = ["model.init=k.safetensors", "train.cpu=true", "train.mixed_precision=no", f"output_dir={tmp_path}"]
+    saved = load_config(REPO / "configs" / "ablation" / row, base)
+    cfg = load_config(REPO / "configs" / "ablation" / row, [*base, change])
+    stage = Stage(cfg)
+    stage.trainable = ("student",)
+    state = {"config_hash": "other", "config": json.dumps(config_to_dict(saved))}
+    with pytest.raises(CheckpointError, match=rf"trained with another {change.split('=')[0]}: .*ablation row"):
+        Trainer(cfg, stage)._check_resumed_config(tmp_path, state)
+    # what a resume may still change: the length, e.g. more epochs of the same row
+    longer = load_config(REPO / "configs" / "ablation" / row, [*base, "train.epochs=7"])
+    with pytest.warns(RuntimeWarning, match="train.epochs"):
+        Trainer(longer, stage)._check_resumed_config(tmp_path, state)

@@ -39,3 +39,21 @@ def test_resume_refuses_another_ablation_row(tmp_path, row, change):
     longer = load_config(REPO / "configs" / "ablation" / row, [*base, "train.epochs=7"])
     with pytest.warns(RuntimeWarning, match="train.epochs"):
         Trainer(longer, stage)._check_resumed_config(tmp_path, state)
+
+
+def test_report_flag_columns_are_those_of_the_tables_rows():
+    """Every ablation table had a column for every flag of the experiment: Table IV (the three KT rows)
+    showed DA's use_gan, use_idt, use_eicl and use_efcl as four empty columns beside use_icl/use_fcl.
+    A table's flag columns are now those its rows carry; Table V (the KT row and the DA rows) keeps both."""
+    from uniremoval.eval.report import ModelRow, build_tables, render
+
+    kt_flags = {"use_icl": "true", "use_fcl": "false"}
+    da_flags = {"use_gan": "true", "use_idt": "true", "use_eicl": "false", "use_efcl": "false"}
+    kt = ModelRow("k", "kt-icl", ablation=kt_flags, scores={("sots", "psnr"): 20.0, ("rtts", "piqe"): 30.0})
+    da = ModelRow("d", "da-bda", ablation=da_flags, scores={("rtts", "piqe"): 28.0})
+    tables = {t.title: t for t in build_tables([kt, da])}
+    assert tables["Synthetic ablation: PSNR/SSIM (Table IV)"].flags == ["use_fcl", "use_icl"]
+    assert tables["Real ablation: NR-IQA (Table V)"].flags == sorted({*kt_flags, *da_flags})
+    text = render(list(tables.values()), "md")
+    table_iv = text.split("### Synthetic ablation")[1].split("###")[0]
+    assert "use_gan" not in table_iv and "| kt-icl | \u2717 | \u2713 | **20.00** |" in table_iv

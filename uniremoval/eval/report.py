@@ -20,9 +20,9 @@ largest float) is shown as inf. Warnings go to stderr as `warning:` lines. Table
 - NR-IQA (the paper's Tables I-III): BRISQUE/PIQE/NIQE columns, one table per degradation (the
   eval runs' `degradation` tag), all models;
 - Synthetic ablation (Table IV): PSNR/SSIM columns, models with full-reference scores, with one
-  check-mark column per ablation flag (`ablation.*` tags copied from the training run); datasets
-  whose eval runs carry `domain: real` (real paired sets such as SPA, RealBlur-J) go to a table of
-  their own, "Real paired sets: PSNR/SSIM";
+  check-mark column per ablation flag its rows carry (`ablation.*` tags copied from the training
+  run); datasets whose eval runs carry `domain: real` (real paired sets such as SPA, RealBlur-J) go
+  to a table of their own, "Real paired sets: PSNR/SSIM";
 - Real ablation (Table V): NR-IQA columns, models that carry ablation flags.
 
 Headers carry the better direction (down arrow: lower is better); the best value of each column is
@@ -230,7 +230,6 @@ def build_tables(rows: list[ModelRow]) -> list[Table]:
         cols = _columns(rows, "nr", groups[deg])
         title = "NR-IQA (Tables I-III)" + ("" if deg == "all" else f": {deg}")
         tables.append(Table(title, cols, [r for r in rows if any(c in r.scores for c in cols)]))
-    flags = sorted({k for r in rows for k in r.ablation})
     # Table IV is on synthetic sets; a real paired set (SPA, RealBlur-J: eval's `domain` tag) has its own
     # table. Datasets without the tag (folders) stay in Table IV, as before the tag existed.
     domain_of: dict[str, str] = {}
@@ -242,19 +241,20 @@ def build_tables(rows: list[ModelRow]) -> list[Table]:
                             ("Real paired sets: PSNR/SSIM", real_fr)):
         fr_cols = _columns(rows, "fr", datasets)
         if fr_cols:
-            tables.append(Table(title, fr_cols, [r for r in rows if any(c in r.scores for c in fr_cols)], flags))
+            fr_rows = [r for r in rows if any(c in r.scores for c in fr_cols)]
+            tables.append(Table(title, fr_cols, fr_rows, _flags(fr_rows)))
     ablated = [r for r in rows if r.ablation]
     nr_cols = _columns(ablated, "nr")
     if ablated and nr_cols:
-        tables.append(
-            Table(
-                "Real ablation: NR-IQA (Table V)",
-                nr_cols,
-                [r for r in ablated if any(c in r.scores for c in nr_cols)],
-                flags,
-            )
-        )
+        nr_rows = [r for r in ablated if any(c in r.scores for c in nr_cols)]
+        tables.append(Table("Real ablation: NR-IQA (Table V)", nr_cols, nr_rows, _flags(nr_rows)))
     return tables
+
+
+def _flags(rows: list[ModelRow]) -> list[str]:
+    """The ablation flag columns of a table: those its rows carry (KT's use_icl/use_fcl in Table IV,
+    not DA's four switches, which no KT row has, as empty columns)."""
+    return sorted({k for r in rows for k in r.ablation})
 
 
 def _lower_better(metric: str) -> bool:

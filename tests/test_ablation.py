@@ -57,3 +57,17 @@ def test_report_flag_columns_are_those_of_the_tables_rows():
     text = render(list(tables.values()), "md")
     table_iv = text.split("### Synthetic ablation")[1].split("###")[0]
     assert "use_gan" not in table_iv and "| kt-icl | \u2717 | \u2713 | **20.00** |" in table_iv
+
+
+@pytest.mark.parametrize(("row", "tagged"), [("kt_bkt.yaml", False), ("kt_icl.yaml", True),
+                                             ("da_bda.yaml", False), ("da_bda_eicl.yaml", True)])
+def test_vgg_weights_tag_only_on_rows_that_use_vgg(row, tagged):
+    """features.weights=random tagged every KT and DA run vgg_weights=random, the BKT and BDA rows too,
+    which never build VGG-19 (no image-level term): a filter on the tag to leave out runs measured in an
+    untrained feature space left those rows out. Only rows with L_ig / L_eig carry it now."""
+    from uniremoval.tracking import run_tags
+
+    cfg = load_config(REPO / "configs" / "ablation" / row, ["model.init=k.safetensors", "features.weights=random"])
+    tags = run_tags(cfg, cfg.stage)
+    assert (tags.get("vgg_weights") == "random") is tagged
+    assert tags[f"ablation.{'use_icl' if row.startswith('kt') else 'use_eicl'}"] == str(tagged).lower()

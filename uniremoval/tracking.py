@@ -226,7 +226,11 @@ def run_tags(cfg: Any, stage: str, degradation: str | None = None, extra: dict[s
     for k, v in ablation_flags(cfg).items():
         tags[f"ablation.{k}"] = str(v).lower()
     features = getattr(cfg, "features", None)
-    if features is not None and getattr(features, "weights", None) == "random":
+    # phi (VGG-19) is built only for the image-level term: a row without it (BKT, BDA) never used the
+    # random weights its config names, and is not marked as measured in an untrained feature space.
+    loss = getattr(cfg, "loss", None)
+    uses_phi = bool(getattr(loss, "use_icl", False) or getattr(loss, "use_eicl", False))
+    if features is not None and uses_phi and getattr(features, "weights", None) == "random":
         tags["vgg_weights"] = "random"  # contrastive terms measured in an untrained feature space
     tags.update(git_tags())
     tags.update(getattr(cfg.tracking, "tags", {}) or {})

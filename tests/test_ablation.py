@@ -71,3 +71,20 @@ def test_vgg_weights_tag_only_on_rows_that_use_vgg(row, tagged):
     tags = run_tags(cfg, cfg.stage)
     assert (tags.get("vgg_weights") == "random") is tagged
     assert tags[f"ablation.{'use_icl' if row.startswith('kt') else 'use_eicl'}"] == str(tagged).lower()
+
+
+@pytest.mark.parametrize(("config", "override"), [
+    ("kt_bkt.yaml", "data.train.0.max_samples=1"),
+    ("da_bda.yaml", "data.clear.0.max_samples=1"),
+    ("da_kt.yaml", "eval.data.0.max_samples=2"),
+])
+def test_max_samples_outside_validation_is_refused(config, override):
+    """max_samples is read by validation only: a tiny run of an ablation row with
+    data.train.0.max_samples=1 trained on every sample, and `eval --config` of a set with max_samples: 2
+    scored all of it; the setting was accepted and silently ignored. Refused now, naming the source."""
+    from uniremoval.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"source\(s\) \['\w+'\] set max_samples, which only data.val reads"):
+        load_config(REPO / "configs" / "ablation" / config, ["model.init=k.safetensors", override])
+    cfg = load_config(REPO / "configs" / "ablation" / "da_bda.yaml", ["data.val.0.max_samples=3"])
+    assert cfg.data.val[0].max_samples == 3  # a validation set's cap stays

@@ -131,6 +131,16 @@ class AugmentConfig(Strict):
     rot90: bool = True
 
 
+def _refuse_max_samples(sources: list[DataSource], where: str) -> list[DataSource]:
+    """max_samples caps a validation set (data.val) only: nothing else reads it, and a source of
+    data.train, data.clear or eval.data with it was read whole, the cap silently ignored."""
+    if capped := [s.name for s in sources if s.max_samples is not None]:
+        raise ValueError(f"{where} source(s) {capped} set max_samples, which only data.val reads (a validation "
+                         f"set's cap); here every sample would be read: remove it, or give shards holding the "
+                         f"samples wanted")
+    return sources
+
+
 class DataConfig(Strict):
     degradations: list[str] = Field(default_factory=lambda: list(DEFAULT_DEGRADATIONS), min_length=1)
     train: list[DataSource] = Field(default_factory=list)
@@ -155,6 +165,11 @@ class DataConfig(Strict):
         if CLEAR in v:
             raise ValueError(f"'{CLEAR}' is reserved for clean images and cannot be a degradation type")
         return v
+
+    @field_validator("train", "clear")
+    @classmethod
+    def _no_cap(cls, v, info):
+        return _refuse_max_samples(v, f"data.{info.field_name}")
 
     @field_validator("val")
     @classmethod
@@ -355,6 +370,11 @@ class EvalConfig(Strict):
     data: list[DataSource] = Field(default_factory=list)
     metrics: list[str] = Field(default_factory=lambda: ["brisque", "piqe"])
     save_images: str | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _no_cap(cls, v):
+        return _refuse_max_samples(v, "eval.data")
 
     @field_validator("metrics")
     @classmethod

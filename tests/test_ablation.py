@@ -88,3 +88,70 @@ def test_max_samples_outside_validation_is_refused(config, override):
         load_config(REPO / "configs" / "ablation" / config, ["model.init=k.safetensors", override])
     cfg = load_config(REPO / "configs" / "ablation" / "da_bda.yaml", ["data.val.0.max_samples=3"])
     assert cfg.data.val[0].max_samples == 3  # a validation set's cap stays
+
+
+def test_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
+    """A validation set's max_samples was split as ceil(cap / world) per rank: max_samples 3 scored 3
+    images on one process and 4 on two (56 for the paper's 50 on 8 GPUs), so rows of one table launched
+    on different process counts were validated on different numbers of images. The parts now add up."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_kt_common import write_pairs
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    shards = write_pairs(tmp_path, "val_haze", "haze", 6, n_shards=2, split="test")
+    src = SimpleNamespace(name="val_haze", shards=str(shards), max_samples=3)
+    model = MPRNet("tiny").eval()
+    for world in (1, 2, 4):
+        counted = []
+
+        def all_sum(sums, counted=counted):
+            counted.append(sums["n"])
+            return dict(sums)
+
+        for rank in range(world):
+            ctx = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"), all_sum=all_sum)
+            with torch.no_grad():
+                validate_paired(ctx, model, "minus_one_one", [src], lockstep=False)
+        assert sum(counted) == 3, (world, counted)
+
+
+def test_da_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
+    """DA's val_iqa.max_images had the same ceil split: max_images 3 scored 4 images on two processes."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fixtures import write_shards
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import da
+
+    write_shards(tmp_path / "val", "val", 1, 6, domain="real", paired=False)
+    cfg = load_config(REPO / "configs" / "da.yaml", [
+        "model.preset=tiny", f"data.val=[{{name: v, shards: {tmp_path / 'val'}, degradation: haze}}]",
+        "val_iqa.metrics=[piqe]", "val_iqa.max_images=3"])
+    model = MPRNet("tiny").eval()
+
+    class Scorer:
+        def score(self, batch):
+            return {"piqe": [1.0]}
+
+    for world in (1, 2, 4):
+        counted = []
+        for rank in range(world):
+            stage = da.DomainAdaptation(cfg)
+            stage._iqa = Scorer()
+            ctx = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"),
+                                  unwrap=lambda name: model, all_sum=lambda s, c=counted: c.append(s["n"]) or dict(s))
+            with torch.no_grad():
+                stage.validate(ctx)
+        assert sum(counted) == 3, (world, counted)

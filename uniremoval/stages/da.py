@@ -230,6 +230,7 @@ class DomainAdaptation(Stage):
     def validate(self, ctx: TrainContext) -> dict[str, float]:
         from uniremoval.data.pipelines import eval_samples
         from uniremoval.eval.restore import restore_tensor
+        from uniremoval.stages.validation import rank_share
 
         names = list(self.cfg.val_iqa.metrics)
         if not self.cfg.data.val or not names:
@@ -240,7 +241,7 @@ class DomainAdaptation(Stage):
         firsts: list[float] = []
         for src in self.cfg.data.val:
             cap = self._val_cap(src)
-            per_rank = math.ceil(cap / ctx.world_size)
+            per_rank = rank_share(cap, ctx.rank, ctx.world_size)
             fingerprint = self._input_fingerprint(src)
             # the inputs' scores never change: logged once per MLflow run (a resume of it included)
             with_input = self._inputs_scored.get(src.name) != fingerprint

@@ -7,7 +7,6 @@ baseline), and `val/mean/psnr` over the sets."""
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -16,6 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from uniremoval.stages.trainer import TrainContext
+
+
+def rank_share(cap: int, rank: int, world_size: int) -> int:
+    """This rank's part of a validation set's image cap: the parts add up to `cap` (ceil(cap / world)
+    on every rank scored up to world - 1 images more, e.g. 56 for max_samples 50 on 8 processes, so the
+    count of a row's validation images followed its process count)."""
+    return cap // world_size + (rank < cap % world_size)
 
 
 def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
@@ -49,7 +55,7 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     out: dict[str, float] = {}
     psnrs: list[float] = []
     for src in sources:
-        cap = math.ceil(src.max_samples / ctx.world_size) if src.max_samples else None
+        cap = rank_share(src.max_samples, ctx.rank, ctx.world_size) if src.max_samples else None
         skipped: list[dict[str, Any]] = []  # why samples were left out (an unpaired set: no target)
         usable = (item for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",))
                   if "error" not in item or skipped.append(item))  # append() is None: the item is left out

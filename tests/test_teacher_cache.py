@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -759,3 +760,64 @@ def test_an_unpaired_validation_set_says_why_it_scored_nothing(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"validation set u .* gave no usable pairs; 2 sample\(s\) left out, e\.g\. "
                                             r"u_0_0: missing required 'target'.* no best.safetensors"):
         assert validate_paired(ctx, MPRNet("tiny").eval(), "minus_one_one", [src], lockstep=False) == {}
+
+
+def test_a_killed_rebuild_by_another_teacher_never_leaves_a_mixed_cache_that_passes(tmp_path, monkeypatch):
+    """A complete cache rebuilt by another teacher and killed midway: the old manifest must not vouch
+    for the shards already replaced (check_cache refuses the folder), and a kill between a new tar's
+    rename and its done-record must not let a rerun by the old teacher reuse the new tar."""
+    from dist_kt_common import save_random_mprnet
+
+    from uniremoval.config import CacheStage
+    from uniremoval.data.manifest import iter_tar_samples
+    from uniremoval.stages import cache as cache_stage
+    from uniremoval.stages.cache import check_cache
+
+    write_shards(tmp_path / "syn", "syn", 2, 2, seed=3)
+    t1 = save_random_mprnet(tmp_path / "t1", seed=1)
+    t2 = save_random_mprnet(tmp_path / "t2", seed=2)
+    out = tmp_path / "cache"
+
+    def cfg(teacher: Path) -> CacheStage:
+        return CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
+                          data={"degradations": ["haze"], "train": [{"name": "syn", "shards": str(tmp_path / "syn"),
+                                                                    "degradation": "haze"}]},
+                          cache={"out": str(out), "workers": 0}, tracking={"enabled": False}, train={"cpu": True})
+
+    def kill_after(n: int, real: Any = cache_stage.cache_shard) -> Any:
+        calls = []
+
+        def shard(*args: Any, **kwargs: Any) -> Any:
+            if len(calls) == n:
+                raise KeyboardInterrupt  # the kill
+            calls.append(args[2])
+            return real(*args, **kwargs)
+        return shard
+
+    assert cache_stage.run(cfg(t1)) == 0
+    check_cache(out / "syn", {"haze": str(t1)})
+    monkeypatch.setattr(cache_stage, "cache_shard", kill_after(1))
+    with pytest.raises(KeyboardInterrupt):
+        cache_stage.run(cfg(t2))  # shard 0 by t2, shard 1 still t1's
+    with pytest.raises(DataError, match="no manifest.json"):
+        check_cache(out / "syn", {"haze": str(t1)})
+    with pytest.raises(DataError, match="no manifest.json"):
+        check_cache(out / "syn", {"haze": str(t2)})
+
+    # Killed after the new tar's rename, before its done-record (here: the record's write fails).
+    monkeypatch.setattr(cache_stage, "cache_shard", kill_after(10))
+    real_write = cache_stage.atomic_write_json
+
+    def no_done_record(path: Path, obj: Any) -> None:
+        if path.name.endswith(cache_stage.DONE_SUFFIX):
+            raise KeyboardInterrupt
+        real_write(path, obj)
+    monkeypatch.setattr(cache_stage, "atomic_write_json", no_done_record)
+    with pytest.raises(KeyboardInterrupt):
+        cache_stage.run(cfg(t2))  # shard 1's tar is t2's now
+    monkeypatch.setattr(cache_stage, "atomic_write_json", real_write)
+    assert cache_stage.run(cfg(t1)) == 0  # the old teacher again: every shard must be t1's
+    man = check_cache(out / "syn", {"haze": str(t1)})
+    shas = {json.loads(files["json"])["teacher_sha256"] for e in man["shards"]
+            for _, files in iter_tar_samples(out / "syn" / e["name"])}
+    assert shas == {man["cache"]["teacher"]["sha256"]}

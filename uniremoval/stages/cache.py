@@ -274,19 +274,30 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
 
     source = _Ahead(decoded(), depth=2 * batch_size) if workers > 0 else None
     try:
-        with atomic_writer(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            try:
-                for key, files, meta, x, exc in (source if source is not None else decoded()):
-                    if exc is not None:
-                        skip(key, exc)
-                        continue
-                    if pending and (len(pending) >= batch_size or pending[0][3].shape != x.shape):
-                        flush(tar)
-                    pending.append((key, files, meta, x))
-                flush(tar)
-                write_encoded(tar, wait=True)
-            except ShardReadError as exc:
-                raise DataError(f"source shard {url} is unreadable ({exc}); rebuild it or drop it from data.train") from exc
+        with atomic_writer(path, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                try:
+                    for key, files, meta, x, exc in (source if source is not None else decoded()):
+                        if exc is not None:
+                            skip(key, exc)
+                            continue
+                        if pending and (len(pending) >= batch_size or pending[0][3].shape != x.shape):
+                            flush(tar)
+                        pending.append((key, files, meta, x))
+                    flush(tar)
+                    write_encoded(tar, wait=True)
+                except ShardReadError as exc:
+                    raise DataError(f"source shard {url} is unreadable ({exc}); rebuild it or drop it from "
+                                    f"data.train") from exc
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the old one is retired (a full disk fails here, nothing lost)
+            # The new tar is about to replace the old one: the old done-record and the folder's manifest
+            # go first. Left in place, a kill before the new record (hashing a large tar takes a while)
+            # would leave the new tar under the old record, and the manifest would vouch (teacher sha256,
+            # cell) for shards a killed rebuild by other weights replaced: a silent mix. A tar's size
+            # rarely tells two teachers' shards apart. The manifest is rewritten once every shard is done.
+            _done_path(out_dir, shard_name).unlink(missing_ok=True)
+            (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     finally:
         if source is not None:
             source.close()

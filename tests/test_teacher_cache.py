@@ -821,3 +821,63 @@ def test_a_killed_rebuild_by_another_teacher_never_leaves_a_mixed_cache_that_pas
     shas = {json.loads(files["json"])["teacher_sha256"] for e in man["shards"]
             for _, files in iter_tar_samples(out / "syn" / e["name"])}
     assert shas == {man["cache"]["teacher"]["sha256"]}
+
+
+def test_shards_verify_decodes_a_cache_samples_teacher_image_and_feature(tmp_path):
+    """`shards verify` on a cache decodes what KT reads, naming the key: an undecodable teacher.png, a
+    teacher image of another size, a feature.npy that does not load, one with NaN, a grid off the cell."""
+    import io
+    import tarfile
+
+    from uniremoval.data.manifest import verify_shards, verify_tar
+    from uniremoval.io import sha256_file
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import fast
+    from uniremoval.stages.cache import _want, cache_shard
+    from uniremoval.stages.teachers import Teacher, freeze
+
+    keys = write_shards(tmp_path / "syn", "syn", 1, 6, seed=4)
+    torch.manual_seed(0)
+    teacher = Teacher("haze", freeze(MPRNet("tiny")), "minus_one_one", "random", sha256="ab" * 32)
+    src = str(tmp_path / "syn" / "syn-000000.tar")
+    out = tmp_path / "cache"
+    out.mkdir()
+    cache_shard(src, out, "c.tar", teacher, 16, fast.Speed(device=torch.device("cpu")),
+                _want({"url": src, "source_sha256": None}, teacher, 16, "no"))
+    assert verify_tar(out / "c.tar")[0] == []
+    nan = np.full((16, H // 16, W // 16), np.nan, dtype=np.float16)
+    small = np.zeros((16, 1, 1), dtype=np.float16)
+    buf = io.BytesIO()
+    np.save(buf, nan)
+    nan_npy = buf.getvalue()
+    buf = io.BytesIO()
+    np.save(buf, small)
+    small_npy = buf.getvalue()
+    from _fixtures import png
+
+    bad = {f"{keys[0]}.teacher.png": b"\x89PNG not really", f"{keys[1]}.teacher.png": png(np.zeros((8, 8, 3), np.uint8)),
+           f"{keys[2]}.feature.npy": b"\x93NUMPY broken", f"{keys[3]}.feature.npy": nan_npy,
+           f"{keys[4]}.feature.npy": small_npy}
+    with tarfile.open(out / "c.tar") as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(out / "c.tar", "w", format=tarfile.GNU_FORMAT) as t:
+        for m, data in members:
+            data = bad.get(m.name, data)
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    problems = verify_tar(out / "c.tar")[0]
+    text = "\n".join(problems)
+    assert f"c.tar:{keys[0]}: teacher.png unreadable" in text, text
+    assert f"c.tar:{keys[1]}: teacher.png is 8x8 but input.png is {H}x{W}" in text, text
+    assert f"c.tar:{keys[2]}: feature.npy does not decode" in text, text
+    assert f"c.tar:{keys[3]}: feature.npy holds non-finite values" in text, text
+    assert len(problems) == 4, text  # no cell known for a lone tar: the 1x1 grid passes
+    (out / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "dataset": "c", "complete": True,
+        "shards": [{"name": "c.tar", "samples": 6, "bytes": (out / "c.tar").stat().st_size,
+                    "sha256": sha256_file(out / "c.tar")}],
+        "counts": {"total": 6}, "cache": {"feature_cell": 16}}))
+    problems = verify_shards(out)
+    assert any(f"c.tar:{keys[4]}: feature.npy grid (1, 1) does not match a {W}x{H} image at the cache's cell 16" in p
+               for p in problems), problems
+    assert not any(keys[5] in p for p in problems), problems

@@ -306,9 +306,10 @@ def sample_fields(fields: dict[str, bytes]) -> tuple[str | None, str | None]:
 # verify
 
 
-def _verify_one(directory: str, entry: dict) -> tuple[list[str], list[str]]:
+def _verify_one(directory: str, entry: dict, cell: int | None = None) -> tuple[list[str], list[str]]:
     """Check one shard against its manifest entry (a lone tar's entry has only its name: no size,
-    checksum or count to compare); returns (problems, keys)."""
+    checksum or count to compare); returns (problems, keys). `cell`: a teacher cache's feature cell
+    (its manifest's), which each cached feature grid must match."""
     path = Path(directory) / entry["name"]
     name = entry["name"]
     if not path.is_file():
@@ -329,7 +330,7 @@ def _verify_one(directory: str, entry: dict) -> tuple[list[str], list[str]]:
         try:
             for key, fields in iter_tar_samples(path):
                 keys.append(key)
-                problems += _verify_sample(name, key, fields)
+                problems += _verify_sample(name, key, fields, cell)
         except (tarfile.TarError, OSError, EOFError) as exc:
             problems.append(f"{name}: unreadable tar after {len(keys)} samples ({exc})")
     if "samples" in entry and len(keys) != entry["samples"]:
@@ -350,7 +351,7 @@ def tar_end_problem(path: Path, size: int) -> str | None:
     return None
 
 
-def _verify_sample(shard: str, key: str, fields: dict[str, bytes]) -> list[str]:
+def _verify_sample(shard: str, key: str, fields: dict[str, bytes], cell: int | None = None) -> list[str]:
     from uniremoval.data.transforms import meta_orientation, upright_size
 
     where = f"{shard}:{key}"
@@ -392,6 +393,37 @@ def _verify_sample(shard: str, key: str, fields: dict[str, bytes]) -> list[str]:
             return problems + [f"{where}: {tgt} {exc}"]
         if thw != hw:
             problems.append(f"{where}: {tgt} is {thw[0]}x{thw[1]} but {inp} is {hw[0]}x{hw[1]}")
+    return problems + _verify_cached(where, inp, shown, fields, cell)
+
+
+def _verify_cached(where: str, inp: str, shown: tuple[int, int], fields: dict[str, bytes],
+                   cell: int | None) -> list[str]:
+    """A cache sample's teacher image (stored upright: the input's size as the loaders turn it) and
+    feature grid, decoded as KT decodes them (nothing to check in a dataset's sample)."""
+    import numpy as np
+
+    from uniremoval.data.transforms import decode_feature
+
+    problems = []
+    teacher = next((e for e in fields if e.startswith("teacher.")), None)
+    if teacher is not None:
+        try:
+            thw = image_size(fields[teacher])
+        except ValueError as exc:
+            problems.append(f"{where}: {teacher} {exc}")
+        else:
+            if thw != shown:
+                problems.append(f"{where}: {teacher} is {thw[0]}x{thw[1]} but {inp} is {shown[0]}x{shown[1]}")
+    if "feature.npy" in fields:
+        try:
+            feat = decode_feature(fields["feature.npy"])
+        except Exception as exc:  # noqa: BLE001 - np.load raises ValueError, OSError, EOFError...
+            return problems + [f"{where}: feature.npy does not decode ({type(exc).__name__}: {exc})"]
+        if cell and feat.shape[1:] != (shown[0] // cell, shown[1] // cell):
+            problems.append(f"{where}: feature.npy grid {feat.shape[1:]} does not match a {shown[1]}x{shown[0]} "
+                            f"image at the cache's cell {cell}")
+        if not np.isfinite(feat).all():
+            problems.append(f"{where}: feature.npy holds non-finite values")
     return problems
 
 
@@ -400,7 +432,7 @@ def verify_tar(path: str | os.PathLike) -> tuple[list[str], int, bool]:
     count too when a manifest beside it lists it. Returns (problems, samples, checked_against_manifest)."""
     path = Path(path)
     entry = _entry_beside(path)
-    problems, keys = _verify_one(str(path.parent), entry or {"name": path.name})
+    problems, keys = _verify_one(str(path.parent), entry or {"name": path.name}, _cache_cell(path.parent))
     if not keys and not problems:
         problems.append(f"{path.name}: holds no samples")
     seen: set[str] = set()
@@ -409,6 +441,16 @@ def verify_tar(path: str | os.PathLike) -> tuple[list[str], int, bool]:
             problems.append(f"{path.name}:{key}: duplicate key")
         seen.add(key)
     return problems, len(keys), entry is not None
+
+
+def _cache_cell(directory: Path) -> int | None:
+    """The feature cell of the teacher cache whose manifest.json is in `directory` (else None)."""
+    try:
+        info = json.loads((directory / MANIFEST_NAME).read_text()).get("cache")
+    except (OSError, ValueError, AttributeError):
+        return None
+    cell = info.get("feature_cell") if isinstance(info, dict) else None
+    return cell if isinstance(cell, int) and cell > 0 else None
 
 
 def _entry_beside(tar: Path) -> dict | None:
@@ -459,6 +501,7 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
     if manifest.get("complete") is False:
         problems.append(f"{directory / MANIFEST_NAME}: build not complete; rerun shards build")
     entries = manifest["shards"]
+    cell = _cache_cell(directory)
     results: list[tuple[list[str], list[str]]] = []
     from tqdm import tqdm
 
@@ -468,14 +511,14 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
         from uniremoval.data.shardwriter import worker_died, worker_pool
 
         with worker_pool(workers) as pool:
-            done = pool.map(_verify_one, [str(directory)] * len(entries), entries)
+            done = pool.map(_verify_one, [str(directory)] * len(entries), entries, [cell] * len(entries))
             try:
                 results = list(tqdm(done, total=len(entries), desc="verify", unit="shard", disable=not progress))
             except BrokenProcessPool as exc:
                 raise worker_died("shards verify", "nothing was checked to the end: rerun it") from exc
     else:
         for entry in tqdm(entries, desc="verify", unit="shard", disable=not progress):
-            results.append(_verify_one(str(directory), entry))
+            results.append(_verify_one(str(directory), entry, cell))
     seen: dict[str, str] = {}
     total = 0
     for entry, (probs, keys) in zip(entries, results):

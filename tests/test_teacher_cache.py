@@ -881,3 +881,37 @@ def test_shards_verify_decodes_a_cache_samples_teacher_image_and_feature(tmp_pat
     assert any(f"c.tar:{keys[4]}: feature.npy grid (1, 1) does not match a {W}x{H} image at the cache's cell 16" in p
                for p in problems), problems
     assert not any(keys[5] in p for p in problems), problems
+
+
+def test_a_bad_source_sample_is_warned_about_or_stops_the_cache_under_bad_samples_fail(tmp_path, capsys):
+    """The cache left a source sample that does not decode out without a word on the console (only in
+    manifest.json) and ignored data.bad_samples=fail: now it warns naming the shard and key, and the
+    summary counts it; with data.bad_samples=fail it stops naming them and writes no manifest."""
+    from dist_kt_common import save_random_mprnet
+
+    from uniremoval.config import CacheStage
+    from uniremoval.stages import cache as cache_stage
+
+    src = tmp_path / "syn" / "src.tar"
+    src.parent.mkdir()
+    _mixed_size_shard(src)  # mix_4 does not decode
+    teacher = save_random_mprnet(tmp_path / "t", seed=1)
+
+    def cfg(out: str, bad: str) -> CacheStage:
+        return CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
+                          data={"degradations": ["haze"], "bad_samples": bad,
+                                "train": [{"name": "syn", "shards": str(src), "degradation": "haze"}]},
+                          cache={"out": str(tmp_path / out), "workers": 0}, tracking={"enabled": False},
+                          train={"cpu": True})
+
+    with pytest.warns(RuntimeWarning, match=r"skipped the sample in source shard .*src.tar, key mix_4: .*does not "
+                                            r"decode.*left out of the cache"):
+        assert cache_stage.run(cfg("c1", "skip")) == 0
+    err = capsys.readouterr().err
+    assert "(5 samples)" in err and "1 bad source sample(s) left out" in err, err
+    assert cache_stage.run(cfg("c1", "skip")) == 0  # a rerun reuses the shard and still says so
+    assert "1 bad source sample(s) left out" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"bad sample in source shard .*src.tar, key mix_4: .*data.bad_samples=skip"):
+        cache_stage.run(cfg("c2", "fail"))
+    assert not (tmp_path / "c2" / "syn" / "manifest.json").exists()
+    assert not list((tmp_path / "c2" / "syn").glob("*.tar"))

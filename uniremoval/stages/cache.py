@@ -185,7 +185,7 @@ class _Ahead:
 
 def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: int, speed: Any,
                 want: dict[str, Any], progress: Any = None, batch_size: int = 1, workers: int = 0,
-                png_level: int | None = None) -> dict[str, Any]:
+                png_level: int | None = None, bad_samples: str = "skip") -> dict[str, Any]:
     """Write one cache shard for source shard `url`; return its done-record.
 
     Up to `batch_size` consecutive samples of one image size go through the teacher together;
@@ -193,9 +193,13 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     beside the teacher instead of between its batches: a thread decodes the next inputs, and
     `workers` threads PNG-encode the last outputs while the next batch runs. The shard's bytes are
     the same either way (tests/test_teacher_cache.py). `png_level`: the teacher PNG's zlib level
-    (lossless at any; None: the bulk default, `transforms.BULK_PNG_LEVEL`).
+    (lossless at any; None: the bulk default, `transforms.BULK_PNG_LEVEL`). A source sample that does
+    not decode (or that the teacher fails on) is left out with a warning naming it and recorded in the
+    done-record's `skipped` (`bad_samples="skip"`, data.bad_samples' default), or stops the shard with
+    a DataError naming it (`"fail"`).
     """
     import collections
+    import warnings
     from concurrent.futures import Future, ThreadPoolExecutor
 
     import torch
@@ -213,7 +217,17 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     pool = ThreadPoolExecutor(workers, thread_name_prefix="cache-encode") if workers > 0 else None
 
     def skip(key: str, exc: Exception) -> None:
-        skipped.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"[:300]})
+        reason = f"{type(exc).__name__}: {exc}"[:300]
+        where = f"source shard {url}, key {key}"
+        if bad_samples == "fail":
+            raise DataError(f"bad sample in {where}: {reason}. Fix or drop it (`uniremoval shards verify` lists every "
+                            f"bad sample), or set data.bad_samples=skip to cache the rest without it") from exc
+        skipped.append({"key": key, "reason": reason})
+        warnings.warn(f"cache: skipped the sample in {where}: {reason}; it is left out of the cache (listed in the "
+                      f"cache's manifest.json 'issues'; data.bad_samples=fail stops instead)", RuntimeWarning,
+                      stacklevel=2)
+        if progress is not None:
+            progress.update(1)  # handled: the bar counts the source's samples
 
     def decoded() -> Any:
         """(key, files, meta, CHW input, None) per source sample, or (key, ..., the exception)."""
@@ -438,12 +452,15 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
             t = teachers[it["degradation"]]
             bar.set_postfix_str(f"{it['source']}/{it['name']}", refresh=False)
             cache_shard(it["url"], out_root / it["source"], it["name"], t, cell, speed, want, bar,
-                        batch_size=cfg.cache.batch_size, workers=cfg.cache.workers, png_level=cfg.cache.png_level)
+                        batch_size=cfg.cache.batch_size, workers=cfg.cache.workers, png_level=cfg.cache.png_level,
+                        bad_samples=cfg.data.bad_samples)
     acc.wait_for_everyone()
     if acc.is_main_process:
         n = write_manifests(cfg, items, teachers, out_root)
+        bad = sum(json.loads((out_root / s.name / MANIFEST_NAME).read_text())["issues"]["total"] for s in cfg.data.train)
+        left_out = f"; {bad} bad source sample(s) left out (each cache's manifest.json 'issues')" if bad else ""
         print(f"cache: {len(items)} shards in {out_root} ({n} samples); recomputed {len(todo)} on rank 0, "
-              f"reused {reused}", file=sys.stderr)
+              f"reused {reused}{left_out}", file=sys.stderr)
     acc.wait_for_everyone()
     _log_run(cfg, acc, out_root)
     return 0

@@ -188,6 +188,33 @@ def test_a_stale_cache_is_refused(ws, tmp_path):
         kt.check_teacher_cache(load_config(REPO / "configs" / "kt.yaml", swapped))
 
 
+def test_a_tar_the_cache_manifest_does_not_list_is_refused_when_kt_names_tars(ws, tmp_path):
+    """data.train as a glob or brace pattern inside a cache folder: a tar there that its manifest does
+    not list (an earlier cache of other source shards or by another teacher, left beside the new
+    one) was trained on, its teacher never checked; now it is refused, naming it and the fix."""
+    import shutil
+
+    from uniremoval.stages import kt
+
+    haze = tmp_path / "syn_haze"
+    shutil.copytree(ws["cache"]["haze"], haze)
+    listed = sorted(p.name for p in haze.glob("*.tar"))
+    shutil.copy(haze / listed[0], haze / "syn_haze-000099.tar")  # left by an older cache
+    rest = f"{{name: r, shards: {ws['cache']['rain']}, degradation: rain}}, " \
+           f"{{name: b, shards: {ws['cache']['blur']}, degradation: blur}}]"
+
+    def cfg(spec: str):
+        return load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "stray") + [
+            f"data.train=[{{name: h, shards: '{spec}', degradation: haze}}, " + rest])
+
+    kt.check_teacher_cache(cfg(str(haze)))  # the folder: its manifest's shards only
+    kt.check_teacher_cache(cfg(str(haze / listed[0])))
+    for spec in (str(haze / "*.tar"), str(haze / "syn_haze-0000{00,99}.tar")):
+        with pytest.raises(DataError, match=r"data.train h: .*syn_haze-000099.tar is not one of the cache shards "
+                                            r".*manifest.json lists .* Give the folder .*syn_haze as the shards"):
+            kt.check_teacher_cache(cfg(spec))
+
+
 def test_da_refuses_deepspeed_and_names_the_launch_config(ws, monkeypatch):
     from uniremoval.stages import da
 

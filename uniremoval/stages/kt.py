@@ -42,7 +42,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from uniremoval.config import KTStage, check_inputs
-from uniremoval.errors import CheckpointError, ConfigError
+from uniremoval.errors import CheckpointError, ConfigError, DataError
 from uniremoval.stages.teachers import (
     Teacher,
     freeze,
@@ -275,6 +275,7 @@ def check_teacher_cache(cfg: KTStage) -> None:
 
     for src in cfg.data.train:
         folders: list[Path] = []
+        tars: dict[Path, list[Path]] = {}  # folder -> the tar files named inside it
         for spec in src.shards:
             folder = Path(spec)
             if folder.is_file() and folder.name == "manifest.json":
@@ -286,9 +287,19 @@ def check_teacher_cache(cfg: KTStage) -> None:
                               "cannot be checked (teachers.mode=cached expects folders written by `uniremoval "
                               "cache`)", RuntimeWarning, stacklevel=2)
             else:  # local tar files or a brace pattern: their folder's manifest names the teacher
-                folders.extend(Path(url).parent for url in resolve_shards(spec))
+                for url in resolve_shards(spec):
+                    folders.append(Path(url).parent)
+                    tars.setdefault(Path(url).parent, []).append(Path(url))
         for folder in dict.fromkeys(folders):
             manifest = check_cache(folder, cfg.teachers.checkpoints, None, cfg.data.feature_cell)
+            listed = {e["name"] for e in manifest["shards"]}
+            stray = [t for t in tars.get(folder, []) if t.name not in listed]
+            if stray:  # a tar the manifest does not vouch for: an older cache's (other source or teacher)
+                more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+                raise DataError(f"data.train {src.name}: {stray[0]}{more} is not one of the cache shards "
+                                f"{folder / 'manifest.json'} lists (left by an earlier cache of other source shards, "
+                                f"or copied in): its teacher is unknown. Give the folder {folder} as the shards, or "
+                                f"delete the tars it does not list")
             have = manifest["cache"]["degradation"]
             if have != src.degradation:
                 raise ConfigError(f"data.train {src.name}: cache {folder} holds '{have}' teacher outputs, but the "

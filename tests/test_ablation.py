@@ -155,3 +155,33 @@ def test_da_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
             with torch.no_grad():
                 stage.validate(ctx)
         assert sum(counted) == 3, (world, counted)
+
+
+@pytest.mark.parametrize(("row", "extra", "name"), [
+    ("kt_bkt.yaml", [], "ablation-kt-bkt"),
+    ("da_bda.yaml", [], "ablation-da-bda"),
+    ("kt_icl.yaml", ["tracking.run_name=icl-try2"], "icl-try2"),
+])
+def test_a_training_run_is_named_after_its_config(tmp_path, row, extra, name):
+    """Every KT row's MLflow run was named `kt` and every DA row's `da` (the stage), so the runs of one
+    table looked alike in MLflow and eval labelled every row's weights `kt` or `da`. A training run is
+    named after the config's `name`, its folder under output_dir (tracking.run_name overrides), and
+    the checkpoint's meta, from which eval labels weights whose run it cannot find, says the same."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.stages.trainer import Stage, Trainer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(REPO / "configs" / "ablation" / row, [
+        "model.init=k.safetensors", "train.cpu=true", "train.mixed_precision=no", f"output_dir={tmp_path}",
+        f"tracking.uri={uri}", "tracking.experiment=abl", *extra])
+    stage = Stage(cfg)
+    stage.stage, stage.trainable = cfg.stage, ("student",)
+    trainer = Trainer(cfg, stage)
+    trainer.start_tracking()
+    trainer.tracker.finish()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("abl").experiment_id])
+    assert run.info.run_name == name and run.data.tags["stage"] == cfg.stage
+    trainer.ctx = type("Ctx", (), {"epoch": 0})()
+    assert trainer.checkpoint_meta()["run_name"] == name

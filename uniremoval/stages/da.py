@@ -76,7 +76,6 @@ def build_discriminator(cfg: DAStage) -> nn.Module:
 class DomainAdaptation(Stage):
     """The DA stage on the shared trainer (see the module docstring)."""
 
-    run_name = "da"
     stage = "da"
     compiled_frozen = ("phi",)  # VGG-19 on the crops of every step
 

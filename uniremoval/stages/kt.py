@@ -150,7 +150,6 @@ def kt_terms(
 class KnowledgeTransfer(Stage):
     """The KT stage on the shared trainer (see the module docstring)."""
 
-    run_name = "kt"
     stage = "kt"
     trainable = ("student",)
     compiled_frozen = ("phi",)  # VGG-19 on three crop batches a step; the teachers (online) see varying batches

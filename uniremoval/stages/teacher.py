@@ -43,7 +43,6 @@ class TeacherTraining(Stage):
         super().__init__(cfg)
         deg = cfg.degradation
         self.degradation = deg
-        self.run_name = f"teacher-{deg}"
         self.sources = [s for s in cfg.data.train if s.degradation in (None, deg)]
         if not self.sources:
             names = [f"{s.name} ({s.degradation})" for s in cfg.data.train] or ["none"]

@@ -6,8 +6,9 @@ A stage is an object (subclass `Stage`) that knows *what* to train; the trainer 
 (devices, DDP, mixed precision, accumulation, clipping, schedules, checkpoints, resume, signals,
 non-finite losses, logging). A stage provides:
 
-- ``run_name`` / ``stage`` / ``degradation``: how the MLflow run is named and tagged
-  (``teacher-haze``, ``kt``, ``da``).
+- ``stage`` / ``degradation``: how the MLflow run is tagged (``teacher`` + ``haze``, ``kt``, ``da``).
+  The run is named after the config's ``name``, its folder under ``output_dir`` (``teacher-haze``,
+  ``kt``, ``ablation-kt-bkt``): runs of one stage told apart in MLflow as on disk.
 - ``build_models() -> dict[str, nn.Module]``: every network it needs, built after seeding.
 - ``trainable``: the names among them that are trained (``("teacher",)``, ``("student",)``,
   ``("generator", "discriminator")``). Only these are handed to ``accelerator.prepare`` (wrapped
@@ -161,7 +162,6 @@ class PendingUpdate:
 class Stage:
     """Base class of a training stage; see the module docstring for the contract."""
 
-    run_name: str = "stage"
     stage: str = "stage"
     degradation: str | None = None
     trainable: tuple[str, ...] = ()
@@ -555,7 +555,7 @@ class Trainer:
         models = self.stage.build_models()
         missing = [n for n in self.stage.trainable if n not in models]
         if missing:
-            raise ConfigError(f"stage {self.stage.run_name}: trainable model(s) {missing} not built")
+            raise ConfigError(f"stage {self.stage.stage}: trainable model(s) {missing} not built")
         on_cuda = acc.device.type == "cuda"
         if on_cuda:  # fixed crop shapes: let cuDNN pick the fastest kernels (matmul TF32 stays off, see fast.py)
             torch.backends.cudnn.benchmark = True
@@ -616,7 +616,7 @@ class Trainer:
         if not self.deepspeed:
             return
         if len(self.stage.trainable) > 1:
-            raise ConfigError(f"stage {self.stage.run_name} trains {len(self.stage.trainable)} models "
+            raise ConfigError(f"stage {self.stage.stage} trains {len(self.stage.trainable)} models "
                               f"({', '.join(self.stage.trainable)}); DeepSpeed through accelerate wraps one. Launch "
                               f"it with DDP instead (launch/multi_gpu.yaml)")
         plugin = self.accelerator.state.deepspeed_plugin
@@ -664,7 +664,7 @@ class Trainer:
             if self.resumed_from_other_run is not None:  # a new run that continues another one's state
                 path, other = self.resumed_from_other_run
                 tags = {**tags, "resumed_from": str(path), **({"resumed_from_run": other} if other else {})}
-            self.tracker = start_run(self.cfg, run_name=self.stage.run_name, stage=self.stage.stage,
+            self.tracker = start_run(self.cfg, run_name=self.cfg.name, stage=self.stage.stage,
                                      degradation=self.stage.degradation, run_id=self.run_id,
                                      extra_tags=tags, run_dir=self.run_dir,
                                      background=True)  # a slow or hung server never holds the GPUs
@@ -895,8 +895,8 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.ctx.epoch, "config_hash": config_hash(self.cfg),
-                "mlflow_run_id": self.mlflow_run_id, "stage": self.stage.stage, "run_name": self.stage.run_name,
-                "degradation": self.stage.degradation}
+                "mlflow_run_id": self.mlflow_run_id, "stage": self.stage.stage,
+                "run_name": self.cfg.tracking.run_name or self.cfg.name, "degradation": self.stage.degradation}
 
     def _save_weights(self, path: Path, name: str, extra: dict[str, Any] | None = None) -> None:
         """Write one model's weights (main process). Call on EVERY rank: ZeRO-3 gathers here."""
@@ -1046,7 +1046,7 @@ class Trainer:
         """One job per run folder: a second one (the same command started twice, or another config
         with the same output_dir/name) stops here rather than interleave checkpoints with the first.
         The main process holds the lock until fit() ends."""
-        self._run_lock = lock_on_main_process(self.accelerator, self.run_dir, f"the run {self.stage.run_name!r}")
+        self._run_lock = lock_on_main_process(self.accelerator, self.run_dir, f"the run {self.cfg.name!r}")
 
     def _unlock_run_dir(self) -> None:
         if self._run_lock is not None:
@@ -1140,7 +1140,7 @@ class Trainer:
             self.resumed_from_other_run = (path, self.run_id)
             self.run_id = None
             self.best_value = None  # this run's best is its own: the first validation writes best.*
-            self._print(f"continuing {path} (another run's checkpoint) as the new run {self.stage.run_name!r}")
+            self._print(f"continuing {path} (another run's checkpoint) as the new run {self.cfg.name!r}")
         self.stage.load_state_dict(state.get("stage_state") or {}, same_mlflow_run=self.run_id is not None)
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
         saved_world, world = state.get("world_size"), self.accelerator.num_processes
@@ -1310,7 +1310,7 @@ class Trainer:
     def _progress(self, total: int) -> Any:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=self.step, desc=self.stage.run_name, unit="step", dynamic_ncols=True,
+        return tqdm(total=total, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
                     disable=not self.accelerator.is_main_process)
 
     def _print(self, msg: str) -> None:

@@ -148,6 +148,7 @@ def test_two_processes_teacher_then_cache(workspace):
                         str(WORKER), "dist", str(t_path), str(c_path), str(root / "dist_out")],
                        env=_env(), cwd=root, capture_output=True, text=True, timeout=480, check=False)
     assert p.returncode == 0, p.stderr[-4000:]
+    launch_stderr = p.stderr
     r0, r1 = (json.loads((root / "dist_out" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == 2 and r1["world"] == 2 and r0["step"] == r1["step"] == 8
     assert r0["weights_sha"] == r1["weights_sha"]  # DDP kept the ranks identical
@@ -171,6 +172,7 @@ def test_two_processes_teacher_then_cache(workspace):
     cdir = root / "cache" / "syn"
     man = check_cache(cdir, {"haze": str(teacher_path)}, str(root / "shards" / "syn"), cell=16)
     assert man["counts"]["total"] == 12 and len(man["shards"]) == 4
+    assert "(12 samples); recomputed 4, reused 0" in launch_stderr  # both ranks' shards, not rank 0's two
     from uniremoval.data.manifest import iter_tar_samples
     from uniremoval.data.transforms import decode_feature, decode_image
 
@@ -799,9 +801,9 @@ def test_a_killed_rebuild_by_another_teacher_never_leaves_a_mixed_cache_that_pas
     monkeypatch.setattr(cache_stage, "cache_shard", kill_after(1))
     with pytest.raises(KeyboardInterrupt):
         cache_stage.run(cfg(t2))  # shard 0 by t2, shard 1 still t1's
-    with pytest.raises(DataError, match="no manifest.json"):
+    with pytest.raises(DataError, match="no manifest.json, an unfinished cache build; rerun `uniremoval cache"):
         check_cache(out / "syn", {"haze": str(t1)})
-    with pytest.raises(DataError, match="no manifest.json"):
+    with pytest.raises(DataError, match="no manifest.json, an unfinished cache build"):
         check_cache(out / "syn", {"haze": str(t2)})
 
     # Killed after the new tar's rename, before its done-record (here: the record's write fails).

@@ -454,13 +454,21 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
             cache_shard(it["url"], out_root / it["source"], it["name"], t, cell, speed, want, bar,
                         batch_size=cfg.cache.batch_size, workers=cfg.cache.workers, png_level=cfg.cache.png_level,
                         bad_samples=cfg.data.bad_samples)
+    counts = [len(todo), reused]
+    if world > 1:  # the summary line counts every rank's shards, not rank 0's
+        import torch
+        import torch.distributed as dist
+
+        total_counts = torch.tensor(counts, device=acc.device)
+        dist.all_reduce(total_counts)  # also the barrier before rank 0 writes the manifests
+        counts = total_counts.tolist()
     acc.wait_for_everyone()
     if acc.is_main_process:
         n = write_manifests(cfg, items, teachers, out_root)
         bad = sum(json.loads((out_root / s.name / MANIFEST_NAME).read_text())["issues"]["total"] for s in cfg.data.train)
         left_out = f"; {bad} bad source sample(s) left out (each cache's manifest.json 'issues')" if bad else ""
-        print(f"cache: {len(items)} shards in {out_root} ({n} samples); recomputed {len(todo)} on rank 0, "
-              f"reused {reused}{left_out}", file=sys.stderr)
+        print(f"cache: {len(items)} shards in {out_root} ({n} samples); recomputed {counts[0]}, "
+              f"reused {counts[1]}{left_out}", file=sys.stderr)
     acc.wait_for_everyone()
     _log_run(cfg, acc, out_root)
     return 0
@@ -549,6 +557,9 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
     cache_dir = Path(cache_dir)
     file = cache_dir / "manifest.json"
     if not file.is_file():
+        if any(cache_dir.glob("*.tar")):  # shards but no manifest: a build (or rebuild) that did not finish
+            raise DataError(f"cache {cache_dir}: no manifest.json, an unfinished cache build; rerun `uniremoval "
+                            f"cache --config ...` to complete it (finished shards are reused)")
         raise DataError(f"cache {cache_dir}: no manifest.json; build it with `uniremoval cache --config ...`")
     try:
         manifest = json.loads(file.read_text())

@@ -93,7 +93,8 @@ def test_max_samples_outside_validation_is_refused(config, override):
 def test_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
     """A validation set's max_samples was split as ceil(cap / world) per rank: max_samples 3 scored 3
     images on one process and 4 on two (56 for the paper's 50 on 8 GPUs), so rows of one table launched
-    on different process counts were validated on different numbers of images. The parts now add up."""
+    on different process counts were validated on different numbers of images. The parts now add up,
+    and they are the same images: the set's first 3 (each rank's first of its own shards were not)."""
     import sys
     from types import SimpleNamespace
 
@@ -108,18 +109,21 @@ def test_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
     shards = write_pairs(tmp_path, "val_haze", "haze", 6, n_shards=2, split="test")
     src = SimpleNamespace(name="val_haze", shards=str(shards), max_samples=3)
     model = MPRNet("tiny").eval()
+    psnr_sums = {}
     for world in (1, 2, 4):
         counted = []
 
         def all_sum(sums, counted=counted):
-            counted.append(sums["n"])
+            counted.append(sums)
             return dict(sums)
 
         for rank in range(world):
             ctx = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"), all_sum=all_sum)
             with torch.no_grad():
                 validate_paired(ctx, model, "minus_one_one", [src], lockstep=False)
-        assert sum(counted) == 3, (world, counted)
+        assert sum(c["n"] for c in counted) == 3, (world, counted)
+        psnr_sums[world] = sum(c["psnr_input"] for c in counted)
+    assert psnr_sums[2] == pytest.approx(psnr_sums[1], rel=1e-9) and psnr_sums[4] == pytest.approx(psnr_sums[1], rel=1e-9)
 
 
 def test_da_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
@@ -135,26 +139,29 @@ def test_da_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
     from uniremoval.models.mprnet_arch import MPRNet
     from uniremoval.stages import da
 
-    write_shards(tmp_path / "val", "val", 1, 6, domain="real", paired=False)
+    write_shards(tmp_path / "val", "val", 2, 3, domain="real", paired=False)
     cfg = load_config(REPO / "configs" / "da.yaml", [
         "model.preset=tiny", f"data.val=[{{name: v, shards: {tmp_path / 'val'}, degradation: haze}}]",
         "val_iqa.metrics=[piqe]", "val_iqa.max_images=3"])
     model = MPRNet("tiny").eval()
 
     class Scorer:
-        def score(self, batch):
-            return {"piqe": [1.0]}
+        def score(self, batch):  # a score that tells the images apart
+            return {"piqe": [float(batch.mean())]}
 
+    piqe_input = {}
     for world in (1, 2, 4):
         counted = []
         for rank in range(world):
             stage = da.DomainAdaptation(cfg)
             stage._iqa = Scorer()
             ctx = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"),
-                                  unwrap=lambda name: model, all_sum=lambda s, c=counted: c.append(s["n"]) or dict(s))
+                                  unwrap=lambda name: model, all_sum=lambda s, c=counted: c.append(s) or dict(s))
             with torch.no_grad():
                 stage.validate(ctx)
-        assert sum(counted) == 3, (world, counted)
+        assert sum(c["n"] for c in counted) == 3, (world, counted)
+        piqe_input[world] = sum(c["piqe_input"] for c in counted)  # the same 3 images (of 2 shards)
+    assert piqe_input[2] == pytest.approx(piqe_input[1], rel=1e-9) and piqe_input[4] == pytest.approx(piqe_input[1], rel=1e-9)
 
 
 @pytest.mark.parametrize(("row", "extra", "name"), [

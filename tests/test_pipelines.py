@@ -271,6 +271,41 @@ def test_truncated_shard_keeps_complete_samples(tmp_path, data):
         list(eval_samples(tmp_path / "cut.tar", bad_samples="fail"))
 
 
+def test_first_n_samples_are_the_same_images_on_any_process_and_worker_count(data, tmp_path):
+    """A validation cap (max_samples) read the first N samples of each rank's own shards: with several
+    shards the validated images changed with the process count, so one row's val/ curve on 1 GPU and
+    on 8 were scores of different images. `first=N` is the set's first N in shard-list-then-tar order."""
+    order = [it["key"] for it in eval_samples(data / "blur")]  # 5 shards, 23 samples
+    assert len(order) == 23
+    for first in (1, 7, 23, 40):
+        for world in (1, 2, 3, 8):
+            keys = [it["key"] for rank in range(world) for it in eval_samples(data / "blur", rank, world, first=first)]
+            assert sorted(keys) == sorted(order[:first]), (first, world)
+    # DataLoader workers deal the same samples (2 ranks x 2 workers)
+    keys = [it["key"] for rank in range(2) for it in eval_samples(data / "blur", rank, 2, num_workers=2, first=7)]
+    assert sorted(keys) == sorted(order[:7])
+    # A bad sample inside the first N is reported once (by the rank it falls to) and counts as one of them
+    bad_order = [it["key"] for it in eval_samples(data / "evalbad")]
+    items = [it for rank in range(3) for it in eval_samples(data / "evalbad", rank, 3, first=6)]
+    assert sorted(it["key"] for it in items) == sorted(bad_order[:6])
+    assert [it["key"] for it in items if "error" in it] == ["evalbad-00004"]
+    # A shard cut short: its complete samples, then one report of the cut, then the next shard
+    raw = (data / "rain" / "rain-000000.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        cut = next(m for m in tar.getmembers() if m.name.startswith("rain-00002.")).offset_data + 10
+    (tmp_path / "a.tar").write_bytes(raw[:cut])
+    (tmp_path / "b.tar").write_bytes((data / "haze" / "haze-000000.tar").read_bytes())
+    urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    whole = list(eval_samples(urls))  # one process: a.tar's whole samples, the cut, b.tar
+    good = [it["key"] for it in whole if "error" not in it]
+    assert whole[1]["key"] is None and good[0] == "rain-00000" and len(good) == 1 + 5
+    items = [it for rank in range(2) for it in eval_samples(urls, rank, 2, first=4)]
+    assert sorted(str(it["key"]) for it in items) == sorted(["None", *good[:4]])
+    assert next(it["error"] for it in items if it["key"] is None) == whole[1]["error"]
+    with pytest.raises(DataError, match="a.tar is unreadable"):
+        list(eval_samples(urls, 1, 2, first=4, bad_samples="fail"))
+
+
 # ---------------------------------------------------------------- images smaller than the crop
 
 

@@ -110,6 +110,8 @@ class DataSource(Strict):
     shards: list[str]
     degradation: str | None = None
     weight: float = Field(1.0, gt=0)
+    # data.val only: validate on the set's first N samples (shard list order, then tar order),
+    # the same images on any number of processes
     max_samples: int | None = Field(None, ge=1)
 
     @field_validator("shards", mode="before")
@@ -349,7 +351,7 @@ class ValIQAConfig(Strict):
     """No-reference IQA on held-out real images during domain adaptation."""
 
     metrics: list[str] = Field(default_factory=lambda: ["piqe"])
-    max_images: int = Field(16, ge=1)
+    max_images: int = Field(16, ge=1)  # per set: its first N images (or max_samples, if fewer)
 
     @field_validator("metrics")
     @classmethod

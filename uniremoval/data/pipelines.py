@@ -710,7 +710,10 @@ class EvalStream(IterableDataset):
     """Every sample of `shards` exactly once across ranks and DataLoader workers, full size.
 
     Order is deterministic: the shard list's order, then tar order, within each worker; the
-    caller gathers results and sorts by key. Each item: {'key', 'shard', 'meta', 'input'
+    caller gathers results and sorts by key. `first=N` (a validation set's cap) reads only the
+    set's first N samples in that order, dealt out sample by sample, so any number of processes
+    and workers scores the same N images (with whole shards per rank, the first N of each rank's
+    shards, the images changed with the process count). Each item: {'key', 'shard', 'meta', 'input'
     (3,H,W) in [-1,1], 'target' when present (or required)}; with bad_samples='skip' a bad
     sample yields {'key', 'shard', 'error'} instead, so the report can list it ('key' is None when a
     whole shard is unreadable). `as_tensor=False` gives HWC uint8/uint16 arrays instead.
@@ -724,18 +727,25 @@ class EvalStream(IterableDataset):
         require: Sequence[str] = (),
         bad_samples: BadPolicy = "skip",
         as_tensor: bool = True,
+        first: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} outside world of size {world_size}")
+        if first is not None and first < 1:
+            raise ConfigError(f"first must be at least 1, got {first}")
         if bad_samples not in ("skip", "fail"):
             raise ConfigError(f"bad_samples must be 'skip' or 'fail', got {bad_samples!r}")
         self.shards = resolve_shards(shards)
         self.rank, self.world_size = rank, world_size
         self.require, self.bad_samples, self.as_tensor = tuple(require), bad_samples, as_tensor
+        self.first = first
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, n_workers = worker_id()
         g, n_g = self.rank * n_workers + worker, self.world_size * n_workers
+        if self.first is not None:
+            yield from self._iter_first(g, n_g)
+            return
         for shard_i, stride, offset in assign_shards(len(self.shards), g, n_g):
             url = self.shards[shard_i]
             last = None
@@ -753,6 +763,26 @@ class EvalStream(IterableDataset):
                     "shard": url,
                     "error": f"shard unreadable after key {last!r}: {exc.cause}",
                 }
+
+    def _iter_first(self, g: int, n_g: int) -> Iterator[dict[str, Any]]:
+        """The set's first `self.first` samples, the i-th to global worker i % n_g. Every worker
+        reads the tars up to there (cheap for a validation cap) and decodes only its own samples."""
+        i = 0
+        for url in self.shards:
+            last = None
+            try:
+                for key, files in iter_shard(url):
+                    last = key
+                    if i % n_g == g:
+                        yield self._decode(url, key, files)
+                    i += 1
+                    if i >= self.first:
+                        return
+            except ShardReadError as exc:
+                if self.bad_samples == "fail":
+                    raise DataError(f"shard {url} is unreadable after key {last!r}: {exc.cause}") from exc
+                if i % n_g == g:  # one worker reports it; the others go on to the next shard as it does
+                    yield {"key": None, "shard": url, "error": f"shard unreadable after key {last!r}: {exc.cause}"}
 
     def _decode(self, url: str, key: str, files: dict[str, bytes]) -> dict[str, Any]:
         try:
@@ -780,11 +810,13 @@ def eval_samples(
     require: Sequence[str] = (),
     bad_samples: BadPolicy = "skip",
     as_tensor: bool = True,
+    first: int | None = None,
 ) -> Iterable[dict[str, Any]]:
-    """Evaluation items for this rank (see EvalStream). With num_workers=0 this is a plain
-    generator (no DataLoader); otherwise a DataLoader with batch_size=None over worker processes.
+    """Evaluation items for this rank (see EvalStream; `first`: only the set's first N samples).
+    With num_workers=0 this is a plain generator (no DataLoader); otherwise a DataLoader with
+    batch_size=None over worker processes.
     """
-    ds = EvalStream(shards, rank, world_size, require, bad_samples, as_tensor)
+    ds = EvalStream(shards, rank, world_size, require, bad_samples, as_tensor, first)
     if num_workers == 0:
         return ds
     return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_keep,

@@ -229,7 +229,6 @@ class DomainAdaptation(Stage):
     def validate(self, ctx: TrainContext) -> dict[str, float]:
         from uniremoval.data.pipelines import eval_samples
         from uniremoval.eval.restore import restore_tensor
-        from uniremoval.stages.validation import rank_share
 
         names = list(self.cfg.val_iqa.metrics)
         if not self.cfg.data.val or not names:
@@ -239,8 +238,7 @@ class DomainAdaptation(Stage):
         out: dict[str, float] = {}
         firsts: list[float] = []
         for src in self.cfg.data.val:
-            cap = self._val_cap(src)
-            per_rank = rank_share(cap, ctx.rank, ctx.world_size)
+            cap = self._val_cap(src)  # the set's first `cap` images, the same on any number of processes
             fingerprint = self._input_fingerprint(src)
             # the inputs' scores never change: logged once per MLflow run (a resume of it included)
             with_input = self._inputs_scored.get(src.name) != fingerprint
@@ -248,9 +246,7 @@ class DomainAdaptation(Stage):
             # Per score: its sum and how many images it is defined for (NIQE/BRISQUE of a flat image
             # is NaN, as in `uniremoval eval`: left out of the mean, not poisoning it).
             sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0}
-            for item in eval_samples(src.shards, ctx.rank, ctx.world_size):
-                if sums["n"] >= per_rank:
-                    break
+            for item in eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap):
                 if "error" in item:
                     continue
                 x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)

@@ -6,7 +6,6 @@ baseline), and `val/mean/psnr` over the sets."""
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -15,13 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from uniremoval.stages.trainer import TrainContext
-
-
-def rank_share(cap: int, rank: int, world_size: int) -> int:
-    """This rank's part of a validation set's image cap: the parts add up to `cap` (ceil(cap / world)
-    on every rank scored up to world - 1 images more, e.g. 56 for max_samples 50 on 8 processes, so the
-    count of a row's validation images followed its process count)."""
-    return cap // world_size + (rank < cap % world_size)
 
 
 def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
@@ -55,14 +47,15 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     out: dict[str, float] = {}
     psnrs: list[float] = []
     for src in sources:
-        cap = rank_share(src.max_samples, ctx.rank, ctx.world_size) if src.max_samples else None
+        # max_samples: the set's first N samples, the same images on any number of processes
+        cap = src.max_samples
         skipped: list[dict[str, Any]] = []  # why samples were left out (an unpaired set: no target)
-        usable = (item for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",))
-                  if "error" not in item or skipped.append(item))  # append() is None: the item is left out
-        items = itertools.islice(usable, cap)
+        items = iter(item for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",),
+                                                   first=cap)
+                     if "error" not in item or skipped.append(item))  # append() is None: the item is left out
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
-        bar = tqdm(desc=f"val {src.name}", total=cap, unit="img", leave=False, file=sys.stderr,
-                   disable=ctx.rank != 0)
+        bar = tqdm(desc=f"val {src.name}", total=-(-cap // ctx.world_size) if cap else None, unit="img",
+                   leave=False, file=sys.stderr, disable=ctx.rank != 0)  # rank 0 has the largest share
         last = None
         while True:
             item = next(items, None)

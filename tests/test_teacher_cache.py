@@ -496,6 +496,12 @@ def test_cache_refuses_an_out_folder_that_would_overwrite_shards(tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]
     with pytest.raises(UniremovalError, match="no-such-teacher"):  # unlocked: it goes on to the teachers
         cache.run(cfg)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]  # a folder it found stays
+    # A refused teacher leaves no empty cache folder behind where the run had to make one
+    fresh = tmp_path / "new" / "cache"
+    with pytest.raises(UniremovalError, match="no-such-teacher"):
+        cache.run(cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"out": str(fresh)})}))
+    assert not (tmp_path / "new").exists()  # nor the folder above it, which it made too
 
 
 def test_a_student_or_another_types_teacher_is_refused_as_a_teacher(tmp_path):

@@ -39,6 +39,7 @@ sample of the sources is written exactly once (whole shards per rank, no sharing
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -390,10 +391,33 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     check_out_folders(out_root, items)
     from uniremoval.io import check_output
 
+    made = out_root if not out_root.exists() else None  # and the folders above it that do not exist yet
+    while made is not None and not made.parent.exists():
+        made = made.parent
     check_output(out_root, "cache.out", folder=True, create=True)
     # One cache job per cache.out: the same command started twice stops here, not interleaving shards.
     with lock_on_main_process(acc, out_root, "a teacher cache"):
-        return _build(cfg, acc, items, out_root)
+        try:
+            return _build(cfg, acc, items, out_root)
+        except BaseException:
+            if made is not None and acc.is_main_process:  # e.g. a teacher refused: no empty folders left
+                _remove_if_unused(out_root, made)
+            raise
+
+
+def _remove_if_unused(out_root: Path, made: Path) -> None:
+    """Remove the folders this run made (`made`: the topmost, `out_root` or above it) if nothing was
+    written in them but the lock file and empty source folders. Called holding the lock: a job
+    started meanwhile was refused, one started after finds no folder."""
+    entries = list(made.rglob("*"))
+    lock = out_root / ".lock"
+    if any(e.is_symlink() or (e.is_file() and e != lock) for e in entries):
+        return
+    with contextlib.suppress(OSError):
+        lock.unlink(missing_ok=True)
+        for d in sorted((e for e in entries if e.is_dir()), key=lambda e: len(e.parts), reverse=True):
+            d.rmdir()
+        made.rmdir()
 
 
 def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Path) -> int:

@@ -443,6 +443,9 @@ def test_mlflow_down_at_start_the_run_created_later_is_the_one_reported(tmp_path
         assert run.info.status == "FINISHED" and run.data.tags["stage"] == "teacher"
         assert [m.step for m in client.get_metric_history(res.run_id, "train/mse")] == [2, 4, 6, 8, 10]
         assert [m.step for m in client.get_metric_history(res.run_id, "val/toy/err")] == [5, 10]
+        # epochs completed at each log, 5 steps an epoch (the end of epoch 0 is 1.0, not the next index)
+        epochs = [m.value for m in client.get_metric_history(res.run_id, "train/epoch")]
+        assert epochs == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
         assert not (tmp_path / "run" / "toy" / "mlflow-spool.jsonl").exists()
     finally:
         if st is not None and st.proxy is not None:

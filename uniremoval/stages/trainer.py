@@ -843,7 +843,9 @@ class Trainer:
             out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
         out.update({f"train/{k}": v for k, v in self.data_counts_total().items()})
-        out["train/epoch"] = float(self.ctx.epoch)
+        # epochs completed, fractional (the epoch index of the window's last step said 1 at the end of
+        # epoch 0, beside that epoch's losses)
+        out["train/epoch"] = self.step / self.cfg.train.steps_per_epoch
         self._sums, self._counts = {}, {}
         if self.accelerator.is_main_process:
             shown = {k: f"{out[f'train/{k}']:.4g}" for k in progress_terms(keys) if f"train/{k}" in out}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -923,3 +924,36 @@ def test_a_bad_source_sample_is_warned_about_or_stops_the_cache_under_bad_sample
         cache_stage.run(cfg("c2", "fail"))
     assert not (tmp_path / "c2" / "syn" / "manifest.json").exists()
     assert not list((tmp_path / "c2" / "syn").glob("*.tar"))
+
+
+def test_a_cache_rebuilt_from_fewer_source_shards_names_the_tars_it_left_out(tmp_path, capsys):
+    """A cache built from two source shards, then from one: the second tar stays (it may be the cache of
+    shards left out on purpose, a teacher pass each to rebuild) but was not mentioned anywhere; the
+    build now names it, and the manifest lists only this run's shard."""
+    from dist_kt_common import save_random_mprnet
+
+    from uniremoval.config import CacheStage
+    from uniremoval.stages import cache as cache_stage
+
+    src = tmp_path / "syn"
+    src.mkdir()
+    _mixed_size_shard(src / "syn-000000.tar")
+    shutil.copy(src / "syn-000000.tar", src / "syn-000001.tar")
+    teacher = save_random_mprnet(tmp_path / "t", seed=1)
+
+    def cfg(shards: str) -> CacheStage:
+        return CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
+                          data={"degradations": ["haze"], "train": [{"name": "syn", "shards": shards,
+                                                                     "degradation": "haze"}]},
+                          cache={"out": str(tmp_path / "cache"), "workers": 0}, tracking={"enabled": False},
+                          train={"cpu": True})
+
+    with pytest.warns(RuntimeWarning):  # mix_4 does not decode (the fixture's bad sample)
+        assert cache_stage.run(cfg(str(src / "syn-{000000..000001}.tar"))) == 0
+    assert "not part of this cache" not in capsys.readouterr().err
+    assert cache_stage.run(cfg(str(src / "syn-000000.tar"))) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"cache: .*cache/syn also holds syn-000001.tar, not part of this cache .* delete them", err), err
+    manifest = json.loads((tmp_path / "cache" / "syn" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["syn-000000.tar"]
+    assert (tmp_path / "cache" / "syn" / "syn-000001.tar").is_file()  # kept

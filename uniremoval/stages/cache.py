@@ -542,6 +542,14 @@ def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapp
                       "sources": sources},
         }
         atomic_write_json(out_dir / "manifest.json", manifest)
+        listed = {r["name"] for r in recs}
+        if stray := sorted(t.name for t in out_dir.glob("*.tar") if t.name not in listed):
+            # Not deleted: they may be the cache of source shards left out of this run on purpose, which
+            # would cost a teacher pass each to rebuild. KT reading the folder goes by the manifest.
+            more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
+            print(f"cache: {out_dir} also holds {stray[0]}{more}, not part of this cache (an earlier build's, "
+                  f"from source shards this run did not list); the manifest leaves them out, so training skips "
+                  f"them; delete them to free the space", file=sys.stderr)
     return total
 
 

@@ -301,6 +301,36 @@ def test_da_refuses_a_clear_source_of_unpaired_degraded_photos_before_building_m
         check_inputs(cfg_with(usable))
 
 
+def test_kt_and_teacher_refuse_an_unpaired_validation_set_before_training(ws, monkeypatch):
+    """Teacher and KT validation is PSNR/SSIM against targets: an unpaired set of real photos given as
+    data.val scored nothing, found only as a warning at the first validation (val_every steps in) while
+    the run went on without best.safetensors. Refused by check_inputs, naming the entry and what to
+    give; a paired set passes, and DA (no-reference validation) takes the unpaired one."""
+    from uniremoval.config import check_inputs
+    from uniremoval.stages import kt
+
+    def no_models(self):
+        raise AssertionError("models were built for a run whose validation set has no target")
+
+    monkeypatch.setattr(kt.KnowledgeTransfer, "build_models", no_models)
+    unpaired = ws["real"]["haze"]
+    val = f"data.val=[{{name: val_haze, shards: {ws['val']['haze']}, degradation: haze}}, " \
+          f"{{name: rtts, shards: {unpaired}, degradation: haze}}]"
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "ktunpaired") + ["tracking.enabled=false",
+                                                                                      "train.cpu=true", val])
+    with pytest.raises(ConfigError, match=rf"data.val.1 \(rtts\): {unpaired} holds 6 image\(s\) and no target: "
+                                          r"teacher and KT validation score PSNR/SSIM against targets"):
+        kt.run(cfg)
+    assert not Path(cfg.run_dir).exists()
+    train = f"data.train=[{{name: s, shards: {ws['syn']['haze']}, degradation: haze}}]"
+    teacher = load_config(REPO / "configs" / "teacher" / "haze.yaml", [
+        "model.preset=tiny", train, f"data.val=[{{name: rtts, shards: {unpaired}, degradation: haze}}]"])
+    with pytest.raises(ConfigError, match=r"data.val.0 \(rtts\): .* holds 6 image\(s\) and no target"):
+        check_inputs(teacher)
+    check_inputs(load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "ktpaired")))
+    check_inputs(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "daunpaired")))
+
+
 def test_a_resumed_da_run_does_not_log_the_input_scores_its_mlflow_run_holds(ws, tmp_path):
     """val/<set>/piqe_input (the degraded inputs' score, a reference logged once) was logged again by
     every --resume auto of the run: the process forgot it had. The stage's state in each checkpoint

@@ -795,6 +795,41 @@ def _other_degradation(cfg: StageBase, src: DataSource, folder: Path) -> str | N
     return f"{holds}; give the '{want}' shards, or degradation: {min(held)} if these are the ones meant"
 
 
+def _local_shards(spec: str) -> list[str]:
+    from uniremoval.data.shard_stream import resolve_shards
+    from uniremoval.errors import DataError
+
+    try:
+        return [s for s in resolve_shards(spec) if "://" not in s and Path(s).is_file()]
+    except DataError:  # an unfinished build, no tars: the stream names it
+        return []
+
+
+def _no_pair(spec: str) -> str | None:
+    """What is wrong when a local teacher/KT validation set (data.val) holds no paired sample: their
+    validation is PSNR/SSIM against targets, and an unpaired set (RTTS, real photos) scored nothing,
+    found only at the first validation, val_every steps in. Stops at the first sample with a target
+    (read from tar headers)."""
+    import tarfile
+
+    from uniremoval.data.manifest import iter_tar_samples, sample_fields
+
+    shards, seen = _local_shards(spec), 0
+    for shard in shards:
+        try:
+            for _key, fields in iter_tar_samples(shard, only_json=True):
+                if sample_fields(fields)[1] is not None:
+                    return None
+                seen += 1
+        except (OSError, tarfile.TarError, EOFError):  # a damaged shard: the stream names it
+            return None
+    if not seen:
+        return None
+    return (f"holds {seen} image(s) and no target: teacher and KT validation score PSNR/SSIM against targets; "
+            f"give a paired test set here (e.g. shards/sots_outdoor), and score unpaired real photos with "
+            f"`uniremoval eval` or as DA's data.val")
+
+
 def _no_clear_image(spec: str) -> str | None:
     """What is wrong when a local DA clear source (data.clear) holds no sample the clear stream can
     use: it takes a paired sample's target, or an unpaired image whose json says 'clear' (or nothing);
@@ -804,13 +839,8 @@ def _no_clear_image(spec: str) -> str | None:
     from collections import Counter
 
     from uniremoval.data.manifest import iter_tar_samples, sample_fields
-    from uniremoval.data.shard_stream import resolve_shards
-    from uniremoval.errors import DataError
 
-    try:
-        shards = [s for s in resolve_shards(spec) if "://" not in s and Path(s).is_file()]
-    except DataError:  # an unfinished build, no tars: the stream names it
-        return None
+    shards = _local_shards(spec)
     held: Counter = Counter()
     for shard in shards:
         try:
@@ -858,7 +888,9 @@ def check_inputs(cfg: StageBase) -> None:
                                else f"`uniremoval shards build|synth ... --out {spec}` (README: Data preparation)")
                     missing.append(f"data.{section}.{i} ({src.name}): {spec} does not exist; {made_by} writes it")
                 elif wrong := (_other_degradation(cfg, src, Path(spec)) or
-                               (_no_clear_image(spec) if section == "clear" and isinstance(cfg, DAStage) else None)):
+                               (_no_clear_image(spec) if section == "clear" and isinstance(cfg, DAStage) else None) or
+                               (_no_pair(spec) if section == "val" and isinstance(cfg, (TeacherStage, KTStage))
+                                else None)):
                     missing.append(f"data.{section}.{i} ({src.name}): {spec} {wrong}")
     checkpoints: dict[str, tuple[str, str]] = {}
     if cfg.model.init:

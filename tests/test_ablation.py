@@ -126,6 +126,49 @@ def test_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
     assert psnr_sums[2] == pytest.approx(psnr_sums[1], rel=1e-9) and psnr_sums[4] == pytest.approx(psnr_sums[1], rel=1e-9)
 
 
+def test_validation_progress_total_is_rank_zeros_share_of_the_capped_set(tmp_path, monkeypatch):
+    """The validation bar's total was rank 0's share of max_samples even when the set holds fewer: 9
+    images under max_samples 100 ended at 9/100 on one process, 5/50 on two. Its total is now what rank 0
+    scores, the cap's share or the whole set's."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+    import tqdm
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_kt_common import write_pairs
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    bars: list[dict] = []
+
+    class Bar:
+        def __init__(self, *args, total=None, disable=False, **kwargs):
+            self.record = {"total": total, "n": 0}
+            if not disable:
+                bars.append(self.record)
+
+        def update(self, n=1):
+            self.record["n"] += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    shards = write_pairs(tmp_path, "val_haze", "haze", 9, n_shards=3, split="test")
+    model = MPRNet("tiny").eval()
+    for cap, world, expected in ((100, 1, 9), (100, 2, 5), (9, 2, 5), (4, 2, 2), (1, 2, 1), (7, 1, 7)):
+        bars.clear()
+        for rank in range(world):
+            ctx = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"), all_sum=dict)
+            src = SimpleNamespace(name="val_haze", shards=str(shards), max_samples=cap)
+            with torch.no_grad():
+                validate_paired(ctx, model, "minus_one_one", [src], lockstep=False)
+        assert bars == [{"total": expected, "n": expected}], (cap, world)
+
+
 def test_da_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
     """DA's val_iqa.max_images had the same ceil split: max_images 3 scored 4 images on two processes."""
     import sys

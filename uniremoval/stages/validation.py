@@ -16,6 +16,22 @@ from torch import Tensor, nn
 from uniremoval.stages.trainer import TrainContext
 
 
+def capped_size(shards: Any, cap: int) -> int:
+    """How many samples a set capped at `cap` holds: its sample count when its shards (local tars,
+    counted from their headers up to the cap) hold fewer, else `cap` (also when a shard cannot be counted)."""
+    from uniremoval.data.shard_stream import count_samples, resolve_shards
+
+    n = 0
+    for url in resolve_shards(shards):
+        count = count_samples(url)
+        if count is None:
+            return cap
+        n += count
+        if n >= cap:
+            return cap
+    return n
+
+
 def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
     from uniremoval.eval import metrics
 
@@ -54,8 +70,11 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
                                                    first=cap)
                      if "error" not in item or skipped.append(item))  # append() is None: the item is left out
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
-        bar = tqdm(desc=f"val {src.name}", total=-(-cap // ctx.world_size) if cap else None, unit="img",
-                   leave=False, file=sys.stderr, disable=ctx.rank != 0)  # rank 0 has the largest share
+        # The bar is rank 0's, which has the largest share; a cap above the set's size is the set (9 images
+        # under max_samples 100 showed 9/100 at the end)
+        share = -(-capped_size(src.shards, cap) // ctx.world_size) if cap and ctx.rank == 0 else None
+        bar = tqdm(desc=f"val {src.name}", total=share, unit="img", leave=False, file=sys.stderr,
+                   disable=ctx.rank != 0)
         last = None
         while True:
             item = next(items, None)

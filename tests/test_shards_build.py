@@ -98,6 +98,22 @@ def test_resume_after_interrupt_gives_identical_shards(tmp_path: Path, monkeypat
     build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
     assert "0 shard(s) written, 6 already complete" in capsys.readouterr().out
 
+
+def test_rerun_removes_temporaries_of_the_manifest_report_and_state(tmp_path: Path, capsys) -> None:
+    """A kill while the manifest, the report or the build state was written leaves its temporary
+    (atomic_writer's `.<name>.<random>.tmp`); no later write reuses that name, so the rerun removes it."""
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "out"
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    left = [out / f".{name}.k3j4h5.tmp" for name in ("manifest.json", "report.jsonl", ".build-state-job000of001.json")]
+    other = out / ".notes.txt.k3j4h5.tmp"  # not a file of this build: kept
+    for p in [*left, other]:
+        p.write_bytes(b"half written")
+    capsys.readouterr()
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    assert "removed 3 temporary file(s) of an interrupted build" in capsys.readouterr().out
+    assert not any(p.exists() for p in left) and other.exists()
+
     # A changed dataset changes the plan: affected shards are rebuilt, stale ones beyond it removed.
     for k in (1, 2, 3):
         (tree.root / f"hazy/7_{k}_0.{k}.png").unlink()

@@ -393,7 +393,7 @@ def _is_complete(out_dir: Path, plan: ShardPlan, record: dict | None) -> bool:
 
 
 def _remove_temp_files(out_dir: Path, names: set[str]) -> int:
-    """Temporary files of this job's shards left by a killed build (other jobs' are not touched)."""
+    """Temporary files of this job's `names` left by a killed build (other jobs' are not touched)."""
     removed = 0
     pattern = re.compile(r"^\.(.+?)\.[^.]+" + re.escape(TMP_SUFFIX) + "$")
     for path in out_dir.glob(f".*{TMP_SUFFIX}"):
@@ -643,7 +643,10 @@ def build_shards(
 
         plans = plan_shards(items, builder, dataset, shard_bytes, max_samples)
         mine = [p for p in plans if p.index % num_jobs == job_index]
-        temp_removed = _remove_temp_files(out, {p.name for p in mine})
+        # this job's own outputs besides its shards (manifest, report, state): a kill while one was written
+        # leaves its temporary too, which no later write reuses
+        temp_removed = _remove_temp_files(out, {p.name for p in mine} | {
+            manifest_name(job_index, num_jobs), report_name(job_index, num_jobs), state_path.name})
         known = _known_records(out, job_index, num_jobs)
         records: dict[str, dict] = {}
         pending = []

@@ -234,4 +234,8 @@ def test_a_training_run_is_named_after_its_config(tmp_path, row, extra, name):
     (run,) = client.search_runs([client.get_experiment_by_name("abl").experiment_id])
     assert run.info.run_name == name and run.data.tags["stage"] == cfg.stage
     trainer.ctx = type("Ctx", (), {"epoch": 0})()
-    assert trainer.checkpoint_meta()["run_name"] == name
+    meta = trainer.checkpoint_meta()
+    assert meta["run_name"] == name
+    # The ablation row travels with the weights too (eval against another store tags it from there).
+    assert {f"ablation.{k}": str(v).lower() for k, v in meta["ablation"].items()} == {
+        k: v for k, v in run.data.tags.items() if k.startswith("ablation.")} != {}

@@ -485,3 +485,28 @@ def test_models_trained_against_another_store_keep_their_run_names(tmp_path, cap
                              experiment="proj", degradation="rain"))
     table = render(build_tables(collect("proj", uri)), "csv")
     assert [row[0] for row in csv.reader(io.StringIO(table)) if row][2:] == ["kt", "da"], table
+
+
+def test_models_trained_against_another_store_keep_their_ablation_flags(tmp_path):
+    """Eval copied a model's ablation.* tags only from its training run; weights trained against a
+    local mlflow.db and evaluated on the team's store lost their flags, and Table V left them out.
+    The checkpoint's JSON records the row (the trainer writes it) and eval tags it from there."""
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / "a.png")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rows = {"bda": {"use_gan": True, "use_idt": True, "use_eicl": False, "use_efcl": False},
+            "da": {"use_gan": True, "use_idt": True, "use_eicl": True, "use_efcl": True}}
+    for seed, (name, flags) in enumerate(rows.items()):
+        torch.manual_seed(seed)
+        ckpt = save_checkpoint(tmp_path / name / "last", MPRNet("tiny").eval(),
+                               {"run_name": name, "mlflow_run_id": f"{seed}" * 32, "ablation": flags})
+        run_eval(EvalOptions(str(ckpt), str(data), metrics=["piqe"], device="cpu", tracking_uri=uri,
+                             experiment="proj", degradation="rain"))
+    (table,) = [t for t in build_tables(collect("proj", uri)) if t.title == "Real ablation: NR-IQA (Table V)"]
+    assert table.flags == ["use_efcl", "use_eicl", "use_gan", "use_idt"]
+    assert {r.label: r.ablation for r in table.rows} == {
+        name: {k: str(v).lower() for k, v in flags.items()} for name, flags in rows.items()}

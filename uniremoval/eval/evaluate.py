@@ -784,7 +784,8 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     sha256, or "input" for --checkpoint none; `best` and `last` of one training run are two models),
     and the training run when the checkpoint's JSON names it (`mlflow_run_id`):
     `uniremoval.train_run_id`, plus `mlflow.parentRunId` when it is in the same experiment, and its
-    `ablation.*` tags copied so the report can lay out ablation tables. Experiment: --experiment,
+    `ablation.*` tags copied so the report can lay out ablation tables (from the checkpoint's JSON
+    when the run is in another store). Experiment: --experiment,
     else the training run's, else "uniremoval".
 
     When MLflow cannot be reached the run is spooled to a folder `mlflow-spool-eval-<dataset>-*`
@@ -832,6 +833,8 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         tags["domain"] = result.domain
     if train_id:
         tags["uniremoval.train_run_id"] = train_id
+    if isinstance(meta.get("ablation"), dict):  # the row the checkpoint records; the run's tags win below
+        tags.update({f"ablation.{k}": str(v).lower() for k, v in meta["ablation"].items()})
     if train_run is not None:
         tags.update({k: v for k, v in train_run.data.tags.items() if k.startswith("ablation.")})
         exp = client.get_experiment_by_name(experiment)

@@ -102,6 +102,7 @@ from uniremoval.config import (
     OptimConfig,
     ScheduleConfig,
     StageBase,
+    ablation_flags,
     check_inputs,
     config_changes,
     config_hash,
@@ -896,9 +897,14 @@ class Trainer:
         return self.run_id
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.ctx.epoch, "config_hash": config_hash(self.cfg),
+        meta = {"step": self.step, "epoch": self.ctx.epoch, "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.mlflow_run_id, "stage": self.stage.stage,
                 "run_name": self.cfg.tracking.run_name or self.cfg.name, "degradation": self.stage.degradation}
+        # The ablation row travels with the weights: eval against another MLflow store (or with the
+        # training run deleted) cannot read the run's ablation.* tags.
+        if flags := ablation_flags(self.cfg):
+            meta["ablation"] = flags
+        return meta
 
     def _save_weights(self, path: Path, name: str, extra: dict[str, Any] | None = None) -> None:
         """Write one model's weights (main process). Call on EVERY rank: ZeRO-3 gathers here."""

@@ -957,3 +957,15 @@ def test_a_cache_rebuilt_from_fewer_source_shards_names_the_tars_it_left_out(tmp
     manifest = json.loads((tmp_path / "cache" / "syn" / "manifest.json").read_text())
     assert [s["name"] for s in manifest["shards"]] == ["syn-000000.tar"]
     assert (tmp_path / "cache" / "syn" / "syn-000001.tar").is_file()  # kept
+
+
+@pytest.mark.parametrize(("extra", "label"), [(["name=n0"], "n0"), (["tracking.run_name=try2"], "try2")])
+def test_a_teachers_closing_line_is_led_by_its_runs_name(tmp_path, capsys, extra, label):
+    """`train teacher` closed with `teacher-<type>:` whatever the run was named (a config named n0,
+    run n0 in MLflow, printed "teacher-haze: ..."), unlike `train kt` and `train da`."""
+    from uniremoval.config import load_config
+    from uniremoval.stages.trainer import FitResult, Stage, print_weights
+
+    cfg = load_config(ROOT / "configs" / "teacher" / "haze.yaml", [f"output_dir={tmp_path}", *extra])
+    print_weights(cfg, Stage(cfg), FitResult("finished", 3, "abc", None))
+    assert capsys.readouterr().err == f"{label}: 3 steps; weights: {cfg.run_dir / 'last.safetensors'}; MLflow run abc\n"

@@ -309,5 +309,5 @@ def run(cfg: DAStage, args: Any = None) -> int:
     result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
         return result.exit_code
-    print_weights(cfg.name, stage, result, cfg.run_dir)
+    print_weights(cfg, stage, result)
     return 0

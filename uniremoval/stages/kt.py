@@ -317,5 +317,5 @@ def run(cfg: KTStage, args: Any = None) -> int:
     result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
         return result.exit_code
-    print_weights(cfg.name, stage, result, cfg.run_dir)
+    print_weights(cfg, stage, result)
     return 0

@@ -128,5 +128,5 @@ def run(cfg: TeacherStage, args: Any) -> int:
     result = trainer.fit(resume=getattr(args, "resume", None))
     if result.status == "preempted":
         return result.exit_code
-    print_weights(f"teacher-{cfg.degradation}", stage, result, cfg.run_dir)
+    print_weights(cfg, stage, result)
     return 0

@@ -293,11 +293,14 @@ class FitResult:
         return 128 + signal.SIGINT if self.stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE
 
 
-def print_weights(label: str, stage: Stage, result: FitResult, run_dir: Path) -> None:
-    """One line on stderr (main process): the steps run, where the exported weights are, the MLflow run."""
+def print_weights(cfg: StageBase, stage: Stage, result: FitResult) -> None:
+    """One line on stderr (main process), led by the run's name as MLflow shows it: the steps run,
+    where the exported weights are, the MLflow run."""
     import sys
 
     from accelerate.state import PartialState
+
+    label, run_dir = cfg.tracking.run_name or cfg.name, Path(cfg.run_dir)
 
     if stage.best_metric is not None and (run_dir / "best.safetensors").exists():
         where = f"{run_dir / 'best.safetensors'} (best {stage.best_metric[0]}) and {run_dir / 'last.safetensors'}"

@@ -269,6 +269,12 @@ def test_truncated_shard_keeps_complete_samples(tmp_path, data):
     assert len(items) == 3 and "unreadable after key 'rain-00001'" in items[-1]["error"]
     with pytest.raises(DataError, match="cut.tar is unreadable"):
         list(eval_samples(tmp_path / "cut.tar", bad_samples="fail"))
+    # Cut inside its first sample: the message said "after key None".
+    (tmp_path / "cut0.tar").write_bytes(raw[:members[1].offset_data + 10])
+    (item,) = list(eval_samples(tmp_path / "cut0.tar"))
+    assert item["error"].startswith("shard unreadable before its first sample: "), item
+    with pytest.raises(DataError, match=r"cut0\.tar is unreadable before its first sample: "):
+        list(eval_samples(tmp_path / "cut0.tar", bad_samples="fail"))
 
 
 def test_first_n_samples_are_the_same_images_on_any_process_and_worker_count(data, tmp_path):

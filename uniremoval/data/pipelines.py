@@ -60,6 +60,7 @@ from uniremoval.data.shard_stream import (
     assign_shards,
     count_samples,
     iter_shard,
+    read_position,
     resolve_shards,
     worker_id,
 )
@@ -757,11 +758,11 @@ class EvalStream(IterableDataset):
                     yield self._decode(url, key, files)
             except ShardReadError as exc:
                 if self.bad_samples == "fail":
-                    raise DataError(f"shard {url} is unreadable after key {last!r}: {exc.cause}") from exc
+                    raise DataError(f"shard {url} is unreadable {read_position(last)}: {exc.cause}") from exc
                 yield {
                     "key": None,
                     "shard": url,
-                    "error": f"shard unreadable after key {last!r}: {exc.cause}",
+                    "error": f"shard unreadable {read_position(last)}: {exc.cause}",
                 }
 
     def _iter_first(self, g: int, n_g: int) -> Iterator[dict[str, Any]]:
@@ -780,9 +781,9 @@ class EvalStream(IterableDataset):
                         return
             except ShardReadError as exc:
                 if self.bad_samples == "fail":
-                    raise DataError(f"shard {url} is unreadable after key {last!r}: {exc.cause}") from exc
+                    raise DataError(f"shard {url} is unreadable {read_position(last)}: {exc.cause}") from exc
                 if i % n_g == g:  # one worker reports it; the others go on to the next shard as it does
-                    yield {"key": None, "shard": url, "error": f"shard unreadable after key {last!r}: {exc.cause}"}
+                    yield {"key": None, "shard": url, "error": f"shard unreadable {read_position(last)}: {exc.cause}"}
 
     def _decode(self, url: str, key: str, files: dict[str, bytes]) -> dict[str, Any]:
         try:

@@ -210,11 +210,16 @@ def worker_id() -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def read_position(last_key: str | None) -> str:
+    """Where a shard's reading stopped, for messages: after the last key read, or at its start."""
+    return f"after key {last_key!r}" if last_key is not None else "before its first sample"
+
+
 class ShardReadError(Exception):
     """A shard could not be opened or was cut short (after the samples already yielded)."""
 
     def __init__(self, url: str, last_key: str | None, cause: BaseException):
-        super().__init__(f"{url} (after key {last_key!r}): {type(cause).__name__}: {cause}")
+        super().__init__(f"{url} ({read_position(last_key)}): {type(cause).__name__}: {cause}")
         self.url, self.last_key, self.cause = url, last_key, cause
 
 

@@ -252,7 +252,7 @@ def test_report_from_real_eval_runs_with_image_grid(tmp_path, capfd, monkeypatch
 
 def test_rerun_into_the_same_out_dir_keeps_only_this_reports_grids(tmp_path, capsys):
     """A rerun of `report --out-dir` leaves exactly the grids of the report it wrote: a grid of a
-    dataset no longer in the report, or a grid temporary a killed report left, is removed; every file
+    dataset no longer in the report, or a grid or report.<fmt> temporary a killed report left, is removed; every file
     outside the grid-<dataset>.png pattern stays."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
@@ -271,9 +271,10 @@ def test_rerun_into_the_same_out_dir_keeps_only_this_reports_grids(tmp_path, cap
             runs.setdefault(ds, []).append(run.info.run_id)
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("grid-Old.png", ".grid-A.png.k2x9.tmp", "grid.png", "grid-A.jpg", "notes.txt"):
+    for name in ("grid-Old.png", ".grid-A.png.k2x9.tmp", ".report.html.q7w1.tmp", "grid.png", "grid-A.jpg",
+                 "notes.txt", ".report.txt.a1.tmp"):
         (out / name).write_bytes(b"earlier")
-    others = {"grid.png", "grid-A.jpg", "notes.txt"}  # not the report's grid pattern: never touched
+    others = {"grid.png", "grid-A.jpg", "notes.txt", ".report.txt.a1.tmp"}  # not the report's: never touched
 
     def report(*extra: str) -> set[str]:
         assert main(["report", "--experiment", "g", "--tracking-uri", uri, "--out-dir", str(out), *extra]) == 0

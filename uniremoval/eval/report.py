@@ -493,8 +493,8 @@ def make_report(
 
 def remove_other_grids(out_dir: str | os.PathLike, written: list[Path]) -> list[Path]:
     """Remove the grid files (GRID_GLOB) in `out_dir` that this report did not write: grids of
-    datasets no longer in it, or of an earlier run with --images; and the temporaries of a grid whose
-    writing was killed. Any other file is left alone. Returns what was removed."""
+    datasets no longer in it, or of an earlier run with --images; and the temporaries of a grid or a
+    report.<fmt> whose writing was killed. Any other file is left alone. Returns what was removed."""
     from uniremoval.io import TMP_SUFFIX
 
     out_dir = Path(out_dir)
@@ -503,6 +503,8 @@ def remove_other_grids(out_dir: str | os.PathLike, written: list[Path]) -> list[
     keep = {Path(p).name for p in written}
     stale = [p for p in out_dir.glob(GRID_GLOB) if p.name not in keep]
     stale += out_dir.glob(f".{GRID_GLOB}.*{TMP_SUFFIX}")  # atomic_writer's names for a grid being written
+    for fmt in FORMATS:  # ... and for a report.<fmt> being written
+        stale += out_dir.glob(f".report.{fmt}.*{TMP_SUFFIX}")
     removed = []
     for p in sorted(stale):
         if p.is_file() or p.is_symlink():

@@ -169,6 +169,54 @@ def test_validation_progress_total_is_rank_zeros_share_of_the_capped_set(tmp_pat
         assert bars == [{"total": expected, "n": expected}], (cap, world)
 
 
+def test_validation_lists_a_capped_set_once_on_every_rank(tmp_path):
+    """The progress bar's total (rank 0 only) listed the set a second time: a dataset URL's manifest was
+    fetched again by rank 0 alone at every validation, and a fetch that failed there (a server busy for a
+    moment) raised on rank 0 while the other ranks went on into the collective. Every rank now lists
+    the set once, for the stream and the bar alike."""
+    import functools
+    import http.server
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_kt_common import write_pairs
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    write_pairs(tmp_path, "val_haze", "haze", 6, n_shards=2, split="test")
+    fetches: list[str] = []
+
+    class OneManifest(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.endswith("manifest.json"):
+                fetches.append(self.path)
+                if len(fetches) > 1:  # the server fails every listing after the first
+                    self.send_error(503)
+                    return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(OneManifest, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        src = SimpleNamespace(name="val_haze", shards=f"http://127.0.0.1:{server.server_address[1]}/val_haze/",
+                              max_samples=3)
+        ctx = SimpleNamespace(rank=0, world_size=2, device=torch.device("cpu"), all_sum=dict)
+        with torch.no_grad():
+            out = validate_paired(ctx, MPRNet("tiny").eval(), "minus_one_one", [src], lockstep=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(fetches) == 1 and "val/val_haze/psnr" in out, fetches
+
+
 def test_da_validation_cap_is_the_same_count_on_any_process_count(tmp_path):
     """DA's val_iqa.max_images had the same ceil split: max_images 3 scored 4 images on two processes."""
     import sys

@@ -16,13 +16,14 @@ from torch import Tensor, nn
 from uniremoval.stages.trainer import TrainContext
 
 
-def capped_size(shards: Any, cap: int) -> int:
-    """How many samples a set capped at `cap` holds: its sample count when its shards (local tars,
-    counted from their headers up to the cap) hold fewer, else `cap` (also when a shard cannot be counted)."""
-    from uniremoval.data.shard_stream import count_samples, resolve_shards
+def capped_size(urls: Iterable[str], cap: int) -> int:
+    """How many samples a set capped at `cap` holds: its sample count when its shards (`urls`, the list
+    its stream resolved: not listed again, which for a dataset URL is a fetch; local tars counted from
+    their headers up to the cap) hold fewer, else `cap` (also when a shard cannot be counted)."""
+    from uniremoval.data.shard_stream import count_samples
 
     n = 0
-    for url in resolve_shards(shards):
+    for url in urls:
         count = count_samples(url)
         if count is None:
             return cap
@@ -66,13 +67,16 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
         # max_samples: the set's first N samples, the same images on any number of processes
         cap = src.max_samples
         skipped: list[dict[str, Any]] = []  # why samples were left out (an unpaired set: no target)
-        items = iter(item for item in eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",),
-                                                   first=cap)
+        stream = eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",), first=cap)
+        items = iter(item for item in stream
                      if "error" not in item or skipped.append(item))  # append() is None: the item is left out
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
         # The bar is rank 0's, which has the largest share; a cap above the set's size is the set (9 images
-        # under max_samples 100 showed 9/100 at the end)
-        share = -(-capped_size(src.shards, cap) // ctx.world_size) if cap and ctx.rank == 0 else None
+        # under max_samples 100 showed 9/100 at the end). Counted in the stream's own shard list: listed
+        # again by rank 0 alone, a dataset URL's manifest was fetched again, and a failed fetch raised on
+        # rank 0 only, the other ranks waiting in the collective below.
+        urls = getattr(stream, "dataset", stream).shards
+        share = -(-capped_size(urls, cap) // ctx.world_size) if cap and ctx.rank == 0 else None
         bar = tqdm(desc=f"val {src.name}", total=share, unit="img", leave=False, file=sys.stderr,
                    disable=ctx.rank != 0)
         last = None

@@ -505,6 +505,14 @@ def test_clear_shards_given_as_a_degraded_da_source_point_to_data_clear(tmp_path
     msg = str(err.value)
     assert "data.train.0 (h): shards/photos holds 2 clear sample(s)" in msg and "data.clear" in msg
     assert "degradation: clear" not in msg
+    # A folder of clear photos and another type's images: the type is suggested, never 'clear'
+    (tmp_path / "shards" / "photos" / "manifest.json").write_text(json.dumps(
+        {"dataset": "photos", "shards": [], "counts": {"total": 5, "degradation": {"clear": 2, "rain": 3}}}))
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(da))
+    msg = str(err.value)
+    assert "holds 2 clear, 3 rain sample(s)" in msg and "or degradation: rain if these" in msg, msg
+    assert "degradation: clear" not in msg, msg
 
 
 def test_a_teacher_source_of_no_known_type_is_refused(tmp_path):

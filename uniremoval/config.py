@@ -792,7 +792,8 @@ def _other_degradation(cfg: StageBase, src: DataSource, folder: Path) -> str | N
         # 'degradation: clear' is no type to train: clear photos belong in DA's X_C, not among degraded inputs
         where = "list them in data.clear (DA's X_C)" if isinstance(cfg, DAStage) else "they are no degraded input"
         return f"{holds}: these are clear photos ({where}); give the '{want}' shards"
-    return f"{holds}; give the '{want}' shards, or degradation: {min(held)} if these are the ones meant"
+    # ('clear' is no type to suggest: a folder of clear photos and another type's images names that type)
+    return f"{holds}; give the '{want}' shards, or degradation: {min(set(held) - {CLEAR})} if these are the ones meant"
 
 
 def _local_shards(spec: str) -> list[str]:

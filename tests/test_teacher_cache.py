@@ -812,6 +812,12 @@ def test_a_killed_rebuild_by_another_teacher_never_leaves_a_mixed_cache_that_pas
         check_cache(out / "syn", {"haze": str(t1)})
     with pytest.raises(DataError, match="no manifest.json, an unfinished cache build"):
         check_cache(out / "syn", {"haze": str(t2)})
+    # Tars no cache build wrote (no done-record, no cache lock): not called an unfinished build.
+    (tmp_path / "raw").mkdir()
+    shutil.copy(next((out / "syn").glob("*.tar")), tmp_path / "raw" / "a.tar")
+    with pytest.raises(DataError, match=r"raw: holds tars but no manifest.json, and `uniremoval cache` did not "
+                                        r"write them: it is not a teacher cache"):
+        check_cache(tmp_path / "raw", {"haze": str(t1)})
 
     # Killed after the new tar's rename, before its done-record (here: the record's write fails).
     monkeypatch.setattr(cache_stage, "cache_shard", kill_after(10))

@@ -355,6 +355,12 @@ def test_a_resumed_da_run_does_not_log_the_input_scores_its_mlflow_run_holds(ws,
     assert validated(saved, True, "val_iqa.max_images=2", changed)[0] == {"val/real_haze/piqe_input"}
     assert validated(saved, False)[0] == inputs  # another run's checkpoint, or tracking was off: a new run
     assert validated({}, True)[0] == inputs  # a checkpoint written before the stage kept a state
+    # A resume with tracking off scores the changed set's inputs but logs them nowhere: its checkpoint
+    # must not say the MLflow run it continues holds them (a later resume into that run logs them).
+    off, off_stage = validated(saved, True, "val_iqa.max_images=2", changed, "tracking.enabled=false")
+    assert off == {"val/real_haze/piqe_input"}
+    assert off_stage.state_dict() == saved
+    assert validated(off_stage.state_dict(), True, "val_iqa.max_images=2", changed)[0] == {"val/real_haze/piqe_input"}
 
 
 def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, tmp_path):

@@ -93,9 +93,11 @@ class DomainAdaptation(Stage):
         self.best_metric = (f"val/mean/{metric}", "min") if metric else None
         self.loss_fn: nn.Module | None = None
         self._iqa: Any = None
-        # val set name -> fingerprint of what its inputs' scores were logged for (see _input_fingerprint);
-        # kept in each checkpoint (state_dict) for a resume that logs on into the same MLflow run
+        # val set name -> fingerprint of what its inputs' scores were scored for (see _input_fingerprint),
+        # in this process; and of those that reached the MLflow run (tracking on), which each checkpoint
+        # keeps (state_dict) for a resume that logs on into the same MLflow run
         self._inputs_scored: dict[str, str] = {}
+        self._inputs_logged: dict[str, str] = {}
         if not cfg.model.init:
             raise ConfigError("the DA stage starts from the KT student: set model.init to its weights "
                               "(e.g. model.init=outputs/kt/last.safetensors)")
@@ -271,6 +273,8 @@ class DomainAdaptation(Stage):
                 out[f"val/{src.name}/{k}"] = total[k] / total[f"{k}#n"] if total[f"{k}#n"] else math.nan
             if with_input:
                 self._inputs_scored[src.name] = fingerprint
+                if self.cfg.tracking.enabled:  # a tracking-off resume logs nothing into the run it continues
+                    self._inputs_logged[src.name] = fingerprint
             firsts.append(out[f"val/{src.name}/{names[0]}"])
         if firsts:
             out[f"val/mean/{names[0]}"] = sum(firsts) / len(firsts)
@@ -291,13 +295,14 @@ class DomainAdaptation(Stage):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"val_inputs_logged": dict(self._inputs_scored)}
+        return {"val_inputs_logged": dict(self._inputs_logged)}
 
     def load_state_dict(self, state: dict[str, Any], same_mlflow_run: bool) -> None:
         # A new MLflow run (another run's checkpoint continued, or tracking was off) holds no input score.
         logged = state.get("val_inputs_logged")
         if same_mlflow_run and isinstance(logged, dict):
-            self._inputs_scored = {str(k): str(v) for k, v in logged.items()}
+            self._inputs_logged = {str(k): str(v) for k, v in logged.items()}
+            self._inputs_scored = dict(self._inputs_logged)
 
 
 def run(cfg: DAStage, args: Any = None) -> int:

@@ -975,3 +975,40 @@ def test_a_teachers_closing_line_is_led_by_its_runs_name(tmp_path, capsys, extra
     cfg = load_config(ROOT / "configs" / "teacher" / "haze.yaml", [f"output_dir={tmp_path}", *extra])
     print_weights(cfg, Stage(cfg), FitResult("finished", 3, "abc", None))
     assert capsys.readouterr().err == f"{label}: 3 steps; weights: {cfg.run_dir / 'last.safetensors'}; MLflow run abc\n"
+
+
+def test_a_mixed_cache_an_older_version_left_is_refused_naming_the_rewritten_shards(tmp_path):
+    """An older uniremoval rebuilding a cache with other teacher weights replaced shards one by one and
+    left the old manifest.json in place: killed midway, the folder held shards of two teachers that
+    check_cache (KT, `cache --check`) accepted under the old teacher. The shards' done-records give it
+    away: refused, naming them; a rerun with the manifest's teacher recomputes them and passes."""
+    from dist_kt_common import save_random_mprnet
+
+    from uniremoval.config import CacheStage
+    from uniremoval.stages import cache as cache_stage
+    from uniremoval.stages.cache import DONE_SUFFIX, check_cache
+
+    write_shards(tmp_path / "syn", "syn", 2, 2, seed=3)
+    t1 = save_random_mprnet(tmp_path / "t1", seed=1)
+    t2 = save_random_mprnet(tmp_path / "t2", seed=2)
+
+    def cfg(teacher: Path, out: Path) -> CacheStage:
+        return CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
+                          data={"degradations": ["haze"], "train": [{"name": "syn", "shards": str(tmp_path / "syn"),
+                                                                    "degradation": "haze"}]},
+                          cache={"out": str(out), "workers": 0}, tracking={"enabled": False}, train={"cpu": True})
+
+    assert cache_stage.run(cfg(t1, tmp_path / "cache")) == 0
+    assert cache_stage.run(cfg(t2, tmp_path / "other")) == 0
+    mine, theirs = tmp_path / "cache" / "syn", tmp_path / "other" / "syn"
+    first = min(p.name for p in mine.glob("*.tar"))
+    # What the old version's killed rebuild left: shard 0 (tar and done-record) by t2, t1's manifest.
+    for name in (first, f".{first}{DONE_SUFFIX}"):
+        shutil.copy(theirs / name, mine / name)
+    t2_sha = json.loads((theirs / "manifest.json").read_text())["cache"]["teacher"]["sha256"]
+    with pytest.raises(DataError, match=rf"cache {re.escape(str(mine))} mixes two builds: .*1 of its 2 shard\(s\) "
+                                        rf"were rewritten .*{re.escape(first)} \(teacher {t2_sha[:12]}\).*Rerun "
+                                        r"`uniremoval cache --config \.\.\.`"):
+        check_cache(mine, {"haze": str(t1)})
+    assert cache_stage.run(cfg(t1, tmp_path / "cache")) == 0  # what the message says to do
+    check_cache(mine, {"haze": str(t1)})

@@ -645,4 +645,32 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
         if not p.is_file() or p.stat().st_size != entry["bytes"]:
             raise DataError(f"cache shard {p} is missing or has another size than manifest.json records; "
                             f"rerun `uniremoval cache` to complete it")
+    _check_done_records(cache_dir, manifest, have)
     return manifest
+
+
+def _check_done_records(cache_dir: Path, manifest: dict[str, Any], teacher_sha: str) -> None:
+    """A shard whose done-record names another tar or teacher than manifest.json was rewritten after the
+    manifest: a rebuild (other teacher weights) killed midway by a uniremoval older than the one that
+    removes the manifest first, which left the old manifest vouching for a mix of two teachers' shards
+    (tars are padded, so their sizes rarely differ). Shards without a done-record are not judged."""
+    mixed = []
+    for entry in manifest["shards"]:
+        try:
+            rec = json.loads(_done_path(cache_dir, entry["name"]).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(rec, dict):
+            continue
+        other_tar = entry.get("sha256") and rec.get("sha256") and rec["sha256"] != entry["sha256"]
+        other_teacher = rec.get("teacher_sha256") and rec["teacher_sha256"] != teacher_sha
+        if other_tar or other_teacher:
+            by = str(rec.get("teacher_sha256") or "?")[:12]
+            mixed.append(f"{entry['name']} (teacher {by})")
+    if mixed:
+        raise DataError(
+            f"cache {cache_dir} mixes two builds: manifest.json names teacher {teacher_sha[:12]}, but "
+            f"{len(mixed)} of its {len(manifest['shards'])} shard(s) were rewritten after it was written "
+            f"({', '.join(mixed[:3])}{'...' if len(mixed) > 3 else ''}): a rebuild killed midway by an older "
+            f"uniremoval, which left the old manifest in place. Rerun `uniremoval cache --config ...` with the "
+            f"teacher you mean: shards of other weights are recomputed and the manifest is rewritten")

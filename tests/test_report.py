@@ -467,6 +467,40 @@ def test_real_paired_sets_get_their_own_psnr_table():
     assert [r.key for r in tables["Real paired sets: PSNR/SSIM"].rows] == ["k", "input"]
 
 
+def test_eval_runs_older_than_the_domain_tag_take_the_domain_their_shards_manifest_counts(tmp_path, capsys):
+    """An eval run written before eval tagged the samples' domain (no `domain` tag) of a real paired set
+    was filed in Table IV as if synthetic: the report now reads the domain from the manifest of the
+    run's --data where it is still readable (shard folder, or a tar in one); an image folder, a path
+    not here, or a URL stays in Table IV, as before."""
+    import json
+
+    shards = {"SPA": ("real", "spa"), "SOTS": ("synthetic", "sots"), "photos": (None, "photos"),
+              "gone": ("real", "gone")}
+    for name, (domain, folder) in shards.items():
+        (tmp_path / folder).mkdir()
+        if domain:
+            (tmp_path / folder / "manifest.json").write_text(json.dumps(
+                {"dataset": name, "counts": {"domain": {domain: 3}, "total": 3}, "shards": []}))
+    (tmp_path / "gone" / "manifest.json").unlink()
+    (tmp_path / "gone").rmdir()
+    data = {"SPA": str(tmp_path / "spa" / "spa-000000.tar"), "SOTS": str(tmp_path / "sots"),
+            "photos": str(tmp_path / "photos"), "gone": str(tmp_path / "gone")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("old", artifact_location=str(tmp_path / "art"))
+    for ds in shards:
+        run = client.create_run(exp, run_name=f"eval-{ds}", tags={   # no domain tag: an older eval's run
+            "stage": "eval", "dataset": ds, "degradation": "rain", "uniremoval.model": "sha-kt",
+            "uniremoval.label": "kt"})
+        client.log_param(run.info.run_id, "data", data[ds])
+        client.log_metric(run.info.run_id, f"eval/{ds}/psnr", 20.0)
+        client.set_terminated(run.info.run_id)
+    tables = {t.title: t for t in build_tables(collect("old", uri))}
+    assert tables["Real paired sets: PSNR/SSIM"].columns == [("SPA", "psnr")]
+    assert tables["Synthetic ablation: PSNR/SSIM (Table IV)"].columns == [
+        ("SOTS", "psnr"), ("gone", "psnr"), ("photos", "psnr")]
+
+
 def test_models_trained_against_another_store_keep_their_run_names(tmp_path, capsys):
     """Students trained against a local mlflow.db and evaluated on another store: each eval was
     labelled by its file's stem, 'last' for every model, and the report showed

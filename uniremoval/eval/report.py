@@ -22,7 +22,8 @@ largest float) is shown as inf. Warnings go to stderr as `warning:` lines. Table
 - Synthetic ablation (Table IV): PSNR/SSIM columns, models with full-reference scores, with one
   check-mark column per ablation flag its rows carry (`ablation.*` tags copied from the training
   run); datasets whose eval runs carry `domain: real` (real paired sets such as SPA, RealBlur-J) go
-  to a table of their own, "Real paired sets: PSNR/SSIM";
+  to a table of their own, "Real paired sets: PSNR/SSIM" (eval runs older than that tag: the domain
+  their --data shards' manifest counts, where it is still readable);
 - Real ablation (Table V): NR-IQA columns, models that carry ablation flags.
 
 Headers carry the better direction (down arrow: lower is better); the best value of each column is
@@ -119,6 +120,7 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     undefined: dict[tuple[str, str], dict[str, int]] = {}  # (model, dataset) -> metric -> images left out
     scored: dict[str, dict[tuple[str, ...], str]] = {}  # dataset -> the --data its runs read (last 2 parts)
     had: dict[tuple[str, str], dict[str, None]] = {}  # (model, dataset) -> every metric its runs logged
+    domains_read: dict[str, str | None] = {}  # --data -> the domain its manifests record (older runs)
     for run in runs:
         tags = run.data.tags
         dataset = tags.get("dataset") or (run.info.run_name or "").removeprefix("eval-")
@@ -151,6 +153,9 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
             row.degradation[dataset] = tags["degradation"]
         if tags.get("domain"):
             row.domain[dataset] = tags["domain"]
+        elif (domain := _recorded_domain(run.data.params.get("data"), domains_read)) is not None:
+            # An eval older than the domain tag: its shards' manifest says it, where still readable here
+            row.domain[dataset] = domain
         if data := run.data.params.get("data"):  # by its last two parts: one folder seen from two cwds is one
             scored.setdefault(dataset, {})[Path(os.path.normpath(data)).parts[-2:]] = data
     for (key, dataset), labels in seen_labels.items():
@@ -176,6 +181,28 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
                   "(e.g. flat images); the mean shown is over the other images")
     # The unrestored inputs first (the paper's "Hazy/Rainy/Blurry" row), then by first evaluation.
     return sorted(models.values(), key=lambda r: r.key != "input")
+
+
+def _recorded_domain(data: str | None, seen: dict[str, str | None]) -> str | None:
+    """The one domain (synthetic, real) the manifests of an eval's --data count, for eval runs written
+    before eval tagged it: local shard folders, manifest files and tars (their folder's manifest); None
+    for image folders, URLs, paths not readable here, and mixed or uncounted domains."""
+    if not data:
+        return None
+    if data not in seen:
+        from uniremoval.data.manifest import URL_PREFIXES, existing_manifest, split_specs
+
+        found: set[str] = set()
+        for part in split_specs(data):
+            if part.startswith(URL_PREFIXES) or "://" in part:
+                found.add("")
+                continue
+            path = Path(part)
+            folder = path if path.is_dir() or path.suffix == ".json" else path.parent
+            held = ((existing_manifest(folder) or {}).get("counts") or {}).get("domain")
+            found.update(held if isinstance(held, dict) and held else [""])
+        seen[data] = found.pop() if len(found) == 1 and "" not in found else None
+    return seen[data]
 
 
 def _from_mlflow(v: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import sys
 import warnings
@@ -297,6 +298,49 @@ def test_a_resume_names_weights_replaced_under_the_same_path(tmp_path):
                                             r"-> bbbbbbbbbbbb\. These are not the weights the checkpoint was trained"):
         trainer.fit(resume="auto")
     assert trainer.resumed_changes == ["teachers.checkpoints.haze: weights sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb"]
+
+
+def test_a_resume_of_a_checkpoint_without_the_weights_record_says_it_cannot_check_them(tmp_path):
+    """A checkpoint of a uniremoval older than the weights record (no weights_sha256 in state.pt) was
+    resumed without a word even when a teacher had been replaced under the same path since: the resume
+    now says the teachers cannot be checked, and names those whose file was modified after the
+    checkpoint was written (also in resumed_changes)."""
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"teacher weights")
+    old = os.stat(teacher).st_mtime - 1000
+    os.utime(teacher, (old, old))
+
+    class WithTeacher(ToyStage):
+        def weights_identity(self):
+            return {"model.init": "a" * 64}
+
+    def cfg(max_steps: int):
+        c = make_cfg(tmp_path, max_steps=max_steps)
+        return c.model_copy(update={"model": c.model.model_copy(update={"init": str(teacher)})})
+
+    def drop_record(step: int) -> None:  # what an older version wrote
+        state_file = tmp_path / "toy" / "checkpoints" / f"step-{step:08d}" / "state.pt"
+        state = torch.load(state_file, weights_only=True)
+        del state["weights_sha256"]
+        torch.save(state, state_file)
+
+    first = WithTeacher(cfg(3))
+    Trainer(first.cfg, first).fit()
+    drop_record(3)
+    same = WithTeacher(cfg(4))
+    with pytest.warns(RuntimeWarning, match=r"step-00000003: it was written by an older uniremoval that did not "
+                                            r"record the sha256 of model.init, so whether they are still the weights "
+                                            r"it was trained with cannot be checked \(none was modified after it"):
+        Trainer(same.cfg, same).fit(resume="auto")
+    drop_record(4)
+    new = os.stat(teacher).st_mtime + 2000  # a retrained teacher put in place after the checkpoint
+    os.utime(teacher, (new, new))
+    later = WithTeacher(cfg(5))
+    trainer = Trainer(later.cfg, later)
+    with pytest.warns(RuntimeWarning, match=rf"cannot be checked; modified after it was written: model.init "
+                                            rf"\({re.escape(str(teacher))}\)\. If that is another teacher"):
+        trainer.fit(resume="auto")
+    assert trainer.resumed_changes == [f"modified since the checkpoint: model.init ({teacher})"]
 
 
 def test_grad_accumulation_matches_large_batch(tmp_path):

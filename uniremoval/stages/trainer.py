@@ -1229,6 +1229,9 @@ class Trainer:
     def _check_resumed_weights(self, path: Path, state: dict[str, Any]) -> None:
         """Name the weights read besides the run's own (KT's teachers) whose file changed since the
         checkpoint, under the same setting or not: the run goes on learning from the new ones."""
+        if "weights_sha256" not in state:
+            self._warn_unrecorded_weights(path)
+            return
         saved = state.get("weights_sha256") or {}
         now = self.stage.weights_identity() if saved else {}
         changed = [f"{k}: weights sha256 {saved[k][:12]} -> {now[k][:12]}" for k in sorted(saved)
@@ -1239,6 +1242,35 @@ class Trainer:
                           f"was trained with (a file replaced under the same path, e.g. a retrained teacher): the run "
                           f"goes on learning from the new ones; to continue it as it was, put the old file back",
                           RuntimeWarning, stacklevel=3)
+
+    def _warn_unrecorded_weights(self, path: Path) -> None:
+        """A checkpoint of a uniremoval older than the weights record: nothing to compare the stage's
+        other weights (KT's teachers) with. Say so, naming the files modified after the checkpoint
+        was written (a retrained teacher put in place since), rather than resuming silently."""
+        now = self.stage.weights_identity()
+        if not now:
+            return
+        written = (path / "state.pt").stat().st_mtime
+        newer, unknown = [], 0
+        for key in sorted(now):
+            value: Any = self.cfg
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+            file = Path(str(value)) if value is not None and "://" not in str(value) else None
+            if file is None or not file.is_file():
+                unknown += 1  # a runs:/ URI, or a setting this walk does not find: no file time to read
+            elif file.stat().st_mtime > written:
+                newer.append(f"{key} ({file})")
+        if newer:
+            self.resumed_changes.append("modified since the checkpoint: " + ", ".join(newer))
+        warnings.warn(
+            f"resuming {path}: it was written by an older uniremoval that did not record the sha256 of "
+            f"{', '.join(sorted(now))}, so whether they are still the weights it was trained with cannot be "
+            f"checked" + (f"; modified after it was written: {', '.join(newer)}. If that is another teacher, "
+                          f"the run goes on learning from it: put the old file back, or start a new run (another "
+                          f"name) from its weights with model.init={path}/{self.stage.trainable[0]}.safetensors"
+                          if newer else " (none was modified after it was written)" if not unknown else "") +
+            ". Checkpoints written from now on record them", RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- signals, agreement, misc
     def _install_signal_handlers(self) -> None:

@@ -949,6 +949,38 @@ def test_merge_refuses_jobs_built_from_other_options_or_other_files(tmp_path: Pa
     check_samples(out, tree, "folder", "haze", "real")
 
 
+def test_merge_names_a_job_an_older_version_ran_instead_of_calling_its_options_different(tmp_path: Path) -> None:
+    """An array build upgraded midway: job 0 ran under an older uniremoval, whose per-job manifest lacks
+    the listing's sha256 and source fields this version records. Merge said the jobs were 'built with
+    different options' (they were not); it now names the older manifest, what it lacks, and the job to
+    rerun, and that rerun (finished shards kept) merges."""
+    tree = Tree(tmp_path / "photos")
+    for i in range(6):
+        tree.pair(f"p{i}.png", None, "train")
+    out = tmp_path / "arr"
+
+    def job(index: int) -> int:
+        return build("folder", tree.root, out, "--degradation", "haze", "--max-samples-per-shard", "2",
+                     "--num-jobs", "2", "--job-index", str(index))
+
+    job(0)
+    job(1)
+    old = out / "manifest-job000of002.json"
+    m = json.loads(old.read_text())
+    del m["plan"]["sha256"]
+    m["source"] = {k: m["source"][k] for k in ("format", "root")}  # what an older version recorded
+    old.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"written by different uniremoval versions: manifest-job000of002\.json lacks "
+                                        r"plan\.sha256, source\.blur_dir, source\.degradation, .*nothing was merged\. Rerun job 0 of 2 "
+                                        r"\(the same `uniremoval shards build` with --num-jobs 2 --job-index 0; "
+                                        r"finished shards are kept\) with this version"):
+        run_cli("merge", str(out))
+    assert not (out / "manifest.json").exists()
+    job(0)
+    assert run_cli("merge", str(out)) == 0
+    check_samples(out, tree, "folder", "haze", "real")
+
+
 def test_a_build_where_every_input_fails_to_decode_fails(tmp_path: Path, capsys) -> None:
     root = tmp_path / "bad"
     root.mkdir()

@@ -783,6 +783,18 @@ def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = 
             f"per-job manifests in {out} come from different builds (num_jobs {sorted(totals)}, "
             f"datasets {sorted(datasets)}, planned shards {sorted(plans)}); remove the stale ones"
         )
+    # A job run by an older uniremoval records less (no listing sha256, fewer source fields): its
+    # manifest differs from the others' by what it lacks, not by the options or files it was built from.
+    fields = set().union(*(set(p.get("source") or {}) for p in parts))
+    lacking = {f.name: ([] if "sha256" in p["plan"] else ["plan.sha256"])
+               + [f"source.{k}" for k in sorted(fields - set(p.get("source") or {}))] for f, p in zip(files, parts)}
+    older = [f for f in files if lacking[f.name]]
+    if older and len(older) < len(files):
+        raise DataError(
+            f"per-job manifests in {out} were written by different uniremoval versions: "
+            + "; ".join(f"{f.name} lacks {', '.join(lacking[f.name])}" for f in older)
+            + f" (an older version's); nothing was merged. {(fix := _rerun_job(*older))[:1].upper()}{fix[1:]} with this version, "
+            f"then merge again")
     # Every job plans all shards from the same listing: a job run with other options (--root,
     # --degradation, ...) or after the input folder changed planned another dataset.
     for what, of in (("options", lambda p: json.dumps(p.get("source"), sort_keys=True)),

@@ -117,6 +117,29 @@ def test_commands_are_printed_and_their_output_kept_apart(tmp_path: Path, capsys
     assert "$ uniremoval" not in buf.getvalue() and "stage: kt" in buf.getvalue()
 
 
+def test_a_shards_step_that_cannot_be_reused_builds_its_folder_anew(tmp_path: Path) -> None:
+    """A demo plan edited between runs (synth.per_image, or a --params file at another path after the
+    clone moved) reran `shards synth` over the demo's folder of the old options, which `shards`
+    refuses ("holds dataset ... with another per_image"): the demo stopped. Its own folder is rebuilt."""
+    import numpy as np
+    from PIL import Image
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(clean / f"{i}.png")
+    demo = Demo(tmp_path / "work", quick=True, log=lambda _m: None)
+    out = tmp_path / "work" / "shards" / "s"
+
+    def synth(per: int) -> str:
+        return demo._shards(["shards", "synth", "--clean", str(clean), "--degradation", "haze", "--per-image",
+                             str(per), "--seed", "1", "--out", str(out), "--workers", "1", "--no-progress"])
+
+    assert synth(1) == "2 samples in 1 shard(s)"
+    assert synth(2) == "4 samples in 1 shard(s)"
+    assert json.loads((out / "manifest.json").read_text())["source"]["per_image"] == 2
+
+
 def test_table_layout() -> None:
     evals = {"synth_haze_test|input": {"psnr": 14.0}, "synth_haze_test|kt": {"psnr": 19.5}}
     table = demo_table(evals, ["haze"], ["psnr"])

@@ -382,8 +382,12 @@ class Demo:
         self.step("shards clear_train", lambda: self._shards(argv), lambda: self._shards_reuse("clear_train", argv))
 
     def _shards(self, argv: list[str]) -> str:
-        self.cli(argv, capture=io.StringIO())  # the builder's summary: condensed into the step line
+        # Not reusable (another command, images rebuilt): the demo's own folder is built anew. Built
+        # over, `shards` refuses a folder of other options (a demo.yaml edited, a moved --params file)
+        # and keeps shards it finished from images since replaced.
         out = Path(argv[argv.index("--out") + 1])
+        shutil.rmtree(out, ignore_errors=True)
+        self.cli(argv, capture=io.StringIO())  # the builder's summary: condensed into the step line
         m = json.loads((out / "manifest.json").read_text())
         return f"{m['counts']['total']} samples in {len(m['shards'])} shard(s)"
 

@@ -49,6 +49,7 @@ from typing import Any
 
 SPOOL_NAME = "mlflow-spool.jsonl"
 SPOOL_FILES = "mlflow-spool-files"
+STAGING_NAME = ".mlflow-staging"  # in a background tracker's spool folder: artifacts queued to send
 # MLflow's HTTP client retries a dead server for minutes by default; training cannot wait that long.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -256,6 +257,7 @@ class Tracker:
         self.max_retry_s = max_retry_s
         self.failed_retries = 0  # since the server was last reached: doubles the wait before the next
         self.client = mlflow_client(uri)
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         spool_root = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
         self.spool_path = spool_root / SPOOL_NAME
         self.spool_files = spool_root / SPOOL_FILES
@@ -376,7 +378,20 @@ class Tracker:
     # ------------------------------------------------------------------ internals
     def _start_worker(self) -> None:
         self._queue = queue.Queue(maxsize=10_000)  # a full queue makes the caller wait rather than grow memory
-        self._staging = Path(tempfile.mkdtemp(prefix="uniremoval-mlflow-"))
+        # With a spool folder (a trainer's run folder, one job at a time) the staging folder is a fixed
+        # one inside it, emptied here: a job killed with artifacts queued (kill -9, a node lost) left a
+        # /tmp/uniremoval-mlflow-* folder per kill, with copies of the images and weights it was sending;
+        # its resume now removes them. Without a spool folder: a fresh temporary, as before.
+        # (A spool folder that cannot be written: a temporary too; the spool's own error is the worker's.)
+        self._staging = None
+        if self.spool_dir is not None:
+            staging = self.spool_dir / STAGING_NAME
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                staging.mkdir(parents=True)
+                self._staging = staging
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="uniremoval-mlflow-"))
         self._worker = threading.Thread(target=self._work, name="uniremoval-mlflow", daemon=True)
         self._worker.start()
         atexit.register(self.close)  # a process that ends without finish() still sends what it queued

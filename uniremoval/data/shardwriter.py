@@ -790,10 +790,11 @@ def merge_job_manifests(out_dir: str | os.PathLike, command: list[str] | None = 
                + [f"source.{k}" for k in sorted(fields - set(p.get("source") or {}))] for f, p in zip(files, parts)}
     older = [f for f in files if lacking[f.name]]
     if older and len(older) < len(files):
+        fix = _rerun_job(*older)
         raise DataError(
             f"per-job manifests in {out} were written by different uniremoval versions: "
             + "; ".join(f"{f.name} lacks {', '.join(lacking[f.name])}" for f in older)
-            + f" (an older version's); nothing was merged. {(fix := _rerun_job(*older))[:1].upper()}{fix[1:]} with this version, "
+            + f" (an older version's); nothing was merged. {fix[:1].upper()}{fix[1:]} with this version, "
             f"then merge again")
     # Every job plans all shards from the same listing: a job run with other options (--root,
     # --degradation, ...) or after the input folder changed planned another dataset.

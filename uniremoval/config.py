@@ -982,6 +982,11 @@ def fixed_on_resume(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in RESUME_FIXED)
 
 
+def run_name(cfg: StageBase) -> str:
+    """A training run's name as MLflow shows it: tracking.run_name, else the config's name (its run folder)."""
+    return cfg.tracking.run_name or cfg.name
+
+
 def ablation_flags(cfg: BaseModel) -> dict[str, bool]:
     """The loss switches that identify an ablation row (Tables IV and V)."""
     loss = getattr(cfg, "loss", None)

@@ -589,13 +589,12 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
     cache_dir = Path(cache_dir)
     file = cache_dir / "manifest.json"
     if not file.is_file():
-        # Shards but no manifest: a build (or rebuild) that did not finish, when `uniremoval cache` wrote
-        # there (its done-records, or its lock in the cache root); else tars from elsewhere.
-        built_here = any(cache_dir.glob(f".*{DONE_SUFFIX}")) or (cache_dir.parent / ".lock").exists()
-        if any(cache_dir.glob("*.tar")) and built_here:
-            raise DataError(f"cache {cache_dir}: no manifest.json, an unfinished cache build; rerun `uniremoval "
-                            f"cache --config ...` to complete it (finished shards are reused)")
         if any(cache_dir.glob("*.tar")):
+            # Shards but no manifest: a build (or rebuild) that did not finish, when `uniremoval cache` wrote
+            # there (its done-records, or its lock in the cache root); else tars from elsewhere.
+            if any(cache_dir.glob(f".*{DONE_SUFFIX}")) or (cache_dir.parent / ".lock").exists():
+                raise DataError(f"cache {cache_dir}: no manifest.json, an unfinished cache build; rerun "
+                                f"`uniremoval cache --config ...` to complete it (finished shards are reused)")
             raise DataError(f"cache {cache_dir}: holds tars but no manifest.json, and `uniremoval cache` did not "
                             f"write them: it is not a teacher cache (KT reads the teachers' outputs from one); "
                             f"build it from these source shards with `uniremoval cache --config ...`")

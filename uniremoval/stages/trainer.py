@@ -109,6 +109,7 @@ from uniremoval.config import (
     config_to_dict,
     config_to_yaml,
     fixed_on_resume,
+    run_name,
 )
 from uniremoval.data.shard_stream import listed_shards
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
@@ -300,7 +301,7 @@ def print_weights(cfg: StageBase, stage: Stage, result: FitResult) -> None:
 
     from accelerate.state import PartialState
 
-    label, run_dir = cfg.tracking.run_name or cfg.name, Path(cfg.run_dir)
+    label, run_dir = run_name(cfg), Path(cfg.run_dir)
 
     if stage.best_metric is not None and (run_dir / "best.safetensors").exists():
         where = f"{run_dir / 'best.safetensors'} (best {stage.best_metric[0]}) and {run_dir / 'last.safetensors'}"
@@ -902,7 +903,7 @@ class Trainer:
     def checkpoint_meta(self) -> dict[str, Any]:
         meta = {"step": self.step, "epoch": self.ctx.epoch, "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.mlflow_run_id, "stage": self.stage.stage,
-                "run_name": self.cfg.tracking.run_name or self.cfg.name, "degradation": self.stage.degradation}
+                "run_name": run_name(self.cfg), "degradation": self.stage.degradation}
         # The ablation row travels with the weights: eval against another MLflow store (or with the
         # training run deleted) cannot read the run's ablation.* tags.
         if flags := ablation_flags(self.cfg):

@@ -280,6 +280,7 @@ def test_gpu_run_script_runs_the_bench_into_its_out_folder(tmp_path: Path) -> No
     env = subprocess_env()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # its python3: this one
     env["WHEELS"] = str(tmp_path / "no-wheels")
+    env["EPOCH_START_ARGS"] = "--workers 1 --steps 3 --step-ms 20 --repeats 1 --n 12 --size 64 --crop 32 --batch 3"
     out = tmp_path / "out"
     p = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), str(out), "--preset", "tiny", "--quick",
                         "--device", "cpu", "--skip", "loader,cache"],
@@ -289,3 +290,6 @@ def test_gpu_run_script_runs_the_bench_into_its_out_folder(tmp_path: Path) -> No
     assert result["complete"] is True and result["settings"]["budget_s"] == 400
     assert result["ours"]["profile"]["steps"] == 3  # the script asks for the profile
     assert "naive done" in (out / "gpu.log").read_text()
+    epochs = json.loads((out / "epoch_start.json").read_text())  # the epoch-start bench, after it
+    assert epochs["workers"] == 1 and epochs["steps_per_epoch"] == 3
+    assert epochs["ahead"]["first_batch_wait_s"] >= 0 and epochs["speedup_epochs_1_on"] > 0

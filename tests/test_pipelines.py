@@ -566,3 +566,48 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process(data):
     assert [w.exitcode for w in workers] == [None, None]  # alive (one that took the SIGINT has exited)
     assert len([b for _, b in zip(range(10), batches)]) == 10
     del batches
+
+
+def test_making_an_epochs_iterator_starts_its_workers_and_changes_no_batch(data, tmp_path):
+    """The trainer makes the next epoch's iterator while the current epoch drains, so that the new
+    workers' start-up (fork, shard opening, shuffle buffers) overlaps the last steps: making it must
+    start them reading, its batches must be the ones the epoch gives when started late, and it must
+    not draw from the global RNG (a training step's random numbers would then depend on when)."""
+    import multiprocessing
+    import time
+
+    log = tmp_path / "opened.log"
+    shards = sorted((data / "haze").glob("*.tar"))
+    piped = [f"pipe:sh -c 'echo {p.name} >> {log}; cat {p}'" for p in shards]
+
+    def loader(spec):
+        ld = paired_loader(spec, "haze", 2, 32, 6, 2, seed=3, rank=0, world_size=1)
+        ld.set_epoch(1)
+        return ld
+
+    rng_before = torch.get_rng_state()
+    early = iter(loader(piped))
+    assert len(multiprocessing.active_children()) == 2
+    deadline = time.monotonic() + 30
+    while not (log.is_file() and len(log.read_text().split()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(log.read_text().split()) >= 2  # both workers opened a shard before the first next()
+    got = list(early)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    late = list(loader(shards))  # epoch 1 started the usual way, from the plain paths
+    assert len(got) == len(late) == 6
+    for a, b in zip(got, late):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["input"], b["input"]) and torch.equal(a["target"], b["target"])
+
+    # An epoch cut short (a run stopped in its last steps) stops its workers when closed.
+    ld = loader(shards)
+    cut = iter(ld)
+    next(cut)
+    cut.close()
+    assert multiprocessing.active_children() == []
+    with pytest.raises(StopIteration):
+        next(cut)
+    assert ld.epoch == 1  # not a finished epoch
+    list(iter(ld))
+    assert ld.epoch == 2

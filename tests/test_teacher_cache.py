@@ -1012,3 +1012,30 @@ def test_a_mixed_cache_an_older_version_left_is_refused_naming_the_rewritten_sha
         check_cache(mine, {"haze": str(t1)})
     assert cache_stage.run(cfg(t1, tmp_path / "cache")) == 0  # what the message says to do
     check_cache(mine, {"haze": str(t1)})
+
+
+def test_loader_workers_started_an_epoch_ahead_train_the_same_weights(workspace, monkeypatch):
+    """With loader workers, each epoch's StepLoader is made while the previous epoch drains (its
+    workers start up behind the last steps): the run's weights are those of epochs started late."""
+    from uniremoval.config import load_config
+    from uniremoval.stages import trainer as trainer_mod
+    from uniremoval.stages.teacher import TeacherTraining
+
+    root = workspace["root"]
+    base = dict(workspace["teacher"], tracking={"enabled": False},
+                data=dict(workspace["teacher"]["data"], num_workers=2, val=[]),
+                train=dict(workspace["teacher"]["train"], epochs=3, steps_per_epoch=3, val_every=100))
+    started: list[int] = []
+    start = trainer_mod._NextEpoch.start
+    monkeypatch.setattr(trainer_mod._NextEpoch, "start", lambda self, e, b: (started.append(e), start(self, e, b)))
+    out = {}
+    for ahead in (True, False):
+        if not ahead:
+            monkeypatch.setattr(trainer_mod._NextEpoch, "due", lambda self, current, left: False)
+        cfg = load_config(_write_cfg(root / f"ahead-{ahead}.yaml", dict(base, output_dir=str(root / f"ahead-{ahead}"))),
+                          stage="teacher")
+        assert trainer_mod.Trainer(cfg, TeacherTraining(cfg)).fit().step == 9
+        out[ahead] = _weights(root / f"ahead-{ahead}" / "teacher-haze" / "last.safetensors")
+    assert started == [1, 2]  # a StepLoader has a lookahead (2 workers x prefetch 2): epochs 1, 2 ahead
+    for k in out[True]:
+        assert torch.equal(out[True][k], out[False][k]), k

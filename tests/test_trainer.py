@@ -982,3 +982,62 @@ def test_device_side_check_is_read_a_step_late_and_still_stops(tmp_path):
     st3 = ToyStage(make_cfg(tmp_path / "u", FUSED, max_steps=4, max_nonfinite=0), poison_at=0)
     with pytest.raises(UniremovalError, match="max_nonfinite=0"):
         Trainer(st3.cfg, st3).fit()
+
+
+class Prefetching(ToyStage):
+    """Its epochs' iterators prefetch `lookahead` batches ahead, as a StepLoader's workers do; it
+    records when each epoch's iterator is made (how many batches were trained by then) and closed."""
+
+    def __init__(self, cfg, lookahead: int, **kw):
+        super().__init__(cfg, **kw)
+        self.lookahead, self.made, self.closed = lookahead, [], []
+
+    def train_batches(self, epoch, start, rank, world_size):
+        stage, inner = self, super().train_batches(epoch, start, rank, world_size)
+        stage.made.append((epoch, start, len(stage.seen)))
+
+        class Batches:
+            lookahead = stage.lookahead
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                return next(inner)
+
+            def close(self):
+                stage.closed.append(epoch)
+        return Batches()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_next_epochs_loader_starts_while_this_one_drains_with_the_same_batches(tmp_path, grad_accum):
+    """Each epoch's loader workers start up (fork, shard opening, shuffle buffers) before its first
+    batch: made at the epoch's start, that stalls the step. The trainer makes the next epoch's
+    iterator once no more micro-batches than the loader prefetches are left to fetch (its workers
+    are idle from there), never one past the run's end, and trains on the same batches."""
+    runs = {}
+    for lookahead in (0, 3):
+        st = Prefetching(make_cfg(tmp_path / str(lookahead), epochs=3, max_steps=12, grad_accum=grad_accum), lookahead)
+        assert Trainer(st.cfg, st).fit().step == 12
+        runs[lookahead] = st
+    micro = 5 * grad_accum  # micro-batches an epoch (steps_per_epoch 5)
+    assert runs[0].made == [(0, 0, 0), (1, 0, micro), (2, 0, 2 * micro)]  # at each epoch's start
+    # Made after fetching the micro-batch that leaves 3 to fetch, before training on it; max_steps=12
+    # ends the run in epoch 2, so epoch 2 has no successor to start.
+    assert runs[3].made == [(0, 0, 0), (1, 0, micro - 4), (2, 0, 2 * micro - 4)]
+    assert runs[3].closed == [0, 1, 2]  # each epoch's workers freed at its end
+    assert runs[0].seen == runs[3].seen and len(runs[3].seen) == 12 * grad_accum
+    assert torch.equal(weights(tmp_path / "0" / "toy" / "last.safetensors"),
+                       weights(tmp_path / "3" / "toy" / "last.safetensors"))
+
+
+def test_a_run_stopped_after_the_next_epoch_started_closes_it(tmp_path):
+    st = Prefetching(make_cfg(tmp_path), 3, signal_at=3)  # epoch 1's iterator is made at step 2 of 5
+    res = Trainer(st.cfg, st).fit()
+    assert res.status == "preempted" and res.step == 4
+    assert [m[0] for m in st.made] == [0, 1]
+    assert sorted(st.closed) == [0, 1]  # the current epoch's and the one started ahead
+    rest = Prefetching(make_cfg(tmp_path), 3)
+    assert Trainer(rest.cfg, rest).fit(resume="auto").step == 10
+    assert rest.made[:2] == [(0, 4, 0), (1, 0, 0)]  # resumed inside epoch 0: its last step, then epoch 1 ahead

@@ -548,6 +548,10 @@ class StepLoader:
     """A DataLoader over a MixedBatchDataset that yields exactly `steps_per_epoch` batches per
     epoch on every rank. Each `iter()` is one epoch (epoch number advances; `set_epoch` to resume).
     Samples smaller than the crop are counted in `padding` (a CropPadding), which warns once.
+
+    `iter()` starts the epoch's workers at once (they fill their prefetch queues before the first
+    `next`), so a training loop can start the next epoch while the current one drains
+    (`EpochBatches.lookahead`) and the workers' start-up and shuffle-buffer fill hide behind steps.
     """
 
     def __init__(
@@ -571,26 +575,59 @@ class StepLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.epoch = self.epoch
+    def __iter__(self) -> EpochBatches:
+        return EpochBatches(self)
+
+
+class EpochBatches(Iterator[dict[str, Any]]):
+    """One epoch of a StepLoader, its workers started on creation. `close()` stops them early."""
+
+    def __init__(self, owner: StepLoader):
+        self.owner, self.epoch, self.n = owner, owner.epoch, 0
+        ds, workers = owner.dataset, owner.num_workers
+        ds.epoch = self.epoch  # pickled into this epoch's workers as they start
         loader = DataLoader(
-            self.dataset,
+            ds,
             batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            num_workers=workers,
+            pin_memory=owner.pin_memory,
+            prefetch_factor=owner.prefetch_factor if workers > 0 else None,
             persistent_workers=False,
-            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
+            multiprocessing_context=owner.multiprocessing_context if workers > 0 else None,
             worker_init_fn=leave_ctrl_c_to_the_main_process,
+            # The workers' base seed (unused: the data's randomness comes from seed/epoch/rank/worker)
+            # is drawn from this generator, not the global RNG: when an epoch starts does not change
+            # what a training step draws.
+            generator=torch.Generator().manual_seed(int(_rng(ds.seed, 17, self.epoch, ds.rank).integers(2**62))),
         )
-        n = 0
-        for batch in loader:
-            n += 1
-            self.padding.update(batch)
-            yield batch
-        if n != len(self):  # would desynchronise DDP ranks: fail loudly instead
-            raise RuntimeError(f"loader yielded {n} batches, expected {len(self)}")
-        self.epoch += 1
+        self._it: Iterator[dict[str, Any]] | None = iter(loader)
+        # Batches the workers hold ready ahead of the consumer: when this many are left, they idle.
+        self.lookahead = workers * (owner.prefetch_factor or 0)
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            raise StopIteration
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.close()
+            if self.n != len(self.owner):  # would desynchronise DDP ranks: fail loudly instead
+                raise RuntimeError(f"loader yielded {self.n} batches, expected {len(self.owner)}") from None
+            self.owner.epoch = max(self.owner.epoch, self.epoch + 1)
+            raise
+        self.n += 1
+        self.owner.padding.update(batch)
+        return batch
+
+    def close(self) -> None:
+        """Stop this epoch's workers now (a loop cut short would leave them to the garbage collector)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _stream_spec(

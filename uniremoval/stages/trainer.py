@@ -19,7 +19,10 @@ non-finite losses, logging). A stage provides:
 - ``train_batches(epoch, start, rank, world_size) -> Iterable[dict]``: the micro-batches of one
   epoch on this rank, starting at micro-batch ``start`` (resume). An epoch is
   ``steps_per_epoch * grad_accum`` micro-batches; the same count on every rank (no DDP hang).
-  Tensors in the batch are moved to the device by the trainer.
+  Tensors in the batch are moved to the device by the trainer. An iterator with a ``lookahead``
+  (a StepLoader epoch: how many batches its workers hold ready) is made for the next epoch once no
+  more than that many micro-batches of the current one are left, so its workers start up behind the
+  current epoch's last steps (``_NextEpoch``); an epoch's batches must not depend on when.
 - ``training_step(batch, ctx) -> dict[str, Tensor | float]``: compute losses and call
   ``ctx.optimize(name, loss, terms)`` once per optimiser to update (DA alternates
   ``generator`` then ``discriminator``); return the named terms to log as ``train/<term>``.
@@ -213,6 +216,42 @@ class Stage:
     def load_state_dict(self, state: dict[str, Any], same_mlflow_run: bool) -> None:
         """Take back `state_dict()` on resume, on every rank. `same_mlflow_run`: the run logs on into
         the MLflow run that checkpoint's run logged to (not another run's checkpoint, not tracking off)."""
+
+
+class _NextEpoch:
+    """The next epoch's batch iterator, created before the current epoch ends.
+
+    A loader whose iterator has a `lookahead` (StepLoader: its workers' prefetch depth) starts its
+    workers when it is created; once no more than `lookahead` micro-batches of the current epoch are
+    left to fetch, that epoch's workers have nothing left to make, so the next epoch's start-up (new
+    workers, shard opening, shuffle buffers) overlaps the last steps, validation and checkpoint
+    instead of stalling the first step of the epoch. The batches are the same either way: an epoch's
+    data depends on its number, not on when its loader starts.
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.batches: Iterator[dict[str, Any]] | None = None
+
+    def due(self, current: Iterator[Any], left: int) -> bool:
+        lookahead = getattr(current, "lookahead", 0)
+        return self.batches is None and lookahead > 0 and left <= lookahead
+
+    def start(self, epoch: int, batches: Iterator[dict[str, Any]]) -> None:
+        self.epoch, self.batches = epoch, batches
+
+    def take(self, epoch: int) -> Iterator[dict[str, Any]] | None:
+        batches = self.batches if self.epoch == epoch else None
+        if batches is None:
+            self.close()
+        self.epoch, self.batches = None, None
+        return batches
+
+    def close(self) -> None:
+        close = getattr(self.batches, "close", None)
+        self.epoch, self.batches = None, None
+        if close is not None:
+            close()
 
 
 def skip_batches(batches: Iterable[Any], start: int) -> Iterator[Any]:
@@ -465,15 +504,22 @@ class Trainer:
         bar = self._progress(total)
         status: Literal["finished", "preempted"] = "finished"
         metrics: dict[str, float] = {}
+        upcoming = _NextEpoch()  # the next epoch's batches, started while this one drains
         try:
             with finishing(self.tracker, done=None):  # stopped: KILLED (Ctrl-C) or FAILED, never RUNNING
                 while self.step < total:
                     epoch, start = divmod(self.step, cfg.steps_per_epoch)
-                    batches = iter(self.stage.train_batches(epoch, start * cfg.grad_accum, acc.process_index,
-                                                            acc.num_processes))
-                    for _ in range(start, min(cfg.steps_per_epoch, start + total - self.step)):
+                    batches = upcoming.take(epoch) if start == 0 else None
+                    if batches is None:
+                        batches = self._epoch_batches(epoch, start)
+                    end = min(cfg.steps_per_epoch, start + total - self.step)
+                    next_epoch = end == cfg.steps_per_epoch and (epoch + 1) * cfg.steps_per_epoch < total
+                    for s in range(start, end):
                         for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
                             batch = self._next_batch(batches, epoch, start, micro)
+                            left = (end - s) * cfg.grad_accum - micro - 1  # micro-batches still to fetch
+                            if next_epoch and upcoming.due(batches, left):
+                                upcoming.start(epoch + 1, self._epoch_batches(epoch + 1, 0))
                             self._count_data(batch)
                             if self.speed.cuda_graphs:  # a new graph iteration: the last one's outputs are used up
                                 torch.compiler.cudagraph_mark_step_begin()
@@ -493,6 +539,9 @@ class Trainer:
                         if preempt:
                             status = "preempted"
                             break
+                    close = getattr(batches, "close", None)
+                    if close is not None:  # its workers are done: free them now, not at the next epoch's start
+                        close()
                     if status == "preempted":
                         break
                 self._read_update_flags()  # (a log or checkpoint at the last step read them already)
@@ -500,6 +549,7 @@ class Trainer:
                     self.export("last")
                     self._log_weights()
         finally:
+            upcoming.close()  # a run stopped in its epoch's last steps: the next epoch's workers go too
             bar.close()
             self._restore_signal_handlers()
         if status == "preempted":
@@ -1340,6 +1390,12 @@ class Trainer:
         if self._agreed_at != self.step - 1:  # no optimize() in this step (the counter moved after it)
             self._stop_seen = self._stop_seen or self._agree(self._stop_requested)
         return self._stop_seen
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        """The micro-batches of `epoch` from micro-batch `start` on (this rank's share)."""
+        acc = self.accelerator
+        return iter(self.stage.train_batches(epoch, start * self.cfg.train.grad_accum, acc.process_index,
+                                             acc.num_processes))
 
     def _next_batch(self, batches: Iterator[dict[str, Any]], epoch: int, start: int, micro: int) -> dict[str, Any]:
         try:

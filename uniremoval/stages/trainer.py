@@ -513,12 +513,12 @@ class Trainer:
                     if batches is None:
                         batches = self._epoch_batches(epoch, start)
                     end = min(cfg.steps_per_epoch, start + total - self.step)
-                    next_epoch = end == cfg.steps_per_epoch and (epoch + 1) * cfg.steps_per_epoch < total
+                    more_epochs = end == cfg.steps_per_epoch and (epoch + 1) * cfg.steps_per_epoch < total
                     for s in range(start, end):
                         for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
                             batch = self._next_batch(batches, epoch, start, micro)
                             left = (end - s) * cfg.grad_accum - micro - 1  # micro-batches still to fetch
-                            if next_epoch and upcoming.due(batches, left):
+                            if more_epochs and upcoming.due(batches, left):
                                 upcoming.start(epoch + 1, self._epoch_batches(epoch + 1, 0))
                             self._count_data(batch)
                             if self.speed.cuda_graphs:  # a new graph iteration: the last one's outputs are used up

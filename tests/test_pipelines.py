@@ -611,3 +611,22 @@ def test_making_an_epochs_iterator_starts_its_workers_and_changes_no_batch(data,
     assert ld.epoch == 1  # not a finished epoch
     list(iter(ld))
     assert ld.epoch == 2
+
+
+def test_epochs_made_back_to_back_without_workers_keep_their_own_epoch(data):
+    """Without workers the dataset is iterated in this process: an epoch's iterator made before the
+    next epoch's (set_epoch in between) must still read its own epoch, not the last one set."""
+    def keys(epoch, it=None):
+        if it is None:
+            ld = paired_loader(data / "blur", "blur", 2, 32, 4, 0, seed=3, rank=0, world_size=1)
+            ld.set_epoch(epoch)
+            it = iter(ld)
+        return [k for b in it for k in b["key"]]
+
+    ld = paired_loader(data / "blur", "blur", 2, 32, 4, 0, seed=3, rank=0, world_size=1)
+    ld.set_epoch(1)
+    one = iter(ld)
+    ld.set_epoch(2)
+    two = iter(ld)
+    assert keys(1) != keys(2)
+    assert keys(1, one) == keys(1) and keys(2, two) == keys(2)

@@ -522,18 +522,23 @@ class MixedBatchDataset(IterableDataset):
         self.epoch = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # The epoch is read now, not at the first batch: without workers the DataLoader makes this
+        # iterator at once, and the next epoch's may be made (set_epoch) before this one is read.
+        return self._batches(self.epoch)
+
+    def _batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         worker, n_workers = worker_id()
         # This worker's share of the rank's steps; the DataLoader round-robins over workers.
         n_batches = self.steps_per_epoch // n_workers + (worker < self.steps_per_epoch % n_workers)
         counter = _Counter()
         labels = {d: i for i, d in enumerate(self.degradations)}
         degraded = _MixedStreams(
-            self, self.sources, self.degradations, self.batch_size, self.spec, 0, counter, self.epoch
+            self, self.sources, self.degradations, self.batch_size, self.spec, 0, counter, epoch
         )
         clear = None
         if self.clear_sources is not None:
             clear = _MixedStreams(
-                self, self.clear_sources, (), self.clear_batch_size, self.clear_spec, 1, counter, self.epoch
+                self, self.clear_sources, (), self.clear_batch_size, self.clear_spec, 1, counter, epoch
             )
         for _ in range(n_batches):
             batch = degraded.next_batch(labels)
@@ -779,6 +784,11 @@ class EvalStream(IterableDataset):
         self.first = first
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # The epoch is read now, not at the first batch: without workers the DataLoader makes this
+        # iterator at once, and the next epoch's may be made (set_epoch) before this one is read.
+        return self._batches(self.epoch)
+
+    def _batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         worker, n_workers = worker_id()
         g, n_g = self.rank * n_workers + worker, self.world_size * n_workers
         if self.first is not None:

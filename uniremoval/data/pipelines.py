@@ -784,11 +784,6 @@ class EvalStream(IterableDataset):
         self.first = first
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # The epoch is read now, not at the first batch: without workers the DataLoader makes this
-        # iterator at once, and the next epoch's may be made (set_epoch) before this one is read.
-        return self._batches(self.epoch)
-
-    def _batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         worker, n_workers = worker_id()
         g, n_g = self.rank * n_workers + worker, self.world_size * n_workers
         if self.first is not None:

@@ -94,6 +94,7 @@ def test_kt_under_deepspeed_on_two_cpu_processes(tmp_path, zero):
     torch.set_num_threads(1)
     ws = build_workspace(tmp_path)
     env = subprocess_env()
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that aborts (SIGABRT at exit, seen once) dumps its threads' stacks
     env["ACCELERATE_USE_DEEPSPEED"] = "true"
     if zero == 2:  # what launch/deepspeed_zero2.yaml sets
         env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = "2"
@@ -138,6 +139,7 @@ def test_teacher_under_zero3_validates_with_the_gathered_weights(tmp_path):
     torch.set_num_threads(1)
     ws = build_workspace(tmp_path, cache=False)
     env = subprocess_env()
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that aborts (SIGABRT at exit, seen once) dumps its threads' stacks
     env["ACCELERATE_USE_DEEPSPEED"] = "true"
     env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(write_zero3_config(tmp_path / "zero3.json"))
     overrides = [o for o in common_overrides(ws, "t3") if not o.startswith("features.")] + [
@@ -198,6 +200,7 @@ def test_zero2_launch_config_matches_ddp_with_accumulation_and_bf16(tmp_path):
     torch.set_num_threads(1)
     ws = build_workspace(tmp_path)
     env = subprocess_env()
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that aborts (SIGABRT at exit, seen once) dumps its threads' stacks
     accelerate = str(Path(sys.executable).parent / "accelerate")
     records = {}
     for launch in ("multi_gpu", "deepspeed_zero2"):

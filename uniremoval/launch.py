@@ -4,7 +4,13 @@ output-folder lock the main process holds for all of them.
 A process group left to interpreter finalization can abort a rank that finished cleanly: gloo's
 worker threads are torn down after the interpreter (SIGABRT, "terminate called without an active
 exception"), and the launcher then fails the whole job. `leave_process_group_at_exit()` registers
-a barrier and `destroy_process_group()` to run at exit while the interpreter is still alive. Call it
+a barrier and `destroy_process_group()` to run at exit while the interpreter is still alive: no rank
+closes its sockets under another, and the default group is let go (this ended the abort under DDP).
+It does not stop every gloo thread: the groups' threads run until the last reference to a group
+goes, and DeepSpeed keeps its own copy of the world group (engine, optimizer, parameters), so under
+DeepSpeed two groups' threads outlive the handler (a rare abort at exit of a CPU ZeRO-2 test run,
+not reproduced in 90 runs, may come from there; tests/test_deepspeed.py launches with
+PYTHONFAULTHANDLER=1 so that another one shows its threads' stacks). Call it
 only where every rank has finished together (a trainer's fit, a command that succeeded, or an error
 all ranks raised): a rank that leaves alone while the others wait in a collective could hang there.
 """

@@ -630,3 +630,16 @@ def test_epochs_made_back_to_back_without_workers_keep_their_own_epoch(data):
     two = iter(ld)
     assert keys(1) != keys(2)
     assert keys(1, one) == keys(1) and keys(2, two) == keys(2)
+
+
+def test_an_epoch_whose_loader_cannot_start_raises_once_and_leaves_nothing_to_clean_up(data, monkeypatch):
+    import gc
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    ld = paired_loader(data / "haze", "haze", 2, 32, 2, 2, 0, 0, 1)
+    ld.multiprocessing_context = "no-such-start-method"
+    with pytest.raises(ValueError, match="no-such-start-method"):
+        iter(ld)
+    gc.collect()
+    assert unraisable == []  # (was: AttributeError in EpochBatches.__del__, printed as "Exception ignored")

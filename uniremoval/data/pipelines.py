@@ -626,7 +626,7 @@ class EpochBatches(Iterator[dict[str, Any]]):
 
     def close(self) -> None:
         """Stop this epoch's workers now (a loop cut short would leave them to the garbage collector)."""
-        it, self._it = self._it, None
+        it, self._it = getattr(self, "_it", None), None  # (None too when __init__ failed before it)
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()

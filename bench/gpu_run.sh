@@ -26,7 +26,7 @@ rc=${PIPESTATUS[0]}
 # started ahead vs at the epoch's start (CPU only: a 100 ms sleep stands in for the compiled step).
 # EPOCH_START_ARGS replaces its options (the CPU test makes it small).
 cores=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')
-read -r -a es_args <<< "${EPOCH_START_ARGS:---workers $cores --step-ms 100 --steps 24 --epochs 2 --repeats 1}"
+read -r -a es_args <<< "${EPOCH_START_ARGS:---workers $cores --step-ms 100 --steps 48 --epochs 2 --repeats 1}"
 timeout 60 python3 bench/epoch_start.py --out "$OUT/epoch_start.json" "${es_args[@]}" > "$OUT/epoch_start.log" 2>&1 \
     || echo "gpu_run.sh: bench/epoch_start.py failed (see epoch_start.log)" >&2
 exit "$rc"

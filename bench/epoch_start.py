@@ -56,7 +56,7 @@ def run(args, shards: list[Path], out: Path, ahead: bool) -> dict[str, Any]:
         def train_batches(self, epoch, start, rank, world_size):
             loader = kt_loader([(d.name, d, d.name, 1.0) for d in shards], list(DEGS), args.batch, args.crop,
                                args.steps, args.workers, 0, rank, world_size, require=("target",),
-                               shuffle_buffer=args.shuffle_buffer, pin_memory=False)
+                               shuffle_buffer=args.shuffle_buffer, pin_memory=torch.cuda.is_available())
             loader.set_epoch(epoch)
             return trainer_mod.skip_batches(loader, start)
 

@@ -116,8 +116,11 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, capsys):
     shutil_rm = __import__("shutil").rmtree
     shutil_rm(ck[1])  # pretend the kill came before step 4 was saved: resume from 3
     rest = ToyStage(make_cfg(tmp_path / "b"))
+    capsys.readouterr()
     res2 = Trainer(rest.cfg, rest).fit(resume="auto")
     assert res2.step == 10
+    assert ("at step 3; reading past epoch 0's first 3 micro-batches first (decoded and skipped"
+            in capsys.readouterr().err)  # the wait before the first step is said
     assert rest.seen[0] == (0, 3)  # data position: epoch 0, micro-batch 3 (steps 0-2 were seen)
     assert torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"), ref)
     # Resuming a finished run asks for nothing: said, not silent; a max_steps past the end is named.

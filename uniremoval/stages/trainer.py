@@ -1221,7 +1221,13 @@ class Trainer:
             why = (f"it has no RNG state for rank {self.accelerator.process_index} ({rng.name})" if not rng.is_file()
                    else "it does not record the process count it was saved on, so its RNG files may be another's")
             warnings.warn(f"resuming {path}: {why}: RNG streams start fresh", RuntimeWarning, stacklevel=2)
-        self._print(f"resumed from {path} at step {self.step}")
+        epoch, start = divmod(self.step, self.cfg.train.steps_per_epoch)
+        # The skipped batches are decoded (their random crops set the stream's state): on a long epoch
+        # that is a wait, said so rather than a progress bar that seems stuck.
+        inside = (f"; reading past epoch {epoch}'s first {start * self.cfg.train.grad_accum} micro-batches first "
+                  f"(decoded and skipped: the run goes on with the batches an uninterrupted one would see)"
+                  if start else "")
+        self._print(f"resumed from {path} at step {self.step}{inside}")
 
     def _check_deepspeed_resume(self, path: Path, state: dict[str, Any]) -> None:
         """DeepSpeed loads its optimiser state only under the ZeRO stage and process count that wrote it

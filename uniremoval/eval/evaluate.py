@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uniremoval.data.manifest import split_specs
+from uniremoval.data.read_ahead import read_ahead
 from uniremoval.data.readers import IMAGE_EXTS
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
@@ -625,7 +626,9 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
                     crop_border=opts.crop_border)
     restore, meta, sha = _restorer(opts, device)
     reader = iter_shards if is_shard_source(opts.data) else functools.partial(iter_folder, check_size=scorer.check_size)
-    items = reader(opts.data, state.process_index, state.num_processes, need_target)
+    # Read in a thread a batch ahead: decoding the next images overlaps the restore and scoring.
+    items = read_ahead(reader(opts.data, state.process_index, state.num_processes, need_target),
+                       depth=max(2, opts.batch_size))
     if state.is_main_process:
         items = _with_progress(items, opts, state.num_processes)
     staged = StagedImages(opts.save_images, state) if opts.save_images else None

@@ -230,6 +230,7 @@ class DomainAdaptation(Stage):
 
     def validate(self, ctx: TrainContext) -> dict[str, float]:
         from uniremoval.data.pipelines import eval_samples
+        from uniremoval.data.read_ahead import read_ahead
         from uniremoval.eval.restore import restore_tensor
 
         names = list(self.cfg.val_iqa.metrics)
@@ -248,7 +249,8 @@ class DomainAdaptation(Stage):
             # Per score: its sum and how many images it is defined for (NIQE/BRISQUE of a flat image
             # is NaN, as in `uniremoval eval`: left out of the mean, not poisoning it).
             sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0}
-            for item in eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap):
+            # (read ahead: the next image decodes while this one is restored and scored)
+            for item in read_ahead(eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap)):
                 if "error" in item:
                     continue
                 x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)

@@ -59,6 +59,7 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     from tqdm import tqdm
 
     from uniremoval.data.pipelines import eval_samples
+    from uniremoval.data.read_ahead import read_ahead
     from uniremoval.eval.restore import restore_tensor
 
     out: dict[str, float] = {}
@@ -68,7 +69,7 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
         cap = src.max_samples
         skipped: list[dict[str, Any]] = []  # why samples were left out (an unpaired set: no target)
         stream = eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",), first=cap)
-        items = iter(item for item in stream
+        items = iter(item for item in read_ahead(stream)  # the next image decodes while this one restores
                      if "error" not in item or skipped.append(item))  # append() is None: the item is left out
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
         # The bar is rank 0's, which has the largest share; a cap above the set's size is the set (9 images

@@ -69,3 +69,47 @@ def test_a_loop_left_early_stops_the_thread_without_reading_on():
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth must be at least 1, got 0"):
         next(read_ahead([1], depth=0))
+
+
+def test_eval_and_validation_decode_in_the_read_ahead_thread(tmp_path, monkeypatch):
+    """`uniremoval eval` and a stage's validation decode their images in the read-ahead thread (the
+    main thread meanwhile restores the previous ones), and score every image once."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_kt_common import write_pairs
+
+    import uniremoval.eval.restore as restore_mod
+    from uniremoval.data import pipelines
+    from uniremoval.eval.evaluate import EvalOptions, run_eval
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    readers: list[str] = []
+    decode = pipelines.decode_sample
+    monkeypatch.setattr(pipelines, "decode_sample",
+                        lambda *a, **kw: (readers.append(threading.current_thread().name), decode(*a, **kw))[1])
+    shards = write_pairs(tmp_path, "val_haze", "haze", 5, n_shards=2, split="test")
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), all_sum=dict)
+    src = SimpleNamespace(name="val_haze", shards=str(shards), max_samples=None)
+    with torch.no_grad():
+        out = validate_paired(ctx, MPRNet("tiny").eval(), "minus_one_one", [src], lockstep=False)
+    assert readers == ["read-ahead"] * 5 and "val/val_haze/psnr" in out
+
+    readers.clear()
+    read = restore_mod.read_image_oriented
+    monkeypatch.setattr(restore_mod, "read_image_oriented",
+                        lambda *a, **kw: (readers.append(threading.current_thread().name), read(*a, **kw))[1])
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = run_eval(EvalOptions("none", str(folder), metrics=["piqe"], mlflow=False, device="cpu"))
+    assert readers == ["read-ahead"] * 4 and len(result.images) == 4

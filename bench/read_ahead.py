@@ -1,19 +1,22 @@
-"""Eval's and validation's image reading, in the loop (as before) and read ahead in a thread (what
-`uniremoval eval` and validation do now), side by side on the same images.
+"""Reading and writing images around the model, in the loop (as before) and overlapped with it in
+threads (what validation, `uniremoval eval` and `uniremoval restore` do now), side by side.
 
-The images are read by eval's own folder reader (`iter_folder`: decode, EXIF orientation, to a
-float tensor), and each one is then "restored" by a sleep of --restore-ms: on a GPU the host waits
-that long for the model, which is the time read-ahead fills with the next decode.
+eval: eval's folder reader (`iter_folder`: decode, EXIF orientation, to a float tensor), then a sleep
+of --restore-ms for each image (on a GPU the host waits that long for the model), in the loop vs read
+ahead. restore: the same, plus `write_png` of the output (what `restore` and `eval --save-images`
+write), in the loop vs read ahead with the PNGs encoded behind in 2 threads.
 
     .venv/bin/python bench/read_ahead.py                    # 24 photo-like 1280x720 PNGs, 100 ms restore
     .venv/bin/python bench/read_ahead.py --data DIR --restore-ms 50
 
-Prints images/s both ways (best of --repeats, alternating), the ratio, and the decode time per image.
+Prints images/s both ways for each (best of --repeats, alternating), the ratios, and the read and
+write times per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from uniremoval.data.read_ahead import read_ahead
     from uniremoval.eval.evaluate import iter_folder
+    from uniremoval.eval.restore import write_png
+    from uniremoval.io import WriteBehind
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="read_ahead_") as tmp:
@@ -67,28 +72,42 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp) / "images"
             photo_like(folder, args.images, width, height)
 
-        def run(ahead: bool) -> tuple[float, int]:
+        def run(ahead: bool, write: bool) -> float:
             items = iter_folder(str(folder), 0, 1, need_target=False)
             if ahead:
                 items = read_ahead(items, depth=args.depth)
-            t0, n = time.perf_counter(), 0
-            for _ in items:
-                time.sleep(args.restore_ms / 1000)  # the host waiting for the GPU's restore
-                n += 1
-            return time.perf_counter() - t0, n
+            t0 = time.perf_counter()
+            with WriteBehind(workers=2, pending=2) if ahead and write else contextlib.nullcontext() as writer:
+                for i, item in enumerate(items):
+                    time.sleep(args.restore_ms / 1000)  # the host waiting for the GPU's restore
+                    if write:
+                        out = Path(tmp) / "out" / f"{i}.png"
+                        if writer is not None:
+                            writer.submit(write_png, out, item.image)
+                        else:
+                            write_png(out, item.image)
+            return time.perf_counter() - t0
 
+        (Path(tmp) / "out").mkdir()
         t0 = time.perf_counter()
-        n = sum(1 for _ in iter_folder(str(folder), 0, 1, need_target=False))  # warm-up: page cache, imports
-        decode_ms = (time.perf_counter() - t0) / n * 1000
-        best = {False: float("inf"), True: float("inf")}
+        images = list(iter_folder(str(folder), 0, 1, need_target=False))  # warm-up: page cache, imports
+        n = len(images)
+        read_ms = (time.perf_counter() - t0) / n * 1000
+        t0 = time.perf_counter()
+        for i, item in enumerate(images):
+            write_png(Path(tmp) / "out" / f"{i}.png", item.image)
+        write_ms = (time.perf_counter() - t0) / n * 1000
+        del images
+        best = {(a, w): float("inf") for a in (False, True) for w in (False, True)}
         for _ in range(args.repeats):
-            for ahead in (False, True):
-                best[ahead] = min(best[ahead], run(ahead)[0])
-    serial, ahead = n / best[False], n / best[True]
+            for key, so_far in best.items():
+                best[key] = min(so_far, run(*key))
     print(f"{n} images from {folder if args.data else f'synthetic {width}x{height} PNGs'}: reading "
-          f"{decode_ms:.1f} ms an image alone; restore stand-in {args.restore_ms:g} ms")
-    print(f"in the loop: {serial:.2f} images/s   read ahead (depth {args.depth}): {ahead:.2f} images/s   "
-          f"ratio {ahead / serial:.2f}x   (limit {(args.restore_ms + decode_ms) / max(args.restore_ms, decode_ms):.2f}x)")
+          f"{read_ms:.1f} ms an image, writing its PNG {write_ms:.1f} ms (alone); restore stand-in {args.restore_ms:g} ms")
+    for write, label in ((False, "eval (read)"), (True, "restore (read + write)")):
+        loop, overlapped = n / best[(False, write)], n / best[(True, write)]
+        print(f"{label:<24} in the loop: {loop:6.2f} images/s   overlapped: {overlapped:6.2f} images/s   "
+              f"ratio {overlapped / loop:.2f}x")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""read_ahead: validation's and eval's image reading in a thread ahead of the restore."""
+"""read_ahead and WriteBehind: reading the next images and writing the last outputs in threads while
+validation, eval and restore run the model."""
 
 from __future__ import annotations
 
@@ -113,3 +114,46 @@ def test_eval_and_validation_decode_in_the_read_ahead_thread(tmp_path, monkeypat
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     result = run_eval(EvalOptions("none", str(folder), metrics=["piqe"], mlflow=False, device="cpu"))
     assert readers == ["read-ahead"] * 4 and len(result.images) == 4
+
+
+def test_write_behind_runs_writes_in_threads_and_raises_their_errors_in_order():
+    import errno
+
+    from uniremoval.io import WriteBehind
+
+    done: list[tuple[int, str]] = []
+    gate = threading.Event()
+
+    def write(i, fail=False):
+        gate.wait(10)
+        if fail:
+            raise OSError(errno.ENOSPC, "No space left on device", f"out/{i}.png")
+        done.append((i, threading.current_thread().name))
+
+    with WriteBehind(workers=2, pending=3) as w:
+        for i in range(3):
+            w.submit(write, i)  # returns at once: the writes wait on the gate
+        assert done == []
+        gate.set()
+    assert sorted(i for i, _ in done) == [0, 1, 2]  # the with-block waited for all
+    assert all(name.startswith("write-behind") for _, name in done)
+
+    gate.clear()
+    w = WriteBehind(workers=1, pending=2)
+    w.submit(write, 0, fail=True)
+    w.submit(write, 1)
+    threading.Timer(0.2, gate.set).start()
+    with pytest.raises(OSError, match="out/0.png"):
+        w.submit(write, 2)  # the queue is full: the oldest write is waited for, and its error raised
+    w.close()
+    assert [i for i, _ in done][-1] == 1  # the write after the failed one still ran
+
+    # A with-block left by the caller's error reports that error; the queued writes are dropped.
+    gate.clear()
+    done.clear()
+    with pytest.raises(KeyError), WriteBehind(workers=1, pending=5) as w:
+        for i in range(4):
+            w.submit(write, i)
+        threading.Timer(0.2, gate.set).start()
+        raise KeyError("the caller's")
+    assert len(done) <= 1  # only the write already running finished

@@ -723,3 +723,56 @@ def test_restore_shows_the_tiles_of_a_large_image(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert re.search(r"tiles: .*\b\d/9 ", err), err  # 3 x 3 windows of 16 px at a stride of 12
     assert Image.open(tmp_path / "out" / "big.png").size == (40, 40)
+
+
+def test_restore_reads_ahead_and_writes_behind_and_a_failed_write_still_stops_it(tmp_path, capsys, monkeypatch) -> None:
+    """restore decodes the next image in the read-ahead thread and encodes the outputs in write-behind
+    threads while it restores (at 720p a PNG takes longer to encode than a GPU to restore it). A write
+    that fails (a full disk) still ends the command with the error naming the file, the outputs written
+    before it complete and no temporary left."""
+    import errno
+    import threading
+
+    import uniremoval.eval.restore as restore_mod
+
+    model = MPRNet("tiny").eval()
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", model, {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(rand_u8(20, 28, seed=i)).save(src / f"{i}.png")
+    threads: dict[str, list[str]] = {"read": [], "write": []}
+    read, write = restore_mod.read_image, restore_mod.write_png
+
+    def reading(path, *a, **kw):
+        threads["read"].append(threading.current_thread().name)
+        return read(path, *a, **kw)
+
+    def writing(path, *a, **kw):
+        threads["write"].append(threading.current_thread().name)
+        if Path(path).name == "3.png" and "full" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, *a, **kw)
+
+    monkeypatch.setattr(restore_mod, "read_image", reading)
+    monkeypatch.setattr(restore_mod, "write_png", writing)
+    args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--device", "cpu", "--output"]
+    assert main([*args, str(tmp_path / "out")]) == 0
+    assert threads["read"] == ["read-ahead"] * 5
+    assert len(threads["write"]) == 5 and all(t.startswith("write-behind") for t in threads["write"])
+    for i in range(5):  # the outputs are the model's, as written in the loop before
+        expected = restore_tensor(model, read(src / f"{i}.png").unsqueeze(0), "minus_one_one")[0]
+        got = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / f"{i}.png")).transpose(2, 0, 1).copy())
+        assert (got.float() / 255 - expected).abs().max() <= 0.5 / 255 + 1e-6
+    capsys.readouterr()
+
+    full = tmp_path / "full"
+    assert main([*args, str(full)]) != 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(full / "3.png") in err
+    assert "restored" not in err  # no success line
+    written = sorted(p.name for p in full.iterdir())
+    assert {"0.png", "1.png", "2.png"} <= set(written) and "3.png" not in written
+    assert not [n for n in written if n.endswith(".tmp")]
+    for name in written:
+        Image.open(full / name).load()  # complete files

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from uniremoval.data.read_ahead import read_ahead
     from uniremoval.data.readers import IMAGE_EXTS
     from uniremoval.errors import DataError, UniremovalError
     from uniremoval.eval.restore import (
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         write_png,
         written_by_restore,
     )
+    from uniremoval.io import WriteBehind
     from uniremoval.models.checkpoint import load_checkpoint
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
@@ -169,43 +171,57 @@ def run(args: argparse.Namespace) -> int:
             tiles_bar.append(tqdm(total=total, desc="  tiles", unit="tile", file=sys.stderr, leave=False))
         tiles_bar[0].update(done - tiles_bar[0].n)
 
-    for src, dst in tqdm(plan, desc="restore", unit="img", file=sys.stderr):
-        try:
-            x = read_image(src)
-            h, w = x.shape[-2:]
-            short = untiled_shortfall(model, h, w, 1, args.tile, free)
-            if short:
-                # On the CPU the kernel kills a process that runs out (no error to catch, and this
-                # summary is lost): an image that surely does not fit is skipped, saying what it needs.
+    def decoded():
+        """(src, dst, image or None, the reading's error or None), read a step ahead in a thread
+        (read_ahead): an image that fails to read is skipped below like one that fails to restore."""
+        for src, dst in plan:
+            try:
+                yield src, dst, read_image(src), None
+            except Exception as exc:  # noqa: BLE001 - raised again in the loop, where it is handled
+                yield src, dst, None, exc
+
+    # Decoding the next image and encoding the last outputs (2 threads) overlap the restore: at 720p a
+    # PNG takes ~330 ms to encode, longer than a GPU takes to restore it.
+    with WriteBehind(workers=2, pending=2) as writer:
+        for src, dst, x, read_error in tqdm(read_ahead(decoded(), depth=1), total=len(plan), desc="restore",
+                                             unit="img", file=sys.stderr):
+            try:
+                if read_error is not None:
+                    raise read_error
+                h, w = x.shape[-2:]
+                short = untiled_shortfall(model, h, w, 1, args.tile, free)
+                if short:
+                    # On the CPU the kernel kills a process that runs out (no error to catch, and this
+                    # summary is lost): an image that surely does not fit is skipped, saying what it needs.
+                    failed.append(str(src))
+                    tqdm.write(f"skipped: {src}: {short}; rerun with --tile 512 (or smaller)", file=sys.stderr)
+                    continue
+                y = restore_tensor(
+                    model,
+                    x.unsqueeze(0),
+                    input_range,
+                    tile=args.tile,
+                    tile_overlap=overlap,
+                    batch_size=args.batch_size,
+                    on_tiles=on_tiles,
+                )
+                writer.submit(write_png, dst, y[0].cpu(), icc_profile=rgb_icc_profile(src))
+            except DataError as exc:
                 failed.append(str(src))
-                tqdm.write(f"skipped: {src}: {short}; rerun with --tile 512 (or smaller)", file=sys.stderr)
-                continue
-            y = restore_tensor(
-                model,
-                x.unsqueeze(0),
-                input_range,
-                tile=args.tile,
-                tile_overlap=overlap,
-                batch_size=args.batch_size,
-                on_tiles=on_tiles,
-            )
-            write_png(dst, y[0], icc_profile=rgb_icc_profile(src))
-        except DataError as exc:
-            failed.append(str(src))
-            tqdm.write(f"skipped: {exc}", file=sys.stderr)
-        except torch.cuda.OutOfMemoryError:
-            failed.append(str(src))
-            torch.cuda.empty_cache()
-            tqdm.write(f"skipped: {src}: out of GPU memory; try --tile 512 (or smaller)", file=sys.stderr)
-        except (MemoryError, RuntimeError) as exc:
-            # On CPU an allocation that does not fit is a RuntimeError from torch's allocator.
-            if not isinstance(exc, MemoryError) and not _cpu_out_of_memory(exc):
-                raise
-            failed.append(str(src))
-            tqdm.write(f"skipped: {src}: out of memory; try --tile 512 (or smaller)", file=sys.stderr)
-        finally:
-            if tiles_bar:
-                tiles_bar.pop().close()
+                tqdm.write(f"skipped: {exc}", file=sys.stderr)
+            except torch.cuda.OutOfMemoryError:
+                failed.append(str(src))
+                torch.cuda.empty_cache()
+                tqdm.write(f"skipped: {src}: out of GPU memory; try --tile 512 (or smaller)", file=sys.stderr)
+            except (MemoryError, RuntimeError) as exc:
+                # On CPU an allocation that does not fit is a RuntimeError from torch's allocator.
+                if not isinstance(exc, MemoryError) and not _cpu_out_of_memory(exc):
+                    raise
+                failed.append(str(src))
+                tqdm.write(f"skipped: {src}: out of memory; try --tile 512 (or smaller)", file=sys.stderr)
+            finally:
+                if tiles_bar:
+                    tiles_bar.pop().close()
     done = len(plan) - len(failed)
     print(f"restored {done} of {len(plan)} image(s) into {out_root}", file=sys.stderr)
     if failed:

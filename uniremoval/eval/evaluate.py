@@ -40,6 +40,7 @@ mean of the dataset is null too, with a warning naming the images.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -328,6 +329,9 @@ def score_items(
     """Per-image records `{"name", metric: value, ...}` for `items`, same-size images batched."""
     import torch
 
+    from uniremoval.eval.restore import write_png
+    from uniremoval.io import WriteBehind
+
     records: list[dict[str, Any]] = []
     buckets: dict[tuple[int, int], list[Item]] = {}
 
@@ -355,21 +359,21 @@ def score_items(
             if it.domain:
                 rec["_domain"] = it.domain
             records.append(rec)
-            if save_dir is not None:
-                from uniremoval.eval.restore import write_png
+            if writer is not None:
+                writer.submit(write_png, Path(save_dir) / saved_name(it.name), out[i].cpu())
 
-                write_png(Path(save_dir) / saved_name(it.name), out[i].cpu())
-
-    for it in items:
-        h, w = it.image.shape[-2:]
-        scorer.check_size(h, w, it.name)
-        buckets.setdefault((h, w), []).append(it)
-        if len(buckets[(h, w)]) >= batch_size:
-            flush((h, w))
-        elif sum(len(b) for b in buckets.values()) >= MAX_BUFFERED_BATCHES * batch_size:
-            flush(max(buckets, key=lambda k: len(buckets[k])))
-    for key in list(buckets):
-        flush(key)
+    # --save-images: the PNGs are encoded in threads while the next batch is restored and scored
+    with WriteBehind(workers=2, pending=2 * batch_size) if save_dir is not None else contextlib.nullcontext() as writer:
+        for it in items:
+            h, w = it.image.shape[-2:]
+            scorer.check_size(h, w, it.name)
+            buckets.setdefault((h, w), []).append(it)
+            if len(buckets[(h, w)]) >= batch_size:
+                flush((h, w))
+            elif sum(len(b) for b in buckets.values()) >= MAX_BUFFERED_BATCHES * batch_size:
+                flush(max(buckets, key=lambda k: len(buckets[k])))
+        for key in list(buckets):
+            flush(key)
     return records
 
 

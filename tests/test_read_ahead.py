@@ -74,7 +74,8 @@ def test_depth_must_be_positive():
 
 def test_eval_and_validation_decode_in_the_read_ahead_thread(tmp_path, monkeypatch):
     """`uniremoval eval` and a stage's validation decode their images in the read-ahead thread (the
-    main thread meanwhile restores the previous ones), and score every image once."""
+    main thread meanwhile restores the previous ones), and score every image once; eval's
+    --save-images PNGs are encoded in the write-behind threads."""
     import sys
     from pathlib import Path
     from types import SimpleNamespace
@@ -112,8 +113,16 @@ def test_eval_and_validation_decode_in_the_read_ahead_thread(tmp_path, monkeypat
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    result = run_eval(EvalOptions("none", str(folder), metrics=["piqe"], mlflow=False, device="cpu"))
+    writers: list[str] = []
+    write = restore_mod.write_png
+    monkeypatch.setattr(restore_mod, "write_png",
+                        lambda *a, **kw: (writers.append(threading.current_thread().name), write(*a, **kw))[1])
+    saved = tmp_path / "saved"
+    result = run_eval(EvalOptions("none", str(folder), metrics=["piqe"], mlflow=False, device="cpu",
+                                  save_images=str(saved)))
     assert readers == ["read-ahead"] * 4 and len(result.images) == 4
+    assert len(writers) == 4 and all(w.startswith("write-behind") for w in writers)  # --save-images
+    assert sorted(p.name for p in saved.glob("*.png")) == [f"{i}.png" for i in range(4)]
 
 
 def test_write_behind_runs_writes_in_threads_and_raises_their_errors_in_order():

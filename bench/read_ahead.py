@@ -3,8 +3,8 @@ threads (what validation, `uniremoval eval` and `uniremoval restore` do now), si
 
 eval: eval's folder reader (`iter_folder`: decode, EXIF orientation, to a float tensor), then a sleep
 of --restore-ms for each image (on a GPU the host waits that long for the model), in the loop vs read
-ahead. restore: the same, plus `write_png` of the output (what `restore` and `eval --save-images`
-write), in the loop vs read ahead with the PNGs encoded behind in 2 threads.
+ahead. restore: the same, plus the output's PNG (what `restore` and `eval --save-images` write), in
+the loop (`write_png`) vs read ahead with the PNGs encoded in 2 threads and written behind the loop.
 
     .venv/bin/python bench/read_ahead.py                    # 24 photo-like 1280x720 PNGs, 100 ms restore
     .venv/bin/python bench/read_ahead.py --data DIR --restore-ms 50
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from uniremoval.data.read_ahead import read_ahead
     from uniremoval.eval.evaluate import iter_folder
-    from uniremoval.eval.restore import write_png
+    from uniremoval.eval.restore import png_bytes, write_png
     from uniremoval.io import WriteBehind
 
     torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                     if write:
                         out = Path(tmp) / "out" / f"{i}.png"
                         if writer is not None:
-                            writer.submit(write_png, out, item.image)
+                            writer.submit(out, png_bytes, item.image)
                         else:
                             write_png(out, item.image)
             return time.perf_counter() - t0

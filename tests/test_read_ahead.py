@@ -114,9 +114,9 @@ def test_eval_and_validation_decode_in_the_read_ahead_thread(tmp_path, monkeypat
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     writers: list[str] = []
-    write = restore_mod.write_png
-    monkeypatch.setattr(restore_mod, "write_png",
-                        lambda *a, **kw: (writers.append(threading.current_thread().name), write(*a, **kw))[1])
+    encode = restore_mod.png_bytes
+    monkeypatch.setattr(restore_mod, "png_bytes",
+                        lambda *a, **kw: (writers.append(threading.current_thread().name), encode(*a, **kw))[1])
     saved = tmp_path / "saved"
     result = run_eval(EvalOptions("none", str(folder), metrics=["piqe"], mlflow=False, device="cpu",
                                   save_images=str(saved)))
@@ -125,44 +125,51 @@ def test_eval_and_validation_decode_in_the_read_ahead_thread(tmp_path, monkeypat
     assert sorted(p.name for p in saved.glob("*.png")) == [f"{i}.png" for i in range(4)]
 
 
-def test_write_behind_runs_writes_in_threads_and_raises_their_errors_in_order():
-    import errno
-
+def test_write_behind_encodes_in_threads_writes_in_order_here_and_raises_errors_here(tmp_path, monkeypatch):
+    import uniremoval.io as io_mod
     from uniremoval.io import WriteBehind
 
-    done: list[tuple[int, str]] = []
+    encoded: list[str] = []
+    written: list[tuple[str, str]] = []
     gate = threading.Event()
+    write = io_mod.atomic_write_bytes
+    monkeypatch.setattr(io_mod, "atomic_write_bytes", lambda path, data: (
+        written.append((path.name, threading.current_thread().name)), write(path, data))[1])
 
-    def write(i, fail=False):
+    def encode(i, fail=False):
         gate.wait(10)
+        encoded.append(threading.current_thread().name)
         if fail:
-            raise OSError(errno.ENOSPC, "No space left on device", f"out/{i}.png")
-        done.append((i, threading.current_thread().name))
+            raise ValueError(f"image {i} cannot be encoded")
+        return f"image {i}".encode()
 
     with WriteBehind(workers=2, pending=3) as w:
         for i in range(3):
-            w.submit(write, i)  # returns at once: the writes wait on the gate
-        assert done == []
+            w.submit(tmp_path / f"{i}.png", encode, i)  # returns at once: the encodes wait on the gate
+        assert encoded == [] and written == []
         gate.set()
-    assert sorted(i for i, _ in done) == [0, 1, 2]  # the with-block waited for all
-    assert all(name.startswith("write-behind") for _, name in done)
+    assert [n for n, _ in written] == ["0.png", "1.png", "2.png"]  # in the order asked, all by the block's end
+    assert {t for _, t in written} == {"MainThread"} and all(t.startswith("write-behind") for t in encoded)
+    assert (tmp_path / "1.png").read_bytes() == b"image 1"
 
     gate.clear()
     w = WriteBehind(workers=1, pending=2)
-    w.submit(write, 0, fail=True)
-    w.submit(write, 1)
+    w.submit(tmp_path / "a.png", encode, 0, fail=True)
+    w.submit(tmp_path / "b.png", encode, 1)
     threading.Timer(0.2, gate.set).start()
-    with pytest.raises(OSError, match="out/0.png"):
-        w.submit(write, 2)  # the queue is full: the oldest write is waited for, and its error raised
+    with pytest.raises(ValueError, match="image 0 cannot be encoded"):
+        w.submit(tmp_path / "c.png", encode, 2)  # the queue is full: the oldest is waited for, its error raised
     w.close()
-    assert [i for i, _ in done][-1] == 1  # the write after the failed one still ran
+    assert (tmp_path / "b.png").read_bytes() == b"image 1" and not (tmp_path / "a.png").exists()
 
-    # A with-block left by the caller's error reports that error; the queued writes are dropped.
+    # A with-block left by the caller's error reports that error and writes nothing more; it does not wait
+    # for an encode that hangs (a daemon thread, abandoned).
     gate.clear()
-    done.clear()
+    written.clear()
+    t0 = time.monotonic()
     with pytest.raises(KeyError), WriteBehind(workers=1, pending=5) as w:
-        for i in range(4):
-            w.submit(write, i)
-        threading.Timer(0.2, gate.set).start()
+        for i in range(3):
+            w.submit(tmp_path / f"late{i}.png", encode, i)
         raise KeyError("the caller's")
-    assert len(done) <= 1  # only the write already running finished
+    assert time.monotonic() - t0 < 5 and written == []
+    gate.set()

@@ -338,7 +338,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path: Pa
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / "one.png"))
 
-    monkeypatch.setattr("uniremoval.eval.restore.write_png", read_only)
+    monkeypatch.setattr("uniremoval.io.atomic_write_bytes", read_only)  # restore's writes (io.WriteBehind)
     assert main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out"),
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -727,13 +727,14 @@ def test_restore_shows_the_tiles_of_a_large_image(tmp_path: Path, capsys) -> Non
 
 def test_restore_reads_ahead_and_writes_behind_and_a_failed_write_still_stops_it(tmp_path, capsys, monkeypatch) -> None:
     """restore decodes the next image in the read-ahead thread and encodes the outputs in write-behind
-    threads while it restores (at 720p a PNG takes longer to encode than a GPU to restore it). A write
-    that fails (a full disk) still ends the command with the error naming the file, the outputs written
-    before it complete and no temporary left."""
+    threads while it restores (at 720p a PNG takes longer to encode than a GPU to restore it); the files
+    are written from the main thread. A write that fails (a full disk) still ends the command with the
+    error naming the file, the outputs written before it complete and no temporary left."""
     import errno
     import threading
 
     import uniremoval.eval.restore as restore_mod
+    import uniremoval.io as io_mod
 
     model = MPRNet("tiny").eval()
     ckpt = save_checkpoint(tmp_path / "ck" / "student", model, {"step": 1})
@@ -741,25 +742,31 @@ def test_restore_reads_ahead_and_writes_behind_and_a_failed_write_still_stops_it
     src.mkdir()
     for i in range(5):
         Image.fromarray(rand_u8(20, 28, seed=i)).save(src / f"{i}.png")
-    threads: dict[str, list[str]] = {"read": [], "write": []}
-    read, write = restore_mod.read_image, restore_mod.write_png
+    threads: dict[str, list[str]] = {"read": [], "encode": []}
+    read, encode = restore_mod.read_image, restore_mod.png_bytes
 
     def reading(path, *a, **kw):
         threads["read"].append(threading.current_thread().name)
         return read(path, *a, **kw)
 
-    def writing(path, *a, **kw):
-        threads["write"].append(threading.current_thread().name)
+    def encoding(*a, **kw):
+        threads["encode"].append(threading.current_thread().name)
+        return encode(*a, **kw)
+
+    write = io_mod.atomic_write_bytes
+
+    def writing(path, data):  # the disk fills up at the fourth output
         if Path(path).name == "3.png" and "full" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return write(path, *a, **kw)
+        return write(path, data)
 
     monkeypatch.setattr(restore_mod, "read_image", reading)
-    monkeypatch.setattr(restore_mod, "write_png", writing)
+    monkeypatch.setattr(restore_mod, "png_bytes", encoding)
+    monkeypatch.setattr(io_mod, "atomic_write_bytes", writing)
     args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--device", "cpu", "--output"]
     assert main([*args, str(tmp_path / "out")]) == 0
     assert threads["read"] == ["read-ahead"] * 5
-    assert len(threads["write"]) == 5 and all(t.startswith("write-behind") for t in threads["write"])
+    assert len(threads["encode"]) == 5 and all(t.startswith("write-behind") for t in threads["encode"])
     for i in range(5):  # the outputs are the model's, as written in the loop before
         expected = restore_tensor(model, read(src / f"{i}.png").unsqueeze(0), "minus_one_one")[0]
         got = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / f"{i}.png")).transpose(2, 0, 1).copy())

@@ -135,33 +135,68 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 class WriteBehind:
-    """File writes run in `workers` threads while the caller goes on to the next image (PNG's zlib
-    releases the GIL: a 720p image takes ~330 ms to encode at PIL's default level, longer than a GPU
-    restores it). At most `pending` writes are queued, each holding its image. A write's error is
-    raised in the caller, at its next `submit` or at `close`, in the order the writes were asked
-    for; a with-block left by an exception lets the running writes finish and drops the queued ones.
+    """Files encoded in `workers` threads while the caller goes on to the next image (PNG's zlib
+    releases the GIL: a 720p image takes 175-330 ms to encode, longer than a GPU restores it), and
+    written, in the order asked, from the caller's thread (`atomic_write_bytes`).
+
+    `submit(path, encode, *args)`: `encode(*args)` returns the file's bytes. The bytes of finished
+    encodes are written at the next `submit`, and every one at `close` (at most `pending` wait,
+    each holding its image). An encode's or a write's error is raised in the caller there. The file
+    system work stays in the caller's thread, so Ctrl-C or SIGTERM interrupt a write as they did
+    (its temporary removed, the file it replaces intact); the encoders are daemon threads that hold
+    no file, abandoned when a with-block is left by an exception (the process is ending).
     """
 
     def __init__(self, workers: int = 2, pending: int = 4) -> None:
+        import queue
+        import threading
         from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write-behind")
-        self._pending: deque = deque()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: deque = deque()  # (path, Future) in the order asked
         self._limit = max(1, pending)
+        self._threads = [threading.Thread(target=self._encode, name=f"write-behind-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
 
-    def submit(self, fn, /, *args, **kwargs) -> None:
-        while self._pending and (self._pending[0].done() or len(self._pending) >= self._limit):
-            self._pending.popleft().result()  # a failed write raises here
-        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+    def _encode(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            fn, args, kwargs, future = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by result()
+                future.set_exception(exc)
+
+    def submit(self, path: str | os.PathLike, encode, /, *args, **kwargs) -> None:
+        from concurrent.futures import Future
+
+        while self._pending and (self._pending[0][1].done() or len(self._pending) >= self._limit):
+            self._write_oldest()
+        future: Future = Future()
+        self._tasks.put((encode, args, kwargs, future))
+        self._pending.append((path, future))
+
+    def _write_oldest(self) -> None:
+        path, future = self._pending.popleft()
+        atomic_write_bytes(path, future.result())
 
     def close(self) -> None:
-        """Wait for every write; raise the first one's error."""
+        """Write every file (waiting for its encode); raise the first error."""
         try:
             while self._pending:
-                self._pending.popleft().result()
+                self._write_oldest()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stop()
+
+    def _stop(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        for _ in self._threads:
+            self._tasks.put(None)
 
     def __enter__(self) -> Self:
         return self
@@ -169,9 +204,8 @@ class WriteBehind:
     def __exit__(self, kind, exc, tb) -> None:
         if kind is None:
             self.close()
-        else:  # the caller's error is the one to report: queued writes are dropped, running ones end
-            self._pending.clear()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        else:  # the caller's error is the one to report: nothing more is written
+            self._stop()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -63,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
         available_memory,
         list_images,
         other_formats_note,
+        png_bytes,
         read_image,
         restore_tensor,
         rgb_icc_profile,
         tiling_problem,
         untiled_shortfall,
-        write_png,
         written_by_restore,
     )
     from uniremoval.io import WriteBehind
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size,
                     on_tiles=on_tiles,
                 )
-                writer.submit(write_png, dst, y[0].cpu(), icc_profile=rgb_icc_profile(src))
+                writer.submit(dst, png_bytes, y[0].cpu(), icc_profile=rgb_icc_profile(src))
             except DataError as exc:
                 failed.append(str(src))
                 tqdm.write(f"skipped: {exc}", file=sys.stderr)

@@ -329,7 +329,7 @@ def score_items(
     """Per-image records `{"name", metric: value, ...}` for `items`, same-size images batched."""
     import torch
 
-    from uniremoval.eval.restore import write_png
+    from uniremoval.eval.restore import png_bytes
     from uniremoval.io import WriteBehind
 
     records: list[dict[str, Any]] = []
@@ -360,7 +360,7 @@ def score_items(
                 rec["_domain"] = it.domain
             records.append(rec)
             if writer is not None:
-                writer.submit(write_png, Path(save_dir) / saved_name(it.name), out[i].cpu())
+                writer.submit(Path(save_dir) / saved_name(it.name), png_bytes, out[i].cpu())
 
     # --save-images: the PNGs are encoded in threads while the next batch is restored and scored
     with WriteBehind(workers=2, pending=2 * batch_size) if save_dir is not None else contextlib.nullcontext() as writer:

@@ -185,17 +185,26 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).cpu().numpy()
 
 
-def write_png(path: str | os.PathLike, tensor: Tensor, icc_profile: bytes | None = None) -> Path:
-    """Write a [0, 1] image tensor as an 8-bit RGB PNG, atomically, with `icc_profile` embedded."""
+def png_bytes(tensor: Tensor, icc_profile: bytes | None = None) -> bytes:
+    """A [0, 1] image tensor encoded as an 8-bit RGB PNG, `icc_profile` embedded: `write_png`'s bytes."""
+    import io
+
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
     img = Image.fromarray(to_uint8(tensor), mode="RGB")
     info = PngInfo()
     info.add_text(*WRITTEN_BY)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info, **({"icc_profile": icc_profile} if icc_profile else {}))
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, tensor: Tensor, icc_profile: bytes | None = None) -> Path:
+    """Write a [0, 1] image tensor as an 8-bit RGB PNG, atomically, with `icc_profile` embedded."""
+    path = Path(path)
     with atomic_writer(path, "wb") as fh:
-        img.save(fh, format="PNG", pnginfo=info, **({"icc_profile": icc_profile} if icc_profile else {}))
+        fh.write(png_bytes(tensor, icc_profile))
     return path
 
 

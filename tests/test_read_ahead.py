@@ -19,15 +19,16 @@ def _wait_for(cond, seconds=10.0):
     return cond()
 
 
+def _counted(n: int, made: list[int]):
+    """0..n-1, each noted in `made` as it is made (by the read-ahead thread)."""
+    for i in range(n):
+        made.append(i)
+        yield i
+
+
 def test_items_come_in_order_and_are_made_ahead_of_the_consumer():
     made: list[int] = []
-
-    def source():
-        for i in range(6):
-            made.append(i)
-            yield i
-
-    it = read_ahead(source(), depth=2)
+    it = read_ahead(_counted(6, made), depth=2)
     assert next(it) == 0
     # While the consumer holds item 0 (restoring it), the thread has made the next ones: 2 queued and
     # a third in hand, waiting for room.
@@ -51,13 +52,7 @@ def test_an_error_comes_after_the_items_before_it():
 
 def test_a_loop_left_early_stops_the_thread_without_reading_on():
     made: list[int] = []
-
-    def source():
-        for i in range(1000):
-            made.append(i)
-            yield i
-
-    it = read_ahead(source(), depth=3)
+    it = read_ahead(_counted(1000, made), depth=3)
     assert next(it) == 0
     assert _wait_for(lambda: len(made) == 5)
     it.close()

@@ -1,8 +1,8 @@
-"""Decode the next images while the current ones are restored.
+"""Decode the next images while the current ones are restored (or run through a teacher).
 
-Validation and `uniremoval eval` read one full-size image at a time in the main process (no loader
-workers: the sets are small, ordered, and split by rank), then restore and score it on the device,
-where the host waits. `read_ahead` runs the reading in a thread a few items ahead, so the decoding
+Validation, `uniremoval eval`, `restore` and the cache stage read one full-size image at a time in
+the main process (no loader workers: the sets are small, ordered, and split by rank), then run the
+model on it on the device, where the host waits. `read_ahead` runs the reading in a thread a few items ahead, so the decoding
 (PNG/JPEG decoders release the GIL) overlaps that wait instead of adding to it. The consumer sees
 the same items in the same order, and an error where the serial loop would have raised it.
 """
@@ -19,8 +19,8 @@ T = TypeVar("T")
 _END = object()
 
 
-def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """`items`, made in a background thread at most `depth` ahead of the consumer.
+def read_ahead(items: Iterable[T], depth: int = 2, name: str = "read-ahead") -> Iterator[T]:
+    """`items`, made in a background thread (`name`) at most `depth` ahead of the consumer.
 
     An exception raised while making an item is raised here after the items before it. Closing
     this generator (a loop left early, Ctrl-C in the consumer) stops the thread after the item it is
@@ -50,7 +50,7 @@ def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             return
         put((_END, None))
 
-    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:

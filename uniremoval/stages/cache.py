@@ -133,57 +133,6 @@ def run_teacher(teacher: Any, x: Any, cell: int, speed: Any) -> tuple[Any, Any]:
     return image.float(), feature.float()
 
 
-class _Ahead:
-    """Items of `it` produced by a background thread, up to `depth` ahead of the consumer (the next
-    inputs decode while the teacher runs). The producer's exception is raised to the consumer at
-    the point it happened; `close` stops the producer."""
-
-    _END = object()
-
-    def __init__(self, it: Any, depth: int) -> None:
-        import queue
-        import threading
-
-        self._queue: Any = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(it,), name="cache-decode", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, it: Any) -> None:
-        try:
-            for item in it:
-                if not self._put((item, None)):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put((self._END, exc))
-            return
-        self._put((self._END, None))
-
-    def __iter__(self) -> Any:
-        while True:
-            item, exc = self._queue.get()
-            if exc is not None:
-                raise exc
-            if item is self._END:
-                return
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: int, speed: Any,
                 want: dict[str, Any], progress: Any = None, batch_size: int = 1, workers: int = 0,
                 png_level: int | None = None, bad_samples: str = "skip") -> dict[str, Any]:
@@ -206,6 +155,7 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     import torch
 
     from uniremoval.data.pipelines import decode_sample
+    from uniremoval.data.read_ahead import read_ahead
     from uniremoval.data.shard_stream import ShardReadError, iter_shard
     from uniremoval.data.shardwriter import sample_members, tar_member
     from uniremoval.data.transforms import BULK_PNG_LEVEL, to_tensor
@@ -287,7 +237,8 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
         pending.clear()
         write_encoded(tar, wait=False)
 
-    source = _Ahead(decoded(), depth=2 * batch_size) if workers > 0 else None
+    # the next inputs decode while the teacher runs
+    source = read_ahead(decoded(), depth=2 * batch_size, name="cache-decode") if workers > 0 else None
     try:
         with atomic_writer(path, "wb") as fh:
             with tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:

@@ -415,6 +415,19 @@ def test_workers_below_one_are_refused_by_the_parser(tmp_path: Path, command: st
     assert "--workers: must be a whole number >= 1 (processes), got '-1'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["nan", "inf", "0", "-3", "big"])
+def test_a_shard_size_that_is_not_a_positive_number_is_refused_by_the_parser(tmp_path: Path, size: str,
+                                                                             capsys) -> None:
+    tree = Tree(tmp_path / "f")
+    tree.image("a.png", 8, 8)
+    with pytest.raises(SystemExit) as stop:
+        run_cli("build", "--format", "folder", "--root", str(tree.root), "--degradation", "haze",
+                "--out", str(tmp_path / "o"), "--shard-size-mb", size)
+    assert stop.value.code == 2
+    assert f"--shard-size-mb: must be a finite number > 0 (MB), got '{size}'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # verify and the manifest API
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -16,6 +17,22 @@ def whole_number(least: int, unit: str) -> Callable[[str], int]:
             value = least - 1
         if value < least:
             raise argparse.ArgumentTypeError(f"must be a whole number >= {least} ({unit}), got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_number(unit: str) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (of `unit`), else one usage error naming it
+    (float() takes 'nan' and 'inf', which would fail later with a traceback)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0 ({unit}), got {text!r}")
         return value
 
     return parse

@@ -426,10 +426,29 @@ def test_an_override_yaml_read_as_a_number_says_to_quote_it(kt_file):
 
 def test_a_boolean_is_not_a_number(kt_file):
     """pydantic's lax mode reads `true` as 1: `data.batch_size=true` trained with batches of one."""
-    msg = message(kt_file, ["data.batch_size=true"])
-    assert "override 'data.batch_size=true': section 'data': batch_size=true is a boolean; give a number" in msg
-    assert "lr=false is a boolean" in message(kt_file, ["optim.lr=false"])
+    msg = message(kt_file, ["data.pin_memory=false", "data.batch_size=true"])
+    assert ("override 'data.batch_size=true': key 'data.batch_size': bad value True: Value error, true is a "
+            "boolean; give a number") in msg
+    assert "data.pin_memory=false" not in msg  # the other override of the section is not blamed
+    assert "key 'optim.lr': bad value False: Value error, false is a boolean" in message(kt_file, ["optim.lr=false"])
     assert load_config(kt_file, ["train.cpu=true"]).train.cpu is True  # booleans stay booleans
+
+
+def test_an_error_names_the_file_of_extends_that_set_the_bad_value(kt_file, tmp_path):
+    """A bad value set in a file extending another was blamed on the base file (the first file that set
+    any key of the section), and a whole section set to null on the base file's keys under it."""
+    child = write(tmp_path / "child.yaml", f"extends: {kt_file}\ndata:\n  batch_size: yes\n")
+    assert f"{child}: key 'data.batch_size': bad value True" in message(child)
+    child = write(tmp_path / "null.yaml", f"extends: {kt_file}\noptim: null\n")
+    assert f"{child}: key 'optim': bad value None" in message(child)
+    # an error about a whole section: the layer that set a key of it last
+    base = write(tmp_path / "base.yaml", f"extends: {kt_file}\nfeatures:\n  layers: [relu1_1, relu2_1, relu3_1, "
+                 "relu4_1, relu5_1]\n")
+    child = write(tmp_path / "feat.yaml", f"extends: {base}\nfeatures:\n  layer_weights: [1.0]\n")
+    assert f"{child}: section 'features': layers has 5 entries but layer_weights has 1" in message(child)
+    grandchild = write(tmp_path / "grand.yaml", f"extends: {child}\nname: g\n")
+    assert f"{child}: section 'features'" in message(grandchild)
+    assert f"{grandchild}: section 'features'" not in message(grandchild)
 
 
 def test_every_batch_holding_every_type_is_checked_at_load(kt_file, tmp_path, monkeypatch):

@@ -37,18 +37,16 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, data):
-        if isinstance(data, dict):
-            for key, v in data.items():
-                field = cls.model_fields.get(key)
-                if not isinstance(v, bool) or field is None:
-                    continue
-                kinds = set(getattr(field.annotation, "__args__", ()) or ()) | {field.annotation}
-                if kinds & {int, float} and bool not in kinds:
-                    raise ValueError(f"{key}={str(v).lower()} is a boolean; give a number")
-        return data
+    def _no_bool_for_numbers(cls, v, info):
+        # Per field, so that the error's location is the key (and its file or override is named).
+        if isinstance(v, bool):
+            field = cls.model_fields[info.field_name]
+            kinds = set(getattr(field.annotation, "__args__", ()) or ()) | {field.annotation}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError(f"{str(v).lower()} is a boolean; give a number")
+        return v
 
 
 # --------------------------------------------------------------------------- sections
@@ -394,7 +392,11 @@ class EvalConfig(Strict):
 # --------------------------------------------------------------------------- stages
 
 
-class StageBase(Strict):
+class StageBase(BaseModel):
+    # The sections' rules without their boolean check: this level holds no number, and pydantic refuses
+    # a before-validator on every field here (it would include the `stage` discriminator).
+    model_config = Strict.model_config
+
     project: str = Field("uniremoval", min_length=1)
     name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     output_dir: str = "outputs"
@@ -559,10 +561,18 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[st
             raise ConfigError(f"{path}: key 'extends': base file not found: {base_path}")
         layer, layer_origin = _load_layers(base_path, (*seen, path))
         merged = deep_merge(merged, layer)
-        origin.update(layer_origin)
+        _set_origin(origin, layer_origin)
     merged = deep_merge(merged, data)
-    origin.update({k: path for k in flatten_keys(data)})
+    _set_origin(origin, {k: path for k in flatten_keys(data)})
     return merged, origin
+
+
+def _set_origin(origin: dict[str, Path], later: dict[str, Path]) -> None:
+    """Record a later layer's keys, moved to the end: `origin`'s order is then the order the keys were
+    last set in, and its last entries under a section are the layer that touched it last."""
+    for k, p in later.items():
+        origin.pop(k, None)
+        origin[k] = p
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -630,13 +640,20 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def _source_of(key: str, origin: dict[str, Path], overrides: dict[str, str], path: Path) -> str:
-    """The override or file that set dotted `key` (or a section above or below it)."""
-    source = next((f"override {overrides[k]!r}" for k in overrides if k == key or key.startswith(k + ".")
-                   or k.startswith(key + ".")), None)
-    if source is None:
-        source = str(next((origin[k] for k in origin if k == key or k.startswith(key + ".")
-                           or key.startswith(k + ".")), path))
-    return source
+    """The override or file that set dotted `key`: the one that set the key itself or a section above
+    it (overrides apply after every file); for an error about a whole section, the last one that set a
+    key inside it (the later layer wins, so it is the likeliest cause)."""
+    above = [k for k in overrides if k == key or key.startswith(k + ".")]
+    if above:
+        return f"override {overrides[above[-1]]!r}"
+    above = [k for k in origin if k == key or key.startswith(k + ".")]
+    if above:
+        return str(origin[above[-1]])
+    below = [k for k in overrides if k.startswith(key + ".")]
+    if below:
+        return f"override {overrides[below[-1]]!r}"
+    below = [k for k in origin if k.startswith(key + ".")]
+    return str(origin[below[-1]]) if below else str(path)
 
 
 def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Path], overrides: dict[str, str],

@@ -504,6 +504,40 @@ def test_a_cut_list_line_is_reported_not_unpaired_or_dropped(tmp_path: Path) -> 
         assert "holds 1 path(s) where 2 are expected" in issue["reason"]
 
 
+def test_an_input_listed_twice_is_written_once_and_one_listed_with_two_partners_never(tmp_path: Path) -> None:
+    """SPA and RealBlur list lines were taken one by one: a repeated line wrote its sample twice (the
+    second key given a _2), and a blurred image listed again with another scene's gt was written a
+    second time with that wrong target. Now a repeat is written once, and an input listed with other
+    partners (or in another split) is left out and reported, as the folder readers do."""
+    base = "RealBlur-J_ECC_IMCORR_centroid_itensity_ref"
+    realblur = tree_realblur(tmp_path / "rb")
+    train_list = realblur.root / "RealBlur_J_train_list.txt"
+    lines = train_list.read_text().splitlines()
+    train_list.write_text("\n".join([*lines, lines[1], f"{base}/scene002/gt/gt_2.png {base}/scene001/blur/blur_1.png",
+                                     ]) + "\n")
+    test_list = realblur.root / "RealBlur_J_test_list.txt"  # a train pair in the test list too: a leak
+    test_list.write_text(test_list.read_text() + f"{base}/scene002/gt/gt_1.png {base}/scene002/blur/blur_1.png\n")
+    spa = tree_spa(tmp_path / "spa")
+    spa_test = spa.root / "Testing/real_test_1000.txt"
+    spa_test.write_text(spa_test.read_text() + "/real_test_1000/rain/002.png /real_test_1000/gt/002gt.png\n")
+    for tree, fmt in ((realblur, "realblur"), (spa, "spa")):
+        out = tmp_path / f"{fmt}-out"
+        build(fmt, tree.root, out)
+        issues = {(i["kind"], i["path"]): i["reason"]
+                  for i in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
+        if fmt == "realblur":
+            for left_out in (f"{base}/scene001/blur/blur_1.png", f"{base}/scene002/blur/blur_1.png"):
+                del tree.expected[left_out]
+                assert "never guessed, so left out" in issues.pop(("duplicate", left_out))
+            assert issues.pop(("duplicate", f"{base}/scene001/blur/blur_2.png")) == (
+                "RealBlur_J_train_list.txt:5 repeats RealBlur_J_train_list.txt:2 (the same pair): written once")
+        else:
+            assert issues.pop(("duplicate", "Testing/real_test_1000/rain/002.png")) == (
+                "Testing/real_test_1000.txt:3 repeats Testing/real_test_1000.txt:2 (the same pair): written once")
+        assert not issues
+        check_samples(out, tree, fmt, *LAYOUTS[fmt][2:])  # each remaining pair exactly once, its own target
+
+
 def test_a_list_saved_with_a_bom_and_crlf_keeps_its_first_pair(tmp_path: Path) -> None:
     """A list file re-saved by a Windows editor (UTF-8 BOM, CRLF) lost its first pair as a
     missing_partner naming a path that looked right (the BOM glued to it)."""

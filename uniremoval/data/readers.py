@@ -612,10 +612,10 @@ def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
 
 def _read_pair_list(
     root: Path, list_file: Path, issues: list[Issue], columns: tuple[int, int | None], line_format: str
-) -> list[tuple[str, str | None]]:
-    """`input target` (or one column) per line, paths relative to the list file's folder;
-    `line_format` names the columns in messages."""
-    pairs: list[tuple[str, str | None]] = []
+) -> list[tuple[str, str | None, str]]:
+    """`input target` (or one column) per line, paths relative to the list file's folder, each with its
+    `list:line` (for `_listed_once`); `line_format` names the columns in messages."""
+    pairs: list[tuple[str, str | None, str]] = []
     real_paths = RealPaths(root)
     # utf-8-sig: a list saved by a Windows editor starts with a BOM, which would glue to its first path
     text = list_file.read_text(encoding="utf-8-sig", errors="replace")
@@ -655,8 +655,32 @@ def _read_pair_list(
                     )
                 )
                 continue
-            pairs.append((inp, tgt))
+            pairs.append((inp, tgt, where))
     return pairs
+
+
+def _listed_once(listed: list[tuple[Item, str]], issues: list[Issue]) -> list[Item]:
+    """The items of a dataset's list files (with each one's `list:line`), each input once. A line
+    repeating an earlier one (same pair, same split) is left out and reported; an input listed with
+    other partners or in other splits is never guessed: none of its lines is used, and it is reported."""
+    lines: dict[str, list[tuple[Item, str]]] = {}
+    for item, where in listed:
+        lines.setdefault(item.input, []).append((item, where))
+    items = []
+    for item, where in listed:
+        same_input = lines[item.input]
+        first, first_where = same_input[0]
+        if len(same_input) == 1 or (item is first and all(
+                (i.target, i.split) == (first.target, first.split) for i, _ in same_input)):
+            items.append(item)
+        elif all((i.target, i.split) == (first.target, first.split) for i, _ in same_input):
+            issues.append(Issue("duplicate", item.input, f"{where} repeats {first_where} (the same pair): "
+                                "written once", partner=item.target))
+        elif item is first:
+            each = "; ".join(f"{w}: {i.target or 'no target'} ({i.split})" for i, w in same_input)
+            issues.append(Issue("duplicate", item.input, f"listed {len(same_input)} times with other partners "
+                                f"or splits ({each}); never guessed, so left out: keep one of those lines"))
+    return items
 
 
 SPA_LISTS = {"real_test_1000.txt": "test", "real_world.txt": "train"}
@@ -681,12 +705,14 @@ def read_spa(root: Path, opts: ReaderOptions) -> ReadResult:
     lists = sorted(
         p for depth in ("*", "*/*", "*/*/*") for p in root.glob(depth) if p.name in SPA_LISTS and p.is_file()
     )
+    listed: list[tuple[Item, str]] = []
     for list_file in lists:
         split = SPA_LISTS[list_file.name]
         if opts.split and opts.split != split:
             continue
-        for inp, tgt in _read_pair_list(root, list_file, issues, (0, 1), "`rainy gt`"):
-            items.append(Item(inp, tgt, degradation, domain, reader, split, {"list": _rel(root, list_file)}))
+        for inp, tgt, where in _read_pair_list(root, list_file, issues, (0, 1), "`rainy gt`"):
+            listed.append((Item(inp, tgt, degradation, domain, reader, split, {"list": _rel(root, list_file)}), where))
+    items += _listed_once(listed, issues)
     # 2. Without lists: <dir>/rain (+ <dir>/gt) folders, e.g. real_test_1000/rain + real_test_1000/gt.
     if not lists:
         rain_dirs = sorted(
@@ -724,6 +750,7 @@ def read_realblur(root: Path, opts: ReaderOptions) -> ReadResult:
     issues: list[Issue] = []
     items: list[Item] = []
     found = []
+    listed: list[tuple[Item, str]] = []
     for subset in subsets:
         for split in splits:
             list_file = root / f"RealBlur_{subset}_{split}_list.txt"
@@ -731,8 +758,9 @@ def read_realblur(root: Path, opts: ReaderOptions) -> ReadResult:
                 continue
             found.append(list_file)
             # Lines are `gt_path blur_path`: the input (blurred) is the second column.
-            for inp, tgt in _read_pair_list(root, list_file, issues, (1, 0), "`gt_path blur_path`"):
-                items.append(Item(inp, tgt, degradation, domain, reader, split, {"subset": subset}))
+            for inp, tgt, where in _read_pair_list(root, list_file, issues, (1, 0), "`gt_path blur_path`"):
+                listed.append((Item(inp, tgt, degradation, domain, reader, split, {"subset": subset}), where))
+    items += _listed_once(listed, issues)
     if not found:
         wanted = " or ".join(f"RealBlur_{subsets[0]}_{split}_list.txt" for split in splits)
         raise _layout_error(reader, root, spec.layout, f"no {wanted}")

@@ -323,6 +323,7 @@ def test_missing_inputs_are_named_before_anything_starts(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards" / "ots").mkdir(parents=True)
+    (tmp_path / "shards" / "ots" / "ots-000000.tar").touch()
     # a project folder holding the shipped teacher configs (the hint names them where its command reads them)
     shutil.copytree(REPO / "configs" / "teacher", tmp_path / "configs" / "teacher")
     cfg = load_config(REPO / "configs" / "teacher" / "haze.yaml")
@@ -475,6 +476,45 @@ def test_every_batch_holding_every_type_is_checked_at_load(kt_file, tmp_path, mo
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
+def test_a_shard_source_that_lists_no_shards_is_named_before_anything_starts(tmp_path, monkeypatch):
+    """A shard path that exists but lists no shards (a folder of images, an unmerged array build, an
+    unfinished build), a pattern matching nothing or an empty path passed the check: a data.val one
+    failed at the first validation, val_every steps in, without naming its key."""
+    from uniremoval.cli import main
+    from uniremoval.config import check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards" / "rain").mkdir(parents=True)
+    (tmp_path / "shards" / "rain" / "rain-000000.tar").touch()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").touch()
+    (tmp_path / "array").mkdir()
+    (tmp_path / "array" / "manifest-job0.json").write_text("{}")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / ".build-state-0.json").write_text("{}")
+    teacher = write(tmp_path / "t.yaml", "stage: teacher\ndegradation: rain\ndata:\n  degradations: [rain]\n"
+                    "  train: [{name: r, shards: shards/rain}]\n  val: [{name: v, shards: shards/rain}]\n"
+                    "tracking: {uri: null}\n")
+    check_inputs(load_config(teacher))  # a folder of tars passes
+    merge = "array holds per-job manifests but no manifest.json: when every job has finished, run `uniremoval shards merge array`"
+    braces = "shards/rain/rain-{000000..000001}.tar"
+    for spec, said in (("photos", "photos holds neither manifest.json nor *.tar shards"),
+                       ("array", merge),
+                       ("cut", "cut holds an unfinished build"),
+                       ("shards/none-*.tar", "shard pattern shards/none-*.tar: no file matches"),
+                       (braces, f"shard pattern {braces}: 1 files missing, e.g. shards/rain/rain-000001.tar"),
+                       (f"file://{tmp_path}/photos", "photos holds neither manifest.json nor *.tar shards")):
+        with pytest.raises(ConfigError) as err:
+            check_inputs(load_config(teacher, [f"data.val.0.shards={spec}"]))
+        assert f"data.val.0 (v): {said}" in str(err.value).replace(str(tmp_path) + "/", ""), str(err.value)
+    check_inputs(load_config(teacher, ["data.val.0.shards=shards/rain/*.tar"]))  # a pattern that matches
+    with pytest.raises(ConfigError, match=r"key 'data.val.0.shards': bad value '': .*an empty shard path"):
+        load_config(teacher, ["data.val.0.shards=''"])
+    # the CLI refuses it before any run folder or MLflow store is made (status 2)
+    assert main(["train", "teacher", "--config", str(teacher), "data.val.0.shards=photos"]) == 2
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_shard_folder_of_another_degradation_is_named_before_anything_starts(tmp_path, monkeypatch):
     """A source pointed at another type's shards (rain shards as 'snow'): the cache ran the snow teacher
     over rain images and labelled its manifest snow, validation scored rain as snow, and training
@@ -487,7 +527,7 @@ def test_a_shard_folder_of_another_degradation_is_named_before_anything_starts(t
     for name, deg in (("rain_train", "rain"), ("snow_train", "snow"), ("rain_test", "rain")):
         (tmp_path / "shards" / name).mkdir(parents=True)
         (tmp_path / "shards" / name / "manifest.json").write_text(json.dumps(
-            {"dataset": name, "shards": [], "counts": {"total": 3, "degradation": {deg: 3}}}))
+            {"dataset": name, "shards": ["s-000000.tar"], "counts": {"total": 3, "degradation": {deg: 3}}}))
     teacher = write(tmp_path / "t.yaml", "stage: teacher\ndegradation: snow\ndata:\n  degradations: [snow]\n"
                     "  train: [{name: snow_train, shards: shards/snow_train}]\n"
                     "  val: [{name: snow_test, shards: shards/rain_test, degradation: snow}]\n")
@@ -516,7 +556,7 @@ def test_clear_shards_given_as_a_degraded_da_source_point_to_data_clear(tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards" / "photos").mkdir(parents=True)
     (tmp_path / "shards" / "photos" / "manifest.json").write_text(json.dumps(
-        {"dataset": "photos", "shards": [], "counts": {"total": 2, "degradation": {"clear": 2}}}))
+        {"dataset": "photos", "shards": ["s-000000.tar"], "counts": {"total": 2, "degradation": {"clear": 2}}}))
     da = write(tmp_path / "da.yaml", "stage: da\ndata:\n  degradations: [haze]\n  batch_size: 1\n"
                "  train: [{name: h, shards: shards/photos, degradation: haze}]\n")
     with pytest.raises(ConfigError) as err:
@@ -526,7 +566,7 @@ def test_clear_shards_given_as_a_degraded_da_source_point_to_data_clear(tmp_path
     assert "degradation: clear" not in msg
     # A folder of clear photos and another type's images: the type is suggested, never 'clear'
     (tmp_path / "shards" / "photos" / "manifest.json").write_text(json.dumps(
-        {"dataset": "photos", "shards": [], "counts": {"total": 5, "degradation": {"clear": 2, "rain": 3}}}))
+        {"dataset": "photos", "shards": ["s-000000.tar"], "counts": {"total": 5, "degradation": {"clear": 2, "rain": 3}}}))
     with pytest.raises(ConfigError) as err:
         check_inputs(load_config(da))
     msg = str(err.value)

@@ -444,6 +444,7 @@ def test_runs_checkpoints_of_a_stage_are_fetched_from_its_tracking_uri(tmp_path,
     monkeypatch.chdir(tmp_path)
     shards = tmp_path / "shards"
     shards.mkdir()
+    (shards / "s-000000.tar").touch()  # a shard folder (check_inputs lists it); these tests check the weights
     cfg = KTStage(stage="kt", output_dir=str(tmp_path / "out"), model={"preset": "tiny"},
                   data={"degradations": ["haze"], "train": [{"name": "s", "shards": str(shards), "degradation": "haze"}]},
                   teachers={"mode": "online", "checkpoints": {"haze": f"runs:/{rid}/weights/best"}},
@@ -470,6 +471,7 @@ def test_stages_take_teachers_and_init_weights_a_run_logged_to_mlflow(tmp_path, 
     spec = f"runs:/{rid}/weights/best"
     shards = tmp_path / "shards"
     shards.mkdir()
+    (shards / "s-000000.tar").touch()  # a shard folder (check_inputs lists it); these tests check the weights
     cfg = KTStage(stage="kt", output_dir=str(tmp_path / "out"), model={"preset": "tiny", "init": spec},
                   data={"degradations": ["haze"], "train": [{"name": "s", "shards": str(shards), "degradation": "haze"}]},
                   teachers={"mode": "online", "checkpoints": {"haze": spec}})

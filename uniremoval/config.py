@@ -122,6 +122,8 @@ class DataSource(Strict):
     def _not_empty(cls, v):
         if not v:
             raise ValueError("give at least one shard directory, pattern or URL")
+        if any(not s.strip() for s in v):  # '' is the working directory as a path
+            raise ValueError("an empty shard path; give a shard directory, pattern or URL")
         return v
 
 
@@ -886,10 +888,12 @@ def check_inputs(cfg: StageBase) -> None:
     """Refuse, before anything starts, a local input of a training or cache stage that is not there:
     shard folders (data.train/val/clear), model.init and teachers.checkpoints (a missing validation set
     was found only at the first validation, thousands of steps in), and a shard folder whose manifest
-    holds no sample of its source's degradation, or (DA's data.clear) no clear image nor target. URLs,
-    pipes and patterns pass; checkpoints a run logged to MLflow (runs:/<id>/weights/last) are fetched."""
+    holds no sample of its source's degradation, or (DA's data.clear) no clear image nor target. URLs
+    and pipes pass; a local folder, file: URL or pattern must list shards (`resolve_shards`); checkpoints a run
+    logged to MLflow (runs:/<id>/weights/last) are fetched."""
     from uniremoval.data.manifest import split_specs
-    from uniremoval.errors import CheckpointError
+    from uniremoval.data.shard_stream import resolve_shards
+    from uniremoval.errors import CheckpointError, DataError
     from uniremoval.models.checkpoint import resolve_weights
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
@@ -898,18 +902,26 @@ def check_inputs(cfg: StageBase) -> None:
     for section in ("train", "val", "clear"):
         for i, src in enumerate(getattr(cfg.data, section)):
             for spec in (part for entry in src.shards for part in split_specs(entry)):
-                if "://" in spec or spec.startswith(("pipe:", "file:")) or any(c in spec for c in "*?[{"):
-                    continue
-                if not Path(spec).exists():
+                if spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file:")):
+                    continue  # read when the stream opens it
+                where = f"data.{section}.{i} ({src.name})"
+                plain = not spec.startswith("file:") and not any(c in spec for c in "*?[{")
+                if plain and not Path(spec).exists():
                     made_by = ("`uniremoval cache --config configs/cache.yaml`" if isinstance(cfg, KTStage)
                                and section == "train" and cfg.teachers.mode == "cached"
                                else f"`uniremoval shards build|synth ... --out {spec}` (README: Data preparation)")
-                    missing.append(f"data.{section}.{i} ({src.name}): {spec} does not exist; {made_by} writes it")
-                elif wrong := (_other_degradation(cfg, src, Path(spec)) or
+                    missing.append(f"{where}: {spec} does not exist; {made_by} writes it")
+                    continue
+                try:  # a folder of no shards, an unmerged or unfinished build, a pattern matching nothing
+                    resolve_shards(spec)
+                except DataError as exc:
+                    missing.append(f"{where}: {exc}")
+                    continue
+                if plain and (wrong := (_other_degradation(cfg, src, Path(spec)) or
                                (_no_clear_image(spec) if section == "clear" and isinstance(cfg, DAStage) else None) or
                                (_no_pair(spec) if section == "val" and isinstance(cfg, (TeacherStage, KTStage))
-                                else None)):
-                    missing.append(f"data.{section}.{i} ({src.name}): {spec} {wrong}")
+                                else None))):
+                    missing.append(f"{where}: {spec} {wrong}")
     checkpoints: dict[str, tuple[str, str]] = {}
     if cfg.model.init:
         made_by = "`uniremoval train kt`" if isinstance(cfg, DAStage) else "a training stage"

@@ -887,6 +887,39 @@ def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_
     assert Trainer(c.cfg, c).fit(resume=str(source)).run_id is None
 
 
+def test_a_resume_against_a_store_without_its_run_logs_to_a_new_run_there(tmp_path):
+    """A resume whose checkpoint's MLflow run is not in the store used now (the default
+    sqlite:///mlflow.db of another working folder, another server) was told 'not found' on every call,
+    taken for an outage: 'unreachable', everything spooled for ever. It now logs to a new run there."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import TrackingConfig
+
+    first, other = (f"sqlite:///{tmp_path / name}" for name in ("first.db", "other.db"))
+    a = ToyStage(make_cfg(tmp_path, max_steps=6).model_copy(
+        update={"tracking": TrackingConfig(uri=first, experiment="moved")}))
+    ra = Trainer(a.cfg, a).fit()
+    b = ToyStage(make_cfg(tmp_path).model_copy(update={"tracking": TrackingConfig(uri=other, experiment="moved")}))
+    with pytest.warns(RuntimeWarning, match=rf"MLflow run {ra.run_id} \(the run this checkpoint was logged to\) "
+                                            rf"is not in {other}, the tracking store used now") as caught:
+        rb = Trainer(b.cfg, b).fit(resume="auto")
+    assert not [w for w in caught if "unreachable" in str(w.message)]
+    assert rb.step == 10 and rb.run_id not in (None, ra.run_id)
+    assert not (tmp_path / "toy" / "mlflow-spool.jsonl").exists()  # nothing held back
+    run = MlflowClient(other).get_run(rb.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_run"] == ra.run_id
+    assert [m.step for m in MlflowClient(other).get_metric_history(rb.run_id, "val/toy/err")] == [10]
+    assert "optim.lr" in run.data.params  # the config, as any new run
+    assert [m.step for m in MlflowClient(first).get_metric_history(ra.run_id, "val/toy/err")] == [5, 6]
+    # the next resume continues that new run (the checkpoints now name it), in the same store
+    c = ToyStage(make_cfg(tmp_path, epochs=3).model_copy(
+        update={"tracking": TrackingConfig(uri=other, experiment="moved")}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*MLflow", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="resuming .* train.epochs: 2 -> 3", category=RuntimeWarning)
+        assert Trainer(c.cfg, c).fit(resume="auto").run_id == rb.run_id
+
+
 class _Recorder:
     """A tracker that keeps what log_metrics got, as (step, metrics)."""
 

@@ -245,7 +245,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
                  run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
                  retry_s: float = 30.0, max_retry_s: float = 600.0, background: bool = False,
-                 replay_hint: str | None = None) -> None:
+                 replay_hint: str | None = None, new_run_if_missing: bool = False) -> None:
         self.uri = uri
         # How the user sends the spool later, when the job ends offline (default: --resume or replay_spool)
         self.replay_hint = replay_hint
@@ -253,6 +253,9 @@ class Tracker:
         self.run_name = run_name
         self.tags = dict(tags)
         self.run_id = run_id
+        # A run continued by id that this store does not hold: a new one here (a resume), or, when not
+        # asked (a spool's replay), the calls fail as before.
+        self._run_found = run_id is None or not new_run_if_missing
         self.retry_s = retry_s
         self.max_retry_s = max_retry_s
         self.failed_retries = 0  # since the server was last reached: doubles the wait before the next
@@ -422,6 +425,8 @@ class Tracker:
 
     def _ensure_run(self) -> None:
         if self.run_id is not None:
+            if not self._run_found:
+                self._find_run()
             return
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
@@ -437,6 +442,27 @@ class Tracker:
         run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         self.new_run = True
+        self._run_found = True
+
+    def _find_run(self) -> None:
+        """The run a resume continues must be in this store. A checkpoint trained against another one
+        (another server, or the default sqlite:///mlflow.db read from another folder) had every call
+        answered 'not found', taken for an outage: spooled for ever, its replay failing the same way.
+        The store answered: the job continues as a new run here, tagged resumed_from_run."""
+        try:
+            self.client.get_run(self.run_id)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise  # an outage: the caller spools, and the run is looked up again at the next try
+            old, self.run_id = self.run_id, None
+            self.tags = {**self.tags, "resumed_from_run": str(old)}
+            self._ensure_run()
+            warnings.warn(f"MLflow run {old} (the run this checkpoint was logged to) is not in {self.uri}, the "
+                          f"tracking store used now (trained against another tracking.uri, or the default "
+                          f"sqlite:///mlflow.db of another working folder?); this job logs to a new run "
+                          f"{self.run_id} there, tagged resumed_from_run={old}", RuntimeWarning, stacklevel=3)
+            return
+        self._run_found = True
 
     def _call(self, op: dict[str, Any], force_retry: bool = False) -> None:
         if self._queue is None:
@@ -581,6 +607,15 @@ MLFLOW_NAME_UNSAFE = re.compile(r"[^\w\-. :/]")
 _NAMED_OPS = ("metrics", "params", "tags")
 
 
+def _not_found(exc: BaseException) -> bool:
+    """The store answered that what was asked for (a run) does not exist (HTTP 404)."""
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        return False
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() == 404
+
+
 def _refused(exc: BaseException) -> bool:
     """The server (or MLflow's own check before sending) refused the call as invalid (HTTP 400);
     an unreachable, failing or overloaded server is an outage instead (5xx, 429, connection errors)."""
@@ -650,7 +685,7 @@ def start_run(cfg: Any, run_name: str, stage: str, degradation: str | None = Non
     uri = resolve_uri(cfg.tracking.uri)
     tracker = Tracker(uri, cfg.tracking.experiment or cfg.project, cfg.tracking.run_name or run_name,
                       run_tags(cfg, stage, degradation, extra_tags), run_id=run_id, spool_dir=spool_dir,
-                      background=background)
+                      background=background, new_run_if_missing=True)
     with finishing(tracker, done=None):  # stopped while logging the config: not RUNNING forever
         if tracker.new_run or (tracker.run_id is None):
             tracker.log_config(cfg)

@@ -476,6 +476,21 @@ def test_every_batch_holding_every_type_is_checked_at_load(kt_file, tmp_path, mo
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(("names", "said"), [
+    (["haze", "haze"], r"eval.data name\(s\) \['haze'\] are given twice"),
+    (["real/haze"], (r"eval.data name 'real/haze': eval's metric \(eval/<name>/<metric>\) and file names cannot "
+                    r"hold /; use letters, digits, spaces and _ - . :, e.g. 'real_haze'")),
+    ([".."], r"eval.data name '..': .* cannot be '.' or '..'"),
+])
+def test_eval_data_names_that_would_share_or_split_files_are_refused(tmp_path, names, said):
+    """Each eval.data source writes out-<name>.json/.csv and <save_images>/<name>/ and a run eval-<name>:
+    two sources of one name wrote the second's scores over the first's, silently; a '/' made folders."""
+    data = ", ".join(f"{{name: '{n}', shards: s{i}}}" for i, n in enumerate(names))
+    cfg = write(tmp_path / "e.yaml", f"stage: eval\neval:\n  data: [{data}]\n")
+    with pytest.raises(ConfigError, match=r"key 'eval.data'.*" + said):
+        load_config(cfg)
+
+
 def test_a_shard_source_that_lists_no_shards_is_named_before_anything_starts(tmp_path, monkeypatch):
     """A shard path that exists but lists no shards (a folder of images, an unmerged array build, an
     unfinished build), a pattern matching nothing or an empty path passed the check: a data.val one

@@ -1324,5 +1324,13 @@ def test_a_dataset_name_mlflow_refuses_is_cleaned_or_refused_before_scoring(tmp_
         ("FINISHED", ["eval/photos _2024_/piqe", "eval_undefined/photos _2024_/piqe"])]
     capsys.readouterr()
     assert main([*args, "--name", "RTTS (test)"]) == 2
-    assert "error: --name 'RTTS (test)': MLflow metric names (eval/<name>/<metric>) cannot hold ( )" in \
+    assert "error: --name 'RTTS (test)': eval's metric (eval/<name>/<metric>) and file names cannot hold ( )" in \
         capsys.readouterr().err
+    # '/' made its scores' artifact a path of folders: the run failed after scoring, out of the report
+    for name, said in (("haze/test", "cannot hold /; use letters, digits, spaces and _ - . :, e.g. 'haze_test'"),
+                       (".", "cannot be '.' or '..'")):
+        assert main([*args, "--name", name, "--json", str(tmp_path / "s.json")]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "s.json").exists()
+    assert len(runs) == len(MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("uniremoval").experiment_id]))  # no run was made

@@ -723,7 +723,7 @@ def test_a_cache_of_other_types_extends_the_shipped_config_dropping_its_teachers
     assert cfg.teachers.checkpoints == {"haze": "t/haze.safetensors", "snow": "t/snow.safetensors"}
 
 
-@pytest.mark.parametrize("names", [["mean", "b"], ["a", "a"], ["Rain100L (test)"]])
+@pytest.mark.parametrize("names", [["mean", "b"], ["a", "a"], ["Rain100L (test)"], ["sets/."]])
 def test_validation_sets_named_mean_or_twice_are_refused(tmp_path, names):
     """Each set logs val/<name>/psnr and val/mean/psnr is the mean over the sets: a set named
     "mean" had its PSNR overwritten by that mean (and best.safetensors chose by the mean, not the
@@ -737,7 +737,9 @@ def test_validation_sets_named_mean_or_twice_are_refused(tmp_path, names):
         "stage": "teacher", "degradation": "snow", "tracking": {"enabled": False},
         "data": {"degradations": ["snow"], "train": [{"name": "s", "shards": "s", "degradation": "snow"}], "val": val}})
     with pytest.raises(ConfigError, match=r"key 'data.val'.*(may not be named 'mean'|\['a'\] are given twice|"
-                                          r"'Rain100L \(test\)' holds \( \), which MLflow refuses.*'Rain100L _test_')"):
+                                          r"'Rain100L \(test\)': MLflow metric names \(val/<name>/<metric>\) cannot "
+                                          r"hold \( \); use .*'Rain100L _test_'|'sets/.': MLflow metric names "
+                                          r"\(val/<name>/<metric>\) cannot be '.' or '..', nor hold .*e.g. 'sets/_')"):
         load_config(cfg_file)
 
 

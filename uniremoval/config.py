@@ -186,14 +186,13 @@ class DataConfig(Strict):
         if "mean" in names:
             raise ValueError("a validation set may not be named 'mean': val/mean/psnr is the mean over the sets; "
                              "rename it")
-        from uniremoval.tracking import MLFLOW_NAME_UNSAFE
+        from uniremoval.tracking import dataset_name_fix, dataset_name_problem
 
         # MLflow refuses such a name in val/<name>/<metric>: the set would be scored and never logged.
         for n in names:
-            if bad := sorted(set(MLFLOW_NAME_UNSAFE.findall(n))):
-                raise ValueError(f"validation set name {n!r} holds {' '.join(bad)}, which MLflow refuses in "
-                                 f"val/<name>/<metric>; use letters, digits, spaces and _ - . : /, e.g. "
-                                 f"{MLFLOW_NAME_UNSAFE.sub('_', n)!r}")
+            if problem := dataset_name_problem(n):
+                raise ValueError(f"validation set name {n!r}: MLflow metric names (val/<name>/<metric>) {problem}; "
+                                 f"{dataset_name_fix(n)}")
         return v
 
     @field_validator("crop_size")
@@ -377,6 +376,23 @@ class EvalConfig(Strict):
     @classmethod
     def _no_cap(cls, v):
         return _refuse_max_samples(v, "eval.data")
+
+    @field_validator("data")
+    @classmethod
+    def _names(cls, v):
+        # Each source is one run eval-<name> writing -<name>.json/.csv and <save_images>/<name>/: a name
+        # given twice overwrote the other's files (silently), and a '/' in it made paths of folders.
+        from uniremoval.tracking import dataset_name_fix, dataset_name_problem
+
+        names = [s.name for s in v]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"eval.data name(s) {twice} are given twice; each source writes files and an MLflow "
+                             f"run of its name, so give each a name of its own")
+        for n in names:
+            if problem := dataset_name_problem(n, slash=False):
+                raise ValueError(f"eval.data name {n!r}: eval's metric (eval/<name>/<metric>) and file names "
+                                 f"{problem}; {dataset_name_fix(n, slash=False)}")
+        return v
 
     @field_validator("metrics")
     @classmethod

@@ -602,6 +602,28 @@ class Tracker:
 
 # What MLflow refuses in a metric, param or tag name, besides letters and digits (mlflow.utils.validation).
 MLFLOW_NAME_UNSAFE = re.compile(r"[^\w\-. :/]")
+# A dataset eval scores also names files and folders (-<name>.json, <save-images>/<name>/): no '/'.
+_FILE_NAME_UNSAFE = re.compile(r"[^\w\-. :]")
+
+
+def dataset_name_problem(name: str, slash: bool = True) -> str | None:
+    """Why `name` cannot name a dataset in metric names `<prefix>/<name>/<metric>` (MLflow refuses other
+    characters, and '.', '..' or empty parts between '/'s), or, without `slash`, in a file name too;
+    None when it can. `dataset_name_fix` says what to use instead."""
+    unsafe = MLFLOW_NAME_UNSAFE if slash else _FILE_NAME_UNSAFE
+    if bad := sorted(set(unsafe.findall(name))):
+        return f"cannot hold {' '.join(bad)}"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "cannot be '.' or '..', nor hold such or empty parts between '/'s"
+    return None
+
+
+def dataset_name_fix(name: str, slash: bool = True) -> str:
+    """What to use instead (for messages): the characters allowed, and `name` with the others as '_'."""
+    unsafe = MLFLOW_NAME_UNSAFE if slash else _FILE_NAME_UNSAFE
+    parts = [p if p.strip(".") else "_" for p in unsafe.sub("_", name).split("/")]
+    allowed = "letters, digits, spaces and _ - . :" + (" /" if slash else "")
+    return f"use {allowed}, e.g. {'/'.join(parts)!r}"
 
 # The calls that carry several named values, each in the field of the call's own name.
 _NAMED_OPS = ("metrics", "params", "tags")

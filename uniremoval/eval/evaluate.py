@@ -62,7 +62,7 @@ from uniremoval.data.read_ahead import read_ahead
 from uniremoval.data.readers import IMAGE_EXTS
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
-from uniremoval.tracking import MLFLOW_NAME_UNSAFE
+from uniremoval.tracking import MLFLOW_NAME_UNSAFE, dataset_name_fix, dataset_name_problem
 
 if TYPE_CHECKING:
     import torch
@@ -587,10 +587,12 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     from accelerate import PartialState
 
     metrics = parse_metrics(opts.metrics)
-    if opts.mlflow and opts.name and (bad := sorted(set(MLFLOW_NAME_UNSAFE.findall(opts.name)))):
-        raise UniremovalError(f"--name {opts.name!r}: MLflow metric names (eval/<name>/<metric>) cannot hold "
-                              f"{' '.join(bad)}; use letters, digits, spaces and _ - . : /, e.g. "
-                              f"--name {MLFLOW_NAME_UNSAFE.sub('_', opts.name)!r}")
+    # With MLflow the name is in metric names (eval/<name>/<metric>) and in the scores' artifact files
+    # (eval-<name>.json): none of what MLflow refuses, and no '/' (a config's eval.data names are checked
+    # alike at load: they name files and folders with MLflow off too).
+    if opts.mlflow and opts.name and (problem := dataset_name_problem(opts.name, slash=False)):
+        raise UniremovalError(f"--name {opts.name!r}: eval's metric (eval/<name>/<metric>) and file names {problem}; "
+                              f"{dataset_name_fix(opts.name, slash=False)}")
     check_distinct_outputs(opts.json_out, opts.csv_out)
     if opts.batch_size < 1:
         raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")

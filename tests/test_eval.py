@@ -1238,6 +1238,29 @@ def test_brisque_of_an_image_under_7_px_is_a_named_error(tmp_path, monkeypatch, 
     assert main(args) == 0  # 7 px is enough
 
 
+def test_scores_written_inside_the_save_images_folder_are_refused_before_scoring(tmp_path, capsys):
+    """--json/--csv inside --save-images DIR: the first run worked, and every rerun was refused as DIR
+    holding files eval did not write there (the swap would have lost them). Refused at once now."""
+    from uniremoval.cli import main
+
+    data = tmp_path / "d"
+    _write_pngs(data, 1, [(32, 32)], seed=0)
+    res = tmp_path / "res"
+    base = ["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "psnr", "--device", "cpu", "--no-mlflow",
+            "--save-images", str(res)]
+    for option in ("--json", "--csv"):
+        assert main([*base, option, str(res / "sub" / "scores.txt")]) == 2
+        assert (f"error: {option} {res / 'sub' / 'scores.txt'} is inside --save-images {res}, a folder eval replaces "
+                f"as a whole at each run; write the scores beside it (e.g. {option} {tmp_path / 'scores.txt'})"
+                ) in capsys.readouterr().err
+        assert not res.exists()
+    assert main([*base, "--json", str(tmp_path / "res.json")]) == 0  # beside it: fine, and again
+    assert main([*base, "--json", str(tmp_path / "res.json")]) == 0
+    with pytest.raises(UniremovalError, match=r"--csv .* is inside --save-images"):
+        run_eval(EvalOptions("none", str(data), metrics=["psnr"], mlflow=False, device="cpu", save_images=str(res),
+                             csv_out=str(res / "s.csv")))
+
+
 def test_save_images_inside_data_are_not_test_images_on_a_rerun(tmp_path, capsys):
     """`eval --data photos --save-images photos/restored`: the rerun scored its own earlier outputs
     too (4 images instead of 2, nested restored/restored); an eval's saved folder under --data is

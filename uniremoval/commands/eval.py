@@ -139,7 +139,7 @@ def handler(args) -> int:
     from uniremoval.tracking import resolve_uri
 
     for opts in jobs:  # every output checked before hours of scoring, not after
-        check_distinct_outputs(opts.json_out, opts.csv_out)
+        check_distinct_outputs(opts.json_out, opts.csv_out, opts.save_images)
         if opts.mlflow:
             resolve_uri(opts.tracking_uri)  # a URI MLflow cannot open
         for option, path, folder in (("--json", opts.json_out, False), ("--csv", opts.csv_out, False),

@@ -593,7 +593,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     if opts.mlflow and opts.name and (problem := dataset_name_problem(opts.name, slash=False)):
         raise UniremovalError(f"--name {opts.name!r}: eval's metric (eval/<name>/<metric>) and file names {problem}; "
                               f"{dataset_name_fix(opts.name, slash=False)}")
-    check_distinct_outputs(opts.json_out, opts.csv_out)
+    check_distinct_outputs(opts.json_out, opts.csv_out, opts.save_images)
     if opts.batch_size < 1:
         raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.crop_border < 0:
@@ -765,10 +765,19 @@ def write_outputs(result: EvalResult, json_out: str | None, csv_out: str | None)
         atomic_write_text(csv_out, csv_text(result))
 
 
-def check_distinct_outputs(json_out: str | None, csv_out: str | None) -> None:
+def check_distinct_outputs(json_out: str | None, csv_out: str | None, save_images: str | None = None) -> None:
     """Refuse --json and --csv naming one file (the CSV would overwrite the JSON), or both stdout
-    (`-`, /dev/stdout: the two would run together), before any work. /dev/null twice is fine."""
+    (`-`, /dev/stdout: the two would run together), or either inside --save-images (the folder is
+    replaced as a whole: the next run refused it as holding files eval did not write there), before
+    any work. /dev/null twice is fine."""
     from uniremoval.io import is_stdout, is_stream
+
+    folder = _staging_paths(save_images)[0].resolve() if save_images else None
+    for option, path in (("--json", json_out), ("--csv", csv_out)):
+        if folder is not None and path and not is_stream(path) and folder in Path(path).resolve().parents:
+            raise UniremovalError(f"{option} {path} is inside --save-images {save_images}, a folder eval replaces "
+                                  f"as a whole at each run; write the scores beside it (e.g. {option} "
+                                  f"{Path(save_images).parent / Path(path).name})")
 
     if json_out and csv_out and is_stdout(json_out) and is_stdout(csv_out):
         raise UniremovalError(f"--json {json_out} and --csv {csv_out} both go to stdout, where the two would run "

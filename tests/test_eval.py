@@ -1261,6 +1261,27 @@ def test_scores_written_inside_the_save_images_folder_are_refused_before_scoring
                              csv_out=str(res / "s.csv")))
 
 
+def test_an_image_folder_holding_a_tar_is_refused_not_read_as_shards(tmp_path, capsys):
+    """Any *.tar in --data made the folder a shard dataset: a folder of photos with a backup tar failed
+    on the tar ('bad sample in shard ... no input image'), its photos ignored unsaid."""
+    import tarfile
+
+    from uniremoval.cli import main
+
+    data = tmp_path / "photos"
+    _write_pngs(data, 2, [(32, 32)], seed=0)
+    with tarfile.open(data / "backup.tar", "w") as tar:
+        tar.add(data / "img00.png", arcname="img00.png")
+    args = ["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "piqe", "--device", "cpu", "--no-mlflow"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"error: --data {data} holds both tar files (backup.tar) and images (img00.png ...) and no manifest.json, "
+            f"so it is neither a shard dataset nor an image folder alone; give the tars (e.g. --data '{data}/*.tar') "
+            "or move them out of the image folder") in err
+    (data / "backup.tar").unlink()
+    assert main(args) == 0 and "photos: 2 images" in capsys.readouterr().out
+
+
 def test_save_images_inside_data_are_not_test_images_on_a_rerun(tmp_path, capsys):
     """`eval --data photos --save-images photos/restored`: the rerun scored its own earlier outputs
     too (4 images instead of 2, nested restored/restored); an eval's saved folder under --data is

@@ -145,7 +145,17 @@ def is_shard_source(data: str | list[str]) -> bool:
     p = Path(data)
     if "://" in data or data.startswith("pipe:") or "{" in data or len(split_specs(data)) > 1 or p.suffix in (".tar", ".json"):
         return True
-    return p.is_dir() and ((p / "manifest.json").is_file() or any(p.glob("*.tar")))
+    if not p.is_dir() or (p / "manifest.json").is_file():
+        return p.is_dir()
+    tars = sorted(p.glob("*.tar"))
+    if tars and (images := _images_under(p)):
+        # Neither is guessed: read as shards, a folder of photos with a backup tar in it failed on the tar
+        # (or, were the tar a shard, scored it alone and left the photos out unseen).
+        raise DataError(f"--data {data} holds both tar files ({tars[0].name}{' ...' if len(tars) > 1 else ''}) and "
+                        f"images ({images[0].relative_to(p).as_posix()}{' ...' if len(images) > 1 else ''}) and no "
+                        "manifest.json, so it is neither a shard dataset nor an image folder alone; give the tars "
+                        f"(e.g. --data '{p / '*.tar'}') or move them out of the image folder")
+    return bool(tars)
 
 
 def _images_under(root: Path, exclude: tuple[Path, ...] = (), others: list[Path] | None = None) -> list[Path]:

@@ -41,6 +41,23 @@ def test_resume_refuses_another_ablation_row(tmp_path, row, change):
         Trainer(longer, stage)._check_resumed_config(tmp_path, state)
 
 
+def test_table_v_holds_the_real_sets_only():
+    """Table V ('on the real sets') took the NR columns of every set the ablated rows were scored on,
+    synthetic test sets included (eval tags each run's domain); those stay in Tables I-III only."""
+    from uniremoval.eval.report import ModelRow, build_tables
+
+    scores = {("rtts", "piqe"): 30.0, ("sots", "piqe"): 25.0, ("photos", "piqe"): 40.0}
+    domain = {"rtts": "real", "sots": "synthetic"}  # photos: a folder, no tag
+    rows = [ModelRow(k, k, ablation={"use_gan": v}, scores=scores, domain=domain)
+            for k, v in (("a", "true"), ("b", "false"))]
+    tables = {t.title: t for t in build_tables(rows)}
+    assert tables["Real ablation: NR-IQA (Table V)"].columns == [("photos", "piqe"), ("rtts", "piqe")]
+    assert tables["NR-IQA (Tables I-III)"].columns == [("photos", "piqe"), ("rtts", "piqe"), ("sots", "piqe")]
+    synthetic_only = [ModelRow("a", "a", ablation={"use_gan": "true"}, scores={("sots", "piqe"): 1.0},
+                               domain={"sots": "synthetic"})]
+    assert "Real ablation: NR-IQA (Table V)" not in {t.title for t in build_tables(synthetic_only)}
+
+
 def test_report_flag_columns_are_those_of_the_tables_rows():
     """Every ablation table had a column for every flag of the experiment: Table IV (the three KT rows)
     showed DA's use_gan, use_idt, use_eicl and use_efcl as four empty columns beside use_icl/use_fcl.

@@ -270,8 +270,10 @@ def build_tables(rows: list[ModelRow]) -> list[Table]:
         if fr_cols:
             fr_rows = [r for r in rows if any(c in r.scores for c in fr_cols)]
             tables.append(Table(title, fr_cols, fr_rows, _flags(fr_rows)))
+    # Table V is on real sets: NR-IQA of synthetic ones (eval's `domain` tag) is left to Tables I-III;
+    # datasets without the tag (folders of photos) stay, as in Table IV.
     ablated = [r for r in rows if r.ablation]
-    nr_cols = _columns(ablated, "nr")
+    nr_cols = _columns(ablated, "nr", {d for d in nr_datasets if domain_of.get(d) != "synthetic"})
     if ablated and nr_cols:
         nr_rows = [r for r in ablated if any(c in r.scores for c in nr_cols)]
         tables.append(Table("Real ablation: NR-IQA (Table V)", nr_cols, nr_rows, _flags(nr_rows)))

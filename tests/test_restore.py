@@ -434,6 +434,12 @@ def test_list_images_skips_hidden_files_and_names_other_formats(tmp_path: Path) 
                                                             "does not read (.heic): ")
     # A hidden file named on its own is read: the user asked for it.
     assert list_images(tmp_path / "._a.JPG") == [tmp_path / "._a.JPG"]
+    # A GIF named on its own was restored (its first frame), though a folder's is left out and the
+    # README says GIF is not read: refused the same for any of those formats, naming the file.
+    Image.fromarray(rand_u8(4, 4)).save(tmp_path / "anim.GIF")
+    for name in ("anim.GIF", "sub/IMG_0001.HEIC"):
+        with pytest.raises(DataError, match=rf"input {tmp_path / name}: \.(gif|heic) images are not read here"):
+            list_images(tmp_path / name)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

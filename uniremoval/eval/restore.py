@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uniremoval.data.readers import walk_images
+from uniremoval.data.readers import OTHER_IMAGE_EXTS, walk_images
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.io import atomic_writer
 
@@ -253,6 +253,9 @@ def list_images(root: str | os.PathLike, others: list[Path] | None = None,
     `others` when given. A folder `skip` inside `root` (restore's --output there) is left out."""
     root = Path(root)
     if root.is_file():
+        if root.suffix.lower() in OTHER_IMAGE_EXTS:  # as in a folder, where it is left out with a note
+            raise DataError(f"input {root}: {root.suffix.lower()} images are not read here (see the README's "
+                            "Image files); convert it to PNG or JPEG")
         return [root]
     if not root.is_dir():
         raise DataError(f"input {root} does not exist")

@@ -717,6 +717,16 @@ def test_restore_into_the_input_folder_reruns_and_names_every_name_clash(tmp_pat
     assert re.search(r"error: 2 pair\(s\) of inputs would be written to one output .*a\.jpg and .*a\.tif -> "
                      r".*out/a\.png; .*b\.jpg and .*b\.tif -> .*out/b\.png; rename one of each pair", err), err
     assert not out.exists()
+    # a folder named like an image beside that image: one's output is the other's folder (it stopped
+    # mid-run with 'File exists', a partial output)
+    odd = tmp_path / "odd"
+    (odd / "weird.png").mkdir(parents=True)
+    Image.fromarray(rand_u8(12, 16, seed=3)).save(odd / "weird.png" / "a.jpg")
+    Image.fromarray(rand_u8(12, 16, seed=4)).save(odd / "weird.jpg")
+    assert main(["restore", "--checkpoint", str(ckpt), "--input", str(odd), "--output", str(out)]) == 2
+    assert (f"{odd / 'weird.jpg'} -> {out / 'weird.png'}, the folder of {odd / 'weird.png' / 'a.jpg'}'s output; "
+            "rename one of each pair") in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_restore_shows_the_tiles_of_a_large_image(tmp_path: Path, capsys) -> None:

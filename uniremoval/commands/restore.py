@@ -141,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
             foreign.append(dst)
         seen[dst] = src
         plan.append((src, dst))
+    # A folder named like an image (weird.png/a.jpg beside weird.jpg): one output is the other's folder.
+    folder_of = {parent: src for dst, src in seen.items() for parent in dst.parents if parent != out_root}
+    clashes += [f"{src} -> {dst}, the folder of {folder_of[dst]}'s output" for dst, src in seen.items()
+                if dst in folder_of]
     if clashes:
         more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
         raise UniremovalError(

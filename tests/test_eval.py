@@ -496,7 +496,7 @@ def test_folder_eval_on_real_users_files(tmp_path, capsys):
     # A tiny image is named, for SSIM (11x11 window) as for PIQE, not a bare 'got 5x7'.
     from uniremoval.eval.metrics import Scorer
 
-    with pytest.raises(UniremovalError, match=r"image 't\.png' is 5x7, but ssim needs at least 11x11"):
+    with pytest.raises(UniremovalError, match=r"image 't\.png' is 7x5, but ssim needs at least 11x11"):
         Scorer(["psnr", "ssim"], device="cpu").check_size(5, 7, "t.png")
 
 
@@ -1029,7 +1029,7 @@ def test_crop_border_size_errors_name_the_image_and_the_crop(tmp_path, capsys):
         return capsys.readouterr().err
 
     assert error("--metrics", "ssim", "--crop-border", "5") == (
-        "error: image 'img00.png' is 20x24; --crop-border 5 leaves 10x14 of it, but ssim needs at least 11x11: "
+        "error: image 'img00.png' is 24x20; --crop-border 5 leaves 14x10 of it, but ssim needs at least 11x11: "
         "lower --crop-border to 4 or less, or drop ssim from --metrics\n")
     assert "--crop-border 10 leaves nothing of it, but psnr needs at least 1x1: lower --crop-border to 9" in error(
         "--metrics", "psnr", "--crop-border", "10")
@@ -1233,7 +1233,7 @@ def test_brisque_of_an_image_under_7_px_is_a_named_error(tmp_path, monkeypatch, 
     args = ["eval", "--checkpoint", "none", "--data", str(data), "--metrics", "brisque", "--iqa-dir", str(iqa),
             "--no-mlflow"]
     assert main(args) == 2
-    assert "error: image 'thin.png' is 40x6, but brisque needs at least 7x7" in capsys.readouterr().err
+    assert "error: image 'thin.png' is 6x40, but brisque needs at least 7x7" in capsys.readouterr().err
     (data / "thin.png").unlink()
     assert main(args) == 0  # 7 px is enough
 
@@ -1323,13 +1323,13 @@ def test_a_too_small_or_non_image_file_stops_eval_before_anything_is_restored(tm
     opts = EvalOptions(str(ckpt), str(data), metrics=["piqe"], device="cpu", batch_size=1, mlflow=False)
 
     Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(data / "z_thin.png")
-    with pytest.raises(UniremovalError, match=r"image 'z_thin\.png' is 8x40, but piqe needs at least 16x16"):
+    with pytest.raises(UniremovalError, match=r"image 'z_thin\.png' is 40x8, but piqe needs at least 16x16"):
         run_eval(opts)
     (data / "z_thin.png").unlink()
     turned = Image.Exif()
     turned[0x0112] = 6  # stored 40 wide, shown 8 wide: named as shown, as the scoring loop names it
     Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(data / "z_turned.jpg", exif=turned.tobytes())
-    with pytest.raises(UniremovalError, match=r"image 'z_turned\.jpg' is 40x8, but piqe"):
+    with pytest.raises(UniremovalError, match=r"image 'z_turned\.jpg' is 8x40, but piqe"):
         run_eval(opts)
     (data / "z_turned.jpg").unlink()
     (data / "z_page.jpg").write_text("<html><body>404</body></html>")

@@ -95,7 +95,7 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int
     if crop_border:
         c = crop_border
         if x.shape[-1] <= 2 * c or x.shape[-2] <= 2 * c:
-            raise UniremovalError(f"--crop-border {c} leaves nothing of a {x.shape[-2]}x{x.shape[-1]} image")
+            raise UniremovalError(f"--crop-border {c} leaves nothing of a {x.shape[-1]}x{x.shape[-2]} image")
         x, y = x[..., c:-c, c:-c], y[..., c:-c, c:-c]
     return x, y
 
@@ -126,9 +126,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border:
     x, y = _prepare(x, y, y_channel, crop_border)
     _, c, h, w = x.shape
     if h < 11 or w < 11:
-        cropped = f" after --crop-border {crop_border} (from {h + 2 * crop_border}x{w + 2 * crop_border})" \
+        cropped = f" after --crop-border {crop_border} (from {w + 2 * crop_border}x{h + 2 * crop_border})" \
             if crop_border else ""
-        raise UniremovalError(f"SSIM needs images of at least 11x11 pixels, got {h}x{w}{cropped}")
+        raise UniremovalError(f"SSIM needs images of at least 11x11 pixels, got {w}x{h}{cropped}")
     win = _gaussian_window(dtype=x.dtype, device=x.device).expand(c, 1, 11, 11)
 
     def filt(t):
@@ -180,13 +180,13 @@ class Scorer:
             if min(height, width) - 2 * crop >= least:
                 continue
             if crop and min(height, width) >= least:
-                left = "nothing" if min(height, width) <= 2 * crop else f"{height - 2 * crop}x{width - 2 * crop}"
+                left = "nothing" if min(height, width) <= 2 * crop else f"{width - 2 * crop}x{height - 2 * crop}"
                 raise UniremovalError(
-                    f"image '{name}' is {height}x{width}; --crop-border {crop} leaves {left} of it, but {m} needs "
+                    f"image '{name}' is {width}x{height}; --crop-border {crop} leaves {left} of it, but {m} needs "
                     f"at least {least}x{least}: lower --crop-border to {(min(height, width) - least) // 2} or less, "
                     f"or drop {m} from --metrics")
             raise UniremovalError(
-                f"image '{name}' is {height}x{width}, but {m} needs at least {need}x{need}; "
+                f"image '{name}' is {width}x{height}, but {m} needs at least {need}x{need}; "
                 f"drop {m} from --metrics for this dataset"
             )
 

@@ -362,6 +362,12 @@ def test_a_tracking_uri_mlflow_cannot_open_stops_the_job_at_once(tmp_path, monke
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert main(["report", "--experiment", "e", "--tracking-uri", "bogus://x"]) == 2
     assert "error: tracking URI bogus://x: unknown tracking URI scheme 'bogus'" in capsys.readouterr().err
+    # the database file's path with no scheme: taken for a folder store (said to be one MLflow no longer opens)
+    db = tmp_path / "m.db"
+    db.write_bytes(b"SQLite format 3\x00")
+    assert main(["report", "--experiment", "e", "--tracking-uri", str(db)]) == 2
+    assert (f"error: tracking URI {db}: {db} is a file, and a path without a scheme names a folder store: for an "
+            f"SQLite database give sqlite:///{db}") in capsys.readouterr().err
 
 
 def test_a_sqlite_uri_that_is_not_a_database_is_one_error_line(tmp_path, monkeypatch, capsys):

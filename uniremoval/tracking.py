@@ -67,6 +67,10 @@ def uri_problem(uri: str) -> str | None:
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else "file"  # postgresql+psycopg2://
     if scheme not in URI_SCHEMES:
         return f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}"
+    if scheme == "file" and "://" not in uri and Path(uri).is_file():
+        # a path to the database itself: MLflow would take it for a folder store
+        return (f"{uri} is a file, and a path without a scheme names a folder store: for an SQLite database "
+                f"give sqlite:///{uri}")
     if scheme == "file" and not _file_store_allowed():
         import mlflow
 

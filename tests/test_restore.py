@@ -572,7 +572,9 @@ def test_tile_sizes_that_cannot_tile_are_refused_before_any_work(tmp_path: Path,
     for extra, want in ((["--tile", "32"], "--tile 32 with --tile-overlap 32 (the default): the tile must be"),
                         (["--tile", "16", "--tile-overlap", "16"], "--tile 16 with --tile-overlap 16: "),
                         (["--tile", "4", "--tile-overlap", "0"], "at least 8 px"),
-                        (["--batch-size", "0"], "--batch-size must be >= 1, got 0")):
+                        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                        # an overlap without tiles was ignored silently, a negative one too
+                        (["--tile-overlap", "-3"], "--tile-overlap -3 without --tile: images are restored whole")):
         assert main([*restore, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and want in err and "restore:" not in err, (extra, err)  # no progress bar

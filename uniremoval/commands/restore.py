@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--tile", type=int, default=None, help="tile size in px for large images (default: none)")
     p.add_argument("--tile-overlap", type=int, default=None,
                    help="overlap between tiles in px (default 32; less than --tile)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles (or images) per forward pass (default 4)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="tiles per forward pass with --tile (default 4); images are restored one at a time")
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
     )
@@ -76,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
     # Checked before any work: restore_tensor would refuse them only at the first image.
+    if args.tile_overlap is not None and args.tile is None:
+        raise UniremovalError(f"--tile-overlap {args.tile_overlap} without --tile: images are restored whole; "
+                              "give --tile too (e.g. --tile 512), or drop --tile-overlap")
     overlap = TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
     if problem := tiling_problem(args.tile, overlap):
         default = " (the default)" if args.tile_overlap is None else ""

@@ -367,6 +367,23 @@ def test_every_split_folder_is_read(tmp_path: Path) -> None:
         build("paired-folder", t.root, tmp_path / "d", "--degradation", "rain", "--split", "dev")
 
 
+def test_a_root_that_is_a_split_folder_takes_its_split_from_its_name(tmp_path: Path) -> None:
+    """--root Rain1400/testing (the layout itself, no --split) was labelled split train."""
+    tree = tree_rain1400(tmp_path / "Rain1400")
+    testing = Tree(tree.root / "testing", {k.removeprefix("testing/"): Expected(v.target.removeprefix("testing/"),
+                                                                                v.split, v.pid)
+                                          for k, v in tree.expected.items() if k.startswith("testing/")})
+    build("rain1400", testing.root, tmp_path / "t")
+    check_samples(tmp_path / "t", testing, "rain1400", "rain", "synthetic")  # split test, from the expectations
+    assert {json.loads(f["json"])["split"] for _, f in samples(tmp_path / "t")} == {"test"}
+    build("rain1400", testing.root, tmp_path / "asked", "--split", "val")  # --split still decides
+    assert {json.loads(f["json"])["split"] for _, f in samples(tmp_path / "asked")} == {"val"}
+    plain = tmp_path / "mine"  # any other name: train, as before
+    shutil.copytree(testing.root, plain)
+    build("rain1400", plain, tmp_path / "m")
+    assert {json.loads(f["json"])["split"] for _, f in samples(tmp_path / "m")} == {"train"}
+
+
 def test_spa_folder_layout(tmp_path: Path) -> None:
     """Without list files: real_test_1000/rain + real_test_1000/gt (<n>gt names), and unpaired rain."""
     tree = Tree(tmp_path / "spa")

@@ -452,7 +452,9 @@ def _split_folders(root: Path, has_layout: Callable[[Path], bool], opts: ReaderO
             raise DataError(f"--root {root} holds the layout itself and in sub-folders "
                             f"({', '.join(f'{p.name}/' for p in subs)}): which is the dataset is unclear; "
                             f"point --root at one of them, or move the root's own folders into a split folder")
-        return {opts.split or "train": root}
+        # Rain1400/testing given as the root is the test split (it was labelled train unless --split)
+        named = _split_name(root.resolve().name)
+        return {opts.split or (named if named in ("train", "test", "val") else "train"): root}
     found: dict[str, Path] = {}
     for folder in subs:
         split = _split_name(folder.name)

@@ -701,6 +701,40 @@ def test_da_training_step_equals_the_design_formula_and_trains_d_on_clear_vs_res
     assert all(p.requires_grad for p in disc.parameters())  # D unfrozen again after G's update
 
 
+def test_a_batch_norm_discriminator_scores_the_restored_images_alike_in_both_updates():
+    """D's update scores [clear; restored] in one pass, G's scored the restored images alone: with
+    discriminator.norm=batch the batch statistics differ, so G was pushed against another function than
+    the one D was trained as (fake logits 0.105 in D's step, -0.135 in G's). G is now scored in a pass
+    over [clear; restored] too; with instance norm it stays one pass over the restored images."""
+    from uniremoval.models.discriminator_arch import PatchDiscriminator
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import da
+
+    for norm in ("batch", "instance"):
+        cfg = load_config(REPO / "configs" / "da.yaml", [
+            "model.preset=tiny", "model.channels_last=false", "loss.tau=0.5", "data.feature_cell=8",
+            "features.layers=[relu1_1, relu2_1]", "features.layer_weights=[0.25, 1.0]",
+            f"discriminator.norm={norm}", "discriminator.base_channels=4", "discriminator.n_layers=2"])
+        stage = da.DomainAdaptation(cfg)
+        stage.loss_fn = da.make_da_loss(cfg, _Phi())
+        torch.manual_seed(0)
+        gen, disc = MPRNet("tiny").eval(), PatchDiscriminator(norm=norm, base_channels=4, n_layers=2).train()
+        seen: list[int] = []
+        disc.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].shape[0]))
+        g = torch.Generator().manual_seed(2)
+        xr = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+        xc = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+        ctx = _Ctx({"generator": gen, "discriminator": disc}, epoch=0)
+        stage.training_step({"degraded": {"input": xr}, "clear": {"input": xc}}, ctx)
+        with torch.no_grad():
+            yr = gen(xr)[0]
+            fake_in_d_step = disc(torch.cat([xc, yr]))[2:]
+        gan = ctx.calls[0][2]["gan"].item()
+        assert gan == pytest.approx(((fake_in_d_step - 1) ** 2).mean().item(), rel=1e-4), norm
+        assert ctx.calls[1][2]["d_fake"].item() == pytest.approx((fake_in_d_step ** 2).mean().item(), rel=1e-4)
+        assert seen[:2] == ([5, 5] if norm == "batch" else [3, 5]), norm
+
+
 def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path):
     """NIQE/BRISQUE are undefined (NaN) for a flat image, as `uniremoval eval` leaves them out: one
     such image must not turn every DA validation into NaN (nothing would then be `best`)."""

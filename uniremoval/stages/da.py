@@ -182,11 +182,16 @@ class DomainAdaptation(Stage):
         l1 = self.l1(ctx.epoch)
 
         d_fake_for_g = None
+        # D's update below scores [clear; restored] in one pass. With batch norm the batch's statistics
+        # are part of D's function, so G is scored in that same company: the restored half of a pass
+        # over [clear; restored] (per-sample norms give the same logits either way, without the clear half).
+        mixed = self.cfg.discriminator.norm == "batch"
         if lc.use_gan:
             # D is fixed during G's update: no grads into it, and no DDP wrapper (its own update
             # below is the one that goes through DDP).
             ctx.requires_grad("discriminator", False)
-            d_fake_for_g = ctx.unwrap("discriminator")(restored_real)
+            d = ctx.unwrap("discriminator")
+            d_fake_for_g = d(torch.cat([xc, restored_real]))[xc.shape[0]:] if mixed else d(restored_real)
         try:
             g_terms = self.loss_fn.generator_terms(
                 restored_real, xr, restored_clear, xc, feat_real, feat_real, feat_clear, d_fake_for_g, l1=l1)
@@ -197,7 +202,7 @@ class DomainAdaptation(Stage):
         logged: dict[str, Tensor | float] = {k: v.detach() for k, v in g_terms.items()}
 
         if lc.use_gan:
-            # One D pass over [real clear; restored (detached)]: real vs fake, per-sample norms.
+            # One D pass over [real clear; restored (detached)]: real vs fake.
             logits = ctx.models["discriminator"](torch.cat([xc, restored_real.detach()]))
             d_terms = self.loss_fn.discriminator_terms(logits[: xc.shape[0]], logits[xc.shape[0]:])
             ctx.optimize("discriminator", d_terms["total"], d_terms)

@@ -37,8 +37,15 @@ def test_resume_refuses_another_ablation_row(tmp_path, row, change):
         Trainer(cfg, stage)._check_resumed_config(tmp_path, state)
     # what a resume may still change: the length, e.g. more epochs of the same row
     longer = load_config(REPO / "configs" / "ablation" / row, [*base, "train.epochs=7"])
-    with pytest.warns(RuntimeWarning, match="train.epochs"):
+    spe = saved.train.steps_per_epoch
+    with pytest.warns(RuntimeWarning, match="train.epochs") as caught:
         Trainer(longer, stage)._check_resumed_config(tmp_path, state)
+    assert "a1/l1 decay" not in str(caught[0].message)
+    # another epoch length moves the decay's epoch at once: said, with the epochs before and after
+    regrouped = load_config(REPO / "configs" / "ablation" / row, [*base, f"train.steps_per_epoch={2 * spe}"])
+    with pytest.warns(RuntimeWarning, match=rf"train.steps_per_epoch counts the epochs that clock the a1/l1 decay .* "
+                                            rf"at step {10 * spe} the run is now in epoch 5, not 10"):
+        Trainer(regrouped, stage)._check_resumed_config(tmp_path, {**state, "step": 10 * spe})
 
 
 def test_table_v_holds_the_real_sets_only():

@@ -1280,6 +1280,14 @@ class Trainer:
                 note = (". data.num_workers decides which samples each batch holds (every loader worker reads its "
                         "own share of the shards), so from here on the batches are not those of an uninterrupted "
                         "run with either count; resume with the old count to continue the same sequence")
+            spe = [(old, new) for k, old, new in changes if k == "train.steps_per_epoch"]
+            if spe and all(isinstance(v, int) and v > 0 for v in spe[0]) and "step" in state:
+                # The epoch is step // steps_per_epoch: it clocks the contrastive weight's decay (a1, l1 x
+                # 0.99 per epoch), so a new count moves it at once, past steps and all.
+                (old, new), step = spe[0], int(state["step"])
+                note += (f". train.steps_per_epoch counts the epochs that clock the a1/l1 decay and the run's "
+                         f"length (train.epochs x steps_per_epoch): at step {step} the run is now in epoch "
+                         f"{step // new}, not {step // old}")
             warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown) + note,
                           RuntimeWarning, stacklevel=3)
 

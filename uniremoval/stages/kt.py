@@ -17,8 +17,12 @@ checkpoint's criterion).
 Teachers: with `teachers.mode: cached` (default) the stage never runs a teacher; the cache is
 checked against `teachers.checkpoints` first and a stale one is refused. With `online` the
 teachers are frozen modules on the device (eval, no grad), never given to accelerate or
-DeepSpeed. Online teachers see the *crop* while the cache ran them on the whole image, so near
-crop borders the two differ slightly (a convolutional network's context); both are valid targets.
+DeepSpeed. Online teachers see the *crop* while the cache ran them on the whole image, so the two
+targets differ: near the crop's borders (a convolution's context), along the crop's midlines (MPRNet
+splits its input into quarters and halves: the whole image's split lines are elsewhere; a tiny MPRNet
+with random weights measured 2-54% per 16-px cell of the pooled feature there, ~3e-4 elsewhere), and a
+little everywhere (channel attention averages over the whole input). Both are valid targets: the
+cached one is the teacher's restoration of the whole photo, cropped, as the teacher works at test time.
 With flips and rotations on (`data.augment`), a cached sample's teacher image and feature grid
 are flipped or rotated with its input, as a ground-truth pair would be; an online teacher instead
 sees the flipped crop. The images agree as far as the teacher restores a flipped scene as well as

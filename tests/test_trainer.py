@@ -918,6 +918,18 @@ def test_a_resume_against_a_store_without_its_run_logs_to_a_new_run_there(tmp_pa
         warnings.filterwarnings("error", message=".*MLflow", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message="resuming .* train.epochs: 2 -> 3", category=RuntimeWarning)
         assert Trainer(c.cfg, c).fit(resume="auto").run_id == rb.run_id
+    # a run deleted in the UI: the store refused every call as not active, all dropped; a new run too
+    MlflowClient(other).delete_run(rb.run_id)
+    d = ToyStage(make_cfg(tmp_path, epochs=4).model_copy(
+        update={"tracking": TrackingConfig(uri=other, experiment="moved")}))
+    with pytest.warns(RuntimeWarning, match=rf"MLflow run {rb.run_id} .* was deleted from {other}, the tracking "
+                                            r"store used now; this job logs to a new run") as caught:
+        rd = Trainer(d.cfg, d).fit(resume="auto")
+    assert not [w for w in caught if "refused" in str(w.message)]
+    run = MlflowClient(other).get_run(rd.run_id)
+    assert rd.run_id != rb.run_id and run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
+    assert run.data.tags["resumed_from_run"] == rb.run_id
+    assert [m.step for m in MlflowClient(other).get_metric_history(rd.run_id, "val/toy/err")] == [20]
 
 
 class _Recorder:

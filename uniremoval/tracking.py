@@ -452,21 +452,26 @@ class Tracker:
         """The run a resume continues must be in this store. A checkpoint trained against another one
         (another server, or the default sqlite:///mlflow.db read from another folder) had every call
         answered 'not found', taken for an outage: spooled for ever, its replay failing the same way.
-        The store answered: the job continues as a new run here, tagged resumed_from_run."""
+        The store answered: the job continues as a new run here, tagged resumed_from_run. So does a run
+        deleted in the UI (the store refuses every call to it as not active: all would be dropped)."""
         try:
-            self.client.get_run(self.run_id)
+            deleted = self.client.get_run(self.run_id).info.lifecycle_stage == "deleted"
         except Exception as exc:
             if not _not_found(exc):
                 raise  # an outage: the caller spools, and the run is looked up again at the next try
-            old, self.run_id = self.run_id, None
-            self.tags = {**self.tags, "resumed_from_run": str(old)}
-            self._ensure_run()
-            warnings.warn(f"MLflow run {old} (the run this checkpoint was logged to) is not in {self.uri}, the "
-                          f"tracking store used now (trained against another tracking.uri, or the default "
-                          f"sqlite:///mlflow.db of another working folder?); this job logs to a new run "
-                          f"{self.run_id} there, tagged resumed_from_run={old}", RuntimeWarning, stacklevel=3)
+            deleted = None
+        if deleted is False:
+            self._run_found = True
             return
-        self._run_found = True
+        old, self.run_id = self.run_id, None
+        self.tags = {**self.tags, "resumed_from_run": str(old)}
+        self._ensure_run()
+        why = ("was deleted from " if deleted else "is not in ") + str(self.uri)
+        warnings.warn(f"MLflow run {old} (the run this checkpoint was logged to) {why}, the tracking store used now"
+                      + ("" if deleted else " (trained against another tracking.uri, or the default "
+                         "sqlite:///mlflow.db of another working folder?)")
+                      + f"; this job logs to a new run {self.run_id} there, tagged resumed_from_run={old}",
+                      RuntimeWarning, stacklevel=3)
 
     def _call(self, op: dict[str, Any], force_retry: bool = False) -> None:
         if self._queue is None:

@@ -887,6 +887,42 @@ def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_
     assert Trainer(c.cfg, c).fit(resume=str(source)).run_id is None
 
 
+def test_resuming_an_earlier_checkpoint_of_the_run_moves_the_later_ones_aside(tmp_path, capsys):
+    """--resume of an earlier checkpoint of the same run (going back to step 6 of 10 with another LR)
+    retrained steps 7-10 but kept the old step-9/step-10 (a step saved already is not written again),
+    so the next --resume auto continued the branch that was left. They are moved aside now."""
+    import yaml
+
+    from uniremoval.config import CheckpointConfig
+
+    def keep_all(cfg):
+        return cfg.model_copy(update={"checkpoint": CheckpointConfig(every_steps=3, keep_last=10)})
+
+    cfg = keep_all(make_cfg(tmp_path))  # 10 steps, checkpoints at 3, 6, 9 and the end
+    a = ToyStage(cfg)
+    Trainer(cfg, a).fit()
+    root = tmp_path / "toy" / "checkpoints"
+    old_w = (root / "step-00000010" / "net.safetensors").read_bytes()
+    b = ToyStage(keep_all(make_cfg(tmp_path, optim={"lr": 0.01})))
+    with pytest.warns(RuntimeWarning, match="optim.lr: 0.05 -> 0.01"):
+        Trainer(b.cfg, b).fit(resume=str(root / "step-00000006"))
+    err = capsys.readouterr().err
+    (aside,) = root.glob("superseded-at-step-00000006-*")
+    assert (f"resuming {root / 'step-00000006'}, an earlier checkpoint of this run: its 2 later checkpoint(s) "
+            f"(step-00000009, step-00000010) belong to the steps trained after it, so they are moved to {aside}") in err
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000009", "step-00000010"]
+    assert (aside / "step-00000010" / "net.safetensors").read_bytes() == old_w
+    new_w = (root / "step-00000010" / "net.safetensors").read_bytes()
+    assert new_w != old_w and new_w == (tmp_path / "toy" / "last.safetensors").read_bytes()
+    assert yaml.safe_load((root / "step-00000010" / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    # the next --resume auto continues the branch just trained
+    c = ToyStage(keep_all(make_cfg(tmp_path, optim={"lr": 0.01}, epochs=3)))
+    with pytest.warns(RuntimeWarning, match="train.epochs: 2 -> 3"):
+        Trainer(c.cfg, c).fit(resume="auto")
+    assert "an earlier checkpoint" not in capsys.readouterr().err
+    assert c.seen[0] == (2, 0)  # from step 10 of the new branch: epoch 2, its first batch
+
+
 def test_a_resume_against_a_store_without_its_run_logs_to_a_new_run_there(tmp_path):
     """A resume whose checkpoint's MLflow run is not in the store used now (the default
     sqlite:///mlflow.db of another working folder, another server) was told 'not found' on every call,

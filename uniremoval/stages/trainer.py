@@ -127,6 +127,7 @@ from uniremoval.launch import (
 from uniremoval.stages import fast
 from uniremoval.stages.run_folder import (
     CHECKPOINT_DIR,
+    STEP_DIR_RE,
     disk_full_is_an_error,
     export_name,
     fsync_dir,
@@ -1203,6 +1204,8 @@ class Trainer:
             self.run_id = None
             self.best_value = None  # this run's best is its own: the first validation writes best.*
             self._print(f"continuing {path} (another run's checkpoint) as the new run {self.cfg.name!r}")
+        else:
+            self._supersede_later_checkpoints(path)
         self.stage.load_state_dict(state.get("stage_state") or {}, same_mlflow_run=self.run_id is not None)
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
         saved_world, world = state.get("world_size"), self.accelerator.num_processes
@@ -1426,6 +1429,30 @@ class Trainer:
 
         return tqdm(total=total, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
                     disable=not self.accelerator.is_main_process)
+
+    def _supersede_later_checkpoints(self, path: Path) -> None:
+        """Resuming an earlier checkpoint of this run starts another branch from it. The checkpoints after
+        it belong to the one left: in place, they were never replaced (a step saved already is kept) and
+        the next `--resume auto` continued the left branch. They are moved to checkpoints/superseded-*."""
+        later = [p for p in list_checkpoints(self.ckpt_root) if int(STEP_DIR_RE.match(p.name).group(1)) > self.step]
+        if later and self.accelerator.is_main_process:
+            import time
+
+            aside = self.ckpt_root / f"superseded-at-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir()
+            for p in later:
+                os.replace(p, aside / p.name)
+            fsync_dir(self.ckpt_root)
+            best_step = -1
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                best_step = int(json.loads((self.run_dir / "best.json").read_text())["step"])
+            best = (f"; best.* (step {best_step}) is from those steps too, until a validation of this branch does "
+                    f"better" if best_step > self.step else "")
+            self._print(f"resuming {path}, an earlier checkpoint of this run: its {len(later)} later checkpoint(s) "
+                        f"({', '.join(p.name for p in later)}) belong to the steps trained after it, so they are "
+                        f"moved to {aside} (--resume auto continues this branch; delete that folder when it is "
+                        f"not needed){best}")
+        self.accelerator.wait_for_everyone()
 
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:

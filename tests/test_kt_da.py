@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,39 @@ def test_online_and_cached_teachers_give_the_same_kt_loss(ws):
     with torch.no_grad():
         wrong, _, _ = kt.kt_terms(student, loss_fn, batch, 0.5, 16, teachers=other, degradations=list(TYPES))
     assert abs(float(wrong["pixel"]) - float(cached["pixel"])) > 10 * abs(float(online["pixel"]) - float(cached["pixel"]))
+
+
+def test_a_cached_sample_of_another_teacher_stops_kt_when_read(ws, tmp_path):
+    """KT checked the cache's teacher once, from its manifest, at the start (and not at all for pipe:
+    or URL shards): a cache rebuilt by other weights while KT trained was trained on, unsaid. Each
+    cached sample names its teacher (json teacher_sha256): one of another teacher stops the run."""
+    import json
+
+    from uniremoval.data.pipelines import kt_loader
+    from uniremoval.data.shard_stream import resolve_shards
+    from uniremoval.errors import DataError
+    from uniremoval.stages import kt
+
+    cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "chk"))
+    stage = kt.KnowledgeTransfer(cfg)
+    want = {k.removeprefix("teachers.checkpoints."): v for k, v in stage.weights_identity().items()}
+    assert sorted(want) == sorted(TYPES)
+    haze_tar = resolve_shards(next(s.shards for s in cfg.data.train if s.degradation == "haze"))[0]
+    with tarfile.open(haze_tar) as tar:
+        stored = {json.loads(tar.extractfile(m).read())["teacher_sha256"] for m in tar if m.name.endswith(".json")}
+    assert stored == {want["haze"]}
+    pipe = [(s.name, [f"pipe:cat {p}" for p in resolve_shards(s.shards)], s.degradation, 1.0) for s in cfg.data.train]
+
+    def first_batches(teachers):
+        return list(kt_loader(pipe, list(TYPES), 6, SIZE, 2, 0, 0, 0, 1, cell=16, augment=False, shuffle_buffer=1,
+                              teachers=teachers))
+
+    assert len(first_batches(want)) == 2  # this run's teachers: read as before
+    other = {**want, "haze": "f" * 64}  # the haze cache rebuilt by other weights
+    with pytest.raises(DataError, match=rf"shard pipe:cat .*haze.*, key .*: its teacher output is by weights sha256 "
+                                        rf"{want['haze'][:12]}, but teachers.checkpoints.haze is ffffffffffff: the "
+                                        r"cache was \(re\)built by other teacher weights"):
+        first_batches(other)
 
 
 def test_a_stale_cache_is_refused(ws, tmp_path):

@@ -46,7 +46,7 @@ import json
 import math
 import signal
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -282,6 +282,8 @@ class _StreamSpec:
     shuffle_buffer: int
     bad_samples: BadPolicy
     clear_from_target: bool = False  # DA clear sources: take a paired sample's target
+    # KT on a cache: degradation -> the sha256 of the teacher whose outputs its samples must hold
+    teachers: tuple[tuple[str, str], ...] = ()
 
 
 def _source_stream(
@@ -369,6 +371,15 @@ def _source_stream(
             elif meta_deg is not None and meta_deg != src.degradation:
                 raise BadSample(
                     f"json says degradation '{meta_deg}', source {src.name} is '{src.degradation}'"
+                )
+            by, want = s["meta"].get("teacher_sha256"), dict(spec.teachers).get(src.degradation)
+            if by and want and by != want:
+                # Checked at the start from the cache's manifest; a cache rebuilt by other weights while
+                # the run trains (or a pipe:/URL one, which the start cannot check) is caught here.
+                raise DataError(
+                    f"shard {url}, key {key}: its teacher output is by weights sha256 {str(by)[:12]}, but "
+                    f"teachers.checkpoints.{src.degradation} is {want[:12]}: the cache was (re)built by other "
+                    f"teacher weights; rerun `uniremoval cache` with this config, then KT with --resume auto"
                 )
         except BadSample as exc:
             _fail_or_count(spec.bad_samples, counter, f"in shard {url}, key {key}", str(exc))
@@ -673,9 +684,11 @@ def kt_loader(
     shuffle_buffer: int = 64,
     pin_memory: bool = False,
     padding: CropPadding | None = None,
+    teachers: Mapping[str, str] | None = None,
 ) -> StepLoader:
     """Mixed training batches for the KT stage (and, with require=('target',), the teacher stage's
-    paired batches of its one degradation).
+    paired batches of its one degradation). `teachers` (degradation -> sha256): a cached sample whose
+    json names another teacher stops the run (DataError), never trained on.
 
     `sources`: (name, shards, degradation, weight) tuples or Source objects. Each batch is a dict:
     'input' (B,3,crop,crop) in [-1,1], one entry per required field ('target', 'teacher' as images;
@@ -686,6 +699,7 @@ def kt_loader(
     """
     srcs = make_sources(sources)
     spec = _stream_spec(require, crop_size, cell, augment, shuffle_buffer, bad_samples)
+    spec.teachers = tuple(sorted((teachers or {}).items()))
     ds = MixedBatchDataset(srcs, degradations, batch_size, spec, steps_per_epoch, seed, rank, world_size)
     return StepLoader(ds, num_workers, pin_memory, padding=padding)
 

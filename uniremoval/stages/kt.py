@@ -203,6 +203,8 @@ class KnowledgeTransfer(Stage):
             d.num_workers, cfg.train.seed, rank, world_size, cell=self.cell, bad_samples=d.bad_samples,
             require=() if self.online else ("teacher", "feature"), augment=aug, pin_memory=d.pin_memory,
             shuffle_buffer=d.shuffle_buffer, padding=self.crop_padding,
+            teachers=None if self.online else {k.removeprefix("teachers.checkpoints."): v
+                                               for k, v in self.weights_identity().items()},
         )
         loader.set_epoch(epoch)
         return skip_batches(loader, start)

@@ -95,7 +95,11 @@ def _is_done(out_dir: Path, shard_name: str, want: dict[str, Any]) -> dict | Non
         rec = json.loads(done.read_text())
     except (OSError, ValueError):
         return None
-    if any(rec.get(k) != v for k, v in want.items()) or rec.get("bytes") != tar.stat().st_size:
+    # A source is its bytes: a shard cached from the same bytes at another path (a workspace moved or
+    # copied, a dataset remounted) is reused, not recomputed for hours.
+    moved = want.get("source_sha256") is not None and rec.get("source_sha256") == want["source_sha256"]
+    if any(rec.get(k) != v for k, v in want.items() if not (moved and k == "source_url")) \
+            or rec.get("bytes") != tar.stat().st_size:
         return None
     return rec
 
@@ -577,7 +581,10 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
     recorded = {s["url"]: s["sha256"] for s in info["sources"]}
     if sources is not None:
         urls = resolve_shards(sources)
-        if sorted(urls) != sorted(recorded):
+        shas = [source_sha256(u) for u in urls] if sorted(urls) != sorted(recorded) else []
+        if shas and None not in shas and None not in recorded.values() and sorted(shas) == sorted(recorded.values()):
+            recorded = dict(zip(urls, shas))  # the same source bytes at another path (moved or copied)
+        elif sorted(urls) != sorted(recorded):
             missing = sorted(set(urls) - set(recorded))
             extra = sorted(set(recorded) - set(urls))
             raise DataError(f"stale cache {cache_dir}: built from other source shards than the config's "

@@ -127,7 +127,7 @@ def test_kill9_then_resume_auto_equals_uninterrupted(workspace):
 
 
 @pytest.mark.slow
-def test_two_processes_teacher_then_cache(workspace):
+def test_two_processes_teacher_then_cache(workspace, capsys):
     from uniremoval.config import load_config
     from uniremoval.data.pipelines import kt_loader
     from uniremoval.stages import cache as cache_stage
@@ -219,7 +219,13 @@ def test_two_processes_teacher_then_cache(workspace):
     assert check_cache(cdir, {"haze": str(teacher_path)})["counts"]["total"] == 12
     from uniremoval.cli import main as cli_main
 
+    capsys.readouterr()
     assert cli_main(["cache", "--config", str(c_path), "--check"]) == 0
+    assert "would recompute" not in capsys.readouterr().out
+    # ok for KT under any precision, but a build under another one would recompute every shard: said
+    assert cli_main(["cache", "--config", str(c_path), "--check", "train.mixed_precision=bf16"]) == 0
+    assert ("; built with train.mixed_precision=no: `uniremoval cache` with bf16 would recompute every shard"
+            in capsys.readouterr().out)
     # A rerun trusts a done-record whose tar has the recorded size; `shards verify` re-hashes the
     # cache (its manifest has the datasets' format) and finds a byte changed in place.
     from uniremoval.data.manifest import verify_shards

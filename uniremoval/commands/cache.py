@@ -35,7 +35,13 @@ def _handler(args) -> int:
         for src in cfg.data.train:
             folder = Path(cfg.cache.out) / src.name
             m = check_cache(folder, cfg.teachers.checkpoints, src.shards, cfg.data.feature_cell)
-            print(f"{folder}: ok ({m['counts']['total']} samples, teacher {m['cache']['teacher']['sha256'][:12]})")
+            built = m["cache"].get("precision")
+            # KT reads a cache of either precision; a build under another one recomputes every shard
+            other = (f"; built with train.mixed_precision={built}: `uniremoval cache` with "
+                     f"{cfg.train.mixed_precision} would recompute every shard" if built and
+                     built != cfg.train.mixed_precision else "")
+            print(f"{folder}: ok ({m['counts']['total']} samples, teacher {m['cache']['teacher']['sha256'][:12]})"
+                  f"{other}")
         return 0
     from uniremoval.stages import cache
 

@@ -978,6 +978,52 @@ def test_a_cache_rebuilt_from_fewer_source_shards_names_the_tars_it_left_out(tmp
     assert (tmp_path / "cache" / "syn" / "syn-000001.tar").is_file()  # kept
 
 
+def test_a_source_shard_repaired_in_place_recomputes_its_cache_shard(tmp_path, capsys):
+    """A sample left out as bad (a flipped byte) stayed missing after the source tar was repaired: the
+    source's identity is its dataset manifest's sha256, which the repair did not change, so the cache
+    shard was reused with the sample still missing. Its cached bytes are recorded and compared."""
+    import webdataset as wds
+    from _fixtures import png
+    from dist_kt_common import save_random_mprnet
+
+    from uniremoval.config import CacheStage
+    from uniremoval.io import sha256_file
+    from uniremoval.stages import cache as cache_stage
+
+    src = tmp_path / "syn"
+    src.mkdir()
+    tar = src / "syn-000000.tar"
+    _mixed_size_shard(tar)  # mix_4 does not decode
+    broken = tar.read_bytes()
+    rng = np.random.default_rng(7)
+    with wds.TarWriter(str(tar)) as tw:  # the intact build: every sample decodes
+        for i in range(6):
+            tw.write({"__key__": f"mix_{i}", "input.png": png(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)),
+                      "json": {"degradation": "haze"}})
+    intact = tar.read_bytes()
+    (src / "manifest.json").write_text(json.dumps({"shards": [{"name": tar.name, "sha256": sha256_file(tar)}]}))
+    tar.write_bytes(broken)  # damaged on this disk after the build
+    teacher = save_random_mprnet(tmp_path / "t", seed=1)
+    cfg = CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
+                     data={"degradations": ["haze"], "train": [{"name": "syn", "shards": str(src),
+                                                                "degradation": "haze"}]},
+                     cache={"out": str(tmp_path / "cache"), "workers": 0}, tracking={"enabled": False},
+                     train={"cpu": True})
+    with pytest.warns(RuntimeWarning):
+        assert cache_stage.run(cfg) == 0
+    assert "1 bad source sample(s) left out" in capsys.readouterr().err
+    assert cache_stage.run(cfg) == 0  # nothing changed: reused
+    assert "recomputed 0, reused 1; 1 bad source sample(s) left out" in capsys.readouterr().err
+    tar.write_bytes(intact)  # repaired in place
+    assert cache_stage.run(cfg) == 0
+    err = capsys.readouterr().err
+    assert "recomputed 1, reused 0" in err and "left out" not in err
+    manifest = json.loads((tmp_path / "cache" / "syn" / "manifest.json").read_text())
+    assert manifest["counts"]["total"] == 6 and manifest["issues"]["total"] == 0
+    assert cache_stage.run(cfg) == 0  # and a clean shard is reused as before
+    assert "recomputed 0, reused 1" in capsys.readouterr().err
+
+
 def test_a_cache_of_sources_moved_elsewhere_is_reused_and_passes(tmp_path, capsys):
     """The cache tied each source to its path: a workspace copied or a dataset remounted made KT refuse the
     cache as stale ('not cached: [new path]; no longer listed: [old path]') and `uniremoval cache` recompute

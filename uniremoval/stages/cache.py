@@ -82,6 +82,18 @@ def source_sha256(url: str) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
+def _local_file(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") and Path(url).is_file()
+
+
+def _source_repaired(rec: dict[str, Any], url: str) -> bool:
+    """Whether a shard cached with bad source samples left out has a source file whose bytes changed
+    since: repaired in place. The source's identity is its dataset manifest's sha256, which a repair
+    back to the built bytes does not change, so the shard was reused with the samples still missing."""
+    had = rec.get("source_file_sha256")
+    return bool(rec.get("skipped") and had and _local_file(url) and sha256_file(Path(url)) != had)
+
+
 def _done_path(out_dir: Path, shard_name: str) -> Path:
     return out_dir / f".{shard_name}{DONE_SUFFIX}"
 
@@ -276,6 +288,8 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
     os.chmod(path, 0o644)
     rec = {**want, "name": shard_name, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path),
            "skipped": skipped, "counts": {"split": dict(sorted(counts.items()))}}
+    if skipped and _local_file(url):  # the bytes read, so that a repair in place is seen (_source_repaired)
+        rec["source_file_sha256"] = sha256_file(Path(url))
     atomic_write_json(_done_path(out_dir, shard_name), rec)
     return rec
 
@@ -417,7 +431,8 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
         for stale in out_dir.glob(f".{it['name']}.*.tmp"):  # left by a killed run
             stale.unlink(missing_ok=True)
         want = _want(it, teachers[it["degradation"]], cell, cfg.train.mixed_precision)
-        if _is_done(out_dir, it["name"], want):
+        rec = _is_done(out_dir, it["name"], want)
+        if rec and not _source_repaired(rec, it["url"]):
             reused += 1
         else:
             todo.append((it, want))

@@ -905,8 +905,8 @@ def check_inputs(cfg: StageBase) -> None:
     shard folders (data.train/val/clear), model.init and teachers.checkpoints (a missing validation set
     was found only at the first validation, thousands of steps in), and a shard folder whose manifest
     holds no sample of its source's degradation, or (DA's data.clear) no clear image nor target. URLs
-    and pipes pass; a local folder, file: URL or pattern must list shards (`resolve_shards`); checkpoints a run
-    logged to MLflow (runs:/<id>/weights/last) are fetched."""
+    and pipes pass; a local folder, file: URL or pattern must list shards (`resolve_shards`).
+    Checkpoints a run logged to MLflow (runs:/<id>/weights/last) are fetched."""
     from uniremoval.data.manifest import split_specs
     from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.errors import CheckpointError, DataError

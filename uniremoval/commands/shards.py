@@ -51,7 +51,8 @@ def _add_writer_options(p: argparse.ArgumentParser) -> None:
         "--split", help="split recorded in each sample (for layouts with split folders: which one; "
         "default: each split the layout has, or its own, see shards/README.md; synth: train)"
     )
-    p.add_argument("--shard-size-mb", type=positive_number("MB"), default=256.0, help="target shard size in MB (default 256)")
+    p.add_argument("--shard-size-mb", type=positive_number("MB"), default=256.0,
+                   help="target shard size in MB (default 256)")
     p.add_argument("--max-samples-per-shard", type=int, default=0, help="cap samples per shard (0: no cap)")
     p.add_argument(
         "--workers", type=_workers, default=_cores(), help="worker processes (default: all usable cores)"

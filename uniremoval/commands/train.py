@@ -32,7 +32,8 @@ def register(subparsers) -> None:
         add_overrides(sp)
         sp.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue a run: 'auto' = newest checkpoint in the run dir (start fresh if none), "
-                             "or a checkpoints/step-N folder. Settings may change (each is named), the "
+                             "or a checkpoints/step-N folder. Settings may change (each that changes what is "
+                             "trained is named; max_steps, checkpoint.*, tracking.* go unsaid), the "
                              "architecture, degradation types and stage may not")
         sp.set_defaults(func=_handler, stage_name=stage)
 

@@ -945,6 +945,17 @@ def test_a_bad_source_sample_is_warned_about_or_stops_the_cache_under_bad_sample
     assert not list((tmp_path / "c2" / "syn").glob("*.tar"))
 
 
+def _one_source_cache(tmp_path: Path, teacher: Path, shards: str) -> Any:
+    """A CPU cache config of one haze source 'syn' into tmp_path/cache (no threads, no tracking)."""
+    from uniremoval.config import CacheStage
+
+    return CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
+                      data={"degradations": ["haze"], "train": [{"name": "syn", "shards": shards,
+                                                                 "degradation": "haze"}]},
+                      cache={"out": str(tmp_path / "cache"), "workers": 0}, tracking={"enabled": False},
+                      train={"cpu": True})
+
+
 def test_a_cache_rebuilt_from_fewer_source_shards_names_the_tars_it_left_out(tmp_path, capsys):
     """A cache built from two source shards, then from one: the second tar stays (it may be the cache of
     shards left out on purpose, a teacher pass each to rebuild) but was not mentioned anywhere; the
@@ -961,11 +972,7 @@ def test_a_cache_rebuilt_from_fewer_source_shards_names_the_tars_it_left_out(tmp
     teacher = save_random_mprnet(tmp_path / "t", seed=1)
 
     def cfg(shards: str) -> CacheStage:
-        return CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
-                          data={"degradations": ["haze"], "train": [{"name": "syn", "shards": shards,
-                                                                     "degradation": "haze"}]},
-                          cache={"out": str(tmp_path / "cache"), "workers": 0}, tracking={"enabled": False},
-                          train={"cpu": True})
+        return _one_source_cache(tmp_path, teacher, shards)
 
     with pytest.warns(RuntimeWarning):  # mix_4 does not decode (the fixture's bad sample)
         assert cache_stage.run(cfg(str(src / "syn-{000000..000001}.tar"))) == 0
@@ -986,7 +993,6 @@ def test_a_source_shard_repaired_in_place_recomputes_its_cache_shard(tmp_path, c
     from _fixtures import png
     from dist_kt_common import save_random_mprnet
 
-    from uniremoval.config import CacheStage
     from uniremoval.io import sha256_file
     from uniremoval.stages import cache as cache_stage
 
@@ -1004,11 +1010,7 @@ def test_a_source_shard_repaired_in_place_recomputes_its_cache_shard(tmp_path, c
     (src / "manifest.json").write_text(json.dumps({"shards": [{"name": tar.name, "sha256": sha256_file(tar)}]}))
     tar.write_bytes(broken)  # damaged on this disk after the build
     teacher = save_random_mprnet(tmp_path / "t", seed=1)
-    cfg = CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
-                     data={"degradations": ["haze"], "train": [{"name": "syn", "shards": str(src),
-                                                                "degradation": "haze"}]},
-                     cache={"out": str(tmp_path / "cache"), "workers": 0}, tracking={"enabled": False},
-                     train={"cpu": True})
+    cfg = _one_source_cache(tmp_path, teacher, str(src))
     with pytest.warns(RuntimeWarning):
         assert cache_stage.run(cfg) == 0
     assert "1 bad source sample(s) left out" in capsys.readouterr().err
@@ -1039,11 +1041,7 @@ def test_a_cache_of_sources_moved_elsewhere_is_reused_and_passes(tmp_path, capsy
     teacher = save_random_mprnet(tmp_path / "t", seed=1)
 
     def cfg(shards: str) -> CacheStage:
-        return CacheStage(stage="cache", model={"preset": "tiny"}, teachers={"checkpoints": {"haze": str(teacher)}},
-                          data={"degradations": ["haze"], "train": [{"name": "syn", "shards": shards,
-                                                                     "degradation": "haze"}]},
-                          cache={"out": str(tmp_path / "cache"), "workers": 0}, tracking={"enabled": False},
-                          train={"cpu": True})
+        return _one_source_cache(tmp_path, teacher, shards)
 
     with pytest.warns(RuntimeWarning):  # mix_4 does not decode (the fixture's bad sample)
         assert cache_stage.run(cfg(str(src / "syn-000000.tar"))) == 0

@@ -159,12 +159,10 @@ def test_online_and_cached_teachers_give_the_same_kt_loss(ws):
     assert abs(float(wrong["pixel"]) - float(cached["pixel"])) > 10 * abs(float(online["pixel"]) - float(cached["pixel"]))
 
 
-def test_a_cached_sample_of_another_teacher_stops_kt_when_read(ws, tmp_path):
+def test_a_cached_sample_of_another_teacher_stops_kt_when_read(ws):
     """KT checked the cache's teacher once, from its manifest, at the start (and not at all for pipe:
     or URL shards): a cache rebuilt by other weights while KT trained was trained on, unsaid. Each
     cached sample names its teacher (json teacher_sha256): one of another teacher stops the run."""
-    import json
-
     from uniremoval.data.pipelines import kt_loader
     from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.errors import DataError

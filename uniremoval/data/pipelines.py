@@ -358,6 +358,7 @@ def _source_stream(
             yield item
 
     bad_run = 0
+    teacher = dict(spec.teachers).get(src.degradation)  # whose outputs a cached sample must hold
     for url, key, files in shuffled():
         try:
             s = decode_sample(files, spec.require, optional)
@@ -372,13 +373,13 @@ def _source_stream(
                 raise BadSample(
                     f"json says degradation '{meta_deg}', source {src.name} is '{src.degradation}'"
                 )
-            by, want = s["meta"].get("teacher_sha256"), dict(spec.teachers).get(src.degradation)
-            if by and want and by != want:
+            by = s["meta"].get("teacher_sha256")
+            if by and teacher and by != teacher:
                 # Checked at the start from the cache's manifest; a cache rebuilt by other weights while
                 # the run trains (or a pipe:/URL one, which the start cannot check) is caught here.
                 raise DataError(
                     f"shard {url}, key {key}: its teacher output is by weights sha256 {str(by)[:12]}, but "
-                    f"teachers.checkpoints.{src.degradation} is {want[:12]}: the cache was (re)built by other "
+                    f"teachers.checkpoints.{src.degradation} is {teacher[:12]}: the cache was (re)built by other "
                     f"teacher weights; rerun `uniremoval cache` with this config, then KT with --resume auto"
                 )
         except BadSample as exc:

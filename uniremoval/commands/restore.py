@@ -190,9 +190,11 @@ def run(args: argparse.Namespace) -> int:
 
     # Decoding the next image and encoding the last outputs (2 threads) overlap the restore: at 720p a
     # PNG takes ~330 ms to encode, longer than a GPU takes to restore it.
-    with WriteBehind(workers=2, pending=2) as writer:
-        for src, dst, x, read_error in tqdm(read_ahead(decoded(), depth=1), total=len(plan), desc="restore",
-                                             unit="img", file=sys.stderr):
+    # `with` for the bar too: a stop (Ctrl-C, SIGTERM) closes it before cli.main prints its one line, which
+    # was otherwise glued to the bar's last drawing
+    with WriteBehind(workers=2, pending=2) as writer, \
+            tqdm(read_ahead(decoded(), depth=1), total=len(plan), desc="restore", unit="img", file=sys.stderr) as bar:
+        for src, dst, x, read_error in bar:
             try:
                 if read_error is not None:
                     raise read_error

@@ -477,17 +477,17 @@ def test_every_batch_holding_every_type_is_checked_at_load(kt_file, tmp_path, mo
 
 
 @pytest.mark.parametrize(("names", "said"), [
-    (["haze", "haze"], r"eval.data name\(s\) \['haze'\] are given twice"),
-    (["real/haze"], (r"eval.data name 'real/haze': eval's metric \(eval/<name>/<metric>\) and file names cannot "
-                    r"hold /; use letters, digits, spaces and _ - . :, e.g. 'real_haze'")),
-    ([".."], r"eval.data name '..': .* cannot be '.' or '..'"),
+    (["haze", "haze"], r"'.*eval.data name\(s\) \['haze'\] are given twice"),
+    (["real/haze"], (r".0.name': bad value 'real/haze': .*'real/haze': a source's name names files and MLflow "
+                    r"metrics, and cannot hold /; use letters, digits, spaces and _ - . :, e.g. 'real_haze'")),
+    ([".."], r".0.name': bad value '..': .* cannot be '.' or '..'"),
 ])
 def test_eval_data_names_that_would_share_or_split_files_are_refused(tmp_path, names, said):
     """Each eval.data source writes out-<name>.json/.csv and <save_images>/<name>/ and a run eval-<name>:
     two sources of one name wrote the second's scores over the first's, silently; a '/' made folders."""
     data = ", ".join(f"{{name: '{n}', shards: s{i}}}" for i, n in enumerate(names))
     cfg = write(tmp_path / "e.yaml", f"stage: eval\neval:\n  data: [{data}]\n")
-    with pytest.raises(ConfigError, match=r"key 'eval.data'.*" + said):
+    with pytest.raises(ConfigError, match=r"key 'eval.data" + said):
         load_config(cfg)
 
 
@@ -640,3 +640,43 @@ def test_a_da_loss_without_any_weighted_term_is_refused():
     for one_on in ("loss.use_gan=true", "loss.use_idt=true", "loss.use_eicl=true", "loss.use_efcl=true"):
         assert load_config(da, [*off, one_on]).stage == "da"
     assert load_config(da, ["loss.l2=0", "loss.l3=0"]).loss.use_gan  # the GAN term has no weight of its own
+
+
+def test_degradation_types_and_source_names_that_would_break_keys_files_or_mlflow_are_refused(tmp_path, capsys):
+    """A type is a config key (teachers.checkpoints.<type>), an MLflow param/tag/metric part and a file name:
+    'rain+fog' lost its teacher's MLflow param, 'snow.v2' could not be set from the command line. A
+    data.train/data.clear name is a folder of the cache ('../x' wrote outside cache.out) and part of MLflow
+    artifact paths. Each is refused at load, naming the key and its source, with a name that works."""
+    from uniremoval.cli import main
+
+    kt = Path(__file__).parents[1] / "configs" / "kt.yaml"
+    for override, key, fix in (("data.degradations=[haze,rain+fog]", "data.degradations", "'rain_fog'"),
+                               ("data.degradations=[haze,snow.v2]", "data.degradations", "'snow_v2'"),
+                               ("data.degradations=[haze,'2x']", "data.degradations", "'t2x'"),
+                               ("data.train.0.degradation=a/b", "data.train.0.degradation", "'a_b'"),
+                               ("data.val.0.degradation=low light", "data.val.0.degradation", "'low_light'")):
+        with pytest.raises(ConfigError) as err:
+            load_config(kt, [override])
+        text = str(err.value)
+        assert f"override {override!r}: key '{key}'" in text and "letters, digits, '_' and '-'" in text, text
+        assert f"e.g. {fix}" in text, text
+    for override, key, fix in (("data.train.0.name=../escape", "data.train.0.name", "cannot hold /"),
+                               ("data.clear=[{name: 'a#b', shards: x}]", "data.clear.0.name", "cannot hold #")):
+        with pytest.raises(ConfigError) as err:
+            load_config(kt, [override])
+        assert f"override {override!r}: key '{key}'" in str(err.value) and fix in str(err.value), str(err.value)
+    teacher = write(tmp_path / "t.yaml", "stage: teacher\ndegradation: rain fog\ntracking: {uri: null}\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: key 'degradation'.*e\.g\. 'rain_fog'"):
+        load_config(teacher)
+    ok = write(tmp_path / "ok.yaml", "stage: teacher\ndegradation: Low-light_2\ndata:\n  degradations: [Low-light_2]\n"
+               "  train: [{name: 'low light v2', shards: x, degradation: Low-light_2}]\ntracking: {uri: null}\n")
+    assert load_config(ok).degradation == "Low-light_2"  # letters, digits, '_' and '-' pass
+
+    for argv in (["shards", "build", "--format", "folder", "--root", str(tmp_path), "--degradation", "rain+fog",
+                  "--out", str(tmp_path / "s")],
+                 ["eval", "--checkpoint", "none", "--data", str(tmp_path), "--degradation", "a.b"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "argument --degradation:" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -22,7 +22,7 @@ from _fixtures import one_torch_thread
 
 from uniremoval.cli import main
 from uniremoval.eval.evaluate import EvalOptions, run_eval
-from uniremoval.eval.report import build_tables, collect, render
+from uniremoval.eval.report import ModelRow, build_tables, collect, render
 
 # model key -> (label, ablation tags, {dataset: {metric: value}}); degradations per dataset.
 RUNS = {
@@ -454,7 +454,6 @@ def test_real_paired_sets_get_their_own_psnr_table():
     """Table IV is the synthetic ablation: a real paired set (eval's `domain: real`, as SPA or
     RealBlur-J shards say in their json) gets a table of its own; a set without the tag (a folder)
     stays in Table IV."""
-    from uniremoval.eval.report import ModelRow
 
     kt = ModelRow("k", "kt", scores={("SOTS", "psnr"): 24.0, ("RealBlurJ", "psnr"): 27.5, ("folder", "psnr"): 20.0},
                   domain={"SOTS": "synthetic", "RealBlurJ": "real"})
@@ -545,3 +544,13 @@ def test_models_trained_against_another_store_keep_their_ablation_flags(tmp_path
     assert table.flags == ["use_efcl", "use_eicl", "use_gan", "use_idt"]
     assert {r.label: r.ablation for r in table.rows} == {
         name: {k: str(v).lower() for k, v in flags.items()} for name, flags in rows.items()}
+
+
+def test_a_type_named_all_has_its_own_table_apart_from_sets_of_no_type() -> None:
+    """Sets of no type (folders eval'd without --degradation) were grouped under the key 'all': a set of a
+    type named 'all' joined them in the untitled table, its type lost."""
+    row = ModelRow("k", "kt", scores={("typed", "piqe"): 30.0, ("untyped", "piqe"): 40.0, ("hazy", "piqe"): 35.0},
+                   degradation={"typed": "all", "hazy": "haze"})
+    tables = {t.title: [c[0] for c in t.columns] for t in build_tables([row])}
+    assert tables == {"NR-IQA (Tables I-III)": ["untyped"], "NR-IQA (Tables I-III): all": ["typed"],
+                      "NR-IQA (Tables I-III): haze": ["hazy"]}

@@ -728,10 +728,18 @@ def test_a_cache_of_other_types_extends_the_shipped_config_dropping_its_teachers
         "teachers": {"checkpoints": {"haze": "t/haze.safetensors", "snow": "t/snow.safetensors"}},
         "data": {"degradations": ["haze", "snow"], "train": [{"name": "s", "shards": "s", "degradation": "snow"}]}})
     with pytest.raises(ConfigError, match=r"teachers.checkpoints.rain.*names no type of data.degradations "
-                                          r"\['haze', 'snow'\]; drop the entry .*teachers.checkpoints.rain=null"):
+                                          r"\['haze', 'snow'\]: add 'rain' to data.degradations \(a type of your own\), "
+                                          r"or drop the entry .*teachers.checkpoints.rain=null"):
         load_config(cfg_file)
     cfg = load_config(cfg_file, ["teachers.checkpoints.rain=null", "teachers.checkpoints.blur=null"])
     assert cfg.teachers.checkpoints == {"haze": "t/haze.safetensors", "snow": "t/snow.safetensors"}
+    # a source of no type: said so (it read "has degradation None, which has no teacher")
+    from uniremoval.stages.cache import _plan
+
+    with pytest.raises(ConfigError, match=r"source 's' \(data.train\) has no degradation, so no teacher runs on it; "
+                                          r"give it degradation: <type>, one of teachers.checkpoints \['haze', 'snow'\]"):
+        _plan(load_config(cfg_file, ["teachers.checkpoints.rain=null", "teachers.checkpoints.blur=null",
+                                     "data.train.0.degradation=null"]))
 
 
 @pytest.mark.parametrize("names", [["mean", "b"], ["a", "a"], ["Rain100L (test)"], ["sets/."]])

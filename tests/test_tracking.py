@@ -585,3 +585,27 @@ def test_killed_background_tracker_leaves_no_staging_behind(tmp_path: Path, monk
     tr.close()
     left = sorted(str(p) for p in tmp.iterdir()) + sorted(str(p) for p in run_dir.rglob("*") if "staging" in str(p))
     assert left == []
+
+
+def test_an_artifact_path_mlflow_refuses_is_left_out_not_taken_for_an_outage(tmp_path, monkeypatch):
+    """MLflow's check of an artifact path ('manifests/../x') raises an INTERNAL_ERROR (HTTP 500): the
+    cache stage's run was taken to be unreachable, spooled, and its replay failed the same way for ever.
+    The artifact is left out with a warning naming it; the rest of the run is sent."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'live.db'}"
+    tr = Tracker(uri, "e", "cache", {}, spool_dir=tmp_path / "run")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.warns(RuntimeWarning, match=r"refused the .*manifests/\.\./escape.*left out"):
+        tr.log_artifact(tmp_path / "manifest.json", "manifests/../escape")
+    tr.log_artifact(tmp_path / "manifest.json", "manifests/ok")
+    tr.log_metrics({"cache/ok/samples": 3.0}, step=0)
+    tr.finish()
+    assert not tr.offline and not tr.spool_path.exists()
+    client = MlflowClient(uri)
+    run = client.get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"cache/ok/samples": 3.0}
+    assert [a.path for a in client.list_artifacts(tr.run_id, "manifests")] == ["manifests/ok"]

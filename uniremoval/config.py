@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,23 @@ from uniremoval.errors import ConfigError
 
 DEFAULT_DEGRADATIONS = ["haze", "rain", "blur"]
 CLEAR = "clear"  # the degradation label of clean images (shards of clear photos)
+# A degradation type names config keys (teachers.checkpoints.<type>, dotted on the command line), MLflow
+# params, tags and metrics (which refuse '+' and others), and files (teacher-<type>): 'rain+fog' lost its
+# teacher's param, and 'snow.v2' could not be set from the command line.
+TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def degradation_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a degradation type (None: it can)."""
+    if TYPE_NAME.fullmatch(name):
+        return None
+    return ("a degradation type is letters, digits, '_' and '-', starting with a letter (it names config keys, "
+            f"MLflow params and files), e.g. {_type_name_example(name)!r}")
+
+
+def _type_name_example(name: str) -> str:
+    fixed = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "type"
+    return fixed if fixed[0].isalpha() else f"t{fixed}"
 
 
 class Strict(BaseModel):
@@ -112,6 +130,13 @@ class DataSource(Strict):
     # the same images on any number of processes
     max_samples: int | None = Field(None, ge=1)
 
+    @field_validator("degradation")
+    @classmethod
+    def _type_name(cls, v):
+        if v is not None and (problem := degradation_name_problem(v)):
+            raise ValueError(f"{v!r}: {problem}")
+        return v
+
     @field_validator("shards", mode="before")
     @classmethod
     def _one_or_many(cls, v):
@@ -124,6 +149,22 @@ class DataSource(Strict):
             raise ValueError("give at least one shard directory, pattern or URL")
         if any(not s.strip() for s in v):  # '' is the working directory as a path
             raise ValueError("an empty shard path; give a shard directory, pattern or URL")
+        return v
+
+
+class NamedSource(DataSource):
+    """A source of data.train, data.clear or eval.data: its name also names files and folders (the cache's
+    <cache.out>/<name>, eval's -<name>.json) and MLflow metrics and artifacts, so it holds no '/' ('../x'
+    wrote outside cache.out) and nothing MLflow refuses (the run was spooled as if the server were down)."""
+
+    @field_validator("name")
+    @classmethod
+    def _file_safe(cls, v):
+        from uniremoval.tracking import dataset_name_fix, dataset_name_problem
+
+        if problem := dataset_name_problem(v, slash=False):
+            raise ValueError(f"{v!r}: a source's name names files and MLflow metrics, and {problem}; "
+                             f"{dataset_name_fix(v, slash=False)}")
         return v
 
 
@@ -145,10 +186,10 @@ def _refuse_max_samples(sources: list[DataSource], where: str) -> list[DataSourc
 
 class DataConfig(Strict):
     degradations: list[str] = Field(default_factory=lambda: list(DEFAULT_DEGRADATIONS), min_length=1)
-    train: list[DataSource] = Field(default_factory=list)
+    train: list[NamedSource] = Field(default_factory=list)
     val: list[DataSource] = Field(default_factory=list)
     # Real clear images X_C for domain adaptation (any shards of clear photos).
-    clear: list[DataSource] = Field(default_factory=list)
+    clear: list[NamedSource] = Field(default_factory=list)
     batch_size: int = Field(16, ge=1, le=4096)
     crop_size: int = Field(128, ge=16, le=4096)
     num_workers: int = Field(4, ge=0, le=256)
@@ -166,6 +207,9 @@ class DataConfig(Strict):
             raise ValueError(f"degradation names must be unique, got {v}")
         if CLEAR in v:
             raise ValueError(f"'{CLEAR}' is reserved for clean images and cannot be a degradation type")
+        for name in v:
+            if problem := degradation_name_problem(name):
+                raise ValueError(f"{name!r}: {problem}")
         return v
 
     @field_validator("train", "clear")
@@ -368,7 +412,7 @@ class ValIQAConfig(Strict):
 
 class EvalConfig(Strict):
     checkpoint: str | None = None
-    data: list[DataSource] = Field(default_factory=list)
+    data: list[NamedSource] = Field(default_factory=list)
     metrics: list[str] = Field(default_factory=lambda: ["brisque", "piqe"])
     save_images: str | None = None
 
@@ -381,17 +425,11 @@ class EvalConfig(Strict):
     @classmethod
     def _names(cls, v):
         # Each source is one run eval-<name> writing -<name>.json/.csv and <save_images>/<name>/: a name
-        # given twice overwrote the other's files (silently), and a '/' in it made paths of folders.
-        from uniremoval.tracking import dataset_name_fix, dataset_name_problem
-
+        # given twice overwrote the other's files (silently); a '/' in it made paths of folders (NamedSource).
         names = [s.name for s in v]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"eval.data name(s) {twice} are given twice; each source writes files and an MLflow "
                              f"run of its name, so give each a name of its own")
-        for n in names:
-            if problem := dataset_name_problem(n, slash=False):
-                raise ValueError(f"eval.data name {n!r}: eval's metric (eval/<name>/<metric>) and file names "
-                                 f"{problem}; {dataset_name_fix(n, slash=False)}")
         return v
 
     @field_validator("metrics")
@@ -443,6 +481,13 @@ class TeacherStage(StageBase):
     stage: Literal["teacher"]
     degradation: str
     loss: TeacherLossConfig = Field(default_factory=TeacherLossConfig)
+
+    @field_validator("degradation")
+    @classmethod
+    def _type_name(cls, v):
+        if problem := degradation_name_problem(v):
+            raise ValueError(f"{v!r}: {problem}")
+        return v
 
 
 class CacheStage(StageBase):
@@ -698,10 +743,17 @@ def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Pa
         else:
             value = err.get("input")
             hint = ""
-            if err["type"] == "string_type" and source.startswith("override"):
-                # YAML read the override's text as a number or bool: quoting keeps it text
-                hint = f" (the override was read as YAML, giving {type(value).__name__} {value!r}: quote the " \
-                       f"text, e.g. {key}='\"{overrides.get(key, '').split('=', 1)[-1]}\"')"
+            if err["type"] == "string_type" and isinstance(value, (bool, int, float)):
+                # YAML read the text as a number or bool: quoting keeps it text
+                yaml_text = yaml.safe_dump(value).splitlines()[0]
+                if source.startswith("override") and key in overrides:
+                    hint = f" (the override was read as YAML, giving {type(value).__name__} {value!r}: quote the " \
+                           f"text, e.g. {key}='\"{overrides[key].split('=', 1)[-1]}\"')"
+                elif source.startswith("override"):  # an element of a list or mapping the override gave whole
+                    hint = f" (the override was read as YAML, giving {type(value).__name__} {value!r}: quote it " \
+                           f"inside the override, \"{yaml_text}\")"
+                else:
+                    hint = f" (YAML reads {yaml_text} as {type(value).__name__}: quote it, \"{yaml_text}\")"
             lines.append(f"{source}: key '{key}': bad value {value!r}: {err['msg']}{hint}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
@@ -756,8 +808,9 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
         for deg, path in cfg.teachers.checkpoints.items():
             if deg not in cfg.data.degradations:
                 out.append((f"teachers.checkpoints.{deg}", path,
-                            (f"names no type of data.degradations {cfg.data.degradations}; drop the entry (one "
-                             f"a base file sets: teachers.checkpoints.{deg}=null)")))
+                            (f"names no type of data.degradations {cfg.data.degradations}: add '{deg}' to "
+                             f"data.degradations (a type of your own), or drop the entry (one a base file sets: "
+                             f"teachers.checkpoints.{deg}=null)")))
     if isinstance(cfg, TeacherStage):
         # A teacher leaves out the sources of other types (one list may serve every teacher), so a
         # misspelt type dropped that source, or the only validation set (then no best.safetensors), silently.

@@ -654,7 +654,10 @@ def _refused(exc: BaseException) -> bool:
         from mlflow.exceptions import MlflowException
     except ImportError:
         return False
-    return isinstance(exc, MlflowException) and exc.get_http_status_code() == 400
+    # MLflow's own check of an artifact path ('a/../b') raises INTERNAL_ERROR (500), not a 400: a refusal too,
+    # or the run was spooled as if the server were down and its replay failed the same way for ever.
+    return isinstance(exc, MlflowException) and (exc.get_http_status_code() == 400
+                                                 or str(exc.message).startswith("Invalid artifact path"))
 
 
 def stopped_status(exc: BaseException) -> str:

@@ -38,6 +38,15 @@ def positive_number(unit: str) -> Callable[[str], float]:
     return parse
 
 
+def degradation_type(text: str) -> str:
+    """An argparse type: a degradation type name as configs take it (or 'clear'), else one usage error."""
+    from uniremoval.config import degradation_name_problem
+
+    if problem := degradation_name_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def add_overrides(p, text: str = "dotted config overrides, e.g. optim.lr=1e-4 (before or after the options)") -> None:
     """Dotted key=value overrides, positional as in `config show`, or `--set KEY=VALUE` as `eval` spells them."""
     p.add_argument("overrides", nargs="*", metavar="key=value", help=text)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 
+from uniremoval.commands import degradation_type
 from uniremoval.errors import UniremovalError
 
 ACTIONS = ("run", "params", "fetch-params", "import-params", "replay")
@@ -74,7 +75,7 @@ def register(subparsers) -> None:
     g.add_argument("--tile", type=int, help="restore in tiles of this size, more than 32 px (they overlap by 32 px; "
                    "large images, little memory; default: untiled)")
     g.add_argument("--label", help="row label in reports (default: training run name / checkpoint name)")
-    g.add_argument("--degradation", help="degradation tag of the dataset (default: from the shards' json)")
+    g.add_argument("--degradation", type=degradation_type, help="degradation tag of the dataset (default: from the shards' json)")
     t = p.add_argument_group("tracking")
     t.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment (default: the training run's, else 'uniremoval')")

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from uniremoval.commands import positive_number, whole_number
+from uniremoval.commands import degradation_type, positive_number, whole_number
 from uniremoval.errors import UniremovalError
 
 FORMATS = (
@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="shards from a dataset in its own layout (see shards/README.md)")
     b.add_argument("--format", required=True, choices=FORMATS, help="the dataset's layout")
     b.add_argument("--root", required=True, help="the dataset folder as downloaded")
-    b.add_argument("--degradation", help="degradation name to record (required for paired-folder/folder)")
+    b.add_argument("--degradation", type=degradation_type, help="degradation name to record (required for paired-folder/folder)")
     b.add_argument("--domain", choices=("synthetic", "real"), help="override the layout's domain (default: the layout's, see shards/README.md)")
     b.add_argument("--subset", help="reside-sots: indoor|outdoor (default both); realblur: J|R (default J)")
     b.add_argument("--blur-dir", default="blur", choices=("blur", "blur_gamma"), help="gopro input folder (default blur)")

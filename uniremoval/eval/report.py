@@ -250,12 +250,12 @@ def build_tables(rows: list[ModelRow]) -> list[Table]:
     for r in rows:
         degradation_of.update(r.degradation)
     nr_datasets = {d for r in rows for (d, m) in r.scores if _kind(m) == "nr"}
-    groups: dict[str, set[str]] = {}
+    groups: dict[str | None, set[str]] = {}  # None: sets of no type (folders eval'd without --degradation)
     for d in nr_datasets:
-        groups.setdefault(degradation_of.get(d, "all"), set()).add(d)
-    for deg in sorted(groups):
+        groups.setdefault(degradation_of.get(d), set()).add(d)
+    for deg in sorted(groups, key=lambda g: (g is not None, g or "")):
         cols = _columns(rows, "nr", groups[deg])
-        title = "NR-IQA (Tables I-III)" + ("" if deg == "all" else f": {deg}")
+        title = "NR-IQA (Tables I-III)" + ("" if deg is None else f": {deg}")
         tables.append(Table(title, cols, [r for r in rows if any(c in r.scores for c in cols)]))
     # Table IV is on synthetic sets; a real paired set (SPA, RealBlur-J: eval's `domain` tag) has its own
     # table. Datasets without the tag (folders) stay in Table IV, as before the tag existed.

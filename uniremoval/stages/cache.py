@@ -308,7 +308,10 @@ def _plan(cfg: CacheStage) -> list[dict[str, Any]]:
         raise ConfigError(f"cache: data.train source names must be unique (they name the cache folders): {names}")
     items = []
     for src in cfg.data.train:
-        if src.degradation is None or src.degradation not in cfg.teachers.checkpoints:
+        if src.degradation is None:
+            raise ConfigError(f"cache: source {src.name!r} (data.train) has no degradation, so no teacher runs on it; "
+                              f"give it degradation: <type>, one of teachers.checkpoints {sorted(cfg.teachers.checkpoints)}")
+        if src.degradation not in cfg.teachers.checkpoints:
             raise ConfigError(
                 f"cache: source {src.name!r} has degradation {src.degradation!r}, which has no teacher; "
                 f"teachers.checkpoints has {sorted(cfg.teachers.checkpoints)}")

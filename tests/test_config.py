@@ -680,3 +680,20 @@ def test_degradation_types_and_source_names_that_would_break_keys_files_or_mlflo
         assert exit_.value.code == 2
         assert "argument --degradation:" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_kt_config_that_leaves_l_fg_no_negative_is_refused(tmp_path):
+    """L_fg contrasts the student's feature against the batch's other samples (of other types only, with
+    feature_negatives=other_types): with one type, or a batch of one, it was 0 at every step, silently."""
+    kt = write(tmp_path / "kt.yaml", "stage: kt\ndata:\n  degradations: [haze]\n  batch_size: 4\n"
+               "  train: [{name: h, shards: cache/h, degradation: haze}]\n"
+               "teachers: {checkpoints: {haze: t.safetensors}}\ntracking: {uri: null}\n")
+    assert load_config(kt).loss.feature_negatives == "all"
+    with pytest.raises(ConfigError, match=r"override 'loss.feature_negatives=other_types': key "
+                       r"'loss.feature_negatives': bad value 'other_types': with one type in data.degradations "
+                       r"\['haze'\] leaves L_fg \(use_fcl\) no negative"):
+        load_config(kt, ["loss.feature_negatives=other_types"])
+    with pytest.raises(ConfigError, match=r"key 'data.batch_size': bad value 1: leaves L_fg \(use_fcl\) no negative"):
+        load_config(kt, ["data.batch_size=1"])
+    for off in ("loss.use_fcl=false", "loss.a1=0", "loss.a2=0"):  # no L_fg: nothing to refuse
+        load_config(kt, ["data.batch_size=1", "loss.feature_negatives=other_types", off])

@@ -858,6 +858,17 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
             why = (f"must be at least {least} for the PatchGAN discriminator with discriminator.n_layers="
                    f"{cfg.discriminator.n_layers} (each layer halves the crop; lower n_layers for smaller crops)")
             out.append(("data.crop_size", cfg.data.crop_size, why))
+    if isinstance(cfg, KTStage) and cfg.loss.use_fcl and cfg.loss.a1 > 0 and cfg.loss.a2 > 0:
+        # L_fg's negatives are the features of the batch's other samples (of other types only, with
+        # other_types): with none the term is -log 1 = 0 at every step, and the run looked healthy.
+        if cfg.loss.feature_negatives == "other_types" and len(degs) < 2:
+            why = (f"with one type in data.degradations {degs} leaves L_fg (use_fcl) no negative: it would be 0 at "
+                   "every step; use loss.feature_negatives=all, or loss.use_fcl=false")
+            out.append(("loss.feature_negatives", cfg.loss.feature_negatives, why))
+        elif cfg.data.batch_size < 2:
+            why = ("leaves L_fg (use_fcl) no negative, the other samples of the batch: it would be 0 at every step; "
+                   "use data.batch_size=2 or more, or loss.use_fcl=false")
+            out.append(("data.batch_size", cfg.data.batch_size, why))
     if isinstance(cfg, KTStage) and cfg.teachers.mode == "cached" and cfg.data.crop_size % cfg.data.feature_cell:
         grid = f"must be a multiple of data.feature_cell={cfg.data.feature_cell} (cached teacher features are " \
             "cropped on that grid)"

@@ -554,3 +554,37 @@ def test_a_type_named_all_has_its_own_table_apart_from_sets_of_no_type() -> None
     tables = {t.title: [c[0] for c in t.columns] for t in build_tables([row])}
     assert tables == {"NR-IQA (Tables I-III)": ["untyped"], "NR-IQA (Tables I-III): all": ["typed"],
                       "NR-IQA (Tables I-III): haze": ["hazy"]}
+
+
+def test_eval_domain_files_a_folder_of_synthetic_pairs_out_of_table_v(tmp_path, capsys) -> None:
+    """An image folder had no domain: a folder of synthetic test pairs landed in the real sets' Table V.
+    `eval --domain synthetic` tags it (a real folder keeps its place with `--domain real`); shards carry
+    their own domain, so --domain with shards is refused before anything is scored."""
+    from uniremoval.cli import main
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    rng = np.random.default_rng(0)
+    for folder in ("syn", "real"):
+        for sub in ("input", "target"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / folder / sub / "a.png")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt = save_checkpoint(tmp_path / "da" / "last", MPRNet("tiny").eval(),
+                           {"run_name": "da", "ablation": {"use_gan": True, "use_idt": True}})
+    common = ["eval", "--checkpoint", str(ckpt), "--metrics", "piqe,psnr", "--device", "cpu", "--tracking-uri", uri,
+              "--experiment", "proj", "--degradation", "rain"]
+    assert main([*common, "--data", str(tmp_path / "syn"), "--domain", "synthetic"]) == 0
+    assert main([*common, "--data", str(tmp_path / "real"), "--domain", "real"]) == 0
+    tables = {t.title: [c[0] for c in t.columns] for t in build_tables(collect("proj", uri))}
+    assert tables["Real ablation: NR-IQA (Table V)"] == ["real"], tables
+    assert tables["Synthetic ablation: PSNR/SSIM (Table IV)"] == ["syn"], tables
+    assert tables["Real paired sets: PSNR/SSIM"] == ["real"], tables
+
+    shards = tmp_path / "shards"
+    assert main(["shards", "build", "--format", "paired-folder", "--root", str(tmp_path / "syn"), "--degradation",
+                 "rain", "--out", str(shards), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--data", str(shards), "--domain", "real", "--name", "shards_real"]) == 2
+    assert "whose samples carry their domain in their json" in capsys.readouterr().err
+    assert "shards_real" not in {c[0] for t in build_tables(collect("proj", uri)) for c in t.columns}

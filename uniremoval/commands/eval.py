@@ -76,6 +76,9 @@ def register(subparsers) -> None:
                    "large images, little memory; default: untiled)")
     g.add_argument("--label", help="row label in reports (default: training run name / checkpoint name)")
     g.add_argument("--degradation", type=degradation_type, help="degradation tag of the dataset (default: from the shards' json)")
+    g.add_argument("--domain", choices=("synthetic", "real"),
+                   help="an image folder's domain, for the report's tables (synthetic: Tables I-IV; real: Table V "
+                   "and real paired sets); shards carry theirs in their json (default for a folder: none)")
     t = p.add_argument_group("tracking")
     t.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment (default: the training run's, else 'uniremoval')")
@@ -121,6 +124,7 @@ def handler(args) -> int:
     common = {
         "device": args.device, "batch_size": args.batch_size, "psnr_y": args.psnr_y,
         "crop_border": args.crop_border, "tile": args.tile, "iqa_dir": args.iqa_dir, "label": args.label,
+        "domain": args.domain,
     }
     if args.config:
         jobs = _config_jobs(args, common)

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     import torch
 
 TARGET_DIRS = ("target", "gt", "groundtruth")
+DOMAINS = ("synthetic", "real")  # the samples' json `domain`; the report files sets by it
 DEFAULT_EXPERIMENT = "uniremoval"
 # Images held while waiting for same-size partners; beyond this the fullest bucket is scored.
 MAX_BUFFERED_BATCHES = 4
@@ -93,6 +94,7 @@ class EvalOptions:
     experiment: str | None = None
     label: str | None = None
     degradation: str | None = None
+    domain: str | None = None  # an image folder's domain (synthetic, real); shards carry theirs in their json
 
 
 @dataclass
@@ -608,6 +610,12 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         raise UniremovalError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.crop_border < 0:
         raise UniremovalError(f"--crop-border must be >= 0, got {opts.crop_border}")
+    if opts.domain is not None and opts.domain not in DOMAINS:
+        raise UniremovalError(f"--domain {opts.domain!r} must be one of {', '.join(DOMAINS)}")
+    if opts.domain and is_shard_source(opts.data):
+        raise UniremovalError(f"--domain {opts.domain}: --data {opts.data} is shards, whose samples carry their domain "
+                              "in their json (set when built: `shards build --domain`); --domain tags an image "
+                              "folder: drop it")
     from uniremoval.eval.restore import TILE_OVERLAP, tiling_problem
 
     if problem := tiling_problem(opts.tile, TILE_OVERLAP):
@@ -711,7 +719,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
         checkpoint=opts.checkpoint if opts.checkpoint.lower() != "none" else "none",
         metrics=metrics, images=images, mean=mean,
         degradation=opts.degradation or (degradations.pop() if len(degradations) == 1 else None),
-        domain=domains.pop() if len(domains) == 1 else None,
+        domain=opts.domain or (domains.pop() if len(domains) == 1 else None),
         per_rank=[ranks.get(i, 0) for i in range(state.num_processes)], undefined=undefined,
     )
     import sys

@@ -144,7 +144,8 @@ class WriteBehind:
     each holding its image). An encode's or a write's error is raised in the caller there. The file
     system work stays in the caller's thread, so Ctrl-C or SIGTERM interrupt a write as they did
     (its temporary removed, the file it replaces intact); the encoders are daemon threads that hold
-    no file, abandoned when a with-block is left by an exception (the process is ending).
+    no file: when a with-block is left by an exception no further file is encoded or written, and the
+    encoders are joined after the encode under way (up to 2 s).
     """
 
     def __init__(self, workers: int = 2, pending: int = 4) -> None:
@@ -197,6 +198,11 @@ class WriteBehind:
         self._pending.clear()
         for _ in self._threads:
             self._tasks.put(None)
+        # Joined (an encode under way finishes first; 2 s at most, Ctrl-C must not hang): an encoder thread
+        # that had run torch ops still alive at interpreter exit aborted the process now and then
+        # ("terminate called without an active exception", exit 134 after restore had written everything).
+        for t in self._threads:
+            t.join(timeout=2)
 
     def __enter__(self) -> Self:
         return self

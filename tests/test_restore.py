@@ -212,8 +212,9 @@ def test_restore_cli_cpu_out_of_memory_skips_with_tile_hint(tmp_path, capsys, mo
     fake.fail, fake.calls = RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
                                          "allocate memory: you tried to allocate 96636764160 bytes."), 0
     monkeypatch.setattr(restore_mod, "restore_tensor", fake)
-    args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out"),
-            "--device", "cpu"]
+    # --batch-size 1: the two images are of one size (a batch that fails is retried image by image, below)
+    args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--batch-size", "1", "--output",
+            str(tmp_path / "out"), "--device", "cpu"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "big.png: out of memory; try --tile 512" in err and "restored 1 of 2" in err
@@ -801,3 +802,126 @@ def test_restore_reads_ahead_and_writes_behind_and_a_failed_write_still_stops_it
     assert not [n for n in written if n.endswith(".tmp")]
     for name in written:
         Image.open(full / name).load()  # complete files
+
+
+def _forward_batches(monkeypatch, fail_above: int | None = None) -> list[int]:
+    """The batch size of every forward pass of the model restore loads; with `fail_above`, a pass of more
+    images than that runs out of memory as torch's CPU allocator does."""
+    import uniremoval.models.checkpoint as checkpoint_mod
+
+    sizes: list[int] = []
+    load = checkpoint_mod.load_checkpoint
+
+    def counted(*args, **kwargs):
+        model, meta = load(*args, **kwargs)
+
+        def hook(_module, inputs):
+            sizes.append(inputs[0].shape[0])
+            if fail_above is not None and inputs[0].shape[0] > fail_above:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+        model.register_forward_pre_hook(hook)
+        return model, meta
+
+    monkeypatch.setattr(checkpoint_mod, "load_checkpoint", counted)
+    return sizes
+
+
+def test_restore_runs_images_of_one_size_as_a_batch_with_the_outputs_of_one_at_a_time(tmp_path, monkeypatch) -> None:
+    """A folder of one camera's photos restored one image per forward pass left a GPU mostly idle on small
+    photos: images of one size now go through the model `--batch-size` at a time (a larger or tiled one
+    alone), and every PNG equals the one a pass per image writes."""
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(rand_u8(24, 32, seed=i)).save(src / f"a{i}.png")
+    for i in range(2):
+        Image.fromarray(rand_u8(32, 40, seed=10 + i)).save(src / f"b{i}.jpg")
+    Image.fromarray(rand_u8(48, 40, seed=20)).save(src / "c_big.png")  # larger than --tile: tiled, alone
+
+    sizes = _forward_batches(monkeypatch)
+    args = ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--tile", "40", "--tile-overlap", "8"]
+    assert main([*args, "--output", str(tmp_path / "batched"), "--batch-size", "4"]) == 0
+    # 4 of 32x24 once full, the big one's 2 tiles when read, then the rest: 1 of 32x24, 2 of 40x32
+    assert sizes == [4, 2, 1, 2], sizes
+    sizes.clear()
+    assert main([*args, "--output", str(tmp_path / "single"), "--batch-size", "1"]) == 0
+    assert sizes == [1] * 9, sizes
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "batched").iterdir()) and len(names) == 8
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "single" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "batched" / name)).astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, name  # float summation order only
+        assert (a != b).mean() < 0.01, name
+
+
+def test_a_batch_that_runs_out_of_memory_is_restored_image_by_image(tmp_path, monkeypatch, capsys) -> None:
+    """Same-size images that do not fit together are restored one by one, none skipped, and no batch as
+    large is tried again."""
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(rand_u8(16, 24, seed=i)).save(src / f"a{i}.png")
+    sizes = _forward_batches(monkeypatch, fail_above=1)
+    assert main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out"),
+                 "--batch-size", "3"]) == 0
+    err = capsys.readouterr().err
+    assert sizes == [3, 1, 1, 1, 1, 1, 1], sizes  # the second batch of 3 is not tried
+    assert "restored 6 of 6 image(s)" in err and "skipped" not in err, err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 6
+    # Any other error of a batch is raised, not retried.
+    monkeypatch.undo()
+    _forward_batches(monkeypatch)
+    import uniremoval.eval.restore as restore_mod
+
+    def broken(model, x, *args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(restore_mod, "restore_tensor", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out2"),
+              "--batch-size", "3"])
+
+
+def test_same_size_batches_groups_by_key_within_the_buffer_limit() -> None:
+    from uniremoval.eval.restore import same_size_batches
+
+    def groups(items, batch_size, max_buffered=None):
+        return list(same_size_batches(items, lambda it: None if it[0] == "T" else it[0], batch_size, max_buffered))
+
+    items = ["a1", "b1", "a2", "T1", "a3", "b2", "c1"]
+    # a full group goes at once, a None key alone when it comes, the rest at the end in first-come order
+    assert groups(items, 3) == [["T1"], ["a1", "a2", "a3"], ["b1", "b2"], ["c1"]]
+    # once 3 items wait the fullest group goes: a1 a2 (with b1 waiting), later b1 b2 (with a3 waiting)
+    assert groups(items, 4, max_buffered=3) == [["a1", "a2"], ["T1"], ["b1", "b2"], ["a3"], ["c1"]]
+    assert groups(items, 1) == [[it] for it in items]
+    assert groups([], 4) == []
+
+
+def test_a_cpu_pass_holds_at_most_cpu_pass_pixels() -> None:
+    """On the CPU a pass over several large images ran slower than one pass each (bench/restore.py: 0.76x
+    at 480x320, 1.52x at 128x128): images and tiles go CPU_PASS_PIXELS at a time, at least one."""
+    from uniremoval.eval.restore import CPU_PASS_PIXELS
+
+    sizes: list[int] = []
+    model = nn.Conv2d(3, 3, 3, padding=1)
+    model.register_forward_pre_hook(lambda _m, inputs: sizes.append(inputs[0].shape[0]))
+    x = torch.rand(4, 3, 128, 160)  # 20480 px: three fit in 65536
+    assert CPU_PASS_PIXELS == 65536
+    y = restore_tensor(model, x, "zero_one", batch_size=4)
+    assert sizes == [3, 1]
+    sizes.clear()
+    torch.testing.assert_close(restore_tensor(model, x, "zero_one", batch_size=1), y)
+    sizes.clear()
+    restore_tensor(model, torch.rand(2, 3, 300, 300), "zero_one", batch_size=4)  # larger than the cap: one a pass
+    assert sizes == [1, 1]
+    sizes.clear()
+    restore_tensor(model, torch.rand(8, 3, 16, 16), "zero_one", batch_size=4)  # small: --batch-size a pass
+    assert sizes == [4, 4]
+    sizes.clear()
+    restore_tensor(model, torch.rand(1, 3, 200, 300), "zero_one", tile=160, tile_overlap=32, batch_size=4)
+    assert sizes == [2, 2, 2]  # 2 x 3 windows of 160x160 px (25600 px each): two a pass

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--tile-overlap", type=int, default=None,
                    help="overlap between tiles in px (default 32; less than --tile)")
     p.add_argument("--batch-size", type=int, default=4,
-                   help="tiles per forward pass with --tile (default 4); images are restored one at a time")
+                   help="images of one size, or windows of one image with --tile, per forward pass (default 4; on the "
+                   "CPU at most 128x128x4 pixels a pass)")
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
     )
@@ -51,6 +52,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+    from contextlib import closing
     from pathlib import Path
 
     import torch
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         read_image,
         restore_tensor,
         rgb_icc_profile,
+        same_size_batches,
         tiling_problem,
         untiled_shortfall,
         written_by_restore,
@@ -171,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     failed: list[str] = []
     free = available_memory() if device == "cpu" else None
     tiles_bar: list = []  # the bar over the current image's tiles, once it has more than one batch
+    # Pixels of the smallest batch of images that ran out of memory: batches as large go image by image.
+    too_many_pixels = [float("inf")]
 
     def on_tiles(done: int, total: int) -> None:
         if total <= args.batch_size:
@@ -180,58 +185,92 @@ def run(args: argparse.Namespace) -> int:
         tiles_bar[0].update(done - tiles_bar[0].n)
 
     def decoded():
-        """(src, dst, image or None, the reading's error or None), read a step ahead in a thread
-        (read_ahead): an image that fails to read is skipped below like one that fails to restore."""
+        """(src, dst, image or None, the reading's error or None), read ahead in a thread (read_ahead):
+        an image that fails to read is skipped below like one that fails to restore."""
         for src, dst in plan:
             try:
                 yield src, dst, read_image(src), None
-            except Exception as exc:  # noqa: BLE001 - raised again in the loop, where it is handled
+            except Exception as exc:  # noqa: BLE001 - raised again in restore_one, where it is handled
                 yield src, dst, None, exc
 
-    # Decoding the next image and encoding the last outputs (2 threads) overlap the restore: at 720p a
-    # PNG takes ~330 ms to encode, longer than a GPU takes to restore it.
+    def batch_key(item):
+        """Images of one size restore as one batch; one that fails to read or is cut in tiles goes alone."""
+        x, read_error = item[2], item[3]
+        if read_error is not None:
+            return None
+        h, w = x.shape[-2:]
+        return None if args.tile is not None and (h > args.tile or w > args.tile) else (h, w)
+
+    def write(src: Path, dst: Path, y: torch.Tensor) -> None:
+        writer.submit(dst, png_bytes, y.cpu(), icc_profile=rgb_icc_profile(src))
+
+    def restore_batch(group: list) -> bool:
+        """Restore same-size images in one pass; False when they do not fit together (then one by one)."""
+        x = torch.stack([item[2] for item in group])
+        pixels = x.numel() // 3
+        if pixels >= too_many_pixels[0] or untiled_shortfall(model, *x.shape[-2:], len(group), args.tile, free):
+            return False
+        try:
+            y = restore_tensor(model, x, input_range, tile=args.tile, tile_overlap=overlap,
+                               batch_size=len(group))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        except (MemoryError, RuntimeError) as exc:
+            if not isinstance(exc, MemoryError) and not _cpu_out_of_memory(exc):
+                raise
+        else:
+            for (src, dst, _, _), yi in zip(group, y):
+                write(src, dst, yi)
+            return True
+        too_many_pixels[0] = pixels
+        return False
+
+    def restore_one(src: Path, dst: Path, x: torch.Tensor | None, read_error: Exception | None) -> None:
+        try:
+            if read_error is not None:
+                raise read_error
+            h, w = x.shape[-2:]
+            short = untiled_shortfall(model, h, w, 1, args.tile, free)
+            if short:
+                # On the CPU the kernel kills a process that runs out (no error to catch, and this
+                # summary is lost): an image that surely does not fit is skipped, saying what it needs.
+                failed.append(str(src))
+                tqdm.write(f"skipped: {src}: {short}; rerun with --tile 512 (or smaller)", file=sys.stderr)
+                return
+            y = restore_tensor(model, x.unsqueeze(0), input_range, tile=args.tile, tile_overlap=overlap,
+                               batch_size=args.batch_size, on_tiles=on_tiles)
+            write(src, dst, y[0])
+        except DataError as exc:
+            failed.append(str(src))
+            tqdm.write(f"skipped: {exc}", file=sys.stderr)
+        except torch.cuda.OutOfMemoryError:
+            failed.append(str(src))
+            torch.cuda.empty_cache()
+            tqdm.write(f"skipped: {src}: out of GPU memory; try --tile 512 (or smaller)", file=sys.stderr)
+        except (MemoryError, RuntimeError) as exc:
+            # On CPU an allocation that does not fit is a RuntimeError from torch's allocator.
+            if not isinstance(exc, MemoryError) and not _cpu_out_of_memory(exc):
+                raise
+            failed.append(str(src))
+            tqdm.write(f"skipped: {src}: out of memory; try --tile 512 (or smaller)", file=sys.stderr)
+        finally:
+            if tiles_bar:
+                tiles_bar.pop().close()
+
+    # Decoding the next images and encoding the last outputs (2 threads) overlap the restore: at 720p a
+    # PNG takes ~330 ms to encode, longer than a GPU takes to restore it. Up to two batches' worth of
+    # decoded images wait for same-size partners.
     # `with` for the bar too: a stop (Ctrl-C, SIGTERM) closes it before cli.main prints its one line, which
     # was otherwise glued to the bar's last drawing
-    with WriteBehind(workers=2, pending=2) as writer, \
-            tqdm(read_ahead(decoded(), depth=1), total=len(plan), desc="restore", unit="img", file=sys.stderr) as bar:
-        for src, dst, x, read_error in bar:
-            try:
-                if read_error is not None:
-                    raise read_error
-                h, w = x.shape[-2:]
-                short = untiled_shortfall(model, h, w, 1, args.tile, free)
-                if short:
-                    # On the CPU the kernel kills a process that runs out (no error to catch, and this
-                    # summary is lost): an image that surely does not fit is skipped, saying what it needs.
-                    failed.append(str(src))
-                    tqdm.write(f"skipped: {src}: {short}; rerun with --tile 512 (or smaller)", file=sys.stderr)
-                    continue
-                y = restore_tensor(
-                    model,
-                    x.unsqueeze(0),
-                    input_range,
-                    tile=args.tile,
-                    tile_overlap=overlap,
-                    batch_size=args.batch_size,
-                    on_tiles=on_tiles,
-                )
-                writer.submit(dst, png_bytes, y[0].cpu(), icc_profile=rgb_icc_profile(src))
-            except DataError as exc:
-                failed.append(str(src))
-                tqdm.write(f"skipped: {exc}", file=sys.stderr)
-            except torch.cuda.OutOfMemoryError:
-                failed.append(str(src))
-                torch.cuda.empty_cache()
-                tqdm.write(f"skipped: {src}: out of GPU memory; try --tile 512 (or smaller)", file=sys.stderr)
-            except (MemoryError, RuntimeError) as exc:
-                # On CPU an allocation that does not fit is a RuntimeError from torch's allocator.
-                if not isinstance(exc, MemoryError) and not _cpu_out_of_memory(exc):
-                    raise
-                failed.append(str(src))
-                tqdm.write(f"skipped: {src}: out of memory; try --tile 512 (or smaller)", file=sys.stderr)
-            finally:
-                if tiles_bar:
-                    tiles_bar.pop().close()
+    # (`closing`: a stop stops the reading thread at once, not when the generator is collected)
+    with WriteBehind(workers=2, pending=2 * args.batch_size) as writer, \
+            closing(read_ahead(decoded(), depth=max(2, args.batch_size))) as images, \
+            tqdm(total=len(plan), desc="restore", unit="img", file=sys.stderr) as bar:
+        for group in same_size_batches(images, batch_key, args.batch_size, max_buffered=2 * args.batch_size):
+            if len(group) == 1 or not restore_batch(group):
+                for item in group:
+                    restore_one(*item)
+            bar.update(len(group))
     done = len(plan) - len(failed)
     print(f"restored {done} of {len(plan)} image(s) into {out_root}", file=sys.stderr)
     if failed:

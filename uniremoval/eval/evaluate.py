@@ -70,8 +70,6 @@ if TYPE_CHECKING:
 TARGET_DIRS = ("target", "gt", "groundtruth")
 DOMAINS = ("synthetic", "real")  # the samples' json `domain`; the report files sets by it
 DEFAULT_EXPERIMENT = "uniremoval"
-# Images held while waiting for same-size partners; beyond this the fullest bucket is scored.
-MAX_BUFFERED_BATCHES = 4
 
 
 @dataclass
@@ -341,14 +339,17 @@ def score_items(
     """Per-image records `{"name", metric: value, ...}` for `items`, same-size images batched."""
     import torch
 
-    from uniremoval.eval.restore import png_bytes
+    from uniremoval.eval.restore import png_bytes, same_size_batches
     from uniremoval.io import WriteBehind
 
     records: list[dict[str, Any]] = []
-    buckets: dict[tuple[int, int], list[Item]] = {}
 
-    def flush(key: tuple[int, int]) -> None:
-        batch = buckets.pop(key)
+    def sized(items: Iterator[Item]) -> Iterator[Item]:
+        for it in items:
+            scorer.check_size(*it.image.shape[-2:], it.name)
+            yield it
+
+    def score(batch: list[Item]) -> None:
         x = torch.stack([it.image for it in batch]).to(device)
         with torch.no_grad():
             out = restore(x) if restore is not None else x
@@ -376,16 +377,8 @@ def score_items(
 
     # --save-images: the PNGs are encoded in threads while the next batch is restored and scored
     with WriteBehind(workers=2, pending=2 * batch_size) if save_dir is not None else contextlib.nullcontext() as writer:
-        for it in items:
-            h, w = it.image.shape[-2:]
-            scorer.check_size(h, w, it.name)
-            buckets.setdefault((h, w), []).append(it)
-            if len(buckets[(h, w)]) >= batch_size:
-                flush((h, w))
-            elif sum(len(b) for b in buckets.values()) >= MAX_BUFFERED_BATCHES * batch_size:
-                flush(max(buckets, key=lambda k: len(buckets[k])))
-        for key in list(buckets):
-            flush(key)
+        for batch in same_size_batches(sized(items), lambda it: tuple(it.image.shape[-2:]), batch_size):
+            score(batch)
     return records
 
 

@@ -634,3 +634,44 @@ def test_checkpoint_errors_from_a_config_key_name_the_key_not_a_cli_option(tmp_p
     torch.save({"state_dict": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"not an MPRNet state_dict .*; set teachers\.preset to get"):
         load_checkpoint(tmp_path / "other.pth", preset_key="teachers.preset")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_checkpoint_errors_say_what_the_file_is_and_what_to_do(tmp_path: Path) -> None:
+    """From a helper moving checkpoints around: our weights renamed .pth were called 'a failed download';
+    a truncated .pth's message was cut mid-sentence with no advice; a training checkpoint's state.pt did not
+    point to the weights beside it; a refused pickle named torch's advice, not the refused object; and a
+    wrong preset's hint came after kilobytes of key lists."""
+    import shutil
+
+    weights = save_checkpoint(tmp_path / "run" / "student", tiny(), {"step": 1})
+    renamed = tmp_path / "run" / "model.pth"
+    shutil.copy(weights, renamed)
+    with pytest.raises(CheckpointError, match=r"model\.pth: is a safetensors file .*rename it model\.safetensors and "
+                                              r"put the \.json saved with it beside it as model\.json"):
+        load_checkpoint(renamed)
+
+    cut = _official_tiny(tmp_path, "cut.pth")
+    cut.write_bytes(cut.read_bytes()[:2000])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(cut)
+    assert str(err.value).endswith("); a partial download or copy looks like this: fetch the checkpoint again")
+    assert "If you are seeing this error" not in str(err.value)
+
+    torch.save({"step": 3, "optimizer": {"lr": 1e-4}}, tmp_path / "run" / "state.pt")
+    with pytest.raises(CheckpointError, match=r"state\.pt: not a state_dict .*; the weights beside it: .*student\."
+                                              r"safetensors$"):
+        load_checkpoint(tmp_path / "run" / "state.pt")
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": _Payload(tmp_path / "pwned")}, evil)
+    with pytest.raises(CheckpointError, match=r"Detail: .*GLOBAL .*open"):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+
+    other = tmp_path / "tiny.pth"
+    torch.save(tiny().state_dict(), other)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(other, preset="derain")
+    assert str(err.value).startswith(f"{other}: does not match MPRNet(derain); the file's shapes look like MPRNet "
+                                     "preset 'tiny'; missing keys"), str(err.value)[:300]

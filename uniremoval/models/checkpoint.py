@@ -251,6 +251,11 @@ def load_torch_tensors(path: Path, what: str = "checkpoint") -> Any:
     corrupt. torch's unpickler raises whatever its parser meets (KeyError, IndexError...) on junk."""
     with open(path, "rb") as f:
         head = f.read(16)
+    if _is_safetensors(head):  # our weights renamed (.pth, .bin): torch.load cannot read them
+        raise CheckpointError(
+            f"{path}: is a safetensors file (the weights format uniremoval saves), not a torch.save file; rename it "
+            f"{path.with_suffix(WEIGHTS_SUFFIX).name} and put the {META_SUFFIX} saved with it beside it as "
+            f"{path.with_suffix(META_SUFFIX).name}")
     if not head.startswith(TORCH_FILE_MAGIC):
         raise CheckpointError(
             f"{path}: not a PyTorch file ({path.stat().st_size} bytes, starting {head!r}; torch.save writes a zip "
@@ -265,8 +270,15 @@ def load_torch_tensors(path: Path, what: str = "checkpoint") -> Any:
             f"(only plain state_dicts are read, with weights_only=True). Detail: {_unpickler_reason(exc)}"
         ) from exc
     except Exception as exc:  # zipfile, torch and its unpickler each raise their own types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{path}: truncated or corrupt {what} ({type(exc).__name__}: {first})") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first.split(". ")[0][:200]  # the first sentence; torch's next ones only advise a bug report
+        raise CheckpointError(f"{path}: truncated or corrupt {what} ({type(exc).__name__}: {first}); a partial "
+                              f"download or copy looks like this: fetch the {what} again") from exc
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file opens with its JSON header's length (8 bytes, little-endian) and that JSON."""
+    return len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 30
 
 
 def _unpickler_reason(exc: Exception) -> str:
@@ -275,7 +287,9 @@ def _unpickler_reason(exc: Exception) -> str:
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # torch's own lines (load unsafely, read the docs) say nothing of this file: the refused object's does
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(advice)]
     return (lines[0].split(". ")[0] if lines else type(exc).__name__)[:200]
 
 
@@ -284,8 +298,10 @@ def _read_official(weights: Path) -> dict[str, Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        beside = sorted(weights.parent.glob(f"*{WEIGHTS_SUFFIX}"))  # a training checkpoint's state.pt
+        fix = (f"; the weights beside it: {', '.join(str(p) for p in beside[:3])}" if beside else "")
         raise CheckpointError(
-            f"{weights}: not a state_dict (expected {{'state_dict': {{name: tensor}}}} or {{name: tensor}})"
+            f"{weights}: not a state_dict (expected {{'state_dict': {{name: tensor}}}} or {{name: tensor}}){fix}"
         )
     prefix = "module."
     return {(k.removeprefix(prefix)): v for k, v in obj.items()}
@@ -366,14 +382,14 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path, hint:
     ]
     if missing or unexpected or mismatched:
         parts = [f"{source}: does not match {type(model).__name__}({getattr(model, 'preset', '')})"]
+        if hint:  # first: the lists of keys below run to kilobytes
+            parts.append(hint)
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_fmt_list(missing)}")
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_list(unexpected)}")
         if mismatched:
             parts.append(f"mismatched shapes ({len(mismatched)}): {_fmt_list(mismatched)}")
-        if hint:
-            parts.append(hint)
         parts.append(f"{fix}, or that the file is the model you meant")
         raise CheckpointError("; ".join(parts))
     bad_dtype = [k for k, v in state.items() if v.is_floating_point() != expected[k].is_floating_point()]

@@ -195,6 +195,9 @@ def test_restore_stopped_mid_write_leaves_no_temporary(tmp_path, sig, line):
                        ["restore", "--checkpoint", str(ckpt), "--input", str(src / "target"), "--output", "out",
                         "--device", "cpu"], sig, PARTIAL="1")
     _one_line(rc, err, sig, line)
+    # what is there is said: a stop printed only its one line
+    assert err.rstrip().splitlines()[-2] == ("restore: stopped; 0 of 2 image(s) written into out by this run (a rerun "
+                                             "restores every image again, replacing restore's own outputs)"), err
     assert not _temporaries(tmp_path / "out")  # SIGTERM left .im0.png.*.tmp behind
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["im0.png"]
     assert (tmp_path / "out" / "im0.png").read_bytes() == before  # the output being replaced is intact

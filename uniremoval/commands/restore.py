@@ -52,6 +52,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+    import time
     from contextlib import closing
     from pathlib import Path
 
@@ -262,15 +263,22 @@ def run(args: argparse.Namespace) -> int:
     # decoded images wait for same-size partners.
     # `with` for the bar too: a stop (Ctrl-C, SIGTERM) closes it before cli.main prints its one line, which
     # was otherwise glued to the bar's last drawing
-    # (`closing`: a stop stops the reading thread at once, not when the generator is collected)
-    with WriteBehind(workers=2, pending=2 * args.batch_size) as writer, \
-            closing(read_ahead(decoded(), depth=max(2, args.batch_size))) as images, \
-            tqdm(total=len(plan), desc="restore", unit="img", file=sys.stderr) as bar:
-        for group in same_size_batches(images, batch_key, args.batch_size, max_buffered=2 * args.batch_size):
-            if len(group) == 1 or not restore_batch(group):
-                for item in group:
-                    restore_one(*item)
-            bar.update(len(group))
+    started = time.time()
+    try:
+        # (`closing`: a stop stops the reading thread at once, not when the generator is collected)
+        with WriteBehind(workers=2, pending=2 * args.batch_size) as writer, \
+                closing(read_ahead(decoded(), depth=max(2, args.batch_size))) as images, \
+                tqdm(total=len(plan), desc="restore", unit="img", file=sys.stderr) as bar:
+            for group in same_size_batches(images, batch_key, args.batch_size, max_buffered=2 * args.batch_size):
+                if len(group) == 1 or not restore_batch(group):
+                    for item in group:
+                        restore_one(*item)
+                bar.update(len(group))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as cli.main raises it: say what is there, then stop
+        written = sum(1 for _, dst in plan if dst.is_file() and dst.stat().st_mtime >= started)
+        print(f"restore: stopped; {written} of {len(plan)} image(s) written into {out_root} by this run (a rerun "
+              f"restores every image again, replacing restore's own outputs)", file=sys.stderr)
+        raise
     done = len(plan) - len(failed)
     print(f"restored {done} of {len(plan)} image(s) into {out_root}", file=sys.stderr)
     if failed:

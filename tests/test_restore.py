@@ -528,8 +528,9 @@ def test_restore_cli_says_what_a_large_image_needs(tmp_path: Path, capsys, monke
             "cpu", "--json", str(scores)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert re.search(r"error: .*in: 1 image\(s\) of 80x64 need about .* untiled, .* free; rerun with --tile 512 "
-                     r"\(or smaller\), or a smaller --batch-size", err), err
+    # the image is named (it named only the folder)
+    assert re.search(r"error: .*in \(big\.png\): 1 image\(s\) of 80x64 need about .* untiled, .* free; rerun with "
+                     r"--tile 512 \(or smaller\), or a smaller --batch-size", err), err
     assert not scores.exists()
     assert main([*args, "--tile", "48"]) == 0  # (eval overlaps tiles by 32 px)
     assert sorted(r["name"] for r in json.loads(scores.read_text())["images"]) == ["big.png", "small.png"]
@@ -905,8 +906,11 @@ def test_same_size_batches_groups_by_key_within_the_buffer_limit() -> None:
 def test_a_cpu_pass_holds_at_most_cpu_pass_pixels() -> None:
     """On the CPU a pass over several large images ran slower than one pass each (bench/restore.py: 0.76x
     at 480x320, 1.52x at 128x128): images and tiles go CPU_PASS_PIXELS at a time, at least one."""
-    from uniremoval.eval.restore import CPU_PASS_PIXELS
+    from uniremoval.eval.restore import CPU_PASS_PIXELS, images_per_pass
 
+    # the memory checks (restore's skip, eval's stop) count what one pass holds, not the batch
+    assert [images_per_pass(4, 128, 160, "cpu"), images_per_pass(4, 600, 800, "cpu"),
+            images_per_pass(4, 600, 800, "cuda")] == [3, 1, 4]
     sizes: list[int] = []
     model = nn.Conv2d(3, 3, 3, padding=1)
     model.register_forward_pre_hook(lambda _m, inputs: sizes.append(inputs[0].shape[0]))

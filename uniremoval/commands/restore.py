@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from uniremoval.eval.restore import (
         TILE_OVERLAP,
         available_memory,
+        images_per_pass,
         list_images,
         other_formats_note,
         png_bytes,
@@ -209,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         """Restore same-size images in one pass; False when they do not fit together (then one by one)."""
         x = torch.stack([item[2] for item in group])
         pixels = x.numel() // 3
-        if pixels >= too_many_pixels[0] or untiled_shortfall(model, *x.shape[-2:], len(group), args.tile, free):
+        per_pass = images_per_pass(len(group), *x.shape[-2:], device)
+        if pixels >= too_many_pixels[0] or untiled_shortfall(model, *x.shape[-2:], per_pass, args.tile, free):
             return False
         try:
             y = restore_tensor(model, x, input_range, tile=args.tile, tile_overlap=overlap,

@@ -306,7 +306,7 @@ def _restorer(opts: EvalOptions, device: torch.device):
     """(restore function on [0,1] batches, checkpoint meta, sha256) for --checkpoint."""
     if opts.checkpoint.lower() == "none":
         return None, {}, None
-    from uniremoval.eval.restore import available_memory, restore_tensor, untiled_shortfall
+    from uniremoval.eval.restore import available_memory, images_per_pass, restore_tensor, untiled_shortfall
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
@@ -317,12 +317,14 @@ def _restorer(opts: EvalOptions, device: torch.device):
     input_range = meta.get("input_range", "minus_one_one")
     free = available_memory() if device.type == "cpu" else None
 
-    def restore(x: torch.Tensor) -> torch.Tensor:
+    def restore(x: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
         # On the CPU the kernel kills a process that runs out, losing every score: stop first,
         # saying what it needs (a score over a smaller test set would be wrong, so nothing is skipped).
-        short = untiled_shortfall(model, x.shape[-2], x.shape[-1], x.shape[0], opts.tile, free)
+        h, w = x.shape[-2:]
+        short = untiled_shortfall(model, h, w, images_per_pass(x.shape[0], h, w, device), opts.tile, free)
         if short:
-            raise DataError(f"{opts.data}: {short}; rerun with --tile 512 (or smaller), or a smaller --batch-size")
+            which = f" ({names[0]}{f' and {len(names) - 1} more of its size' if len(names) > 1 else ''})" if names else ""
+            raise DataError(f"{opts.data}{which}: {short}; rerun with --tile 512 (or smaller), or a smaller --batch-size")
         return restore_tensor(model, x, input_range, tile=opts.tile, batch_size=opts.batch_size)
 
     return restore, meta, sha
@@ -352,7 +354,7 @@ def score_items(
     def score(batch: list[Item]) -> None:
         x = torch.stack([it.image for it in batch]).to(device)
         with torch.no_grad():
-            out = restore(x) if restore is not None else x
+            out = restore(x, [it.name for it in batch]) if restore is not None else x
         targets = None
         if scorer.needs_target:
             targets = torch.stack([it.target for it in batch]).to(device)

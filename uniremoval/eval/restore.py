@@ -411,6 +411,14 @@ def _ramp(length: int, overlap: int, lead: bool, trail: bool, device: torch.devi
     return w
 
 
+def images_per_pass(batch_size: int, h: int, w: int, device: torch.device | str) -> int:
+    """Images (or windows) of h x w px that go through the model together: `batch_size`, on the CPU at
+    most CPU_PASS_PIXELS of them (at least one)."""
+    if torch.device(device).type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_PASS_PIXELS // max(1, h * w)))
+
+
 def tiling_problem(tile: int | None, tile_overlap: int) -> str | None:
     """Why ``tile``/``tile_overlap`` cannot cut an image into windows (None: they can), so the
     commands refuse them before loading a model, naming their own flags."""
@@ -462,18 +470,15 @@ def restore_tensor(
             y = (y + 1) * 0.5
         return y.clamp(0, 1)
 
-    def per_pass(h: int, w: int) -> int:
-        return batch_size if device.type != "cpu" else max(1, min(batch_size, CPU_PASS_PIXELS // (h * w)))
-
     results: list[Tensor] = []
     with torch.inference_mode():
         n, _, h, w = x.shape
         if tile is None or (h <= tile and w <= tile):
-            step = per_pass(h, w)
+            step = images_per_pass(batch_size, h, w, device)
             for i in range(0, n, step):
                 results.append(run(x[i : i + step]).to(out_device))
         else:
-            tiles = per_pass(min(tile, h), min(tile, w))
+            tiles = images_per_pass(batch_size, min(tile, h), min(tile, w), device)
             for i in range(n):
                 # Blend on the model's device: the crops and outputs never leave it.
                 tiled = _restore_tiled(run, x[i : i + 1].to(device), tile, tile_overlap, tiles, on_tiles)

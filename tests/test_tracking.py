@@ -496,6 +496,8 @@ def test_stages_take_teachers_and_init_weights_a_run_logged_to_mlflow(tmp_path, 
     with pytest.raises(ConfigError, match=r"teachers\.checkpoints\.haze: checkpoint runs:/0123abcd/weights/best: "
                                           r"cannot fetch weights/best\.safetensors of run 0123abcd from http://"):
         check_inputs(bad)
+    # a failed first fetch leaves no empty <run id>/weights/ folder behind (the good run's copy stays)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [rid]
 
 
 def test_a_runs_copy_follows_weights_a_resumed_run_logged_again(tmp_path, monkeypatch):

@@ -767,18 +767,29 @@ def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None, refresh: bo
     if have and not refresh:
         return local[0]
     uri = resolve_uri(tracking_uri)
+    fetched: list[Path] = []
     try:
         client = mlflow_client(uri)
         if have and _copy_is_current(client, run_id, files, local):
             return local[0]
         for file, dst in zip(files, local):
             _download_into(client, run_id, file, dst)
+            fetched.append(dst)
     except Exception as exc:  # MLflow raises several kinds for a store, run or artifact it cannot reach
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if have:
             warnings.warn(f"checkpoint {spec}: cannot check it against {uri} ({first}); using the copy in {root}",
                           RuntimeWarning, stacklevel=2)
             return local[0]
+        # Nothing of a failed first fetch is kept: a weights file without its .json, or the empty
+        # <run id>/weights/ folders a mistyped run id left in the runs folder.
+        for done in fetched:
+            done.unlink(missing_ok=True)
+        for folder in sorted({p.parent for p in local} | {root}, key=lambda f: len(f.parts), reverse=True):
+            for empty in (folder, *folder.parents):
+                if empty == root.parent or not empty.is_dir() or any(empty.iterdir()):
+                    break
+                empty.rmdir()
         raise CheckpointError(f"checkpoint {spec}: cannot fetch {files[0]} of run {run_id} from {uri} ({first}); "
                               f"check the run id and that the run logged its weights (tracking.log_weights), "
                               f"or give a local path") from exc

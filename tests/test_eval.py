@@ -1378,3 +1378,25 @@ def test_a_dataset_name_mlflow_refuses_is_cleaned_or_refused_before_scoring(tmp_
         assert not (tmp_path / "s.json").exists()
     assert len(runs) == len(MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("uniremoval").experiment_id]))  # no run was made
+
+
+def test_save_images_keeps_a_folder_images_rgb_colour_profile(tmp_path):
+    """restore embeds the input's RGB profile (a camera's Adobe RGB); eval --save-images dropped it, so the
+    saved images (and the report's grids made of them) were shown as sRGB."""
+    from PIL import ImageCms
+
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    rgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = tmp_path / "photos"
+    data.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(data / "tagged.png", icc_profile=rgb)
+    Image.fromarray(pixels).save(data / "plain.png")
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    run_eval(EvalOptions(str(ckpt), str(data), metrics=["piqe"], mlflow=False, device="cpu",
+                         save_images=str(tmp_path / "saved")))
+    tagged, plain = (Image.open(tmp_path / "saved" / f"{n}.png") for n in ("tagged", "plain"))
+    assert tagged.info.get("icc_profile") == rgb and "icc_profile" not in plain.info
+    assert np.array_equal(np.asarray(tagged), np.asarray(plain))

@@ -102,6 +102,7 @@ class Item:
     target: torch.Tensor | None
     degradation: str | None = None
     domain: str | None = None  # the samples' json `domain` (synthetic, real); None for a folder
+    icc_profile: bytes | None = None  # a folder image's RGB colour profile, embedded in its --save-images PNG
 
 
 @dataclass
@@ -225,7 +226,7 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool,
     import sys
 
     from uniremoval.data.transforms import ORIENTATIONS
-    from uniremoval.eval.restore import read_image_oriented
+    from uniremoval.eval.restore import read_image_oriented, rgb_icc_profile
 
     others: list[Path] = []
     pairs = folder_pairs(root, others)
@@ -259,7 +260,7 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool,
                 )
         if target is not None and target.shape != image.shape:
             raise DataError(f"{tgt}: target is {tuple(target.shape)} but input {inp} is {tuple(image.shape)}")
-        yield Item(name, image, target)
+        yield Item(name, image, target, icc_profile=rgb_icc_profile(inp))
 
 
 def _hwc_to_chw01(arr) -> torch.Tensor:
@@ -375,7 +376,7 @@ def score_items(
                 rec["_domain"] = it.domain
             records.append(rec)
             if writer is not None:
-                writer.submit(Path(save_dir) / saved_name(it.name), png_bytes, out[i].cpu())
+                writer.submit(Path(save_dir) / saved_name(it.name), png_bytes, out[i].cpu(), icc_profile=it.icc_profile)
 
     # --save-images: the PNGs are encoded in threads while the next batch is restored and scored
     with WriteBehind(workers=2, pending=2 * batch_size) if save_dir is not None else contextlib.nullcontext() as writer:

@@ -588,3 +588,25 @@ def test_eval_domain_files_a_folder_of_synthetic_pairs_out_of_table_v(tmp_path, 
     assert main([*common, "--data", str(shards), "--domain", "real", "--name", "shards_real"]) == 2
     assert "whose samples carry their domain in their json" in capsys.readouterr().err
     assert "shards_real" not in {c[0] for t in build_tables(collect("proj", uri)) for c in t.columns}
+
+
+def test_eval_config_with_domain_refuses_a_shards_source_before_scoring_any(tmp_path, capsys) -> None:
+    """`eval --config` with --domain scored, wrote and logged the folder sources listed before a shards
+    source, then refused the shards one naming a --data never given: refused up front, naming the key."""
+    from uniremoval.cli import main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "photos" / "a.png")
+    assert main(["shards", "build", "--format", "folder", "--root", str(tmp_path / "photos"), "--degradation",
+                 "rain", "--out", str(tmp_path / "shards"), "--no-progress"]) == 0
+    cfg = tmp_path / "ev.yaml"
+    cfg.write_text(f"stage: eval\ntracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\neval:\n  checkpoint: none\n"
+                   f"  metrics: [piqe]\n  data:\n    - {{name: folder, shards: {tmp_path / 'photos'}}}\n"
+                   f"    - {{name: sh, shards: {tmp_path / 'shards'}}}\n")
+    capsys.readouterr()
+    assert main(["eval", "--config", str(cfg), "--domain", "real", "--device", "cpu", "--json",
+                 str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--domain real: eval.data.1 (sh) is shards, whose samples carry their domain" in err, err
+    assert not list(tmp_path.glob("out*.json")) and not (tmp_path / "mlflow.db").exists()

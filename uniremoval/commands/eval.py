@@ -191,6 +191,15 @@ def _config_jobs(args, common: dict) -> list:
         sources = [(s.name, s.shards if len(s.shards) > 1 else s.shards[0], s.degradation) for s in ev.data]
     if not sources:
         raise UniremovalError(f"{args.config}: eval.data lists no dataset; add one or give --data")
+    if args.domain and not args.data:  # before the first source is scored, not when its turn comes
+        from uniremoval.eval.evaluate import is_shard_source
+
+        for i, src in enumerate(ev.data):
+            if is_shard_source(src.shards if len(src.shards) > 1 else src.shards[0]):
+                raise UniremovalError(
+                    f"--domain {args.domain}: eval.data.{i} ({src.name}) is shards, whose samples carry their domain "
+                    "in their json (set when built: `shards build --domain`); --domain tags image folders: drop it, "
+                    "or evaluate the folders with a config of their own")
     many = len(sources) > 1
     metrics = parse_metrics(ev.metrics if args.metrics is None else args.metrics)
     jobs = []

@@ -659,6 +659,10 @@ def test_checkpoint_errors_say_what_the_file_is_and_what_to_do(tmp_path: Path) -
     assert "If you are seeing this error" not in str(err.value)
 
     torch.save({"step": 3, "optimizer": {"lr": 1e-4}}, tmp_path / "run" / "state.pt")
+    # a DA step also holds the discriminator, which restores nothing: not offered
+    shutil.copy(weights, tmp_path / "run" / "discriminator.safetensors")
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    (tmp_path / "run" / "discriminator.json").write_text(json.dumps({**meta, "arch": "patchgan"}))
     with pytest.raises(CheckpointError, match=r"state\.pt: not a state_dict .*; the weights beside it: .*student\."
                                               r"safetensors$"):
         load_checkpoint(tmp_path / "run" / "state.pt")

@@ -611,3 +611,29 @@ def test_an_artifact_path_mlflow_refuses_is_left_out_not_taken_for_an_outage(tmp
     run = client.get_run(tr.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics == {"cache/ok/samples": 3.0}
     assert [a.path for a in client.list_artifacts(tr.run_id, "manifests")] == ["manifests/ok"]
+
+
+def test_a_runs_fetch_names_the_file_it_could_not_fetch_and_refuses_dot_run_ids(tmp_path, monkeypatch):
+    """A run with weights but no .json: the error named the weights it had fetched, not the .json it lacked
+    (and the fetched weights were left alone). `runs:/./weights/last` was taken for a run id: its failed
+    fetch removed the runs folder itself."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.errors import CheckpointError
+    from uniremoval.tracking import fetch_run_checkpoint
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    monkeypatch.setenv("UNIREMOVAL_RUNS_DIR", str(runs))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e"))
+    (tmp_path / "last.safetensors").write_bytes(b"weights")
+    client.log_artifact(run.info.run_id, str(tmp_path / "last.safetensors"), "weights")
+    with pytest.raises(CheckpointError, match=r"cannot fetch weights/last\.json of run"):
+        fetch_run_checkpoint(f"runs:/{run.info.run_id}/weights/last", uri)
+    assert list(runs.iterdir()) == []
+    for bad in ("runs:/./weights/last", "runs:/../weights/last"):
+        with pytest.raises(CheckpointError, match="expected runs:/<run id>/<artifact path>"):
+            fetch_run_checkpoint(bad, uri)
+    assert runs.is_dir()

@@ -745,15 +745,16 @@ def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Pa
             hint = ""
             if err["type"] == "string_type" and isinstance(value, (bool, int, float)):
                 # YAML read the text as a number or bool: quoting keeps it text
-                yaml_text = yaml.safe_dump(value).splitlines()[0]
+                # (the text as written is not known for an element: YAML turned no/off into False, 1.10 into
+                # 1.1, 0x10 into 16, so no re-dumped value is offered as the fix)
+                read = f"{type(value).__name__} {value!r}"
                 if source.startswith("override") and key in overrides:
-                    hint = f" (the override was read as YAML, giving {type(value).__name__} {value!r}: quote the " \
-                           f"text, e.g. {key}='\"{overrides[key].split('=', 1)[-1]}\"')"
+                    hint = f" (the override was read as YAML, giving {read}: quote the text, e.g. " \
+                           f"{key}='\"{overrides[key].split('=', 1)[-1]}\"')"
                 elif source.startswith("override"):  # an element of a list or mapping the override gave whole
-                    hint = f" (the override was read as YAML, giving {type(value).__name__} {value!r}: quote it " \
-                           f"inside the override, \"{yaml_text}\")"
+                    hint = f" (the override was read as YAML, giving {read}: put that element in quotes as you wrote it)"
                 else:
-                    hint = f" (YAML reads {yaml_text} as {type(value).__name__}: quote it, \"{yaml_text}\")"
+                    hint = f" (YAML read the text as {read}: put it in quotes as you wrote it)"
             lines.append(f"{source}: key '{key}': bad value {value!r}: {err['msg']}{hint}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

@@ -620,6 +620,8 @@ def dataset_name_problem(name: str, slash: bool = True) -> str | None:
     characters, and '.', '..' or empty parts between '/'s), or, without `slash`, in a file name too;
     None when it can. `dataset_name_fix` says what to use instead."""
     unsafe = MLFLOW_NAME_UNSAFE if slash else _FILE_NAME_UNSAFE
+    if not name.strip():
+        return "cannot be empty"
     if bad := sorted(set(unsafe.findall(name))):
         return f"cannot hold {' '.join(bad)}"
     if any(part in ("", ".", "..") for part in name.split("/")):
@@ -630,7 +632,7 @@ def dataset_name_problem(name: str, slash: bool = True) -> str | None:
 def dataset_name_fix(name: str, slash: bool = True) -> str:
     """What to use instead (for messages): the characters allowed, and `name` with the others as '_'."""
     unsafe = MLFLOW_NAME_UNSAFE if slash else _FILE_NAME_UNSAFE
-    parts = [p if p.strip(".") else "_" for p in unsafe.sub("_", name).split("/")]
+    parts = [p.lstrip(".") or "_" for p in unsafe.sub("_", name).split("/")] if name.strip() else ["dataset"]
     allowed = "letters, digits, spaces and _ - . :" + (" /" if slash else "")
     return f"use {allowed}, e.g. {'/'.join(parts)!r}"
 
@@ -753,7 +755,7 @@ def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None, refresh: bo
     from uniremoval.errors import CheckpointError
 
     run_id, _, path = spec[len(RUN_ARTIFACT_PREFIX):].strip("/").partition("/")
-    if not run_id or not path or ".." in path.split("/"):
+    if not run_id or run_id in (".", "..") or not path or ".." in path.split("/"):
         raise CheckpointError(f"checkpoint {spec}: expected runs:/<run id>/<artifact path>, e.g. "
                               f"runs:/<run id>/weights/last")
     if path.endswith((".pth", ".pt")):
@@ -768,11 +770,13 @@ def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None, refresh: bo
         return local[0]
     uri = resolve_uri(tracking_uri)
     fetched: list[Path] = []
+    failing = files[0]  # the file the error is about
     try:
         client = mlflow_client(uri)
         if have and _copy_is_current(client, run_id, files, local):
             return local[0]
         for file, dst in zip(files, local):
+            failing = file
             _download_into(client, run_id, file, dst)
             fetched.append(dst)
     except Exception as exc:  # MLflow raises several kinds for a store, run or artifact it cannot reach
@@ -790,7 +794,7 @@ def fetch_run_checkpoint(spec: str, tracking_uri: str | None = None, refresh: bo
                 if empty == root.parent or not empty.is_dir() or any(empty.iterdir()):
                     break
                 empty.rmdir()
-        raise CheckpointError(f"checkpoint {spec}: cannot fetch {files[0]} of run {run_id} from {uri} ({first}); "
+        raise CheckpointError(f"checkpoint {spec}: cannot fetch {failing} of run {run_id} from {uri} ({first}); "
                               f"check the run id and that the run logged its weights (tracking.log_weights), "
                               f"or give a local path") from exc
     return local[0]

@@ -201,7 +201,10 @@ def run(args: argparse.Namespace) -> int:
         if read_error is not None:
             return None
         h, w = x.shape[-2:]
-        return None if args.tile is not None and (h > args.tile or w > args.tile) else (h, w)
+        if args.tile is not None and (h > args.tile or w > args.tile):
+            return None
+        # an image that goes through the model alone anyway (CPU_PASS_PIXELS) does not wait for partners
+        return None if images_per_pass(args.batch_size, h, w, device) == 1 else (h, w)
 
     def write(src: Path, dst: Path, y: torch.Tensor) -> None:
         writer.submit(dst, png_bytes, y.cpu(), icc_profile=rgb_icc_profile(src))

@@ -322,10 +322,12 @@ def _restorer(opts: EvalOptions, device: torch.device):
         # On the CPU the kernel kills a process that runs out, losing every score: stop first,
         # saying what it needs (a score over a smaller test set would be wrong, so nothing is skipped).
         h, w = x.shape[-2:]
-        short = untiled_shortfall(model, h, w, images_per_pass(x.shape[0], h, w, device), opts.tile, free)
+        per_pass = images_per_pass(x.shape[0], h, w, device)
+        short = untiled_shortfall(model, h, w, per_pass, opts.tile, free)
         if short:
             which = f" ({names[0]}{f' and {len(names) - 1} more of its size' if len(names) > 1 else ''})" if names else ""
-            raise DataError(f"{opts.data}{which}: {short}; rerun with --tile 512 (or smaller), or a smaller --batch-size")
+            smaller = ", or a smaller --batch-size" if per_pass > 1 else ""  # one image a pass: no smaller batch
+            raise DataError(f"{opts.data}{which}: {short}; rerun with --tile 512 (or smaller){smaller}")
         return restore_tensor(model, x, input_range, tile=opts.tile, batch_size=opts.batch_size)
 
     return restore, meta, sha

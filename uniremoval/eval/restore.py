@@ -315,8 +315,8 @@ def untiled_shortfall(model: nn.Module, h: int, w: int, batch: int, tile: int | 
     need = untiled_memory(model, h, w)
     if need is None or need * batch <= free:
         return None
-    return (f"{batch} image(s) of {w}x{h} need about {need * batch / 2**30:.1f} GB untiled, "
-            f"{free / 2**30:.1f} GB is free")
+    return (f"{batch} image(s) of {w}x{h} need about {need * batch / 2**30:.1f} GiB untiled, "
+            f"{free / 2**30:.1f} GiB is free")
 
 
 def available_memory() -> int | None:

@@ -234,7 +234,8 @@ def _read_ours(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
-        raise CheckpointError(f"{weights}: truncated or corrupt safetensors file ({exc})") from exc
+        raise CheckpointError(f"{weights}: truncated or corrupt safetensors file ({exc}); a partial download or copy "
+                              "looks like this: fetch the checkpoint again") from exc
     recorded = meta.get("weights_sha256")
     if recorded and recorded != sha256_file(weights):
         raise CheckpointError(
@@ -298,13 +299,23 @@ def _read_official(weights: Path) -> dict[str, Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        beside = sorted(weights.parent.glob(f"*{WEIGHTS_SUFFIX}"))  # a training checkpoint's state.pt
+        beside = [w for w in sorted(weights.parent.glob(f"*{WEIGHTS_SUFFIX}")) if _restores(w)]  # a training state.pt
         fix = (f"; the weights beside it: {', '.join(str(p) for p in beside[:3])}" if beside else "")
         raise CheckpointError(
             f"{weights}: not a state_dict (expected {{'state_dict': {{name: tensor}}}} or {{name: tensor}}){fix}"
         )
     prefix = "module."
     return {(k.removeprefix(prefix)): v for k, v in obj.items()}
+
+
+def _restores(weights: Path) -> bool:
+    """Whether our weights file holds a model that restores images (its .json says; DA's discriminator does not)."""
+    from uniremoval.models import RESTORERS
+
+    try:
+        return json.loads(weights.with_suffix(META_SUFFIX).read_text()).get("arch") in RESTORERS
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _build_for_official(

@@ -610,3 +610,25 @@ def test_eval_config_with_domain_refuses_a_shards_source_before_scoring_any(tmp_
     err = capsys.readouterr().err
     assert "--domain real: eval.data.1 (sh) is shards, whose samples carry their domain" in err, err
     assert not list(tmp_path.glob("out*.json")) and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_dataset_evaluated_under_two_types_is_filed_by_the_latest_run_with_a_warning(tmp_path, capsys) -> None:
+    """One dataset name evaluated as 'snow' (the inputs) and later as 'rain' (a model): the tables took
+    whichever row came last and moved every model's cells, silently. The latest run's tag files it, said."""
+    from uniremoval.models.checkpoint import save_checkpoint
+    from uniremoval.models.mprnet_arch import MPRNet
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / "a.png")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt = save_checkpoint(tmp_path / "m" / "last", MPRNet("tiny").eval(), {"run_name": "m"})
+    common = dict(metrics=["piqe"], device="cpu", tracking_uri=uri, experiment="proj", name="set")
+    run_eval(EvalOptions(str(ckpt), str(data), degradation="rain", **common))
+    run_eval(EvalOptions("none", str(data), degradation="snow", **common))
+    capsys.readouterr()
+    tables = {t.title: [r.key for r in t.rows] for t in build_tables(collect("proj", uri))}
+    err = capsys.readouterr().err
+    assert "dataset 'set': its eval runs are tagged degradation 'rain', 'snow'; the report files it under the " \
+           "latest run's, 'snow'" in err, err
+    assert len(tables["NR-IQA (Tables I-III): snow"]) == 2 and "NR-IQA (Tables I-III): rain" not in tables, tables

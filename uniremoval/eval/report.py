@@ -121,6 +121,7 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     scored: dict[str, dict[tuple[str, ...], str]] = {}  # dataset -> the --data its runs read (last 2 parts)
     had: dict[tuple[str, str], dict[str, None]] = {}  # (model, dataset) -> every metric its runs logged
     domains_read: dict[str, str | None] = {}  # --data -> the domain its manifests record (older runs)
+    tagged: dict[tuple[str, str], dict[str, None]] = {}  # (dataset, tag) -> its values over the runs, in order
     for run in runs:
         tags = run.data.tags
         dataset = tags.get("dataset") or (run.info.run_name or "").removeprefix("eval-")
@@ -149,13 +150,15 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
         uprefix = f"eval_undefined/{dataset}/"
         undefined[(key, dataset)] = {k[len(uprefix):]: int(v) for k, v in run.data.metrics.items()
                                      if k.startswith(uprefix) and v > 0}
-        if tags.get("degradation"):
-            row.degradation[dataset] = tags["degradation"]
-        if tags.get("domain"):
-            row.domain[dataset] = tags["domain"]
-        elif (domain := _recorded_domain(run.data.params.get("data"), domains_read)) is not None:
-            # An eval older than the domain tag: its shards' manifest says it, where still readable here
-            row.domain[dataset] = domain
+        # An eval older than the domain tag: its shards' manifest says it, where still readable here
+        run_tags = {"degradation": tags.get("degradation"),
+                    "domain": tags.get("domain") or _recorded_domain(run.data.params.get("data"), domains_read)}
+        for tag, value in run_tags.items():
+            if value:
+                getattr(row, tag)[dataset] = value
+                seen_values = tagged.setdefault((dataset, tag), {})
+                seen_values.pop(value, None)  # re-inserted: the last is the latest run's
+                seen_values[value] = None
         if data := run.data.params.get("data"):  # by its last two parts: one folder seen from two cwds is one
             scored.setdefault(dataset, {})[Path(os.path.normpath(data)).parts[-2:]] = data
     for (key, dataset), labels in seen_labels.items():
@@ -169,6 +172,18 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
             _warn(f"{models[key].labels.get(dataset, key)} on {dataset}: its latest eval run has no "
                   f"{', '.join(missing)}, which an earlier run had; the report shows the latest run only "
                   f"(rerun that eval with --metrics {','.join(metrics)})")
+    for (dataset, tag), values in tagged.items():
+        # One dataset evaluated under two types (or domains): each row kept its own, and the tables took
+        # whichever row came last, moving every model's cells with no word. The latest run's tag files it.
+        if len(values) > 1:
+            latest = list(values)[-1]
+            for row in models.values():
+                if dataset in getattr(row, tag):
+                    getattr(row, tag)[dataset] = latest
+            flag = "--degradation" if tag == "degradation" else "--domain"
+            _warn(f"dataset {dataset!r}: its eval runs are tagged {tag} {', '.join(map(repr, values))}; the report "
+                  f"files it under the latest run's, {latest!r} (rerun the others with {flag} {latest}, or give "
+                  f"them another --name)")
     for dataset, datas in scored.items():
         # eval names a folder dataset after its last part: raw/snow/test and raw/haze/test are both
         # "test", and one column held whichever each model scored last, with no word.

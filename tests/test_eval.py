@@ -557,7 +557,9 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
                        batch_size=2, tracking_uri=uri)
     res = run_eval(opts)
     js = json.loads((tmp_path / "s.json").read_text())
-    assert set(js) == {"dataset", "checkpoint", "mean", "undefined", "images"}
+    assert set(js) == {"dataset", "checkpoint", "mean", "undefined", "images", "settings"}
+    # what else changes the scores is recorded with them (a tiled restore is an approximation)
+    assert js["settings"] == {"tile": None, "psnr_y": False, "crop_border": 0}
     assert js["undefined"] == {"psnr": 0, "ssim": 0, "piqe": 0}
     assert [r["name"] for r in js["images"]] == sorted(keys) and js["dataset"] == "synhaze"
     # The scores are those of the saved 8-bit PNGs against the targets.

@@ -117,12 +117,14 @@ class EvalResult:
     run_id: str | None = None
     per_rank: list[int] = field(default_factory=list)  # images scored by each rank
     undefined: dict[str, list[str]] = field(default_factory=dict)  # metric -> images it is undefined for (NaN)
+    # what changes the scores besides the model and data: tiled restoration is an approximation (README)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The --json content, valid JSON: an undefined score is null, an infinite one "inf" (module doc)."""
         return {"dataset": self.dataset, "checkpoint": self.checkpoint,
                 "mean": {m: json_score(v) for m, v in self.mean.items()},
-                "undefined": {m: len(self.undefined.get(m, [])) for m in self.metrics},
+                "undefined": {m: len(self.undefined.get(m, [])) for m in self.metrics}, "settings": self.settings,
                 "images": [{k: json_score(v) if k in self.mean else v for k, v in r.items()} for r in self.images]}
 
 
@@ -719,6 +721,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
         degradation=opts.degradation or (degradations.pop() if len(degradations) == 1 else None),
         domain=opts.domain or (domains.pop() if len(domains) == 1 else None),
         per_rank=[ranks.get(i, 0) for i in range(state.num_processes)], undefined=undefined,
+        settings={"tile": opts.tile, "psnr_y": opts.psnr_y, "crop_border": opts.crop_border},
     )
     import sys
 

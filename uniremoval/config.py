@@ -44,6 +44,13 @@ def degradation_name_problem(name: str) -> str | None:
             f"MLflow params and files), e.g. {_type_name_example(name)!r}")
 
 
+def _checked_type_name(name: str) -> str:
+    """`name` when it can be a degradation type, else the ValueError pydantic reports under its key."""
+    if problem := degradation_name_problem(name):
+        raise ValueError(f"{name!r}: {problem}")
+    return name
+
+
 def _type_name_example(name: str) -> str:
     fixed = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "type"
     return fixed if fixed[0].isalpha() else f"t{fixed}"
@@ -133,9 +140,7 @@ class DataSource(Strict):
     @field_validator("degradation")
     @classmethod
     def _type_name(cls, v):
-        if v is not None and (problem := degradation_name_problem(v)):
-            raise ValueError(f"{v!r}: {problem}")
-        return v
+        return v if v is None else _checked_type_name(v)
 
     @field_validator("shards", mode="before")
     @classmethod
@@ -208,8 +213,7 @@ class DataConfig(Strict):
         if CLEAR in v:
             raise ValueError(f"'{CLEAR}' is reserved for clean images and cannot be a degradation type")
         for name in v:
-            if problem := degradation_name_problem(name):
-                raise ValueError(f"{name!r}: {problem}")
+            _checked_type_name(name)
         return v
 
     @field_validator("train", "clear")
@@ -485,9 +489,7 @@ class TeacherStage(StageBase):
     @field_validator("degradation")
     @classmethod
     def _type_name(cls, v):
-        if problem := degradation_name_problem(v):
-            raise ValueError(f"{v!r}: {problem}")
-        return v
+        return _checked_type_name(v)
 
 
 class CacheStage(StageBase):

@@ -623,7 +623,7 @@ def test_a_dataset_evaluated_under_two_types_is_filed_by_the_latest_run_with_a_w
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / "a.png")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt = save_checkpoint(tmp_path / "m" / "last", MPRNet("tiny").eval(), {"run_name": "m"})
-    common = dict(metrics=["piqe"], device="cpu", tracking_uri=uri, experiment="proj", name="set")
+    common = {"metrics": ["piqe"], "device": "cpu", "tracking_uri": uri, "experiment": "proj", "name": "set"}
     run_eval(EvalOptions(str(ckpt), str(data), degradation="rain", **common))
     run_eval(EvalOptions("none", str(data), degradation="snow", **common))
     capsys.readouterr()

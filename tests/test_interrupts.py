@@ -259,3 +259,30 @@ def test_a_lost_peer_error_without_a_message_is_still_one_line(monkeypatch, caps
     assert cli.main([]) == 1
     assert "lost contact with another process of the job (a node or process died, or the network failed): " \
            "DistStoreError; " in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_while_the_program_exits_ends_it_without_a_traceback(tmp_path):
+    """A second Ctrl-C a few ms after the first landed in an exit handler: 'Exception ignored in atexit
+    callback' and a KeyboardInterrupt traceback. Once a stop is handled, the program takes SIGINT's default
+    action (it ends at once); main() called with arguments (a library caller, the tests) changes nothing."""
+    script = textwrap.dedent("""
+        import signal, sys
+        import uniremoval.cli as cli
+
+        parse = cli.parse
+        def stopped(parser, argv):
+            args = parse(parser, argv)
+            def run(_args):
+                raise KeyboardInterrupt
+            args.func = run
+            return args
+        cli.parse = stopped
+        rc = cli.main(["config", "show", "configs/kt.yaml"])
+        print(rc, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        sys.argv = ["uniremoval", "config", "show", "configs/kt.yaml"]
+        rc = cli.main()
+        print(rc, signal.getsignal(signal.SIGINT) is signal.SIG_DFL)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.split("\n")[:2] == ["130 True", "130 True"], (r.stdout, r.stderr[-2000:])

@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         print(f"terminated ({signal.Signals(signum).name})" if signum != signal.SIGINT else "interrupted",
               file=sys.stderr)
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # The program is stopping: a second Ctrl-C while the interpreter exits ends it at once, instead
+            # of a KeyboardInterrupt traceback from an exit handler ("Exception ignored in atexit callback").
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         return 128 + signum
     finally:
         for sig, old in old_handlers.items():

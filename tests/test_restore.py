@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -733,16 +734,24 @@ def test_restore_into_the_input_folder_reruns_and_names_every_name_clash(tmp_pat
     assert not out.exists()
 
 
-def test_restore_shows_the_tiles_of_a_large_image(tmp_path: Path, capsys) -> None:
+def test_restore_shows_the_tiles_of_a_large_image(tmp_path: Path, capsys, monkeypatch) -> None:
     """A 12-Mpixel photo tiled at 512 px restored for 14 minutes (2 busy cores) under a bar stuck at
-    0/1 image; the tiles of an image that needs more than one batch of them get a bar of their own."""
+    0/1 image; the tiles of an image that needs more than one batch of them get a bar of their own on a
+    terminal. In a log (a batch job) that nested bar wrote cursor movements: a plain line per tenth."""
     ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
     Image.fromarray(rand_u8(40, 40, seed=1)).save(tmp_path / "big.png")
-    assert main(["restore", "--checkpoint", str(ckpt), "--input", str(tmp_path / "big.png"), "--output",
-                 str(tmp_path / "out"), "--tile", "16", "--tile-overlap", "4", "--batch-size", "2"]) == 0
+    args = ["restore", "--checkpoint", str(ckpt), "--input", str(tmp_path / "big.png"), "--tile", "16",
+            "--tile-overlap", "4", "--batch-size", "2"]  # 3 x 3 windows of 16 px at a stride of 12, 2 a pass
+    assert main([*args, "--output", str(tmp_path / "log")]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"tiles: .*\b\d/9 ", err), err  # 3 x 3 windows of 16 px at a stride of 12
-    assert Image.open(tmp_path / "out" / "big.png").size == (40, 40)
+    assert [line for line in err.splitlines() if line.startswith("  tiles")] == [
+        f"  tiles: {n}/9 (big.png)" for n in (2, 4, 6, 8, 9)], err
+    assert "\x1b[" not in err  # no cursor movement in a log
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*args, "--output", str(tmp_path / "tty")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"tiles: .*\b\d/9 \[", err) and "  tiles: 2/9 (big.png)" not in err, err  # the bar
+    assert Image.open(tmp_path / "log" / "big.png").size == (40, 40)
 
 
 def test_restore_reads_ahead_and_writes_behind_and_a_failed_write_still_stops_it(tmp_path, capsys, monkeypatch) -> None:

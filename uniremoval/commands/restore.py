@@ -176,11 +176,20 @@ def run(args: argparse.Namespace) -> int:
     failed: list[str] = []
     free = available_memory() if device == "cpu" else None
     tiles_bar: list = []  # the bar over the current image's tiles, once it has more than one batch
+    # On a terminal the tiles get a bar of their own; in a log (a batch job) a nested bar writes cursor
+    # movements, so a plain line is printed at each tenth of the tiles instead.
+    tiles_shown = {"name": "", "tenth": 0}
+    on_terminal = sys.stderr.isatty()
     # Pixels of the smallest batch of images that ran out of memory: batches as large go image by image.
     too_many_pixels = [float("inf")]
 
     def on_tiles(done: int, total: int) -> None:
         if total <= args.batch_size:
+            return
+        if not on_terminal:
+            if (tenth := done * 10 // total) > tiles_shown["tenth"]:
+                tiles_shown["tenth"] = tenth
+                tqdm.write(f"  tiles: {done}/{total} ({tiles_shown['name']})", file=sys.stderr)
             return
         if not tiles_bar:
             tiles_bar.append(tqdm(total=total, desc="  tiles", unit="tile", file=sys.stderr, leave=False))
@@ -236,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             if read_error is not None:
                 raise read_error
             h, w = x.shape[-2:]
+            tiles_shown.update(name=src.name, tenth=0)
             short = untiled_shortfall(model, h, w, 1, args.tile, free)
             if short:
                 # On the CPU the kernel kills a process that runs out (no error to catch, and this

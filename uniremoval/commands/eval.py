@@ -192,14 +192,11 @@ def _config_jobs(args, common: dict) -> list:
     if not sources:
         raise UniremovalError(f"{args.config}: eval.data lists no dataset; add one or give --data")
     if args.domain and not args.data:  # before the first source is scored, not when its turn comes
-        from uniremoval.eval.evaluate import is_shard_source
+        from uniremoval.eval.evaluate import domain_problem
 
-        for i, src in enumerate(ev.data):
-            if is_shard_source(src.shards if len(src.shards) > 1 else src.shards[0]):
-                raise UniremovalError(
-                    f"--domain {args.domain}: eval.data.{i} ({src.name}) is shards, whose samples carry their domain "
-                    "in their json (set when built: `shards build --domain`); --domain tags image folders: drop it, "
-                    "or evaluate the folders with a config of their own")
+        for i, (name, data, _) in enumerate(sources):
+            if problem := domain_problem(args.domain, data, f"eval.data.{i} ({name})"):
+                raise UniremovalError(f"{problem}, or evaluate the folders with a config of their own")
     many = len(sources) > 1
     metrics = parse_metrics(ev.metrics if args.metrics is None else args.metrics)
     jobs = []

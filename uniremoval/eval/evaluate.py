@@ -561,6 +561,14 @@ def undefined_warnings(result: EvalResult, shown: int = 10) -> list[str]:
     return lines
 
 
+def domain_problem(domain: str | None, data: str | list[str], where: str) -> str | None:
+    """Why --domain cannot tag `data` (named `where` in the message): shards carry their own domain."""
+    if not domain or not is_shard_source(data):
+        return None
+    return (f"--domain {domain}: {where} is shards, whose samples carry their domain in their json (set when "
+            "built: `shards build --domain`); --domain tags image folders: drop it")
+
+
 def degradation_conflict(opts: EvalOptions, held: set[str] | list[str]) -> str | None:
     """The error when --degradation names no type the samples' json holds: the run would be tagged,
     and the report would file its scores (rain shards in the snow table), under the wrong type."""
@@ -612,10 +620,8 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         raise UniremovalError(f"--crop-border must be >= 0, got {opts.crop_border}")
     if opts.domain is not None and opts.domain not in DOMAINS:
         raise UniremovalError(f"--domain {opts.domain!r} must be one of {', '.join(DOMAINS)}")
-    if opts.domain and is_shard_source(opts.data):
-        raise UniremovalError(f"--domain {opts.domain}: --data {opts.data} is shards, whose samples carry their domain "
-                              "in their json (set when built: `shards build --domain`); --domain tags an image "
-                              "folder: drop it")
+    if problem := domain_problem(opts.domain, opts.data, f"--data {opts.data}"):
+        raise UniremovalError(problem)
     from uniremoval.eval.restore import TILE_OVERLAP, tiling_problem
 
     if problem := tiling_problem(opts.tile, TILE_OVERLAP):

@@ -369,7 +369,6 @@ def same_size_batches(items: Iterable[T], key: Callable[[T], Hashable], batch_si
     yield from groups.values()
 
 
-
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -442,8 +441,8 @@ def restore_tensor(
 
     ``input_range`` is the model's ("minus_one_one" or "zero_one"). With ``tile`` the image is
     processed in overlapping windows (see the module docstring for the tolerance), ``batch_size``
-    windows (or images) at a time (on the CPU fewer, up to CPU_PASS_PIXELS a pass). The model is used as given (call ``model.eval()`` first); no
-    gradients are kept. ``on_tiles(done, total)`` is called after each batch of windows of a tiled
+    windows (or images) at a time (on the CPU fewer, up to CPU_PASS_PIXELS a pass). The model is used
+    as given (call ``model.eval()`` first); no gradients are kept. ``on_tiles(done, total)`` is called after each batch of windows of a tiled
     image (a 12-Mpixel photo restores for minutes on a CPU: restore shows it).
     """
     if input_range not in INPUT_RANGES:

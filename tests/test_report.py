@@ -8,6 +8,7 @@ import io
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -610,6 +611,51 @@ def test_eval_config_with_domain_refuses_a_shards_source_before_scoring_any(tmp_
     err = capsys.readouterr().err
     assert "--domain real: eval.data.1 (sh) is shards, whose samples carry their domain" in err, err
     assert not list(tmp_path.glob("out*.json")) and not (tmp_path / "mlflow.db").exists()
+
+
+def test_eval_config_sources_carry_their_own_domain(tmp_path, capsys) -> None:
+    """A config's eval.data could not say which folder is real and which synthetic (only --domain, one for
+    all): each source's `domain` files it, --domain overrides them all, and `domain` on shards is refused
+    up front naming the key."""
+    from uniremoval.cli import main
+    from uniremoval.config import Domain
+    from uniremoval.data.readers import DOMAINS
+
+    assert typing.get_args(Domain) == DOMAINS
+    rng = np.random.default_rng(0)
+    for folder in ("syn", "real"):
+        for sub in ("input", "target"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / folder / sub / "a.png")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tmp_path / "ev.yaml"
+    head = (f"stage: eval\ntracking: {{uri: '{uri}', experiment: proj}}\neval:\n  checkpoint: none\n"
+            f"  metrics: [piqe, psnr]\n  data:\n")
+    cfg.write_text(head + f"    - {{name: syn, shards: {tmp_path / 'syn'}, degradation: rain, domain: synthetic}}\n"
+                          f"    - {{name: real, shards: {tmp_path / 'real'}, degradation: rain, domain: real}}\n")
+    assert main(["eval", "--config", str(cfg), "--device", "cpu"]) == 0
+    tables = {t.title: [c[0] for c in t.columns] for t in build_tables(collect("proj", uri))}
+    assert tables["Synthetic ablation: PSNR/SSIM (Table IV)"] == ["syn"], tables
+    assert tables["Real paired sets: PSNR/SSIM"] == ["real"], tables
+
+    assert main(["eval", "--config", str(cfg), "--device", "cpu", "--domain", "real", "--experiment", "all_real"]) == 0
+    tables = {t.title: [c[0] for c in t.columns] for t in build_tables(collect("all_real", uri))}
+    assert tables["Real paired sets: PSNR/SSIM"] == ["real", "syn"], tables
+
+    assert main(["shards", "build", "--format", "paired-folder", "--root", str(tmp_path / "syn"), "--degradation",
+                 "rain", "--out", str(tmp_path / "shards"), "--no-progress"]) == 0
+    cfg.write_text(head + f"    - {{name: real, shards: {tmp_path / 'real'}, domain: real}}\n"
+                          f"    - {{name: sh, shards: {tmp_path / 'shards'}, domain: real}}\n")
+    capsys.readouterr()
+    assert main(["eval", "--config", str(cfg), "--device", "cpu", "--experiment", "refused"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.data.1.domain real: eval.data.1 (sh) is shards, whose samples carry their domain" in err, err
+    assert "eval.data.1.domain tags image folders: drop it" in err, err
+    assert MlflowClient(uri).get_experiment_by_name("refused") is None  # refused before any run
+
+    cfg.write_text(head + f"    - {{name: real, shards: {tmp_path / 'real'}, domain: outdoor}}\n")
+    assert main(["eval", "--config", str(cfg), "--device", "cpu"]) == 2
+    assert "eval.data.0.domain" in capsys.readouterr().err
 
 
 def test_a_dataset_evaluated_under_two_types_is_filed_by_the_latest_run_with_a_warning(tmp_path, capsys) -> None:

@@ -173,6 +173,17 @@ class NamedSource(DataSource):
         return v
 
 
+Domain = Literal["synthetic", "real"]  # = data.readers.DOMAINS (the samples' json `domain`); config imports no reader
+
+
+class EvalSource(NamedSource):
+    """A source of eval.data. `domain` files an image folder's scores in the report's tables (synthetic:
+    Tables I-IV, real: Table V), as `eval --domain` does; shards carry theirs in their json, so it is
+    refused for them when eval starts (which source is a folder is known only on disk)."""
+
+    domain: Domain | None = None
+
+
 class AugmentConfig(Strict):
     hflip: bool = True
     vflip: bool = True
@@ -416,7 +427,7 @@ class ValIQAConfig(Strict):
 
 class EvalConfig(Strict):
     checkpoint: str | None = None
-    data: list[NamedSource] = Field(default_factory=list)
+    data: list[EvalSource] = Field(default_factory=list)
     metrics: list[str] = Field(default_factory=lambda: ["brisque", "piqe"])
     save_images: str | None = None
 

@@ -9,7 +9,7 @@
     uniremoval eval import-params --brisque-libsvm allmodel --niqe-npz niqe_pris_params.npz
     uniremoval eval replay FOLDER [--tracking-uri URI]  # send an eval that ran while MLflow was unreachable
 
-Scores: --json {dataset, checkpoint, mean, undefined, images}, --csv per-image rows, a '(mean)' and
+Scores: --json {dataset, checkpoint, mean, undefined, settings, images}, --csv per-image rows, a '(mean)' and
 an '(undefined)' row. A metric undefined for an image (NIQE/BRISQUE of a flat, constant image) is
 named in a warning, is null in the JSON and empty in the CSV, and left out of the mean, which is over
 the other images; 'undefined' counts them per metric (MLflow: eval_undefined/<dataset>/<metric>).
@@ -58,8 +58,9 @@ def register(subparsers) -> None:
     g.add_argument("--name", help="dataset name for outputs and MLflow metrics (default: the folder name)")
     g.add_argument("--metrics", default=None,
                    help="comma list of brisque,piqe,niqe (MATLAB-calibrated), brisque_live,niqe_live "
-                   "(original LIVE models), psnr,ssim (need targets). Default for run: brisque,piqe")
-    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, undefined, images} here ('-': "
+                   "(original LIVE models), psnr,ssim (need targets). Default: eval.metrics with --config, else "
+                   "brisque,piqe")
+    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, undefined, settings, images} here ('-': "
                    "stdout, the summary line then goes to stderr; an undefined score is null, an infinite PSNR "
                    "\"inf\"; see above)")
     g.add_argument("--csv", dest="csv_out", help="write per-image scores, a '(mean)' and an '(undefined)' row here "
@@ -78,7 +79,8 @@ def register(subparsers) -> None:
     g.add_argument("--degradation", type=degradation_type, help="degradation tag of the dataset (default: from the shards' json)")
     g.add_argument("--domain", choices=("synthetic", "real"),
                    help="an image folder's domain, for the report's tables (synthetic: Tables I-IV; real: Table V "
-                   "and real paired sets); shards carry theirs in their json (default for a folder: none)")
+                   "and real paired sets); shards carry theirs in their json (default for a folder: none; with --config, "
+                   "each source's eval.data.N.domain)")
     t = p.add_argument_group("tracking")
     t.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment (default: the training run's, else 'uniremoval')")
@@ -124,7 +126,6 @@ def handler(args) -> int:
     common = {
         "device": args.device, "batch_size": args.batch_size, "psnr_y": args.psnr_y,
         "crop_border": args.crop_border, "tile": args.tile, "iqa_dir": args.iqa_dir, "label": args.label,
-        "domain": args.domain,
     }
     if args.config:
         jobs = _config_jobs(args, common)
@@ -137,7 +138,7 @@ def handler(args) -> int:
             checkpoint=args.checkpoint, data=args.data, metrics=parse_metrics("brisque,piqe" if args.metrics is None else args.metrics),
             name=args.name, json_out=args.json_out, csv_out=args.csv_out, save_images=args.save_images,
             mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
-            degradation=args.degradation, **common,
+            degradation=args.degradation, domain=args.domain, **common,
         )]
     from uniremoval.eval.evaluate import check_distinct_outputs, check_save_dir
     from uniremoval.io import check_output, is_stdout
@@ -186,24 +187,28 @@ def _config_jobs(args, common: dict) -> list:
     if not checkpoint:
         raise UniremovalError(f"{args.config}: eval.checkpoint is not set; give --checkpoint FILE|none")
     if args.data:
-        sources = [(args.name, args.data, args.degradation)]
+        sources = [(args.name, args.data, args.degradation, args.domain)]
     else:
-        sources = [(s.name, s.shards if len(s.shards) > 1 else s.shards[0], s.degradation) for s in ev.data]
+        # --domain, like every flag, overrides the config (each source's eval.data.N.domain).
+        sources = [(s.name, s.shards if len(s.shards) > 1 else s.shards[0], s.degradation, args.domain or s.domain)
+                   for s in ev.data]
     if not sources:
         raise UniremovalError(f"{args.config}: eval.data lists no dataset; add one or give --data")
-    if args.domain and not args.data:  # before the first source is scored, not when its turn comes
+    if not args.data:  # before the first source is scored, not when its turn comes
         from uniremoval.eval.evaluate import domain_problem
 
-        for i, (name, data, _) in enumerate(sources):
-            if problem := domain_problem(args.domain, data, f"eval.data.{i} ({name})"):
-                raise UniremovalError(f"{problem}, or evaluate the folders with a config of their own")
+        for i, (name, data, _, domain) in enumerate(sources):
+            given = "--domain" if args.domain else f"eval.data.{i}.domain"
+            if problem := domain_problem(domain, data, f"eval.data.{i} ({name})", given):
+                raise UniremovalError(problem + (", or evaluate the folders with a config of their own"
+                                                 if args.domain else ""))
     many = len(sources) > 1
     metrics = parse_metrics(ev.metrics if args.metrics is None else args.metrics)
     jobs = []
-    for name, data, degradation in sources:
+    for name, data, degradation, domain in sources:
         save = args.save_images or ev.save_images
         jobs.append(EvalOptions(
-            checkpoint=checkpoint, data=data, metrics=metrics, name=name, degradation=degradation,
+            checkpoint=checkpoint, data=data, metrics=metrics, name=name, degradation=degradation, domain=domain,
             json_out=_with_name(args.json_out, name or "data", many),
             csv_out=_with_name(args.csv_out, name or "data", many),
             save_images=str(Path(save) / name) if (save and name and many) else save,

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from uniremoval.errors import ConfigError, DataError
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
-DOMAINS = ("synthetic", "real")
+DOMAINS = ("synthetic", "real")  # a sample's json `domain`: the report files sets by it (config.Domain too)
 
 
 @dataclass

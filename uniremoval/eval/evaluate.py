@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from uniremoval.data.manifest import split_specs
 from uniremoval.data.read_ahead import read_ahead
-from uniremoval.data.readers import IMAGE_EXTS
+from uniremoval.data.readers import DOMAINS, IMAGE_EXTS
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
 from uniremoval.tracking import MLFLOW_NAME_UNSAFE, dataset_name_fix, dataset_name_problem
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
     import torch
 
 TARGET_DIRS = ("target", "gt", "groundtruth")
-DOMAINS = ("synthetic", "real")  # the samples' json `domain`; the report files sets by it
 DEFAULT_EXPERIMENT = "uniremoval"
 
 
@@ -561,12 +560,13 @@ def undefined_warnings(result: EvalResult, shown: int = 10) -> list[str]:
     return lines
 
 
-def domain_problem(domain: str | None, data: str | list[str], where: str) -> str | None:
-    """Why --domain cannot tag `data` (named `where` in the message): shards carry their own domain."""
+def domain_problem(domain: str | None, data: str | list[str], where: str, given: str = "--domain") -> str | None:
+    """Why `given` (--domain, or a config's eval.data.N.domain) cannot tag `data` (named `where` in the
+    message): shards carry their own domain."""
     if not domain or not is_shard_source(data):
         return None
-    return (f"--domain {domain}: {where} is shards, whose samples carry their domain in their json (set when "
-            "built: `shards build --domain`); --domain tags image folders: drop it")
+    return (f"{given} {domain}: {where} is shards, whose samples carry their domain in their json (set when "
+            f"built: `shards build --domain`); {given} tags image folders: drop it")
 
 
 def degradation_conflict(opts: EvalOptions, held: set[str] | list[str]) -> str | None:

@@ -12,7 +12,7 @@ from torch import nn
 from uniremoval.errors import ConfigError
 from uniremoval.losses import decayed_weight
 from uniremoval.losses.contrastive import contrastive_loss, flatten_features, safe_normalize
-from uniremoval.losses.gan import discriminator_loss, discriminator_parts, generator_loss
+from uniremoval.losses.gan import discriminator_parts, generator_loss
 from uniremoval.losses.mgcl import DALoss, KTLoss
 from uniremoval.losses.pixel import EdgeLoss, charbonnier_loss, l1_loss, mprnet_stage_loss
 
@@ -279,6 +279,11 @@ def test_mprnet_stage_loss_sums_stages() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # GAN losses
+
+
+def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, kind: str = "lsgan") -> torch.Tensor:
+    """D_S's total loss as DA trains it: 0.5 * (real term + fake term)."""
+    return DALoss(None, use_eicl=False, gan=kind).discriminator_terms(d_real, d_fake)["total"]  # type: ignore[arg-type]
 
 
 def test_gan_values() -> None:

@@ -58,7 +58,7 @@ METRICS: dict[str, MetricInfo] = {
 
 
 def parse_metrics(spec: str | list[str]) -> list[str]:
-    """`"brisque,piqe"` -> ["brisque", "piqe"], refusing unknown names and duplicates."""
+    """`"brisque,piqe"` -> ["brisque", "piqe"], refusing unknown names; a name given twice is kept once."""
     names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     unknown = [n for n in names if n not in METRICS]
     if unknown:

@@ -13,7 +13,7 @@ options: "vanilla" (the non-saturating BCE-with-logits GAN of Goodfellow et al.)
 (Lim & Ye; Miyato et al.). D's outputs are raw logits/scores (no sigmoid) for every kind.
 
 The discriminator total is ``0.5 * (real term + fake term)`` for every kind, the CycleGAN
-convention. The caller must pass logits of *detached* restored images when training D.
+convention (``DALoss.discriminator_terms`` sums ``discriminator_parts``). The caller must pass logits of *detached* restored images when training D.
 """
 
 from __future__ import annotations
@@ -55,9 +55,3 @@ def discriminator_parts(d_real: Tensor, d_fake: Tensor, kind: GanKind = "lsgan")
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)),
         )
     return F.relu(1 - d_real).mean(), F.relu(1 + d_fake).mean()
-
-
-def discriminator_loss(d_real: Tensor, d_fake: Tensor, kind: GanKind = "lsgan") -> Tensor:
-    """0.5 * (real term + fake term); see the module docstring for each kind's terms."""
-    real, fake = discriminator_parts(d_real, d_fake, kind)
-    return 0.5 * (real + fake)

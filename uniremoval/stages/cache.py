@@ -7,7 +7,7 @@ Algorithm box:
             for each run of up to cache.batch_size consecutive samples of one image size:
                 y_T, f_T <- T(x) on the full images (the model pads to 8), under train.mixed_precision
                 write the sample's own fields + teacher.png + feature.npy + json.teacher_sha256
-            rename <shard>.tar.tmp -> <shard>.tar; write its done-record
+            rename the hidden temporary .<shard>.tar.*.tmp -> <shard>.tar; write its done-record
     main process: manifest.json per source (shard format + a `cache` section)
 
 Layout: ``<cache.out>/<source name>/<shard name>.tar`` (the source's shard names) with

@@ -11,7 +11,8 @@ Algorithm box (per optimiser step):
 Images are [-1, 1] in the batches; the network sees `model.input_range` ([-1, 1] by default, or
 [0, 1] when fine-tuning an official checkpoint), and that range is written with the weights so
 the cache and KT stages feed the teacher what it was trained on. An official MPRNet `.pth` can
-replace a trained teacher in any later config (teachers.checkpoints: {haze: MPRNet_dehaze.pth}).
+replace a trained teacher in any later config (teachers.checkpoints: {blur: model_deblurring.pth};
+MPRNet ships no dehazing model, so the haze teacher is trained).
 """
 
 from __future__ import annotations

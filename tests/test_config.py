@@ -365,7 +365,7 @@ def test_overrides_may_follow_the_options(capsys):
     assert exit_.value.code == 2 and "unrecognized arguments: --bogus\n" in capsys.readouterr().err
 
 
-def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path, capsys):
     """`uniremoval config show FILE | head -1` (or `shards inspect --json | head`): the pipe closes
     before the output is written. That printed 'error: Broken pipe ... --resume auto' (the file
     system error handler) or a traceback at exit; now nothing on stderr and SIGPIPE's status."""
@@ -389,6 +389,8 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
 
     with unittest.mock.patch.object(cli, "parse", return_value=args):
         assert cli.main([]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Broken pipe" in lines[0], lines
 
 
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, kt_file):

@@ -170,12 +170,21 @@ def test_bf16_autocast_loss_close(setup):
 
 
 def test_math_flags_restore_and_keep_fp32_matmul():
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
-    with fast.math_flags(cudnn_tf32=True, cudnn_benchmark=True):
-        assert torch.backends.cudnn.benchmark is True
-        assert torch.backends.cuda.matmul.allow_tf32 is False  # the loss's cosines stay fp32
-    after = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
-    assert after == before
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+
+    def state() -> tuple[bool, bool, bool]:
+        return flags[0].allow_tf32, flags[0].benchmark, flags[1].allow_tf32
+
+    original = state()
+    try:
+        for outside in ((True, False, True), (False, True, True), (True, True, False)):
+            flags[0].allow_tf32, flags[0].benchmark, flags[1].allow_tf32 = outside  # every flag other than asked
+            for asked in ((False, True), (True, False)):
+                with fast.math_flags(cudnn_tf32=asked[0], cudnn_benchmark=asked[1]):
+                    assert state() == (*asked, False)  # the loss's cosines stay fp32 even if TF32 matmuls were on
+                assert state() == outside  # restored
+    finally:
+        flags[0].allow_tf32, flags[0].benchmark, flags[1].allow_tf32 = original
 
 
 def test_config_compile_modes_are_the_ones_fast_knows():
@@ -196,7 +205,12 @@ def test_autocast_dtype_choices():
         fast.autocast_dtype("fp16", "cpu")
     with pytest.raises(ConfigError, match="unknown mixed_precision"):
         fast.autocast_dtype("int8", "cpu")
-    assert isinstance(fast.autocast("cpu", None), type(fast.autocast("cpu", None)))
+    with fast.autocast("cpu", None):  # full precision: no autocast at all
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype is torch.float32
+    with fast.autocast("cpu", torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype is torch.bfloat16
 
 
 def test_speed_from_config(tmp_path, monkeypatch):

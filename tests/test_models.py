@@ -172,6 +172,7 @@ def test_matches_official_implementation_outputs() -> None:
     ).unsqueeze(0)
     with torch.no_grad():
         outs = model(x)
+    assert len(outs) == len(OFFICIAL_GOLDEN) == 3  # zip below would stop at the shorter
     for out, (total, mean_abs, pixels) in zip(outs, OFFICIAL_GOLDEN):
         assert out.sum().item() == pytest.approx(total, rel=1e-9)
         assert out.abs().mean().item() == pytest.approx(mean_abs, rel=1e-9)

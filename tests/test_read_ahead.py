@@ -131,7 +131,10 @@ def test_write_behind_encodes_in_threads_writes_in_order_here_and_raises_errors_
     monkeypatch.setattr(io_mod, "atomic_write_bytes", lambda path, data: (
         written.append((path.name, threading.current_thread().name)), write(path, data))[1])
 
+    started = threading.Event()
+
     def encode(i, fail=False):
+        started.set()
         gate.wait(10)
         encoded.append(threading.current_thread().name)
         if fail:
@@ -161,14 +164,19 @@ def test_write_behind_encodes_in_threads_writes_in_order_here_and_raises_errors_
     # encode that hangs 2 s at most (a daemon thread, then abandoned).
     gate.clear()
     written.clear()
-    t0 = time.monotonic()
+    started.clear()
     with pytest.raises(KeyError), WriteBehind(workers=1, pending=5) as w:
         for i in range(3):
             w.submit(tmp_path / f"late{i}.png", encode, i)
-        time.sleep(0.05)  # the first encode is under way (one not started is cancelled)
+        assert started.wait(10)  # the first encode is under way (the ones not started are cancelled)
+        t0 = time.monotonic()
         raise KeyError("the caller's")
-    assert 1.9 < time.monotonic() - t0 < 4 and written == []
+    assert time.monotonic() - t0 >= 1.9 and written == []  # it waited for the hung encode...
+    (encoder,) = w._threads
+    assert encoder.is_alive()  # ... and left it, still hung on the gate
     gate.set()
+    encoder.join(10)
+    assert not encoder.is_alive() and written == [] and not list(tmp_path.glob("late*"))
 
 
 def test_write_behind_joins_its_encoders_when_its_block_ends(tmp_path):

@@ -414,26 +414,23 @@ def test_a_full_disk_on_rank_0_alone_ends_a_two_process_run_at_once(tmp_path):
     ends rank 1 at once rather than after a collective timeout; no half-written checkpoint is left."""
     import re
     import sys
-    import time
 
     from ._faults import ROOT, env
 
     write_shards(tmp_path / "shards" / "syn", "syn", 4, 2)
     cfg = write_yaml(tmp_path / "teacher.yaml", teacher_cfg(tmp_path))
     accelerate = Path(sys.executable).parent / "accelerate"
-    start = time.monotonic()
+    # No timed assertion: a rank left in a collective waits out its 30-min timeout, far past timeout=240.
     p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                         str(ROOT / "tests" / "dist_trainer_teacher.py"), "diskfull", str(cfg)],
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
-    took = time.monotonic() - start
     assert p.returncode != 0, p.stderr[-3000:]
     # rank 1 may see rank 0 go first: its line says it lost contact (cli._lost_peer), not a traceback
     lost = [line for line in p.stderr.splitlines() if line.startswith("error: this process lost contact")]
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ") and line not in lost]
     assert len(errors) == 1 and "checkpoint" in errors[0] and "the disk is full" in errors[0], p.stderr[-3000:]
     assert "--resume auto" in errors[0] and re.search(r"exitcode\W+2\b", p.stderr), p.stderr[-3000:]
-    assert took < 120, took  # a collective timeout would be 30 min
     ckpts = tmp_path / "outputs" / "teacher-haze" / "checkpoints"
     assert not list(ckpts.glob("step-*")) and not list(ckpts.glob(".step-*.tmp"))
 

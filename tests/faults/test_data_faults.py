@@ -257,7 +257,6 @@ def test_one_ranks_bad_sample_ends_a_two_process_run_at_once(tmp_path):
     import re
     import subprocess
     import sys
-    import time
 
     from ._faults import env
 
@@ -266,18 +265,16 @@ def test_one_ranks_bad_sample_ends_a_two_process_run_at_once(tmp_path):
     shard, key = inject(folder, "corrupt_image", 1)  # shards 0, 2 go to rank 0 and 1, 3 to rank 1
     cfg = _teacher_cfg(tmp_path, folder, "fail")
     accelerate = Path(sys.executable).parent / "accelerate"
-    start = time.monotonic()
+    # No timed assertion: a rank left in a collective waits out its 30-min timeout, far past timeout=240.
     p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                         "-m", "uniremoval", "train", "teacher", "--config", str(cfg)],
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
-    took = time.monotonic() - start
     assert p.returncode != 0, p.stderr[-3000:]
     # one error line, from the rank that met the sample (counted in the whole text: the other rank's
     # traceback may share a line of stderr with it)
     assert p.stderr.count(f"error: bad sample in shard {folder / shard}, key {key}") == 1, p.stderr[-3000:]
     assert re.search(r"exitcode\W+2\b", p.stderr), p.stderr[-3000:]  # torchrun's root cause: our status 2
-    assert took < 120, took  # the barrier timeout would be 30 min
     run = tmp_path / "outputs" / "t-fail"
     assert not list(run.glob("checkpoints/step-*")) and not list(run.glob("*.safetensors"))
 

@@ -1,70 +1,61 @@
-"""Several nodes: what a job needs of them and how it fails when they differ. The collectives are
-stubbed (one process plays one rank of two); two simulated nodes were run
-by hand (README: "Several nodes")."""
+"""Several nodes: what a job needs of them and how it fails when they differ. Two real processes play
+two nodes (tests/dist_blind_node.py); the lost-peer line is checked on the error gloo gives; two
+simulated nodes were also run by hand (README: "Several nodes")."""
 
 from __future__ import annotations
-
-import types
 
 import pytest
 
 from uniremoval import launch
-from uniremoval.errors import UniremovalError
 
 
-def _rank(monkeypatch, main: bool, views_of_others: list, marker: str = ".rank-check-x") -> dict:
-    """Play one rank of two: rank 0 (main) or rank 1. `views_of_others` is what the other rank
-    reports (seen, host); the collectives hand out the marker's name and gather the views."""
-    import accelerate.utils
-    import torch.distributed
+def test_a_node_that_does_not_see_the_output_folder_is_refused_on_every_rank_before_any_work(tmp_path):
+    """Two nodes without a shared file system (two real processes, each in a folder of its own, so the
+    config's relative output_dir names two folders). Before, the run trained until its first checkpoint,
+    where rank 1 failed with a RuntimeError traceback ("Parent directory .../checkpoints/.step-00000002.tmp
+    does not exist") and the job died hours in. Now both ranks stop at the start with one line that names
+    the blind rank and rank 0's host, rank 0 leaves no marker; in a shared folder the same launch trains."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    got = {}
+    import yaml
 
-    def broadcast(box, from_process=0):
-        got["marker"] = box[0] if main else marker
-        box[0] = got["marker"]
-        return box
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _fixtures import write_shards
 
-    def gather(obj):
-        got["mine"] = obj[0]
-        return [obj[0], *views_of_others] if main else [*views_of_others, obj[0]]
-
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
-    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
-    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda box, src=0: box)  # the lock's refusal
-    monkeypatch.setattr(launch, "SEE_WAIT_S", 0.2)
-    return got
-
-
-def test_a_rank_that_does_not_see_the_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
-    # Two nodes without a shared file system: rank 1's output folder is another (empty) one. Before,
-    # the run trained until its first checkpoint, where rank 1 failed with a RuntimeError traceback
-    # ("Parent directory .../checkpoints/.step-00000002.tmp does not exist") and the job died hours in.
-    got = _rank(monkeypatch, main=False, views_of_others=[(True, "node-a")])
-    acc = types.SimpleNamespace(is_main_process=False, num_processes=2)
-    with pytest.raises(UniremovalError, match=r"rank 1 on .* does not see .*run, where rank 0 on node-a writes the run 'kt'") as exc:
-        launch.lock_on_main_process(acc, tmp_path / "run", "the run 'kt'")
-    assert exc.value.on_every_rank  # every rank raises together (cli.main leaves the process group)
-    assert "same output paths" in str(exc.value)
-    assert got["mine"][0] is False
-
-
-def test_the_main_rank_names_the_rank_that_is_blind_and_leaves_no_marker(tmp_path, monkeypatch):
-    got = _rank(monkeypatch, main=True, views_of_others=[(False, "node-b")])
-    acc = types.SimpleNamespace(is_main_process=True, num_processes=2)
-    with pytest.raises(UniremovalError, match=r"rank 1 on node-b does not see"):
-        launch.lock_on_main_process(acc, tmp_path / "run", "the run 'kt'")
-    assert got["mine"][0] is True  # rank 0 sees its own marker...
-    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # ...and removes it
-
-
-def test_a_shared_output_folder_passes(tmp_path, monkeypatch):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / ".rank-check-x").write_text("node-a")  # rank 0's marker, seen through the shared folder
-    got = _rank(monkeypatch, main=False, views_of_others=[(True, "node-a")])
-    acc = types.SimpleNamespace(is_main_process=False, num_processes=2)
-    launch.lock_on_main_process(acc, tmp_path / "run", "the run 'kt'").close()
-    assert got["mine"][0] is True
+    root = Path(__file__).resolve().parents[1]
+    write_shards(tmp_path / "shards", "syn", 2, 2)
+    cfg = tmp_path / "teacher.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "stage": "teacher", "name": "teacher-haze", "output_dir": "outputs", "degradation": "haze",
+        "model": {"preset": "tiny"}, "tracking": {"enabled": False},
+        "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0, "shuffle_buffer": 4,
+                 "train": [{"name": "syn", "shards": str(tmp_path / "shards"), "degradation": "haze"}]},
+        "train": {"epochs": 1, "steps_per_epoch": 2, "val_every": 100, "image_every": 100, "cpu": True},
+        "checkpoint": {"every_steps": 2},
+    }))
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                        str(root / "tests" / "dist_blind_node.py"), str(cfg), str(tmp_path / "nodes"), str(tmp_path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert codes == [{"blind": 2, "shared": 0}] * 2, (codes, p.stderr[-3000:])
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], p.stderr[-3000:]  # the same line from each rank
+    assert "rank 1 on " in errors[0] and " does not see " in errors[0] and "same output paths" in errors[0], errors
+    blind = [tmp_path / "nodes" / f"node{r}" / "outputs" / "teacher-haze" for r in (0, 1)]
+    assert [p.name for p in blind[0].iterdir()] == [".lock"]  # no marker left, nothing trained
+    assert not blind[1].exists() or not any(blind[1].iterdir())
+    shared = tmp_path / "nodes" / "shared" / "outputs" / "teacher-haze"
+    assert (shared / "last.safetensors").exists() and not list(shared.glob(".rank-check-*"))
 
 
 GLOO_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "

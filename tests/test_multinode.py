@@ -1,20 +1,23 @@
 """Several nodes: what a job needs of them and how it fails when they differ. Two real processes play
-two nodes (tests/dist_blind_node.py); the lost-peer line is checked on the error gloo gives; two
+two nodes (tests/dist_output_folder.py); the lost-peer line is checked on the error gloo gives; two
 simulated nodes were also run by hand (README: "Several nodes")."""
 
 from __future__ import annotations
 
 import pytest
 
-from uniremoval import launch
 
-
-def test_a_node_that_does_not_see_the_output_folder_is_refused_on_every_rank_before_any_work(tmp_path):
-    """Two nodes without a shared file system (two real processes, each in a folder of its own, so the
-    config's relative output_dir names two folders). Before, the run trained until its first checkpoint,
-    where rank 1 failed with a RuntimeError traceback ("Parent directory .../checkpoints/.step-00000002.tmp
-    does not exist") and the job died hours in. Now both ranks stop at the start with one line that names
-    the blind rank and rank 0's host, rank 0 leaves no marker; in a shared folder the same launch trains."""
+def test_the_ranks_agree_on_their_output_folder_or_all_stop_at_the_start(tmp_path):
+    """Two real processes (tests/dist_output_folder.py). Two nodes without a shared file system (each rank
+    in a folder of its own, so the config's relative output_dir names two folders): before, the run
+    trained until its first checkpoint, where rank 1 failed with a RuntimeError traceback ("Parent
+    directory .../checkpoints/.step-00000002.tmp does not exist") and the job died hours in; now both
+    ranks stop at the start with one line naming the blind rank and rank 0's host, and rank 0 leaves no
+    marker. In a shared folder the same launch trains. A full disk on rank 0 when it writes its marker or
+    takes the folder's lock raised on rank 0 alone while rank 1 waited in a collective (a hang): now
+    every rank stops with rank 0's error. An error every rank's listing holds alike (eval's wrong
+    --degradation, refused from the manifest) was raised unmarked after a collective, and a rank aborted
+    (SIGABRT) instead of exiting 2: every rank exits 2 with it."""
     import json
     import os
     import subprocess
@@ -41,21 +44,34 @@ def test_a_node_that_does_not_see_the_output_folder_is_refused_on_every_rank_bef
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     accelerate = Path(sys.executable).parent / "accelerate"
+    # No timed assertion: a rank left waiting in a collective waits out its 30-min timeout, far past 300 s.
     p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-                        str(root / "tests" / "dist_blind_node.py"), str(cfg), str(tmp_path / "nodes"), str(tmp_path)],
+                        str(root / "tests" / "dist_output_folder.py"), str(cfg), str(tmp_path / "w"), str(tmp_path),
+                        str(tmp_path / "shards")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     codes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert codes == [{"blind": 2, "shared": 0}] * 2, (codes, p.stderr[-3000:])
+    assert codes == [{"blind": 2, "shared": 0, "marker_full": 2, "lock_full": 2, "eval_wrong_type": 2}] * 2, (
+        codes, p.stderr[-3000:])
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and errors[0] == errors[1], p.stderr[-3000:]  # the same line from each rank
-    assert "rank 1 on " in errors[0] and " does not see " in errors[0] and "same output paths" in errors[0], errors
-    blind = [tmp_path / "nodes" / f"node{r}" / "outputs" / "teacher-haze" for r in (0, 1)]
-    assert [p.name for p in blind[0].iterdir()] == [".lock"]  # no marker left, nothing trained
-    assert not blind[1].exists() or not any(blind[1].iterdir())
-    shared = tmp_path / "nodes" / "shared" / "outputs" / "teacher-haze"
-    assert (shared / "last.safetensors").exists() and not list(shared.glob(".rank-check-*"))
+    wrong_type = [line for line in errors if line.startswith("error: --degradation rain")]
+    assert len(wrong_type) == 2 and wrong_type[0] == wrong_type[1] and "['haze']" in wrong_type[0], errors
+    errors = [line for line in errors if line not in wrong_type]
+    assert len(errors) == 6, p.stderr[-3000:]
+    blind, marker, lock = (sorted(errors)[i:i + 2] for i in (4, 2, 0))  # sorted: "rank 0 cannot t" < "w" < "rank 1"
+    for pair in (blind, marker, lock):
+        assert pair[0] == pair[1], pair  # the same line from each rank
+    assert "rank 1 on " in blind[0] and " does not see " in blind[0] and "same output paths" in blind[0], errors
+    assert "rank 0 cannot write in " in marker[0] and "No space left on device" in marker[0], errors
+    assert "rank 0 cannot take the run 'teacher-haze' in " in lock[0] and "No space left" in lock[0], errors
+    outputs = {case: tmp_path / "w" / case / "outputs" / "teacher-haze" for case in
+               ("node0", "node1", "shared", "marker_full", "lock_full")}
+    assert [p.name for p in outputs["node0"].iterdir()] == [".lock"]  # no marker left, nothing trained
+    assert not outputs["node1"].exists() or not any(outputs["node1"].iterdir())
+    assert (outputs["shared"] / "last.safetensors").exists() and not list(outputs["shared"].glob(".rank-check-*"))
+    for case in ("marker_full", "lock_full"):
+        assert not list(outputs[case].glob("**/*.safetensors")), case
 
 
 GLOO_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
@@ -93,21 +109,3 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     cli = _cli_raising(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes"):
         cli.main([])
-
-
-def test_an_error_every_rank_lists_alike_is_raised_on_every_rank_together(monkeypatch):
-    """agreed_listing raised the error every rank's listing held (eval's wrong --degradation, refused
-    from the manifest) unmarked, after a collective: cli.main then left the process group unclean
-    and a rank aborted (SIGABRT) instead of exiting 2. Marked on_every_rank, as the other refusals."""
-    import accelerate.utils
-
-    from uniremoval.errors import DataError
-
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: [obj[0], obj[0]])  # rank 1 agrees
-
-    def make():
-        raise DataError("--degradation snow: the samples of --data x are ['rain']")
-
-    with pytest.raises(DataError, match="--degradation snow") as exc:
-        launch.agreed_listing(2, make, list, "files in --data x", launch.SAME_FILES_FIX)
-    assert getattr(exc.value, "on_every_rank", False)

@@ -901,29 +901,30 @@ def test_scores_go_to_stdout_or_a_stream_without_replacing_it(tmp_path, monkeypa
 
 
 def test_mlflow_run_links_stay_off_stdout_that_holds_scores_or_a_report(tmp_path, monkeypatch, capsys):
-    """With a tracking server, MLflow writes "View run ... at" links to stdout when a run ends: they
-    were appended to `eval --json -` (`| python -m json.tool`: Extra data) and to `report --format csv
-    --log > r.csv`. They now go to stderr."""
-    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+    """With a tracking server (a real `mlflow server` on loopback), MLflow writes "View run ... at" links
+    to stdout when a run ends: they were appended to `eval --json -` (`| python -m json.tool`: Extra data)
+    and to `report --format csv --log > r.csv`. They now go to stderr."""
+    from _fixtures import free_port, start_mlflow_server, stop_server
 
     from uniremoval.cli import main
 
-    def log_url(self, run_id):  # what MLflow does for a RestStore (an http:// tracking URI)
-        sys.stdout.write(f"\U0001F3C3 View run at: http://mlflow:5000/#/experiments/1/runs/{run_id}\n")
-
-    monkeypatch.setattr(TrackingServiceClient, "_log_url", log_url)
     monkeypatch.chdir(tmp_path)
     _write_pngs(tmp_path / "data", 2, [(32, 40)], seed=5, noise=0.05)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    capsys.readouterr()
-    assert main(["eval", "--checkpoint", "none", "--data", "data", "--metrics", "psnr", "--device", "cpu",
-                 "--tracking-uri", uri, "--experiment", "x", "--json", "-"]) == 0
-    out, err = capsys.readouterr()
-    assert json.loads(out)["dataset"] == "data" and "View run at" in err
-    assert main(["report", "--experiment", "x", "--tracking-uri", uri, "--format", "csv", "--images", "0",
-                 "--out-dir", "rep", "--log"]) == 0
-    out, err = capsys.readouterr()
-    assert out == (tmp_path / "rep" / "report.csv").read_text() and "View run at" in err
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", "none", "--data", "data", "--metrics", "psnr", "--device", "cpu",
+                     "--tracking-uri", uri, "--experiment", "x", "--json", "-"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["dataset"] == "data" and f"View run eval-data at: {uri}/" in err, (out, err)
+        assert main(["report", "--experiment", "x", "--tracking-uri", uri, "--format", "csv", "--images", "0",
+                     "--out-dir", "rep", "--log"]) == 0
+        out, err = capsys.readouterr()
+        assert out == (tmp_path / "rep" / "report.csv").read_text() and f"View run report at: {uri}/" in err
+    finally:
+        stop_server(server)
 
 
 # ---------------------------------------------------------------- undefined scores, option clashes

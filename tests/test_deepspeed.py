@@ -130,6 +130,17 @@ def test_kt_under_deepspeed_on_two_cpu_processes(tmp_path, zero):
     hist = mlflow_history(f"sqlite:///{tmp_path}/mlflow.db", rec["run_id"])
     assert loss_terms(hist) == {"pixel", "ig", "fg", "total"}
     assert [s for s, _ in hist["train/total"]] == [1, 2, 3]
+    if zero == 2:
+        # DeepSpeed loads its optimiser state only under the stage that wrote it: resuming this run under
+        # ZeRO-3 is refused on both ranks, naming the stages and the way to go on from the weights.
+        del env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(write_zero3_config(tmp_path / "zero3.json"))
+        phase = {**phase, "overrides": [*phase["overrides"], "train.max_steps=4"], "resume": "auto"}
+        r = subprocess.run([*cmd[:-2], str(tmp_path / "ds3.json"), json.dumps(phase)], check=False, env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert r.returncode != 0 and not (tmp_path / "ds3.json").exists(), r.stderr[-3000:]
+        said = r.stderr.count("written under DeepSpeed with ZeRO stage 2, this run 3")
+        assert said == 2 and "model.init=" in r.stderr, r.stderr[-3000:]  # each rank refuses
 
 
 @pytest.mark.slow

@@ -557,6 +557,15 @@ def test_a_type_named_all_has_its_own_table_apart_from_sets_of_no_type() -> None
                       "NR-IQA (Tables I-III): haze": ["hazy"]}
 
 
+def _paired_folders(root: Path, *names: str) -> None:
+    """root/<name>/{input,target}/a.png for each name: a one-pair image folder of random pixels."""
+    rng = np.random.default_rng(0)
+    for folder in names:
+        for sub in ("input", "target"):
+            (root / folder / sub).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / folder / sub / "a.png")
+
+
 def test_eval_domain_files_a_folder_of_synthetic_pairs_out_of_table_v(tmp_path, capsys) -> None:
     """An image folder had no domain: a folder of synthetic test pairs landed in the real sets' Table V.
     `eval --domain synthetic` tags it (a real folder keeps its place with `--domain real`); shards carry
@@ -565,11 +574,7 @@ def test_eval_domain_files_a_folder_of_synthetic_pairs_out_of_table_v(tmp_path, 
     from uniremoval.models.checkpoint import save_checkpoint
     from uniremoval.models.mprnet_arch import MPRNet
 
-    rng = np.random.default_rng(0)
-    for folder in ("syn", "real"):
-        for sub in ("input", "target"):
-            (tmp_path / folder / sub).mkdir(parents=True)
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / folder / sub / "a.png")
+    _paired_folders(tmp_path, "syn", "real")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt = save_checkpoint(tmp_path / "da" / "last", MPRNet("tiny").eval(),
                            {"run_name": "da", "ablation": {"use_gan": True, "use_idt": True}})
@@ -622,11 +627,7 @@ def test_eval_config_sources_carry_their_own_domain(tmp_path, capsys) -> None:
     from uniremoval.data.readers import DOMAINS
 
     assert typing.get_args(Domain) == DOMAINS
-    rng = np.random.default_rng(0)
-    for folder in ("syn", "real"):
-        for sub in ("input", "target"):
-            (tmp_path / folder / sub).mkdir(parents=True)
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / folder / sub / "a.png")
+    _paired_folders(tmp_path, "syn", "real")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tmp_path / "ev.yaml"
     head = (f"stage: eval\ntracking: {{uri: '{uri}', experiment: proj}}\neval:\n  checkpoint: none\n"

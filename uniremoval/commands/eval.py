@@ -60,9 +60,9 @@ def register(subparsers) -> None:
                    help="comma list of brisque,piqe,niqe (MATLAB-calibrated), brisque_live,niqe_live "
                    "(original LIVE models), psnr,ssim (need targets). Default: eval.metrics with --config, else "
                    "brisque,piqe")
-    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, undefined, settings, images} here ('-': "
-                   "stdout, the summary line then goes to stderr; an undefined score is null, an infinite PSNR "
-                   "\"inf\"; see above)")
+    g.add_argument("--json", dest="json_out", help="write {dataset, checkpoint, mean, undefined, settings, images} "
+                   "here ('-': stdout, the summary line then goes to stderr; an undefined score is null, an infinite "
+                   "PSNR \"inf\"; see above)")
     g.add_argument("--csv", dest="csv_out", help="write per-image scores, a '(mean)' and an '(undefined)' row here "
                    "(a path other than --json; '-': stdout)")
     g.add_argument("--save-images", metavar="DIR",

@@ -13,7 +13,8 @@ options: "vanilla" (the non-saturating BCE-with-logits GAN of Goodfellow et al.)
 (Lim & Ye; Miyato et al.). D's outputs are raw logits/scores (no sigmoid) for every kind.
 
 The discriminator total is ``0.5 * (real term + fake term)`` for every kind, the CycleGAN
-convention (``DALoss.discriminator_terms`` sums ``discriminator_parts``). The caller must pass logits of *detached* restored images when training D.
+convention (``DALoss.discriminator_terms`` sums ``discriminator_parts``). The caller must pass
+logits of *detached* restored images when training D.
 """
 
 from __future__ import annotations

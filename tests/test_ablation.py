@@ -158,7 +158,6 @@ def test_validation_progress_total_is_rank_zeros_share_of_the_capped_set(tmp_pat
     from types import SimpleNamespace
 
     import torch
-    import tqdm
 
     sys.path.insert(0, str(Path(__file__).parent))
     from dist_kt_common import write_pairs
@@ -169,7 +168,7 @@ def test_validation_progress_total_is_rank_zeros_share_of_the_capped_set(tmp_pat
     bars: list[dict] = []
 
     class Bar:
-        def __init__(self, *args, total=None, disable=False, **kwargs):
+        def __init__(self, total, desc, unit, disable=False, **kwargs):
             self.record = {"total": total, "n": 0}
             if not disable:
                 bars.append(self.record)
@@ -180,7 +179,7 @@ def test_validation_progress_total_is_rank_zeros_share_of_the_capped_set(tmp_pat
         def close(self):
             pass
 
-    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr("uniremoval.progress.progress_bar", Bar)
     shards = write_pairs(tmp_path, "val_haze", "haze", 9, n_shards=3, split="test")
     model = MPRNet("tiny").eval()
     for cap, world, expected in ((100, 1, 9), (100, 2, 5), (9, 2, 5), (4, 2, 2), (1, 2, 1), (7, 1, 7)):

@@ -1147,25 +1147,26 @@ def test_progress_moves_within_a_shard(tmp_path: Path, monkeypatch, workers: int
     """The bar moved once per finished shard: a test set that fits one 256 MB shard (Rain1400's,
     SOTS') sat at 0% for the whole build. Where this process writes, it moves per sample; where
     workers write whole shards (cap 3: 3 shards), per shard; the total is right either way."""
-    import tqdm
-
     updates: list[int] = []
 
-    class Bar:
-        def __init__(self, *args, total=None, initial=0, disable=False, **kwargs):
-            self.iterable = args[0] if args else None
-
-        def __iter__(self):
-            return iter(self.iterable)
+    class Bar:  # records the build's bar (not the one over finished shards a rerun checks)
+        def __init__(self, total, desc, unit, **kwargs):
+            self.building = desc.startswith("shards ")
 
         def update(self, n=1):
-            if self.iterable is None:
+            if self.building:
                 updates.append(n)
 
         def close(self):
             pass
 
-    monkeypatch.setattr(tqdm, "tqdm", Bar)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr("uniremoval.data.shardwriter.progress_bar", Bar)
     tree = big_its(tmp_path / "its")
     out = tmp_path / "o"
     run_cli("build", "--format", "reside-its", "--root", str(tree.root), "--out", str(out), "--workers",

@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from uniremoval.io import WriteBehind
     from uniremoval.models.checkpoint import load_checkpoint
+    from uniremoval.progress import progress_bar
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
     # Checked before any work: restore_tensor would refuse them only at the first image.
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         # (`closing`: a stop stops the reading thread at once, not when the generator is collected)
         with WriteBehind(workers=2, pending=2 * args.batch_size) as writer, \
                 closing(read_ahead(decoded(), depth=max(2, args.batch_size))) as images, \
-                tqdm(total=len(plan), desc="restore", unit="img", file=sys.stderr) as bar:
+                progress_bar(len(plan), "restore", "img") as bar:
             for group in same_size_batches(images, batch_key, args.batch_size, max_buffered=2 * args.batch_size):
                 if len(group) == 1 or not restore_batch(group):
                     for item in group:

@@ -44,6 +44,7 @@ from uniremoval.io import (
     folder_lock,
     sha256_file,
 )
+from uniremoval.progress import progress_bar
 
 COUNT_GROUPS = ("degradation", "domain", "split")
 
@@ -650,16 +651,15 @@ def build_shards(
         known = _known_records(out, job_index, num_jobs)
         records: dict[str, dict] = {}
         pending = []
-        from tqdm import tqdm
-
         # A resumed build re-hashes every finished shard (minutes for a large dataset): shown.
-        checking = tqdm(mine, desc=f"check finished shards of {dataset}", unit="shard", file=sys.stderr,
-                        disable=not progress or not known)
-        for plan in checking:
-            if _is_complete(out, plan, known.get(plan.name)):
-                records[plan.name] = known[plan.name]
-            else:
-                pending.append(plan)
+        with progress_bar(len(mine), f"check finished shards of {dataset}", "shard",
+                          disable=not progress or not known) as checking:
+            for plan in mine:
+                if _is_complete(out, plan, known.get(plan.name)):
+                    records[plan.name] = known[plan.name]
+                else:
+                    pending.append(plan)
+                checking.update(1)
 
         last_save = [0.0]
 
@@ -677,13 +677,12 @@ def build_shards(
                 (out / name).unlink(missing_ok=True)
 
         sizes = {p.name: len(p.items) for p in mine}
-        bar = tqdm(
-            total=sum(len(p.items) for p in mine),
+        bar = progress_bar(
+            sum(len(p.items) for p in mine),
+            f"shards {dataset}",
+            "img",
             initial=sum(len(p.items) for p in mine if p.name in records),
-            desc=f"shards {dataset}",
-            unit="img",
             disable=not progress,
-            file=sys.stderr,
         )
         written_bytes = written_samples = 0
         ticked = [0]  # samples of the shard being written that the bar already shows

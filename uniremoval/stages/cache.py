@@ -393,8 +393,7 @@ def _remove_if_unused(out_root: Path, made: Path) -> None:
 
 
 def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Path) -> int:
-    from tqdm.auto import tqdm
-
+    from uniremoval.progress import progress_bar
     from uniremoval.stages import fast
     from uniremoval.stages.teachers import load_teachers
 
@@ -442,8 +441,8 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
     # `with`: an interrupt closes the bar before cli.main prints its one line, not after it at exit
     sizes = [it.get("samples") for it, _ in todo]
     total = sum(sizes) if all(isinstance(n, int) for n in sizes) else None  # known for local shard folders
-    with tqdm(desc=f"cache (rank {rank})", unit="img", total=total, disable=not acc.is_main_process,
-              dynamic_ncols=True) as bar, \
+    with progress_bar(total, f"cache (rank {rank})", "img", disable=not acc.is_main_process,
+                      dynamic_ncols=True) as bar, \
             fast.math_flags(cudnn_tf32=True, cudnn_benchmark=cfg.cache.cudnn_benchmark):
         for it, want in todo:
             t = teachers[it["degradation"]]

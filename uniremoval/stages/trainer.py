@@ -1425,10 +1425,11 @@ class Trainer:
         return fast.to_device(batch, self.accelerator.device, self.speed.channels_last)
 
     def _progress(self, total: int) -> Any:
-        from tqdm.auto import tqdm
+        """A bar on a terminal; in a log, a line at each train.log_every step with the window's losses."""
+        from uniremoval.progress import progress_bar
 
-        return tqdm(total=total, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
-                    disable=not self.accelerator.is_main_process)
+        return progress_bar(total, self.cfg.name, "step", initial=self.step, disable=not self.accelerator.is_main_process,
+                            every_s=None, on_postfix=True, dynamic_ncols=True)
 
     def _supersede_later_checkpoints(self, path: Path) -> None:
         """Resuming an earlier checkpoint of this run starts another branch from it. The checkpoints after

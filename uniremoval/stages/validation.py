@@ -54,13 +54,11 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     Images are decoded as they are scored, never held all at once (a full GoPro test set is ~24 GB
     of float pairs); the main process shows a progress bar per set.
     """
-    import sys
-
-    from tqdm import tqdm
 
     from uniremoval.data.pipelines import eval_samples
     from uniremoval.data.read_ahead import read_ahead
     from uniremoval.eval.restore import restore_tensor
+    from uniremoval.progress import progress_bar
 
     out: dict[str, float] = {}
     psnrs: list[float] = []
@@ -78,8 +76,7 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
         # rank 0 only, the other ranks waiting in the collective below.
         urls = getattr(stream, "dataset", stream).shards
         share = -(-capped_size(urls, cap) // ctx.world_size) if cap and ctx.rank == 0 else None
-        bar = tqdm(desc=f"val {src.name}", total=share, unit="img", leave=False, file=sys.stderr,
-                   disable=ctx.rank != 0)
+        bar = progress_bar(share, f"val {src.name}", "img", leave=False, disable=ctx.rank != 0)
         last = None
         while True:
             item = next(items, None)

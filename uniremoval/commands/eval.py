@@ -79,8 +79,8 @@ def register(subparsers) -> None:
     g.add_argument("--degradation", type=degradation_type, help="degradation tag of the dataset (default: from the shards' json)")
     g.add_argument("--domain", choices=("synthetic", "real"),
                    help="an image folder's domain, for the report's tables (synthetic: Tables I-IV; real: Table V "
-                   "and real paired sets); shards carry theirs in their json (default for a folder: none; with --config, "
-                   "each source's eval.data.N.domain)")
+                   "and real paired sets); shards carry theirs in their json (default for a folder: none; with "
+                   "--config, each source's eval.data.N.domain)")
     t = p.add_argument_group("tracking")
     t.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment (default: the training run's, else 'uniremoval')")

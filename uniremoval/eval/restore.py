@@ -442,8 +442,9 @@ def restore_tensor(
     ``input_range`` is the model's ("minus_one_one" or "zero_one"). With ``tile`` the image is
     processed in overlapping windows (see the module docstring for the tolerance), ``batch_size``
     windows (or images) at a time (on the CPU fewer, up to CPU_PASS_PIXELS a pass). The model is used
-    as given (call ``model.eval()`` first); no gradients are kept. ``on_tiles(done, total)`` is called after each batch of windows of a tiled
-    image (a 12-Mpixel photo restores for minutes on a CPU: restore shows it).
+    as given (call ``model.eval()`` first); no gradients are kept. ``on_tiles(done, total)`` is called
+    after each batch of windows of a tiled image (a 12-Mpixel photo restores for minutes on a CPU:
+    restore shows it).
     """
     if input_range not in INPUT_RANGES:
         raise UniremovalError(f"input_range {input_range!r} must be one of {INPUT_RANGES}")

@@ -1428,8 +1428,9 @@ class Trainer:
         """A bar on a terminal; in a log, a line at each train.log_every step with the window's losses."""
         from uniremoval.progress import progress_bar
 
-        return progress_bar(total, self.cfg.name, "step", initial=self.step, disable=not self.accelerator.is_main_process,
-                            every_s=None, on_postfix=True, dynamic_ncols=True)
+        return progress_bar(total, self.cfg.name, "step", initial=self.step,
+                            disable=not self.accelerator.is_main_process, every_s=None, on_postfix=True,
+                            dynamic_ncols=True)
 
     def _supersede_later_checkpoints(self, path: Path) -> None:
         """Resuming an earlier checkpoint of this run starts another branch from it. The checkpoints after

@@ -180,6 +180,27 @@ def test_gpu_bench_summary_takes_the_fastest_compile_mode() -> None:
     assert s["conv_tflops"] == 200.0 and s["conv_bound_img_s"] == 210.5 and s["conv_bound_ratio"] == 4.21
 
 
+def test_gpu_bench_compile_pays_back_against_the_eager_step_with_the_same_check() -> None:
+    """The compiled step carries the trainer's non-finite check: its break-even is counted against the
+    eager step with that check (slower than bare `ours`), not against bare `ours`."""
+    import argparse
+
+    gpu = _gpu_module()
+    results = {
+        "naive": {"img_s": 50.0, "step_ms": 320.0},
+        "ours": {"img_s": 100.0, "step_ms": 160.0},
+        "ours_trainer_device_check": {"img_s": 80.0, "step_ms": 200.0},
+        "ours_compiled": {"img_s": 125.0, "step_ms": 128.0, "compile_s": 36.0, "trainer_check": "device"},
+        "ours_compiled_reduce_overhead": {"img_s": 160.0, "step_ms": 100.0, "compile_s": 60.0,
+                                          "trainer_check": "host"},  # no eager host-check section ran
+    }
+    gpu.summarise(results, argparse.Namespace(batch=16))
+    assert results["ours_compiled"]["breakeven_vs"] == "ours_trainer_device_check"
+    assert results["ours_compiled"]["breakeven_steps"] == 500  # 36 s / (200 - 128) ms, not 36 s / 32 ms
+    assert results["ours_compiled_reduce_overhead"]["breakeven_vs"] == "ours"
+    assert results["ours_compiled_reduce_overhead"]["breakeven_steps"] == 1000  # 60 s / (160 - 100) ms
+
+
 def test_gpu_bench_inductor_options_are_checked_against_torch() -> None:
     import argparse
 

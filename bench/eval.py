@@ -8,10 +8,11 @@ Images: `--data` (resized to --size x --size so they batch), else the pyiqa cali
 same device; the scores are checked to agree (exit 1 if not). Both paths run once untimed (warm-up),
 then `--repeat` times, alternating; prints the median images/s of each and the ratio.
 
-On a CPU that other jobs share, the ratio depends on `--threads`: measured on this 2-core CPU
-machine with another job holding about one core, PIQE at 256 px gave 6.5x with torch's 2 threads
-(per-image calls, each many small ops, wait on the busy core) and 0.67x with `--threads 1`, where
-both paths ran 3-30x faster.
+On a CPU the bench runs one torch thread unless `--threads` says otherwise: on a CPU that other
+jobs share, the ratio with more threads measures their contention. On this 2-core machine with
+another job holding about one core, PIQE at 256 px gave 6.5x with torch's 2 threads (per-image
+calls, each many small ops, wait on the busy core) and 0.67x with one thread, where both paths ran
+3-30x faster: batching the scores pays on a GPU, not on a CPU.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5, help="timed passes per path, alternating (median kept)")
     ap.add_argument("--iqa-dir")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: 1 on a CPU, where more measure their contention)")
     args = ap.parse_args()
     for name in ("batch_size", "images", "size", "repeat", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -72,6 +74,8 @@ def main() -> int:
     from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads is None and torch.device(device).type == "cpu":
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

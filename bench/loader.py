@@ -136,7 +136,8 @@ def time_batches(make_iter, n_batches: int, warmup: int) -> tuple[float, float]:
     for _ in range(n_batches):
         next(it)
     dt = time.perf_counter() - t0
-    it.close()  # ends the DataLoader: its workers are joined, so their CPU time is counted
+    for _ in it:  # nothing is left; ends the DataLoader, whose workers are joined: their CPU time counts
+        raise RuntimeError("the loader made more batches than were asked for")
     del it
     gc.collect()
     return dt, _cpu_seconds() - cpu0
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{n_pairs} image pair(s) make no full batch of --batch {args.batch}")
 
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, RandomSampler
 
     from uniremoval.data.pipelines import kt_loader
 
@@ -185,13 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
         def folder_iter(workers: int, decoder: str):
             ds = FolderPairs(folder, args.crop, decoder)
-            dl = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True,
-                            persistent_workers=workers > 0)  # no re-fork per epoch: fair to small sets
-
-            def gen():
-                while True:  # epochs back to back, like a training loop
-                    yield from dl
-            return gen()
+            # Exactly the samples a run takes, in shuffled passes over the set: one epoch of the
+            # DataLoader (no re-fork per pass, fair to small sets), and its workers' read-ahead decodes
+            # nothing that is not consumed (as kt_loader, which stops at its step count).
+            sampler = RandomSampler(ds, num_samples=n_all)
+            return iter(DataLoader(ds, batch_size=args.batch, sampler=sampler, num_workers=workers, drop_last=True))
 
         def shard_iter(workers: int):
             ld = kt_loader([(d.name, d, d.name, 1.0) for d in dirs], list(DEGS), args.batch, args.crop,

@@ -95,6 +95,7 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert s["cache_build_ratio"] == (cc["ratio_vs_fp32"] if faster else cache["ratio"])
     stage = cache["stage"]  # the cache stage end to end: threads write the serial run's bytes
     assert stage["same_bytes"] is True and stage["serial_frames_s"] > 0 and stage["threads_frames_s"] > 0
+    assert stage["repeats"] == 2  # after an untimed warm-up run of each side, two alternating timed runs
     assert ours["student_fwd_bwd_ms"] > 0 and s["student_share_of_step"] > 0
     assert s["cache_stage_over_teacher"] > 0 and s["eval_score_over_restore"] == printed["eval"]["score_over_restore"]
     ev = printed["eval"]
@@ -240,6 +241,23 @@ def test_gpu_bench_skips_a_compile_the_budget_cannot_hold() -> None:
     assert gpu.skip_reason(140.0, 400, 130.0, "default") is None
 
 
+def test_gpu_bench_up_sampling_compiles_only_while_the_budget_holds_the_compiled_steps() -> None:
+    """Its compiles run in the main process, outside the compiled steps' deadlines."""
+    base = ["--preset", "tiny", "--quick", "--device", "cpu", "--compile", "--compile-backend", "aot_eager",
+            "--only", "upsample"]
+    short = subprocess.run([sys.executable, GPU_PY, *base, "--budget-s", "200"], env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert short.returncode == 0, short.stderr[-2000:]
+    ups = json.loads(short.stdout)["upsample"]
+    assert ups["compiled_paths"] == "not run: under 240 s of --budget-s left for the compiled steps"
+    assert ups["eager_stencil_ms_per_step"] > 0 and "compiled_stencil_ms_per_step" not in ups
+    ample = subprocess.run([sys.executable, GPU_PY, *base, "--budget-s", "400"], env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert ample.returncode == 0, ample.stderr[-2000:]
+    ups = json.loads(ample.stdout)["upsample"]
+    assert "compiled_paths" not in ups and ups["compiled_stencil_ms_per_step"] > 0
+
+
 def _gone(pid: int) -> bool:
     """No such process any more (or only a zombie waiting for whoever adopted it)."""
     try:
@@ -268,7 +286,10 @@ def test_gpu_bench_compiled_step_past_its_deadline_is_stopped_and_reported(tmp_p
 
 def test_gpu_bench_sigterm_while_the_compiled_step_runs_writes_the_json_and_stops_the_child(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    proc = subprocess.Popen([sys.executable, GPU_PY, *COMPILED_ONLY, "--out", str(out)], env=subprocess_env(),
+    scratch = tmp_path / "tmp"  # where the bench makes its temporary folders
+    scratch.mkdir()
+    env = {**subprocess_env(), "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, GPU_PY, *COMPILED_ONLY, "--out", str(out)], env=env,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pid = None
@@ -292,6 +313,8 @@ def test_gpu_bench_sigterm_while_the_compiled_step_runs_writes_the_json_and_stop
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(pid), f"the compiled step's child {pid} outlived its parent"
+    # the child's results folder went with it (os._exit skips TemporaryDirectory's own clean-up)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("gpu_bench_")]
 
 
 def test_gpu_run_script_runs_the_bench_into_its_out_folder(tmp_path: Path) -> None:
@@ -313,4 +336,4 @@ def test_gpu_run_script_runs_the_bench_into_its_out_folder(tmp_path: Path) -> No
     assert "naive done" in (out / "gpu.log").read_text()
     epochs = json.loads((out / "epoch_start.json").read_text())  # the epoch-start bench, after it
     assert epochs["workers"] == 1 and epochs["steps_per_epoch"] == 3
-    assert epochs["ahead"]["first_batch_wait_s"] >= 0 and epochs["speedup_epochs_1_on"] > 0
+    assert epochs["ahead"]["first_batch_wait_s"] >= 0 and epochs["speedup"] > 0

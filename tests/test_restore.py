@@ -444,6 +444,55 @@ def test_list_images_skips_hidden_files_and_names_other_formats(tmp_path: Path) 
             list_images(tmp_path / name)
 
 
+def _deny_reading(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """`folder` cannot be listed, as a folder of another user's with mode 700 (chmod does not stop
+    root, who may run the suite)."""
+    import errno
+    import os
+
+    scandir = os.scandir
+
+    def guarded(path=".", *a, **kw):
+        if isinstance(path, (str, os.PathLike)) and Path(path) == folder:  # not a file descriptor
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path, *a, **kw)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+
+
+def test_a_folder_that_cannot_be_read_stops_every_command_that_lists_images(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.walk drops a folder it cannot list: restore restored, eval scored and shards build packed
+    the readable part alone and said nothing (exit 0). Each now stops naming the folder, before any
+    output is written."""
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        Image.fromarray(rand_u8(12, 12, seed=len(name))).save(src / name)
+    assert len(list_images(src)) == 2
+    _deny_reading(monkeypatch, src / "sub")
+    with pytest.raises(DataError, match=rf"folder {re.escape(str(src / 'sub'))} cannot be read \(Permission denied\)"):
+        list_images(src)
+    expected = f"error: folder {src / 'sub'} cannot be read (Permission denied), so the images in it would be left out"
+    commands = {
+        "restore": ["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out"),
+                    "--device", "cpu"],
+        "eval": ["eval", "--checkpoint", str(ckpt), "--data", str(src), "--metrics", "piqe", "--device", "cpu",
+                 "--no-mlflow", "--json", str(tmp_path / "eval.json")],
+        "shards build": ["shards", "build", "--format", "folder", "--root", str(src), "--degradation", "haze",
+                         "--out", str(tmp_path / "shards")],
+    }
+    for what, argv in commands.items():
+        assert main(argv) == 2, what
+        assert expected in capsys.readouterr().err, what
+    assert not (tmp_path / "out").exists() and not (tmp_path / "eval.json").exists()
+    assert not list((tmp_path / "shards").glob("**/*.tar"))
+    _deny_reading(monkeypatch, src)  # the folder given itself: not "no images under ..."
+    assert main(commands["restore"]) == 2
+    assert f"error: folder {src} cannot be read (Permission denied)" in capsys.readouterr().err
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
 

@@ -179,7 +179,15 @@ def walk_images(folder: Path, skip: tuple[Path, ...] = (), others: list[Path] | 
         seen.add(real)
         return True
 
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    def unreadable(err: OSError) -> None:
+        # os.walk would drop the folder and go on: a test set scored, or a dataset packed, without
+        # the images in it, and nothing said.
+        where = err.filename or folder
+        raise DataError(f"folder {where} cannot be read ({err.strerror or err}), so the images in it would be left "
+                        "out; give the user running this read access to it, or move it out of "
+                        f"{folder}") from None
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         base = Path(dirpath)
         dirnames[:] = sorted(
             d for d in dirnames if not hidden(d) and base / d not in skip and first_visit(base / d)

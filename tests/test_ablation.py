@@ -310,3 +310,35 @@ def test_a_training_run_is_named_after_its_config(tmp_path, row, extra, name):
     # The ablation row travels with the weights too (eval against another store tags it from there).
     assert {f"ablation.{k}": str(v).lower() for k, v in meta["ablation"].items()} == {
         k: v for k, v in run.data.tags.items() if k.startswith("ablation.")} != {}
+
+
+def test_validation_leaves_out_images_too_small_for_ssim_and_says_so(tmp_path):
+    """A val image under SSIM's 11x11 window raised at the first validation and ended the training
+    run (every step since the last checkpoint lost). It is left out of the set's PSNR and SSIM with a
+    warning naming the set and a sample; the other sets score as before."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_kt_common import write_pairs
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    tiny = SimpleNamespace(name="tiny", shards=str(write_pairs(tmp_path, "tiny", "haze", 3, n_shards=1, size=(9, 10),
+                                                                split="test")), max_samples=None)
+    fine = SimpleNamespace(name="fine", shards=str(write_pairs(tmp_path, "fine", "haze", 3, n_shards=1, split="test")),
+                           max_samples=None)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), all_sum=dict)
+    model = MPRNet("tiny").eval()
+    with torch.no_grad(), pytest.warns(RuntimeWarning) as caught:
+        out = validate_paired(ctx, model, "minus_one_one", [tiny, fine], lockstep=False)
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith(f"validation set tiny ({tiny.shards}): 3 image(s) smaller than 11x11 pixels (SSIM's "
+                            "window) left out of its PSNR and SSIM, e.g. tiny-00000") for m in said), said
+    assert not any(k.startswith("val/tiny/") for k in out) and not any("no usable pairs" in m for m in said)
+    with torch.no_grad():
+        alone = validate_paired(ctx, model, "minus_one_one", [fine], lockstep=False)
+    assert out == alone and out["val/mean/psnr"] == out["val/fine/psnr"]

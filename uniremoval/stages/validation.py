@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from uniremoval.eval.metrics import METRICS
 from uniremoval.stages.trainer import TrainContext
 
 
@@ -31,6 +32,9 @@ def capped_size(urls: Iterable[str], cap: int) -> int:
         if n >= cap:
             return cap
     return n
+
+
+SSIM_MIN_SIDE = METRICS["ssim"].min_size  # its Gaussian window, filtered without padding
 
 
 def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
@@ -69,7 +73,8 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
         stream = eval_samples(src.shards, ctx.rank, ctx.world_size, require=("target",), first=cap)
         items = iter(item for item in read_ahead(stream)  # the next image decodes while this one restores
                      if "error" not in item or skipped.append(item))  # append() is None: the item is left out
-        sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0}
+        sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0, "small": 0.0}
+        small_key = None  # an image too small for SSIM's window, named in the warning
         # The bar is rank 0's, which has the largest share; a cap above the set's size is the set (9 images
         # under max_samples 100 showed 9/100 at the end). Counted in the stream's own shard list: listed
         # again by rank 0 alone, a dataset URL's manifest was fetched again, and a failed fetch raised on
@@ -91,6 +96,13 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
             if item is None:
                 continue
             last = item
+            if min(item["input"].shape[-2:]) < SSIM_MIN_SIDE:
+                # Left out of both scores (they average over the same images), not an error: an
+                # exception here ended a training run at its first validation, hours in.
+                sums["small"] += 1
+                small_key = small_key or item.get("key")
+                bar.update(1)
+                continue
             t01 = ((item["target"] + 1) * 0.5).unsqueeze(0).to(y01.device)
             p, s = _psnr_ssim(y01, t01)
             sums["psnr"] += p
@@ -100,7 +112,14 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
             bar.update(1)
         bar.close()
         total = ctx.all_sum(sums)
+        if total["small"] and ctx.rank == 0:
+            example = f", e.g. {small_key}" if small_key else ""
+            warnings.warn(f"validation set {src.name} ({src.shards}): {int(total['small'])} image(s) smaller than "
+                          f"{SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels (SSIM's window) left out of its PSNR and SSIM"
+                          f"{example}; rebuild the set without them", RuntimeWarning, stacklevel=2)
         if total["n"] == 0:
+            if total["small"]:  # said above
+                continue
             why = (f"; {len(skipped)} sample(s) left out, e.g. {skipped[0].get('key')}: {skipped[0]['error']}"
                    if skipped else "")
             warnings.warn(f"validation set {src.name} ({src.shards}) gave no usable pairs{why}; validation needs "

@@ -367,6 +367,32 @@ def test_truncated_files(tmp_path: Path) -> None:
         load_checkpoint(ours)
 
 
+def test_a_checkpoint_that_cannot_be_read_is_not_called_corrupt(tmp_path: Path, monkeypatch) -> None:
+    """A weights file without read permission was reported as "truncated or corrupt ... (No such file
+    or directory)" with advice to download it again. (Opening is refused by a stand-in: chmod does not
+    stop root, who may run the suite.)"""
+    import builtins
+    import errno
+    import os
+
+    from uniremoval.models import checkpoint as checkpoint_mod
+
+    ours = save_checkpoint(tmp_path / "ours", tiny(), {})
+    official = _official_tiny(tmp_path, "official.pth")
+    real_open = builtins.open
+
+    def refuse(file, *a, **kw):
+        if Path(str(file)) in (ours, official):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(checkpoint_mod, "open", refuse, raising=False)
+    for path in (ours, official):
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(path, preset="tiny")
+        assert str(caught.value) == f"{path}: cannot be read (Permission denied); give the user running this read access to it"
+
+
 def test_files_that_are_no_checkpoint_say_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """An HTML page saved as model_deblurring.pth (a failed download) went through torch's unpickler,
     whose parser raised a bare KeyError: a traceback from `restore`, and 'cannot read VGG-19 weights

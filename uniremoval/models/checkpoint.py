@@ -216,9 +216,23 @@ def load_checkpoint(
     return model, meta
 
 
+def _check_readable(path: Path) -> None:
+    """A file that exists but cannot be opened is said to be so: safetensors reports a refused open as
+    "No such file or directory", which the corrupt-file message then called a partial download."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc}); give the user running this read "
+                              "access to it") from exc
+
+
 def _read_ours(weights: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from safetensors.torch import load_file
 
+    _check_readable(weights)
     meta_path = weights.with_suffix(META_SUFFIX)
     if not meta_path.is_file():
         raise CheckpointError(
@@ -250,6 +264,7 @@ def load_torch_tensors(path: Path, what: str = "checkpoint") -> Any:
     can be unusable is a CheckpointError naming the file: not a torch.save file at all (a download
     that saved an HTML error page), pickled code or other objects (refused, never run), truncated or
     corrupt. torch's unpickler raises whatever its parser meets (KeyError, IndexError...) on junk."""
+    _check_readable(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if _is_safetensors(head):  # our weights renamed (.pth, .bin): torch.load cannot read them

@@ -887,6 +887,41 @@ def test_resuming_another_runs_checkpoint_starts_a_run_of_its_own_in_mlflow(tmp_
     assert Trainer(c.cfg, c).fit(resume=str(source)).run_id is None
 
 
+def test_a_run_folder_copied_under_another_name_resumes_as_a_run_of_its_own_in_mlflow(tmp_path, capsys):
+    """`cp -r runs/a runs/b` and `--resume auto` as run b continued a's MLflow run: b's metrics and
+    weights were logged into a's. The checkpoint's run name differs from this config's: a new run,
+    tagged with where it came from, as --resume PATH of another run's checkpoint is."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import TrackingConfig
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = TrackingConfig(uri=store, experiment="copies")
+    a = ToyStage(make_cfg(tmp_path).model_copy(update={"tracking": tracking}))
+    ra = Trainer(a.cfg, a).fit()
+    shutil.copytree(tmp_path / "toy", tmp_path / "copy")
+    b = ToyStage(make_cfg(tmp_path, epochs=3).model_copy(update={"tracking": tracking, "name": "copy"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the changed settings: name, train.epochs
+        rb = Trainer(b.cfg, b).fit(resume="auto")
+    source = tmp_path / "copy/checkpoints/step-00000010"
+    assert rb.step == 15 and rb.run_id != ra.run_id
+    assert f"continuing {source} (run 'toy''s checkpoint) as the new run 'copy'" in capsys.readouterr().err
+    client = MlflowClient(store)
+    tags = client.get_run(rb.run_id).data.tags
+    assert (tags["resumed_from"], tags["resumed_from_run"]) == (str(source), ra.run_id)
+    assert [m.step for m in client.get_metric_history(ra.run_id, "val/toy/err")] == [5, 10]  # a's alone
+    assert [m.step for m in client.get_metric_history(rb.run_id, "val/toy/err")] == [15]
+    # the copy's next resume is its own run again
+    c = ToyStage(make_cfg(tmp_path, epochs=4).model_copy(update={"tracking": tracking, "name": "copy"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rc = Trainer(c.cfg, c).fit(resume="auto")
+    assert rc.step == 20 and rc.run_id == rb.run_id
+
+
 def test_resuming_an_earlier_checkpoint_of_the_run_moves_the_later_ones_aside(tmp_path, capsys):
     """--resume of an earlier checkpoint of the same run (going back to step 6 of 10 with another LR)
     retrained steps 7-10 but kept the old step-9/step-10 (a step saved already is not written again),

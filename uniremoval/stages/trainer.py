@@ -1197,14 +1197,18 @@ class Trainer:
         self._counts = {k: float(v[1]) if main else 0.0 for k, v in window.items()}
         self.best_value = state.get("best_value")
         self.run_id = state.get("mlflow_run_id")
-        if path.resolve().parent != self.ckpt_root.resolve():
-            # Another run's checkpoint continued in this folder: a run of its own in MLflow (tagged
-            # resumed_from), or the other run's metrics and logged weights would be overwritten.
+        here = path.resolve().parent == self.ckpt_root.resolve()
+        saved_name = json.loads(state["config"]).get("name") if "config" in state else None
+        if not here or (saved_name is not None and saved_name != self.cfg.name):
+            # Another run's checkpoint continued in this folder (given by path, or in a run folder
+            # copied under another name): a run of its own in MLflow (tagged resumed_from), or the
+            # other run's metrics and logged weights would be overwritten.
             self.resumed_from_other_run = (path, self.run_id)
             self.run_id = None
             self.best_value = None  # this run's best is its own: the first validation writes best.*
-            self._print(f"continuing {path} (another run's checkpoint) as the new run {self.cfg.name!r}")
-        else:
+            whose = "another run's checkpoint" if not here else f"run {saved_name!r}'s checkpoint"
+            self._print(f"continuing {path} ({whose}) as the new run {self.cfg.name!r}")
+        if here:
             self._supersede_later_checkpoints(path)
         self.stage.load_state_dict(state.get("stage_state") or {}, same_mlflow_run=self.run_id is not None)
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"

@@ -311,6 +311,13 @@ def test_a_store_that_does_not_exist_is_named_not_created(tmp_path, capsys, monk
         err = capsys.readouterr().err
         assert err.startswith("error: no MLflow store at ") and "--tracking-uri" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+    # an empty file (`touch mlflow.db`, or a store a full disk truncated) was made into a new store
+    empty = tmp_path / "mlflow.db"
+    empty.touch()
+    assert main(["report", "--experiment", "x"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: no MLflow store at {empty} (it is an empty file: nothing was "
+                                              "logged there; left as it is)")
+    assert empty.stat().st_size == 0 and list(tmp_path.iterdir()) == [empty]
 
 
 def test_images_zero_means_no_grids_and_negative_is_refused(store, tmp_path, capsys):

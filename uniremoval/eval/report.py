@@ -89,9 +89,12 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     from uniremoval.tracking import mlflow_client, resolve_uri, sqlite_path
 
     store = sqlite_path(resolve_uri(tracking_uri))
-    if store is not None and not store.exists():  # MLflow would create an empty store to read it
+    # MLflow would create a store to read it (also in an empty file: a store's file a full disk
+    # truncated, or a `touch`): the report only reads.
+    if store is not None and (not store.exists() or (store.is_file() and store.stat().st_size == 0)):
+        state = "is an empty file" if store.exists() else "does not exist"
         raise UniremovalError(
-            f"no MLflow store at {store} (nothing was logged there); point --tracking-uri (or "
+            f"no MLflow store at {store} (it {state}: nothing was logged there; left as it is); point --tracking-uri (or "
             "$MLFLOW_TRACKING_URI) at the store that holds the eval runs, or run the report where they were logged"
         )
     client = mlflow_client(tracking_uri)

@@ -473,6 +473,35 @@ def test_verify_lists_problems(tmp_path: Path, capsys) -> None:
         "x.tar:k: json is a list, not an object"]
 
 
+def test_verify_compares_each_shards_degradation_domain_and_split_counts(tmp_path: Path, capsys) -> None:
+    """Every sample's json saying another degradation than the manifest (checksums made to agree)
+    passed verify: only totals were compared. Training refuses such a shard hours in; verify names it."""
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "out"
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    assert verify_shards(out) == []
+    shard = out / "its-000002.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for m, data in members:
+            if m.name.endswith(".json"):
+                data = json.dumps({**json.loads(data), "degradation": "rain", "split": "val"}).encode()
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["shards"][2]
+    entry["sha256"], entry["bytes"] = sha256_file(shard), shard.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    n = entry["samples"]
+    assert verify_shards(out) == [
+        f"its-000002.tar: degradation counts: rain {n} in its samples' json, haze {n} in the manifest",
+        f"its-000002.tar: split counts: val {n} in its samples' json, train {n} in the manifest",
+    ]
+    assert run_cli("verify", str(out)) == 1
+    assert "its-000002.tar: degradation counts: rain" in capsys.readouterr().err
+
+
 def test_verify_takes_no_progress_as_build_does(tmp_path: Path, capsys) -> None:
     """`shards verify` always drew its progress bar on stderr; --no-progress (as build and synth take
     it) leaves stderr empty for a log."""

@@ -321,6 +321,7 @@ def _verify_one(directory: str, entry: dict, cell: int | None = None) -> tuple[l
     if "sha256" in entry and sha256_file(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest (corrupt or replaced)")
     keys: list[str] = []
+    groups: dict[str, Counter] = {g: Counter() for g in COUNT_GROUPS}
     if size == 0:
         problems.append(f"{name}: empty file (0 bytes), not a tar")
     else:
@@ -330,12 +331,26 @@ def _verify_one(directory: str, entry: dict, cell: int | None = None) -> tuple[l
         try:
             for key, fields in iter_tar_samples(path):
                 keys.append(key)
-                problems += _verify_sample(name, key, fields, cell)
+                problems += _verify_sample(name, key, fields, cell, groups)
         except (tarfile.TarError, OSError, EOFError) as exc:
             problems.append(f"{name}: unreadable tar after {len(keys)} samples ({exc})")
     if "samples" in entry and len(keys) != entry["samples"]:
         problems.append(f"{name}: {len(keys)} samples, manifest says {entry['samples']}")
+    listed = entry.get("counts") if isinstance(entry.get("counts"), dict) else {}
+    for group in COUNT_GROUPS:
+        # Training reads a sample's degradation from its json and refuses a mismatch with its source
+        # (eval scores it under the manifest's): a count that disagrees is found here, not hours in.
+        if isinstance(listed.get(group), dict) and dict(groups[group]) != listed[group]:
+            problems.append(f"{name}: {group} counts: {_counts_text(groups[group])} in its samples' json, "
+                            f"{_counts_text(listed[group])} in the manifest")
     return problems, keys
+
+
+COUNT_GROUPS = ("degradation", "domain", "split")  # what a manifest counts per shard and in all
+
+
+def _counts_text(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
 def tar_end_problem(path: Path, size: int) -> str | None:
@@ -351,7 +366,9 @@ def tar_end_problem(path: Path, size: int) -> str | None:
     return None
 
 
-def _verify_sample(shard: str, key: str, fields: dict[str, bytes], cell: int | None = None) -> list[str]:
+def _verify_sample(shard: str, key: str, fields: dict[str, bytes], cell: int | None = None,
+                   groups: dict[str, Counter] | None = None) -> list[str]:
+    """The sample's problems; its json's degradation, domain and split are counted into `groups`."""
     from uniremoval.data.transforms import meta_orientation, upright_size
 
     where = f"{shard}:{key}"
@@ -370,6 +387,8 @@ def _verify_sample(shard: str, key: str, fields: dict[str, bytes], cell: int | N
         for k in ("degradation", "domain", "source", "split", "height", "width"):
             if k not in meta:
                 problems.append(f"{where}: json lacks {k!r}")
+            elif groups is not None and k in groups:
+                groups[k][str(meta[k])] += 1
     if inp is None:
         return problems + [f"{where}: no input.<ext>"]
     try:

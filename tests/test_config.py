@@ -139,6 +139,8 @@ def test_out_of_range_in_list_item(kt_file):
 def test_missing_file(tmp_path):
     msg = message(tmp_path / "nope.yaml")
     assert "config file not found" in msg and "nope.yaml" in msg
+    # a folder is not "not found" (`config show configs/`)
+    assert message(tmp_path) == f"config {tmp_path} is a folder; give a YAML file (e.g. {tmp_path / 'kt.yaml'})"
 
 
 def test_missing_base_file(tmp_path):

@@ -92,6 +92,33 @@ def test_clean_refuses_a_folder_it_did_not_create(tmp_path: Path) -> None:
     assert not mine.exists()
 
 
+def test_a_workdir_that_is_a_file_and_a_bad_plan_key_are_named(tmp_path: Path) -> None:
+    """--workdir naming a file said 'File exists' (run) or 'Not a directory' (--clean); an unknown key in a
+    --config-dir's demo.yaml printed pydantic's raw text. Each is one line naming the path or key."""
+    import shutil
+
+    from uniremoval.errors import ConfigError
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for workdir in (afile, afile / "sub"):
+        with pytest.raises(UniremovalError) as caught:
+            Demo(workdir, quick=True, log=lambda _m: None).run()
+        assert str(caught.value) == (f"--workdir {workdir}: {afile} is a file, not a folder; give a new or empty "
+                                     "folder, e.g. --workdir demo_workspace")
+    with pytest.raises(UniremovalError, match=r"--clean: --workdir .*afile is a file, not a folder the demo created"):
+        clean_workdir(afile)
+    assert afile.read_text() == "mine"
+    cdir = tmp_path / "configs"
+    shutil.copytree(default_config_dir(), cdir)
+    with open(cdir / "demo.yaml", "a") as f:
+        f.write("bogus: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_plan(cdir, quick=False)
+    assert str(caught.value) == (f"invalid config:\n  {cdir / 'demo.yaml'}: unknown key 'bogus'; allowed keys here: "
+                                 "degradations, eval, images, overrides, project, stages, synth")
+
+
 def test_commands_are_printed_and_their_output_kept_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """With the default logger (print) each step shows its `$ uniremoval ...` line on the console, and a
     captured command output (the eval summary, the report text) holds nothing of the demo's own log."""

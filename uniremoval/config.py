@@ -577,6 +577,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder; give a YAML file (e.g. {path / 'kt.yaml'})")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -732,9 +734,15 @@ def _source_of(key: str, origin: dict[str, Path], overrides: dict[str, str], pat
     return str(origin[below[-1]]) if below else str(path)
 
 
+def file_errors(exc: ValidationError, model: type[BaseModel], path: Path) -> str:
+    """A validation error of one YAML file read as `model` (not a stage config: the demo's plan), in the
+    stage configs' words: one line per key, unknown keys with the keys allowed there."""
+    return _format_errors(exc, None, {}, {}, path, model)
+
+
 def _format_errors(exc: ValidationError, stage: str | None, origin: dict[str, Path], overrides: dict[str, str],
-                   path: Path) -> str:
-    model = _STAGE_MODELS.get(stage or "")
+                   path: Path, model: type[BaseModel] | None = None) -> str:
+    model = model or _STAGE_MODELS.get(stage or "")
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])

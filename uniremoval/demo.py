@@ -104,8 +104,10 @@ def load_plan(config_dir: Path, quick: bool) -> DemoPlan:
         raw = deep_merge(raw, quick_part)
     try:
         return DemoPlan.model_validate(raw)
-    except ValidationError as exc:  # pydantic's message names the key
-        raise ConfigError(f"{path}: {exc}") from None
+    except ValidationError as exc:
+        from uniremoval.config import file_errors
+
+        raise ConfigError(file_errors(exc, DemoPlan, path)) from None
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -306,6 +308,10 @@ class Demo:
     def run(self) -> DemoResult:
         # The demo replaces and deletes files of its own under the work directory (images/, configs/,
         # report.md ...) and --clean deletes the folder: only a new or empty folder becomes its own.
+        for folder in (self.workdir, *self.workdir.parents):
+            if folder.exists() and not folder.is_dir():
+                raise UniremovalError(f"--workdir {self.workdir}: {folder} is a file, not a folder; give a new or "
+                                      "empty folder, e.g. --workdir demo_workspace")
         if self.workdir.is_dir() and not (self.workdir / MARKER).is_file() and any(self.workdir.iterdir()):
             raise UniremovalError(f"--workdir {self.workdir} holds files that `uniremoval demo` did not create (no "
                                   f"{MARKER} file); give a new or empty folder, e.g. --workdir demo_workspace")
@@ -691,6 +697,9 @@ def clean_workdir(workdir: Path) -> None:
     """Delete a previous demo's work directory; refuse anything the demo did not create."""
     if not workdir.exists():
         return
+    if not workdir.is_dir():
+        raise UniremovalError(f"--clean: --workdir {workdir} is a file, not a folder the demo created; refusing to "
+                              "delete it. Choose another --workdir")
     if not (workdir / MARKER).is_file() and any(workdir.iterdir()):
         raise UniremovalError(f"--clean: {workdir} was not created by `uniremoval demo` (no {MARKER} file); "
                               f"refusing to delete it. Remove it yourself or choose another --workdir")

@@ -922,6 +922,34 @@ def test_a_run_folder_copied_under_another_name_resumes_as_a_run_of_its_own_in_m
     assert rc.step == 20 and rc.run_id == rb.run_id
 
 
+def test_resume_auto_on_a_newest_checkpoint_with_a_file_missing_names_the_one_before(tmp_path):
+    """--resume auto on a newest checkpoint without state.pt said "give a checkpoints/step-* folder of a
+    run, or --resume auto" (what was given); without its weights it gave no advice."""
+    from uniremoval.errors import CheckpointError
+
+    a = ToyStage(make_cfg(tmp_path))
+    Trainer(a.cfg, a).fit()
+    ckpts = tmp_path / "toy" / "checkpoints"
+    newest, before = ckpts / "step-00000010", ckpts / "step-00000009"
+    assert sorted(p.name for p in ckpts.iterdir()) == [before.name, newest.name]
+    (newest / "state.pt").rename(tmp_path / "state.pt")
+    b = ToyStage(make_cfg(tmp_path, epochs=3))
+    with pytest.raises(CheckpointError) as caught:
+        Trainer(b.cfg, b).fit(resume="auto")
+    assert str(caught.value) == (
+        f"resume checkpoint {newest} has no state.pt; it is the newest checkpoint of {ckpts}, copied in part or "
+        f"edited (the trainer writes each one whole): resume the one before it with --resume {before}, or restore "
+        "the file")
+    (tmp_path / "state.pt").rename(newest / "state.pt")
+    (newest / "net.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=rf"{newest} lacks net\.safetensors; it is the newest checkpoint .* "
+                                              rf"--resume {before}, or restore the file$"):
+        Trainer(b.cfg, b).fit(resume="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # train.epochs changed
+        assert Trainer(b.cfg, b).fit(resume=str(before)).step == 15  # the advice works
+
+
 def test_resuming_an_earlier_checkpoint_of_the_run_moves_the_later_ones_aside(tmp_path, capsys):
     """--resume of an earlier checkpoint of the same run (going back to step 6 of 10 with another LR)
     retrained steps 7-10 but kept the old step-9/step-10 (a step saved already is not written again),

@@ -1129,6 +1129,19 @@ class Trainer:
                                   f"from; give this run another output_dir or name, or move those files away "
                                   f"(or delete the folder) to start over")
 
+    def _resume_hint(self, path: Path, resume: str) -> str:
+        """What to do about a checkpoint folder with a file missing (the trainer writes each one whole,
+        so a folder copied in part, or edited)."""
+        if resume != "auto":
+            return "give a checkpoints/step-* folder of a run, or --resume auto"
+        earlier = [p for p in list_checkpoints(self.ckpt_root) if p != path]
+        if earlier:
+            return (f"it is the newest checkpoint of {self.ckpt_root}, copied in part or edited (the trainer writes "
+                    f"each one whole): resume the one before it with --resume {earlier[-1]}, or restore the file")
+        return (f"it is the only checkpoint of {self.ckpt_root}, copied in part or edited (the trainer writes each "
+                "one whole): restore the file, or start a new run (another name) from its weights with "
+                f"model.init={path}/{self.stage.trainable[0]}.safetensors if they are there")
+
     def latest_checkpoint(self) -> Path | None:
         found = list_checkpoints(self.ckpt_root)
         return found[-1] if found else None
@@ -1152,8 +1165,7 @@ class Trainer:
             raise CheckpointError(f"resume checkpoint {path} does not exist; give a checkpoints/step-* folder "
                                   f"of a run, or --resume auto")
         if not (path / "state.pt").is_file():
-            raise CheckpointError(f"resume checkpoint {path} has no state.pt; give a checkpoints/step-* folder "
-                                  f"of a run, or --resume auto")
+            raise CheckpointError(f"resume checkpoint {path} has no state.pt; {self._resume_hint(path, resume)}")
         from safetensors.torch import load_file
 
         state = read_resume_file(path / "state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
@@ -1173,7 +1185,7 @@ class Trainer:
         for name in self.stage.trainable:
             weights = path / f"{name}.safetensors"
             if not weights.is_file():
-                raise CheckpointError(f"resume checkpoint {path} lacks {weights.name}")
+                raise CheckpointError(f"resume checkpoint {path} lacks {weights.name}; {self._resume_hint(path, resume)}")
             if self.deepspeed:
                 continue  # weights and sharded optimiser state come back through load_state below
             load_weights_into(self.accelerator.unwrap_model(self.models[name]),

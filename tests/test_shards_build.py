@@ -502,6 +502,44 @@ def test_verify_compares_each_shards_degradation_domain_and_split_counts(tmp_pat
     assert "its-000002.tar: degradation counts: rain" in capsys.readouterr().err
 
 
+def test_a_shard_that_cannot_be_read_is_not_called_damaged(tmp_path: Path, capsys, monkeypatch) -> None:
+    """inspect advised rebuilding a shard the user may not read ("damaged shards are rebuilt") and verify
+    stopped with a bare "Permission denied". (Opening is refused by a stand-in: chmod does not stop root.)"""
+    import builtins
+    import errno
+    import os
+
+    from uniremoval.data import manifest as manifest_mod
+
+    tree = big_its(tmp_path / "its")
+    out = tmp_path / "out"
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    locked = out / "its-000001.tar"
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(locked))
+    real_open, real_iter = builtins.open, manifest_mod.iter_tar_samples
+
+    def guarded_open(file, *a, **kw):
+        if Path(str(file)) == locked:
+            raise denied
+        return real_open(file, *a, **kw)
+
+    def guarded_iter(path, *a, **kw):
+        if Path(path) == locked:
+            raise denied
+        return real_iter(path, *a, **kw)
+
+    monkeypatch.setattr(manifest_mod, "open", guarded_open, raising=False)
+    monkeypatch.setattr(manifest_mod, "iter_tar_samples", guarded_iter)
+    why = "cannot be read (Permission denied); give the user running this read access to it"
+    assert verify_shards(out) == [f"its-000001.tar: {why}"]
+    assert run_cli("verify", str(out)) == 1
+    assert f"its-000001.tar: {why}" in capsys.readouterr().err
+    for target in (out, locked):
+        with pytest.raises(DataError) as caught:
+            run_cli("inspect", str(target))
+        assert str(caught.value) == f"shard {locked} {why}"
+
+
 def test_verify_takes_no_progress_as_build_does(tmp_path: Path, capsys) -> None:
     """`shards verify` always drew its progress bar on stderr; --no-progress (as build and synth take
     it) leaves stderr empty for a log."""

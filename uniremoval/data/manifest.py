@@ -306,14 +306,21 @@ def sample_fields(fields: dict[str, bytes]) -> tuple[str | None, str | None]:
 # verify
 
 
-def _verify_one(directory: str, entry: dict, cell: int | None = None) -> tuple[list[str], list[str]]:
+def _verify_one(directory: str, entry: dict, cell: int | None = None) -> tuple[list[str], list[str] | None]:
     """Check one shard against its manifest entry (a lone tar's entry has only its name: no size,
-    checksum or count to compare); returns (problems, keys). `cell`: a teacher cache's feature cell
-    (its manifest's), which each cached feature grid must match."""
+    checksum or count to compare); returns (problems, keys), keys None for a shard that cannot be
+    opened. `cell`: a teacher cache's feature cell (its manifest's), which each cached feature grid
+    must match."""
     path = Path(directory) / entry["name"]
     name = entry["name"]
     if not path.is_file():
         return [f"{name}: missing"], []
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError as exc:
+        # keys None: not read at all (its manifest count is not then a second problem)
+        return [f"{name}: cannot be read ({exc.strerror}); give the user running this read access to it"], None
     problems = []
     size = path.stat().st_size
     if "bytes" in entry and size != entry["bytes"]:
@@ -452,6 +459,8 @@ def verify_tar(path: str | os.PathLike) -> tuple[list[str], int, bool]:
     path = Path(path)
     entry = _entry_beside(path)
     problems, keys = _verify_one(str(path.parent), entry or {"name": path.name}, _cache_cell(path.parent))
+    if keys is None:
+        return problems, 0, entry is not None
     if not keys and not problems:
         problems.append(f"{path.name}: holds no samples")
     seen: set[str] = set()
@@ -542,6 +551,9 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
     total = 0
     for entry, (probs, keys) in zip(entries, results):
         problems += probs
+        if keys is None:  # not read: its listed count stands in for the total check
+            total += entry.get("samples", 0)
+            continue
         total += len(keys)
         for key in keys:
             if key in seen:
@@ -578,6 +590,10 @@ def _damaged(path: Path, why: str, directory: Path | None) -> DataError:
     return DataError(f"shard {path} {why}; {fix}")
 
 
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    return DataError(f"shard {path} cannot be read ({exc.strerror}); give the user running this read access to it")
+
+
 def _sample_metas(path: Path, directory: Path | None) -> Iterator[tuple[dict, dict[str, bytes]]]:
     """(json metadata, fields) of each sample of one tar; DataError naming the tar when it is unreadable."""
     n = 0
@@ -592,6 +608,8 @@ def _sample_metas(path: Path, directory: Path | None) -> Iterator[tuple[dict, di
                 raise _damaged(path, f"has unreadable json in sample {key!r} ({exc})", directory) from exc
             n += 1
             yield meta, fields
+    except PermissionError as exc:  # not damaged: rebuilding it is not the fix
+        raise _unreadable(path, exc) from exc
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise _damaged(path, f"is not a readable tar after {n} sample(s) ({exc})", directory) from exc
 
@@ -604,7 +622,10 @@ def inspect_shards(directory: str | os.PathLike) -> dict:
         size = path.stat().st_size
         if size == 0:
             raise _damaged(path, "is an empty file (0 bytes), not a tar: it was cut short", None)
-        cut = tar_end_problem(path, size)
+        try:
+            cut = tar_end_problem(path, size)
+        except PermissionError as exc:
+            raise _unreadable(path, exc) from exc
         if cut:
             raise _damaged(path, f"is {cut}", None)
         entry = _entry_beside(path)

@@ -140,3 +140,16 @@ def test_resume_path_without_state(tmp_path, capsys, monkeypatch):
     assert code == 2, err
     assert f"resume checkpoint {tmp_path / 'notackpt'} has no state.pt" in err
     assert not list((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_resume_path_that_does_not_exist_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    """--resume naming a path that is not there left an empty run folder holding a lock behind."""
+    monkeypatch.chdir(tmp_path)
+    from ._faults import write_shards
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 1, 2)
+    path = _cfg(tmp_path)
+    code, err = _run(capsys, ["train", "teacher", "--config", str(path), "--resume", str(tmp_path / "typo")])
+    assert code == 2, err
+    assert f"error: resume checkpoint {tmp_path / 'typo'} does not exist" in err
+    assert not (tmp_path / "out").exists()

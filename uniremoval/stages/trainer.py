@@ -1148,6 +1148,17 @@ class Trainer:
 
     def load(self, resume: str | None) -> None:
         resume = resume if resume is not None else self.cfg.checkpoint.resume
+        if resume and resume != "auto":
+            # A checkpoint named that is not there stops the run before its folder is made (a typo left
+            # an empty run folder holding a lock), and on every rank alike (one node alone missing it
+            # must not stop while the others wait in a collective).
+            seen = str(resume) if Path(resume).exists() else None
+            same_on_every_rank(self.accelerator.num_processes, seen, "resume checkpoints",
+                               "every process must see the same run folder (a shared file system)",
+                               lambda a, b: f"{a or 'none'} on rank 0, {b or 'none'} on the other")
+            if seen is None:
+                raise CheckpointError(f"resume checkpoint {resume} does not exist; give a checkpoints/step-* folder "
+                                      f"of a run, or --resume auto")
         self._check_run_dir(fresh=not resume)
         if not resume:
             return

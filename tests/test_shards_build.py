@@ -415,6 +415,20 @@ def test_workers_below_one_are_refused_by_the_parser(tmp_path: Path, command: st
     assert "--workers: must be a whole number >= 1 (processes), got '-1'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("split", ["a/b", "", "train test", "../x"])
+def test_a_split_that_is_not_a_plain_name_is_refused_by_the_parser(tmp_path: Path, split: str, capsys) -> None:
+    """--name and --degradation were checked, --split (recorded in every sample and counted in the
+    manifest) took anything."""
+    tree = Tree(tmp_path / "f")
+    tree.image("a.png", 8, 8)
+    with pytest.raises(SystemExit) as stop:
+        run_cli("build", "--format", "folder", "--root", str(tree.root), "--degradation", "haze",
+                "--out", str(tmp_path / "o"), "--split", split)
+    assert stop.value.code == 2
+    assert f"--split: {split!r}: a split is letters, digits, '_' and '-'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("size", ["nan", "inf", "0", "-3", "big"])
 def test_a_shard_size_that_is_not_a_positive_number_is_refused_by_the_parser(tmp_path: Path, size: str,
                                                                              capsys) -> None:

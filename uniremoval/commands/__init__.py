@@ -47,6 +47,16 @@ def degradation_type(text: str) -> str:
     return text
 
 
+def split_name(text: str) -> str:
+    """An argparse type: a split name as the samples' json and the manifests' counts record it (and
+    eval's --split selects it): letters, digits, '_' and '-', as --name."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a split is letters, digits, '_' and '-' (e.g. train, test, val)")
+    return text
+
+
 def add_overrides(p, text: str = "dotted config overrides, e.g. optim.lr=1e-4 (before or after the options)") -> None:
     """Dotted key=value overrides, positional as in `config show`, or `--set KEY=VALUE` as `eval` spells them."""
     p.add_argument("overrides", nargs="*", metavar="key=value", help=text)

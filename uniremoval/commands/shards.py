@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from uniremoval.commands import degradation_type, positive_number, whole_number
+from uniremoval.commands import degradation_type, positive_number, split_name, whole_number
 from uniremoval.errors import UniremovalError
 
 FORMATS = (
@@ -48,7 +48,7 @@ def _add_writer_options(p: argparse.ArgumentParser) -> None:
         "or synth-<degradation>)",
     )
     p.add_argument(
-        "--split", help="split recorded in each sample (for layouts with split folders: which one; "
+        "--split", type=split_name, help="split recorded in each sample (for layouts with split folders: which one; "
         "default: each split the layout has, or its own, see shards/README.md; synth: train)"
     )
     p.add_argument("--shard-size-mb", type=positive_number("MB"), default=256.0,

@@ -492,6 +492,13 @@ def test_folder_eval_on_real_users_files(tmp_path, capsys):
         run_eval(EvalOptions("none", str(root), metrics=["psnr"], mlflow=False, device="cpu"))
     # No-reference metrics read no targets: the tags do not matter there.
     assert len(run_eval(EvalOptions("none", str(root), metrics=["piqe"], mlflow=False, device="cpu")).images) == 5
+    # A pair of two sizes is named with both sizes and what to do (it gave two tensor shapes alone).
+    Image.fromarray(np.ascontiguousarray(np.rot90(clean, 1))).save(root / "target" / "phone.png", exif=_exif(6))
+    Image.fromarray(clean[:, :30]).save(root / "target" / "grey.png")
+    with pytest.raises(UniremovalError, match=r"target/grey\.png: the target is 30x24 but its input .*input/grey\.png "
+                                              r"is 32x24 \(width x height\): a pair must be aligned pixel for pixel; "
+                                              r"crop or resize one to the other, or leave the pair out$"):
+        run_eval(EvalOptions("none", str(root), metrics=["psnr"], mlflow=False, device="cpu"))
     (root / "input" / "zero.png").write_bytes(b"")
     with pytest.raises(UniremovalError, match=r"input/zero\.png: empty file \(0 bytes\)$"):
         run_eval(EvalOptions("none", str(root), metrics=["piqe"], mlflow=False, device="cpu"))

@@ -260,7 +260,10 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool,
                     "or as stored; save both upright without the tag (e.g. PIL's ImageOps.exif_transpose)"
                 )
         if target is not None and target.shape != image.shape:
-            raise DataError(f"{tgt}: target is {tuple(target.shape)} but input {inp} is {tuple(image.shape)}")
+            (_, th, tw), (_, ih, iw) = target.shape, image.shape
+            raise DataError(f"{tgt}: the target is {tw}x{th} but its input {inp} is {iw}x{ih} (width x height): "
+                            "a pair must be aligned pixel for pixel; crop or resize one to the other, or leave "
+                            "the pair out")
         yield Item(name, image, target, icc_profile=rgb_icc_profile(inp))
 
 

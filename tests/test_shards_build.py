@@ -415,35 +415,45 @@ def test_workers_below_one_are_refused_by_the_parser(tmp_path: Path, command: st
     assert "--workers: must be a whole number >= 1 (processes), got '-1'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("split", ["a/b", "", "train test", "../x"])
-def test_a_split_that_is_not_a_plain_name_is_refused_by_the_parser(tmp_path: Path, split: str, capsys) -> None:
-    """--name and --degradation were checked, --split (recorded in every sample and counted in the
-    manifest) took anything."""
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    *[("--shard-size-mb", v, f"must be a finite number > 0 (MB), got '{v}'") for v in ("nan", "inf", "0", "-3", "big")],
+    # --name and --degradation were checked, --split (recorded in every sample and counted in the
+    # manifest) took anything
+    *[("--split", v, f"{v!r}: a split is letters, digits, '_' and '-'") for v in ("a/b", "", "train test", "../x")],
+])
+def test_a_bad_build_option_is_refused_by_the_parser(tmp_path: Path, flag: str, value: str, message: str,
+                                                     capsys) -> None:
     tree = Tree(tmp_path / "f")
     tree.image("a.png", 8, 8)
     with pytest.raises(SystemExit) as stop:
         run_cli("build", "--format", "folder", "--root", str(tree.root), "--degradation", "haze",
-                "--out", str(tmp_path / "o"), "--split", split)
+                "--out", str(tmp_path / "o"), flag, value)
     assert stop.value.code == 2
-    assert f"--split: {split!r}: a split is letters, digits, '_' and '-'" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("size", ["nan", "inf", "0", "-3", "big"])
-def test_a_shard_size_that_is_not_a_positive_number_is_refused_by_the_parser(tmp_path: Path, size: str,
-                                                                             capsys) -> None:
-    tree = Tree(tmp_path / "f")
-    tree.image("a.png", 8, 8)
-    with pytest.raises(SystemExit) as stop:
-        run_cli("build", "--format", "folder", "--root", str(tree.root), "--degradation", "haze",
-                "--out", str(tmp_path / "o"), "--shard-size-mb", size)
-    assert stop.value.code == 2
-    assert f"--shard-size-mb: must be a finite number > 0 (MB), got '{size}'" in capsys.readouterr().err
+    assert f"{flag}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------
 # verify and the manifest API
+
+
+def _rewrite_shard(out: Path, index: int, change) -> dict:
+    """Rewrite shard `index` of the folder `out` with each member's bytes passed through
+    `change(name, data)`, and its manifest entry's size and sha256 made to agree (so that only the
+    checks of the samples themselves can catch the change); returns the entry."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["shards"][index]
+    shard = out / entry["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for m, data in members:
+            data = change(m.name, data)
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    entry["sha256"], entry["bytes"] = sha256_file(shard), shard.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return entry
 
 
 def test_verify_lists_problems(tmp_path: Path, capsys) -> None:
@@ -454,20 +464,16 @@ def test_verify_lists_problems(tmp_path: Path, capsys) -> None:
     # so that only the sample check can catch it; corrupt shard 3's bytes; add an unlisted tar.
     buf = io.BytesIO()
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(buf, "PNG")
-    bad = out / "its-000001.tar"
-    with tarfile.open(bad) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    assert members[1][0].name.endswith(".target.png")  # members: input, target, json per sample
-    with tarfile.open(bad, "w", format=tarfile.GNU_FORMAT) as tar:
-        for i, (m, data) in enumerate(members):
-            if i == 1:
-                data = buf.getvalue()
-                m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-    manifest = json.loads((out / "manifest.json").read_text())
-    entry = manifest["shards"][1]
-    entry["sha256"], entry["bytes"] = sha256_file(bad), bad.stat().st_size
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    first_target = []
+
+    def small_first_target(name: str, data: bytes) -> bytes:
+        if name.endswith(".target.png") and not first_target:  # members: input, target, json per sample
+            first_target.append(name)
+            return buf.getvalue()
+        return data
+
+    _rewrite_shard(out, 1, small_first_target)
+    assert first_target
     data = bytearray((out / "its-000003.tar").read_bytes())
     data[700] ^= 0xFF
     (out / "its-000003.tar").write_bytes(bytes(data))
@@ -494,19 +500,8 @@ def test_verify_compares_each_shards_degradation_domain_and_split_counts(tmp_pat
     out = tmp_path / "out"
     build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
     assert verify_shards(out) == []
-    shard = out / "its-000002.tar"
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
-        for m, data in members:
-            if m.name.endswith(".json"):
-                data = json.dumps({**json.loads(data), "degradation": "rain", "split": "val"}).encode()
-                m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-    manifest = json.loads((out / "manifest.json").read_text())
-    entry = manifest["shards"][2]
-    entry["sha256"], entry["bytes"] = sha256_file(shard), shard.stat().st_size
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    entry = _rewrite_shard(out, 2, lambda name, data: json.dumps(
+        {**json.loads(data), "degradation": "rain", "split": "val"}).encode() if name.endswith(".json") else data)
     n = entry["samples"]
     assert verify_shards(out) == [
         f"its-000002.tar: degradation counts: rain {n} in its samples' json, haze {n} in the manifest",

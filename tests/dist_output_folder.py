@@ -5,7 +5,8 @@ output_dir) in a working folder under BASE:
 - shared: both in BASE/shared, as on a shared file system (it trains);
 - marker_full / lock_full: both in one folder, and rank 0's disk is full (ENOSPC) when it writes the
   marker the other ranks look for / when it takes the folder's lock.
-Then `eval --degradation rain` of SHARDS (haze): an error every rank's listing holds alike.
+Then a resume of a checkpoint only rank 0 sees, and `eval --degradation rain` of SHARDS (haze): an
+error every rank's listing holds alike.
 OUT/rank<R>.json records each exit status."""
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ for case, folder in (("blind", base / f"node{rank}"), ("shared", base / "shared"
         uniremoval.io.folder_lock = full if case == "lock_full" else folder_lock
     codes[case] = main(["train", "teacher", "--config", cfg])
 Path.write_text, uniremoval.io.folder_lock = write_text, folder_lock
+# A --resume checkpoint only rank 0 sees (the relative `ckpt` is a link in rank 0's folder alone), the
+# run folder shared: the path is refused on both ranks before the run folder is made.
+os.chdir(base / f"node{rank}")
+if rank == 0:
+    Path("ckpt").symlink_to(next((base / "shared" / "outputs" / "teacher-haze" / "checkpoints").glob("step-*")))
+codes["resume_one_node"] = main(["train", "teacher", "--config", cfg, f"output_dir={base / 'resume_one_node'}",
+                                 "--resume", "ckpt"])
 codes["eval_wrong_type"] = main(["eval", "--checkpoint", "none", "--data", shards, "--degradation", "rain",
                                  "--metrics", "psnr", "--no-mlflow", "--device", "cpu"])
 (out / f"rank{rank}.json").write_text(json.dumps(codes))

@@ -38,13 +38,14 @@ def test_the_ranks_agree_on_their_output_folder_or_all_stop_at_the_start(tmp_pat
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     codes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert codes == [{"blind": 2, "shared": 0, "marker_full": 2, "lock_full": 2, "eval_wrong_type": 2}] * 2, (
-        codes, p.stderr[-3000:])
+    assert codes == [{"blind": 2, "shared": 0, "marker_full": 2, "lock_full": 2, "resume_one_node": 2,
+                      "eval_wrong_type": 2}] * 2, (codes, p.stderr[-3000:])
     # Counted in the whole text, not by line: two ranks writing one pipe may interleave their lines.
     err = p.stderr
-    assert err.count("error: ") == 8, err[-3000:]  # one line per rank for each of the four refusals
+    assert err.count("error: ") == 10, err[-3000:]  # one line per rank for each of the five refusals
     said = {"blind": "does not see outputs/teacher-haze, where rank 0 on ",
             "marker": "rank 0 cannot write in ", "lock": "rank 0 cannot take the run 'teacher-haze' in ",
+            "resume": "rank 1 and rank 0 see different resume checkpoints: ckpt on rank 0, none on the other",
             "wrong type": f"error: --degradation rain: the samples of --data {tmp_path / 'shards' / 'syn'} are ['haze']"}
     for case, text in said.items():
         assert err.count(text) == 2, (case, err[-3000:])
@@ -57,6 +58,7 @@ def test_the_ranks_agree_on_their_output_folder_or_all_stop_at_the_start(tmp_pat
     assert (outputs["shared"] / "last.safetensors").exists() and not list(outputs["shared"].glob(".rank-check-*"))
     for case in ("marker_full", "lock_full"):
         assert not list(outputs[case].glob("**/*.safetensors")), case
+    assert not (tmp_path / "w" / "resume_one_node").exists()  # refused before the run folder is made
 
 
 GLOO_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "

@@ -1172,9 +1172,6 @@ class Trainer:
             self._refuse_another_run()  # exported weights without a checkpoint are not overwritten
             self._print(f"--resume auto: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
-        if not path.exists():
-            raise CheckpointError(f"resume checkpoint {path} does not exist; give a checkpoints/step-* folder "
-                                  f"of a run, or --resume auto")
         if not (path / "state.pt").is_file():
             raise CheckpointError(f"resume checkpoint {path} has no state.pt; {self._resume_hint(path, resume)}")
         from safetensors.torch import load_file

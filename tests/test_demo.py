@@ -230,7 +230,19 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path: Path) -> None:
     for ds in ("synth_haze_test", "real_blur_test"):
         for metric in ("psnr", "ssim", "piqe"):
             assert f"eval/{ds}/{metric}" in keys
+    # Lineage: each run that reads weights names the run that trained them, and each training run the
+    # sha256 of what it exported, which the readers' hash tags repeat (a search finds both ends).
+    tags = {name: by_name[name][0].data.tags for name in by_name if len(by_name[name]) == 1}
+    ids = {name: by_name[name][0].info.run_id for name in tags}
+    for deg in ("haze", "rain", "blur"):
+        assert tags["cache"][f"teacher_run_id.{deg}"] == tags["kt"][f"teacher_run_id.{deg}"] == ids[f"teacher-{deg}"]
+        assert tags["cache"][f"teacher_sha256.{deg}"] == tags["kt"][f"teacher_sha256.{deg}"] in {
+            tags[f"teacher-{deg}"]["weights_sha256.best"], tags[f"teacher-{deg}"]["weights_sha256.last"]}
+    assert tags["da"]["init_run_id"] == ids["kt"]
+    assert tags["da"]["init_sha256"] in {tags["kt"]["weights_sha256.best"], tags["kt"]["weights_sha256.last"]}
+    assert {"weights_sha256.last", "weights_sha256.discriminator-last"} <= set(tags["da"])
     kt_eval = next(r for r in evals if r.info.run_name == "eval-synth_haze_test" and r.data.tags.get("uniremoval.label") == "kt")
+    assert kt_eval.data.tags["checkpoint_sha256"] in {tags["kt"]["weights_sha256.best"], tags["kt"]["weights_sha256.last"]}
     assert kt_eval.data.metrics["eval/synth_haze_test/psnr"] == pytest.approx(
         result.evals["synth_haze_test|kt"]["psnr"], abs=1e-6)
 

@@ -140,6 +140,18 @@ def checkpoint_sha256(path: str | Path) -> str:
     return sha256_file(resolve_weights(Path(path)))
 
 
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The MLflow run that trained a checkpoint (its JSON's `mlflow_run_id`), for the lineage tags of
+    the runs that read it; None for official weights (no JSON), an untracked run, or a file that
+    cannot be read (the stage itself reports that)."""
+    try:
+        meta = json.loads(resolve_weights(Path(path)).with_suffix(META_SUFFIX).read_text())
+    except (CheckpointError, OSError, ValueError):
+        return None
+    run_id = meta.get("mlflow_run_id") if isinstance(meta, dict) else None
+    return str(run_id) if run_id else None
+
+
 def resolve_weights(path: Path) -> Path:
     """The weights file a checkpoint path names (the file, its .json, or its base name), or the local
     copy of the weights a training run logged to MLflow (runs:/<run id>/weights/last; see

@@ -54,7 +54,7 @@ import numpy as np
 
 from uniremoval.config import CacheStage
 from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest
-from uniremoval.errors import ConfigError, DataError
+from uniremoval.errors import CheckpointError, ConfigError, DataError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
 from uniremoval.launch import SAME_FILES_FIX, agreed_listing, lock_on_main_process, same_config_on_every_rank
 
@@ -528,9 +528,19 @@ def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapp
 def _log_run(cfg: CacheStage, acc: Any, out_root: Path) -> None:
     if not acc.is_main_process:
         return
+    from uniremoval.models.checkpoint import checkpoint_run_id, checkpoint_sha256
     from uniremoval.tracking import finishing, start_run
 
-    tracker = start_run(cfg, run_name="cache", stage="cache", run_dir=out_root)
+    # Which weights made the cache, as KT's tags name its teachers: by hash, and by the run that trained them.
+    lineage: dict[str, str] = {}
+    for name, spec in cfg.teachers.checkpoints.items():
+        if not spec:
+            continue
+        with contextlib.suppress(CheckpointError, OSError):
+            lineage[f"teacher_sha256.{name}"] = checkpoint_sha256(spec)
+        if run_id := checkpoint_run_id(spec):
+            lineage[f"teacher_run_id.{name}"] = run_id
+    tracker = start_run(cfg, run_name="cache", stage="cache", run_dir=out_root, extra_tags=lineage)
     if tracker is None:
         return
     with finishing(tracker):

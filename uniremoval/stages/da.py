@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from uniremoval.config import DAStage
 from uniremoval.errors import ConfigError
-from uniremoval.stages.kt import build_phi, build_student, weights_sha256
+from uniremoval.stages.kt import build_phi, build_student, weights_run_id, weights_sha256
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
 from uniremoval.stages.trainer import Stage, TrainContext, Trainer, deepspeed_requested, skip_batches
 
@@ -292,6 +292,8 @@ class DomainAdaptation(Stage):
         init = weights_sha256(self.cfg.model.init)  # the path's file may be replaced later (a resumed KT run)
         if init:
             tags["init_sha256"] = init
+        if run_id := weights_run_id(self.cfg.model.init):  # the KT run it adapts
+            tags["init_run_id"] = run_id
         if self.cfg.loss.use_eicl:
             tags["vgg_weights"] = self.cfg.features.weights
         return tags

@@ -97,6 +97,16 @@ def weights_sha256(spec: str | None) -> str | None:
         return None
 
 
+def weights_run_id(spec: str | None) -> str | None:
+    """The MLflow run that trained the weights a checkpoint setting names, for a run's lineage tags;
+    None when unset, official weights or an untracked run."""
+    if not spec:
+        return None
+    from uniremoval.models.checkpoint import checkpoint_run_id
+
+    return checkpoint_run_id(spec)
+
+
 def build_phi(cfg: Any) -> nn.Module:
     from uniremoval.models.vgg_arch import LAYER_NAMES, VGGFeatures
 
@@ -248,6 +258,12 @@ class KnowledgeTransfer(Stage):
         init = weights_sha256(self.cfg.model.init)
         if init:
             tags["init_sha256"] = init
+        # ...and the runs that trained them, when their JSON names one (a search by run id, not by hash)
+        for name in self.degradations:
+            if run_id := weights_run_id(self.cfg.teachers.checkpoints.get(name)):
+                tags[f"teacher_run_id.{name}"] = run_id
+        if run_id := weights_run_id(self.cfg.model.init):
+            tags["init_run_id"] = run_id
         return tags
 
     def weights_identity(self) -> dict[str, str]:

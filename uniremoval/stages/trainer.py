@@ -548,6 +548,7 @@ class Trainer:
                 self._read_update_flags()  # (a log or checkpoint at the last step read them already)
                 if status == "finished":
                     self.export("last")
+                    self._tag_weights()
                     self._log_weights()
         finally:
             upcoming.close()  # a run stopped in its epoch's last steps: the next epoch's workers go too
@@ -991,6 +992,26 @@ class Trainer:
                                        f"The previous {path.name} weights, if any, are intact"):
                 self._save_weights(path, name, extra)
         self.accelerator.wait_for_everyone()
+
+    def _tag_weights(self) -> None:
+        """Tag the run with the sha256 of each exported weights file (`weights_sha256.last`, `.best`,
+        `.discriminator_last`...): the runs that read them tag the same hash (`init_sha256`,
+        `teacher_sha256.<type>`, eval's `checkpoint_sha256`), so a search by hash finds the run that
+        trained them too."""
+        if self.tracker is None:
+            return
+        from uniremoval.models.checkpoint import META_SUFFIX
+
+        tags = {}
+        for name in self.stage.trainable:
+            for which in ("last", "best"):
+                base = self.run_dir / export_name(self.stage.trainable, name, which)
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    sha = json.loads(base.with_name(base.name + META_SUFFIX).read_text()).get("weights_sha256")
+                    if sha:
+                        tags[f"weights_sha256.{base.name}"] = str(sha)
+        if tags:
+            self.tracker.set_tags(tags)
 
     def _log_weights(self) -> None:
         """The exported weights (last, best: .safetensors and .json) into the run's `weights/`, so the

@@ -436,7 +436,19 @@ def test_kt_and_da_say_where_their_weights_are(ws, capsys):
     cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dasays", init=kt_last) + short)
     assert da.run(cfg) == 0
     assert f"dasays: 1 steps; weights: {cfg.run_dir}" in capsys.readouterr().err
-    assert client.get_run(run_id_of(cfg.run_dir)).data.tags["init_sha256"] == checkpoint_sha256(kt_last)
+    da_tags = client.get_run(run_id_of(cfg.run_dir)).data.tags
+    assert da_tags["init_sha256"] == checkpoint_sha256(kt_last)
+    # The adapted model's ablation row holds the KT switches of its init (the report showed them blank)
+    # beside DA's own, in the run's tags and in the weights' JSON that eval reads.
+    kt_row = {k: v for k, v in tags.items() if k.startswith("ablation.")}
+    assert set(kt_row) == {"ablation.use_icl", "ablation.use_fcl"}
+    assert {k: da_tags[k] for k in kt_row} == kt_row
+    import json
+
+    saved = json.loads((cfg.run_dir / "last.json").read_text())["ablation"]
+    assert set(saved) == {"use_icl", "use_fcl", "use_gan", "use_idt", "use_eicl", "use_efcl"}
+    assert {f"ablation.{k}": str(v).lower() for k, v in saved.items()} == {
+        k: v for k, v in da_tags.items() if k.startswith("ablation.")}
 
 
 def test_kt_config_errors_name_the_key(ws):

@@ -30,16 +30,19 @@ student is ~20M parameters at the deblur width: DDP fits on any training GPU.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from uniremoval.config import DAStage
-from uniremoval.errors import ConfigError
+from uniremoval.config import DAStage, ablation_flags
+from uniremoval.errors import CheckpointError, ConfigError
 from uniremoval.stages.kt import build_phi, build_student, weights_run_id, weights_sha256
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
 from uniremoval.stages.trainer import Stage, TrainContext, Trainer, deepspeed_requested, skip_batches
@@ -98,6 +101,7 @@ class DomainAdaptation(Stage):
         # keeps (state_dict) for a resume that logs on into the same MLflow run
         self._inputs_scored: dict[str, str] = {}
         self._inputs_logged: dict[str, str] = {}
+        self._init_ablation: dict[str, bool] | None = None
         if not cfg.model.init:
             raise ConfigError("the DA stage starts from the KT student: set model.init to its weights "
                               "(e.g. model.init=outputs/kt/last.safetensors)")
@@ -296,11 +300,31 @@ class DomainAdaptation(Stage):
             tags["init_run_id"] = run_id
         if self.cfg.loss.use_eicl:
             tags["vgg_weights"] = self.cfg.features.weights
+        tags.update({f"ablation.{k}": str(v).lower() for k, v in self.init_ablation().items()})
         return tags
+
+    def init_ablation(self) -> dict[str, bool]:
+        """The KT switches (use_icl, use_fcl) of the weights this run adapts, from their JSON: part of
+        the adapted model's ablation row (Table V's rows are DA on top of a KT row), so the report does
+        not show them blank. Empty for an init without them (a teacher, official weights)."""
+        if self._init_ablation is None:
+            from uniremoval.models.checkpoint import META_SUFFIX, resolve_weights
+
+            flags: dict[str, bool] = {}
+            if self.cfg.model.init:
+                with contextlib.suppress(CheckpointError, OSError, ValueError, AttributeError):
+                    meta = json.loads(resolve_weights(Path(self.cfg.model.init)).with_suffix(META_SUFFIX).read_text())
+                    saved = meta.get("ablation") or {}
+                    flags = {k: bool(saved[k]) for k in ("use_icl", "use_fcl") if isinstance(saved.get(k), bool)}
+            self._init_ablation = flags
+        return self._init_ablation
 
     def export_meta(self, name: str) -> dict[str, Any]:
         if name == "generator":
-            return {"input_range": self.cfg.model.input_range, "degradations": self.degradations}
+            meta: dict[str, Any] = {"input_range": self.cfg.model.input_range, "degradations": self.degradations}
+            if kt_flags := self.init_ablation():
+                meta["ablation"] = {**kt_flags, **ablation_flags(self.cfg)}
+            return meta
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -595,6 +595,11 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     from uniremoval.tracking import git_commit
 
     assert tags["config_hash"] == "c0ffee123456" and tags["git_commit"] == git_commit() is not None
+    # as a training run's: the package version and process count; the checkpoint as an absolute path
+    from uniremoval import __version__
+
+    assert tags["uniremoval_version"] == __version__ and tags["world_size"] == "1"
+    assert tags["checkpoint"] == str(ckpt.resolve())
     arts = {a.path for a in client.list_artifacts(res.run_id, "images/synhaze")}
     # the restored images, and the list that marks the folder as one complete eval's (SAVED_MARKER)
     assert arts == {f"images/synhaze/{k}.png" for k in keys} | {"images/synhaze/.uniremoval-eval.json"}

@@ -866,8 +866,15 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             label = str(meta["run_name"])
         else:
             label = Path(result.checkpoint).stem
-    tags = {"stage": "eval", "dataset": result.dataset, "checkpoint": result.checkpoint, "uniremoval.label": label,
-            "uniremoval.model": sha or "input"}
+    from uniremoval import __version__
+    from uniremoval.tracking import is_run_artifact
+
+    where = result.checkpoint
+    if where != "none" and not is_run_artifact(where):  # as typed it was relative to a folder the run does not know
+        where = str(Path(where).resolve())
+    tags = {"stage": "eval", "dataset": result.dataset, "checkpoint": where, "uniremoval.label": label,
+            "uniremoval.model": sha or "input", "uniremoval_version": __version__,
+            "world_size": str(max(1, len(result.per_rank)))}
     if sha:
         tags["checkpoint_sha256"] = sha
     if meta.get("config_hash"):

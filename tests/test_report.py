@@ -249,6 +249,13 @@ def test_report_from_real_eval_runs_with_image_grid(tmp_path, capfd, monkeypatch
     report_runs = client.search_runs([exp.experiment_id], "tags.stage = 'report'")
     assert {a.path for a in client.list_artifacts(report_runs[0].info.run_id, "report")} == {
         "report/report.csv", "report/grid-pairs.png"}
+    # it says which code and settings made it, as every other run does
+    from uniremoval import __version__
+    from uniremoval.tracking import git_commit
+
+    logged = report_runs[0].data
+    assert logged.tags["uniremoval_version"] == __version__ and logged.tags["git_commit"] == git_commit()
+    assert logged.params == {"format": "csv", "images": "2", "decimals": "None"}
 
 
 def test_rerun_into_the_same_out_dir_keeps_only_this_reports_grids(tmp_path, capsys):

@@ -68,12 +68,16 @@ def handler(args) -> int:
         print("no image grid: a grid needs the restored images of two or more models on one dataset "
               "(run their `uniremoval eval` with --save-images DIR)", file=sys.stderr)
     if args.log:
-        from uniremoval.tracking import mlflow_client, set_terminated, stopped_status
+        from uniremoval import __version__
+        from uniremoval.tracking import git_tags, mlflow_client, set_terminated, stopped_status
 
         client = mlflow_client(args.tracking_uri)
         exp = client.get_experiment_by_name(args.experiment)
-        run = client.create_run(exp.experiment_id, run_name="report", tags={"stage": "report"})
+        run = client.create_run(exp.experiment_id, run_name="report",
+                                tags={"stage": "report", "uniremoval_version": __version__, **git_tags()})
         try:  # what this report wrote, not whatever else the folder holds
+            for key, value in (("format", args.format), ("images", args.images), ("decimals", args.decimals)):
+                client.log_param(run.info.run_id, key, str(value))
             for path in [Path(args.out_dir) / f"report.{args.format}", *grids]:
                 client.log_artifact(run.info.run_id, str(path), "report")
         except BaseException as exc:  # a stopped upload: the run says so instead of RUNNING forever

@@ -678,6 +678,34 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
         "images/offl/img00.png", "images/offl/img01.png", "images/offl/.uniremoval-eval.json"}
 
 
+def test_an_eval_replayed_joins_its_training_runs_experiment(tmp_path, monkeypatch, capsys):
+    """With MLflow unreachable, eval could not look up the checkpoint's training run, so it spooled its run
+    for the default experiment; replayed, the run landed in "uniremoval", away from its training run,
+    without a parent. Replay looks the training run up again (no --experiment was given)."""
+    from uniremoval.cli import main
+    from uniremoval.models import build_model
+    from uniremoval.models.checkpoint import save_checkpoint
+
+    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    client = MlflowClient(store)
+    train = client.create_run(client.create_experiment("trainexp", artifact_location=(tmp_path / "art").as_uri()))
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", build_model("mprnet", "tiny"),
+                           {"mlflow_run_id": train.info.run_id})
+    _write_pngs(tmp_path / "d", 2, [(32, 32)], seed=0)
+    opts = EvalOptions(str(ckpt), str(tmp_path / "d"), metrics=["psnr"], name="offl", device="cpu",
+                       tracking_uri=f"http://127.0.0.1:{_free_port()}", json_out=str(tmp_path / "res" / "s.json"))
+    with pytest.warns(RuntimeWarning):
+        run_eval(opts)
+    (spool,) = (tmp_path / "res").glob("mlflow-spool-eval-offl-*")
+    assert main(["eval", "replay", str(spool), "--tracking-uri", store]) == 0
+    run_id = capsys.readouterr().out.split("MLflow run: ")[1].strip()
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "trainexp"
+    assert run.data.tags["mlflow.parentRunId"] == train.info.run_id == run.data.tags["uniremoval.train_run_id"]
+
+
 def test_eval_replay_leaves_out_images_a_later_eval_replaced(tmp_path, monkeypatch, capsys):
     """An eval spooled offline, then a second eval into the same --save-images folder: replay sends
     the first eval's scores but not the folder, which now holds the second eval's images."""

@@ -824,8 +824,11 @@ def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
     return send_spool(spool_path, uri)[0]
 
 
-def send_spool(spool_path: str | os.PathLike, uri: str | None = None) -> tuple[bool, Tracker]:
-    """replay_spool, also returning the tracker that sent it (its run_id, client)."""
+def send_spool(spool_path: str | os.PathLike, uri: str | None = None,
+               adopt: str | None = None) -> tuple[bool, Tracker]:
+    """replay_spool, also returning the tracker that sent it (its run_id, client). `adopt`: a training
+    run whose experiment (and parent) a run created only now takes when this store holds it (an eval
+    that could not look the run up when it was spooled fell back to the default experiment)."""
     path = Path(spool_path)
     if uri is None:
         uri = next((op["uri"] for op in _read_ops(path) if op.get("uri")), None)
@@ -837,8 +840,15 @@ def send_spool(spool_path: str | os.PathLike, uri: str | None = None) -> tuple[b
     if head is None:
         raise ValueError(f"{path}: no run id recorded; resume the run instead (--resume auto)")
     # The run was never created (the server was down from the start): create it now, then replay.
-    tracker = Tracker(resolve_uri(uri), head["experiment"], head["run_name"], head.get("tags") or {},
-                      spool_dir=path.parent)
+    experiment, tags = head["experiment"], dict(head.get("tags") or {})
+    if adopt:
+        # not in this store, or unreachable (flush says so): as spooled
+        with contextlib.suppress(Exception):
+            client = mlflow_client(resolve_uri(uri))
+            parent = client.get_run(adopt)
+            experiment = client.get_experiment(parent.info.experiment_id).name
+            tags["mlflow.parentRunId"] = adopt
+    tracker = Tracker(resolve_uri(uri), experiment, head["run_name"], tags, spool_dir=path.parent)
     return tracker.flush(), tracker
 
 

@@ -925,6 +925,12 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             atomic_write_json(Path(spool) / SPOOL_IMAGES, {"folder": str(Path(opts.save_images).absolute()),
                                                           "artifact_path": f"images/{result.dataset}",
                                                           "eval_id": saved_eval_id(opts.save_images)})
+    if tracker.offline and opts.experiment is None and train_id and train_run is None:
+        # The training run could not be looked up, so neither could its experiment: `eval replay`
+        # looks again, rather than leave the run in the default experiment away from its training run.
+        from uniremoval.io import atomic_write_json
+
+        atomic_write_json(Path(spool) / SPOOL_ADOPT, {"train_run_id": train_id})
     if (Path(spool) / SPOOL_IMAGES).is_file() and not tracker.offline and tracker.run_id is not None:
         # The server came back while finish() sent the spool: the images go up now, not never.
         client = tracker.client
@@ -943,6 +949,7 @@ def saved_eval_id(folder: str | os.PathLike) -> str | None:
 
 SPOOL_PREFIX = "mlflow-spool-eval-"
 SPOOL_IMAGES = "save-images.json"  # in an eval spool: the --save-images folder to upload on replay
+SPOOL_ADOPT = "train-run.json"  # in an eval spool: the training run whose experiment replay looks up
 SPOOL_ROOT = "~/.cache/uniremoval/eval-spool"  # an eval's spool when it writes neither --json nor --csv
 
 
@@ -975,7 +982,10 @@ def replay(spool: str | os.PathLike, tracking_uri: str | None = None) -> str | N
                               f"({SPOOL_PREFIX}<dataset>-*), or it was sent already")
     with warnings.catch_warnings():  # the error below says it once, without the tracker's own warning
         warnings.simplefilter("ignore", RuntimeWarning)
-        sent, tracker = send_spool(folder / SPOOL_NAME, tracking_uri)
+        adopt = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            adopt = json.loads((folder / SPOOL_ADOPT).read_text()).get("train_run_id")
+        sent, tracker = send_spool(folder / SPOOL_NAME, tracking_uri, adopt=adopt)
     if not sent or tracker.run_id is None:
         raise UniremovalError(f"MLflow at {tracker.uri} is still unreachable; {folder} is kept: run "
                               f"`uniremoval eval replay {shlex.quote(str(folder))}` again later (or add "

@@ -291,6 +291,12 @@ def test_rerun_into_the_same_out_dir_keeps_only_this_reports_grids(tmp_path, cap
         return {p.name for p in out.iterdir()} - others
 
     assert report("--images", "1") == {"report.md", "grid-A.png", "grid-B.png"}
+    # A later eval of m1 on A without --save-images: the grid takes m1's earlier images of the same
+    # weights (the grid of A vanished, and --out-dir removed the old one, with no word)
+    later = client.create_run(exp, run_name="eval-A", tags={"stage": "eval", "dataset": "A", "uniremoval.model": "m1"})
+    client.log_metric(later.info.run_id, "eval/A/psnr", 21.5)
+    client.set_terminated(later.info.run_id)
+    assert report("--images", "1") == {"report.md", "grid-A.png", "grid-B.png"}
     for run_id in runs["B"]:
         client.delete_run(run_id)  # dataset B is no longer in the report
     assert report("--images", "1") == {"report.md", "grid-A.png"}

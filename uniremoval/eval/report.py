@@ -62,6 +62,9 @@ class ModelRow:
     ablation: dict[str, str] = field(default_factory=dict)
     scores: dict[tuple[str, str], float] = field(default_factory=dict)  # (dataset, metric) -> value
     runs: dict[str, str] = field(default_factory=dict)  # dataset -> eval run id (latest)
+    # dataset -> every eval run of these weights on it, oldest first: an image grid takes the latest
+    # that saved images (a later eval without --save-images does not lose the grid)
+    all_runs: dict[str, list[str]] = field(default_factory=dict)
     degradation: dict[str, str] = field(default_factory=dict)  # dataset -> degradation tag
     domain: dict[str, str] = field(default_factory=dict)  # dataset -> domain tag (synthetic, real)
     labels: dict[str, str] = field(default_factory=dict)  # dataset -> label of the run counted there
@@ -148,6 +151,7 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
         had.setdefault((key, dataset), {}).update(dict.fromkeys(got))
         row.scores.update({(dataset, m): v for m, v in got.items()})
         row.runs[dataset] = run.info.run_id
+        row.all_runs.setdefault(dataset, []).append(run.info.run_id)
         row.labels[dataset] = label  # the latest run on this dataset names the row in its tables
         seen_labels.setdefault((key, dataset), []).append(label)
         uprefix = f"eval_undefined/{dataset}/"
@@ -450,8 +454,9 @@ def _grids(client: Any, rows: list[ModelRow], datasets: list[str], out_dir: Path
         for d in datasets:
             have: list[tuple[ModelRow, Path]] = []
             for r in rows:
-                run_id = r.runs.get(d)
-                if run_id is None or not client.list_artifacts(run_id, f"images/{d}"):
+                run_id = next((i for i in reversed(r.all_runs.get(d, [])) if client.list_artifacts(i, f"images/{d}")),
+                              None)
+                if run_id is None:
                     continue
                 local = Path(client.download_artifacts(run_id, f"images/{d}", str(Path(tmp) / run_id)))
                 have.append((r, local))

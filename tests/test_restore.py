@@ -493,6 +493,27 @@ def test_a_folder_that_cannot_be_read_stops_every_command_that_lists_images(
     assert f"error: folder {src} cannot be read (Permission denied)" in capsys.readouterr().err
 
 
+def test_a_rerun_removes_what_a_killed_restore_left_mid_write(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """kill -9 while an output was written left its hidden temporary (mode 0600, image-sized), and no
+    rerun removed it: each requeue added one. The rerun removes those of its own outputs, nothing else."""
+    ckpt = save_checkpoint(tmp_path / "ck" / "student", MPRNet("tiny").eval(), {"step": 1})
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.png"):
+        Image.fromarray(rand_u8(12, 12, seed=len(name))).save(src / name)
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    left = [out / ".a.png._buykn__.tmp", out / "sub" / ".b.png.sntzchsd.tmp"]  # atomic_writer's names
+    mine = [out / ".notes.txt.x1.tmp", out / ".c.png.k2.tmp"]  # not restore's outputs: kept
+    for p in left + mine:
+        p.write_bytes(b"\x89PNG half")
+    assert main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
+        [".c.png.k2.tmp", ".notes.txt.x1.tmp", "a.png", "sub/b.png"])
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
 

@@ -168,6 +168,14 @@ def run(args: argparse.Namespace) -> int:
             f"(restore's own outputs from an earlier run are replaced without asking)"
         )
 
+    # What a restore killed mid-write (kill -9) left beside an output it was writing: each requeue would
+    # add an image-sized hidden file (a SIGTERM removes its own).
+    from uniremoval.io import leftover_temporaries
+
+    for _src, dst in plan:
+        for tmp in leftover_temporaries(dst):
+            tmp.unlink(missing_ok=True)
+
     if is_run_artifact(args.checkpoint):  # the weights a run logged: fetched, or the copy checked against it
         fetch_run_checkpoint(args.checkpoint, args.tracking_uri)
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device,

@@ -950,6 +950,30 @@ def test_resume_auto_on_a_newest_checkpoint_with_a_file_missing_names_the_one_be
         assert Trainer(b.cfg, b).fit(resume=str(before)).step == 15  # the advice works
 
 
+def test_a_cpu_resume_under_another_torch_thread_count_says_the_weights_will_differ(tmp_path):
+    """On CPU a kernel's sums follow the thread count: a requeue onto a node with other cores (or another
+    OMP_NUM_THREADS) continued silently with weights that differ in their last bits. It says so now."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = ToyStage(make_cfg(tmp_path, max_steps=6))
+        Trainer(a.cfg, a).fit()
+        torch.set_num_threads(2)
+        b = ToyStage(make_cfg(tmp_path))
+        with pytest.warns(RuntimeWarning, match=r"resuming .*step-00000006 with 2 torch threads \(saved with 1\): on "
+                                                r"CPU the weights .* \(set OMP_NUM_THREADS=1 to continue it exactly\)"):
+            trainer = Trainer(b.cfg, b)
+            assert trainer.fit(resume="auto").step == 10
+        assert "torch threads: 1 -> 2" in trainer.resumed_changes
+        c = ToyStage(make_cfg(tmp_path, epochs=3))  # step 10 was saved with 2 threads: nothing to say
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(c.cfg, c).fit(resume="auto")
+        assert not [w for w in caught if "torch threads" in str(w.message)]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_resuming_an_earlier_checkpoint_of_the_run_moves_the_later_ones_aside(tmp_path, capsys):
     """--resume of an earlier checkpoint of the same run (going back to step 6 of 10 with another LR)
     retrained steps 7-10 but kept the old step-9/step-10 (a step saved already is not written again),

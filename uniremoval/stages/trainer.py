@@ -1058,6 +1058,7 @@ class Trainer:
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
                 **data_counts, "log_window": {k: [s, n] for k, (s, n) in window.items()},
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
+                "torch_threads": torch.get_num_threads(),  # optional: a CPU run's sums follow it
                 "weights_sha256": self.stage.weights_identity(),  # optional: older checkpoints lack it
                 "stage_state": self.stage.state_dict(),  # optional too
                 "zero_stage": self.zero_stage,  # a resume must load deepspeed/ under the same stage
@@ -1269,6 +1270,14 @@ class Trainer:
             why = (f"it has no RNG state for rank {self.accelerator.process_index} ({rng.name})" if not rng.is_file()
                    else "it does not record the process count it was saved on, so its RNG files may be another's")
             warnings.warn(f"resuming {path}: {why}: RNG streams start fresh", RuntimeWarning, stacklevel=2)
+        saved_threads, threads = state.get("torch_threads"), torch.get_num_threads()
+        if self.accelerator.device.type == "cpu" and saved_threads is not None and saved_threads != threads:
+            # On CPU the kernels split their sums over the threads: another count changes the last bits
+            # of every step (a requeue onto a node with another core count, or another OMP_NUM_THREADS).
+            self.resumed_changes.append(f"torch threads: {saved_threads} -> {threads}")
+            warnings.warn(f"resuming {path} with {threads} torch threads (saved with {saved_threads}): on CPU the "
+                          "weights from here on differ in their last bits from an uninterrupted run's (set "
+                          f"OMP_NUM_THREADS={saved_threads} to continue it exactly)", RuntimeWarning, stacklevel=2)
         epoch, start = divmod(self.step, self.cfg.train.steps_per_epoch)
         # The skipped batches are decoded (their random crops set the stream's state): on a long epoch
         # that is a wait, said so rather than a progress bar that seems stuck.

@@ -960,10 +960,11 @@ def test_a_cpu_resume_under_another_torch_thread_count_says_the_weights_will_dif
         Trainer(a.cfg, a).fit()
         torch.set_num_threads(2)
         b = ToyStage(make_cfg(tmp_path))
+        trainer = Trainer(b.cfg, b)
         with pytest.warns(RuntimeWarning, match=r"resuming .*step-00000006 with 2 torch threads \(saved with 1\): on "
                                                 r"CPU the weights .* \(set OMP_NUM_THREADS=1 to continue it exactly\)"):
-            trainer = Trainer(b.cfg, b)
-            assert trainer.fit(resume="auto").step == 10
+            result = trainer.fit(resume="auto")
+        assert result.step == 10
         assert "torch threads: 1 -> 2" in trainer.resumed_changes
         c = ToyStage(make_cfg(tmp_path, epochs=3))  # step 10 was saved with 2 threads: nothing to say
         with warnings.catch_warnings(record=True) as caught:

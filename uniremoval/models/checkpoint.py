@@ -140,15 +140,19 @@ def checkpoint_sha256(path: str | Path) -> str:
     return sha256_file(resolve_weights(Path(path)))
 
 
-def checkpoint_run_id(path: str | Path) -> str | None:
-    """The MLflow run that trained a checkpoint (its JSON's `mlflow_run_id`), for the lineage tags of
-    the runs that read it; None for official weights (no JSON), an untracked run, or a file that
-    cannot be read (the stage itself reports that)."""
+def recorded_meta(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint's JSON records (run id, ablation row...) for the tags of the runs that read it;
+    empty for official weights (no JSON) or a file that cannot be read (the stage itself reports that)."""
     try:
         meta = json.loads(resolve_weights(Path(path)).with_suffix(META_SUFFIX).read_text())
     except (CheckpointError, OSError, ValueError):
-        return None
-    run_id = meta.get("mlflow_run_id") if isinstance(meta, dict) else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The MLflow run that trained a checkpoint (its JSON's `mlflow_run_id`); None when not recorded."""
+    run_id = recorded_meta(path).get("mlflow_run_id")
     return str(run_id) if run_id else None
 
 

@@ -30,19 +30,16 @@ student is ~20M parameters at the deblur width: DDP fits on any training GPU.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from uniremoval.config import DAStage, ablation_flags
-from uniremoval.errors import CheckpointError, ConfigError
+from uniremoval.errors import ConfigError
 from uniremoval.stages.kt import build_phi, build_student, weights_run_id, weights_sha256
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
 from uniremoval.stages.trainer import Stage, TrainContext, Trainer, deepspeed_requested, skip_batches
@@ -308,15 +305,11 @@ class DomainAdaptation(Stage):
         the adapted model's ablation row (Table V's rows are DA on top of a KT row), so the report does
         not show them blank. Empty for an init without them (a teacher, official weights)."""
         if self._init_ablation is None:
-            from uniremoval.models.checkpoint import META_SUFFIX, resolve_weights
+            from uniremoval.models.checkpoint import recorded_meta
 
-            flags: dict[str, bool] = {}
-            if self.cfg.model.init:
-                with contextlib.suppress(CheckpointError, OSError, ValueError, AttributeError):
-                    meta = json.loads(resolve_weights(Path(self.cfg.model.init)).with_suffix(META_SUFFIX).read_text())
-                    saved = meta.get("ablation") or {}
-                    flags = {k: bool(saved[k]) for k in ("use_icl", "use_fcl") if isinstance(saved.get(k), bool)}
-            self._init_ablation = flags
+            saved = recorded_meta(self.cfg.model.init).get("ablation") if self.cfg.model.init else None
+            saved = saved if isinstance(saved, dict) else {}
+            self._init_ablation = {k: saved[k] for k in ("use_icl", "use_fcl") if isinstance(saved.get(k), bool)}
         return self._init_ablation
 
     def export_meta(self, name: str) -> dict[str, Any]:

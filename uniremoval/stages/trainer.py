@@ -995,7 +995,7 @@ class Trainer:
 
     def _tag_weights(self) -> None:
         """Tag the run with the sha256 of each exported weights file (`weights_sha256.last`, `.best`,
-        `.discriminator_last`...): the runs that read them tag the same hash (`init_sha256`,
+        `.discriminator-last`...): the runs that read them tag the same hash (`init_sha256`,
         `teacher_sha256.<type>`, eval's `checkpoint_sha256`), so a search by hash finds the run that
         trained them too."""
         if self.tracker is None:

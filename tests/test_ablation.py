@@ -342,3 +342,75 @@ def test_validation_leaves_out_images_too_small_for_ssim_and_says_so(tmp_path):
     with torch.no_grad():
         alone = validate_paired(ctx, model, "minus_one_one", [fine], lockstep=False)
     assert out == alone and out["val/mean/psnr"] == out["val/fine/psnr"]
+
+
+def test_validation_says_how_many_samples_it_left_out(tmp_path):
+    """Samples that cannot be scored (here: no target) were left out of a set's PSNR/SSIM, and out of
+    the choice of best.safetensors, without a word unless none was left. The count is said now."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_kt_common import write_pairs
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.validation import validate_paired
+
+    paired = write_pairs(tmp_path, "paired", "haze", 3, n_shards=1, split="test")
+    unpaired = write_pairs(tmp_path, "unpaired", "haze", 2, n_shards=1, split="test", paired=False)
+    shards = sorted(str(p) for p in [*paired.glob("*.tar"), *unpaired.glob("*.tar")])
+    src = SimpleNamespace(name="mixed", shards=shards, max_samples=None)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), all_sum=dict)
+    model = MPRNet("tiny").eval()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"validation set mixed \(.*\): 2 sample\(s\) left out of "
+                                                              r"its scores, e\.g\. unpaired-00000: .*; it is scored on "
+                                                              r"the other 3$"):
+        out = validate_paired(ctx, model, "minus_one_one", [src], lockstep=False)
+    alone = SimpleNamespace(name="mixed", shards=str(paired), max_samples=None)
+    with torch.no_grad():
+        assert out == validate_paired(ctx, model, "minus_one_one", [alone], lockstep=False)
+
+
+def test_da_validation_says_how_many_samples_it_left_out(tmp_path):
+    """DA's validation dropped a sample that failed to decode with no word at all (unless every one did)."""
+    import io
+    import sys
+    import tarfile
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fixtures import write_shards
+
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import da
+
+    write_shards(tmp_path / "val", "val", 1, 3, domain="real", paired=False)
+    (tar_path,) = (tmp_path / "val").glob("*.tar")
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    first_input = next(m.name for m, _ in members if ".input." in m.name)
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for m, data in members:
+            data = b"\x89PNG\r\n\x1a\n broken" if m.name == first_input else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    cfg = load_config(REPO / "configs" / "da.yaml", [
+        "model.preset=tiny", f"data.val=[{{name: v, shards: {tmp_path / 'val'}, degradation: haze}}]",
+        "val_iqa.metrics=[piqe]"])
+
+    class Scorer:
+        def score(self, batch):
+            return {"piqe": [float(batch.mean())]}
+
+    stage = da.DomainAdaptation(cfg)
+    stage._iqa = Scorer()
+    model = MPRNet("tiny").eval()
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), unwrap=lambda name: model, all_sum=dict)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"validation set v \(.*\): 1 sample\(s\) left out of its "
+                                                              r"scores, e\.g\. .*; it is scored on the other 2$"):
+        out = stage.validate(ctx)
+    assert "val/v/piqe" in out

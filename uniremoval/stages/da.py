@@ -254,10 +254,13 @@ class DomainAdaptation(Stage):
             keys = names + ([f"{m}_input" for m in names] if with_input else [])
             # Per score: its sum and how many images it is defined for (NIQE/BRISQUE of a flat image
             # is NaN, as in `uniremoval eval`: left out of the mean, not poisoning it).
-            sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0}
+            sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0, "bad": 0.0}
+            bad_example = None
             # (read ahead: the next image decodes while this one is restored and scored)
             for item in read_ahead(eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap)):
-                if "error" in item:
+                if "error" in item:  # left out, counted and said below
+                    sums["bad"] += 1
+                    bad_example = bad_example or f"{item.get('key')}: {item['error']}"
                     continue
                 x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)
                 y01 = restore_tensor(model, x01, self.cfg.model.input_range)
@@ -270,6 +273,11 @@ class DomainAdaptation(Stage):
                         sums[f"{k}#n"] += 1
                 sums["n"] += 1
             total = ctx.all_sum(sums)
+            if total["bad"] and ctx.rank == 0:
+                example = f", e.g. {bad_example}" if bad_example else ""
+                warnings.warn(f"validation set {src.name} ({src.shards}): {int(total['bad'])} sample(s) left out of "
+                              f"its scores{example}; it is scored on the other {int(total['n'])}",
+                              RuntimeWarning, stacklevel=2)
             if total["n"] == 0:
                 warnings.warn(f"validation set {src.name} gave no usable images", RuntimeWarning, stacklevel=2)
                 continue

@@ -111,6 +111,7 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
             sums["n"] += 1
             bar.update(1)
         bar.close()
+        sums["bad"] = float(len(skipped))
         total = ctx.all_sum(sums)
         if total["small"] and ctx.rank == 0:
             example = f", e.g. {small_key}" if small_key else ""
@@ -126,6 +127,10 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
                           f"paired shards (input + target), and without a score no best.safetensors is chosen by it",
                           RuntimeWarning, stacklevel=2)
             continue
+        if total["bad"] and ctx.rank == 0:  # scored on the rest: said, or the mean (and best) quietly rest on fewer
+            example = f", e.g. {skipped[0].get('key')}: {skipped[0]['error']}" if skipped else ""
+            warnings.warn(f"validation set {src.name} ({src.shards}): {int(total['bad'])} sample(s) left out of its "
+                          f"scores{example}; it is scored on the other {int(total['n'])}", RuntimeWarning, stacklevel=2)
         for k in ("psnr", "ssim", "psnr_input"):
             out[f"val/{src.name}/{k}"] = total[k] / total["n"]
         psnrs.append(out[f"val/{src.name}/psnr"])

@@ -352,6 +352,21 @@ def test_folder_layouts(tmp_path):
     Image.new("RGB", (20, 20)).save(b / "gt" / "sub" / "x.png")
     Image.new("RGB", (20, 20)).save(b / "input" / "y.bmp")
     assert [(n, t.name if t else None) for n, _, t in folder_pairs(b)] == [("sub/x.jpg", "x.png"), ("y.bmp", None)]
+    # The folder names in any case, as the shard readers take them: `Input/` + `GT/` read the clean
+    # images as more inputs (an NR-IQA score of 2N images, clean ones among them, exit 0).
+    c = tmp_path / "c"
+    for sub in ("Input", "GT"):
+        _write_pngs(c / sub, 2, [(16, 16)], seed=2)
+        for p in (c / sub / "target").iterdir():
+            p.unlink()
+        (c / sub / "target").rmdir()
+    assert [(n, t.relative_to(c).as_posix()) for n, _, t in folder_pairs(c)] == [
+        ("img00.png", "GT/img00.png"), ("img01.png", "GT/img01.png")]
+    # Two targets for one input (a.png and a.jpg): one was taken in silence.
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(c / "GT" / "img00.jpg")
+    with pytest.raises(UniremovalError, match=r"two targets for the inputs named img00\.\*: .*GT/img00\.jpg and "
+                                              r".*GT/img00\.png; keep one"):
+        folder_pairs(c)
     with pytest.raises(UniremovalError, match="need targets"):
         run_eval(EvalOptions("none", str(b), metrics=["psnr"], mlflow=False, device="cpu"))
     # a.jpg and a.png would be saved as one a.png (the second overwriting the first): refused up front.

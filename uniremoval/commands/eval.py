@@ -54,7 +54,8 @@ def register(subparsers) -> None:
     g.add_argument("--checkpoint", help="checkpoint (.safetensors + .json, or official MPRNet .pth), the weights a "
                    "training run logged to MLflow (runs:/<run id>/weights/last, from --tracking-uri), "
                    "or 'none' to score the inputs as they are (the 'Hazy/Rainy/Blurry' rows)")
-    g.add_argument("--data", help="shard dataset (dir with manifest.json, tar, pattern, URL) or image folder")
+    g.add_argument("--data", help="shard dataset (dir with manifest.json, tar, pattern, URL) or image folder "
+                   "(its images; paired: input|inputs|lq/ and target|targets|gt|groundtruth/, any case)")
     g.add_argument("--name", help="dataset name for outputs and MLflow metrics (default: the folder name)")
     g.add_argument("--metrics", default=None,
                    help="comma list of brisque,piqe,niqe (MATLAB-calibrated), brisque_live,niqe_live "

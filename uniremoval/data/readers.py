@@ -226,7 +226,7 @@ def scan_images(root: Path, folder: Path, issues: list[Issue]) -> list[Path]:
     return found
 
 
-def _child(parent: Path, names: tuple[str, ...]) -> Path | None:
+def child_folder(parent: Path, names: tuple[str, ...]) -> Path | None:
     """The first existing sub-folder of `parent` among `names` (case-insensitive)."""
     if not parent.is_dir():
         return None
@@ -360,7 +360,7 @@ CLEAR_NAMES = ("clear", "gt", "GT", "clear_images")
 def _reside_paired(root: Path, opts: ReaderOptions, reader: str, default_split: str) -> ReadResult:
     spec = READERS[reader]
     _require_root(root, reader, spec.layout)
-    hazy, clear = _child(root, HAZY_NAMES), _child(root, CLEAR_NAMES)
+    hazy, clear = child_folder(root, HAZY_NAMES), child_folder(root, CLEAR_NAMES)
     if hazy is None or clear is None:
         raise _layout_error(reader, root, spec.layout, "no hazy/ and clear/ folders")
     issues: list[Issue] = []
@@ -390,10 +390,10 @@ def read_reside_sots(root: Path, opts: ReaderOptions) -> ReadResult:
     reader = "reside-sots"
     spec = READERS[reader]
     _require_root(root, reader, spec.layout)
-    if _child(root, HAZY_NAMES) is not None:  # root is one subset folder itself
+    if child_folder(root, HAZY_NAMES) is not None:  # root is one subset folder itself
         subsets = {root.name.lower(): root}
     else:
-        subsets = {name: p for name in ("indoor", "outdoor") if (p := _child(root, (name,))) is not None}
+        subsets = {name: p for name in ("indoor", "outdoor") if (p := child_folder(root, (name,))) is not None}
     if opts.subset:
         if opts.subset not in ("indoor", "outdoor"):
             raise ConfigError(f"--subset {opts.subset!r}: reside-sots has subsets indoor and outdoor")
@@ -410,7 +410,7 @@ def read_reside_sots(root: Path, opts: ReaderOptions) -> ReadResult:
     domain = _check_domain(opts, "synthetic")
     split = opts.split or "test"
     for subset, folder in sorted(subsets.items()):
-        hazy, clear = _child(folder, HAZY_NAMES), _child(folder, CLEAR_NAMES)
+        hazy, clear = child_folder(folder, HAZY_NAMES), child_folder(folder, CLEAR_NAMES)
         if hazy is None or clear is None:
             raise _layout_error(reader, root, spec.layout, f"{_rel(root, folder) or '.'} lacks hazy/ or gt/")
 
@@ -430,7 +430,7 @@ def read_reside_unpaired(root: Path, opts: ReaderOptions) -> ReadResult:
     reader = "reside-unpaired"
     spec = READERS[reader]
     _require_root(root, reader, spec.layout)
-    folder = _child(root, ("JPEGImages",)) or root
+    folder = child_folder(root, ("JPEGImages",)) or root
     issues: list[Issue] = []
     files = scan_images(root, folder, issues)
     if not files:
@@ -491,7 +491,7 @@ def read_rain1400(root: Path, opts: ReaderOptions) -> ReadResult:
     _require_root(root, reader, spec.layout)
 
     def has_layout(p: Path) -> bool:
-        return _child(p, ("rainy_image",)) is not None and _child(p, ("ground_truth",)) is not None
+        return child_folder(p, ("rainy_image",)) is not None and child_folder(p, ("ground_truth",)) is not None
 
     splits = _split_folders(root, has_layout, opts)
     if not splits:
@@ -510,8 +510,8 @@ def read_rain1400(root: Path, opts: ReaderOptions) -> ReadResult:
 
         items += _id_pairs(
             root,
-            _child(folder, ("rainy_image",)),
-            _child(folder, ("ground_truth",)),
+            child_folder(folder, ("rainy_image",)),
+            child_folder(folder, ("ground_truth",)),
             id_of=lambda stem: (stem.rsplit("_", 1)[0], stem.rsplit("_", 1)[1:]),
             make=make,
             issues=issues,
@@ -586,7 +586,7 @@ def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
     _require_root(root, reader, spec.layout)
     if opts.blur_dir not in ("blur", "blur_gamma"):
         raise ConfigError(f"--blur-dir {opts.blur_dir!r}: use blur or blur_gamma")
-    base = _child(root, ("GOPRO_Large",)) or root
+    base = child_folder(root, ("GOPRO_Large",)) or root
     splits = {
         _split_name(p.name): p
         for p in sorted(base.iterdir())
@@ -601,7 +601,7 @@ def read_gopro(root: Path, opts: ReaderOptions) -> ReadResult:
     issues: list[Issue] = []
     for split, folder in sorted(splits.items()):
         for seq in sorted(p for p in folder.iterdir() if p.is_dir() and not hidden(p.name)):
-            blur, sharp = _child(seq, (opts.blur_dir,)), _child(seq, ("sharp",))
+            blur, sharp = child_folder(seq, (opts.blur_dir,)), child_folder(seq, ("sharp",))
             if blur is None:
                 issues.append(Issue("missing_partner", _rel(root, seq), f"sequence has no {opts.blur_dir}/"))
                 continue
@@ -735,7 +735,7 @@ def read_spa(root: Path, opts: ReaderOptions) -> ReadResult:
             split = "test" if "test" in _rel(root, rain).lower() else "train"
             if opts.split and opts.split != split:
                 continue
-            gt = _child(rain.parent, SPA_GT)
+            gt = child_folder(rain.parent, SPA_GT)
             for inp, tgt in _stem_pairs(root, rain, gt, issues, _spa_partner_stems):
                 items.append(Item(inp, tgt, degradation, domain, reader, split, {}))
         if not rain_dirs:
@@ -803,7 +803,7 @@ def read_paired_folder(root: Path, opts: ReaderOptions) -> ReadResult:
     domain = _check_domain(opts, "synthetic")
 
     def has_layout(p: Path) -> bool:
-        return _child(p, INPUT_NAMES) is not None and _child(p, TARGET_NAMES) is not None
+        return child_folder(p, INPUT_NAMES) is not None and child_folder(p, TARGET_NAMES) is not None
 
     splits = _split_folders(root, has_layout, opts)
     if not splits:
@@ -811,7 +811,7 @@ def read_paired_folder(root: Path, opts: ReaderOptions) -> ReadResult:
     issues: list[Issue] = []
     items = []
     for split, folder in sorted(splits.items()):
-        for inp, tgt in _stem_pairs(root, _child(folder, INPUT_NAMES), _child(folder, TARGET_NAMES), issues):
+        for inp, tgt in _stem_pairs(root, child_folder(folder, INPUT_NAMES), child_folder(folder, TARGET_NAMES), issues):
             items.append(Item(inp, tgt, degradation, domain, reader, split, {}))
     if not items and not issues:
         raise _layout_error(reader, root, spec.layout, "no images found")

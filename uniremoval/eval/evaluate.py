@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from uniremoval.data.manifest import split_specs
 from uniremoval.data.read_ahead import read_ahead
-from uniremoval.data.readers import DOMAINS, IMAGE_EXTS
+from uniremoval.data.readers import DOMAINS, IMAGE_EXTS, INPUT_NAMES, TARGET_NAMES, child_folder
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.eval.metrics import METRICS, Scorer, parse_metrics
 from uniremoval.tracking import MLFLOW_NAME_UNSAFE, dataset_name_fix, dataset_name_problem
@@ -67,7 +67,8 @@ from uniremoval.tracking import MLFLOW_NAME_UNSAFE, dataset_name_fix, dataset_na
 if TYPE_CHECKING:
     import torch
 
-TARGET_DIRS = ("target", "gt", "groundtruth")
+# The folder names of a paired folder, in any case, as the shard readers take them (and "groundtruth")
+TARGET_DIRS = (*TARGET_NAMES, "groundtruth")
 DEFAULT_EXPERIMENT = "uniremoval"
 
 
@@ -173,15 +174,22 @@ def folder_pairs(root: str | os.PathLike, others: list[Path] | None = None) -> l
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data {root}: not a directory, shard dataset or tar")
-    tdirs = [root / d for d in TARGET_DIRS if (root / d).is_dir()]
-    in_root = root / "input" if (root / "input").is_dir() else root
+    # Every target-named folder is left out of the inputs (the first one found holds the targets): a
+    # `GT/` beside `Input/` read as more inputs scored the clean images as test images too.
+    tdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in TARGET_DIRS]
+    tdirs.sort(key=lambda p: TARGET_DIRS.index(p.name.lower()))
+    in_root = child_folder(root, INPUT_NAMES) or root
     inputs = _images_under(in_root, exclude=tuple(tdirs) + saved_folders(in_root), others=others)
     if not inputs:
         raise DataError(f"--data {root}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
     targets: dict[str, Path] = {}
     for tdir in tdirs[:1]:
         for t in _images_under(tdir):
-            targets[t.relative_to(tdir).with_suffix("").as_posix()] = t
+            stem = t.relative_to(tdir).with_suffix("").as_posix()
+            if stem in targets:  # one would be taken in silence (shards build reports it as `duplicate`)
+                raise DataError(f"--data {root}: two targets for the inputs named {stem}.*: {targets[stem]} and {t}; "
+                                "keep one")
+            targets[stem] = t
     out = []
     for p in inputs:
         rel = p.relative_to(in_root)

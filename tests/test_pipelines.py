@@ -100,6 +100,14 @@ def test_resolve_shards_reads_globs_joined_specs_and_pipe_braces(data):
     assert resolve_shards(f"{data / 'rain'}::{data / 'haze'}") == resolve_shards(data / "rain") + haze
     with pytest.raises(DataError, match="no file matches"):
         resolve_shards(str(data / "haze" / "*.nope"))
+    # braces and a glob: each alternative names a source, and one that matches nothing (a typo) was left out
+    assert resolve_shards(f"{data}/{{haze,rain}}/*.tar") == sorted(haze + resolve_shards(data / "rain"))
+    with pytest.raises(DataError, match=r"1 of its alternatives match no file, e\.g\. .*/hzae/\*\.tar"):
+        resolve_shards(f"{data}/{{haze,hzae}}/*.tar")
+    from uniremoval.data.manifest import shard_paths
+
+    with pytest.raises(DataError, match=r"no shards match '.*/hzae/\*\.tar'"):
+        shard_paths(f"{data}/{{haze,hzae}}/*.tar")
     pipes = resolve_shards(f"pipe:cat {data / 'haze'}/haze-{{000000..000002}}.tar")
     assert pipes == [f"pipe:cat {p}" for p in haze]
     assert [k for u in pipes for k, _ in iter_shard(u)] == [k for u in haze for k, _ in iter_shard(u)]

@@ -225,7 +225,10 @@ def shard_paths(spec: str | os.PathLike) -> list[str]:
     paths = []
     for part in expand_braces(text):
         if glob.has_magic(part):
-            paths += sorted(glob.glob(part))
+            hits = sorted(glob.glob(part))
+            if not hits and part != text:  # one alternative of the braces left out in silence
+                raise DataError(f"no shards match {part!r} (from {text!r})")
+            paths += hits
         elif os.path.isfile(part):
             paths.append(part)
         else:

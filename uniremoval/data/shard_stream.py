@@ -141,10 +141,14 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
     if glob.has_magic(s) and not os.path.exists(s):  # a glob (shards/its/*.tar), as shard_paths takes
         import braceexpand
 
-        out = sorted(p for part in braceexpand.braceexpand(s) for p in glob.glob(part))
-        if not out:
+        found = {part: glob.glob(part) for part in braceexpand.braceexpand(s)}
+        if not any(found.values()):
             raise DataError(f"shard pattern {s}: no file matches")
-        return out
+        if empty := [part for part, hits in found.items() if not hits]:
+            # each alternative of the braces names a source: one that matches nothing (a typo, a folder
+            # not synced yet) would be left out of the run in silence
+            raise DataError(f"shard pattern {s}: {len(empty)} of its alternatives match no file, e.g. {empty[0]}")
+        return sorted(p for hits in found.values() for p in hits)
     if "{" in s:
         import braceexpand
 

@@ -677,6 +677,13 @@ def test_eval_config_sources_carry_their_own_domain(tmp_path, capsys) -> None:
     cfg.write_text(head + f"    - {{name: real, shards: {tmp_path / 'real'}, domain: outdoor}}\n")
     assert main(["eval", "--config", str(cfg), "--device", "cpu"]) == 2
     assert "eval.data.0.domain" in capsys.readouterr().err
+    # --degradation and --name name --data's dataset: without --data they were dropped without a word
+    cfg.write_text(head + f"    - {{name: real, shards: {tmp_path / 'real'}, domain: real}}\n")
+    for flags, key in ((["--degradation", "rain"], "degradation"), (["--name", "x", "--degradation", "rain"], "name")):
+        assert main(["eval", "--config", str(cfg), "--device", "cpu", *flags, "--experiment", "refused"]) == 2
+        assert f"with --config and no --data the datasets are the config's eval.data, each with its own: set " \
+               f"eval.data.N.{key}" in capsys.readouterr().err
+    assert MlflowClient(uri).get_experiment_by_name("refused") is None
 
 
 def test_a_dataset_evaluated_under_two_types_is_filed_by_the_latest_run_with_a_warning(tmp_path, capsys) -> None:

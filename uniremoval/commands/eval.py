@@ -189,6 +189,12 @@ def _config_jobs(args, common: dict) -> list:
         raise UniremovalError(f"{args.config}: eval.checkpoint is not set; give --checkpoint FILE|none")
     if args.data:
         sources = [(args.name, args.data, args.degradation, args.domain)]
+    elif given := [flag for flag, value in (("--name", args.name), ("--degradation", args.degradation)) if value]:
+        # They name one dataset, and were dropped without a word for the config's sources.
+        key = given[0].removeprefix("--")
+        raise UniremovalError(f"{' and '.join(given)} name the dataset of --data; with --config and no --data the "
+                              f"datasets are the config's eval.data, each with its own: set eval.data.N.{key} "
+                              f"(e.g. --set eval.data.0.{key}=...), or give --data")
     else:
         # --domain, like every flag, overrides the config (each source's eval.data.N.domain).
         sources = [(s.name, s.shards if len(s.shards) > 1 else s.shards[0], s.degradation, args.domain or s.domain)

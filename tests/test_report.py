@@ -706,3 +706,34 @@ def test_a_dataset_evaluated_under_two_types_is_filed_by_the_latest_run_with_a_w
     assert "dataset 'set': its eval runs are tagged degradation 'rain', 'snow'; the report files it under the " \
            "latest run's, 'snow'" in err, err
     assert len(tables["NR-IQA (Tables I-III): snow"]) == 2 and "NR-IQA (Tables I-III): rain" not in tables, tables
+
+
+def test_collect_reads_every_page_and_an_all_undefined_latest_run_blanks_the_cells(tmp_path, capsys, monkeypatch):
+    """One search page was read (past it the newest runs, which win each cell, were cut off), and a latest
+    eval whose every mean was undefined (nothing logged under eval/) was skipped, so the model's older
+    scores stood as current."""
+    from uniremoval.eval import report as report_mod
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("pages", artifact_location=(tmp_path / "art").as_uri())
+
+    def eval_run(model: str, dataset: str, metrics: dict[str, float]) -> None:
+        run = client.create_run(exp, run_name=f"eval-{dataset}", tags={"stage": "eval", "dataset": dataset,
+                                                                      "uniremoval.model": model})
+        for k, v in metrics.items():
+            client.log_metric(run.info.run_id, k, v)
+        client.set_terminated(run.info.run_id)
+
+    eval_run("m1", "A", {"eval/A/piqe": 30.0, "eval_undefined/A/piqe": 0})
+    eval_run("m2", "A", {"eval/A/piqe": 25.0, "eval_undefined/A/piqe": 0})
+    eval_run("m1", "B", {"eval/B/piqe": 20.0, "eval_undefined/B/piqe": 0})
+    monkeypatch.setattr(report_mod, "SEARCH_PAGE", 1)
+    rows = {r.key: r for r in collect("pages", uri)}
+    assert rows["m1"].scores == {("A", "piqe"): 30.0, ("B", "piqe"): 20.0} and rows["m2"].scores == {("A", "piqe"): 25.0}
+    eval_run("m1", "A", {"eval_undefined/A/piqe": 3})  # every image undefined: no mean logged
+    rows = {r.key: r for r in collect("pages", uri)}
+    assert rows["m1"].scores == {("B", "piqe"): 20.0}
+    err = capsys.readouterr().err
+    assert "eval-A on A: its latest eval run (" in err and "(piqe undefined for every image); its cells are blank" in err
+    assert "which an earlier run had" not in err

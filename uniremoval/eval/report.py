@@ -115,12 +115,20 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
             f"no MLflow experiment {experiment!r} at {resolve_uri(tracking_uri)}; "
             f"experiments there: {names or 'none'}"
         )
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string="tags.stage = 'eval' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
-        max_results=50000,
-    )
+    runs: list[Any] = []
+    token = None
+    while True:  # every page: past one page's runs the newest, which win each cell, were cut off
+        page = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.stage = 'eval' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+            max_results=SEARCH_PAGE,
+            page_token=token,
+        )
+        runs += page
+        token = page.token
+        if not token:
+            break
     models: dict[str, ModelRow] = {}
     seen_labels: dict[tuple[str, str], list[str]] = {}  # (model, dataset) -> labels of its runs, in order
     undefined: dict[tuple[str, str], dict[str, int]] = {}  # (model, dataset) -> metric -> images left out
@@ -145,6 +153,15 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
         prefix = f"eval/{dataset}/"
         got = {k[len(prefix) :]: _from_mlflow(v) for k, v in run.data.metrics.items() if k.startswith(prefix)}
         if not got:
+            uprefix = f"eval_undefined/{dataset}/"
+            if every := sorted(k[len(uprefix):] for k in run.data.metrics if k.startswith(uprefix)):
+                # An eval whose every mean was undefined (NaN is not logged) is still the latest: the
+                # model's older scores on the dataset are not shown as its.
+                for metric in [m for (d, m) in row.scores if d == dataset]:
+                    del row.scores[(dataset, metric)]
+                had.pop((key, dataset), None)  # said here: not also "rerun with --metrics" below
+                _warn(f"{label} on {dataset}: its latest eval run ({run.info.run_id}) has no defined score "
+                      f"({', '.join(every)} undefined for every image); its cells are blank")
             continue
         for metric in [m for (d, m) in row.scores if d == dataset]:
             del row.scores[(dataset, metric)]  # a later run of the same model and dataset replaces it
@@ -235,6 +252,9 @@ def _from_mlflow(v: float) -> float:
 def _model_name(row: ModelRow) -> str:
     return "input" if row.key == "input" else (f"{row.key[:12]} ({Path(row.checkpoint).name})" if row.checkpoint
                                                else row.key[:12])
+
+
+SEARCH_PAGE = 50000  # runs per MLflow search request (its largest page)
 
 
 def _warn(text: str) -> None:

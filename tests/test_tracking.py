@@ -298,6 +298,31 @@ def test_replay_spool_goes_to_the_recorded_server(tmp_path, monkeypatch):
     assert run.info.run_name == "kt" and run.info.status == "FINISHED" and run.data.metrics == {"train/total": 1.0}
 
 
+def test_an_op_after_a_spool_line_a_kill_cut_short_is_kept(tmp_path, monkeypatch):
+    """A kill -9 mid-write cut the spool's last line; with the server still down at the restart, the next
+    op was appended onto the cut line, and replay dropped both as one unreadable line."""
+    from uniremoval.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        tr = Tracker(uri, "e", "kt", {"stage": "kt"}, spool_dir=tmp_path / "run")
+    tr.log_metrics({"train/total": 1.0}, step=1)
+    with open(tr.spool_path, "a") as fh:  # what a kill mid-write leaves: half a line, no newline
+        fh.write('{"op": "metrics", "metrics": {"train/total": 2.')
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        again = Tracker(uri, "e", "kt", {"stage": "kt"}, spool_dir=tmp_path / "run")
+    again.log_metrics({"train/total": 3.0}, step=3)
+    with pytest.warns(RuntimeWarning, match="stay in"):
+        again.finish()
+    assert replay_spool(again.spool_path, f"sqlite:///{tmp_path / 'other.db'}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
+    run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/total")] == [(1, 1.0), (3, 3.0)]
+
+
 def test_a_name_mlflow_refuses_is_left_out_not_taken_for_an_outage(tmp_path, monkeypatch):
     """MLflow refuses some names ('(' in a metric or tag name). That refusal was taken for a server
     that is down: every later call of the run was spooled, and the spool's replay failed on the same

@@ -580,6 +580,9 @@ class Tracker:
             op = {**op, "path": str(dst)}
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spool_path, "a") as fh:
+            if fh.tell() and not _ends_with_newline(self.spool_path):
+                # a line a kill -9 cut short: this op starts a line of its own, or both would be lost
+                fh.write("\n")
             if self.run_id is None and fh.tell() == 0:
                 # No run yet: record what to create, so replay_spool can send the calls on its own.
                 head = {"op": "run", "experiment": self.experiment, "run_name": self.run_name, "tags": self.tags}
@@ -850,6 +853,12 @@ def send_spool(spool_path: str | os.PathLike, uri: str | None = None,
             tags["mlflow.parentRunId"] = adopt
     tracker = Tracker(resolve_uri(uri), experiment, head["run_name"], tags, spool_dir=path.parent)
     return tracker.flush(), tracker
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
 
 
 def _read_ops(path: Path) -> list[dict[str, Any]]:

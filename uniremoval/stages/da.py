@@ -43,6 +43,7 @@ from uniremoval.errors import ConfigError
 from uniremoval.stages.kt import build_phi, build_student, weights_run_id, weights_sha256
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
 from uniremoval.stages.trainer import Stage, TrainContext, Trainer, deepspeed_requested, skip_batches
+from uniremoval.stages.validation import warn_left_out
 
 DEEPSPEED_REFUSAL = (
     "the DA stage trains two models (student and discriminator), which accelerate's DeepSpeed integration "
@@ -260,7 +261,7 @@ class DomainAdaptation(Stage):
             for item in read_ahead(eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap)):
                 if "error" in item:  # left out, counted and said below
                     sums["bad"] += 1
-                    bad_example = bad_example or f"{item.get('key')}: {item['error']}"
+                    bad_example = bad_example or item
                     continue
                 x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)
                 y01 = restore_tensor(model, x01, self.cfg.model.input_range)
@@ -273,11 +274,8 @@ class DomainAdaptation(Stage):
                         sums[f"{k}#n"] += 1
                 sums["n"] += 1
             total = ctx.all_sum(sums)
-            if total["bad"] and ctx.rank == 0:
-                example = f", e.g. {bad_example}" if bad_example else ""
-                warnings.warn(f"validation set {src.name} ({src.shards}): {int(total['bad'])} sample(s) left out of "
-                              f"its scores{example}; it is scored on the other {int(total['n'])}",
-                              RuntimeWarning, stacklevel=2)
+            if ctx.rank == 0:
+                warn_left_out(src, total, bad_example)
             if total["n"] == 0:
                 warnings.warn(f"validation set {src.name} gave no usable images", RuntimeWarning, stacklevel=2)
                 continue

@@ -1170,14 +1170,20 @@ class Trainer:
 
     def load(self, resume: str | None) -> None:
         resume = resume if resume is not None else self.cfg.checkpoint.resume
+
+        def agree(path: Path | None) -> None:
+            # Every rank must load the same checkpoint (DeepSpeed's load_state is a collective): a run
+            # folder one node sees differently (a lagging mount) is refused on every rank, before any of
+            # it is read (one rank alone stopping would leave the others waiting in a collective).
+            same_on_every_rank(self.accelerator.num_processes, None if path is None else str(path),
+                               "resume checkpoints", "every process must see the same run folder (a shared file system)",
+                               lambda a, b: f"{a or 'none'} on rank 0, {b or 'none'} on the other")
+
         if resume and resume != "auto":
             # A checkpoint named that is not there stops the run before its folder is made (a typo left
-            # an empty run folder holding a lock), and on every rank alike (one node alone missing it
-            # must not stop while the others wait in a collective).
-            seen = str(resume) if Path(resume).exists() else None
-            same_on_every_rank(self.accelerator.num_processes, seen, "resume checkpoints",
-                               "every process must see the same run folder (a shared file system)",
-                               lambda a, b: f"{a or 'none'} on rank 0, {b or 'none'} on the other")
+            # an empty run folder holding a lock).
+            seen = Path(resume) if Path(resume).exists() else None
+            agree(seen)
             if seen is None:
                 raise CheckpointError(f"resume checkpoint {resume} does not exist; give a checkpoints/step-* folder "
                                       f"of a run, or --resume auto")
@@ -1185,11 +1191,8 @@ class Trainer:
         if not resume:
             return
         path = self.latest_checkpoint() if resume == "auto" else Path(resume)
-        # Every rank must load the same checkpoint (DeepSpeed's load_state is a collective): a run
-        # folder one node sees differently (a lagging mount) is refused here, before any of it is read.
-        same_on_every_rank(self.accelerator.num_processes, None if path is None else str(path), "resume checkpoints",
-                           "every process must see the same run folder (a shared file system)",
-                           lambda a, b: f"{a or 'none'} on rank 0, {b or 'none'} on the other")
+        if resume == "auto":  # a path given was agreed on above
+            agree(path)
         if path is None:
             self._refuse_another_run()  # exported weights without a checkpoint are not overwritten
             self._print(f"--resume auto: no checkpoint in {self.ckpt_root}; starting from step 0")

@@ -37,6 +37,15 @@ def capped_size(urls: Iterable[str], cap: int) -> int:
 SSIM_MIN_SIDE = METRICS["ssim"].min_size  # its Gaussian window, filtered without padding
 
 
+def warn_left_out(src: Any, total: dict[str, float], example: dict[str, Any] | None) -> None:
+    """Say how many samples of a val set were left out of its scores (`total["bad"]`; an undecodable
+    one, a pair without target): unsaid, its means (and best.safetensors) quietly rest on fewer images."""
+    if total["bad"]:
+        eg = f", e.g. {example.get('key')}: {example['error']}" if example else ""
+        warnings.warn(f"validation set {src.name} ({src.shards}): {int(total['bad'])} sample(s) left out of its "
+                      f"scores{eg}; it is scored on the other {int(total['n'])}", RuntimeWarning, stacklevel=3)
+
+
 def _psnr_ssim(restored01: Tensor, target01: Tensor) -> tuple[float, float]:
     from uniremoval.eval import metrics
 
@@ -127,10 +136,8 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
                           f"paired shards (input + target), and without a score no best.safetensors is chosen by it",
                           RuntimeWarning, stacklevel=2)
             continue
-        if total["bad"] and ctx.rank == 0:  # scored on the rest: said, or the mean (and best) quietly rest on fewer
-            example = f", e.g. {skipped[0].get('key')}: {skipped[0]['error']}" if skipped else ""
-            warnings.warn(f"validation set {src.name} ({src.shards}): {int(total['bad'])} sample(s) left out of its "
-                          f"scores{example}; it is scored on the other {int(total['n'])}", RuntimeWarning, stacklevel=2)
+        if ctx.rank == 0:
+            warn_left_out(src, total, skipped[0] if skipped else None)
         for k in ("psnr", "ssim", "psnr_input"):
             out[f"val/{src.name}/{k}"] = total[k] / total["n"]
         psnrs.append(out[f"val/{src.name}/psnr"])

@@ -811,3 +811,38 @@ def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path):
     assert out["val/v/piqe_input"] == pytest.approx((2 + 4 + 6 + 8) / 4)
     assert out["val/mean/piqe"] == out["val/v/piqe"]
     assert any("piqe is undefined for 1 of 4 image(s)" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("stage_name", ["teacher", "kt", "da"])
+def test_each_data_augment_switch_reaches_the_loader_on_its_own(ws, monkeypatch, stage_name):
+    """`data.augment.hflip/vflip/rot90` are three switches, but each stage passed the loader one bool
+    (any of them on = all three drawn): `data.augment.rot90=false` alone changed nothing. The loader
+    now gets the symmetries switched on, and only those are drawn."""
+    from uniremoval.data import pipelines
+    from uniremoval.data.transforms import Aug
+    from uniremoval.stages import da, kt, teacher
+
+    got = []
+
+    class NoBatches(list):
+        def set_epoch(self, epoch):
+            pass
+
+    def loader(*args, augment, **kw):
+        got.append(augment)
+        return NoBatches()
+
+    off = ["data.augment.hflip=false", "data.augment.rot90=false"]
+    monkeypatch.setattr(pipelines, "kt_loader", loader)
+    monkeypatch.setattr(pipelines, "da_loader", loader)
+    if stage_name == "teacher":
+        train = f"data.train=[{{name: s, shards: {ws['syn']['haze']}, degradation: haze}}]"
+        cfg = load_config(REPO / "configs" / "teacher" / "haze.yaml", ["model.preset=tiny", train] + off)
+        stage = teacher.TeacherTraining(cfg)
+    elif stage_name == "kt":
+        stage = kt.KnowledgeTransfer(load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "aug") + off))
+        monkeypatch.setattr(stage, "weights_identity", dict)
+    else:
+        stage = da.DomainAdaptation(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "aug") + off))
+    stage.train_batches(0, 0, 0, 1)
+    assert got == [Aug(hflip=False, vflip=True, rot90=False)]

@@ -653,3 +653,24 @@ def test_an_epoch_whose_loader_cannot_start_raises_once_and_leaves_nothing_to_cl
         iter(ld)
     gc.collect()
     assert unraisable == []  # (was: AttributeError in EpochBatches.__del__, printed as "Exception ignored")
+
+
+def test_only_the_symmetries_switched_on_are_drawn_and_the_crops_stay_the_same():
+    """paired_crop draws a symmetry among those allowed; turning one off keeps every crop window
+    (the generator's later draws) where it was with all three on."""
+    from uniremoval.data.transforms import Aug, paired_crop
+
+    img = np.arange(40 * 48 * 3, dtype=np.uint8).reshape(40, 48, 3)
+    allowed = Aug(hflip=True, vflip=False, rot90=True)
+    drawn_all, drawn_some = [], []
+    for seed in range(64):
+        full_rng, some_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        drawn_all.append([paired_crop({"input": img}, None, 16, 16, full_rng, True)[2] for _ in range(3)])
+        drawn_some.append([paired_crop({"input": img}, None, 16, 16, some_rng, allowed)[2] for _ in range(3)])
+    pairs = [(a, s) for run_a, run_s in zip(drawn_all, drawn_some) for a, s in zip(run_a, run_s)]
+    assert all(a[:2] == s[:2] for a, s in pairs)  # the same windows
+    assert all(s[2] == Aug(a[2].hflip, False, a[2].rot90) for a, s in pairs)
+    assert any(s[2].hflip for _, s in pairs) and any(s[2].rot90 for _, s in pairs)
+    assert any(a[2].vflip for a, _ in pairs)  # vflip was drawn, and left out
+    none_rng = np.random.default_rng(0)
+    assert all(paired_crop({"input": img}, None, 16, 16, none_rng, Aug())[2][2] == Aug() for _ in range(32))

@@ -185,6 +185,9 @@ class EvalSource(NamedSource):
 
 
 class AugmentConfig(Strict):
+    """The symmetries a training crop may be given, each switched on drawn with probability 1/2 (the
+    same for every image of a sample and its cached feature grid)."""
+
     hflip: bool = True
     vflip: bool = True
     rot90: bool = True

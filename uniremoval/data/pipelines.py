@@ -67,6 +67,7 @@ from uniremoval.data.shard_stream import (
 from uniremoval.data.transforms import (
     IMAGE_EXTS,
     ORIENTED_FIELDS,
+    Aug,
     apply_orientation,
     decode_feature,
     decode_image,
@@ -278,7 +279,7 @@ class _StreamSpec:
     require: tuple[str, ...]
     crop: int | None
     cell: int
-    augment: bool
+    augment: Aug  # the symmetries a sample may be given (data.augment)
     shuffle_buffer: int
     bad_samples: BadPolicy
     clear_from_target: bool = False  # DA clear sources: take a paired sample's target
@@ -651,7 +652,7 @@ def _stream_spec(
     require: Sequence[str],
     crop_size: int | None,
     cell: int,
-    augment: bool,
+    augment: Aug | bool,
     shuffle_buffer: int,
     bad_samples: str,
     clear_from_target: bool = False,
@@ -664,7 +665,7 @@ def _stream_spec(
     if crop_size is not None and "feature" in require and crop_size % cell:
         raise ConfigError(f"crop_size {crop_size} must be a multiple of the feature cell {cell}")
     return _StreamSpec(
-        tuple(require), crop_size, cell, augment, max(1, shuffle_buffer), bad_samples, clear_from_target
+        tuple(require), crop_size, cell, Aug.allowed(augment), max(1, shuffle_buffer), bad_samples, clear_from_target
     )
 
 
@@ -681,7 +682,7 @@ def kt_loader(
     cell: int = 16,
     bad_samples: BadPolicy = "skip",
     require: Sequence[str] = ("teacher", "feature"),
-    augment: bool = True,
+    augment: Aug | bool = True,
     shuffle_buffer: int = 64,
     pin_memory: bool = False,
     padding: CropPadding | None = None,
@@ -718,7 +719,7 @@ def da_loader(
     world_size: int,
     clear_batch_size: int | None = None,
     bad_samples: BadPolicy = "skip",
-    augment: bool = True,
+    augment: Aug | bool = True,
     shuffle_buffer: int = 64,
     pin_memory: bool = False,
     padding: CropPadding | None = None,

@@ -213,9 +213,22 @@ class Aug:
     rot90: bool = False  # transpose-like quarter turn; with both flips this covers all 8
 
     @staticmethod
-    def draw(rng: np.random.Generator) -> Aug:
+    def allowed(augment: Aug | bool) -> Aug:
+        """Which symmetries a stream may draw: True = all three, False = none, an Aug = its own."""
+        if isinstance(augment, Aug):
+            return augment
+        return Aug(True, True, True) if augment else Aug()
+
+    def any(self) -> bool:
+        return self.hflip or self.vflip or self.rot90
+
+    @staticmethod
+    def draw(rng: np.random.Generator, allowed: Aug | None = None) -> Aug:
+        """A random symmetry among those `allowed` (all when None). Three bits are drawn whichever
+        are allowed, so turning one off leaves every later draw (the next crops) as it was."""
         bits = rng.integers(0, 2, size=3)
-        return Aug(bool(bits[0]), bool(bits[1]), bool(bits[2]))
+        a = allowed or Aug(True, True, True)
+        return Aug(bool(bits[0]) and a.hflip, bool(bits[1]) and a.vflip, bool(bits[2]) and a.rot90)
 
 
 def apply_aug(arr: np.ndarray, aug: Aug, channels_first: bool) -> np.ndarray:
@@ -250,7 +263,7 @@ def paired_crop(
     crop: int | None,
     cell: int,
     rng: np.random.Generator,
-    augment: bool = True,
+    augment: Aug | bool = True,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple[int, int, Aug]]:
     """Cut one random window (and draw one augmentation) shared by every image and the grid.
 
@@ -259,6 +272,7 @@ def paired_crop(
     and the padded border is a plausible image; the training streams count such samples and warn
     once, see `pipelines.CropPadding`). With a feature grid the image is first trimmed
     to the grid's cell-aligned area and the window offset is a multiple of `cell`.
+    `augment`: the symmetries that may be drawn (True: all, False: none, or an Aug of them).
     `crop=None` keeps the full image (no augmentation either). Returns the crops, the grid crop
     and (y0, x0, aug) for tests and debugging.
     """
@@ -286,7 +300,8 @@ def paired_crop(
         y0 = int(rng.integers(0, h - crop + 1))
         x0 = int(rng.integers(0, w - crop + 1))
     out = {k: v[y0 : y0 + crop, x0 : x0 + crop] for k, v in images.items()}
-    aug = Aug.draw(rng) if augment else Aug()
+    allowed = Aug.allowed(augment)
+    aug = Aug.draw(rng, allowed) if allowed.any() else Aug()
     out = {k: apply_aug(v, aug, channels_first=False) for k, v in out.items()}
     if feature is not None:
         feature = apply_aug(feature, aug, channels_first=True)

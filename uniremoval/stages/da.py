@@ -150,9 +150,10 @@ class DomainAdaptation(Stage):
 
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
         from uniremoval.data.pipelines import da_loader
+        from uniremoval.data.transforms import Aug
 
         cfg, d = self.cfg, self.cfg.data
-        aug = d.augment.hflip or d.augment.vflip or d.augment.rot90
+        aug = Aug(**d.augment.model_dump())
         loader = da_loader(
             [(s.name, s.shards, s.degradation, s.weight) for s in d.train],
             [(s.name, s.shards, "clear", s.weight) for s in d.clear],

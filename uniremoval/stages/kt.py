@@ -204,9 +204,10 @@ class KnowledgeTransfer(Stage):
 
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
         from uniremoval.data.pipelines import kt_loader
+        from uniremoval.data.transforms import Aug
 
         cfg, d = self.cfg, self.cfg.data
-        aug = d.augment.hflip or d.augment.vflip or d.augment.rot90
+        aug = Aug(**d.augment.model_dump())
         loader = kt_loader(
             [(s.name, s.shards, s.degradation, s.weight) for s in d.train],
             self.degradations, d.batch_size, d.crop_size, cfg.train.steps_per_epoch * cfg.train.grad_accum,

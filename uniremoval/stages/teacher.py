@@ -79,15 +79,15 @@ class TeacherTraining(Stage):
 
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int):
         from uniremoval.data.pipelines import kt_loader
+        from uniremoval.data.transforms import Aug
 
         c = self.cfg
-        aug = c.data.augment
         loader = kt_loader(
             [(s.name, s.shards, self.degradation, s.weight) for s in self.sources], [self.degradation],
             batch_size=c.data.batch_size, crop_size=c.data.crop_size,
             steps_per_epoch=c.train.steps_per_epoch * c.train.grad_accum, num_workers=c.data.num_workers,
             seed=c.train.seed, rank=rank, world_size=world_size, cell=c.data.feature_cell,
-            bad_samples=c.data.bad_samples, require=("target",), augment=aug.hflip or aug.vflip or aug.rot90,
+            bad_samples=c.data.bad_samples, require=("target",), augment=Aug(**c.data.augment.model_dump()),
             shuffle_buffer=c.data.shuffle_buffer, pin_memory=c.data.pin_memory and torch.cuda.is_available(),
             padding=self.crop_padding)
         loader.set_epoch(epoch)  # the epoch seeds shard order, shuffling and crops: resumable

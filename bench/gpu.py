@@ -827,6 +827,9 @@ def bench_trainer(models, args, device, results) -> None:
                     for b in add_cached_targets(make_batches(2, args.batch, args.crop, device), models["teachers"])]
 
     class BenchKT(KnowledgeTransfer):
+        def preflight(self):
+            pass  # the config's cache folders are not read here (nor are its shards: check_inputs below)
+
         def build_models(self):
             student, phi = copy.deepcopy(models["student"]), copy.deepcopy(models["phi"])
             self.loss_fn = kt_loss(phi)  # the bench's KT loss (paper values), on the phi the trainer moves

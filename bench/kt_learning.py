@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, ap: argparse.ArgumentParser, root: Path) -> int:
     import torch
-    from dist_kt_common import TYPES, learning_run_config
+    from dist_kt_common import TYPES, learning_run_config, oracle_kt_class
 
     from uniremoval.errors import UniremovalError
-    from uniremoval.stages import kt
     from uniremoval.stages.trainer import Trainer
 
     torch.set_num_threads(args.threads)
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace, ap: argparse.ArgumentParser, root: Path) -> in
     curve: list[dict] = []
     t0 = time.time()
 
-    class Recorder(kt.KnowledgeTransfer):
+    class Recorder(oracle_kt_class()):
         """Keeps each validation's per-type PSNR (input and student) as it happens."""
 
         def validate(self, ctx):  # type: ignore[override]

@@ -317,6 +317,18 @@ def subprocess_env() -> dict:
 LEARN_BLUR_WEIGHT = 2  # the blur source's data.train weight in the learning run
 
 
+def oracle_kt_class() -> type:
+    """The KT stage for `learning_run_config`'s oracle caches: they hold the clean targets, written by
+    no teacher and no `uniremoval cache`, so its preflight has no teacher identity to check."""
+    from uniremoval.stages import kt
+
+    class OracleKnowledgeTransfer(kt.KnowledgeTransfer):
+        def preflight(self) -> None:
+            pass
+
+    return OracleKnowledgeTransfer
+
+
 def learning_run_config(root: Path, steps: int, val_every: int | None = None, overrides: list[str] = (),
                         blur: str = "defocus", blur_stripes: int = BLUR_SCENE_STRIPES):
     """The KT learning run (tests/test_kt_da.py, bench/kt_learning.py): 24 train pairs of 48x48 per

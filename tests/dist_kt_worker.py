@@ -45,13 +45,8 @@ def run_phase(phase: dict) -> tuple[dict, object]:
     cfg = load_config(phase["config"], phase.get("overrides", []))
     set_seed(cfg.train.seed)  # as Trainer.setup: the student is the first model built after seeding
     initial = fingerprint(kt.build_student(cfg)).tolist()
-    if cfg.stage == "kt":
-        if cfg.teachers.mode == "cached":
-            kt.check_teacher_cache(cfg)
-        stage = kt.KnowledgeTransfer(cfg)
-    else:
-        da.refuse_deepspeed()
-        stage = da.DomainAdaptation(cfg)
+    # as run_stage (the trainer checks KT's teacher cache; DA refuses DeepSpeed when built)
+    stage = kt.KnowledgeTransfer(cfg) if cfg.stage == "kt" else da.DomainAdaptation(cfg)
     trainer = Trainer(cfg, stage)
     result = trainer.fit(resume=phase.get("resume"))
     acc = trainer.accelerator

@@ -31,12 +31,14 @@ from dist_kt_common import (
     learning_run_config,
     loss_terms,
     mlflow_history,
+    oracle_kt_class,
     run_id_of,
     subprocess_env,
 )
 
 from uniremoval.config import load_config
 from uniremoval.errors import CheckpointError, ConfigError, DataError
+from uniremoval.stages.trainer import run_stage
 
 LEARN_STEPS = 500
 LEARN_MARGIN_DB = {"haze": 3.0, "rain": 3.0, "blur": 1.5}  # dB over the degraded input
@@ -190,15 +192,25 @@ def test_a_cached_sample_of_another_teacher_stops_kt_when_read(ws):
         first_batches(other)
 
 
-def test_a_stale_cache_is_refused(ws, tmp_path):
+def test_a_stale_cache_is_refused(ws, tmp_path, monkeypatch):
+    """By the trainer itself (the stage's preflight, after the ranks agree), before any model is built:
+    only `kt.run` checked the cache, so a Trainer driven from a script trained on a stale one."""
     from dist_kt_common import save_random_mprnet
 
     from uniremoval.stages import kt
+    from uniremoval.stages.trainer import Trainer
+
+    def no_models(self):
+        raise AssertionError("models were built for a run on a stale cache")
 
     other = save_random_mprnet(tmp_path / "retrained_haze", seed=123)
     cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "stale") + [f"teachers.checkpoints.haze={other}"])
+    with monkeypatch.context() as m:
+        m.setattr(kt.KnowledgeTransfer, "build_models", no_models)
+        with pytest.raises(DataError, match=r"stale cache .*syn_haze"):
+            Trainer(cfg, kt.KnowledgeTransfer(cfg)).fit()
     with pytest.raises(DataError, match=r"stale cache .*syn_haze"):
-        kt.run(cfg)
+        run_stage(kt.KnowledgeTransfer(cfg))
     # the same cache listed as its shard files (a brace pattern, one tar) is checked through its folder
     haze, rain, blur = ws["cache"]["haze"], ws["cache"]["rain"], ws["cache"]["blur"]
     files = ["data.train=[{name: h, shards: '" + str(haze / "syn_haze-{000000..000001}.tar") + "', degradation: haze}, "
@@ -253,7 +265,7 @@ def test_da_refuses_deepspeed_and_names_the_launch_config(ws, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads"))
     with pytest.raises(ConfigError, match=r"launch/multi_gpu\.yaml"):
-        da.run(cfg)
+        run_stage(da.DomainAdaptation(cfg))
     # accelerate itself takes only "true": with "1" the launch runs as DDP, which DA supports
     from uniremoval.stages.trainer import deepspeed_requested
 
@@ -261,7 +273,8 @@ def test_da_refuses_deepspeed_and_names_the_launch_config(ws, monkeypatch):
     assert not deepspeed_requested()
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     with pytest.raises(ConfigError, match="model.init"):
-        da.run(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dads") + ["model.init=null"]))
+        run_stage(da.DomainAdaptation(load_config(REPO / "configs" / "da.yaml",
+                                                  da_overrides(ws, "dads") + ["model.init=null"])))
 
 
 @pytest.mark.parametrize("change", ["loss.use_gan=false", "loss.gan=hinge"])
@@ -327,7 +340,7 @@ def test_da_refuses_a_clear_source_of_unpaired_degraded_photos_before_building_m
     with pytest.raises(ConfigError, match=rf"data.clear.0 \(urhi\): {unpaired} holds 6 haze image\(s\) without a "
                                           r"target, and no clear one: .* `uniremoval shards build --format folder "
                                           r"--degradation clear`"):
-        da.run(cfg)
+        run_stage(da.DomainAdaptation(cfg))
     assert not Path(cfg.run_dir).exists()
     for usable in (ws["clear"], ws["syn"]["rain"], min(Path(ws["syn"]["blur"]).glob("*.tar"))):
         check_inputs(cfg_with(usable))
@@ -352,7 +365,7 @@ def test_kt_and_teacher_refuse_an_unpaired_validation_set_before_training(ws, mo
                                                                                       "train.cpu=true", val])
     with pytest.raises(ConfigError, match=rf"data.val.1 \(rtts\): {unpaired} holds 6 image\(s\) and no target: "
                                           r"teacher and KT validation score PSNR/SSIM against targets"):
-        kt.run(cfg)
+        run_stage(kt.KnowledgeTransfer(cfg))
     assert not Path(cfg.run_dir).exists()
     train = f"data.train=[{{name: s, shards: {ws['syn']['haze']}, degradation: haze}}]"
     teacher = load_config(REPO / "configs" / "teacher" / "haze.yaml", [
@@ -404,13 +417,13 @@ def test_da_names_a_missing_iqa_parameter_file_before_starting(ws, monkeypatch, 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "daiqa") + ["val_iqa.metrics=[piqe, brisque]"])
     with pytest.raises(MissingIQAParams, match=r"metric 'brisque' .* fetch-params"):
-        da.run(cfg)
+        run_stage(da.DomainAdaptation(cfg))
     assert not Path(cfg.run_dir).exists()
     # a truncated file (an interrupted copy) was only read by the first validation, val_every steps in
     (tmp_path / "iqa").mkdir()
     (tmp_path / "iqa" / "brisque_matlab.mat").write_bytes(b"MATLA")
     with pytest.raises(MissingIQAParams, match=r"brisque_matlab\.mat is not a readable \.mat file"):
-        da.run(cfg)
+        run_stage(da.DomainAdaptation(cfg))
     assert not Path(cfg.run_dir).exists()
 
 
@@ -420,7 +433,7 @@ def test_kt_and_da_say_where_their_weights_are(ws, capsys):
 
     short = ["train.epochs=1", "train.steps_per_epoch=1", "train.val_every=1", "checkpoint.every_steps=1"]
     cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "ktsays") + short)
-    assert kt.run(cfg) == 0
+    assert run_stage(kt.KnowledgeTransfer(cfg)) == 0
     err = capsys.readouterr().err
     assert f"ktsays: 1 steps; weights: {cfg.run_dir / 'best.safetensors'} (best val/mean/psnr) and " \
         f"{cfg.run_dir / 'last.safetensors'}; MLflow run " in err
@@ -434,7 +447,7 @@ def test_kt_and_da_say_where_their_weights_are(ws, capsys):
     tags = client.get_run(run_id_of(cfg.run_dir)).data.tags
     assert {k: tags.get(f"teacher_sha256.{k}") for k in TYPES} == {k: checkpoint_sha256(ws["teachers"][k]) for k in TYPES}
     cfg = load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "dasays", init=kt_last) + short)
-    assert da.run(cfg) == 0
+    assert run_stage(da.DomainAdaptation(cfg)) == 0
     assert f"dasays: 1 steps; weights: {cfg.run_dir}" in capsys.readouterr().err
     da_tags = client.get_run(run_id_of(cfg.run_dir)).data.tags
     assert da_tags["init_sha256"] == checkpoint_sha256(kt_last)
@@ -528,7 +541,7 @@ def test_kt_student_learns_every_degradation(tmp_path):
                                      (it["target"][None] + 1) / 2)[0])
                   for it in eval_samples(val[k], require=("target",))]
         before[k] = sum(scores) / len(scores)
-    result = Trainer(cfg, kt.KnowledgeTransfer(cfg)).fit()
+    result = Trainer(cfg, oracle_kt_class()(cfg)).fit()
     m = result.metrics
     report = {k: {"input": round(m[f"val/val_{k}/psnr_input"], 2), "untrained": round(before[k], 2),
                   "student": round(m[f"val/val_{k}/psnr"], 2)} for k in TYPES}

@@ -40,16 +40,9 @@ def register(subparsers) -> None:
 
 def _handler(args) -> int:
     from uniremoval.config import load_config
+    from uniremoval.stages import da, kt, teacher
+    from uniremoval.stages.trainer import run_stage
 
+    stages = {"teacher": teacher.TeacherTraining, "kt": kt.KnowledgeTransfer, "da": da.DomainAdaptation}
     cfg = load_config(args.config, overrides(args), stage=args.stage_name)
-    if args.stage_name == "teacher":
-        from uniremoval.stages import teacher
-
-        return teacher.run(cfg, args)
-    if args.stage_name == "kt":
-        from uniremoval.stages import kt
-
-        return kt.run(cfg, args)
-    from uniremoval.stages import da
-
-    return da.run(cfg, args)
+    return run_stage(stages[args.stage_name](cfg), args.resume)

@@ -42,7 +42,7 @@ from uniremoval.config import DAStage, ablation_flags
 from uniremoval.errors import ConfigError
 from uniremoval.stages.kt import build_phi, build_student, weights_run_id, weights_sha256
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
-from uniremoval.stages.trainer import Stage, TrainContext, Trainer, deepspeed_requested, skip_batches
+from uniremoval.stages.trainer import Stage, TrainContext, deepspeed_requested, skip_batches
 from uniremoval.stages.validation import warn_left_out
 
 DEEPSPEED_REFUSAL = (
@@ -81,6 +81,7 @@ class DomainAdaptation(Stage):
     compiled_frozen = ("phi",)  # VGG-19 on the crops of every step
 
     def __init__(self, cfg: DAStage) -> None:
+        refuse_deepspeed()  # before the trainer builds a DeepSpeed accelerator for it
         super().__init__(cfg)
         self.cfg: DAStage = cfg
         self.degradations = list(cfg.data.degradations)
@@ -336,16 +337,3 @@ class DomainAdaptation(Stage):
         if same_mlflow_run and isinstance(logged, dict):
             self._inputs_logged = {str(k): str(v) for k, v in logged.items()}
             self._inputs_scored = dict(self._inputs_logged)
-
-
-def run(cfg: DAStage, args: Any = None) -> int:
-    """`uniremoval train da`: refuse DeepSpeed, fit. Returns the exit code."""
-    from uniremoval.stages.trainer import print_weights
-
-    refuse_deepspeed()
-    stage = DomainAdaptation(cfg)
-    result = Trainer(cfg, stage).fit(resume=getattr(args, "resume", None))
-    if result.status == "preempted":
-        return result.exit_code
-    print_weights(cfg, stage, result)
-    return 0

@@ -45,7 +45,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from uniremoval.config import KTStage, check_inputs
+from uniremoval.config import KTStage
 from uniremoval.errors import CheckpointError, ConfigError, DataError
 from uniremoval.stages.teachers import (
     Teacher,
@@ -55,7 +55,7 @@ from uniremoval.stages.teachers import (
     restore_with_feature,
     teacher_targets,
 )
-from uniremoval.stages.trainer import Stage, TrainContext, Trainer, skip_batches, zero_stage
+from uniremoval.stages.trainer import Stage, TrainContext, skip_batches, zero_stage
 from uniremoval.stages.validation import validate_paired
 
 TEACHER_PREFIX = "teacher_"
@@ -187,6 +187,10 @@ class KnowledgeTransfer(Stage):
         if not cfg.data.train:
             raise ConfigError("data.train is empty: list the cache shards (teachers.mode=cached) or the synthetic "
                               "shards (teachers.mode=online) of every degradation type")
+
+    def preflight(self) -> None:
+        if not self.online:
+            check_teacher_cache(self.cfg)
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg = self.cfg
@@ -326,19 +330,3 @@ def check_teacher_cache(cfg: KTStage) -> None:
             if have != src.degradation:
                 raise ConfigError(f"data.train {src.name}: cache {folder} holds '{have}' teacher outputs, but the "
                                   f"source says degradation '{src.degradation}'")
-
-
-def run(cfg: KTStage, args: Any = None) -> int:
-    """`uniremoval train kt`: build the accelerator, check the cache, fit. Returns the exit code."""
-    from uniremoval.stages.trainer import print_weights
-
-    stage = KnowledgeTransfer(cfg)
-    trainer = Trainer(cfg, stage)
-    check_inputs(cfg)
-    if cfg.teachers.mode == "cached":
-        check_teacher_cache(cfg)
-    result = trainer.fit(resume=getattr(args, "resume", None))
-    if result.status == "preempted":
-        return result.exit_code
-    print_weights(cfg, stage, result)
-    return 0

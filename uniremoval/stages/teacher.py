@@ -28,8 +28,6 @@ from uniremoval.stages.teachers import from_model_range, to_model_range
 from uniremoval.stages.trainer import (
     Stage,
     TrainContext,
-    Trainer,
-    print_weights,
     skip_batches,
     zero_stage,
 )
@@ -120,14 +118,3 @@ class TeacherTraining(Stage):
         lockstep = zero_stage(ctx.accelerator) == 3
         model = ctx.models["teacher"] if lockstep else ctx.unwrap("teacher")
         return validate_paired(ctx, model, self.input_range, self.val_sources, lockstep)
-
-
-def run(cfg: TeacherStage, args: Any) -> int:
-    """`uniremoval train teacher`: train, then say where the weights are."""
-    stage = TeacherTraining(cfg)
-    trainer = Trainer(cfg, stage)
-    result = trainer.fit(resume=getattr(args, "resume", None))
-    if result.status == "preempted":
-        return result.exit_code
-    print_weights(cfg, stage, result)
-    return 0

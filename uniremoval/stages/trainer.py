@@ -32,6 +32,8 @@ non-finite losses, logging). A stage provides:
   handles its share (``ctx.rank`` / ``ctx.world_size``) and combines with ``ctx.all_sum``. Return
   metric names as logged, e.g. ``val/<dataset>/psnr``.
 - ``best_metric``: ``("val/<dataset>/psnr", "max")`` to keep a best checkpoint, or None.
+- ``preflight()``: checks of its own inputs (KT: the teacher cache), run by the trainer on every rank
+  after the ranks agree on the config and shard listing and `check_inputs` passed, before models.
 
 One optimiser step ("step") = one optimiser update = ``grad_accum`` micro-batches. Inside
 ``training_step``, ``ctx.optimize`` does ``accelerator.backward`` (scaled by accumulation),
@@ -196,6 +198,10 @@ class Stage:
     def validate(self, ctx: TrainContext) -> dict[str, float]:
         return {}
 
+    def preflight(self) -> None:
+        """Checks of the stage's own inputs beyond `check_inputs` (KT: the teacher cache), run on every
+        rank once the ranks agree on the config and the shard listing, before any model is built."""
+
     def extra_tags(self) -> dict[str, str]:
         return {}
 
@@ -352,6 +358,16 @@ def print_weights(cfg: StageBase, stage: Stage, result: FitResult) -> None:
               + (f"; MLflow run {result.run_id}" if result.run_id else ""), file=sys.stderr)
 
 
+def run_stage(stage: Stage, resume: str | None = None) -> int:
+    """`uniremoval train <stage>`: fit on the shared trainer, then say where the weights are.
+    Returns the exit code (PREEMPTED_EXIT_CODE after a SIGTERM/SIGUSR1 checkpoint)."""
+    result = Trainer(stage.cfg, stage).fit(resume=resume)
+    if result.status == "preempted":
+        return result.exit_code
+    print_weights(stage.cfg, stage, result)
+    return 0
+
+
 class TrainContext:
     """What a stage sees during `training_step` and `validate`: models, counters, and callbacks."""
 
@@ -495,6 +511,7 @@ class Trainer:
             agreed_listing(acc.num_processes, lambda: listed_shards(self.cfg.data), list, "shard files",
                            SAME_FILES_FIX + "; nothing was trained")
         check_inputs(self.cfg)                         # every shard folder and checkpoint named is there
+        self.stage.preflight()                         # the stage's own (KT: the teacher cache)
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
         self._check_run_length(total)
@@ -517,7 +534,7 @@ class Trainer:
                     more_epochs = end == cfg.steps_per_epoch and (epoch + 1) * cfg.steps_per_epoch < total
                     for s in range(start, end):
                         for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
-                            batch = self._next_batch(batches, epoch, start, micro)
+                            batch = self._next_batch(batches, epoch)
                             left = (end - s) * cfg.grad_accum - micro - 1  # micro-batches still to fetch
                             if more_epochs and upcoming.due(batches, left):
                                 upcoming.start(epoch + 1, self._epoch_batches(epoch + 1, 0))
@@ -761,7 +778,7 @@ class Trainer:
         """Backward, and at the accumulation boundary clip, step and zero the gradients. `skip`: the
         fused optimiser's device flag (1.0 leaves the update out)."""
         acc, opt, sched = self.accelerator, self.optimizers[name], self.schedulers[name]
-        if acc.sync_gradients and hasattr(sched, "apply"):
+        if acc.sync_gradients:
             sched.apply(self.step)  # the LR of update number self.step (DeepSpeed steps inside backward)
         acc.backward(loss)
         if acc.sync_gradients:
@@ -774,8 +791,6 @@ class Trainer:
                 opt.step()
             finally:
                 inner.found_inf = None
-            if not hasattr(sched, "apply") and not getattr(opt, "step_was_skipped", False):
-                sched.step()  # a subclass's torch LR scheduler
             opt.zero_grad(set_to_none=True)
 
     def _optimize_on_device_check(self, name: str, loss: Tensor, terms: dict[str, Any] | None) -> None:
@@ -896,8 +911,7 @@ class Trainer:
         keys = list(window)
         out = {f"train/{k}": s / n for k, (s, n) in window.items() if n > 0}
         for name, sched in self.schedulers.items():
-            lr = sched.last_lr if hasattr(sched, "last_lr") else float(sched.get_last_lr()[0])
-            out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = lr
+            out[f"train/lr_{name}" if len(self.schedulers) > 1 else "train/lr"] = sched.last_lr
         out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
         out.update({f"train/{k}": v for k, v in self.data_counts_total().items()})
         # epochs completed, fractional (the epoch index of the window's last step said 1 at the end of
@@ -1227,11 +1241,8 @@ class Trainer:
         if self.deepspeed:
             self.accelerator.load_state(str(path / "deepspeed"))
         self.step = int(state["step"])
-        for name, sched in self.schedulers.items():
-            if hasattr(sched, "apply"):
-                sched.apply(self.step)
-            else:  # a subclass's torch LR scheduler
-                sched.load_state_dict(state["schedulers"][name])
+        for sched in self.schedulers.values():
+            sched.apply(self.step)  # a function of the step: nothing else to restore
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.data_counts_resumed = {k: float(state.get(k, 0.0)) for k in DATA_COUNTS}
         # The log window's all-rank sums go to the main process; the other ranks hold zeros for the
@@ -1427,14 +1438,14 @@ class Trainer:
         for sig, handler in getattr(self, "_old_handlers", {}).items():
             signal.signal(sig, handler)
 
-    def reduce(self, tensor: Tensor, op: Literal["sum", "mean", "max"]) -> Tensor:
+    def reduce(self, tensor: Tensor, op: Literal["sum", "max"]) -> Tensor:
         if self.accelerator.num_processes == 1:
             return tensor
         import torch.distributed as dist
 
         out = tensor.clone()
         dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return out / self.accelerator.num_processes if op == "mean" else out
+        return out
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (one process: the flag, no device round trip)."""
@@ -1471,7 +1482,7 @@ class Trainer:
         return iter(self.stage.train_batches(epoch, start * self.cfg.train.grad_accum, acc.process_index,
                                              acc.num_processes))
 
-    def _next_batch(self, batches: Iterator[dict[str, Any]], epoch: int, start: int, micro: int) -> dict[str, Any]:
+    def _next_batch(self, batches: Iterator[dict[str, Any]], epoch: int) -> dict[str, Any]:
         try:
             batch = next(batches)
         except StopIteration:

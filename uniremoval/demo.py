@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from uniremoval.data.manifest import MANIFEST_NAME
 from uniremoval.errors import ConfigError, DataError, UniremovalError
 
 MARKER = ".uniremoval-demo"  # marks a directory the demo created (the only kind --clean deletes)
@@ -394,12 +395,12 @@ class Demo:
         out = Path(argv[argv.index("--out") + 1])
         shutil.rmtree(out, ignore_errors=True)
         self.cli(argv, capture=io.StringIO())  # the builder's summary: condensed into the step line
-        m = json.loads((out / "manifest.json").read_text())
+        m = json.loads((out / MANIFEST_NAME).read_text())
         return f"{m['counts']['total']} samples in {len(m['shards'])} shard(s)"
 
     def _shards_reuse(self, name: str, argv: list[str]) -> str | None:
         """Same command as the one that built them, and every shard present with its size."""
-        f = self.path(f"shards/{name}/manifest.json")
+        f = self.path(f"shards/{name}/{MANIFEST_NAME}")
         if not f.is_file() or self.images_rebuilt():
             return None
         m = json.loads(f.read_text())
@@ -463,7 +464,7 @@ class Demo:
         if self._upstream_ran():
             shutil.rmtree(cfg.cache.out, ignore_errors=True)
         self.cli(["cache", "--config", str(cfg_path)])
-        total = sum(json.loads((Path(cfg.cache.out) / s.name / "manifest.json").read_text())["counts"]["total"]
+        total = sum(json.loads((Path(cfg.cache.out) / s.name / MANIFEST_NAME).read_text())["counts"]["total"]
                     for s in cfg.data.train)
         return f"{total} samples cached in {cfg.cache.out}"
 

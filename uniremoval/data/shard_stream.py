@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.utils.data import get_worker_info
 
-from uniremoval.data.manifest import split_specs
+from uniremoval.data.manifest import MANIFEST_NAME, split_specs
 from uniremoval.errors import DataError
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
@@ -128,7 +128,7 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
         return list(braceexpand.braceexpand(s))
     if s.startswith(("http://", "https://")):
         if s.endswith("/"):
-            return read_manifest_shards(s + "manifest.json")
+            return read_manifest_shards(s + MANIFEST_NAME)
         if s.endswith(".json"):
             return read_manifest_shards(s)
         if "{" in s:
@@ -159,8 +159,8 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
         return out
     path = Path(s)
     if path.is_dir():
-        if (path / "manifest.json").exists():
-            return read_manifest_shards(path / "manifest.json")
+        if (path / MANIFEST_NAME).exists():
+            return read_manifest_shards(path / MANIFEST_NAME)
         if any(path.glob("manifest-job*.json")):  # an array build: its tars may be only some jobs'
             raise DataError(
                 f"{path} holds per-job manifests but no manifest.json: when every job has finished, "

@@ -71,7 +71,7 @@ def source_sha256(url: str) -> str | None:
     if "://" in url or url.startswith("pipe:"):
         return None
     path = Path(url)
-    manifest = path.parent / "manifest.json"
+    manifest = path.parent / MANIFEST_NAME
     if manifest.is_file():
         try:
             for entry in json.loads(manifest.read_text()).get("shards", []):
@@ -513,7 +513,7 @@ def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapp
                       "precision": cfg.train.mixed_precision,
                       "sources": sources},
         }
-        atomic_write_json(out_dir / "manifest.json", manifest)
+        atomic_write_json(out_dir / MANIFEST_NAME, manifest)
         listed = {r["name"] for r in recs}
         if stray := sorted(t.name for t in out_dir.glob("*.tar") if t.name not in listed):
             # Not deleted: they may be the cache of source shards left out of this run on purpose, which
@@ -546,10 +546,10 @@ def _log_run(cfg: CacheStage, acc: Any, out_root: Path) -> None:
     with finishing(tracker):
         metrics = {}
         for src in cfg.data.train:
-            m = json.loads((out_root / src.name / "manifest.json").read_text())
+            m = json.loads((out_root / src.name / MANIFEST_NAME).read_text())
             metrics[f"cache/{src.name}/samples"] = m["counts"]["total"]
             metrics[f"cache/{src.name}/skipped"] = m["issues"]["total"]
-            tracker.log_artifact(out_root / src.name / "manifest.json", f"manifests/{src.name}")
+            tracker.log_artifact(out_root / src.name / MANIFEST_NAME, f"manifests/{src.name}")
         tracker.log_metrics(metrics, step=0)
 
 
@@ -569,7 +569,7 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
     from uniremoval.data.shard_stream import resolve_shards
 
     cache_dir = Path(cache_dir)
-    file = cache_dir / "manifest.json"
+    file = cache_dir / MANIFEST_NAME
     if not file.is_file():
         if any(cache_dir.glob("*.tar")):
             # Shards but no manifest: a build (or rebuild) that did not finish, when `uniremoval cache` wrote

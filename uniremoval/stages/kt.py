@@ -296,6 +296,7 @@ def check_teacher_cache(cfg: KTStage) -> None:
     """
     from pathlib import Path
 
+    from uniremoval.data.manifest import MANIFEST_NAME
     from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.stages.cache import check_cache
 
@@ -304,7 +305,7 @@ def check_teacher_cache(cfg: KTStage) -> None:
         tars: dict[Path, list[Path]] = {}  # folder -> the tar files named inside it
         for spec in src.shards:
             folder = Path(spec)
-            if folder.is_file() and folder.name == "manifest.json":
+            if folder.is_file() and folder.name == MANIFEST_NAME:
                 folder = folder.parent
             if folder.is_dir():
                 folders.append(folder)

@@ -15,13 +15,12 @@ from test_shards_layouts import Tree, build, check_samples, run_cli, samples, tr
 
 from uniremoval.data import shardwriter
 from uniremoval.data.manifest import (
-    expand_braces,
     format_inspect,
     inspect_shards,
     load_manifest,
-    shard_paths,
     verify_shards,
 )
+from uniremoval.data.shard_stream import resolve_shards
 from uniremoval.errors import DataError
 from uniremoval.io import sha256_file
 
@@ -629,25 +628,26 @@ def test_load_manifest_errors_name_the_file(tmp_path: Path) -> None:
         load_manifest(tmp_path)
 
 
-def test_shard_paths_forms(tmp_path: Path) -> None:
+def test_a_built_folder_resolves_in_every_spec_form(tmp_path: Path) -> None:
+    """One resolver (shard_stream.resolve_shards) for every command: training, cache, eval and the demo
+    (manifest.shard_paths was a second one that disagreed: it refused a folder of bare tars and passed
+    s3:// through, where training's said "does not exist")."""
     tree = big_its(tmp_path / "its")
     out = tmp_path / "out"
     build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
     names = [str(out / f"its-{i:06d}.tar") for i in range(6)]
-    assert shard_paths(out) == names
-    assert shard_paths(str(out / "its-*.tar")) == names
-    assert shard_paths(str(out / "its-{000000..000002}.tar")) == names[:3]
-    assert shard_paths(f"{out}/its-000000.tar::{out}/its-000005.tar") == [names[0], names[5]]
-    assert shard_paths("https://host/x/its-{000..002}.tar") == [
-        f"https://host/x/its-{i:03d}.tar" for i in range(3)
-    ]
-    assert shard_paths("pipe:curl -s https://h/a.tar") == ["pipe:curl -s https://h/a.tar"]
-    assert expand_braces("a{1..3}{x,y}") == ["a1x", "a1y", "a2x", "a2y", "a3x", "a3y"]
-    with pytest.raises(DataError, match="does not exist"):
-        shard_paths(str(out / "its-{000005..000006}.tar"))
-    (out / "its-000004.tar").unlink()
-    with pytest.raises(DataError, match="missing"):
-        shard_paths(out)
+    assert resolve_shards(out) == names
+    assert resolve_shards(str(out / "its-*.tar")) == names
+    assert resolve_shards(str(out / "its-{000000..000002}.tar")) == names[:3]
+    assert resolve_shards(f"{out}/its-000000.tar::{out}/its-000005.tar") == [names[0], names[5]]
+    assert resolve_shards("https://host/x/its-{000..002}.tar") == [f"https://host/x/its-{i:03d}.tar" for i in range(3)]
+    assert resolve_shards("pipe:curl -s https://h/a.tar") == ["pipe:curl -s https://h/a.tar"]
+    with pytest.raises(DataError, match=r"2 files missing, e\.g\. .*its-000006\.tar"):
+        resolve_shards(str(out / "its-{000005..000007}.tar"))
+    for url in ("s3://bucket/its-{000000..000001}.tar", "gs://bucket/its-000000.tar"):
+        scheme = url.split(":")[0]
+        with pytest.raises(DataError, match=rf"{scheme}:// URLs are not opened directly .* 'pipe:aws s3 cp {url} -'"):
+            resolve_shards(url)
 
 
 def _png16_grey_alpha(arr: np.ndarray) -> bytes:

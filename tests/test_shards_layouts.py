@@ -25,9 +25,9 @@ from uniremoval.data.manifest import (
     iter_tar_samples,
     load_manifest,
     sample_fields,
-    shard_paths,
     verify_shards,
 )
+from uniremoval.data.shard_stream import resolve_shards
 from uniremoval.errors import ConfigError, DataError
 
 H, W = 24, 32
@@ -232,7 +232,7 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def samples(out: Path) -> list[tuple[str, dict]]:
-    return [s for p in shard_paths(out) for s in iter_tar_samples(p)]
+    return [s for p in resolve_shards(out) for s in iter_tar_samples(p)]
 
 
 def check_samples(out: Path, tree: Tree, fmt: str, degradation: str, domain: str) -> None:
@@ -408,7 +408,7 @@ def test_webdataset_reads_the_shards(tmp_path: Path) -> None:
     tree = tree_gopro(tmp_path / "gopro")
     out = tmp_path / "o"
     build("gopro", tree.root, out, "--max-samples-per-shard", "4")
-    got = {s["__key__"]: s for s in wds.WebDataset(shard_paths(out), shardshuffle=False)}
+    got = {s["__key__"]: s for s in wds.WebDataset(resolve_shards(out), shardshuffle=False)}
     assert sorted(got) == sorted(k for k, _ in samples(out))
     for s in got.values():
         assert {"input.png", "target.png", "json"} <= set(s)

@@ -1007,10 +1007,10 @@ def check_inputs(cfg: StageBase) -> None:
     for section in ("train", "val", "clear"):
         for i, src in enumerate(getattr(cfg.data, section)):
             for spec in (part for entry in src.shards for part in split_specs(entry)):
-                if spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file:")):
-                    continue  # read when the stream opens it
+                if spec.startswith(("pipe:", "http://", "https://")):
+                    continue  # read when the stream opens it (other URL schemes: resolve_shards refuses)
                 where = f"data.{section}.{i} ({src.name})"
-                plain = not spec.startswith("file:") and not any(c in spec for c in "*?[{")
+                plain = not spec.startswith("file:") and "://" not in spec and not any(c in spec for c in "*?[{")
                 if plain and not Path(spec).exists():
                     made_by = ("`uniremoval cache --config configs/cache.yaml`" if isinstance(cfg, KTStage)
                                and section == "train" and cfg.teachers.mode == "cached"

@@ -641,7 +641,8 @@ def make_grid(workdir: Path, degradations: list[str], per_type: int, out: Path) 
     """One row per test image (first `per_type` of each type and domain): input | KT | DA | target."""
     from PIL import Image, ImageDraw
 
-    from uniremoval.data.manifest import iter_tar_samples, shard_paths
+    from uniremoval.data.manifest import iter_tar_samples
+    from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.io import atomic_write_bytes
 
     rows: list[list[Image.Image]] = []
@@ -649,7 +650,7 @@ def make_grid(workdir: Path, degradations: list[str], per_type: int, out: Path) 
         for deg in degradations:
             ds = f"{kind}_{deg}_test"
             targets: dict[str, bytes] = {}
-            for shard in shard_paths(str(workdir / "shards" / ds)):
+            for shard in resolve_shards(workdir / "shards" / ds):
                 for key, fields in iter_tar_samples(shard):
                     t = next((v for n, v in fields.items() if n.startswith("target.")), None)
                     if t is not None:

@@ -12,14 +12,14 @@ Format (version 1), beside the tars:
      "issues": {"total": 3, "missing_partner": 3}, "report": "report.jsonl",
      "plan": {"num_shards": 18, "num_jobs": 1, "job_indices": [0]}, "complete": true}
 
-`load_manifest` and `shard_paths` read a finished folder from Python (training pipelines resolve
-their `shards:` with `shard_stream.resolve_shards`, which applies the same checks); `verify_shards`
-and `inspect_shards` back `uniremoval shards verify|inspect`.
+`load_manifest` reads and checks a folder's manifest (the format above, strictly); every command
+turns a `shards:` spec into shard files and URLs with `shard_stream.resolve_shards`, which also
+takes folders of bare tars and manifests of other tools; `verify_shards` and `inspect_shards` back
+`uniremoval shards verify|inspect`.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -28,6 +28,8 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+
+from braceexpand import braceexpand
 
 from uniremoval.errors import DataError
 from uniremoval.io import sha256_file
@@ -75,17 +77,19 @@ def source_degradations(spec: str | os.PathLike | list | tuple) -> dict[str, int
         if text.endswith(("/", ".json")):  # a dataset URL: its manifest, as training lists it
             url = text + MANIFEST_NAME if text.endswith("/") else text
             return _degradation_counts(((_fetch_json(url) or {}).get("counts") or {}).get("degradation"))
-        return _shard_degradations(expand_braces(text))
+        return _shard_degradations(list(braceexpand(text)))
     if text.startswith("pipe:"):  # `pipe:curl -s http://host/ds/ds-{000000..000009}.tar`: one URL per command
-        urls = [re.findall(r"https?://[^\s'\"|;&<>()]+", cmd) for cmd in expand_braces(text)]
+        urls = [re.findall(r"https?://[^\s'\"|;&<>()]+", cmd) for cmd in braceexpand(text)]
         return _shard_degradations([u[0] for u in urls]) if all(len(u) == 1 for u in urls) else None
     if text.startswith(URL_PREFIXES):
         return None
     path = Path(text)
     if path.is_dir() or (path.suffix == ".json" and path.is_file()):
         return manifest_degradations(path)
+    from uniremoval.data.shard_stream import resolve_shards  # (it reads this module's split_specs)
+
     try:
-        return _shard_degradations(shard_paths(text))
+        return _shard_degradations(resolve_shards(text))
     except DataError:  # a missing shard: the reader names it
         return None
 
@@ -175,22 +179,6 @@ def load_manifest(path: str | os.PathLike, fix: str = "rebuild the shards") -> d
     return data
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """`a-{000..003}.tar` and `{a,b}.tar` expansion (zero padding kept), like webdataset's."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if not match:
-        return [pattern]
-    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [out for opt in options for out in expand_braces(head + opt + tail)]
-
-
 # `::` joins several shard specs, except inside the brackets of an IPv6 host (http://[::1]:8000/...)
 _SPEC_SEP = re.compile(r"::(?![^\[\]]*\])")
 
@@ -199,43 +187,6 @@ def split_specs(text: str) -> list[str]:
     """The shard specs joined with `::` in `text` (one when none is)."""
     return _SPEC_SEP.split(text)
 
-
-def shard_paths(spec: str | os.PathLike) -> list[str]:
-    """Shard URLs/paths from a shard folder (manifest order), a glob, a brace pattern or URLs.
-
-    A folder must hold a manifest whose shards all exist. URLs (http(s)://, pipe:, s3://, gs://)
-    are passed through with only brace expansion. Several specs may be joined with `::`.
-    """
-    text = os.fspath(spec)
-    if len(parts := split_specs(text)) > 1:
-        return [p for part in parts for p in shard_paths(part)]
-    if text.startswith(URL_PREFIXES):
-        return expand_braces(text)
-    path = Path(text)
-    if path.is_dir():
-        manifest = load_manifest(path)
-        paths = [str(path / s["name"]) for s in manifest["shards"]]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise DataError(
-                f"{len(missing)} shard(s) listed in {path / MANIFEST_NAME} are missing, e.g. {missing[0]}; "
-                f"rerun the build to complete it"
-            )
-        return paths
-    paths = []
-    for part in expand_braces(text):
-        if glob.has_magic(part):
-            hits = sorted(glob.glob(part))
-            if not hits and part != text:  # one alternative of the braces left out in silence
-                raise DataError(f"no shards match {part!r} (from {text!r})")
-            paths += hits
-        elif os.path.isfile(part):
-            paths.append(part)
-        else:
-            raise DataError(f"shard {part} does not exist (from {text!r})")
-    if not paths:
-        raise DataError(f"no shards match {text!r}")
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 # --------------------------------------------------------------------------------------------
 
 
+def _other_url_scheme(s: str) -> str | None:
+    """The scheme of a URL this reader does not open (s3://, gs://, hdfs://...), else None."""
+    scheme, sep, _ = s.partition("://")
+    if sep and scheme.isascii() and scheme[:1].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme):
+        return None if scheme.lower() in ("http", "https", "file") else scheme
+    return None
+
+
 def _is_url(s: str) -> bool:
     return urllib.parse.urlparse(s).scheme in ("http", "https", "file") or s.startswith("pipe:")
 
@@ -138,6 +146,10 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
         return [s]
     if s.startswith("file:"):
         s = urllib.request.url2pathname(urllib.parse.urlparse(s).path)
+    elif scheme := _other_url_scheme(s):  # taken for a local path, it "did not exist"
+        raise DataError(f"shard {s}: {scheme}:// URLs are not opened directly (http(s)://, file: and local paths "
+                        f"are); stream it through a command that writes the tar to stdout, e.g. "
+                        f"'pipe:aws s3 cp {s} -' (braces expand to one command per shard)")
     if glob.has_magic(s) and not os.path.exists(s):  # a glob (shards/its/*.tar), as shard_paths takes
         import braceexpand
 

@@ -65,21 +65,32 @@ DONE_SUFFIX = ".done.json"
 # ------------------------------------------------------------------------------------- identities
 
 
-def source_sha256(url: str) -> str | None:
+def source_sha256(url: str, manifests: dict[Path, dict[str, str]] | None = None) -> str | None:
     """sha256 of a source shard: from its dataset manifest when it lists it, else hashed (local
-    files); None for remote URLs (not verifiable without downloading)."""
+    files); None for remote URLs (not verifiable without downloading). `manifests`: each folder's
+    {shard name: sha256}, filled as read, so that a source of thousands of shards parses its
+    manifest once (per shard, the whole manifest was read again: quadratic in the shard count)."""
     if "://" in url or url.startswith("pipe:"):
         return None
     path = Path(url)
-    manifest = path.parent / MANIFEST_NAME
-    if manifest.is_file():
-        try:
-            for entry in json.loads(manifest.read_text()).get("shards", []):
-                if isinstance(entry, dict) and entry.get("name") == path.name and entry.get("sha256"):
-                    return str(entry["sha256"])
-        except (OSError, ValueError):
-            pass
+    listed = manifests.get(path.parent) if manifests is not None else None
+    if listed is None:
+        listed = _listed_shas(path.parent / MANIFEST_NAME)
+        if manifests is not None:
+            manifests[path.parent] = listed
+    if path.name in listed:
+        return listed[path.name]
     return sha256_file(path) if path.is_file() else None
+
+
+def _listed_shas(manifest: Path) -> dict[str, str]:
+    """{shard name: sha256} of a dataset manifest ({} when there is none or it cannot be read)."""
+    try:
+        entries = json.loads(manifest.read_text()).get("shards", []) if manifest.is_file() else []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(e["name"]): str(e["sha256"]) for e in entries if isinstance(e, dict) and e.get("name") and
+            e.get("sha256")} if isinstance(entries, list) else {}
 
 
 def _local_file(url: str) -> bool:
@@ -413,8 +424,9 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
               f"a minute or more on a GPU, kernels cached in {speed.compile_cache or 'the inductor default'})",
               file=sys.stderr)
     if acc.is_main_process:  # the sources' hashes once, shared with every rank through the plan
+        manifests: dict[Path, dict[str, str]] = {}
         for it in items:
-            it["source_sha256"] = source_sha256(it["url"])
+            it["source_sha256"] = source_sha256(it["url"], manifests)
     shas = [it.get("source_sha256") for it in items]
     if world > 1:
         import torch.distributed as dist
@@ -606,9 +618,10 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
         raise DataError(f"cache {cache_dir} pools features on {info['feature_cell']} px cells, the config asks "
                         f"data.feature_cell={cell}; rebuild the cache or set data.feature_cell={info['feature_cell']}")
     recorded = {s["url"]: s["sha256"] for s in info["sources"]}
+    manifests: dict[Path, dict[str, str]] = {}  # each source folder's, read once
     if sources is not None:
         urls = resolve_shards(sources)
-        shas = [source_sha256(u) for u in urls] if sorted(urls) != sorted(recorded) else []
+        shas = [source_sha256(u, manifests) for u in urls] if sorted(urls) != sorted(recorded) else []
         if shas and None not in shas and None not in recorded.values() and sorted(shas) == sorted(recorded.values()):
             recorded = dict(zip(urls, shas))  # the same source bytes at another path (moved or copied)
         elif sorted(urls) != sorted(recorded):
@@ -620,7 +633,7 @@ def check_cache(cache_dir: str | os.PathLike, teachers: Mapping[str, str],
     for url, sha in recorded.items():
         if sha is None or ("://" not in url and not Path(url).exists()):
             continue
-        now = source_sha256(url)
+        now = source_sha256(url, manifests)
         if now != sha:
             raise DataError(f"stale cache {cache_dir}: source shard {url} changed since it was cached "
                             f"(sha256 {sha[:12]} -> {str(now)[:12]}); rebuild with `uniremoval cache`")

@@ -670,3 +670,44 @@ def test_only_the_symmetries_switched_on_are_drawn_and_the_crops_stay_the_same()
     assert any(a[2].vflip for a, _ in pairs)  # vflip was drawn, and left out
     none_rng = np.random.default_rng(0)
     assert all(paired_crop({"input": img}, None, 16, 16, none_rng, Aug())[2][2] == Aug() for _ in range(32))
+
+
+def test_the_shuffle_buffer_holds_at_most_shuffle_buffer_mb_of_raw_samples(tmp_path, monkeypatch):
+    """data.shuffle_buffer (1000) alone bounded each source's buffer in every loader worker by count:
+    1000 cached 720p samples (~5 MB each) held 5 GB per source per worker, and each epoch read 1000
+    samples per source before its first batch. data.shuffle_buffer_mb caps the raw bytes held; under
+    the cap the stream is the same sample for sample, and no sample is lost past it."""
+    from uniremoval.data import pipelines
+
+    write_dataset(tmp_path, "haze", "haze", 30, 1, [(32, 32)], cache=True)
+    shard = tmp_path / "haze" / "haze-000000.tar"
+    sizes = {}
+    read = []
+    real_iter_shard = pipelines.iter_shard
+
+    def counting(url):
+        for key, files in real_iter_shard(url):
+            sizes[key] = sum(len(v) for v in files.values())
+            read.append(key)
+            yield key, files
+
+    monkeypatch.setattr(pipelines, "iter_shard", counting)
+
+    def first_batches(n_batches, **kw):
+        read.clear()
+        ld = kt_loader([("haze", [str(shard)], "haze", 1.0)], ["haze"], 2, 32, n_batches, 0, seed=1, rank=0,
+                       world_size=1, shuffle_buffer=1000, augment=False, **kw)
+        keys = [k for b in ld for k in b["key"]]
+        return keys, len(read)
+
+    _, uncapped_reads = first_batches(1)
+    assert uncapped_reads > 1000  # the whole buffer (30 samples, over and over) before a batch
+    pulled = uncapped_reads - 1000  # what one batch takes from the stream past its buffer
+    five = 5 * max(sizes.values()) / 2**20
+    assert first_batches(1, shuffle_buffer_mb=five)[1] <= 5 + pulled
+    # a cap the buffer never reaches changes nothing
+    assert first_batches(20, shuffle_buffer_mb=1e3)[0] == first_batches(20)[0]
+    # past the cap, every sample read is yielded once: over 3 passes, each key about 3 times
+    keys, _ = first_batches(45, shuffle_buffer_mb=five)
+    counts = Counter(keys)
+    assert len(keys) == 90 and set(counts) == set(sizes) and max(counts.values()) - min(counts.values()) <= 2, counts

@@ -212,7 +212,10 @@ class DataConfig(Strict):
     batch_size: int = Field(16, ge=1, le=4096)
     crop_size: int = Field(128, ge=16, le=4096)
     num_workers: int = Field(4, ge=0, le=256)
+    # Each loader worker shuffles each source in a buffer of raw samples: up to shuffle_buffer of them
+    # and at most shuffle_buffer_mb (null: no cap). Memory: workers x sources x the smaller of the two.
     shuffle_buffer: int = Field(1000, ge=0)
+    shuffle_buffer_mb: float | None = Field(256, gt=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     bad_samples: Literal["skip", "fail"] = "skip"
     pin_memory: bool = True

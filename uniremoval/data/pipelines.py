@@ -282,9 +282,15 @@ class _StreamSpec:
     augment: Aug  # the symmetries a sample may be given (data.augment)
     shuffle_buffer: int
     bad_samples: BadPolicy
-    clear_from_target: bool = False  # DA clear sources: take a paired sample's target
+    clear_from_target: bool = False
+    shuffle_bytes: int | None = None  # the buffer's cap in raw bytes (data.shuffle_buffer_mb)  # DA clear sources: take a paired sample's target
     # KT on a cache: degradation -> the sha256 of the teacher whose outputs its samples must hold
     teachers: tuple[tuple[str, str], ...] = ()
+
+
+def _raw_size(item: tuple[str, str, dict[str, bytes]]) -> int:
+    """Bytes of one raw sample's members (url, key, {member: bytes})."""
+    return sum(len(v) for v in item[2].values())
 
 
 def _source_stream(
@@ -349,14 +355,28 @@ def _source_stream(
                 share_all = True
 
     def shuffled() -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        # Raw bytes in the buffer (not decoded arrays): far less memory per slot.
+        # Raw bytes in the buffer (not decoded arrays): far less memory per slot. It holds up to
+        # shuffle_buffer samples and at most shuffle_bytes of them (1000 cached 720p samples, ~5 MB
+        # each, were 5 GB per source in every loader worker). Filled, each new sample takes a random
+        # slot's place; past the byte cap, random slots leave until it holds again (one at least).
+        cap = spec.shuffle_bytes if spec.shuffle_bytes is not None else float("inf")
+        held = 0
         for item in raw_passes():
-            if len(buffer) < spec.shuffle_buffer:
+            size = _raw_size(item)
+            if len(buffer) < spec.shuffle_buffer and (held + size <= cap or not buffer):
                 buffer.append(item)
+                held += size
                 continue
             j = int(rng.integers(0, len(buffer)))
             buffer[j], item = item, buffer[j]
+            held += size - _raw_size(item)
             yield item
+            while held > cap and len(buffer) > 1:
+                j = int(rng.integers(0, len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                item = buffer.pop()
+                held -= _raw_size(item)
+                yield item
 
     bad_run = 0
     teacher = dict(spec.teachers).get(src.degradation)  # whose outputs a cached sample must hold
@@ -656,6 +676,7 @@ def _stream_spec(
     shuffle_buffer: int,
     bad_samples: str,
     clear_from_target: bool = False,
+    shuffle_buffer_mb: float | None = None,
 ) -> _StreamSpec:
     if bad_samples not in ("skip", "fail"):
         raise ConfigError(f"bad_samples must be 'skip' or 'fail', got {bad_samples!r}")
@@ -665,7 +686,8 @@ def _stream_spec(
     if crop_size is not None and "feature" in require and crop_size % cell:
         raise ConfigError(f"crop_size {crop_size} must be a multiple of the feature cell {cell}")
     return _StreamSpec(
-        tuple(require), crop_size, cell, Aug.allowed(augment), max(1, shuffle_buffer), bad_samples, clear_from_target
+        tuple(require), crop_size, cell, Aug.allowed(augment), max(1, shuffle_buffer), bad_samples, clear_from_target,
+        None if shuffle_buffer_mb is None else int(shuffle_buffer_mb * 2**20),
     )
 
 
@@ -687,6 +709,7 @@ def kt_loader(
     pin_memory: bool = False,
     padding: CropPadding | None = None,
     teachers: Mapping[str, str] | None = None,
+    shuffle_buffer_mb: float | None = None,
 ) -> StepLoader:
     """Mixed training batches for the KT stage (and, with require=('target',), the teacher stage's
     paired batches of its one degradation). `teachers` (degradation -> sha256): a cached sample whose
@@ -700,7 +723,8 @@ def kt_loader(
     CropPadding); a fresh one when None.
     """
     srcs = make_sources(sources)
-    spec = _stream_spec(require, crop_size, cell, augment, shuffle_buffer, bad_samples)
+    spec = _stream_spec(require, crop_size, cell, augment, shuffle_buffer, bad_samples,
+                        shuffle_buffer_mb=shuffle_buffer_mb)
     spec.teachers = tuple(sorted((teachers or {}).items()))
     ds = MixedBatchDataset(srcs, degradations, batch_size, spec, steps_per_epoch, seed, rank, world_size)
     return StepLoader(ds, num_workers, pin_memory, padding=padding)
@@ -723,6 +747,7 @@ def da_loader(
     shuffle_buffer: int = 64,
     pin_memory: bool = False,
     padding: CropPadding | None = None,
+    shuffle_buffer_mb: float | None = None,
 ) -> StepLoader:
     """Per step {'degraded': batch holding every type (as kt_loader, input only),
     'clear': batch of clear images, 'bad_samples': int, 'padded_samples': int (both sides)};
@@ -742,8 +767,9 @@ def da_loader(
             weight = float(c[3]) if len(c) == 4 else 1.0
             clear.append(Source(str(name), tuple(resolve_shards(shards)), "clear", weight))
     clear = make_sources(clear)
-    spec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples)
-    cspec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples, clear_from_target=True)
+    spec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples, shuffle_buffer_mb=shuffle_buffer_mb)
+    cspec = _stream_spec((), crop_size, 16, augment, shuffle_buffer, bad_samples, clear_from_target=True,
+                         shuffle_buffer_mb=shuffle_buffer_mb)
     ds = MixedBatchDataset(
         srcs,
         degradations,

@@ -160,7 +160,7 @@ class DomainAdaptation(Stage):
             [(s.name, s.shards, "clear", s.weight) for s in d.clear],
             self.degradations, d.batch_size, d.crop_size, cfg.train.steps_per_epoch * cfg.train.grad_accum,
             d.num_workers, cfg.train.seed, rank, world_size, bad_samples=d.bad_samples, augment=aug,
-            shuffle_buffer=d.shuffle_buffer, pin_memory=d.pin_memory, padding=self.crop_padding,
+            shuffle_buffer=d.shuffle_buffer, shuffle_buffer_mb=d.shuffle_buffer_mb, pin_memory=d.pin_memory, padding=self.crop_padding,
         )
         loader.set_epoch(epoch)
         return skip_batches(loader, start)

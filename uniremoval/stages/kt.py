@@ -217,7 +217,7 @@ class KnowledgeTransfer(Stage):
             self.degradations, d.batch_size, d.crop_size, cfg.train.steps_per_epoch * cfg.train.grad_accum,
             d.num_workers, cfg.train.seed, rank, world_size, cell=self.cell, bad_samples=d.bad_samples,
             require=() if self.online else ("teacher", "feature"), augment=aug, pin_memory=d.pin_memory,
-            shuffle_buffer=d.shuffle_buffer, padding=self.crop_padding,
+            shuffle_buffer=d.shuffle_buffer, shuffle_buffer_mb=d.shuffle_buffer_mb, padding=self.crop_padding,
             teachers=None if self.online else {k.removeprefix("teachers.checkpoints."): v
                                                for k, v in self.weights_identity().items()},
         )

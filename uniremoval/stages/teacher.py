@@ -86,8 +86,8 @@ class TeacherTraining(Stage):
             steps_per_epoch=c.train.steps_per_epoch * c.train.grad_accum, num_workers=c.data.num_workers,
             seed=c.train.seed, rank=rank, world_size=world_size, cell=c.data.feature_cell,
             bad_samples=c.data.bad_samples, require=("target",), augment=Aug(**c.data.augment.model_dump()),
-            shuffle_buffer=c.data.shuffle_buffer, pin_memory=c.data.pin_memory and torch.cuda.is_available(),
-            padding=self.crop_padding)
+            shuffle_buffer=c.data.shuffle_buffer, shuffle_buffer_mb=c.data.shuffle_buffer_mb,
+            pin_memory=c.data.pin_memory and torch.cuda.is_available(), padding=self.crop_padding)
         loader.set_epoch(epoch)  # the epoch seeds shard order, shuffling and crops: resumable
         return skip_batches(loader, start)
 

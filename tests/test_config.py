@@ -524,9 +524,9 @@ def test_a_shard_source_that_lists_no_shards_is_named_before_anything_starts(tmp
                        (braces, f"shard pattern {braces}: 1 files missing, e.g. shards/rain/rain-000001.tar"),
                        (f"file://{tmp_path}/photos", "photos holds neither manifest.json nor *.tar shards"),
                        # passed as a URL, then "did not exist" when the stream opened it (as s3:/b/x.tar)
-                       ("s3://b/x.tar", "shard s3://b/x.tar: s3:// URLs are not opened directly (http(s)://, "
-                                        "file: and local paths are); stream it through a command that writes the "
-                                        "tar to stdout, e.g. 'pipe:aws s3 cp s3://b/x.tar -'")):
+                       ("s3://b/x.tar", ("shard s3://b/x.tar: s3:// URLs are not opened directly (http(s)://, "
+                                         "file: and local paths are); stream it through a command that writes the "
+                                         "tar to stdout, e.g. 'pipe:aws s3 cp s3://b/x.tar -'"))):
         with pytest.raises(ConfigError) as err:
             check_inputs(load_config(teacher, [f"data.val.0.shards={spec}"]))
         assert f"data.val.0 (v): {said}" in str(err.value).replace(str(tmp_path) + "/", ""), str(err.value)

@@ -1268,9 +1268,11 @@ def test_a_wrong_degradation_of_url_shards_is_refused_from_their_manifest_before
         server.server_close()
 
 
-def test_eval_shows_its_progress_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+def test_eval_shows_its_progress_on_a_terminal_and_in_a_log(tmp_path, monkeypatch, capsys):
     """An eval of thousands of photos ran for hours without a sign of life: on a terminal, rank 0
-    draws a bar over its images (total known for a folder); piped or captured stderr stays clean."""
+    draws a bar over its images (total known for a folder). In a log (a batch job's stderr) it was
+    silent; it now writes whole lines, as training, cache and shard builds do: a line a minute and
+    a last one, no carriage-return redraws."""
     import io
 
     data = tmp_path / "photos"
@@ -1289,7 +1291,9 @@ def test_eval_shows_its_progress_on_a_terminal_only(tmp_path, monkeypatch, capsy
     assert re.search(r"eval photos: .*\d/3 ", term.getvalue()), term.getvalue()
     monkeypatch.undo()
     run_eval(opts)
-    assert "eval photos" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("eval photos")]
+    assert len(lines) == 1 and lines[0].startswith("eval photos: 3/3 img (100%), ") and "\r" not in err, err
 
 
 def test_brisque_of_an_image_under_7_px_is_a_named_error(tmp_path, monkeypatch, capsys):

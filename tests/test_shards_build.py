@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -557,8 +558,10 @@ def test_verify_takes_no_progress_as_build_does(tmp_path: Path, capsys) -> None:
     assert run_cli("verify", str(tmp_path / "out"), "--no-progress") == 0
     captured = capsys.readouterr()
     assert captured.err == "" and ": OK, " in captured.out
-    assert run_cli("verify", str(tmp_path / "out")) == 0
-    assert "verify" in capsys.readouterr().err  # the bar, by default
+    for workers in ("1", "2"):
+        assert run_cli("verify", str(tmp_path / "out"), "--workers", workers) == 0
+        err = capsys.readouterr().err  # in a log: whole lines (tqdm's redraws were one endless line)
+        assert re.fullmatch(r"verify: (\d+)/\1 shard \(100%\), .*\n", err), err
 
 
 def test_inspect_and_verify_take_a_folder_or_one_tar_and_name_bad_ones(tmp_path: Path, capsys) -> None:

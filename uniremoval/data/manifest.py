@@ -485,22 +485,27 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
     entries = manifest["shards"]
     cell = _cache_cell(directory)
     results: list[tuple[list[str], list[str]]] = []
-    from tqdm import tqdm
+    from uniremoval.progress import progress_bar
 
-    if workers > 1 and len(entries) > 1:
-        from concurrent.futures.process import BrokenProcessPool
+    # a bar on a terminal, a line a minute in a log (tqdm's redraws were one endless line there)
+    with progress_bar(len(entries), "verify", "shard", disable=not progress) as bar:
+        if workers > 1 and len(entries) > 1:
+            from concurrent.futures.process import BrokenProcessPool
 
-        from uniremoval.data.shardwriter import worker_died, worker_pool
+            from uniremoval.data.shardwriter import worker_died, worker_pool
 
-        with worker_pool(workers) as pool:
-            done = pool.map(_verify_one, [str(directory)] * len(entries), entries, [cell] * len(entries))
-            try:
-                results = list(tqdm(done, total=len(entries), desc="verify", unit="shard", disable=not progress))
-            except BrokenProcessPool as exc:
-                raise worker_died("shards verify", "nothing was checked to the end: rerun it") from exc
-    else:
-        for entry in tqdm(entries, desc="verify", unit="shard", disable=not progress):
-            results.append(_verify_one(str(directory), entry, cell))
+            with worker_pool(workers) as pool:
+                done = pool.map(_verify_one, [str(directory)] * len(entries), entries, [cell] * len(entries))
+                try:
+                    for result in done:
+                        results.append(result)
+                        bar.update(1)
+                except BrokenProcessPool as exc:
+                    raise worker_died("shards verify", "nothing was checked to the end: rerun it") from exc
+        else:
+            for entry in entries:
+                results.append(_verify_one(str(directory), entry, cell))
+                bar.update(1)
     seen: dict[str, str] = {}
     total = 0
     for entry, (probs, keys) in zip(entries, results):

@@ -682,11 +682,9 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
 
 def _with_progress(items: Iterator[Item], opts: EvalOptions, world: int) -> Iterator[Item]:
     """Rank 0's items behind a progress bar on stderr (a test set of thousands of photos restores for
-    hours, silently otherwise), on a terminal only: logs and captured output stay as they were. Its
-    total is rank 0's share of a folder, or a single process's manifest count of shards."""
-    import sys
-
-    from tqdm import tqdm
+    hours, silently otherwise): a bar on a terminal, a line a minute and a last one in a log (a batch
+    job's). Its total is rank 0's share of a folder, or a single process's manifest count of shards."""
+    from uniremoval.progress import progress_bar
 
     total = None
     if not is_shard_source(opts.data):
@@ -696,7 +694,10 @@ def _with_progress(items: Iterator[Item], opts: EvalOptions, world: int) -> Iter
 
         total = sum((manifest_degradations(opts.data) or {}).values()) or None
     name = opts.name or dataset_name(opts.data)
-    yield from tqdm(items, total=total, desc=f"eval {name}", unit="img", file=sys.stderr, disable=None, leave=False)
+    with progress_bar(total, f"eval {name}", "img", leave=False) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
 
 
 def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterator[Item], scorer: Scorer, restore,

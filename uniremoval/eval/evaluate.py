@@ -694,10 +694,11 @@ def _with_progress(items: Iterator[Item], opts: EvalOptions, world: int) -> Iter
 
         total = sum((manifest_degradations(opts.data) or {}).values()) or None
     name = opts.name or dataset_name(opts.data)
-    with progress_bar(total, f"eval {name}", "img", leave=False) as bar:
-        for item in items:
-            yield item
-            bar.update(1)
+    bar = progress_bar(total, f"eval {name}", "img", leave=False)
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close()  # the last line when every image is done (stopped early: the stop's own message is last)
 
 
 def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterator[Item], scorer: Scorer, restore,

@@ -336,12 +336,13 @@ def _source_stream(
             seen = 0
             for shard_i, stride, offset, first, end in visits:
                 url = src.shards[order[shard_i]]
+
+                def mine(i: int, stride=stride, offset=offset, first=first, end=end) -> bool | None:
+                    # this worker's samples only: the others' are seeked past, not read
+                    return None if i // stride >= end else i % stride == offset and i // stride >= first
+
                 try:
-                    for i, (key, files) in enumerate(iter_shard(url)):
-                        if i % stride != offset or i // stride < first:
-                            continue
-                        if i // stride >= end:
-                            break
+                    for key, files in iter_shard(url, mine):
                         seen += 1
                         yield url, key, files
                 except ShardReadError as exc:
@@ -834,13 +835,12 @@ class EvalStream(IterableDataset):
         for shard_i, stride, offset in assign_shards(len(self.shards), g, n_g):
             url = self.shards[shard_i]
             last = None
-            try:
-                for i, (key, files) in enumerate(iter_shard(url)):
+            try:  # this worker's samples only: the others' are seeked past, not read
+                for key, files in iter_shard(url, lambda i, stride=stride, offset=offset: i % stride == offset):
                     last = key
-                    if i % stride != offset:
-                        continue
                     yield self._decode(url, key, files)
             except ShardReadError as exc:
+                last = exc.last_key if exc.last_key is not None else last  # the last whole sample, any worker's
                 if self.bad_samples == "fail":
                     raise DataError(f"shard {url} is unreadable {read_position(last)}: {exc.cause}") from exc
                 yield {

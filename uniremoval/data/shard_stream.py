@@ -16,7 +16,7 @@ import os
 import tarfile
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,13 +268,29 @@ def _octal(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
-def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+def _skip(stream: Any, n: int) -> bool:
+    """Move past `n` bytes of `stream` without keeping them: a seek on a file, reads on a pipe.
+    False when a pipe ends first (a seek past a file's end shows at the next header)."""
+    seekable = getattr(stream, "seekable", None)
+    if seekable is not None and seekable():
+        stream.seek(n, os.SEEK_CUR)
+        return True
+    while n > 0:
+        got = len(stream.read(min(n, 1 << 20)))
+        if not got:
+            return False
+        n -= got
+    return True
+
+
+def tar_members(stream: Any, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes | None]]:
     """(name, bytes) of every regular file in a tar stream, in order.
 
     A small sequential reader instead of `tarfile` in stream mode: tarfile spends most of the
     loader's non-decode time parsing pax headers (webdataset's TarWriter writes one per member).
     Handles ustar prefixes, pax `path`/`size` and GNU long names; checks header checksums; raises
     TarFormatError on an empty stream or one that ends without its end-of-archive blocks.
+    `want(name)` False: the member comes as (name, None), its data skipped unread (seeked past in a file).
     """
     pax: dict[str, str] = {}
     long_name: bytes | None = None
@@ -293,8 +309,14 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
             raise TarFormatError("tar header checksum mismatch (corrupt or not a tar file)")
         kind = hdr[156:157]
         size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136])
-        data = _read_exact(stream, size)
         pad = -size % 512
+        if kind in (b"0", b"\0", b"7") and want is not None and not want(name := _member_name(hdr, pax, long_name)):
+            if not _skip(stream, size + pad):
+                raise TarFormatError("tar stream cut short inside a member")
+            yield name, None
+            pax, long_name = {}, None
+            continue
+        data = _read_exact(stream, size)
         if len(data) < size or len(_read_exact(stream, pad)) < pad:
             raise TarFormatError("tar stream cut short inside a member")
         if kind == b"x":  # pax extended header for the next member: records "LEN key=value\n"
@@ -309,22 +331,29 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
             long_name = data.rstrip(b"\0")
             continue
         if kind in (b"0", b"\0", b"7"):
-            name = hdr[0:100].split(b"\0", 1)[0]
-            if hdr[257:262] == b"ustar":
-                prefix = hdr[345:500].split(b"\0", 1)[0]
-                if prefix:
-                    name = prefix + b"/" + name
-            if long_name is not None:
-                name = long_name
-            yield pax.get("path") or name.decode("utf-8"), data
+            yield _member_name(hdr, pax, long_name), data
         pax, long_name = {}, None  # directories, links, global headers: skipped
 
 
-def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _member_name(hdr: bytes, pax: dict[str, str], long_name: bytes | None) -> str:
+    """A regular member's name: pax `path`, else a GNU long name, else the ustar prefix/name."""
+    name = hdr[0:100].split(b"\0", 1)[0]
+    if hdr[257:262] == b"ustar":
+        prefix = hdr[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    if long_name is not None:
+        name = long_name
+    return pax.get("path") or name.decode("utf-8")
+
+
+def iter_shard(url: str, keep: Callable[[int], bool | None] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) for every complete sample of one shard, in tar order.
 
     A sample is yielded only once the next key starts or the tar ends cleanly, so a shard cut in
     the middle of a sample never yields that half sample. Errors raise ShardReadError.
+    `keep(i)` (i: the sample's index in the shard) picks samples: False skips one unread (a worker
+    sharing a shard seeks past the others' samples instead of reading the whole tar), None stops.
     """
     from webdataset import gopen
 
@@ -332,11 +361,20 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     last: str | None = None
     files: dict[str, bytes] = {}
     stream = None
+    index, member_key, wanted = -1, None, True  # the sample of the member read last, and keep()'s say
 
     def close_quietly() -> None:
         if stream is not None:
             with contextlib.suppress(Exception):  # already failing or abandoned: report the first error
                 stream.close()
+
+    def want(name: str) -> bool:
+        nonlocal index, member_key, wanted
+        k = _split_name(name)[0]
+        if k != member_key:
+            member_key, index = k, index + 1
+            wanted = keep(index) if keep is not None else True
+        return wanted is True
 
     try:
         stream = gopen(url, "rb")
@@ -344,14 +382,20 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             import gzip
 
             stream = gzip.GzipFile(fileobj=stream)
-        for name, data in tar_members(stream):
+        kept = True
+        for name, data in tar_members(stream, want if keep is not None else None):
             k, ext = _split_name(name)
             if k != key:
                 if key is not None:
                     last = key
-                    yield key, files
-                key, files = k, {}
-            files[ext] = data
+                    if kept:
+                        yield key, files
+                if wanted is None:  # keep() said stop: no sample from here on is wanted
+                    close_quietly()
+                    return
+                key, files, kept = k, {}, data is not None
+            if data is not None:
+                files[ext] = data
         # The tar ends at its first end-of-archive block; the rest (the second block, the record's
         # padding) is read too: a `pipe:curl` closed before curl wrote it failed with exit 23.
         while stream.read(1 << 16):
@@ -363,7 +407,7 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     except (OSError, EOFError, ValueError) as exc:
         close_quietly()
         raise ShardReadError(url, last, exc) from exc
-    if key is not None:
+    if key is not None and kept:
         yield key, files
 
 

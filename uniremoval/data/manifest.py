@@ -115,17 +115,15 @@ def _shard_degradations(shards: list[str]) -> dict[str, int] | None:
     """Summed per-shard degradation counts of `shards` (paths or URLs) from the manifest.json beside
     each, or None when one is not listed with its counts."""
     total: Counter = Counter()
-    manifests: dict[str, dict | None] = {}
+    listed: dict[str, dict[str, dict]] = {}  # folder -> {shard name: manifest entry}, read once
     for shard in shards:
         folder, _, name = shard.rpartition("/")
-        if folder not in manifests:
-            if "://" in shard:
-                manifests[folder] = _fetch_json(f"{folder}/{MANIFEST_NAME}")
-            else:
-                manifests[folder] = existing_manifest(Path(folder or ".") / MANIFEST_NAME)
-        entries = (manifests[folder] or {}).get("shards")
-        entry = next((e for e in entries if isinstance(e, dict) and e.get("name") == name), None) \
-            if isinstance(entries, list) else None
+        if folder not in listed:
+            m = (_fetch_json(f"{folder}/{MANIFEST_NAME}") if "://" in shard
+                 else existing_manifest(Path(folder or ".") / MANIFEST_NAME)) or {}
+            entries = m.get("shards") if isinstance(m.get("shards"), list) else []
+            listed[folder] = {e["name"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)}
+        entry = listed[folder].get(name)
         held = _degradation_counts(((entry or {}).get("counts") or {}).get("degradation"))
         if held is None:
             return None

@@ -831,8 +831,7 @@ def check_distinct_outputs(json_out: str | None, csv_out: str | None, save_image
 
 
 def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any], sha: str | None) -> str | None:
-    """One finished MLflow run `eval-<dataset>` holding `eval/<dataset>/<metric>` (self-contained,
-    so it can move to uniremoval.tracking).
+    """One finished MLflow run `eval-<dataset>` holding `eval/<dataset>/<metric>`.
 
     Tags: stage=eval, dataset, checkpoint, checkpoint_sha256, config_hash (the checkpoint's training
     config), git_commit (and git_dirty), degradation, domain (synthetic|real, from the samples' json),

@@ -32,7 +32,7 @@ makes cached and online targets the same crop for crop.
 
 DeepSpeed (launch/deepspeed_zero2.yaml, deepspeed_zero3.yaml): only the student is prepared, so
 only it becomes a DeepSpeed engine; teachers and VGG-19 stay plain modules (the trainer builds the
-DeepSpeed accelerator, gloo on a machine without CUDA, see ../shared/STACK.md). Under ZeRO-3 the
+DeepSpeed accelerator, gloo on a machine without CUDA; see `build_accelerator`). Under ZeRO-3 the
 student's parameters are sharded, so validation forwards through the engine on every rank in
 lockstep.
 """

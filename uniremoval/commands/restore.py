@@ -180,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
         fetch_run_checkpoint(args.checkpoint, args.tracking_uri)
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, preset=args.preset, map_location=device,
                                   restorer=True)
-    input_range = meta.get("input_range", "minus_one_one")
+    from uniremoval.models.ranges import recorded_range
+
+    input_range = recorded_range(meta)
 
     failed: list[str] = []
     free = available_memory() if device == "cpu" else None

@@ -321,13 +321,14 @@ def _restorer(opts: EvalOptions, device: torch.device):
         return None, {}, None
     from uniremoval.eval.restore import available_memory, images_per_pass, restore_tensor, untiled_shortfall
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
+    from uniremoval.models.ranges import recorded_range
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
     if is_run_artifact(opts.checkpoint):  # runs:/<id>/weights/last: fetched (or its copy checked) from --tracking-uri
         fetch_run_checkpoint(opts.checkpoint, opts.tracking_uri)
     model, meta = load_checkpoint(opts.checkpoint, map_location=device, restorer=True)
     sha = checkpoint_sha256(opts.checkpoint)
-    input_range = meta.get("input_range", "minus_one_one")
+    input_range = recorded_range(meta)
     free = available_memory() if device.type == "cpu" else None
 
     def restore(x: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from uniremoval.data.readers import OTHER_IMAGE_EXTS, walk_images
 from uniremoval.errors import DataError, UniremovalError
 from uniremoval.io import atomic_writer
+from uniremoval.models.ranges import INPUT_RANGES, model_range_to_unit, unit_to_model_range
 
-INPUT_RANGES = ("minus_one_one", "zero_one")
 # What restore holds per pixel of an image: the decoded file, the float32 input and output, the
 # 8-bit copy written. An image needing more than the free memory is refused by name before decoding.
 BYTES_PER_PIXEL = 32
@@ -463,12 +463,8 @@ def restore_tensor(
 
     def run(batch: Tensor) -> Tensor:
         batch = batch.to(device=device, dtype=dtype)
-        if input_range == "minus_one_one":
-            batch = batch * 2 - 1
-        y = _run(model, batch).float()
-        if input_range == "minus_one_one":
-            y = (y + 1) * 0.5
-        return y.clamp(0, 1)
+        y = _run(model, unit_to_model_range(batch, input_range)).float()
+        return model_range_to_unit(y, input_range).clamp(0, 1)
 
     results: list[Tensor] = []
     with torch.inference_mode():

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from uniremoval.errors import CheckpointError, ConfigError
 from uniremoval.io import atomic_write_bytes, atomic_write_json, sha256_file
+from uniremoval.models.ranges import INPUT_RANGES, MINUS_ONE_ONE, ZERO_ONE
 
 WEIGHTS_SUFFIX = ".safetensors"
 META_SUFFIX = ".json"
-INPUT_RANGES = ("minus_one_one", "zero_one")
 _MAX_LISTED = 12
 # torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle (protocol >= 2)
 TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
@@ -111,7 +111,7 @@ def save_checkpoint(
             dropped[dup] = keys[0]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k not in dropped}
 
-    record: dict[str, Any] = {"input_range": "minus_one_one", "step": None, "config_hash": None}
+    record: dict[str, Any] = {"input_range": MINUS_ONE_ONE, "step": None, "config_hash": None}
     record.update(meta)
     record["arch"] = getattr(net, "arch", type(net).__name__)
     record["preset"] = getattr(net, "preset", None)
@@ -371,7 +371,7 @@ def _build_for_official(
         "arch": "mprnet",
         "preset": preset,
         "model_kwargs": overrides,
-        "input_range": "zero_one",
+        "input_range": ZERO_ONE,
         "step": None,
         "config_hash": None,
         "source": "official",

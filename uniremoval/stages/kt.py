@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from uniremoval.config import KTStage
 from uniremoval.errors import CheckpointError, ConfigError, DataError
+from uniremoval.models.ranges import MINUS_ONE_ONE, recorded_range
 from uniremoval.stages.teachers import (
     Teacher,
     freeze,
@@ -73,7 +74,7 @@ def build_student(cfg: Any, check_init: Callable[[dict[str, Any]], None] | None 
     if not cfg.model.init:
         return build_model(cfg.model.arch, cfg.model.preset)
     model, meta = load_checkpoint(cfg.model.init, arch=cfg.model.arch, preset=cfg.model.preset, preset_key="model.preset")
-    saved_range = meta.get("input_range", "minus_one_one")
+    saved_range = recorded_range(meta)
     if saved_range != cfg.model.input_range:
         raise ConfigError(
             f"model.init {cfg.model.init} was trained on {saved_range!r} images but model.input_range is "
@@ -130,7 +131,7 @@ def kt_terms(
     batch: dict[str, Any],
     a1: float,
     cell: int,
-    input_range: str = "minus_one_one",
+    input_range: str = MINUS_ONE_ONE,
     teachers: dict[str, Teacher] | None = None,
     degradations: list[str] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:

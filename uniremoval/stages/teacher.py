@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from uniremoval.config import TeacherStage
 from uniremoval.errors import ConfigError
-from uniremoval.stages.teachers import from_model_range, to_model_range
+from uniremoval.models.ranges import from_model_range, recorded_range, to_model_range
 from uniremoval.stages.trainer import (
     Stage,
     TrainContext,
@@ -67,7 +67,7 @@ class TeacherTraining(Stage):
             # from the file left the run training (and exporting) another architecture than its config
             # logs, which the cache and KT then refuse under teachers.preset, a whole run later.
             model, meta = load_checkpoint(m.init, arch="mprnet", preset=m.preset, preset_key="model.preset")
-            saved = meta.get("input_range", "minus_one_one")
+            saved = recorded_range(meta)
             if saved != self.input_range:  # fine-tuning must feed the range the weights were trained on
                 raise ConfigError(f"model.init {m.init} was trained on {saved!r} images but model.input_range is "
                                   f"{self.input_range!r}; set model.input_range={saved}")

@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uniremoval.errors import CheckpointError, ConfigError
-
-ZERO_ONE = "zero_one"
-MINUS_ONE_ONE = "minus_one_one"
+from uniremoval.models.ranges import MINUS_ONE_ONE, from_model_range, recorded_range, to_model_range
 
 
 def pool_feature(feature: Tensor, cell: int) -> Tensor:
@@ -43,23 +41,6 @@ def pool_feature(feature: Tensor, cell: int) -> Tensor:
     if h < cell or w < cell:
         raise ValueError(f"a {w}x{h} feature map holds no full {cell}x{cell} cell; use larger crops or a smaller cell")
     return F.avg_pool2d(feature.float(), kernel_size=cell, stride=cell)
-
-
-def to_model_range(x: Tensor, input_range: str) -> Tensor:
-    """Training tensors are in [-1, 1]; official MPRNet weights expect [0, 1]."""
-    if input_range == ZERO_ONE:
-        return (x + 1.0) * 0.5
-    if input_range == MINUS_ONE_ONE:
-        return x
-    raise ConfigError(f"unknown input_range {input_range!r}; use {MINUS_ONE_ONE!r} or {ZERO_ONE!r}")
-
-
-def from_model_range(y: Tensor, input_range: str) -> Tensor:
-    if input_range == ZERO_ONE:
-        return y * 2.0 - 1.0
-    if input_range == MINUS_ONE_ONE:
-        return y
-    raise ConfigError(f"unknown input_range {input_range!r}; use {MINUS_ONE_ONE!r} or {ZERO_ONE!r}")
 
 
 def restore_with_feature(model: nn.Module, x: Tensor, input_range: str = MINUS_ONE_ONE) -> tuple[Tensor, Tensor]:
@@ -135,7 +116,7 @@ def load_teachers(
         except CheckpointError as exc:  # k teachers: say which entry
             raise CheckpointError(f"teachers.checkpoints.{name}: {exc}") from exc
         _check_teacher_role(name, path, meta)
-        rng = input_range or meta.get("input_range", MINUS_ONE_ONE)
+        rng = input_range or recorded_range(meta)
         teachers[name] = Teacher(name, freeze(model), rng, str(meta.get("checkpoint", path)), checkpoint_sha256(path))
     return teachers
 

@@ -706,3 +706,29 @@ def test_checkpoint_errors_say_what_the_file_is_and_what_to_do(tmp_path: Path) -
         load_checkpoint(other, preset="derain")
     assert str(err.value).startswith(f"{other}: does not match MPRNet(derain); the file's shapes look like MPRNet "
                                      "preset 'tiny'; missing keys"), str(err.value)[:300]
+
+
+def test_each_input_range_converts_to_the_model_and_back():
+    """One definition of the ranges (models/ranges.py) for training, eval and restore: [-1, 1]
+    data and [0, 1] images reach a minus_one_one model as [-1, 1] and a zero_one one as [0, 1]."""
+    from uniremoval.errors import ConfigError
+    from uniremoval.models.ranges import (
+        INPUT_RANGES,
+        from_model_range,
+        model_range_to_unit,
+        recorded_range,
+        to_model_range,
+        unit_to_model_range,
+    )
+
+    unit = torch.rand(2, 3, 4, 4)
+    signed = unit * 2 - 1
+    want = {"minus_one_one": signed, "zero_one": unit}
+    for r in INPUT_RANGES:
+        torch.testing.assert_close(to_model_range(signed, r), want[r])
+        torch.testing.assert_close(unit_to_model_range(unit, r), want[r])
+        torch.testing.assert_close(from_model_range(want[r], r), signed)
+        torch.testing.assert_close(model_range_to_unit(want[r], r), unit)
+    assert recorded_range({}) == "minus_one_one" and recorded_range({"input_range": "zero_one"}) == "zero_one"
+    with pytest.raises(ConfigError, match=r"unknown input_range 'zero_255'; use 'minus_one_one' or 'zero_one'"):
+        to_model_range(signed, "zero_255")

@@ -221,6 +221,24 @@ def flatten(d: dict) -> dict[str, str]:
             for k, v in flatten_keys(d).items()} if d else {}
 
 
+# Tags an eval run carries for `report`: the row's label, the weights it scored (their sha256, or
+# "input"), and the training run that made them; `ablation.<switch>` tags give the loss switches.
+LABEL_TAG = "uniremoval.label"
+MODEL_TAG = "uniremoval.model"
+TRAIN_RUN_TAG = "uniremoval.train_run_id"
+ABLATION_TAG_PREFIX = "ablation."
+
+
+def ablation_tags(flags: dict[str, Any]) -> dict[str, str]:
+    """{ablation.<switch>: 'true'|'false'} of the loss switches `flags`."""
+    return {f"{ABLATION_TAG_PREFIX}{k}": str(v).lower() for k, v in flags.items()}
+
+
+def tagged_ablation(tags: dict[str, str]) -> dict[str, str]:
+    """The ablation tags among a run's `tags`, keyed by switch (the prefix removed)."""
+    return {k.removeprefix(ABLATION_TAG_PREFIX): v for k, v in tags.items() if k.startswith(ABLATION_TAG_PREFIX)}
+
+
 def run_tags(cfg: Any, stage: str, degradation: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     from uniremoval import __version__
     from uniremoval.config import ablation_flags, config_hash
@@ -228,8 +246,7 @@ def run_tags(cfg: Any, stage: str, degradation: str | None = None, extra: dict[s
     tags = {"stage": stage, "config_hash": config_hash(cfg), "uniremoval_version": __version__}
     if degradation:
         tags["degradation"] = degradation
-    for k, v in ablation_flags(cfg).items():
-        tags[f"ablation.{k}"] = str(v).lower()
+    tags.update(ablation_tags(ablation_flags(cfg)))
     features = getattr(cfg, "features", None)
     # phi (VGG-19) is built only for the image-level term: a row without it (BKT, BDA) never used the
     # random weights its config names, and is not marked as measured in an untrained feature space.

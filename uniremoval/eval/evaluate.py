@@ -877,13 +877,20 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         else:
             label = Path(result.checkpoint).stem
     from uniremoval import __version__
-    from uniremoval.tracking import is_run_artifact
+    from uniremoval.tracking import (
+        ABLATION_TAG_PREFIX,
+        LABEL_TAG,
+        MODEL_TAG,
+        TRAIN_RUN_TAG,
+        ablation_tags,
+        is_run_artifact,
+    )
 
     where = result.checkpoint
     if where != "none" and not is_run_artifact(where):  # as typed it was relative to a folder the run does not know
         where = str(Path(where).resolve())
-    tags = {"stage": "eval", "dataset": result.dataset, "checkpoint": where, "uniremoval.label": label,
-            "uniremoval.model": sha or "input", "uniremoval_version": __version__,
+    tags = {"stage": "eval", "dataset": result.dataset, "checkpoint": where, LABEL_TAG: label,
+            MODEL_TAG: sha or "input", "uniremoval_version": __version__,
             "world_size": str(max(1, len(result.per_rank)))}
     if sha:
         tags["checkpoint_sha256"] = sha
@@ -895,11 +902,11 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
     if result.domain:
         tags["domain"] = result.domain
     if train_id:
-        tags["uniremoval.train_run_id"] = train_id
+        tags[TRAIN_RUN_TAG] = train_id
     if isinstance(meta.get("ablation"), dict):  # the row the checkpoint records; the run's tags win below
-        tags.update({f"ablation.{k}": str(v).lower() for k, v in meta["ablation"].items()})
+        tags.update(ablation_tags(meta["ablation"]))
     if train_run is not None:
-        tags.update({k: v for k, v in train_run.data.tags.items() if k.startswith("ablation.")})
+        tags.update({k: v for k, v in train_run.data.tags.items() if k.startswith(ABLATION_TAG_PREFIX)})
         exp = client.get_experiment_by_name(experiment)
         if exp is not None and exp.experiment_id == train_run.info.experiment_id:
             tags["mlflow.parentRunId"] = train_id

@@ -89,7 +89,15 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
     """One ModelRow per model evaluated in `experiment`: inputs first, then in order of first evaluation."""
     from mlflow.exceptions import MlflowException
 
-    from uniremoval.tracking import mlflow_client, resolve_uri, sqlite_path
+    from uniremoval.tracking import (
+        LABEL_TAG,
+        MODEL_TAG,
+        TRAIN_RUN_TAG,
+        mlflow_client,
+        resolve_uri,
+        sqlite_path,
+        tagged_ablation,
+    )
 
     store = sqlite_path(resolve_uri(tracking_uri))
     # MLflow would create a store to read it (also in an empty file: a store's file a full disk
@@ -141,15 +149,13 @@ def collect(experiment: str, tracking_uri: str | None = None) -> list[ModelRow]:
         dataset = tags.get("dataset") or (run.info.run_name or "").removeprefix("eval-")
         # The weights are the model (best and last of one training run are two); runs without the
         # sha256 (--checkpoint none: "input") are keyed as they were logged.
-        key = tags.get("checkpoint_sha256") or tags.get("uniremoval.model") or run.info.run_id
-        label = tags.get("uniremoval.label") or run.info.run_name or key[:8]
+        key = tags.get("checkpoint_sha256") or tags.get(MODEL_TAG) or run.info.run_id
+        label = tags.get(LABEL_TAG) or run.info.run_name or key[:8]
         row = models.setdefault(key, ModelRow(key, label))
         row.label = label  # the latest run names the row where no dataset's label applies
-        row.train_run = tags.get("uniremoval.train_run_id") or row.train_run
+        row.train_run = tags.get(TRAIN_RUN_TAG) or row.train_run
         row.checkpoint = tags.get("checkpoint") or row.checkpoint
-        row.ablation.update(
-            {k.removeprefix("ablation."): v for k, v in tags.items() if k.startswith("ablation.")}
-        )
+        row.ablation.update(tagged_ablation(tags))
         prefix = f"eval/{dataset}/"
         got = {k[len(prefix) :]: _from_mlflow(v) for k, v in run.data.metrics.items() if k.startswith(prefix)}
         if not got:

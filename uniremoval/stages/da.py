@@ -305,7 +305,9 @@ class DomainAdaptation(Stage):
             tags["init_run_id"] = run_id
         if self.cfg.loss.use_eicl:
             tags["vgg_weights"] = self.cfg.features.weights
-        tags.update({f"ablation.{k}": str(v).lower() for k, v in self.init_ablation().items()})
+        from uniremoval.tracking import ablation_tags
+
+        tags.update(ablation_tags(self.init_ablation()))
         return tags
 
     def init_ablation(self) -> dict[str, bool]:

@@ -1483,3 +1483,23 @@ def test_save_images_keeps_a_folder_images_rgb_colour_profile(tmp_path):
     tagged, plain = (Image.open(tmp_path / "saved" / f"{n}.png") for n in ("tagged", "plain"))
     assert tagged.info.get("icc_profile") == rgb and "icc_profile" not in plain.info
     assert np.array_equal(np.asarray(tagged), np.asarray(plain))
+
+
+def test_a_folder_is_walked_once_per_eval(tmp_path, monkeypatch):
+    """The folder was listed for the saved names' check, the reader and the progress total (and for the
+    ranks' agreement under a launch): seconds each at 40k images. One walk now serves them all."""
+    from uniremoval.eval import evaluate
+
+    data = tmp_path / "photos"
+    (data / "input").mkdir(parents=True)
+    (data / "target").mkdir()
+    for i in range(3):
+        img = Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+        img.save(data / "input" / f"{i}.png")
+        img.save(data / "target" / f"{i}.png")
+    walks = []
+    real = evaluate.folder_pairs
+    monkeypatch.setattr(evaluate, "folder_pairs", lambda *a, **kw: walks.append(a[0]) or real(*a, **kw))
+    result = run_eval(EvalOptions(checkpoint="none", data=str(data), metrics=["psnr"], mlflow=False,
+                                  save_images=str(tmp_path / "saved")))
+    assert len(walks) == 1 and len(result.images) == 3 and len(list((tmp_path / "saved").rglob("*.png"))) == 3

@@ -197,6 +197,15 @@ def folder_pairs(root: str | os.PathLike, others: list[Path] | None = None) -> l
     return out
 
 
+FolderListing = tuple[list[tuple[str, Path, "Path | None"]], list[Path]]
+
+
+def list_folder(root: str | os.PathLike) -> FolderListing:
+    """`folder_pairs` of `root`, and the input files no reader decodes beside them."""
+    others: list[Path] = []
+    return folder_pairs(root, others), others
+
+
 def saved_folders(root: Path) -> tuple[Path, ...]:
     """Folders under `root` (not root itself) that an eval's --save-images wrote (SAVED_MARKER): the
     restored images of an earlier run, never test images (`--save-images DATA/restored` made a rerun
@@ -228,17 +237,18 @@ def check_headers(pairs: list[tuple[str, Path, Path | None]], need_target: bool,
 
 
 def iter_folder(root: str, rank: int, world: int, need_target: bool,
-                check_size: Callable[[int, int, str], None] | None = None) -> Iterator[Item]:
+                check_size: Callable[[int, int, str], None] | None = None,
+                listed: FolderListing | None = None) -> Iterator[Item]:
     """Items of a folder dataset, read upright (`read_image_oriented`). A pair whose EXIF
     orientations differ is refused: turned as displayed, or as stored, one of them is misaligned.
-    With `check_size` (the scorer's), this rank's files are checked first (`check_headers`)."""
+    With `check_size` (the scorer's), this rank's files are checked first (`check_headers`).
+    `listed`: the folder as `list_folder` found it (walked once per eval: at 40k images a walk is seconds)."""
     import sys
 
     from uniremoval.data.transforms import ORIENTATIONS
     from uniremoval.eval.restore import read_image_oriented, rgb_icc_profile
 
-    others: list[Path] = []
-    pairs = folder_pairs(root, others)
+    pairs, others = listed if listed is not None else list_folder(root)
     if others and rank == 0:
         from uniremoval.eval.restore import other_formats_note
 
@@ -645,6 +655,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     state = PartialState(cpu=(want == "cpu"))
     device = state.device if want != "cpu" else torch.device("cpu")
 
+    listed: FolderListing | None = None  # a folder source, walked once (as listed on this rank)
     if state.num_processes > 1:
         # Each rank scores every n-th shard (or image) of its own listing: listings that differ (a node
         # whose mount lags, a copy missing a file) would score some images twice and others never. The
@@ -653,26 +664,32 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         from uniremoval.launch import SAME_FILES_FIX, agreed_listing
 
         def listing() -> list[str]:
+            nonlocal listed
             refuse_wrong_degradation(opts)
-            return (resolve_shards(opts.data) if is_shard_source(opts.data)
-                    else [name for name, _, _ in folder_pairs(opts.data)])
+            if is_shard_source(opts.data):
+                return resolve_shards(opts.data)
+            listed = list_folder(opts.data)
+            return [name for name, _, _ in listed[0]]
 
         agreed_listing(state.num_processes, listing, list, f"files in --data {opts.data}",
                        SAME_FILES_FIX + "; nothing was scored")
     else:
         refuse_wrong_degradation(opts)
+        if not is_shard_source(opts.data):
+            listed = list_folder(opts.data)
     need_target = any(METRICS[m].kind == "fr" for m in metrics)
     if opts.save_images and not is_shard_source(opts.data):
-        check_saved_names([name for name, _, _ in folder_pairs(opts.data)], opts.save_images)
+        check_saved_names([name for name, _, _ in listed[0]], opts.save_images)
     scorer = Scorer(metrics, device=str(device), iqa_dir=opts.iqa_dir, y_channel=opts.psnr_y,
                     crop_border=opts.crop_border)
     restore, meta, sha = _restorer(opts, device)
-    reader = iter_shards if is_shard_source(opts.data) else functools.partial(iter_folder, check_size=scorer.check_size)
+    reader = iter_shards if listed is None else functools.partial(iter_folder, check_size=scorer.check_size,
+                                                                  listed=listed)
     # Read in a thread a batch ahead: decoding the next images overlaps the restore and scoring.
     items = read_ahead(reader(opts.data, state.process_index, state.num_processes, need_target),
                        depth=max(2, opts.batch_size))
     if state.is_main_process:
-        items = _with_progress(items, opts, state.num_processes)
+        items = _with_progress(items, opts, state.num_processes, listed)
     staged = StagedImages(opts.save_images, state) if opts.save_images else None
     try:
         return _score_and_write(opts, state, metrics, items, scorer, restore, device, meta, sha, staged)
@@ -681,15 +698,16 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
             staged.close()
 
 
-def _with_progress(items: Iterator[Item], opts: EvalOptions, world: int) -> Iterator[Item]:
+def _with_progress(items: Iterator[Item], opts: EvalOptions, world: int,
+                   listed: FolderListing | None = None) -> Iterator[Item]:
     """Rank 0's items behind a progress bar on stderr (a test set of thousands of photos restores for
     hours, silently otherwise): a bar on a terminal, a line a minute and a last one in a log (a batch
     job's). Its total is rank 0's share of a folder, or a single process's manifest count of shards."""
     from uniremoval.progress import progress_bar
 
     total = None
-    if not is_shard_source(opts.data):
-        total = len(folder_pairs(opts.data)[::world])
+    if listed is not None:
+        total = len(listed[0][::world])
     elif world == 1 and isinstance(opts.data, str) and Path(opts.data).is_dir():
         from uniremoval.data.manifest import manifest_degradations
 

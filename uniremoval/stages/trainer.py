@@ -499,7 +499,7 @@ class Trainer:
             self._unlock_run_dir()  # taken in load(): the run folder is this job's until here
 
     def _fit(self, resume: str | None) -> FitResult:
-        cfg, acc = self.cfg.train, self.accelerator
+        tc, acc = self.cfg.train, self.accelerator  # tc: the train section of the config
         total = self.total_steps()
         # DDP averages the gradients of replicas that each read their own config: one that differs (a
         # file edited while the nodes started) would train with its own lr, crop or losses unnoticed.
@@ -526,30 +526,32 @@ class Trainer:
         try:
             with finishing(self.tracker, done=None):  # stopped: KILLED (Ctrl-C) or FAILED, never RUNNING
                 while self.step < total:
-                    epoch, start = divmod(self.step, cfg.steps_per_epoch)
+                    epoch, start = divmod(self.step, tc.steps_per_epoch)
                     batches = upcoming.take(epoch) if start == 0 else None
                     if batches is None:
                         batches = self._epoch_batches(epoch, start)
-                    end = min(cfg.steps_per_epoch, start + total - self.step)
-                    more_epochs = end == cfg.steps_per_epoch and (epoch + 1) * cfg.steps_per_epoch < total
+                    end = min(tc.steps_per_epoch, start + total - self.step)
+                    more_epochs = end == tc.steps_per_epoch and (epoch + 1) * tc.steps_per_epoch < total
                     for s in range(start, end):
-                        for micro in range(cfg.grad_accum):    # one optimiser step = grad_accum micro-batches
+                        for micro in range(tc.grad_accum):    # one optimiser step = grad_accum micro-batches
                             batch = self._next_batch(batches, epoch)
-                            left = (end - s) * cfg.grad_accum - micro - 1  # micro-batches still to fetch
+                            left = (end - s) * tc.grad_accum - micro - 1  # micro-batches still to fetch
                             if more_epochs and upcoming.due(batches, left):
                                 upcoming.start(epoch + 1, self._epoch_batches(epoch + 1, 0))
                             self._count_data(batch)
                             if self.speed.cuda_graphs:  # a new graph iteration: the last one's outputs are used up
                                 torch.compiler.cudagraph_mark_step_begin()
+                            # accelerate counts the same micro-batches (gradient_accumulation_steps = grad_accum)
+                            # and syncs gradients on each window's last; ctx.optimize steps there
                             with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast():
                                 terms = self.stage.training_step(batch, self.ctx)
                             self._accumulate_terms(terms)
                         self.step += 1
                         self._read_update_flags(before=self.step)  # the last step's: the GPU is past them
                         bar.update(1)
-                        if self.step % cfg.log_every == 0 or self.step == total:
+                        if self.step % tc.log_every == 0 or self.step == total:
                             metrics.update(self.log_train(bar))
-                        if self.step % cfg.val_every == 0 or self.step == total:
+                        if self.step % tc.val_every == 0 or self.step == total:
                             metrics.update(self.validate())
                         preempt = self._stop_agreed()
                         if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total or preempt:

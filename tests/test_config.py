@@ -321,7 +321,7 @@ def test_missing_inputs_are_named_before_anything_starts(tmp_path, monkeypatch):
     import shutil
 
     from uniremoval.cli import main
-    from uniremoval.config import check_inputs
+    from uniremoval.stages.preflight import check_inputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards" / "ots").mkdir(parents=True)
@@ -500,7 +500,7 @@ def test_a_shard_source_that_lists_no_shards_is_named_before_anything_starts(tmp
     unfinished build), a pattern matching nothing or an empty path passed the check: a data.val one
     failed at the first validation, val_every steps in, without naming its key."""
     from uniremoval.cli import main
-    from uniremoval.config import check_inputs
+    from uniremoval.stages.preflight import check_inputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards" / "rain").mkdir(parents=True)
@@ -544,7 +544,7 @@ def test_a_shard_folder_of_another_degradation_is_named_before_anything_starts(t
     skipped thousands of samples before giving up; each silently or late. Refused from the manifest."""
     import json
 
-    from uniremoval.config import check_inputs
+    from uniremoval.stages.preflight import check_inputs
 
     monkeypatch.chdir(tmp_path)
     for name, deg in (("rain_train", "rain"), ("snow_train", "snow"), ("rain_test", "rain")):
@@ -574,7 +574,7 @@ def test_clear_shards_given_as_a_degraded_da_source_point_to_data_clear(tmp_path
     no type DA trains (refused next as not in data.degradations); it now says where clear photos go."""
     import json
 
-    from uniremoval.config import check_inputs
+    from uniremoval.stages.preflight import check_inputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards" / "photos").mkdir(parents=True)
@@ -616,7 +616,7 @@ def test_a_missing_teacher_of_a_new_type_names_no_config_that_does_not_exist(tmp
     has no configs/ beside the package; a user's own configs/teacher/snow.yaml counts)."""
     import shutil
 
-    from uniremoval.config import check_inputs
+    from uniremoval.stages.preflight import check_inputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs" / "teacher").mkdir(parents=True)

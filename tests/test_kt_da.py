@@ -324,8 +324,8 @@ def test_da_refuses_a_clear_source_of_unpaired_degraded_photos_before_building_m
     image the clear stream can use; it failed at step 1 ('bad samples in a row'), after the models were
     built (and compiled on a GPU). Refused by check_inputs, naming the source and what to give; a paired
     set (its targets) and clear photos pass."""
-    from uniremoval.config import check_inputs
     from uniremoval.stages import da
+    from uniremoval.stages.preflight import check_inputs
 
     def cfg_with(clear) -> object:
         return load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "daclear") + [
@@ -351,8 +351,8 @@ def test_kt_and_teacher_refuse_an_unpaired_validation_set_before_training(ws, mo
     data.val scored nothing, found only as a warning at the first validation (val_every steps in) while
     the run went on without best.safetensors. Refused by check_inputs, naming the entry and what to
     give; a paired set passes, and DA (no-reference validation) takes the unpaired one."""
-    from uniremoval.config import check_inputs
     from uniremoval.stages import kt
+    from uniremoval.stages.preflight import check_inputs
 
     def no_models(self):
         raise AssertionError("models were built for a run whose validation set has no target")

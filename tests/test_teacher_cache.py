@@ -686,10 +686,11 @@ def test_teacher_model_init_of_another_preset_is_refused_naming_model_preset(tmp
 def test_a_run_folder_given_as_a_teacher_is_named_as_a_folder_not_as_missing(tmp_path):
     """teachers.checkpoints.snow=outputs/teacher-snow (the run folder, not its best.safetensors) was
     reported as "does not exist" although it does; now the folder and its weights files are named."""
-    from uniremoval.config import CacheStage, check_inputs
+    from uniremoval.config import CacheStage
     from uniremoval.errors import ConfigError
     from uniremoval.models.checkpoint import save_checkpoint
     from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages.preflight import check_inputs
 
     run = tmp_path / "outputs" / "teacher-snow"
     save_checkpoint(run / "best", MPRNet("tiny"), {"stage": "teacher", "degradation": "snow"})

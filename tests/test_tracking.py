@@ -469,7 +469,7 @@ def test_runs_checkpoints_of_a_stage_are_fetched_from_its_tracking_uri(tmp_path,
     from $MLFLOW_TRACKING_URI/./mlflow.db (where the run is not)."""
     from _fixtures import run_with_logged_weights
 
-    from uniremoval.config import check_inputs
+    from uniremoval.stages.preflight import check_inputs
 
     _, uri, rid = run_with_logged_weights(tmp_path, "best", {"stage": "teacher", "degradation": "haze",
                                                               "preset": "tiny"})
@@ -493,9 +493,9 @@ def test_stages_take_teachers_and_init_weights_a_run_logged_to_mlflow(tmp_path, 
     weights and identity (sha256) as the local file; a wrong run id is named by its config key."""
     from _fixtures import run_with_logged_weights
 
-    from uniremoval.config import check_inputs
     from uniremoval.errors import ConfigError
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint
+    from uniremoval.stages.preflight import check_inputs
     from uniremoval.stages.teachers import load_teachers
 
     local, uri, rid = run_with_logged_weights(tmp_path, "best", {"stage": "teacher", "degradation": "haze",

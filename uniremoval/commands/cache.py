@@ -23,7 +23,8 @@ def register(subparsers) -> None:
 
 
 def _handler(args) -> int:
-    from uniremoval.config import check_inputs, load_config
+    from uniremoval.config import load_config
+    from uniremoval.stages.preflight import check_inputs
 
     cfg = load_config(args.config, overrides(args), stage="cache")
     check_inputs(cfg)

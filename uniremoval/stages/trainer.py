@@ -108,7 +108,6 @@ from uniremoval.config import (
     ScheduleConfig,
     StageBase,
     ablation_flags,
-    check_inputs,
     config_changes,
     config_hash,
     config_to_dict,
@@ -127,6 +126,7 @@ from uniremoval.launch import (
     same_on_every_rank,
 )
 from uniremoval.stages import fast
+from uniremoval.stages.preflight import check_inputs
 from uniremoval.stages.run_folder import (
     CHECKPOINT_DIR,
     STEP_DIR_RE,

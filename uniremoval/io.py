@@ -111,6 +111,20 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; best effort (some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def leftover_temporaries(path: str | os.PathLike) -> list[Path]:
     """The temporary files `atomic_writer` left beside `path` when its process was killed mid-write."""
     path = Path(path)

@@ -519,8 +519,7 @@ class StagedImages:
         renames). The previous set stays in `old` until `close`: removing many images takes a while,
         and the score files are written first, so a kill leaves new images beside old scores only
         for the moment of that write (the next eval into DIR removes a left-over `old`)."""
-        from uniremoval.io import atomic_write_json
-        from uniremoval.stages.run_folder import fsync_dir
+        from uniremoval.io import atomic_write_json, fsync_dir
 
         # eval_id tells this set from a later eval's of the same names (`eval replay` uploads only its own)
         atomic_write_json(self.staging / SAVED_MARKER, {"dataset": dataset, "images": sorted(names),
@@ -533,7 +532,7 @@ class StagedImages:
         (self.final / ".lock").unlink(missing_ok=True)  # the lock guarded the staging folder, now gone
 
     def close(self) -> None:
-        from uniremoval.stages.run_folder import fsync_dir
+        from uniremoval.io import fsync_dir
 
         if self.main and not self.committed:
             shutil.rmtree(self.staging, ignore_errors=True)

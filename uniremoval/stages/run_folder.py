@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import random
 import re
 import shutil
@@ -165,14 +164,3 @@ def read_resume_file(path: Path, read: Any) -> Any:
                               f"folder (--resume PATH)") from None
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

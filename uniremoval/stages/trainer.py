@@ -117,6 +117,7 @@ from uniremoval.config import (
 )
 from uniremoval.data.shard_stream import listed_shards
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
+from uniremoval.io import fsync_dir
 from uniremoval.launch import (
     SAME_FILES_FIX,
     agreed_listing,
@@ -132,7 +133,6 @@ from uniremoval.stages.run_folder import (
     STEP_DIR_RE,
     disk_full_is_an_error,
     export_name,
-    fsync_dir,
     list_checkpoints,
     load_weights_into,
     read_resume_file,

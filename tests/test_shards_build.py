@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -92,6 +93,22 @@ def test_resume_after_interrupt_gives_identical_shards(tmp_path: Path, monkeypat
     assert "2 shard(s) written, 4 already complete" in capsys.readouterr().out
     assert shas(out) == reference and (out / "its-000000.tar").stat().st_mtime_ns == kept
     assert len(samples(out)) == 21  # nothing duplicated
+
+    # A rerun with nothing to do re-hashes no shard its state records as untouched (size and mtime):
+    # each rerun read the whole dataset again (tens of GB for OTS); a touched one is still re-hashed.
+    from uniremoval.data import shardwriter
+
+    hashed = []
+    real_sha = shardwriter.sha256_file
+    monkeypatch.setattr(shardwriter, "sha256_file", lambda p: hashed.append(Path(p).name) or real_sha(p))
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    assert "0 shard(s) written, 6 already complete" in capsys.readouterr().out and hashed == []
+    os.utime(out / "its-000003.tar")
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")
+    assert "0 shard(s) written, 6 already complete" in capsys.readouterr().out and hashed == ["its-000003.tar"]
+    build("reside-its", tree.root, out, "--max-samples-per-shard", "4", "--name", "its")  # trusted again
+    assert "0 shard(s) written, 6 already complete" in capsys.readouterr().out and hashed == ["its-000003.tar"]
+    monkeypatch.undo()
 
     # Without the state file, the finished manifest is enough to resume from.
     (out / ".build-state-job000of001.json").unlink()

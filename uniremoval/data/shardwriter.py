@@ -324,7 +324,9 @@ def write_shard(
         record.update(bytes=0, sha256="")
     else:
         os.chmod(path, 0o644)  # mkstemp creates 0600; shards are read by other users and nodes
-        record.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+        st = path.stat()
+        # mtime_ns: a rerun trusts a shard of the recorded size and time without re-hashing it
+        record.update(bytes=st.st_size, sha256=sha256_file(path), mtime_ns=st.st_mtime_ns)
     return record
 
 
@@ -390,7 +392,25 @@ def _is_complete(out_dir: Path, plan: ShardPlan, record: dict | None) -> bool:
     if record["samples"] == 0:
         return True
     path = out_dir / plan.name
-    return path.is_file() and path.stat().st_size == record["bytes"] and sha256_file(path) == record["sha256"]
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != record["bytes"]:
+        return False
+    # Untouched since it was written (same size and modification time): trusted as `cache` trusts its
+    # shards, without re-reading tens of GB on every rerun; `shards verify` re-hashes everything.
+    if record.get("mtime_ns") == st.st_mtime_ns:
+        return True
+    return sha256_file(path) == record["sha256"]
+
+
+def _touched_now(out_dir: Path, record: dict) -> dict:
+    """A complete shard's record with its file's modification time now: once re-hashed after a touch
+    (or recorded by an older version without one), the next rerun trusts it again."""
+    if not record["samples"]:
+        return record
+    return {**record, "mtime_ns": (out_dir / record["name"]).stat().st_mtime_ns}
 
 
 def _remove_temp_files(out_dir: Path, names: set[str]) -> int:
@@ -651,12 +671,12 @@ def build_shards(
         known = _known_records(out, job_index, num_jobs)
         records: dict[str, dict] = {}
         pending = []
-        # A resumed build re-hashes every finished shard (minutes for a large dataset): shown.
+        # A finished shard touched since its record (or recorded by an older version) is re-hashed: shown.
         with progress_bar(len(mine), f"check finished shards of {dataset}", "shard",
                           disable=not progress or not known) as checking:
             for plan in mine:
                 if _is_complete(out, plan, known.get(plan.name)):
-                    records[plan.name] = known[plan.name]
+                    records[plan.name] = _touched_now(out, known[plan.name])
                 else:
                     pending.append(plan)
                 checking.update(1)
@@ -669,10 +689,11 @@ def build_shards(
                 atomic_write_json(state_path, {"dataset": dataset, "shards": records})
                 last_save[0] = time.monotonic()
 
+        if pending or any(r.get("mtime_ns") != known[n].get("mtime_ns") for n, r in records.items()):
+            save_state(force=True)  # (re-hashed shards: their new times, trusted by the next rerun)
         if pending:
             # The manifests on disk describe the shards about to be replaced: a stream reading them
             # mid-build would mix old and new. The state file keeps the finished shards' records.
-            save_state(force=True)
             for name in {manifest_name(job_index, num_jobs), MANIFEST_NAME}:
                 (out / name).unlink(missing_ok=True)
 

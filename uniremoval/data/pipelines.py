@@ -282,8 +282,8 @@ class _StreamSpec:
     augment: Aug  # the symmetries a sample may be given (data.augment)
     shuffle_buffer: int
     bad_samples: BadPolicy
-    clear_from_target: bool = False
-    shuffle_bytes: int | None = None  # the buffer's cap in raw bytes (data.shuffle_buffer_mb)  # DA clear sources: take a paired sample's target
+    clear_from_target: bool = False  # DA clear sources: take a paired sample's target
+    shuffle_bytes: int | None = None  # the buffer's cap in raw bytes (data.shuffle_buffer_mb)
     # KT on a cache: degradation -> the sha256 of the teacher whose outputs its samples must hold
     teachers: tuple[tuple[str, str], ...] = ()
 

@@ -147,9 +147,11 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
     if s.startswith("file:"):
         s = urllib.request.url2pathname(urllib.parse.urlparse(s).path)
     elif scheme := _other_url_scheme(s):  # taken for a local path, it "did not exist"
+        tool = {"s3": f"e.g. 'pipe:aws s3 cp {s} -'", "gs": f"e.g. 'pipe:gcloud storage cat {s}'"}.get(
+            scheme.lower(), f"'pipe:<a command that writes {s} to stdout>'")
         raise DataError(f"shard {s}: {scheme}:// URLs are not opened directly (http(s)://, file: and local paths "
-                        f"are); stream it through a command that writes the tar to stdout, e.g. "
-                        f"'pipe:aws s3 cp {s} -' (braces expand to one command per shard)")
+                        f"are); stream it through a command that writes the tar to stdout, {tool} (braces expand "
+                        f"to one command per shard)")
     if glob.has_magic(s) and not os.path.exists(s):  # a glob (shards/its/*.tar), as shard_paths takes
         import braceexpand
 
@@ -251,9 +253,11 @@ class TarFormatError(ValueError):
 
 
 def _read_exact(stream: Any, n: int) -> bytes:
+    """Up to `n` bytes (fewer at the stream's end), read 1 MiB at a time: a corrupt header's size
+    field (2**40) reaches the end of the stream, not a MemoryError or OverflowError."""
     chunks, got = [], 0
     while got < n:
-        b = stream.read(n - got)
+        b = stream.read(min(n - got, 1 << 20))
         if not b:
             break
         chunks.append(b)
@@ -273,8 +277,15 @@ def _skip(stream: Any, n: int) -> bool:
     False when a pipe ends first (a seek past a file's end shows at the next header)."""
     seekable = getattr(stream, "seekable", None)
     if seekable is not None and seekable():
-        stream.seek(n, os.SEEK_CUR)
-        return True
+        try:  # a seek past a file's end succeeds: compare with its size, as a read would find it short
+            size = os.fstat(stream.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            size = None
+        try:
+            end = stream.seek(n, os.SEEK_CUR)
+        except (OverflowError, OSError):  # a corrupt header's size field past any file
+            return False
+        return size is None or end <= size
     while n > 0:
         got = len(stream.read(min(n, 1 << 20)))
         if not got:
@@ -374,7 +385,7 @@ def iter_shard(url: str, keep: Callable[[int], bool | None] | None = None) -> It
         if k != member_key:
             member_key, index = k, index + 1
             wanted = keep(index) if keep is not None else True
-        return wanted is True
+        return wanted is not None and bool(wanted)
 
     try:
         stream = gopen(url, "rb")

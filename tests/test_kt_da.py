@@ -792,7 +792,7 @@ def test_a_batch_norm_discriminator_scores_the_restored_images_alike_in_both_upd
         assert seen[:2] == ([5, 5] if norm == "batch" else [3, 5]), norm
 
 
-def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path):
+def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path, capsys):
     """NIQE/BRISQUE are undefined (NaN) for a flat image, as `uniremoval eval` leaves them out: one
     such image must not turn every DA validation into NaN (nothing would then be `best`)."""
     import math
@@ -824,6 +824,8 @@ def test_da_validation_leaves_undefined_scores_out_of_the_mean(tmp_path):
     assert out["val/v/piqe_input"] == pytest.approx((2 + 4 + 6 + 8) / 4)
     assert out["val/mean/piqe"] == out["val/v/piqe"]
     assert any("piqe is undefined for 1 of 4 image(s)" in str(w.message) for w in caught)
+    # its progress, as the paired validations show theirs (it said nothing while scoring real photos)
+    assert "val v: 4/4 img (100%)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage_name", ["teacher", "kt", "da"])

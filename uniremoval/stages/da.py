@@ -241,6 +241,8 @@ class DomainAdaptation(Stage):
         from uniremoval.data.pipelines import eval_samples
         from uniremoval.data.read_ahead import read_ahead
         from uniremoval.eval.restore import restore_tensor
+        from uniremoval.progress import progress_bar
+        from uniremoval.stages.validation import capped_size
 
         names = list(self.cfg.val_iqa.metrics)
         if not self.cfg.data.val or not names:
@@ -259,8 +261,14 @@ class DomainAdaptation(Stage):
             # is NaN, as in `uniremoval eval`: left out of the mean, not poisoning it).
             sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0, "bad": 0.0}
             bad_example = None
+            stream = eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap)
+            # rank 0's share (the largest), as the paired validations show theirs
+            urls = getattr(stream, "dataset", stream).shards
+            share = -(-capped_size(urls, cap) // ctx.world_size) if ctx.rank == 0 else None
+            bar = progress_bar(share, f"val {src.name}", "img", leave=False, disable=ctx.rank != 0)
             # (read ahead: the next image decodes while this one is restored and scored)
-            for item in read_ahead(eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap)):
+            for item in read_ahead(stream):
+                bar.update(1)
                 if "error" in item:  # left out, counted and said below
                     sums["bad"] += 1
                     bad_example = bad_example or item
@@ -275,6 +283,7 @@ class DomainAdaptation(Stage):
                         sums[k] += v
                         sums[f"{k}#n"] += 1
                 sums["n"] += 1
+            bar.close()
             total = ctx.all_sum(sums)
             if ctx.rank == 0:
                 warn_left_out(src, total, bad_example)

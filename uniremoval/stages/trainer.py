@@ -460,6 +460,8 @@ class Trainer:
         self.accelerator = accelerator if accelerator is not None else build_accelerator(cfg)
         self.tracker = tracker
         self.handle_signals = handle_signals
+        self.speed = fast.Speed(self.accelerator.device)  # the config's speed settings, read in setup()
+        self._old_handlers: dict[int, Any] = {}  # signal handlers fit() replaced, put back at its end
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, Any] = {}
         self.schedulers: dict[str, StepSchedule] = {}
@@ -1412,7 +1414,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- signals, agreement, misc
     def _install_signal_handlers(self) -> None:
-        self._old_handlers: dict[int, Any] = {}
+        self._old_handlers = {}
         if not self.handle_signals or threading_is_not_main():
             return
 
@@ -1437,7 +1439,7 @@ class Trainer:
         self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
 
     def _restore_signal_handlers(self) -> None:
-        for sig, handler in getattr(self, "_old_handlers", {}).items():
+        for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
 
     def reduce(self, tensor: Tensor, op: Literal["sum", "max"]) -> Tensor:

@@ -248,10 +248,11 @@ class DataConfig(Strict):
         if twice:
             raise ValueError(f"validation set name(s) {twice} are given twice; each set logs val/<name>/*, so "
                              f"give each a name of its own")
-        if "mean" in names:
-            raise ValueError("a validation set may not be named 'mean': val/mean/psnr is the mean over the sets; "
-                             "rename it")
-        from uniremoval.tracking import dataset_name_fix, dataset_name_problem
+        from uniremoval.tracking import VAL_MEAN, dataset_name_fix, dataset_name_problem
+
+        if VAL_MEAN in names:
+            raise ValueError(f"a validation set may not be named '{VAL_MEAN}': val/{VAL_MEAN}/psnr is the mean over "
+                             "the sets; rename it")
 
         # MLflow refuses such a name in val/<name>/<metric>: the set would be scored and never logged.
         for n in names:

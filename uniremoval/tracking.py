@@ -221,6 +221,15 @@ def flatten(d: dict) -> dict[str, str]:
             for k, v in flatten_keys(d).items()} if d else {}
 
 
+# Validation metrics: val/<set>/<metric> per set, and val/mean/<metric> over the sets.
+VAL_MEAN = "mean"
+
+
+def val_metric(dataset: str, metric: str) -> str:
+    """The MLflow key of a validation score: `val/<dataset>/<metric>` (dataset VAL_MEAN: the sets' mean)."""
+    return f"val/{dataset}/{metric}"
+
+
 # Tags an eval run carries for `report`: the row's label, the weights it scored (their sha256, or
 # "input"), and the training run that made them; `ablation.<switch>` tags give the loss switches.
 LABEL_TAG = "uniremoval.label"

@@ -44,6 +44,7 @@ from uniremoval.stages.kt import build_phi, build_student, weights_run_id, weigh
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
 from uniremoval.stages.trainer import Stage, TrainContext, deepspeed_requested, skip_batches
 from uniremoval.stages.validation import warn_left_out
+from uniremoval.tracking import VAL_MEAN, val_metric
 
 DEEPSPEED_REFUSAL = (
     "the DA stage trains two models (student and discriminator), which accelerate's DeepSpeed integration "
@@ -92,7 +93,7 @@ class DomainAdaptation(Stage):
         # Without the GAN term D gets no signal worth training: it is then not built at all.
         self.trainable = ("generator", "discriminator") if cfg.loss.use_gan else ("generator",)
         metric = cfg.val_iqa.metrics[0] if cfg.val_iqa.metrics else None
-        self.best_metric = (f"val/mean/{metric}", "min") if metric else None
+        self.best_metric = (val_metric(VAL_MEAN, metric), "min") if metric else None
         self.loss_fn: nn.Module | None = None
         self._iqa: Any = None
         # val set name -> fingerprint of what its inputs' scores were scored for (see _input_fingerprint),
@@ -295,14 +296,14 @@ class DomainAdaptation(Stage):
                     warnings.warn(f"validation set {src.name}: {k} is undefined for {int(total['n'] - total[f'{k}#n'])} "
                                   f"of {int(total['n'])} image(s) (flat images); averaged over the others",
                                   RuntimeWarning, stacklevel=2)
-                out[f"val/{src.name}/{k}"] = total[k] / total[f"{k}#n"] if total[f"{k}#n"] else math.nan
+                out[val_metric(src.name, k)] = total[k] / total[f"{k}#n"] if total[f"{k}#n"] else math.nan
             if with_input:
                 self._inputs_scored[src.name] = fingerprint
                 if self.cfg.tracking.enabled:  # a tracking-off resume logs nothing into the run it continues
                     self._inputs_logged[src.name] = fingerprint
-            firsts.append(out[f"val/{src.name}/{names[0]}"])
+            firsts.append(out[val_metric(src.name, names[0])])
         if firsts:
-            out[f"val/mean/{names[0]}"] = sum(firsts) / len(firsts)
+            out[val_metric(VAL_MEAN, names[0])] = sum(firsts) / len(firsts)
         return out
 
     def extra_tags(self) -> dict[str, str]:

@@ -58,6 +58,7 @@ from uniremoval.stages.teachers import (
 )
 from uniremoval.stages.trainer import Stage, TrainContext, skip_batches, zero_stage
 from uniremoval.stages.validation import validate_paired
+from uniremoval.tracking import VAL_MEAN, val_metric
 
 TEACHER_PREFIX = "teacher_"
 
@@ -168,7 +169,7 @@ class KnowledgeTransfer(Stage):
     stage = "kt"
     trainable = ("student",)
     compiled_frozen = ("phi",)  # VGG-19 on three crop batches a step; the teachers (online) see varying batches
-    best_metric = ("val/mean/psnr", "max")
+    best_metric = (val_metric(VAL_MEAN, "psnr"), "max")
 
     def __init__(self, cfg: KTStage) -> None:
         super().__init__(cfg)

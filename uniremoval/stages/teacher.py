@@ -32,6 +32,7 @@ from uniremoval.stages.trainer import (
     zero_stage,
 )
 from uniremoval.stages.validation import validate_paired
+from uniremoval.tracking import val_metric
 
 
 class TeacherTraining(Stage):
@@ -48,7 +49,7 @@ class TeacherTraining(Stage):
             raise ConfigError(f"teacher for '{deg}': data.train has no source of that degradation (found: "
                               f"{', '.join(names)}); add one with degradation: {deg}")
         self.val_sources = [s for s in cfg.data.val if s.degradation in (None, deg)]
-        self.best_metric = (f"val/{self.val_sources[0].name}/psnr", "max") if self.val_sources else None
+        self.best_metric = (val_metric(self.val_sources[0].name, "psnr"), "max") if self.val_sources else None
         self.input_range = cfg.model.input_range
         from uniremoval.data.pipelines import CropPadding
 

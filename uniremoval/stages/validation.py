@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from uniremoval.eval.metrics import METRICS
 from uniremoval.stages.trainer import TrainContext
+from uniremoval.tracking import VAL_MEAN, val_metric
 
 
 def capped_size(urls: Iterable[str], cap: int) -> int:
@@ -139,8 +140,8 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
         if ctx.rank == 0:
             warn_left_out(src, total, skipped[0] if skipped else None)
         for k in ("psnr", "ssim", "psnr_input"):
-            out[f"val/{src.name}/{k}"] = total[k] / total["n"]
-        psnrs.append(out[f"val/{src.name}/psnr"])
+            out[val_metric(src.name, k)] = total[k] / total["n"]
+        psnrs.append(out[val_metric(src.name, "psnr")])
     if psnrs:
-        out["val/mean/psnr"] = sum(psnrs) / len(psnrs)
+        out[val_metric(VAL_MEAN, "psnr")] = sum(psnrs) / len(psnrs)
     return out

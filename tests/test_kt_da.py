@@ -861,3 +861,31 @@ def test_each_data_augment_switch_reaches_the_loader_on_its_own(ws, monkeypatch,
         stage = da.DomainAdaptation(load_config(REPO / "configs" / "da.yaml", da_overrides(ws, "aug") + off))
     stage.train_batches(0, 0, 0, 1)
     assert got == [Aug(hflip=False, vflip=True, rot90=False)]
+
+
+def test_the_teacher_stage_builds_model_arch_not_mprnet_by_name(tmp_path, monkeypatch):
+    """teacher.py built `build_model("mprnet", ...)` whatever model.arch said: an architecture of one's
+    own registered and named in model.arch trained an MPRNet, its config saying otherwise. The teachers
+    KT and the cache load are of model.arch too."""
+    from uniremoval import models
+    from uniremoval.stages import teacher, teachers
+
+    train = f"data.train=[{{name: s, shards: {tmp_path}, degradation: haze}}]"
+    cfg = load_config(REPO / "configs" / "teacher" / "haze.yaml", ["model.preset=tiny", train])
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"arch": "myarch"})})
+    asked = []
+    monkeypatch.setattr(models, "build_model", lambda arch, preset, **kw: asked.append(arch) or torch.nn.Identity())
+    teacher.TeacherTraining(cfg).build_models()
+    assert asked == ["myarch"]
+    seen = []
+
+    def fake_load(path, arch, **kw):
+        seen.append(arch)
+        return torch.nn.Identity(), {"input_range": "minus_one_one"}
+
+    monkeypatch.setattr("uniremoval.models.checkpoint.load_checkpoint", fake_load)
+    monkeypatch.setattr("uniremoval.models.checkpoint.checkpoint_sha256", lambda path: "0" * 64)
+    monkeypatch.setattr(teachers, "_check_teacher_preset", lambda *a: None)
+    monkeypatch.setattr(teachers, "_check_teacher_role", lambda *a: None)
+    loaded = teachers.load_teachers({"haze": "h.safetensors"}, ["haze"], "tiny", arch="myarch")
+    assert seen == ["myarch"] and list(loaded) == ["haze"]

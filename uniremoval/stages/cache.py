@@ -412,7 +412,8 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
     cell = cfg.data.feature_cell
     degs = sorted({it["degradation"] for it in items})
     preset = cfg.teachers.preset or cfg.model.preset
-    teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device)
+    teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device,
+                             arch=cfg.model.arch)
     speed = fast.Speed.from_config(cfg, acc.device)
     for t in teachers.values():
         if speed.channels_last:

@@ -203,7 +203,7 @@ class KnowledgeTransfer(Stage):
         self.loss_fn = make_kt_loss(cfg, phi)
         if self.online:
             preset = cfg.teachers.preset or cfg.model.preset
-            self.teachers = load_teachers(cfg.teachers.checkpoints, self.degradations, preset)
+            self.teachers = load_teachers(cfg.teachers.checkpoints, self.degradations, preset, arch=cfg.model.arch)
             for name, t in self.teachers.items():
                 models[TEACHER_PREFIX + name] = t.model  # frozen, moved to the device, never prepared
         return models

@@ -67,13 +67,13 @@ class TeacherTraining(Stage):
             # model.preset is checked against the file, as KT's student does: a preset taken silently
             # from the file left the run training (and exporting) another architecture than its config
             # logs, which the cache and KT then refuse under teachers.preset, a whole run later.
-            model, meta = load_checkpoint(m.init, arch="mprnet", preset=m.preset, preset_key="model.preset")
+            model, meta = load_checkpoint(m.init, arch=m.arch, preset=m.preset, preset_key="model.preset")
             saved = recorded_range(meta)
             if saved != self.input_range:  # fine-tuning must feed the range the weights were trained on
                 raise ConfigError(f"model.init {m.init} was trained on {saved!r} images but model.input_range is "
                                   f"{self.input_range!r}; set model.input_range={saved}")
         else:
-            model = build_model("mprnet", m.preset)
+            model = build_model(m.arch, m.preset)
         return {"teacher": model}  # the trainer applies model.channels_last (not under DeepSpeed)
 
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int):

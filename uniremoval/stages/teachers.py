@@ -84,12 +84,14 @@ def load_teachers(
     preset: str,
     device: torch.device | str = "cpu",
     input_range: str | None = None,
+    arch: str = "mprnet",
 ) -> dict[str, Teacher]:
     """Load one frozen teacher per degradation type, in the order of ``degradations``.
 
     ``checkpoints`` maps degradation name -> checkpoint (ours .safetensors, or an official MPRNet
     .pth). Every type must have one, and no checkpoint may name an unknown type. ``input_range``
-    None takes the checkpoint's metadata (official .pth files: [0, 1]).
+    None takes the checkpoint's metadata (official .pth files: [0, 1]). ``arch``: the teachers'
+    architecture, the student's (``model.arch``), as they share its preset.
     """
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint  # heavy: kept lazy
 
@@ -110,7 +112,7 @@ def load_teachers(
         _check_teacher_preset(name, path, preset)
         try:
             model, meta = load_checkpoint(
-                path, arch="mprnet", preset=preset, map_location=device,
+                path, arch=arch, preset=preset, map_location=device,
                 preset_key="teachers.preset",
             )
         except CheckpointError as exc:  # k teachers: say which entry

@@ -579,3 +579,15 @@ def test_split_folders_are_never_read_in_part(tmp_path: Path) -> None:
     t2.pair("validation/rainy_image/2_1.jpg", "validation/ground_truth/2.jpg", "val")
     with pytest.raises(DataError, match=r"val/ and validation/ are both the val split"):
         build("rain1400", t2.root, tmp_path / "r")
+
+
+def test_a_reader_registered_in_readers_is_a_format_of_shards_build(tmp_path: Path, monkeypatch) -> None:
+    """A layout of one's own is one ReaderSpec in `readers.READERS`: the command's --format choices were
+    a second list of names, which refused the new one ("invalid choice")."""
+    from uniremoval.data import readers
+
+    tree = tree_paired_folder(tmp_path / "mine")
+    spec = readers.ReaderSpec("my-layout", readers.READERS["paired-folder"].read, "input/ + target/")
+    monkeypatch.setitem(readers.READERS, "my-layout", spec)
+    assert build("my-layout", tree.root, tmp_path / "out", "--degradation", "rain") == 0
+    check_samples(tmp_path / "out", tree, "paired-folder", "rain", "synthetic")

@@ -14,19 +14,6 @@ from pathlib import Path
 from uniremoval.commands import degradation_type, positive_number, split_name, whole_number
 from uniremoval.errors import UniremovalError
 
-FORMATS = (
-    "reside-its",
-    "reside-ots",
-    "reside-sots",
-    "reside-unpaired",
-    "rain1400",
-    "gopro",
-    "spa",
-    "realblur",
-    "paired-folder",
-    "folder",
-)
-
 
 def _cores() -> int:
     """Cores this process may use (a cluster job's allocation, not the whole node)."""
@@ -75,7 +62,9 @@ def register(subparsers) -> None:
     sub.required = True
 
     b = sub.add_parser("build", help="shards from a dataset in its own layout (see shards/README.md)")
-    b.add_argument("--format", required=True, choices=FORMATS, help="the dataset's layout")
+    from uniremoval.data.readers import READERS  # (stdlib imports only: the CLI starts as fast)
+
+    b.add_argument("--format", required=True, choices=list(READERS), help="the dataset's layout")
     b.add_argument("--root", required=True, help="the dataset folder as downloaded")
     b.add_argument("--degradation", type=degradation_type, help="degradation name to record (required for paired-folder/folder)")
     b.add_argument("--domain", choices=("synthetic", "real"), help="override the layout's domain (default: the layout's, see shards/README.md)")

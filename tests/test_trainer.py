@@ -1213,3 +1213,28 @@ def test_a_run_stopped_after_the_next_epoch_started_closes_it(tmp_path):
     rest = Prefetching(make_cfg(tmp_path), 3)
     assert Trainer(rest.cfg, rest).fit(resume="auto").step == 10
     assert rest.made[:2] == [(0, 4, 0), (1, 0, 0)]  # resumed inside epoch 0: its last step, then epoch 1 ahead
+
+
+def test_a_second_run_in_one_process_under_another_precision_says_what_to_do(tmp_path):
+    """From a notebook, a second fit with another train.mixed_precision failed in accelerate with a raw
+    'AcceleratorState has already been initialized'. The trainer names the setting and the ways out.
+    (In a subprocess: accelerate's state is per process, and the suite's own must stay as it is.)"""
+    import subprocess
+
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from uniremoval.config import TeacherStage\n"
+        "from uniremoval.errors import ConfigError\n"
+        "from uniremoval.stages.trainer import build_accelerator\n"
+        "def cfg(mp):\n"
+        "    return TeacherStage(stage='teacher', degradation='haze', train={'cpu': True, 'mixed_precision': mp})\n"
+        "build_accelerator(cfg('no'))\n"
+        "try:\n"
+        "    build_accelerator(cfg('bf16'))\n"
+        "except ConfigError as exc:\n"
+        "    print('refused:', exc)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert re.search(r"refused: train.mixed_precision=bf16 / train.cpu=True: an earlier run in this Python process "
+                     r"set accelerate up otherwise.*AcceleratorState._reset_state\(True\)", out), out

@@ -1574,7 +1574,15 @@ def build_accelerator(cfg: StageBase) -> Any:
         # convert the student's weights to bf16 and fail on its fp32 inputs.
         return Accelerator(mixed_precision="no", gradient_accumulation_steps=cfg.train.grad_accum,
                            kwargs_handlers=handlers)
-    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+    except ValueError as exc:  # accelerate keeps one state per process (a notebook's second run)
+        if "already been initialized" not in str(exc):
+            raise
+        raise ConfigError(f"train.mixed_precision={mp} / train.cpu={cfg.train.cpu}: an earlier run in this Python "
+                          f"process set accelerate up otherwise, and accelerate keeps one setting per process; run "
+                          f"each stage in a process of its own (as the CLI does), or call "
+                          f"accelerate.state.AcceleratorState._reset_state(True) between runs") from exc
 
 
 def progress_terms(keys: Sequence[str], limit: int = 4) -> list[str]:

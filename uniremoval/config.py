@@ -939,7 +939,10 @@ def config_hash(cfg: BaseModel) -> str:
 # switches (ABLATION_SWITCHES) are the run's ablation row (its `ablation.*` tags, which eval copies and
 # the report's Tables IV and V lay out): a resume that turned one on or off went on logging (e.g.
 # train/fg) into a run, and exported weights, still tagged as the other row.
-ABLATION_SWITCHES = ("loss.use_icl", "loss.use_fcl", "loss.use_idt", "loss.use_eicl", "loss.use_efcl")
+# A loss config's `use_*` fields are its switches: a term added with one is an ablation switch too.
+KT_SWITCHES = tuple(n for n in KTLossConfig.model_fields if n.startswith("use_"))  # use_icl, use_fcl
+DA_SWITCHES = tuple(n for n in DALossConfig.model_fields if n.startswith("use_"))  # use_gan, use_idt, ...
+ABLATION_SWITCHES = tuple(f"loss.{n}" for n in dict.fromkeys(KT_SWITCHES + DA_SWITCHES) if n != "use_gan")
 RESUME_FIXED = ("stage", "degradation", "model.arch", "model.preset", "model.input_range", "data.degradations",
                 "discriminator", "loss.use_gan", "loss.gan", *ABLATION_SWITCHES)
 
@@ -973,7 +976,7 @@ def ablation_flags(cfg: BaseModel) -> dict[str, bool]:
     """The loss switches that identify an ablation row (Tables IV and V)."""
     loss = getattr(cfg, "loss", None)
     if isinstance(loss, KTLossConfig):
-        return {"use_icl": loss.use_icl, "use_fcl": loss.use_fcl}
+        return {k: getattr(loss, k) for k in KT_SWITCHES}
     if isinstance(loss, DALossConfig):
-        return {k: getattr(loss, k) for k in ("use_gan", "use_idt", "use_eicl", "use_efcl")}
+        return {k: getattr(loss, k) for k in DA_SWITCHES}
     return {}

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from uniremoval.config import DAStage, ablation_flags
+from uniremoval.config import KT_SWITCHES, DAStage, ablation_flags
 from uniremoval.errors import ConfigError
 from uniremoval.stages.kt import build_phi, build_student, weights_run_id, weights_sha256
 from uniremoval.stages.teachers import pool_feature, restore_with_feature
@@ -329,7 +329,7 @@ class DomainAdaptation(Stage):
 
             saved = recorded_meta(self.cfg.model.init).get("ablation") if self.cfg.model.init else None
             saved = saved if isinstance(saved, dict) else {}
-            self._init_ablation = {k: saved[k] for k in ("use_icl", "use_fcl") if isinstance(saved.get(k), bool)}
+            self._init_ablation = {k: saved[k] for k in KT_SWITCHES if isinstance(saved.get(k), bool)}
         return self._init_ablation
 
     def export_meta(self, name: str) -> dict[str, Any]:

@@ -273,19 +273,23 @@ def _octal(field: bytes) -> int:
 
 
 def _skip(stream: Any, n: int) -> bool:
-    """Move past `n` bytes of `stream` without keeping them: a seek on a file, reads on a pipe.
-    False when a pipe ends first (a seek past a file's end shows at the next header)."""
+    """Move past `n` bytes of `stream` without keeping them: a seek where the stream can (a file, a
+    .tar.gz's decompressor), reads on a pipe. False when the stream ends first."""
     seekable = getattr(stream, "seekable", None)
     if seekable is not None and seekable():
-        try:  # a seek past a file's end succeeds: compare with its size, as a read would find it short
-            size = os.fstat(stream.fileno()).st_size
-        except (AttributeError, OSError, ValueError):
-            size = None
         try:
+            start = stream.tell()
             end = stream.seek(n, os.SEEK_CUR)
         except (OverflowError, OSError):  # a corrupt header's size field past any file
             return False
-        return size is None or end <= size
+        if end < start + n:  # a decompressor stops at its end
+            return False
+        try:  # a file's seek passes its end without a word: compare with its size
+            size = stream.seek(0, os.SEEK_END)
+        except (OSError, ValueError):  # (a decompressor cannot seek from its end: it stopped above)
+            return True
+        stream.seek(end, os.SEEK_SET)
+        return end <= size
     while n > 0:
         got = len(stream.read(min(n, 1 << 20)))
         if not got:

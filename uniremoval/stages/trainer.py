@@ -1549,7 +1549,6 @@ def build_accelerator(cfg: StageBase) -> Any:
     comes from the launcher; on CPU that needs the gloo backend and no `cpu=True` (which would
     silently drop DeepSpeed).
     """
-    from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     cpu = cfg.train.cpu or not torch.cuda.is_available()
@@ -1572,16 +1571,22 @@ def build_accelerator(cfg: StageBase) -> Any:
         handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
         # bf16 is the trainer's autocast (Trainer._autocast), not DeepSpeed's bf16 engine, which would
         # convert the student's weights to bf16 and fail on its fp32 inputs.
-        return Accelerator(mixed_precision="no", gradient_accumulation_steps=cfg.train.grad_accum,
-                           kwargs_handlers=handlers)
+        return _accelerator(cfg, mixed_precision="no", gradient_accumulation_steps=cfg.train.grad_accum,
+                            kwargs_handlers=handlers)
+    return _accelerator(cfg, cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def _accelerator(cfg: StageBase, **kwargs: Any) -> Any:
+    from accelerate import Accelerator
+
     try:
-        return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+        return Accelerator(**kwargs)
     except ValueError as exc:  # accelerate keeps one state per process (a notebook's second run)
         if "already been initialized" not in str(exc):
             raise
-        raise ConfigError(f"train.mixed_precision={mp} / train.cpu={cfg.train.cpu}: an earlier run in this Python "
-                          f"process set accelerate up otherwise, and accelerate keeps one setting per process; run "
-                          f"each stage in a process of its own (as the CLI does), or call "
+        raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision} / train.cpu={cfg.train.cpu}: an "
+                          f"earlier run in this Python process set accelerate up otherwise, and accelerate keeps one "
+                          f"setting per process; run each stage in a process of its own (as the CLI does), or call "
                           f"accelerate.state.AcceleratorState._reset_state(True) between runs") from exc
 
 

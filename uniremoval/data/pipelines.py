@@ -357,8 +357,8 @@ def _source_stream(
 
     def shuffled() -> Iterator[tuple[str, str, dict[str, bytes]]]:
         # Raw bytes in the buffer (not decoded arrays): far less memory per slot. It holds up to
-        # shuffle_buffer samples and at most shuffle_bytes of them (1000 cached 720p samples, ~5 MB
-        # each, were 5 GB per source in every loader worker). Filled, each new sample takes a random
+        # shuffle_buffer samples and at most shuffle_bytes of them (1000 cached 720p samples, several MB
+        # each, were GBs per source in every loader worker). Filled, each new sample takes a random
         # slot's place; past the byte cap, random slots leave until it holds again (one at least).
         cap = spec.shuffle_bytes if spec.shuffle_bytes is not None else float("inf")
         held = 0

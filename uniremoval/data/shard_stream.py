@@ -128,7 +128,7 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
             raise DataError("empty shard list")
         return out
     s = str(spec)
-    if len(parts := split_specs(s)) > 1:  # several specs in one string, as shard_paths and check_inputs do
+    if len(parts := split_specs(s)) > 1:  # several specs in one string (`a::b`), as check_inputs splits them
         return resolve_shards(parts)
     if s.startswith("pipe:"):  # braces expand to one command per shard, as webdataset reads a pipe: URL
         import braceexpand
@@ -152,7 +152,7 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
         raise DataError(f"shard {s}: {scheme}:// URLs are not opened directly (http(s)://, file: and local paths "
                         f"are); stream it through a command that writes the tar to stdout, {tool} (braces expand "
                         f"to one command per shard)")
-    if glob.has_magic(s) and not os.path.exists(s):  # a glob (shards/its/*.tar), as shard_paths takes
+    if glob.has_magic(s) and not os.path.exists(s):  # a glob (shards/its/*.tar)
         import braceexpand
 
         found = {part: glob.glob(part) for part in braceexpand.braceexpand(s)}

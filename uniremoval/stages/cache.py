@@ -85,10 +85,7 @@ def source_sha256(url: str, manifests: dict[Path, dict[str, str]] | None = None)
 
 def _listed_shas(manifest: Path) -> dict[str, str]:
     """{shard name: sha256} of a dataset manifest ({} when there is none or it cannot be read)."""
-    try:
-        entries = json.loads(manifest.read_text()).get("shards", []) if manifest.is_file() else []
-    except (OSError, ValueError, AttributeError):
-        return {}
+    entries = (existing_manifest(manifest) or {}).get("shards")
     return {str(e["name"]): str(e["sha256"]) for e in entries if isinstance(e, dict) and e.get("name") and
             e.get("sha256")} if isinstance(entries, list) else {}
 

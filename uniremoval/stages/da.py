@@ -242,8 +242,7 @@ class DomainAdaptation(Stage):
         from uniremoval.data.pipelines import eval_samples
         from uniremoval.data.read_ahead import read_ahead
         from uniremoval.eval.restore import restore_tensor
-        from uniremoval.progress import progress_bar
-        from uniremoval.stages.validation import capped_size
+        from uniremoval.stages.validation import val_progress
 
         names = list(self.cfg.val_iqa.metrics)
         if not self.cfg.data.val or not names:
@@ -264,9 +263,7 @@ class DomainAdaptation(Stage):
             bad_example = None
             stream = eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap)
             # rank 0's share (the largest), as the paired validations show theirs
-            urls = getattr(stream, "dataset", stream).shards
-            share = -(-capped_size(urls, cap) // ctx.world_size) if ctx.rank == 0 else None
-            bar = progress_bar(share, f"val {src.name}", "img", leave=False, disable=ctx.rank != 0)
+            bar = val_progress(ctx, src.name, stream, cap)
             # (read ahead: the next image decodes while this one is restored and scored)
             for item in read_ahead(stream):
                 bar.update(1)

@@ -38,6 +38,17 @@ def capped_size(urls: Iterable[str], cap: int) -> int:
 SSIM_MIN_SIDE = METRICS["ssim"].min_size  # its Gaussian window, filtered without padding
 
 
+def val_progress(ctx: TrainContext, name: str, stream: Any, cap: int | None) -> Any:
+    """The progress of one validation set, rank 0's (the largest share). A cap above the set's size is
+    the set, counted in the stream's own shard list (listed again by rank 0 alone, a dataset URL's
+    manifest was fetched again, and a failed fetch raised on rank 0 only, the others waiting)."""
+    from uniremoval.progress import progress_bar
+
+    urls = getattr(stream, "dataset", stream).shards
+    share = -(-capped_size(urls, cap) // ctx.world_size) if cap and ctx.rank == 0 else None
+    return progress_bar(share, f"val {name}", "img", leave=False, disable=ctx.rank != 0)
+
+
 def warn_left_out(src: Any, total: dict[str, float], example: dict[str, Any] | None) -> None:
     """Say how many samples of a val set were left out of its scores (`total["bad"]`; an undecodable
     one, a pair without target): unsaid, its means (and best.safetensors) quietly rest on fewer images."""
@@ -72,7 +83,6 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
     from uniremoval.data.pipelines import eval_samples
     from uniremoval.data.read_ahead import read_ahead
     from uniremoval.eval.restore import restore_tensor
-    from uniremoval.progress import progress_bar
 
     out: dict[str, float] = {}
     psnrs: list[float] = []
@@ -85,13 +95,7 @@ def validate_paired(ctx: TrainContext, model: nn.Module, input_range: str, sourc
                      if "error" not in item or skipped.append(item))  # append() is None: the item is left out
         sums = {"psnr": 0.0, "ssim": 0.0, "psnr_input": 0.0, "n": 0.0, "small": 0.0}
         small_key = None  # an image too small for SSIM's window, named in the warning
-        # The bar is rank 0's, which has the largest share; a cap above the set's size is the set (9 images
-        # under max_samples 100 showed 9/100 at the end). Counted in the stream's own shard list: listed
-        # again by rank 0 alone, a dataset URL's manifest was fetched again, and a failed fetch raised on
-        # rank 0 only, the other ranks waiting in the collective below.
-        urls = getattr(stream, "dataset", stream).shards
-        share = -(-capped_size(urls, cap) // ctx.world_size) if cap and ctx.rank == 0 else None
-        bar = progress_bar(share, f"val {src.name}", "img", leave=False, disable=ctx.rank != 0)
+        bar = val_progress(ctx, src.name, stream, cap)  # (9 images under max_samples 100 showed 9/100)
         last = None
         while True:
             item = next(items, None)

@@ -54,6 +54,9 @@ What is timed (each section is independent; a failing one records its error and 
 * ``upsample``: MPRNet's bilinear x2 forward + backward at the shapes one student step runs it, ms
   per step for PyTorch's kernel and for the gather stencil the model runs under torch.compile, each
   eager and compiled (``compiled_native_over_stencil``: what the stencil saves the compiled step).
+* ``ours_batch<N>`` (``--scale-batches``, default 2x and 4x ``--batch`` on a GPU): the eager fast
+  step at a larger per-device batch, alone; ``summary.eager_batch_speedup`` is its img/s over the
+  step's at ``--batch`` (the per-device batch is a setting of configs/, this says whether raising it pays).
 * ``loader``: the project's `kt_loader` over generated cache-format shards (input.png,
   teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
 
@@ -381,18 +384,25 @@ def bench_naive(models, args, device, results) -> None:
 
 
 def bench_ours(models, args, device, results, compiled: bool, trainer_check: str | None = None,
-               flush: Callable[[], Any] | None = None, profile_steps: int = 0) -> None:
+               flush: Callable[[], Any] | None = None, profile_steps: int = 0, batch: int | None = None) -> None:
     """Our KT step. Compiled, it is timed with what the trainer does around it (its own non-finite
-    check), so `ours_compiled` is the trainer's step; eager, bare (`ours`) and with either check."""
+    check), so `ours_compiled` is the trainer's step; eager, bare (`ours`) and with either check.
+    `batch` (eager and bare only): the step at another per-device batch, as `ours_batch<N>`, timed
+    alone (no FLOP count, no student-only timing, no profile)."""
     import copy
 
     key = "ours_compiled" if compiled else (f"ours_trainer_{trainer_check}_check" if trainer_check else "ours")
+    scaling = batch is not None and batch != args.batch
+    if scaling:
+        assert not compiled and not trainer_check and not profile_steps
+        key = batch_key(batch)
+    batch = args.batch if batch is None else batch
     mode_name = args.compile_mode[0]  # the compiled-step child runs one mode
     dtype = fast.autocast_dtype(args.precision, device)
     student = fast.to_channels_last(copy.deepcopy(models["student"]).to(device)).train()
     phi = fast.to_channels_last(copy.deepcopy(models["phi"]).to(device))
     opt = fast.make_adam(student.parameters(), 2e-5, device, fused=None if not args.cpu_fused else True)
-    batches = add_cached_targets(make_batches(2, args.batch, args.crop, device), models["teachers"])
+    batches = add_cached_targets(make_batches(2, batch, args.crop, device), models["teachers"])
     batches = [fast.to_device(b, device, channels_last=True) for b in batches]
     run_student, run_phi = student, phi
     adam = "fused" if "fused" in fast.adam_impl(device, True if args.cpu_fused else None) else "foreach"
@@ -424,7 +434,7 @@ def bench_ours(models, args, device, results, compiled: bool, trainer_check: str
     with ours_flags(args):
         sync(device)
         t0 = time.perf_counter()
-        if args.flops and not compiled and not trainer_check:
+        if args.flops and not compiled and not trainer_check and not scaling:
             out["flops_per_step"], out["flops_by_kind"], terms = count_flops(step)
         else:
             terms = step(0)
@@ -435,9 +445,10 @@ def bench_ours(models, args, device, results, compiled: bool, trainer_check: str
         if flush is not None:  # the compiled child: what it has if the deadline stops it while timing
             results[key] = {**out, f"first_{n_first}_steps_s": round(t_first, 2), "peak_mem_gib": peak_gib(device)}
             flush()
+        steps = max(1, args.steps // 2) if scaling else args.steps  # the budget: 2-4x the images a step
         time_calls(step, args.warmup, device, start=n_first)
-        dt = time_calls(step, args.steps, device, start=n_first + args.warmup)
-        if not compiled and not trainer_check:
+        dt = time_calls(step, steps, device, start=n_first + args.warmup)
+        if not compiled and not trainer_check and not scaling:
             # The network alone (forward + backward of the student, no KT loss, no VGG-19, no update):
             # what the step costs beyond it is the losses' and the optimiser's.
             def student_only(i: int, batches=batches, student=student) -> None:  # bound: deleted below
@@ -457,7 +468,7 @@ def bench_ours(models, args, device, results, compiled: bool, trainer_check: str
             except Exception as exc:  # noqa: BLE001
                 out["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
                 log(f"profile FAILED: {exc}")
-    out.update({"img_s": sig(args.batch / dt), "step_ms": round(dt * 1e3, 2),
+    out.update({"batch": batch, "img_s": sig(batch / dt), "step_ms": round(dt * 1e3, 2),
                 "peak_mem_gib": peak_gib(device), f"first_{n_first}_steps_s": round(t_first, 2),
                 "loss_terms": {k: float(v.detach()) for k, v in terms.items()}})
     if compiled:
@@ -469,6 +480,20 @@ def bench_ours(models, args, device, results, compiled: bool, trainer_check: str
     if compiled:
         torch.compiler.reset()
     reset_peak(device)
+
+
+def batch_key(batch: int) -> str:
+    return f"ours_batch{batch}"
+
+
+def bench_batch_scaling(models, args, device, results) -> None:
+    """The eager fast step at larger per-device batches (`--scale-batches`): whether a GPU does more
+    images a second with more of them per step (small convolutions fill it better; memory grows)."""
+    for b in args.scale_batches:
+        with section(results, batch_key(b)):
+            bench_ours(models, args, device, results, compiled=False, batch=b)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def cache_setup(models, args, device) -> Any:
@@ -973,6 +998,18 @@ def non_negative_int(s: str) -> int:
     return n
 
 
+def parse_batches(s: str) -> list[int]:
+    if s.strip().lower() == "none":
+        return []
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive batch sizes like 32,64 (or none), got {s!r}")
+    return out
+
+
 def parse_size(s: str) -> tuple[int, int]:
     w, h = (int(v) for v in s.lower().split("x"))
     return w, h
@@ -983,6 +1020,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="deblur", help="MPRNet preset (deblur: the paper's; tiny: CPU smoke)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--scale-batches", type=parse_batches, default=None, metavar="N,N",
+                   help="per-device batches the eager fast step is also timed at (default 2x and 4x --batch "
+                        "on a GPU, 2x elsewhere; 'none': skip)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per path (default 20 GPU, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first two")
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
@@ -1026,7 +1066,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-per-type", type=int, default=None)
     p.add_argument("--loader-batches", type=int, default=None)
     p.add_argument("--skip", default="", help="comma list of sections to skip: "
-                   "matmul,naive,ours,syncs,trainer,cache,eval,upsample,loader,compiled,cache_compiled")
+                   "matmul,naive,ours,syncs,trainer,cache,eval,upsample,loader,batches,compiled,cache_compiled")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 with --quick on CPU, where shared cores make "
                         "OpenMP threads wait on each other for seconds per step)")
@@ -1037,7 +1077,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "what is left of it, so the JSON is complete before an outer `timeout 420` stops the run")
     p.add_argument("--loader-max-s", type=float, default=60, help="stop timing the loader after this long")
     p.add_argument("--only", default=None, choices=["matmul", "naive", "ours", "syncs", "trainer", "cache", "eval", "loader", "compiled",
-                                                   "cache_compiled", "upsample"],
+                                                   "cache_compiled", "upsample", "batches"],
                    help="run one section only")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (CPU smoke test)")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -1063,6 +1103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.compile_mode = ["default", "reduce-overhead"] if gpu and args.compile_backend == "inductor" else ["default"]
     if q and not gpu and args.batch == 16 and args.crop == 128:
         args.batch, args.crop = 3, 32  # one sample per degradation type; 32 px = 2x2 feature cells
+    if args.scale_batches is None:
+        args.scale_batches = [2 * args.batch, 4 * args.batch] if gpu else [2 * args.batch]
+    args.scale_batches = [b for b in dict.fromkeys(args.scale_batches) if b != args.batch]
     if q and not gpu:
         if args.threads is None:
             args.threads = 1
@@ -1095,6 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
                      "warmup": args.warmup, "compile": args.compile, "compile_mode": args.compile_mode,
                      "precision": args.precision, "degradations": DEGS, "tau": 1e-6, "vgg": "relu1_1..relu5_1",
                      "budget_s": args.budget_s or None, "inductor": inductor,
+                     "scale_batches": args.scale_batches,
                      "cudnn_benchmark_limit": {"ours": ours_limit, "naive": naive_limit}},
         "complete": False,
     }
@@ -1194,6 +1238,11 @@ def main(argv: list[str] | None = None) -> int:
         with section(results, "loader"):
             args.loader_max_s = max(5.0, min(args.loader_max_s, remaining() - 120))
             bench_loader(args, device, results, models["student"].feature_channels)
+        write()
+    if want("batches") and args.scale_batches:
+        # Before the compiles: the eager steps at 2x/4x the batch take ~30 s on an H200 (the
+        # compiled children take what is left of the budget, the last mode skipped if it cannot fit).
+        bench_batch_scaling(models, args, device, results)
         write()
     if args.only == "compiled":
         with section(results, "ours_compiled"):
@@ -1411,6 +1460,15 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
         with_check = results.get(f"ours_trainer_{check}_check", {}).get("img_s")
         if bare and with_check:
             s[f"trainer_{check}_check_slowdown"] = round(bare / with_check, 3)
+    scaled = {r["batch"]: r for r in (results.get(batch_key(b), {}) for b in args.scale_batches) if r.get("img_s")}
+    if scaled and eager.get("img_s"):
+        # img/s at each per-device batch over the eager step's at --batch (above 1: a larger batch pays);
+        # against the naive step at --batch, the eager step's ratio were the batch that large.
+        s["eager_img_s_by_batch"] = {str(args.batch): eager["img_s"], **{str(b): r["img_s"] for b, r in scaled.items()}}
+        s["eager_batch_speedup"] = {str(b): round(r["img_s"] / eager["img_s"], 2) for b, r in scaled.items()}
+        if naive.get("img_s"):
+            s["eager_ratio_vs_naive_by_batch"] = {str(b): round(r["img_s"] / naive["img_s"], 2)
+                                                  for b, r in {args.batch: eager, **scaled}.items()}
     if results.get("loader", {}).get("samples_s") and best.get("img_s"):
         s["loader_over_step"] = round(results["loader"]["samples_s"] / best["img_s"], 2)
     results["summary"] = s

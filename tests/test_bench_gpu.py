@@ -43,7 +43,7 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert printed == json.loads(out.read_text())
     assert printed["complete"] is True
     for section in ("matmul_peak", "naive", "ours", "trainer", "cache_build", "eval", "upsample", "loader",
-                    "ours_compiled", "cache_compiled"):
+                    "ours_batch6", "ours_compiled", "cache_compiled"):
         assert "error" not in printed[section], (section, printed[section].get("error"))
     naive, ours, compiled = printed["naive"], printed["ours"], printed["ours_compiled"]
     assert "fused Adam" in ours["what"]  # the optimiser a GPU run uses (under the FLOP counter too)
@@ -97,6 +97,14 @@ def test_gpu_bench_cpu_smoke_run_is_complete_and_numerically_equal(tmp_path: Pat
     assert stage["same_bytes"] is True and stage["serial_frames_s"] > 0 and stage["threads_frames_s"] > 0
     assert stage["repeats"] == 2  # after an untimed warm-up run of each side, two alternating timed runs
     assert ours["student_fwd_bwd_ms"] > 0 and s["student_share_of_step"] > 0
+    # The eager step at twice the batch (the quick CPU default of --scale-batches), timed alone
+    scaled = printed["ours_batch6"]
+    assert printed["settings"]["scale_batches"] == [6] and scaled["batch"] == 6 and ours["batch"] == 3
+    assert scaled["img_s"] == pytest.approx(6 / (scaled["step_ms"] / 1e3), rel=0.01)
+    assert "flops_per_step" not in scaled and "student_fwd_bwd_ms" not in scaled and "profile" not in scaled
+    assert s["eager_img_s_by_batch"] == {"3": ours["img_s"], "6": scaled["img_s"]}
+    assert s["eager_batch_speedup"] == {"6": round(scaled["img_s"] / ours["img_s"], 2)}
+    assert s["eager_ratio_vs_naive_by_batch"]["6"] == round(scaled["img_s"] / naive["img_s"], 2)
     assert s["cache_stage_over_teacher"] > 0 and s["eval_score_over_restore"] == printed["eval"]["score_over_restore"]
     ev = printed["eval"]
     assert ev["restore_frames_s"] > 0 and ev["score_images_s"] > 0 and ev["metric"] == "piqe"
@@ -200,6 +208,21 @@ def test_gpu_bench_compile_pays_back_against_the_eager_step_with_the_same_check(
     assert results["ours_compiled"]["breakeven_steps"] == 500  # 36 s / (200 - 128) ms, not 36 s / 32 ms
     assert results["ours_compiled_reduce_overhead"]["breakeven_vs"] == "ours"
     assert results["ours_compiled_reduce_overhead"]["breakeven_steps"] == 1000  # 60 s / (160 - 100) ms
+
+
+def test_gpu_bench_scale_batches_default_to_twice_and_four_times_the_batch_on_a_gpu() -> None:
+    import argparse
+
+    gpu = _gpu_module()
+    assert gpu.parse_batches("32, 64") == [32, 64] and gpu.parse_batches("none") == []
+    for bad in ("0", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive batch sizes"):
+            gpu.parse_batches(bad)
+    args = gpu.parse_args(["--device", "cpu", "--batch", "8"])
+    assert args.scale_batches == [16]  # 2x off a GPU
+    args = gpu.parse_args(["--device", "cpu", "--batch", "8", "--scale-batches", "8,16,16"])
+    assert args.scale_batches == [16]  # --batch itself is the eager step; repeats once
+    assert gpu.parse_args(["--device", "cuda:0", "--batch", "16"]).scale_batches == [32, 64]  # parsed, not run
 
 
 def test_gpu_bench_inductor_options_are_checked_against_torch() -> None:

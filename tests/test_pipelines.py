@@ -113,6 +113,17 @@ def test_resolve_shards_reads_globs_joined_specs_and_pipe_braces(data):
     assert is_shard_source(joined) and dataset_name(joined) == "rain"
 
 
+def test_streamed_specs_are_told_from_local_paths_in_one_place():
+    """Every stage asks the same question of a spec (hash it? stat it? name its folder?) through one
+    test: any `scheme://` URL or a `pipe:` command is streamed; a path, even one holding a colon, is not."""
+    from uniremoval.data.manifest import is_streamed
+
+    for spec in ("http://h/x.tar", "https://h/ds/", "file:///d/x.tar", "s3://b/x.tar", "pipe:cat /d/x.tar"):
+        assert is_streamed(spec), spec
+    for spec in ("/d/x.tar", "shards/haze", "d/a:b.tar", "d/{a,b}/*.tar", "C:/d/x.tar", "runs:/abc/weights"):
+        assert not is_streamed(spec), spec
+
+
 def test_an_ipv6_shard_url_is_not_split_as_joined_specs(data):
     """`::` joins shard specs, but an IPv6 host holds it too: `eval --data http://[::1]:8000/shards/haze/`
     was split into 'http://[' and '1]:8000/...' ("shard 1]:8000/shards/haze does not exist") and

@@ -36,12 +36,17 @@ from uniremoval.io import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-URL_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
 REQUIRED_KEYS = ("format_version", "dataset", "shards", "counts")
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
+
+
+def is_streamed(spec: str) -> bool:
+    """Whether a shard spec is read through a URL (any `scheme://`) or a shell command (`pipe:`)
+    rather than opened as a local path: no file to stat, hash or seek."""
+    return "://" in spec or spec.startswith("pipe:")
 
 
 def manifest_degradations(folder: str | os.PathLike) -> dict[str, int] | None:
@@ -81,7 +86,7 @@ def source_degradations(spec: str | os.PathLike | list | tuple) -> dict[str, int
     if text.startswith("pipe:"):  # `pipe:curl -s http://host/ds/ds-{000000..000009}.tar`: one URL per command
         urls = [re.findall(r"https?://[^\s'\"|;&<>()]+", cmd) for cmd in braceexpand(text)]
         return _shard_degradations([u[0] for u in urls]) if all(len(u) == 1 for u in urls) else None
-    if text.startswith(URL_PREFIXES):
+    if is_streamed(text):
         return None
     path = Path(text)
     if path.is_dir() or (path.suffix == ".json" and path.is_file()):

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.utils.data import get_worker_info
 
-from uniremoval.data.manifest import MANIFEST_NAME, split_specs
+from uniremoval.data.manifest import MANIFEST_NAME, is_streamed, split_specs
 from uniremoval.errors import DataError
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
@@ -105,7 +105,7 @@ def listed_shards(data: Any) -> list[str]:
             except DataError as exc:  # kept in the list: a rank raising alone would leave the others waiting
                 out.append(f"{key}: cannot be listed ({exc})")
                 continue
-            local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+            local = [u for u in urls if not is_streamed(u)]
             out.extend(f"{key}: {u}{'' if u not in local or os.path.exists(u) else ' (missing)'}" for u in urls)
     return out
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uniremoval.data.manifest import MANIFEST_NAME, split_specs
+from uniremoval.data.manifest import MANIFEST_NAME, is_streamed, split_specs
 from uniremoval.data.read_ahead import read_ahead
 from uniremoval.data.readers import DOMAINS, IMAGE_EXTS, INPUT_NAMES, TARGET_NAMES, child_folder
 from uniremoval.errors import DataError, UniremovalError
@@ -146,7 +146,7 @@ def is_shard_source(data: str | list[str]) -> bool:
     if isinstance(data, (list, tuple)):
         return True
     p = Path(data)
-    if "://" in data or data.startswith("pipe:") or "{" in data or len(split_specs(data)) > 1 or p.suffix in (".tar", ".json"):
+    if is_streamed(data) or "{" in data or len(split_specs(data)) > 1 or p.suffix in (".tar", ".json"):
         return True
     if not p.is_dir() or (p / MANIFEST_NAME).is_file():
         return p.is_dir()
@@ -314,7 +314,7 @@ def dataset_name(data: str | list[str]) -> str:
     p = Path(split_specs(data)[0].rstrip("/"))  # several joined specs: named after the first, as a list
     if p.name == MANIFEST_NAME or p.suffix == ".tar":
         p = p.parent
-    if p.name in ("", "..") and "://" not in data and not data.startswith("pipe:"):
+    if p.name in ("", "..") and not is_streamed(data):
         p = p.resolve()  # `--data .` (or a shard in it) is named after the folder, not "dataset"
     name = p.name or "dataset"
     # MLflow refuses a metric key (eval/<dataset>/<metric>) holding '(' or '#' (a folder "RTTS (test)"):

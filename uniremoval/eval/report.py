@@ -235,11 +235,11 @@ def _recorded_domain(data: str | None, seen: dict[str, str | None]) -> str | Non
     if not data:
         return None
     if data not in seen:
-        from uniremoval.data.manifest import URL_PREFIXES, existing_manifest, split_specs
+        from uniremoval.data.manifest import existing_manifest, is_streamed, split_specs
 
         found: set[str] = set()
         for part in split_specs(data):
-            if part.startswith(URL_PREFIXES) or "://" in part:
+            if is_streamed(part):
                 found.add("")
                 continue
             path = Path(part)

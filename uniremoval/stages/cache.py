@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from uniremoval.config import CacheStage
-from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest
+from uniremoval.data.manifest import MANIFEST_NAME, existing_manifest, is_streamed
 from uniremoval.errors import CheckpointError, ConfigError, DataError
 from uniremoval.io import atomic_write_json, atomic_writer, sha256_file
 from uniremoval.launch import SAME_FILES_FIX, agreed_listing, lock_on_main_process, same_config_on_every_rank
@@ -70,7 +70,7 @@ def source_sha256(url: str, manifests: dict[Path, dict[str, str]] | None = None)
     files); None for remote URLs (not verifiable without downloading). `manifests`: each folder's
     {shard name: sha256}, filled as read, so that a source of thousands of shards parses its
     manifest once (per shard, the whole manifest was read again: quadratic in the shard count)."""
-    if "://" in url or url.startswith("pipe:"):
+    if is_streamed(url):
         return None
     path = Path(url)
     listed = manifests.get(path.parent) if manifests is not None else None
@@ -91,7 +91,7 @@ def _listed_shas(manifest: Path) -> dict[str, str]:
 
 
 def _local_file(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:") and Path(url).is_file()
+    return not is_streamed(url) and Path(url).is_file()
 
 
 def _source_repaired(rec: dict[str, Any], url: str) -> bool:

@@ -298,7 +298,7 @@ def check_teacher_cache(cfg: KTStage) -> None:
     """
     from pathlib import Path
 
-    from uniremoval.data.manifest import MANIFEST_NAME
+    from uniremoval.data.manifest import MANIFEST_NAME, is_streamed
     from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.stages.cache import check_cache
 
@@ -311,7 +311,7 @@ def check_teacher_cache(cfg: KTStage) -> None:
                 folder = folder.parent
             if folder.is_dir():
                 folders.append(folder)
-            elif "://" in spec or spec.startswith("pipe:"):
+            elif is_streamed(spec):
                 warnings.warn(f"data.train {src.name}: {spec} is not a local cache folder; its teacher identity "
                               "cannot be checked (teachers.mode=cached expects folders written by `uniremoval "
                               "cache`)", RuntimeWarning, stacklevel=2)

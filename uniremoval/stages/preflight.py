@@ -32,11 +32,12 @@ def _other_degradation(cfg: StageBase, src: DataSource, folder: Path) -> str | N
 
 
 def _local_shards(spec: str) -> list[str]:
+    from uniremoval.data.manifest import is_streamed
     from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.errors import DataError
 
     try:
-        return [s for s in resolve_shards(spec) if "://" not in s and Path(s).is_file()]
+        return [s for s in resolve_shards(spec) if not is_streamed(s) and Path(s).is_file()]
     except DataError:  # an unfinished build, no tars: the stream names it
         return []
 

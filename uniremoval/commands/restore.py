@@ -11,6 +11,7 @@ when any failed, after all others are written.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -54,119 +55,31 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
     from contextlib import closing
-    from pathlib import Path
 
     import torch
     from tqdm import tqdm
 
     from uniremoval.data.read_ahead import read_ahead
-    from uniremoval.data.readers import IMAGE_EXTS
-    from uniremoval.errors import DataError, UniremovalError
+    from uniremoval.errors import DataError
     from uniremoval.eval.restore import (
-        TILE_OVERLAP,
         available_memory,
         images_per_pass,
-        list_images,
-        other_formats_note,
         png_bytes,
         read_image,
         restore_tensor,
         rgb_icc_profile,
         same_size_batches,
-        tiling_problem,
         untiled_shortfall,
-        written_by_restore,
     )
     from uniremoval.io import WriteBehind
     from uniremoval.models.checkpoint import load_checkpoint
     from uniremoval.progress import progress_bar
     from uniremoval.tracking import fetch_run_checkpoint, is_run_artifact
 
-    # Checked before any work: restore_tensor would refuse them only at the first image.
-    if args.tile_overlap is not None and args.tile is None:
-        raise UniremovalError(f"--tile-overlap {args.tile_overlap} without --tile: images are restored whole; "
-                              "give --tile too (e.g. --tile 512), or drop --tile-overlap")
-    overlap = TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
-    if problem := tiling_problem(args.tile, overlap):
-        default = " (the default)" if args.tile_overlap is None else ""
-        raise UniremovalError(f"--tile {args.tile} with --tile-overlap {overlap}{default}: {problem}; "
-                              f"e.g. --tile 512, or a smaller --tile-overlap")
-    if args.batch_size < 1:
-        raise UniremovalError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UniremovalError("--device cuda: no CUDA device is available here; use --device cpu")
+    overlap, device = _check_options(args)
     in_root = Path(args.input)
     out_root = Path(args.output)
-    if out_root.exists() and not out_root.is_dir():
-        raise UniremovalError(
-            f"--output {out_root} is a file, not a folder; give a folder (the restored images are "
-            f"written into it as <name>.png)"
-        )
-    if not out_root.exists() and out_root.suffix.lower() in IMAGE_EXTS:
-        raise UniremovalError(
-            f"--output {out_root} names an image file, but it is the folder the restored images are "
-            f"written into (as <name>.png): give a folder, e.g. --output {out_root.parent / 'restored'}"
-        )
-    from uniremoval.io import check_output
-
-    check_output(out_root, "--output", folder=True)
-    others: list[Path] = []
-    files = list_images(in_root, others, skip=out_root)  # a rerun does not restore its own outputs
-    own: set[Path] = set()
-    if in_root.is_dir():
-        # --output the --input folder itself (restored PNGs beside the photos): a PNG an earlier run
-        # wrote there would be its own output; it is that run's output, to be replaced, not an input.
-        own = {f for f in files if f.suffix.lower() == ".png" and
-               (out_root / f.relative_to(in_root)).resolve() == f.resolve() and written_by_restore(f)}
-        files = [f for f in files if f not in own]
-    if others:
-        print(other_formats_note(others, "restore"), file=sys.stderr)
-    if own:
-        print(f"note: restore left out {len(own)} PNG(s) in --output that an earlier restore wrote (e.g. "
-              f"{min(own)}): they are its outputs, replaced by this run, not inputs", file=sys.stderr)
-    if not files:
-        earlier = f" (its {len(own)} PNG(s) written by an earlier restore are not inputs)" if own else ""
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}{earlier}")
-
-    # Plan every output name first: refuse to overwrite any input (an --output inside the input
-    # folder may hold some), a file restore did not write, or to write two inputs to one file.
-    plan: list[tuple[Path, Path]] = []
-    seen: dict[Path, Path] = {}
-    inputs = {src.resolve(): src for src in files}
-    foreign: list[Path] = []
-    clashes: list[str] = []
-    for src in files:
-        rel = src.relative_to(in_root).with_suffix(".png") if in_root.is_dir() else Path(src.stem + ".png")
-        dst = out_root / rel
-        if dst.resolve() in inputs:
-            raise UniremovalError(
-                f"--output {out_root} would overwrite the input {inputs[dst.resolve()]} (with the restored "
-                f"{src}); choose a folder outside --input"
-            )
-        if dst in seen:  # photo.jpg and photo.tif: every such pair is named at once, not one per run
-            clashes.append(f"{seen[dst]} and {src} -> {dst}")
-            continue
-        if dst.exists() and not written_by_restore(dst):
-            foreign.append(dst)
-        seen[dst] = src
-        plan.append((src, dst))
-    # A folder named like an image (weird.png/a.jpg beside weird.jpg): one output is the other's folder.
-    folder_of = {parent: src for dst, src in seen.items() for parent in dst.parents if parent != out_root}
-    clashes += [f"{src} -> {dst}, the folder of {folder_of[dst]}'s output" for dst, src in seen.items()
-                if dst in folder_of]
-    if clashes:
-        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
-        raise UniremovalError(
-            f"{len(clashes)} pair(s) of inputs would be written to one output (restore writes <name>.png): "
-            f"{'; '.join(clashes[:3])}{more}; rename one of each pair")
-    if foreign:
-        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        raise UniremovalError(
-            f"--output {out_root} already holds {len(foreign)} file(s) that restore did not write and would "
-            f"replace: {', '.join(map(str, foreign[:3]))}{more}; choose another --output or move them "
-            f"(restore's own outputs from an earlier run are replaced without asking)"
-        )
+    plan = _plan_outputs(_inputs(in_root, out_root), in_root, out_root)
 
     # What a restore killed mid-write (kill -9) left beside an output it was writing: each requeue would
     # add an image-sized hidden file (a SIGTERM removes its own).
@@ -311,6 +224,116 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed ({len(failed)}): " + ", ".join(failed), file=sys.stderr)
         return 1
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> tuple[int, str]:
+    """The tile overlap and the device, the options checked before any work (restore_tensor would
+    refuse a bad tiling only at the first image)."""
+    import torch
+
+    from uniremoval.errors import UniremovalError
+    from uniremoval.eval.restore import TILE_OVERLAP, tiling_problem
+
+    if args.tile_overlap is not None and args.tile is None:
+        raise UniremovalError(f"--tile-overlap {args.tile_overlap} without --tile: images are restored whole; "
+                              "give --tile too (e.g. --tile 512), or drop --tile-overlap")
+    overlap = TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
+    if problem := tiling_problem(args.tile, overlap):
+        default = " (the default)" if args.tile_overlap is None else ""
+        raise UniremovalError(f"--tile {args.tile} with --tile-overlap {overlap}{default}: {problem}; "
+                              f"e.g. --tile 512, or a smaller --tile-overlap")
+    if args.batch_size < 1:
+        raise UniremovalError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UniremovalError("--device cuda: no CUDA device is available here; use --device cpu")
+    return overlap, device
+
+
+def _inputs(in_root: Path, out_root: Path) -> list[Path]:
+    """The images to restore under `in_root` (or the one file), once --output is known to be a folder
+    that can be written: never restore's own earlier outputs, even in an --output inside --input."""
+    import sys
+
+    from uniremoval.data.readers import IMAGE_EXTS
+    from uniremoval.errors import DataError, UniremovalError
+    from uniremoval.eval.restore import list_images, other_formats_note, written_by_restore
+    from uniremoval.io import check_output
+
+    if out_root.exists() and not out_root.is_dir():
+        raise UniremovalError(
+            f"--output {out_root} is a file, not a folder; give a folder (the restored images are "
+            f"written into it as <name>.png)"
+        )
+    if not out_root.exists() and out_root.suffix.lower() in IMAGE_EXTS:
+        raise UniremovalError(
+            f"--output {out_root} names an image file, but it is the folder the restored images are "
+            f"written into (as <name>.png): give a folder, e.g. --output {out_root.parent / 'restored'}"
+        )
+    check_output(out_root, "--output", folder=True)
+    others: list[Path] = []
+    files = list_images(in_root, others, skip=out_root)  # a rerun does not restore its own outputs
+    own: set[Path] = set()
+    if in_root.is_dir():
+        # --output the --input folder itself (restored PNGs beside the photos): a PNG an earlier run
+        # wrote there would be its own output; it is that run's output, to be replaced, not an input.
+        own = {f for f in files if f.suffix.lower() == ".png" and
+               (out_root / f.relative_to(in_root)).resolve() == f.resolve() and written_by_restore(f)}
+        files = [f for f in files if f not in own]
+    if others:
+        print(other_formats_note(others, "restore"), file=sys.stderr)
+    if own:
+        print(f"note: restore left out {len(own)} PNG(s) in --output that an earlier restore wrote (e.g. "
+              f"{min(own)}): they are its outputs, replaced by this run, not inputs", file=sys.stderr)
+    if not files:
+        earlier = f" (its {len(own)} PNG(s) written by an earlier restore are not inputs)" if own else ""
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {in_root}{earlier}")
+    return files
+
+
+def _plan_outputs(files: list[Path], in_root: Path, out_root: Path) -> list[tuple[Path, Path]]:
+    """(input, output PNG) per image, every name planned before any work: refused when an output
+    would overwrite an input, a file restore did not write, or when two inputs share one output."""
+    from uniremoval.errors import UniremovalError
+    from uniremoval.eval.restore import written_by_restore
+
+    plan: list[tuple[Path, Path]] = []
+    seen: dict[Path, Path] = {}
+    inputs = {src.resolve(): src for src in files}
+    foreign: list[Path] = []
+    clashes: list[str] = []
+    for src in files:
+        rel = src.relative_to(in_root).with_suffix(".png") if in_root.is_dir() else Path(src.stem + ".png")
+        dst = out_root / rel
+        if dst.resolve() in inputs:
+            raise UniremovalError(
+                f"--output {out_root} would overwrite the input {inputs[dst.resolve()]} (with the restored "
+                f"{src}); choose a folder outside --input"
+            )
+        if dst in seen:  # photo.jpg and photo.tif: every such pair is named at once, not one per run
+            clashes.append(f"{seen[dst]} and {src} -> {dst}")
+            continue
+        if dst.exists() and not written_by_restore(dst):
+            foreign.append(dst)
+        seen[dst] = src
+        plan.append((src, dst))
+    # A folder named like an image (weird.png/a.jpg beside weird.jpg): one output is the other's folder.
+    folder_of = {parent: src for dst, src in seen.items() for parent in dst.parents if parent != out_root}
+    clashes += [f"{src} -> {dst}, the folder of {folder_of[dst]}'s output" for dst, src in seen.items()
+                if dst in folder_of]
+    if clashes:
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        raise UniremovalError(
+            f"{len(clashes)} pair(s) of inputs would be written to one output (restore writes <name>.png): "
+            f"{'; '.join(clashes[:3])}{more}; rename one of each pair")
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UniremovalError(
+            f"--output {out_root} already holds {len(foreign)} file(s) that restore did not write and would "
+            f"replace: {', '.join(map(str, foreign[:3]))}{more}; choose another --output or move them "
+            f"(restore's own outputs from an earlier run are replaced without asking)"
+        )
+    return plan
 
 
 def _cpu_out_of_memory(exc: RuntimeError) -> bool:

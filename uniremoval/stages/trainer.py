@@ -1186,8 +1186,8 @@ class Trainer:
         found = list_checkpoints(self.ckpt_root)
         return found[-1] if found else None
 
-    def load(self, resume: str | None) -> None:
-        resume = resume if resume is not None else self.cfg.checkpoint.resume
+    def _resume_path(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume (None: start at step 0), agreed on by every rank; the run folder checked."""
 
         def agree(path: Path | None) -> None:
             # Every rank must load the same checkpoint (DeepSpeed's load_state is a collective): a run
@@ -1207,14 +1207,62 @@ class Trainer:
                                       f"of a run, or --resume auto")
         self._check_run_dir(fresh=not resume)
         if not resume:
-            return
+            return None
         path = self.latest_checkpoint() if resume == "auto" else Path(resume)
         if resume == "auto":  # a path given was agreed on above
             agree(path)
         if path is None:
             self._refuse_another_run()  # exported weights without a checkpoint are not overwritten
             self._print(f"--resume auto: no checkpoint in {self.ckpt_root}; starting from step 0")
+        return path
+
+    def load(self, resume: str | None) -> None:
+        """Resume a checkpoint (`resume`, or checkpoint.resume: a path or "auto"), on every rank: its
+        weights and optimiser states, step and counters, MLflow run, stage state and RNG streams."""
+        resume = resume if resume is not None else self.cfg.checkpoint.resume
+        path = self._resume_path(resume)
+        if path is None:
             return
+        state = self._load_weights_and_optimisers(path, resume)
+        self.step = int(state["step"])
+        for sched in self.schedulers.values():
+            sched.apply(self.step)  # a function of the step: nothing else to restore
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.data_counts_resumed = {k: float(state.get(k, 0.0)) for k in DATA_COUNTS}
+        # The log window's all-rank sums go to the main process; the other ranks hold zeros for the
+        # same terms, so every rank reduces the same shape at the next log.
+        window = state.get("log_window") or {}
+        main = self.accelerator.is_main_process
+        self._sums = {k: float(v[0]) if main else 0.0 for k, v in window.items()}
+        self._counts = {k: float(v[1]) if main else 0.0 for k, v in window.items()}
+        self.best_value = state.get("best_value")
+        self.run_id = state.get("mlflow_run_id")
+        here = path.resolve().parent == self.ckpt_root.resolve()
+        saved_name = json.loads(state["config"]).get("name") if "config" in state else None
+        if not here or (saved_name is not None and saved_name != self.cfg.name):
+            # Another run's checkpoint continued in this folder (given by path, or in a run folder
+            # copied under another name): a run of its own in MLflow (tagged resumed_from), or the
+            # other run's metrics and logged weights would be overwritten.
+            self.resumed_from_other_run = (path, self.run_id)
+            self.run_id = None
+            self.best_value = None  # this run's best is its own: the first validation writes best.*
+            whose = "another run's checkpoint" if not here else f"run {saved_name!r}'s checkpoint"
+            self._print(f"continuing {path} ({whose}) as the new run {self.cfg.name!r}")
+        if here:
+            self._supersede_later_checkpoints(path)
+        self.stage.load_state_dict(state.get("stage_state") or {}, same_mlflow_run=self.run_id is not None)
+        self._restore_rng(path, state)
+        epoch, start = divmod(self.step, self.cfg.train.steps_per_epoch)
+        # The skipped batches are decoded (their random crops set the stream's state): on a long epoch
+        # that is a wait, said so rather than a progress bar that seems stuck.
+        inside = (f"; reading past epoch {epoch}'s first {start * self.cfg.train.grad_accum} micro-batches first "
+                  f"(decoded and skipped: the run goes on with the batches an uninterrupted one would see)"
+                  if start else "")
+        self._print(f"resumed from {path} at step {self.step}{inside}")
+
+    def _load_weights_and_optimisers(self, path: Path, resume: str) -> dict[str, Any]:
+        """The checkpoint's state.pt, once its launch (DeepSpeed or not), config and weights are checked;
+        the trainable models' weights and optimiser states loaded."""
         if not (path / "state.pt").is_file():
             raise CheckpointError(f"resume checkpoint {path} has no state.pt; {self._resume_hint(path, resume)}")
         from safetensors.torch import load_file
@@ -1244,33 +1292,11 @@ class Trainer:
             self.optimizers[name].load_state_dict(state["optimizers"][name])
         if self.deepspeed:
             self.accelerator.load_state(str(path / "deepspeed"))
-        self.step = int(state["step"])
-        for sched in self.schedulers.values():
-            sched.apply(self.step)  # a function of the step: nothing else to restore
-        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
-        self.data_counts_resumed = {k: float(state.get(k, 0.0)) for k in DATA_COUNTS}
-        # The log window's all-rank sums go to the main process; the other ranks hold zeros for the
-        # same terms, so every rank reduces the same shape at the next log.
-        window = state.get("log_window") or {}
-        main = self.accelerator.is_main_process
-        self._sums = {k: float(v[0]) if main else 0.0 for k, v in window.items()}
-        self._counts = {k: float(v[1]) if main else 0.0 for k, v in window.items()}
-        self.best_value = state.get("best_value")
-        self.run_id = state.get("mlflow_run_id")
-        here = path.resolve().parent == self.ckpt_root.resolve()
-        saved_name = json.loads(state["config"]).get("name") if "config" in state else None
-        if not here or (saved_name is not None and saved_name != self.cfg.name):
-            # Another run's checkpoint continued in this folder (given by path, or in a run folder
-            # copied under another name): a run of its own in MLflow (tagged resumed_from), or the
-            # other run's metrics and logged weights would be overwritten.
-            self.resumed_from_other_run = (path, self.run_id)
-            self.run_id = None
-            self.best_value = None  # this run's best is its own: the first validation writes best.*
-            whose = "another run's checkpoint" if not here else f"run {saved_name!r}'s checkpoint"
-            self._print(f"continuing {path} ({whose}) as the new run {self.cfg.name!r}")
-        if here:
-            self._supersede_later_checkpoints(path)
-        self.stage.load_state_dict(state.get("stage_state") or {}, same_mlflow_run=self.run_id is not None)
+        return state
+
+    def _restore_rng(self, path: Path, state: dict[str, Any]) -> None:
+        """Each rank's RNG streams, when saved on as many processes; said when they start fresh, and when
+        the process or thread count changed what an uninterrupted run would compute."""
         rng = path / f"rng-rank{self.accelerator.process_index}.pt"
         saved_world, world = state.get("world_size"), self.accelerator.num_processes
         if rng.is_file() and saved_world == world:
@@ -1283,11 +1309,11 @@ class Trainer:
             warnings.warn(f"resuming {path} on {world} processes (saved on {saved_world}): RNG streams start fresh, "
                           f"and from here on the batches are not those of an uninterrupted run on {saved_world} "
                           f"(each process reads its own share of the shards; the global batch is now {world} x "
-                          f"data.batch_size)", RuntimeWarning, stacklevel=2)
+                          f"data.batch_size)", RuntimeWarning, stacklevel=3)
         else:
             why = (f"it has no RNG state for rank {self.accelerator.process_index} ({rng.name})" if not rng.is_file()
                    else "it does not record the process count it was saved on, so its RNG files may be another's")
-            warnings.warn(f"resuming {path}: {why}: RNG streams start fresh", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"resuming {path}: {why}: RNG streams start fresh", RuntimeWarning, stacklevel=3)
         saved_threads, threads = state.get("torch_threads"), torch.get_num_threads()
         if self.accelerator.device.type == "cpu" and saved_threads is not None and saved_threads != threads:
             # On CPU the kernels split their sums over the threads: another count changes the last bits
@@ -1295,14 +1321,7 @@ class Trainer:
             self.resumed_changes.append(f"torch threads: {saved_threads} -> {threads}")
             warnings.warn(f"resuming {path} with {threads} torch threads (saved with {saved_threads}): on CPU the "
                           "weights from here on differ in their last bits from an uninterrupted run's (set "
-                          f"OMP_NUM_THREADS={saved_threads} to continue it exactly)", RuntimeWarning, stacklevel=2)
-        epoch, start = divmod(self.step, self.cfg.train.steps_per_epoch)
-        # The skipped batches are decoded (their random crops set the stream's state): on a long epoch
-        # that is a wait, said so rather than a progress bar that seems stuck.
-        inside = (f"; reading past epoch {epoch}'s first {start * self.cfg.train.grad_accum} micro-batches first "
-                  f"(decoded and skipped: the run goes on with the batches an uninterrupted one would see)"
-                  if start else "")
-        self._print(f"resumed from {path} at step {self.step}{inside}")
+                          f"OMP_NUM_THREADS={saved_threads} to continue it exactly)", RuntimeWarning, stacklevel=3)
 
     def _check_deepspeed_resume(self, path: Path, state: dict[str, Any]) -> None:
         """DeepSpeed loads its optimiser state only under the ZeRO stage and process count that wrote it
@@ -1331,7 +1350,7 @@ class Trainer:
             return
         if "config" not in state:  # written before checkpoints kept their config
             warnings.warn(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
-                          f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=3)
+                          f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=4)
             return
         changes = config_changes(json.loads(state["config"]), self.cfg)
         shown = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
@@ -1364,7 +1383,7 @@ class Trainer:
                          f"length (train.epochs x steps_per_epoch): at step {step} the run is now in epoch "
                          f"{step // new}, not {step // old}")
             warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown) + note,
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
 
     def _check_resumed_weights(self, path: Path, state: dict[str, Any]) -> None:
         """Name the weights read besides the run's own (KT's teachers) whose file changed since the

@@ -414,3 +414,50 @@ def test_da_validation_says_how_many_samples_it_left_out(tmp_path):
                                                               r"scores, e\.g\. .*; it is scored on the other 2$"):
         out = stage.validate(ctx)
     assert "val/v/piqe" in out
+
+
+def test_da_validation_leaves_out_real_photos_too_small_for_its_metric(tmp_path):
+    """A real val photo smaller than a metric accepts (PIQE scores 16-px blocks) crashed DA at its first
+    validation with pyiqa's 'maximum size for tensor at dimension 2 is 2 but size is 16', naming no
+    image, and again at every validation after a resume; it is left out and named, as the paired
+    validation leaves out images under SSIM's window."""
+    import json as _json
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from uniremoval.data.transforms import encode_png
+    from uniremoval.models.mprnet_arch import MPRNet
+    from uniremoval.stages import da
+
+    rng = np.random.default_rng(0)
+    val = tmp_path / "val"
+    val.mkdir()
+    sizes = {"big_a": (48, 64), "tiny": (5, 7), "big_b": (40, 56)}
+    with wds.TarWriter(str(val / "val-000000.tar")) as tw:
+        for key, (h, w) in sizes.items():
+            img = (rng.uniform(0, 1, (h, w, 3)) * 255).astype(np.uint8)
+            tw.write({"__key__": key, "input.png": encode_png(img),
+                      "json": _json.dumps({"degradation": "haze", "domain": "real", "height": h, "width": w})})
+    cfg = load_config(REPO / "configs" / "da.yaml", [
+        "model.preset=tiny", f"data.val=[{{name: v, shards: {val / 'val-000000.tar'}, degradation: haze}}]",
+        "val_iqa.metrics=[piqe]", "val_iqa.max_images=3"])
+    stage = da.DomainAdaptation(cfg)
+    model = MPRNet("tiny").eval()
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), unwrap=lambda name: model, all_sum=dict)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"validation set v \(.*\): 1 image\(s\) smaller than "
+                                                              r"16x16 pixels \(piqe's least\) left out of its scores, "
+                                                              r"e\.g\. tiny"):
+        out = stage.validate(ctx)
+    assert {"val/v/piqe", "val/v/piqe_input"} <= set(out) and all(np.isfinite(v) for v in out.values())
+    # the mean is over the two photos large enough, as if the small one were not in the set
+    from uniremoval.eval.metrics import Scorer
+
+    scorer = Scorer(["piqe"], device="cpu")
+    from uniremoval.data.pipelines import eval_samples
+
+    inputs = [item["input"] for item in eval_samples(str(val / "val-000000.tar")) if item["key"] != "tiny"]
+    expect = np.mean([scorer.score(((x + 1) * 0.5).unsqueeze(0))["piqe"][0] for x in inputs])
+    assert out["val/v/piqe_input"] == pytest.approx(expect, rel=1e-6)

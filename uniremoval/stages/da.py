@@ -241,12 +241,17 @@ class DomainAdaptation(Stage):
     def validate(self, ctx: TrainContext) -> dict[str, float]:
         from uniremoval.data.pipelines import eval_samples
         from uniremoval.data.read_ahead import read_ahead
+        from uniremoval.eval.metrics import METRICS
         from uniremoval.eval.restore import restore_tensor
         from uniremoval.stages.validation import val_progress
 
         names = list(self.cfg.val_iqa.metrics)
         if not self.cfg.data.val or not names:
             return {}
+        # The smallest side every metric accepts (PIQE works on 16-px blocks, NIQE on 96): a smaller
+        # real photo (a crop, a thumbnail) is left out, said below, not a crash at the first validation.
+        needs = max(names, key=lambda m: METRICS[m].min_size)
+        least = METRICS[needs].min_size
         scorer = self._scorer(ctx.device)
         model = ctx.unwrap("generator")
         out: dict[str, float] = {}
@@ -259,8 +264,8 @@ class DomainAdaptation(Stage):
             keys = names + ([f"{m}_input" for m in names] if with_input else [])
             # Per score: its sum and how many images it is defined for (NIQE/BRISQUE of a flat image
             # is NaN, as in `uniremoval eval`: left out of the mean, not poisoning it).
-            sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0, "bad": 0.0}
-            bad_example = None
+            sums = {k: 0.0 for k in keys} | {f"{k}#n": 0.0 for k in keys} | {"n": 0.0, "bad": 0.0, "small": 0.0}
+            bad_example, small_key = None, None
             stream = eval_samples(src.shards, ctx.rank, ctx.world_size, first=cap)
             # rank 0's share (the largest), as the paired validations show theirs
             bar = val_progress(ctx, src.name, stream, cap)
@@ -270,6 +275,10 @@ class DomainAdaptation(Stage):
                 if "error" in item:  # left out, counted and said below
                     sums["bad"] += 1
                     bad_example = bad_example or item
+                    continue
+                if min(item["input"].shape[-2:]) < least:
+                    sums["small"] += 1
+                    small_key = small_key or item.get("key")
                     continue
                 x01 = ((item["input"] + 1) * 0.5).unsqueeze(0).to(ctx.device)
                 y01 = restore_tensor(model, x01, self.cfg.model.input_range)
@@ -285,6 +294,11 @@ class DomainAdaptation(Stage):
             total = ctx.all_sum(sums)
             if ctx.rank == 0:
                 warn_left_out(src, total, bad_example)
+                if total["small"]:
+                    eg = f", e.g. {small_key}" if small_key else ""
+                    warnings.warn(f"validation set {src.name} ({src.shards}): {int(total['small'])} image(s) smaller "
+                                  f"than {least}x{least} pixels ({needs}'s least) left out of its scores{eg}; rebuild "
+                                  "the set without them, or drop the metric", RuntimeWarning, stacklevel=2)
             if total["n"] == 0:
                 warnings.warn(f"validation set {src.name} gave no usable images", RuntimeWarning, stacklevel=2)
                 continue

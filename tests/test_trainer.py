@@ -247,7 +247,7 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path):
         assert Trainer(same.cfg, same).fit(resume="auto").step == 8
 
 
-def test_a_resume_says_when_the_batches_change(tmp_path):
+def test_a_resume_says_when_the_batches_change(tmp_path, capsys):
     """The batch sequence follows the process count and data.num_workers (each rank and loader worker
     streams its own share of the shards): a resume that changes either says the batches are no longer
     an uninterrupted run's (0 and 1 workers read alike: no such note), and a changed process count
@@ -275,6 +275,22 @@ def test_a_resume_says_when_the_batches_change(tmp_path):
                                             r"on the batches are not those of an uninterrupted run on 2"):
         trainer.fit(resume="auto")
     assert trainer.resumed_changes == ["processes: 2 -> 1"]
+    # train.grad_accum: the epoch's position is counted in the new micro-batches per step, so samples are
+    # skipped; the resume line said the run went on "with the batches an uninterrupted one would see"
+    capsys.readouterr()
+    c = cfg(2, 7)
+    accum = ToyStage(c.model_copy(update={"train": c.train.model_copy(update={"grad_accum": 2})}))
+    with pytest.warns(RuntimeWarning, match=r"train.grad_accum: 1 -> 2\. train.grad_accum sets the micro-batches a "
+                                            r"step reads: .* so samples are skipped relative to it"):
+        Trainer(accum.cfg, accum).fit(resume="auto")
+    err = capsys.readouterr().err
+    assert "at step 6; reading past epoch 1's first 2 micro-batches first (decoded and skipped: the changes " \
+           "warned about mean the batches from here on are not an uninterrupted run's)" in err, err
+    # unchanged settings: the claim stands
+    again = ToyStage(accum.cfg.model_copy(update={"train": accum.cfg.train.model_copy(update={"max_steps": 8})}))
+    Trainer(again.cfg, again).fit(resume="auto")
+    assert "micro-batches first (decoded and skipped: the run goes on with the batches an uninterrupted one would " \
+           "see)" in capsys.readouterr().err
 
 
 def test_a_resume_names_weights_replaced_under_the_same_path(tmp_path):

@@ -1255,10 +1255,20 @@ class Trainer:
         epoch, start = divmod(self.step, self.cfg.train.steps_per_epoch)
         # The skipped batches are decoded (their random crops set the stream's state): on a long epoch
         # that is a wait, said so rather than a progress bar that seems stuck.
+        # The claim that the batches go on as before holds only when nothing that makes them changed.
+        same = ("the run goes on with the batches an uninterrupted one would see" if not self._stream_changed()
+                else "the changes warned about mean the batches from here on are not an uninterrupted run's")
         inside = (f"; reading past epoch {epoch}'s first {start * self.cfg.train.grad_accum} micro-batches first "
-                  f"(decoded and skipped: the run goes on with the batches an uninterrupted one would see)"
-                  if start else "")
+                  f"(decoded and skipped: {same})" if start else "")
         self._print(f"resumed from {path} at step {self.step}{inside}")
+
+    # What decides the batches of a resumed run besides its step: a change to any of these (or to the
+    # process count) means they are not those of an uninterrupted run.
+    STREAM_SETTINGS = ("data.", "train.grad_accum", "train.steps_per_epoch", "train.seed", "processes")
+
+    def _stream_changed(self) -> bool:
+        keys = [change.split(":", 1)[0] for change in self.resumed_changes]
+        return any(k.startswith(self.STREAM_SETTINGS) and not k.startswith("data.val") for k in keys)
 
     def _load_weights_and_optimisers(self, path: Path, resume: str) -> dict[str, Any]:
         """The checkpoint's state.pt, once its launch (DeepSpeed or not), config and weights are checked;
@@ -1374,6 +1384,14 @@ class Trainer:
                 note = (". data.num_workers decides which samples each batch holds (every loader worker reads its "
                         "own share of the shards), so from here on the batches are not those of an uninterrupted "
                         "run with either count; resume with the old count to continue the same sequence")
+            accum = [(old, new) for k, old, new in changes if k == "train.grad_accum"]
+            if accum and "step" in state:
+                # The position inside an epoch is counted in steps: step x grad_accum micro-batches of
+                # the new count are skipped, not the micro-batches the saved run read.
+                (old, new), step = accum[0], int(state["step"])
+                note += (f". train.grad_accum sets the micro-batches a step reads: the resumed epoch skips its "
+                         f"first {new} x (steps into the epoch) of them, where the saved run had read {old} x, so "
+                         f"samples are {'skipped' if new > old else 'read again'} relative to it")
             spe = [(old, new) for k, old, new in changes if k == "train.steps_per_epoch"]
             if spe and all(isinstance(v, int) and v > 0 for v in spe[0]) and "step" in state:
                 # The epoch is step // steps_per_epoch: it clocks the contrastive weight's decay (a1, l1 x

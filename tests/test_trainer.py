@@ -1254,3 +1254,20 @@ def test_a_second_run_in_one_process_under_another_precision_says_what_to_do(tmp
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True).stdout
     assert re.search(r"refused: train.mixed_precision=bf16 / train.cpu=True: an earlier run in this Python process "
                      r"set accelerate up otherwise.*AcceleratorState._reset_state\(True\)", out), out
+
+
+def test_every_run_says_how_many_samples_an_epoch_reads(tmp_path, capsys):
+    """An epoch is train.steps_per_epoch optimiser steps on any process count, so the samples it reads
+    (and what the epoch-clocked a1/l1 decay means in samples) grow with the processes: the configs'
+    'one pass over the smallest set' held on one process only, unsaid. Each run now says it."""
+    from types import SimpleNamespace
+
+    stage = ToyStage(make_cfg(tmp_path, max_steps=1, grad_accum=2))
+    trainer = Trainer(stage.cfg, stage)
+    trainer.fit()
+    assert ("an epoch: train.steps_per_epoch 5 x 32 samples a step (data.batch_size 16 x train.grad_accum 2 x "
+            "1 process(es)) = 160 samples") in capsys.readouterr().err
+    trainer.accelerator = SimpleNamespace(num_processes=8, is_main_process=True)  # as on 8 GPUs
+    trainer._print_epoch_size()
+    assert "x 256 samples a step (data.batch_size 16 x train.grad_accum 2 x 8 process(es)) = 1,280 samples" in \
+        capsys.readouterr().err

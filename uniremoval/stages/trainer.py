@@ -517,6 +517,7 @@ class Trainer:
         self.setup()                                   # seed, models, optimisers, schedules
         self.load(resume)                              # weights, optimisers, RNG, step, run id
         self._check_run_length(total)
+        self._print_epoch_size()
         if acc.is_main_process:                        # what a killed job left half-written
             self._remove_stale_temporaries()
         self.start_tracking()                          # the same MLflow run on resume
@@ -606,6 +607,16 @@ class Trainer:
         if self.step >= total:
             self._print(f"step {self.step} is already the run's end ({total} steps): nothing to train; raise "
                         f"train.epochs (or train.max_steps) and --resume auto to train on")
+
+    def _print_epoch_size(self) -> None:
+        """An epoch is a count of optimiser steps, the same on any number of processes: the samples it
+        reads grow with them (8 GPUs at 16 each read 8x one GPU's), and so does what the epoch-clocked
+        settings (the a1/l1 decay, train.epochs) mean in samples. Said at the start of every run."""
+        t, processes, batch = self.cfg.train, self.accelerator.num_processes, self.cfg.data.batch_size
+        per_step = batch * t.grad_accum * processes
+        self._print(f"an epoch: train.steps_per_epoch {t.steps_per_epoch} x {per_step} samples a step (data.batch_size "
+                    f"{batch} x train.grad_accum {t.grad_accum} x {processes} process(es)) = "
+                    f"{t.steps_per_epoch * per_step:,} samples")
 
     def schedule_horizon(self) -> int:
         # The schedule spans the full run even when max_steps stops early (max_steps is not

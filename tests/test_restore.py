@@ -543,18 +543,22 @@ def test_restore_cli_on_a_folder_of_real_users_files(tmp_path: Path, capsys: pyt
     (src / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (src / "phone" / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
     (src / "empty.jpg").write_bytes(b"")
+    Image.fromarray(rgb).save(src / "web.jfif", format="JPEG", quality=95)  # a JPEG as browsers name it
+    Image.fromarray(rgb).convert("L").save(src / "g.pgm")
+    Image.fromarray(rgb).save(src / "game.tga")
     out = tmp_path / "out"
     rc = main(["restore", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "skipped: " + str(src / "empty.jpg") + ": empty file (0 bytes)" in err
-    assert "restored 12 of 13 image(s)" in err and "failed (1): " + str(src / "empty.jpg") in err
+    assert "restored 14 of 15 image(s)" in err and "failed (1): " + str(src / "empty.jpg") in err
     assert "._IMG_0001" not in err and "DS_Store" not in err
-    assert "note: restore left out 1 file(s) in a format it does not read (.heic)" in err
+    assert "note: restore left out 2 file(s) in a format it does not read (.heic, .tga)" in err
     sizes = {p.relative_to(out).as_posix(): Image.open(p).size for p in out.rglob("*.png")}
     assert sizes == {"grey.png": (13, 11), "grey_alpha.png": (13, 11), "clear.png": (13, 11), "pal.png": (13, 11),
                      "g16.png": (13, 11), "cmyk.png": (13, 11), "UPPER.png": (13, 11), "w.png": (13, 11),
-                     "t.png": (13, 11), "dot.png": (1, 1), "tiny.png": (7, 5), "phone/IMG_0001.png": (12, 20)}
+                     "t.png": (13, 11), "dot.png": (1, 1), "tiny.png": (7, 5), "phone/IMG_0001.png": (12, 20),
+                     "web.png": (13, 11), "g.png": (13, 11)}
     assert all(Image.open(p).mode == "RGB" for p in out.rglob("*.png"))
     # The phone photo is restored upright (12 wide, 20 high as displayed; stored 20 wide): the
     # written PNG is the model's output on the turned pixels.

@@ -716,21 +716,35 @@ def test_folder_of_real_users_files(tmp_path: Path, capsys) -> None:
     (root / "empty.png").write_bytes(b"")
     (root / "page.jpg").write_text("<html>404 Not Found</html>")
     (root / "la16.png").write_bytes(_png16_grey_alpha(np.full((4, 5, 2), 3, dtype=np.uint16)))
+    # JPEG under the names Windows and browsers give it, Netpbm's grey and 1-bit: read, not dropped
+    # unsaid ("skipped inputs: none" with them left out); a TGA is named as not read
+    Image.fromarray(rgb).save(root / "web.jfif", format="JPEG", quality=95)
+    Image.fromarray(rgb).save(root / "old.JPE", format="JPEG", quality=95)
+    Image.fromarray(rgb).convert("L").save(root / "g.pgm")
+    Image.fromarray(rgb).convert("1").save(root / "b.pbm")
+    Image.fromarray(rgb).save(root / "game.tga")
     out = tmp_path / "out"
     assert build("folder", root, out, "--degradation", "clear") == 0
-    assert "skipped inputs: 4 (unreadable 3, unsupported_format 1)" in capsys.readouterr().out
+    assert "skipped inputs: 5 (unreadable 3, unsupported_format 2)" in capsys.readouterr().out
     report = {r["path"]: (r["kind"], r["reason"]) for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
     assert report["IMG_1.heic"] == ("unsupported_format", ".heic is not read here; convert it to PNG or JPEG")
     assert report["empty.png"] == ("unreadable", "empty file (0 bytes)")
     kind, reason = report["page.jpg"]
     assert kind == "unreadable" and reason.startswith("not an image file") and "<html>404" in reason
-    assert "BytesIO" not in reason and set(report) == {"IMG_1.heic", "empty.png", "page.jpg", "la16.png"}
+    assert "BytesIO" not in reason and set(report) == {"IMG_1.heic", "empty.png", "page.jpg", "la16.png", "game.tga"}
     # PIL reads it at 8 bits and OpenCV with swapped bytes: refused at build, not by the loaders mid-training
     la16 = "16-bit grey+alpha PNG (colour type 4) is not supported: save it as 16-bit grey or RGB"
     assert report["la16.png"] == ("unreadable", la16)
     got = {s["meta"]["input_name"]: s["input"] for s in eval_samples(str(out), 0, 1, bad_samples="fail",
                                                                      as_tensor=False)}
-    assert sorted(got) == ["dot.png", "g16.png", "grey.png", "pal.png", "rgb16.png", "sub/cmyk.JPG", "t.TIF", "w.webp"]
+    assert sorted(got) == ["b.pbm", "dot.png", "g.pgm", "g16.png", "grey.png", "old.JPE", "pal.png", "rgb16.png",
+                           "sub/cmyk.JPG", "t.TIF", "w.webp", "web.jfif"]
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert np.array_equal(got["g.pgm"], np.repeat(grey[..., None], 3, 2))  # lossless, as the PNG of it
+    bits = np.asarray(Image.fromarray(rgb).convert("1").convert("L"))
+    assert np.array_equal(got["b.pbm"][..., 0], bits) and set(np.unique(bits)) <= {0, 255}
+    jpeg = np.asarray(Image.open(root / "web.jfif").convert("RGB"))
+    assert np.abs(got["web.jfif"].astype(int) - jpeg).max() <= 1  # the JPEG's pixels (decoder rounding)
     assert all(a.ndim == 3 and a.shape[2] == 3 for a in got.values()) and got["dot.png"].shape == (1, 1, 3)
     assert got["g16.png"].dtype == np.uint16 and np.array_equal(got["g16.png"][..., 1], rgb[..., 0].astype(np.uint16) * 257)
     assert np.array_equal(got["rgb16.png"], rgb.astype(np.uint16) * 257)

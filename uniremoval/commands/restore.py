@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "restore",
         help="restore images with a checkpoint (ours or an official MPRNet .pth)",
-        description="Restore a PNG/JPEG/BMP/TIFF/WebP/PPM image or every such image under a folder (hidden "
+        description="Restore a PNG/JPEG/BMP/TIFF/WebP/PPM/PGM/PBM image or every such image under a folder (hidden "
         "files skipped); writes 8-bit RGB PNGs with the same stem into --output, upright (EXIF orientation "
         "applied) and the input's size. Official MPRNet .pth files work on [0, 1] images, ours on [-1, 1]: "
         "the checkpoint's metadata decides.",

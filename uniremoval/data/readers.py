@@ -20,7 +20,10 @@ from pathlib import Path, PurePosixPath
 
 from uniremoval.errors import ConfigError, DataError
 
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
+# .jfif/.jpe are JPEG files (what Windows and browsers save many web JPEGs as); .pgm/.pbm the grey and
+# 1-bit members of the Netpbm family of .ppm.
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
+                        ".pgm", ".pbm"})
 DOMAINS = ("synthetic", "real")  # a sample's json `domain`: the report files sets by it (config.Domain too)
 
 
@@ -159,7 +162,7 @@ def hidden(name: str) -> bool:
 # Image formats people have that no reader here decodes: a folder of them is named in a note, not
 # skipped in silence (an iPhone's HEIC photos, a camera's raw files).
 OTHER_IMAGE_EXTS = frozenset({".heic", ".heif", ".avif", ".gif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3",
-                              ".nef", ".arw", ".raf", ".orf", ".rw2"})
+                              ".nef", ".arw", ".raf", ".orf", ".rw2", ".tga", ".psd", ".exr", ".hdr"})
 
 
 def walk_images(folder: Path, skip: tuple[Path, ...] = (), others: list[Path] | None = None) -> list[Path]:

@@ -67,7 +67,7 @@ class SampleBuilder(Protocol):
 
 def image_ext(path: str) -> str:
     ext = Path(path).suffix.lower().lstrip(".")
-    return "jpg" if ext == "jpeg" else ext
+    return "jpg" if ext in ("jpeg", "jfif", "jpe") else ext  # one member name for JPEG bytes
 
 
 def _probe(data: bytes, cache: dict, name: str) -> tuple[tuple[tuple[int, int], int] | None, Issue | None]:

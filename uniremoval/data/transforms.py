@@ -21,7 +21,7 @@ import torch
 
 from uniremoval.errors import DataError
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "ppm")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -60,7 +60,7 @@ T = TypeVar("T")
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file (PNG, JPEG, BMP, TIFF, WebP, PPM) into a float32 RGB tensor (3, H, W) in
+    """Read an image file (PNG, JPEG, BMP, TIFF, WebP, PPM/PGM/PBM) into a float32 RGB tensor (3, H, W) in
     [0, 1], upright as it is displayed: `read_image_oriented` without the orientation."""
     return read_image_oriented(path)[0]
 

@@ -696,6 +696,7 @@ def test_folder_of_real_users_files(tmp_path: Path, capsys) -> None:
     import cv2
 
     from uniremoval.data.pipelines import eval_samples
+    from uniremoval.data.transforms import decode_image
 
     root = tmp_path / "photos"
     (root / "sub").mkdir(parents=True)
@@ -723,15 +724,26 @@ def test_folder_of_real_users_files(tmp_path: Path, capsys) -> None:
     Image.fromarray(rgb).convert("L").save(root / "g.pgm")
     Image.fromarray(rgb).convert("1").save(root / "b.pbm")
     Image.fromarray(rgb).save(root / "game.tga")
+    # 32-bit float TIFFs: OpenCV's colour decode made the grey one a black image (0..1 of 255) in the
+    # shards while `eval FOLDER` read it right, and the RGB one was "not an image file"
+    Image.fromarray((rgb[..., 0] / 255).astype(np.float32), mode="F").save(root / "f_grey.tif")
+    cv2.imwrite(str(root / "f_rgb.tif"), (rgb / 255).astype(np.float32))
     out = tmp_path / "out"
     assert build("folder", root, out, "--degradation", "clear") == 0
-    assert "skipped inputs: 5 (unreadable 3, unsupported_format 2)" in capsys.readouterr().out
+    assert "skipped inputs: 7 (unreadable 5, unsupported_format 2)" in capsys.readouterr().out
     report = {r["path"]: (r["kind"], r["reason"]) for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
     assert report["IMG_1.heic"] == ("unsupported_format", ".heic is not read here; convert it to PNG or JPEG")
     assert report["empty.png"] == ("unreadable", "empty file (0 bytes)")
     kind, reason = report["page.jpg"]
     assert kind == "unreadable" and reason.startswith("not an image file") and "<html>404" in reason
-    assert "BytesIO" not in reason and set(report) == {"IMG_1.heic", "empty.png", "page.jpg", "la16.png", "game.tga"}
+    assert "BytesIO" not in reason and set(report) == {"IMG_1.heic", "empty.png", "page.jpg", "la16.png", "game.tga",
+                                                       "f_grey.tif", "f_rgb.tif"}
+    floats = ("TIFF of float32 samples is not supported (8- and 16-bit only): save it as a 16-bit TIFF or PNG "
+              "(values in [0, 1] scaled to 0..65535)")
+    for name in ("f_grey.tif", "f_rgb.tif"):
+        assert report[name] == ("unreadable", floats)
+        with pytest.raises(ValueError, match="float32 samples is not supported"):  # in shards made elsewhere
+            decode_image((root / name).read_bytes())
     # PIL reads it at 8 bits and OpenCV with swapped bytes: refused at build, not by the loaders mid-training
     la16 = "16-bit grey+alpha PNG (colour type 4) is not supported: save it as 16-bit grey or RGB"
     assert report["la16.png"] == ("unreadable", la16)

@@ -236,10 +236,10 @@ def image_probe(data: bytes) -> tuple[tuple[int, int], int]:
     untagged). Raises ValueError('truncated: ...'/'unreadable: ...')."""
     from PIL import Image
 
-    from uniremoval.data.transforms import exif_orientation, unsupported_png
+    from uniremoval.data.transforms import exif_orientation, unsupported_png, unsupported_tiff
 
-    problem = unsupported_png(data)
-    if problem:  # PIL would read it (at 8 bits): refused here rather than by the loaders mid-training
+    problem = unsupported_png(data) or unsupported_tiff(data)
+    if problem:  # PIL would read it (at 8 bits, or not at all): refused here rather than by the loaders mid-training
         raise ValueError(f"unreadable: {problem}")
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -37,6 +37,8 @@ def decode_image(data: bytes) -> np.ndarray:
     # store the teacher output as a 16-bit PNG). IHDR bit depth is byte 24.
     if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16:
         return _decode_png16(data)
+    if problem := unsupported_tiff(data):
+        raise ValueError(problem)
     cv2 = _cv2()
     if cv2 is not None:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -152,6 +154,25 @@ def unsupported_png(data: bytes) -> str | None:
     if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16 and data[25] == 4:
         return "16-bit grey+alpha PNG (colour type 4) is not supported: save it as 16-bit grey or RGB"
     return None
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+def unsupported_tiff(data: bytes) -> str | None:
+    """Why a TIFF's samples cannot be stored as an 8- or 16-bit image, or None: 32-bit float or
+    integer samples (HDR, scientific data). OpenCV's colour decode turns floats in [0, 1] into 0 and
+    1 out of 255, a black image, unsaid; PIL reads float grey but not float RGB ("no image format
+    recognised"). The shard builders refuse them up front, the decoders too; `restore` and `eval`
+    read float grey TIFFs as values in [0, 1] themselves (`eval.restore.read_image_oriented`)."""
+    if data[:4] not in _TIFF_MAGIC:
+        return None
+    cv2 = _cv2()
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if cv2 is not None else None
+    if arr is None or arr.dtype in (np.uint8, np.uint16):
+        return None
+    return (f"TIFF of {arr.dtype} samples is not supported (8- and 16-bit only): save it as a 16-bit TIFF or PNG "
+            "(values in [0, 1] scaled to 0..65535)")
 
 
 def _decode_png16(data: bytes) -> np.ndarray:

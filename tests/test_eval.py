@@ -500,11 +500,20 @@ def test_folder_eval_on_real_users_files(tmp_path, capsys):
         abs=1e-6)  # 16-bit scaled to [0, 1], not clipped
     assert Image.open(saved / "phone.png").size == (32, 24)  # upright, as every viewer shows the input
     np.testing.assert_array_equal(np.asarray(Image.open(saved / "phone.png")), noisy)
-    # Only one of the pair tagged: as displayed or as stored, one is turned against the other.
+    # Only one of the pair tagged. Stored alike, untagged target: aligned as stored, turned as displayed.
+    tagged = {r["name"]: r["psnr"] for r in run_eval(EvalOptions("none", str(root), metrics=["psnr"], mlflow=False,
+                                                                 device="cpu")).images}
     Image.fromarray(np.ascontiguousarray(np.rot90(clean, 1))).save(root / "target" / "phone.png")
-    with pytest.raises(UniremovalError, match=r"input/phone\.png has EXIF orientation 6 \(rotated 90 degrees "
-                                              r"clockwise for display\) but its target .*target/phone\.png has 1"):
+    with pytest.raises(UniremovalError, match=r"input/phone\.png: input has EXIF orientation 6 \(rotated 90 degrees "
+                                              r"clockwise for display\) but target has 1 \(upright\): their sizes say "
+                                              r"they are aligned as stored, not as displayed; give the target the "
+                                              r"input's tag, or save both upright without it \(.*target/phone\.png\)"):
         run_eval(EvalOptions("none", str(root), metrics=["psnr"], mlflow=False, device="cpu"))
+    # The target saved upright without the tag (what cv2.imread -> imwrite of the input writes): aligned
+    # as displayed, as the sizes show; it was refused as "misaligned either as displayed or as stored".
+    Image.fromarray(clean).save(root / "target" / "phone.png")
+    again = run_eval(EvalOptions("none", str(root), metrics=["psnr"], mlflow=False, device="cpu")).images
+    assert {r["name"]: r["psnr"] for r in again} == pytest.approx(tagged)
     # No-reference metrics read no targets: the tags do not matter there.
     assert len(run_eval(EvalOptions("none", str(root), metrics=["piqe"], mlflow=False, device="cpu")).images) == 5
     # A pair of two sizes is named with both sizes and what to do (it gave two tensor shapes alone).

@@ -885,8 +885,10 @@ def test_exif_orientation_is_recorded_and_every_reader_turns_pairs_upright(tmp_p
     report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["path"], r["partner"]) for r in report] == [
         ("orientation_mismatch", "input/odd.png", "target/odd.png")]
-    assert report[0]["reason"] == ("input has EXIF orientation 6 (rotated 90 degrees clockwise for display) but target "
-                                   "has 1 (upright); save both with the same orientation")
+    assert report[0]["reason"] == (
+        "input has EXIF orientation 6 (rotated 90 degrees clockwise for display) but target has 1 (upright): their "
+        "sizes say they are aligned as displayed, not as stored; save the input upright without the tag (PIL's "
+        "ImageOps.exif_transpose), as its target is displayed")  # a sample's json has one orientation for both
     for key, fields in samples(out):
         meta = json.loads(fields["json"])
         name = Path(meta["input_name"]).stem

@@ -120,7 +120,7 @@ class FileSampleBuilder:
         return data, probe, issue
 
     def build(self, item: Item, cache: dict) -> tuple[dict | None, list[Issue]]:
-        from uniremoval.data.transforms import ORIENTATIONS, upright_size
+        from uniremoval.data.transforms import orientation_mismatch, pair_alignment, upright_size
 
         data, probe, issue = self._read(item.input, cache)
         if issue:  # named with its partner, as a bad target is: the report shows which pair was lost
@@ -132,9 +132,13 @@ class FileSampleBuilder:
             if tissue:
                 return None, [Issue(tissue.kind, tissue.path, tissue.reason, partner=item.input)]
             thw, tturn = tprobe
-            if tturn != turn:  # as eval refuses such a folder pair: aligned neither as shown nor as stored
-                reason = (f"input has EXIF orientation {turn} ({ORIENTATIONS[turn]} for display) but target has "
-                          f"{tturn} ({ORIENTATIONS[tturn]}); save both with the same orientation")
+            if tturn != turn:  # a sample's json records one orientation for both of its images
+                how = pair_alignment(hw, turn, thw, tturn)
+                fix = ("save the input upright without the tag (PIL's ImageOps.exif_transpose), as its target is "
+                       "displayed" if how == "displayed" else
+                       "give the target the input's tag, or save both upright without it" if how == "stored" else
+                       "check which, then save both upright without the tag (PIL's ImageOps.exif_transpose)")
+                reason = orientation_mismatch(turn, tturn, how, fix)
                 return None, [Issue("orientation_mismatch", item.input, reason, partner=item.target)]
             if thw != hw:
                 reason = f"input is {hw[0]}x{hw[1]} (HxW) but target is {thw[0]}x{thw[1]}"

@@ -124,6 +124,26 @@ def upright_size(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (hw[1], hw[0]) if orientation >= 5 else (hw[0], hw[1])
 
 
+def pair_alignment(hw: tuple[int, int], turn: int, target_hw: tuple[int, int], target_turn: int) -> str:
+    """How a pair whose EXIF orientations differ lines up, told by its stored sizes (H, W):
+    "displayed" (only the sizes as displayed match: e.g. an upright target written by a tool that
+    applies the input's tag), "stored" (only the stored sizes match: a tool that ignored the tag), or
+    "unknown" (both or neither match: square images, or tags that keep the size)."""
+    shown = upright_size(hw, turn) == upright_size(target_hw, target_turn)
+    stored = tuple(hw) == tuple(target_hw)
+    return "displayed" if shown and not stored else "stored" if stored and not shown else "unknown"
+
+
+def orientation_mismatch(turn: int, target_turn: int, alignment: str, fix: str) -> str:
+    """Why a pair with different EXIF orientations is refused (`pair_alignment`'s answer), and `fix`."""
+    tags = (f"EXIF orientation {turn} ({ORIENTATIONS[turn]} for display) but target has {target_turn} "
+            f"({ORIENTATIONS[target_turn]})")
+    why = {"displayed": "their sizes say they are aligned as displayed, not as stored",
+           "stored": "their sizes say they are aligned as stored, not as displayed",
+           "unknown": "their sizes cannot tell whether they are aligned as displayed or as stored"}[alignment]
+    return f"input has {tags}: {why}; {fix}"
+
+
 # Shard samples whose input/target files carry an EXIF orientation record it in json (the original
 # bytes are kept); these fields are turned upright when decoded. Fields made from upright pixels
 # (the cache's teacher image and feature grid) are stored upright and never turned.

@@ -240,12 +240,13 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool,
                 check_size: Callable[[int, int, str], None] | None = None,
                 listed: FolderListing | None = None) -> Iterator[Item]:
     """Items of a folder dataset, read upright (`read_image_oriented`). A pair whose EXIF
-    orientations differ is refused: turned as displayed, or as stored, one of them is misaligned.
+    orientations differ is scored as displayed when its sizes say it is aligned so
+    (`transforms.pair_alignment`), else refused: as stored, or when the sizes cannot tell.
     With `check_size` (the scorer's), this rank's files are checked first (`check_headers`).
     `listed`: the folder as `list_folder` found it (walked once per eval: at 40k images a walk is seconds)."""
     import sys
 
-    from uniremoval.data.transforms import ORIENTATIONS
+    from uniremoval.data.transforms import orientation_mismatch, pair_alignment, upright_size
     from uniremoval.eval.restore import read_image_oriented, rgb_icc_profile
 
     pairs, others = listed if listed is not None else list_folder(root)
@@ -271,12 +272,14 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool,
         target = None
         if tgt is not None and need_target:
             target, target_turn = read_image_oriented(tgt)
-            if target_turn != turn:
-                raise DataError(
-                    f"{inp} has EXIF orientation {turn} ({ORIENTATIONS[turn]} for display) but its target {tgt} "
-                    f"has {target_turn} ({ORIENTATIONS[target_turn]}): the pair is misaligned either as displayed "
-                    "or as stored; save both upright without the tag (e.g. PIL's ImageOps.exif_transpose)"
-                )
+            # Both are read as displayed; a pair whose tags differ is scored so only when its sizes say
+            # it is aligned that way (an upright target written by a tool that applied the input's tag).
+            stored = upright_size(tuple(image.shape[-2:]), turn), upright_size(tuple(target.shape[-2:]), target_turn)
+            how = pair_alignment(stored[0], turn, stored[1], target_turn) if target_turn != turn else "displayed"
+            if how != "displayed":
+                fix = ("give the target the input's tag, or save both upright without it" if how == "stored" else
+                       "check which, then save both upright without the tag (e.g. PIL's ImageOps.exif_transpose)")
+                raise DataError(f"{inp}: {orientation_mismatch(turn, target_turn, how, fix)} ({tgt})")
         if target is not None and target.shape != image.shape:
             (_, th, tw), (_, ih, iw) = target.shape, image.shape
             raise DataError(f"{tgt}: the target is {tw}x{th} but its input {inp} is {iw}x{ih} (width x height): "

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from uniremoval.cli import main
+from uniremoval.launch import exit_process
 
 torch.set_num_threads(1)
 out, bad_data, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -32,3 +33,5 @@ bad_args[bad_args.index("--json") + 1] = str(out / "bad.json")
 rc_bad = main(bad_args)
 rank = int(os.environ.get("RANK", "0"))
 (out / f"rank{rank}.json").write_text(json.dumps({"good": rc_good, "bad": rc_bad}))
+
+exit_process(0)  # as the `uniremoval` command ends a rank

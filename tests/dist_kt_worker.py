@@ -84,4 +84,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    from uniremoval.launch import exit_process
+
+    exit_process(main(sys.argv[1:]))  # as the `uniremoval` command ends a rank

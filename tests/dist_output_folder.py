@@ -22,6 +22,7 @@ import torch
 import uniremoval.io
 from uniremoval import launch
 from uniremoval.cli import main
+from uniremoval.launch import exit_process
 
 torch.set_num_threads(1)
 cfg, base, out, shards = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
@@ -62,3 +63,5 @@ codes["resume_one_node"] = main(["train", "teacher", "--config", cfg, f"output_d
 codes["eval_wrong_type"] = main(["eval", "--checkpoint", "none", "--data", shards, "--degradation", "rain",
                                  "--metrics", "psnr", "--no-mlflow", "--device", "cpu"])
 (out / f"rank{rank}.json").write_text(json.dumps(codes))
+
+exit_process(0)  # as the `uniremoval` command ends a rank

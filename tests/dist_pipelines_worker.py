@@ -96,4 +96,7 @@ def main(data: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    from uniremoval.launch import exit_process
+
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    exit_process(0)  # as the `uniremoval` command ends a rank

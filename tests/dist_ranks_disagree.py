@@ -17,6 +17,7 @@ import torch
 
 from uniremoval.cli import main
 from uniremoval.data import shard_stream
+from uniremoval.launch import exit_process
 
 torch.set_num_threads(1)
 out, hidden, override = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -41,3 +42,5 @@ if rank == 1:  # the data cannot be listed on this rank alone (a mount missing o
     shard_stream.resolve_shards = unlisted
 codes["eval_unlisted"] = main(eval_args)  # every rank stops with the error; none waits for the other
 (out / f"rank{rank}.json").write_text(json.dumps(codes))
+
+exit_process(0)  # as the `uniremoval` command ends a rank

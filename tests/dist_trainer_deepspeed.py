@@ -38,4 +38,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    from uniremoval.launch import exit_process
+
     main(Path(sys.argv[1]))
+    exit_process(0)  # as the `uniremoval` command ends a rank

@@ -4,7 +4,11 @@ simulated nodes were also run by hand (README: "Several nodes")."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+from dist_kt_common import subprocess_env
 
 
 def test_the_ranks_agree_on_their_output_folder_or_all_stop_at_the_start(tmp_path):
@@ -96,3 +100,36 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     cli = _cli_raising(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes"):
         cli.main([])
+
+
+EXIT_SCRIPT = r"""
+import atexit, os, sys, tempfile
+import torch
+import torch.distributed as dist
+from uniremoval.launch import exit_process, leave_process_group_at_exit
+
+out = sys.argv[1]
+atexit.register(lambda: open(out, "a").write(f"handler initialized={dist.is_initialized()}\n"))
+if sys.argv[2] == "dist":
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    leave_process_group_at_exit()
+sys.stdout.write("unflushed output")  # no newline: still in the buffer when the process leaves
+exit_process(int(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["dist", "plain"])
+def test_a_rank_ends_with_its_status_after_the_exit_handlers(tmp_path, mode):
+    """A rank that finished could abort at interpreter finalization (gloo threads torn down after the
+    interpreter: SIGABRT, and the launcher failed the whole job), so the command ends a rank of a
+    distributed job with os._exit once the exit handlers ran. They must still run (MLflow's last sends,
+    the process group's barrier and destroy, in their order), buffered output must still come out, and
+    the status must be the command's; outside a distributed job it is a plain SystemExit."""
+    out = tmp_path / "handlers.txt"
+    p = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(out), mode, "3"], capture_output=True, text=True,
+                       timeout=120, check=False, env=subprocess_env())
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stdout == "unflushed output"
+    # the destroy handler (registered after this one) ran first: the group was let go before it
+    assert out.read_text() == "handler initialized=False\n"

@@ -1,3 +1,3 @@
-from uniremoval.cli import main
+from uniremoval.cli import entry
 
-raise SystemExit(main())
+entry()

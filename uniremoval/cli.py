@@ -17,7 +17,7 @@ import threading
 
 from uniremoval import __version__
 from uniremoval.errors import UniremovalError
-from uniremoval.launch import leave_process_group_at_exit
+from uniremoval.launch import exit_process, leave_process_group_at_exit
 
 # Order follows the data flow: shards -> train -> cache -> eval/restore -> report.
 GROUPS = ("shards", "train", "cache", "eval", "restore", "report", "demo", "config")
@@ -64,6 +64,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def entry() -> None:
+    """The `uniremoval` command (and `python -m uniremoval`): main(), then the process's end, which a
+    rank of a distributed job takes without interpreter finalization (`launch.exit_process`)."""
+    exit_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,10 @@ exception"), and the launcher then fails the whole job. `leave_process_group_at_
 a barrier and `destroy_process_group()` to run at exit while the interpreter is still alive: no rank
 closes its sockets under another, and the default group is let go (this ended the abort under DDP).
 It does not stop every gloo thread: the groups' threads run until the last reference to a group
-goes, and DeepSpeed keeps its own copy of the world group (engine, optimizer, parameters), so under
-DeepSpeed two groups' threads outlive the handler (a rare abort at exit of a CPU ZeRO-2 test run,
-not reproduced in 90 runs, may come from there; tests/test_deepspeed.py launches with
-PYTHONFAULTHANDLER=1 so that another one shows its threads' stacks). Call it
+goes (DDP's reducer and DeepSpeed's engine, optimizer and parameters hold theirs), and a rare abort
+at exit remained (a CPU ZeRO-2 test run; once a plain 2-process DDP KT/DA run under load). So the
+`uniremoval` command ends a rank with `exit_process`: the exit handlers run, then `os._exit`, no
+finalization. Call `leave_process_group_at_exit`
 only where every rank has finished together (a trainer's fit, a command that succeeded, or an error
 all ranks raised): a rank that leaves alone while the others wait in a collective could hang there.
 """
@@ -24,7 +24,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 
 def _destroy_process_group() -> None:
@@ -35,6 +35,28 @@ def _destroy_process_group() -> None:
             torch.distributed.destroy_process_group()
         except Exception:  # noqa: BLE001, S110 - exiting anyway
             pass
+
+
+def exit_process(rc: int) -> NoReturn:
+    """End this process with status `rc`: `raise SystemExit(rc)`, except in a rank of a distributed job.
+
+    There the exit handlers run now (MLflow's last sends, the barrier + destroy registered by
+    `leave_process_group_at_exit`), output is flushed, and the process leaves with `os._exit`,
+    without interpreter finalization: the process group's threads that outlive the handler (DDP's
+    and DeepSpeed's references keep groups alive) are torn down there, and a rank that finished
+    cleanly could abort (SIGABRT, "terminate called without an active exception"), which makes the
+    launcher fail the whole job, seen about once in a few hundred CPU launches under load."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise SystemExit(rc)
+    import logging
+
+    atexit._run_exitfuncs()  # what a normal exit would run, in the same (last registered first) order
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a reader gone (`| head`): nothing left to tell it
+            stream.flush()
+    os._exit(rc)
 
 
 def leave_process_group_at_exit() -> None:

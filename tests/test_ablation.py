@@ -192,7 +192,7 @@ def test_validation_progress_total_is_rank_zeros_share_of_the_capped_set(tmp_pat
         assert bars == [{"total": expected, "n": expected}], (cap, world)
 
 
-def test_validation_lists_a_capped_set_once_on_every_rank(tmp_path):
+def test_validation_lists_a_capped_set_once_on_every_rank(tmp_path, capsys):
     """The progress bar's total (rank 0 only) listed the set a second time: a dataset URL's manifest was
     fetched again by rank 0 alone at every validation, and a fetch that failed there (a server busy for a
     moment) raised on rank 0 while the other ranks went on into the collective. Every rank now lists
@@ -238,6 +238,8 @@ def test_validation_lists_a_capped_set_once_on_every_rank(tmp_path):
         server.shutdown()
         server.server_close()
     assert len(fetches) == 1 and "val/val_haze/psnr" in out, fetches
+    # the bar is rank 0's share (2 of the 3 capped images), named so: "2 img" of a set of 3 read as one missed
+    assert "val val_haze (rank 0's share; 2 processes score theirs): 2/2 img" in capsys.readouterr().err
 
 
 def test_da_validation_cap_is_the_same_count_on_any_process_count(tmp_path):

@@ -39,14 +39,16 @@ SSIM_MIN_SIDE = METRICS["ssim"].min_size  # its Gaussian window, filtered withou
 
 
 def val_progress(ctx: TrainContext, name: str, stream: Any, cap: int | None) -> Any:
-    """The progress of one validation set, rank 0's (the largest share). A cap above the set's size is
-    the set, counted in the stream's own shard list (listed again by rank 0 alone, a dataset URL's
-    manifest was fetched again, and a failed fetch raised on rank 0 only, the others waiting)."""
+    """The progress of one validation set, rank 0's (the largest share, named so: "3 img" of a set of
+    6 on two processes read as images missed). A cap above the set's size is the set, counted in the
+    stream's own shard list (listed again by rank 0 alone, a dataset URL's manifest was fetched again,
+    and a failed fetch raised on rank 0 only, the others waiting)."""
     from uniremoval.progress import progress_bar
 
     urls = getattr(stream, "dataset", stream).shards
     share = -(-capped_size(urls, cap) // ctx.world_size) if cap and ctx.rank == 0 else None
-    return progress_bar(share, f"val {name}", "img", leave=False, disable=ctx.rank != 0)
+    whose = f" (rank 0's share; {ctx.world_size} processes score theirs)" if ctx.world_size > 1 else ""
+    return progress_bar(share, f"val {name}{whose}", "img", leave=False, disable=ctx.rank != 0)
 
 
 def warn_left_out(src: Any, total: dict[str, float], example: dict[str, Any] | None) -> None:

@@ -467,6 +467,33 @@ def test_sigusr1_checkpoints_and_stops(tmp_path, capsys):
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
 
 
+def test_a_stop_at_a_validation_step_checkpoints_first_and_the_resume_validates(tmp_path, capsys):
+    """A scheduler's stop (a deadline: slurm_paper.sh leaves 100 s) came at a step due for validation and
+    the validation ran first: a long one could be killed before the checkpoint was written. The stop is
+    answered first now, and the resumed run validates that step before training on."""
+
+    class Counting(ToyStage):
+        def __init__(self, cfg, **kw):
+            super().__init__(cfg, **kw)
+            self.val_steps: list[int] = []
+
+        def validate(self, ctx):
+            self.val_steps.append(ctx.step)
+            return super().validate(ctx)
+
+    first = Counting(make_cfg(tmp_path), signal_at=4)  # the stop arrives in step 5, which validation is due at
+    res = Trainer(first.cfg, first).fit()
+    assert res.status == "preempted" and res.step == 5 and first.val_steps == []
+    assert torch.load(res.checkpoint / "state.pt", weights_only=True)["val_pending"] is True
+    rest = Counting(make_cfg(tmp_path))
+    res2 = Trainer(rest.cfg, rest).fit(resume="auto")
+    assert res2.status == "finished" and rest.val_steps == [5, 10]  # step 5's first, then as planned
+    ref = Counting(make_cfg(tmp_path / "ref"))
+    Trainer(ref.cfg, ref).fit()
+    assert ref.val_steps == [5, 10] and torch.equal(weights(tmp_path / "toy" / "best.safetensors"),
+                                                    weights(tmp_path / "ref" / "toy" / "best.safetensors"))
+
+
 class ServerComesUpStage(ToyStage):
     """ToyStage whose MLflow server becomes reachable (a proxy starts listening) at `up_at`."""
 

@@ -473,6 +473,7 @@ class Trainer:
         self.data_counts_resumed = dict.fromkeys(DATA_COUNTS, 0.0)
         self.resumed_changes: list[str] = []  # settings changed since the checkpoint resumed ("key: old -> new")
         self.best_value: float | None = None
+        self.val_pending = False  # a validation due at the checkpoint's step, put off by a stop
         self.run_id: str | None = None
         self._stop_requested = False
         self._stop_signal: int | None = None
@@ -528,6 +529,9 @@ class Trainer:
         upcoming = _NextEpoch()  # the next epoch's batches, started while this one drains
         try:
             with finishing(self.tracker, done=None):  # stopped: KILLED (Ctrl-C) or FAILED, never RUNNING
+                if self.val_pending:  # the validation a stop put off at the checkpoint's step
+                    metrics.update(self.validate())
+                    self.val_pending = False
                 while self.step < total:
                     epoch, start = divmod(self.step, tc.steps_per_epoch)
                     batches = upcoming.take(epoch) if start == 0 else None
@@ -554,9 +558,13 @@ class Trainer:
                         bar.update(1)
                         if self.step % tc.log_every == 0 or self.step == total:
                             metrics.update(self.log_train(bar))
-                        if self.step % tc.val_every == 0 or self.step == total:
-                            metrics.update(self.validate())
+                        # A stop asked for (a scheduler's signal: a deadline) is answered before this step's
+                        # validation: the checkpoint first, the validation by the resumed run (val_pending).
                         preempt = self._stop_agreed()
+                        due = self.step % tc.val_every == 0 or self.step == total
+                        if due and not preempt:
+                            metrics.update(self.validate())
+                        self.val_pending = due and preempt
                         if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total or preempt:
                             self.save_checkpoint()
                         if preempt:
@@ -1085,6 +1093,7 @@ class Trainer:
         if acc.is_main_process:
             state = {
                 "step": self.step, "nonfinite_skipped": self.nonfinite_skipped, "best_value": self.best_value,
+                "val_pending": self.val_pending,  # optional: older checkpoints lack it
                 **data_counts, "log_window": {k: [s, n] for k, (s, n) in window.items()},
                 "mlflow_run_id": self.mlflow_run_id, "world_size": acc.num_processes, "config_hash": config_hash(self.cfg),
                 "torch_threads": torch.get_num_threads(),  # optional: a CPU run's sums follow it
@@ -1247,6 +1256,7 @@ class Trainer:
         self._sums = {k: float(v[0]) if main else 0.0 for k, v in window.items()}
         self._counts = {k: float(v[1]) if main else 0.0 for k, v in window.items()}
         self.best_value = state.get("best_value")
+        self.val_pending = bool(state.get("val_pending", False))
         self.run_id = state.get("mlflow_run_id")
         here = path.resolve().parent == self.ckpt_root.resolve()
         saved_name = json.loads(state["config"]).get("name") if "config" in state else None

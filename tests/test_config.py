@@ -517,12 +517,16 @@ def test_a_shard_source_that_lists_no_shards_is_named_before_anything_starts(tmp
     check_inputs(load_config(teacher))  # a folder of tars passes
     merge = "array holds per-job manifests but no manifest.json: when every job has finished, run `uniremoval shards merge array`"
     braces = "shards/rain/rain-{000000..000001}.tar"
-    for spec, said in (("photos", "photos holds neither manifest.json nor *.tar shards"),
+    # a folder of images is named as such, with the command that packs it
+    photos = ("photos holds neither manifest.json nor *.tar shards; it holds images (a.png...): pack them into shards "
+              "first, e.g. `uniremoval shards build --format folder --root photos --degradation TYPE --out "
+              "shards/NAME`, and give that folder")
+    for spec, said in (("photos", photos),
                        ("array", merge),
                        ("cut", "cut holds an unfinished build"),
                        ("shards/none-*.tar", "shard pattern shards/none-*.tar: no file matches"),
                        (braces, f"shard pattern {braces}: 1 files missing, e.g. shards/rain/rain-000001.tar"),
-                       (f"file://{tmp_path}/photos", "photos holds neither manifest.json nor *.tar shards"),
+                       (f"file://{tmp_path}/photos", photos),
                        # passed as a URL, then "did not exist" when the stream opened it (as s3:/b/x.tar)
                        ("s3://b/x.tar", ("shard s3://b/x.tar: s3:// URLs are not opened directly (http(s)://, "
                                          "file: and local paths are); stream it through a command that writes the "

@@ -1193,3 +1193,29 @@ def test_a_source_of_many_shards_reads_its_manifest_once_not_once_a_shard(tmp_pa
     assert built <= 3 and len(reads) - built <= 2, (built, len(reads) - built)
     recorded = json.loads(real_read_text(tmp_path / "cache" / "syn" / "manifest.json"))["cache"]["sources"]
     assert [s["sha256"] for s in recorded] == [sha256_file(src / f) for f in names]
+
+
+def test_a_source_image_smaller_than_a_feature_cell_is_left_out_saying_why(tmp_path):
+    """A real photo under 16 px in a source was left out as a bad sample with "use larger crops or a
+    smaller cell": the cache crops nothing, and the file is not bad. The reason now names its size,
+    the cell and what to do."""
+    import webdataset as wds
+    from _fixtures import png
+    from dist_kt_common import save_random_mprnet
+
+    from uniremoval.stages import cache as cache_stage
+
+    src = tmp_path / "syn" / "src.tar"
+    src.parent.mkdir()
+    rng = np.random.default_rng(3)
+    with wds.TarWriter(str(src)) as tw:
+        for key, hw in (("big", (32, 48)), ("thumb", (12, 20))):
+            tw.write({"__key__": key, "input.png": png(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)),
+                      "json": {"degradation": "haze", "split": "train"}})
+    teacher = save_random_mprnet(tmp_path / "t", seed=1)
+    with pytest.warns(RuntimeWarning, match=r"key thumb: ValueError: the input is 20x12, smaller than one 16x16-pixel "
+                                            r"feature cell \(data.feature_cell\): no feature to cache; leave it out"):
+        assert cache_stage.run(_one_source_cache(tmp_path, teacher, str(src))) == 0
+    manifest = json.loads((tmp_path / "cache" / "syn" / "manifest.json").read_text())
+    assert manifest["counts"]["total"] == 1 and [i["key"] for i in manifest["issues"]["samples"]] == ["thumb"]
+    assert "smaller than one 16x16-pixel feature cell" in manifest["issues"]["samples"][0]["reason"]

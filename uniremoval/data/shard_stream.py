@@ -187,7 +187,13 @@ def resolve_shards(spec: ShardSpec) -> list[str]:
             )
         tars = sorted(str(p) for p in path.glob("*.tar"))
         if not tars:
-            raise DataError(f"{path} holds neither manifest.json nor *.tar shards")
+            from uniremoval.data.readers import IMAGE_EXTS
+
+            images = next((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS), None)
+            hint = (f"; it holds images ({images.name}...): pack them into shards first, e.g. `uniremoval shards "
+                    f"build --format folder --root {path} --degradation TYPE --out shards/NAME`, and give that "
+                    f"folder" if images is not None else "")
+            raise DataError(f"{path} holds neither manifest.json nor *.tar shards{hint}")
         return tars
     if path.suffix == ".json":
         return read_manifest_shards(path)

@@ -211,6 +211,11 @@ def cache_shard(url: str, out_dir: Path, shard_name: str, teacher: Any, cell: in
                 # the loaders' decoding: the input upright by json `orientation`, so the teacher
                 # image and grid are stored upright
                 sample = decode_sample(files, ())
+                h, w = sample["input"].shape[:2]
+                if min(h, w) < cell:  # (pool_feature would say "use larger crops": no crop here)
+                    raise ValueError(f"the input is {w}x{h}, smaller than one {cell}x{cell}-pixel feature cell "
+                                     f"(data.feature_cell): no feature to cache; leave it out of the source, or "
+                                     f"lower data.feature_cell for every stage")
                 yield key, files, sample["meta"], to_tensor(sample["input"]), None
             except Exception as exc:  # noqa: BLE001 (one unusable sample must not stop the cache)
                 yield key, files, None, None, exc

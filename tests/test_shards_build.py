@@ -1320,3 +1320,26 @@ def test_a_rerun_that_lists_no_usable_input_leaves_the_built_folder_alone(tmp_pa
         build("reside-its", tree.root, out)
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
     assert verify_shards(out) == []
+
+
+def test_a_panorama_is_packed_up_to_what_the_loaders_decode(monkeypatch):
+    """Pillow warns over ~89 Mpixels ("could be decompression bomb DOS attack", printed raw by shards
+    build and verify) and refuses over ~179: a panorama or stitched scan is a user's photo. The probe
+    takes what the shard loaders decode (OpenCV: 2^30 pixels) without a word, and names a larger file."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from uniremoval.data import manifest
+
+    buf = io.BytesIO()
+    Image.new("1", (10000, 9000)).save(buf, format="PNG")  # 90 Mpixels in 11 kB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert manifest.image_probe(buf.getvalue()) == ((9000, 10000), 1)
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # Pillow's guard is back for everyone else
+    monkeypatch.setattr(manifest, "LOADER_MAX_PIXELS", 50_000_000)
+    with pytest.raises(ValueError, match=r"^unreadable: 10000x9000 is 90,000,000 pixels, more than the 50,000,000 "
+                                         r"the shard loaders decode \(OpenCV's limit\); downscale or crop it$"):
+        manifest.image_probe(buf.getvalue())

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,17 @@ def image_size(data: bytes) -> tuple[int, int]:
     return image_probe(data)[0]
 
 
+# The most pixels an image in a shard may have: what the loaders decode (OpenCV refuses more than
+# 2^30, its CV_IO_MAX_IMAGE_PIXELS). Pillow's own guard (a warning over ~89 MP, an error over ~179 MP,
+# against decompression bombs from the web) would refuse a user's panorama or stitched scan.
+LOADER_MAX_PIXELS = 2**30
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class _TooLarge(ValueError):
+    pass
+
+
 def image_probe(data: bytes) -> tuple[tuple[int, int], int]:
     """Fully decode `data`; return its stored (height, width) and its EXIF orientation (1-8, 1 when
     untagged). Raises ValueError('truncated: ...'/'unreadable: ...')."""
@@ -242,9 +254,20 @@ def image_probe(data: bytes) -> tuple[tuple[int, int], int]:
     if problem:  # PIL would read it (at 8 bits, or not at all): refused here rather than by the loaders mid-training
         raise ValueError(f"unreadable: {problem}")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return (im.height, im.width), exif_orientation(im)
+        with _PIL_LIMIT_LOCK:  # Pillow's limit is a module global: lifted only around this decode
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    if im.width * im.height > LOADER_MAX_PIXELS:
+                        raise _TooLarge(f"{im.width}x{im.height} is {im.width * im.height:,} pixels, more than the "
+                                        f"{LOADER_MAX_PIXELS:,} the shard loaders decode (OpenCV's limit); "
+                                        f"downscale or crop it")
+                    im.load()
+                    return (im.height, im.width), exif_orientation(im)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except _TooLarge as exc:
+        raise ValueError(f"unreadable: {exc}") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         from uniremoval.data.transforms import decode_problem
 

@@ -482,8 +482,11 @@ def bench_ours(models, args, device, results, compiled: bool, trainer_check: str
     reset_peak(device)
 
 
+BATCH_KEY = "ours_batch"  # + the per-device batch: the eager step timed at it
+
+
 def batch_key(batch: int) -> str:
-    return f"ours_batch{batch}"
+    return f"{BATCH_KEY}{batch}"
 
 
 def bench_batch_scaling(models, args, device, results) -> None:
@@ -1460,7 +1463,7 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> None:
         with_check = results.get(f"ours_trainer_{check}_check", {}).get("img_s")
         if bare and with_check:
             s[f"trainer_{check}_check_slowdown"] = round(bare / with_check, 3)
-    scaled = {r["batch"]: r for r in (results.get(batch_key(b), {}) for b in args.scale_batches) if r.get("img_s")}
+    scaled = dict(sorted((r["batch"], r) for k, r in results.items() if k.startswith(BATCH_KEY) and r.get("img_s")))
     if scaled and eager.get("img_s"):
         # img/s at each per-device batch over the eager step's at --batch (above 1: a larger batch pays);
         # against the naive step at --batch, the eager step's ratio were the batch that large.

@@ -1298,3 +1298,18 @@ def test_every_run_says_how_many_samples_an_epoch_reads(tmp_path, capsys):
     trainer._print_epoch_size()
     assert "x 256 samples a step (data.batch_size 16 x train.grad_accum 2 x 8 process(es)) = 1,280 samples" in \
         capsys.readouterr().err
+
+
+def test_a_warning_every_rank_would_give_is_given_once(tmp_path):
+    """Resume and config warnings (the same config and checkpoint on every rank) printed once per rank:
+    8 copies on 8 GPUs. The main process gives them; another rank stays quiet."""
+    from types import SimpleNamespace
+
+    stage = ToyStage(make_cfg(tmp_path, max_steps=12))
+    trainer = Trainer(stage.cfg, stage)
+    with pytest.warns(RuntimeWarning, match=r"train.max_steps=12 is beyond the run's end"):
+        trainer._check_run_length(10)
+    trainer.accelerator = SimpleNamespace(is_main_process=False, num_processes=2)  # as rank 1 of two
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer._check_run_length(10)

@@ -609,7 +609,7 @@ class Trainer:
         t = self.cfg.train
         full = self.schedule_horizon()
         if t.max_steps is not None and t.max_steps > full:
-            warnings.warn(f"train.max_steps={t.max_steps} is beyond the run's end, train.epochs x "
+            self._warn_once(f"train.max_steps={t.max_steps} is beyond the run's end, train.epochs x "
                           f"train.steps_per_epoch = {full}: it stops at step {full} (max_steps only stops early); "
                           f"raise train.epochs to train longer", RuntimeWarning, stacklevel=3)
         if self.step >= total:
@@ -639,13 +639,13 @@ class Trainer:
         self.speed = fast.Speed.from_config(self.cfg, acc.device)
         if self.deepspeed and self.speed.channels_last:
             # DeepSpeed broadcasts parameters as raw bytes, which needs contiguous (NCHW) storage.
-            warnings.warn("model.channels_last is ignored under DeepSpeed (its parameter broadcast needs "
+            self._warn_once("model.channels_last is ignored under DeepSpeed (its parameter broadcast needs "
                           "contiguous weights); use a DDP launch config for channels_last", stacklevel=2)
             self.speed = dataclasses.replace(self.speed, channels_last=False)
         if self.deepspeed and self.speed.compile:
             # ZeRO fetches and releases parameters with hooks around each module, which torch.compile
             # would trace into; not measured or tested here, so DeepSpeed runs eagerly.
-            warnings.warn("model.compile is ignored under DeepSpeed (untested with ZeRO's parameter hooks); use a "
+            self._warn_once("model.compile is ignored under DeepSpeed (untested with ZeRO's parameter hooks); use a "
                           "DDP launch config to compile", stacklevel=2)
             self.speed = dataclasses.replace(self.speed, compile=False)
         set_seed(self.cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
@@ -1337,7 +1337,7 @@ class Trainer:
             # global batch, processes x data.batch_size) follow the process count. The run's MLflow tag
             # world_size keeps the count it started with; resumed_changes says this one.
             self.resumed_changes.append(f"processes: {saved_world} -> {world}")
-            warnings.warn(f"resuming {path} on {world} processes (saved on {saved_world}): RNG streams start fresh, "
+            self._warn_once(f"resuming {path} on {world} processes (saved on {saved_world}): RNG streams start fresh, "
                           f"and from here on the batches are not those of an uninterrupted run on {saved_world} "
                           f"(each process reads its own share of the shards; the global batch is now {world} x "
                           f"data.batch_size)", RuntimeWarning, stacklevel=3)
@@ -1380,7 +1380,7 @@ class Trainer:
         if state.get("config_hash") == config_hash(self.cfg):
             return
         if "config" not in state:  # written before checkpoints kept their config
-            warnings.warn(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
+            self._warn_once(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
                           f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=4)
             return
         changes = config_changes(json.loads(state["config"]), self.cfg)
@@ -1421,7 +1421,7 @@ class Trainer:
                 note += (f". train.steps_per_epoch counts the epochs that clock the a1/l1 decay and the run's "
                          f"length (train.epochs x steps_per_epoch): at step {step} the run is now in epoch "
                          f"{step // new}, not {step // old}")
-            warnings.warn(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown) + note,
+            self._warn_once(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown) + note,
                           RuntimeWarning, stacklevel=4)
 
     def _check_resumed_weights(self, path: Path, state: dict[str, Any]) -> None:
@@ -1585,6 +1585,12 @@ class Trainer:
                         f"moved to {aside} (--resume auto continues this branch; delete that folder when it is "
                         f"not needed){best}")
         self.accelerator.wait_for_everyone()
+
+    def _warn_once(self, message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
+        """A warning every rank would give alike (the config and the checkpoint are the same on every
+        rank): given by the main process only (8 GPUs printed it 8 times)."""
+        if self.accelerator.is_main_process:
+            warnings.warn(message, category, stacklevel=stacklevel + 1)
 
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:

@@ -110,7 +110,7 @@ def test_kt_under_deepspeed_on_two_cpu_processes(tmp_path, zero):
            str(REPO / "tests" / "dist_kt_worker.py"), str(out), json.dumps(phase)]
     r = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert r.stderr.count("model.compile is ignored under DeepSpeed") == 2  # once per rank
+    assert r.stderr.count("model.compile is ignored under DeepSpeed") == 1  # once, by the main process
     (rec,) = json.loads(out.read_text())
     assert rec["distributed_type"].endswith("DEEPSPEED") and rec["zero_stage"] == zero
     assert rec["world_size"] == 2 and rec["step"] == 3 and rec["status"] == "finished"

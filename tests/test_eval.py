@@ -1512,3 +1512,29 @@ def test_a_folder_is_walked_once_per_eval(tmp_path, monkeypatch):
     result = run_eval(EvalOptions(checkpoint="none", data=str(data), metrics=["psnr"], mlflow=False,
                                   save_images=str(tmp_path / "saved")))
     assert len(walks) == 1 and len(result.images) == 3 and len(list((tmp_path / "saved").rglob("*.png"))) == 3
+
+
+def test_saved_images_stay_inside_the_folder_whatever_a_shard_key_says(tmp_path):
+    """A shard's sample keys are its tar's member names: a key '../../x' or '/abs/x' (a crafted or careless
+    shard downloaded from elsewhere) made `eval --save-images` write a PNG outside the folder, one beside
+    it and one at that absolute path. Such parts are kept inside, renamed."""
+    import io
+
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png, format="PNG")
+    shard = tmp_path / "data" / "evil.tar"
+    shard.parent.mkdir()
+    outside = tmp_path / "abs_escaped"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("../../escaped", str(outside), "ok", "./dot"):
+            for ext, data in (("input.png", png.getvalue()), ("json", b'{"degradation": "haze", "domain": "real"}')):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    saved = tmp_path / "a" / "b" / "saved"
+    res = run_eval(EvalOptions("none", str(shard), metrics=["piqe"], mlflow=False, device="cpu",
+                               save_images=str(saved)))
+    assert len(res.images) == 4
+    written = sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*.png"))
+    assert written == sorted(["__/__/escaped.png", "dot.png", "ok.png", str(outside)[1:] + ".png"])
+    assert sorted(p.name for p in tmp_path.rglob("*.png") if saved not in p.parents) == []

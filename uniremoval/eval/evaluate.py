@@ -54,7 +54,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from uniremoval.data.manifest import MANIFEST_NAME, is_streamed, split_specs
@@ -420,8 +420,12 @@ _ARTIFACT_UNSAFE = str.maketrans({"#": "_", "?": "_", "%": "_"})
 
 def saved_name(name: str) -> Path:
     """Where `--save-images` writes the restored image of `name`, relative to its folder (also its
-    MLflow artifact path: '#', '?' and '%' become '_')."""
-    return Path(name.translate(_ARTIFACT_UNSAFE)).with_suffix(".png")
+    MLflow artifact path: '#', '?' and '%' become '_'). Always inside it: a shard's sample keys are
+    whatever its tar's member names say, and a key such as '../../x' or '/abs/x' (a crafted or
+    careless shard from elsewhere) wrote a PNG outside the folder; such parts become '_' / '__'."""
+    parts = [p if p not in (".", "..") else "_" * len(p)
+             for p in PurePosixPath(name.translate(_ARTIFACT_UNSAFE)).parts if p != "/"]
+    return Path(*parts).with_suffix(".png")
 
 
 def check_saved_names(names: list[str], save_dir: str) -> None:

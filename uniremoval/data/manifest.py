@@ -25,7 +25,6 @@ import json
 import os
 import re
 import tarfile
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,7 +235,6 @@ def image_size(data: bytes) -> tuple[int, int]:
 # 2^30, its CV_IO_MAX_IMAGE_PIXELS). Pillow's own guard (a warning over ~89 MP, an error over ~179 MP,
 # against decompression bombs from the web) would refuse a user's panorama or stitched scan.
 LOADER_MAX_PIXELS = 2**30
-_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class _TooLarge(ValueError):
@@ -248,24 +246,23 @@ def image_probe(data: bytes) -> tuple[tuple[int, int], int]:
     untagged). Raises ValueError('truncated: ...'/'unreadable: ...')."""
     from PIL import Image
 
-    from uniremoval.data.transforms import exif_orientation, unsupported_png, unsupported_tiff
+    from uniremoval.data.transforms import (
+        exif_orientation,
+        pil_limit_lifted,
+        unsupported_png,
+        unsupported_tiff,
+    )
 
     problem = unsupported_png(data) or unsupported_tiff(data)
     if problem:  # PIL would read it (at 8 bits, or not at all): refused here rather than by the loaders mid-training
         raise ValueError(f"unreadable: {problem}")
     try:
-        with _PIL_LIMIT_LOCK:  # Pillow's limit is a module global: lifted only around this decode
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    if im.width * im.height > LOADER_MAX_PIXELS:
-                        raise _TooLarge(f"{im.width}x{im.height} is {im.width * im.height:,} pixels, more than the "
-                                        f"{LOADER_MAX_PIXELS:,} the shard loaders decode (OpenCV's limit); "
-                                        f"downscale or crop it")
-                    im.load()
-                    return (im.height, im.width), exif_orientation(im)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+        with pil_limit_lifted(), Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > LOADER_MAX_PIXELS:
+                raise _TooLarge(f"{im.width}x{im.height} is {im.width * im.height:,} pixels, more than the "
+                                f"{LOADER_MAX_PIXELS:,} the shard loaders decode (OpenCV's limit); downscale or crop it")
+            im.load()
+            return (im.height, im.width), exif_orientation(im)
     except _TooLarge as exc:
         raise ValueError(f"unreadable: {exc}") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files

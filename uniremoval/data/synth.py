@@ -432,10 +432,12 @@ class SynthSampleBuilder:
     def plan_info(self, item: Item) -> tuple[int, list]:
         from PIL import Image
 
+        from uniremoval.data.transforms import pil_limit_lifted
+
         path = Path(self.root, item.input)
         try:
             st = path.stat()
-            with Image.open(path) as im:  # reads the header only
+            with pil_limit_lifted(), Image.open(path) as im:  # reads the header only (a panorama too)
                 w, h = im.size
         except (OSError, ValueError):  # gone or not an image: reported when the sample is built
             return 2048, [None]

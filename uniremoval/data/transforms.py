@@ -13,7 +13,10 @@ rotation of the crop is the same flip or rotation of that sub-grid.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,27 @@ from uniremoval.errors import DataError
 IMAGE_EXTS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "ppm", "pgm", "pbm")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+
+
+# Pillow's decompression-bomb guard is a module global (a warning over MAX_IMAGE_PIXELS, an error over
+# twice it, ~89 and ~179 Mpixel): every reader here lifts it under this one lock (two locks around
+# the same global could interleave and leave it off for good).
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pil_limit_lifted() -> Iterator[None]:
+    """Pillow without its pixel limit for the block: a panorama or a stitched scan is a user's real
+    photo, not a bomb from the web; each caller checks the size it can take (the loaders' 2^30
+    pixels, restore's free memory)."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 def decode_image(data: bytes) -> np.ndarray:
     """Decode encoded image bytes to an RGB HWC array (uint8, or uint16 for 16-bit PNGs).
@@ -47,7 +71,7 @@ def decode_image(data: bytes) -> np.ndarray:
             return arr[:, :, ::-1]
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
+    with pil_limit_lifted(), Image.open(io.BytesIO(data)) as img:  # (OpenCV's 2^30 limit holds above)
         img.load()
         if img.mode != "RGB":
             img = img.convert("RGB")
@@ -179,20 +203,46 @@ def unsupported_png(data: bytes) -> str | None:
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 
+def _tiff_samples(data: bytes) -> tuple[int, int] | None:
+    """(bits per sample, sample format: 1 unsigned, 2 signed, 3 float) of a TIFF's first image, from
+    its header's tags 258 and 339 (no pixel decoded); None when not readable so (BigTIFF, a cut file)."""
+    import struct
+
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        if struct.unpack_from(order + "H", data, 2)[0] != 42:
+            return None
+        ifd = struct.unpack_from(order + "I", data, 4)[0]
+        found = {258: 1, 339: 1}  # the TIFF defaults
+        for i in range(struct.unpack_from(order + "H", data, ifd)[0]):
+            tag, kind, count, value = struct.unpack_from(order + "HHI4s", data, ifd + 2 + 12 * i)
+            if tag in found and kind == 3:  # SHORTs: two fit in the entry, more lie at its offset
+                at = (value, 0) if count <= 2 else (data, struct.unpack_from(order + "I", value)[0])
+                found[tag] = struct.unpack_from(order + "H", *at)[0]  # the first sample's (all alike)
+    except struct.error:
+        return None
+    return found[258], found[339]
+
+
 def unsupported_tiff(data: bytes) -> str | None:
-    """Why a TIFF's samples cannot be stored as an 8- or 16-bit image, or None: 32-bit float or
-    integer samples (HDR, scientific data). OpenCV's colour decode turns floats in [0, 1] into 0 and
-    1 out of 255, a black image, unsaid; PIL reads float grey but not float RGB ("no image format
-    recognised"). The shard builders refuse them up front, the decoders too; `restore` and `eval`
-    read float grey TIFFs as values in [0, 1] themselves (`eval.restore.read_image_oriented`)."""
-    if data[:4] not in _TIFF_MAGIC:
+    """Why a TIFF's samples cannot be stored as an 8- or 16-bit image, or None: float, signed or
+    32-bit integer samples (HDR, scientific data), read from its header. OpenCV's colour decode turns
+    floats in [0, 1] into 0 and 1 out of 255, a black image, unsaid; PIL reads float grey but not
+    float RGB ("no image format recognised"). The shard builders refuse them up front, the decoders
+    too; `restore` and `eval` read float grey TIFFs as values in [0, 1] themselves."""
+    if data[:4] not in _TIFF_MAGIC or (samples := _tiff_samples(data)) is None:
         return None
-    cv2 = _cv2()
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if cv2 is not None else None
-    if arr is None or arr.dtype in (np.uint8, np.uint16):
+    bits, kind = samples
+    if kind == 3:
+        what = f"{bits}-bit float"
+    elif kind == 2:
+        what = f"signed {bits}-bit integer"
+    elif bits > 16:
+        what = f"{bits}-bit integer"
+    else:
         return None
-    return (f"TIFF of {arr.dtype} samples is not supported (8- and 16-bit only): save it as a 16-bit TIFF or PNG "
-            "(values in [0, 1] scaled to 0..65535)")
+    return (f"TIFF of {what} samples is not supported (unsigned 8- and 16-bit only): save it as a 16-bit TIFF "
+            "or PNG (values in [0, 1] scaled to 0..65535)")
 
 
 def _decode_png16(data: bytes) -> np.ndarray:

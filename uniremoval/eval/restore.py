@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -65,9 +64,6 @@ def read_image(path: str | os.PathLike) -> Tensor:
     return read_image_oriented(path)[0]
 
 
-_PIXEL_LIMIT_LOCK = threading.Lock()
-
-
 @contextlib.contextmanager
 def open_image(data: bytes | None, path: Path, load: bool = True) -> Iterator:
     """PIL's image of `data`, of any size this machine can hold. Pillow refuses files over ~179 MP
@@ -78,24 +74,22 @@ def open_image(data: bytes | None, path: Path, load: bool = True) -> Iterator:
     limit is put back (TIFF checks it again when it decodes); False gives the header only."""
     from PIL import Image
 
-    with _PIXEL_LIMIT_LOCK:  # Pillow's limit is a module global: lifted only around this open and decode
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    from uniremoval.data.transforms import pil_limit_lifted
+
+    with pil_limit_lifted():  # only around this open and decode
+        img = Image.open(io.BytesIO(data) if data is not None else path)
         try:
-            img = Image.open(io.BytesIO(data) if data is not None else path)
-            try:
-                width, height = img.size
-                free = available_memory()
-                if free is not None and width * height * BYTES_PER_PIXEL > free:
-                    raise DataError(f"{width}x{height} pixels need about "
-                                    f"{width * height * BYTES_PER_PIXEL / 2**30:.1f} GiB to restore, more than the "
-                                    f"{free / 2**30:.1f} GiB free here; downscale or crop it, or use a larger machine")
-                if load:
-                    img.load()  # the whole file: a truncated one is refused here, not half-restored
-            except BaseException:
-                img.close()
-                raise
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+            width, height = img.size
+            free = available_memory()
+            if free is not None and width * height * BYTES_PER_PIXEL > free:
+                raise DataError(f"{width}x{height} pixels need about "
+                                f"{width * height * BYTES_PER_PIXEL / 2**30:.1f} GiB to restore, more than the "
+                                f"{free / 2**30:.1f} GiB free here; downscale or crop it, or use a larger machine")
+            if load:
+                img.load()  # the whole file: a truncated one is refused here, not half-restored
+        except BaseException:
+            img.close()
+            raise
     with img:
         yield img
 

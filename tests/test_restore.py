@@ -63,6 +63,13 @@ def test_read_image_formats(tmp_path: Path) -> None:
     torch.testing.assert_close(
         read_image(tmp_path / "g16.png")[2], torch.from_numpy(g16.astype(np.float32)) / 65535
     )
+    # 16-bit PGM (Pillow: mode I, format PPM) was taken as 8 bits, clipped: 99.6% white
+    Image.fromarray(g16).save(tmp_path / "g16.pgm")
+    torch.testing.assert_close(read_image(tmp_path / "g16.pgm")[0], torch.from_numpy(g16.astype(np.float32)) / 65535)
+    # 12-bit (maxval 4095): Pillow scales it to 16 bits, so it is read on the same scale
+    (tmp_path / "g12.pgm").write_bytes(b"P5\n4 3\n4095\n" + (g16 // 16).astype(">u2").tobytes())
+    torch.testing.assert_close(read_image(tmp_path / "g12.pgm")[1],
+                               torch.from_numpy((g16 // 16).astype(np.float32)) / 4095, atol=1e-4, rtol=0)
 
     import cv2
 
@@ -76,7 +83,7 @@ def test_read_image_formats(tmp_path: Path) -> None:
     assert j.shape == (3, 5, 7) and 0 <= j.min() and j.max() <= 1
     Image.fromarray(rgb).save(tmp_path / "a.tif")  # eval and the shard builders read TIFF too
     torch.testing.assert_close(read_image(tmp_path / "a.tif"), x)
-    assert {p.suffix for p in list_images(tmp_path)} == {".png", ".bmp", ".jpg", ".tif"}
+    assert {p.suffix for p in list_images(tmp_path)} == {".png", ".bmp", ".jpg", ".tif", ".pgm"}
 
 
 def test_bad_images_raise_data_error(tmp_path: Path) -> None:

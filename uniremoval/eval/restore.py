@@ -153,8 +153,9 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
             elif img.format == "TIFF" and img.mode in ("RGB", "RGBA") and 16 in (img.tag_v2.get(258) or ()):
                 arr = _decode_tiff16(data).astype(np.float32) / 65535.0
             elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit grey PNGs and TIFFs open as I;16 or (older Pillow, PNG) I.
-                sixteen = img.mode.startswith("I;16") or img.format == "PNG"
+                # 16-bit grey PNGs and TIFFs open as I;16 or (older Pillow, PNG) I; a PGM of more than
+                # 8 bits as I, scaled by Pillow to 16 bits whatever its maxval.
+                sixteen = img.mode.startswith("I;16") or img.format in ("PNG", "PPM")
                 arr = np.asarray(img, dtype=np.float32) / (65535.0 if sixteen else 255.0)
                 arr = np.clip(arr, 0.0, 1.0)[..., None].repeat(3, axis=2)
             elif img.mode == "F":

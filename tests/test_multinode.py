@@ -96,10 +96,18 @@ def test_a_node_that_died_is_one_error_line_on_the_others(monkeypatch, capsys, c
     assert len(err.strip().splitlines()) == 1
 
 
-def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+def test_other_runtime_errors_keep_their_traceback(monkeypatch, capsys):
     cli = _cli_raising(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes"):
         cli.main([])
+    # the command (cli.entry) shows it as Python would and ends with status 1, through exit_process
+    # (a rank of a distributed job then leaves without finalization, where it could abort)
+    monkeypatch.setattr(sys, "argv", ["uniremoval"])
+    with pytest.raises(SystemExit) as end:
+        cli.entry()
+    err = capsys.readouterr().err
+    assert end.value.code == 1 and err.startswith("Traceback (most recent call last):")
+    assert err.rstrip().endswith("RuntimeError: mat1 and mat2 shapes cannot be multiplied")
 
 
 EXIT_SCRIPT = r"""

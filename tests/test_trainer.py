@@ -291,6 +291,13 @@ def test_a_resume_says_when_the_batches_change(tmp_path, capsys):
     Trainer(again.cfg, again).fit(resume="auto")
     assert "micro-batches first (decoded and skipped: the run goes on with the batches an uninterrupted one would " \
            "see)" in capsys.readouterr().err
+    # a data setting that makes no batch (pinned memory) is a change, not a change of batches
+    c = again.cfg.model_copy(update={"train": again.cfg.train.model_copy(update={"max_steps": 9})})
+    pinned = ToyStage(c.model_copy(update={"data": c.data.model_copy(update={"pin_memory": False})}))
+    with pytest.warns(RuntimeWarning, match=r"data.pin_memory: True -> False$"):
+        Trainer(pinned.cfg, pinned).fit(resume="auto")
+    assert "(decoded and skipped: the run goes on with the batches an uninterrupted one would see)" in \
+        capsys.readouterr().err
 
 
 def test_a_resume_names_weights_replaced_under_the_same_path(tmp_path):
@@ -492,6 +499,23 @@ def test_a_stop_at_a_validation_step_checkpoints_first_and_the_resume_validates(
     Trainer(ref.cfg, ref).fit()
     assert ref.val_steps == [5, 10] and torch.equal(weights(tmp_path / "toy" / "best.safetensors"),
                                                     weights(tmp_path / "ref" / "toy" / "best.safetensors"))
+    # A stop at the last step: no checkpoint follows the resumed run's validation, so its checkpoint's
+    # state.pt is told (a later resume with more epochs validated step 10 again: val steps 10, 10, 15)
+    last = Counting(make_cfg(tmp_path / "last"), signal_at=9)
+    assert Trainer(last.cfg, last).fit().step == 10 and last.val_steps == [5]
+    ck = tmp_path / "last" / "toy" / "checkpoints" / "step-00000010"
+    written = (ck / "state.pt").stat().st_mtime_ns
+    again = Counting(make_cfg(tmp_path / "last"))
+    trainer = Trainer(again.cfg, again)
+    assert trainer.fit(resume="auto").status == "finished" and again.val_steps == [10]
+    state = torch.load(ck / "state.pt", weights_only=True)
+    assert state["val_pending"] is False and state["best_value"] == trainer.best_value is not None
+    assert (ck / "state.pt").stat().st_mtime_ns == written  # its time stays the checkpoint's
+    longer = Counting(make_cfg(tmp_path / "last", epochs=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # train.epochs changed: named on resume
+        Trainer(longer.cfg, longer).fit(resume="auto")
+    assert longer.val_steps == [15]
 
 
 class ServerComesUpStage(ToyStage):

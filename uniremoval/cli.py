@@ -68,8 +68,16 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def entry() -> None:
     """The `uniremoval` command (and `python -m uniremoval`): main(), then the process's end, which a
-    rank of a distributed job takes without interpreter finalization (`launch.exit_process`)."""
-    exit_process(main())
+    rank of a distributed job takes without interpreter finalization (`launch.exit_process`), an
+    error no command handles (its traceback printed, status 1, as Python's own) included."""
+    try:
+        rc = main()
+    except Exception:  # noqa: BLE001 - shown as Python would, then ended like any other status
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    exit_process(rc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,4 +165,4 @@ def _os_error(exc: OSError, command: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

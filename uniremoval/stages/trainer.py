@@ -117,7 +117,7 @@ from uniremoval.config import (
 )
 from uniremoval.data.shard_stream import listed_shards
 from uniremoval.errors import CheckpointError, ConfigError, DataError, UniremovalError
-from uniremoval.io import fsync_dir
+from uniremoval.io import atomic_writer, fsync_dir
 from uniremoval.launch import (
     SAME_FILES_FIX,
     agreed_listing,
@@ -259,6 +259,18 @@ class _NextEpoch:
         self.epoch, self.batches = None, None
         if close is not None:
             close()
+
+
+def changes_batches(key: str, old: Any, new: Any) -> bool:
+    """Whether a setting changed on resume makes the batches from there on other than an uninterrupted
+    run's: the training data and its reading (every data.* but the validation sets, pinned memory and
+    the bad-sample policy; 0 and 1 loader workers read alike), the micro-batches per step, the epoch
+    length, the seed."""
+    if key.startswith(("data.val", "data.pin_memory", "data.bad_samples")):
+        return False
+    if key == "data.num_workers" and isinstance(old, int) and isinstance(new, int):
+        return max(1, old) != max(1, new)
+    return key.startswith("data.") or key in ("train.grad_accum", "train.steps_per_epoch", "train.seed")
 
 
 def skip_batches(batches: Iterable[Any], start: int) -> Iterator[Any]:
@@ -474,6 +486,8 @@ class Trainer:
         self.resumed_changes: list[str] = []  # settings changed since the checkpoint resumed ("key: old -> new")
         self.best_value: float | None = None
         self.val_pending = False  # a validation due at the checkpoint's step, put off by a stop
+        self.resumed_from: Path | None = None  # the checkpoint this job resumed
+        self.batches_changed = False  # a resume changed what makes the batches (changes_batches, processes)
         self.run_id: str | None = None
         self._stop_requested = False
         self._stop_signal: int | None = None
@@ -532,6 +546,7 @@ class Trainer:
                 if self.val_pending:  # the validation a stop put off at the checkpoint's step
                     metrics.update(self.validate())
                     self.val_pending = False
+                    self._settle_pending_validation()
                 while self.step < total:
                     epoch, start = divmod(self.step, tc.steps_per_epoch)
                     batches = upcoming.take(epoch) if start == 0 else None
@@ -1244,6 +1259,7 @@ class Trainer:
         if path is None:
             return
         state = self._load_weights_and_optimisers(path, resume)
+        self.resumed_from = path
         self.step = int(state["step"])
         for sched in self.schedulers.values():
             sched.apply(self.step)  # a function of the step: nothing else to restore
@@ -1277,19 +1293,27 @@ class Trainer:
         # The skipped batches are decoded (their random crops set the stream's state): on a long epoch
         # that is a wait, said so rather than a progress bar that seems stuck.
         # The claim that the batches go on as before holds only when nothing that makes them changed.
-        same = ("the run goes on with the batches an uninterrupted one would see" if not self._stream_changed()
+        same = ("the run goes on with the batches an uninterrupted one would see" if not self.batches_changed
                 else "the changes warned about mean the batches from here on are not an uninterrupted run's")
         inside = (f"; reading past epoch {epoch}'s first {start * self.cfg.train.grad_accum} micro-batches first "
                   f"(decoded and skipped: {same})" if start else "")
         self._print(f"resumed from {path} at step {self.step}{inside}")
 
-    # What decides the batches of a resumed run besides its step: a change to any of these (or to the
-    # process count) means they are not those of an uninterrupted run.
-    STREAM_SETTINGS = ("data.", "train.grad_accum", "train.steps_per_epoch", "train.seed", "processes")
-
-    def _stream_changed(self) -> bool:
-        keys = [change.split(":", 1)[0] for change in self.resumed_changes]
-        return any(k.startswith(self.STREAM_SETTINGS) and not k.startswith("data.val") for k in keys)
+    def _settle_pending_validation(self) -> None:
+        """The resumed checkpoint had a validation due at its step, and it ran: its state.pt says so now
+        (with the best value it may have set), else a later resume from it (more train.epochs after a
+        stop at the last step, where no checkpoint follows) validated that step again. Another run's
+        checkpoint is never rewritten; the file keeps its time (settings files are compared with it)."""
+        path = self.resumed_from
+        if not self.accelerator.is_main_process or path is None or path.resolve().parent != self.ckpt_root.resolve():
+            return
+        file = path / "state.pt"
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        state.update(val_pending=False, best_value=self.best_value)
+        times = file.stat()
+        with atomic_writer(file) as fh:
+            torch.save(state, fh)
+        os.utime(file, ns=(times.st_atime_ns, times.st_mtime_ns))
 
     def _load_weights_and_optimisers(self, path: Path, resume: str) -> dict[str, Any]:
         """The checkpoint's state.pt, once its launch (DeepSpeed or not), config and weights are checked;
@@ -1337,6 +1361,7 @@ class Trainer:
             # global batch, processes x data.batch_size) follow the process count. The run's MLflow tag
             # world_size keeps the count it started with; resumed_changes says this one.
             self.resumed_changes.append(f"processes: {saved_world} -> {world}")
+            self.batches_changed = True
             self._warn_once(f"resuming {path} on {world} processes (saved on {saved_world}): RNG streams start fresh, "
                           f"and from here on the batches are not those of an uninterrupted run on {saved_world} "
                           f"(each process reads its own share of the shards; the global batch is now {world} x "
@@ -1397,6 +1422,7 @@ class Trainer:
                 f"weights with model.init={path}/{self.stage.trainable[0]}.safetensors")
         if shown:
             self.resumed_changes = shown
+            self.batches_changed = any(changes_batches(k, old, new) for k, old, new in changes)
             note = ""
             workers = [(old, new) for k, old, new in changes if k == "data.num_workers"]
             if workers and all(isinstance(v, int) for v in workers[0]) and max(1, workers[0][0]) != max(1, workers[0][1]):
@@ -1439,7 +1465,7 @@ class Trainer:
             warnings.warn(f"resuming {path}: {'; '.join(changed)}. These are not the weights the checkpoint "
                           f"was trained with (a file replaced under the same path, e.g. a retrained teacher): the run "
                           f"goes on learning from the new ones; to continue it as it was, put the old file back",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
 
     def _warn_unrecorded_weights(self, path: Path) -> None:
         """A checkpoint of a uniremoval older than the weights record: nothing to compare the stage's
@@ -1468,7 +1494,7 @@ class Trainer:
                           f"the run goes on learning from it: put the old file back, or start a new run (another "
                           f"name) from its weights with model.init={path}/{self.stage.trainable[0]}.safetensors"
                           if newer else " (none was modified after it was written)" if not unknown else "") +
-            ". Checkpoints written from now on record them", RuntimeWarning, stacklevel=3)
+            ". Checkpoints written from now on record them", RuntimeWarning, stacklevel=4)
 
     # ---------------------------------------------------------------- signals, agreement, misc
     def _install_signal_handlers(self) -> None:

@@ -625,8 +625,8 @@ class Trainer:
         full = self.schedule_horizon()
         if t.max_steps is not None and t.max_steps > full:
             self._warn_once(f"train.max_steps={t.max_steps} is beyond the run's end, train.epochs x "
-                          f"train.steps_per_epoch = {full}: it stops at step {full} (max_steps only stops early); "
-                          f"raise train.epochs to train longer", RuntimeWarning, stacklevel=3)
+                            f"train.steps_per_epoch = {full}: it stops at step {full} (max_steps only stops early); "
+                            f"raise train.epochs to train longer", RuntimeWarning, stacklevel=3)
         if self.step >= total:
             self._print(f"step {self.step} is already the run's end ({total} steps): nothing to train; raise "
                         f"train.epochs (or train.max_steps) and --resume auto to train on")
@@ -655,13 +655,13 @@ class Trainer:
         if self.deepspeed and self.speed.channels_last:
             # DeepSpeed broadcasts parameters as raw bytes, which needs contiguous (NCHW) storage.
             self._warn_once("model.channels_last is ignored under DeepSpeed (its parameter broadcast needs "
-                          "contiguous weights); use a DDP launch config for channels_last", stacklevel=2)
+                            "contiguous weights); use a DDP launch config for channels_last", stacklevel=2)
             self.speed = dataclasses.replace(self.speed, channels_last=False)
         if self.deepspeed and self.speed.compile:
             # ZeRO fetches and releases parameters with hooks around each module, which torch.compile
             # would trace into; not measured or tested here, so DeepSpeed runs eagerly.
             self._warn_once("model.compile is ignored under DeepSpeed (untested with ZeRO's parameter hooks); use a "
-                          "DDP launch config to compile", stacklevel=2)
+                            "DDP launch config to compile", stacklevel=2)
             self.speed = dataclasses.replace(self.speed, compile=False)
         set_seed(self.cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
         models = self.stage.build_models()
@@ -1363,9 +1363,9 @@ class Trainer:
             self.resumed_changes.append(f"processes: {saved_world} -> {world}")
             self.batches_changed = True
             self._warn_once(f"resuming {path} on {world} processes (saved on {saved_world}): RNG streams start fresh, "
-                          f"and from here on the batches are not those of an uninterrupted run on {saved_world} "
-                          f"(each process reads its own share of the shards; the global batch is now {world} x "
-                          f"data.batch_size)", RuntimeWarning, stacklevel=3)
+                            f"and from here on the batches are not those of an uninterrupted run on {saved_world} "
+                            f"(each process reads its own share of the shards; the global batch is now {world} x "
+                            f"data.batch_size)", RuntimeWarning, stacklevel=3)
         else:
             why = (f"it has no RNG state for rank {self.accelerator.process_index} ({rng.name})" if not rng.is_file()
                    else "it does not record the process count it was saved on, so its RNG files may be another's")
@@ -1406,7 +1406,7 @@ class Trainer:
             return
         if "config" not in state:  # written before checkpoints kept their config
             self._warn_once(f"resuming {path}: its config hash {state.get('config_hash')} differs from this "
-                          f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=4)
+                            f"config's {config_hash(self.cfg)}", RuntimeWarning, stacklevel=4)
             return
         changes = config_changes(json.loads(state["config"]), self.cfg)
         shown = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
@@ -1448,7 +1448,7 @@ class Trainer:
                          f"length (train.epochs x steps_per_epoch): at step {step} the run is now in epoch "
                          f"{step // new}, not {step // old}")
             self._warn_once(f"resuming {path} with {len(shown)} changed setting(s): " + "; ".join(shown) + note,
-                          RuntimeWarning, stacklevel=4)
+                            RuntimeWarning, stacklevel=4)
 
     def _check_resumed_weights(self, path: Path, state: dict[str, Any]) -> None:
         """Name the weights read besides the run's own (KT's teachers) whose file changed since the

@@ -77,6 +77,13 @@ def test_read_image_formats(tmp_path: Path) -> None:
     assert cv2.imwrite(str(tmp_path / "c16.png"), rgb16[:, :, ::-1])  # OpenCV writes BGR
     torch.testing.assert_close(read_image(tmp_path / "c16.png"),  # all 16 bits (Pillow keeps 8)
                                torch.from_numpy(rgb16.transpose(2, 0, 1).astype(np.float32)) / 65535)
+    # float TIFFs: grey ones are read as values in [0, 1]; an RGB one (Pillow cannot open it) is named
+    # as such, not "not an image file"
+    Image.fromarray((g16 / 65535).astype(np.float32), mode="F").save(tmp_path / "f.tif")
+    torch.testing.assert_close(read_image(tmp_path / "f.tif")[1], torch.from_numpy((g16 / 65535).astype(np.float32)))
+    assert cv2.imwrite(str(tmp_path / "f3.tif"), (rgb16 / 65535).astype(np.float32))
+    with pytest.raises(DataError, match=r"f3\.tif: TIFF of 32-bit float samples is not supported"):
+        read_image(tmp_path / "f3.tif")
 
     Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
     j = read_image(tmp_path / "a.jpg")

@@ -5,7 +5,7 @@ A process group left to interpreter finalization can abort a rank that finished 
 worker threads are torn down after the interpreter (SIGABRT, "terminate called without an active
 exception"), and the launcher then fails the whole job. `leave_process_group_at_exit()` registers
 a barrier and `destroy_process_group()` to run at exit while the interpreter is still alive: no rank
-closes its sockets under another, and the default group is let go (this ended the abort under DDP).
+closes its sockets under another, and the default group is let go (this made the abort rare under DDP).
 It does not stop every gloo thread: the groups' threads run until the last reference to a group
 goes (DDP's reducer and DeepSpeed's engine, optimizer and parameters hold theirs), and a rare abort
 at exit remained (a CPU ZeRO-2 test run; once a plain 2-process DDP KT/DA run under load). So the

@@ -133,6 +133,7 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
         decode_problem,
         exif_orientation,
         unsupported_png,
+        unsupported_tiff,
     )
 
     path = Path(path)
@@ -168,6 +169,8 @@ def read_image_oriented(path: str | os.PathLike) -> tuple[Tensor, int]:
     except DataError as exc:  # too large for memory, or a 16-bit file without OpenCV
         raise DataError(f"{path}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        if problem := unsupported_tiff(data):  # a float RGB TIFF: not "no image format recognised"
+            raise DataError(f"{path}: {problem}") from exc
         kind, reason = decode_problem(exc, data)
         raise DataError(f"{path}: {'truncated file: ' if kind == 'truncated' else ''}{reason}") from exc
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:

@@ -286,3 +286,26 @@ def test_a_second_ctrl_c_while_the_program_exits_ends_it_without_a_traceback(tmp
     r = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.stdout.split("\n")[:2] == ["130 True", "130 True"], (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_train_stopped_while_it_sets_up_says_so_and_marks_the_run_killed(tmp_path, sig):
+    """The trainer takes SIGTERM/SIGUSR1 over for its loop (a checkpoint at the next step's end); before
+    that - loading, opening its MLflow run - a stop took the signal's default action: a silent kill
+    (exit -15 under torchrun when another rank failed at its first batch) and a run left RUNNING."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _fixtures import write_shards
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 1, 4)
+    cfg = {"stage": "teacher", "degradation": "haze", "project": "stops", "name": "teacher",
+           "output_dir": str(tmp_path / "outputs"), "model": {"preset": "tiny"},
+           "data": {"degradations": ["haze"], "batch_size": 2, "crop_size": 32, "num_workers": 0,
+                    "train": [{"name": "syn", "shards": str(tmp_path / "shards" / "syn"), "degradation": "haze"}]},
+           "train": {"cpu": True, "max_steps": 2}, "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(cfg))
+    rc, err = _stopped(tmp_path, "uniremoval.tracking:Tracker.log_config",
+                       ["train", "teacher", "--config", str(tmp_path / "teacher.yaml")], sig)
+    _one_line(rc, err, sig, f"terminated ({signal.Signals(sig).name})")
+    assert [r.info.status for r in _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "stops", "teacher")] == ["KILLED"]

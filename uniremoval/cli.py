@@ -24,8 +24,11 @@ GROUPS = ("shards", "train", "cache", "eval", "restore", "report", "demo", "conf
 # Commands that a scheduler's stop signals end where they are, as Ctrl-C does: the exception unwinds,
 # so temporary files are removed and an open MLflow run is marked KILLED, not RUNNING forever. SIGTERM
 # is the time limit; SIGUSR1 the warning launch/slurm_paper.sh forwards to every process of the step
-# (its default action kills silently). `train` has its own handler (a checkpoint at the next step).
-SIGTERM_INTERRUPTS = ("cache", "eval", "restore", "report")
+# (its default action kills silently). `train` too, until its trainer takes the signals over for the
+# loop (a checkpoint at the next step's end) and after it: a stop while it sets up (a rank whose peer
+# failed at its first batch is stopped by the launcher then) was a silent kill, a run being created
+# in MLflow left RUNNING.
+SIGTERM_INTERRUPTS = ("train", "cache", "eval", "restore", "report")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -141,3 +141,22 @@ def test_a_rank_ends_with_its_status_after_the_exit_handlers(tmp_path, mode):
     assert p.stdout == "unflushed output"
     # the destroy handler (registered after this one) ran first: the group was let go before it
     assert out.read_text() == "handler initialized=False\n"
+
+
+def test_the_commands_own_warnings_are_one_warning_line():
+    """README promises a `warning:` line; the trainer's and tracking's warnings printed Python's format:
+    the file path and line number, then a line of the source code. The command's own are one line;
+    another library's keep Python's format (where they come from is the information)."""
+    script = ("import warnings, uniremoval.cli as cli\n"
+              "def main():\n"
+              "    warnings.warn_explicit('resuming x with 1 changed setting(s)', RuntimeWarning, cli.__file__, 1)\n"
+              "    warnings.warn_explicit('some library speaks', UserWarning, '/elsewhere/lib.py', 7)\n"
+              "    return 0\n"
+              "cli.main = main\n"
+              "cli.entry()\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                       env=subprocess_env())
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert "warning: resuming x with 1 changed setting(s)" in lines
+    assert "/elsewhere/lib.py:7: UserWarning: some library speaks" in lines

@@ -129,8 +129,16 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match=r"train\.max_steps=12 is beyond the run's end, train\.epochs x "
                                             r"train\.steps_per_epoch = 10: it stops at step 10"):
         assert Trainer(more.cfg, more).fit(resume="auto").step == 10
-    assert "step 10 is already the run's end (10 steps): nothing to train" in capsys.readouterr().err
+    assert ("step 10 is already the run's end (train.epochs x train.steps_per_epoch = 10): nothing to train; "
+            "raise train.epochs and --resume auto") in capsys.readouterr().err
     assert more.seen == [] and torch.equal(weights(tmp_path / "b" / "toy" / "last.safetensors"), ref)
+    # the limit reached is the one named (it said "raise train.epochs (or train.max_steps)" whichever it was)
+    capped = ToyStage(make_cfg(tmp_path / "b", max_steps=10, epochs=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # train.epochs changed: named on resume
+        Trainer(capped.cfg, capped).fit(resume="auto")
+    assert "(train.max_steps=10): nothing to train; raise train.max_steps and --resume auto" in \
+        capsys.readouterr().err
 
     # --resume PATH: an explicit checkpoint folder; a folder without training state is refused.
     again = ToyStage(make_cfg(tmp_path / "c"))

@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 import threading
+import warnings
 
 from uniremoval import __version__
 from uniremoval.errors import UniremovalError
@@ -69,10 +70,23 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_python_warning = warnings.formatwarning
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """The command's own warnings as one `warning: ...` line (Python's format adds the file, line number
+    and a line of source code); other libraries' keep Python's format, where they come from counts."""
+    if os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+        return f"warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
 def entry() -> None:
     """The `uniremoval` command (and `python -m uniremoval`): main(), then the process's end, which a
     rank of a distributed job takes without interpreter finalization (`launch.exit_process`), an
     error no command handles (its traceback printed, status 1, as Python's own) included."""
+    warnings.formatwarning = _warning_line  # the command's process only: main() called from Python keeps Python's
     try:
         rc = main()
     except Exception:  # noqa: BLE001 - shown as Python would, then ended like any other status

@@ -628,8 +628,13 @@ class Trainer:
                             f"train.steps_per_epoch = {full}: it stops at step {full} (max_steps only stops early); "
                             f"raise train.epochs to train longer", RuntimeWarning, stacklevel=3)
         if self.step >= total:
-            self._print(f"step {self.step} is already the run's end ({total} steps): nothing to train; raise "
-                        f"train.epochs (or train.max_steps) and --resume auto to train on")
+            # the limit reached is named: raising the other one does nothing
+            if t.max_steps is not None and t.max_steps < full:
+                reached, fix = f"train.max_steps={t.max_steps}", "raise train.max_steps"
+            else:
+                reached, fix = f"train.epochs x train.steps_per_epoch = {full}", "raise train.epochs"
+            self._print(f"step {self.step} is already the run's end ({reached}): nothing to train; {fix} and "
+                        f"--resume auto to train on")
 
     def _print_epoch_size(self) -> None:
         """An epoch is a count of optimiser steps, the same on any number of processes: the samples it

@@ -1143,6 +1143,21 @@ def test_an_unknown_metric_in_the_config_names_the_key(tmp_path, capsys):
     assert f"{cfg}: key 'eval.metrics'" in err and "['nope']" in err
 
 
+def test_a_config_dataset_that_is_not_there_is_named_by_its_key(tmp_path, capsys):
+    """`eval --config configs/ablation/da_kt.yaml` without the RTTS shards said "--data shards/rtts: not a
+    directory, shard dataset or tar": a flag the user never gave. The config's key is named, before any
+    dataset is scored."""
+    from uniremoval.cli import main
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(f"stage: eval\neval:\n  checkpoint: none\n  metrics: [piqe]\n  data:\n"
+                   f"    - {{name: here, shards: {tmp_path}}}\n    - {{name: rtts, shards: {tmp_path / 'shards' / 'rtts'}}}\n")
+    assert main(["eval", "--config", str(cfg), "--no-mlflow", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {cfg}: eval.data.1.shards (rtts): {tmp_path / 'shards' / 'rtts'} does not exist; build it " \
+           "(README: Data preparation) or set eval.data.1.shards, or give --data" in err, err
+
+
 def test_an_eval_spool_without_json_or_csv_goes_to_a_named_folder(tmp_path, monkeypatch):
     from uniremoval.eval.evaluate import spool_folder
 

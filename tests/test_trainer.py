@@ -1330,6 +1330,13 @@ def test_every_run_says_how_many_samples_an_epoch_reads(tmp_path, capsys):
     trainer._print_epoch_size()
     assert "x 256 samples a step (data.batch_size 16 x train.grad_accum 2 x 8 process(es)) = 1,280 samples" in \
         capsys.readouterr().err
+    # DA reads as many clear images beside its degraded ones: said, not counted as if absent
+    from uniremoval.stages.da import DomainAdaptation
+
+    stage.also_reads = DomainAdaptation.also_reads
+    trainer._print_epoch_size()
+    assert capsys.readouterr().err.rstrip().endswith(
+        "= 1,280 samples; as many real clear images (data.clear) beside them")
 
 
 def test_a_warning_every_rank_would_give_is_given_once(tmp_path):

@@ -80,6 +80,7 @@ class DomainAdaptation(Stage):
 
     stage = "da"
     compiled_frozen = ("phi",)  # VGG-19 on the crops of every step
+    also_reads = "as many real clear images (data.clear) beside them"
 
     def __init__(self, cfg: DAStage) -> None:
         refuse_deepspeed()  # before the trainer builds a DeepSpeed accelerator for it

@@ -177,6 +177,8 @@ class Stage:
     # training crops' fixed shape every step (VGG-19), not those whose batch varies (online teachers).
     compiled_frozen: tuple[str, ...] = ()
     best_metric: tuple[str, Literal["max", "min"]] | None = None
+    # What a step reads besides its data.batch_size samples per micro-batch, for the run's epoch line.
+    also_reads: str = ""
 
     def __init__(self, cfg: StageBase) -> None:
         self.cfg = cfg
@@ -642,9 +644,10 @@ class Trainer:
         settings (the a1/l1 decay, train.epochs) mean in samples. Said at the start of every run."""
         t, processes, batch = self.cfg.train, self.accelerator.num_processes, self.cfg.data.batch_size
         per_step = batch * t.grad_accum * processes
+        also = f"; {self.stage.also_reads}" if self.stage.also_reads else ""
         self._print(f"an epoch: train.steps_per_epoch {t.steps_per_epoch} x {per_step} samples a step (data.batch_size "
                     f"{batch} x train.grad_accum {t.grad_accum} x {processes} process(es)) = "
-                    f"{t.steps_per_epoch * per_step:,} samples")
+                    f"{t.steps_per_epoch * per_step:,} samples{also}")
 
     def schedule_horizon(self) -> int:
         # The schedule spans the full run even when max_steps stops early (max_steps is not

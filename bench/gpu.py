@@ -56,7 +56,8 @@ What is timed (each section is independent; a failing one records its error and 
   eager and compiled (``compiled_native_over_stencil``: what the stencil saves the compiled step).
 * ``ours_batch<N>`` (``--scale-batches``, default 2x and 4x ``--batch`` on a GPU): the eager fast
   step at a larger per-device batch, alone; ``summary.eager_batch_speedup`` is its img/s over the
-  step's at ``--batch`` (the per-device batch is a setting of configs/, this says whether raising it pays).
+  step's at ``--batch`` (the per-device batch is a setting of configs/, this says whether raising it pays);
+  ``--only batches`` times ``ours`` too, as the baseline.
 * ``loader``: the project's `kt_loader` over generated cache-format shards (input.png,
   teacher.png, feature.npy), with one worker per core: samples/s once the workers run.
 
@@ -1210,7 +1211,7 @@ def main(argv: list[str] | None = None) -> int:
         with section(results, "naive"):
             bench_naive(models, args, device, results)
         write()
-    if want("ours"):
+    if want("ours") or (args.only == "batches" and "ours" not in args.skip):  # (the batches' baseline)
         with section(results, "ours"):
             bench_ours(models, args, device, results, compiled=False, profile_steps=args.profile)
         write()

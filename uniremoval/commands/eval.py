@@ -209,7 +209,7 @@ def _config_jobs(args, common: dict) -> list:
             # a path of the config that is not there is named by its key ("--data shards/rtts: not a
             # directory" named a flag the user never gave)
             for j, spec in enumerate(data if isinstance(data, list) else [data]):
-                plain = not is_streamed(spec) and not any(c in spec for c in "*?[{")
+                plain = not is_streamed(spec) and not spec.startswith("file:") and not any(c in spec for c in "*?[{")
                 if plain and len(split_specs(spec)) == 1 and not Path(spec).exists():
                     raise UniremovalError(f"{args.config}: eval.data.{i}.shards{f'.{j}' if isinstance(data, list) else ''}"
                                           f" ({name}): {spec} does not exist; build it (README: Data preparation) or "

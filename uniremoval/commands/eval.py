@@ -202,15 +202,14 @@ def _config_jobs(args, common: dict) -> list:
     if not sources:
         raise UniremovalError(f"{args.config}: eval.data lists no dataset; add one or give --data")
     if not args.data:  # before the first source is scored, not when its turn comes
-        from uniremoval.data.manifest import is_streamed, split_specs
+        from uniremoval.data.manifest import is_plain_path, split_specs
         from uniremoval.eval.evaluate import domain_problem
 
         for i, (name, data, _, domain) in enumerate(sources):
             # a path of the config that is not there is named by its key ("--data shards/rtts: not a
             # directory" named a flag the user never gave)
             for j, spec in enumerate(data if isinstance(data, list) else [data]):
-                plain = not is_streamed(spec) and not spec.startswith("file:") and not any(c in spec for c in "*?[{")
-                if plain and len(split_specs(spec)) == 1 and not Path(spec).exists():
+                if is_plain_path(spec) and len(split_specs(spec)) == 1 and not Path(spec).exists():
                     raise UniremovalError(f"{args.config}: eval.data.{i}.shards{f'.{j}' if isinstance(data, list) else ''}"
                                           f" ({name}): {spec} does not exist; build it (README: Data preparation) or "
                                           f"set eval.data.{i}.shards, or give --data")

@@ -49,6 +49,12 @@ def is_streamed(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
+def is_plain_path(spec: str) -> bool:
+    """A spec that names one local file or folder as written: not streamed, no `file:` URL, no glob or
+    brace pattern (those are expanded, and checked, by `shard_stream.resolve_shards`)."""
+    return not is_streamed(spec) and not spec.startswith("file:") and not any(c in spec for c in "*?[{")
+
+
 def manifest_degradations(folder: str | os.PathLike) -> dict[str, int] | None:
     """{degradation: samples} a shard folder's manifest counts, or None (no manifest, or no counts)."""
     held = ((existing_manifest(folder) or {}).get("counts") or {}).get("degradation")

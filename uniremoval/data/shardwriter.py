@@ -133,12 +133,7 @@ class FileSampleBuilder:
                 return None, [Issue(tissue.kind, tissue.path, tissue.reason, partner=item.input)]
             thw, tturn = tprobe
             if tturn != turn:  # a sample's json records one orientation for both of its images
-                how = pair_alignment(hw, turn, thw, tturn)
-                fix = ("save the input upright without the tag (PIL's ImageOps.exif_transpose), as its target is "
-                       "displayed" if how == "displayed" else
-                       "give the target the input's tag, or save both upright without it" if how == "stored" else
-                       "check which, then save both upright without the tag (PIL's ImageOps.exif_transpose)")
-                reason = orientation_mismatch(turn, tturn, how, fix)
+                reason = orientation_mismatch(turn, tturn, pair_alignment(hw, turn, thw, tturn))
                 return None, [Issue("orientation_mismatch", item.input, reason, partner=item.target)]
             if thw != hw:
                 reason = f"input is {hw[0]}x{hw[1]} (HxW) but target is {thw[0]}x{thw[1]}"

@@ -158,14 +158,23 @@ def pair_alignment(hw: tuple[int, int], turn: int, target_hw: tuple[int, int], t
     return "displayed" if shown and not stored else "stored" if stored and not shown else "unknown"
 
 
-def orientation_mismatch(turn: int, target_turn: int, alignment: str, fix: str) -> str:
-    """Why a pair with different EXIF orientations is refused (`pair_alignment`'s answer), and `fix`."""
-    tags = (f"EXIF orientation {turn} ({ORIENTATIONS[turn]} for display) but target has {target_turn} "
-            f"({ORIENTATIONS[target_turn]})")
-    why = {"displayed": "their sizes say they are aligned as displayed, not as stored",
-           "stored": "their sizes say they are aligned as stored, not as displayed",
-           "unknown": "their sizes cannot tell whether they are aligned as displayed or as stored"}[alignment]
-    return f"input has {tags}: {why}; {fix}"
+# Why a pair with different EXIF orientations is refused, and what to do, by `pair_alignment`'s answer
+# (aligned as displayed is refused by the shard builders only: a sample's json holds one orientation).
+_MISMATCH = {
+    "displayed": ("their sizes say they are aligned as displayed, not as stored",
+                  "save the input upright without the tag (PIL's ImageOps.exif_transpose), as its target is displayed"),
+    "stored": ("their sizes say they are aligned as stored, not as displayed",
+               "give the target the input's tag, or save both upright without it"),
+    "unknown": ("their sizes cannot tell whether they are aligned as displayed or as stored",
+                "check which, then save both upright without the tag (PIL's ImageOps.exif_transpose)"),
+}
+
+
+def orientation_mismatch(turn: int, target_turn: int, alignment: str) -> str:
+    """Why a pair with different EXIF orientations is refused (`pair_alignment`'s answer), and the fix."""
+    why, fix = _MISMATCH[alignment]
+    return (f"input has EXIF orientation {turn} ({ORIENTATIONS[turn]} for display) but target has {target_turn} "
+            f"({ORIENTATIONS[target_turn]}): {why}; {fix}")
 
 
 # Shard samples whose input/target files carry an EXIF orientation record it in json (the original

@@ -277,9 +277,7 @@ def iter_folder(root: str, rank: int, world: int, need_target: bool,
             stored = upright_size(tuple(image.shape[-2:]), turn), upright_size(tuple(target.shape[-2:]), target_turn)
             how = pair_alignment(stored[0], turn, stored[1], target_turn) if target_turn != turn else "displayed"
             if how != "displayed":
-                fix = ("give the target the input's tag, or save both upright without it" if how == "stored" else
-                       "check which, then save both upright without the tag (e.g. PIL's ImageOps.exif_transpose)")
-                raise DataError(f"{inp}: {orientation_mismatch(turn, target_turn, how, fix)} ({tgt})")
+                raise DataError(f"{inp}: {orientation_mismatch(turn, target_turn, how)} ({tgt})")
         if target is not None and target.shape != image.shape:
             (_, th, tw), (_, ih, iw) = target.shape, image.shape
             raise DataError(f"{tgt}: the target is {tw}x{th} but its input {inp} is {iw}x{ih} (width x height): "

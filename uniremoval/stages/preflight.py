@@ -108,7 +108,7 @@ def check_inputs(cfg: StageBase) -> None:
     holds no sample of its source's degradation, or (DA's data.clear) no clear image nor target. URLs
     and pipes pass; a local folder, file: URL or pattern must list shards (`resolve_shards`).
     Checkpoints a run logged to MLflow (runs:/<id>/weights/last) are fetched."""
-    from uniremoval.data.manifest import split_specs
+    from uniremoval.data.manifest import is_plain_path, split_specs
     from uniremoval.data.shard_stream import resolve_shards
     from uniremoval.errors import CheckpointError, DataError
     from uniremoval.models.checkpoint import resolve_weights
@@ -122,7 +122,7 @@ def check_inputs(cfg: StageBase) -> None:
                 if spec.startswith(("pipe:", "http://", "https://")):
                     continue  # read when the stream opens it (other URL schemes: resolve_shards refuses)
                 where = f"data.{section}.{i} ({src.name})"
-                plain = not spec.startswith("file:") and "://" not in spec and not any(c in spec for c in "*?[{")
+                plain = is_plain_path(spec)
                 if plain and not Path(spec).exists():
                     made_by = ("`uniremoval cache --config configs/cache.yaml`" if isinstance(cfg, KTStage)
                                and section == "train" and cfg.teachers.mode == "cached"

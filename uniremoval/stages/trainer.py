@@ -1433,7 +1433,7 @@ class Trainer:
             self.batches_changed = any(changes_batches(k, old, new) for k, old, new in changes)
             note = ""
             workers = [(old, new) for k, old, new in changes if k == "data.num_workers"]
-            if workers and all(isinstance(v, int) for v in workers[0]) and max(1, workers[0][0]) != max(1, workers[0][1]):
+            if workers and all(isinstance(v, int) for v in workers[0]) and changes_batches("data.num_workers", *workers[0]):
                 # Each loader worker streams its own share of the shards with its own shuffle: the batch
                 # sequence follows the worker count (0 and 1 read alike), as it follows the seed.
                 note = (". data.num_workers decides which samples each batch holds (every loader worker reads its "

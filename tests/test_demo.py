@@ -177,12 +177,17 @@ def test_table_layout() -> None:
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end_and_reuse(tmp_path: Path) -> None:
+def test_quick_demo_end_to_end_and_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
     work = tmp_path / "demo"
     lines: list[str] = []
+    # The demo keeps its runs in its own store whatever the shell points at (the report reads them
+    # there), and says so: every other command follows $MLFLOW_TRACKING_URI. Nothing listens here.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     result = run_demo(work, quick=True, log=lines.append)
+    assert any(f"the demo keeps its runs in its own store sqlite:///{work.resolve() / 'mlflow.db'}, not "
+               "$MLFLOW_TRACKING_URI=http://127.0.0.1:9" in line for line in lines)
     ran = {s.name for s in result.steps if s.status == "ran"}
     for step in ("images", "shards synth_haze_train", "shards real_blur_test", "shards clear_train",
                  "teacher-haze", "teacher-rain", "teacher-blur", "cache", "kt", "da",

@@ -625,8 +625,8 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     assert tags["uniremoval_version"] == __version__ and tags["world_size"] == "1"
     assert tags["checkpoint"] == str(ckpt.resolve())
     arts = {a.path for a in client.list_artifacts(res.run_id, "images/synhaze")}
-    # the restored images, and the list that marks the folder as one complete eval's (SAVED_MARKER)
-    assert arts == {f"images/synhaze/{k}.png" for k in keys} | {"images/synhaze/.uniremoval-eval.json"}
+    # the restored images; the folder's bookkeeping file (SAVED_MARKER) is not one of the run's images
+    assert arts == {f"images/synhaze/{k}.png" for k in keys}
 
 
 def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkeypatch, capsys):
@@ -672,10 +672,12 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
             res = run_eval(opts)
     finally:
         hangups.close()
-    # The training run's lookup: one request and one retry (tracking._HTTP_DEFAULTS), then the run is spooled
-    # after one more lookup (the experiment's, asked twice); MLflow's defaults make 8 tries of the first alone.
-    tries = Counter(line.split(b"?")[0] for line in connections)
-    assert tries[b"GET /api/2.0/mlflow/runs/get"] == 2 and len(connections) <= 6, connections
+    # The start's probe (is MLflow's API at this address?) and the training run's lookup: one request and
+    # one retry each (tracking._HTTP_DEFAULTS), then the run is spooled after one more lookup (the
+    # experiment's, asked twice); MLflow's defaults make 8 tries of the first alone.
+    tries = Counter(line.split(b"?")[0].split(b" HTTP/")[0] for line in connections)
+    assert tries[b"POST /api/2.0/mlflow/experiments/search"] == 2, connections
+    assert tries[b"GET /api/2.0/mlflow/runs/get"] == 2 and len(connections) <= 8, connections
     assert res.run_id is None
     assert all("--resume" not in str(w.message) for w in rec)  # eval has no --resume
     assert any("unreachable" in str(w.message) and "sends them later" in str(w.message) for w in rec)
@@ -699,7 +701,7 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
     assert {a.path for a in client.list_artifacts(run.info.run_id, "scores")} == {
         "scores/eval-offl.json", "scores/eval-offl.csv"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "images/offl")} == {
-        "images/offl/img00.png", "images/offl/img01.png", "images/offl/.uniremoval-eval.json"}
+        "images/offl/img00.png", "images/offl/img01.png"}
 
 
 def test_an_eval_replayed_joins_its_training_runs_experiment(tmp_path, monkeypatch, capsys):
@@ -783,6 +785,16 @@ def test_eval_config_runs_every_source(tmp_path, capsys):
     assert sorted(r.info.run_name for r in runs) == ["eval-syn_blur", "eval-syn_rain"]
     assert {r.data.tags["dataset"]: r.data.tags.get("degradation") for r in runs} == {"syn_rain": "rain",
                                                                                      "syn_blur": "blur"}
+    # The config's tracking.run_name and tracking.tags apply to its eval runs as to a training run's (both
+    # were dropped unsaid), and each run keeps the resolved config it ran.
+    rc = main(["eval", "--config", str(cfg), "--set", "tracking.run_name=sweep", "--set", "tracking.tags={sweep: s42}",
+               "--tracking-uri", uri, "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    runs = client.search_runs([client.get_experiment_by_name("cfgproj").experiment_id], "tags.sweep = 's42'")
+    assert sorted(r.info.run_name for r in runs) == ["sweep-syn_blur", "sweep-syn_rain"]
+    for r in runs:
+        text = Path(client.download_artifacts(r.info.run_id, "config.yaml", str(tmp_path / r.info.run_id))).read_text()
+        assert "run_name: sweep" in text and "metrics:\n  - psnr\n  - ssim" in text, text
 
 
 # ---------------------------------------------------------------- two real processes

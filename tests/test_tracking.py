@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _fixtures import MLFLOW, free_port, start_mlflow_server, stop_server
 
 from uniremoval.config import KTStage, TeacherStage, config_hash
-from uniremoval.tracking import flatten, image_grid_png, replay_spool, start_run
+from uniremoval.tracking import Tracker, flatten, image_grid_png, replay_spool, start_run
 
 
 def teacher_cfg(tmp_path: Path, uri: str | None = None) -> TeacherStage:
@@ -396,6 +397,12 @@ def test_a_tracking_uri_mlflow_cannot_open_stops_the_job_at_once(tmp_path, monke
     assert main(["report", "--experiment", "e", "--tracking-uri", str(db)]) == 2
     assert (f"error: tracking URI {db}: {db} is a file, and a path without a scheme names a folder store: for an "
             f"SQLite database give sqlite:///{db}") in capsys.readouterr().err
+    # host:port with no scheme was a folder store too, and the fix offered (MLFLOW_ALLOW_FILE_STORE) made a
+    # folder named '127.0.0.1:5917' (folder stores allowed here: the check comes first)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "127.0.0.1:5917")
+    with pytest.raises(ConfigError, match=r"MLFLOW_TRACKING_URI 127\.0\.0\.1:5917: a server's address without its "
+                                          r"scheme\? give http://127\.0\.0\.1:5917 \(or https://\)"):
+        resolve_uri(None)
 
 
 def test_a_sqlite_uri_that_is_not_a_database_is_one_error_line(tmp_path, monkeypatch, capsys):
@@ -665,3 +672,59 @@ def test_a_runs_fetch_names_the_file_it_could_not_fetch_and_refuses_dot_run_ids(
         with pytest.raises(CheckpointError, match="expected runs:/<run id>/<artifact path>"):
             fetch_run_checkpoint(bad, uri)
     assert runs.is_dir()
+
+
+@pytest.mark.slow
+def test_a_server_without_mlflow_at_the_address_stops_the_job_instead_of_spooling_it(tmp_path, monkeypatch, capsys):
+    """A tracking URI whose path is wrong (a proxy serving MLflow under a prefix, or a typo after the
+    port) reaches a live server that answers 404 for MLflow's API: it was taken for an outage, and a
+    whole training run (or eval) was spooled, exit status 0, for a server the replay fails on the same
+    way. Now the run's start refuses it (ConfigError naming the endpoint) and eval stops before scoring."""
+    from uniremoval.cli import main
+    from uniremoval.errors import ConfigError
+
+    port = free_port()
+    good, wrong = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/mlflow"
+    proc = start_mlflow_server(tmp_path, port)
+    try:
+        cfg = teacher_cfg(tmp_path, wrong)
+        with pytest.raises(ConfigError, match=r"a server answers there, but not MLflow's API "
+                                              r"\(/api/2\.0/mlflow/[a-z/-]+ answered 404 Not Found\)"):
+            start_run(cfg, run_name="t", stage="teacher", degradation="rain", run_dir=tmp_path / "run")
+        assert not list(tmp_path.rglob("mlflow-spool*")), "nothing spooled"
+        # A resume (a run id from a checkpoint) is refused alike, not taken for a run missing from the store.
+        with pytest.raises(ConfigError, match="not MLflow's API"):
+            Tracker(wrong, "trk", "t", {}, run_id="0" * 32, new_run_if_missing=True)
+        # The right address works, and an outage (nothing listening) is still spooled, not refused.
+        tr = start_run(teacher_cfg(tmp_path, good), run_name="t", stage="teacher", degradation="rain")
+        assert not tr.offline and tr.run_id is not None
+        tr.finish()
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "data").mkdir()
+        Image.new("RGB", (32, 24), (90, 120, 150)).save(tmp_path / "data" / "a.png")
+        capsys.readouterr()
+        rc = main(["eval", "--checkpoint", "none", "--data", "data", "--metrics", "psnr", "--device", "cpu",
+                   "--tracking-uri", wrong, "--json", "scores.json"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"error: tracking URI {wrong}: a server answers there, but not MLflow's API" in err, err
+        assert not (tmp_path / "scores.json").exists() and not list(tmp_path.rglob("mlflow-spool*"))
+    finally:
+        stop_server(proc)
+
+
+def test_a_param_over_mlflows_limit_is_cut_visibly_and_said(tmp_path):
+    """A config with many long shard paths makes a param over MLflow's 6000 characters: it was cut
+    silently, and the JSON list it held no longer parsed. Now it is cut with a marker and a warning that
+    points at config.yaml; shorter params are untouched."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    shards = json.dumps([f"/data/a/very/long/path/to/shards/set-{i:04d}/{{000000..000099}}.tar" for i in range(200)])
+    tr = Tracker(uri, "e", "r", {})
+    with pytest.warns(RuntimeWarning, match=r"param\(s\) data\.train over its 6000 characters: logged cut short"):
+        tr.log_params({"data.train": shards, "optim.lr": "0.001"})
+    tr.finish()
+    params = MlflowClient(uri).get_run(tr.run_id).data.params
+    assert len(params["data.train"]) == 6000 and params["optim.lr"] == "0.001"
+    assert params["data.train"].endswith(f" ... [cut: {len(shards)} characters; see config.yaml]")
+    assert shards.startswith(params["data.train"].split(" ... [cut:")[0])

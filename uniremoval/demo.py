@@ -321,6 +321,10 @@ class Demo:
         p = self.plan
         self._say(f"work directory {self.workdir} ({'quick' if self.quick else 'full'} plan, "
                   f"degradations: {', '.join(p.degradations)})")
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # every other command follows it: say why this one does not
+            self._say(f"MLflow: the demo keeps its runs in its own store {self.tracking_uri}, not "
+                      f"$MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} (the stages' configs in "
+                      f"{self.workdir / 'configs'} name it; set their tracking.uri to log a rerun elsewhere)")
         self.step("images", self._images, self._images_reuse)
         for deg in p.degradations:
             for kind in ("synth", "real"):

@@ -55,6 +55,8 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_B
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+PARAM_MAX_CHARS = 6000  # the longest param value MLflow stores (2.x and 3.x)
+
 URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -67,6 +69,9 @@ def uri_problem(uri: str) -> str | None:
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else "file"  # postgresql+psycopg2://
     if scheme not in URI_SCHEMES:
         return f"unknown tracking URI scheme {scheme!r}; use one of {', '.join(URI_SCHEMES)}"
+    if scheme == "file" and "://" not in uri and re.fullmatch(r"[\w.-]+:\d+(/\S*)?", uri):
+        # host:port, taken for a folder store of that name (and MLFLOW_ALLOW_FILE_STORE would make one)
+        return f"a server's address without its scheme? give http://{uri} (or https://)"
     if scheme == "file" and "://" not in uri and Path(uri).is_file():
         # a path to the database itself: MLflow would take it for a folder store
         return (f"{uri} is a file, and a path without a scheme names a folder store: for an SQLite database "
@@ -309,7 +314,9 @@ class Tracker:
             self._ensure_run()
             if self.offline:
                 self.flush()
-        except Exception as exc:  # noqa: BLE001 (any client error means: tracking is unavailable)
+        except Exception as exc:  # any client error means: tracking is unavailable
+            if _not_mlflow(exc):  # ...but a server without MLflow's API at this address is a wrong URI
+                raise not_mlflow_error(uri, exc) from exc
             self._went_offline(exc)
         if background:
             self._start_worker()
@@ -320,7 +327,17 @@ class Tracker:
         self._call({"op": "metrics", "metrics": clean, "step": int(step), "ts": int(time.time() * 1000)})
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._call({"op": "params", "params": {k: str(v) for k, v in params.items()}})
+        values = {k: str(v) for k, v in params.items()}
+        if long := [k for k, v in values.items() if len(v) > PARAM_MAX_CHARS]:
+            # MLflow refuses a longer value: cut, and marked as cut (a list of shard paths cut short read as
+            # valid JSON until it failed to parse); the whole value is in the run's config.yaml
+            for k in long:
+                note = f" ... [cut: {len(values[k])} characters; see config.yaml]"
+                values[k] = values[k][:PARAM_MAX_CHARS - len(note)] + note
+            warnings.warn(f"MLflow param(s) {', '.join(long)} over its {PARAM_MAX_CHARS} characters: logged cut "
+                          "short (marked '[cut: ...]'); the run's config.yaml artifact holds the whole value",
+                          RuntimeWarning, stacklevel=2)
+        self._call({"op": "params", "params": values})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -578,7 +595,7 @@ class Tracker:
                 self.client.log_batch(run_id, metrics=ms[i:i + 1000])
         elif kind == "params":
             existing = self.client.get_run(run_id).data.params
-            ps = [Param(k, v[:6000]) for k, v in op["params"].items() if k not in existing]
+            ps = [Param(k, v[:PARAM_MAX_CHARS]) for k, v in op["params"].items() if k not in existing]
             for i in range(0, len(ps), 100):
                 self.client.log_batch(run_id, params=ps[i:i + 100])
         elif kind == "tags":
@@ -675,7 +692,41 @@ def _not_found(exc: BaseException) -> bool:
         from mlflow.exceptions import MlflowException
     except ImportError:
         return False
-    return isinstance(exc, MlflowException) and exc.get_http_status_code() == 404
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() == 404 and not _not_mlflow(exc)
+
+
+def _not_mlflow(exc: BaseException) -> bool:
+    """A server answered, but has no MLflow API at this address (HTTP 404 for the endpoint itself, not
+    for a run or experiment): a wrong path, as behind a proxy that serves MLflow under a prefix."""
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        return False
+    return isinstance(exc, MlflowException) and exc.error_code == "ENDPOINT_NOT_FOUND"
+
+
+def not_mlflow_error(uri: str, exc: BaseException) -> Exception:
+    """The error for `_not_mlflow`: spooling would keep every call of the run for a server that is not
+    there (its replay fails the same way), so the job stops before it starts."""
+    from uniremoval.errors import ConfigError
+
+    endpoint = re.search(r"endpoint (\S+)", str(exc))
+    at = f" ({endpoint.group(1)} answered 404 Not Found)" if endpoint else ""
+    return ConfigError(f"tracking URI {uri}: a server answers there, but not MLflow's API{at}; check the address "
+                       "and its path (e.g. http://host:5000, or the prefix a proxy serves MLflow under); "
+                       "nothing was run")
+
+
+def refuse_non_mlflow_server(uri: str) -> None:
+    """Ask a tracking server once, before any work: one that answers without MLflow's API is refused
+    (`not_mlflow_error`); one that does not answer is an outage, left to the spool."""
+    if _is_local(uri):
+        return
+    try:
+        mlflow_client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # anything else: unreachable now, the run spools
+        if _not_mlflow(exc):
+            raise not_mlflow_error(uri, exc) from exc
 
 
 def _refused(exc: BaseException) -> bool:

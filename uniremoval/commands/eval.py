@@ -178,7 +178,7 @@ def _with_name(path: str | None, name: str, many: bool) -> str | None:
 def _config_jobs(args, common: dict) -> list:
     from pathlib import Path
 
-    from uniremoval.config import load_config
+    from uniremoval.config import config_to_yaml, load_config
     from uniremoval.eval.evaluate import EvalOptions
     from uniremoval.eval.metrics import parse_metrics
 
@@ -228,7 +228,8 @@ def _config_jobs(args, common: dict) -> list:
             csv_out=_with_name(args.csv_out, name or "data", many),
             save_images=str(Path(save) / name) if (save and name and many) else save,
             mlflow=cfg.tracking.enabled and not args.no_mlflow, tracking_uri=args.tracking_uri or cfg.tracking.uri,
-            experiment=args.experiment or cfg.tracking.experiment or cfg.project, **common,
+            experiment=args.experiment or cfg.tracking.experiment or cfg.project,
+            tags=dict(cfg.tracking.tags), run_name=cfg.tracking.run_name, config_yaml=config_to_yaml(cfg), **common,
         ))
     return jobs
 

@@ -93,6 +93,11 @@ class EvalOptions:
     label: str | None = None
     degradation: str | None = None
     domain: str | None = None  # an image folder's domain (synthetic, real); shards carry theirs in their json
+    # From an eval config (`eval --config`): tracking.tags on each run, tracking.run_name for the runs'
+    # names (<run_name>-<dataset>; default eval-<dataset>), and the resolved config as an artifact.
+    tags: dict[str, str] = field(default_factory=dict)
+    run_name: str | None = None
+    config_yaml: str | None = None
 
 
 @dataclass
@@ -653,6 +658,10 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     if problem := tiling_problem(opts.tile, TILE_OVERLAP):
         raise UniremovalError(f"--tile {opts.tile}: {problem}; eval overlaps tiles by {TILE_OVERLAP} px, so give "
                               f"--tile {TILE_OVERLAP + 1} or more (e.g. 512)")
+    if opts.mlflow:  # a server without MLflow's API at this address: refused before hours of scoring
+        from uniremoval.tracking import refuse_non_mlflow_server, resolve_uri
+
+        refuse_non_mlflow_server(resolve_uri(opts.tracking_uri))
     want = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
         raise UniremovalError("--device cuda, but no CUDA device is visible; use --device cpu")
@@ -932,9 +941,10 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         exp = client.get_experiment_by_name(experiment)
         if exp is not None and exp.experiment_id == train_run.info.experiment_id:
             tags["mlflow.parentRunId"] = train_id
+    tags.update(opts.tags)  # the config's tracking.tags, as on a training run's
 
     spool = spool_folder(opts, result.dataset)  # made by the Tracker only if it spools
-    tracker = Tracker(uri, experiment, f"eval-{result.dataset}", tags, spool_dir=spool,
+    tracker = Tracker(uri, experiment, f"{opts.run_name or 'eval'}-{result.dataset}", tags, spool_dir=spool,
                       replay_hint=f"uniremoval eval replay {shlex.quote(str(spool))}")
     # finishing: an interrupted upload leaves a KILLED run, not a RUNNING one
     with finishing(tracker), tempfile.TemporaryDirectory(prefix="uniremoval-eval-") as tmp:
@@ -950,6 +960,8 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         values.update({f"eval_undefined/{result.dataset}/{m}": float(len(result.undefined.get(m, [])))
                        for m in result.metrics})
         tracker.log_metrics(values, step=0)
+        if opts.config_yaml is not None:
+            tracker.log_text(opts.config_yaml, "config.yaml")
         # Temporary score files: when MLflow is unreachable the Tracker spools a copy of each.
         from uniremoval.io import atomic_write_json
 
@@ -959,7 +971,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             tracker.log_artifact(Path(tmp) / name, "scores")
         if opts.save_images and tracker.run_id is not None and not tracker.offline:
             # Tracker spools single files only; a folder goes up in one call when the store is reachable.
-            client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
+            log_saved_images(client, tracker.run_id, opts.save_images, f"images/{result.dataset}")
         elif opts.save_images:  # `eval replay` uploads the folder after the spooled calls
             atomic_write_json(Path(spool) / SPOOL_IMAGES, {"folder": str(Path(opts.save_images).absolute()),
                                                           "artifact_path": f"images/{result.dataset}",
@@ -972,10 +984,19 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
         atomic_write_json(Path(spool) / SPOOL_ADOPT, {"train_run_id": train_id})
     if (Path(spool) / SPOOL_IMAGES).is_file() and not tracker.offline and tracker.run_id is not None:
         # The server came back while finish() sent the spool: the images go up now, not never.
-        client = tracker.client
-        client.log_artifacts(tracker.run_id, opts.save_images, f"images/{result.dataset}")
+        log_saved_images(tracker.client, tracker.run_id, opts.save_images, f"images/{result.dataset}")
         shutil.rmtree(spool, ignore_errors=True)
     return tracker.run_id
+
+
+def log_saved_images(client: Any, run_id: str, folder: str | os.PathLike, artifact_path: str) -> None:
+    """Upload a --save-images folder into the run, its subfolders kept, without the SAVED_MARKER
+    bookkeeping file (not an image of the run)."""
+    root = Path(folder)
+    for file in sorted(root.rglob("*")):
+        if file.is_file() and file.name != SAVED_MARKER:
+            parent = file.parent.relative_to(root).as_posix()
+            client.log_artifact(run_id, str(file), artifact_path if parent == "." else f"{artifact_path}/{parent}")
 
 
 def saved_eval_id(folder: str | os.PathLike) -> str | None:
@@ -1042,7 +1063,7 @@ def replay(spool: str | os.PathLike, tracking_uri: str | None = None) -> str | N
             print(f"warning: {spec['folder']} (--save-images) now holds another eval's images (its "
                   f"{SAVED_MARKER} differs); run {tracker.run_id} has no images", file=sys.stderr)
         else:
-            tracker.client.log_artifacts(tracker.run_id, spec["folder"], spec["artifact_path"])
+            log_saved_images(tracker.client, tracker.run_id, spec["folder"], spec["artifact_path"])
     if folder.name.startswith(SPOOL_PREFIX):
         shutil.rmtree(folder, ignore_errors=True)
     return tracker.run_id

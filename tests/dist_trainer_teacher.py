@@ -8,6 +8,8 @@
         alone meets a NaN loss and a SIGUSR1; OUT/rank<r>.json per rank.
     accelerate launch --multi_gpu --num_processes 2 tests/dist_trainer_teacher.py diskfull CONFIG
         `uniremoval train teacher` where rank 0 alone meets a full disk at its first checkpoint.
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_trainer_teacher.py unused CONFIG [OVERRIDE...]
+        `uniremoval train teacher` of an MPRNet with one more layer that no forward uses.
 """
 
 from __future__ import annotations
@@ -124,12 +126,28 @@ def _disk_full_on_rank0(config: str) -> int:
     return main(["train", "teacher", "--config", config])
 
 
+def _unused_parameter(config: str, overrides: list[str]) -> int:
+    from uniremoval.cli import main
+    from uniremoval.models import mprnet_arch
+
+    built = mprnet_arch.MPRNet.__init__
+
+    def with_unused_layer(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        self.unused = torch.nn.Conv2d(3, 3, 1)  # registered, never called: DDP waits for its gradient
+
+    mprnet_arch.MPRNet.__init__ = with_unused_layer
+    return main(["train", "teacher", "--config", config, *overrides])
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "kill":
         _kill(sys.argv[2], int(sys.argv[3]))
     elif mode == "diskfull":
         raise SystemExit(_disk_full_on_rank0(sys.argv[2]))
+    elif mode == "unused":
+        raise SystemExit(_unused_parameter(sys.argv[2], sys.argv[3:]))
     elif mode == "dist":
         _dist(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

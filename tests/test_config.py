@@ -417,8 +417,8 @@ def test_a_run_name_cannot_leave_output_dir(kt_file):
 
 
 def test_section_rules_name_the_key_not_the_whole_section(kt_file):
-    msg = message(kt_file, ["data.crop_size=100"])
-    assert "key 'data.crop_size': bad value 100: Value error, crop_size must be a multiple of 8" in msg
+    msg = message(kt_file, ["data.crop_size=100"])  # a rule of the architecture's, across sections
+    assert "data.crop_size=100 must be a multiple of 8 for model.arch=mprnet (e.g. 96)" in msg
     assert "'train':" not in msg  # the data section's other values are not dumped
     msg = message(kt_file, ["features.layers=[relu1_1, relu2_1]", "features.layer_weights=[1.0]"])
     assert "section 'features': layers has 2 entries but layer_weights has 1" in msg and "'weights':" not in msg
@@ -709,3 +709,30 @@ def test_a_kt_config_that_leaves_l_fg_no_negative_is_refused(tmp_path):
         load_config(kt, ["data.batch_size=1"])
     for off in ("loss.use_fcl=false", "loss.a1=0", "loss.a2=0"):  # no L_fg: nothing to refuse
         load_config(kt, ["data.batch_size=1", "loss.feature_negatives=other_types", off])
+
+
+def test_architectures_are_read_from_the_registry_with_their_presets_and_crop_multiple(kt_file, tmp_path, monkeypatch):
+    """model.arch, its presets and the crop multiple come from models.ARCH_SPECS: a new architecture is one
+    entry there (README: Extending). They were MPRNet's everywhere: one preset list for every architecture
+    (a new one's config resolved to preset 'deblur' and failed at build, naming no key), and crops a
+    multiple of 8 whatever the network."""
+    from uniremoval import models
+    from uniremoval.models import ArchSpec, build_model
+
+    cfg = load_config(kt_file)
+    assert (cfg.model.arch, cfg.model.preset, cfg.teachers.preset) == ("mprnet", "deblur", None)
+    assert ("'big' is not a preset of model.arch=mprnet (teachers.preset): choose one of deblur, derain, denoise, "
+            "tiny") in message(kt_file, ["teachers.preset=big"])
+    assert "'unet' is not a registered architecture that restores images: choose one of mprnet" in message(
+        kt_file, ["model.arch=unet"])
+    assert "is not a registered architecture" in message(kt_file, ["model.arch=patch_discriminator"])
+    monkeypatch.setitem(models.ARCH_SPECS, "plain", ArchSpec("torch.nn", "Identity"))
+    monkeypatch.setattr(models, "RESTORERS", (*models.RESTORERS, "plain"))
+    teacher = write(tmp_path / "t.yaml", "stage: teacher\ndegradation: haze\nmodel: {arch: plain}\ndata: {crop_size: 20}\n")
+    cfg = load_config(teacher)
+    assert (cfg.model.arch, cfg.model.preset, cfg.data.crop_size) == ("plain", None, 20)
+    assert "'tiny' is not a preset of model.arch=plain (model.preset): it has none: leave it out" in message(
+        teacher, ["model.preset=tiny"])
+    assert type(build_model(cfg.model.arch, cfg.model.preset)).__name__ == "Identity"
+    assert "data.crop_size=20 must be a multiple of 8 for model.arch=mprnet (e.g. 16)" in message(
+        teacher, ["model.arch=mprnet"])

@@ -287,3 +287,38 @@ def test_threads_below_one_are_refused_by_the_parser(tmp_path: Path, threads: st
     assert exc.value.code == 2
     assert "--threads: must be a whole number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_the_extending_recipe_runs_a_new_architecture_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README, Extending: one ARCH_SPECS entry and the demo's configs set to it run every stage (teachers,
+    cache, KT, DA, eval, report) with an architecture that is not MPRNet: no step may assume MPRNet (its
+    presets, crop multiple, three outputs, feature width or official loader)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval import models
+    from uniremoval.models.checkpoint import load_checkpoint
+
+    monkeypatch.setitem(models.ARCH_SPECS, "toy", models.ArchSpec("_toy_arch", "ToyNet", ("small",), "small"))
+    monkeypatch.setattr(models, "RESTORERS", (*models.RESTORERS, "toy"))
+    mine = tmp_path / "my" / "demo"
+    shutil.copytree(default_config_dir(), mine)
+    shutil.copy(default_config_dir().parent / "base.yaml", mine.parent / "base.yaml")
+    for name in ("teacher.yaml", "cache.yaml", "kt.yaml", "da.yaml"):
+        text = (mine / name).read_text()
+        (mine / name).write_text(text + "\nmodel: {arch: toy, preset: small}\n" if "\nmodel:" not in text else
+                                 text.replace("model: {preset: tiny}", "model: {arch: toy, preset: small}")
+                                 .replace("model:\n  preset: tiny", "model:\n  arch: toy\n  preset: small"))
+    work = tmp_path / "work"
+    result = run_demo(work, quick=True, config_dir=mine, log=lambda _m: None)
+    assert {"teacher-haze", "cache", "kt", "da", "report"} <= {s.name for s in result.steps if s.status == "ran"}
+    for run in ("teacher-haze", "kt", "da"):
+        model, meta = load_checkpoint(work / "outputs" / run / "last.safetensors")
+        assert type(model).__name__ == "ToyNet" and (meta["arch"], meta["preset"]) == ("toy", "small"), run
+    client = MlflowClient(result.tracking_uri)
+    exp = client.get_experiment_by_name(result.experiment)
+    kt = client.search_runs([exp.experiment_id], "attributes.run_name = 'kt'")[0]
+    assert kt.data.params["model.arch"] == "toy" and kt.data.metrics["train/fg"] >= 0
+    assert (work / "report.md").is_file()

@@ -482,9 +482,13 @@ def test_kt_config_errors_name_the_key(ws):
                                 1, 0, 0, 0, 1, shuffle_buffer=1)))
     with pytest.raises(ConfigError, match=r"model.preset / teachers.preset"):
         kt.kt_terms(models["student"], stage.loss_fn, batch, 0.5, 16)
+    # ...which the run's preflight now refuses before any step, by the teachers' files (it was trained
+    # on when the channels matched, L_fg comparing unrelated features)
+    with pytest.raises(CheckpointError, match=r"teachers.checkpoints.haze=.*is a 'tiny' mprnet.*preset 'derain'"):
+        stage.preflight()
     # online teachers: the tiny teacher checkpoints do not load as the derain preset
     cfg = load_config(REPO / "configs" / "kt.yaml", kt_overrides(ws, "x", mode="online") + ["model.preset=derain"])
-    with pytest.raises(CheckpointError, match=r"teachers.checkpoints.haze=.*is a 'tiny' MPRNet.*preset 'derain'"):
+    with pytest.raises(CheckpointError, match=r"teachers.checkpoints.haze=.*is a 'tiny' mprnet.*preset 'derain'"):
         kt.KnowledgeTransfer(cfg).build_models()
 
 
@@ -885,7 +889,7 @@ def test_the_teacher_stage_builds_model_arch_not_mprnet_by_name(tmp_path, monkey
 
     monkeypatch.setattr("uniremoval.models.checkpoint.load_checkpoint", fake_load)
     monkeypatch.setattr("uniremoval.models.checkpoint.checkpoint_sha256", lambda path: "0" * 64)
-    monkeypatch.setattr(teachers, "_check_teacher_preset", lambda *a: None)
+    monkeypatch.setattr(teachers, "check_teacher_architecture", lambda *a: None)
     monkeypatch.setattr(teachers, "_check_teacher_role", lambda *a: None)
     loaded = teachers.load_teachers({"haze": "h.safetensors"}, ["haze"], "tiny", arch="myarch")
     assert seen == ["myarch"] and list(loaded) == ["haze"]

@@ -285,8 +285,13 @@ def test_infer_config_and_build_model() -> None:
     custom = MPRNet("tiny", num_cab=2)
     cfg = infer_config({k: tuple(v.shape) for k, v in custom.state_dict().items()})
     assert preset_and_overrides(cfg) == ("tiny", {"num_cab": 2})
-    with pytest.raises(ConfigError, match="unknown MPRNet preset"):
+    with pytest.raises(ConfigError, match=r"unknown mprnet preset 'huge'; choose one of \['deblur', 'denoise', "):
         build_model("mprnet", "huge")
+    # the registry the config reads without torch names the presets the module builds
+    from uniremoval.models import ARCH_SPECS
+    from uniremoval.models.mprnet_arch import PRESETS
+
+    assert sorted(ARCH_SPECS["mprnet"].presets) == sorted(PRESETS) and ARCH_SPECS["mprnet"].default_preset in PRESETS
     with pytest.raises(ConfigError, match="unknown architecture"):
         build_model("unet", "tiny")
 
@@ -514,9 +519,17 @@ def test_preset_mismatch_names_the_setting_to_change(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "t", tiny(), {})
     with pytest.raises(CheckpointError, match=r"t\.safetensors: was saved from preset 'tiny', not 'deblur'; drop --preset"):
         load_checkpoint(path, preset="deblur")
-    with pytest.raises(CheckpointError, match=r"teachers\.checkpoints\.haze=.*is a 'tiny' MPRNet, .*preset 'deblur' "
+    with pytest.raises(CheckpointError, match=r"teachers\.checkpoints\.haze=.*is a 'tiny' mprnet, .*preset 'deblur' "
                                               r".*use 'tiny' throughout \(model\.preset=tiny, teachers\.preset null or tiny"):
         load_teachers({"haze": str(path)}, ["haze"], "deblur")
+    # another architecture is named as such first (its preset advice led to a student that failed in turn)
+    meta = path.with_suffix(".json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "arch": "rescnn", "preset": "small"}))
+    with pytest.raises(CheckpointError, match=r"teachers\.checkpoints\.haze=.*: holds a 'rescnn' model, but the teachers "
+                                              r"share the student's architecture, model\.arch='mprnet'; retrain this "
+                                              r"teacher with model\.arch=mprnet, or make the student and every teacher "
+                                              r"'rescnn' \(model\.arch=rescnn, model\.preset=small\)"):
+        load_teachers({"haze": str(path)}, ["haze"], "tiny")
 
 
 def test_weights_and_json_mixed_up(tmp_path: Path) -> None:
@@ -659,8 +672,16 @@ def test_checkpoint_errors_from_a_config_key_name_the_key_not_a_cli_option(tmp_p
     with pytest.raises(CheckpointError, match=r"check --arch/--preset, or that"):
         load_checkpoint(tmp_path / "cut.pth", preset="tiny")
     torch.save({"state_dict": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match=r"not an MPRNet state_dict .*; set teachers\.preset to get"):
+    with pytest.raises(CheckpointError, match=r"not an MPRNet state_dict .*: a \.pth is read as an official MPRNet; "
+                                              r"another architecture's weights load from our \.safetensors \+ \.json "
+                                              r"\(set teachers\.preset to list the mismatched keys\)"):
         load_checkpoint(tmp_path / "other.pth", preset_key="teachers.preset")
+    # eval has no --preset to pass (the message offered one), and a config run no --arch
+    with pytest.raises(CheckpointError, match=r"load from our \.safetensors \+ \.json$"):
+        load_checkpoint(tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"a \.pth is read as an official MPRNet, not a 'rescnn' model "
+                                              r"\(model\.arch\); give the \.safetensors of a rescnn run"):
+        load_checkpoint(tmp_path / "other.pth", arch="rescnn", preset_key="model.preset")
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -732,3 +753,46 @@ def test_each_input_range_converts_to_the_model_and_back():
     assert recorded_range({}) == "minus_one_one" and recorded_range({"input_range": "zero_one"}) == "zero_one"
     with pytest.raises(ConfigError, match=r"unknown input_range 'zero_255'; use 'minus_one_one' or 'zero_one'"):
         to_model_range(signed, "zero_255")
+
+
+def test_a_model_breaking_the_output_contract_is_named_not_used(tmp_path: Path) -> None:
+    """An architecture of one's own (README: Extending) that returned a bare tensor had its first sample
+    taken as the batch's restoration by the cache and KT (images[0]), and a half-resolution feature was
+    cached as a grid of half the cells; the teacher loss failed on a shape deep inside. The stages now
+    check the outputs' shapes and name the contract."""
+    from uniremoval.errors import ConfigError
+    from uniremoval.models import checked_outputs
+    from uniremoval.stages.teachers import Teacher, restore_with_feature
+
+    class Toy(torch.nn.Module):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.mode, self.conv = mode, torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x, return_feature=False):
+            feat = self.conv(x)
+            image = x + feat[:, :3]
+            if self.mode == "tensor":
+                return (image, feat) if return_feature else image
+            if self.mode == "half_feature":
+                feat = torch.nn.functional.avg_pool2d(feat, 2)
+            if self.mode == "half_image":
+                image = torch.nn.functional.avg_pool2d(image, 2)
+            return ([image], feat) if return_feature else [image]
+
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    image, feature = restore_with_feature(Toy("ok"), x)
+    assert image.shape == x.shape and feature.shape == (2, 4, 32, 48)
+    assert Teacher("haze", Toy("ok"), "minus_one_one", "t")(x, 16)[1].shape == (2, 4, 2, 3)
+    with pytest.raises(ConfigError, match=r"forward\(x, return_feature=True\) must return \(images, feature\); its "
+                                          r"images are a tensor of shape \(2, 3, 32, 48\)"):
+        restore_with_feature(Toy("tensor"), x)
+    with pytest.raises(ConfigError, match=r"feature has shape \(2, 4, 16, 24\); it must be \(N, C, H, W\) at the "
+                                          r"input's full size \(N, H, W\) = \(2, 32, 48\)"):
+        Teacher("haze", Toy("half_feature"), "minus_one_one", "t")(x, 16)
+    with pytest.raises(ConfigError, match=r"output 0 has shape \(2, 3, 16, 24\), not the input's \(2, 3, 32, 48\)"):
+        checked_outputs(Toy("half_image")(x), x)
+    with pytest.raises(ConfigError, match=r"forward\(x\) must return a list of restored images, the final one first"):
+        checked_outputs(Toy("tensor")(x), x)
+    outs, feat = checked_outputs(build_model("mprnet", "tiny")(x), x)
+    assert len(outs) == 3 and feat is None  # MPRNet's three stage outputs, full size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -610,6 +611,9 @@ def test_restore_cli_says_what_a_large_image_needs(tmp_path: Path, capsys, monke
     # The estimate is the measured one: tiny MPRNet on a 3000x2000 photo peaked at 6.4 GB (ru_maxrss).
     assert 5.5 < restore_mod.untiled_memory(model, 2000, 3000) / 2**30 < 6.5
     assert restore_mod.untiled_memory(nn.Conv2d(3, 3, 3), 2000, 3000) is None  # unknown models: no guess
+    other = nn.Conv2d(3, 3, 3)
+    other.arch, other.config = "rescnn", types.SimpleNamespace(n_feat=12)  # another arch's n_feat: not MPRNet's
+    assert restore_mod.untiled_memory(other, 2000, 3000) is None
     # eval cannot skip (a score over a smaller test set would be wrong): it stops before restoring,
     # naming the data and what to change; with --tile it scores every image.
     scores = tmp_path / "scores.json"

@@ -716,7 +716,7 @@ def test_a_teacher_of_another_preset_is_refused_naming_its_entry_and_the_retrain
     haze = save_checkpoint(tmp_path / "teacher-haze" / "best", MPRNet("tiny"), {"stage": "teacher", "degradation": "haze"})
     snow = save_checkpoint(tmp_path / "teacher-snow" / "best", MPRNet("derain"), {"stage": "teacher", "degradation": "snow"})
     with pytest.raises(CheckpointError, match=r"teachers.checkpoints.snow=.*teacher-snow/best.safetensors: is a "
-                                              r"'derain' MPRNet, .* preset 'tiny' .*retrain this teacher with "
+                                              r"'derain' mprnet, .* preset 'tiny' .*retrain this teacher with "
                                               r"model.preset=tiny"):
         load_teachers({"haze": str(haze), "snow": str(snow)}, ["haze", "snow"], "tiny")
     with pytest.raises(CheckpointError, match=r"^teachers.checkpoints.haze: .*nope.safetensors not found"):

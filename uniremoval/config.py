@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -76,7 +77,6 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------- sections
 
-Preset = Literal["deblur", "derain", "denoise", "tiny"]
 InputRange = Literal["minus_one_one", "zero_one"]
 
 
@@ -84,9 +84,24 @@ InputRange = Literal["minus_one_one", "zero_one"]
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def arch_preset(arch: str, preset: str | None, key: str) -> str | None:
+    """`preset` checked against the registered architecture `arch` (None: its default)."""
+    from uniremoval.models import ARCH_SPECS
+
+    spec = ARCH_SPECS[arch]
+    if preset is None:
+        return spec.default_preset
+    if preset not in spec.presets:
+        have = f"choose one of {', '.join(spec.presets)}" if spec.presets else "it has none: leave it out"
+        raise ValueError(f"{preset!r} is not a preset of model.arch={arch} ({key}): {have}")
+    return preset
+
+
 class ModelConfig(Strict):
-    arch: Literal["mprnet"] = "mprnet"
-    preset: Preset = "deblur"
+    # A registered architecture that restores images (uniremoval/models/__init__.py: ARCH_SPECS).
+    arch: str = "mprnet"
+    # One of the architecture's presets; None: its default (MPRNet: deblur).
+    preset: str | None = Field(None, validate_default=True)
     # Training in this project uses [-1, 1] images; official MPRNet checkpoints use [0, 1].
     input_range: InputRange = "minus_one_one"
     # Weights to start from: our .safetensors or an official MPRNet .pth (DA starts from KT's).
@@ -96,6 +111,25 @@ class ModelConfig(Strict):
     # torch.compile's mode: reduce-overhead and max-autotune replay CUDA graphs (no per-kernel launch
     # cost); bench/gpu.py times default and reduce-overhead side by side on a GPU.
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+
+    @field_validator("arch")
+    @classmethod
+    def _registered_restorer(cls, v: str) -> str:
+        from uniremoval.models import RESTORERS
+
+        if v not in RESTORERS:
+            raise ValueError(f"{v!r} is not a registered architecture that restores images: choose one of "
+                             f"{', '.join(RESTORERS)} (a new one is registered in uniremoval/models/__init__.py's "
+                             "ARCH_SPECS: README, Extending)")
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _a_preset_of_the_arch(cls, v: str | None, info: ValidationInfo) -> str | None:
+        arch = info.data.get("arch")
+        if arch is None:  # the arch itself was refused: that is the error to read
+            return v
+        return arch_preset(arch, v, "model.preset")
 
 
 class FeatureNetConfig(Strict):
@@ -261,13 +295,6 @@ class DataConfig(Strict):
                                  f"{dataset_name_fix(n)}")
         return v
 
-    @field_validator("crop_size")
-    @classmethod
-    def _crop_on_grid(cls, v):
-        if v % 8:
-            raise ValueError(f"crop_size must be a multiple of 8 (MPRNet's patch split), got {v}")
-        return v
-
 
 class OptimConfig(Strict):
     name: Literal["adam", "adamw"] = "adam"
@@ -307,6 +334,10 @@ class TrainConfig(Strict):
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = Field(50, ge=0)
     cpu: bool = False
+    # DDP: a model with parameters that a step leaves unused (an architecture's branch used only for the
+    # feature, say) fails at the next step; true lets DDP search for them every step (slower). MPRNet
+    # uses every parameter. Not part of the config hash: the gradients are the same.
+    find_unused_parameters: bool = False
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -389,7 +420,7 @@ class TeachersConfig(Strict):
     # file set (mappings merge: a config of other types extending configs/cache.yaml had no other way
     # to leave out its rain and blur teachers, and was refused)
     checkpoints: dict[str, str | None] = Field(default_factory=dict)
-    preset: Preset | None = None  # None: the student's preset
+    preset: str | None = None  # None: the student's preset (one of model.arch's: checked with it)
 
     @field_validator("checkpoints")
     @classmethod
@@ -494,6 +525,17 @@ class StageBase(BaseModel):
             raise ValueError(f"{v!r} is not a run folder name: the run would be written outside output_dir/<name>")
         return v
 
+    @model_validator(mode="after")
+    def _crop_fits_the_arch(self):
+        from uniremoval.models import ARCH_SPECS
+
+        multiple = ARCH_SPECS[self.model.arch].size_multiple
+        if self.data.crop_size % multiple:
+            fits = self.data.crop_size // multiple * multiple
+            raise ValueError(f"data.crop_size={self.data.crop_size} must be a multiple of {multiple} for "
+                             f"model.arch={self.model.arch} (e.g. {max(fits, multiple)})")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -510,10 +552,21 @@ class TeacherStage(StageBase):
         return _checked_type_name(v)
 
 
+def _teachers_preset_of_the_arch(stage: CacheStage | KTStage) -> None:
+    """The teachers share the student's model.arch: their preset is one of its."""
+    if stage.teachers.preset is not None:
+        arch_preset(stage.model.arch, stage.teachers.preset, "teachers.preset")
+
+
 class CacheStage(StageBase):
     stage: Literal["cache"]
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     cache: CacheOutConfig = Field(default_factory=CacheOutConfig)
+
+    @model_validator(mode="after")
+    def _teachers_preset(self):
+        _teachers_preset_of_the_arch(self)
+        return self
 
     @model_validator(mode="after")
     def _no_cuda_graphs(self):
@@ -531,6 +584,11 @@ class KTStage(StageBase):
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     loss: KTLossConfig = Field(default_factory=KTLossConfig)
     features: FeatureNetConfig = Field(default_factory=FeatureNetConfig)
+
+    @model_validator(mode="after")
+    def _teachers_preset(self):
+        _teachers_preset_of_the_arch(self)
+        return self
 
 
 class DAStage(StageBase):
@@ -918,11 +976,11 @@ _HASH_EXCLUDE = {"tracking", "checkpoint", "output_dir"}
 
 
 def _identity(data: dict) -> dict:
-    """What a run computes: a config dict without where it is written and observed, or max_steps
-    (stopping early does not change what is trained)."""
+    """What a run computes: a config dict without where it is written and observed, max_steps
+    (stopping early does not change what is trained) or how DDP finds its gradients."""
     out = {k: v for k, v in data.items() if k not in _HASH_EXCLUDE}
     if isinstance(out.get("train"), dict):
-        out["train"] = {k: v for k, v in out["train"].items() if k != "max_steps"}
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("max_steps", "find_unused_parameters")}
     return out
 
 

@@ -471,3 +471,32 @@ def test_a_full_disk_at_the_output_folder_lock_is_the_os_error_itself_in_one_pro
     with pytest.raises(OSError, match="No space left"):
         launch.lock_on_main_process(types.SimpleNamespace(is_main_process=True, num_processes=1), tmp_path, "x",
                                     prepare=full)
+
+
+def test_a_model_with_a_parameter_no_step_uses_is_named_on_two_processes(tmp_path):
+    """An architecture of one's own with a layer some forward leaves out (README: Extending) trained on one
+    process and failed on two with a raw traceback from every rank: DDP's 'Expected to have finished
+    reduction in the prior iteration', whose advice (find_unused_parameters=True) no config reached. Now
+    one error line per rank names train.find_unused_parameters, and that setting trains."""
+    import sys
+
+    from ._faults import ROOT, env
+
+    write_shards(tmp_path / "shards" / "syn", "syn", 4, 2)
+    cfg = write_yaml(tmp_path / "teacher.yaml", teacher_cfg(tmp_path))
+    accelerate = Path(sys.executable).parent / "accelerate"
+
+    def launch(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                               str(ROOT / "tests" / "dist_trainer_teacher.py"), "unused", str(cfg), *overrides],
+                              cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240, check=False)
+
+    p = launch()
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all("set train.find_unused_parameters=true" in e for e in errors), p.stderr[-3000:]
+    assert "RuntimeError: Expected to have finished reduction" not in p.stderr, p.stderr[-3000:]  # no rank's traceback
+    p = launch("train.find_unused_parameters=true", "name=teacher-unused")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "outputs" / "teacher-unused" / "last.safetensors").is_file()

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="MPRNet preset deblur/derain/denoise/tiny (default: from the checkpoint or inferred from shapes)",
+        help="the architecture's preset, e.g. MPRNet's deblur/derain/denoise/tiny (default: from the checkpoint's "
+             "JSON, or inferred from an official .pth's shapes)",
     )
     p.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
     p.add_argument("--output", required=True, help="folder for the restored PNGs")

@@ -12,7 +12,7 @@ import argparse
 from uniremoval.commands import add_overrides, overrides
 
 STAGE_HELP = {
-    "teacher": "supervised MPRNet teacher on one degradation's synthetic pairs",
+    "teacher": "supervised teacher (model.arch: MPRNet by default) on one degradation's synthetic pairs",
     "kt": "knowledge transfer: the student learns every degradation from the frozen teachers",
     "da": "domain adaptation of the student on unpaired real images",
 }

@@ -293,7 +293,10 @@ MPRNET_BYTES_PER_PIXEL_PER_FEAT = 90
 
 def untiled_memory(model: nn.Module, h: int, w: int) -> int | None:
     """Bytes an untiled forward pass of `model` needs on an h x w image (a lower estimate), or None
-    when the model is not one whose memory is known (only MPRNet's is)."""
+    when the model is not one whose memory is known (only MPRNet's is: another architecture's config
+    may well have an `n_feat` too, for another network)."""
+    if getattr(model, "arch", None) != "mprnet":
+        return None
     cfg = getattr(model, "config", None)
     n_feat = getattr(cfg, "n_feat", None)
     if not isinstance(n_feat, int):

@@ -221,7 +221,9 @@ def load_checkpoint(
     else:
         state = _read_official(weights)
         if arch not in (None, "mprnet"):
-            raise CheckpointError(f"{weights}: official .pth files are MPRNet models; --arch {arch} is not")
+            key = "model.arch" if preset_key else "--arch"  # a stage's config, or restore's option
+            raise CheckpointError(f"{weights}: a .pth is read as an official MPRNet, not a {arch!r} model ({key}); "
+                                  f"give the .safetensors of a {arch} run")
         model, meta = _build_for_official(weights, state, preset, preset_key)
 
     _load_strict(model, state, weights, hint=_preset_hint(state),
@@ -359,8 +361,9 @@ def _build_for_official(
         cfg = infer_config({k: tuple(v.shape) for k, v in state.items()})
         if cfg is None:
             raise CheckpointError(
-                f"{weights}: not an MPRNet state_dict (no 'shallow_feat1.0.weight'/'tail.weight'); "
-                f"{'set ' + preset_key if preset_key else 'pass --preset'} to get the full list of mismatched keys"
+                f"{weights}: not an MPRNet state_dict (no 'shallow_feat1.0.weight'/'tail.weight'): a .pth is read as "
+                f"an official MPRNet; another architecture's weights load from our .safetensors + .json"
+                + (f" (set {preset_key} to list the mismatched keys)" if preset_key else "")
             )
         preset, overrides = preset_and_overrides(cfg)
     try:

@@ -50,6 +50,7 @@ from uniremoval.errors import CheckpointError, ConfigError, DataError
 from uniremoval.models.ranges import MINUS_ONE_ONE, recorded_range
 from uniremoval.stages.teachers import (
     Teacher,
+    check_teacher_architecture,
     freeze,
     load_teachers,
     pool_feature,
@@ -192,6 +193,13 @@ class KnowledgeTransfer(Stage):
 
     def preflight(self) -> None:
         if not self.online:
+            # The cache holds these teachers' outputs (checked by sha256 below): a teacher of another
+            # architecture or preset than the student would be distilled, its features compared with the
+            # student's by L_fg, unsaid (or refused at the first step as a grid of other channels).
+            preset = self.cfg.teachers.preset or self.cfg.model.preset
+            for name in self.degradations:
+                if path := self.cfg.teachers.checkpoints.get(name):
+                    check_teacher_architecture(name, path, self.cfg.model.arch, preset)
             check_teacher_cache(self.cfg)
 
     def build_models(self) -> dict[str, nn.Module]:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from uniremoval.config import TeacherStage
 from uniremoval.errors import ConfigError
+from uniremoval.models import checked_outputs
 from uniremoval.models.ranges import from_model_range, recorded_range, to_model_range
 from uniremoval.stages.trainer import (
     Stage,
@@ -103,7 +104,7 @@ class TeacherTraining(Stage):
             self._edge = EdgeLoss(self.cfg.loss.charbonnier_eps).to(ctx.device)
         x = to_model_range(batch["input"], self.input_range)
         y = to_model_range(batch["target"], self.input_range)
-        outs = ctx.models["teacher"](x)
+        outs, _ = checked_outputs(ctx.models["teacher"](x), x)
         terms = mprnet_stage_loss(outs, y, edge_weight=self.cfg.loss.edge_weight,
                                   eps=self.cfg.loss.charbonnier_eps, edge_loss=self._edge)
         ctx.optimize("teacher", terms["total"], terms)

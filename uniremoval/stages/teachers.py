@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uniremoval.errors import CheckpointError, ConfigError
+from uniremoval.models import checked_outputs
 from uniremoval.models.ranges import MINUS_ONE_ONE, from_model_range, recorded_range, to_model_range
 
 
@@ -50,7 +51,7 @@ def restore_with_feature(model: nn.Module, x: Tensor, input_range: str = MINUS_O
     with ``return_feature=True`` (MPRNet: the stage-3 ORSNet output). Works on a DDP/DeepSpeed-wrapped
     student too (the wrapper forwards keyword arguments).
     """
-    images, feature = model(to_model_range(x, input_range), return_feature=True)
+    images, feature = checked_outputs(model(to_model_range(x, input_range), return_feature=True), x, with_feature=True)
     return from_model_range(images[0], input_range), feature
 
 
@@ -109,7 +110,7 @@ def load_teachers(
     teachers: dict[str, Teacher] = {}
     for name in degradations:
         path = checkpoints[name]
-        _check_teacher_preset(name, path, preset)
+        check_teacher_architecture(name, path, arch, preset)
         try:
             model, meta = load_checkpoint(
                 path, arch=arch, preset=preset, map_location=device,
@@ -123,10 +124,13 @@ def load_teachers(
     return teachers
 
 
-def _check_teacher_preset(name: str, path: str, preset: str) -> None:
-    """Our checkpoint of another preset than the teachers': refused naming the entry and what to
-    retrain. load_checkpoint alone advised `teachers.preset=<its preset>`, which every other teacher
-    (and KT's student, whose architecture the teachers share) then refused in turn."""
+def check_teacher_architecture(name: str, path: str, arch: str, preset: str) -> None:
+    """A teacher of another architecture or preset than the student's: refused naming the entry and what
+    to retrain, before any weights are read (the cache stage and online KT load the teachers; cached KT
+    checks the same files, whose outputs it distils). Teachers share the student's `model.arch` and one
+    preset (`teachers.preset`, else `model.preset`): L_fg compares their features with the student's.
+    load_checkpoint alone advised `teachers.preset=<its preset>`, which every other teacher (and the
+    student) then refused in turn."""
     import json
     from pathlib import Path
 
@@ -134,13 +138,25 @@ def _check_teacher_preset(name: str, path: str, preset: str) -> None:
 
     try:
         weights = resolve_weights(Path(path))
-        saved = json.loads(weights.with_suffix(META_SUFFIX).read_text()).get("preset") \
-            if weights.suffix == WEIGHTS_SUFFIX else None
-    except (CheckpointError, OSError, ValueError, AttributeError):
-        return  # official .pth, or unreadable: load_checkpoint says what is wrong
+        meta = json.loads(weights.with_suffix(META_SUFFIX).read_text()) if weights.suffix == WEIGHTS_SUFFIX else None
+    except (CheckpointError, OSError, ValueError):
+        return  # unreadable: load_checkpoint (or the cache check) says what is wrong
+    if meta is None:  # an official .pth: an MPRNet of the preset its shapes say (load_checkpoint checks those)
+        saved_arch, saved = "mprnet", None
+    elif isinstance(meta, dict):
+        saved_arch, saved = meta.get("arch"), meta.get("preset")
+    else:
+        return
+    entry = f"teachers.checkpoints.{name}={path}"
+    if saved_arch is not None and saved_arch != arch:
+        like = f", model.preset={saved}" if saved else ""
+        raise CheckpointError(
+            f"{entry}: holds a {saved_arch!r} model, but the teachers share the student's architecture, "
+            f"model.arch={arch!r}; retrain this teacher with model.arch={arch}, or make the student and every "
+            f"teacher {saved_arch!r} (model.arch={saved_arch}{like})")
     if saved is not None and saved != preset:
         raise CheckpointError(
-            f"teachers.checkpoints.{name}={path}: is a {saved!r} MPRNet, but every teacher shares one architecture "
+            f"{entry}: is a {saved!r} {arch}, but every teacher shares one architecture "
             f"with the others and the student: preset {preset!r} (teachers.preset, else model.preset); retrain this "
             f"teacher with model.preset={preset}, or use {saved!r} throughout (model.preset={saved}, teachers.preset "
             f"null or {saved}, and a {saved!r} teacher for every type)")

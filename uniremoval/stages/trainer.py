@@ -567,7 +567,8 @@ class Trainer:
                                 torch.compiler.cudagraph_mark_step_begin()
                             # accelerate counts the same micro-batches (gradient_accumulation_steps = grad_accum)
                             # and syncs gradients on each window's last; ctx.optimize steps there
-                            with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast():
+                            with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast(), \
+                                    unused_parameters_named():
                                 terms = self.stage.training_step(batch, self.ctx)
                             self._accumulate_terms(terms)
                         self.step += 1
@@ -1671,7 +1672,13 @@ def build_accelerator(cfg: StageBase) -> Any:
         # convert the student's weights to bf16 and fail on its fp32 inputs.
         return _accelerator(cfg, mixed_precision="no", gradient_accumulation_steps=cfg.train.grad_accum,
                             kwargs_handlers=handlers)
-    return _accelerator(cfg, cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum)
+    handlers = []
+    if cfg.train.find_unused_parameters:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return _accelerator(cfg, cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
+                        kwargs_handlers=handlers)
 
 
 def _accelerator(cfg: StageBase, **kwargs: Any) -> Any:
@@ -1686,6 +1693,22 @@ def _accelerator(cfg: StageBase, **kwargs: Any) -> Any:
                           f"earlier run in this Python process set accelerate up otherwise, and accelerate keeps one "
                           f"setting per process; run each stage in a process of its own (as the CLI does), or call "
                           f"accelerate.state.AcceleratorState._reset_state(True) between runs") from exc
+
+
+@contextlib.contextmanager
+def unused_parameters_named() -> Iterator[None]:
+    """DDP's error for a model that left parameters out of the last step's loss (raised at the next
+    step, on every rank, as a RuntimeError with torch's advice to pass an argument no config reaches)
+    becomes one that names the setting."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "Expected to have finished reduction in the prior iteration" not in str(exc):
+            raise
+        raise ConfigError("the model left some of its parameters out of a step's loss, which DDP does not allow "
+                          "by default (an architecture's branch used only with return_feature=True, say): use "
+                          "every parameter in each forward, or set train.find_unused_parameters=true (DDP then "
+                          "looks for them every step, which costs time)") from exc
 
 
 def progress_terms(keys: Sequence[str], limit: int = 4) -> list[str]:

@@ -272,6 +272,14 @@ def test_set_overrides_work_in_every_command_that_takes_a_config(kt_file, tmp_pa
     assert "lr: 0.0003" in out and "batch_size: 8" in out
     assert main(["config", "hash", str(kt_file), "--set", "optim.lr=3e-4"]) == 0
     assert capsys.readouterr().out == f"{config_hash(load_config(kt_file, ['optim.lr=3e-4']))}\n"
+    # ...and `config` takes the file as --config too, as every other command spells it (it was refused)
+    want = f"{config_hash(load_config(kt_file, ['optim.lr=1e-4']))}\n"
+    for argv in (["--config", str(kt_file), "optim.lr=1e-4"], ["optim.lr=1e-4", "--config", str(kt_file)]):
+        assert main(["config", "hash", *argv]) == 0 and capsys.readouterr().out == want
+    assert main(["config", "show", str(kt_file), "--config", str(kt_file)]) == 2
+    assert "error: two config files given" in capsys.readouterr().err
+    assert main(["config", "show"]) == 2
+    assert "error: config show needs a config file: FILE or --config FILE" in capsys.readouterr().err
     cache = write(tmp_path / "cache.yaml", "stage: cache\n")
     for argv in (["train", "kt", "--config", str(kt_file)], ["cache", "--config", str(cache)]):
         assert main([*argv, "--set", "optim.lr=abc"]) == 2  # the override reached the config, nothing ran

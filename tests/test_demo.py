@@ -7,6 +7,7 @@ reuses everything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -243,6 +244,12 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path: Path, monkeypatch: pytest.Mon
         assert tags["cache"][f"teacher_run_id.{deg}"] == tags["kt"][f"teacher_run_id.{deg}"] == ids[f"teacher-{deg}"]
         assert tags["cache"][f"teacher_sha256.{deg}"] == tags["kt"][f"teacher_sha256.{deg}"] in {
             tags[f"teacher-{deg}"]["weights_sha256.best"], tags[f"teacher-{deg}"]["weights_sha256.last"]}
+    # the cache folders KT read, by the hash of their manifest.json, as the cache run that wrote them tags it
+    cached = {k: v for k, v in tags["kt"].items() if k.startswith("cache_sha256.")}
+    assert set(cached) == {f"cache_sha256.synth_{deg}_train" for deg in ("haze", "rain", "blur")}
+    assert cached == {k: v for k, v in tags["cache"].items() if k.startswith("cache_sha256.")}
+    assert cached["cache_sha256.synth_haze_train"] == hashlib.sha256(
+        (work / "cache" / "synth_haze_train" / "manifest.json").read_bytes()).hexdigest()
     assert tags["da"]["init_run_id"] == ids["kt"]
     assert tags["da"]["init_sha256"] in {tags["kt"]["weights_sha256.best"], tags["kt"]["weights_sha256.last"]}
     assert {"weights_sha256.last", "weights_sha256.discriminator-last"} <= set(tags["da"])

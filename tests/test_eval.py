@@ -583,7 +583,7 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
     train = client.create_run(exp, run_name="kt", tags={"ablation.use_fcl": "false"})
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ckpt" / "student", build_model("mprnet", "tiny"),
-                           {"mlflow_run_id": train.info.run_id, "config_hash": "c0ffee123456"})
+                           {"mlflow_run_id": train.info.run_id, "config_hash": "c0ffee123456", "step": 42})
 
     opts = EvalOptions(str(ckpt), str(tmp_path / "shards" / "synhaze"), metrics=["psnr", "ssim", "piqe"],
                        json_out=str(tmp_path / "s.json"), save_images=str(tmp_path / "out"), device="cpu",
@@ -624,6 +624,7 @@ def test_shards_checkpoint_and_mlflow(tmp_path):
 
     assert tags["uniremoval_version"] == __version__ and tags["world_size"] == "1"
     assert tags["checkpoint"] == str(ckpt.resolve())
+    assert tags["checkpoint_step"] == "42"  # best and last of one run differ by it (and by sha256)
     arts = {a.path for a in client.list_artifacts(res.run_id, "images/synhaze")}
     # the restored images; the folder's bookkeeping file (SAVED_MARKER) is not one of the run's images
     assert arts == {f"images/synhaze/{k}.png" for k in keys}
@@ -696,6 +697,8 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
     (run,) = client.search_runs([client.get_experiment_by_name("offexp").experiment_id])
     assert run.info.run_id == run_id
     assert run.info.run_name == "eval-offl" and run.info.status == "FINISHED"
+    # the run starts when the eval did (recorded in the spool), not when the replay created it
+    assert run.info.start_time <= client.get_metric_history(run_id, "eval/offl/psnr")[0].timestamp
     assert run.data.tags["stage"] == "eval" and run.data.tags["uniremoval.train_run_id"] == "0" * 32
     assert run.data.metrics["eval/offl/psnr"] == pytest.approx(res.mean["psnr"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "scores")} == {
@@ -730,6 +733,17 @@ def test_an_eval_replayed_joins_its_training_runs_experiment(tmp_path, monkeypat
     run = client.get_run(run_id)
     assert client.get_experiment(run.info.experiment_id).name == "trainexp"
     assert run.data.tags["mlflow.parentRunId"] == train.info.run_id == run.data.tags["uniremoval.train_run_id"]
+    # Given --experiment, the run stays there: nested under its training run as a live eval would be when
+    # that run is in it (it was top-level), not when it is elsewhere.
+    for experiment, nested in (("trainexp", True), ("other", False)):
+        opts.experiment, opts.json_out = experiment, str(tmp_path / experiment / "s.json")
+        with pytest.warns(RuntimeWarning):
+            run_eval(opts)
+        (spool,) = (tmp_path / experiment).glob("mlflow-spool-eval-offl-*")
+        assert main(["eval", "replay", str(spool), "--tracking-uri", store]) == 0
+        run = client.get_run(capsys.readouterr().out.split("MLflow run: ")[1].strip())
+        assert client.get_experiment(run.info.experiment_id).name == experiment
+        assert run.data.tags.get("mlflow.parentRunId") == (train.info.run_id if nested else None), experiment
 
 
 def test_eval_replay_leaves_out_images_a_later_eval_replaced(tmp_path, monkeypatch, capsys):

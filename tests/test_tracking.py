@@ -28,6 +28,11 @@ def teacher_cfg(tmp_path: Path, uri: str | None = None) -> TeacherStage:
 
 def test_flatten_and_grid():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    # A list of sources goes by index, as overrides name them (data.train.1.weight=2): each a param of its
+    # own to filter and compare runs on (the whole list was one JSON string); other lists stay JSON.
+    sources = {"data": {"train": [{"name": "h", "shards": ["a", "b"]}, {"name": "r", "weight": 2.0}], "val": []}}
+    assert flatten(sources) == {"data.train.0.name": "h", "data.train.0.shards": '["a", "b"]',
+                                "data.train.1.name": "r", "data.train.1.weight": "2.0", "data.val": "[]"}
     x = torch.zeros(2, 3, 8, 8)
     png = image_grid_png([x - 1, x, x + 1])
     from io import BytesIO
@@ -126,7 +131,10 @@ def test_server_down_then_up_then_gone_loses_nothing(tmp_path):
         run = client.get_run(tr.run_id)
         assert run.info.run_name == "teacher-rain" and run.data.tags["stage"] == "teacher"
         assert run.data.params["optim.lr"] == "0.001"
-        assert [(m.step, m.value) for m in client.get_metric_history(tr.run_id, "train/total")] == [(1, 1.0), (2, 2.0)]
+        history = client.get_metric_history(tr.run_id, "train/total")
+        assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0)]
+        # created only now, the run starts when the job did (before its first metric), not at its creation
+        assert run.info.start_time <= history[0].timestamp
         files = {f.path for f in client.list_artifacts(tr.run_id)}
         assert {"config.yaml", "images"} <= files
         text = client.download_artifacts(tr.run_id, "config.yaml", str(tmp_path / "dl"))

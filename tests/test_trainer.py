@@ -4,6 +4,7 @@ gradient accumulation. The two-process and kill -9 tests are in test_teacher_cac
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -688,7 +689,7 @@ def test_resume_restores_the_random_streams(tmp_path):
 
 def test_the_mlflow_run_says_how_training_ended(tmp_path):
     """Ctrl-C marks the run KILLED (stopped by hand; `--resume auto` continues it), an error FAILED:
-    never RUNNING forever."""
+    never RUNNING forever. A failed run says why in its `error` tag (it was only on the job's stderr)."""
     from mlflow.tracking import MlflowClient
 
     from uniremoval.config import TrackingConfig
@@ -705,16 +706,17 @@ def test_the_mlflow_run_says_how_training_ended(tmp_path):
                 raise self.stop
             return super().training_step(batch, ctx)
 
-    statuses = {}
-    for name, stop in (("ctrl-c", KeyboardInterrupt()), ("error", RuntimeError("boom"))):
+    statuses, errors = {}, {}
+    for name, stop in (("ctrl-c", KeyboardInterrupt()), ("error", RuntimeError("boom\nsecond line"))):
         cfg = make_cfg(tmp_path / name).model_copy(update={"tracking": TrackingConfig(uri=store, experiment=name)})
         st = Stopping(cfg, stop)
         with pytest.raises(type(stop)):
             Trainer(st.cfg, st).fit()
         client = MlflowClient(store)
         (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-        statuses[name] = run.info.status
+        statuses[name], errors[name] = run.info.status, run.data.tags.get("error")
     assert statuses == {"ctrl-c": "KILLED", "error": "FAILED"}
+    assert errors == {"ctrl-c": None, "error": "RuntimeError: boom"}
 
 
 def test_a_finished_run_keeps_its_weights_in_mlflow(tmp_path):
@@ -1352,3 +1354,41 @@ def test_a_warning_every_rank_would_give_is_given_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer._check_run_length(10)
+
+
+def test_a_finished_run_trained_on_keeps_the_weights_it_finished_with(tmp_path, capsys):
+    """A finished run extended (more train.epochs, then --resume auto) exported new last/best over the ones
+    it finished with: a DA run's model.init or an eval that read them then named (by sha256) weights that
+    no longer existed anywhere. They are kept beside as last-step<N>/best-step<N> first."""
+    from uniremoval.models.checkpoint import checkpoint_sha256
+
+    run = tmp_path / "toy"
+    first = ToyStage(make_cfg(tmp_path))
+    assert Trainer(first.cfg, first).fit().status == "finished"
+    finished = {w: checkpoint_sha256(run / f"{w}.safetensors") for w in ("last", "best")}
+    best_step = json.loads((run / "best.json").read_text())["step"]
+    capsys.readouterr()
+    longer = ToyStage(make_cfg(tmp_path, epochs=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # train.epochs changed: named on resume
+        assert Trainer(longer.cfg, longer).fit(resume="auto").step == 15
+    out = capsys.readouterr().err
+    assert (f"this run finished at step 10 and now trains on to step 15: the weights it exported, which later runs "
+            f"may have read (their sha256 tags name them), are kept as last-step00000010.safetensors, "
+            f"best-step{best_step:08d}.safetensors in {run}") in out, out
+    assert checkpoint_sha256(run / "last-step00000010.safetensors") == finished["last"] != checkpoint_sha256(
+        run / "last.safetensors")
+    assert checkpoint_sha256(run / f"best-step{best_step:08d}.safetensors") == finished["best"]
+    assert json.loads((run / "last-step00000010.json").read_text())["step"] == 10
+    # a run resumed before its end (a preemption) has nothing to keep: its last export is not at that step
+    capsys.readouterr()
+    again = ToyStage(make_cfg(tmp_path, epochs=4), signal_at=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        Trainer(again.cfg, again).fit(resume="auto")
+    assert "now trains on" in capsys.readouterr().err  # finished at 15: kept once more
+    rest = ToyStage(make_cfg(tmp_path, epochs=4))
+    Trainer(rest.cfg, rest).fit(resume="auto")
+    assert "now trains on" not in capsys.readouterr().err
+    assert sorted(p.name for p in run.glob("last-step*.safetensors")) == ["last-step00000010.safetensors",
+                                                                          "last-step00000015.safetensors"]

@@ -219,11 +219,19 @@ def git_tags() -> dict[str, str]:
 
 
 def flatten(d: dict) -> dict[str, str]:
-    """{'optim': {'lr': 1e-4}} -> {'optim.lr': '0.0001'}: MLflow params (lists as JSON)."""
+    """{'optim': {'lr': 1e-4}} -> {'optim.lr': '0.0001'}: MLflow params. A list of mappings (data.train's
+    sources) goes by index, as dotted overrides name its entries (data.train.0.weight), so each is a param
+    to filter and compare on; other lists as JSON."""
     from uniremoval.config import flatten_keys
 
-    return {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
-            for k, v in flatten_keys(d).items()} if d else {}
+    out: dict[str, str] = {}
+    for k, v in (flatten_keys(d) if d else {}).items():
+        if isinstance(v, (list, tuple)) and v and all(isinstance(item, dict) and item for item in v):
+            for i, item in enumerate(v):
+                out.update(flatten({f"{k}.{i}": item}))
+        else:
+            out[k] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    return out
 
 
 # Validation metrics: val/<set>/<metric> per set, and val/mean/<metric> over the sets.
@@ -280,8 +288,12 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str],
                  run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
                  retry_s: float = 30.0, max_retry_s: float = 600.0, background: bool = False,
-                 replay_hint: str | None = None, new_run_if_missing: bool = False) -> None:
+                 replay_hint: str | None = None, new_run_if_missing: bool = False,
+                 start_ms: int | None = None) -> None:
         self.uri = uri
+        # When the job started: a run created later (the server came up mid-run, or a spool's replay)
+        # starts then, not at its creation, or its duration and start column were wrong.
+        self.start_ms = start_ms if start_ms is not None else int(time.time() * 1000)
         # How the user sends the spool later, when the job ends offline (default: --resume or replay_spool)
         self.replay_hint = replay_hint
         self.experiment = experiment
@@ -310,6 +322,9 @@ class Tracker:
         self._staging: Path | None = None  # background mode: copies of artifacts waiting in the queue
         if self.spool_path.exists():
             self.offline = True  # a previous process left calls behind: replay them first
+            if start_ms is None and run_id is None:  # ...and the run they belong to started with that process
+                head = next((op for op in _read_ops(self.spool_path) if op.get("op") == "run"), {})
+                self.start_ms = int(head.get("start_ms") or self.start_ms)
         try:  # in the caller's thread: the run id is known when the constructor returns (checkpoints keep it)
             self._ensure_run()
             if self.offline:
@@ -486,7 +501,7 @@ class Tracker:
                 exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
-        run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+        run = self.client.create_run(exp_id, start_time=self.start_ms, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         self.new_run = True
         self._run_found = True
@@ -628,7 +643,8 @@ class Tracker:
                 fh.write("\n")
             if self.run_id is None and fh.tell() == 0:
                 # No run yet: record what to create, so replay_spool can send the calls on its own.
-                head = {"op": "run", "experiment": self.experiment, "run_name": self.run_name, "tags": self.tags}
+                head = {"op": "run", "experiment": self.experiment, "run_name": self.run_name, "tags": self.tags,
+                        "start_ms": self.start_ms}
                 fh.write(json.dumps({**head, "run_id": None, "uri": self.uri}) + "\n")
             # the server is recorded too: replay_spool sends to it, not to wherever the shell points
             fh.write(json.dumps({**op, "run_id": self.run_id, "uri": self.uri}) + "\n")
@@ -757,10 +773,21 @@ def finishing(tracker: Tracker | None, done: str | None = "FINISHED") -> Iterato
         yield tracker
     except BaseException as exc:
         if tracker is not None:
+            if stopped_status(exc) == "FAILED":  # why, beside the status (it was only on the job's stderr)
+                tracker.set_tags({ERROR_TAG: stop_reason(exc)})
             tracker.finish(stopped_status(exc))
         raise
     if tracker is not None and done is not None:
         tracker.finish(done)
+
+
+ERROR_TAG = "error"  # a FAILED run's reason: the exception's type and first line
+
+
+def stop_reason(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 500 characters) for a failed run's ERROR_TAG."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return (f"{type(exc).__name__}: {first}" if first else type(exc).__name__)[:500]
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -905,10 +932,12 @@ def replay_spool(spool_path: str | os.PathLike, uri: str | None = None) -> bool:
 
 
 def send_spool(spool_path: str | os.PathLike, uri: str | None = None,
-               adopt: str | None = None) -> tuple[bool, Tracker]:
+               adopt: str | None = None, keep_experiment: bool = False) -> tuple[bool, Tracker]:
     """replay_spool, also returning the tracker that sent it (its run_id, client). `adopt`: a training
     run whose experiment (and parent) a run created only now takes when this store holds it (an eval
-    that could not look the run up when it was spooled fell back to the default experiment)."""
+    that could not look the run up when it was spooled fell back to the default experiment);
+    `keep_experiment` (an experiment the eval was given): the run stays in it, nested under `adopt`
+    only when that run is in the same experiment."""
     path = Path(spool_path)
     if uri is None:
         uri = next((op["uri"] for op in _read_ops(path) if op.get("uri")), None)
@@ -926,9 +955,12 @@ def send_spool(spool_path: str | os.PathLike, uri: str | None = None,
         with contextlib.suppress(Exception):
             client = mlflow_client(resolve_uri(uri))
             parent = client.get_run(adopt)
-            experiment = client.get_experiment(parent.info.experiment_id).name
-            tags["mlflow.parentRunId"] = adopt
-    tracker = Tracker(resolve_uri(uri), experiment, head["run_name"], tags, spool_dir=path.parent)
+            theirs = client.get_experiment(parent.info.experiment_id).name
+            if not keep_experiment or theirs == experiment:
+                experiment = theirs
+                tags["mlflow.parentRunId"] = adopt
+    tracker = Tracker(resolve_uri(uri), experiment, head["run_name"], tags, spool_dir=path.parent,
+                      start_ms=head.get("start_ms"))  # (spools of older versions: created now)
     return tracker.flush(), tracker
 
 

@@ -925,6 +925,8 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             "world_size": str(max(1, len(result.per_rank)))}
     if sha:
         tags["checkpoint_sha256"] = sha
+    if meta.get("step") is not None:  # best and last of one run: the same params, told apart by step too
+        tags["checkpoint_step"] = str(meta["step"])
     if meta.get("config_hash"):
         tags["config_hash"] = str(meta["config_hash"])  # the scored model's training config
     tags.update(git_tags())
@@ -976,12 +978,13 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
             atomic_write_json(Path(spool) / SPOOL_IMAGES, {"folder": str(Path(opts.save_images).absolute()),
                                                           "artifact_path": f"images/{result.dataset}",
                                                           "eval_id": saved_eval_id(opts.save_images)})
-    if tracker.offline and opts.experiment is None and train_id and train_run is None:
+    if tracker.offline and train_id and train_run is None:
         # The training run could not be looked up, so neither could its experiment: `eval replay`
-        # looks again, rather than leave the run in the default experiment away from its training run.
+        # looks again, rather than leave the run in the default experiment away from its training run,
+        # and nests it under that run as a live eval is (with --experiment: when it is the same one).
         from uniremoval.io import atomic_write_json
 
-        atomic_write_json(Path(spool) / SPOOL_ADOPT, {"train_run_id": train_id})
+        atomic_write_json(Path(spool) / SPOOL_ADOPT, {"train_run_id": train_id, "experiment": opts.experiment})
     if (Path(spool) / SPOOL_IMAGES).is_file() and not tracker.offline and tracker.run_id is not None:
         # The server came back while finish() sent the spool: the images go up now, not never.
         log_saved_images(tracker.client, tracker.run_id, opts.save_images, f"images/{result.dataset}")
@@ -1042,10 +1045,11 @@ def replay(spool: str | os.PathLike, tracking_uri: str | None = None) -> str | N
                               f"({SPOOL_PREFIX}<dataset>-*), or it was sent already")
     with warnings.catch_warnings():  # the error below says it once, without the tracker's own warning
         warnings.simplefilter("ignore", RuntimeWarning)
-        adopt = None
+        adopt, fixed = None, False
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            adopt = json.loads((folder / SPOOL_ADOPT).read_text()).get("train_run_id")
-        sent, tracker = send_spool(folder / SPOOL_NAME, tracking_uri, adopt=adopt)
+            record = json.loads((folder / SPOOL_ADOPT).read_text())
+            adopt, fixed = record.get("train_run_id"), record.get("experiment") is not None
+        sent, tracker = send_spool(folder / SPOOL_NAME, tracking_uri, adopt=adopt, keep_experiment=fixed)
     if not sent or tracker.run_id is None:
         raise UniremovalError(f"MLflow at {tracker.uri} is still unreachable; {folder} is kept: run "
                               f"`uniremoval eval replay {shlex.quote(str(folder))}` again later (or add "

@@ -40,6 +40,7 @@ sample of the sources is written exactly once (whole shards per rank, no sharing
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -540,6 +541,24 @@ def write_manifests(cfg: CacheStage, items: list[dict[str, Any]], teachers: Mapp
     return total
 
 
+CACHE_TAG_PREFIX = "cache_sha256."  # + a cache folder's dataset name: the sha256 of its manifest.json
+
+
+def cache_identity(folder: str | os.PathLike) -> tuple[str, str] | None:
+    """(dataset, sha256 of manifest.json) of a cache folder `uniremoval cache` wrote, or None: the cache
+    run tags `cache_sha256.<dataset>` with it, and so does each KT run that reads the folder, so the
+    cache a student learnt from is one search away (its manifest lists the teacher and source shards)."""
+    manifest = Path(folder) / MANIFEST_NAME
+    try:
+        data = manifest.read_bytes()
+        parsed = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(parsed, dict) or "cache" not in parsed or not parsed.get("dataset"):
+        return None
+    return str(parsed["dataset"]), hashlib.sha256(data).hexdigest()
+
+
 def _log_run(cfg: CacheStage, acc: Any, out_root: Path) -> None:
     if not acc.is_main_process:
         return
@@ -555,6 +574,9 @@ def _log_run(cfg: CacheStage, acc: Any, out_root: Path) -> None:
             lineage[f"teacher_sha256.{name}"] = checkpoint_sha256(spec)
         if run_id := checkpoint_run_id(spec):
             lineage[f"teacher_run_id.{name}"] = run_id
+    for src in cfg.data.train:  # and what it made: the KT runs that read a folder tag the same hash
+        if ident := cache_identity(out_root / src.name):
+            lineage[f"{CACHE_TAG_PREFIX}{ident[0]}"] = ident[1]
     tracker = start_run(cfg, run_name="cache", stage="cache", run_dir=out_root, extra_tags=lineage)
     if tracker is None:
         return

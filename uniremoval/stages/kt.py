@@ -279,6 +279,8 @@ class KnowledgeTransfer(Stage):
                 tags[f"teacher_run_id.{name}"] = run_id
         if run_id := weights_run_id(self.cfg.model.init):
             tags["init_run_id"] = run_id
+        if not self.online:  # ...and the cache folders it reads, tagged as the cache run tags them
+            tags.update(cache_tags(self.cfg))
         return tags
 
     def weights_identity(self) -> dict[str, str]:
@@ -294,6 +296,27 @@ class KnowledgeTransfer(Stage):
 
     def export_meta(self, name: str) -> dict[str, Any]:
         return {"input_range": self.cfg.model.input_range, "degradations": self.degradations}
+
+
+def cache_tags(cfg: KTStage) -> dict[str, str]:
+    """`cache_sha256.<dataset>` of each local cache folder data.train reads (the folder, its manifest.json,
+    or tars in it): the tag the cache run that wrote it carries (stages.cache.cache_identity)."""
+    from pathlib import Path
+
+    from uniremoval.data.manifest import MANIFEST_NAME, is_streamed, split_specs
+    from uniremoval.stages.cache import CACHE_TAG_PREFIX, cache_identity
+
+    tags: dict[str, str] = {}
+    for src in cfg.data.train:
+        for spec in src.shards:
+            if is_streamed(spec):
+                continue
+            first = Path(split_specs(spec)[0])
+            folder = first if first.is_dir() else first.parent
+            named = first.name == MANIFEST_NAME or first.suffix == ".tar" or first.is_dir()
+            if named and (ident := cache_identity(folder)):
+                tags[f"{CACHE_TAG_PREFIX}{ident[0]}"] = ident[1]
+    return tags
 
 
 def check_teacher_cache(cfg: KTStage) -> None:

@@ -537,6 +537,7 @@ class Trainer:
         self._print_epoch_size()
         if acc.is_main_process:                        # what a killed job left half-written
             self._remove_stale_temporaries()
+            self._keep_finished_exports(total)         # a finished run trained on: its weights kept
         self.start_tracking()                          # the same MLflow run on resume
         self._install_signal_handlers()
         bar = self._progress(total)
@@ -1173,6 +1174,43 @@ class Trainer:
         if removed:
             self._print(f"removed {len(removed)} temporary file(s)/folder(s) left by an interrupted job: "
                         + ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+
+    def _keep_finished_exports(self, total: int) -> None:
+        """A finished run trained on (more train.epochs, then --resume auto) exports new last/best weights
+        over those it finished with, which later runs may have read: a DA run's model.init, evals (their
+        sha256 tags name them, and the lineage search by hash found nothing once they were replaced).
+        Those files are kept in the run folder as `<export>-step<N>` (.safetensors and .json) first."""
+        from uniremoval.models.checkpoint import META_SUFFIX, WEIGHTS_SUFFIX
+
+        if self.resumed_from is None or self.step >= total:
+            return
+        kept = []
+        for name in self.stage.trainable:
+            last = self.run_dir / export_name(self.stage.trainable, name, "last")
+            try:
+                finished_at = json.loads(last.with_name(last.name + META_SUFFIX).read_text()).get("step")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if finished_at != self.step:  # `last` is exported when a run finishes: not at this checkpoint
+                continue
+            for which in ("last", "best"):
+                base = self.run_dir / export_name(self.stage.trainable, name, which)
+                try:
+                    step = json.loads(base.with_name(base.name + META_SUFFIX).read_text()).get("step")
+                except (OSError, ValueError, AttributeError):
+                    continue
+                for suffix in (WEIGHTS_SUFFIX, META_SUFFIX):
+                    src = base.with_name(base.name + suffix)
+                    dst = base.with_name(f"{base.name}-step{int(step or 0):08d}{suffix}")
+                    if src.is_file() and not dst.exists():
+                        shutil.copy2(src, dst)
+                        if suffix == WEIGHTS_SUFFIX:
+                            kept.append(dst.name)
+        if kept:
+            self._print(f"this run finished at step {self.step} and now trains on to step {total}: the weights it "
+                        f"exported, which later runs may have read (their sha256 tags name them), are kept as "
+                        f"{', '.join(kept)} in {self.run_dir}; last/best (and the MLflow run's weights/) will be "
+                        f"the new ones")
 
     def _check_run_dir(self, fresh: bool) -> None:
         """Before anything is trained: the run folder can be written (else the first checkpoint,

@@ -309,7 +309,6 @@ def test_the_extending_recipe_runs_a_new_architecture_end_to_end(tmp_path: Path,
     from uniremoval.models.checkpoint import load_checkpoint
 
     monkeypatch.setitem(models.ARCH_SPECS, "toy", models.ArchSpec("_toy_arch", "ToyNet", ("small",), "small"))
-    monkeypatch.setattr(models, "RESTORERS", (*models.RESTORERS, "toy"))
     mine = tmp_path / "my" / "demo"
     shutil.copytree(default_config_dir(), mine)
     shutil.copy(default_config_dir().parent / "base.yaml", mine.parent / "base.yaml")

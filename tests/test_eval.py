@@ -14,12 +14,14 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -667,7 +669,17 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
     opts = EvalOptions(str(ckpt), str(tmp_path / "d"), metrics=["psnr"], name="offl", device="cpu",
                        tracking_uri=dead, experiment="offexp", json_out=str(tmp_path / "res" / "s.json"),
                        save_images=str(tmp_path / "out"))
+    from uniremoval.eval.metrics import Scorer
+
+    score = Scorer.score
+
+    def slow_score(self, *args, **kwargs):  # scoring that takes a while: the run starts before it, not after
+        time.sleep(0.3)
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scorer, "score", slow_score)
     try:
+        began_ms = int(time.time() * 1000)
         with pytest.warns(RuntimeWarning, match=r"send them with `uniremoval eval replay (.*)` once it is "
                                                 r"reachable") as rec:
             res = run_eval(opts)
@@ -697,8 +709,10 @@ def test_eval_with_mlflow_down_fails_fast_and_its_spool_replays(tmp_path, monkey
     (run,) = client.search_runs([client.get_experiment_by_name("offexp").experiment_id])
     assert run.info.run_id == run_id
     assert run.info.run_name == "eval-offl" and run.info.status == "FINISHED"
-    # the run starts when the eval did (recorded in the spool), not when the replay created it
-    assert run.info.start_time <= client.get_metric_history(run_id, "eval/offl/psnr")[0].timestamp
+    # the run starts when the eval did (recorded in the spool), not when the scores were logged nor when the
+    # replay created it
+    logged = client.get_metric_history(run_id, "eval/offl/psnr")[0].timestamp
+    assert began_ms - 1 <= run.info.start_time <= logged - 300
     assert run.data.tags["stage"] == "eval" and run.data.tags["uniremoval.train_run_id"] == "0" * 32
     assert run.data.metrics["eval/offl/psnr"] == pytest.approx(res.mean["psnr"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "scores")} == {
@@ -802,13 +816,15 @@ def test_eval_config_runs_every_source(tmp_path, capsys):
     # The config's tracking.run_name and tracking.tags apply to its eval runs as to a training run's (both
     # were dropped unsaid), and each run keeps the resolved config it ran.
     rc = main(["eval", "--config", str(cfg), "--set", "tracking.run_name=sweep", "--set", "tracking.tags={sweep: s42}",
-               "--tracking-uri", uri, "--device", "cpu"])
+               "--metrics", "ssim", "--tracking-uri", uri, "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     runs = client.search_runs([client.get_experiment_by_name("cfgproj").experiment_id], "tags.sweep = 's42'")
     assert sorted(r.info.run_name for r in runs) == ["sweep-syn_blur", "sweep-syn_rain"]
-    for r in runs:
+    for r in runs:  # the config it ran: the command line's --metrics, its own dataset alone
         text = Path(client.download_artifacts(r.info.run_id, "config.yaml", str(tmp_path / r.info.run_id))).read_text()
-        assert "run_name: sweep" in text and "metrics:\n  - psnr\n  - ssim" in text, text
+        ran = yaml.safe_load(text)
+        assert ran["tracking"]["run_name"] == "sweep" and ran["eval"]["metrics"] == ["ssim"], text
+        assert [d["name"] for d in ran["eval"]["data"]] == [r.data.tags["dataset"]], text
 
 
 # ---------------------------------------------------------------- two real processes

@@ -107,7 +107,7 @@ def test_eval_stopped_while_logging_marks_the_run_killed_and_report_skips_it(tmp
 
     data = _images(tmp_path / "data", 2)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc, err = _stopped(tmp_path, "mlflow.tracking:MlflowClient.log_artifacts",
+    rc, err = _stopped(tmp_path, "uniremoval.eval.evaluate:log_saved_images",
                        ["eval", "--checkpoint", "none", "--data", str(data), "--name", "set", "--metrics", "psnr",
                         "--device", "cpu", "--json", "scores.json", "--save-images", "saved",
                         "--tracking-uri", db, "--experiment", "stops"], sig)

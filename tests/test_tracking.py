@@ -686,36 +686,49 @@ def test_a_runs_fetch_names_the_file_it_could_not_fetch_and_refuses_dot_run_ids(
 def test_a_server_without_mlflow_at_the_address_stops_the_job_instead_of_spooling_it(tmp_path, monkeypatch, capsys):
     """A tracking URI whose path is wrong (a proxy serving MLflow under a prefix, or a typo after the
     port) reaches a live server that answers 404 for MLflow's API: it was taken for an outage, and a
-    whole training run (or eval) was spooled, exit status 0, for a server the replay fails on the same
-    way. Now the run's start refuses it (ConfigError naming the endpoint) and eval stops before scoring."""
+    whole training run (or eval, or cache) was spooled, exit status 0, for a server the replay fails on
+    the same way. Now train, cache and eval refuse it at their start, before any work (asked twice, a few
+    seconds apart: a proxy answers 404 while the server behind it restarts); a run's Tracker, created
+    later, still spools."""
     from uniremoval.cli import main
-    from uniremoval.errors import ConfigError
 
     port = free_port()
     good, wrong = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/mlflow"
     proc = start_mlflow_server(tmp_path, port)
+    monkeypatch.chdir(tmp_path)
     try:
-        cfg = teacher_cfg(tmp_path, wrong)
-        with pytest.raises(ConfigError, match=r"a server answers there, but not MLflow's API "
-                                              r"\(/api/2\.0/mlflow/[a-z/-]+ answered 404 Not Found\)"):
-            start_run(cfg, run_name="t", stage="teacher", degradation="rain", run_dir=tmp_path / "run")
-        assert not list(tmp_path.rglob("mlflow-spool*")), "nothing spooled"
-        # A resume (a run id from a checkpoint) is refused alike, not taken for a run missing from the store.
-        with pytest.raises(ConfigError, match="not MLflow's API"):
-            Tracker(wrong, "trk", "t", {}, run_id="0" * 32, new_run_if_missing=True)
-        # The right address works, and an outage (nothing listening) is still spooled, not refused.
+        refusal = (f"error: tracking URI {wrong}: a server answers there, but not MLflow's API "
+                   f"(/api/2.0/mlflow/experiments/search answered 404 Not Found)")
+        # (the shards and teachers named are not there: the address is checked first)
+        teacher = tmp_path / "teacher.yaml"
+        teacher.write_text(f"stage: teacher\ndegradation: haze\noutput_dir: {tmp_path / 'out'}\n"
+                           f"data: {{train: [{{name: s, shards: {tmp_path / 'none'}, degradation: haze}}]}}\n"
+                           f"tracking: {{uri: '{wrong}'}}\n")
+        cache = tmp_path / "cache.yaml"
+        cache.write_text(f"stage: cache\ndata: {{degradations: [haze], train: [{{name: s, shards: "
+                         f"{tmp_path / 'none'}, degradation: haze}}]}}\nteachers: {{checkpoints: {{haze: "
+                         f"{tmp_path / 'none.safetensors'}}}}}\ncache: {{out: {tmp_path / 'cache'}}}\n"
+                         f"tracking: {{uri: '{wrong}'}}\n")
+        (tmp_path / "data").mkdir()
+        Image.new("RGB", (32, 24), (90, 120, 150)).save(tmp_path / "data" / "a.png")
+        for argv in (["train", "teacher", "--config", str(teacher)], ["cache", "--config", str(cache)],
+                     ["eval", "--checkpoint", "none", "--data", "data", "--metrics", "psnr", "--device", "cpu",
+                      "--tracking-uri", wrong, "--json", "scores.json"]):
+            capsys.readouterr()
+            rc = main(argv)
+            err = capsys.readouterr().err
+            assert rc == 2 and refusal in err and "nothing was run" in err, (argv, err)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+        assert not (tmp_path / "scores.json").exists() and not list(tmp_path.rglob("mlflow-spool*"))
+        # A run's Tracker (made once the job has started) spools rather than stopping the job
+        with pytest.warns(RuntimeWarning, match="unreachable"):
+            tr = Tracker(wrong, "trk", "t", {}, spool_dir=tmp_path / "run")
+        tr.log_metrics({"train/total": 1.0}, step=1)
+        assert tr.offline and (tmp_path / "run" / "mlflow-spool.jsonl").is_file()
+        # the right address works
         tr = start_run(teacher_cfg(tmp_path, good), run_name="t", stage="teacher", degradation="rain")
         assert not tr.offline and tr.run_id is not None
         tr.finish()
-        monkeypatch.chdir(tmp_path)
-        (tmp_path / "data").mkdir()
-        Image.new("RGB", (32, 24), (90, 120, 150)).save(tmp_path / "data" / "a.png")
-        capsys.readouterr()
-        rc = main(["eval", "--checkpoint", "none", "--data", "data", "--metrics", "psnr", "--device", "cpu",
-                   "--tracking-uri", wrong, "--json", "scores.json"])
-        err = capsys.readouterr().err
-        assert rc == 2 and f"error: tracking URI {wrong}: a server answers there, but not MLflow's API" in err, err
-        assert not (tmp_path / "scores.json").exists() and not list(tmp_path.rglob("mlflow-spool*"))
     finally:
         stop_server(proc)
 
@@ -734,5 +747,5 @@ def test_a_param_over_mlflows_limit_is_cut_visibly_and_said(tmp_path):
     tr.finish()
     params = MlflowClient(uri).get_run(tr.run_id).data.params
     assert len(params["data.train"]) == 6000 and params["optim.lr"] == "0.001"
-    assert params["data.train"].endswith(f" ... [cut: {len(shards)} characters; see config.yaml]")
+    assert params["data.train"].endswith(f" ... [cut: {len(shards)} characters]")
     assert shards.startswith(params["data.train"].split(" ... [cut:")[0])

@@ -1360,34 +1360,52 @@ def test_a_finished_run_trained_on_keeps_the_weights_it_finished_with(tmp_path, 
     """A finished run extended (more train.epochs, then --resume auto) exported new last/best over the ones
     it finished with: a DA run's model.init or an eval that read them then named (by sha256) weights that
     no longer existed anywhere. They are kept beside as last-step<N>/best-step<N> first."""
+    from mlflow.tracking import MlflowClient
+
+    from uniremoval.config import TrackingConfig
     from uniremoval.models.checkpoint import checkpoint_sha256
 
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def cfg(**train):
+        return make_cfg(tmp_path, **train).model_copy(update={"tracking": TrackingConfig(uri=store, experiment="x")})
+
     run = tmp_path / "toy"
-    first = ToyStage(make_cfg(tmp_path))
-    assert Trainer(first.cfg, first).fit().status == "finished"
+    first = ToyStage(cfg())
+    result = Trainer(first.cfg, first).fit()
+    assert result.status == "finished"
     finished = {w: checkpoint_sha256(run / f"{w}.safetensors") for w in ("last", "best")}
     best_step = json.loads((run / "best.json").read_text())["step"]
     capsys.readouterr()
-    longer = ToyStage(make_cfg(tmp_path, epochs=3))
+    longer = ToyStage(cfg(epochs=3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # train.epochs changed: named on resume
         assert Trainer(longer.cfg, longer).fit(resume="auto").step == 15
     out = capsys.readouterr().err
     assert (f"this run finished at step 10 and now trains on to step 15: the weights it exported, which later runs "
             f"may have read (their sha256 tags name them), are kept as last-step00000010.safetensors, "
-            f"best-step{best_step:08d}.safetensors in {run}") in out, out
+            f"best-step{best_step:08d}.safetensors in {run} (and in the MLflow run") in out, out
+    # ...and the run still answers a search by the hash of what it finished with (a DA run's init_sha256)
+    client = MlflowClient(store)
+    found = client.search_runs([client.get_experiment_by_name("x").experiment_id],
+                               f"tags.`weights_sha256.last-step00000010` = '{finished['last']}'")
+    assert [r.info.run_id for r in found] == [result.run_id]
+    assert found[0].data.tags[f"weights_sha256.best-step{best_step:08d}"] == finished["best"]
+    assert found[0].data.tags["weights_sha256.last"] != finished["last"]
+    assert "weights/last-step00000010.safetensors" in {a.path for a in client.list_artifacts(result.run_id,
+                                                                                            "weights")}
     assert checkpoint_sha256(run / "last-step00000010.safetensors") == finished["last"] != checkpoint_sha256(
         run / "last.safetensors")
     assert checkpoint_sha256(run / f"best-step{best_step:08d}.safetensors") == finished["best"]
     assert json.loads((run / "last-step00000010.json").read_text())["step"] == 10
     # a run resumed before its end (a preemption) has nothing to keep: its last export is not at that step
     capsys.readouterr()
-    again = ToyStage(make_cfg(tmp_path, epochs=4), signal_at=16)
+    again = ToyStage(cfg(epochs=4), signal_at=16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         Trainer(again.cfg, again).fit(resume="auto")
     assert "now trains on" in capsys.readouterr().err  # finished at 15: kept once more
-    rest = ToyStage(make_cfg(tmp_path, epochs=4))
+    rest = ToyStage(cfg(epochs=4))
     Trainer(rest.cfg, rest).fit(resume="auto")
     assert "now trains on" not in capsys.readouterr().err
     assert sorted(p.name for p in run.glob("last-step*.safetensors")) == ["last-step00000010.safetensors",

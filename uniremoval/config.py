@@ -84,17 +84,15 @@ InputRange = Literal["minus_one_one", "zero_one"]
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
-def arch_preset(arch: str, preset: str | None, key: str) -> str | None:
-    """`preset` checked against the registered architecture `arch` (None: its default)."""
+def preset_problem(arch: str, preset: str) -> str | None:
+    """Why `preset` is not one of the registered architecture `arch`'s presets, or None."""
     from uniremoval.models import ARCH_SPECS
 
-    spec = ARCH_SPECS[arch]
-    if preset is None:
-        return spec.default_preset
-    if preset not in spec.presets:
-        have = f"choose one of {', '.join(spec.presets)}" if spec.presets else "it has none: leave it out"
-        raise ValueError(f"{preset!r} is not a preset of model.arch={arch} ({key}): {have}")
-    return preset
+    presets = ARCH_SPECS[arch].presets
+    if preset in presets:
+        return None
+    return f"is not a preset of model.arch={arch}: " + (f"choose one of {', '.join(presets)}" if presets else
+                                                         "it has none, leave it out")
 
 
 class ModelConfig(Strict):
@@ -115,11 +113,11 @@ class ModelConfig(Strict):
     @field_validator("arch")
     @classmethod
     def _registered_restorer(cls, v: str) -> str:
-        from uniremoval.models import RESTORERS
+        from uniremoval.models import restorers
 
-        if v not in RESTORERS:
+        if v not in restorers():
             raise ValueError(f"{v!r} is not a registered architecture that restores images: choose one of "
-                             f"{', '.join(RESTORERS)} (a new one is registered in uniremoval/models/__init__.py's "
+                             f"{', '.join(restorers())} (a new one is registered in uniremoval/models/__init__.py's "
                              "ARCH_SPECS: README, Extending)")
         return v
 
@@ -129,7 +127,13 @@ class ModelConfig(Strict):
         arch = info.data.get("arch")
         if arch is None:  # the arch itself was refused: that is the error to read
             return v
-        return arch_preset(arch, v, "model.preset")
+        from uniremoval.models import ARCH_SPECS
+
+        if v is None:
+            return ARCH_SPECS[arch].default_preset
+        if problem := preset_problem(arch, v):
+            raise ValueError(f"{v!r} {problem}")
+        return v
 
 
 class FeatureNetConfig(Strict):
@@ -525,17 +529,6 @@ class StageBase(BaseModel):
             raise ValueError(f"{v!r} is not a run folder name: the run would be written outside output_dir/<name>")
         return v
 
-    @model_validator(mode="after")
-    def _crop_fits_the_arch(self):
-        from uniremoval.models import ARCH_SPECS
-
-        multiple = ARCH_SPECS[self.model.arch].size_multiple
-        if self.data.crop_size % multiple:
-            fits = self.data.crop_size // multiple * multiple
-            raise ValueError(f"data.crop_size={self.data.crop_size} must be a multiple of {multiple} for "
-                             f"model.arch={self.model.arch} (e.g. {max(fits, multiple)})")
-        return self
-
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -552,21 +545,10 @@ class TeacherStage(StageBase):
         return _checked_type_name(v)
 
 
-def _teachers_preset_of_the_arch(stage: CacheStage | KTStage) -> None:
-    """The teachers share the student's model.arch: their preset is one of its."""
-    if stage.teachers.preset is not None:
-        arch_preset(stage.model.arch, stage.teachers.preset, "teachers.preset")
-
-
 class CacheStage(StageBase):
     stage: Literal["cache"]
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     cache: CacheOutConfig = Field(default_factory=CacheOutConfig)
-
-    @model_validator(mode="after")
-    def _teachers_preset(self):
-        _teachers_preset_of_the_arch(self)
-        return self
 
     @model_validator(mode="after")
     def _no_cuda_graphs(self):
@@ -584,11 +566,6 @@ class KTStage(StageBase):
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     loss: KTLossConfig = Field(default_factory=KTLossConfig)
     features: FeatureNetConfig = Field(default_factory=FeatureNetConfig)
-
-    @model_validator(mode="after")
-    def _teachers_preset(self):
-        _teachers_preset_of_the_arch(self)
-        return self
 
 
 class DAStage(StageBase):
@@ -882,6 +859,17 @@ def _cross_field_errors(cfg: StageBase) -> list[tuple[str, Any, str]]:
     """Checks that span sections, as (dotted key, value, what is allowed). Found here, they stop a
     run before anything starts; the loaders would only raise them after the MLflow run began."""
     out: list[tuple[str, Any, str]] = []
+    from uniremoval.models import ARCH_SPECS
+
+    arch = ARCH_SPECS[cfg.model.arch]  # what the architecture takes (a crop multiple, its presets)
+    if cfg.data.crop_size % arch.size_multiple:
+        fits = max(cfg.data.crop_size // arch.size_multiple * arch.size_multiple, arch.size_multiple)
+        out.append(("data.crop_size", cfg.data.crop_size,
+                    f"must be a multiple of {arch.size_multiple} for model.arch={cfg.model.arch} (e.g. {fits})"))
+    # the teachers share the student's architecture: their preset is one of its
+    teachers = cfg.teachers.preset if isinstance(cfg, (KTStage, CacheStage)) else None
+    if teachers is not None and (problem := preset_problem(cfg.model.arch, teachers)):
+        out.append(("teachers.preset", teachers, problem))
     sch, t = cfg.schedule, cfg.train
     horizon = t.epochs * t.steps_per_epoch  # the schedule's span (Trainer.schedule_horizon)
     if sch.name == "warmup_cosine" and sch.warmup_steps > horizon:

@@ -329,9 +329,9 @@ class Tracker:
             self._ensure_run()
             if self.offline:
                 self.flush()
-        except Exception as exc:  # any client error means: tracking is unavailable
-            if _not_mlflow(exc):  # ...but a server without MLflow's API at this address is a wrong URI
-                raise not_mlflow_error(uri, exc) from exc
+        # Any client error means: tracking is unavailable (a wrong address is refused at the job's start,
+        # refuse_non_mlflow_server: here it spools, as a proxy's 404 while the server restarts would)
+        except Exception as exc:  # noqa: BLE001
             self._went_offline(exc)
         if background:
             self._start_worker()
@@ -347,10 +347,10 @@ class Tracker:
             # MLflow refuses a longer value: cut, and marked as cut (a list of shard paths cut short read as
             # valid JSON until it failed to parse); the whole value is in the run's config.yaml
             for k in long:
-                note = f" ... [cut: {len(values[k])} characters; see config.yaml]"
+                note = f" ... [cut: {len(values[k])} characters]"
                 values[k] = values[k][:PARAM_MAX_CHARS - len(note)] + note
             warnings.warn(f"MLflow param(s) {', '.join(long)} over its {PARAM_MAX_CHARS} characters: logged cut "
-                          "short (marked '[cut: ...]'); the run's config.yaml artifact holds the whole value",
+                          "short (marked '[cut: ...]'); a run's config.yaml artifact holds the whole config",
                           RuntimeWarning, stacklevel=2)
         self._call({"op": "params", "params": values})
 
@@ -733,16 +733,23 @@ def not_mlflow_error(uri: str, exc: BaseException) -> Exception:
                        "nothing was run")
 
 
-def refuse_non_mlflow_server(uri: str) -> None:
-    """Ask a tracking server once, before any work: one that answers without MLflow's API is refused
-    (`not_mlflow_error`); one that does not answer is an outage, left to the spool."""
+def refuse_non_mlflow_server(uri: str, retry_s: float = 3.0) -> None:
+    """Ask a tracking server before any work (train, cache and eval call this on every rank at their
+    start): one that answers without MLflow's API is refused (`not_mlflow_error`), once it does so twice
+    `retry_s` apart (a proxy answers 404 while the server behind it restarts); one that does not answer
+    is an outage, left to the spool. A run's Tracker, created later, spools in either case."""
     if _is_local(uri):
         return
-    try:
-        mlflow_client(uri).search_experiments(max_results=1)
-    except Exception as exc:  # anything else: unreachable now, the run spools
-        if _not_mlflow(exc):
-            raise not_mlflow_error(uri, exc) from exc
+    for attempt in range(2):
+        try:
+            mlflow_client(uri).search_experiments(max_results=1)
+            return
+        except Exception as exc:  # anything else: unreachable now, the run spools
+            if not _not_mlflow(exc):
+                return
+            if attempt:
+                raise not_mlflow_error(uri, exc) from exc
+        time.sleep(retry_s)
 
 
 def _refused(exc: BaseException) -> bool:

@@ -42,7 +42,7 @@ CONFIG_CASES = {
     "wrong type": ({"train": {"epochs": "many"}}, [], ["key 'train.epochs'", "'many'"]),
     "out of range": ({"data": {**TEACHER["data"], "batch_size": 0}}, [],
                      ["key 'data.batch_size'", "bad value 0", "greater than or equal to 1"]),
-    "cross-field rule": ({"data": {**TEACHER["data"], "crop_size": 36}}, [], ["data.crop_size=36 must be a multiple of 8 for model.arch=mprnet"]),
+    "cross-field rule": ({"data": {**TEACHER["data"], "crop_size": 36}}, [], ["must be a multiple of 8 for model.arch=mprnet"]),
     "bad enum": ({"train": {"nonfinite": "ignore"}}, [], ["key 'train.nonfinite'", "'ignore'", "'skip' or 'stop'"]),
     "malformed yaml": ("stage: teacher\noptim: {lr: [1e-3\n", [], ["malformed YAML at line"]),
     "not a mapping": ("- just\n- a list\n", [], ["the top level must be a mapping"]),

@@ -31,7 +31,7 @@ def _file(args) -> str:
     from uniremoval.errors import UniremovalError
 
     if args.config is None:
-        if args.file is None:
+        if args.file is None or "=" in args.file:  # (`config hash optim.lr=1e-3`: an override, not a file)
             raise UniremovalError(f"config {args.config_command} needs a config file: FILE or --config FILE")
         return args.file
     if args.file is not None:

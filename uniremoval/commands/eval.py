@@ -178,7 +178,7 @@ def _with_name(path: str | None, name: str, many: bool) -> str | None:
 def _config_jobs(args, common: dict) -> list:
     from pathlib import Path
 
-    from uniremoval.config import config_to_yaml, load_config
+    from uniremoval.config import EvalSource, config_to_yaml, load_config
     from uniremoval.eval.evaluate import EvalOptions
     from uniremoval.eval.metrics import parse_metrics
 
@@ -222,6 +222,12 @@ def _config_jobs(args, common: dict) -> list:
     jobs = []
     for name, data, degradation, domain in sources:
         save = args.save_images or ev.save_images
+        # The config each run logs is the one it ran: the command line's --checkpoint/--data/--metrics/
+        # --save-images/--domain in its eval section, and its one dataset
+        source = EvalSource.model_construct(name=name, shards=data if isinstance(data, list) else [data],
+                                            degradation=degradation, domain=domain)
+        ran = cfg.model_copy(update={"eval": ev.model_copy(update={
+            "checkpoint": checkpoint, "metrics": metrics, "save_images": save, "data": [source]})})
         jobs.append(EvalOptions(
             checkpoint=checkpoint, data=data, metrics=metrics, name=name, degradation=degradation, domain=domain,
             json_out=_with_name(args.json_out, name or "data", many),
@@ -229,7 +235,7 @@ def _config_jobs(args, common: dict) -> list:
             save_images=str(Path(save) / name) if (save and name and many) else save,
             mlflow=cfg.tracking.enabled and not args.no_mlflow, tracking_uri=args.tracking_uri or cfg.tracking.uri,
             experiment=args.experiment or cfg.tracking.experiment or cfg.project,
-            tags=dict(cfg.tracking.tags), run_name=cfg.tracking.run_name, config_yaml=config_to_yaml(cfg), **common,
+            tags=dict(cfg.tracking.tags), run_name=cfg.tracking.run_name, config_yaml=config_to_yaml(ran), **common,
         ))
     return jobs
 

@@ -50,6 +50,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -124,6 +125,7 @@ class EvalResult:
     undefined: dict[str, list[str]] = field(default_factory=dict)  # metric -> images it is undefined for (NaN)
     # what changes the scores besides the model and data: tiled restoration is an approximation (README)
     settings: dict[str, Any] = field(default_factory=dict)
+    started_ms: int | None = None  # when the eval began: its MLflow run starts then, not after the scoring
 
     def to_json(self) -> dict[str, Any]:
         """The --json content, valid JSON: an undefined score is null, an infinite one "inf" (module doc)."""
@@ -637,6 +639,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
     import torch
     from accelerate import PartialState
 
+    started_ms = int(time.time() * 1000)
     metrics = parse_metrics(opts.metrics)
     # With MLflow the name is in metric names (eval/<name>/<metric>) and in the scores' artifact files
     # (eval-<name>.json): none of what MLflow refuses, and no '/' (a config's eval.data names are checked
@@ -705,7 +708,7 @@ def run_eval(opts: EvalOptions) -> EvalResult | None:
         items = _with_progress(items, opts, state.num_processes, listed)
     staged = StagedImages(opts.save_images, state) if opts.save_images else None
     try:
-        return _score_and_write(opts, state, metrics, items, scorer, restore, device, meta, sha, staged)
+        return _score_and_write(opts, state, metrics, items, scorer, restore, device, meta, sha, staged, started_ms)
     finally:
         if staged is not None:
             staged.close()
@@ -735,7 +738,7 @@ def _with_progress(items: Iterator[Item], opts: EvalOptions, world: int,
 
 def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterator[Item], scorer: Scorer, restore,
                      device, meta: dict[str, Any], sha: str | None,
-                     staged: StagedImages | None) -> EvalResult | None:
+                     staged: StagedImages | None, started_ms: int | None = None) -> EvalResult | None:
     """Score (and gather) every rank's part; on rank 0 swap the saved images in, write and log."""
     from accelerate.utils import gather_object
 
@@ -773,6 +776,7 @@ def _score_and_write(opts: EvalOptions, state, metrics: list[str], items: Iterat
         domain=opts.domain or (domains.pop() if len(domains) == 1 else None),
         per_rank=[ranks.get(i, 0) for i in range(state.num_processes)], undefined=undefined,
         settings={"tile": opts.tile, "psnr_y": opts.psnr_y, "crop_border": opts.crop_border},
+        started_ms=started_ms,
     )
     import sys
 
@@ -947,6 +951,7 @@ def log_eval_mlflow(result: EvalResult, opts: EvalOptions, meta: dict[str, Any],
 
     spool = spool_folder(opts, result.dataset)  # made by the Tracker only if it spools
     tracker = Tracker(uri, experiment, f"{opts.run_name or 'eval'}-{result.dataset}", tags, spool_dir=spool,
+                      start_ms=result.started_ms,
                       replay_hint=f"uniremoval eval replay {shlex.quote(str(spool))}")
     # finishing: an interrupted upload leaves a KILLED run, not a RUNNING one
     with finishing(tracker), tempfile.TemporaryDirectory(prefix="uniremoval-eval-") as tmp:

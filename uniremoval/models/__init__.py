@@ -28,20 +28,31 @@ class ArchSpec:
     size_multiple: int = 1  # a training crop's side (data.crop_size) must be a multiple of this
     restorer: bool = True  # image -> restored images (a student or teacher); False: the discriminator
 
+    def __post_init__(self) -> None:
+        # A config that names no preset takes the default: with presets there must be one of them.
+        if self.presets and self.default_preset not in self.presets:
+            raise ValueError(f"ArchSpec({self.cls}): default_preset {self.default_preset!r} must be one of its "
+                             f"presets {self.presets}")
+        if not self.presets and self.default_preset is not None:
+            raise ValueError(f"ArchSpec({self.cls}): default_preset {self.default_preset!r} without presets")
+        if self.size_multiple < 1:
+            raise ValueError(f"ArchSpec({self.cls}): size_multiple must be >= 1, got {self.size_multiple}")
+
 
 ARCH_SPECS: dict[str, ArchSpec] = {
     # size_multiple 8: MPRNet splits its input into quarters and halves (and pads whole images itself)
     "mprnet": ArchSpec("uniremoval.models.mprnet_arch", "MPRNet", ("deblur", "derain", "denoise", "tiny"), "deblur", 8),
     "patch_discriminator": ArchSpec("uniremoval.models.discriminator_arch", "PatchDiscriminator", restorer=False),
 }
-ARCHS = tuple(ARCH_SPECS)
-RESTORERS = tuple(name for name, spec in ARCH_SPECS.items() if spec.restorer)
+def restorers() -> tuple[str, ...]:
+    """The registered architectures that restore images (read when asked: an entry added at run time counts)."""
+    return tuple(name for name, spec in ARCH_SPECS.items() if spec.restorer)
 
 
 def arch_spec(arch: str) -> ArchSpec:
     spec = ARCH_SPECS.get(arch)
     if spec is None:
-        raise ConfigError(f"unknown architecture {arch!r}; choose one of {ARCHS} (a new one is registered in "
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {tuple(ARCH_SPECS)} (a new one is registered in "
                           "uniremoval/models/__init__.py's ARCH_SPECS: README, Extending)")
     return spec
 

@@ -171,7 +171,8 @@ def resolve_weights(path: Path) -> Path:
     # a run folder (outputs/teacher-haze) or a checkpoints/step-* folder, unless the base name also
     # names a weights file beside it (m/ and m.safetensors: the file, as before folders were refused)
     if path.is_dir() and not _with_suffix(path, WEIGHTS_SUFFIX).is_file():
-        inside = sorted(p.name for p in path.glob(f"*{WEIGHTS_SUFFIX}"))
+        # last/best first; the exports a run kept when it trained on (last-step<N>) after them
+        inside = sorted((p.name for p in path.glob(f"*{WEIGHTS_SUFFIX}")), key=lambda n: ("-step" in n, n))
         raise CheckpointError(f"checkpoint {path} is a folder, not a weights file; give "
                               + (f"one of its weights files: {', '.join(str(path / n) for n in inside[:4])}"
                                  if inside else "a .safetensors (or official .pth) file"))
@@ -199,12 +200,12 @@ def load_checkpoint(
     ``preset_key`` names the config key that gave ``preset`` (default: the ``--preset`` option).
     ``restorer=True`` refuses a model that does not restore images (the DA discriminator).
     """
-    from uniremoval.models import RESTORERS, build_model
+    from uniremoval.models import build_model, restorers
 
     weights = resolve_weights(Path(path))
     if weights.suffix == WEIGHTS_SUFFIX:
         state, meta = _read_ours(weights)
-        if restorer and meta.get("arch") not in RESTORERS:
+        if restorer and meta.get("arch") not in restorers():
             raise CheckpointError(f"{weights}: holds a {meta.get('arch')!r} model, which does not restore images; "
                                   f"give a teacher's or student's weights (e.g. outputs/<run>/last.safetensors)")
         if arch is not None and arch != meta.get("arch"):
@@ -343,10 +344,10 @@ def _read_official(weights: Path) -> dict[str, Tensor]:
 
 def _restores(weights: Path) -> bool:
     """Whether our weights file holds a model that restores images (its .json says; DA's discriminator does not)."""
-    from uniremoval.models import RESTORERS
+    from uniremoval.models import restorers
 
     try:
-        return json.loads(weights.with_suffix(META_SUFFIX).read_text()).get("arch") in RESTORERS
+        return json.loads(weights.with_suffix(META_SUFFIX).read_text()).get("arch") in restorers()
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import random
 import re
 import shutil
@@ -97,6 +98,18 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 _CKPT_TMP_RE = re.compile(r"^\.step-\d+\.tmp$")
+
+
+def keep_file(src: Path, dst: Path) -> None:
+    """`dst` as a lasting copy of `src`: a hard link where the file system has them (no space; safe as
+    the exports are replaced by rename, never rewritten in place), else a copy written atomically."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        from uniremoval.io import atomic_writer
+
+        with open(src, "rb") as fh, atomic_writer(dst) as out:
+            shutil.copyfileobj(fh, out)
 
 
 def remove_stale_temporaries(run_dir: Path, exports: Sequence[str]) -> list[Path]:

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -133,6 +134,7 @@ from uniremoval.stages.run_folder import (
     STEP_DIR_RE,
     disk_full_is_an_error,
     export_name,
+    keep_file,
     list_checkpoints,
     load_weights_into,
     read_resume_file,
@@ -140,7 +142,7 @@ from uniremoval.stages.run_folder import (
     rng_state,
     set_rng_state,
 )
-from uniremoval.tracking import finishing
+from uniremoval.tracking import finishing, refuse_non_mlflow_server, resolve_uri
 
 # Per-batch counts the loaders report, summed over ranks and logged as train/<name>: samples
 # skipped as unreadable (data.bad_samples=skip), samples smaller than the crop (mirror-padded).
@@ -501,6 +503,7 @@ class Trainer:
         self._window: dict[str, list[tuple[list[str], Tensor, dict[str, float]]]] = {}  # terms per micro-batch
         self._pending: list[PendingUpdate] = []  # updates whose device flags the host has not read yet
         self._images_logged_at = -1
+        self._kept_exports: list[Path] = []  # a finished run's exports kept before it trains on
         # Running sums of the loss terms since the last log, kept on the device (reading them every
         # step would make the host wait for the GPU to drain, step after step): read at log time.
         self._sums: dict[str, Tensor | float] = {}
@@ -520,6 +523,8 @@ class Trainer:
     def _fit(self, resume: str | None) -> FitResult:
         tc, acc = self.cfg.train, self.accelerator  # tc: the train section of the config
         total = self.total_steps()
+        if self.cfg.tracking.enabled and self.tracker is None:  # every rank, before anything is loaded
+            refuse_non_mlflow_server(resolve_uri(self.cfg.tracking.uri))
         # DDP averages the gradients of replicas that each read their own config: one that differs (a
         # file edited while the nodes started) would train with its own lr, crop or losses unnoticed.
         # Compared before check_inputs, which would raise on one rank alone (the others would wait).
@@ -569,7 +574,7 @@ class Trainer:
                             # accelerate counts the same micro-batches (gradient_accumulation_steps = grad_accum)
                             # and syncs gradients on each window's last; ctx.optimize steps there
                             with acc.accumulate(*[self.models[n] for n in self.stage.trainable]), self._autocast(), \
-                                    unused_parameters_named():
+                                    unused_parameters_named(tc.find_unused_parameters):
                                 terms = self.stage.training_step(batch, self.ctx)
                             self._accumulate_terms(terms)
                         self.step += 1
@@ -1068,10 +1073,14 @@ class Trainer:
         for name in self.stage.trainable:
             for which in ("last", "best"):
                 base = self.run_dir / export_name(self.stage.trainable, name, which)
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    sha = json.loads(base.with_name(base.name + META_SUFFIX).read_text()).get("weights_sha256")
-                    if sha:
-                        tags[f"weights_sha256.{base.name}"] = str(sha)
+                # ...and those a finished run trained on kept (last-step<N>): the runs that read them
+                # still find this run by their hash
+                for meta in (base.with_name(base.name + META_SUFFIX),
+                             *sorted(self.run_dir.glob(f"{glob.escape(base.name)}-step*{META_SUFFIX}"))):
+                    with contextlib.suppress(OSError, ValueError, AttributeError):
+                        sha = json.loads(meta.read_text()).get("weights_sha256")
+                        if sha:
+                            tags[f"weights_sha256.{meta.name.removesuffix(META_SUFFIX)}"] = str(sha)
         if tags:
             self.tracker.set_tags(tags)
 
@@ -1087,6 +1096,9 @@ class Trainer:
                 for file in (base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")):
                     if file.is_file():
                         self.tracker.log_artifact(file, "weights")
+        for file in self._kept_exports:  # kept by this job: the run's weights/ held them until now
+            if file.is_file():
+                self.tracker.log_artifact(file, "weights")
 
     def save_checkpoint(self) -> Path:
         final = self.ckpt_root / f"step-{self.step:08d}"
@@ -1203,14 +1215,17 @@ class Trainer:
                     src = base.with_name(base.name + suffix)
                     dst = base.with_name(f"{base.name}-step{int(step or 0):08d}{suffix}")
                     if src.is_file() and not dst.exists():
-                        shutil.copy2(src, dst)
+                        with disk_full_is_an_error(f"keeping {src} as {dst.name}", self.run_dir,
+                                                   f"{src} is intact"):
+                            keep_file(src, dst)
+                        self._kept_exports.append(dst)
                         if suffix == WEIGHTS_SUFFIX:
                             kept.append(dst.name)
         if kept:
             self._print(f"this run finished at step {self.step} and now trains on to step {total}: the weights it "
                         f"exported, which later runs may have read (their sha256 tags name them), are kept as "
-                        f"{', '.join(kept)} in {self.run_dir}; last/best (and the MLflow run's weights/) will be "
-                        f"the new ones")
+                        f"{', '.join(kept)} in {self.run_dir} (and in the MLflow run, tagged weights_sha256."
+                        f"<name>); last/best will be the new ones")
 
     def _check_run_dir(self, fresh: bool) -> None:
         """Before anything is trained: the run folder can be written (else the first checkpoint,
@@ -1734,15 +1749,19 @@ def _accelerator(cfg: StageBase, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def unused_parameters_named() -> Iterator[None]:
+def unused_parameters_named(searched: bool) -> Iterator[None]:
     """DDP's error for a model that left parameters out of the last step's loss (raised at the next
     step, on every rank, as a RuntimeError with torch's advice to pass an argument no config reaches)
-    becomes one that names the setting."""
+    becomes one that names the setting (`searched`: it is on already)."""
     try:
         yield
     except RuntimeError as exc:
         if "Expected to have finished reduction in the prior iteration" not in str(exc):
             raise
+        if searched:  # DDP finds the parameters no output reaches, not those of an output the loss leaves out
+            raise ConfigError("the model left some of its parameters out of a step's loss although "
+                              "train.find_unused_parameters is true: an output of the forward that the loss "
+                              "does not use holds them; leave it out of the forward's outputs, or use it") from exc
         raise ConfigError("the model left some of its parameters out of a step's loss, which DDP does not allow "
                           "by default (an architecture's branch used only with return_feature=True, say): use "
                           "every parameter in each forward, or set train.find_unused_parameters=true (DDP then "

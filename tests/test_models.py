@@ -796,3 +796,38 @@ def test_a_model_breaking_the_output_contract_is_named_not_used(tmp_path: Path) 
         checked_outputs(Toy("tensor")(x), x)
     outs, feat = checked_outputs(build_model("mprnet", "tiny")(x), x)
     assert len(outs) == 3 and feat is None  # MPRNet's three stage outputs, full size
+
+
+def test_model_overrides_set_the_architecture_options_from_a_config(tmp_path: Path) -> None:
+    """model.overrides (MPRNet: n_feat, num_cab, ...) builds the network, is saved in the checkpoint's JSON
+    and rebuilt from it, and is checked wherever weights are loaded under a config: model.init, teachers
+    (online, cached, the cache) and a resume. Unset, the config hash is what it was before the setting."""
+    from uniremoval.config import config_changes, config_hash, config_to_dict, fixed_on_resume, load_config
+    from uniremoval.errors import ConfigError
+    from uniremoval.models import build_configured
+    from uniremoval.stages.teachers import check_teacher_architecture, load_teachers
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "kt.yaml", ["model.preset=tiny", "model.overrides={num_cab: 2}"])
+    plain = load_config(repo / "configs" / "kt.yaml", ["model.preset=tiny"])
+    assert config_hash(plain) == config_hash(plain.model_copy(update={"model": plain.model.model_copy(
+        update={"overrides": {}})})) != config_hash(cfg)
+    net = build_configured(cfg.model)
+    assert net.config.num_cab == 2 and sum(p.numel() for p in net.parameters()) != sum(
+        p.numel() for p in build_configured(plain.model).parameters())
+    path = save_checkpoint(tmp_path / "t", net, {"stage": "teacher", "degradation": "haze"})
+    model, meta = load_checkpoint(path)  # rebuilt from its JSON alone (eval, restore)
+    assert meta["model_kwargs"] == {"num_cab": 2} and model.config.num_cab == 2
+    with pytest.raises(CheckpointError, match=r"saved with the architecture options \{'num_cab': 2\}, not "
+                                              r"model\.overrides \{\}; set model\.overrides to \{'num_cab': 2\}"):
+        load_checkpoint(path, arch="mprnet", preset="tiny", overrides={}, preset_key="model.preset")
+    with pytest.raises(CheckpointError, match=r"teachers\.checkpoints\.haze=.*trained with the architecture options "
+                                              r"\{'num_cab': 2\}, but the teachers share the student's"):
+        load_teachers({"haze": str(path)}, ["haze"], "tiny", overrides={})
+    check_teacher_architecture("haze", str(path), "mprnet", "tiny", {"num_cab": 2})  # the same: no error
+    assert list(load_teachers({"haze": str(path)}, ["haze"], "tiny", overrides={"num_cab": 2})) == ["haze"]
+    changes = config_changes(config_to_dict(plain), cfg)
+    assert [k for k, *_ in changes] == ["model.overrides.num_cab"] and fixed_on_resume(changes[0][0])
+    bad = load_config(repo / "configs" / "kt.yaml", ["model.preset=tiny", "model.overrides={width: 2}"])
+    with pytest.raises(ConfigError, match=r"model\.overrides \{'width': 2\}: unknown MPRNet option\(s\) \['width'\]"):
+        build_configured(bad.model)

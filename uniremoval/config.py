@@ -100,6 +100,9 @@ class ModelConfig(Strict):
     arch: str = "mprnet"
     # One of the architecture's presets; None: its default (MPRNet: deblur).
     preset: str | None = Field(None, validate_default=True)
+    # The architecture's own options over its preset (MPRNet: n_feat, num_cab, ...: MPRNetConfig's fields),
+    # saved in the checkpoint's JSON (model_kwargs) and rebuilt from it. Teachers and student share them.
+    overrides: dict[str, Any] = Field(default_factory=dict)
     # Training in this project uses [-1, 1] images; official MPRNet checkpoints use [0, 1].
     input_range: InputRange = "minus_one_one"
     # Weights to start from: our .safetensors or an official MPRNet .pth (DA starts from KT's).
@@ -967,6 +970,9 @@ def _identity(data: dict) -> dict:
     """What a run computes: a config dict without where it is written and observed, max_steps
     (stopping early does not change what is trained) or how DDP finds its gradients."""
     out = {k: v for k, v in data.items() if k not in _HASH_EXCLUDE}
+    if isinstance(out.get("model"), dict) and not out["model"].get("overrides"):
+        # none given: hashed as before the setting existed (the hashes of earlier runs still compare)
+        out["model"] = {k: v for k, v in out["model"].items() if k != "overrides"}
     if isinstance(out.get("train"), dict):
         out["train"] = {k: v for k, v in out["train"].items() if k not in ("max_steps", "find_unused_parameters")}
     return out
@@ -989,7 +995,8 @@ def config_hash(cfg: BaseModel) -> str:
 KT_SWITCHES = tuple(n for n in KTLossConfig.model_fields if n.startswith("use_"))  # use_icl, use_fcl
 DA_SWITCHES = tuple(n for n in DALossConfig.model_fields if n.startswith("use_"))  # use_gan, use_idt, ...
 ABLATION_SWITCHES = tuple(f"loss.{n}" for n in dict.fromkeys(KT_SWITCHES + DA_SWITCHES) if n != "use_gan")
-RESUME_FIXED = ("stage", "degradation", "model.arch", "model.preset", "model.input_range", "data.degradations",
+RESUME_FIXED = ("stage", "degradation", "model.arch", "model.preset", "model.overrides", "model.input_range",
+                "data.degradations",
                 "discriminator", "loss.use_gan", "loss.gan", *ABLATION_SWITCHES)
 
 

@@ -76,6 +76,16 @@ def build_model(arch: str, preset: str | None = None, **overrides: Any) -> nn.Mo
         raise ConfigError(f"{arch} options {overrides}: {exc}") from exc
 
 
+def build_configured(model_cfg: Any) -> nn.Module:
+    """A new model of a config's `model` section: its arch, preset and overrides (an error names the last)."""
+    try:
+        return build_model(model_cfg.arch, model_cfg.preset, **model_cfg.overrides)
+    except ConfigError as exc:
+        if not model_cfg.overrides:
+            raise
+        raise ConfigError(f"model.overrides {model_cfg.overrides}: {exc}") from exc
+
+
 def checked_outputs(out: Any, x: Any, with_feature: bool = False) -> tuple[Sequence[Any], Any]:
     """A restorer's forward result, checked against what the stages rely on (README: Extending):
     ``forward(x)`` a list of restored images, the final one first, each of the input's shape (the

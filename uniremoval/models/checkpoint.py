@@ -191,6 +191,7 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     preset_key: str | None = None,
     restorer: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model a checkpoint describes, load it strictly, return ``(model, meta)`` (eval mode).
 
@@ -199,6 +200,7 @@ def load_checkpoint(
     is inferred from the shapes unless given, and ``meta["input_range"]`` is "zero_one".
     ``preset_key`` names the config key that gave ``preset`` (default: the ``--preset`` option).
     ``restorer=True`` refuses a model that does not restore images (the DA discriminator).
+    ``overrides`` (a config's model.overrides): the architecture options the file must have been saved with.
     """
     from uniremoval.models import build_model, restorers
 
@@ -227,6 +229,10 @@ def load_checkpoint(
                                   f"give the .safetensors of a {arch} run")
         model, meta = _build_for_official(weights, state, preset, preset_key)
 
+    saved_options = dict(meta.get("model_kwargs") or {})
+    if overrides is not None and saved_options != dict(overrides):
+        raise CheckpointError(f"{weights}: was saved with the architecture options {saved_options}, not "
+                              f"model.overrides {dict(overrides)}; set model.overrides to {saved_options or '{}'}")
     _load_strict(model, state, weights, hint=_preset_hint(state),
                  fix=f"check {preset_key}" if preset_key else "check --arch/--preset")
     model.to(map_location)

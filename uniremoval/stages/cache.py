@@ -420,7 +420,7 @@ def _build(cfg: CacheStage, acc: Any, items: list[dict[str, Any]], out_root: Pat
     degs = sorted({it["degradation"] for it in items})
     preset = cfg.teachers.preset or cfg.model.preset
     teachers = load_teachers({d: cfg.teachers.checkpoints[d] for d in degs}, degs, preset, device=acc.device,
-                             arch=cfg.model.arch)
+                             arch=cfg.model.arch, overrides=cfg.model.overrides)
     speed = fast.Speed.from_config(cfg, acc.device)
     for t in teachers.values():
         if speed.channels_last:

@@ -70,12 +70,13 @@ TEACHER_PREFIX = "teacher_"
 def build_student(cfg: Any, check_init: Callable[[dict[str, Any]], None] | None = None) -> nn.Module:
     """The student: MPRNet of `model.preset`, from `model.init` when set (ours or an official .pth);
     `check_init` is given the init checkpoint's metadata (a stage's own check of where it comes from)."""
-    from uniremoval.models import build_model
+    from uniremoval.models import build_configured
     from uniremoval.models.checkpoint import load_checkpoint
 
     if not cfg.model.init:
-        return build_model(cfg.model.arch, cfg.model.preset)
-    model, meta = load_checkpoint(cfg.model.init, arch=cfg.model.arch, preset=cfg.model.preset, preset_key="model.preset")
+        return build_configured(cfg.model)
+    model, meta = load_checkpoint(cfg.model.init, arch=cfg.model.arch, preset=cfg.model.preset, preset_key="model.preset",
+                                  overrides=cfg.model.overrides)
     saved_range = recorded_range(meta)
     if saved_range != cfg.model.input_range:
         raise ConfigError(
@@ -199,7 +200,7 @@ class KnowledgeTransfer(Stage):
             preset = self.cfg.teachers.preset or self.cfg.model.preset
             for name in self.degradations:
                 if path := self.cfg.teachers.checkpoints.get(name):
-                    check_teacher_architecture(name, path, self.cfg.model.arch, preset)
+                    check_teacher_architecture(name, path, self.cfg.model.arch, preset, self.cfg.model.overrides)
             check_teacher_cache(self.cfg)
 
     def build_models(self) -> dict[str, nn.Module]:
@@ -211,7 +212,8 @@ class KnowledgeTransfer(Stage):
         self.loss_fn = make_kt_loss(cfg, phi)
         if self.online:
             preset = cfg.teachers.preset or cfg.model.preset
-            self.teachers = load_teachers(cfg.teachers.checkpoints, self.degradations, preset, arch=cfg.model.arch)
+            self.teachers = load_teachers(cfg.teachers.checkpoints, self.degradations, preset, arch=cfg.model.arch,
+                                          overrides=cfg.model.overrides)
             for name, t in self.teachers.items():
                 models[TEACHER_PREFIX + name] = t.model  # frozen, moved to the device, never prepared
         return models

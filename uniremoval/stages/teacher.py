@@ -59,7 +59,7 @@ class TeacherTraining(Stage):
 
     # ------------------------------------------------------------------ models and data
     def build_models(self) -> dict[str, nn.Module]:
-        from uniremoval.models import build_model
+        from uniremoval.models import build_configured
 
         m = self.cfg.model
         if m.init:
@@ -68,13 +68,14 @@ class TeacherTraining(Stage):
             # model.preset is checked against the file, as KT's student does: a preset taken silently
             # from the file left the run training (and exporting) another architecture than its config
             # logs, which the cache and KT then refuse under teachers.preset, a whole run later.
-            model, meta = load_checkpoint(m.init, arch=m.arch, preset=m.preset, preset_key="model.preset")
+            model, meta = load_checkpoint(m.init, arch=m.arch, preset=m.preset, preset_key="model.preset",
+                                          overrides=m.overrides)
             saved = recorded_range(meta)
             if saved != self.input_range:  # fine-tuning must feed the range the weights were trained on
                 raise ConfigError(f"model.init {m.init} was trained on {saved!r} images but model.input_range is "
                                   f"{self.input_range!r}; set model.input_range={saved}")
         else:
-            model = build_model(m.arch, m.preset)
+            model = build_configured(m)
         return {"teacher": model}  # the trainer applies model.channels_last (not under DeepSpeed)
 
     def train_batches(self, epoch: int, start: int, rank: int, world_size: int):

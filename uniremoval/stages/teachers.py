@@ -86,13 +86,15 @@ def load_teachers(
     device: torch.device | str = "cpu",
     input_range: str | None = None,
     arch: str = "mprnet",
+    overrides: Mapping[str, object] | None = None,
 ) -> dict[str, Teacher]:
     """Load one frozen teacher per degradation type, in the order of ``degradations``.
 
     ``checkpoints`` maps degradation name -> checkpoint (ours .safetensors, or an official MPRNet
     .pth). Every type must have one, and no checkpoint may name an unknown type. ``input_range``
     None takes the checkpoint's metadata (official .pth files: [0, 1]). ``arch``: the teachers'
-    architecture, the student's (``model.arch``), as they share its preset.
+    architecture, the student's (``model.arch``), as they share its preset; ``overrides`` (its
+    ``model.overrides``), None: not checked.
     """
     from uniremoval.models.checkpoint import checkpoint_sha256, load_checkpoint  # heavy: kept lazy
 
@@ -110,7 +112,7 @@ def load_teachers(
     teachers: dict[str, Teacher] = {}
     for name in degradations:
         path = checkpoints[name]
-        check_teacher_architecture(name, path, arch, preset)
+        check_teacher_architecture(name, path, arch, preset, overrides)
         try:
             model, meta = load_checkpoint(
                 path, arch=arch, preset=preset, map_location=device,
@@ -124,7 +126,8 @@ def load_teachers(
     return teachers
 
 
-def check_teacher_architecture(name: str, path: str, arch: str, preset: str) -> None:
+def check_teacher_architecture(name: str, path: str, arch: str, preset: str,
+                               overrides: Mapping[str, object] | None = None) -> None:
     """A teacher of another architecture or preset than the student's: refused naming the entry and what
     to retrain, before any weights are read (the cache stage and online KT load the teachers; cached KT
     checks the same files, whose outputs it distils). Teachers share the student's `model.arch` and one
@@ -160,6 +163,12 @@ def check_teacher_architecture(name: str, path: str, arch: str, preset: str) -> 
             f"with the others and the student: preset {preset!r} (teachers.preset, else model.preset); retrain this "
             f"teacher with model.preset={preset}, or use {saved!r} throughout (model.preset={saved}, teachers.preset "
             f"null or {saved}, and a {saved!r} teacher for every type)")
+    options = dict(meta.get("model_kwargs") or {}) if isinstance(meta, dict) else None
+    if overrides is not None and options is not None and options != dict(overrides):
+        raise CheckpointError(
+            f"{entry}: was trained with the architecture options {options}, but the teachers share the student's, "
+            f"model.overrides {dict(overrides)}; retrain this teacher with the student's model.overrides, or train "
+            f"the student (and every teacher) with model.overrides={options or '{}'}")
 
 
 def _check_teacher_role(name: str, path: str, meta: Mapping[str, object]) -> None:

@@ -323,8 +323,7 @@ class Tracker:
         if self.spool_path.exists():
             self.offline = True  # a previous process left calls behind: replay them first
             if start_ms is None and run_id is None:  # ...and the run they belong to started with that process
-                head = next((op for op in _read_ops(self.spool_path) if op.get("op") == "run"), {})
-                self.start_ms = int(head.get("start_ms") or self.start_ms)
+                self.start_ms = int((_spool_head(self.spool_path) or {}).get("start_ms") or self.start_ms)
         try:  # in the caller's thread: the run id is known when the constructor returns (checkpoints keep it)
             self._ensure_run()
             if self.offline:
@@ -952,7 +951,7 @@ def send_spool(spool_path: str | os.PathLike, uri: str | None = None,
     if run_id is not None:
         tracker = Tracker(resolve_uri(uri), "unused", "unused", {}, run_id=run_id, spool_dir=path.parent)
         return tracker.flush(), tracker
-    head = next((op for op in _read_ops(path) if op.get("op") == "run"), None)
+    head = _spool_head(path)
     if head is None:
         raise ValueError(f"{path}: no run id recorded; resume the run instead (--resume auto)")
     # The run was never created (the server was down from the start): create it now, then replay.
@@ -975,6 +974,11 @@ def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as fh:
         fh.seek(-1, os.SEEK_END)
         return fh.read(1) == b"\n"
+
+
+def _spool_head(path: Path) -> dict[str, Any] | None:
+    """The spool's record of the run to create (written when the server was down from the start), or None."""
+    return next((op for op in _read_ops(path) if op.get("op") == "run"), None)
 
 
 def _read_ops(path: Path) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ def _handler(args) -> int:
     from uniremoval.stages.preflight import check_inputs
 
     cfg = load_config(args.config, overrides(args), stage="cache")
-    if cfg.tracking.enabled and not args.check:  # a wrong server address: said before the inputs' checks
+    if cfg.tracking.enabled and not args.check:  # a wrong server address stops the cache before it computes
         from uniremoval.tracking import refuse_non_mlflow_server, resolve_uri
 
         refuse_non_mlflow_server(resolve_uri(cfg.tracking.uri))

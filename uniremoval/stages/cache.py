@@ -369,10 +369,6 @@ def run(cfg: CacheStage, args: Any = None) -> int:
     acc = build_accelerator(cfg)
     out_root = Path(cfg.cache.out)
     same_config_on_every_rank(acc.num_processes, cfg)
-    if cfg.tracking.enabled:  # a wrong server address stops the cache before it computes, not after
-        from uniremoval.tracking import refuse_non_mlflow_server, resolve_uri
-
-        refuse_non_mlflow_server(resolve_uri(cfg.tracking.uri))
     # Shard i is rank i mod world's in each rank's own plan: plans that differ (a shard one node does
     # not see) would leave shards uncached on every rerun, or cache one under another's source hash.
     items = agreed_listing(acc.num_processes, lambda: _plan(cfg),

@@ -1192,28 +1192,26 @@ class Trainer:
         over those it finished with, which later runs may have read: a DA run's model.init, evals (their
         sha256 tags name them, and the lineage search by hash found nothing once they were replaced).
         Those files are kept in the run folder as `<export>-step<N>` (.safetensors and .json) first."""
-        from uniremoval.models.checkpoint import META_SUFFIX, WEIGHTS_SUFFIX
+        from uniremoval.models.checkpoint import META_SUFFIX, WEIGHTS_SUFFIX, recorded_meta
 
         if self.resumed_from is None or self.step >= total:
             return
+
+        def exported_at(name: str, which: str) -> tuple[Path, Any]:
+            base = self.run_dir / export_name(self.stage.trainable, name, which)
+            return base, recorded_meta(base.with_name(base.name + WEIGHTS_SUFFIX)).get("step")
+
         kept = []
         for name in self.stage.trainable:
-            last = self.run_dir / export_name(self.stage.trainable, name, "last")
-            try:
-                finished_at = json.loads(last.with_name(last.name + META_SUFFIX).read_text()).get("step")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if finished_at != self.step:  # `last` is exported when a run finishes: not at this checkpoint
+            if exported_at(name, "last")[1] != self.step:  # `last` is exported when a run finishes: not here
                 continue
             for which in ("last", "best"):
-                base = self.run_dir / export_name(self.stage.trainable, name, which)
-                try:
-                    step = json.loads(base.with_name(base.name + META_SUFFIX).read_text()).get("step")
-                except (OSError, ValueError, AttributeError):
+                base, step = exported_at(name, which)
+                if step is None:
                     continue
                 for suffix in (WEIGHTS_SUFFIX, META_SUFFIX):
                     src = base.with_name(base.name + suffix)
-                    dst = base.with_name(f"{base.name}-step{int(step or 0):08d}{suffix}")
+                    dst = base.with_name(f"{base.name}-step{int(step):08d}{suffix}")
                     if src.is_file() and not dst.exists():
                         with disk_full_is_an_error(f"keeping {src} as {dst.name}", self.run_dir,
                                                    f"{src} is intact"):
